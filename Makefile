@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Each creates .venv if missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint proto bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Reinstall when the project's metadata or native sources change.
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard kernel/native/*.c kernel/native/*.h)
+	$(BIN)/python -m pip install -q -e '.[server,dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/tkg serve $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check . || true
+
+proto: $(STAMP)
+	$(BIN)/python -m tkg.protogen
+
+bench: $(STAMP)
+	$(BIN)/tkg bench kernel
+	$(BIN)/tkg bench serve
+
+clean:
+	rm -rf $(VENV) build *.egg-info

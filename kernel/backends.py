@@ -1,0 +1,73 @@
+"""Backend registry: one interface, chosen by name (`--backend`), loaded lazily.
+
+A backend module exposes `NAME`, `run(call: KernelCall) -> None` (fills `call.out`, `call.k_out`,
+`call.dbg`), optionally `available() -> str | None` (None when usable, else the reason), and
+optionally `paged_decode(...)` (the service's fast path, `tkg.kernel.paged`). Modules are imported
+only when asked for, so the client never imports torch and Neuron code never loads on CPU hosts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# name -> module path. Order is the `auto` preference among available backends.
+_BACKENDS: dict[str, str] = {
+    "nki": "tkg.kernel.nki_backend",
+    "cpu": "tkg.kernel.cpu",
+    "reference": "tkg.kernel.reference",
+    "nki-emu": "tkg.kernel.nki_emu_backend",
+}
+# Backends `auto` may pick: the emulator is exact but slow, it is never chosen implicitly.
+_AUTO_ORDER = ("nki", "cpu", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """The named backend cannot run here (missing package, device or build)."""
+
+
+def names() -> list[str]:
+    """Every backend name this build knows, available here or not."""
+    return list(_BACKENDS)
+
+
+def _import(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(_BACKENDS[name])
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend {name!r} is not available here: {exc}") from exc
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when `name` can run here, else why not."""
+    if name not in _BACKENDS:
+        return f"unknown backend {name!r}; expected one of {', '.join(['auto', *_BACKENDS])}"
+    try:
+        mod = _import(name)
+    except BackendUnavailable as exc:
+        return str(exc)
+    check = getattr(mod, "available", None)
+    return check() if check is not None else None
+
+
+def available() -> list[str]:
+    """Names of the backends that can run on this host."""
+    return [n for n in _BACKENDS if unavailable_reason(n) is None]
+
+
+def resolve(name: str) -> str:
+    """Map `auto` to the best available backend; check an explicit name is usable."""
+    if name == "auto":
+        for n in _AUTO_ORDER:
+            if unavailable_reason(n) is None:
+                return n
+        raise BackendUnavailable("no backend is available")  # reference always is; defensive
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailable(reason)
+    return name
+
+
+def load(name: str) -> ModuleType:
+    """The backend module for `name` (after `resolve`)."""
+    return _import(resolve(name))

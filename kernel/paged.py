@@ -1,0 +1,196 @@
+"""`paged_decode`: the service's decode step over a paged, head-major KV pool.
+
+The service keeps, per layer, K and V pools `[Hkv, num_blocks, block_len, d]` and appends the S
+new tokens of each sequence BEFORE calling this, so the new keys are ordinary cache entries. The
+call attends each of the S queries to its sequence's keys causally (query i of a sequence whose
+length is now L sees keys `j <= L - S + i`), optionally within a sliding window and with a per-head
+sink. This is `attention_tkg`'s math with the (sequence, kv head) rows folded, ragged lengths and a
+per-q-head sink, expressed directly.
+
+Backends with a native implementation (`cpu`) provide `paged_decode`; every other backend is
+driven through `attention_tkg` once per kv head by `paged_via_attention_tkg`, which makes the
+service's path a test of the seed API too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tkg.kernel import backends
+from tkg.kernel.arrays import IO_DTYPES, as_f32
+from tkg.kernel.config import AttnTKGConfig
+from tkg.kernel.decisions import round_up
+
+
+@dataclass(frozen=True)
+class PagedArgs:
+    """A validated `paged_decode` call (numpy views, no copies)."""
+
+    q: np.ndarray  # [B, Hq, S, d], io dtype, RoPE applied, NOT scaled
+    k_cache: np.ndarray  # [Hkv, NB, BL, d]
+    v_cache: np.ndarray  # [Hkv, NB, BL, d]
+    block_tables: np.ndarray  # int32 [B, max_blocks]
+    seq_lens: np.ndarray  # int32 [B], tokens incl. the S new ones
+    scale: float
+    window: int | None
+    sinks: np.ndarray | None  # float32 [Hq]
+    out: np.ndarray  # [B, Hq, S, d], io dtype
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def block_len(self) -> int:
+        return self.k_cache.shape[2]
+
+
+def check_paged_args(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    block_tables: np.ndarray,
+    seq_lens: np.ndarray,
+    scale: float,
+    window: int | None = None,
+    sinks: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> PagedArgs:
+    """Shape/dtype/range checks; ValueError naming the argument and the expected value."""
+    if q.ndim != 4 or q.dtype not in IO_DTYPES:
+        raise ValueError(f"paged_decode: q: expected [B, Hq, S, d] float32/float16/bfloat16, got {q.dtype} {q.shape}")
+    B, Hq, S, d = q.shape
+    if k_cache.ndim != 4 or k_cache.shape[3] != d or k_cache.dtype != q.dtype:
+        raise ValueError(
+            f"paged_decode: k_cache: expected [Hkv, NB, BL, {d}] {q.dtype}, got {k_cache.dtype} {k_cache.shape}"
+        )
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(
+            f"paged_decode: v_cache: expected {k_cache.shape} {k_cache.dtype}, got {v_cache.dtype} {v_cache.shape}"
+        )
+    Hkv, NB, BL, _ = k_cache.shape
+    if Hq % Hkv:
+        raise ValueError(f"paged_decode: q: {Hq} q heads is not a multiple of {Hkv} kv heads")
+    if block_tables.ndim != 2 or block_tables.shape[0] != B:
+        raise ValueError(f"paged_decode: block_tables: expected [{B}, max_blocks], got {block_tables.shape}")
+    if seq_lens.shape != (B,):
+        raise ValueError(f"paged_decode: seq_lens: expected [{B}], got {seq_lens.shape}")
+    if B and (seq_lens.min() < S or seq_lens.max() > block_tables.shape[1] * BL):
+        raise ValueError(
+            f"paged_decode: seq_lens: each must lie in [S={S}, {block_tables.shape[1] * BL}], got {seq_lens.tolist()}"
+        )
+    for b in range(B):
+        used = block_tables[b, : -(-int(seq_lens[b]) // BL)]
+        if used.size and (used.min() < 0 or used.max() >= NB):
+            raise ValueError(f"paged_decode: block_tables[{b}]: ids must lie in [0, {NB}), got {used.tolist()}")
+    if window is not None and window < S:
+        raise ValueError(f"paged_decode: window: {window} must be >= S={S}")
+    if sinks is not None:
+        sinks = as_f32(sinks).reshape(-1)
+        if sinks.shape != (Hq,):
+            raise ValueError(f"paged_decode: sinks: expected [{Hq}], got {sinks.shape}")
+    if out is None:
+        out = np.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"paged_decode: out: expected {q.shape} {q.dtype}, got {out.dtype} {out.shape}")
+    return PagedArgs(
+        q, k_cache, v_cache, np.asarray(block_tables, dtype=np.int32), np.asarray(seq_lens, dtype=np.int32),
+        float(scale), window, sinks, out,
+    )  # fmt: skip
+
+
+def paged_decode(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    block_tables: np.ndarray,
+    seq_lens: np.ndarray,
+    *,
+    scale: float,
+    window: int | None = None,
+    sinks: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    backend: str = "auto",
+    **backend_options: object,
+) -> np.ndarray:
+    """One decode step of one layer for a batch of sequences over a paged KV pool.
+
+    Args:
+        q: `[B, Hq, S, d]` queries (RoPE already applied, not scaled), float32/float16/bfloat16.
+        k_cache, v_cache: `[Hkv, num_blocks, block_len, d]`, the same dtype, already holding the
+            S new tokens of every sequence at positions `seq_lens[b]-S .. seq_lens[b]-1`.
+        block_tables: int `[B, max_blocks]`; entry i is the physical block of logical block i.
+        seq_lens: int `[B]`, tokens per sequence including the S new ones.
+        scale: softmax scale applied to q (usually `1/sqrt(d)`).
+        window: sliding window W: query at position t sees keys j with `t - j < W`; None = all.
+        sinks: float32 `[Hq]` per-q-head sink logits (gpt-oss), or None.
+        out: optional destination `[B, Hq, S, d]`.
+        backend: a `tkg.kernel.backends` name or "auto".
+
+    Returns:
+        `[B, Hq, S, d]` attention output in q's dtype (`out` when given).
+    """
+    args = check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, scale, window, sinks, out)
+    mod = backends.load(backend)
+    impl = getattr(mod, "paged_decode", None)
+    if impl is not None:
+        impl(args, **backend_options)
+    else:
+        paged_via_attention_tkg(args, backends.resolve(backend), **backend_options)
+    return args.out
+
+
+def paged_via_attention_tkg(args: PagedArgs, backend: str, *, align: int = 1, **options: object) -> None:
+    """Run a paged step through `attention_tkg`, one call per kv head (block KV, use_pos_id).
+
+    Per kv head g: q heads `[g*G, (g+1)*G)` in the SBUF layout, pre-scaled; the S newest cache
+    entries of each sequence as k_active/v_active; the prior mask generated from the cached
+    lengths; the bucket `curr_sprior` = max length rounded up to the block length (and `align`).
+    """
+    from tkg.kernel.api import attention_tkg
+
+    q, out = args.q, args.out
+    B, Hq, S, d = q.shape
+    Hkv, BL = args.num_kv_heads, args.block_len
+    G = Hq // Hkv
+    lens = args.seq_lens.astype(np.int64)
+    cached = lens - S
+    Sp = round_up(max(int(lens.max()), 1), np.lcm(BL, align))
+    nblk = Sp // BL
+
+    # Table padded with block 0 past each sequence's blocks: in range, and masked (k >= cached).
+    table = np.zeros((B, nblk), dtype=np.uint32)
+    for b in range(B):
+        used = -(-int(lens[b]) // BL)
+        table[b, :used] = args.block_tables[b, :used]
+    # Positions and physical slots of the S newest tokens of every sequence.
+    new_pos = cached[:, None] + np.arange(S)[None, :]  # [B, S]
+    new_blk = np.take_along_axis(table.astype(np.int64), new_pos // BL, axis=1)
+    new_off = new_pos % BL
+    rope_pos = new_pos.astype(np.float32)
+    start = None
+    if args.window is not None:
+        start = np.maximum(new_pos - args.window + 1, 0).astype(np.float32)
+    active_mask = np.broadcast_to(
+        np.tril(np.ones((S, S), dtype=np.uint8)).T[:, None, None, :], (S, B, G, S)
+    ).copy()  # mask[j, b, h, i] = j <= i
+    cfg = AttnTKGConfig(
+        bs=B, q_head=G, s_active=S, curr_sprior=Sp, full_sprior=Sp, d_head=d, block_len=BL,
+        tp_k_prior=True, strided_mm1=False, use_pos_id=True, qk_in_sb=True,
+    )  # fmt: skip
+    qs = (as_f32(q) * np.float32(args.scale)).astype(q.dtype)
+    for g in range(Hkv):
+        qg = qs[:, g * G : (g + 1) * G].transpose(3, 0, 1, 2).reshape(d, B * G * S)
+        kg, vg = args.k_cache[g], args.v_cache[g]
+        k_act = kg[new_blk, new_off].transpose(2, 0, 1).reshape(d, B * S)
+        v_act = vg[new_blk, new_off][:, None]  # [B, 1, S, d]
+        sink = None if args.sinks is None else args.sinks[g * G : (g + 1) * G].reshape(G, 1)
+        res, _ = attention_tkg(
+            np.ascontiguousarray(qg), np.ascontiguousarray(k_act), np.ascontiguousarray(v_act),
+            kg, vg, active_mask, None, cfg, None,
+            rope_pos_ids=rope_pos, sink=sink, active_blocks_table=table,
+            start_pos_ids=start, backend=backend, **options,
+        )  # fmt: skip
+        out[:, g * G : (g + 1) * G] = res.transpose(0, 1, 3, 2)  # [B, G, d, S] -> [B, G, S, d]

@@ -1,0 +1,150 @@
+"""The `reference` backend: design/kernel.md written out literally in numpy, fp32 throughout.
+
+Slow and obvious on purpose: it is the oracle every other backend is tested against. Each step
+below is one numbered step of design/kernel.md "The math".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tkg.kernel.arrays import as_f32
+from tkg.kernel.config import AttnTKGConfig
+from tkg.kernel.validate import KernelCall
+
+NAME = "reference"
+
+
+def rope_rotate_half(x: np.ndarray, pos: np.ndarray, inv_freqs: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE.
+
+    x: `[B, ..., S, d]` float32; pos: `[B, S]` positions; inv_freqs: `[d/2]` or `[d/2, 1]`.
+    freqs = inv_freqs * pos, emb = concat(freqs, freqs), x*cos(emb) + rotate_half(x)*sin(emb).
+    """
+    d = x.shape[-1]
+    freqs = as_f32(pos)[..., None] * as_f32(inv_freqs).reshape(-1)  # [B, S, d/2]
+    emb = np.concatenate([freqs, freqs], axis=-1)  # [B, S, d]
+    shape = (x.shape[0],) + (1,) * (x.ndim - 3) + emb.shape[1:]
+    cos, sin = np.cos(emb).reshape(shape), np.sin(emb).reshape(shape)
+    rotated = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], axis=-1)
+    return (x * cos + rotated * sin).astype(np.float32)
+
+
+def unshuffle_block_mask(mask: np.ndarray, block_len: int) -> np.ndarray:
+    """Pre-generated block-KV mask `[Sp, ...]` from the kernel's fold order to natural key order.
+
+    The NKI kernel loads 128 blocks per fold, one per partition, so its key index
+    m = fold*block_len*128 + offset*128 + partition holds the natural token
+    fold*block_len*128 + partition*block_len + offset.
+    """
+    Sp = mask.shape[0]
+    folds = Sp // (block_len * 128)
+    m = mask.reshape((folds, block_len, 128, *mask.shape[1:]))
+    return np.swapaxes(m, 1, 2).reshape(mask.shape)
+
+
+def _queries(call: KernelCall) -> tuple[np.ndarray, np.ndarray]:
+    """q as `[B, H, S, d]` and k_active as `[B, S, d]`, float32, from either layout."""
+    cfg = call.cfg
+    B, H, S, d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
+    if cfg.qk_in_sb:
+        q = as_f32(call.q).reshape(d, B, H, S).transpose(1, 2, 3, 0)
+        ka = as_f32(call.k_active).reshape(d, B, S).transpose(1, 2, 0)
+    else:
+        q = as_f32(call.q)
+        ka = as_f32(call.k_active)[:, 0]
+    return q, ka
+
+
+def _prior(call: KernelCall) -> tuple[np.ndarray, np.ndarray]:
+    """The first Sp cached keys and values of each row, `[B, Sp, d]` float32 (fresh copies)."""
+    cfg = call.cfg
+    B, Sp, d = cfg.bs, cfg.curr_sprior, cfg.d_head
+    if cfg.is_block_kv:
+        table = call.active_blocks_table.astype(np.int64)
+        K = as_f32(call.k_prior)[table].reshape(B, Sp, d)
+        V = as_f32(call.v_prior)[table].reshape(B, Sp, d)
+    else:
+        kp = as_f32(call.k_prior)[:B, 0]
+        K = kp[:, :Sp, :] if cfg.tp_k_prior else kp[:, :, :Sp].transpose(0, 2, 1)
+        V = as_f32(call.v_prior)[:B, 0, :Sp, :]
+    return np.array(K, dtype=np.float32), np.array(V, dtype=np.float32)
+
+
+def visibility(call: KernelCall) -> np.ndarray:
+    """Boolean `[B, H, Sp, S]`: may query i of row b, head h see key k (step 4)."""
+    cfg = call.cfg
+    B, H, S, Sp = cfg.bs, cfg.q_head, cfg.s_active, cfg.curr_sprior
+    if not cfg.use_pos_id:
+        m = call.mask
+        if cfg.is_block_kv:
+            m = unshuffle_block_mask(m, cfg.block_len)
+        return m.transpose(1, 2, 0, 3) != 0
+    vis = np.zeros((B, H, Sp, S), dtype=bool)
+    keys = np.arange(Sp - S)[None, :, None]  # [1, Sp-S, 1]
+    cached = as_f32(call.rope_pos_ids)[:, 0][:, None, None]  # [B, 1, 1]
+    prior = keys < cached  # [B, Sp-S, 1]
+    if call.start_pos_ids is not None:
+        start = as_f32(call.start_pos_ids)[:, None, :]  # [B, 1, S]
+        in_window = keys >= start
+        # A start past the cached length means a circular cache whose window wraps around.
+        wraps = start > cached
+        prior = np.where(wraps, (keys >= start) | (keys < cached), prior & in_window)
+    vis[:, :, : Sp - S, :] = np.broadcast_to(prior[:, None], (B, H, Sp - S, S))
+    vis[:, :, Sp - S :, :] = call.mask.transpose(1, 2, 0, 3) != 0
+    return vis
+
+
+def run(call: KernelCall) -> None:
+    """Compute `call.out` (and `call.k_out`, `call.dbg`) in place."""
+    cfg: AttnTKGConfig = call.cfg
+    B, H, S, d, Sp = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head, cfg.curr_sprior
+
+    # Step 2: optional fused RoPE, then the 1/sqrt(d) scale (k_out is rotated, not scaled).
+    q, ka = _queries(call)
+    if cfg.fuse_rope:
+        q = rope_rotate_half(q, call.rope_pos_ids, call.inv_freqs) / np.float32(np.sqrt(d))
+        ka = rope_rotate_half(ka, call.rope_pos_ids, call.inv_freqs)
+    va = as_f32(call.v_active)[:, 0]
+
+    # Step 3: the active tokens replace the last S slots of the Sp window.
+    K, V = _prior(call)
+    K[:, Sp - S :, :] = ka
+    V[:, Sp - S :, :] = va
+
+    # Steps 4 and 6: scores[b, h, k, i] = K[b, k, :] . q[b, h, i, :], masked to -inf.
+    scores = np.einsum("bkd,bhid->bhki", K, q).astype(np.float32)
+    vis = visibility(call)
+    scores = np.where(vis, scores, np.float32(-np.inf))
+
+    # Step 5: the sink is one extra logit per head, in the max and the denominator only.
+    row_max = scores.max(axis=2, keepdims=True)  # [B, H, 1, S]
+    if call.sink is not None:
+        sink = as_f32(call.sink).reshape(1, H, 1, 1)
+        row_max = np.maximum(row_max, sink)
+    elif np.isneginf(row_max).any():
+        b, h, _, i = (int(x[0]) for x in np.nonzero(np.isneginf(row_max)))
+        raise ValueError(
+            f"attention_tkg: mask: every key is masked for row b={b}, head h={h}, query i={i}; "
+            "expected at least one visible key (the active diagonal) or a sink"
+        )
+    p = np.exp(scores - row_max)
+    denom = p.sum(axis=2, keepdims=True)
+    if call.sink is not None:
+        denom = denom + np.exp(sink - row_max)
+    out = np.einsum("bhki,bkd->bhdi", p, V) / denom  # [B, H, d, S]
+
+    if cfg.out_in_sb:
+        call.out[...] = out.transpose(2, 0, 1, 3).reshape(d, B * H * S)
+    else:
+        call.out[...] = out
+    if call.k_out is not None:
+        k_out = ka.transpose(0, 2, 1)  # [B, d, S]
+        if cfg.k_out_in_sb:
+            call.k_out[...] = k_out.transpose(1, 0, 2).reshape(d, B * S)
+        else:
+            call.k_out[...] = k_out[:, None]
+    if call.dbg is not None:
+        full = {"qk": scores, "qk_max": row_max, "qk_exp": p, "exp_sum": denom}
+        for name, dst in call.dbg.items():
+            dst[...] = full[name]

@@ -1,0 +1,69 @@
+"""numpy <-> `tkg.v1.Tensor`: the one wire codec, shared by server and client.
+
+Tensors travel as row-major little-endian raw bytes. Decoding is zero-copy (`np.frombuffer`
+over the message's bytes, read-only); encoding copies once (`tobytes`), which protobuf needs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tkg.kernel_dtypes import BF16
+from tkg.v1 import decode_attention_pb2 as pb
+
+_TO_NUMPY: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_BFLOAT16: BF16,
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+}
+_FROM_NUMPY: dict[np.dtype, int] = {v: k for k, v in _TO_NUMPY.items()}
+DTYPE_NAMES: dict[str, int] = {"float32": pb.DTYPE_FLOAT32, "bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16}
+
+
+class TensorError(ValueError):
+    """A Tensor message that cannot be decoded; the message names the field."""
+
+
+def dtype_to_numpy(dtype: int, field: str = "dtype") -> np.dtype:
+    try:
+        return _TO_NUMPY[dtype]
+    except KeyError:
+        names = ", ".join(pb.DType.Name(k) for k in _TO_NUMPY)
+        raise TensorError(f"{field}: unsupported dtype {dtype}; expected one of {names}") from None
+
+
+def dtype_from_numpy(dtype: np.dtype) -> int:
+    dt = np.dtype(dtype)
+    try:
+        return _FROM_NUMPY[dt.newbyteorder("<") if dt.byteorder == ">" else dt]
+    except KeyError:
+        raise TensorError(f"unsupported numpy dtype {dt}; expected float32, float16 or bfloat16") from None
+
+
+def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
+    """`array` as a Tensor (one copy into the message's bytes)."""
+    a = np.asarray(array)
+    code = dtype_from_numpy(a.dtype)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    t = pb.Tensor() if out is None else out
+    t.dtype = code
+    del t.shape[:]
+    t.shape.extend(a.shape)
+    t.data = a.tobytes(order="C")
+    return t
+
+
+def decode(t: pb.Tensor, field: str = "tensor") -> np.ndarray:
+    """A read-only numpy view of `t`'s bytes; TensorError naming `field` when malformed."""
+    dt = dtype_to_numpy(t.dtype, f"{field}.dtype")
+    shape = tuple(int(s) for s in t.shape)
+    if any(s < 0 for s in shape):
+        raise TensorError(f"{field}.shape: {list(shape)} has a negative dimension")
+    expected = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+    if len(t.data) != expected:
+        raise TensorError(
+            f"{field}.data: {len(t.data)} bytes, expected {expected} "
+            f"({np.dtype(dt).name} x shape {list(shape)})"
+        )
+    return np.frombuffer(t.data, dtype=dt).reshape(shape)
