@@ -1,0 +1,1 @@
+"""NumPy emulator of the NKI API subset the kernel uses (installs itself as `nki` when absent)."""

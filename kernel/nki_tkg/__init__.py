@@ -1,0 +1,1 @@
+"""Our NKI `attention_tkg` kernel for Trainium (NKI 0.3+ API)."""

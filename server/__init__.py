@@ -1,0 +1,1 @@
+"""`tkg.server`: the decode-attention gRPC service (`tkg serve`)."""
