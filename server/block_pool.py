@@ -1,0 +1,90 @@
+"""`BlockPool`: the ids of the KV cache's fixed-size blocks, a free stack and reference counts.
+
+The pool knows nothing about layers, heads or bytes: a block id names the same slot in every
+layer's storage (as in vLLM), so one pool serves all layers. A block is *free* when its
+reference count is 0 and its id sits on the free stack; every block table holding an id owns one
+reference to it. Allocation pops from the stack and freeing pushes onto it, both O(k) numpy
+slices with no scan of the pool. LIFO order reuses recently freed (cache-warm) blocks first.
+
+Not thread-safe: the owner (`KVCache`) serialises all calls (see its docstring).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tkg.server.errors import ResourceExhausted
+
+
+class BlockPool:
+    """`num_blocks` block ids with a free stack and int32 reference counts."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks: expected >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        # Stack of free ids, top at `_top - 1`; reversed so a fresh pool hands out 0, 1, 2, ...
+        self._stack = np.arange(num_blocks - 1, -1, -1, dtype=np.int32)
+        self._top = num_blocks
+        self._ref = np.zeros(num_blocks, dtype=np.int32)
+
+    @property
+    def free_count(self) -> int:
+        return self._top
+
+    @property
+    def used_count(self) -> int:
+        return self.num_blocks - self._top
+
+    def refcount(self, block_id: int) -> int:
+        return int(self._ref[block_id])
+
+    def refcounts(self, ids: np.ndarray) -> np.ndarray:
+        """Reference counts of `ids` (int32, a copy)."""
+        return self._ref[ids]
+
+    def free_ids(self) -> np.ndarray:
+        """The free block ids (a copy, allocation order reversed); for metrics and tests."""
+        return self._stack[: self._top].copy()
+
+    def allocate(self, n: int) -> np.ndarray:
+        """Take `n` free blocks, each with reference count 1; int32 `[n]`.
+
+        Raises ResourceExhausted (nothing taken) when fewer than `n` are free.
+        """
+        if n > self._top:
+            raise ResourceExhausted(f"KV cache: {n} free blocks needed, {self._top} of {self.num_blocks} free")
+        ids = self._stack[self._top - n : self._top][::-1].copy()
+        self._top -= n
+        self._ref[ids] = 1
+        return ids
+
+    def incref(self, ids: np.ndarray) -> None:
+        """One more holder for each of `ids` (distinct, all currently held)."""
+        if ids.size and (self._ref[ids] <= 0).any():
+            raise RuntimeError(f"BlockPool.incref: free block among {ids.tolist()}")
+        self._ref[ids] += 1
+
+    def decref(self, ids: np.ndarray) -> int:
+        """One holder fewer for each of `ids` (distinct); returns how many became free."""
+        if not ids.size:
+            return 0
+        if (self._ref[ids] <= 0).any():
+            raise RuntimeError(f"BlockPool.decref: double free among {ids.tolist()}")
+        self._ref[ids] -= 1
+        freed = ids[self._ref[ids] == 0]
+        self._push(freed)
+        return int(freed.size)
+
+    def free(self, ids: np.ndarray) -> None:
+        """Return blocks held only by the caller (reference count 1), e.g. unused reservations."""
+        if ids.size and (self._ref[ids] != 1).any():
+            raise RuntimeError(f"BlockPool.free: blocks {ids.tolist()} are not exclusively held")
+        self._ref[ids] = 0
+        self._push(ids)
+
+    def _push(self, ids: np.ndarray) -> None:
+        n = ids.size
+        # Reversed so that allocate(n) right after free(ids) hands the same ids back in order.
+        self._stack[self._top : self._top + n] = ids[::-1]
+        self._top += n
