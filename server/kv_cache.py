@@ -231,6 +231,10 @@ class KVCache:
         """Live sequence ids, least recently used first."""
         return list(self._seqs)
 
+    def snapshot(self) -> list[SequenceState]:
+        """Every live sequence's state, least recently used first, without marking them used."""
+        return [self._state(s) for s in self._seqs.values()]
+
     def stats(self) -> KVCacheStats:
         return KVCacheStats(
             blocks_total=self.num_blocks, blocks_used=self.used_blocks, usage_ratio=self.usage_ratio,
