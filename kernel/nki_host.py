@@ -1,0 +1,117 @@
+"""Host-side glue shared by the NKI backends (`nki-emu` and `nki`).
+
+Turns a validated `KernelCall` into the `@nki.jit` wrapper's arguments, checks the limits only
+the NKI kernel has, launches through a caller-supplied launcher (emulator, `nki.simulate`, or the
+device), and copies the results back into the call's destinations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from tkg.kernel import decisions, reference
+from tkg.kernel.config import AttnTKGConfig
+from tkg.kernel.validate import KernelCall
+
+P_MAX = 128
+Launcher = Callable[[int, tuple[Any, ...]], tuple[Any, ...]]
+
+
+def lnc_option(call: KernelCall) -> int:
+    """`lnc` from the call's backend options (1 or 2; default 1)."""
+    lnc = call.options.get("lnc", 1)
+    if lnc not in (1, 2):
+        raise ValueError(f"attention_tkg: lnc: {lnc!r} must be 1 or 2 (NeuronCores per logical core)")
+    return int(lnc)
+
+
+def key_cores(cfg: AttnTKGConfig, lnc: int) -> int:
+    """Cores the keys are split across for this call (2 only under sequence sharding)."""
+    sharding = decisions.lnc_sharding(cfg.bs, cfg.q_head, cfg.s_active, cfg.curr_sprior, lnc, cfg.fuse_rope)
+    return decisions.sprior_programs(sharding, lnc)
+
+
+def check_nki_limits(call: KernelCall, lnc: int) -> None:
+    """Constraints of the NKI kernel beyond design/kernel.md's common ones; ValueError naming them."""
+    cfg = call.cfg
+    n = key_cores(cfg, lnc)
+    if cfg.curr_sprior % (P_MAX * n):
+        raise ValueError(
+            f"attention_tkg: cfg.curr_sprior: {cfg.curr_sprior} / {n} core(s) must be a multiple of {P_MAX} "
+            f"for the NKI kernel; round the bucket up to a multiple of {P_MAX * n} "
+            f"(paged_via_attention_tkg(..., align={P_MAX * n}))"
+        )
+    if cfg.is_block_kv and not cfg.use_pos_id and cfg.curr_sprior % (cfg.block_len * P_MAX):
+        raise ValueError(
+            f"attention_tkg: cfg.curr_sprior: {cfg.curr_sprior} must be a multiple of block_len*128 = "
+            f"{cfg.block_len * P_MAX} with a pre-generated block-KV mask (its keys come in folds of 128 blocks)"
+        )
+    if call.sink is None:
+        vis = reference.visibility(call)
+        dead = ~vis.any(axis=2)  # [B, H, S]
+        if dead.any():
+            b, h, i = (int(x[0]) for x in np.nonzero(dead))
+            raise ValueError(
+                f"attention_tkg: mask: every key is masked for row b={b}, head h={h}, query i={i}; "
+                "expected at least one visible key (the active diagonal) or a sink"
+            )
+
+
+def kernel_config(cfg: AttnTKGConfig, config_cls: type) -> Any:
+    """Our AttnTKGConfig as the kernel's `nl.NKIObject` config (`TKGConfig`), field by field."""
+    return config_cls(
+        bs=int(cfg.bs), q_head=int(cfg.q_head), s_active=int(cfg.s_active), curr_sprior=int(cfg.curr_sprior),
+        full_sprior=int(cfg.full_sprior), d_head=int(cfg.d_head), block_len=int(cfg.block_len),
+        tp_k_prior=bool(cfg.tp_k_prior), strided_mm1=bool(cfg.strided_mm1), use_pos_id=bool(cfg.use_pos_id),
+        fuse_rope=bool(cfg.fuse_rope), use_gpsimd_sb2sb=bool(cfg.use_gpsimd_sb2sb), qk_in_sb=bool(cfg.qk_in_sb),
+        k_out_in_sb=bool(cfg.k_out_in_sb), out_in_sb=bool(cfg.out_in_sb),
+        enable_fa_s_prior_tiling=bool(cfg.enable_fa_s_prior_tiling),
+    )  # fmt: skip
+
+
+def _f32(x: np.ndarray | None) -> np.ndarray | None:
+    return None if x is None else np.ascontiguousarray(x, dtype=np.float32)
+
+
+def kernel_args(call: KernelCall, kcfg: Any) -> tuple[Any, ...]:
+    """Positional arguments of `attention_tkg_kernel`, contiguous, small vectors in fp32."""
+    table = None
+    if call.active_blocks_table is not None:
+        table = np.ascontiguousarray(call.active_blocks_table, dtype=np.uint32)
+    sink = None if call.sink is None else _f32(call.sink).reshape(-1, 1)
+    return (
+        np.ascontiguousarray(call.q), np.ascontiguousarray(call.k_active), np.ascontiguousarray(call.v_active),
+        np.ascontiguousarray(call.k_prior), np.ascontiguousarray(call.v_prior),
+        np.ascontiguousarray(call.mask, dtype=np.uint8),
+        _f32(call.inv_freqs), _f32(call.rope_pos_ids), _f32(call.start_pos_ids), sink, table,
+        kcfg, call.dbg is not None,
+    )  # fmt: skip
+
+
+def write_results(call: KernelCall, results: tuple[Any, ...]) -> None:
+    """Copy the kernel's outputs (out, [k_out], [4 debug tensors]) into the call's destinations."""
+    res = [np.asarray(r) for r in results]
+    call.out[...] = res[0].reshape(call.out.shape)
+    i = 1
+    if call.cfg.fuse_rope:
+        if call.k_out is not None:
+            call.k_out[...] = res[1].reshape(call.k_out.shape)
+        i = 2
+    if call.dbg is not None:
+        for name, arr in zip(("qk", "qk_max", "qk_exp", "exp_sum"), res[i : i + 4], strict=True):
+            if name in call.dbg:
+                call.dbg[name][...] = arr.reshape(call.dbg[name].shape)
+
+
+def run(call: KernelCall, launch: Launcher, config_cls: type) -> None:
+    """Check, convert, launch `launch(lnc, args)`, and write the results into `call`."""
+    lnc = lnc_option(call)
+    check_nki_limits(call, lnc)
+    args = kernel_args(call, kernel_config(call.cfg, config_cls))
+    results = launch(lnc, args)
+    if not isinstance(results, tuple):
+        results = (results,)
+    write_results(call, results)

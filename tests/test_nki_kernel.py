@@ -1,0 +1,240 @@
+"""The NKI `attention_tkg` kernel (kernel/nki_tkg) against the numpy reference.
+
+The kernel's own source runs through the NumPy NKI emulator here (backend `nki-emu`); the same
+cases are marked to run through the real `nki.simulate` (`neuron`) and on Trainium (`trn`):
+
+    pytest tests/test_nki_kernel.py -m "neuron or trn"      # on a Trn host with the neuron extra
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+from nki_cases import TOLERANCE, Case, build_case, cfg
+
+from tkg.kernel import attention_tkg, decisions, paged_decode
+from tkg.kernel.backends import unavailable_reason
+
+EMU_REASON = unavailable_reason("nki-emu")
+needs_emu = pytest.mark.skipif(EMU_REASON is not None, reason=f"nki-emu unavailable: {EMU_REASON}")
+
+# Small cases cover the feature matrix; a few large ones cover flash tiling, block resize with
+# flash tiles, and batch tiling.
+CASES = [
+    Case("flat-strided-kT-fp32", cfg()),
+    Case("flat-contig-tpk-bf16-sink", cfg(strided_mm1=False, tp_k_prior=True), "bf16", sink=True),
+    Case("flat-strided-tpk-fp16-outsb", cfg(tp_k_prior=True, out_in_sb=True, s_active=3), "fp16"),
+    Case("flat-d128-S1-H8-bf16", cfg(d_head=128, q_head=8, s_active=1, curr_sprior=384, full_sprior=512), "bf16"),
+    Case("pos-id-window-wrap", cfg(use_pos_id=True, strided_mm1=False), window=40),
+    Case("pos-id-strided-sink-bf16", cfg(use_pos_id=True, s_active=4), "bf16", sink=True),
+    Case("rope-hbm-qk", cfg(fuse_rope=True, qk_in_sb=False, tp_k_prior=True)),
+    Case("rope-sb-all-bf16", cfg(fuse_rope=True, k_out_in_sb=True, out_in_sb=True, use_pos_id=True), "bf16"),
+    Case("block-pos-id-resize", cfg(block_len=16, use_pos_id=True), sink=True),
+    Case("block-premask", cfg(block_len=2)),
+    Case("block-premask-d128-bf16", cfg(block_len=4, curr_sprior=512, d_head=128, q_head=4), "bf16"),
+    Case("dbg-flat", cfg(tp_k_prior=True), sink=True, dbg=True),
+    Case("dbg-block", cfg(block_len=8, use_pos_id=True, curr_sprior=1024), dbg=True),
+    # LNC2: every sharding mode.
+    Case("lnc2-batch-outsb", cfg(bs=4, q_head=8, s_active=8, out_in_sb=True), lnc=2, sink=True),
+    Case("lnc2-batch-short", cfg(bs=2, curr_sprior=128, full_sprior=128, tp_k_prior=True), "bf16", lnc=2),
+    Case("lnc2-seq-sink-dbg", cfg(bs=1, curr_sprior=512, full_sprior=512), lnc=2, sink=True, dbg=True),
+    Case("lnc2-seq-outsb-gpsimd", cfg(bs=3, curr_sprior=256, out_in_sb=True, use_pos_id=True), lnc=2, window=70),
+    Case(
+        "lnc2-seq-dma-bf16",
+        cfg(bs=1, curr_sprior=512, full_sprior=512, use_gpsimd_sb2sb=False, tp_k_prior=True),
+        "bf16",
+        lnc=2,
+    ),
+    Case("lnc2-seq-rope", cfg(bs=1, curr_sprior=512, full_sprior=640, fuse_rope=True, qk_in_sb=False), lnc=2),
+    Case("lnc2-seq-block-premask-resize", cfg(bs=1, block_len=4, curr_sprior=512), lnc=2, sink=True),
+    Case("lnc2-none", cfg(bs=1, curr_sprior=128, full_sprior=256), lnc=2),
+    # Large: flash tiling past 8192 keys per core, with block resize, with LNC2; batch tiling.
+    Case("flash-flat", cfg(bs=1, q_head=1, s_active=2, curr_sprior=9216, full_sprior=9216), sink=True, dbg=True),
+    Case("flash-block-resize-bf16", cfg(bs=1, q_head=2, block_len=16, use_pos_id=True, curr_sprior=9216), "bf16"),
+    Case("flash-lnc2-seq", cfg(bs=1, q_head=1, s_active=1, curr_sprior=16640, full_sprior=16640), lnc=2, sink=True),
+    Case("batch-tiles", cfg(bs=2, q_head=64, s_active=8, curr_sprior=4096, full_sprior=4096, d_head=64)),
+]
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def check_case(case: Case, backend: str) -> None:
+    """Run `case` through `backend` and the reference; compare out, k_out and debug tensors."""
+    args = build_case(case)
+    ref_args = build_case(case)
+    out, k_out = attention_tkg(**args, backend=backend, lnc=case.lnc)
+    ref_out, ref_k = attention_tkg(**ref_args, backend="reference")
+    rtol, atol = TOLERANCE[case.dtype]
+    np.testing.assert_allclose(_f32(out), _f32(ref_out), rtol=rtol, atol=atol, err_msg=f"{case}: out")
+    if case.cfg.fuse_rope:
+        np.testing.assert_allclose(_f32(k_out), _f32(ref_k), rtol=rtol, atol=atol, err_msg=f"{case}: k_out")
+    if case.dbg:
+        got, want = args["DBG_TENSORS"], ref_args["DBG_TENSORS"]
+        names = ["qk", "qk_max", "exp_sum"]
+        # qk_exp is exp(qk - running max): the global max only with one flash tile per core on unsplit keys.
+        one_tile = case.cfg.curr_sprior <= decisions.FA_TILE and (case.lnc == 1 or "seq" not in case.name)
+        if one_tile:
+            names.append("qk_exp")
+        for name in names:
+            msg = f"{case}: {name}"
+            np.testing.assert_allclose(got[name], want[name], rtol=max(rtol, 1e-5), atol=atol, err_msg=msg)
+
+
+@needs_emu
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_emulated_kernel_matches_reference(case: Case) -> None:
+    check_case(case, "nki-emu")
+
+
+@pytest.mark.neuron
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_nki_simulate_matches_reference(case: Case) -> None:
+    check_case(case, "nki")
+
+
+@pytest.mark.trn
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_trainium_matches_reference(case: Case) -> None:
+    check_case(case, "nki")
+
+
+@needs_emu
+def test_emulated_kernel_torch_in_torch_out() -> None:
+    torch = pytest.importorskip("torch")
+    case = Case("torch", cfg(tp_k_prior=True), sink=True)
+    args = build_case(case)
+    ref, _ = attention_tkg(**build_case(case), backend="reference")
+    targs = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    targs["out"] = torch.zeros(case.cfg.out_shape, dtype=torch.float32)
+    out, _ = attention_tkg(**targs, backend="nki-emu")
+    assert out is targs["out"]
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=2e-5)
+
+
+@needs_emu
+def test_paged_decode_through_emulated_kernel() -> None:
+    """The service path: paged_decode over a head-major pool via attention_tkg per kv head."""
+    rng = np.random.default_rng(3)
+    B, Hq, Hkv, S, d, BL, NB = 3, 4, 2, 2, 64, 16, 40
+    lens = np.array([5, 130, 17])
+    q = rng.standard_normal((B, Hq, S, d)).astype(np.float32)
+    kc = rng.standard_normal((Hkv, NB, BL, d)).astype(np.float32)
+    vc = rng.standard_normal((Hkv, NB, BL, d)).astype(np.float32)
+    bt = rng.permutation(NB)[: B * 9].reshape(B, 9).astype(np.int32)
+    sinks = rng.standard_normal(Hq).astype(np.float32)
+    kw = dict(scale=d**-0.5, window=64, sinks=sinks)
+    want = paged_decode(q, kc, vc, bt, lens, backend="reference", **kw)
+    got = paged_decode(q, kc, vc, bt, lens, backend="nki-emu", align=128, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+# --- errors specific to the NKI kernel ---------------------------------------------------------
+@needs_emu
+def test_bucket_not_multiple_of_128_per_core_is_rejected() -> None:
+    case = Case("bad-bucket", cfg(curr_sprior=192, full_sprior=192))
+    with pytest.raises(ValueError, match=r"curr_sprior: 192 / 1 core\(s\) must be a multiple of 128"):
+        attention_tkg(**build_case(case), backend="nki-emu")
+    seq = Case("bad-bucket-seq", cfg(bs=1, curr_sprior=384, full_sprior=384))
+    with pytest.raises(ValueError, match=r"curr_sprior: 384 / 2 core\(s\) .*align=256"):
+        attention_tkg(**build_case(seq), backend="nki-emu", lnc=2)
+
+
+@needs_emu
+def test_bad_lnc_is_rejected() -> None:
+    with pytest.raises(ValueError, match="lnc: 3 must be 1 or 2"):
+        attention_tkg(**build_case(Case("lnc3", cfg())), backend="nki-emu", lnc=3)
+
+
+@needs_emu
+def test_block_premask_needs_whole_folds() -> None:
+    case = Case("block-partial-fold", cfg(block_len=16, curr_sprior=256))
+    with pytest.raises(ValueError, match="curr_sprior: 256 must be a multiple of block_len\\*128 = 2048"):
+        attention_tkg(**build_case(case), backend="nki-emu")
+
+
+@needs_emu
+def test_fully_masked_row_is_rejected() -> None:
+    case = Case("dead-row", cfg())
+    args = build_case(case)
+    args["mask"][:, 1, 0, 0] = 0
+    with pytest.raises(ValueError, match=r"mask: every key is masked for row b=1, head h=0, query i=0"):
+        attention_tkg(**args, backend="nki-emu")
+
+
+# --- the kernel's trace-time plan agrees with the host decisions ---------------------------------
+@needs_emu
+def test_plan_matches_host_decisions() -> None:
+    from tkg.kernel.nki_tkg import plan
+
+    shapes = itertools.product((1, 2, 3, 8, 64), (1, 2, 8, 32), (1, 4, 8), (128, 256, 512, 8192, 9216, 20480), (1, 2))
+    for B, H, S, Sp, lnc in shapes:
+        if H * S > 512:
+            continue
+        for rope in (False, True):
+            want = decisions.lnc_sharding(B, H, S, Sp, lnc, rope)
+            assert plan.lnc_sharding(B, H, S, Sp, lnc, rope) == want
+        n_sp = decisions.sprior_programs(want, lnc)
+        if Sp % (128 * n_sp):
+            continue
+        kcfg = plan.TKGConfig(bs=B, q_head=H, s_active=S, curr_sprior=Sp, full_sprior=Sp, d_head=64)
+        tiles_seen = []
+        for prg in range(lnc):
+            pl = plan.make_plan(kcfg, lnc, prg)
+            if not pl.works:
+                continue
+            tile = plan.fa_tile_keys(H * S, 0)
+            tiles = decisions.flash_tiles(Sp // n_sp, True, tile=tile)
+            assert list(pl.fa_starts) == [t.start for t in tiles] and list(pl.fa_sizes) == [t.size for t in tiles]
+            assert pl.bt == decisions.batch_tile(pl.bs_core, H, S, tiles[0].size)
+            assert pl.mm1_group * 128 == decisions.mm1_group_keys(H, S)
+            tiles_seen.append((pl.b0, pl.bs_core, pl.k0, pl.sp_core))
+        if want == "batch":
+            assert tiles_seen == [(0, B // 2, 0, Sp), (B // 2, B // 2, 0, Sp)]
+        if want == "sequence":
+            assert tiles_seen == [(0, B, 0, Sp // 2), (0, B, Sp // 2, Sp // 2)]
+    for nblk, bl, n_sp in itertools.product((1, 2, 16, 64, 128, 256, 384), (1, 2, 4, 16, 32, 48, 128), (1, 2)):
+        if (nblk * bl) % (128 * n_sp):
+            continue
+        blr, factor = decisions.resize_block_len(nblk, bl, n_sp)
+        assert plan.block_resize_factor(nblk, bl, n_sp) == factor and bl // factor == blr
+
+
+@needs_emu
+def test_fa_tile_respects_the_sbuf_budget() -> None:
+    from tkg.kernel.nki_tkg import plan
+
+    assert plan.fa_tile_keys(64, 0) == 8192
+    assert plan.fa_tile_keys(512, 0) == 4096  # 8 * 512 * 4096 = 16 MiB
+    assert plan.fa_tile_keys(512, 128 * 128) == 128 * 128  # never below one fold of 128 blocks
+    assert plan.fa_tile_keys(1, 16 * 128) == 8192
+
+
+@needs_emu
+def test_active_runs_follow_the_layouts() -> None:
+    from tkg.kernel.nki_tkg import plan
+
+    def runs(**kw: object) -> tuple:
+        pl = plan.make_plan(plan.TKGConfig(**kw), 1, 0)
+        return plan.active_runs(pl, pl.fa_starts[-1], pl.fa_sizes[-1])
+
+    # contig: last S keys = last partitions of the last key tile.
+    assert runs(curr_sprior=256, s_active=3, strided_mm1=False) == ((0, 3, 1, 125, 0, 1),)
+    # strided: partition 127 holds the last n_kt keys, one per key tile.
+    assert runs(curr_sprior=512, s_active=3, strided_mm1=True) == ((0, 3, 1, 127, 1, 0),)
+    # strided with fewer key tiles than active tokens: spread over two partitions.
+    assert runs(curr_sprior=256, s_active=3, strided_mm1=True) == ((0, 1, 1, 126, 1, 0), (1, 2, 0, 127, 1, 0))
+    # block (factor 1, blr 2): last block = partition 127, offsets 0..1 of the fold.
+    assert runs(curr_sprior=256, s_active=2, block_len=2, tp_k_prior=True, strided_mm1=False) == ((0, 2, 0, 127, 1, 0),)
+
+
+def test_case_builder_is_deterministic() -> None:
+    a = build_case(Case("x", cfg(), seed=5))
+    b = build_case(Case("x", cfg(), seed=5))
+    np.testing.assert_array_equal(a["q"], b["q"])
+    c = build_case(dataclasses.replace(Case("x", cfg(), seed=6)))
+    assert not np.array_equal(a["q"], c["q"])
