@@ -17,6 +17,7 @@ _BACKENDS: dict[str, str] = {
     "cpu": "tkg.kernel.cpu",
     "reference": "tkg.kernel.reference",
     "nki-emu": "tkg.kernel.nki_emu_backend",
+    "nkilib": "tkg.kernel.nkilib_peer",  # the Neuron library's own kernel, a peer on Trn only
 }
 # Backends `auto` may pick: the emulator is exact but slow, it is never chosen implicitly.
 _AUTO_ORDER = ("nki", "cpu", "reference")
