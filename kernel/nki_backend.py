@@ -208,10 +208,8 @@ class DeviceKVPool:
 
 def paged_decode(args: Any, *, lnc: int = 1, buckets: ContextBuckets | None = None, **options: Any) -> None:
     """The service's decode step through our kernel, with the context rounded to a compiled bucket."""
-    from tkg.kernel.paged import paged_via_attention_tkg
-
     align = context_align(lnc)
     if buckets is not None:
         longest = int(np.max(args.seq_lens)) if len(args.seq_lens) else 1
         align = buckets.context_for(longest)  # one bucket: rounding up to it is rounding to a multiple of it
-    paged_via_attention_tkg(args, NAME, align=align, lnc=lnc, **options)
+    nki_host.paged_folded(args, NAME, lnc=lnc, align=align, **options)

@@ -67,3 +67,8 @@ def run(call: KernelCall) -> None:
     from tkg.kernel.nki_tkg.plan import TKGConfig
 
     nki_host.run(call, _launch, TKGConfig)
+
+
+def paged_decode(args: Any, **options: Any) -> None:
+    """The service's paged step: one emulated kernel launch for all (sequence, kv head) rows."""
+    nki_host.paged_folded(args, NAME, **options)

@@ -115,3 +115,69 @@ def run(call: KernelCall, launch: Launcher, config_cls: type) -> None:
     if not isinstance(results, tuple):
         results = (results,)
     write_results(call, results)
+
+
+def paged_folded(args: Any, backend: str, *, lnc: int = 1, align: int | None = None, **options: Any) -> None:
+    """The service's paged step as ONE kernel launch: (sequence, kv head) rows folded into the batch.
+
+    The pool is head-major `[Hkv, NB, BL, d]`, so `[Hkv*NB, BL, d]` is the same memory and row
+    (b, g) reads its blocks at ids `table[b] + g*NB`. q heads `g*G .. (g+1)*G` of sequence b become
+    the G query heads of row `b*Hkv + g`. One launch instead of Hkv, and more rows for LNC2 batch
+    sharding. The kernel's sink is per query head of the call, shared by all rows, so per-group
+    sinks that differ between kv heads fall back to one launch per kv head.
+    """
+    from tkg.kernel.api import attention_tkg
+    from tkg.kernel.config import AttnTKGConfig
+    from tkg.kernel.paged import paged_via_attention_tkg
+
+    align = P_MAX * lnc if align is None else align
+    q, out = args.q, args.out
+    B, Hq, S, d = q.shape
+    Hkv, NB, BL = args.num_kv_heads, args.k_cache.shape[1], args.block_len
+    G = Hq // Hkv
+    sinks = None
+    if args.sinks is not None:
+        groups = args.sinks.reshape(Hkv, G)
+        if not np.all(groups == groups[:1]):
+            paged_via_attention_tkg(args, backend, align=align, lnc=lnc, **options)
+            return
+        sinks = groups[0].reshape(G, 1)
+    lens = args.seq_lens.astype(np.int64)
+    cached = lens - S
+    sp = decisions.round_up(max(int(lens.max()), 1), int(np.lcm(BL, align)))
+    nblk = sp // BL
+    rows = B * Hkv
+
+    table = np.zeros((B, nblk), dtype=np.int64)  # padding entries: block 0 (in range, masked)
+    for b in range(B):
+        used = -(-int(lens[b]) // BL)
+        table[b, :used] = args.block_tables[b, :used]
+    folded = (table[:, None, :] + (np.arange(Hkv) * NB)[None, :, None]).reshape(rows, nblk).astype(np.uint32)
+    new_pos = cached[:, None] + np.arange(S)[None, :]  # [B, S]
+    new_blk = np.take_along_axis(table, new_pos // BL, axis=1)
+    new_off = new_pos % BL
+    k_new = args.k_cache[:, new_blk, new_off]  # [Hkv, B, S, d]
+    v_new = args.v_cache[:, new_blk, new_off]
+    qs = (np.asarray(q, dtype=np.float32) * np.float32(args.scale)).astype(q.dtype)
+    q_sb = qs.reshape(B, Hkv, G, S, d).transpose(4, 0, 1, 2, 3).reshape(d, rows * G * S)
+    k_sb = k_new.transpose(3, 1, 0, 2).reshape(d, rows * S)
+    v_act = v_new.transpose(1, 0, 2, 3).reshape(rows, 1, S, d)
+    pos = np.repeat(new_pos, Hkv, axis=0).astype(np.float32)  # row b*Hkv+g
+    start = None
+    if args.window is not None:
+        start = np.maximum(pos - args.window + 1, 0).astype(np.float32)
+    tri = np.tril(np.ones((S, S), dtype=np.uint8)).T  # [j, i]: key j visible to query i
+    mask = np.ascontiguousarray(np.broadcast_to(tri[:, None, None, :], (S, rows, G, S)))
+    cfg = AttnTKGConfig(
+        bs=rows, q_head=G, s_active=S, curr_sprior=sp, full_sprior=sp, d_head=d, block_len=BL,
+        tp_k_prior=True, strided_mm1=False, use_pos_id=True, qk_in_sb=True,
+    )  # fmt: skip
+    pool_k = args.k_cache.reshape(Hkv * NB, BL, d)
+    pool_v = args.v_cache.reshape(Hkv * NB, BL, d)
+    res, _ = attention_tkg(
+        np.ascontiguousarray(q_sb), np.ascontiguousarray(k_sb), np.ascontiguousarray(v_act), pool_k, pool_v,
+        mask, None, cfg, None, rope_pos_ids=pos, sink=sinks, active_blocks_table=folded, start_pos_ids=start,
+        backend=backend, lnc=lnc, **options,
+    )  # fmt: skip
+    # res [rows, G, d, S] -> out[b, g*G + h, s, :]
+    out[...] = res.reshape(B, Hkv, G, d, S).transpose(0, 1, 2, 4, 3).reshape(B, Hq, S, d)

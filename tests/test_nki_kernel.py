@@ -117,8 +117,12 @@ def test_emulated_kernel_torch_in_torch_out() -> None:
 
 
 @needs_emu
-def test_paged_decode_through_emulated_kernel() -> None:
-    """The service path: paged_decode over a head-major pool via attention_tkg per kv head."""
+@pytest.mark.parametrize(
+    ("sinks", "lnc", "window"), [("shared", 1, 64), ("per-head", 1, None), ("none", 2, None), ("shared", 2, 40)]
+)
+def test_paged_decode_through_emulated_kernel(sinks: str, lnc: int, window: int | None) -> None:
+    """The service path: paged_decode over a head-major pool, one folded launch (or one per kv head
+    when the kv groups have different sinks)."""
     rng = np.random.default_rng(3)
     B, Hq, Hkv, S, d, BL, NB = 3, 4, 2, 2, 64, 16, 40
     lens = np.array([5, 130, 17])
@@ -126,10 +130,13 @@ def test_paged_decode_through_emulated_kernel() -> None:
     kc = rng.standard_normal((Hkv, NB, BL, d)).astype(np.float32)
     vc = rng.standard_normal((Hkv, NB, BL, d)).astype(np.float32)
     bt = rng.permutation(NB)[: B * 9].reshape(B, 9).astype(np.int32)
-    sinks = rng.standard_normal(Hq).astype(np.float32)
-    kw = dict(scale=d**-0.5, window=64, sinks=sinks)
+    group = rng.standard_normal(Hq // Hkv).astype(np.float32)
+    sink_values = {
+        "shared": np.tile(group, Hkv), "per-head": rng.standard_normal(Hq).astype(np.float32), "none": None,
+    }[sinks]
+    kw = dict(scale=d**-0.5, window=window, sinks=sink_values)
     want = paged_decode(q, kc, vc, bt, lens, backend="reference", **kw)
-    got = paged_decode(q, kc, vc, bt, lens, backend="nki-emu", align=128, **kw)
+    got = paged_decode(q, kc, vc, bt, lens, backend="nki-emu", lnc=lnc, **kw)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
 
