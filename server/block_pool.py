@@ -27,6 +27,8 @@ class BlockPool:
         self._stack = np.arange(num_blocks - 1, -1, -1, dtype=np.int32)
         self._top = num_blocks
         self._ref = np.zeros(num_blocks, dtype=np.int32)
+        # Blocks with more than one holder; 0 lets appends skip copy-on-write checks entirely.
+        self._shared = 0
 
     @property
     def free_count(self) -> int:
@@ -35,6 +37,11 @@ class BlockPool:
     @property
     def used_count(self) -> int:
         return self.num_blocks - self._top
+
+    @property
+    def shared_count(self) -> int:
+        """Blocks held by more than one block table."""
+        return self._shared
 
     def refcount(self, block_id: int) -> int:
         return int(self._ref[block_id])
@@ -64,6 +71,7 @@ class BlockPool:
         if ids.size and (self._ref[ids] <= 0).any():
             raise RuntimeError(f"BlockPool.incref: free block among {ids.tolist()}")
         self._ref[ids] += 1
+        self._shared += int((self._ref[ids] == 2).sum())
 
     def decref(self, ids: np.ndarray) -> int:
         """One holder fewer for each of `ids` (distinct); returns how many became free."""
@@ -72,7 +80,9 @@ class BlockPool:
         if (self._ref[ids] <= 0).any():
             raise RuntimeError(f"BlockPool.decref: double free among {ids.tolist()}")
         self._ref[ids] -= 1
-        freed = ids[self._ref[ids] == 0]
+        left = self._ref[ids]
+        self._shared -= int((left == 1).sum())
+        freed = ids[left == 0]
         self._push(freed)
         return int(freed.size)
 

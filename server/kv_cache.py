@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,17 +38,10 @@ import numpy as np
 
 from tkg.kernel_dtypes import BF16
 from tkg.server.block_pool import BlockPool
-from tkg.server.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    OutOfRange,
-    ResourceExhausted,
-)
+from tkg.server.errors import FailedPrecondition, InvalidArgument, OutOfRange, ResourceExhausted
+from tkg.server.sequences import SequenceTable
 
 KV_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BF16}
-MAX_SEQUENCE_ID_LEN = 256
 EVICT_IDLE_TTL = "idle_ttl"
 
 
@@ -64,22 +57,12 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class _Sequence:
-    """A sequence's mutable state (internal; callers see `SequenceState` snapshots)."""
-
-    __slots__ = ("alive", "last_used", "lengths", "num_blocks", "pending", "seq_id", "table")
-
-    def __init__(self, seq_id: str, num_layers: int, max_blocks: int, now: float) -> None:
-        self.seq_id = seq_id
-        self.table = np.zeros(max_blocks, dtype=np.int32)  # physical block of each logical block
-        self.num_blocks = 0  # entries of `table` that are held
-        self.lengths = np.zeros(num_layers, dtype=np.int64)  # tokens cached, per layer
-        self.pending = np.zeros(num_layers, dtype=bool)  # a prepared, uncommitted append per layer
-        self.last_used = now
-        self.alive = True
-
-    def held(self) -> np.ndarray:
-        return self.table[: self.num_blocks]
+def _ragged(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entries `starts[i] .. starts[i] + counts[i] - 1` of every row i, flattened: (row, column)."""
+    counts = np.maximum(counts, 0)
+    rows = np.repeat(np.arange(counts.size), counts)
+    within = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, starts[rows] + within
 
 
 @dataclass(frozen=True)
@@ -118,7 +101,8 @@ class AppendPlan:
     positions: np.ndarray  # int64 [B], each sequence's length at `layer` before the append
     num_tokens: int
     seq_lens: np.ndarray  # int32 [B]
-    _seqs: list[_Sequence] = field(repr=False)
+    _slots: np.ndarray = field(repr=False)  # int64 [B] SequenceTable slots
+    _generations: np.ndarray = field(repr=False)  # int64 [B] slot generations at prepare
     _reserved: np.ndarray = field(repr=False)  # int32 block ids taken from the pool
     _state: str = "prepared"
     _block_tables: np.ndarray | None = field(default=None, repr=False)
@@ -175,6 +159,8 @@ class KVCache:
         ):  # fmt: skip
             if value < 1:
                 raise ValueError(f"KVCache: {name}: expected >= 1, got {value}")
+        if max_sequences is not None and max_sequences < 1:
+            raise ValueError(f"KVCache: max_sequences: expected >= 1 or None, got {max_sequences}")
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -183,15 +169,13 @@ class KVCache:
         self.max_context = max_context
         self.max_blocks_per_seq = _ceil_div(max_context, block_len)
         self.dtype = kv_dtype(dtype)
-        self.max_sequences = max_sequences
         self._clock = clock
         self.pool = BlockPool(num_blocks)
+        self.seqs = SequenceTable(num_layers, self.max_blocks_per_seq, max_sequences=max_sequences)
         shape = (num_kv_heads, num_blocks, block_len, head_dim)
         self.k: list[np.ndarray] = [self._touched(shape) for _ in range(num_layers)]
         self.v: list[np.ndarray] = [self._touched(shape) for _ in range(num_layers)]
-        # Least recently used first: idle expiry pops from the front.
-        self._seqs: OrderedDict[str, _Sequence] = OrderedDict()
-        self.tokens_appended = 0  # new tokens per sequence (growth of max(lengths)), all layers count once
+        self.tokens_appended = 0  # new tokens per sequence (growth of max(lengths)); layers count once
         self.evicted: Counter[str] = Counter()
 
     def _touched(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -222,72 +206,65 @@ class KVCache:
         return self.pool.used_count / self.num_blocks
 
     def __len__(self) -> int:
-        return len(self._seqs)
+        return len(self.seqs)
 
     def __contains__(self, seq_id: object) -> bool:
-        return seq_id in self._seqs
+        return seq_id in self.seqs
 
     def sequence_ids(self) -> list[str]:
-        """Live sequence ids, least recently used first."""
-        return list(self._seqs)
+        """Live sequence ids."""
+        return [seq_id for seq_id, _ in self.seqs.items()]
 
     def snapshot(self) -> list[SequenceState]:
-        """Every live sequence's state, least recently used first, without marking them used."""
-        return [self._state(s) for s in self._seqs.values()]
+        """Every live sequence's state, without marking them used."""
+        return [self._state(slot) for _, slot in self.seqs.items()]
 
     def stats(self) -> KVCacheStats:
         return KVCacheStats(
             blocks_total=self.num_blocks, blocks_used=self.used_blocks, usage_ratio=self.usage_ratio,
-            active_sequences=len(self._seqs), tokens_appended=self.tokens_appended, evicted=dict(self.evicted),
+            active_sequences=len(self.seqs), tokens_appended=self.tokens_appended, evicted=dict(self.evicted),
         )  # fmt: skip
 
     # ---- sequences ----------------------------------------------------------------------------
 
     def create(self, seq_id: str | None = None) -> SequenceState:
         """A new empty sequence; None or "" picks a fresh id. ALREADY_EXISTS if the id is in use."""
-        if seq_id:
-            self._check_id("sequence_id", seq_id)
-            if seq_id in self._seqs:
-                raise AlreadyExists(f"sequence_id: {seq_id!r} is already in use; expected an unused id")
-        else:
-            seq_id = self._new_id()
-        self._check_room()
-        seq = _Sequence(seq_id, self.num_layers, self.max_blocks_per_seq, self._clock())
-        self._seqs[seq_id] = seq
-        return self._state(seq)
+        slot = self.seqs.add(seq_id or self._new_id(), self._clock())
+        return self._state(slot)
 
     def get(self, seq_id: str) -> SequenceState:
         """Lengths per layer and held blocks of `seq_id` (NOT_FOUND if unknown or expired)."""
-        seq = self._lookup("sequence_id", seq_id)
-        self._touch(seq)
-        return self._state(seq)
+        slot = self.seqs.slot("sequence_id", seq_id)
+        self.seqs.touch([slot], self._clock())
+        return self._state(slot)
 
     def release(self, seq_id: str) -> int:
         """Drop `seq_id`; returns how many blocks became free (blocks shared by a fork stay held)."""
-        seq = self._lookup("sequence_id", seq_id)
-        return self._drop(seq)
+        return self._drop(self.seqs.slot("sequence_id", seq_id))
 
     def truncate(self, seq_id: str, length: int) -> int:
         """Set every layer of `seq_id` to `length` tokens; returns how many blocks became free.
 
         OUT_OF_RANGE when `length` exceeds any layer's current length.
         """
-        seq = self._lookup("sequence_id", seq_id)
+        seqs = self.seqs
+        slot = seqs.slot("sequence_id", seq_id)
         if length < 0:
             raise InvalidArgument(f"length: expected >= 0, got {length}")
-        shortest = int(seq.lengths.argmin())
-        if length > seq.lengths[shortest]:
+        lengths = seqs.lengths[slot]
+        shortest = int(lengths.argmin())
+        if length > lengths[shortest]:
             raise OutOfRange(
-                f"length: {length} is past sequence {seq_id!r}'s length {int(seq.lengths[shortest])} at layer "
-                f"{shortest}; expected <= {int(seq.lengths[shortest])}"
+                f"length: {length} is past sequence {seq_id!r}'s length {int(lengths[shortest])} at layer "
+                f"{shortest}; expected <= {int(lengths[shortest])}"
             )
-        self._check_not_pending(seq, "truncate")
-        keep = _ceil_div(length, self.block_len)
-        freed = self.pool.decref(seq.table[keep : seq.num_blocks])
-        seq.table[keep : seq.num_blocks] = 0
-        seq.num_blocks = keep
-        seq.lengths[:] = length
-        self._touch(seq)
+        self._check_not_pending(slot, "truncate")
+        keep, held = _ceil_div(length, self.block_len), int(seqs.num_blocks[slot])
+        freed = self.pool.decref(seqs.tables[slot, keep:held])
+        seqs.tables[slot, keep:held] = 0
+        seqs.num_blocks[slot] = keep
+        lengths[:] = length
+        seqs.touch([slot], self._clock())
         return freed
 
     def fork(self, source_id: str, seq_id: str | None = None) -> SequenceState:
@@ -296,27 +273,23 @@ class KVCache:
 
         None or "" picks a fresh id. RESOURCE_EXHAUSTED (nothing changed) without room for the copy.
         """
-        src = self._lookup("source_id", source_id)
-        if seq_id:
-            self._check_id("sequence_id", seq_id)
-            if seq_id in self._seqs:
-                raise AlreadyExists(f"sequence_id: {seq_id!r} is already in use; expected an unused id")
-        else:
-            seq_id = self._new_id()
+        seqs = self.seqs
+        src = seqs.slot("source_id", source_id)
+        seq_id = seq_id or self._new_id()
+        seqs.check_new_id(seq_id)
         self._check_not_pending(src, "fork")
-        self._check_room()
-        shared = min(int(src.lengths.min()) // self.block_len, src.num_blocks)
-        copies = self.pool.allocate(src.num_blocks - shared)  # raises with nothing changed
-        seq = _Sequence(seq_id, self.num_layers, self.max_blocks_per_seq, self._clock())
-        self.pool.incref(src.table[:shared])
-        seq.table[:shared] = src.table[:shared]
-        seq.table[shared : src.num_blocks] = copies
-        self._copy_blocks(src.table[shared : src.num_blocks], copies)
-        seq.num_blocks = src.num_blocks
-        seq.lengths[:] = src.lengths
-        self._seqs[seq_id] = seq
-        self._touch(src)
-        return self._state(seq)
+        held = int(seqs.num_blocks[src])
+        shared = min(int(seqs.lengths[src].min()) // self.block_len, held)
+        copies = self.pool.allocate(held - shared)  # raises with nothing changed
+        dst = seqs.add(seq_id, self._clock())  # may grow (reallocate) the arrays: index them after
+        self.pool.incref(seqs.tables[src, :shared])
+        seqs.tables[dst, :shared] = seqs.tables[src, :shared]
+        seqs.tables[dst, shared:held] = copies
+        self._copy_blocks(seqs.tables[src, shared:held], copies)
+        seqs.num_blocks[dst] = held
+        seqs.lengths[dst] = seqs.lengths[src]
+        seqs.touch([src, dst], self._clock())
+        return self._state(dst)
 
     def expire_idle(self, now: float | None, ttl_s: float) -> list[str]:
         """Release sequences unused for more than `ttl_s` seconds at time `now` (the injected
@@ -326,13 +299,11 @@ class KVCache:
         """
         now = self._clock() if now is None else now
         expired = []
-        for seq in list(self._seqs.values()):
-            if now - seq.last_used <= ttl_s:
-                break  # least recently used first: the rest are fresher
-            if seq.pending.any():
+        for slot in self.seqs.idle(now, ttl_s):
+            if self.seqs.pending[slot].any():
                 continue
-            self._drop(seq)
-            expired.append(seq.seq_id)
+            expired.append(self.seqs.id_of(slot))
+            self._drop(slot)
         self.evicted[EVICT_IDLE_TTL] += len(expired)
         return expired
 
@@ -348,6 +319,7 @@ class KVCache:
         FAILED_PRECONDITION wrong position or an append already in flight at this layer;
         OUT_OF_RANGE past `max_context`; RESOURCE_EXHAUSTED not enough free blocks.
         """
+        seqs, BL = self.seqs, self.block_len
         if not 0 <= layer < self.num_layers:
             raise InvalidArgument(f"layer: expected 0 <= layer < {self.num_layers}, got {layer}")
         if num_tokens < 1:
@@ -358,7 +330,7 @@ class KVCache:
         pos = np.asarray(positions, dtype=np.int64)
         if pos.shape != (B,):
             raise InvalidArgument(f"positions: expected {B} (one per sequence), got {pos.size}")
-        seqs = [self._lookup(f"sequence_ids[{b}]", sid) for b, sid in enumerate(seq_ids)]
+        slots = seqs.slots("sequence_ids", seq_ids)
         if len(set(seq_ids)) != B:
             first: dict[str, int] = {}
             for b, sid in enumerate(seq_ids):
@@ -367,42 +339,42 @@ class KVCache:
                         f"sequence_ids[{b}]: {sid!r} already at sequence_ids[{first[sid]}]; expected distinct ids"
                     )
                 first[sid] = b
-        lens = np.fromiter((s.lengths[layer] for s in seqs), dtype=np.int64, count=B)
-        for b in np.flatnonzero(pos != lens)[:1]:
+        lens = seqs.lengths[slots, layer]
+        for b in np.flatnonzero(pos != lens)[:1].tolist():
             raise FailedPrecondition(
-                f"positions[{b}]: {int(pos[b])} is not sequence {seqs[b].seq_id!r}'s length at layer {layer}; "
+                f"positions[{b}]: {int(pos[b])} is not sequence {seq_ids[b]!r}'s length at layer {layer}; "
                 f"expected {int(lens[b])}"
             )
-        for b, s in enumerate(seqs):
-            if s.pending[layer]:
-                raise FailedPrecondition(
-                    f"sequence_ids[{b}]: sequence {s.seq_id!r} already has an append in flight at layer {layer}"
-                )
+        for b in np.flatnonzero(seqs.pending[slots, layer])[:1].tolist():
+            raise FailedPrecondition(
+                f"sequence_ids[{b}]: sequence {seq_ids[b]!r} already has an append in flight at layer {layer}"
+            )
         ends = pos + num_tokens
-        for b in np.flatnonzero(ends > self.max_context)[:1]:
+        for b in np.flatnonzero(ends > self.max_context)[:1].tolist():
             raise OutOfRange(
                 f"positions[{b}]: {int(pos[b])} + {num_tokens} tokens exceeds max_context for sequence "
-                f"{seqs[b].seq_id!r}; expected at most {self.max_context} tokens"
+                f"{seq_ids[b]!r}; expected at most {self.max_context} tokens"
             )
-        fresh = cow = 0
-        for s, p, e in zip(seqs, pos.tolist(), ends.tolist(), strict=True):
-            fresh += max(0, _ceil_div(e, self.block_len) - s.num_blocks)
-            written = s.table[p // self.block_len : min(_ceil_div(e, self.block_len), s.num_blocks)]
+        need, held = -(-ends // BL), seqs.num_blocks[slots]
+        fresh = int(np.maximum(need - held, 0).sum())
+        cow = 0
+        if self.pool.shared_count:  # no fork alive: nothing can need a copy
+            first_blk = pos // BL
+            rows, cols = _ragged(first_blk, np.minimum(need, held) - first_blk)
             # An upper bound: a block shared by two writers of this batch may need only one copy.
-            cow += int((self.pool.refcounts(written) > 1).sum())
+            cow = int((self.pool.refcounts(seqs.tables[slots[rows], cols]) > 1).sum())
         if fresh + cow > self.pool.free_count:
             raise ResourceExhausted(
                 f"KV cache: the batch needs {fresh + cow} free blocks ({fresh} new, {cow} copy-on-write), "
                 f"{self.pool.free_count} of {self.num_blocks} free"
             )
         reserved = self.pool.allocate(fresh + cow)
-        now = self._clock()
-        for s in seqs:
-            s.pending[layer] = True
-            self._touch(s, now)
+        seqs.pending[slots, layer] = True
+        seqs.touch(slots, self._clock())
         return AppendPlan(
             layer=layer, seq_ids=tuple(seq_ids), positions=pos, num_tokens=num_tokens,
-            seq_lens=ends.astype(np.int32), _seqs=seqs, _reserved=reserved,
+            seq_lens=ends.astype(np.int32), _slots=slots, _generations=seqs.generation[slots],
+            _reserved=reserved,
         )  # fmt: skip
 
     def commit(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray) -> None:
@@ -417,43 +389,42 @@ class KVCache:
         for name, t in (("k", k_new), ("v", v_new)):
             if t.shape != expect:
                 self.abort(plan)
-                raise InvalidArgument(f"{name}: expected shape [B, num_kv_heads, S, head_dim] = {list(expect)}, "
-                                      f"got {list(t.shape)}")  # fmt: skip
-        BL, layer, S = self.block_len, plan.layer, plan.num_tokens
+                raise InvalidArgument(
+                    f"{name}: expected shape [B, num_kv_heads, S, head_dim] = {list(expect)}, got {list(t.shape)}"
+                )
+        seqs, BL, layer, S = self.seqs, self.block_len, plan.layer, plan.num_tokens
+        slots, pos, ends = plan._slots, plan.positions, plan.seq_lens.astype(np.int64)
+        live = seqs.generation[slots] == plan._generations
+        if not live.all():  # released since prepare: write nothing for them
+            slots, pos, ends = slots[live], pos[live], ends[live]
+            k_new, v_new = k_new[live], v_new[live]
         reserved, used = plan._reserved, 0
-        live = np.fromiter((s.alive for s in plan._seqs), dtype=bool, count=plan.batch_size)
-        for s, p, e in zip(plan._seqs, plan.positions.tolist(), plan.seq_lens.tolist(), strict=True):
-            if not s.alive:
-                continue
-            need = _ceil_div(e, BL)
-            first, held = p // BL, s.num_blocks
-            if need > held:  # another layer may have grown the table since prepare
-                s.table[held:need] = reserved[used : used + need - held]
-                used += need - held
-                s.num_blocks = need
-            idx = np.arange(first, min(need, held))
-            shared = idx[self.pool.refcounts(s.table[idx]) > 1]
-            if shared.size:
-                dst = reserved[used : used + shared.size]
-                used += shared.size
-                old = s.table[shared].copy()
-                self._copy_blocks(old, dst)
-                s.table[shared] = dst
-                self.pool.decref(old)
-            grown = e - int(s.lengths.max())
-            if grown > 0:
-                self.tokens_appended += grown
-            s.lengths[layer] = e
-            s.pending[layer] = False
+        need, held = -(-ends // BL), seqs.num_blocks[slots]
+        # New blocks at the tables' ends (fewer than reserved when another layer grew them first).
+        rows, cols = _ragged(held, need - held)
+        if rows.size:
+            used = rows.size
+            seqs.tables[slots[rows], cols] = reserved[:used]
+            seqs.num_blocks[slots] = np.maximum(need, held)
+        if self.pool.shared_count:
+            used = self._copy_on_write(slots, pos // BL, np.minimum(need, held), reserved, used)
         self.pool.free(reserved[used:])
+        before = seqs.lengths[slots].max(axis=1)
+        self.tokens_appended += int(np.maximum(ends - before, 0).sum())
+        seqs.lengths[slots, layer] = ends
+        seqs.pending[slots, layer] = False
         width = max(1, _ceil_div(int(plan.seq_lens.max()), BL))
-        tables = np.stack([s.table[:width] for s in plan._seqs])
-        tok = plan.positions[:, None] + np.arange(S)  # [B, S] positions written
-        blk = np.take_along_axis(tables, tok // BL, axis=1)[live]
-        off = (tok % BL)[live]
+        tables = seqs.tables[plan._slots, :width]
+        tok = pos[:, None] + np.arange(S)  # [B', S] positions written
+        if live.all():
+            blk = np.take_along_axis(tables, tok // BL, axis=1)
+        else:
+            blk = np.take_along_axis(tables[live], tok // BL, axis=1)
+            tables[~live] = 0
+        off = tok % BL
         # [Hkv, NB, BL, d][:, blk, off] is [Hkv, B', S, d]: one scatter per tensor, no token loop.
-        self.k[layer][:, blk, off] = k_new[live].transpose(1, 0, 2, 3)
-        self.v[layer][:, blk, off] = v_new[live].transpose(1, 0, 2, 3)
+        self.k[layer][:, blk, off] = k_new.transpose(1, 0, 2, 3)
+        self.v[layer][:, blk, off] = v_new.transpose(1, 0, 2, 3)
         plan._block_tables = tables
         plan._state = "committed"
 
@@ -461,8 +432,8 @@ class KVCache:
         """Return the plan's reserved blocks; nothing is appended."""
         self._check_open(plan, "abort")
         self.pool.free(plan._reserved)
-        for s in plan._seqs:
-            s.pending[plan.layer] = False
+        slots = plan._slots[self.seqs.generation[plan._slots] == plan._generations]
+        self.seqs.pending[slots, plan.layer] = False
         plan._state = "aborted"
 
     def append(self, seq_id: str, layer: int, position: int, k: np.ndarray, v: np.ndarray) -> SequenceState:
@@ -476,9 +447,30 @@ class KVCache:
             raise InvalidArgument(f"v: expected shape {list(k.shape)} (as k), got {list(v.shape)}")
         plan = self.prepare_append(layer, [seq_id], [position], k.shape[0])
         self.commit(plan, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
-        return self._state(plan._seqs[0])
+        return self._state(int(plan._slots[0]))
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _copy_on_write(
+        self, slots: np.ndarray, first: np.ndarray, upto: np.ndarray, reserved: np.ndarray, used: int
+    ) -> int:
+        """Give each sequence a private copy of every shared block it is about to write (blocks
+        `first[i] .. upto[i]-1` of `slots[i]`), taking targets from `reserved[used:]`.
+
+        Sequential on purpose: once one writer copied a block, a second writer in the same batch
+        may be its last holder and write in place. Returns the new `used`.
+        """
+        tables = self.seqs.tables
+        rows, cols = _ragged(first, upto - first)
+        for slot, col in zip(slots[rows].tolist(), cols.tolist(), strict=True):
+            old = tables[slot, col : col + 1].copy()
+            if self.pool.refcount(int(old[0])) > 1:
+                new = reserved[used : used + 1]
+                used += 1
+                self._copy_blocks(old, new)
+                tables[slot, col] = new[0]
+                self.pool.decref(old)
+        return used
 
     def _copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
         if not src.size:
@@ -487,36 +479,16 @@ class KVCache:
             for a in store:
                 a[:, dst] = a[:, src]
 
-    def _drop(self, seq: _Sequence) -> int:
-        freed = self.pool.decref(seq.held())
-        seq.num_blocks = 0
-        seq.alive = False
-        del self._seqs[seq.seq_id]
+    def _drop(self, slot: int) -> int:
+        freed = self.pool.decref(self.seqs.held(slot))
+        self.seqs.remove(slot)
         return freed
 
-    def _touch(self, seq: _Sequence, now: float | None = None) -> None:
-        seq.last_used = self._clock() if now is None else now
-        self._seqs.move_to_end(seq.seq_id)
-
-    def _lookup(self, field_name: str, seq_id: str) -> _Sequence:
-        seq = self._seqs.get(seq_id)
-        if seq is None:
-            raise NotFound(f"{field_name}: no sequence {seq_id!r} (unknown, released or expired)")
-        return seq
-
-    def _check_id(self, field_name: str, seq_id: str) -> None:
-        if not isinstance(seq_id, str) or len(seq_id) > MAX_SEQUENCE_ID_LEN:
-            raise InvalidArgument(f"{field_name}: expected a string of at most {MAX_SEQUENCE_ID_LEN} characters")
-
-    def _check_room(self) -> None:
-        if self.max_sequences is not None and len(self._seqs) >= self.max_sequences:
-            raise ResourceExhausted(f"sequences: {len(self._seqs)} live; expected at most {self.max_sequences}")
-
-    @staticmethod
-    def _check_not_pending(seq: _Sequence, what: str) -> None:
-        if seq.pending.any():
+    def _check_not_pending(self, slot: int, what: str) -> None:
+        pending = self.seqs.pending[slot]
+        if pending.any():
             raise FailedPrecondition(
-                f"sequence {seq.seq_id!r} has an append in flight at layer {int(seq.pending.argmax())}; "
+                f"sequence {self.seqs.id_of(slot)!r} has an append in flight at layer {int(pending.argmax())}; "
                 f"expected none to {what} it"
             )
 
@@ -528,8 +500,12 @@ class KVCache:
     def _new_id(self) -> str:
         while True:
             seq_id = uuid.uuid4().hex
-            if seq_id not in self._seqs:
+            if seq_id not in self.seqs:
                 return seq_id
 
-    def _state(self, seq: _Sequence) -> SequenceState:
-        return SequenceState(seq.seq_id, tuple(seq.lengths.tolist()), seq.num_blocks, tuple(seq.held().tolist()))
+    def _state(self, slot: int) -> SequenceState:
+        seqs = self.seqs
+        return SequenceState(
+            seqs.id_of(slot), tuple(seqs.lengths[slot].tolist()), int(seqs.num_blocks[slot]),
+            tuple(seqs.held(slot).tolist()),
+        )  # fmt: skip

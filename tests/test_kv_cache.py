@@ -310,6 +310,41 @@ def test_release_while_in_flight_skips_the_sequence_and_frees_everything() -> No
     assert cache.free_blocks == cache.num_blocks
 
 
+def test_release_while_in_flight_then_slot_reused_leaves_the_newcomer_alone() -> None:
+    cache = make()
+    cache.create("a")
+    cache.create("b")
+    plan = cache.prepare_append(0, ["a", "b"], [0, 0], 2)
+    cache.release("a")
+    c = cache.create("c")  # takes a's freed slot
+    c_plan = cache.prepare_append(0, ["c"], [0], 1)  # c's own append in flight at the same layer
+    k = np.stack([tokens(0, 2).transpose(1, 0, 2), tokens(10, 2).transpose(1, 0, 2)])
+    cache.commit(plan, k, k)
+    assert cache.get("c").lengths == c.lengths and cache.get("c").block_ids == ()
+    assert plan.block_tables[0].tolist() == [0] and plan.block_tables[1].tolist() == list(cache.get("b").block_ids)
+    with pytest.raises(FailedPrecondition, match="'c' already has an append in flight"):
+        cache.prepare_append(0, ["c"], [0], 1)  # the commit did not clear c's flag
+    np.testing.assert_array_equal(gather(cache, "b", 0)[0], tokens(10, 2))
+    cache.abort(c_plan)  # reservations are held by their plan, not by a table
+    check_invariants(cache)
+
+
+def test_many_sequences_grow_the_slot_arrays() -> None:
+    cache = make(num_blocks=400, max_context=8)
+    ids = [cache.create(f"q{i}").seq_id for i in range(150)]  # past the initial 64 slots, twice
+    cache.append("q3", 0, 0, tokens(0, 1), tokens(0, 1))
+    plan = cache.prepare_append(0, ids, [1 if i == 3 else 0 for i in range(150)], 2)
+    k = np.stack([tokens(i, 2).transpose(1, 0, 2) for i in range(150)])
+    cache.commit(plan, k, -k)
+    cache.fork("q149", "kid")
+    for i in (0, 64, 127, 128, 149):
+        np.testing.assert_array_equal(gather(cache, f"q{i}", 0)[0], tokens(i, 2))
+    np.testing.assert_array_equal(gather(cache, "q3", 0)[0], np.concatenate([tokens(0, 1), tokens(3, 2)]))
+    np.testing.assert_array_equal(gather(cache, "kid", 0)[1], -tokens(149, 2))
+    assert cache.seqs.capacity >= 151 and len(cache) == 151
+    check_invariants(cache)
+
+
 # ---- truncate, fork, copy-on-write ----------------------------------------------------------
 
 
@@ -577,7 +612,7 @@ class KVCacheMachine(RuleBasedStateMachine):
             self.append_batch(sids, layer, n, "commit")
 
     def draw_batch(self, data: st.DataObject) -> list[str]:
-        return data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=3, unique=True))
+        return data.draw(st.lists(st.sampled_from(list(self.model)), min_size=1, max_size=3, unique=True))
 
     def append_batch(self, sids: list[str], layer: int, n: int, finish: str) -> None:
         pos = [len(self.model[s][layer]) for s in sids]
@@ -619,7 +654,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model)
     @rule(data=st.data(), position_error=st.integers(1, 3))
     def append_at_wrong_position_fails(self, data: st.DataObject, position_error: int) -> None:
-        sid = data.draw(st.sampled_from(sorted(self.model)))
+        sid = data.draw(st.sampled_from(list(self.model)))
         before = fingerprint(self.cache)
         with pytest.raises(FailedPrecondition, match=r"positions\[0\]"):
             self.cache.prepare_append(0, [sid], [len(self.model[sid][0]) + position_error], 1)
@@ -629,7 +664,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     @rule(data=st.data(), back=st.integers(-1, 5))
     def truncate(self, data: st.DataObject, back: int) -> None:
         self.step()
-        sid = data.draw(st.sampled_from(sorted(self.model)))
+        sid = data.draw(st.sampled_from(list(self.model)))
         shortest = min(len(x) for x in self.model[sid])
         length = shortest - back
         if length < 0:
@@ -650,7 +685,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     def fork(self, data: st.DataObject, new: str | None, rewind: int) -> None:
         """Fork, then (beam search, rejected drafts) maybe roll the child back into a shared block."""
         self.step()
-        src = data.draw(st.sampled_from(sorted(self.model)))
+        src = data.draw(st.sampled_from(list(self.model)))
         if new in self.model:
             with pytest.raises(AlreadyExists):
                 self.cache.fork(src, new)
@@ -673,7 +708,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         self.step()
-        sid = data.draw(st.sampled_from(sorted(self.model)))
+        sid = data.draw(st.sampled_from(list(self.model)))
         free = self.cache.free_blocks
         freed = self.cache.release(sid)
         assert self.cache.free_blocks == free + freed
