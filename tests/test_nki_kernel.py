@@ -35,6 +35,7 @@ CASES = [
     Case("block-pos-id-resize", cfg(block_len=16, use_pos_id=True), sink=True),
     Case("block-premask", cfg(block_len=2)),
     Case("block-premask-d128-bf16", cfg(block_len=4, curr_sprior=512, d_head=128, q_head=4), "bf16"),
+    Case("wide-stats-S8", cfg(bs=8, q_head=16, s_active=8, strided_mm1=False), "bf16", sink=True),
     Case("dbg-flat", cfg(tp_k_prior=True), sink=True, dbg=True),
     Case("dbg-block", cfg(block_len=8, use_pos_id=True, curr_sprior=1024), dbg=True),
     # LNC2: every sharding mode.
@@ -54,6 +55,8 @@ CASES = [
     # Large: flash tiling past 8192 keys per core, with block resize, with LNC2; batch tiling.
     Case("flash-flat", cfg(bs=1, q_head=1, s_active=2, curr_sprior=9216, full_sprior=9216), sink=True, dbg=True),
     Case("flash-block-resize-bf16", cfg(bs=1, q_head=2, block_len=16, use_pos_id=True, curr_sprior=9216), "bf16"),
+    Case("flash-contig-tpk-d128", cfg(bs=1, q_head=1, s_active=1, curr_sprior=9216, full_sprior=9216, d_head=128,
+                                      strided_mm1=False, tp_k_prior=True), "bf16"),
     Case("flash-lnc2-seq", cfg(bs=1, q_head=1, s_active=1, curr_sprior=16640, full_sprior=16640), lnc=2, sink=True),
     Case("batch-tiles", cfg(bs=2, q_head=64, s_active=8, curr_sprior=4096, full_sprior=4096, d_head=64)),
 ]
@@ -174,6 +177,13 @@ def test_fully_masked_row_is_rejected() -> None:
     args["mask"][:, 1, 0, 0] = 0
     with pytest.raises(ValueError, match=r"mask: every key is masked for row b=1, head h=0, query i=0"):
         attention_tkg(**args, backend="nki-emu")
+
+
+@needs_emu
+def test_no_flash_tiling_past_the_sbuf_budget_is_a_clear_error() -> None:
+    c = cfg(bs=1, q_head=1, s_active=1, curr_sprior=65536, full_sprior=65536, enable_fa_s_prior_tiling=False)
+    with pytest.raises(AssertionError, match="SBUF budget exceeded allocating kT"):
+        attention_tkg(**build_case(Case("no-fa", c)), backend="nki-emu")
 
 
 # --- the kernel's trace-time plan agrees with the host decisions ---------------------------------
