@@ -96,10 +96,17 @@ def write_results(call: KernelCall, results: tuple[Any, ...]) -> None:
     res = [np.asarray(r) for r in results]
     call.out[...] = res[0].reshape(call.out.shape)
     i = 1
-    if call.cfg.fuse_rope:
+    cfg = call.cfg
+    if cfg.fuse_rope:
         if call.k_out is not None:
             call.k_out[...] = res[1].reshape(call.k_out.shape)
         i = 2
+    elif call.k_out is not None:
+        # Without fused RoPE the kernel (like the library's) has no k_out; the API still fills a given
+        # k_out with k_active in k_out's layout, as every backend does.
+        B, S, d = cfg.bs, cfg.s_active, cfg.d_head
+        ka = call.k_active.reshape(d, B, S) if cfg.qk_in_sb else call.k_active[:, 0].transpose(2, 0, 1)  # [d, B, S]
+        call.k_out[...] = ka.reshape(d, B * S) if cfg.k_out_in_sb else ka.transpose(1, 0, 2)[:, None]
     if call.dbg is not None:
         for name, arr in zip(("qk", "qk_max", "qk_exp", "exp_sum"), res[i : i + 4], strict=True):
             if name in call.dbg:

@@ -119,7 +119,7 @@ def build_case(case: Case) -> dict[str, Any]:
         }
     args["out"] = None
     args["cfg"] = cfg
-    args.update(case.extra)
+    args.update({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in case.extra.items()})
     return args
 
 

@@ -52,6 +52,7 @@ CASES = [
     Case("lnc2-seq-rope", cfg(bs=1, curr_sprior=512, full_sprior=640, fuse_rope=True, qk_in_sb=False), lnc=2),
     Case("lnc2-seq-block-premask-resize", cfg(bs=1, block_len=4, curr_sprior=512), lnc=2, sink=True),
     Case("lnc2-none", cfg(bs=1, curr_sprior=128, full_sprior=256), lnc=2),
+    Case("k-out-without-rope", cfg(k_out_in_sb=True), extra={"k_out": np.zeros((64, 4), np.float32)}),
     # Large: flash tiling past 8192 keys per core, with block resize, with LNC2; batch tiling.
     Case("flash-flat", cfg(bs=1, q_head=1, s_active=2, curr_sprior=9216, full_sprior=9216), sink=True, dbg=True),
     Case("flash-block-resize-bf16", cfg(bs=1, q_head=2, block_len=16, use_pos_id=True, curr_sprior=9216), "bf16"),
@@ -74,7 +75,7 @@ def check_case(case: Case, backend: str) -> None:
     ref_out, ref_k = attention_tkg(**ref_args, backend="reference")
     rtol, atol = TOLERANCE[case.dtype]
     np.testing.assert_allclose(_f32(out), _f32(ref_out), rtol=rtol, atol=atol, err_msg=f"{case}: out")
-    if case.cfg.fuse_rope:
+    if case.cfg.fuse_rope or "k_out" in case.extra:
         np.testing.assert_allclose(_f32(k_out), _f32(ref_k), rtol=rtol, atol=atol, err_msg=f"{case}: k_out")
     if case.dbg:
         got, want = args["DBG_TENSORS"], ref_args["DBG_TENSORS"]
