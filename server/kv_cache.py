@@ -8,9 +8,10 @@ every layer, so `num_blocks`/`free_blocks` are "per layer, every layer allocates
 
 A sequence owns a block table (an int32 row of `max_blocks_per_seq = ceil(max_context /
 block_len)` entries, unused entries 0 so every entry is a valid id) and one length per layer
-(layers advance independently within a decode step). It holds `ceil(max(lengths) / block_len)`
-blocks. Fork shares the source's full blocks copy-on-write; a write into a block with reference
-count > 1 first copies it (all layers) into a fresh block.
+(layers advance independently within a decode step), kept as rows of `SequenceTable` arrays so a
+batch's tables are one fancy index. It holds `ceil(max(lengths) / block_len)` blocks. Fork
+shares the source's full blocks copy-on-write; a write into a block with reference count > 1
+first copies it (all layers) into a fresh block.
 
 Appends are two-phase and all-or-nothing for a batch: `prepare_append` validates every sequence
 and reserves every block the batch may need (new blocks and copy-on-write copies) or raises with

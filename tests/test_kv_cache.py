@@ -568,6 +568,7 @@ class KVCacheMachine(RuleBasedStateMachine):
             num_layers=L, num_kv_heads=HKV, head_dim=2, block_len=block_len, num_blocks=num_blocks,
             max_context=12, clock=self.clock,
         )  # fmt: skip
+        self.storage = [*self.cache.k, *self.cache.v]  # preallocated once: must never be replaced
         self.model: dict[str, list[list[np.ndarray]]] = {}  # id -> per layer list of [Hkv, 2] k rows
         self.used: dict[str, float] = {}
         self.counter = 0
@@ -726,6 +727,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     @invariant()
     def bookkeeping_consistent(self) -> None:
         check_invariants(self.cache)
+        assert all(x is y for x, y in zip([*self.cache.k, *self.cache.v], self.storage, strict=True))
         assert sorted(self.cache.sequence_ids()) == sorted(self.model)
 
     @invariant()
@@ -748,4 +750,4 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 
 TestKVCacheStateful = KVCacheMachine.TestCase
-TestKVCacheStateful.settings = settings(stateful_step_count=40)
+TestKVCacheStateful.settings = settings(max_examples=150, stateful_step_count=40)
