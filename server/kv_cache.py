@@ -341,17 +341,20 @@ class KVCache:
                     )
                 first[sid] = b
         lens = seqs.lengths[slots, layer]
-        for b in np.flatnonzero(pos != lens)[:1].tolist():
+        if (pos != lens).any():
+            b = int(np.flatnonzero(pos != lens)[0])
             raise FailedPrecondition(
                 f"positions[{b}]: {int(pos[b])} is not sequence {seq_ids[b]!r}'s length at layer {layer}; "
                 f"expected {int(lens[b])}"
             )
-        for b in np.flatnonzero(seqs.pending[slots, layer])[:1].tolist():
+        if seqs.pending[slots, layer].any():
+            b = int(np.flatnonzero(seqs.pending[slots, layer])[0])
             raise FailedPrecondition(
                 f"sequence_ids[{b}]: sequence {seq_ids[b]!r} already has an append in flight at layer {layer}"
             )
         ends = pos + num_tokens
-        for b in np.flatnonzero(ends > self.max_context)[:1].tolist():
+        if ends.max() > self.max_context:
+            b = int(np.flatnonzero(ends > self.max_context)[0])
             raise OutOfRange(
                 f"positions[{b}]: {int(pos[b])} + {num_tokens} tokens exceeds max_context for sequence "
                 f"{seq_ids[b]!r}; expected at most {self.max_context} tokens"
@@ -396,14 +399,15 @@ class KVCache:
         seqs, BL, layer, S = self.seqs, self.block_len, plan.layer, plan.num_tokens
         slots, pos, ends = plan._slots, plan.positions, plan.seq_lens.astype(np.int64)
         live = seqs.generation[slots] == plan._generations
-        if not live.all():  # released since prepare: write nothing for them
+        all_live = bool(live.all())
+        if not all_live:  # released since prepare: write nothing for them
             slots, pos, ends = slots[live], pos[live], ends[live]
             k_new, v_new = k_new[live], v_new[live]
         reserved, used = plan._reserved, 0
         need, held = -(-ends // BL), seqs.num_blocks[slots]
         # New blocks at the tables' ends (fewer than reserved when another layer grew them first).
-        rows, cols = _ragged(held, need - held)
-        if rows.size:
+        if (need > held).any():
+            rows, cols = _ragged(held, need - held)
             used = rows.size
             seqs.tables[slots[rows], cols] = reserved[:used]
             seqs.num_blocks[slots] = np.maximum(need, held)
@@ -417,10 +421,10 @@ class KVCache:
         width = max(1, _ceil_div(int(plan.seq_lens.max()), BL))
         tables = seqs.tables[plan._slots, :width]
         tok = pos[:, None] + np.arange(S)  # [B', S] positions written
-        if live.all():
-            blk = np.take_along_axis(tables, tok // BL, axis=1)
+        if all_live:
+            blk = tables[np.arange(len(slots))[:, None], tok // BL]
         else:
-            blk = np.take_along_axis(tables[live], tok // BL, axis=1)
+            blk = tables[np.flatnonzero(live)[:, None], tok // BL]
             tables[~live] = 0
         off = tok % BL
         # [Hkv, NB, BL, d][:, blk, off] is [Hkv, B', S, d]: one scatter per tensor, no token loop.
