@@ -354,6 +354,47 @@ def test_dockerfile_ports_health_and_copies(name: str) -> None:
                     assert not dockerignored(rel, patterns), f".dockerignore drops {rel}, which {name} needs"
 
 
+def docker_context_copy(dockerfile: Path, dest: Path) -> None:
+    """Lay out what the first stage's COPY instructions put in the image, as Docker would send it."""
+    patterns = dockerignore_patterns()
+    for ins, args in stages(dockerfile)[0]:
+        if ins != "COPY" or "--from=" in args:
+            continue
+        *sources, target = [w for w in args.split() if not w.startswith("--")]
+        for src in sources:
+            base = ROOT / src
+            files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+            for f in files:
+                if dockerignored(f.relative_to(ROOT).as_posix(), patterns):
+                    continue
+                # COPY of a directory copies its contents into the target directory.
+                out = dest / target / (f.name if base.is_file() else f.relative_to(base))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, out)
+
+
+def test_image_build_context_builds_the_wheel(tmp_path: Path) -> None:
+    """The files the CPU builder stage copies (after .dockerignore) are enough to build the wheel.
+
+    Catches a new top-level package or build input (native sources, README) that the Dockerfile
+    or .dockerignore forgets. Builds without isolation from this venv's setuptools: no network.
+    """
+    src = tmp_path / "src"
+    docker_context_copy(DEPLOY / "Dockerfile", src)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+           "--wheel-dir", str(tmp_path / "wheels"), str(src)]  # fmt: skip
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (whl,) = (tmp_path / "wheels").glob("tkg_attention-*.whl")
+    import zipfile
+
+    names = set(zipfile.ZipFile(whl).namelist())
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for pkg in packages:
+        assert f"{pkg.replace('.', '/')}/__init__.py" in names, f"wheel built from the image context lacks {pkg}"
+    assert "tkg/v1/decode_attention_pb2.py" in names
+
+
 def test_dockerignore_keeps_local_state_out() -> None:
     patterns = dockerignore_patterns()
     for rel in (".venv/bin/python", ".git/HEAD", "tests/test_deploy.py", "kernel/__pycache__/api.cpython-311.pyc",
