@@ -471,7 +471,7 @@ def test_compose_stack_fits_together() -> None:
     assert {"tkg", "prometheus", "grafana"} <= set(services), set(services)
     tkg = services["tkg"]
     assert (DEPLOY / tkg["build"]["context"] / tkg["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
-    for svc in services.values():
+    for svc in [*services.values(), *compose("compose.trn.yaml")["services"].values()]:
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]
             if src.startswith("."):
@@ -494,22 +494,36 @@ def test_compose_stack_fits_together() -> None:
 
 
 def test_compose_trn_override() -> None:
-    over = compose("compose.trn.yaml")["services"]["tkg"]
+    services = compose("compose.trn.yaml")["services"]
+    over = services["tkg"]
     assert (DEPLOY / over["build"]["context"] / over["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile.neuron"
-    devices = over["devices"]
-    assert devices and all(re.fullmatch(r"/dev/neuron\d+:/dev/neuron\d+", d) for d in devices), devices
     assert over["image"] != compose("compose.yaml")["services"]["tkg"]["image"], "distinct image tags"
+    for name in ("tkg", "neuron-monitor"):
+        devices = services[name]["devices"]
+        assert devices and all(re.fullmatch(r"/dev/neuron\d+:/dev/neuron\d+", d) for d in devices), (name, devices)
+    assert services["neuron-monitor"]["image"] == over["image"], "the exporter comes with the Neuron image"
+    # Its Prometheus config replaces the base one (same mount target) and scrapes the exporter.
+    (mount,) = services["prometheus"]["volumes"]
+    src, target = mount.split(":")[:2]
+    assert target in [v.split(":")[1] for v in compose("compose.yaml")["services"]["prometheus"]["volumes"]]
+    trn = yaml.safe_load((DEPLOY / src).read_text())
+    base = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in trn["scrape_configs"]}
+    assert all(jobs.get(j["job_name"]) == j for j in base["scrape_configs"]), "the Trn config keeps every base job"
+    port = services["neuron-monitor"]["entrypoint"][-1].rsplit("--port", 1)[1].strip()
+    assert jobs["neuron-monitor"]["static_configs"][0]["targets"] == [f"neuron-monitor:{port}"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Prometheus and Grafana
 
 
-def test_promtool_check_config() -> None:
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus.trn.yml"])
+def test_promtool_check_config(name: str) -> None:
     promtool = tool("promtool")
     if not promtool:
         pytest.skip("promtool not installed (Debian package prometheus; .ci/run installs it)")
-    proc = run([promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")])
+    proc = run([promtool, "check", "config", str(DEPLOY / "prometheus" / name)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
