@@ -1,0 +1,86 @@
+"""Rotary position embeddings applied by the service when it fuses RoPE (`fuse_rope`).
+
+The service rotates q and the new k on the host before appending k to the cache (so the cache
+holds rotated keys, as the kernel expects) and before the kernel call. Rotate-half convention
+(HF/Llama), matching `attention_tkg`'s fused RoPE (design/kernel.md step 2).
+
+Frequency scaling: `llama3` (Llama-3.1 wavelength-banded scaling), `linear` (position
+interpolation) and `yarn` (NTK-by-parts; its attention factor is folded into the softmax scale by
+`tkg.server.config`, since scaling q and k by m each is the same as scaling the logits by m^2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tkg.kernel.reference import rope_rotate_half
+
+
+def base_inv_freqs(head_dim: int, theta: float) -> np.ndarray:
+    """Unscaled inverse frequencies `theta^(-2i/d)`, `[d/2]` float64."""
+    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+
+
+def _llama3(inv: np.ndarray, p: dict[str, Any]) -> np.ndarray:
+    factor = float(p["factor"])
+    low, high = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+    orig = float(p.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = orig / low, orig / high
+    smooth = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)
+    # Short wavelengths (high frequencies) stay; long ones are divided by `factor`; a smooth
+    # blend in between, exactly as Llama 3.1 defines it.
+    scaled = np.where(wavelen > low_wavelen, inv / factor, (1 - smooth) * inv / factor + smooth * inv)
+    return np.where(wavelen < high_wavelen, inv, scaled)
+
+
+def _yarn(inv: np.ndarray, p: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+    factor = float(p["factor"])
+    orig = float(p.get("original_max_position_embeddings", 4096))
+    beta_fast, beta_slow = float(p.get("beta_fast", 32.0)), float(p.get("beta_slow", 1.0))
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo = max(math.floor(correction_dim(beta_fast)), 0)
+    hi = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    if hi == lo:
+        hi += 0.001  # avoid a zero-width ramp
+    ramp = np.clip((np.arange(head_dim // 2) - lo) / (hi - lo), 0.0, 1.0)
+    extrapolate = 1.0 - ramp  # 1: keep the original frequency; 0: interpolate by `factor`
+    return (inv / factor) * (1 - extrapolate) + inv * extrapolate
+
+
+def yarn_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """YaRN's logit temperature m (q and k are each multiplied by m; 1.0 for other types)."""
+    if not scaling or scaling.get("type") != "yarn":
+        return 1.0
+    if "attention_factor" in scaling:
+        return float(scaling["attention_factor"])
+    return 0.1 * math.log(float(scaling["factor"])) + 1.0
+
+
+def inv_freqs(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
+    """Inverse frequencies `[d/2]` float32 with the configured scaling applied."""
+    inv = base_inv_freqs(head_dim, theta)
+    kind = (scaling or {}).get("type")
+    if kind is None:
+        out = inv
+    elif kind == "llama3":
+        out = _llama3(inv, scaling)
+    elif kind == "linear":
+        out = inv / float(scaling["factor"])
+    elif kind == "yarn":
+        out = _yarn(inv, scaling, head_dim, theta)
+    else:
+        raise ValueError(f"rope_scaling.type: {kind!r}; expected one of llama3, linear, yarn")
+    return out.astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """Rotate x `[B, heads, T, d]` at absolute positions `[B, T]`; returns x's dtype."""
+    rotated = rope_rotate_half(np.asarray(x, dtype=np.float32), positions, inv)
+    return rotated.astype(x.dtype)
