@@ -1,0 +1,128 @@
+"""Coalesce concurrent decode requests of one layer and one S into one kernel launch.
+
+Requests wait in arrival order. The dispatcher takes the oldest, waits until it is
+`delay_s` old (or the batch is full), then takes every queued request with the same (layer, S)
+whose sequences do not collide with the batch, up to `max_batch` sequences, and runs the batch.
+While a batch runs, new requests queue up, so under load batches form without any delay
+(continuous batching); the delay only helps when requests trickle in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tkg.server.errors import ResourceExhausted
+
+
+@dataclass
+class DecodeWork:
+    """One validated Decode request waiting for its batch."""
+
+    layer: int
+    s_active: int
+    seq_ids: list[str]
+    positions: np.ndarray  # int64 [B]
+    q: np.ndarray  # [B, Hq, S, d] KV dtype
+    k: np.ndarray  # [B, Hkv, S, d]
+    v: np.ndarray  # [B, Hkv, S, d]
+    arrival: float = field(default_factory=time.perf_counter)
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.layer, self.s_active)
+
+    @property
+    def size(self) -> int:
+        return len(self.seq_ids)
+
+
+RunBatch = Callable[[list[DecodeWork]], Awaitable[None]]
+
+
+class Batcher:
+    """Queue + dispatcher task. `submit()` on the event loop; `run_batch` resolves the futures."""
+
+    def __init__(self, run_batch: RunBatch, max_batch: int, delay_s: float, max_pending: int) -> None:
+        self._run_batch = run_batch
+        self.max_batch = max_batch
+        self.delay_s = delay_s
+        self.max_pending = max_pending
+        self._queue: list[DecodeWork] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.running = 0  # requests in the batch being run
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="tkg-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for work in self._queue:
+            if not work.future.done():
+                work.future.cancel()
+        self._queue.clear()
+
+    def submit(self, work: DecodeWork) -> asyncio.Future:
+        if len(self._queue) >= self.max_pending:
+            raise ResourceExhausted(
+                f"queue: {len(self._queue)} decode requests pending; expected fewer than {self.max_pending} "
+                "(retry with backoff)"
+            )
+        self._queue.append(work)
+        self._wakeup.set()
+        return work.future
+
+    def _take(self) -> list[DecodeWork]:
+        """Remove and return the next batch: the oldest request and compatible followers."""
+        head = self._queue[0]
+        batch, seen, size, rest = [head], set(head.seq_ids), head.size, []
+        for work in self._queue[1:]:
+            fits = work.key == head.key and size + work.size <= self.max_batch
+            if fits and seen.isdisjoint(work.seq_ids):
+                batch.append(work)
+                seen.update(work.seq_ids)
+                size += work.size
+            else:
+                rest.append(work)
+        self._queue = rest
+        return batch
+
+    def _compatible_size(self, head: DecodeWork) -> int:
+        return sum(w.size for w in self._queue if w.key == head.key)
+
+    async def _dispatch(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            head = self._queue[0]
+            wait = head.arrival + self.delay_s - time.perf_counter()
+            if wait > 0 and self._compatible_size(head) < self.max_batch:
+                await asyncio.sleep(wait)
+            batch = [w for w in self._take() if not w.future.done()]  # drop cancelled callers
+            if not batch:
+                continue
+            self.running = len(batch)
+            try:
+                await self._run_batch(batch)
+            except Exception as exc:  # a bug in run_batch must not kill the dispatcher
+                for work in batch:
+                    if not work.future.done():
+                        work.future.set_exception(exc)
+            finally:
+                self.running = 0

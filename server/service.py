@@ -1,0 +1,438 @@
+"""The `tkg.v1.DecodeAttention` servicer on grpc.aio.
+
+Every RPC validates everything before it changes anything; errors are `ServiceError`s carrying the
+contract's status code and a message naming the field and the expected value. Decode requests go
+through the `Batcher`: one kernel launch per batch of (layer, S)-compatible requests, run on a
+worker thread so the event loop keeps receiving. All KV-cache mutations happen on the loop thread
+(the cache has no locks; see `tkg.server.kv_cache`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from tkg import __version__, codec
+from tkg.kernel import paged_decode
+from tkg.server.batcher import Batcher, DecodeWork
+from tkg.server.config import ModelSpec
+from tkg.server.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+)
+from tkg.server.kv_cache import KVCache, SequenceState
+from tkg.server.metrics import Metrics
+from tkg.server.rope import apply_rope
+from tkg.server.sequences import MAX_SEQUENCE_ID_LEN
+from tkg.v1 import decode_attention_pb2 as pb
+from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tkg.server")
+
+# RPCs a read-only token may call.
+READ_ONLY_METHODS = frozenset({"GetServerInfo", "GetSequence"})
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    backend: str  # resolved kernel backend name
+    max_batch: int  # sequences per kernel launch
+    batch_delay_s: float
+    max_pending: int  # queued decode requests before RESOURCE_EXHAUSTED
+    max_message_bytes: int
+    auth_tokens: frozenset[str] = frozenset()  # full access; empty = no auth
+    read_only_tokens: frozenset[str] = frozenset()
+
+
+def _code_name(code: grpc.StatusCode) -> str:
+    return code.name
+
+
+class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
+    """State: the KV cache, the batcher, the kernel worker thread, metrics, draining flag."""
+
+    def __init__(self, spec: ModelSpec, cache: KVCache, options: ServiceOptions, metrics: Metrics) -> None:
+        self.spec = spec
+        self.cache = cache
+        self.opts = options
+        self.metrics = metrics
+        self.draining = False
+        self._inv_freqs = spec.inv_freqs() if spec.fuse_rope else None
+        # One worker: the kernel uses every core itself; two launches at once would only fight.
+        self._kernel_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tkg-kernel")
+        self.batcher = Batcher(self._run_batch, options.max_batch, options.batch_delay_s, options.max_pending)
+        self._dtype_code = codec.DTYPE_NAMES[spec.kv_dtype]
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.metrics.update_cache(self.cache.stats())
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new calls; wait (up to `grace_s`) for in-flight ones."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        except asyncio.TimeoutError:
+            log.warning("drain: %d calls still in flight after %.1fs", self._inflight, grace_s)
+
+    async def close(self) -> None:
+        await self.batcher.stop()
+        self._kernel_thread.shutdown(wait=True)
+
+    def expire_idle(self) -> list[str]:
+        expired = self.cache.expire_idle(None, self.spec.idle_ttl_s)
+        if expired:
+            log.info("expired %d idle sequences", len(expired))
+            self.metrics.update_cache(self.cache.stats())
+        return expired
+
+    # ---- guards ----------------------------------------------------------------------------
+
+    def _check_access(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            raise Unavailable("server: draining for shutdown; expected a retry on another replica")
+        if not self.opts.auth_tokens and not self.opts.read_only_tokens:
+            return
+        token = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                token = value[len("Bearer ") :]
+        if token is None:
+            raise Unauthenticated("authorization: missing; expected metadata 'authorization: Bearer <token>'")
+        if token in self.opts.auth_tokens:
+            return
+        if token in self.opts.read_only_tokens:
+            if method in READ_ONLY_METHODS:
+                return
+            raise PermissionDenied(
+                f"authorization: this token is read-only; {method} expected a full-access token "
+                f"(read-only tokens may call {', '.join(sorted(READ_ONLY_METHODS))})"
+            )
+        raise Unauthenticated("authorization: unknown token; expected a configured bearer token")
+
+    def _enter(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    # ---- info helpers ----------------------------------------------------------------------
+
+    def _seq_info(self, state: SequenceState) -> pb.SequenceInfo:
+        return pb.SequenceInfo(sequence_id=state.seq_id, lengths=state.lengths, num_blocks=state.num_blocks)
+
+    def server_info(self) -> pb.ServerInfo:
+        s = self.spec
+        return pb.ServerInfo(
+            num_layers=s.num_layers, num_q_heads=s.num_q_heads, num_kv_heads=s.num_kv_heads,
+            head_dim=s.head_dim, kv_dtype=self._dtype_code, block_len=s.block_len,
+            num_blocks=self.cache.num_blocks, free_blocks=self.cache.free_blocks,
+            max_s_active=s.max_s_active, max_batch=self.opts.max_batch, fuse_rope=s.fuse_rope,
+            backend=self.opts.backend, version=__version__, max_context=s.max_context,
+            softmax_scale=s.softmax_scale, sliding_window=[w or 0 for w in s.sliding_window],
+            has_sinks=s.sinks is not None, max_message_bytes=self.opts.max_message_bytes,
+            model=s.name, active_sequences=len(self.cache),
+        )  # fmt: skip
+
+    # ---- validation ------------------------------------------------------------------------
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.spec.num_layers:
+            raise InvalidArgument(f"layer: {layer}; expected 0 <= layer < {self.spec.num_layers}")
+
+    def _check_id(self, field: str, seq_id: str) -> None:
+        if not seq_id:
+            raise InvalidArgument(f"{field}: empty; expected a sequence id")
+        if len(seq_id) > MAX_SEQUENCE_ID_LEN:
+            raise InvalidArgument(f"{field}: {len(seq_id)} characters; expected at most {MAX_SEQUENCE_ID_LEN}")
+
+    def _tensor(self, t: pb.Tensor, field: str, shape: tuple[int | None, ...], names: str) -> np.ndarray:
+        """Decode and check dtype (== KV dtype), rank, known dims and finiteness."""
+        if t.dtype != self._dtype_code:
+            raise InvalidArgument(
+                f"{field}.dtype: {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}; "
+                f"expected {pb.DType.Name(self._dtype_code)} (the server's KV dtype)"
+            )
+        try:
+            a = codec.decode(t, field)
+        except codec.TensorError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if a.ndim != len(shape) or any(e is not None and e != d for e, d in zip(shape, a.shape, strict=True)):
+            want = [("?" if e is None else e) for e in shape]
+            raise InvalidArgument(f"{field}.shape: {list(a.shape)}; expected {names} = {want}")
+        if not np.isfinite(a).all():
+            raise InvalidArgument(f"{field}: contains NaN or infinity; expected finite values")
+        return a
+
+    def _validate_decode(self, req: pb.DecodeRequest) -> DecodeWork:
+        s = self.spec
+        self._check_layer(req.layer)
+        B = len(req.sequence_ids)
+        if B < 1 or self.opts.max_batch < B:
+            raise InvalidArgument(f"sequence_ids: {B} sequences; expected 1..{self.opts.max_batch} (max_batch)")
+        if len(req.positions) != B:
+            raise InvalidArgument(f"positions: {len(req.positions)} entries; expected {B} (one per sequence_ids)")
+        for b, sid in enumerate(req.sequence_ids):
+            self._check_id(f"sequence_ids[{b}]", sid)
+        q = self._tensor(req.q, "q", (B, s.num_q_heads, None, s.head_dim), "[B, num_q_heads, S, head_dim]")
+        S = q.shape[2]
+        if not 1 <= S <= s.max_s_active:
+            raise InvalidArgument(f"q.shape[2]: S={S}; expected 1..{s.max_s_active} (max_s_active)")
+        kv_shape = (B, s.num_kv_heads, S, s.head_dim)
+        k = self._tensor(req.k, "k", kv_shape, "[B, num_kv_heads, S, head_dim]")
+        v = self._tensor(req.v, "v", kv_shape, "[B, num_kv_heads, S, head_dim]")
+        positions = np.asarray(req.positions, dtype=np.int64)
+        return DecodeWork(req.layer, S, list(req.sequence_ids), positions, q, k, v)
+
+    # ---- the batch -------------------------------------------------------------------------
+
+    async def _run_batch(self, batch: list[DecodeWork]) -> None:
+        """Prepare each request (its own errors), append all, one kernel launch, split the output."""
+        t_start = time.perf_counter()
+        cache, spec = self.cache, self.spec
+        layer, S = batch[0].layer, batch[0].s_active
+        ready = []
+        for work in batch:
+            try:
+                plan = cache.prepare_append(work.layer, work.seq_ids, work.positions, S)
+            except ServiceError as exc:
+                work.future.set_exception(exc)
+                continue
+            ready.append((work, plan))
+        if not ready:
+            return
+        self.metrics.set_queue(self.batcher.pending, len(ready))
+        pos = np.concatenate([w.positions for w, _ in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
+        q = np.concatenate([w.q for w, _ in ready]) if len(ready) > 1 else ready[0][0].q
+        if self._inv_freqs is not None:
+            q = apply_rope(q, pos, self._inv_freqs)
+        row = 0
+        for work, plan in ready:
+            k = work.k
+            if self._inv_freqs is not None:
+                k = apply_rope(k, pos[row : row + work.size], self._inv_freqs)
+            cache.commit(plan, k, work.v)
+            row += work.size
+        tables = _stack_tables([p.block_tables for _, p in ready])
+        lens = np.concatenate([p.seq_lens for _, p in ready])
+        kernel = functools.partial(
+            paged_decode, q, cache.k[layer], cache.v[layer], tables, lens,
+            scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
+            backend=self.opts.backend,
+        )  # fmt: skip
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._kernel_thread, kernel)
+        except Exception as exc:  # the kernel failing is a server bug: report it, keep serving
+            log.exception("kernel failed for layer %d, batch of %d sequences", layer, len(lens))
+            err = ServiceError(f"kernel: {type(exc).__name__}: {exc}")
+            for work, _ in ready:
+                work.future.set_exception(err)
+            return
+        t_end = time.perf_counter()
+        kernel_s = t_end - t_start
+        self.metrics.observe_batch(len(lens), kernel_s, [t_start - w.arrival for w, _ in ready])
+        self.metrics.update_cache(cache.stats())
+        self.metrics.set_queue(self.batcher.pending, 0)
+        row = 0
+        for work, _ in ready:
+            timing = pb.Timing(
+                queue_us=int((t_start - work.arrival) * 1e6), kernel_us=int(kernel_s * 1e6),
+                batch_size=len(lens), batch_requests=len(ready),
+            )  # fmt: skip
+            if not work.future.done():  # a cancelled caller's rows are appended all the same
+                work.future.set_result((out[row : row + work.size], timing))
+            row += work.size
+
+    async def _decode_one(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
+        work = self._validate_decode(req)
+        self.metrics.set_queue(self.batcher.pending + 1, self.batcher.running)
+        out, timing = await self.batcher.submit(work)
+        resp = pb.DecodeResponse(request_id=req.request_id, layer=req.layer, timing=timing)
+        codec.encode(out, resp.out)
+        resp.timing.total_us = int((time.perf_counter() - work.arrival) * 1e6)
+        return resp
+
+    # ---- RPCs ------------------------------------------------------------------------------
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Any) -> pb.ServerInfo:
+        return await self._unary("GetServerInfo", context, lambda: self.server_info())
+
+    async def CreateSequence(self, request: pb.CreateSequenceRequest, context: Any) -> pb.SequenceInfo:
+        def run() -> pb.SequenceInfo:
+            if request.sequence_id:
+                self._check_id("sequence_id", request.sequence_id)
+            state = self.cache.create(request.sequence_id or None)
+            self.metrics.update_cache(self.cache.stats())
+            return self._seq_info(state)
+
+        return await self._unary("CreateSequence", context, run)
+
+    async def GetSequence(self, request: pb.GetSequenceRequest, context: Any) -> pb.SequenceInfo:
+        return await self._unary(
+            "GetSequence", context, lambda: self._seq_info(self.cache.get(request.sequence_id))
+        )
+
+    async def TruncateSequence(self, request: pb.TruncateSequenceRequest, context: Any) -> pb.SequenceInfo:
+        def run() -> pb.SequenceInfo:
+            self.cache.truncate(request.sequence_id, request.length)
+            self.metrics.update_cache(self.cache.stats())
+            return self._seq_info(self.cache.get(request.sequence_id))
+
+        return await self._unary("TruncateSequence", context, run)
+
+    async def ForkSequence(self, request: pb.ForkSequenceRequest, context: Any) -> pb.SequenceInfo:
+        def run() -> pb.SequenceInfo:
+            if request.sequence_id:
+                self._check_id("sequence_id", request.sequence_id)
+            state = self.cache.fork(request.source_id, request.sequence_id or None)
+            self.metrics.update_cache(self.cache.stats())
+            return self._seq_info(state)
+
+        return await self._unary("ForkSequence", context, run)
+
+    async def ReleaseSequence(self, request: pb.ReleaseSequenceRequest, context: Any) -> pb.ReleaseSequenceResponse:
+        def run() -> pb.ReleaseSequenceResponse:
+            freed = self.cache.release(request.sequence_id)
+            self.metrics.update_cache(self.cache.stats())
+            return pb.ReleaseSequenceResponse(freed_blocks=freed)
+
+        return await self._unary("ReleaseSequence", context, run)
+
+    async def Decode(self, request: pb.DecodeRequest, context: Any) -> pb.DecodeResponse:
+        return await self._unary("Decode", context, lambda: self._decode_one(request))
+
+    async def AppendKV(self, request_iterator: AsyncIterator[pb.AppendKVRequest], context: Any) -> pb.SequenceInfo:
+        async def run() -> pb.SequenceInfo:
+            seq_id = None
+            async for chunk in request_iterator:
+                if seq_id is None:
+                    self._check_id("sequence_id", chunk.sequence_id)
+                    seq_id = chunk.sequence_id
+                elif chunk.sequence_id != seq_id:
+                    raise InvalidArgument(
+                        f"sequence_id: {chunk.sequence_id!r}; expected {seq_id!r} (one sequence per AppendKV stream)"
+                    )
+                self._append_chunk(chunk)
+            if seq_id is None:
+                raise InvalidArgument("AppendKV: empty stream; expected at least one chunk")
+            return self._seq_info(self.cache.get(seq_id))
+
+        return await self._unary("AppendKV", context, run)
+
+    def _append_chunk(self, chunk: pb.AppendKVRequest) -> None:
+        """One chunk, all-or-nothing; earlier chunks of the stream stay appended."""
+        s = self.spec
+        self._check_layer(chunk.layer)
+        k = self._tensor(chunk.k, "k", (None, s.num_kv_heads, s.head_dim), "[T, num_kv_heads, head_dim]")
+        T = k.shape[0]
+        if T < 1:
+            raise InvalidArgument("k.shape[0]: 0 tokens; expected at least 1")
+        v = self._tensor(chunk.v, "v", (T, s.num_kv_heads, s.head_dim), "[T, num_kv_heads, head_dim]")
+        if self._inv_freqs is not None:
+            pos = (chunk.position + np.arange(T))[None, :]
+            k = apply_rope(k.transpose(1, 0, 2)[None], pos, self._inv_freqs)[0].transpose(1, 0, 2)
+        self.cache.append(chunk.sequence_id, chunk.layer, chunk.position, k, v)
+        self.metrics.update_cache(self.cache.stats())
+
+    async def DecodeStream(
+        self, request_iterator: AsyncIterator[pb.DecodeRequest], context: Any
+    ) -> AsyncIterator[pb.DecodeResponse]:
+        """Pipelined decode: every message is validated and queued as it arrives; responses come
+        back in request order; a failing message gets an `error` response and the stream goes on."""
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            self._check_access("DecodeStream", context)
+        except ServiceError as exc:
+            self.metrics.observe_request("DecodeStream", _code_name(exc.code), time.perf_counter() - t0)
+            await context.abort(exc.code, exc.message)
+        self._enter()
+        results: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    results.put_nowait(asyncio.ensure_future(self._stream_one(req)))
+            finally:
+                results.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await results.get()) is not None:
+                yield await task
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            reader.cancel()
+            self._leave()
+            self.metrics.observe_request("DecodeStream", _code_name(code), time.perf_counter() - t0)
+
+    async def _stream_one(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
+        t0 = time.perf_counter()
+        try:
+            if self.draining:
+                raise Unavailable("server: draining for shutdown; expected a retry on another replica")
+            resp = await self._decode_one(req)
+            code = grpc.StatusCode.OK
+        except ServiceError as exc:
+            code = exc.code
+            resp = pb.DecodeResponse(
+                request_id=req.request_id, layer=req.layer, error=pb.Error(code=exc.code.value[0], message=exc.message)
+            )
+        self.metrics.observe_request("DecodeStream.message", _code_name(code), time.perf_counter() - t0)
+        return resp
+
+    async def _unary(self, method: str, context: Any, run: Callable[[], Any]) -> Any:
+        """Guard, run, map ServiceError to its status code, record the duration by code."""
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        self._enter()
+        try:
+            self._check_access(method, context)
+            result = run()
+            if isinstance(result, Awaitable):
+                result = await result
+            return result
+        except ServiceError as exc:
+            code = exc.code
+            await context.abort(exc.code, exc.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._leave()
+            self.metrics.observe_request(method, _code_name(code), time.perf_counter() - t0)
+
+
+def _stack_tables(tables: list[np.ndarray]) -> np.ndarray:
+    """Stack per-request block tables `[B_i, n_i]` into `[sum B_i, max n_i]` (pad with block 0)."""
+    if len(tables) == 1:
+        return tables[0]
+    width = max(t.shape[1] for t in tables)
+    out = np.zeros((sum(t.shape[0] for t in tables), width), dtype=np.int32)
+    row = 0
+    for t in tables:
+        out[row : row + t.shape[0], : t.shape[1]] = t
+        row += t.shape[0]
+    return out
