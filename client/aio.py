@@ -1,0 +1,178 @@
+"""`AsyncClient`: the grpc.aio twin of `Client` (same methods, awaitable; same routing)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from tkg.client import routing
+from tkg.client.client import _split_failure, _subset
+from tkg.client.errors import TkgError, from_rpc_error
+from tkg.client.messages import (
+    DEFAULT_MAX_MESSAGE,
+    DecodeInput,
+    DecodeResult,
+    append_chunks,
+    channel_options,
+    decode_request,
+    decode_result,
+    merge_rows,
+)
+from tkg.v1 import decode_attention_pb2 as pb
+from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
+
+
+class AsyncClient:
+    """Asynchronous client; create inside a running event loop. Arguments as `Client`."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "localhost:50051",
+        *,
+        timeout: float | None = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        self.targets = routing.resolve_targets(target)
+        self.timeout = timeout
+        self._metadata = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
+        opts = channel_options(max_message_bytes)
+        if tls or root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates)
+            self._channels = [grpc.aio.secure_channel(t, creds, options=opts) for t in self.targets]
+        else:
+            self._channels = [grpc.aio.insecure_channel(t, options=opts) for t in self.targets]
+        self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _replica(self, seq_id: str) -> int:
+        return routing.pick(self.targets, seq_id) if len(self.targets) > 1 else 0
+
+    async def _call(self, replica: int, method: str, request: object, timeout: float | None = None) -> object:
+        try:
+            fn = getattr(self._stubs[replica], method)
+            return await fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None) from None
+
+    async def server_info(self, replica: int = 0, timeout: float | None = None) -> pb.ServerInfo:
+        return await self._call(replica, "GetServerInfo", pb.GetServerInfoRequest(), timeout)
+
+    async def create_sequence(self, sequence_id: str | None = None, timeout: float | None = None) -> pb.SequenceInfo:
+        if sequence_id is None and len(self.targets) > 1:
+            sequence_id = uuid.uuid4().hex
+        req = pb.CreateSequenceRequest(sequence_id=sequence_id or "")
+        return await self._call(self._replica(sequence_id or ""), "CreateSequence", req, timeout)
+
+    async def get_sequence(self, sequence_id: str, timeout: float | None = None) -> pb.SequenceInfo:
+        req = pb.GetSequenceRequest(sequence_id=sequence_id)
+        return await self._call(self._replica(sequence_id), "GetSequence", req, timeout)
+
+    async def truncate(self, sequence_id: str, length: int, timeout: float | None = None) -> pb.SequenceInfo:
+        req = pb.TruncateSequenceRequest(sequence_id=sequence_id, length=length)
+        return await self._call(self._replica(sequence_id), "TruncateSequence", req, timeout)
+
+    async def fork(
+        self, source_id: str, sequence_id: str | None = None, timeout: float | None = None
+    ) -> pb.SequenceInfo:
+        if len(self.targets) > 1 and sequence_id is None:
+            home = self._replica(source_id)
+            while self._replica(sequence_id := uuid.uuid4().hex) != home:
+                pass
+        req = pb.ForkSequenceRequest(source_id=source_id, sequence_id=sequence_id or "")
+        return await self._call(self._replica(source_id), "ForkSequence", req, timeout)
+
+    async def release(self, sequence_id: str, timeout: float | None = None) -> int:
+        req = pb.ReleaseSequenceRequest(sequence_id=sequence_id)
+        return (await self._call(self._replica(sequence_id), "ReleaseSequence", req, timeout)).freed_blocks
+
+    async def append_kv(
+        self,
+        sequence_id: str,
+        layer: int,
+        k: np.ndarray,
+        v: np.ndarray,
+        position: int | None = None,
+        chunk_tokens: int = 512,
+        timeout: float | None = None,
+    ) -> pb.SequenceInfo:
+        if position is None:
+            position = (await self.get_sequence(sequence_id, timeout)).lengths[layer]
+        chunks = append_chunks(sequence_id, layer, position, k, v, chunk_tokens)
+        return await self._call(self._replica(sequence_id), "AppendKV", chunks, timeout)
+
+    async def decode(
+        self,
+        layer: int,
+        sequence_ids: Sequence[str],
+        positions: Sequence[int],
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> DecodeResult:
+        d = DecodeInput(layer, list(sequence_ids), list(positions), q, k, v, request_id)
+        groups = routing.group(self.targets, d.sequence_ids) if len(self.targets) > 1 else {0: None}
+        if len(groups) == 1:
+            (replica, _), = groups.items()
+            return decode_result(await self._call(replica, "Decode", decode_request(d), timeout))
+        replicas = list(groups)
+        results = await asyncio.gather(
+            *(self._call(r, "Decode", decode_request(_subset(d, groups[r])), timeout) for r in replicas),
+            return_exceptions=True,
+        )
+        parts, failures, timing = [], [], None
+        for r, res in zip(replicas, results, strict=True):
+            if isinstance(res, TkgError):
+                failures.append((r, res))
+                continue
+            if isinstance(res, BaseException):
+                raise res
+            out = decode_result(res)
+            parts.append((groups[r], out.out))
+            if timing is None or out.timing.total_us > timing.total_us:
+                timing = out.timing
+        if failures:
+            raise _split_failure(self.targets, d.sequence_ids, groups, failures)
+        return DecodeResult(d.request_id, d.layer, merge_rows(parts, len(d.sequence_ids)), timing)
+
+    async def decode_stream(
+        self, requests: Iterable[DecodeInput] | AsyncIterator[DecodeInput], timeout: float | None = None
+    ) -> AsyncIterator[DecodeResult]:
+        """Pipelined decode on one stream to the first request's replica (or the only one)."""
+
+        async def messages() -> AsyncIterator[pb.DecodeRequest]:
+            if hasattr(requests, "__aiter__"):
+                async for d in requests:
+                    yield decode_request(d)
+            else:
+                for d in requests:
+                    yield decode_request(d)
+
+        replica = 0
+        if len(self.targets) > 1:
+            raise ValueError("decode_stream: open one AsyncClient per replica for streams (targets > 1)")
+        try:
+            call = self._stubs[replica].DecodeStream(
+                messages(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
+            async for resp in call:
+                yield decode_result(resp)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None

@@ -1,0 +1,230 @@
+"""`Client`: the synchronous thin client (numpy in, numpy out), over one or several replicas.
+
+With several targets (or a `dns:///` name resolving to a StatefulSet's pods) each sequence is
+routed to one replica by rendezvous hashing of its id (`tkg.client.routing`); a batched `decode`
+is split per replica, sent concurrently and merged in the caller's order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+
+from tkg.client import routing
+from tkg.client.errors import TkgError, from_code, from_rpc_error
+from tkg.client.messages import (
+    DEFAULT_MAX_MESSAGE,
+    DecodeInput,
+    DecodeResult,
+    append_chunks,
+    channel_options,
+    decode_request,
+    decode_result,
+    merge_rows,
+)
+from tkg.v1 import decode_attention_pb2 as pb
+from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
+
+
+class Client:
+    """Synchronous client. Every method raises a `TkgError` subclass on failure.
+
+    Args:
+        target: "host:port", a list of them (one per replica), or "dns:///name:port".
+        timeout: default deadline per call, seconds (None = none).
+        token: bearer token sent as `authorization: Bearer <token>`.
+        tls: use TLS; `root_certificates` (PEM bytes) overrides the system roots.
+        metadata: extra metadata on every call.
+        max_message_bytes: send/receive limit (large tensors need more than gRPC's 4 MiB default).
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "localhost:50051",
+        *,
+        timeout: float | None = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        self.targets = routing.resolve_targets(target)
+        self.timeout = timeout
+        self._metadata = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
+        opts = channel_options(max_message_bytes)
+        if tls or root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates)
+            self._channels = [grpc.secure_channel(t, creds, options=opts) for t in self.targets]
+        else:
+            self._channels = [grpc.insecure_channel(t, options=opts) for t in self.targets]
+        self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _replica(self, seq_id: str) -> int:
+        return routing.pick(self.targets, seq_id) if len(self.targets) > 1 else 0
+
+    def _call(self, replica: int, method: str, request: object, timeout: float | None = None) -> object:
+        try:
+            fn = getattr(self._stubs[replica], method)
+            return fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None) from None
+
+    # ---- RPCs ------------------------------------------------------------------------------
+
+    def server_info(self, replica: int = 0, timeout: float | None = None) -> pb.ServerInfo:
+        return self._call(replica, "GetServerInfo", pb.GetServerInfoRequest(), timeout)
+
+    def create_sequence(self, sequence_id: str | None = None, timeout: float | None = None) -> pb.SequenceInfo:
+        """Create a sequence; with several replicas the id is chosen here so it can be routed."""
+        if sequence_id is None and len(self.targets) > 1:
+            sequence_id = uuid.uuid4().hex
+        req = pb.CreateSequenceRequest(sequence_id=sequence_id or "")
+        return self._call(self._replica(sequence_id or ""), "CreateSequence", req, timeout)
+
+    def get_sequence(self, sequence_id: str, timeout: float | None = None) -> pb.SequenceInfo:
+        req = pb.GetSequenceRequest(sequence_id=sequence_id)
+        return self._call(self._replica(sequence_id), "GetSequence", req, timeout)
+
+    def truncate(self, sequence_id: str, length: int, timeout: float | None = None) -> pb.SequenceInfo:
+        req = pb.TruncateSequenceRequest(sequence_id=sequence_id, length=length)
+        return self._call(self._replica(sequence_id), "TruncateSequence", req, timeout)
+
+    def fork(self, source_id: str, sequence_id: str | None = None, timeout: float | None = None) -> pb.SequenceInfo:
+        """Fork `source_id`; with several replicas the child lives with its source (the id is
+        chosen so that it routes there)."""
+        if len(self.targets) > 1:
+            home = self._replica(source_id)
+            if sequence_id is None:
+                while self._replica(sequence_id := uuid.uuid4().hex) != home:
+                    pass
+            elif self._replica(sequence_id) != home:
+                raise ValueError(
+                    f"sequence_id: {sequence_id!r} routes to {self.targets[self._replica(sequence_id)]}, not to the "
+                    f"source's replica {self.targets[home]}; expected None (the client picks a routable id)"
+                )
+        req = pb.ForkSequenceRequest(source_id=source_id, sequence_id=sequence_id or "")
+        return self._call(self._replica(source_id), "ForkSequence", req, timeout)
+
+    def release(self, sequence_id: str, timeout: float | None = None) -> int:
+        """Release a sequence; returns the number of blocks freed."""
+        req = pb.ReleaseSequenceRequest(sequence_id=sequence_id)
+        return self._call(self._replica(sequence_id), "ReleaseSequence", req, timeout).freed_blocks
+
+    def append_kv(
+        self,
+        sequence_id: str,
+        layer: int,
+        k: np.ndarray,
+        v: np.ndarray,
+        position: int | None = None,
+        chunk_tokens: int = 512,
+        timeout: float | None = None,
+    ) -> pb.SequenceInfo:
+        """Bulk-load prompt K/V `[T, num_kv_heads, head_dim]` at `position` (default: the current
+        length at `layer`), streamed in chunks of `chunk_tokens`."""
+        if position is None:
+            position = self.get_sequence(sequence_id, timeout).lengths[layer]
+        chunks = append_chunks(sequence_id, layer, position, k, v, chunk_tokens)
+        return self._call(self._replica(sequence_id), "AppendKV", chunks, timeout)
+
+    def decode(
+        self,
+        layer: int,
+        sequence_ids: Sequence[str],
+        positions: Sequence[int],
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> DecodeResult:
+        """One decode step of one layer: q `[B, Hq, S, d]`, k/v `[B, Hkv, S, d]` -> out `[B, Hq, S, d]`."""
+        d = DecodeInput(layer, list(sequence_ids), list(positions), q, k, v, request_id)
+        groups = routing.group(self.targets, d.sequence_ids) if len(self.targets) > 1 else {0: None}
+        if len(groups) == 1:
+            (replica, _), = groups.items()
+            return decode_result(self._call(replica, "Decode", decode_request(d), timeout))
+        return self._decode_split(d, groups, timeout)
+
+    def _decode_split(self, d: DecodeInput, groups: dict[int, list[int]], timeout: float | None) -> DecodeResult:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(32, len(self.targets)), thread_name_prefix="tkg-client")
+        futures = {r: self._pool.submit(self._call, r, "Decode", decode_request(_subset(d, pos)), timeout)
+                   for r, pos in groups.items()}  # fmt: skip
+        parts, failures, timing = [], [], None
+        for r, fut in futures.items():
+            try:
+                res = decode_result(fut.result())
+            except TkgError as exc:
+                failures.append((r, exc))
+                continue
+            parts.append((groups[r], res.out))
+            if timing is None or res.timing.total_us > timing.total_us:
+                timing = res.timing  # the slowest replica sets the step's time
+        if failures:
+            raise _split_failure(self.targets, d.sequence_ids, groups, failures)
+        return DecodeResult(d.request_id, d.layer, merge_rows(parts, len(d.sequence_ids)), timing)
+
+    def decode_stream(self, requests: Iterable[DecodeInput], timeout: float | None = None) -> Iterator[DecodeResult]:
+        """Pipelined decode on one stream (single replica, or all sequences on one replica).
+        A failing message yields a result with `error` set; the stream goes on."""
+        replica = 0
+        if len(self.targets) > 1:
+            requests = list(requests)
+            homes = {self._replica(s) for d in requests for s in d.sequence_ids}
+            if len(homes) > 1:
+                raise ValueError("decode_stream: sequences live on several replicas; expected one stream per replica")
+            replica = homes.pop() if homes else 0
+        try:
+            stream = self._stubs[replica].DecodeStream(
+                (decode_request(d) for d in requests), timeout=timeout or self.timeout, metadata=self._metadata
+            )
+            for resp in stream:
+                yield decode_result(resp)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+
+def _subset(d: DecodeInput, positions: list[int]) -> DecodeInput:
+    idx = np.asarray(positions)
+    return DecodeInput(
+        d.layer, [d.sequence_ids[i] for i in positions], [d.positions[i] for i in positions],
+        d.q[idx], d.k[idx], d.v[idx], d.request_id,
+    )  # fmt: skip
+
+
+def _split_failure(
+    targets: list[str], seq_ids: Sequence[str], groups: dict[int, list[int]], failures: list[tuple[int, TkgError]]
+) -> TkgError:
+    """One error for a split decode, naming each failed replica and its sequences: UNAVAILABLE when
+    a replica is unreachable, else the replicas' own code. Sequences on the other replicas were
+    appended; `failed_sequences` says which were not."""
+    failed = [seq_ids[i] for r, _ in failures for i in groups[r]]
+    desc = "; ".join(f"{targets[r]} ({exc.code.name}: {exc.details}) for {[seq_ids[i] for i in groups[r]]}"
+                     for r, exc in failures)  # fmt: skip
+    codes = {exc.code for _, exc in failures}
+    code = grpc.StatusCode.UNAVAILABLE if grpc.StatusCode.UNAVAILABLE in codes else failures[0][1].code
+    err = from_code(code, f"replica failure: {desc}; the other sequences of this step were appended")
+    err.failed_sequences = failed  # type: ignore[attr-defined]
+    err.causes = [exc for _, exc in failures]  # type: ignore[attr-defined]
+    return err

@@ -1,0 +1,141 @@
+"""Typed client errors: one exception class per gRPC status code, carrying the server's message.
+
+`TkgError` is the base (`.code` a `grpc.StatusCode`, `.details` the server's text, `.replica` the
+target that answered when the client talks to several). Catch a subclass (`NotFound`,
+`FailedPrecondition`, ...) for one situation of `design/api.md`, or `TkgError` for all of them.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TkgError(Exception):
+    """A failed call: `code` (grpc.StatusCode), `details` (the server's message), `replica` (target or None)."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, replica: str | None = None) -> None:
+        self.details = details
+        self.replica = replica
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        where = f" [replica {self.replica}]" if self.replica else ""
+        return f"{self.code.name}{where}: {self.details}"
+
+
+class Cancelled(TkgError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unknown(TkgError):
+    code = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgument(TkgError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class DeadlineExceeded(TkgError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class NotFound(TkgError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(TkgError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(TkgError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(TkgError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(TkgError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(TkgError):
+    code = grpc.StatusCode.ABORTED
+
+
+class OutOfRange(TkgError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Unimplemented(TkgError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(TkgError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class Unavailable(TkgError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLoss(TkgError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class Unauthenticated(TkgError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+BY_CODE: dict[grpc.StatusCode, type[TkgError]] = {
+    cls.code: cls
+    for cls in (
+        Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists, PermissionDenied,
+        ResourceExhausted, FailedPrecondition, Aborted, OutOfRange, Unimplemented, Internal, Unavailable,
+        DataLoss, Unauthenticated,
+    )
+}  # fmt: skip
+_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def error_for(code: grpc.StatusCode | int, details: str, replica: str | None = None) -> TkgError:
+    """The typed exception for a status code (enum or wire number, e.g. from a DecodeStream `Error`)."""
+    if isinstance(code, int):
+        code = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    return BY_CODE.get(code, Unknown)(details, replica)
+
+
+def from_rpc_error(exc: grpc.RpcError, replica: str | None = None) -> TkgError:
+    """Convert a failed gRPC call (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return error_for(code or grpc.StatusCode.UNKNOWN, details or "", replica)
+
+
+class PartialDecodeError(TkgError):
+    """A multi-replica `decode` where some replicas failed and others answered.
+
+    The sequences that succeeded DID advance on their replicas: `result.out[b]` holds their rows
+    (`result.ok[b]` True); `errors` maps each failed sequence id to its typed error. `code` is the
+    failures' code (UNAVAILABLE when a replica is down), or UNKNOWN when they differ.
+    """
+
+    def __init__(self, result: object, errors: dict[str, TkgError]) -> None:
+        self.result = result
+        self.errors = errors
+        codes = {e.code for e in errors.values()}
+        self.code = codes.pop() if len(codes) == 1 else grpc.StatusCode.UNKNOWN
+        by_replica: dict[str, list[str]] = {}
+        for sid, e in errors.items():
+            by_replica.setdefault(e.replica or "?", []).append(sid)
+        parts = [
+            f"replica {r}: sequences {', '.join(ids)}: {errors[ids[0]].details}" for r, ids in by_replica.items()
+        ]
+        super().__init__(f"{len(errors)} of {len(getattr(result, 'ok', errors))} sequences failed; " + "; ".join(parts))
+
+
+def from_code(code: grpc.StatusCode | int, details: str, replica: str | None = None) -> TkgError:
+    """Alias of `error_for` (the name `messages`/`client` use)."""
+    return error_for(code, details, replica)

@@ -1,0 +1,112 @@
+"""Request builders and result types shared by `Client` and `AsyncClient` (numpy <-> proto)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tkg import codec
+from tkg.client.errors import TkgError, from_code
+from tkg.v1 import decode_attention_pb2 as pb
+
+DEFAULT_MAX_MESSAGE = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Server-side microseconds of one decode request and the batch it ran in."""
+
+    queue_us: int
+    kernel_us: int
+    total_us: int
+    batch_size: int
+    batch_requests: int
+
+    @classmethod
+    def from_pb(cls, t: pb.Timing) -> Timing:
+        return cls(t.queue_us, t.kernel_us, t.total_us, t.batch_size, t.batch_requests)
+
+
+@dataclass
+class DecodeResult:
+    """A decode step's output `[B, num_q_heads, S, head_dim]` (None when `error` is set)."""
+
+    request_id: str
+    layer: int
+    out: np.ndarray | None
+    timing: Timing | None
+    error: TkgError | None = None
+
+    def raise_for_error(self) -> DecodeResult:
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+@dataclass
+class DecodeInput:
+    """One decode request: q `[B, Hq, S, d]`, k and v `[B, Hkv, S, d]` (the server's KV dtype)."""
+
+    layer: int
+    sequence_ids: Sequence[str]
+    positions: Sequence[int]
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    request_id: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def decode_request(d: DecodeInput) -> pb.DecodeRequest:
+    req = pb.DecodeRequest(
+        request_id=d.request_id, layer=d.layer, sequence_ids=list(d.sequence_ids),
+        positions=[int(p) for p in d.positions],
+    )  # fmt: skip
+    codec.encode(d.q, req.q)
+    codec.encode(d.k, req.k)
+    codec.encode(d.v, req.v)
+    return req
+
+
+def decode_result(resp: pb.DecodeResponse) -> DecodeResult:
+    if resp.HasField("error") and resp.error.code != 0:
+        return DecodeResult(resp.request_id, resp.layer, None, None, from_code(resp.error.code, resp.error.message))
+    return DecodeResult(resp.request_id, resp.layer, codec.decode(resp.out, "out"), Timing.from_pb(resp.timing))
+
+
+def append_chunks(
+    sequence_id: str, layer: int, position: int, k: np.ndarray, v: np.ndarray, chunk_tokens: int
+) -> Iterator[pb.AppendKVRequest]:
+    """AppendKV messages of at most `chunk_tokens` tokens each (k, v `[T, Hkv, d]`)."""
+    if k.shape != v.shape or k.ndim != 3:
+        raise ValueError(f"k, v: shapes {k.shape} and {v.shape}; expected equal [T, num_kv_heads, head_dim]")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens: {chunk_tokens}; expected >= 1")
+    for start in range(0, k.shape[0], chunk_tokens):
+        msg = pb.AppendKVRequest(sequence_id=sequence_id, layer=layer, position=position + start)
+        codec.encode(k[start : start + chunk_tokens], msg.k)
+        codec.encode(v[start : start + chunk_tokens], msg.v)
+        yield msg
+
+
+def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, object]] = ()) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Keepalive a minute apart: keeps idle connections warm without tripping the server's
+        # too_many_pings limit (research/serving.md 4.2).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        *extra,
+    ]
+
+
+def merge_rows(parts: list[tuple[list[int], np.ndarray]], total: int) -> np.ndarray:
+    """Scatter per-replica outputs back into the caller's sequence order."""
+    first = parts[0][1]
+    out = np.empty((total, *first.shape[1:]), dtype=first.dtype)
+    for positions, rows in parts:
+        out[positions] = rows
+    return out
