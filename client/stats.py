@@ -1,0 +1,161 @@
+"""Latency statistics and ghz-style reports for `tkg loadtest` and `tkg bench serve`.
+
+Durations are seconds in Python and integer nanoseconds in JSON (ghz's field names and units, so
+reports can be diffed with ghz's own). Percentiles are nearest-rank over the OK requests only
+(ghz counts errors separately unless told otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (10, 25, 50, 75, 90, 95, 99, 99.9)
+
+
+def percentile(sorted_s: np.ndarray, p: float) -> float:
+    """Nearest-rank percentile `p` (0..100) of an ascending array; NaN when empty."""
+    n = len(sorted_s)
+    if n == 0:
+        return math.nan
+    rank = max(1, math.ceil(p / 100.0 * n))
+    return float(sorted_s[min(rank, n) - 1])
+
+
+def histogram(sorted_s: np.ndarray, bins: int = 10) -> list[tuple[float, int]]:
+    """ghz-style histogram: `bins` equal-width buckets from fastest to slowest, as (upper mark s, count)."""
+    if len(sorted_s) == 0:
+        return []
+    lo, hi = float(sorted_s[0]), float(sorted_s[-1])
+    if hi <= lo:
+        return [(hi, len(sorted_s))]
+    edges = np.linspace(lo, hi, bins + 1)
+    counts, _ = np.histogram(sorted_s, bins=edges)
+    return [(float(edges[i + 1]), int(c)) for i, c in enumerate(counts)]
+
+
+@dataclass
+class Recorder:
+    """Per-request outcomes of one run: latency (s), status name, server Timing (us) when OK."""
+
+    latencies: list[float] = field(default_factory=list)
+    codes: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    queue_us: list[int] = field(default_factory=list)
+    kernel_us: list[int] = field(default_factory=list)
+    server_us: list[int] = field(default_factory=list)
+    batch_size: list[int] = field(default_factory=list)
+
+    def ok(self, latency_s: float, queue_us: int, kernel_us: int, total_us: int, batch_size: int) -> None:
+        self.latencies.append(latency_s)
+        self.codes["OK"] += 1
+        self.queue_us.append(queue_us)
+        self.kernel_us.append(kernel_us)
+        self.server_us.append(total_us)
+        self.batch_size.append(batch_size)
+
+    def failed(self, code: str, message: str) -> None:
+        self.codes[code] += 1
+        # Messages can carry ids and numbers; keep the distribution small and readable.
+        self.errors[f"{code}: {message[:160]}"] += 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.codes.values())
+
+
+def summarize(rec: Recorder, wall_s: float, tokens_per_request: int) -> dict[str, Any]:
+    """The report as a dict with ghz's JSON field names (durations in ns) plus our own fields."""
+    lat = np.sort(np.asarray(rec.latencies, dtype=np.float64))
+    ok = len(lat)
+    ns = lambda s: round(s * 1e9) if not math.isnan(s) else None  # noqa: E731
+    server = {}
+    if ok:
+        mean_lat_us = float(lat.mean() * 1e6)
+        q, k, t = (float(np.mean(x)) for x in (rec.queue_us, rec.kernel_us, rec.server_us))
+        server = {
+            "queueUs": {"mean": q, "p50": percentile(np.sort(rec.queue_us), 50)},
+            "kernelUs": {"mean": k, "p50": percentile(np.sort(rec.kernel_us), 50)},
+            "serverTotalUs": {"mean": t, "p50": percentile(np.sort(rec.server_us), 50)},
+            # What the server did not account for: network, (de)serialization, client overhead.
+            "restUs": {"mean": mean_lat_us - t},
+            "meanBatchSize": float(np.mean(rec.batch_size)),
+        }
+    return {
+        "count": rec.count,
+        "total": ns(wall_s),
+        "average": ns(float(lat.mean())) if ok else None,
+        "fastest": ns(float(lat[0])) if ok else None,
+        "slowest": ns(float(lat[-1])) if ok else None,
+        "rps": rec.count / wall_s if wall_s > 0 else 0.0,
+        "okRps": ok / wall_s if wall_s > 0 else 0.0,
+        "tokensPerSecond": ok * tokens_per_request / wall_s if wall_s > 0 else 0.0,
+        "latencyDistribution": [{"percentage": p, "latency": ns(percentile(lat, p))} for p in PERCENTILES]
+        if ok
+        else [],
+        "histogram": [
+            {"mark": mark, "count": c, "frequency": c / ok} for mark, c in histogram(lat)
+        ],
+        "statusCodeDistribution": dict(rec.codes),
+        "errorDistribution": dict(rec.errors),
+        "serverTiming": server,
+    }
+
+
+def fmt_us(seconds: float | None) -> str:
+    """A duration for humans: us below 10 ms, else ms."""
+    if seconds is None or math.isnan(seconds):
+        return "-"
+    us = seconds * 1e6
+    return f"{us:.0f} us" if us < 10_000 else f"{us / 1000:.2f} ms"
+
+
+def render(report: dict[str, Any], title: str = "Summary") -> str:
+    """The human-readable report (ghz's summary layout)."""
+    ns = lambda v: None if v is None else v / 1e9  # noqa: E731
+    lines = [
+        f"{title}:",
+        f"  Count:        {report['count']}",
+        f"  Total:        {fmt_us(ns(report['total']))}",
+        f"  Slowest:      {fmt_us(ns(report['slowest']))}",
+        f"  Fastest:      {fmt_us(ns(report['fastest']))}",
+        f"  Average:      {fmt_us(ns(report['average']))}",
+        f"  Requests/sec: {report['rps']:.1f}",
+        f"  Tokens/sec:   {report['tokensPerSecond']:.1f}",
+        "",
+    ]
+    hist = report["histogram"]
+    if hist:
+        lines.append("Response time histogram:")
+        top = max(h["count"] for h in hist) or 1
+        for h in hist:
+            bar = "∎" * max(0, round(40 * h["count"] / top))
+            lines.append(f"  {fmt_us(h['mark']):>10} [{h['count']:>7}] |{bar}")
+        lines.append("")
+        lines.append("Latency distribution:")
+        for d in report["latencyDistribution"]:
+            lines.append(f"  {d['percentage']:>5}% in {fmt_us(ns(d['latency']))}")
+        lines.append(f"  max    in {fmt_us(ns(report['slowest']))}")
+        lines.append("")
+    st = report["serverTiming"]
+    if st:
+        lines.append("Server timing (means; rest = network + serialization + client):")
+        lines.append(
+            f"  queue {st['queueUs']['mean']:.0f} us | kernel {st['kernelUs']['mean']:.0f} us | "
+            f"server total {st['serverTotalUs']['mean']:.0f} us | rest {st['restUs']['mean']:.0f} us | "
+            f"mean batch {st['meanBatchSize']:.1f} sequences"
+        )
+        lines.append("")
+    lines.append("Status code distribution:")
+    for code, n in sorted(report["statusCodeDistribution"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  [{code}] {n} responses")
+    if report["errorDistribution"]:
+        lines.append("")
+        lines.append("Error distribution:")
+        for msg, n in sorted(report["errorDistribution"].items(), key=lambda kv: -kv[1])[:10]:
+            lines.append(f"  [{n}] {msg}")
+    return "\n".join(lines)
