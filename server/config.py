@@ -77,35 +77,58 @@ class ModelSpec:
         return (
             f"{self.name}: {self.num_layers} layers, {self.num_q_heads} q / {self.num_kv_heads} kv heads, "
             f"d={self.head_dim}, {self.kv_dtype} KV, {self.num_blocks} blocks x {self.block_len} tokens "
-            f"({self.kv_bytes() / 2**30:.2f} GiB), fuse_rope={self.fuse_rope}, "
+            f"(KV {_bytes(self.kv_bytes())}), fuse_rope={self.fuse_rope}, "
             f"sliding_window={windows or 'none'}, sinks={'yes' if self.sinks is not None else 'no'}"
         )
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 # Keys a config file (or preset) may set; `num_blocks` or `kv_cache_bytes` sizes the cache.
 KEYS = {f.name for f in fields(ModelSpec)} | {"kv_cache_bytes"}
+# Values of the keys a spec may leave out. The geometry (num_layers, num_q_heads, num_kv_heads,
+# head_dim) and the capacity (num_blocks or kv_cache_bytes) have none. softmax_scale defaults to
+# 1/sqrt(head_dim); sliding_window and sinks to none.
+DEFAULTS: dict[str, Any] = {
+    "name": "custom",
+    "kv_dtype": "bfloat16",
+    "block_len": 16,
+    "fuse_rope": False,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "max_s_active": 7,
+    "max_batch": 64,
+    "max_context": 8192,
+    "idle_ttl_s": 600.0,
+}
 
 
 def _int(raw: dict[str, Any], key: str, lo: int = 1, hi: int | None = None) -> int:
     v = raw.get(key)
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(f"{key}: {v!r}; expected an integer {rng}")
+        raise ConfigError(f"{key}: {_show(raw, key)}; expected an integer {rng}")
     return int(v)
 
 
-def _float(raw: dict[str, Any], key: str) -> float:
+def _float(raw: dict[str, Any], key: str, name: str | None = None) -> float:
     v = raw.get(key)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise ConfigError(f"{key}: {v!r}; expected a positive number")
+        raise ConfigError(f"{name or key}: {_show(raw, key)}; expected a positive number")
     return float(v)
 
 
-def _bool(raw: dict[str, Any], key: str) -> bool:
+def _bool(raw: dict[str, Any], key: str, name: str | None = None) -> bool:
     v = raw.get(key)
     if not isinstance(v, bool):
-        raise ConfigError(f"{key}: {v!r}; expected true or false")
+        raise ConfigError(f"{name or key}: {_show(raw, key)}; expected true or false")
     return v
+
+
+def _show(raw: dict[str, Any], key: str) -> str:
+    return repr(raw[key]) if key in raw else "missing"
 
 
 def _windows(raw: dict[str, Any], num_layers: int, max_s_active: int) -> tuple[int | None, ...]:
@@ -127,10 +150,10 @@ def _sinks(raw: dict[str, Any], num_layers: int, num_q_heads: int, base: Path | 
     if v is None or v is False:
         return None
     shape = (num_layers, num_q_heads)
-    if v == "zeros":  # a placeholder for geometry tests and benchmarks; real weights come from a file
+    if isinstance(v, str) and v == "zeros":  # a placeholder for geometry tests and benchmarks
         return np.zeros(shape, dtype=np.float32)
-    if isinstance(v, np.ndarray):
-        arr = v
+    if isinstance(v, (np.ndarray, list)):
+        arr = np.asarray(v)
     elif isinstance(v, str):
         path = Path(v)
         if not path.is_absolute() and base is not None:
@@ -147,16 +170,47 @@ def _sinks(raw: dict[str, Any], num_layers: int, num_q_heads: int, base: Path | 
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+# Parameters each RoPE scaling type takes (Hugging Face config names); `type` or `rope_type` names it.
+SCALING_PARAMS: dict[str, dict[str, bool]] = {  # name -> required
+    "linear": {"factor": True},
+    "llama3": {"factor": True, "low_freq_factor": True, "high_freq_factor": True,
+               "original_max_position_embeddings": True},
+    "yarn": {"factor": True, "original_max_position_embeddings": True, "beta_fast": False, "beta_slow": False,
+             "attention_factor": False, "truncate": False},
+}  # fmt: skip
+
+
 def _scaling(raw: dict[str, Any]) -> dict[str, Any] | None:
     v = raw.get("rope_scaling")
     if v is None:
         return None
-    if not isinstance(v, dict) or v.get("type") not in ("llama3", "linear", "yarn"):
-        raise ConfigError(f"rope_scaling: {v!r}; expected null or a mapping with type llama3, linear or yarn")
-    factor = v.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
-        raise ConfigError(f"rope_scaling.factor: {factor!r}; expected a positive number")
-    return dict(v)
+    kinds = ", ".join(SCALING_PARAMS)
+    if not isinstance(v, dict):
+        raise ConfigError(f"rope_scaling: {v!r}; expected null or a mapping with type one of {kinds}")
+    params = dict(v)
+    kind = params.pop("type", None) or params.pop("rope_type", None)
+    params.pop("rope_type", None)
+    if kind not in SCALING_PARAMS:
+        raise ConfigError(f"rope_scaling.type: {kind!r}; expected one of {kinds}")
+    allowed = SCALING_PARAMS[kind]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(f"rope_scaling: unknown key(s) {unknown} for type {kind}; expected some of {sorted(allowed)}")
+    for key, required in allowed.items():
+        if key not in params:
+            if required:
+                raise ConfigError(f"rope_scaling.{key}: missing; expected a positive number (type {kind})")
+            continue
+        if key == "truncate":
+            _bool(params, "truncate", "rope_scaling.truncate")
+        else:
+            _float(params, key, f"rope_scaling.{key}")
+    if kind == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
+        raise ConfigError(
+            f"rope_scaling.high_freq_factor: {params['high_freq_factor']}; expected more than "
+            f"low_freq_factor={params['low_freq_factor']}"
+        )
+    return {"type": kind, **params}
 
 
 def build_spec(raw: dict[str, Any], base: Path | None = None) -> ModelSpec:
@@ -164,6 +218,7 @@ def build_spec(raw: dict[str, Any], base: Path | None = None) -> ModelSpec:
     unknown = sorted(set(raw) - KEYS)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; expected some of {sorted(KEYS)}")
+    raw = {**DEFAULTS, **{k: v for k, v in raw.items() if v is not None or k not in DEFAULTS}}
     num_layers = _int(raw, "num_layers")
     num_q = _int(raw, "num_q_heads")
     num_kv = _int(raw, "num_kv_heads")
@@ -193,9 +248,8 @@ def build_spec(raw: dict[str, Any], base: Path | None = None) -> ModelSpec:
     scale = 1.0 / math.sqrt(head_dim) if scale is None else _float(raw, "softmax_scale")
     # YaRN multiplies q and k by m each; folding m^2 into the logit scale keeps the cache unscaled.
     scale *= rope.yarn_attention_factor(scaling) ** 2 if fuse else 1.0
-    idle = raw.get("idle_ttl_s", 600.0)
     return ModelSpec(
-        name=str(raw.get("name") or "custom"),
+        name=str(raw["name"]),
         num_layers=num_layers,
         num_q_heads=num_q,
         num_kv_heads=num_kv,
@@ -212,7 +266,7 @@ def build_spec(raw: dict[str, Any], base: Path | None = None) -> ModelSpec:
         max_s_active=max_s,
         max_batch=_int(raw, "max_batch"),
         max_context=max_context,
-        idle_ttl_s=_float({"idle_ttl_s": idle}, "idle_ttl_s"),
+        idle_ttl_s=_float(raw, "idle_ttl_s"),
     )
 
 

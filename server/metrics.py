@@ -7,6 +7,8 @@ in one process (tests) do not collide.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from tkg.server.kv_cache import KVCacheStats
@@ -45,9 +47,7 @@ class Metrics:
             "tkg_kernel_duration_seconds", "KV append + attention kernel time per batch launch",
             ["backend"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.batch_size = Histogram(
-            "tkg_batch_size", "Sequences per kernel launch", buckets=BATCH_BUCKETS, registry=r
-        )
+        self.batch_size = Histogram("tkg_batch_size", "Sequences per kernel launch", buckets=BATCH_BUCKETS, registry=r)
         self.kv_blocks_total = Gauge("tkg_kv_blocks_total", "KV blocks per layer", registry=r)
         self.kv_blocks_used = Gauge("tkg_kv_blocks_used", "KV blocks in use per layer", registry=r)
         self.kv_usage = Gauge("tkg_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1)", registry=r)
@@ -55,7 +55,8 @@ class Metrics:
         self.requests_pending = Gauge("tkg_requests_pending", "Decode requests waiting for a batch", registry=r)
         self.requests_running = Gauge("tkg_requests_running", "Decode requests in a running batch", registry=r)
         self.tokens_appended = Counter(
-            "tkg_tokens_appended_total", "Tokens appended to sequences (counted once per token, not per layer)",
+            "tkg_tokens_appended_total",
+            "Tokens appended to sequences (counted once per token, not per layer)",
             registry=r,
         )
         self.evicted = Counter(
@@ -68,6 +69,7 @@ class Metrics:
                 Gauge(GATEWAY_RUNNING, "Requests running (Gateway API Inference Extension)", registry=r),
                 Gauge(GATEWAY_KV_USAGE, "KV cache utilisation 0..1 (Gateway API Inference Extension)", registry=r),
             )
+        self._http: Any = None  # the /metrics server (a WSGIServer) once `serve` ran
         self._tokens_seen = 0
         self._evicted_seen: dict[str, int] = {}
 
@@ -105,6 +107,13 @@ class Metrics:
                 self._evicted_seen[reason] = n
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the /metrics HTTP server; returns the bound port (0 picks a free one)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_address[1])
+        """Start the /metrics HTTP server (a daemon thread); returns the bound port (0 picks a free one)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_address[1])
+
+    def close(self) -> None:
+        """Stop the HTTP server, if any, and free its port."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

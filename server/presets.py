@@ -9,7 +9,8 @@ GiB = 2**30
 DEFAULT_PRESET = "tiny"
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # What `tkg serve` serves with no flags: small enough for any laptop (~128 MiB of KV).
+    # What `tkg serve` serves with no flags: small enough for any laptop (128 MiB of KV,
+    # 4096 blocks x 16 tokens = 64K cached tokens across all sequences).
     "tiny": {
         "name": "tiny",
         "num_layers": 4,
@@ -52,8 +53,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "idle_ttl_s": 600.0,
     },
     # gpt-oss-20b attention: 64 q / 8 kv heads, d=64, learned sinks, sliding window 128 on every
-    # other layer (even layers), YaRN RoPE. Sinks default to zeros: pass the model's
-    # `[24, 64]` sink logits with `sinks: path.npy` to serve real weights.
+    # other layer (even layers, as its layer_types begin with sliding_attention), YaRN RoPE
+    # (factor 32 over 4096 positions, untruncated correction range; the attention factor
+    # 0.1 ln 32 + 1 is folded into the softmax scale). Sinks default to zeros (a sink logit of 0
+    # still adds exp(0 - max) to every softmax denominator): pass the model's `[24, 64]` sink
+    # logits with `sinks: path.npy` (or `--sinks`) to serve real weights.
     "gpt-oss-20b": {
         "name": "gpt-oss-20b",
         "num_layers": 24,
@@ -71,6 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "beta_fast": 32.0,
             "beta_slow": 1.0,
             "original_max_position_embeddings": 4096,
+            "truncate": False,
         },
         "sliding_window": [128 if layer % 2 == 0 else None for layer in range(24)],
         "sinks": "zeros",

@@ -2,7 +2,8 @@
 
 The service rotates q and the new k on the host before appending k to the cache (so the cache
 holds rotated keys, as the kernel expects) and before the kernel call. Rotate-half convention
-(HF/Llama), matching `attention_tkg`'s fused RoPE (design/kernel.md step 2).
+(HF/Llama), matching `attention_tkg`'s fused RoPE (design/kernel.md step 2). Positions are
+absolute token positions within the sequence.
 
 Frequency scaling: `llama3` (Llama-3.1 wavelength-banded scaling), `linear` (position
 interpolation) and `yarn` (NTK-by-parts; its attention factor is folded into the softmax scale by
@@ -15,8 +16,6 @@ import math
 from typing import Any
 
 import numpy as np
-
-from tkg.kernel.reference import rope_rotate_half
 
 
 def base_inv_freqs(head_dim: int, theta: float) -> np.ndarray:
@@ -45,8 +44,10 @@ def _yarn(inv: np.ndarray, p: dict[str, Any], head_dim: int, theta: float) -> np
     def correction_dim(rotations: float) -> float:
         return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    lo = max(math.floor(correction_dim(beta_fast)), 0)
-    hi = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):  # gpt-oss sets truncate: false and keeps the fractional bounds
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
     if hi == lo:
         hi += 0.001  # avoid a zero-width ramp
     ramp = np.clip((np.arange(head_dim // 2) - lo) / (hi - lo), 0.0, 1.0)
@@ -81,6 +82,18 @@ def inv_freqs(head_dim: int, theta: float, scaling: dict[str, Any] | None = None
 
 
 def apply_rope(x: np.ndarray, positions: np.ndarray, inv: np.ndarray) -> np.ndarray:
-    """Rotate x `[B, heads, T, d]` at absolute positions `[B, T]`; returns x's dtype."""
-    rotated = rope_rotate_half(np.asarray(x, dtype=np.float32), positions, inv)
-    return rotated.astype(x.dtype)
+    """Rotate-half RoPE of x `[B, heads, T, d]` at absolute positions `[B, T]`; returns x's dtype.
+
+    Angles are formed in float64: at positions near 128K a float32 product `pos * inv_freq`
+    is off by up to ~0.01 rad, which bf16 keys would then carry forever in the cache.
+    """
+    half = x.shape[-1] // 2
+    ang = np.asarray(positions, dtype=np.float64)[:, None, :, None] * inv.astype(np.float64)  # [B, 1, T, d/2]
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    xf = np.asarray(x, dtype=np.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = np.empty(x.shape, dtype=np.float32)
+    # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] with cos/sin repeated over both halves.
+    np.subtract(x1 * cos, x2 * sin, out=out[..., :half])
+    np.add(x2 * cos, x1 * sin, out=out[..., half:])
+    return out.astype(x.dtype, copy=False)

@@ -69,6 +69,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.opts = options
         self.metrics = metrics
         self.draining = False
+        self.ready = False  # set once the kernel backend is warmed up (UNAVAILABLE until then)
         self._inv_freqs = spec.inv_freqs() if spec.fuse_rope else None
         # One worker: the kernel uses every core itself; two launches at once would only fight.
         self._kernel_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tkg-kernel")
@@ -108,6 +109,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     def _check_access(self, method: str, context: grpc.aio.ServicerContext) -> None:
         if self.draining:
             raise Unavailable("server: draining for shutdown; expected a retry on another replica")
+        if not self.ready and method != "GetServerInfo":
+            raise Unavailable("server: warming up the kernel backend; expected a retry in a moment")
         if not self.opts.auth_tokens and not self.opts.read_only_tokens:
             return
         token = None
@@ -288,9 +291,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         return await self._unary("CreateSequence", context, run)
 
     async def GetSequence(self, request: pb.GetSequenceRequest, context: Any) -> pb.SequenceInfo:
-        return await self._unary(
-            "GetSequence", context, lambda: self._seq_info(self.cache.get(request.sequence_id))
-        )
+        return await self._unary("GetSequence", context, lambda: self._seq_info(self.cache.get(request.sequence_id)))
 
     async def TruncateSequence(self, request: pb.TruncateSequenceRequest, context: Any) -> pb.SequenceInfo:
         def run() -> pb.SequenceInfo:
@@ -397,9 +398,11 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             code = grpc.StatusCode.OK
         except ServiceError as exc:
             code = exc.code
-            resp = pb.DecodeResponse(
-                request_id=req.request_id, layer=req.layer, error=pb.Error(code=exc.code.value[0], message=exc.message)
-            )
+            resp = _error_response(req, code, exc.message)
+        except Exception as exc:  # a server bug fails this message, not the stream
+            log.exception("DecodeStream message %r failed", req.request_id)
+            code = grpc.StatusCode.INTERNAL
+            resp = _error_response(req, code, f"server: {type(exc).__name__}: {exc}")
         self.metrics.observe_request("DecodeStream.message", _code_name(code), time.perf_counter() - t0)
         return resp
 
@@ -420,9 +423,20 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except Exception as exc:  # a server bug: say so with INTERNAL instead of gRPC's bare UNKNOWN
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            log.exception("%s failed", method)
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(code, f"server: {type(exc).__name__}: {exc}")
         finally:
             self._leave()
             self.metrics.observe_request(method, _code_name(code), time.perf_counter() - t0)
+
+
+def _error_response(req: pb.DecodeRequest, code: grpc.StatusCode, message: str) -> pb.DecodeResponse:
+    error = pb.Error(code=code.value[0], message=message)
+    return pb.DecodeResponse(request_id=req.request_id, layer=req.layer, error=error)
 
 
 def _stack_tables(tables: list[np.ndarray]) -> np.ndarray:

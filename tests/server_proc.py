@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,10 +35,19 @@ class ServerProc:
             return self.proc.wait()
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for servers that cannot bind port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def start_server(*args: str, timeout: float = 60.0) -> ServerProc:
-    """`python -m tkg.server --host 127.0.0.1 --port 0 --metrics-port 0 ARGS`; waits for the ready line."""
+    """`python -m tkg.server --host 127.0.0.1 --port 0 --metrics-port <free> ARGS`; waits for the
+    ready line. (`--metrics-port 0` turns metrics off, so a free port is picked here.)"""
     cmd = [sys.executable, "-m", "tkg.server", "--host", "127.0.0.1", "--port", "0",
-           "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--log-level", "WARNING", *args]  # fmt: skip
+           "--metrics-host", "127.0.0.1", "--metrics-port", str(free_port()), "--log-level", "WARNING",
+           *args]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + timeout

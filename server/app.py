@@ -1,0 +1,162 @@
+"""Assemble and run one service instance: KV cache, servicer, gRPC server, health, reflection,
+metrics HTTP port, idle-expiry task. `tkg serve` (`tkg.server.cli`) and in-process tests use it.
+
+Startup order: KV cache (preallocated), gRPC server with health NOT_SERVING (and RPCs answering
+UNAVAILABLE) until a warm-up kernel call has run, then SERVING. `App.shutdown`: health
+NOT_SERVING, new calls UNAVAILABLE, in-flight calls finish within the grace period, then stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tkg.kernel import paged_decode
+from tkg.server.config import ModelSpec
+from tkg.server.kv_cache import KVCache
+from tkg.server.metrics import Metrics
+from tkg.server.service import DecodeAttentionService, ServiceOptions
+from tkg.v1 import decode_attention_pb2 as pb
+from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tkg.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DecodeAttention"].full_name
+HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+DEFAULT_MAX_MESSAGE = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything about one instance that is not the model spec (ports, limits, security)."""
+
+    backend: str  # a resolved backend name
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0: any free port
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = 9400  # None: no metrics endpoint; 0: any free port
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE
+    batch_delay_us: int = 100
+    max_pending: int = 1024
+    auth_tokens: frozenset[str] = frozenset()
+    read_only_tokens: frozenset[str] = frozenset()
+    tls_cert: bytes | None = None  # PEM chain; with tls_key: serve TLS
+    tls_key: bytes | None = None
+    gateway_metrics: bool = False
+    expiry_period_s: float | None = None  # idle-expiry sweep period; None: idle_ttl_s / 4, in [0.05, 30]
+
+
+@dataclass
+class App:
+    """A running instance (its event loop's objects; use from that loop)."""
+
+    spec: ModelSpec
+    settings: ServeSettings
+    server: grpc.aio.Server
+    service: DecodeAttentionService
+    health: health.aio.HealthServicer
+    metrics: Metrics
+    port: int
+    metrics_port: int | None
+    _expirer: asyncio.Task | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        """The one start-up line: address, backend, ports, geometry and KV bytes."""
+        s = self.settings
+        return (
+            f"listening on {s.host}:{self.port} backend={s.backend} metrics_port={self.metrics_port} "
+            f"tls={'on' if s.tls_cert else 'off'} auth={'on' if s.auth_tokens or s.read_only_tokens else 'off'} "
+            f"max_batch={self.spec.max_batch} | {self.spec.summary()}"
+        )
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Drain (health NOT_SERVING, new calls UNAVAILABLE, wait up to `grace_s` for in-flight
+        calls), then stop the gRPC server, the expiry task, the batcher and the metrics port."""
+        await self.health.enter_graceful_shutdown()
+        await self.service.drain(grace_s)
+        await self.server.stop(grace=1.0)
+        if self._expirer is not None:
+            self._expirer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expirer
+        await self.service.close()
+        self.metrics.close()
+
+
+def warm_up(spec: ModelSpec, cache: KVCache, backend: str) -> None:
+    """One tiny kernel call, so the first request does not pay for loading/compiling the backend."""
+    q = np.zeros((1, spec.num_q_heads, 1, spec.head_dim), dtype=spec.kv_numpy_dtype)
+    paged_decode(
+        q, cache.k[0], cache.v[0], np.zeros((1, 1), np.int32), np.ones(1, np.int32),
+        scale=spec.softmax_scale, window=spec.window(0), sinks=spec.layer_sinks(0), backend=backend,
+    )  # fmt: skip
+
+
+async def start(spec: ModelSpec, settings: ServeSettings) -> App:
+    """Build and start an instance on the running loop; returns once it is SERVING.
+
+    Raises OSError when the gRPC or metrics address cannot be bound.
+    """
+    cache = KVCache(
+        num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+        block_len=spec.block_len, num_blocks=spec.num_blocks, max_context=spec.max_context, dtype=spec.kv_dtype,
+    )  # fmt: skip
+    metrics = Metrics(settings.backend, gateway=settings.gateway_metrics)
+    opts = ServiceOptions(
+        backend=settings.backend, max_batch=spec.max_batch, batch_delay_s=settings.batch_delay_us * 1e-6,
+        max_pending=settings.max_pending, max_message_bytes=settings.max_message_bytes,
+        auth_tokens=settings.auth_tokens, read_only_tokens=settings.read_only_tokens,
+    )  # fmt: skip
+    service = DecodeAttentionService(spec, cache, opts, metrics)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+        ]
+    )
+    pb_grpc.add_DecodeAttentionServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.port}"
+    try:
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            creds = grpc.ssl_server_credentials([(settings.tls_key, settings.tls_cert)])
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (in use or not allowed)")
+    for svc in ("", SERVICE_NAME):
+        await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    metrics_port = None
+    if settings.metrics_port is not None:
+        metrics_port = metrics.serve(settings.metrics_port, settings.metrics_host)
+    service.start()
+    await asyncio.get_running_loop().run_in_executor(None, warm_up, spec, cache, settings.backend)
+    service.ready = True
+    for svc in ("", SERVICE_NAME):
+        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    app = App(spec, settings, server, service, health_servicer, metrics, port, metrics_port)
+    period = settings.expiry_period_s or min(max(spec.idle_ttl_s / 4, 0.05), 30.0)
+    app._expirer = asyncio.get_running_loop().create_task(_expire_loop(service, period), name="tkg-expiry")
+    return app
+
+
+async def _expire_loop(service: DecodeAttentionService, period_s: float) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            service.expire_idle()
+        except Exception:  # keep sweeping; a failure here must not end expiry for good
+            log.exception("idle expiry failed")
