@@ -1,0 +1,200 @@
+"""Torch implementation of the `cpu` backend: every `attention_tkg` flag, and `paged_decode`.
+
+This is the path the `cpu` backend takes when its native extension is not built, and its
+general path for layouts the native kernel does not cover. The math is `kernel/reference.py`'s,
+done with torch ops in float32 (scores, softmax and the PV sum all accumulate in fp32; only the
+final outputs are rounded to the I/O dtype). Inputs are shared with numpy without copies
+(`tkg.kernel.arrays.from_numpy`); the fp32 copies of the cache are made per call.
+
+`paged_decode` packs the G = Hq/Hkv q heads of each kv head into one `[G*S, d]` matrix, so each
+cached block is read once per kv head rather than once per q head (research/kvcache.md 5.3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tkg.kernel.arrays import as_f32, from_numpy
+from tkg.kernel.paged import PagedArgs
+from tkg.kernel.reference import rope_rotate_half, unshuffle_block_mask
+from tkg.kernel.validate import KernelCall
+
+NAME = "cpu-torch"
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    """A torch view of a numpy array (bf16 included), no copy."""
+    return from_numpy(np.ascontiguousarray(a))
+
+
+def _f32(a: np.ndarray) -> torch.Tensor:
+    return _t(a).to(torch.float32)
+
+
+def _write(dst: np.ndarray, src: torch.Tensor) -> None:
+    """Round `src` (fp32) to `dst`'s dtype and store it into the numpy destination in place."""
+    view = from_numpy(dst) if dst.flags.c_contiguous else None
+    if view is not None:
+        view.copy_(src)
+    else:
+        tmp = np.empty(dst.shape, dtype=dst.dtype)
+        from_numpy(tmp).copy_(src)
+        dst[...] = tmp
+
+
+def _queries(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """q `[B, H, S, d]` and k_active `[B, S, d]`, fp32, RoPE and the 1/sqrt(d) scale applied."""
+    cfg = call.cfg
+    B, H, S, d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
+    if cfg.qk_in_sb:
+        q = as_f32(call.q).reshape(d, B, H, S).transpose(1, 2, 3, 0)
+        ka = as_f32(call.k_active).reshape(d, B, S).transpose(1, 2, 0)
+    else:
+        q = as_f32(call.q)
+        ka = as_f32(call.k_active)[:, 0]
+    if cfg.fuse_rope:
+        # B*H*S rows at most 128 (validated): the numpy rotation is cheap and exactly the oracle's.
+        q = rope_rotate_half(q, call.rope_pos_ids, call.inv_freqs) / np.float32(np.sqrt(d))
+        ka = rope_rotate_half(ka, call.rope_pos_ids, call.inv_freqs)
+    return torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)), torch.from_numpy(
+        np.ascontiguousarray(ka, dtype=np.float32)
+    )
+
+
+def _prior(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first Sp cached keys and values of each row, `[B, Sp, d]` fp32 (fresh tensors)."""
+    cfg = call.cfg
+    B, Sp, d = cfg.bs, cfg.curr_sprior, cfg.d_head
+    if cfg.is_block_kv:
+        table = torch.from_numpy(call.active_blocks_table.astype(np.int64)).reshape(-1)
+        K = _t(call.k_prior).index_select(0, table).reshape(B, Sp, d).to(torch.float32)
+        V = _t(call.v_prior).index_select(0, table).reshape(B, Sp, d).to(torch.float32)
+        return K, V
+    kp = _t(call.k_prior)[:B, 0]
+    K = kp[:, :Sp, :] if cfg.tp_k_prior else kp[:, :, :Sp].transpose(1, 2)
+    V = _t(call.v_prior)[:B, 0, :Sp, :]
+    return K.to(torch.float32, copy=True).contiguous(), V.to(torch.float32, copy=True).contiguous()
+
+
+def _visibility(call: KernelCall) -> torch.Tensor:
+    """Boolean `[B, H or 1, S, Sp]`: may query i of row b, head h see key k."""
+    cfg = call.cfg
+    B, S, Sp = cfg.bs, cfg.s_active, cfg.curr_sprior
+    if not cfg.use_pos_id:
+        m = call.mask
+        if cfg.is_block_kv:
+            m = unshuffle_block_mask(m, cfg.block_len)
+        return torch.from_numpy(np.ascontiguousarray(m.transpose(1, 2, 3, 0) != 0))  # [B, H, S, Sp]
+    keys = torch.arange(Sp - S, dtype=torch.float32).view(1, 1, -1)  # [1, 1, Sp-S]
+    cached = torch.from_numpy(as_f32(call.rope_pos_ids)[:, 0].copy()).view(B, 1, 1)
+    prior = (keys < cached).expand(B, S, Sp - S)
+    if call.start_pos_ids is not None:
+        start = torch.from_numpy(as_f32(call.start_pos_ids).copy()).view(B, S, 1)
+        # A start past the cached length is a circular cache whose window wraps around.
+        wraps = start > cached
+        prior = torch.where(wraps, (keys >= start) | (keys < cached), prior & (keys >= start))
+    active = torch.from_numpy(np.ascontiguousarray(call.mask.transpose(1, 2, 3, 0) != 0))  # [B, H, S, S]
+    H = active.shape[1]
+    return torch.cat([prior.unsqueeze(1).expand(B, H, S, Sp - S), active], dim=3)
+
+
+def _no_visible_key(row_max: torch.Tensor) -> ValueError:
+    """The reference's error for a fully masked row; row_max is `[B, H, S]`."""
+    b, h, i = (int(x) for x in torch.nonzero(torch.isneginf(row_max))[0])
+    return ValueError(
+        f"attention_tkg: mask: every key is masked for row b={b}, head h={h}, query i={i}; "
+        "expected at least one visible key (the active diagonal) or a sink"
+    )
+
+
+@torch.inference_mode()
+def run(call: KernelCall) -> None:
+    """Fill `call.out` (and `call.k_out`, `call.dbg`) exactly as `reference.run` does, with torch ops."""
+    cfg = call.cfg
+    B, H, S, d, Sp = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head, cfg.curr_sprior
+    q, ka = _queries(call)  # [B, H, S, d], [B, S, d]
+    va = _f32(call.v_active)[:, 0]
+    K, V = _prior(call)
+    K[:, Sp - S :] = ka
+    V[:, Sp - S :] = va
+
+    # The H q heads of a row share its keys: one [H*S, d] x [d, Sp] product per row.
+    scores = torch.bmm(q.reshape(B, H * S, d), K.transpose(1, 2)).view(B, H, S, Sp)
+    scores = scores.masked_fill(~_visibility(call), float("-inf"))
+    row_max = scores.amax(dim=3)  # [B, H, S]
+    sink = None
+    if call.sink is not None:
+        sink = torch.from_numpy(as_f32(call.sink).reshape(1, H, 1).copy())
+        row_max = torch.maximum(row_max, sink)
+    elif torch.isneginf(row_max).any():
+        raise _no_visible_key(row_max)
+    p = torch.exp(scores - row_max.unsqueeze(3))
+    denom = p.sum(dim=3)
+    if sink is not None:
+        denom = denom + torch.exp(sink - row_max)
+    out = torch.bmm(p.view(B, H * S, Sp), V).view(B, H, S, d) / denom.unsqueeze(3)
+
+    if cfg.out_in_sb:
+        _write(call.out, out.permute(3, 0, 1, 2).reshape(d, B * H * S))
+    else:
+        _write(call.out, out.permute(0, 1, 3, 2))  # [B, H, d, S]
+    if call.k_out is not None:
+        k_out = ka.transpose(1, 2)  # [B, d, S]
+        if cfg.k_out_in_sb:
+            _write(call.k_out, k_out.permute(1, 0, 2).reshape(d, B * S))
+        else:
+            _write(call.k_out, k_out.unsqueeze(1))
+    if call.dbg is not None:
+        full = {
+            "qk": scores.transpose(2, 3),
+            "qk_max": row_max.unsqueeze(2),
+            "qk_exp": p.transpose(2, 3),
+            "exp_sum": denom.unsqueeze(2),
+        }
+        for name, dst in call.dbg.items():
+            _write(dst, full[name])
+
+
+@torch.inference_mode()
+def paged_decode(args: PagedArgs, **_options: object) -> None:
+    """Fill `args.out` `[B, Hq, S, d]` for one decode step over the paged pools (see `tkg.kernel.paged`).
+
+    Per sequence: gather its blocks of every kv head once, `[Hkv, L, d]` in fp32, then for each
+    kv head the packed `[G*S, d]` queries attend to them. Query i of a sequence of length L sits at
+    position t = L - S + i and sees keys j <= t (and t - j < window). Options meant for the native
+    kernel (thread counts) do not apply here and are ignored.
+    """
+    q = _t(args.q)
+    B, Hq, S, d = q.shape
+    Hkv, BL = args.num_kv_heads, args.block_len
+    G = Hq // Hkv
+    kc, vc = _t(args.k_cache), _t(args.v_cache)
+    out = torch.empty((B, Hq, S, d), dtype=torch.float32)
+    scale = float(args.scale)
+    sinks = None
+    if args.sinks is not None:
+        sinks = torch.from_numpy(as_f32(args.sinks).reshape(Hkv, G, 1).copy())
+    for b in range(B):
+        L = int(args.seq_lens[b])
+        blocks = torch.from_numpy(args.block_tables[b, : -(-L // BL)].astype(np.int64))
+        K = kc.index_select(1, blocks).reshape(Hkv, -1, d)[:, :L].to(torch.float32)  # [Hkv, L, d]
+        V = vc.index_select(1, blocks).reshape(Hkv, -1, d)[:, :L].to(torch.float32)
+        qb = q[b].to(torch.float32).reshape(Hkv, G * S, d) * scale
+        scores = torch.bmm(qb, K.transpose(1, 2)).view(Hkv, G, S, L)
+        t = torch.arange(L - S, L).view(S, 1)
+        j = torch.arange(L).view(1, L)
+        hidden = j > t
+        if args.window is not None:
+            hidden |= (t - j) >= args.window
+        scores.masked_fill_(hidden, float("-inf"))
+        row_max = scores.amax(dim=3, keepdim=True)  # the diagonal is always visible: finite
+        if sinks is not None:
+            row_max = torch.maximum(row_max, sinks.unsqueeze(3))
+        p = torch.exp(scores - row_max)
+        denom = p.sum(dim=3, keepdim=True)
+        if sinks is not None:
+            denom += torch.exp(sinks.unsqueeze(3) - row_max)
+        ob = torch.bmm(p.view(Hkv, G * S, L), V).view(Hkv, G, S, d) / denom
+        out[b] = ob.reshape(Hq, S, d)
+    _write(args.out, out)

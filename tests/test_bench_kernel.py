@@ -1,0 +1,181 @@
+"""The torch CPU path (`tkg.kernel.cpu_torch`) against the numpy reference, and `tkg bench kernel`.
+
+The torch path is what the `cpu` backend runs without its native extension, so it must agree with
+the oracle on every flag of design/kernel.md, raise like it on fully masked rows, and the bench
+must produce the numbers it promises (in a tiny configuration: benchmarks are not timed tests).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from tkg.kernel import cpu_torch, reference
+from tkg.kernel.config import AttnTKGConfig
+from tkg.kernel.paged import check_paged_args
+from tkg.kernel.validate import debug_shapes, validate_call
+from tkg.kernel_dtypes import BF16
+
+TOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float16): 2e-3, BF16: 2e-2}
+
+
+def _make_call(cfg: AttnTKGConfig, dtype: np.dtype, seed: int, *, sink: bool = False, window: bool = False,
+               wrap: bool = False, dbg: bool = False, k_out: bool = False):  # fmt: skip
+    """Random arguments for `cfg`, validated; returns a factory of fresh KernelCalls (own outputs)."""
+    rng = np.random.default_rng(seed)
+    B, H, S, d, Sp, Spf = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head, cfg.curr_sprior, cfg.full_sprior
+
+    def arr(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32).astype(dtype)
+
+    q, ka, va = arr(*cfg.q_shape), arr(*cfg.k_active_shape), arr(*cfg.v_active_shape)
+    table = None
+    if cfg.is_block_kv:
+        nb = B * cfg.blocks_per_seq + 3
+        kp, vp = arr(nb, cfg.block_len, d), arr(nb, cfg.block_len, d)
+        table = rng.permutation(nb)[: B * cfg.blocks_per_seq].reshape(B, -1).astype(np.uint32)
+    else:
+        kp = arr(B + 1, 1, Spf, d) if cfg.tp_k_prior else arr(B + 1, 1, d, Spf)
+        vp = arr(B + 1, 1, Spf, d)
+    pos = start = None
+    if cfg.use_pos_id:
+        cached = rng.integers(0, Sp - S + 1, size=B)
+        cached[0] = Sp - S
+        if wrap:
+            cached[1] = (Sp - S) // 2
+        pos = (cached[:, None] + np.arange(S)[None, :]).astype(np.float32)
+        mask = np.broadcast_to(np.tril(np.ones((S, S), np.uint8)).T[:, None, None, :], (S, B, H, S)).copy()
+        if window:
+            start = np.maximum(pos - 3, 0).astype(np.float32)
+            if wrap:
+                start[1] = cached[1] + 2  # past the cached length: a circular window that wraps
+    else:
+        mask = (rng.random(cfg.mask_shape) < 0.6).astype(np.uint8)
+        mask[Sp - S :] = 1  # every query sees at least its active keys
+    inv = (1.0 / 10000 ** (np.arange(0, d, 2) / d)).astype(np.float32).reshape(d // 2, 1) if cfg.fuse_rope else None
+    if cfg.fuse_rope and pos is None:
+        pos = rng.integers(0, 50, size=(B, S)).astype(np.float32)
+    sk = rng.standard_normal((H, 1)).astype(np.float32) if sink else None
+
+    def fresh():
+        dbgs = {n: np.zeros(s, np.float32) for n, s in debug_shapes(cfg).items()} if dbg else None
+        ko = np.empty(cfg.k_out_shape, dtype) if k_out else None
+        return validate_call(q, ka, va, kp, vp, mask, None, cfg, inv, pos, sk, table, ko, dbgs, start)
+
+    return fresh
+
+
+CONFIGS = {
+    "flat": dict(tp_k_prior=False, strided_mm1=True, qk_in_sb=True),
+    "flat_tp": dict(tp_k_prior=True, strided_mm1=False, qk_in_sb=True),
+    "flat_sb": dict(tp_k_prior=True, qk_in_sb=True, out_in_sb=True, k_out_in_sb=True),
+    "flat_pos": dict(tp_k_prior=True, use_pos_id=True, qk_in_sb=True),
+    "rope": dict(fuse_rope=True, tp_k_prior=True, qk_in_sb=False),
+    "rope_sb": dict(fuse_rope=True, qk_in_sb=True, k_out_in_sb=True, out_in_sb=True),
+    "block_pos": dict(block_len=16, tp_k_prior=True, strided_mm1=False, qk_in_sb=True, use_pos_id=True),
+    "block_mask": dict(block_len=2, tp_k_prior=True, strided_mm1=False, qk_in_sb=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16], ids=["f32", "bf16"])
+def test_torch_run_matches_reference(name: str, dtype: np.dtype) -> None:
+    flags = CONFIGS[name]
+    Sp = 256 if name == "block_mask" else 64
+    cfg = AttnTKGConfig(bs=3, q_head=2, s_active=3, curr_sprior=Sp, full_sprior=Sp + 16, d_head=64, **flags)
+    opts = dict(sink=True, dbg=True, k_out=True)
+    if cfg.use_pos_id:
+        opts["window"] = True
+    fresh = _make_call(cfg, dtype, seed=list(CONFIGS).index(name), **opts)
+    ref, got = fresh(), fresh()
+    reference.run(ref)
+    cpu_torch.run(got)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(got.out.astype(np.float32), ref.out.astype(np.float32), rtol=tol, atol=tol)
+    np.testing.assert_allclose(got.k_out.astype(np.float32), ref.k_out.astype(np.float32), rtol=tol, atol=tol)
+    for key in ("qk_max", "exp_sum"):
+        np.testing.assert_allclose(got.dbg[key], ref.dbg[key], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.isneginf(got.dbg["qk"]), np.isneginf(ref.dbg["qk"]))
+
+
+def test_torch_run_wrapping_window_without_sink() -> None:
+    cfg = AttnTKGConfig(bs=2, q_head=4, s_active=2, curr_sprior=48, full_sprior=48, d_head=32, block_len=8,
+                        tp_k_prior=True, strided_mm1=False, qk_in_sb=True, use_pos_id=True)  # fmt: skip
+    fresh = _make_call(cfg, np.dtype(np.float32), seed=5, window=True, wrap=True)
+    ref, got = fresh(), fresh()
+    reference.run(ref)
+    cpu_torch.run(got)
+    np.testing.assert_allclose(got.out, ref.out, rtol=2e-5, atol=2e-5)
+
+
+def test_torch_run_fully_masked_row_raises_like_reference() -> None:
+    cfg = AttnTKGConfig(bs=2, q_head=2, s_active=1, curr_sprior=32, full_sprior=32, d_head=32, qk_in_sb=True)
+    fresh = _make_call(cfg, np.dtype(np.float32), seed=1)
+    call = fresh()
+    call.mask[:, 1, 0, 0] = 0  # row b=1, head 0 sees nothing
+    with pytest.raises(ValueError, match=r"b=1, head h=0, query i=0"):
+        cpu_torch.run(call)
+
+
+def _paged_case(dtype: np.dtype, BL: int, S: int, window: int | None, sinks: bool, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    B, Hkv, G, d, NB = 3, 2, 3, 32, 40
+    lens = np.array([S, 5 * BL + 1, 2 * BL], dtype=np.int32)  # minimal, ragged across blocks, exact
+    maxblk = 8
+    table = rng.permutation(NB)[: B * maxblk].reshape(B, maxblk).astype(np.int32)
+    kc = rng.standard_normal((Hkv, NB, BL, d)).astype(np.float32).astype(dtype)
+    vc = rng.standard_normal((Hkv, NB, BL, d)).astype(np.float32).astype(dtype)
+    q = rng.standard_normal((B, Hkv * G, S, d)).astype(np.float32).astype(dtype)
+    sk = rng.standard_normal(Hkv * G).astype(np.float32) if sinks else None
+    return check_paged_args(q, kc, vc, table, lens, d**-0.5, window, sk)
+
+
+def _paged_oracle(args) -> np.ndarray:
+    """A direct loop over sequences, heads and queries in float64."""
+    B, Hq, S, d = args.q.shape
+    G = Hq // args.num_kv_heads
+    out = np.zeros((B, Hq, S, d))
+    for b in range(B):
+        L = int(args.seq_lens[b])
+        slots = [(int(args.block_tables[b, j // args.block_len]), j % args.block_len) for j in range(L)]
+        for h in range(Hq):
+            K = np.array([args.k_cache[h // G, blk, off] for blk, off in slots], dtype=np.float64)
+            V = np.array([args.v_cache[h // G, blk, off] for blk, off in slots], dtype=np.float64)
+            for i in range(S):
+                t = L - S + i
+                s = K[: t + 1] @ args.q[b, h, i].astype(np.float64) * args.scale
+                keep = np.arange(t + 1) > t - (args.window or 10**9)
+                s = np.where(keep, s, -np.inf)
+                m = s.max() if args.sinks is None else max(s.max(), float(args.sinks[h]))
+                p = np.exp(s - m)
+                den = p.sum() + (0.0 if args.sinks is None else np.exp(float(args.sinks[h]) - m))
+                out[b, h, i] = p @ V[: t + 1] / den
+    return out
+
+
+@pytest.mark.parametrize(
+    ("dtype", "BL", "S", "window", "sinks"),
+    [
+        (np.dtype(np.float32), 4, 1, None, False),
+        (np.dtype(np.float32), 4, 3, 5, True),
+        (BF16, 8, 4, None, True),
+        (np.dtype(np.float16), 2, 2, 2, False),
+    ],
+)
+def test_torch_paged_decode_matches_loop(dtype: np.dtype, BL: int, S: int, window: int | None, sinks: bool) -> None:
+    args = _paged_case(dtype, BL, S, window, sinks)
+    cpu_torch.paged_decode(args)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(args.out.astype(np.float32), _paged_oracle(args), rtol=tol, atol=tol)
+
+
+def test_torch_paged_decode_writes_strided_out() -> None:
+    args = _paged_case(np.dtype(np.float32), 4, 2, None, False)
+    big = np.full((*args.out.shape[:-1], 2 * args.out.shape[-1]), 7.0, np.float32)
+    view = big[..., ::2]  # a non-contiguous destination
+    object.__setattr__(args, "out", view)
+    cpu_torch.paged_decode(args)
+    np.testing.assert_allclose(view, _paged_oracle(args), rtol=2e-5, atol=2e-5)
+    assert np.all(big[..., 1::2] == 7.0)
