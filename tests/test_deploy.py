@@ -246,17 +246,11 @@ def flag_values(args: list[str]) -> dict[str, str]:
     return out
 
 
-def server_parser_flags() -> set[str] | None:
-    """Every long option `tkg serve` accepts, or None while the server has no parser to read."""
-    try:
-        from tkg.server import cli as server_cli
-    except ImportError:
-        return None
-    build = getattr(server_cli, "build_parser", None) or getattr(server_cli, "make_parser", None)
-    if build is None:
-        return None
-    parser = build()
-    return {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+def server_parser_flags() -> set[str]:
+    """Every long option `tkg serve` accepts."""
+    from tkg.server.cli import build_parser
+
+    return {opt for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
 
 
 def torch_pin() -> str:
@@ -484,8 +478,7 @@ def test_compose_stack_fits_together() -> None:
     stop = float(tkg["stop_grace_period"].removesuffix("s"))
     assert stop > grace, f"stop_grace_period {stop}s must exceed the server's --grace-s {grace}s"
     known = server_parser_flags()
-    if known is not None:
-        assert set(flags) <= known, f"compose passes flags tkg serve does not know: {set(flags) - known}"
+    assert set(flags) <= known, f"compose passes flags tkg serve does not know: {set(flags) - known}"
     # Prometheus scrapes the port the server exports metrics on, by the compose service name.
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = [t for job in prom["scrape_configs"] if job["job_name"] == "tkg"
@@ -699,8 +692,7 @@ def test_k8s_wiring(overlay: str) -> None:
     assert sleep_s + grace + 5 <= budget <= sleep_s + grace + 30, (sleep_s, grace, budget)
     assert flags["--port"] == "50051" and flags["--metrics-port"] == "9400", flags
     known = server_parser_flags()
-    if known is not None:
-        assert set(flags) <= known, f"manifest passes flags tkg serve does not know: {set(flags) - known}"
+    assert set(flags) <= known, f"manifest passes flags tkg serve does not know: {set(flags) - known}"
 
     # The model config: the generated ConfigMap, mounted where --config points.
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
@@ -730,15 +722,13 @@ def test_k8s_wiring(overlay: str) -> None:
 
 
 def test_model_config_loads_with_the_server() -> None:
-    """The shipped model.yaml is a config the server accepts (once its loader exists)."""
-    try:
-        from tkg.server import config as server_config
-    except ImportError:
-        pytest.skip("tkg.server.config not present yet")
-    load = getattr(server_config, "load_config", None) or getattr(server_config, "load", None)
-    if load is None:
-        pytest.skip("tkg.server.config has no load_config(path) to call")
-    cfg = load(K8S / "base" / "model.yaml")
-    spec = yaml.safe_load((K8S / "base" / "model.yaml").read_text())
-    for key in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim"):
-        assert getattr(cfg, key) == spec[key], key
+    """The shipped model.yaml is a spec `tkg serve --config` accepts, with the geometry it states."""
+    from tkg.server.config import load_spec
+
+    path = K8S / "base" / "model.yaml"
+    spec = load_spec(path)
+    raw = yaml.safe_load(path.read_text())
+    for key in ("name", "num_layers", "num_q_heads", "num_kv_heads", "head_dim", "kv_dtype", "block_len",
+                "fuse_rope", "max_context"):  # fmt: skip
+        assert getattr(spec, key) == raw[key], key
+    assert spec.kv_bytes() <= raw["kv_cache_bytes"] < spec.kv_bytes() + spec.bytes_per_block()
