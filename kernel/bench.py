@@ -1,0 +1,294 @@
+"""`tkg bench kernel`: the `cpu` backend's decode attention against the machine's read bandwidth and peers.
+
+Everything is measured in ONE run, on the same shapes, so the ratios are meaningful on a shared, noisy
+machine (design/performance.md). Per shape it reports, as median milliseconds and effective bandwidth
+(compulsory K+V bytes / median time) over the read bandwidth measured at the start of the run:
+
+- `cpu.paged_decode`: the service's hot path (`tkg.kernel.cpu.paged_decode`), and which implementation
+  ran (native ISA variant or torch);
+- `cpu.attention_tkg`: the seed API on the `cpu` backend, rows (sequence, kv head) folded, block KV;
+- `torch.paged_decode`: the torch fallback of the `cpu` backend (`tkg.kernel.cpu_torch`);
+- `reference`: the numpy oracle on the folded call;
+- `sdpa_gqa` / `sdpa_repeat`: torch `scaled_dot_product_attention` on a contiguous cache with
+  `enable_gqa=True`, and with K/V repeated per q head beforehand (the repeat is not timed).
+
+Each peer runs once untimed, then `--iters` times or until `--budget` seconds are spent (at least twice).
+Outputs are cross-checked against `cpu.paged_decode` (max abs error, reported) so a fast wrong kernel
+cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from tkg.kernel.bench_cases import Case, Shape
+from tkg.kernel_dtypes import BF16
+
+DTYPES = {"bf16": BF16, "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
+PEERS = ("cpu.paged_decode", "cpu.attention_tkg", "torch.paged_decode", "reference", "sdpa_gqa", "sdpa_repeat")
+BASELINE = "sdpa_gqa"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        vals = [x for x in text.split(",") if x]
+        bad = [x for x in vals if x not in allowed]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"{','.join(bad) or text!r}: expected some of {','.join(allowed)}")
+        return vals
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tkg bench kernel", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
+    p.add_argument("--kv-heads", type=int, default=8, help="kv heads (default 8)")
+    p.add_argument("--q-per-kv", type=int, default=4, help="q heads per kv head (default 4)")
+    p.add_argument("--head-dim", type=int, default=128, help="d (default 128)")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence incl. the new ones (4096)")
+    p.add_argument("--s", type=_ints, default=[1, 4], help="new tokens per step, comma list (1,4)")
+    p.add_argument("--block-len", type=_ints, default=[16, 128], help="block lengths, comma list (16,128)")
+    p.add_argument("--lens", type=_choices(("equal", "ragged")), default=["equal", "ragged"], help="equal,ragged")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="KV / I/O dtype (bf16)")
+    p.add_argument("--peers", type=_choices(PEERS), default=list(PEERS), help=f"subset of {','.join(PEERS)}")
+    p.add_argument("--iters", type=int, default=10, help="timed runs per peer, at most (10)")
+    p.add_argument("--budget", type=float, default=1.5, help="seconds per peer and shape, at most (1.5)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads and cpu kernel threads (2)")
+    p.add_argument("--membw-mib", type=int, default=512, help="buffer for the read-bandwidth measure (512)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    return p
+
+
+def _check_args(a: argparse.Namespace) -> None:
+    for name in ("batch", "kv_heads", "q_per_kv", "head_dim", "context", "iters", "threads"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: {getattr(a, name)} must be >= 1")
+    if a.head_dim > 128:
+        raise ValueError(f"--head-dim: {a.head_dim} exceeds the kernel limit 128")
+    if max(a.s) > 8 or max(a.s) > a.context // 2:
+        raise ValueError(f"--s: {max(a.s)} must be <= 8 and <= context/2 = {a.context // 2}")
+    if a.budget <= 0:
+        raise ValueError(f"--budget: {a.budget} must be > 0 seconds")
+    if a.membw_mib < 4:
+        raise ValueError(f"--membw-mib: {a.membw_mib} must be >= 4")
+
+
+def _time(fn: Callable[[], Any], iters: int, budget: float) -> tuple[float, int]:
+    """Median seconds of `fn` over up to `iters` runs within `budget` seconds (>= 2 runs), after a warm-up."""
+    fn()
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < iters and (len(times) < 2 or spent < budget):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+    return statistics.median(times), len(times)
+
+
+def _cpu_module() -> tuple[Any, str]:
+    """The `cpu` backend module and the implementation it runs, or the torch path when it is absent."""
+    from tkg.kernel import cpu_torch
+
+    try:
+        from tkg.kernel import cpu  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return cpu_torch, f"torch (tkg.kernel.cpu not importable: {exc})"
+    impl = getattr(cpu, "implementation", None)
+    return cpu, (impl() if impl is not None else "unknown")
+
+
+def _peers(case: Case, names: list[str], cpu: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], np.ndarray]]]:
+    """name -> (timed call, result as float32 `[B, Hq, S, d]`), inputs prepared outside the timed call."""
+    import torch
+    import torch.nn.functional as F
+
+    from tkg.kernel import cpu_torch, reference
+    from tkg.kernel.arrays import from_numpy
+    from tkg.kernel.validate import validate_call
+
+    sh = case.shape
+    out: dict[str, tuple[Callable[[], Any], Callable[[], np.ndarray]]] = {}
+    f32 = np.float32
+
+    def paged(mod: Any) -> tuple[Callable[[], Any], Callable[[], np.ndarray]]:
+        args = case.paged_args()
+        return (lambda: mod.paged_decode(args)), (lambda: args.out.astype(f32))
+
+    def folded(run: Callable[[Any], None]) -> tuple[Callable[[], Any], Callable[[], np.ndarray]]:
+        fa = dict(case.folded)
+        call = validate_call(
+            fa["q"], fa["k_active"], fa["v_active"], fa["k_prior"], fa["v_prior"], fa["mask"], fa["out"],
+            fa["cfg"], rope_pos_ids=fa["rope_pos_ids"], active_blocks_table=fa["active_blocks_table"],
+        )  # fmt: skip
+        return (lambda: run(call)), (lambda: case.unfold_out(call.out).astype(f32))
+
+    if "cpu.paged_decode" in names:
+        out["cpu.paged_decode"] = paged(cpu)
+    if "cpu.attention_tkg" in names:
+        from tkg.kernel.api import attention_tkg
+
+        fa = case.folded
+        backend = "cpu" if cpu is not cpu_torch else None
+
+        def api() -> None:
+            if backend is None:  # no cpu backend module: the same call on its torch path
+                call = validate_call(
+                    fa["q"], fa["k_active"], fa["v_active"], fa["k_prior"], fa["v_prior"], fa["mask"], fa["out"],
+                    fa["cfg"], rope_pos_ids=fa["rope_pos_ids"], active_blocks_table=fa["active_blocks_table"],
+                )  # fmt: skip
+                cpu_torch.run(call)
+                return
+            attention_tkg(
+                fa["q"], fa["k_active"], fa["v_active"], fa["k_prior"], fa["v_prior"], fa["mask"], fa["out"],
+                fa["cfg"], rope_pos_ids=fa["rope_pos_ids"], active_blocks_table=fa["active_blocks_table"],
+                backend=backend,
+            )  # fmt: skip
+
+        out["cpu.attention_tkg"] = (api, lambda: case.unfold_out(fa["out"]).astype(f32))
+    if "torch.paged_decode" in names:
+        out["torch.paged_decode"] = paged(cpu_torch)
+    if "reference" in names:
+        out["reference"] = folded(reference.run)
+    if "sdpa_gqa" in names or "sdpa_repeat" in names:
+        k, v, vis = case.contiguous
+        tq, tk, tv = from_numpy(case.q), from_numpy(k), from_numpy(v)
+        tm = None if vis is None else torch.from_numpy(vis)
+        res: dict[str, torch.Tensor] = {}
+
+        def sdpa(name: str, kk: torch.Tensor, vv: torch.Tensor, gqa: bool) -> Callable[[], None]:
+            def go() -> None:
+                with torch.inference_mode():
+                    res[name] = F.scaled_dot_product_attention(
+                        tq, kk, vv, attn_mask=tm, scale=case.scale, enable_gqa=gqa
+                    )
+
+            return go
+
+        if "sdpa_gqa" in names:
+            out["sdpa_gqa"] = (sdpa("sdpa_gqa", tk, tv, True), lambda: res["sdpa_gqa"].float().numpy())
+        if "sdpa_repeat" in names:
+            kr = tk.repeat_interleave(sh.q_per_kv, dim=1).contiguous()
+            vr = tv.repeat_interleave(sh.q_per_kv, dim=1).contiguous()
+            out["sdpa_repeat"] = (sdpa("sdpa_repeat", kr, vr, False), lambda: res["sdpa_repeat"].float().numpy())
+    return out
+
+
+def run_bench(a: argparse.Namespace) -> dict[str, Any]:
+    """Measure everything; returns the JSON-able report."""
+    import torch
+
+    from tkg.kernel.membw import read_bandwidth
+
+    _check_args(a)
+    torch.set_num_threads(a.threads)
+    bw_n = read_bandwidth(a.membw_mib * 2**20, threads=a.threads)
+    bw_1 = read_bandwidth(a.membw_mib * 2**20, threads=1)
+    read_gbs = max(bw_n.median_gbs, bw_1.median_gbs)  # the better of both: a conservative denominator
+    cpu, impl = _cpu_module()
+    report: dict[str, Any] = {
+        "read_bandwidth_gbs": read_gbs,
+        "read_bandwidth": {
+            f"{bw_n.threads}_threads": {"median_gbs": bw_n.median_gbs, "best_gbs": bw_n.best_gbs},
+            "1_thread": {"median_gbs": bw_1.median_gbs, "best_gbs": bw_1.best_gbs},
+            "buffer_bytes": bw_n.nbytes,
+        },
+        "cpu_implementation": impl,
+        "threads": a.threads,
+        "torch_version": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "cases": [],
+    }
+    for s in a.s:
+        for bl in a.block_len:
+            for lens in a.lens:
+                shape = Shape(a.batch, a.kv_heads, a.q_per_kv, a.head_dim, a.context, s, bl, lens == "ragged",
+                              DTYPES[a.dtype])  # fmt: skip
+                report["cases"].append(_bench_case(Case(shape), a, cpu, read_gbs))
+    return report
+
+
+def _bench_case(case: Case, a: argparse.Namespace, cpu: Any, read_gbs: float) -> dict[str, Any]:
+    sh = case.shape
+    entry: dict[str, Any] = {
+        "label": sh.label, "batch": sh.batch, "kv_heads": sh.kv_heads, "q_heads": sh.kv_heads * sh.q_per_kv,
+        "head_dim": sh.d, "s": sh.s, "block_len": sh.block_len, "ragged": sh.ragged, "dtype": str(sh.dtype),
+        "seq_lens": case.seq_lens.tolist(), "kv_bytes": case.kv_bytes, "peers": {},
+    }  # fmt: skip
+    results: dict[str, np.ndarray] = {}
+    for name, (fn, result) in _peers(case, a.peers, cpu).items():
+        med, n = _time(fn, a.iters, a.budget)
+        gbs = case.kv_bytes / med / 1e9
+        entry["peers"][name] = {"median_ms": med * 1e3, "runs": n, "eff_gbs": gbs, "x_read_bw": gbs / read_gbs}
+        results[name] = result()
+    ref_name = "cpu.paged_decode" if "cpu.paged_decode" in results else next(iter(results), None)
+    for name, r in results.items():
+        err = float(np.max(np.abs(r - results[ref_name]))) if ref_name else 0.0
+        entry["peers"][name]["max_abs_err_vs_" + str(ref_name)] = err
+    base = entry["peers"].get(BASELINE)
+    if base is not None:
+        for p in entry["peers"].values():
+            p["speedup_vs_" + BASELINE] = base["median_ms"] / p["median_ms"]
+    return entry
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    bw = rep["read_bandwidth"]
+    per = ", ".join(f"{k.replace('_', ' ')} {v['median_gbs']:.1f} (best {v['best_gbs']:.1f})"
+                    for k, v in bw.items() if isinstance(v, dict))  # fmt: skip
+    lines = [
+        f"read bandwidth GB/s, median: {per}; denominator {rep['read_bandwidth_gbs']:.1f} GB/s",
+        f"cpu backend implementation: {rep['cpu_implementation']}; threads {rep['threads']}; "
+        f"torch {rep['torch_version']}; shared machine: compare ratios within this run only",
+        "",
+        f"{'case':<24} {'peer':<20} {'median ms':>10} {'runs':>5} {'eff GB/s':>9} {'x read BW':>10} "
+        f"{'vs ' + BASELINE:>12} {'max |err|':>10}",
+    ]
+    for c in rep["cases"]:
+        for i, (name, p) in enumerate(c["peers"].items()):
+            err = next((v for k, v in p.items() if k.startswith("max_abs_err")), float("nan"))
+            speed = p.get("speedup_vs_" + BASELINE)
+            lines.append(
+                f"{c['label'] if i == 0 else '':<24} {name:<20} {p['median_ms']:>10.2f} {p['runs']:>5} "
+                f"{p['eff_gbs']:>9.2f} {p['x_read_bw']:>10.3f} "
+                f"{(f'{speed:.2f}x' if speed is not None else '-'):>12} {err:>10.2e}"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        rep = run_bench(a)
+    except ValueError as exc:
+        print(f"tkg bench kernel: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(rep, indent=2) if a.json else format_report(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
