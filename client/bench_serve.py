@@ -1,0 +1,548 @@
+"""`tkg bench serve`: the service against a bare gRPC echo carrying the same bytes, in one run.
+
+Both peers run as subprocesses on loopback, started by this command: `python -m tkg.server`
+with the bench geometry (default 32 q / 8 kv heads, d=128, bf16, one layer, context 1024) and
+`python -m tkg.client.echo` (generic handlers, identity serializers; it answers a real serialized
+`DecodeResponse` to a real serialized `DecodeRequest`). Scenarios, each measured against its peer
+in the same run (the machine is shared and noisy: read the ratios, not the absolute numbers):
+
+  latency    one sequence, S=1, one caller: service `Decode` (via `tkg.client.Client`) vs echo
+             unary; p50/p99 and the ratio service/echo (goal: p50 <= 1.5x echo).
+  batching   all sequences (default 64) advanced once per round: 64 concurrent single-sequence
+             callers (the server coalesces them) vs one caller sending all 64 per request;
+             tokens/s ratio concurrent/batched (goal >= 0.5x). Echo peers with the same bytes.
+  streaming  one caller, one sequence: `DecodeStream` ping-pong on one connection vs unary
+             `Decode` calls; requests/s ratio stream/unary (goal >= 1.3x). Echo peers likewise.
+
+The goals are reported, never asserted. Echo and service blocks alternate (`--rounds`), so slow
+drift of the machine affects both peers alike. `--json FILE|-` writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from tkg import codec
+from tkg.client import echo
+from tkg.client.aio import AsyncClient
+from tkg.client.client import Client
+from tkg.client.errors import TkgError
+from tkg.client.messages import DecodeInput, decode_request
+from tkg.client.stats import percentile
+
+PROG = "tkg bench serve"
+SERVER_READY = re.compile(r"listening on [^:\s]+:(\d+) backend=(\S+)")
+ECHO_READY = re.compile(r"echo: listening on [^:\s]+:(\d+)")
+DECODE_METHOD = "/tkg.v1.DecodeAttention/Decode"
+MAX_MESSAGE = 256 * 2**20
+GOALS = {"latency_p50": 1.5, "batching": 0.5, "streaming": 1.3}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Service Decode/DecodeStream vs a bare gRPC echo (same bytes).")
+    g = p.add_argument_group("geometry (the server is started with it)")
+    g.add_argument("--q-heads", type=int, default=32)
+    g.add_argument("--kv-heads", type=int, default=8)
+    g.add_argument("--head-dim", type=int, default=128)
+    g.add_argument("--kv-dtype", default="bfloat16", choices=sorted(codec.DTYPE_NAMES))
+    g.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence (default 1024)")
+    g.add_argument("--sequences", type=int, default=64, help="sequences in the batching scenario (default 64)")
+    g.add_argument("--block-len", type=int, default=16)
+    r = p.add_argument_group("run")
+    r.add_argument("--backend", default="auto", help="server kernel backend (default auto)")
+    r.add_argument("--steps", type=int, default=300,
+                   help="calls per peer per round: latency and streaming (default 300)")
+    r.add_argument("--batch-rounds", type=int, default=12,
+                   help="batching: rounds advancing every sequence once, per peer per round (default 12)")
+    r.add_argument("--warmup", type=int, default=20, help="unmeasured calls before each block (default 20)")
+    r.add_argument("--rounds", type=int, default=2, help="alternations of echo and service blocks (default 2)")
+    r.add_argument("--max-block-s", type=float, default=6.0,
+                   help="cut any measured block short after this many seconds (bounds the run on slow backends)")
+    r.add_argument("--echo-stack", choices=["aio", "sync"], default="aio",
+                   help="the echo server's gRPC stack (default aio, as the service)")
+    r.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for the server (repeatable), e.g. --server-arg=--batch-delay-us=50")
+    r.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' = stdout)")
+    return p  # fmt: skip
+
+
+# ---- subprocess peers ------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A started peer: its process and the port it printed."""
+
+    proc: subprocess.Popen
+    port: int
+    line: str
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start(cmd: list[str], ready: re.Pattern, what: str, timeout: float = 120.0) -> Proc:
+    """Start `cmd`, wait for its ready line, then keep draining its output (a full pipe would stall it)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True, name=f"{what}-output").start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        seen.append(line)
+        m = ready.search(line)
+        if m:
+            threading.Thread(target=lambda: [None for _ in iter(lines.get, None)], daemon=True).start()
+            return Proc(proc, int(m.group(1)), line.strip())
+    proc.kill()
+    proc.wait()
+    tail = "".join(seen[-20:])
+    raise RuntimeError(f"{what} did not start ({' '.join(cmd)}):\n{tail}")
+
+
+# ---- measurement helpers ---------------------------------------------------------------------
+
+
+def _lat_summary(samples: list[float]) -> dict[str, float]:
+    s = np.sort(np.asarray(samples))
+    return {
+        "n": len(s),
+        "p50_us": percentile(s, 50) * 1e6,
+        "p99_us": percentile(s, 99) * 1e6,
+        "mean_us": float(s.mean() * 1e6) if len(s) else math.nan,
+        "rps": len(s) / float(s.sum()) if len(s) else 0.0,  # back to back, one caller
+    }
+
+
+class Bench:
+    """Holds the two peers, the clients and each sequence's length."""
+
+    def __init__(self, args: argparse.Namespace, server: Proc, echo_proc: Proc) -> None:
+        self.args = args
+        self.server, self.echo = server, echo_proc
+        self.client = Client(server.target, timeout=60.0, max_message_bytes=MAX_MESSAGE)
+        self.info = self.client.server_info()
+        self.dtype = codec.dtype_to_numpy(self.info.kv_dtype)
+        self.echo_channel = grpc.insecure_channel(echo_proc.target, options=echo.OPTIONS)
+        self.echo_unary = self.echo_channel.unary_unary(echo.UNARY)
+        self.echo_stream = self.echo_channel.stream_stream(echo.STREAM)
+        self.ids = [f"bench-{i}" for i in range(args.sequences)]
+        self.lengths = dict.fromkeys(self.ids, 0)
+        rng = np.random.default_rng(0)
+        H, G, D = self.info.num_q_heads, self.info.num_kv_heads, self.info.head_dim
+        self.q1 = rng.standard_normal((1, H, 1, D)).astype(self.dtype)
+        self.k1, self.v1 = rng.standard_normal((2, 1, G, 1, D)).astype(self.dtype)
+        B = args.sequences
+        self.qB = rng.standard_normal((B, H, 1, D)).astype(self.dtype)
+        self.kB, self.vB = rng.standard_normal((2, B, G, 1, D)).astype(self.dtype)
+
+    def close(self) -> None:
+        self.client.close()
+        self.echo_channel.close()
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def ingest(self) -> None:
+        """Create the sequences and load distinct random prompts (distinct, so the kernel really
+        reads `sequences x context` tokens: shared blocks would sit in cache and flatter it)."""
+        a = self.args
+        G, D = self.info.num_kv_heads, self.info.head_dim
+        rng = np.random.default_rng(1)
+        for sid in self.ids:
+            self.client.create_sequence(sid)
+            if a.context:
+                k, v = rng.standard_normal((2, a.context, G, D)).astype(self.dtype)
+                self.client.append_kv(sid, 0, k, v, position=0, chunk_tokens=max(1, (2 << 20) // (G * D * 2)))
+            self.lengths[sid] = a.context
+
+    def reset(self) -> None:
+        """Roll every sequence back to its prompt, so phases never run out of blocks."""
+        for sid in self.ids:
+            if self.lengths[sid] != self.args.context:
+                self.client.truncate(sid, self.args.context)
+                self.lengths[sid] = self.args.context
+
+    def register_echo(self, request: bytes, response: bytes) -> None:
+        self.echo_channel.unary_unary(echo.REGISTER)(echo.register_payload(len(request), response))
+
+    def capture_bytes(self, ids: list[str], q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[bytes, bytes]:
+        """A real DecodeRequest's bytes and the server's real DecodeResponse bytes for it (one step)."""
+        req = decode_request(DecodeInput(0, ids, [self.lengths[s] for s in ids], q, k, v, "bench")).SerializeToString()
+        # No (de)serializers: the exact bytes on the wire both ways.
+        with grpc.insecure_channel(self.server.target, options=echo.OPTIONS) as ch:
+            resp = ch.unary_unary(DECODE_METHOD)(req, timeout=60.0)
+        for s in ids:
+            self.lengths[s] += 1
+        return req, resp
+
+    # ---- latency and streaming (one caller, sync stack) ----------------------------------
+
+    def _deadline(self) -> float:
+        return time.perf_counter() + self.args.max_block_s
+
+    def service_unary(self, n: int) -> list[float]:
+        sid, out, end = self.ids[0], [], self._deadline()
+        for _ in range(n):
+            if time.perf_counter() > end:
+                break
+            t = time.perf_counter()
+            self.client.decode(0, [sid], [self.lengths[sid]], self.q1, self.k1, self.v1)
+            out.append(time.perf_counter() - t)
+            self.lengths[sid] += 1
+        return out
+
+    def service_stream(self, n: int) -> float:
+        """Requests/s of `n` ping-pong messages on one DecodeStream (after its own warm-up)."""
+        sid = self.ids[0]
+        inbox: queue.Queue[DecodeInput | None] = queue.Queue()
+
+        def requests() -> Iterator[DecodeInput]:
+            while (d := inbox.get()) is not None:
+                yield d
+
+        results = self.client.decode_stream(requests())
+        t0, done, end = 0.0, 0, self._deadline()
+        try:
+            for i in range(self.args.warmup + n):
+                if i == self.args.warmup:
+                    t0 = time.perf_counter()
+                elif time.perf_counter() > end and i > self.args.warmup:
+                    break
+                inbox.put(DecodeInput(0, [sid], [self.lengths[sid]], self.q1, self.k1, self.v1))
+                res = next(results)
+                if res.error is not None:
+                    raise res.error
+                self.lengths[sid] += 1
+                done += i >= self.args.warmup
+            return done / (time.perf_counter() - t0)
+        finally:
+            inbox.put(None)
+            with contextlib.suppress(StopIteration):
+                next(results)
+
+    def echo_unary_lat(self, payload: bytes, n: int) -> list[float]:
+        call, out = self.echo_unary, []
+        for _ in range(n):
+            t = time.perf_counter()
+            call(payload)
+            out.append(time.perf_counter() - t)
+        return out
+
+    def echo_stream_rps(self, payload: bytes, n: int) -> float:
+        inbox: queue.Queue[bytes | None] = queue.Queue()
+        results = self.echo_stream(iter(inbox.get, None))
+        t0 = 0.0
+        for i in range(self.args.warmup + n):
+            if i == self.args.warmup:
+                t0 = time.perf_counter()
+            inbox.put(payload)
+            next(results)
+        rps = n / (time.perf_counter() - t0)
+        inbox.put(None)
+        with contextlib.suppress(StopIteration):
+            next(results)
+        return rps
+
+    # ---- batching (asyncio: 64 callers in one event loop) ----------------------------------
+
+    async def service_batching(self, rounds: int) -> tuple[float, float, dict[str, float]]:
+        """(tokens/s with one caller per sequence, tokens/s with one caller x all, mean batch sizes)."""
+        a = self.args
+        async with AsyncClient(self.server.target, timeout=120.0, max_message_bytes=MAX_MESSAGE) as ac:
+            batch_sizes: dict[str, list[int]] = {"concurrent": [], "batched": []}
+
+            tokens = [0]
+            end = [math.inf]
+
+            async def caller(i: int, steps: int, record: bool) -> None:
+                sid = self.ids[i]
+                q, k, v = self.qB[i : i + 1], self.kB[i : i + 1], self.vB[i : i + 1]
+                for _ in range(steps):
+                    if time.perf_counter() > end[0]:
+                        return
+                    res = await ac.decode(0, [sid], [self.lengths[sid]], q, k, v)
+                    self.lengths[sid] += 1
+                    if record:
+                        tokens[0] += 1
+                        batch_sizes["concurrent"].append(res.timing.batch_size)
+
+            async def batched(steps: int, record: bool) -> None:
+                for _ in range(steps):
+                    if time.perf_counter() > end[0]:
+                        return
+                    res = await ac.decode(0, self.ids, [self.lengths[s] for s in self.ids], self.qB, self.kB, self.vB)
+                    for s in self.ids:
+                        self.lengths[s] += 1
+                    if record:
+                        tokens[0] += len(self.ids)
+                        batch_sizes["batched"].append(res.timing.batch_size)
+
+            warm = max(1, a.warmup // 10)
+            await asyncio.gather(*(caller(i, warm, False) for i in range(a.sequences)))
+            t, tokens[0], end[0] = time.perf_counter(), 0, self._deadline()
+            await asyncio.gather(*(caller(i, rounds, True) for i in range(a.sequences)))
+            concurrent = tokens[0] / (time.perf_counter() - t)
+            end[0] = math.inf
+            await batched(warm, False)
+            t, tokens[0], end[0] = time.perf_counter(), 0, self._deadline()
+            await batched(rounds, True)
+            one = tokens[0] / (time.perf_counter() - t)
+        means = {k: float(np.mean(v)) if v else math.nan for k, v in batch_sizes.items()}
+        return concurrent, one, means
+
+    async def echo_batching(self, single: bytes, allseq: bytes, rounds: int) -> tuple[float, float]:
+        a = self.args
+        async with grpc.aio.insecure_channel(self.echo.target, options=echo.OPTIONS) as ch:
+            call = ch.unary_unary(echo.UNARY)
+
+            async def caller(steps: int) -> None:
+                for _ in range(steps):
+                    await call(single)
+
+            await asyncio.gather(*(caller(1) for _ in range(a.sequences)))
+            t = time.perf_counter()
+            await asyncio.gather(*(caller(rounds) for _ in range(a.sequences)))
+            concurrent = a.sequences * rounds / (time.perf_counter() - t)
+            await call(allseq)
+            t = time.perf_counter()
+            for _ in range(rounds):
+                await call(allseq)
+            one = a.sequences * rounds / (time.perf_counter() - t)
+        return concurrent, one
+
+    # ---- the run ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        self.ingest()
+        req1, resp1 = self.capture_bytes(self.ids[:1], self.q1, self.k1, self.v1)
+        reqB, respB = self.capture_bytes(self.ids, self.qB, self.kB, self.vB)
+        self.register_echo(req1, resp1)
+        self.register_echo(reqB, respB)
+        self.reset()
+
+        lat = {"service": [], "echo": []}
+        rps = {"service_unary": [], "service_stream": [], "echo_unary": [], "echo_stream": []}
+        bat = {"service_concurrent": [], "service_batched": [], "echo_concurrent": [], "echo_batched": []}
+        batch_means: list[dict[str, float]] = []
+        for _ in range(a.rounds):
+            self.echo_unary_lat(req1, a.warmup)
+            e = self.echo_unary_lat(req1, a.steps)
+            lat["echo"] += e
+            rps["echo_unary"].append(len(e) / sum(e))
+            rps["echo_stream"].append(self.echo_stream_rps(req1, a.steps))
+            self.service_unary(a.warmup)
+            s = self.service_unary(a.steps)
+            lat["service"] += s
+            rps["service_unary"].append(len(s) / sum(s))
+            rps["service_stream"].append(self.service_stream(a.steps))
+            self.reset()
+            ec, eb = asyncio.run(self.echo_batching(req1, reqB, a.batch_rounds))
+            sc, sb, means = asyncio.run(self.service_batching(a.batch_rounds))
+            self.reset()
+            bat["echo_concurrent"].append(ec)
+            bat["echo_batched"].append(eb)
+            bat["service_concurrent"].append(sc)
+            bat["service_batched"].append(sb)
+            batch_means.append(means)
+        return self._results(lat, rps, bat, batch_means, len(req1), len(resp1), len(reqB), len(respB))
+
+    def _results(self, lat, rps, bat, batch_means, req1, resp1, reqB, respB) -> dict[str, Any]:
+        a, info = self.args, self.info
+        med = lambda xs: float(np.median(xs))  # noqa: E731
+        ls, le = _lat_summary(lat["service"]), _lat_summary(lat["echo"])
+        sc, sb = med(bat["service_concurrent"]), med(bat["service_batched"])
+        su, ss = med(rps["service_unary"]), med(rps["service_stream"])
+        results = {
+            "config": {
+                "backend": self.server.line.split("backend=")[1].split()[0], "model_geometry": {
+                    "num_q_heads": info.num_q_heads, "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim,
+                    "kv_dtype": codec.pb.DType.Name(info.kv_dtype).removeprefix("DTYPE_").lower(),
+                    "block_len": info.block_len,
+                },
+                "context": a.context, "sequences": a.sequences, "steps": a.steps, "batch_rounds": a.batch_rounds,
+                "rounds": a.rounds, "warmup": a.warmup, "max_block_s": a.max_block_s,
+                "echo_stack": a.echo_stack, "cpus": os.cpu_count(),
+                "bytes": {"request_1": req1, "response_1": resp1, f"request_{a.sequences}": reqB,
+                          f"response_{a.sequences}": respB},
+            },
+            "latency": {
+                "service": ls, "echo": le,
+                "ratio_p50": ls["p50_us"] / le["p50_us"], "ratio_p99": ls["p99_us"] / le["p99_us"],
+                "goal_ratio_p50_max": GOALS["latency_p50"],
+            },
+            "batching": {
+                "service_concurrent_tokens_s": sc, "service_batched_tokens_s": sb,
+                "echo_concurrent_tokens_s": med(bat["echo_concurrent"]),
+                "echo_batched_tokens_s": med(bat["echo_batched"]),
+                "mean_batch_size_concurrent": float(np.mean([m["concurrent"] for m in batch_means])),
+                "mean_batch_size_batched": float(np.mean([m["batched"] for m in batch_means])),
+                "ratio": sc / sb, "goal_ratio_min": GOALS["batching"],
+            },
+            "streaming": {
+                "service_stream_rps": ss, "service_unary_rps": su,
+                "echo_stream_rps": med(rps["echo_stream"]), "echo_unary_rps": med(rps["echo_unary"]),
+                "ratio": ss / su, "echo_ratio": med(rps["echo_stream"]) / med(rps["echo_unary"]),
+                "goal_ratio_min": GOALS["streaming"],
+            },
+        }  # fmt: skip
+        results["goals_met"] = {
+            "latency_p50": results["latency"]["ratio_p50"] <= GOALS["latency_p50"],
+            "batching": results["batching"]["ratio"] >= GOALS["batching"],
+            "streaming": results["streaming"]["ratio"] >= GOALS["streaming"],
+        }
+        return results
+
+
+def render(r: dict[str, Any]) -> str:
+    """The ratio table."""
+    c, L, B, S = r["config"], r["latency"], r["batching"], r["streaming"]
+    g = c["model_geometry"]
+    ok = lambda met: "met" if met else "MISSED"  # noqa: E731
+    n = c["sequences"]
+    conc_ratio = B["service_concurrent_tokens_s"] / B["echo_concurrent_tokens_s"]
+    batched_ratio = B["service_batched_tokens_s"] / B["echo_batched_tokens_s"]
+    rows = [
+        ("latency p50, 1 seq S=1 (Decode)", f"{L['service']['p50_us']:.0f} us", f"{L['echo']['p50_us']:.0f} us",
+         f"{L['ratio_p50']:.2f}x", f"<= {L['goal_ratio_p50_max']}x {ok(r['goals_met']['latency_p50'])}"),
+        ("latency p99", f"{L['service']['p99_us']:.0f} us", f"{L['echo']['p99_us']:.0f} us",
+         f"{L['ratio_p99']:.2f}x", ""),
+        (f"{n} callers x 1 seq (tokens/s)", f"{B['service_concurrent_tokens_s']:.0f}",
+         f"{B['echo_concurrent_tokens_s']:.0f}", f"{conc_ratio:.2f}x", ""),
+        (f"1 caller x {n} seqs (tokens/s)", f"{B['service_batched_tokens_s']:.0f}",
+         f"{B['echo_batched_tokens_s']:.0f}", f"{batched_ratio:.2f}x", ""),
+        (f"batching: {n} callers / 1x{n}", f"{B['ratio']:.2f}x", "", "",
+         f">= {B['goal_ratio_min']}x {ok(r['goals_met']['batching'])}"),
+        ("DecodeStream (req/s, 1 caller)", f"{S['service_stream_rps']:.0f}", f"{S['echo_stream_rps']:.0f}",
+         f"{S['service_stream_rps'] / S['echo_stream_rps']:.2f}x", ""),
+        ("unary Decode (req/s, 1 caller)", f"{S['service_unary_rps']:.0f}", f"{S['echo_unary_rps']:.0f}",
+         f"{S['service_unary_rps'] / S['echo_unary_rps']:.2f}x", ""),
+        ("streaming: stream / unary", f"{S['ratio']:.2f}x", f"{S['echo_ratio']:.2f}x", "",
+         f">= {S['goal_ratio_min']}x {ok(r['goals_met']['streaming'])}"),
+    ]  # fmt: skip
+    head = ("scenario", "service", "echo (same bytes)", "service/echo", "goal")
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(5)]
+    line = lambda cells: "  ".join(str(x).ljust(w) for x, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    out = [
+        f"{PROG}: backend {c['backend']}, {g['num_q_heads']} q / {g['num_kv_heads']} kv heads, d={g['head_dim']}, "
+        f"{g['kv_dtype']}, context {c['context']}; echo stack {c['echo_stack']}; {c['cpus']} CPUs; "
+        f"{c['rounds']} round(s), medians/pooled",
+        f"mean server batch size: {B['mean_batch_size_concurrent']:.1f} sequences with {n} callers, "
+        f"{B['mean_batch_size_batched']:.1f} with one caller",
+        "",
+        line(head),
+        line(["-" * w for w in widths]),
+        *(line(r_) for r_ in rows),
+    ]
+    return "\n".join(out)
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    for name in ("q_heads", "kv_heads", "head_dim", "sequences", "steps", "batch_rounds", "rounds", "block_len"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')}: {getattr(args, name)}; expected >= 1"
+    if args.max_block_s <= 0:
+        return f"--max-block-s: {args.max_block_s}; expected > 0"
+    if args.context < 0 or args.warmup < 0:
+        return "--context/--warmup: negative; expected >= 0"
+    if args.q_heads % args.kv_heads:
+        return f"--q-heads: {args.q_heads}; expected a multiple of --kv-heads ({args.kv_heads})"
+    return None
+
+
+def server_command(args: argparse.Namespace) -> list[str]:
+    """`python -m tkg.server` with the bench geometry and room for every phase's tokens."""
+    steps_seq0 = args.warmup * 2 + args.steps * 2 + 4  # unary + stream of one round, then reset
+    steps_all = 2 * (max(1, args.warmup // 10) + args.batch_rounds) + 2  # concurrent, then batched
+    per = lambda extra: math.ceil((args.context + extra) / args.block_len)  # noqa: E731
+    blocks = per(max(steps_seq0, steps_all)) + (args.sequences - 1) * per(steps_all) + 8
+    max_context = args.context + max(steps_seq0, steps_all) + args.block_len
+    return [
+        sys.executable, "-m", "tkg.server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        "--log-level", "WARNING", "--backend", args.backend,
+        "--num-layers", "1", "--num-q-heads", str(args.q_heads), "--num-kv-heads", str(args.kv_heads),
+        "--head-dim", str(args.head_dim), "--kv-dtype", args.kv_dtype, "--block-len", str(args.block_len),
+        "--num-blocks", str(blocks), "--max-context", str(max(max_context, 2 * args.block_len)),
+        "--max-batch", str(max(args.sequences, 1)), *args.server_arg,
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check(args)
+    if problem:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 2
+    procs: list[Proc] = []
+    try:
+        echo_cmd = [sys.executable, "-m", "tkg.client.echo", "--port", "0", "--stack", args.echo_stack]
+        procs.append(start(echo_cmd, ECHO_READY, "echo"))
+        procs.append(start(server_command(args), SERVER_READY, "tkg serve"))
+        bench = Bench(args, procs[1], procs[0])
+        try:
+            results = bench.run()
+        finally:
+            bench.close()
+    except (RuntimeError, TkgError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for p in procs:
+            p.stop()
+    text = render(results)
+    if args.json == "-":
+        print(text, file=sys.stderr)
+        json.dump(results, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
