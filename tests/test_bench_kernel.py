@@ -18,6 +18,7 @@ from tkg.kernel.paged import check_paged_args
 from tkg.kernel.validate import debug_shapes, validate_call
 from tkg.kernel_dtypes import BF16
 
+F32 = np.dtype(np.float32)
 TOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float16): 2e-3, BF16: 2e-2}
 
 
@@ -179,3 +180,111 @@ def test_torch_paged_decode_writes_strided_out() -> None:
     cpu_torch.paged_decode(args)
     np.testing.assert_allclose(view, _paged_oracle(args), rtol=2e-5, atol=2e-5)
     assert np.all(big[..., 1::2] == 7.0)
+
+
+# --- tkg bench kernel -------------------------------------------------------------------------------------
+
+TINY = ["--batch", "3", "--kv-heads", "2", "--q-per-kv", "2", "--head-dim", "32", "--context", "40",
+        "--block-len", "8", "--iters", "2", "--budget", "0.05", "--membw-mib", "8", "--threads", "1"]  # fmt: skip
+
+
+def _tiny_case(s: int, ragged: bool, dtype: np.dtype = F32):
+    from tkg.kernel.bench_cases import Case, Shape
+
+    return Case(Shape(batch=3, kv_heads=2, q_per_kv=3, d=32, context=40, s=s, block_len=8, ragged=ragged, dtype=dtype))
+
+
+@pytest.mark.parametrize(("s", "ragged"), [(1, True), (4, False), (3, True)])
+def test_bench_case_views_agree(s: int, ragged: bool) -> None:
+    """The folded attention_tkg call and the contiguous sdpa cache describe the same step as the pools."""
+    import torch
+
+    from tkg.kernel.arrays import from_numpy
+    from tkg.kernel.validate import validate_call
+
+    case = _tiny_case(s, ragged)
+    args = case.paged_args()
+    want = _paged_oracle(args)
+    # Block ids really are shuffled and lengths ragged when asked for.
+    used = np.concatenate([case.block_tables[b, : -(-int(n) // 8)] for b, n in enumerate(case.seq_lens)])
+    assert not np.array_equal(used, np.sort(used)) and len(set(used.tolist())) == used.size
+    assert (len(set(case.seq_lens.tolist())) > 1) == ragged
+    fa = case.folded
+    call = validate_call(fa["q"], fa["k_active"], fa["v_active"], fa["k_prior"], fa["v_prior"], fa["mask"],
+                         fa["out"], fa["cfg"], rope_pos_ids=fa["rope_pos_ids"],
+                         active_blocks_table=fa["active_blocks_table"])  # fmt: skip
+    reference.run(call)
+    np.testing.assert_allclose(case.unfold_out(call.out), want, rtol=1e-5, atol=1e-5)
+    k, v, vis = case.contiguous
+    got = torch.nn.functional.scaled_dot_product_attention(
+        from_numpy(case.q), from_numpy(k), from_numpy(v), attn_mask=None if vis is None else torch.from_numpy(vis),
+        scale=case.scale, enable_gqa=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_case_kv_bytes_counts_every_cached_element_once() -> None:
+    case = _tiny_case(1, True, BF16)
+    assert case.kv_bytes == int(case.seq_lens.sum()) * 2 * 32 * 2 * 2  # tokens x Hkv x d x (K, V) x 2 bytes
+
+
+def test_bench_kernel_json_report(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tkg.kernel import bench
+
+    assert bench.main([*TINY, "--s", "1,2", "--lens", "ragged", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["read_bandwidth_gbs"] > 0
+    assert rep["cpu_implementation"]
+    assert [c["label"] for c in rep["cases"]] == ["S=1 BL=8 ragged", "S=2 BL=8 ragged"]
+    for c in rep["cases"]:
+        assert set(c["peers"]) == set(bench.PEERS)
+        base = c["peers"]["sdpa_gqa"]["median_ms"]
+        for name, p in c["peers"].items():
+            assert p["eff_gbs"] == pytest.approx(c["kv_bytes"] / (p["median_ms"] / 1e3) / 1e9), name
+            assert p["x_read_bw"] == pytest.approx(p["eff_gbs"] / rep["read_bandwidth_gbs"]), name
+            assert p["speedup_vs_sdpa_gqa"] == pytest.approx(base / p["median_ms"]), name
+            assert p["max_abs_err_vs_cpu.paged_decode"] < 2e-2, name  # bf16 outputs: every peer agrees
+            assert 2 <= p["runs"] <= 2
+
+
+def test_bench_kernel_table_names_implementation(capsys: pytest.CaptureFixture[str]) -> None:
+    from tkg.kernel import bench
+
+    assert bench.main([*TINY, "--s", "2", "--lens", "equal", "--peers", "cpu.paged_decode,sdpa_gqa"]) == 0
+    text = capsys.readouterr().out
+    assert "cpu backend implementation:" in text
+    assert "S=2 BL=8 equal" in text and "sdpa_gqa" in text and "reference" not in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["--s", "9"], "--s: 9"), (["--head-dim", "256"], "--head-dim: 256"), (["--budget", "0"], "--budget")],
+)
+def test_bench_kernel_rejects_bad_options(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from tkg.kernel import bench
+
+    assert bench.main([*TINY, *argv]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_bench_kernel_rejects_unknown_peer() -> None:
+    from tkg.kernel import bench
+
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--peers", "cpu.paged_decode,flash"])
+
+
+def test_read_bandwidth_checks_and_restores_threads() -> None:
+    import torch
+
+    from tkg.kernel.membw import read_bandwidth
+
+    with pytest.raises(ValueError, match="nbytes"):
+        read_bandwidth(2**20)
+    before = torch.get_num_threads()
+    bw = read_bandwidth(8 * 2**20, reps=2, threads=1)
+    assert bw.threads == 1 and bw.nbytes == 8 * 2**20
+    assert 0 < bw.median_gbs <= bw.best_gbs
+    assert torch.get_num_threads() == before
