@@ -303,16 +303,18 @@ def load_spec(
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"preset: {preset!r}; expected one of {sorted(PRESETS)}")
-        raw.update(PRESETS[preset])
+        raw.update(PRESETS[preset])  # nested values (rope_scaling) are only ever read
     base = None
     if config is not None:
-        raw.update(read_file(config))
+        _merge(raw, read_file(config))
         base = Path(config).resolve().parent
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            if key == "num_blocks":
-                raw.pop("kv_cache_bytes", None)
-            if key == "kv_cache_bytes":
-                raw.pop("num_blocks", None)
-            raw[key] = value
+    _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
     return build_spec(raw, base)
+
+
+def _merge(raw: dict[str, Any], later: dict[str, Any]) -> None:
+    """Overlay `later` on `raw`; capacity given one way replaces capacity given the other way."""
+    for a, b in (("num_blocks", "kv_cache_bytes"), ("kv_cache_bytes", "num_blocks")):
+        if later.get(a) is not None and b not in later:
+            raw.pop(b, None)
+    raw.update(later)

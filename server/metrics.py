@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from tkg.server.kv_cache import KVCacheStats
+from tkg.server.kv_cache import EVICT_IDLE_TTL, KVCacheStats
 
 # 10 us .. 10 s, roughly x2 per bucket with 1-2.5-5 steps: a loopback decode is ~100 us to ~10 ms.
 LATENCY_BUCKETS = (
@@ -62,6 +62,7 @@ class Metrics:
         self.evicted = Counter(
             "tkg_sequences_evicted_total", "Sequences released by the server", ["reason"], registry=r
         )
+        self.evicted.labels(EVICT_IDLE_TTL)  # present (at 0) before the first eviction, for rate()
         self.gateway: tuple[Gauge, Gauge, Gauge] | None = None
         if gateway:
             self.gateway = (

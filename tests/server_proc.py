@@ -20,6 +20,7 @@ class ServerProc:
     port: int
     metrics_port: int | None
     backend: str
+    line: str = ""  # the server's start-up line
 
     @property
     def target(self) -> str:
@@ -62,6 +63,6 @@ def start_server(*args: str, timeout: float = 60.0) -> ServerProc:
         m = LINE.search(line)
         if m:
             mp = None if m.group(3) == "None" else int(m.group(3))
-            return ServerProc(proc, int(m.group(1)), mp, m.group(2))
+            return ServerProc(proc, int(m.group(1)), mp, m.group(2), line)
     proc.kill()
     raise RuntimeError("tkg serve did not start:\n" + "".join(lines))

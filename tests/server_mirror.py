@@ -1,0 +1,176 @@
+"""Helpers for the server's end-to-end tests: a client-side mirror of the KV cache that computes
+expected decode outputs with the reference kernel, raw-stub request builders, metrics scraping.
+
+The mirror never shares code with the server's data path: it rotates keys and queries itself
+(complex multiplication), keeps each sequence's K/V as contiguous arrays, and for every step
+builds a FRESH paged cache (blocks in a random order) for `paged_decode(backend="reference")`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import urllib.request
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+
+from tkg import codec
+from tkg.kernel import paged_decode
+from tkg.kernel_dtypes import BF16
+from tkg.server.rope import inv_freqs
+from tkg.v1 import decode_attention_pb2 as pb
+from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
+
+
+def rotate(x: np.ndarray, pos: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of x `[..., T, d]` at positions `[T]`: pairs (x_i, x_{i+d/2}) as complex
+    numbers times exp(1j * pos * inv_i)."""
+    d = x.shape[-1]
+    x = x.astype(np.float64)
+    z = (x[..., : d // 2] + 1j * x[..., d // 2 :]) * np.exp(1j * np.outer(pos, inv.astype(np.float64)))
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+class Mirror:
+    """What the server should hold, per (sequence, layer): K (rotated when the server fuses RoPE)
+    and V as float64 `[T, Hkv, d]`; `decode` appends and returns the expected output."""
+
+    def __init__(self, info: pb.ServerInfo, rope: dict | None = None, sinks: np.ndarray | None = None) -> None:
+        """`rope`: {"theta": .., "scaling": {..} or None} when the server fuses RoPE."""
+        self.info = info
+        self.hkv, self.hq, self.d, self.bl = info.num_kv_heads, info.num_q_heads, info.head_dim, info.block_len
+        self.inv = None if rope is None else inv_freqs(self.d, rope["theta"], rope.get("scaling"))
+        scaling = (rope or {}).get("scaling") or {}
+        m = 0.1 * math.log(scaling["factor"]) + 1 if scaling.get("type") == "yarn" else 1.0
+        self.scale = m * m / math.sqrt(self.d)
+        self.windows = [w or None for w in info.sliding_window]
+        self.sinks = sinks
+        self.kv: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.rng = np.random.default_rng(1234)
+
+    def length(self, sid: str, layer: int) -> int:
+        return len(self.kv[(sid, layer)][0]) if (sid, layer) in self.kv else 0
+
+    def append(self, sid: str, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v `[T, Hkv, d]` as sent."""
+        start = self.length(sid, layer)
+        k = k.astype(np.float64)
+        if self.inv is not None:
+            k = rotate(k.transpose(1, 0, 2), np.arange(start, start + len(k)), self.inv).transpose(1, 0, 2)
+        empty = np.zeros((0, self.hkv, self.d))
+        K, V = self.kv.get((sid, layer), (empty, empty))
+        self.kv[(sid, layer)] = (np.concatenate([K, k]), np.concatenate([V, v.astype(np.float64)]))
+
+    def truncate(self, sid: str, length: int) -> None:
+        for layer in range(self.info.num_layers):
+            K, V = self.kv[(sid, layer)]
+            self.kv[(sid, layer)] = (K[:length], V[:length])
+
+    def fork(self, src: str, dst: str) -> None:
+        for layer in range(self.info.num_layers):
+            self.kv[(dst, layer)] = self.kv[(src, layer)]
+
+    def release(self, sid: str) -> None:
+        for layer in range(self.info.num_layers):
+            self.kv.pop((sid, layer), None)
+
+    def decode(self, layer: int, sids: list[str], q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """q `[B, Hq, S, d]`, k/v `[B, Hkv, S, d]` -> expected `[B, Hq, S, d]` float32 (appends k/v)."""
+        B, _, S, d = q.shape
+        qf = q.astype(np.float64)
+        for b, sid in enumerate(sids):
+            start = self.length(sid, layer)
+            if self.inv is not None:
+                qf[b] = rotate(qf[b], np.arange(start, start + S), self.inv)
+            self.append(sid, layer, k[b].transpose(1, 0, 2), v[b].transpose(1, 0, 2))
+        lens = np.array([self.length(s, layer) for s in sids], dtype=np.int32)
+        nblk = -(-lens // self.bl)
+        ids = self.rng.permutation(int(nblk.sum())).astype(np.int32)  # scattered physical blocks
+        kc = np.zeros((self.hkv, ids.size, self.bl, d), np.float32)
+        vc = np.zeros_like(kc)
+        tables = np.zeros((B, int(nblk.max())), np.int32)
+        start = 0
+        for b, sid in enumerate(sids):
+            K, V = self.kv[(sid, layer)]
+            for j in range(nblk[b]):
+                blk = ids[start + j]
+                tables[b, j] = blk
+                rows = slice(j * self.bl, min((j + 1) * self.bl, len(K)))
+                kc[:, blk, : rows.stop - rows.start] = K[rows].transpose(1, 0, 2)
+                vc[:, blk, : rows.stop - rows.start] = V[rows].transpose(1, 0, 2)
+            start += nblk[b]
+        sinks = None if self.sinks is None else self.sinks[layer]
+        return paged_decode(
+            qf.astype(np.float32), kc, vc, tables, lens, scale=self.scale, window=self.windows[layer], sinks=sinks,
+            backend="reference",
+        )  # fmt: skip
+
+
+def rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32).astype(dtype)
+
+
+def tol(dtype: np.dtype) -> dict[str, float]:
+    return {"rtol": 2e-2, "atol": 2e-2} if np.dtype(dtype) == BF16 else {"rtol": 1e-4, "atol": 1e-5}
+
+
+# ---- raw stubs ------------------------------------------------------------------------------
+
+
+def decode_request(
+    layer: int, sids: list[str], positions: list[int], q: np.ndarray, k: np.ndarray, v: np.ndarray, rid: str = ""
+) -> pb.DecodeRequest:
+    req = pb.DecodeRequest(request_id=rid, layer=layer, sequence_ids=sids, positions=positions)
+    codec.encode(q, req.q)
+    codec.encode(k, req.k)
+    codec.encode(v, req.v)
+    return req
+
+
+def append_request(sid: str, layer: int, position: int, k: np.ndarray, v: np.ndarray) -> pb.AppendKVRequest:
+    req = pb.AppendKVRequest(sequence_id=sid, layer=layer, position=position)
+    codec.encode(k, req.k)
+    codec.encode(v, req.v)
+    return req
+
+
+def stub(target: str, **channel: object) -> pb_grpc.DecodeAttentionStub:
+    return pb_grpc.DecodeAttentionStub(grpc.insecure_channel(target, **channel))
+
+
+def status_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of a call expected to fail."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    raise AssertionError("the call succeeded; expected an error")
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of the /metrics page: `name{labels}` -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll `predicate` until true (a synchronisation helper, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

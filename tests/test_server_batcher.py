@@ -1,0 +1,125 @@
+"""The batcher alone: which requests share a kernel launch, the queue bound, cancelled callers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tkg.server.batcher import Batcher, DecodeWork
+from tkg.server.errors import ResourceExhausted
+
+
+def _work(layer: int, seqs: list[str], S: int = 1) -> DecodeWork:
+    z = np.zeros((len(seqs), 1, S, 2), np.float32)
+    return DecodeWork(layer, S, seqs, np.zeros(len(seqs), np.int64), z, z, z)
+
+
+class Recorder:
+    """A run_batch that records each batch's sequence ids and answers every request."""
+
+    def __init__(self, hold: asyncio.Event | None = None) -> None:
+        self.batches: list[list[list[str]]] = []
+        self.hold = hold
+
+    async def __call__(self, batch: list[DecodeWork]) -> None:
+        self.batches.append([w.seq_ids for w in batch])
+        if self.hold is not None:
+            await self.hold.wait()
+        for w in batch:
+            w.future.set_result(len(batch))
+
+
+def _run(coro_fn) -> None:  # type: ignore[no-untyped-def]
+    asyncio.run(asyncio.wait_for(coro_fn(), timeout=10))
+
+
+def test_coalesces_by_layer_and_s_and_defers_colliding_sequences() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = Batcher(rec, max_batch=8, delay_s=0.05, max_pending=100)
+        works = [
+            _work(0, ["a"]), _work(0, ["b", "c"]), _work(1, ["d"]),  # layer 1: its own launch
+            _work(0, ["a"]),  # a again: collides with the forming batch, goes to the next one
+            _work(0, ["e"], S=2),  # another S: its own launch
+            _work(0, ["f"]),
+        ]  # fmt: skip
+        futures = [b.submit(w) for w in works]  # all queued before the dispatcher runs
+        b.start()
+        await asyncio.gather(*futures)
+        await b.stop()
+        assert rec.batches == [[["a"], ["b", "c"], ["f"]], [["d"]], [["a"]], [["e"]]]
+        assert [f.result() for f in futures] == [3, 3, 1, 1, 1, 3]
+
+    _run(main)
+
+
+def test_max_batch_counts_sequences() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = Batcher(rec, max_batch=3, delay_s=0.0, max_pending=100)
+        futures = [b.submit(_work(0, ids)) for ids in (["a", "b"], ["c", "d"], ["e"], ["f"])]
+        b.start()
+        await asyncio.gather(*futures)
+        await b.stop()
+        assert rec.batches == [[["a", "b"], ["e"]], [["c", "d"], ["f"]]]
+
+    _run(main)
+
+
+def test_requests_arriving_while_a_batch_runs_form_the_next_batch() -> None:
+    async def main() -> None:
+        hold = asyncio.Event()
+        rec = Recorder(hold)
+        b = Batcher(rec, max_batch=16, delay_s=0.0, max_pending=100)
+        b.start()
+        first = b.submit(_work(0, ["a"]))
+        while not rec.batches:  # the first launch has started and is held
+            await asyncio.sleep(0)
+        assert b.running == 1
+        later = [b.submit(_work(0, [s])) for s in "bcd"]
+        assert b.pending == 3
+        hold.set()
+        await asyncio.gather(first, *later)
+        await b.stop()
+        assert rec.batches == [[["a"]], [["b"], ["c"], ["d"]]]
+
+    _run(main)
+
+
+def test_queue_bound_is_resource_exhausted() -> None:
+    async def main() -> None:
+        b = Batcher(Recorder(), max_batch=4, delay_s=0.0, max_pending=2)
+        b.submit(_work(0, ["a"]))
+        b.submit(_work(0, ["b"]))
+        with pytest.raises(ResourceExhausted, match=r"queue: 2 decode requests pending; expected fewer than 2"):
+            b.submit(_work(0, ["c"]))
+        await b.stop()
+
+    _run(main)
+
+
+def test_cancelled_callers_are_dropped_and_errors_reach_every_caller() -> None:
+    async def main() -> None:
+        seen: list[list[str]] = []
+
+        async def failing(batch: list[DecodeWork]) -> None:
+            seen.extend(w.seq_ids for w in batch)
+            raise RuntimeError("boom")
+
+        b = Batcher(failing, max_batch=4, delay_s=0.0, max_pending=10)
+        gone = b.submit(_work(0, ["gone"]))
+        gone.cancel()
+        f1, f2 = b.submit(_work(0, ["a"])), b.submit(_work(0, ["b"]))
+        b.start()
+        for f in (f1, f2):
+            with pytest.raises(RuntimeError, match="boom"):
+                await f
+        ok = Recorder()
+        b._run_batch = ok  # the dispatcher survived the failure and keeps serving
+        assert await b.submit(_work(0, ["c"])) == 1
+        await b.stop()
+        assert seen == [["a"], ["b"]] and ok.batches == [[["c"]]]
+
+    _run(main)
