@@ -32,7 +32,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -211,6 +211,26 @@ class Group:
     next_layer: int = 0
 
 
+def make_groups(plan: Plan) -> list[Group]:
+    """`plan.groups` groups of `plan.batch` fresh ids, group g pinned to replica g mod n: its ids are
+    chosen so that they route there, so a request never has to be split across replicas."""
+    run = uuid.uuid4().hex[:8]
+    n = len(plan.targets)
+    groups = []
+    for g in range(plan.groups):
+        replica, ids = g % n, []
+        for i in range(plan.batch):
+            attempt = 0
+            while True:
+                sid = f"lt-{run}-{g}-{i}" + (f"-{attempt}" if attempt else "")
+                if n == 1 or routing.pick(plan.targets, sid) == replica:
+                    break
+                attempt += 1
+            ids.append(sid)
+        groups.append(Group(g, replica, ids, np.zeros(plan.layers, np.int64)))
+    return groups
+
+
 @dataclass
 class Progress:
     """Shared counters the workers update and the progress reporter reads."""
@@ -224,9 +244,9 @@ class Progress:
 class Runner:
     """One load-test run against `plan.targets` (create inside the event loop)."""
 
-    def __init__(self, plan: Plan, out=sys.stderr) -> None:
+    def __init__(self, plan: Plan, err: TextIO | None = None) -> None:
         self.plan = plan
-        self.err = out
+        self.err = err if err is not None else sys.stderr  # looked up now: tests swap sys.stderr
         self.rec = Recorder()
         self.progress = Progress()
         self.created: list[tuple[int, str]] = []  # (replica, sequence id)
@@ -296,24 +316,6 @@ class Runner:
                 f"--sequences x (--context + --max-new-tokens): needs about {need} KV blocks per layer per "
                 f"replica, the server has {free} free; expected fewer sequences or tokens"
             )
-
-    def make_groups(self) -> list[Group]:
-        """Ids chosen here so that each group lives on one replica (round robin over replicas)."""
-        run = uuid.uuid4().hex[:8]
-        n = len(self.plan.targets)
-        groups = []
-        for g in range(self.plan.groups):
-            replica, ids = g % n, []
-            for i in range(self.plan.batch):
-                attempt = 0
-                while True:
-                    sid = f"lt-{run}-{g}-{i}" + (f"-{attempt}" if attempt else "")
-                    if n == 1 or routing.pick(self.plan.targets, sid) == replica:
-                        break
-                    attempt += 1
-                ids.append(sid)
-            groups.append(Group(g, replica, ids, np.zeros(self.plan.layers, np.int64)))
-        return groups
 
     async def ingest(self, groups: list[Group]) -> None:
         """Create every sequence and AppendKV its prompt on each layer (8 sequences at a time)."""
@@ -536,7 +538,7 @@ class Runner:
             loop.add_signal_handler(signal.SIGINT, self.progress.stop.set)
         try:
             await self.check_servers()
-            groups = self.make_groups()
+            groups = make_groups(p)
             self.err.write(
                 f"{PROG}: {len(p.targets)} replica(s), model {self.info.model or '?'} backend {self.info.backend}; "
                 f"ingesting {p.sequences} sequences x {p.context} tokens x {p.layers} layer(s)\n"
