@@ -95,6 +95,25 @@ def visibility(call: KernelCall) -> np.ndarray:
     return vis
 
 
+def _weighted_values(p: np.ndarray, V: np.ndarray, vis: np.ndarray) -> np.ndarray:
+    """`sum_k p[b,h,k,i] * V[b,k,:]` as `[B, H, d, S]`, over visible keys only.
+
+    A masked key's weight is exactly 0, but 0 * NaN and 0 * inf are NaN: garbage in a slot no
+    query sees (stale or never-written cache slots) must not reach the output. Non-finite values
+    are kept out of the product, and the (rare) ones a query does see are added back for it.
+    """
+    finite = np.isfinite(V)
+    if finite.all():
+        return np.einsum("bhki,bkd->bhdi", p, V)
+    pv = np.einsum("bhki,bkd->bhdi", p, np.where(finite, V, np.float32(0)))
+    b_i, k_i, e_i = np.nonzero(~finite)
+    seen = vis[b_i, :, k_i, :]  # [n, H, S]
+    with np.errstate(invalid="ignore"):  # 0 * inf where masked: discarded by the where
+        contrib = np.where(seen, p[b_i, :, k_i, :] * V[b_i, k_i, e_i][:, None, None], np.float32(0))
+    np.add.at(pv.transpose(0, 2, 1, 3), (b_i, e_i), contrib)  # pv viewed as [B, d, H, S]
+    return pv
+
+
 def run(call: KernelCall) -> None:
     """Compute `call.out` (and `call.k_out`, `call.dbg`) in place."""
     cfg: AttnTKGConfig = call.cfg
@@ -132,7 +151,7 @@ def run(call: KernelCall) -> None:
     denom = p.sum(axis=2, keepdims=True)
     if call.sink is not None:
         denom = denom + np.exp(sink - row_max)
-    out = np.einsum("bhki,bkd->bhdi", p, V) / denom  # [B, H, d, S]
+    out = _weighted_values(p, V, vis) / denom  # [B, H, d, S]
 
     if cfg.out_in_sb:
         call.out[...] = out.transpose(2, 0, 1, 3).reshape(d, B * H * S)
