@@ -141,11 +141,12 @@ def run(call: KernelCall) -> None:
     if call.sink is not None:
         sink = as_f32(call.sink).reshape(1, H, 1, 1)
         row_max = np.maximum(row_max, sink)
-    elif np.isneginf(row_max).any():
+    # A sink of -inf is no sink: its row still has nothing to normalise over.
+    if np.isneginf(row_max).any():
         b, h, _, i = (int(x[0]) for x in np.nonzero(np.isneginf(row_max)))
         raise ValueError(
             f"attention_tkg: mask: every key is masked for row b={b}, head h={h}, query i={i}; "
-            "expected at least one visible key (the active diagonal) or a sink"
+            "expected at least one visible key (the active diagonal) or a finite sink"
         )
     p = np.exp(scores - row_max)
     denom = p.sum(axis=2, keepdims=True)
