@@ -186,11 +186,14 @@ def validate_call(
     m = m.view(np.uint8)
     why = "[S, B, H, S] active part with use_pos_id" if cfg.use_pos_id else "[Sp, B, H, S]"
     _check_shape("mask", m, cfg.mask_shape, why)
-    if cfg.is_block_kv and not cfg.use_pos_id and Sp % 128:
+    fold = 128 * cfg.block_len
+    if cfg.is_block_kv and not cfg.use_pos_id and Sp % fold:
+        # The fold order (design/kernel.md) is defined over whole folds of 128 blocks of the
+        # caller's block_len; a partial fold has no defined order.
         raise _fail(
             "cfg.curr_sprior",
-            f"{Sp} must be a multiple of 128 for a pre-generated block-KV mask (its keys are in the "
-            "fold-shuffled order of 128-block folds)",
+            f"{Sp} must be a multiple of block_len*128 = {fold} with a pre-generated block-KV mask (its "
+            "keys come in folds of 128 blocks, fold-shuffled); pass use_pos_id=True to have it generated",
         )
 
     if out is None:
