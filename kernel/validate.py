@@ -243,6 +243,8 @@ def validate_call(
         why = "[d, B*S] with k_out_in_sb" if cfg.k_out_in_sb else "[B, 1, d, S]"
         _check_shape("k_out", ko, cfg.k_out_shape, why)
         _check_dtype("k_out", ko, dt)
+        if not ko.flags.writeable:
+            raise _fail("k_out", "is read-only")
 
     dbg = None
     if DBG_TENSORS is not None:
