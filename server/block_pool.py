@@ -60,7 +60,9 @@ class BlockPool:
         Raises ResourceExhausted (nothing taken) when fewer than `n` are free.
         """
         if n > self._top:
-            raise ResourceExhausted(f"KV cache: {n} free blocks needed, {self._top} of {self.num_blocks} free")
+            raise ResourceExhausted(
+                f"KV cache: {n} free blocks needed, {self._top} of {self.num_blocks} free; expected at most {self._top}"
+            )
         ids = self._stack[self._top - n : self._top][::-1].copy()
         self._top -= n
         self._ref[ids] = 1

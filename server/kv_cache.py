@@ -370,7 +370,7 @@ class KVCache:
         if fresh + cow > self.pool.free_count:
             raise ResourceExhausted(
                 f"KV cache: the batch needs {fresh + cow} free blocks ({fresh} new, {cow} copy-on-write), "
-                f"{self.pool.free_count} of {self.num_blocks} free"
+                f"{self.pool.free_count} of {self.num_blocks} free; expected at most {self.pool.free_count}"
             )
         reserved = self.pool.allocate(fresh + cow)
         seqs.pending[slots, layer] = True

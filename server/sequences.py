@@ -81,7 +81,9 @@ class SequenceTable:
         """The slot of `seq_id`; NOT_FOUND naming `field_name` when it is not live."""
         slot = self._slot_of.get(seq_id)
         if slot is None:
-            raise NotFound(f"{field_name}: no sequence {seq_id!r} (unknown, released or expired)")
+            raise NotFound(
+                f"{field_name}: no sequence {seq_id!r} (unknown, released or expired); expected a live sequence id"
+            )
         return slot
 
     def slots(self, field_name: str, seq_ids: Sequence[str]) -> np.ndarray:

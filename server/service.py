@@ -26,7 +26,9 @@ from tkg.kernel import paged_decode
 from tkg.server.batcher import Batcher, DecodeWork
 from tkg.server.config import ModelSpec
 from tkg.server.errors import (
+    FailedPrecondition,
     InvalidArgument,
+    OutOfRange,
     PermissionDenied,
     ServiceError,
     Unauthenticated,
@@ -349,6 +351,18 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         if T < 1:
             raise InvalidArgument("k.shape[0]: 0 tokens; expected at least 1")
         v = self._tensor(chunk.v, "v", (T, s.num_kv_heads, s.head_dim), "[T, num_kv_heads, head_dim]")
+        # The cache checks these too; checking here names this RPC's own field (`position`).
+        length = self.cache.get(chunk.sequence_id).lengths[chunk.layer]
+        if chunk.position != length:
+            raise FailedPrecondition(
+                f"position: {chunk.position} is not sequence {chunk.sequence_id!r}'s length at layer {chunk.layer}; "
+                f"expected {length} (chunks must be contiguous)"
+            )
+        if length + T > s.max_context:
+            raise OutOfRange(
+                f"position: {chunk.position} + {T} tokens exceeds max_context for sequence {chunk.sequence_id!r}; "
+                f"expected at most {s.max_context} tokens"
+            )
         if self._inv_freqs is not None:
             pos = (chunk.position + np.arange(T))[None, :]
             k = apply_rope(k.transpose(1, 0, 2)[None], pos, self._inv_freqs)[0].transpose(1, 0, 2)

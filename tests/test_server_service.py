@@ -1,0 +1,86 @@
+"""The servicer without a network: start-up states and server bugs map to the right status codes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from tkg.server.config import build_spec
+from tkg.server.kv_cache import KVCache
+from tkg.server.metrics import Metrics
+from tkg.server.service import DecodeAttentionService, ServiceOptions
+from tkg.v1 import decode_attention_pb2 as pb
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+class FakeContext:
+    """What the servicer uses of `grpc.aio.ServicerContext`."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+def _service() -> DecodeAttentionService:
+    spec = build_spec({"num_layers": 1, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "num_blocks": 4,
+                       "kv_dtype": "float32"})  # fmt: skip
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=8, block_len=spec.block_len, num_blocks=4,
+                    max_context=spec.max_context, dtype="float32")  # fmt: skip
+    opts = ServiceOptions(backend="reference", max_batch=4, batch_delay_s=0.0, max_pending=4, max_message_bytes=2**20)
+    return DecodeAttentionService(spec, cache, opts, Metrics("reference"))
+
+
+def _call(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_unavailable_while_warming_up_except_server_info() -> None:
+    svc = _service()
+    assert not svc.ready
+    info = _call(svc.GetServerInfo(pb.GetServerInfoRequest(), FakeContext()))
+    assert info.num_blocks == 4 and info.free_blocks == 4
+    with pytest.raises(Aborted) as err:
+        _call(svc.CreateSequence(pb.CreateSequenceRequest(sequence_id="s"), FakeContext()))
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and "warming up" in err.value.details
+    assert len(svc.cache) == 0
+    svc.ready = True
+    assert _call(svc.CreateSequence(pb.CreateSequenceRequest(sequence_id="s"), FakeContext())).sequence_id == "s"
+
+
+def test_a_server_bug_is_internal_and_counted() -> None:
+    svc = _service()
+    svc.ready = True
+
+    def broken(seq_id: str) -> None:
+        raise ZeroDivisionError("oops")
+
+    svc.cache.get = broken  # type: ignore[method-assign]
+    with pytest.raises(Aborted) as err:
+        _call(svc.GetSequence(pb.GetSequenceRequest(sequence_id="s"), FakeContext()))
+    assert err.value.code == grpc.StatusCode.INTERNAL and "ZeroDivisionError: oops" in err.value.details
+    count = svc.metrics.registry.get_sample_value(
+        "tkg_request_duration_seconds_count", {"method": "GetSequence", "code": "INTERNAL"}
+    )
+    assert count == 1
+
+
+def test_draining_refuses_new_calls() -> None:
+    svc = _service()
+    svc.ready = True
+    _call(svc.drain(0.0))
+    with pytest.raises(Aborted) as err:
+        _call(svc.GetServerInfo(pb.GetServerInfoRequest(), FakeContext()))
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details
