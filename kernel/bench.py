@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="KV / I/O dtype (bf16)")
     p.add_argument("--peers", type=_choices(PEERS), default=list(PEERS), help=f"subset of {','.join(PEERS)}")
     p.add_argument("--iters", type=int, default=10, help="timed runs per peer, at most (10)")
-    p.add_argument("--budget", type=float, default=1.5, help="seconds per peer and shape, at most (1.5)")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds per peer and shape, at most (1.0)")
     p.add_argument("--threads", type=int, default=2, help="torch threads and cpu kernel threads (2)")
     p.add_argument("--membw-mib", type=int, default=512, help="buffer for the read-bandwidth measure (512)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")

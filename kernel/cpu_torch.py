@@ -12,6 +12,9 @@ cached block is read once per kv head rather than once per q head (research/kvca
 
 from __future__ import annotations
 
+import math
+import threading
+
 import numpy as np
 import torch
 
@@ -156,45 +159,80 @@ def run(call: KernelCall) -> None:
             _write(dst, full[name])
 
 
+class _Workspace(threading.local):
+    """Per-thread flat buffers reused across calls: fresh large tensors per step cost page faults."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A contiguous `shape` view of the thread's `name` buffer, grown (x1.5) when too small."""
+        n = math.prod(shape)
+        buf = self.bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, int(1.5 * (0 if buf is None else buf.numel()))), dtype=dtype)
+            self.bufs[(name, dtype)] = buf
+        return buf[:n].view(shape)
+
+
+_WS = _Workspace()
+
+
+def _gather_f32(pool: torch.Tensor, blocks: torch.Tensor, L: int, name: str) -> torch.Tensor:
+    """`[Hkv, L, d]` float32: the first L tokens of `blocks` of every kv head, in reused buffers."""
+    Hkv, _, BL, d = pool.shape
+    shape = (Hkv, blocks.numel(), BL, d)
+    if pool.dtype == torch.float32:
+        dst = _WS.take(name, torch.float32, shape)
+        torch.index_select(pool, 1, blocks, out=dst)
+    else:
+        io = _WS.take(name + "-io", pool.dtype, shape)
+        torch.index_select(pool, 1, blocks, out=io)
+        dst = _WS.take(name, torch.float32, shape)
+        dst.copy_(io)
+    return dst.view(Hkv, -1, d)[:, :L]
+
+
 @torch.inference_mode()
 def paged_decode(args: PagedArgs, **_options: object) -> None:
     """Fill `args.out` `[B, Hq, S, d]` for one decode step over the paged pools (see `tkg.kernel.paged`).
 
-    Per sequence: gather its blocks of every kv head once, `[Hkv, L, d]` in fp32, then for each
-    kv head the packed `[G*S, d]` queries attend to them. Query i of a sequence of length L sits at
-    position t = L - S + i and sees keys j <= t (and t - j < window). Options meant for the native
-    kernel (thread counts) do not apply here and are ignored.
+    Per sequence: gather its blocks of every kv head once, `[Hkv, L, d]` in fp32 (reused per-thread
+    workspaces), then for each kv head the packed `[G*S, d]` queries attend to them. Query i of a
+    sequence of length L sits at position t = L - S + i and sees keys j <= t (and t - j < window).
+    Options meant for the native kernel (thread counts) do not apply here and are ignored.
     """
     q = _t(args.q)
     B, Hq, S, d = q.shape
     Hkv, BL = args.num_kv_heads, args.block_len
     G = Hq // Hkv
     kc, vc = _t(args.k_cache), _t(args.v_cache)
-    out = torch.empty((B, Hq, S, d), dtype=torch.float32)
+    out = _WS.take("out", torch.float32, (B, Hq, S, d))
     scale = float(args.scale)
     sinks = None
     if args.sinks is not None:
-        sinks = torch.from_numpy(as_f32(args.sinks).reshape(Hkv, G, 1).copy())
+        sinks = torch.from_numpy(as_f32(args.sinks).reshape(Hkv, G, 1, 1).copy())
     for b in range(B):
         L = int(args.seq_lens[b])
         blocks = torch.from_numpy(args.block_tables[b, : -(-L // BL)].astype(np.int64))
-        K = kc.index_select(1, blocks).reshape(Hkv, -1, d)[:, :L].to(torch.float32)  # [Hkv, L, d]
-        V = vc.index_select(1, blocks).reshape(Hkv, -1, d)[:, :L].to(torch.float32)
+        K = _gather_f32(kc, blocks, L, "k")  # [Hkv, L, d]
+        V = _gather_f32(vc, blocks, L, "v")
         qb = q[b].to(torch.float32).reshape(Hkv, G * S, d) * scale
         scores = torch.bmm(qb, K.transpose(1, 2)).view(Hkv, G, S, L)
-        t = torch.arange(L - S, L).view(S, 1)
-        j = torch.arange(L).view(1, L)
-        hidden = j > t
-        if args.window is not None:
-            hidden |= (t - j) >= args.window
-        scores.masked_fill_(hidden, float("-inf"))
+        if S > 1 or args.window is not None:
+            t = torch.arange(L - S, L).view(S, 1)
+            j = torch.arange(L).view(1, L)
+            hidden = j > t
+            if args.window is not None:
+                hidden |= (t - j) >= args.window
+            scores.masked_fill_(hidden, float("-inf"))
         row_max = scores.amax(dim=3, keepdim=True)  # the diagonal is always visible: finite
         if sinks is not None:
-            row_max = torch.maximum(row_max, sinks.unsqueeze(3))
-        p = torch.exp(scores - row_max)
+            row_max = torch.maximum(row_max, sinks)
+        p = torch.exp_(scores.sub_(row_max))
         denom = p.sum(dim=3, keepdim=True)
         if sinks is not None:
-            denom += torch.exp(sinks.unsqueeze(3) - row_max)
-        ob = torch.bmm(p.view(Hkv, G * S, L), V).view(Hkv, G, S, d) / denom
+            denom += torch.exp(sinks - row_max)
+        ob = torch.bmm(p.view(Hkv, G * S, L), V).view(Hkv, G, S, d).div_(denom)
         out[b] = ob.reshape(Hq, S, d)
     _write(args.out, out)

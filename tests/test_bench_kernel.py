@@ -288,3 +288,43 @@ def test_read_bandwidth_checks_and_restores_threads() -> None:
     assert bw.threads == 1 and bw.nbytes == 8 * 2**20
     assert 0 < bw.median_gbs <= bw.best_gbs
     assert torch.get_num_threads() == before
+
+
+def test_torch_paged_decode_reuses_workspaces_across_shapes_and_threads() -> None:
+    """Workspaces are per thread and grow: shrinking, growing and concurrent calls stay exact."""
+    import threading
+
+    cases = [
+        _paged_case(np.dtype(np.float32), 8, 4, None, True, seed=1),
+        _paged_case(np.dtype(np.float32), 2, 1, 3, False, seed=2),  # smaller pools and tokens
+        _paged_case(BF16, 8, 4, None, True, seed=3),
+    ]
+    for args in [*cases, cases[0]]:
+        cpu_torch.paged_decode(args)
+        np.testing.assert_allclose(args.out.astype(np.float32), _paged_oracle(args), rtol=2e-2, atol=2e-2)
+
+    errors: list[BaseException] = []
+    outs: dict[int, list[np.ndarray]] = {0: [], 1: []}
+
+    def worker(i: int) -> None:
+        try:
+            for _ in range(5):
+                args = cases[i]
+                cpu_torch.paged_decode(args)
+                outs[i].append(args.out.astype(np.float32).copy())
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    # Separate PagedArgs per thread (each owns its out); the kernel's buffers must not be shared.
+    f32 = np.dtype(np.float32)
+    cases = [_paged_case(f32, 8, 4, None, True, seed=1), _paged_case(f32, 4, 2, 5, True, seed=4)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in (0, 1):
+        want = _paged_oracle(cases[i])
+        for got in outs[i]:
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
