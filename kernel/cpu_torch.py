@@ -46,6 +46,40 @@ def _write(dst: np.ndarray, src: torch.Tensor) -> None:
         dst[...] = tmp
 
 
+class _Workspace(threading.local):
+    """Per-thread flat buffers reused across calls: fresh large tensors per step cost page faults."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A contiguous `shape` view of the thread's `name` buffer, grown (x1.5) when too small."""
+        n = math.prod(shape)
+        buf = self.bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, int(1.5 * (0 if buf is None else buf.numel()))), dtype=dtype)
+            self.bufs[(name, dtype)] = buf
+        return buf[:n].view(shape)
+
+
+_WS = _Workspace()
+
+
+def _gather_f32(pool: torch.Tensor, blocks: torch.Tensor, L: int, name: str) -> torch.Tensor:
+    """`[Hkv, L, d]` float32: the first L tokens of `blocks` of every kv head, in reused buffers."""
+    Hkv, _, BL, d = pool.shape
+    shape = (Hkv, blocks.numel(), BL, d)
+    if pool.dtype == torch.float32:
+        dst = _WS.take(name, torch.float32, shape)
+        torch.index_select(pool, 1, blocks, out=dst)
+    else:
+        io = _WS.take(name + "-io", pool.dtype, shape)
+        torch.index_select(pool, 1, blocks, out=io)
+        dst = _WS.take(name, torch.float32, shape)
+        dst.copy_(io)
+    return dst.view(Hkv, -1, d)[:, :L]
+
+
 def _queries(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
     """q `[B, H, S, d]` and k_active `[B, S, d]`, fp32, RoPE and the 1/sqrt(d) scale applied."""
     cfg = call.cfg
@@ -66,13 +100,17 @@ def _queries(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _prior(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first Sp cached keys and values of each row, `[B, Sp, d]` fp32 (fresh tensors)."""
+    """The first Sp cached keys and values of each row, `[B, Sp, d]` fp32 (scratch: the caller may write).
+
+    Block KV gathers into the thread's reused workspaces (the cache is large; fresh buffers per call
+    cost page faults); the flat cache is small enough to copy.
+    """
     cfg = call.cfg
     B, Sp, d = cfg.bs, cfg.curr_sprior, cfg.d_head
     if cfg.is_block_kv:
         table = torch.from_numpy(call.active_blocks_table.astype(np.int64)).reshape(-1)
-        K = _t(call.k_prior).index_select(0, table).reshape(B, Sp, d).to(torch.float32)
-        V = _t(call.v_prior).index_select(0, table).reshape(B, Sp, d).to(torch.float32)
+        K = _gather_f32(_t(call.k_prior).unsqueeze(0), table, Sp * B, "k").view(B, Sp, d)
+        V = _gather_f32(_t(call.v_prior).unsqueeze(0), table, Sp * B, "v").view(B, Sp, d)
         return K, V
     kp = _t(call.k_prior)[:B, 0]
     K = kp[:, :Sp, :] if cfg.tp_k_prior else kp[:, :, :Sp].transpose(1, 2)
@@ -107,7 +145,7 @@ def _no_visible_key(row_max: torch.Tensor) -> ValueError:
     b, h, i = (int(x) for x in torch.nonzero(torch.isneginf(row_max))[0])
     return ValueError(
         f"attention_tkg: mask: every key is masked for row b={b}, head h={h}, query i={i}; "
-        "expected at least one visible key (the active diagonal) or a sink"
+        "expected at least one visible key (the active diagonal) or a finite sink"
     )
 
 
@@ -130,7 +168,8 @@ def run(call: KernelCall) -> None:
     if call.sink is not None:
         sink = torch.from_numpy(as_f32(call.sink).reshape(1, H, 1).copy())
         row_max = torch.maximum(row_max, sink)
-    elif torch.isneginf(row_max).any():
+    # A sink of -inf is no sink: its row still has nothing to normalise over.
+    if torch.isneginf(row_max).any():
         raise _no_visible_key(row_max)
     p = torch.exp(scores - row_max.unsqueeze(3))
     denom = p.sum(dim=3)
@@ -157,40 +196,6 @@ def run(call: KernelCall) -> None:
         }
         for name, dst in call.dbg.items():
             _write(dst, full[name])
-
-
-class _Workspace(threading.local):
-    """Per-thread flat buffers reused across calls: fresh large tensors per step cost page faults."""
-
-    def __init__(self) -> None:
-        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def take(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A contiguous `shape` view of the thread's `name` buffer, grown (x1.5) when too small."""
-        n = math.prod(shape)
-        buf = self.bufs.get((name, dtype))
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, int(1.5 * (0 if buf is None else buf.numel()))), dtype=dtype)
-            self.bufs[(name, dtype)] = buf
-        return buf[:n].view(shape)
-
-
-_WS = _Workspace()
-
-
-def _gather_f32(pool: torch.Tensor, blocks: torch.Tensor, L: int, name: str) -> torch.Tensor:
-    """`[Hkv, L, d]` float32: the first L tokens of `blocks` of every kv head, in reused buffers."""
-    Hkv, _, BL, d = pool.shape
-    shape = (Hkv, blocks.numel(), BL, d)
-    if pool.dtype == torch.float32:
-        dst = _WS.take(name, torch.float32, shape)
-        torch.index_select(pool, 1, blocks, out=dst)
-    else:
-        io = _WS.take(name + "-io", pool.dtype, shape)
-        torch.index_select(pool, 1, blocks, out=io)
-        dst = _WS.take(name, torch.float32, shape)
-        dst.copy_(io)
-    return dst.view(Hkv, -1, d)[:, :L]
 
 
 @torch.inference_mode()

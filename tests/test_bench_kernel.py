@@ -118,6 +118,14 @@ def test_torch_run_fully_masked_row_raises_like_reference() -> None:
     call.mask[:, 1, 0, 0] = 0  # row b=1, head 0 sees nothing
     with pytest.raises(ValueError, match=r"b=1, head h=0, query i=0"):
         cpu_torch.run(call)
+    # A sink of -inf is no sink (as in the reference); a finite sink makes the row well defined.
+    call.sink = np.array([[-np.inf], [0.5]], np.float32)
+    with pytest.raises(ValueError, match=r"b=1, head h=0, query i=0.*finite sink"):
+        cpu_torch.run(call)
+    call.sink = np.array([[0.25], [0.5]], np.float32)
+    cpu_torch.run(call)
+    assert np.all(call.out[1, 0] == 0)  # only the sink: zero output
+    assert np.all(np.isfinite(call.out))
 
 
 def _paged_case(dtype: np.dtype, BL: int, S: int, window: int | None, sinks: bool, seed: int = 0):
