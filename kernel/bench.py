@@ -20,6 +20,7 @@ cannot pass unnoticed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -119,7 +120,15 @@ def _cpu_module() -> tuple[Any, str]:
     return cpu, (impl() if impl is not None else "unknown")
 
 
-def _peers(case: Case, names: list[str], cpu: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], np.ndarray]]]:
+def _thread_option(fn: Callable[..., Any], threads: int) -> dict[str, int]:
+    """`{"threads": n}` when `fn` takes a `threads` keyword (the native kernel's pool size), else nothing."""
+    params = inspect.signature(fn).parameters
+    return {"threads": threads} if "threads" in params else {}
+
+
+def _peers(
+    case: Case, names: list[str], cpu: Any, threads: int
+) -> dict[str, tuple[Callable[[], Any], Callable[[], np.ndarray]]]:
     """name -> (timed call, result as float32 `[B, Hq, S, d]`), inputs prepared outside the timed call."""
     import torch
     import torch.nn.functional as F
@@ -132,9 +141,9 @@ def _peers(case: Case, names: list[str], cpu: Any) -> dict[str, tuple[Callable[[
     out: dict[str, tuple[Callable[[], Any], Callable[[], np.ndarray]]] = {}
     f32 = np.float32
 
-    def paged(mod: Any) -> tuple[Callable[[], Any], Callable[[], np.ndarray]]:
+    def paged(mod: Any, **opts: Any) -> tuple[Callable[[], Any], Callable[[], np.ndarray]]:
         args = case.paged_args()
-        return (lambda: mod.paged_decode(args)), (lambda: args.out.astype(f32))
+        return (lambda: mod.paged_decode(args, **opts)), (lambda: args.out.astype(f32))
 
     def folded(run: Callable[[Any], None]) -> tuple[Callable[[], Any], Callable[[], np.ndarray]]:
         fa = dict(case.folded)
@@ -145,7 +154,7 @@ def _peers(case: Case, names: list[str], cpu: Any) -> dict[str, tuple[Callable[[
         return (lambda: run(call)), (lambda: case.unfold_out(call.out).astype(f32))
 
     if "cpu.paged_decode" in names:
-        out["cpu.paged_decode"] = paged(cpu)
+        out["cpu.paged_decode"] = paged(cpu, **_thread_option(cpu.paged_decode, threads))
     if "cpu.attention_tkg" in names:
         from tkg.kernel.api import attention_tkg
 
@@ -237,7 +246,7 @@ def _bench_case(case: Case, a: argparse.Namespace, cpu: Any, read_gbs: float) ->
         "seq_lens": case.seq_lens.tolist(), "kv_bytes": case.kv_bytes, "peers": {},
     }  # fmt: skip
     results: dict[str, np.ndarray] = {}
-    for name, (fn, result) in _peers(case, a.peers, cpu).items():
+    for name, (fn, result) in _peers(case, a.peers, cpu, a.threads).items():
         med, n = _time(fn, a.iters, a.budget)
         gbs = case.kv_bytes / med / 1e9
         entry["peers"][name] = {"median_ms": med * 1e3, "runs": n, "eff_gbs": gbs, "x_read_bw": gbs / read_gbs}
