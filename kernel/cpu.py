@@ -1,0 +1,358 @@
+"""The `cpu` backend: the native kernel (`tkg.kernel._native`, kernel/native/) when it was built
+and covers the call, else the torch implementation (`tkg.kernel.cpu_torch`).
+
+The native kernel walks each sequence's blocks straight out of the pool (no gathered copy),
+scores each chunk of keys against all q heads of its kv head at once, keeps an online softmax
+in fp32 and runs on a persistent, pinned thread pool with the GIL released. Its ISA variant
+(AVX-512-BF16, AVX-512, AVX2+FMA or the baseline) is picked at run time by CPUID.
+
+Native coverage: `paged_decode` always (pools C-contiguous, d <= 256); `run` (attention_tkg)
+for position-id masks (`use_pos_id`) over block or flat `tp_k_prior` caches, with or without
+fused RoPE, sinks and sliding windows. Pre-generated masks, a transposed flat K, and debug
+tensors go to the torch implementation, which handles every flag.
+
+Environment: TKG_CPU_THREADS (threads, default: the CPUs this process may use),
+TKG_CPU_PIN=0 (do not pin the pool's workers), TKG_CPU_NATIVE=0 (always use torch),
+TKG_CPU_VARIANT (force a variant name, e.g. "avx2").
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import ModuleType
+
+import numpy as np
+
+from tkg.kernel.arrays import as_f32
+from tkg.kernel.paged import PagedArgs
+from tkg.kernel.reference import rope_rotate_half
+from tkg.kernel.validate import KernelCall
+from tkg.kernel_dtypes import BF16
+
+NAME = "cpu"
+
+_native: ModuleType | None
+try:
+    from tkg.kernel import _native  # type: ignore[attr-defined,no-redef]
+
+    NATIVE_ERROR: str | None = None
+except ImportError as exc:  # not built (no compiler at install time) or built for another Python
+    _native = None
+    NATIVE_ERROR = str(exc)
+
+_DTYPE_CODES = {np.dtype(np.float32): 0, BF16: 1, np.dtype(np.float16): 2}
+_MAX_D = 256
+_MAX_ACTIVE = 16
+_CHUNK = 32  # keys per chunk in the kernel (TKG_CHUNK)
+
+
+def available() -> str | None:
+    """Always usable: without the native extension the torch implementation runs."""
+    return None
+
+
+def native_variants() -> list[str]:
+    """ISA variants of the native kernel this CPU can run, best first; [] without the extension."""
+    return list(_native.variants()) if _native is not None else []
+
+
+def _native_enabled() -> bool:
+    return _native is not None and os.environ.get("TKG_CPU_NATIVE", "1") != "0"
+
+
+def _variant(name: str | None) -> int:
+    """Variant index for `name` (None: TKG_CPU_VARIANT, else the best this CPU supports)."""
+    assert _native is not None
+    name = name or os.environ.get("TKG_CPU_VARIANT") or None
+    supported = native_variants()
+    if name is None:
+        return list(_native.VARIANT_NAMES).index(supported[0])
+    if name not in supported:
+        raise ValueError(f"cpu backend: variant: {name!r} is not supported here; expected one of {supported}")
+    return list(_native.VARIANT_NAMES).index(name)
+
+
+def implementation(variant: str | None = None) -> str:
+    """What the `cpu` backend runs here: "native-<isa variant>" or "torch" (with the reason)."""
+    if _native is None:
+        return f"torch (native kernel not built: {NATIVE_ERROR})"
+    if not _native_enabled():
+        return "torch (TKG_CPU_NATIVE=0)"
+    return "native-" + _native.VARIANT_NAMES[_variant(variant)]
+
+
+def default_threads() -> int:
+    env = os.environ.get("TKG_CPU_THREADS")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"TKG_CPU_THREADS: expected a positive integer, got {env!r}")
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _default_pin() -> bool:
+    return os.environ.get("TKG_CPU_PIN", "1") != "0"
+
+
+def _auto_nsplit(ntasks: int, threads: int, max_keys: int) -> int:
+    """Key splits per task: enough items to keep every thread busy, never below ~4 chunks a split."""
+    if ntasks >= 2 * threads:
+        return 1
+    want = -(-2 * threads // max(ntasks, 1))
+    return max(1, min(want, max_keys // (4 * _CHUNK)))
+
+
+class _Workspace(threading.local):
+    """Per-thread reusable host buffers, keyed by name; reallocated only when the size changes."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        buf = self.bufs.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != np.dtype(dtype):
+            buf = np.empty(shape, dtype=dtype)
+            self.bufs[name] = buf
+        return buf
+
+
+_ws = _Workspace()
+
+
+def _addr(a: np.ndarray | None) -> int:
+    return 0 if a is None else int(a.__array_interface__["data"][0])
+
+
+def _c(a: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _attend(
+    *,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    heads_per_row: int,
+    head_stride: int,
+    block_stride: int,
+    bl: int,
+    table: np.ndarray,
+    nkeys: np.ndarray,
+    score_scale: float,
+    q_bf16_exact: bool,
+    causal_s: int = 0,
+    window: int = 0,
+    ranges: np.ndarray | None = None,
+    ka: np.ndarray | None = None,
+    va: np.ndarray | None = None,
+    act_mask: np.ndarray | None = None,
+    sinks: np.ndarray | None = None,
+    threads: int | None = None,
+    pin: bool | None = None,
+    variant: str | None = None,
+    nsplit: int | None = None,
+) -> int:
+    """One native call. q fp32 `[T, nq, d]`, out `[T, nq, d]` (pool dtype); returns the first fully
+    masked query as `task * nq + r`, or -1. All arrays must be C-contiguous and stay alive."""
+    assert _native is not None
+    T, nq, d = q.shape
+    for name, a in (("q", q), ("out", out), ("table", table), ("nkeys", nkeys), ("ranges", ranges),
+                    ("ka", ka), ("va", va), ("act_mask", act_mask), ("sinks", sinks)):  # fmt: skip
+        if a is not None and not a.flags.c_contiguous:
+            raise ValueError(f"cpu backend: {name}: must be C-contiguous")
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"cpu backend: threads: expected >= 1, got {threads}")
+    if nsplit is None:
+        nsplit = _auto_nsplit(T, threads, int(nkeys.max()) if nkeys.size else 0)
+    _, err = _native.attend(
+        variant=_variant(variant), threads=threads, pin=_default_pin() if pin is None else bool(pin),
+        dtype=_DTYPE_CODES[k.dtype], out_dtype=_DTYPE_CODES[out.dtype], d=d, nq=nq, ntasks=T,
+        heads_per_row=heads_per_row, q=_addr(q), score_scale=float(score_scale), q_bf16_exact=q_bf16_exact,
+        k=_addr(k), v=_addr(v), head_stride=head_stride, block_stride=block_stride, bl=bl,
+        table=_addr(table), table_stride=table.shape[1], nkeys=_addr(nkeys), causal_s=causal_s,
+        window=window, ranges=_addr(ranges), act_n=0 if ka is None else ka.shape[1], ka=_addr(ka),
+        va=_addr(va), act_mask=_addr(act_mask), sinks=_addr(sinks), out=_addr(out), nsplit=int(nsplit),
+    )  # fmt: skip
+    return int(err)
+
+
+def _torch_impl() -> ModuleType:
+    from tkg.kernel import cpu_torch
+
+    return cpu_torch
+
+
+# --------------------------------------------------------------------------- paged_decode
+
+
+def paged_native_ok(args: PagedArgs) -> bool:
+    """True when the native kernel covers this paged call (else torch runs it)."""
+    return (
+        _native_enabled()
+        and args.q.shape[3] <= _MAX_D
+        and args.k_cache.flags.c_contiguous
+        and args.v_cache.flags.c_contiguous
+    )
+
+
+def paged_decode(
+    args: PagedArgs,
+    *,
+    threads: int | None = None,
+    pin: bool | None = None,
+    variant: str | None = None,
+    nsplit: int | None = None,
+    native: bool | None = None,
+    **_options: object,
+) -> None:
+    """Fill `args.out` `[B, Hq, S, d]` (see `tkg.kernel.paged.paged_decode`).
+
+    One native task per (sequence, kv head): its G*S queries (q heads of the kv head x new
+    tokens) share every key read. Options: threads, pin (workers to CPUs), variant (ISA name),
+    nsplit (key splits per task; default adapts to few long sequences), native (False: torch).
+    """
+    if native is False or not paged_native_ok(args):
+        if native:
+            raise ValueError("cpu backend: native: the native kernel cannot run this call here")
+        _torch_impl().paged_decode(args)
+        return
+    q = args.q
+    B, Hq, S, d = q.shape
+    Hkv, NB, BL, _ = args.k_cache.shape
+    G = Hq // Hkv
+    if B == 0:
+        return
+    q32 = _ws.get("paged_q", (B * Hkv, G * S, d), np.float32)
+    q32[...] = q.reshape(B * Hkv, G * S, d)
+    sinks = None
+    if args.sinks is not None:
+        sinks = _ws.get("paged_sinks", (B * Hkv, G * S), np.float32)
+        sinks.reshape(B, Hkv, G, S)[...] = as_f32(args.sinks).reshape(1, Hkv, G, 1)
+    out = args.out if args.out.flags.c_contiguous else np.empty_like(args.out)
+    _attend(
+        q=q32, k=args.k_cache, v=args.v_cache, out=out.reshape(B * Hkv, G * S, d), heads_per_row=Hkv,
+        head_stride=NB * BL * d, block_stride=BL * d, bl=BL, table=_c(args.block_tables, np.int32),
+        nkeys=_c(args.seq_lens, np.int32), score_scale=args.scale, q_bf16_exact=q.dtype == BF16,
+        causal_s=S, window=0 if args.window is None else int(args.window), sinks=sinks,
+        threads=threads, pin=pin, variant=variant, nsplit=nsplit,
+    )  # fmt: skip
+    if out is not args.out:
+        args.out[...] = out
+
+
+# --------------------------------------------------------------------------- attention_tkg
+
+
+def run_native_ok(call: KernelCall) -> bool:
+    """True when the native kernel covers this attention_tkg call (else torch runs it)."""
+    cfg = call.cfg
+    if not _native_enabled() or call.dbg is not None or not cfg.use_pos_id:
+        return False
+    if cfg.d_head > _MAX_D or cfg.s_active > _MAX_ACTIVE:
+        return False
+    if cfg.is_block_kv:
+        return call.k_prior.flags.c_contiguous and call.v_prior.flags.c_contiguous
+    return (
+        cfg.tp_k_prior
+        and call.k_prior.shape == call.v_prior.shape
+        and call.k_prior.flags.c_contiguous
+        and call.v_prior.flags.c_contiguous
+    )
+
+
+def _queries(call: KernelCall) -> tuple[np.ndarray, np.ndarray]:
+    """q `[B, H, S, d]` and k_active `[B, S, d]` in fp32, RoPE (and its 1/sqrt(d)) applied."""
+    cfg = call.cfg
+    B, H, S, d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
+    if cfg.qk_in_sb:
+        q = as_f32(call.q).reshape(d, B, H, S).transpose(1, 2, 3, 0)
+        ka = as_f32(call.k_active).reshape(d, B, S).transpose(1, 2, 0)
+    else:
+        q = as_f32(call.q)
+        ka = as_f32(call.k_active)[:, 0]
+    if cfg.fuse_rope:
+        q = rope_rotate_half(q, call.rope_pos_ids, call.inv_freqs) / np.float32(np.sqrt(d))
+        ka = rope_rotate_half(ka, call.rope_pos_ids, call.inv_freqs)
+    return q, ka
+
+
+def _prior_ranges(call: KernelCall) -> np.ndarray:
+    """int32 `[B, S, 4]`: the two visible intervals of cached keys of each query (reference.visibility)."""
+    cfg = call.cfg
+    B, S, Sp = cfg.bs, cfg.s_active, cfg.curr_sprior
+    n = Sp - S
+    # Positions are float32: "key < cached" means key < ceil(cached), "key >= start" key >= ceil(start).
+    cached = np.clip(np.ceil(as_f32(call.rope_pos_ids)[:, :1].astype(np.float64)), 0, n)  # [B, 1]
+    rg = np.zeros((B, S, 4), dtype=np.int64)
+    rg[:, :, 1] = cached
+    if call.start_pos_ids is not None:
+        start_f = as_f32(call.start_pos_ids).astype(np.float64)
+        start = np.clip(np.ceil(start_f), 0, n)
+        wraps = start_f > as_f32(call.rope_pos_ids)[:, :1]  # a circular cache whose window wraps around
+        rg[:, :, 0] = np.where(wraps, 0, start)
+        rg[:, :, 2] = np.where(wraps, start, 0)
+        rg[:, :, 3] = np.where(wraps, n, 0)
+    return rg.astype(np.int32)
+
+
+def run(call: KernelCall, native: bool | None = None) -> None:
+    """Fill `call.out` (and `call.k_out`) like `reference.run`; torch handles what native does not."""
+    if native is None:
+        native = call.options.get("native")  # type: ignore[assignment]
+    if native is False or not run_native_ok(call):
+        if native:
+            raise ValueError("cpu backend: native: the native kernel cannot run this call here")
+        _torch_impl().run(call)
+        return
+    opts = {k: call.options.get(k) for k in ("threads", "pin", "variant", "nsplit")}
+    cfg = call.cfg
+    B, H, S, d, Sp = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head, cfg.curr_sprior
+    q, ka = _queries(call)
+    q32 = _c(q.reshape(B, H * S, d), np.float32)
+    if cfg.is_block_kv:
+        BL = cfg.block_len
+        k, v = call.k_prior, call.v_prior
+        table = _c(call.active_blocks_table.view(np.int32) if call.active_blocks_table.dtype == np.uint32
+                   else call.active_blocks_table, np.int32)  # fmt: skip
+        bstride = BL * d
+    else:
+        k, v = call.k_prior, call.v_prior
+        BL = k.shape[2]  # one "block" per row: the row's whole flat cache
+        table = np.arange(B, dtype=np.int32).reshape(B, 1)
+        bstride = BL * d
+    ranges = np.ascontiguousarray(np.repeat(_prior_ranges(call)[:, None], H, axis=1).reshape(B, H * S, 4))
+    act_mask = _c(call.mask.transpose(1, 2, 3, 0).reshape(B, H * S, S) != 0, np.uint8)
+    sinks = None
+    if call.sink is not None:
+        sinks = _c(np.broadcast_to(as_f32(call.sink).reshape(1, H, 1), (B, H, S)).reshape(B, H * S), np.float32)
+    o = np.empty((B, H * S, d), dtype=np.float32)
+    err = _attend(
+        q=q32, k=k, v=v, out=o, heads_per_row=1, head_stride=0, block_stride=bstride, bl=BL, table=table,
+        nkeys=np.full(B, Sp - S, dtype=np.int32), score_scale=1.0,
+        q_bf16_exact=call.dtype == BF16 and not cfg.fuse_rope, ranges=ranges, ka=_c(ka, np.float32),
+        va=_c(as_f32(call.v_active)[:, 0], np.float32), act_mask=act_mask, sinks=sinks, **opts,
+    )  # fmt: skip
+    if err >= 0:
+        b, r = divmod(err, H * S)
+        h, i = divmod(r, S)
+        raise ValueError(
+            f"attention_tkg: mask: every key is masked for row b={b}, head h={h}, query i={i}; "
+            "expected at least one visible key (the active diagonal) or a finite sink"
+        )
+    out = o.reshape(B, H, S, d)
+    if cfg.out_in_sb:
+        call.out[...] = out.transpose(3, 0, 1, 2).reshape(d, B * H * S)
+    else:
+        call.out[...] = out.transpose(0, 1, 3, 2)
+    if call.k_out is not None:
+        k_out = ka.transpose(0, 2, 1)  # [B, d, S]
+        if cfg.k_out_in_sb:
+            call.k_out[...] = k_out.transpose(1, 0, 2).reshape(d, B * S)
+        else:
+            call.k_out[...] = k_out[:, None]

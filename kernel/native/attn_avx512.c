@@ -1,0 +1,12 @@
+/* The item kernel compiled for avx512 (selected at run time by CPUID; the rest of the
+ * extension is built for the baseline ISA, so images stay portable: no -march=native). */
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+#define SUFFIX avx512
+#define USE_DPBF16 0
+#include "attn_impl.h"
+#else
+#include "tkg_native.h"
+/* Not an x86 target: this variant is never selected. */
+void tkg_item_avx512(const tkg_problem *p, int item, tkg_partial part, float *ws) { tkg_item_generic(p, item, part, ws); }
+#endif

@@ -1,0 +1,356 @@
+/* The decode-attention item kernel, written once with GCC vector extensions and compiled once
+ * per instruction set (attn_<isa>.c set the target with #pragma GCC target and define SUFFIX).
+ * A 16-float vector becomes one zmm on AVX-512, two ymm on AVX2 and four xmm on baseline x86-64.
+ *
+ * Per item: keys are walked in chunks of TKG_CHUNK tokens straight out of the pool blocks (no
+ * gathered copy of the cache). Each chunk of K is converted to fp32 once and scored against all
+ * nq queries of the task (the q heads of a kv head share every key load), then an online
+ * softmax (running max m, denominator l, fp32 accumulator) folds in the chunk's V.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "tkg_native.h"
+
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define FN(name) CAT(name, SUFFIX)
+
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf_u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh_u __attribute__((vector_size(32), aligned(2)));
+typedef _Float16 vhf_u __attribute__((vector_size(32), aligned(2)));
+
+#define AI static inline __attribute__((always_inline))
+
+AI vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+/* 16 elements of a pool row to fp32. */
+AI vf load16(const void *src, int dtype) {
+    if (dtype == TKG_BF16) {
+        vu w = __builtin_convertvector(*(const vh_u *)src, vu) << 16;
+        return (vf)w;
+    }
+    if (dtype == TKG_F16) return __builtin_convertvector(*(const vhf_u *)src, vf);
+    return *(const vf_u *)src;
+}
+
+AI float scalar_load(const void *src, int64_t i, int dtype) {
+    if (dtype == TKG_BF16) {
+        uint32_t w = (uint32_t)((const uint16_t *)src)[i] << 16;
+        float f;
+        memcpy(&f, &w, 4);
+        return f;
+    }
+    if (dtype == TKG_F16) return (float)((const _Float16 *)src)[i];
+    return ((const float *)src)[i];
+}
+
+/* One row of d elements to fp32 at dst, zero-padded to dp. */
+AI void row_to_f32(float *dst, const void *src, int d, int dp, int dtype) {
+    int c = 0;
+    int esz = dtype == TKG_F32 ? 4 : 2;
+    for (; c + 16 <= d; c += 16) *(vf *)(dst + c) = load16((const char *)src + (int64_t)c * esz, dtype);
+    for (; c < d; c++) dst[c] = scalar_load(src, c, dtype);
+    for (; c < dp; c++) dst[c] = 0.0f;
+}
+
+AI float hsum(vf x) {
+    float s = 0.0f;
+    for (int i = 0; i < 16; i++) s += x[i];
+    return s;
+}
+
+AI float hmax(vf x) {
+    float m = x[0];
+    for (int i = 1; i < 16; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* m ? a : b lane-wise (the vector ?: is C++-only in GCC). */
+AI vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+
+AI vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+
+/* exp(x) for a vector, Cephes-style: x = n*ln2 + r, |r| <= ln2/2, degree-6 polynomial in r.
+ * About 1 ulp; exactly 0 below -87.3 (so masked -inf logits give p = 0). */
+AI vf vexp(vf x) {
+    const vf hi = splat(88.3762626647949f), lo = splat(-87.3365447504f);
+    vi under = x < lo;
+    x = vsel(x > hi, hi, x);
+    x = vsel(under, lo, x);
+    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf t = x * splat(1.44269504088896341f) + magic;
+    vf n = t - magic;
+    vi ni = (vi)t - (vi)magic;
+    vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    vf pol = splat(1.9875691500e-4f);
+    pol = pol * r + splat(1.3981999507e-3f);
+    pol = pol * r + splat(8.3334519073e-3f);
+    pol = pol * r + splat(4.1665795894e-2f);
+    pol = pol * r + splat(1.6666665459e-1f);
+    pol = pol * r + splat(5.0000001201e-1f);
+    pol = pol * r * r + r + splat(1.0f);
+    vi bits = (ni + 127) << 23;
+    vf res = pol * (vf)bits;
+    return (vf)((vi)res & ~under);
+}
+
+/* Sum each of 16 vectors: lane t of the result is the sum of a[BITREV[t]] (the tree below
+ * leaves the tokens in bit-reversed lane order, so callers feed them bit-reversed). */
+static const int BITREV16[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+AI vf comb(vf x, vf y, vi ia, vi ib) { return __builtin_shuffle(x, y, ia) + __builtin_shuffle(x, y, ib); }
+
+AI vf reduce16(const vf *a) {
+    const vi L1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const vi L1b = L1a + 8;
+    const vi L2a = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const vi L2b = L2a + 4;
+    const vi L3a = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const vi L3b = L3a + 2;
+    const vi L4a = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    const vi L4b = L4a + 1;
+    vf b[8], c[4], e[2];
+    for (int i = 0; i < 8; i++) b[i] = comb(a[2 * i], a[2 * i + 1], L1a, L1b);
+    for (int i = 0; i < 4; i++) c[i] = comb(b[2 * i], b[2 * i + 1], L2a, L2b);
+    for (int i = 0; i < 2; i++) e[i] = comb(c[2 * i], c[2 * i + 1], L3a, L3b);
+    return comb(e[0], e[1], L4a, L4b);
+}
+
+/* Scores of 16 fp32 key rows kb[0..16) (stride dp) against one fp32 query qv. */
+AI vf dots16_f32(const float *qv, const float *kb, int dp) {
+    vf a[16];
+    for (int t = 0; t < 16; t++) {
+        const float *kr = kb + (int64_t)BITREV16[t] * dp;
+        vf s0 = splat(0.0f), s1 = splat(0.0f);
+        int c = 0;
+        for (; c + 32 <= dp; c += 32) {
+            s0 += *(const vf *)(qv + c) * *(const vf *)(kr + c);
+            s1 += *(const vf *)(qv + c + 16) * *(const vf *)(kr + c + 16);
+        }
+        if (c < dp) s0 += *(const vf *)(qv + c) * *(const vf *)(kr + c);
+        a[t] = s0 + s1;
+    }
+    return reduce16(a);
+}
+
+#if USE_DPBF16
+#include <immintrin.h>
+/* Scores of 16 bf16 pool rows (pointers) against one bf16 query (d a multiple of 32): the
+ * products of bf16 numbers are exact in fp32 and accumulate in fp32 (vdpbf16ps). */
+AI vf dots16_bf16(const uint16_t *qb, const uint16_t *const *kr, int d) {
+    vf a[16];
+    for (int t = 0; t < 16; t++) {
+        const uint16_t *k = kr[BITREV16[t]];
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        int c = 0;
+        for (; c + 64 <= d; c += 64) {
+            s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(qb + c), (__m512bh)_mm512_loadu_si512(k + c));
+            s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(qb + c + 32),
+                                  (__m512bh)_mm512_loadu_si512(k + c + 32));
+        }
+        if (c < d)
+            s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(qb + c), (__m512bh)_mm512_loadu_si512(k + c));
+        a[t] = (vf)_mm512_add_ps(s0, s1);
+    }
+    return reduce16(a);
+}
+#endif
+
+/* acc[0..DPV) += sum_j p[j] * vb[j], for one query; DPV constant so acc stays in registers. */
+AI void pv_fixed(float *acc, const float *p, const float *vb, int n, int dp, int DPV) {
+    vf a[8];
+    for (int c = 0; c < DPV; c++) a[c] = *(vf *)(acc + 16 * c);
+    for (int j = 0; j < n; j++) {
+        vf pj = splat(p[j]);
+        const float *vr = vb + (int64_t)j * dp;
+        for (int c = 0; c < DPV; c++) a[c] += pj * *(const vf *)(vr + 16 * c);
+    }
+    for (int c = 0; c < DPV; c++) *(vf *)(acc + 16 * c) = a[c];
+}
+
+AI void pv(float *acc, const float *p, const float *vb, int n, int dp) {
+    int dpv = dp / 16;
+    if (dpv == 8) {
+        pv_fixed(acc, p, vb, n, dp, 8);
+    } else if (dpv == 4) {
+        pv_fixed(acc, p, vb, n, dp, 4);
+    } else {
+        for (int c0 = 0; c0 < dpv; c0 += 4) {
+            int w = dpv - c0 < 4 ? dpv - c0 : 4;
+            if (w == 4) pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 4);
+            else if (w == 3) pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 3);
+            else if (w == 2) pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 2);
+            else pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 1);
+        }
+    }
+}
+
+/* Fold one chunk of scores s[nq][TKG_CHUNK] (entries past n are -inf) and the fp32 values vb
+ * into the running state. */
+AI void softmax_update(tkg_partial part, float *s, const float *vb, int n, int nq, int dp) {
+    for (int r = 0; r < nq; r++) {
+        float *sr = s + r * TKG_CHUNK;
+        vf mx = vmax(*(vf *)sr, *(vf *)(sr + 16));
+        float cm = hmax(mx);
+        if (cm == -INFINITY) continue; /* nothing visible in this chunk for this query */
+        float m_old = part.m[r];
+        float m_new = cm > m_old ? cm : m_old;
+        float *acc = part.acc + (int64_t)r * dp;
+        if (m_new != m_old) {
+            float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+            part.l[r] *= alpha;
+            vf va = splat(alpha);
+            for (int c = 0; c < dp; c += 16) *(vf *)(acc + c) *= va;
+            part.m[r] = m_new;
+        }
+        vf mv = splat(m_new);
+        vf p0 = vexp(*(vf *)sr - mv), p1 = vexp(*(vf *)(sr + 16) - mv);
+        *(vf *)sr = p0;
+        *(vf *)(sr + 16) = p1;
+        part.l[r] += hsum(p0 + p1);
+        pv(acc, sr, vb, n, dp);
+    }
+}
+
+/* Visible key ranges of query r of task t, and whether key interval [a, b) is wholly visible. */
+AI void query_ranges(const tkg_problem *p, int task, int nk, int r, int32_t *out4) {
+    if (p->ranges) {
+        memcpy(out4, p->ranges + ((int64_t)task * p->nq + r) * 4, 16);
+        return;
+    }
+    int i = r % p->causal_s;
+    int hi = nk - p->causal_s + i + 1;
+    int lo = p->window > 0 && hi - p->window > 0 ? hi - p->window : 0;
+    out4[0] = lo;
+    out4[1] = hi;
+    out4[2] = 0;
+    out4[3] = 0;
+}
+
+void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
+    const int task = item / p->nsplit, split = item % p->nsplit;
+    const int row = task / p->heads_per_row, head = task % p->heads_per_row;
+    const int d = p->d, dp = tkg_padded_d(d), nq = p->nq, CH = TKG_CHUNK;
+    const int nk = p->nkeys[row];
+    const int esz = p->dtype == TKG_F32 ? 4 : 2;
+
+    int32_t *rg = (int32_t *)ws;
+    ws += (nq * 4 + 15) / 16 * 16;
+    float *qs = ws;
+    ws += (int64_t)nq * dp;
+    uint16_t *qb = (uint16_t *)ws;
+    ws += ((int64_t)nq * dp / 2 + 15) / 16 * 16; /* every region stays 64-byte aligned */
+    float *kb = ws;
+    ws += (int64_t)CH * dp;
+    float *vb = ws;
+    ws += (int64_t)CH * dp;
+    float *s = ws;
+
+    /* Key hull of the task, clipped to the pooled keys; split into nsplit chunk-aligned parts. */
+    int hull_lo = nk, hull_hi = 0;
+    for (int r = 0; r < nq; r++) {
+        int32_t *g = rg + 4 * r;
+        query_ranges(p, task, nk, r, g);
+        for (int k = 0; k < 4; k += 2) {
+            if (g[k] < 0) g[k] = 0;
+            if (g[k + 1] > nk) g[k + 1] = nk;
+            if (g[k] < g[k + 1]) {
+                hull_lo = g[k] < hull_lo ? g[k] : hull_lo;
+                hull_hi = g[k + 1] > hull_hi ? g[k + 1] : hull_hi;
+            }
+        }
+    }
+    int klo = 0, khi = 0;
+    if (hull_lo < hull_hi) {
+        int nchunks = (hull_hi - hull_lo + CH - 1) / CH;
+        int per = (nchunks + p->nsplit - 1) / p->nsplit;
+        klo = hull_lo + split * per * CH;
+        khi = klo + per * CH;
+        if (khi > hull_hi) khi = hull_hi;
+        if (klo > khi) klo = khi;
+    }
+
+    const float *qsrc = p->q + (int64_t)task * nq * d;
+    int use_bf = 0;
+#if USE_DPBF16
+    use_bf = p->dtype == TKG_BF16 && p->q_bf16_exact && d % 32 == 0;
+#endif
+    float qscale = use_bf ? 1.0f : p->score_scale;
+    for (int r = 0; r < nq; r++) {
+        for (int c = 0; c < dp; c++) qs[r * dp + c] = c < d ? qsrc[(int64_t)r * d + c] * qscale : 0.0f;
+        if (use_bf)
+            for (int c = 0; c < d; c++) {
+                uint32_t w;
+                memcpy(&w, qsrc + (int64_t)r * d + c, 4);
+                qb[r * dp + c] = (uint16_t)(w >> 16); /* exact: the value is a bf16 number */
+            }
+        part.m[r] = -INFINITY;
+        part.l[r] = 0.0f;
+    }
+    memset(part.acc, 0, sizeof(float) * (size_t)nq * dp);
+
+    const char *kbase = (const char *)p->k + (int64_t)head * p->head_stride * esz;
+    const char *vbase = (const char *)p->v + (int64_t)head * p->head_stride * esz;
+    const int32_t *tab = p->table + (int64_t)row * p->table_stride;
+    const void *kptr[TKG_CHUNK];
+    const void *vptr[TKG_CHUNK];
+
+    for (int c0 = klo; c0 < khi; c0 += CH) {
+        int n = khi - c0 < CH ? khi - c0 : CH;
+        for (int j = 0; j < CH; j++) {
+            int key = c0 + (j < n ? j : 0);
+            int64_t off = (int64_t)tab[key / p->bl] * p->block_stride + (int64_t)(key % p->bl) * d;
+            kptr[j] = kbase + off * esz;
+            vptr[j] = vbase + off * esz;
+        }
+        int ng = (n + 15) / 16;
+        if (!use_bf)
+            for (int j = 0; j < ng * 16; j++) row_to_f32(kb + (int64_t)j * dp, kptr[j], d, dp, p->dtype);
+        for (int r = 0; r < nq; r++) {
+            float *sr = s + r * CH;
+            for (int g = 0; g < ng; g++) {
+#if USE_DPBF16
+                if (use_bf) {
+                    *(vf *)(sr + 16 * g) =
+                        dots16_bf16(qb + r * dp, (const uint16_t *const *)(kptr + 16 * g), d) * splat(p->score_scale);
+                    continue;
+                }
+#endif
+                *(vf *)(sr + 16 * g) = dots16_f32(qs + r * dp, kb + (int64_t)16 * g * dp, dp);
+            }
+            for (int j = ng * 16; j < CH; j++) sr[j] = -INFINITY;
+            const int32_t *g = rg + 4 * r;
+            int whole = (c0 >= g[0] && c0 + n <= g[1]) || (c0 >= g[2] && c0 + n <= g[3]);
+            if (!whole)
+                for (int j = 0; j < n; j++) {
+                    int key = c0 + j;
+                    if (!((key >= g[0] && key < g[1]) || (key >= g[2] && key < g[3]))) sr[j] = -INFINITY;
+                }
+            for (int j = n; j < ng * 16; j++) sr[j] = -INFINITY;
+        }
+        for (int j = 0; j < n; j++) row_to_f32(vb + (int64_t)j * dp, vptr[j], d, dp, p->dtype);
+        softmax_update(part, s, vb, n, nq, dp);
+    }
+
+    /* The active keys (attention_tkg only) ride with the last split. */
+    if (p->act_n > 0 && split == p->nsplit - 1) {
+        int n = p->act_n;
+        const float *ka = p->ka + (int64_t)row * n * d;
+        const float *va = p->va + (int64_t)row * n * d;
+        for (int j = 0; j < 16; j++) row_to_f32(kb + (int64_t)j * dp, ka + (int64_t)(j < n ? j : 0) * d, d, dp, TKG_F32);
+        for (int j = 0; j < n; j++) row_to_f32(vb + (int64_t)j * dp, va + (int64_t)j * d, d, dp, TKG_F32);
+        for (int r = 0; r < nq; r++) {
+            float *sr = s + r * CH;
+            *(vf *)sr = dots16_f32(qs + r * dp, kb, dp) * splat(use_bf ? p->score_scale : 1.0f);
+            for (int j = 16; j < CH; j++) sr[j] = -INFINITY;
+            const uint8_t *mk = p->act_mask + ((int64_t)task * nq + r) * n;
+            for (int j = 0; j < 16; j++)
+                if (j >= n || !mk[j]) sr[j] = -INFINITY;
+        }
+        softmax_update(part, s, vb, n, nq, dp);
+    }
+}

@@ -1,0 +1,351 @@
+/* tkg.kernel._native: the Python face of the native decode-attention kernel.
+ *
+ * attend(**problem) runs one call with the GIL released. Arrays travel as addresses (the
+ * Python wrapper, tkg.kernel.cpu, checks shapes, dtypes and contiguity and keeps them alive),
+ * which keeps this module free of the numpy C API and of build-time numpy.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tkg_native.h"
+
+enum { V_AVX512BF16 = 0, V_AVX512 = 1, V_AVX2 = 2, V_GENERIC = 3, NVARIANTS = 4 };
+static const char *VARIANT_NAMES[NVARIANTS] = {"avx512bf16", "avx512", "avx2", "generic"};
+static const tkg_item_fn VARIANT_FNS[NVARIANTS] = {tkg_item_avx512bf16, tkg_item_avx512, tkg_item_avx2,
+                                                   tkg_item_generic};
+
+static int variant_supported(int v) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    switch (v) {
+    case V_AVX512BF16:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+    case V_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case V_AVX2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    default:
+        return 1;
+    }
+#else
+    return v == V_GENERIC;
+#endif
+}
+
+int tkg_padded_d(int d) { return (d + 15) / 16 * 16; }
+
+int64_t tkg_ws_floats(const tkg_problem *p) {
+    int64_t dp = tkg_padded_d(p->d), nq = p->nq;
+    int64_t scratch = (nq * 4 + 15) / 16 * 16 + nq * dp + (nq * dp / 2 + 15) / 16 * 16 + 2 * TKG_CHUNK * dp +
+                      nq * TKG_CHUNK;
+    int64_t partial = 2 * ((nq + 15) / 16 * 16) + nq * dp; /* m, l, acc of an unsplit item */
+    return scratch + partial + 64;
+}
+
+/* ---- per-thread workspaces (kept across calls: no allocation on the hot path once warm) ---- */
+
+#define MAX_WS 64
+static tkg_workspace workspaces[MAX_WS];
+
+static float *workspace(int worker, int64_t floats) {
+    tkg_workspace *w = &workspaces[worker];
+    if (w->cap < floats) {
+        free(w->buf);
+        w->buf = NULL;
+        w->cap = 0;
+        void *mem = NULL;
+        if (posix_memalign(&mem, 64, (size_t)floats * sizeof(float)) != 0) return NULL;
+        w->buf = (float *)mem;
+        w->cap = floats;
+    }
+    return w->buf;
+}
+
+/* ---- output ---- */
+
+static uint16_t f32_to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                        /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static void store_row(void *out, int64_t index, const float *src, int d, int dtype) {
+    if (dtype == TKG_F32) {
+        memcpy((float *)out + index, src, sizeof(float) * (size_t)d);
+    } else if (dtype == TKG_BF16) {
+        uint16_t *o = (uint16_t *)out + index;
+        for (int c = 0; c < d; c++) o[c] = f32_to_bf16(src[c]);
+    } else {
+        _Float16 *o = (_Float16 *)out + index;
+        for (int c = 0; c < d; c++) o[c] = (_Float16)src[c];
+    }
+}
+
+/* ---- one call ---- */
+
+typedef struct {
+    const tkg_problem *p;
+    tkg_item_fn fn;
+    int nitems;
+    const int *order;     /* items, longest tasks first */
+    float *partials;      /* nsplit > 1: per item m[nqp], l[nqp], acc[nq*dp] */
+    int64_t part_floats;  /* floats per item in `partials` */
+    atomic_int next;
+    atomic_llong error;   /* first (task * nq + query) with nothing visible, or -1 */
+    int oom;
+} job_t;
+
+static tkg_partial partial_at(float *base, int nq, int dp) {
+    int nqp = (nq + 15) / 16 * 16;
+    tkg_partial part = {base, base + nqp, base + 2 * nqp};
+    (void)dp;
+    return part;
+}
+
+/* Normalise a task's merged state into `out` (the sink joins the max and the denominator). */
+static void finalize(job_t *job, int task, tkg_partial part, float *row_buf) {
+    const tkg_problem *p = job->p;
+    int nq = p->nq, d = p->d, dp = tkg_padded_d(d);
+    for (int r = 0; r < nq; r++) {
+        float m = part.m[r], l = part.l[r];
+        float *acc = part.acc + (int64_t)r * dp;
+        float denom = l, scale_acc = 1.0f;
+        float sk = p->sinks ? p->sinks[(int64_t)task * nq + r] : -INFINITY;
+        if (sk > m) { /* the sink joins the max (a -inf sink is no sink) */
+            scale_acc = m == -INFINITY ? 0.0f : expf(m - sk);
+            denom = l * scale_acc + 1.0f;
+        } else if (p->sinks && m != -INFINITY) {
+            denom = l + expf(sk - m);
+        } else if (m == -INFINITY) {
+            long long code = (long long)task * nq + r, none = -1;
+            atomic_compare_exchange_strong(&job->error, &none, code);
+            denom = NAN;
+        }
+        float f = scale_acc / denom;
+        for (int c = 0; c < d; c++) row_buf[c] = acc[c] * f;
+        store_row(p->out, ((int64_t)task * nq + r) * d, row_buf, d, p->out_dtype);
+    }
+}
+
+/* Merge the nsplit partial states of a task into the first one. */
+static tkg_partial merge(job_t *job, int task) {
+    const tkg_problem *p = job->p;
+    int nq = p->nq, dp = tkg_padded_d(p->d);
+    tkg_partial into = partial_at(job->partials + (int64_t)task * p->nsplit * job->part_floats, nq, dp);
+    for (int s = 1; s < p->nsplit; s++) {
+        tkg_partial from = partial_at(job->partials + ((int64_t)task * p->nsplit + s) * job->part_floats, nq, dp);
+        for (int r = 0; r < nq; r++) {
+            float m1 = into.m[r], m2 = from.m[r];
+            if (m2 == -INFINITY) continue;
+            float m = m1 > m2 ? m1 : m2;
+            float a1 = m1 == -INFINITY ? 0.0f : expf(m1 - m), a2 = expf(m2 - m);
+            float *x = into.acc + (int64_t)r * dp, *y = from.acc + (int64_t)r * dp;
+            for (int c = 0; c < dp; c++) x[c] = x[c] * a1 + y[c] * a2;
+            into.l[r] = into.l[r] * a1 + from.l[r] * a2;
+            into.m[r] = m;
+        }
+    }
+    return into;
+}
+
+static void run_items(void *ctx, int worker) {
+    job_t *job = (job_t *)ctx;
+    const tkg_problem *p = job->p;
+    int nq = p->nq, dp = tkg_padded_d(p->d);
+    float *ws = workspace(worker, tkg_ws_floats(p) + TKG_MAX_D);
+    if (!ws) {
+        job->oom = 1;
+        return;
+    }
+    int64_t scratch = tkg_ws_floats(p) - (2 * ((nq + 15) / 16 * 16) + (int64_t)nq * dp) - 64;
+    float *own = ws + (scratch + 15) / 16 * 16;
+    float *row_buf = ws + tkg_ws_floats(p);
+    for (;;) {
+        int i = atomic_fetch_add(&job->next, 1);
+        if (i >= job->nitems) break;
+        int item = job->order[i];
+        if (p->nsplit == 1) {
+            tkg_partial part = partial_at(own, nq, dp);
+            job->fn(p, item, part, ws);
+            finalize(job, item, part, row_buf);
+        } else {
+            job->fn(p, item, partial_at(job->partials + (int64_t)item * job->part_floats, nq, dp), ws);
+        }
+    }
+}
+
+static void run_merges(void *ctx, int worker) {
+    job_t *job = (job_t *)ctx;
+    float *row_buf = workspace(worker, tkg_ws_floats(job->p) + TKG_MAX_D);
+    if (!row_buf) {
+        job->oom = 1;
+        return;
+    }
+    for (;;) {
+        int task = atomic_fetch_add(&job->next, 1);
+        if (task >= job->p->ntasks) break;
+        finalize(job, task, merge(job, task), row_buf);
+    }
+}
+
+typedef struct {
+    int len, task;
+} task_len;
+
+static int by_length_desc(const void *a, const void *b) {
+    const task_len *x = (const task_len *)a, *y = (const task_len *)b;
+    return x->len != y->len ? y->len - x->len : x->task - y->task;
+}
+
+/* Returns threads used, or -1 when out of memory; *error = first fully masked query or -1. */
+static int attend_nogil(const tkg_problem *p, tkg_item_fn fn, int threads, int pin, long long *error) {
+    int nitems = p->ntasks * p->nsplit;
+    task_len *tasks = malloc(sizeof(task_len) * (size_t)(p->ntasks + 1));
+    int *order = malloc(sizeof(int) * (size_t)(nitems + 1));
+    job_t job;
+    memset(&job, 0, sizeof(job));
+    job.p = p;
+    job.fn = fn;
+    job.nitems = nitems;
+    job.order = order;
+    atomic_init(&job.next, 0);
+    atomic_init(&job.error, -1);
+    int nqp = (p->nq + 15) / 16 * 16;
+    job.part_floats = 2 * nqp + (int64_t)p->nq * tkg_padded_d(p->d);
+    if (p->nsplit > 1) {
+        void *mem = NULL;
+        if (posix_memalign(&mem, 64, sizeof(float) * (size_t)nitems * (size_t)job.part_floats) == 0)
+            job.partials = (float *)mem;
+    }
+    if (!tasks || !order || (p->nsplit > 1 && !job.partials)) {
+        free(tasks);
+        free(order);
+        free(job.partials);
+        return -1;
+    }
+    /* Longest tasks first, so the ragged tail of the call is short. */
+    for (int t = 0; t < p->ntasks; t++) tasks[t] = (task_len){p->nkeys[t / p->heads_per_row], t};
+    qsort(tasks, (size_t)p->ntasks, sizeof(task_len), by_length_desc);
+    for (int t = 0, i = 0; t < p->ntasks; t++)
+        for (int s = 0; s < p->nsplit; s++) order[i++] = tasks[t].task * p->nsplit + s;
+    int used = tkg_pool_run(threads, pin, run_items, &job);
+    if (p->nsplit > 1 && !job.oom) {
+        atomic_store(&job.next, 0);
+        tkg_pool_run(threads, pin, run_merges, &job);
+    }
+    free(tasks);
+    free(order);
+    free(job.partials);
+    *error = atomic_load(&job.error);
+    return job.oom ? -1 : used;
+}
+
+static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *names[] = {"variant", "threads", "pin", "dtype", "out_dtype", "d", "nq", "ntasks",
+                            "heads_per_row", "q", "score_scale", "q_bf16_exact", "k", "v", "head_stride",
+                            "block_stride", "bl", "table", "table_stride", "nkeys", "causal_s", "window",
+                            "ranges", "act_n", "ka", "va", "act_mask", "sinks", "out", "nsplit", NULL};
+    tkg_problem p;
+    memset(&p, 0, sizeof(p));
+    int variant, threads, pin;
+    unsigned long long q, k, v, table, nkeys, ranges, ka, va, act_mask, sinks, out;
+    long long head_stride, block_stride, table_stride;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipiiiiiiKfpKKLLiKLKiiKiKKKKKi", names, &variant, &threads, &pin,
+                                     &p.dtype, &p.out_dtype, &p.d, &p.nq, &p.ntasks, &p.heads_per_row, &q,
+                                     &p.score_scale, &p.q_bf16_exact, &k, &v, &head_stride, &block_stride, &p.bl,
+                                     &table, &table_stride, &nkeys, &p.causal_s, &p.window, &ranges, &p.act_n, &ka,
+                                     &va, &act_mask, &sinks, &out, &p.nsplit))
+        return NULL;
+    if (variant < 0 || variant >= NVARIANTS || !variant_supported(variant))
+        return PyErr_Format(PyExc_ValueError, "variant: %d is not supported on this CPU", variant);
+    if (p.dtype < 0 || p.dtype > 2 || p.out_dtype < 0 || p.out_dtype > 2)
+        return PyErr_Format(PyExc_ValueError, "dtype/out_dtype: expected 0 (f32), 1 (bf16) or 2 (f16)");
+    if (p.d < 1 || p.d > TKG_MAX_D) return PyErr_Format(PyExc_ValueError, "d: %d not in [1, %d]", p.d, TKG_MAX_D);
+    if (p.nq < 1 || p.ntasks < 0 || p.heads_per_row < 1 || p.bl < 1 || p.nsplit < 1 || p.act_n < 0 || p.act_n > 16)
+        return PyErr_Format(PyExc_ValueError,
+                            "expected nq >= 1, ntasks >= 0, heads_per_row >= 1, bl >= 1, nsplit >= 1, "
+                            "0 <= act_n <= 16");
+    if (!ranges && p.causal_s < 1) return PyErr_Format(PyExc_ValueError, "causal_s: must be >= 1 without ranges");
+    if (p.act_n && (!ka || !va || !act_mask)) return PyErr_Format(PyExc_ValueError, "act_n > 0 needs ka, va, act_mask");
+    p.q = (const float *)(uintptr_t)q;
+    p.k = (const void *)(uintptr_t)k;
+    p.v = (const void *)(uintptr_t)v;
+    p.head_stride = head_stride;
+    p.block_stride = block_stride;
+    p.table = (const int32_t *)(uintptr_t)table;
+    p.table_stride = table_stride;
+    p.nkeys = (const int32_t *)(uintptr_t)nkeys;
+    p.ranges = (const int32_t *)(uintptr_t)ranges;
+    p.ka = (const float *)(uintptr_t)ka;
+    p.va = (const float *)(uintptr_t)va;
+    p.act_mask = (const uint8_t *)(uintptr_t)act_mask;
+    p.sinks = (const float *)(uintptr_t)sinks;
+    p.out = (void *)(uintptr_t)out;
+    long long error = -1;
+    int used = 0;
+    if (p.ntasks > 0) {
+        Py_BEGIN_ALLOW_THREADS;
+        used = attend_nogil(&p, VARIANT_FNS[variant], threads, pin, &error);
+        Py_END_ALLOW_THREADS;
+    }
+    if (used < 0) return PyErr_NoMemory();
+    return Py_BuildValue("iL", used, error);
+}
+
+static PyObject *py_variants(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    PyObject *list = PyList_New(0);
+    if (!list) return NULL;
+    for (int v = 0; v < NVARIANTS; v++) {
+        if (!variant_supported(v)) continue;
+        PyObject *s = PyUnicode_FromString(VARIANT_NAMES[v]);
+        if (!s || PyList_Append(list, s) < 0) {
+            Py_XDECREF(s);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(s);
+    }
+    return list;
+}
+
+static PyObject *py_pool_size(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(tkg_pool_size());
+}
+
+static PyMethodDef methods[] = {
+    {"attend", (PyCFunction)(void (*)(void))py_attend, METH_VARARGS | METH_KEYWORDS,
+     "attend(**problem) -> (threads_used, first_fully_masked_query_or_-1); see kernel/native/tkg_native.h"},
+    {"variants", py_variants, METH_NOARGS, "Kernel variants this CPU supports, best first."},
+    {"pool_size", py_pool_size, METH_NOARGS, "Threads of the persistent pool (including the caller)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_native", "Native CPU decode-attention kernel.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    PyObject *names = PyTuple_New(NVARIANTS);
+    if (!names) return NULL;
+    for (int v = 0; v < NVARIANTS; v++) PyTuple_SET_ITEM(names, v, PyUnicode_FromString(VARIANT_NAMES[v]));
+    if (PyModule_AddObject(m, "VARIANT_NAMES", names) < 0) return NULL;
+    return m;
+}

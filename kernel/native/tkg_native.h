@@ -1,0 +1,78 @@
+/* Shared declarations of the native CPU decode-attention kernel (tkg.kernel._native).
+ *
+ * One "task" is the set of nq query rows that share one key sequence: for paged_decode the
+ * G*S queries of one (sequence, kv head); for attention_tkg the H*S queries of one folded row.
+ * Each task is cut into nsplit key ranges ("items") so that few long tasks still keep every
+ * thread busy; the partial softmax states of the items of a task are merged at the end.
+ */
+#ifndef TKG_NATIVE_H
+#define TKG_NATIVE_H
+
+#include <stdint.h>
+
+enum { TKG_F32 = 0, TKG_BF16 = 1, TKG_F16 = 2 };
+
+/* Key-chunk length: one chunk of K and V converted to fp32 fits in L1 with the scores. */
+#define TKG_CHUNK 32
+#define TKG_MAX_D 256
+
+typedef struct {
+    int dtype;          /* element type of the K/V pools: TKG_F32, TKG_BF16 or TKG_F16 */
+    int out_dtype;      /* element type of `out` */
+    int d;              /* head dim (<= TKG_MAX_D) */
+    int nq;             /* query rows per task */
+    int ntasks;
+    int heads_per_row;  /* task t reads row t / heads_per_row, kv head t % heads_per_row */
+    const float *q;     /* [ntasks, nq, d] fp32 */
+    float score_scale;  /* logits = (q . k) * score_scale */
+    int q_bf16_exact;   /* every q value is a bf16 number: the bf16 dot-product path may run */
+    const void *k, *v;  /* pool bases */
+    int64_t head_stride;   /* elements between kv heads of the pools */
+    int64_t block_stride;  /* elements between blocks */
+    int bl;                /* tokens per block (rows of d elements, contiguous) */
+    const int32_t *table;  /* [rows, table_stride] physical block ids */
+    int64_t table_stride;
+    const int32_t *nkeys;  /* [rows] cached keys read from the pools */
+    /* Visibility. ranges == NULL: query r of a task (i = r % causal_s) sees keys
+     * [max(0, hi - window), hi) with hi = nkeys - causal_s + i + 1 (window <= 0: no window).
+     * Else ranges[t, r] = {lo1, hi1, lo2, hi2}: two half-open key intervals. */
+    int causal_s;
+    int window;
+    const int32_t *ranges;
+    /* Optional extra keys after the pooled ones (attention_tkg's active tokens), fp32. */
+    int act_n;
+    const float *ka, *va;     /* [rows, act_n, d] */
+    const uint8_t *act_mask;  /* [ntasks, nq, act_n], nonzero = visible */
+    const float *sinks;       /* [ntasks, nq] or NULL */
+    void *out;                /* [ntasks, nq, d] */
+    int nsplit;               /* key splits per task, >= 1 */
+} tkg_problem;
+
+/* Per-thread scratch, grown on demand and kept for the life of the process. */
+typedef struct {
+    float *buf;
+    int64_t cap;  /* floats */
+} tkg_workspace;
+
+/* Partial softmax state of one item: row max m, denominator l, and acc[nq][dp]. */
+typedef struct {
+    float *m, *l, *acc;
+} tkg_partial;
+
+/* Compute item `item` (task = item / nsplit) into `part`; `ws` has room for tkg_ws_floats(). */
+typedef void (*tkg_item_fn)(const tkg_problem *p, int item, tkg_partial part, float *ws);
+
+int64_t tkg_ws_floats(const tkg_problem *p);
+int tkg_padded_d(int d);
+
+void tkg_item_avx512bf16(const tkg_problem *p, int item, tkg_partial part, float *ws);
+void tkg_item_avx512(const tkg_problem *p, int item, tkg_partial part, float *ws);
+void tkg_item_avx2(const tkg_problem *p, int item, tkg_partial part, float *ws);
+void tkg_item_generic(const tkg_problem *p, int item, tkg_partial part, float *ws);
+
+/* Thread pool: run fn(ctx, worker) on `nthreads` threads (the caller is worker 0). */
+typedef void (*tkg_job_fn)(void *ctx, int worker);
+int tkg_pool_run(int nthreads, int pin, tkg_job_fn fn, void *ctx);
+int tkg_pool_size(void);
+
+#endif
