@@ -170,6 +170,7 @@ class Bench:
         self.echo_stream = self.echo_channel.stream_stream(echo.STREAM)
         self.ids = [f"bench-{i}" for i in range(args.sequences)]
         self.lengths = dict.fromkeys(self.ids, 0)
+        self.server_us: list[tuple[int, int, int]] = []  # (queue, kernel, total) of measured unary calls
         rng = np.random.default_rng(0)
         H, G, D = self.info.num_q_heads, self.info.num_kv_heads, self.info.head_dim
         self.q1 = rng.standard_normal((1, H, 1, D)).astype(self.dtype)
@@ -228,9 +229,10 @@ class Bench:
             if time.perf_counter() > end:
                 break
             t = time.perf_counter()
-            self.client.decode(0, [sid], [self.lengths[sid]], self.q1, self.k1, self.v1)
+            res = self.client.decode(0, [sid], [self.lengths[sid]], self.q1, self.k1, self.v1)
             out.append(time.perf_counter() - t)
             self.lengths[sid] += 1
+            self.server_us.append((res.timing.queue_us, res.timing.kernel_us, res.timing.total_us))
         return out
 
     def service_stream(self, n: int) -> float:
@@ -374,6 +376,7 @@ class Bench:
             rps["echo_unary"].append(len(e) / sum(e))
             rps["echo_stream"].append(self.echo_stream_rps(req1, a.steps))
             self.service_unary(a.warmup)
+            self.server_us.clear()
             s = self.service_unary(a.steps)
             lat["service"] += s
             rps["service_unary"].append(len(s) / sum(s))
@@ -394,6 +397,9 @@ class Bench:
         med = lambda xs: float(np.median(xs))  # noqa: E731
         ls, le = _lat_summary(lat["service"]), _lat_summary(lat["echo"])
         sc, sb = med(bat["service_concurrent"]), med(bat["service_batched"])
+        # Where the 1-sequence Decode's time goes (means, us); the rest is network + serialization + client.
+        queue_us, kernel_us, total_us = np.mean(self.server_us, axis=0).tolist()
+        split = {"queue": queue_us, "kernel": kernel_us, "total": total_us, "rest": ls["mean_us"] - total_us}
         su, ss = med(rps["service_unary"]), med(rps["service_stream"])
         results = {
             "config": {
@@ -412,6 +418,7 @@ class Bench:
                 "service": ls, "echo": le,
                 "ratio_p50": ls["p50_us"] / le["p50_us"], "ratio_p99": ls["p99_us"] / le["p99_us"],
                 "goal_ratio_p50_max": GOALS["latency_p50"],
+                "server_split_us": split,
             },
             "batching": {
                 "service_concurrent_tokens_s": sc, "service_batched_tokens_s": sb,
@@ -471,6 +478,8 @@ def render(r: dict[str, Any]) -> str:
         f"{c['rounds']} round(s), medians/pooled",
         f"mean server batch size: {B['mean_batch_size_concurrent']:.1f} sequences with {n} callers, "
         f"{B['mean_batch_size_batched']:.1f} with one caller",
+        "1-sequence Decode split (means): queue {queue:.0f} us, kernel {kernel:.0f} us, server total {total:.0f} us, "
+        "rest (network + serialization + client) {rest:.0f} us".format(**L["server_split_us"]),
         "",
         line(head),
         line(["-" * w for w in widths]),

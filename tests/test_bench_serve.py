@@ -62,6 +62,9 @@ def test_bench_runs_and_reports_every_field(tmp_path, capsys: pytest.CaptureFixt
     # One caller sending all 3 sequences runs them in one kernel launch.
     assert r["batching"]["mean_batch_size_batched"] == 3
     assert 1 <= r["batching"]["mean_batch_size_concurrent"] <= 3
+    split = r["latency"]["server_split_us"]
+    assert 0 < split["kernel"] <= split["total"] < r["latency"]["service"]["mean_us"]
+    assert split["rest"] == pytest.approx(r["latency"]["service"]["mean_us"] - split["total"])
     assert set(r["goals_met"]) == {"latency_p50", "batching", "streaming"}
     for row in ("latency p50", "3 callers x 1 seq", "1 caller x 3 seqs", "streaming: stream / unary"):
         assert row in table
