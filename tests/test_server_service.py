@@ -6,12 +6,14 @@ import asyncio
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
+from tkg.kernel_dtypes import BF16
 from tkg.server.config import build_spec
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
-from tkg.server.service import DecodeAttentionService, ServiceOptions
+from tkg.server.service import DecodeAttentionService, ServiceOptions, all_finite
 from tkg.v1 import decode_attention_pb2 as pb
 
 
@@ -84,3 +86,13 @@ def test_draining_refuses_new_calls() -> None:
     with pytest.raises(Aborted) as err:
         _call(svc.GetServerInfo(pb.GetServerInfoRequest(), FakeContext()))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16])
+def test_all_finite_matches_isfinite(dtype: np.dtype) -> None:
+    a = np.array([0.0, -1.5, 3e4, 1e-7, -0.0], np.float32).astype(dtype)
+    assert all_finite(a) and all_finite(a[:0])
+    for bad in (np.nan, np.inf, -np.inf):
+        b = a.copy()
+        b[3] = bad
+        assert not all_finite(b) and not all_finite(b.reshape(5, 1)[1::2]) and all_finite(b[::2])
