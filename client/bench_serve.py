@@ -331,10 +331,52 @@ class Bench:
             t, tokens[0], end[0] = time.perf_counter(), 0, self._deadline()
             await batched(rounds, True)
             one = tokens[0] / (time.perf_counter() - t)
+            end[0] = math.inf
+            await self._pipelined(ac, 1)
+            end[0] = self._deadline()
+            t = time.perf_counter()
+            streamed = await self._pipelined(ac, rounds, end)
+            streamed /= time.perf_counter() - t
         means = {k: float(np.mean(v)) if v else math.nan for k, v in batch_sizes.items()}
-        return concurrent, one, means
+        return concurrent, one, streamed, means
 
-    async def echo_batching(self, single: bytes, allseq: bytes, rounds: int) -> tuple[float, float]:
+    async def _pipelined(self, ac: AsyncClient, rounds: int, end: list[float] | None = None) -> int:
+        """One DecodeStream carrying one single-sequence message per sequence, all in flight at once:
+        each response releases the next message of its sequence. Returns the tokens decoded."""
+        n = len(self.ids)
+        outbox: asyncio.Queue[DecodeInput | None] = asyncio.Queue()
+
+        async def messages() -> Any:
+            while (d := await outbox.get()) is not None:
+                yield d
+
+        def message(i: int) -> DecodeInput:
+            sid = self.ids[i]
+            q, k, v = self.qB[i : i + 1], self.kB[i : i + 1], self.vB[i : i + 1]
+            return DecodeInput(0, [sid], [self.lengths[sid]], q, k, v, str(i))
+
+        for i in range(n):
+            outbox.put_nowait(message(i))
+        sent, done, in_flight = n, 0, n
+        stream = ac.decode_stream(messages())
+        try:
+            async for res in stream:
+                if res.error is not None:
+                    raise res.error
+                i = int(res.request_id)
+                self.lengths[self.ids[i]] += 1
+                done, in_flight = done + 1, in_flight - 1
+                if sent < n * rounds and (end is None or time.perf_counter() <= end[0]):
+                    outbox.put_nowait(message(i))
+                    sent, in_flight = sent + 1, in_flight + 1
+                if in_flight == 0:
+                    break
+        finally:
+            outbox.put_nowait(None)
+            await stream.aclose()
+        return done
+
+    async def echo_batching(self, single: bytes, allseq: bytes, rounds: int) -> tuple[float, float, float]:
         a = self.args
         async with grpc.aio.insecure_channel(self.echo.target, options=echo.OPTIONS) as ch:
             call = ch.unary_unary(echo.UNARY)
@@ -352,7 +394,30 @@ class Bench:
             for _ in range(rounds):
                 await call(allseq)
             one = a.sequences * rounds / (time.perf_counter() - t)
-        return concurrent, one
+            # Pipelined stream: all sequences' messages in flight on one stream, like the service's.
+            total = a.sequences * rounds
+            t = time.perf_counter()
+            outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+            for _ in range(a.sequences):
+                outbox.put_nowait(single)
+
+            async def messages() -> Any:
+                while (m := await outbox.get()) is not None:
+                    yield m
+
+            call_s = ch.stream_stream(echo.STREAM)(messages())
+            sent, done = a.sequences, 0
+            async for _ in call_s:
+                done += 1
+                if sent < total:
+                    outbox.put_nowait(single)
+                    sent += 1
+                if done == total:
+                    break
+            outbox.put_nowait(None)
+            call_s.cancel()
+            streamed = total / (time.perf_counter() - t)
+        return concurrent, one, streamed
 
     # ---- the run ---------------------------------------------------------------------------
 
@@ -367,7 +432,10 @@ class Bench:
 
         lat = {"service": [], "echo": []}
         rps = {"service_unary": [], "service_stream": [], "echo_unary": [], "echo_stream": []}
-        bat = {"service_concurrent": [], "service_batched": [], "echo_concurrent": [], "echo_batched": []}
+        bat: dict[str, list[float]] = {
+            k: [] for k in ("service_concurrent", "service_batched", "service_pipelined",
+                            "echo_concurrent", "echo_batched", "echo_pipelined")
+        }  # fmt: skip
         batch_means: list[dict[str, float]] = []
         for _ in range(a.rounds):
             self.echo_unary_lat(req1, a.warmup)
@@ -382,13 +450,15 @@ class Bench:
             rps["service_unary"].append(len(s) / sum(s))
             rps["service_stream"].append(self.service_stream(a.steps))
             self.reset()
-            ec, eb = asyncio.run(self.echo_batching(req1, reqB, a.batch_rounds))
-            sc, sb, means = asyncio.run(self.service_batching(a.batch_rounds))
+            ec, eb, es = asyncio.run(self.echo_batching(req1, reqB, a.batch_rounds))
+            sc, sb, ss, means = asyncio.run(self.service_batching(a.batch_rounds))
             self.reset()
             bat["echo_concurrent"].append(ec)
             bat["echo_batched"].append(eb)
+            bat["echo_pipelined"].append(es)
             bat["service_concurrent"].append(sc)
             bat["service_batched"].append(sb)
+            bat["service_pipelined"].append(ss)
             batch_means.append(means)
         return self._results(lat, rps, bat, batch_means, len(req1), len(resp1), len(reqB), len(respB))
 
@@ -424,6 +494,9 @@ class Bench:
                 "service_concurrent_tokens_s": sc, "service_batched_tokens_s": sb,
                 "echo_concurrent_tokens_s": med(bat["echo_concurrent"]),
                 "echo_batched_tokens_s": med(bat["echo_batched"]),
+                # One DecodeStream with every sequence's message in flight (not a goal; for comparison).
+                "service_stream_pipelined_tokens_s": med(bat["service_pipelined"]),
+                "echo_stream_pipelined_tokens_s": med(bat["echo_pipelined"]),
                 "mean_batch_size_concurrent": float(np.mean([m["concurrent"] for m in batch_means])),
                 "mean_batch_size_batched": float(np.mean([m["batched"] for m in batch_means])),
                 "ratio": sc / sb, "goal_ratio_min": GOALS["batching"],
@@ -460,6 +533,9 @@ def render(r: dict[str, Any]) -> str:
          f"{B['echo_concurrent_tokens_s']:.0f}", f"{conc_ratio:.2f}x", ""),
         (f"1 caller x {n} seqs (tokens/s)", f"{B['service_batched_tokens_s']:.0f}",
          f"{B['echo_batched_tokens_s']:.0f}", f"{batched_ratio:.2f}x", ""),
+        (f"1 caller, {n} seqs pipelined on 1 stream", f"{B['service_stream_pipelined_tokens_s']:.0f}",
+         f"{B['echo_stream_pipelined_tokens_s']:.0f}",
+         f"{B['service_stream_pipelined_tokens_s'] / B['echo_stream_pipelined_tokens_s']:.2f}x", ""),
         (f"batching: {n} callers / 1x{n}", f"{B['ratio']:.2f}x", "", "",
          f">= {B['goal_ratio_min']}x {ok(r['goals_met']['batching'])}"),
         ("DecodeStream (req/s, 1 caller)", f"{S['service_stream_rps']:.0f}", f"{S['echo_stream_rps']:.0f}",
@@ -504,7 +580,8 @@ def _check(args: argparse.Namespace) -> str | None:
 def server_command(args: argparse.Namespace) -> list[str]:
     """`python -m tkg.server` with the bench geometry and room for every phase's tokens."""
     steps_seq0 = args.warmup * 2 + args.steps * 2 + 4  # unary + stream of one round, then reset
-    steps_all = 2 * (max(1, args.warmup // 10) + args.batch_rounds) + 2  # concurrent, then batched
+    # concurrent, batched, then pipelined on a stream (its warm-up is one round)
+    steps_all = 2 * (max(1, args.warmup // 10) + args.batch_rounds) + 1 + args.batch_rounds + 2
     per = lambda extra: math.ceil((args.context + extra) / args.block_len)  # noqa: E731
     blocks = per(max(steps_seq0, steps_all)) + (args.sequences - 1) * per(steps_all) + 8
     max_context = args.context + max(steps_seq0, steps_all) + args.block_len

@@ -54,7 +54,8 @@ def test_bench_runs_and_reports_every_field(tmp_path, capsys: pytest.CaptureFixt
     numbers = [
         r["latency"]["ratio_p50"], r["latency"]["ratio_p99"],
         *(r["batching"][k] for k in ("service_concurrent_tokens_s", "service_batched_tokens_s",
-                                     "echo_concurrent_tokens_s", "echo_batched_tokens_s", "ratio")),
+                                     "service_stream_pipelined_tokens_s", "echo_concurrent_tokens_s",
+                                     "echo_batched_tokens_s", "echo_stream_pipelined_tokens_s", "ratio")),
         *(r["streaming"][k] for k in ("service_stream_rps", "service_unary_rps", "echo_stream_rps",
                                       "echo_unary_rps", "ratio", "echo_ratio")),
     ]  # fmt: skip
@@ -66,7 +67,8 @@ def test_bench_runs_and_reports_every_field(tmp_path, capsys: pytest.CaptureFixt
     assert 0 < split["kernel"] <= split["total"] < r["latency"]["service"]["mean_us"]
     assert split["rest"] == pytest.approx(r["latency"]["service"]["mean_us"] - split["total"])
     assert set(r["goals_met"]) == {"latency_p50", "batching", "streaming"}
-    for row in ("latency p50", "3 callers x 1 seq", "1 caller x 3 seqs", "streaming: stream / unary"):
+    for row in ("latency p50", "3 callers x 1 seq", "1 caller x 3 seqs", "3 seqs pipelined on 1 stream",
+                "streaming: stream / unary"):
         assert row in table
 
 
