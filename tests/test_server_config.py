@@ -220,3 +220,13 @@ def test_apply_rope_is_a_complex_rotation_at_absolute_positions() -> None:
     z = (x[..., : d // 2] + 1j * x[..., d // 2 :]) * np.exp(1j * pos[:, None, :, None] * inv.astype(np.float64))
     np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=2e-5)
     np.testing.assert_array_equal(got[0, :, 0], x[0, :, 0])  # position 0 is the identity
+
+
+def test_readme_config_example_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("<!-- section:serve -->") : readme.index("<!-- /section:serve -->")]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "model.yaml").write_text(example)
+    np.save(tmp_path / "sinks.npy", np.zeros((4, 64), np.float32))
+    s = load_spec(config=tmp_path / "model.yaml")
+    assert s.name == "my-model" and s.sliding_window == (128, None, 128, None) and s.rope_scaling["type"] == "yarn"
