@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lens", type=_choices(("equal", "ragged")), default=["equal", "ragged"], help="equal,ragged")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="KV / I/O dtype (bf16)")
     p.add_argument("--peers", type=_choices(PEERS), default=list(PEERS), help=f"subset of {','.join(PEERS)}")
+    p.add_argument(
+        "--variants", default="",
+        help="also time cpu.paged_decode per native ISA variant: comma list (e.g. avx2,generic) or 'all'",
+    )  # fmt: skip
     p.add_argument("--iters", type=int, default=10, help="timed runs per peer, at most (10)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds per peer and shape, at most (1.0)")
     p.add_argument("--threads", type=int, default=2, help="torch threads and cpu kernel threads (2)")
@@ -120,6 +124,20 @@ def _cpu_module() -> tuple[Any, str]:
     return cpu, (impl() if impl is not None else "unknown")
 
 
+def _variants(text: str, cpu: Any) -> list[str]:
+    """The native ISA variants asked for by --variants, checked against what this CPU supports."""
+    if not text:
+        return []
+    supported = list(getattr(cpu, "native_variants", list)())
+    if not supported:
+        raise ValueError("--variants: the native kernel is not built here; no ISA variants to time")
+    vals = supported if text == "all" else [v for v in text.split(",") if v]
+    bad = [v for v in vals if v not in supported]
+    if bad:
+        raise ValueError(f"--variants: {','.join(bad)} not supported here; expected some of {','.join(supported)}")
+    return vals
+
+
 def _thread_option(fn: Callable[..., Any], threads: int) -> dict[str, int]:
     """`{"threads": n}` when `fn` takes a `threads` keyword (the native kernel's pool size), else nothing."""
     params = inspect.signature(fn).parameters
@@ -127,7 +145,7 @@ def _thread_option(fn: Callable[..., Any], threads: int) -> dict[str, int]:
 
 
 def _peers(
-    case: Case, names: list[str], cpu: Any, threads: int
+    case: Case, names: list[str], cpu: Any, threads: int, variants: list[str]
 ) -> dict[str, tuple[Callable[[], Any], Callable[[], np.ndarray]]]:
     """name -> (timed call, result as float32 `[B, Hq, S, d]`), inputs prepared outside the timed call."""
     import torch
@@ -155,6 +173,8 @@ def _peers(
 
     if "cpu.paged_decode" in names:
         out["cpu.paged_decode"] = paged(cpu, **_thread_option(cpu.paged_decode, threads))
+    for v in variants:
+        out[f"cpu.paged_decode[{v}]"] = paged(cpu, variant=v, **_thread_option(cpu.paged_decode, threads))
     if "cpu.attention_tkg" in names:
         from tkg.kernel.api import attention_tkg
 
@@ -246,7 +266,7 @@ def _bench_case(case: Case, a: argparse.Namespace, cpu: Any, read_gbs: float) ->
         "seq_lens": case.seq_lens.tolist(), "kv_bytes": case.kv_bytes, "peers": {},
     }  # fmt: skip
     results: dict[str, np.ndarray] = {}
-    for name, (fn, result) in _peers(case, a.peers, cpu, a.threads).items():
+    for name, (fn, result) in _peers(case, a.peers, cpu, a.threads, _variants(a.variants, cpu)).items():
         med, n = _time(fn, a.iters, a.budget)
         gbs = case.kv_bytes / med / 1e9
         entry["peers"][name] = {"median_ms": med * 1e3, "runs": n, "eff_gbs": gbs, "x_read_bw": gbs / read_gbs}

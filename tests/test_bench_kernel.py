@@ -336,3 +336,23 @@ def test_torch_paged_decode_reuses_workspaces_across_shapes_and_threads() -> Non
         want = _paged_oracle(cases[i])
         for got in outs[i]:
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_bench_kernel_times_each_native_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tkg.kernel import bench, cpu
+
+    variants = cpu.native_variants()
+    if not variants:
+        assert bench.main([*TINY, "--variants", "all"]) == 2
+        assert "--variants: the native kernel is not built" in capsys.readouterr().err
+        return
+    argv = [*TINY, "--s", "2", "--lens", "ragged", "--peers", "cpu.paged_decode", "--variants", "all", "--json"]
+    assert bench.main(argv) == 0
+    (case,) = json.loads(capsys.readouterr().out)["cases"]
+    assert set(case["peers"]) == {"cpu.paged_decode", *(f"cpu.paged_decode[{v}]" for v in variants)}
+    for name, p in case["peers"].items():
+        assert p["max_abs_err_vs_cpu.paged_decode"] < 2e-2, name
+    assert bench.main([*TINY, "--variants", "sse9"]) == 2
+    assert "--variants: sse9 not supported here" in capsys.readouterr().err
