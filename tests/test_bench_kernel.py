@@ -254,7 +254,7 @@ def test_bench_kernel_json_report(capsys: pytest.CaptureFixture[str]) -> None:
             assert p["x_read_bw"] == pytest.approx(p["eff_gbs"] / rep["read_bandwidth_gbs"]), name
             assert p["speedup_vs_sdpa_gqa"] == pytest.approx(base / p["median_ms"]), name
             assert p["max_abs_err_vs_cpu.paged_decode"] < 2e-2, name  # bf16 outputs: every peer agrees
-            assert 2 <= p["runs"] <= 2
+            assert 1 <= p["runs"] <= 2  # --iters 2, unless one run alone exceeded the budget
 
 
 def test_bench_kernel_table_names_implementation(capsys: pytest.CaptureFixture[str]) -> None:
@@ -341,8 +341,9 @@ def test_torch_paged_decode_reuses_workspaces_across_shapes_and_threads() -> Non
 def test_bench_kernel_times_each_native_variant(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from tkg.kernel import bench, cpu
+    from tkg.kernel import bench
 
+    cpu = pytest.importorskip("tkg.kernel.cpu")
     variants = cpu.native_variants()
     if not variants:
         assert bench.main([*TINY, "--variants", "all"]) == 2
