@@ -271,8 +271,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     async def _decode_one(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         work = self._validate_decode(req)
-        self.metrics.set_queue(self.batcher.pending + 1, self.batcher.running)
-        out, timing = await self.batcher.submit(work)
+        queued = self.batcher.submit(work)  # RESOURCE_EXHAUSTED when the queue is full
+        self.metrics.set_queue(self.batcher.pending, self.batcher.running)
+        out, timing = await queued
         resp = pb.DecodeResponse(request_id=req.request_id, layer=req.layer, timing=timing)
         codec.encode(out, resp.out)
         resp.timing.total_us = int((time.perf_counter() - work.arrival) * 1e6)
