@@ -1,0 +1,240 @@
+"""A deliberately naive `attention_tkg` and `paged_decode`: the test oracle's oracle.
+
+Written from design/kernel.md alone, NOT from `tkg.kernel.reference`: one Python loop per batch
+row, query head, query and key, on Python floats (float64), reading every element straight from
+the kernel's documented layouts. Slow and obvious on purpose; keep shapes small.
+
+Conventions decided here where design/kernel.md is silent (the reference must agree):
+- The RoPE angle `inv_freqs[j] * pos` is the product of two fp32 tensors, so it is rounded to
+  fp32 (as any backend computing it in fp32 does); sin/cos are then exact (float64).
+- A pre-generated block-KV mask is in fold order with the CALLER's `block_len`: folds of
+  `128 * block_len` keys, mask row `fold*block_len*128 + offset*128 + partition` holds natural
+  token `fold*block_len*128 + partition*block_len + offset`. (The Neuron library uses its
+  internally reduced block length here, which depends on the core count; ours does not.)
+- Sliding window: prior key k is visible to query i iff `start[b, i] <= k < rope_pos_ids[b, 0]`,
+  or, when `start[b, i] > rope_pos_ids[b, 0]` (a circular cache whose window wraps), iff
+  `k >= start[b, i] or k < rope_pos_ids[b, 0]`.
+- Keys a query cannot see are never read, so garbage (NaN, inf) there cannot reach the output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+FOLD_PARTITIONS = 128  # blocks per fold of a pre-generated block-KV mask (one per SBUF partition)
+
+
+def _f(a: Any) -> np.ndarray:
+    """Any array (numpy of any float dtype) as float64, so scalars below are Python floats."""
+    return np.asarray(a).astype(np.float64)
+
+
+def mask_row_of_token(token: int, block_len: int) -> int:
+    """Row of a pre-generated block-KV mask that holds natural key `token` (fold order)."""
+    fold_keys = block_len * FOLD_PARTITIONS
+    fold, within = divmod(token, fold_keys)
+    partition, offset = divmod(within, block_len)
+    return fold * fold_keys + offset * FOLD_PARTITIONS + partition
+
+
+def rope(x: list[float], pos: float, inv_freqs: np.ndarray) -> list[float]:
+    """Rotate-half RoPE of one vector `x` (length d) at position `pos`."""
+    half = len(x) // 2
+    y = [0.0] * len(x)
+    for j in range(half):
+        angle = float(np.float32(inv_freqs.reshape(-1)[j]) * np.float32(pos))
+        c, s = math.cos(angle), math.sin(angle)
+        y[j] = x[j] * c - x[j + half] * s
+        y[j + half] = x[j + half] * c + x[j] * s
+    return y
+
+
+class NaiveCall:
+    """Element accessors over one `attention_tkg` call's arguments, in the kernel's layouts."""
+
+    def __init__(self, cfg: Any, args: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.B, self.H, self.S, self.d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
+        self.Sp = cfg.curr_sprior
+        self.q = _f(args["q"])
+        self.k_active = _f(args["k_active"])
+        self.v_active = _f(args["v_active"])
+        # The prior cache may hold NaN/inf garbage; it is read element by element, only when visible.
+        self.k_prior = np.asarray(args["k_prior"])
+        self.v_prior = np.asarray(args["v_prior"])
+        self.mask = np.asarray(args["mask"])
+        self.pos = None if args.get("rope_pos_ids") is None else _f(args["rope_pos_ids"])
+        self.start = None if args.get("start_pos_ids") is None else _f(args["start_pos_ids"])
+        self.table = None if args.get("active_blocks_table") is None else np.asarray(args["active_blocks_table"])
+        self.inv_freqs = None if args.get("inv_freqs") is None else np.asarray(args["inv_freqs"], np.float32)
+        sink = args.get("sink")
+        self.sink = None if sink is None else _f(sink).reshape(-1)
+
+    # --- inputs -------------------------------------------------------------------------------
+    def query(self, b: int, h: int, i: int) -> list[float]:
+        if self.cfg.qk_in_sb:  # [d, B*H*S], column b*H*S + h*S + i
+            col = b * self.H * self.S + h * self.S + i
+            return [float(self.q[e, col]) for e in range(self.d)]
+        return [float(self.q[b, h, i, e]) for e in range(self.d)]
+
+    def active_key(self, b: int, j: int) -> list[float]:
+        if self.cfg.qk_in_sb:  # [d, B*S], column b*S + j
+            return [float(self.k_active[e, b * self.S + j]) for e in range(self.d)]
+        return [float(self.k_active[b, 0, j, e]) for e in range(self.d)]
+
+    def rotated_active_key(self, b: int, j: int) -> list[float]:
+        k = self.active_key(b, j)
+        return rope(k, float(self.pos[b, j]), self.inv_freqs) if self.cfg.fuse_rope else k
+
+    def scaled_query(self, b: int, h: int, i: int) -> list[float]:
+        q = self.query(b, h, i)
+        if not self.cfg.fuse_rope:
+            return q  # arrives pre-scaled
+        q = rope(q, float(self.pos[b, i]), self.inv_freqs)
+        return [x / math.sqrt(self.d) for x in q]
+
+    def prior_slot(self, which: str, b: int, k: int) -> list[float]:
+        """Cached key (`which="k"`) or value of row b at position k < Sp - S."""
+        cache = self.k_prior if which == "k" else self.v_prior
+        if self.cfg.block_len:
+            blk = int(self.table[b, k // self.cfg.block_len])
+            return [float(x) for x in cache[blk, k % self.cfg.block_len, :].astype(np.float64)]
+        if which == "k" and not self.cfg.tp_k_prior:  # [B+, 1, d, Spf]
+            return [float(x) for x in cache[b, 0, :, k].astype(np.float64)]
+        return [float(x) for x in cache[b, 0, k, :].astype(np.float64)]
+
+    def key(self, b: int, k: int) -> list[float]:
+        first_active = self.Sp - self.S
+        if k >= first_active:
+            return self.rotated_active_key(b, k - first_active)
+        return self.prior_slot("k", b, k)
+
+    def value(self, b: int, k: int) -> list[float]:
+        first_active = self.Sp - self.S
+        if k >= first_active:
+            return [float(self.v_active[b, 0, k - first_active, e]) for e in range(self.d)]
+        return self.prior_slot("v", b, k)
+
+    def visible(self, b: int, h: int, i: int, k: int) -> bool:
+        """May query i of row b, head h see key k (design/kernel.md step 4)."""
+        cfg = self.cfg
+        first_active = self.Sp - self.S
+        if cfg.use_pos_id:
+            if k >= first_active:
+                return self.mask[k - first_active, b, h, i] != 0
+            cached = self.pos[b, 0]
+            if self.start is None:
+                return k < cached
+            start = self.start[b, i]
+            if start > cached:  # circular cache, the window wraps around
+                return k >= start or k < cached
+            return start <= k < cached
+        row = mask_row_of_token(k, cfg.block_len) if cfg.block_len else k
+        return self.mask[row, b, h, i] != 0
+
+
+def naive_attention(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """Everything `attention_tkg` computes for `args` (numpy, kernel layouts), in float64.
+
+    Returns `out` in cfg.out_shape, `k_out` in cfg.k_out_shape (always, even if the call does
+    not ask for it) and `dbg`: `qk` `[B, H, Sp, S]` (-inf where masked), `qk_max` and `exp_sum`
+    `[B, H, 1, S]` (incl. the sink), `qk_exp` `[B, H, Sp, S]`. Raises ValueError for a query
+    that sees no key and has no finite sink.
+    """
+    c = NaiveCall(cfg, args)
+    B, H, S, d, Sp = c.B, c.H, c.S, c.d, c.Sp
+    out = np.zeros(cfg.out_shape)
+    qk = np.full((B, H, Sp, S), -np.inf)
+    qk_exp = np.zeros((B, H, Sp, S))
+    qk_max = np.zeros((B, H, 1, S))
+    exp_sum = np.zeros((B, H, 1, S))
+    for b in range(B):
+        keys = [c.key(b, k) for k in range(Sp)] if Sp else []
+        for h in range(H):
+            for i in range(S):
+                q = c.scaled_query(b, h, i)
+                logits: dict[int, float] = {}
+                for k in range(Sp):
+                    if c.visible(b, h, i, k):
+                        logits[k] = sum(q[e] * keys[k][e] for e in range(d))
+                sink = None if c.sink is None else float(c.sink[h])
+                candidates = list(logits.values()) + ([sink] if sink is not None else [])
+                m = max(candidates) if candidates else -math.inf
+                if m == -math.inf:
+                    raise ValueError(f"naive: every key is masked for b={b}, h={h}, i={i}")
+                weights = {k: math.exp(s - m) for k, s in logits.items()}
+                denom = sum(weights.values()) + (math.exp(sink - m) if sink is not None else 0.0)
+                acc = [0.0] * d
+                for k, w in weights.items():
+                    v = c.value(b, k)
+                    for e in range(d):
+                        acc[e] += w * v[e]
+                    qk[b, h, k, i] = logits[k]
+                    qk_exp[b, h, k, i] = w
+                qk_max[b, h, 0, i] = m
+                exp_sum[b, h, 0, i] = denom
+                for e in range(d):
+                    val = acc[e] / denom
+                    if cfg.out_in_sb:  # [d, B*H*S], column b*H*S + h*S + i
+                        out[e, b * H * S + h * S + i] = val
+                    else:  # [B, H, d, S]: d before S
+                        out[b, h, e, i] = val
+    k_out = np.zeros(cfg.k_out_shape)
+    for b in range(B):
+        for j in range(S):
+            k = c.rotated_active_key(b, j)
+            for e in range(d):
+                if cfg.k_out_in_sb:
+                    k_out[e, b * S + j] = k[e]
+                else:
+                    k_out[b, 0, e, j] = k[e]
+    dbg = {"qk": qk, "qk_max": qk_max, "qk_exp": qk_exp, "exp_sum": exp_sum}
+    return {"out": out, "k_out": k_out, "dbg": dbg}
+
+
+def naive_paged_decode(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    block_tables: np.ndarray,
+    seq_lens: np.ndarray,
+    scale: float,
+    window: int | None = None,
+    sinks: np.ndarray | None = None,
+) -> np.ndarray:
+    """`paged_decode` token by token: `[B, Hq, S, d]` float64.
+
+    Query i of sequence b sits at position `t = seq_lens[b] - S + i` and sees cached positions
+    `j <= t` (and `t - j < window`); position j lives at `cache[g, block_tables[b, j // BL], j % BL]`
+    for q head h's kv head `g = h // (Hq / Hkv)`.
+    """
+    B, Hq, S, d = q.shape
+    Hkv, _, BL, _ = k_cache.shape
+    G = Hq // Hkv
+    out = np.zeros((B, Hq, S, d))
+    for b in range(B):
+        L = int(seq_lens[b])
+        for h in range(Hq):
+            g = h // G
+            for i in range(S):
+                t = L - S + i
+                qv = [float(x) * scale for x in _f(q[b, h, i])]
+                logits: list[float] = []
+                values: list[list[float]] = []
+                for j in range(t + 1):
+                    if window is not None and t - j >= window:
+                        continue
+                    blk, off = int(block_tables[b, j // BL]), j % BL
+                    kv = [float(x) for x in _f(k_cache[g, blk, off])]
+                    logits.append(sum(qv[e] * kv[e] for e in range(d)))
+                    values.append([float(x) for x in _f(v_cache[g, blk, off])])
+                sink = None if sinks is None else float(np.asarray(sinks).reshape(-1)[h])
+                m = max(logits + ([sink] if sink is not None else []))
+                weights = [math.exp(s - m) for s in logits]
+                denom = sum(weights) + (math.exp(sink - m) if sink is not None else 0.0)
+                for e in range(d):
+                    out[b, h, i, e] = sum(w * v[e] for w, v in zip(weights, values, strict=True)) / denom
+    return out
