@@ -175,8 +175,52 @@ def test_two_replicas_each_get_sequences(capsys: pytest.CaptureFixture, server: 
             assert {routing.pick(plan.targets, sid) for sid in g.ids} == {g.replica}
         assert {g.replica for g in groups} == {0, 1}
         rc, _, err = run(capsys, "--target", runner_targets, "--insecure", "--token", TOKEN, "-c", "4",
-                         "--steps", "12", "--context", "4", "--progress", "off", "--json", "-")  # fmt: skip
+                         "--steps", "12", "--context", "4", "--progress", "bar", "--json", "-")  # fmt: skip
         assert rc == 0, err
+        assert "\r\x1b[2K[" in err  # the redrawn bar
         assert active_sequences(server.target) == 0 and active_sequences(other.target) == 0
     finally:
         other.stop()
+
+
+def test_tls_with_cacert(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    """A TLS server (self-signed for 127.0.0.1): --cacert trusts it; plaintext and system roots do not."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a self-signed certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    s = start_server(*GEOMETRY, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        rc, out, err = run(capsys, "--target", s.target, "--cacert", str(cert), "--steps", "5", "--context", "4",
+                           "--progress", "off", "--json", "-")  # fmt: skip
+        assert rc == 0, err
+        assert json.loads(out)["options"]["tls"] is True
+        rc, _, err = run(capsys, "--target", s.target, "--steps", "1")  # system roots: untrusted
+        assert rc == 1 and "UNAVAILABLE" in err
+    finally:
+        s.stop()
+
+
+def test_tools_import_without_torch_or_server() -> None:
+    """loadtest, bench serve and the echo run where only the client is installed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['tkg.server'] = None\n"
+        "import tkg.client.loadtest, tkg.client.bench_serve, tkg.client.echo\n"
+        "loaded = [m for m, mod in sys.modules.items() if mod is not None]\n"
+        "assert not any(m == 'torch' or m.startswith(('torch.', 'tkg.server')) for m in loaded), loaded\n"
+        "from tkg.cli import main; raise SystemExit(main(['loadtest', '--batch', '0']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "tkg loadtest: error: --batch: 0; expected >= 1"
