@@ -595,19 +595,21 @@ class Runner:
         return max(end - start, 1e-9)
 
     async def _workers_done(self, tasks: list[asyncio.Task]) -> None:
-        # Stop as soon as the run has what it needs; workers idling on an empty pool never finish.
+        """Return once every worker ended, or the run has what it needs and in-flight requests
+        (part of the run) had up to two deadlines to finish. A worker's crash is re-raised."""
         stop = asyncio.ensure_future(self.progress.stop.wait())
-        all_done = asyncio.ensure_future(asyncio.gather(*tasks))
-        await asyncio.wait({stop, all_done}, return_when=asyncio.FIRST_COMPLETED)
-        if all_done.done():
-            all_done.result()
-        else:
-            all_done.cancel()
-            # Let in-flight requests finish (they are part of the run) before cancelling.
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(asyncio.gather(*tasks, return_exceptions=True)),
-                                       timeout=2 * self.plan.timeout)  # fmt: skip
-        stop.cancel()
+        pending: set[asyncio.Future] = set(tasks)
+        try:
+            while pending and not stop.done():
+                done, pending = await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stop)
+                for t in done:
+                    if t is not stop and not t.cancelled() and t.exception() is not None:
+                        raise t.exception()
+            if pending:  # workers idling on an empty pool never finish by themselves
+                await asyncio.wait(pending, timeout=2 * self.plan.timeout)
+        finally:
+            stop.cancel()
 
     async def release(self) -> None:
         """Release what this run created (best effort; a dead replica's sequences expire there)."""

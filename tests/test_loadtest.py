@@ -224,3 +224,19 @@ def test_tools_import_without_torch_or_server() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "tkg loadtest: error: --batch: 0; expected >= 1"
+
+
+def test_server_killed_mid_run_is_counted_not_fatal(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    import threading
+
+    s = start_server(*GEOMETRY)
+    threading.Timer(0.8, s.proc.kill).start()
+    try:
+        rc, _, err = run(capsys, "--target", s.target, "--insecure", "-c", "2", "--duration", "1.6", "--context", "4",
+                         "--progress", "off", "--json", str(tmp_path / "r.json"))  # fmt: skip
+    finally:
+        s.stop()
+    assert rc == 0 and "Traceback" not in err
+    codes = json.loads((tmp_path / "r.json").read_text())["statusCodeDistribution"]
+    assert codes.get("OK", 0) > 0 and codes.get("UNAVAILABLE", 0) > 0
+    assert "could not release 2 of 2 sequences" in err
