@@ -114,7 +114,7 @@ def kernel_cases(
     bl = 0
     if premask_block:
         # A pre-generated block mask comes in folds of 128 blocks: Sp = folds * 128 * block_len.
-        bl, folds = draw(st.sampled_from([(1, 1), (1, 2), (2, 1)]))
+        bl, folds = draw(st.sampled_from([(1, 1), (1, 2), (2, 1), (4, 1)]))
         Sp = folds * 128 * bl
         Spf = Sp
     elif block:
@@ -206,6 +206,9 @@ def kernel_cases(
         a["mask"] = natural
         if fuse_rope:
             a["rope_pos_ids"] = pos.astype(pos_dtype)
+    if draw(st.booleans()):
+        a["mask"] = a["mask"] != 0  # a bool predicate is accepted as well as uint8
+        case.notes.append("bool-mask")
     if fuse_rope:
         base = draw(st.sampled_from([10000.0, 500000.0]))
         a["inv_freqs"] = (1.0 / base ** (np.arange(0, d, 2) / d)).astype(np.float32).reshape(d // 2, 1)

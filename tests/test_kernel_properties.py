@@ -52,6 +52,7 @@ def test_host_backends_include_the_reference() -> None:
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
+@settings(max_examples=150)  # the main matrix: more draws than the profile's 60, still ~2 s a backend
 @given(case=kernel_cases())
 def test_backend_matches_oracle(backend: str, case: KernelCase) -> None:
     expected, rtol, dbg_rtol = oracle(case, backend)

@@ -154,7 +154,7 @@ SLICES = {
 
 
 @pytest.mark.parametrize("name", list(SLICES))
-@settings(max_examples=20)
+@settings(max_examples=30)
 @given(data=st.data())
 def test_reference_matches_naive(name: str, data: st.DataObject) -> None:
     _check_against_naive(data.draw(kernel_cases(**SLICES[name]), label="case"))
