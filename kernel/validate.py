@@ -229,6 +229,8 @@ def validate_call(
         if not cfg.use_pos_id:
             raise _fail("start_pos_ids", "sliding window needs use_pos_id=True (the mask is generated)")
         _check_shape("start_pos_ids", start, (B, S), "[B, S]")
+        if not np.all(np.isfinite(start)):
+            raise _fail("start_pos_ids", "must be finite")
 
     sk = _opt("sink", sink)
     if sk is not None:
