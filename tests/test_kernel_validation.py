@@ -190,6 +190,8 @@ KERNEL_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str, str]] = {
     "start-without-pos-id": (arg_case(ROPE, start_pos_ids=np.zeros((2, 2), np.float32)), "start_pos_ids",
                              "needs use_pos_id=True"),
     "start-shape": (arg_case(POS, start_pos_ids=np.zeros((2, 1), np.float32)), "start_pos_ids", "[B, S]"),
+    "start-nan": (arg_case(POS, start_pos_ids=np.array([[0, 0], [np.nan, 0]], np.float32)), "start_pos_ids",
+                  "must be finite"),
     "sink-shape": (arg_case(ROPE, sink=np.zeros((3, 1), np.float32)), "sink", "expected [H, 1] = [2, 1]"),
     "k_out-shape": (arg_case(ROPE, k_out=np.zeros((2, 1, 2, 64), np.float32)), "k_out", "[B, 1, d, S]"),
     "k_out-shape-sb": (arg_case(dataclasses.replace(ROPE, k_out_in_sb=True), k_out=np.zeros((64, 2), np.float32)),
