@@ -7,11 +7,14 @@ in one process (tests) do not collide.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
-from tkg.server.kv_cache import EVICT_IDLE_TTL, KVCacheStats
+from tkg.server.kv_cache import EVICT_IDLE_TTL, KVCache
 
 # 10 us .. 10 s, roughly x2 per bucket with 1-2.5-5 steps: a loopback decode is ~100 us to ~10 ms.
 LATENCY_BUCKETS = (
@@ -28,12 +31,38 @@ GATEWAY_RUNNING = "vllm:num_requests_running"
 GATEWAY_KV_USAGE = "vllm:kv_cache_usage_perc"
 
 
+class _CacheCounters(Collector):
+    """`tkg_tokens_appended_total` and `tkg_sequences_evicted_total{reason}`, read from the KV
+    cache's own counts at scrape time (nothing to do per request)."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        tokens = CounterMetricFamily(
+            "tkg_tokens_appended", "Tokens appended to sequences (counted once per token, not per layer)"
+        )
+        tokens.add_metric([], self.cache.tokens_appended)
+        evicted = CounterMetricFamily("tkg_sequences_evicted", "Sequences released by the server", labels=["reason"])
+        counts = {EVICT_IDLE_TTL: 0, **dict(self.cache.evicted)}  # dict(): one atomic copy
+        for reason, n in sorted(counts.items()):
+            evicted.add_metric([reason], n)
+        yield tokens
+        yield evicted
+
+
 class Metrics:
-    """Every metric of the contract, registered in a private registry."""
+    """Every metric of the contract, registered in a private registry.
+
+    Histograms are observed on the request path (children per label set looked up once);
+    gauges and counters of state (KV blocks, sequences, queue) are read when scraped, from the
+    objects `attach` is given, so keeping them current costs the request path nothing.
+    """
 
     def __init__(self, backend: str, gateway: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.backend = backend
+        self.gateway = gateway
         r = self.registry
         self.request_duration = Histogram(
             "tkg_request_duration_seconds", "Server-side RPC duration by method and gRPC status code",
@@ -47,65 +76,44 @@ class Metrics:
             "tkg_kernel_duration_seconds", "KV append + attention kernel time per batch launch",
             ["backend"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self._kernel = self.kernel_duration.labels(backend)
         self.batch_size = Histogram("tkg_batch_size", "Sequences per kernel launch", buckets=BATCH_BUCKETS, registry=r)
-        self.kv_blocks_total = Gauge("tkg_kv_blocks_total", "KV blocks per layer", registry=r)
-        self.kv_blocks_used = Gauge("tkg_kv_blocks_used", "KV blocks in use per layer", registry=r)
-        self.kv_usage = Gauge("tkg_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1)", registry=r)
-        self.sequences_active = Gauge("tkg_sequences_active", "Sequences resident in the KV cache", registry=r)
-        self.requests_pending = Gauge("tkg_requests_pending", "Decode requests waiting for a batch", registry=r)
-        self.requests_running = Gauge("tkg_requests_running", "Decode requests in a running batch", registry=r)
-        self.tokens_appended = Counter(
-            "tkg_tokens_appended_total",
-            "Tokens appended to sequences (counted once per token, not per layer)",
-            registry=r,
-        )
-        self.evicted = Counter(
-            "tkg_sequences_evicted_total", "Sequences released by the server", ["reason"], registry=r
-        )
-        self.evicted.labels(EVICT_IDLE_TTL)  # present (at 0) before the first eviction, for rate()
-        self.gateway: tuple[Gauge, Gauge, Gauge] | None = None
-        if gateway:
-            self.gateway = (
-                Gauge(GATEWAY_QUEUED, "Requests waiting (Gateway API Inference Extension)", registry=r),
-                Gauge(GATEWAY_RUNNING, "Requests running (Gateway API Inference Extension)", registry=r),
-                Gauge(GATEWAY_KV_USAGE, "KV cache utilisation 0..1 (Gateway API Inference Extension)", registry=r),
-            )
+        self._requests: dict[tuple[str, str], Any] = {}
         self._http: Any = None  # the /metrics server (a WSGIServer) once `serve` ran
-        self._tokens_seen = 0
-        self._evicted_seen: dict[str, int] = {}
+
+    def attach(self, cache: KVCache, pending: Callable[[], int], running: Callable[[], int]) -> None:
+        """Register the state gauges and counters, read from `cache` and the two callables."""
+        r = self.registry
+        gauges: list[tuple[str, str, Callable[[], float]]] = [
+            ("tkg_kv_blocks_total", "KV blocks per layer", lambda: cache.num_blocks),
+            ("tkg_kv_blocks_used", "KV blocks in use per layer", lambda: cache.used_blocks),
+            ("tkg_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1)", lambda: cache.usage_ratio),
+            ("tkg_sequences_active", "Sequences resident in the KV cache", lambda: len(cache)),
+            ("tkg_requests_pending", "Decode requests waiting for a batch", pending),
+            ("tkg_requests_running", "Decode requests in the running kernel launch", running),
+        ]
+        if self.gateway:
+            gauges += [
+                (GATEWAY_QUEUED, "Requests waiting (Gateway API Inference Extension)", pending),
+                (GATEWAY_RUNNING, "Requests running (Gateway API Inference Extension)", running),
+                (GATEWAY_KV_USAGE, "KV cache utilisation 0..1 (Gateway API Inference Extension)",
+                 lambda: cache.usage_ratio),
+            ]  # fmt: skip
+        for name, doc, read in gauges:
+            Gauge(name, doc, registry=r).set_function(read)
+        r.register(_CacheCounters(cache))
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
-        self.request_duration.labels(method, code).observe(seconds)
+        child = self._requests.get((method, code))
+        if child is None:
+            child = self._requests[(method, code)] = self.request_duration.labels(method, code)
+        child.observe(seconds)
 
     def observe_batch(self, sequences: int, kernel_s: float, queue_s: list[float]) -> None:
         self.batch_size.observe(sequences)
-        self.kernel_duration.labels(self.backend).observe(kernel_s)
+        self._kernel.observe(kernel_s)
         for q in queue_s:
             self.queue_duration.observe(q)
-
-    def set_queue(self, pending: int, running: int) -> None:
-        self.requests_pending.set(pending)
-        self.requests_running.set(running)
-        if self.gateway is not None:
-            self.gateway[0].set(pending)
-            self.gateway[1].set(running)
-
-    def update_cache(self, stats: KVCacheStats) -> None:
-        """Refresh gauges and counters from the cache's own counts (cheap; called per batch)."""
-        self.kv_blocks_total.set(stats.blocks_total)
-        self.kv_blocks_used.set(stats.blocks_used)
-        self.kv_usage.set(stats.usage_ratio)
-        self.sequences_active.set(stats.active_sequences)
-        if self.gateway is not None:
-            self.gateway[2].set(stats.usage_ratio)
-        if stats.tokens_appended > self._tokens_seen:
-            self.tokens_appended.inc(stats.tokens_appended - self._tokens_seen)
-            self._tokens_seen = stats.tokens_appended
-        for reason, n in stats.evicted.items():
-            seen = self._evicted_seen.get(reason, 0)
-            if n > seen:
-                self.evicted.labels(reason).inc(n - seen)
-                self._evicted_seen[reason] = n
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP server (a daemon thread); returns the bound port (0 picks a free one)."""

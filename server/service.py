@@ -77,6 +77,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         # One worker: the kernel uses every core itself; two launches at once would only fight.
         self._kernel_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tkg-kernel")
         self.batcher = Batcher(self._run_batch, options.max_batch, options.batch_delay_s, options.max_pending)
+        metrics.attach(cache, pending=lambda: self.batcher.pending, running=lambda: self.batcher.running)
         self._dtype_code = codec.DTYPE_NAMES[spec.kv_dtype]
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -86,7 +87,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     def start(self) -> None:
         self.batcher.start()
-        self.metrics.update_cache(self.cache.stats())
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new calls; wait (up to `grace_s`) for in-flight ones."""
@@ -104,7 +104,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         expired = self.cache.expire_idle(None, self.spec.idle_ttl_s)
         if expired:
             log.info("expired %d idle sequences", len(expired))
-            self.metrics.update_cache(self.cache.stats())
         return expired
 
     # ---- guards ----------------------------------------------------------------------------
@@ -227,7 +226,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             ready.append((work, plan))
         if not ready:
             return
-        self.metrics.set_queue(self.batcher.pending, len(ready))
         pos = np.concatenate([w.positions for w, _ in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
         q = np.concatenate([w.q for w, _ in ready]) if len(ready) > 1 else ready[0][0].q
         if self._inv_freqs is not None:
@@ -257,8 +255,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         t_end = time.perf_counter()
         kernel_s = t_end - t_start
         self.metrics.observe_batch(len(lens), kernel_s, [t_start - w.arrival for w, _ in ready])
-        self.metrics.update_cache(cache.stats())
-        self.metrics.set_queue(self.batcher.pending, 0)
         row = 0
         for work, _ in ready:
             timing = pb.Timing(
@@ -271,9 +267,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     async def _decode_one(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         work = self._validate_decode(req)
-        queued = self.batcher.submit(work)  # RESOURCE_EXHAUSTED when the queue is full
-        self.metrics.set_queue(self.batcher.pending, self.batcher.running)
-        out, timing = await queued
+        out, timing = await self.batcher.submit(work)  # RESOURCE_EXHAUSTED when the queue is full
         resp = pb.DecodeResponse(request_id=req.request_id, layer=req.layer, timing=timing)
         codec.encode(out, resp.out)
         resp.timing.total_us = int((time.perf_counter() - work.arrival) * 1e6)
@@ -289,7 +283,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             if request.sequence_id:
                 self._check_id("sequence_id", request.sequence_id)
             state = self.cache.create(request.sequence_id or None)
-            self.metrics.update_cache(self.cache.stats())
             return self._seq_info(state)
 
         return await self._unary("CreateSequence", context, run)
@@ -300,7 +293,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     async def TruncateSequence(self, request: pb.TruncateSequenceRequest, context: Any) -> pb.SequenceInfo:
         def run() -> pb.SequenceInfo:
             self.cache.truncate(request.sequence_id, request.length)
-            self.metrics.update_cache(self.cache.stats())
             return self._seq_info(self.cache.get(request.sequence_id))
 
         return await self._unary("TruncateSequence", context, run)
@@ -310,7 +302,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             if request.sequence_id:
                 self._check_id("sequence_id", request.sequence_id)
             state = self.cache.fork(request.source_id, request.sequence_id or None)
-            self.metrics.update_cache(self.cache.stats())
             return self._seq_info(state)
 
         return await self._unary("ForkSequence", context, run)
@@ -318,7 +309,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     async def ReleaseSequence(self, request: pb.ReleaseSequenceRequest, context: Any) -> pb.ReleaseSequenceResponse:
         def run() -> pb.ReleaseSequenceResponse:
             freed = self.cache.release(request.sequence_id)
-            self.metrics.update_cache(self.cache.stats())
             return pb.ReleaseSequenceResponse(freed_blocks=freed)
 
         return await self._unary("ReleaseSequence", context, run)
@@ -369,7 +359,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             pos = (chunk.position + np.arange(T))[None, :]
             k = apply_rope(k.transpose(1, 0, 2)[None], pos, self._inv_freqs)[0].transpose(1, 0, 2)
         self.cache.append(chunk.sequence_id, chunk.layer, chunk.position, k, v)
-        self.metrics.update_cache(self.cache.stats())
 
     async def DecodeStream(
         self, request_iterator: AsyncIterator[pb.DecodeRequest], context: Any
