@@ -202,42 +202,44 @@ def run(call: KernelCall) -> None:
 def paged_decode(args: PagedArgs, **_options: object) -> None:
     """Fill `args.out` `[B, Hq, S, d]` for one decode step over the paged pools (see `tkg.kernel.paged`).
 
-    Per sequence: gather its blocks of every kv head once, `[Hkv, L, d]` in fp32 (reused per-thread
-    workspaces), then for each kv head the packed `[G*S, d]` queries attend to them. Query i of a
-    sequence of length L sits at position t = L - S + i and sees keys j <= t (and t - j < window).
-    Options meant for the native kernel (thread counts) do not apply here and are ignored.
+    The whole batch in a dozen torch ops: every sequence's blocks of every kv head gathered once into
+    a reused fp32 workspace `[Hkv, B, Lmax, d]` (shorter sequences padded with block 0, masked), the
+    G = Hq/Hkv q heads of a kv head packed as `[G*S, d]` rows, one batched QK^T and one PV. Few ops
+    matter more than the padding: each torch op is a fork-join of its thread pool, which stalls for a
+    time slice whenever another process holds a core (per-sequence loops measured 10-20x slower on a
+    loaded 2-core machine). Query i of a sequence of length L sits at position t = L - S + i and sees
+    keys j <= t (and t - j < window). Options meant for the native kernel (threads) do not apply here.
     """
     q = _t(args.q)
     B, Hq, S, d = q.shape
     Hkv, BL = args.num_kv_heads, args.block_len
     G = Hq // Hkv
-    kc, vc = _t(args.k_cache), _t(args.v_cache)
-    out = _WS.take("out", torch.float32, (B, Hq, S, d))
-    scale = float(args.scale)
+    lens = args.seq_lens.astype(np.int64)
+    nblk = -(-int(lens.max()) // BL)
+    Lp = nblk * BL
+    ids = np.zeros((B, nblk), dtype=np.int64)  # block 0 past a sequence's end: in range, masked below
+    for b in range(B):
+        used = -(-int(lens[b]) // BL)
+        ids[b, :used] = args.block_tables[b, :used]
+    ids_t = torch.from_numpy(ids.reshape(-1))
+    K = _gather_f32(_t(args.k_cache), ids_t, B * Lp, "k").reshape(Hkv * B, Lp, d)
+    V = _gather_f32(_t(args.v_cache), ids_t, B * Lp, "v").reshape(Hkv * B, Lp, d)
+    qf = (q.to(torch.float32) * float(args.scale)).view(B, Hkv, G * S, d).transpose(0, 1).reshape(Hkv * B, G * S, d)
+    scores = torch.bmm(qf, K.transpose(1, 2)).view(Hkv, B, G, S, Lp)
+    t = torch.from_numpy(lens - S).view(B, 1, 1) + torch.arange(S).view(1, S, 1)  # [B, S, 1]
+    j = torch.arange(Lp).view(1, 1, Lp)
+    hidden = j > t
+    if args.window is not None:
+        hidden |= (t - j) >= args.window
+    scores.masked_fill_(hidden.view(1, B, 1, S, Lp), float("-inf"))
+    row_max = scores.amax(dim=4, keepdim=True)  # the diagonal is always visible: finite
     sinks = None
     if args.sinks is not None:
-        sinks = torch.from_numpy(as_f32(args.sinks).reshape(Hkv, G, 1, 1).copy())
-    for b in range(B):
-        L = int(args.seq_lens[b])
-        blocks = torch.from_numpy(args.block_tables[b, : -(-L // BL)].astype(np.int64))
-        K = _gather_f32(kc, blocks, L, "k")  # [Hkv, L, d]
-        V = _gather_f32(vc, blocks, L, "v")
-        qb = q[b].to(torch.float32).reshape(Hkv, G * S, d) * scale
-        scores = torch.bmm(qb, K.transpose(1, 2)).view(Hkv, G, S, L)
-        if S > 1 or args.window is not None:
-            t = torch.arange(L - S, L).view(S, 1)
-            j = torch.arange(L).view(1, L)
-            hidden = j > t
-            if args.window is not None:
-                hidden |= (t - j) >= args.window
-            scores.masked_fill_(hidden, float("-inf"))
-        row_max = scores.amax(dim=3, keepdim=True)  # the diagonal is always visible: finite
-        if sinks is not None:
-            row_max = torch.maximum(row_max, sinks)
-        p = torch.exp_(scores.sub_(row_max))
-        denom = p.sum(dim=3, keepdim=True)
-        if sinks is not None:
-            denom += torch.exp(sinks - row_max)
-        ob = torch.bmm(p.view(Hkv, G * S, L), V).view(Hkv, G, S, d).div_(denom)
-        out[b] = ob.reshape(Hq, S, d)
-    _write(args.out, out)
+        sinks = torch.from_numpy(as_f32(args.sinks).reshape(Hkv, 1, G, 1, 1).copy())
+        row_max = torch.maximum(row_max, sinks)
+    p = torch.exp_(scores.sub_(row_max))
+    denom = p.sum(dim=4, keepdim=True)
+    if sinks is not None:
+        denom += torch.exp(sinks - row_max)
+    o = torch.bmm(p.view(Hkv * B, G * S, Lp), V).view(Hkv, B, G, S, d).div_(denom)
+    _write(args.out, o.transpose(0, 1).reshape(B, Hq, S, d))
