@@ -371,7 +371,8 @@ def test_image_build_context_builds_the_wheel(tmp_path: Path) -> None:
     """The files the CPU builder stage copies (after .dockerignore) are enough to build the wheel.
 
     Catches a new top-level package or build input (native sources, README) that the Dockerfile
-    or .dockerignore forgets. Builds without isolation from this venv's setuptools: no network.
+    or .dockerignore forgets, and a native dependency the slim runtime stage lacks. Builds without
+    isolation from this venv's setuptools: no network.
     """
     src = tmp_path / "src"
     docker_context_copy(DEPLOY / "Dockerfile", src)
@@ -387,6 +388,20 @@ def test_image_build_context_builds_the_wheel(tmp_path: Path) -> None:
     for pkg in packages:
         assert f"{pkg.replace('.', '/')}/__init__.py" in names, f"wheel built from the image context lacks {pkg}"
     assert "tkg/v1/decode_attention_pb2.py" in names
+    # The native kernel's sources reach the builder stage (which has gcc), and the extension
+    # needs nothing beyond glibc, so the runtime stage (slim, no extra packages) can load it.
+    native = [n for n in names if re.fullmatch(r"tkg/kernel/_native\..*\.so", n)]
+    if (ROOT / "kernel" / "native").is_dir() and shutil.which("cc"):
+        assert native, f"no tkg/kernel/_native*.so in the wheel built from the image context: {proc.stderr[-2000:]}"
+    readelf = shutil.which("readelf")
+    for so in native:
+        if not readelf:
+            pytest.skip("readelf (binutils) not installed: cannot list the extension's shared-library needs")
+        zipfile.ZipFile(whl).extract(so, tmp_path / "unpacked")
+        dyn = run([readelf, "-d", str(tmp_path / "unpacked" / so)]).stdout
+        needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dyn))
+        glibc = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1", "libgcc_s.so.1"}
+        assert needed <= glibc, f"{so} needs {needed - glibc}: install it in deploy/Dockerfile's runtime stage"
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
@@ -701,6 +716,12 @@ def test_k8s_wiring(overlay: str) -> None:
     assert volumes[mounts[config_dir]]["configMap"]["name"] == cm["metadata"]["name"]
     assert config_file in cm["data"]
     assert yaml.safe_load(cm["data"][config_file]) == yaml.safe_load((K8S / "base" / "model.yaml").read_text())
+
+    # Thread pools sized to the CPUs requested, not to the node (the pod's affinity mask).
+    env = {e["name"]: e for e in ctr["env"]}
+    for name in ("TKG_CPU_THREADS", "OMP_NUM_THREADS"):
+        assert env[name]["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu", name
+    assert env["TKG_CPU_PIN"]["value"] == "0"
 
     security = pod["spec"]["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
