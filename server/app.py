@@ -22,7 +22,7 @@ from tkg.kernel import paged_decode
 from tkg.server.config import ModelSpec
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
-from tkg.server.service import DecodeAttentionService, ServiceOptions
+from tkg.server.service import INLINE_KERNEL_BYTES, DecodeAttentionService, ServiceOptions
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
@@ -49,6 +49,7 @@ class ServeSettings:
     tls_cert: bytes | None = None  # PEM chain; with tls_key: serve TLS
     tls_key: bytes | None = None
     gateway_metrics: bool = False
+    inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # smaller launches run on the event loop thread
     expiry_period_s: float | None = None  # idle-expiry sweep period; None: idle_ttl_s / 4, in [0.05, 30]
 
 
@@ -112,6 +113,7 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
         backend=settings.backend, max_batch=spec.max_batch, batch_delay_s=settings.batch_delay_us * 1e-6,
         max_pending=settings.max_pending, max_message_bytes=settings.max_message_bytes,
         auth_tokens=settings.auth_tokens, read_only_tokens=settings.read_only_tokens,
+        inline_kernel_bytes=settings.inline_kernel_bytes,
     )  # fmt: skip
     service = DecodeAttentionService(spec, cache, opts, metrics)
     server = grpc.aio.server(

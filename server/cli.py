@@ -22,6 +22,7 @@ from tkg.server import app as app_mod
 from tkg.server.app import DEFAULT_MAX_MESSAGE, ServeSettings
 from tkg.server.config import ConfigError, ModelSpec, load_spec
 from tkg.server.presets import DEFAULT_PRESET, PRESETS
+from tkg.server.service import INLINE_KERNEL_BYTES
 
 log = logging.getLogger("tkg.server")
 
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch-delay-us", type=int, default=100, help="longest wait to fill a batch, us (default 100)")
     n.add_argument("--max-pending", type=int, default=1024,
                    help="queued decode requests before RESOURCE_EXHAUSTED (default 1024)")  # fmt: skip
+    n.add_argument("--inline-kernel-bytes", type=int, default=INLINE_KERNEL_BYTES,
+                   help="launches reading at most this much K+V run on the event loop instead of the "
+                   "kernel thread, whose hand-off costs more than they take "
+                   f"(default {INLINE_KERNEL_BYTES}; 0 = never)")  # fmt: skip
     n.add_argument("--grace-s", type=float, default=20.0, help="drain time for in-flight calls on SIGTERM (default 20)")
     n.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     a = p.add_argument_group("security")
@@ -110,6 +115,7 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         ("--port", args.port, 0, 65535), ("--metrics-port", args.metrics_port, 0, 65535),
         ("--max-message-bytes", args.max_message_bytes, 4096, 2**31 - 1),
         ("--batch-delay-us", args.batch_delay_us, 0, 10**7), ("--max-pending", args.max_pending, 1, 10**7),
+        ("--inline-kernel-bytes", args.inline_kernel_bytes, 0, 2**40),
     )  # fmt: skip
     for flag, value, lo, hi in checks:
         if not lo <= value <= hi:
@@ -127,6 +133,7 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         batch_delay_us=args.batch_delay_us, max_pending=args.max_pending,
         auth_tokens=frozenset(args.auth_token), read_only_tokens=frozenset(args.read_only_token),
         tls_cert=cert, tls_key=key, gateway_metrics=args.gateway_metrics,
+        inline_kernel_bytes=args.inline_kernel_bytes,
     )  # fmt: skip
 
 

@@ -81,15 +81,19 @@ def inv_freqs(head_dim: int, theta: float, scaling: dict[str, Any] | None = None
     return out.astype(np.float32)
 
 
-def apply_rope(x: np.ndarray, positions: np.ndarray, inv: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE of x `[B, heads, T, d]` at absolute positions `[B, T]`; returns x's dtype.
+def angles(positions: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin `[B, 1, T, d/2]` float32 for absolute positions `[B, T]`.
 
     Angles are formed in float64: at positions near 128K a float32 product `pos * inv_freq`
     is off by up to ~0.01 rad, which bf16 keys would then carry forever in the cache.
     """
+    ang = np.asarray(positions, dtype=np.float64)[:, None, :, None] * inv.astype(np.float64)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of x `[B, heads, T, d]` with `angles(...)`; returns x's dtype."""
     half = x.shape[-1] // 2
-    ang = np.asarray(positions, dtype=np.float64)[:, None, :, None] * inv.astype(np.float64)  # [B, 1, T, d/2]
-    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     xf = np.asarray(x, dtype=np.float32)
     x1, x2 = xf[..., :half], xf[..., half:]
     out = np.empty(x.shape, dtype=np.float32)
@@ -97,3 +101,8 @@ def apply_rope(x: np.ndarray, positions: np.ndarray, inv: np.ndarray) -> np.ndar
     np.subtract(x1 * cos, x2 * sin, out=out[..., :half])
     np.add(x2 * cos, x1 * sin, out=out[..., half:])
     return out.astype(x.dtype, copy=False)
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of x `[B, heads, T, d]` at absolute positions `[B, T]`; returns x's dtype."""
+    return rotate(x, *angles(positions, inv))

@@ -37,12 +37,16 @@ from tkg.server.errors import (
 )
 from tkg.server.kv_cache import KVCache, SequenceState
 from tkg.server.metrics import Metrics
-from tkg.server.rope import apply_rope
+from tkg.server.rope import angles, apply_rope, rotate
 from tkg.server.sequences import MAX_SEQUENCE_ID_LEN
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tkg.server")
+
+# Launches reading at most this much K+V run on the event loop thread (see `_run_batch`): at the
+# 10-30 GB/s a decode kernel reaches here that is ~10-25 us, less than a round trip to the worker.
+INLINE_KERNEL_BYTES = 256 * 1024
 
 # RPCs a read-only token may call.
 READ_ONLY_METHODS = frozenset({"GetServerInfo", "GetSequence"})
@@ -57,6 +61,7 @@ class ServiceOptions:
     max_message_bytes: int
     auth_tokens: frozenset[str] = frozenset()  # full access; empty = no auth
     read_only_tokens: frozenset[str] = frozenset()
+    inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # launches reading less K+V skip the worker thread
 
 
 def _code_name(code: grpc.StatusCode) -> str:
@@ -79,6 +84,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.batcher = Batcher(self._run_batch, options.max_batch, options.batch_delay_s, options.max_pending)
         metrics.attach(cache, pending=lambda: self.batcher.pending, running=lambda: self.batcher.running)
         self._dtype_code = codec.DTYPE_NAMES[spec.kv_dtype]
+        self._kv_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * spec.kv_numpy_dtype.itemsize  # K + V
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -229,12 +235,13 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         pos = np.concatenate([w.positions for w, _ in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
         q = np.concatenate([w.q for w, _ in ready]) if len(ready) > 1 else ready[0][0].q
         if self._inv_freqs is not None:
-            q = apply_rope(q, pos, self._inv_freqs)
+            cos, sin = angles(pos, self._inv_freqs)  # once for q and every request's k
+            q = rotate(q, cos, sin)
         row = 0
         for work, plan in ready:
             k = work.k
             if self._inv_freqs is not None:
-                k = apply_rope(k, pos[row : row + work.size], self._inv_freqs)
+                k = rotate(k, cos[row : row + work.size], sin[row : row + work.size])
             cache.commit(plan, k, work.v)
             row += work.size
         tables = _stack_tables([p.block_tables for _, p in ready])
@@ -244,8 +251,14 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
             backend=self.opts.backend,
         )  # fmt: skip
+        # Handing a launch to the worker thread and back costs ~50-100 us of loop time; a launch
+        # reading less KV than that takes runs on the loop instead (it would block it no longer).
+        kv_bytes = int(lens.sum()) * self._kv_token_bytes
         try:
-            out = await asyncio.get_running_loop().run_in_executor(self._kernel_thread, kernel)
+            if kv_bytes <= self.opts.inline_kernel_bytes:
+                out = kernel()
+            else:
+                out = await asyncio.get_running_loop().run_in_executor(self._kernel_thread, kernel)
         except Exception as exc:  # the kernel failing is a server bug: report it, keep serving
             log.exception("kernel failed for layer %d, batch of %d sequences", layer, len(lens))
             err = ServiceError(f"kernel: {type(exc).__name__}: {exc}")

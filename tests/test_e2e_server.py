@@ -33,9 +33,11 @@ YARN = {"type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "ori
 
 @pytest.fixture(scope="module")
 def fp32() -> Iterator[ServerProc]:
-    """float32 KV, fused RoPE with Llama-3 scaling, full attention."""
+    """float32 KV, fused RoPE with Llama-3 scaling, full attention; every launch on the kernel thread
+    (the bf16 server runs these small launches on the event loop, the default below 256 KiB)."""
     srv = start_server(*GEOMETRY, "--kv-dtype", "float32", "--fuse-rope", "true", "--rope-theta", "10000",
-                       "--rope-scaling", json.dumps(LLAMA3), "--max-batch", "16")  # fmt: skip
+                       "--rope-scaling", json.dumps(LLAMA3), "--max-batch", "16",
+                       "--inline-kernel-bytes", "0")  # fmt: skip
     yield srv
     assert srv.stop() == 0
 
