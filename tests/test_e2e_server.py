@@ -278,3 +278,20 @@ def test_python_m_and_tkg_serve_help_agree() -> None:
     a = subprocess.run([sys.executable, "-m", "tkg.server", "--help"], capture_output=True, text=True, timeout=60)
     b = subprocess.run([str(root / "tkg"), "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout and "--metrics-port" in a.stdout
+
+
+def test_float16_kv_without_rope() -> None:
+    srv = start_server(*GEOMETRY, "--kv-dtype", "float16", "--fuse-rope", "false")
+    try:
+        rng = np.random.default_rng(4)
+        f16 = np.dtype(np.float16)
+        with Client(srv.target) as c:
+            info = c.server_info()
+            assert info.kv_dtype == pb.DTYPE_FLOAT16 and not info.fuse_rope
+            m = Mirror(info)
+            sids = [c.create_sequence().sequence_id for _ in range(2)]
+            for sid, T in zip(sids, (7, 2), strict=True):
+                _ingest(c, m, sid, T, rng, f16)
+            _step(c, m, sids, 2, rng, f16)
+    finally:
+        assert srv.stop() == 0
