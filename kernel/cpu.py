@@ -234,7 +234,7 @@ def paged_decode(
     if args.sinks is not None:
         sinks = _ws.get("paged_sinks", (B * Hkv, G * S), np.float32)
         sinks.reshape(B, Hkv, G, S)[...] = as_f32(args.sinks).reshape(1, Hkv, G, 1)
-    out = args.out if args.out.flags.c_contiguous else np.empty_like(args.out)
+    out = args.out if args.out.flags.c_contiguous else np.empty(args.out.shape, dtype=args.out.dtype)
     _attend(
         q=q32, k=args.k_cache, v=args.v_cache, out=out.reshape(B * Hkv, G * S, d), heads_per_row=Hkv,
         head_stride=NB * BL * d, block_stride=BL * d, bl=BL, table=_c(args.block_tables, np.int32),

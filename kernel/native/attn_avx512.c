@@ -3,6 +3,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 #define SUFFIX avx512
+#define WIDE 1
 #define USE_DPBF16 0
 #include "attn_impl.h"
 #else

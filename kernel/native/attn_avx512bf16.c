@@ -3,6 +3,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 #define SUFFIX avx512bf16
+#define WIDE 1
 #define USE_DPBF16 1
 #include "attn_impl.h"
 #else

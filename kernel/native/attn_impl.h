@@ -25,6 +25,17 @@ typedef _Float16 vhf_u __attribute__((vector_size(32), aligned(2)));
 
 #define AI static inline __attribute__((always_inline))
 
+/* WIDE: 32 vector registers of 16 floats (AVX-512). Narrower ISAs split each 16-float vector
+ * into 2 (AVX2) or 4 (SSE) registers, so they use register-frugal loop shapes. */
+#ifndef WIDE
+#define WIDE 0
+#endif
+#if WIDE || defined(__AVX2__)
+#define PVB 4
+#else
+#define PVB 2
+#endif
+
 AI vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 /* 16 elements of a pool row to fp32. */
@@ -57,22 +68,59 @@ AI void row_to_f32(float *dst, const void *src, int d, int dp, int dtype) {
     for (; c < dp; c++) dst[c] = 0.0f;
 }
 
-AI float hsum(vf x) {
-    float s = 0.0f;
-    for (int i = 0; i < 16; i++) s += x[i];
-    return s;
+typedef uint32_t vu_u __attribute__((vector_size(64), aligned(2)));
+
+/* A bf16 row of d (a multiple of 32) elements to fp32 in "split" order: per 32 elements, the 16
+ * even ones then the 16 odd ones. A bf16 pair is one 32-bit word, so this costs a shift and a
+ * mask per 16 values instead of widening conversions; q, the accumulators and the output use
+ * the same order (dot products do not care, the output is put back in order at the end). */
+AI void row_to_f32_split(float *dst, const void *src, int d) {
+    for (int c = 0; c < d; c += 32) {
+        vu w = *(const vu_u *)((const char *)src + 2 * c);
+        *(vf *)(dst + c) = (vf)(w << 16);
+        *(vf *)(dst + c + 16) = (vf)(w & 0xffff0000u);
+    }
 }
 
-AI float hmax(vf x) {
-    float m = x[0];
-    for (int i = 1; i < 16; i++) m = x[i] > m ? x[i] : m;
-    return m;
+/* An fp32 row (natural order) into dst in the layout of the pool rows (split or natural). */
+AI void f32_row_to_layout(float *dst, const float *src, int d, int dp, int split) {
+    if (split) {
+        for (int c = 0; c < d; c += 32)
+            for (int i = 0; i < 16; i++) {
+                dst[c + i] = src[c + 2 * i];
+                dst[c + 16 + i] = src[c + 2 * i + 1];
+            }
+    } else {
+        for (int c = 0; c < dp; c++) dst[c] = c < d ? src[c] : 0.0f;
+    }
 }
 
 /* m ? a : b lane-wise (the vector ?: is C++-only in GCC). */
 AI vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 
 AI vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+
+/* Horizontal sum / max by halving (shuffles stay within the vector: no spills on narrow ISAs). */
+static const vi H8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+static const vi H4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+static const vi H2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+static const vi H1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+
+AI float hsum(vf x) {
+    x += __builtin_shuffle(x, H8);
+    x += __builtin_shuffle(x, H4);
+    x += __builtin_shuffle(x, H2);
+    x += __builtin_shuffle(x, H1);
+    return x[0];
+}
+
+AI float hmax(vf x) {
+    x = vmax(x, __builtin_shuffle(x, H8));
+    x = vmax(x, __builtin_shuffle(x, H4));
+    x = vmax(x, __builtin_shuffle(x, H2));
+    x = vmax(x, __builtin_shuffle(x, H1));
+    return x[0];
+}
 
 /* exp(x) for a vector, Cephes-style: x = n*ln2 + r, |r| <= ln2/2, degree-6 polynomial in r.
  * About 1 ulp; exactly 0 below -87.3 (so masked -inf logits give p = 0). */
@@ -120,43 +168,69 @@ AI vf reduce16(const vf *a) {
     return comb(e[0], e[1], L4a, L4b);
 }
 
-/* Scores of 16 fp32 key rows kb[0..16) (stride dp) against one fp32 query qv. */
-AI vf dots16_f32(const float *qv, const float *kb, int dp) {
+/* Scores of 16 fp32 key rows kb[0..16) (stride dp) against one fp32 query qv. DP is a
+ * compile-time constant at the hot call sites (64, 128) so the loops unroll. */
+AI vf dots16_f32_dp(const float *qv, const float *kb, int dp, int DP) {
+#if WIDE
+    /* 16 accumulators fit the 32 zmm registers: reduce them together by a transpose tree. */
     vf a[16];
     for (int t = 0; t < 16; t++) {
         const float *kr = kb + (int64_t)BITREV16[t] * dp;
         vf s0 = splat(0.0f), s1 = splat(0.0f);
         int c = 0;
-        for (; c + 32 <= dp; c += 32) {
+        for (; c + 32 <= DP; c += 32) {
             s0 += *(const vf *)(qv + c) * *(const vf *)(kr + c);
             s1 += *(const vf *)(qv + c + 16) * *(const vf *)(kr + c + 16);
         }
-        if (c < dp) s0 += *(const vf *)(qv + c) * *(const vf *)(kr + c);
+        if (c < DP) s0 += *(const vf *)(qv + c) * *(const vf *)(kr + c);
         a[t] = s0 + s1;
     }
     return reduce16(a);
+#else
+    /* Narrow registers: one accumulator at a time, reduced by halving. */
+    vf res = splat(0.0f);
+    for (int t = 0; t < 16; t++) {
+        const float *kr = kb + (int64_t)t * dp;
+        vf s0 = splat(0.0f);
+        for (int c = 0; c < DP; c += 16) s0 += *(const vf *)(qv + c) * *(const vf *)(kr + c);
+        res[t] = hsum(s0);
+    }
+    return res;
+#endif
+}
+
+AI vf dots16_f32(const float *qv, const float *kb, int dp) {
+    if (dp == 128) return dots16_f32_dp(qv, kb, dp, 128);
+    if (dp == 64) return dots16_f32_dp(qv, kb, dp, 64);
+    return dots16_f32_dp(qv, kb, dp, dp);
 }
 
 #if USE_DPBF16
 #include <immintrin.h>
 /* Scores of 16 bf16 pool rows (pointers) against one bf16 query (d a multiple of 32): the
  * products of bf16 numbers are exact in fp32 and accumulate in fp32 (vdpbf16ps). */
-AI vf dots16_bf16(const uint16_t *qb, const uint16_t *const *kr, int d) {
+AI vf dots16_bf16_d(const uint16_t *qb, const uint16_t *const *kr, int D) {
     vf a[16];
     for (int t = 0; t < 16; t++) {
         const uint16_t *k = kr[BITREV16[t]];
         __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
         int c = 0;
-        for (; c + 64 <= d; c += 64) {
+        for (; c + 64 <= D; c += 64) {
             s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(qb + c), (__m512bh)_mm512_loadu_si512(k + c));
             s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(qb + c + 32),
                                   (__m512bh)_mm512_loadu_si512(k + c + 32));
         }
-        if (c < d)
+        if (c < D)
             s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(qb + c), (__m512bh)_mm512_loadu_si512(k + c));
         a[t] = (vf)_mm512_add_ps(s0, s1);
     }
     return reduce16(a);
+}
+
+AI vf dots16_bf16(const uint16_t *qb, const uint16_t *const *kr, int d) {
+    if (d == 128) return dots16_bf16_d(qb, kr, 128);
+    if (d == 64) return dots16_bf16_d(qb, kr, 64);
+    return dots16_bf16_d(qb, kr, d);
 }
 #endif
 
@@ -174,18 +248,23 @@ AI void pv_fixed(float *acc, const float *p, const float *vb, int n, int dp, int
 
 AI void pv(float *acc, const float *p, const float *vb, int n, int dp) {
     int dpv = dp / 16;
+#if WIDE
     if (dpv == 8) {
         pv_fixed(acc, p, vb, n, dp, 8);
-    } else if (dpv == 4) {
+        return;
+    }
+    if (dpv == 4) {
         pv_fixed(acc, p, vb, n, dp, 4);
-    } else {
-        for (int c0 = 0; c0 < dpv; c0 += 4) {
-            int w = dpv - c0 < 4 ? dpv - c0 : 4;
-            if (w == 4) pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 4);
-            else if (w == 3) pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 3);
-            else if (w == 2) pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 2);
-            else pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 1);
-        }
+        return;
+    }
+#endif
+    /* PVB accumulator vectors at a time: as many as the registers hold. */
+    for (int c0 = 0; c0 < dpv; c0 += PVB) {
+        int w = dpv - c0 < PVB ? dpv - c0 : PVB;
+        if (w == 4) pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 4);
+        else if (w == 3) pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 3);
+        else if (w == 2) pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 2);
+        else pv_fixed(acc + 16 * c0, p, vb + 16 * c0, n, dp, 1);
     }
 }
 
@@ -229,6 +308,23 @@ AI void query_ranges(const tkg_problem *p, int task, int nk, int r, int32_t *out
     out4[1] = hi;
     out4[2] = 0;
     out4[3] = 0;
+}
+
+/* Prefetch the K and V rows of keys [a, b) into L2, one contiguous run per block. */
+#define PF_AHEAD 4
+AI void prefetch_keys(const char *kbase, const char *vbase, const int32_t *tab, int a, int b, int bl,
+                      int64_t block_bytes, int row_bytes) {
+    while (a < b) {
+        int blk = a / bl, off = a % bl;
+        int end = (blk + 1) * bl < b ? (blk + 1) * bl : b;
+        int64_t start = tab[blk] * block_bytes + (int64_t)off * row_bytes;
+        int64_t len = (int64_t)(end - a) * row_bytes;
+        for (int64_t x = 0; x < len; x += 64) {
+            __builtin_prefetch(kbase + start + x, 0, 2);
+            __builtin_prefetch(vbase + start + x, 0, 2);
+        }
+        a = end;
+    }
 }
 
 void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
@@ -275,13 +371,15 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
     }
 
     const float *qsrc = p->q + (int64_t)task * nq * d;
+    const int split_rows = tkg_split_bf16(p);
     int use_bf = 0;
 #if USE_DPBF16
     use_bf = p->dtype == TKG_BF16 && p->q_bf16_exact && d % 32 == 0;
 #endif
     float qscale = use_bf ? 1.0f : p->score_scale;
     for (int r = 0; r < nq; r++) {
-        for (int c = 0; c < dp; c++) qs[r * dp + c] = c < d ? qsrc[(int64_t)r * d + c] * qscale : 0.0f;
+        f32_row_to_layout(qs + r * dp, qsrc + (int64_t)r * d, d, dp, split_rows);
+        for (int c = 0; c < dp; c++) qs[r * dp + c] *= qscale;
         if (use_bf)
             for (int c = 0; c < d; c++) {
                 uint32_t w;
@@ -296,27 +394,48 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
     const char *kbase = (const char *)p->k + (int64_t)head * p->head_stride * esz;
     const char *vbase = (const char *)p->v + (int64_t)head * p->head_stride * esz;
     const int32_t *tab = p->table + (int64_t)row * p->table_stride;
-    const void *kptr[TKG_CHUNK];
-    const void *vptr[TKG_CHUNK];
+    const int row_bytes = d * esz;
+    /* Byte offsets of the rows of the current and the next chunk (walked block by block: no
+     * division per key). */
+    int64_t cur[TKG_CHUNK], nxt[TKG_CHUNK];
+    int walk_blk = klo / p->bl, walk_off = klo % p->bl;
+#define WALK(dst, count)                                                                              \
+    for (int j_ = 0; j_ < (count); j_++) {                                                            \
+        (dst)[j_] = ((int64_t)tab[walk_blk] * p->block_stride + (int64_t)walk_off * d) * esz;          \
+        if (++walk_off == p->bl) {                                                                    \
+            walk_off = 0;                                                                             \
+            walk_blk++;                                                                               \
+        }                                                                                             \
+    }
+    if (klo < khi) WALK(cur, (khi - klo < CH ? khi - klo : CH));
 
     for (int c0 = klo; c0 < khi; c0 += CH) {
         int n = khi - c0 < CH ? khi - c0 : CH;
-        for (int j = 0; j < CH; j++) {
-            int key = c0 + (j < n ? j : 0);
-            int64_t off = (int64_t)tab[key / p->bl] * p->block_stride + (int64_t)(key % p->bl) * d;
-            kptr[j] = kbase + off * esz;
-            vptr[j] = vbase + off * esz;
+        /* Blocks sit anywhere in the pool (and small blocks end before the hardware prefetcher
+         * ramps up): ask for the K and V rows PF_AHEAD chunks ahead, into L2. */
+        int nn = khi - (c0 + CH) < CH ? khi - (c0 + CH) : CH;
+        if (nn > 0) WALK(nxt, nn);
+        {
+            int a = c0 + PF_AHEAD * CH, b = a + CH < khi ? a + CH : khi;
+            if (c0 == klo) a = c0 + CH; /* first chunk: warm everything up to the distance */
+            prefetch_keys(kbase, vbase, tab, a, b, p->bl, p->block_stride * esz, row_bytes);
         }
+        for (int j = n; j < CH; j++) cur[j] = cur[0]; /* padding rows: valid memory, masked scores */
         int ng = (n + 15) / 16;
-        if (!use_bf)
-            for (int j = 0; j < ng * 16; j++) row_to_f32(kb + (int64_t)j * dp, kptr[j], d, dp, p->dtype);
+        if (!use_bf) {
+            for (int j = 0; j < ng * 16; j++) {
+                if (split_rows) row_to_f32_split(kb + (int64_t)j * dp, kbase + cur[j], d);
+                else row_to_f32(kb + (int64_t)j * dp, kbase + cur[j], d, dp, p->dtype);
+            }
+        }
         for (int r = 0; r < nq; r++) {
             float *sr = s + r * CH;
             for (int g = 0; g < ng; g++) {
 #if USE_DPBF16
                 if (use_bf) {
-                    *(vf *)(sr + 16 * g) =
-                        dots16_bf16(qb + r * dp, (const uint16_t *const *)(kptr + 16 * g), d) * splat(p->score_scale);
+                    const uint16_t *kr[16];
+                    for (int t = 0; t < 16; t++) kr[t] = (const uint16_t *)(kbase + cur[16 * g + t]);
+                    *(vf *)(sr + 16 * g) = dots16_bf16(qb + r * dp, kr, d) * splat(p->score_scale);
                     continue;
                 }
 #endif
@@ -332,17 +451,22 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
                 }
             for (int j = n; j < ng * 16; j++) sr[j] = -INFINITY;
         }
-        for (int j = 0; j < n; j++) row_to_f32(vb + (int64_t)j * dp, vptr[j], d, dp, p->dtype);
+        for (int j = 0; j < n; j++) {
+            if (split_rows) row_to_f32_split(vb + (int64_t)j * dp, vbase + cur[j], d);
+            else row_to_f32(vb + (int64_t)j * dp, vbase + cur[j], d, dp, p->dtype);
+        }
         softmax_update(part, s, vb, n, nq, dp);
+        memcpy(cur, nxt, sizeof(cur));
     }
+#undef WALK
 
     /* The active keys (attention_tkg only) ride with the last split. */
     if (p->act_n > 0 && split == p->nsplit - 1) {
         int n = p->act_n;
         const float *ka = p->ka + (int64_t)row * n * d;
         const float *va = p->va + (int64_t)row * n * d;
-        for (int j = 0; j < 16; j++) row_to_f32(kb + (int64_t)j * dp, ka + (int64_t)(j < n ? j : 0) * d, d, dp, TKG_F32);
-        for (int j = 0; j < n; j++) row_to_f32(vb + (int64_t)j * dp, va + (int64_t)j * d, d, dp, TKG_F32);
+        for (int j = 0; j < 16; j++) f32_row_to_layout(kb + (int64_t)j * dp, ka + (int64_t)(j < n ? j : 0) * d, d, dp, split_rows);
+        for (int j = 0; j < n; j++) f32_row_to_layout(vb + (int64_t)j * dp, va + (int64_t)j * d, d, dp, split_rows);
         for (int r = 0; r < nq; r++) {
             float *sr = s + r * CH;
             *(vf *)sr = dots16_f32(qs + r * dp, kb, dp) * splat(use_bf ? p->score_scale : 1.0f);

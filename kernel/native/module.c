@@ -128,12 +128,22 @@ static void finalize(job_t *job, int task, tkg_partial part, float *row_buf) {
         } else if (p->sinks && m != -INFINITY) {
             denom = l + expf(sk - m);
         } else if (m == -INFINITY) {
-            long long code = (long long)task * nq + r, none = -1;
-            atomic_compare_exchange_strong(&job->error, &none, code);
+            /* Keep the smallest (task, query), as the reference reports the first in order. */
+            long long code = (long long)task * nq + r, seen = atomic_load(&job->error);
+            while ((seen < 0 || code < seen) && !atomic_compare_exchange_weak(&job->error, &seen, code)) {
+            }
             denom = NAN;
         }
         float f = scale_acc / denom;
-        for (int c = 0; c < d; c++) row_buf[c] = acc[c] * f;
+        if (tkg_split_bf16(p)) {
+            for (int c = 0; c < d; c += 32)
+                for (int i = 0; i < 16; i++) {
+                    row_buf[c + 2 * i] = acc[c + i] * f;
+                    row_buf[c + 2 * i + 1] = acc[c + 16 + i] * f;
+                }
+        } else {
+            for (int c = 0; c < d; c++) row_buf[c] = acc[c] * f;
+        }
         store_row(p->out, ((int64_t)task * nq + r) * d, row_buf, d, p->out_dtype);
     }
 }

@@ -63,6 +63,10 @@ typedef struct {
 typedef void (*tkg_item_fn)(const tkg_problem *p, int item, tkg_partial part, float *ws);
 
 int64_t tkg_ws_floats(const tkg_problem *p);
+
+/* bf16 rows whose length is a multiple of 32 are widened in "split" order (see attn_impl.h):
+ * the accumulators then hold, per 32 outputs, the 16 even ones and then the 16 odd ones. */
+static inline int tkg_split_bf16(const tkg_problem *p) { return p->dtype == TKG_BF16 && p->d % 32 == 0; }
 int tkg_padded_d(int d);
 
 void tkg_item_avx512bf16(const tkg_problem *p, int item, tkg_partial part, float *ws);

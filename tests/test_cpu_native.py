@@ -1,0 +1,252 @@
+"""The `cpu` backend's native fast path: every ISA variant against an independent numpy oracle,
+threads and key splits, workspace reuse across shapes, paged edge cases, and the torch fallback.
+
+The full backend-vs-reference property matrix lives in test_kernel_properties.py; these tests
+target what only the native kernel does (block walking, chunking, splits, the bf16 split layout,
+the thread pool).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from nki_cases import TOLERANCE, Case, build_case, cfg
+
+from tkg.kernel import attention_tkg, cpu
+from tkg.kernel.paged import check_paged_args, paged_decode
+from tkg.kernel.validate import validate_call
+from tkg.kernel_dtypes import BF16
+
+DT = {"fp32": np.dtype(np.float32), "bf16": BF16, "fp16": np.dtype(np.float16)}
+VARIANTS = cpu.native_variants()
+needs_native = pytest.mark.skipif(cpu.NATIVE_ERROR is not None, reason=f"native kernel not built: {cpu.NATIVE_ERROR}")
+
+
+def test_native_kernel_is_built() -> None:
+    # `make` / `pip install -e .` compile it wherever gcc and the Python headers exist (always in CI).
+    assert cpu.NATIVE_ERROR is None, cpu.NATIVE_ERROR
+    assert VARIANTS and VARIANTS[-1] == "generic"
+    assert cpu.implementation().startswith("native-")
+    assert cpu.available() is None
+
+
+def paged_oracle(q, k_cache, v_cache, tables, lens, scale, window=None, sinks=None) -> np.ndarray:
+    """Decode attention written per (sequence, q head, new token) in float64."""
+    B, Hq, S, d = q.shape
+    Hkv, _, BL, _ = k_cache.shape
+    G = Hq // Hkv
+    out = np.zeros((B, Hq, S, d))
+    for b in range(B):
+        L = int(lens[b])
+        slots = [(int(tables[b, j // BL]), j % BL) for j in range(L)]
+        for h in range(Hq):
+            g = h // G
+            K = np.array([k_cache[g, blk, off] for blk, off in slots], dtype=np.float64)
+            V = np.array([v_cache[g, blk, off] for blk, off in slots], dtype=np.float64)
+            for i in range(S):
+                t = L - S + i
+                j = np.arange(L)
+                vis = (j <= t) & ((t - j < window) if window else True)
+                s = np.where(vis, K @ (q[b, h, i].astype(np.float64) * scale), -np.inf)
+                m = s.max() if sinks is None else max(s.max(), float(sinks[h]))
+                p = np.exp(s - m)
+                den = p.sum() + (0.0 if sinks is None else np.exp(float(sinks[h]) - m))
+                out[b, h, i] = p @ V / den
+    return out
+
+
+def make_paged(rng, *, B=3, Hkv=2, G=2, S=2, d=64, BL=16, dtype="fp32", lens=None, spare=5):
+    dt = DT[dtype]
+    lens = np.asarray(lens if lens is not None else rng.integers(S, 6 * BL, size=B), dtype=np.int32)
+    maxblk = max(1, -(-int(lens.max()) // BL))
+    NB = B * maxblk + spare
+    tables = rng.permutation(NB)[: B * maxblk].reshape(B, maxblk).astype(np.int32)
+    k = rng.standard_normal((Hkv, NB, BL, d)).astype(np.float32).astype(dt)
+    v = rng.standard_normal((Hkv, NB, BL, d)).astype(np.float32).astype(dt)
+    q = rng.standard_normal((len(lens), Hkv * G, S, d)).astype(np.float32).astype(dt)
+    return q, k, v, tables, lens
+
+
+def tol(dtype: str) -> dict[str, float]:
+    rtol, atol = TOLERANCE[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+@needs_native
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "dtype,d,BL,S,window,sinks",
+    [
+        ("bf16", 128, 16, 4, None, False),
+        ("bf16", 64, 128, 1, 50, True),
+        ("fp32", 64, 16, 3, 19, True),
+        ("fp16", 128, 32, 2, None, True),
+        ("bf16", 48, 8, 2, None, False),  # d not a multiple of 32: natural-order bf16 rows
+        ("fp32", 8, 3, 1, 4, False),  # tiny head dim, blocks of 3
+    ],
+)
+def test_paged_variants_match_oracle(variant, dtype, d, BL, S, window, sinks) -> None:
+    rng = np.random.default_rng(abs(hash((variant, dtype, d, BL, S))) % 2**32)
+    q, k, v, tables, lens = make_paged(rng, S=S, d=d, BL=BL, dtype=dtype)
+    lens[0] = S  # a sequence with only its new tokens
+    sk = (rng.standard_normal(q.shape[1]) * 2).astype(np.float32) if sinks else None
+    out = paged_decode(q, k, v, tables, lens, scale=d**-0.5, window=window, sinks=sk, backend="cpu",
+                       variant=variant, native=True)  # fmt: skip
+    ref = paged_oracle(q, k, v, tables, lens, d**-0.5, window, sk)
+    assert out.dtype == q.dtype
+    np.testing.assert_allclose(out.astype(np.float32), ref, **tol(dtype))
+
+
+@needs_native
+def test_threads_and_splits_agree() -> None:
+    rng = np.random.default_rng(1)
+    q, k, v, tables, lens = make_paged(rng, B=5, Hkv=2, G=3, S=2, d=64, BL=16, lens=[300, 2, 129, 64, 17])
+    args = check_paged_args(q, k, v, tables, lens, 0.125)
+    outs = {}
+    for threads in (1, 2, 3):
+        for nsplit in (1, 4):
+            a = replace(args, out=np.empty_like(q))
+            cpu.paged_decode(a, threads=threads, nsplit=nsplit)
+            outs[threads, nsplit] = a.out
+    # The per-task math does not depend on which thread ran it: bitwise equal.
+    np.testing.assert_array_equal(outs[1, 1], outs[2, 1])
+    np.testing.assert_array_equal(outs[1, 1], outs[3, 1])
+    np.testing.assert_array_equal(outs[1, 4], outs[2, 4])
+    # Splitting the keys changes the summation order only.
+    np.testing.assert_allclose(outs[1, 4], outs[1, 1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs[1, 1], paged_oracle(q, k, v, tables, lens, 0.125), rtol=1e-4, atol=2e-5)
+
+
+@needs_native
+def test_one_long_sequence_is_split_across_threads() -> None:
+    # One (sequence, kv head) task: the automatic split gives every thread a share of the keys.
+    rng = np.random.default_rng(2)
+    q, k, v, tables, lens = make_paged(rng, B=1, Hkv=1, G=4, S=1, d=128, BL=128, dtype="bf16", lens=[2000])
+    assert cpu._auto_nsplit(1, 2, 2000) > 1
+    out = paged_decode(q, k, v, tables, lens, scale=128**-0.5, backend="cpu", threads=2, native=True)
+    np.testing.assert_allclose(out.astype(np.float32), paged_oracle(q, k, v, tables, lens, 128**-0.5), **tol("bf16"))
+
+
+@needs_native
+def test_workspaces_follow_shape_changes() -> None:
+    # Per-thread buffers grow and shrink with the call; stale contents must never leak in.
+    rng = np.random.default_rng(3)
+    shapes = [dict(B=2, G=8, S=4, d=128), dict(B=4, G=1, S=1, d=16), dict(B=3, G=2, S=3, d=64)]
+    for kw in shapes * 2:
+        q, k, v, tables, lens = make_paged(rng, **kw)
+        out = paged_decode(q, k, v, tables, lens, scale=0.3, backend="cpu", native=True)
+        np.testing.assert_allclose(out, paged_oracle(q, k, v, tables, lens, 0.3), rtol=1e-4, atol=2e-5)
+
+
+@needs_native
+def test_paged_edge_cases() -> None:
+    rng = np.random.default_rng(4)
+    BL = 16
+    # Lengths at block boundaries, one past, exactly S; window == S; a non-contiguous out.
+    q, k, v, tables, lens = make_paged(rng, B=5, S=3, BL=BL, lens=[3, BL, BL + 1, 2 * BL, 3 * BL - 1])
+    out = np.empty((q.shape[3], *q.shape[:3]), dtype=q.dtype).transpose(1, 2, 3, 0)
+    assert not out.flags.c_contiguous
+    paged_decode(q, k, v, tables, lens, scale=0.2, window=3, out=out, backend="cpu", native=True)
+    np.testing.assert_allclose(out, paged_oracle(q, k, v, tables, lens, 0.2, window=3), rtol=1e-4, atol=2e-5)
+    # An empty batch is a no-op.
+    q0 = np.zeros((0, 4, 1, 64), np.float32)
+    res = paged_decode(q0, k, v, np.zeros((0, 1), np.int32), np.zeros(0, np.int32), scale=1.0, backend="cpu")
+    assert res.shape == (0, 4, 1, 64)
+
+
+@needs_native
+def test_concurrent_callers() -> None:
+    # The pool runs one call at a time; callers on several Python threads all get their own answer.
+    rng = np.random.default_rng(5)
+    cases = [make_paged(rng, B=2, S=1 + i % 3, d=64) for i in range(6)]
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        q, k, v, tables, lens = cases[i]
+        for _ in range(5):
+            results[i] = paged_decode(q, k, v, tables, lens, scale=0.125, backend="cpu", native=True)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (q, k, v, tables, lens) in enumerate(cases):
+        np.testing.assert_allclose(results[i], paged_oracle(q, k, v, tables, lens, 0.125), rtol=1e-4, atol=2e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(block_len=16, fuse_rope=True, sink=True),
+        dict(block_len=32, window=40),  # includes a wrapped (circular) window row
+        dict(block_len=0, tp_k_prior=True, out_in_sb=True, k_out_in_sb=True, fuse_rope=True, window=30),
+        dict(block_len=0, tp_k_prior=True, qk_in_sb=False, fuse_rope=True, sink=True),
+    ],
+)
+def test_attention_tkg_native_matches_reference(dtype, flags) -> None:
+    flags = dict(flags)
+    case_kw = {k: flags.pop(k) for k in ("sink", "window") if k in flags}
+    c = cfg(use_pos_id=True, bs=3, q_head=3, s_active=3, **flags)
+    case = Case("native", c, dtype=dtype, seed=7, **case_kw)
+    ref, ref_k = attention_tkg(**build_case(case), backend="reference")
+    out, k_out = attention_tkg(**build_case(case), backend="cpu", native=True)
+    np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), **tol(dtype))
+    if ref_k is not None:
+        np.testing.assert_allclose(k_out.astype(np.float32), ref_k.astype(np.float32), **tol(dtype))
+
+
+def test_uncovered_calls_fall_back_to_torch() -> None:
+    # A pre-generated mask and debug tensors are torch's: same answer as the reference.
+    case = Case("fallback", cfg(block_len=16, curr_sprior=2048), dtype="fp32", dbg=True, seed=8)
+    call = validate_call(**{k: v for k, v in build_case(case).items() if k not in ("sbm",)})
+    assert not cpu.run_native_ok(call)
+    with pytest.raises(ValueError, match="native"):
+        cpu.run(call, native=True)
+    ref, _ = attention_tkg(**build_case(case), backend="reference")
+    out, _ = attention_tkg(**build_case(case), backend="cpu")
+    np.testing.assert_allclose(out, ref, **tol("fp32"))
+
+
+def test_torch_fallback_when_native_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TKG_CPU_NATIVE", "0")
+    assert cpu.implementation().startswith("torch")
+    rng = np.random.default_rng(9)
+    q, k, v, tables, lens = make_paged(rng, S=2, d=32, BL=8)
+    sk = rng.standard_normal(q.shape[1]).astype(np.float32)
+    out = paged_decode(q, k, v, tables, lens, scale=0.25, window=9, sinks=sk, backend="cpu")
+    np.testing.assert_allclose(out, paged_oracle(q, k, v, tables, lens, 0.25, 9, sk), rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fully_masked_row_raises_like_reference(native: bool) -> None:
+    if native and cpu.NATIVE_ERROR is not None:
+        pytest.skip("native kernel not built")
+    case = Case("masked", cfg(block_len=16, use_pos_id=True, bs=2, q_head=2, s_active=2), seed=10)
+    args = build_case(case)
+    args["rope_pos_ids"][1] = 0.0  # row 1 has no cached keys ...
+    args["mask"][:, 1, 1, 1] = 0  # ... and head 1's query 1 sees no active key either
+    with pytest.raises(ValueError, match=r"row b=1, head h=1, query i=1") as ref_err:
+        attention_tkg(**build_case(case) | {"rope_pos_ids": args["rope_pos_ids"], "mask": args["mask"]},
+                      backend="reference")  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        attention_tkg(**args, backend="cpu", native=native)
+    assert str(err.value) == str(ref_err.value)
+
+
+@needs_native
+def test_bad_options_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(11)
+    q, k, v, tables, lens = make_paged(rng)
+    with pytest.raises(ValueError, match="variant"):
+        paged_decode(q, k, v, tables, lens, scale=1.0, backend="cpu", variant="avx9000")
+    with pytest.raises(ValueError, match="threads"):
+        paged_decode(q, k, v, tables, lens, scale=1.0, backend="cpu", threads=0)
+    monkeypatch.setenv("TKG_CPU_THREADS", "two")
+    with pytest.raises(ValueError, match="TKG_CPU_THREADS"):
+        paged_decode(q, k, v, tables, lens, scale=1.0, backend="cpu")
