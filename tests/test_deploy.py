@@ -424,25 +424,28 @@ def test_build_cpu_image(tmp_path: Path) -> None:
 
     Needs buildah, podman or a Docker engine AND the base image already in local storage: this
     workplace reaches no container registry (only PyPI, Debian and npm), so `FROM python:...`
-    cannot be pulled here. The image is built elsewhere with `docker build -f deploy/Dockerfile .`.
+    cannot be pulled here (nor could the builder stage reach the PyTorch CPU wheel index). The
+    image is built elsewhere with `docker build -f deploy/Dockerfile .`.
     """
     base = re.search(r"ARG PYTHON_IMAGE=(\S+)", (DEPLOY / "Dockerfile").read_text())
     assert base
     image = base.group(1)
-    builders = []
-    for name in ("buildah", "podman"):
-        if exe := shutil.which(name):
-            builders.append([exe, "--storage-driver", "vfs"] if name == "buildah" else [exe])
+    # (command prefix, how that tool asks its local storage for an image)
+    builders: list[tuple[list[str], list[str]]] = []
+    if exe := shutil.which("buildah"):
+        builders.append(([exe, "--storage-driver", "vfs"], ["inspect", "--type", "image", image]))
+    if exe := shutil.which("podman"):
+        builders.append(([exe], ["image", "inspect", image]))
     if (docker := shutil.which("docker")) and run([docker, "info"]).returncode == 0:
-        builders.append([docker])
+        builders.append(([docker], ["image", "inspect", image]))
     if not builders:
         pytest.skip("no image builder: none of buildah, podman or a running Docker engine is installed")
-    for builder in builders:
-        if run([*builder, "image", "inspect", image]).returncode == 0:
+    for builder, inspect in builders:
+        if run([*builder, *inspect]).returncode == 0:
             break
     else:
         pytest.skip(
-            f"base image {image} is not in local storage of {', '.join(b[0] for b in builders)} and this "
+            f"base image {image} is not in local storage of {', '.join(b[0][0] for b in builders)} and this "
             "machine reaches no container registry (only PyPI/Debian/npm); build elsewhere: "
             "docker build -f deploy/Dockerfile -t tkg:cpu ."
         )
