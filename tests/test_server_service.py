@@ -96,3 +96,37 @@ def test_all_finite_matches_isfinite(dtype: np.dtype) -> None:
         b = a.copy()
         b[3] = bad
         assert not all_finite(b) and not all_finite(b.reshape(5, 1)[1::2]) and all_finite(b[::2])
+
+
+def test_one_failing_request_does_not_fail_its_batch() -> None:
+    """Three requests coalesced into one launch; the one with a wrong position gets its own
+    FAILED_PRECONDITION, the other two their rows, and nothing is appended for the failing one."""
+    from tkg import codec
+    from tkg.server.errors import FailedPrecondition
+
+    async def main() -> None:
+        svc = _service()
+        svc.batcher.delay_s = 0.05  # hold the first request until the others are queued
+        svc.start()
+        svc.ready = True
+        for sid in "abc":
+            svc.cache.create(sid)
+        rng = np.random.default_rng(0)
+
+        def request(sid: str, pos: int) -> pb.DecodeRequest:
+            req = pb.DecodeRequest(layer=0, sequence_ids=[sid], positions=[pos], request_id=sid)
+            for name, heads in (("q", 2), ("k", 1), ("v", 1)):
+                codec.encode(rng.standard_normal((1, heads, 1, 8)).astype(np.float32), getattr(req, name))
+            return req
+
+        results = await asyncio.gather(
+            svc._decode_one(request("a", 0)), svc._decode_one(request("b", 3)), svc._decode_one(request("c", 0)),
+            return_exceptions=True,
+        )  # fmt: skip
+        await svc.close()
+        assert isinstance(results[1], FailedPrecondition) and "positions[0]: 3" in results[1].message
+        for r in (results[0], results[2]):
+            assert list(r.out.shape) == [1, 2, 1, 8] and r.timing.batch_requests == 2 and r.timing.batch_size == 2
+        assert [svc.cache.get(s).lengths[0] for s in "abc"] == [1, 0, 1]
+
+    asyncio.run(main())
