@@ -406,8 +406,15 @@ def test_image_build_context_builds_the_wheel(tmp_path: Path) -> None:
 
 def test_dockerignore_keeps_local_state_out() -> None:
     patterns = dockerignore_patterns()
-    for rel in (".venv/bin/python", ".git/HEAD", "tests/test_deploy.py", "kernel/__pycache__/api.cpython-311.pyc",
-                "tkg_attention.egg-info/PKG-INFO", "build/lib/tkg/cli.py", "kernel/native/_tkg.so"):
+    for rel in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/test_deploy.py",
+        "kernel/__pycache__/api.cpython-311.pyc",
+        "tkg_attention.egg-info/PKG-INFO",
+        "build/lib/tkg/cli.py",
+        "kernel/native/_tkg.so",
+    ):
         assert dockerignored(rel, patterns), f".dockerignore should exclude {rel}"
     for rel in ("pyproject.toml", "setup.py", "kernel/api.py", "proto/tkg/v1/decode_attention.proto"):
         assert not dockerignored(rel, patterns), f".dockerignore must keep {rel}"
@@ -499,8 +506,13 @@ def test_compose_stack_fits_together() -> None:
     assert set(flags) <= known, f"compose passes flags tkg serve does not know: {set(flags) - known}"
     # Prometheus scrapes the port the server exports metrics on, by the compose service name.
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    targets = [t for job in prom["scrape_configs"] if job["job_name"] == "tkg"
-               for sc in job["static_configs"] for t in sc["targets"]]
+    targets = [
+        t
+        for job in prom["scrape_configs"]
+        if job["job_name"] == "tkg"
+        for sc in job["static_configs"]
+        for t in sc["targets"]
+    ]
     assert targets == [f"tkg:{flags['--metrics-port']}"], targets
 
 
@@ -573,8 +585,18 @@ def test_dashboard_check_can_fail() -> None:
 
 def test_dashboard_has_the_panels_operators_need() -> None:
     titles = " | ".join(p["title"].lower() for p in dashboard_panels())
-    for words in ("request rate", "latency percentiles", "queue vs kernel", "batch size", "kv cache usage",
-                  "sequences", "errors by code", "pending", "tokens appended", "evicted"):
+    for words in (
+        "request rate",
+        "latency percentiles",
+        "queue vs kernel",
+        "batch size",
+        "kv cache usage",
+        "sequences",
+        "errors by code",
+        "pending",
+        "tokens appended",
+        "evicted",
+    ):
         assert words in titles, f"dashboard has no panel about {words!r}: {titles}"
     exprs = " ".join(e for _, e in dashboard_exprs())
     for q in ("0.5", "0.9", "0.99"):
@@ -591,8 +613,18 @@ def test_dashboard_queries_parse_with_promtool(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     proc = run([promtool, "check", "rules", str(path)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    path.write_text(yaml.safe_dump({"groups": [{"name": "bad", "rules": [
-        {"record": "tkg:bad", "expr": "sum by (le (rate(tkg_batch_size_bucket[1m]))"}]}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "bad",
+                        "rules": [{"record": "tkg:bad", "expr": "sum by (le (rate(tkg_batch_size_bucket[1m]))"}],
+                    }
+                ]
+            }
+        )
+    )
     assert run([promtool, "check", "rules", str(path)]).returncode != 0, "promtool accepted a broken query"
 
 
