@@ -771,6 +771,11 @@ def test_k8s_wiring(overlay: str) -> None:
         assert expr["key"] == "node.kubernetes.io/instance-type" and expr["operator"] == "In"
         assert expr["values"] and all(v.startswith("trn") for v in expr["values"]), expr["values"]
         assert any(t["key"] == "aws.amazon.com/neuron" for t in pod["spec"]["tolerations"])
+        # Read-only root: the compiler's working directory and compile cache must be writable.
+        cache = re.search(r"NEURON_COMPILE_CACHE_URL=(\S+)", (DEPLOY / "Dockerfile.neuron").read_text())
+        workdir = [a for i, a in dockerfile_instructions(DEPLOY / "Dockerfile.neuron") if i == "WORKDIR"][-1]
+        for path in (cache.group(1) if cache else "", workdir):
+            assert any(path == m or path.startswith(m + "/") for m in mounts), f"{path} is not on a writable volume"
     else:
         assert not neuron, f"cpu overlay requests Neuron resources: {neuron}"
         assert "neuron" not in ctr["image"], ctr["image"]
