@@ -1,0 +1,74 @@
+"""What one program (NeuronCore) of a launch did: instructions per engine, DMA bytes, cost cycles.
+
+Engines use the `nisa.engine` names: `tensor` (PE), `vector` (DVE), `scalar` (ACT), `gpsimd`
+(Pool), and `dma` for the DMA queues. Every emulated instruction is recorded once with the engine
+that executes it and its estimated cycles on that engine (cost model in `estimate.py`), so the
+counters and the estimate always agree. DMA transfers are counted per queue kind (the DGE mode of
+`dma_copy`, or the transport of `sendrecv`) with HBM reads and writes separately.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+ENGINES = ("tensor", "vector", "scalar", "gpsimd", "dma")
+
+
+@dataclass
+class ProgramStats:
+    """Counters of one program of one launch (per physical NeuronCore)."""
+
+    program_id: int = 0
+    instructions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENGINES, 0))
+    by_instruction: dict[str, int] = field(default_factory=dict)
+    engine_cycles: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ENGINES[:4], 0.0))
+    dma_transfers: int = 0
+    dma_queues: dict[str, int] = field(default_factory=dict)  # transfers per DGE mode / transport
+    dma_bytes: int = 0  # every byte a DMA moved (HBM and SBUF sides counted once per transfer)
+    hbm_read_bytes: int = 0
+    hbm_write_bytes: int = 0
+    sbuf_to_sbuf_bytes: int = 0
+    sendrecv_bytes: int = 0  # bytes this program sent to its partner
+    sbuf_high_water_bytes: int = 0  # highest explicitly addressed SBUF byte used per partition
+    psum_banks_used: int = 0  # distinct PSUM banks written
+
+    def record(self, engine: str, instr: str, cycles: float = 0.0) -> None:
+        self.instructions[engine] += 1
+        self.by_instruction[instr] = self.by_instruction.get(instr, 0) + 1
+        if engine in self.engine_cycles:
+            self.engine_cycles[engine] += cycles
+
+    def record_dma(self, instr: str, queue: str, nbytes: int, hbm_read: int, hbm_write: int) -> None:
+        self.record("dma", instr)
+        self.dma_transfers += 1
+        self.dma_queues[queue] = self.dma_queues.get(queue, 0) + 1
+        self.dma_bytes += nbytes
+        self.hbm_read_bytes += hbm_read
+        self.hbm_write_bytes += hbm_write
+        if not hbm_read and not hbm_write:
+            self.sbuf_to_sbuf_bytes += nbytes
+
+
+@dataclass
+class RunStats:
+    """Counters of one kernel launch: one ProgramStats per program (lnc of them)."""
+
+    kernel: str
+    lnc: int
+    target: str
+    programs: list[ProgramStats]
+
+    @property
+    def hbm_read_bytes(self) -> int:
+        return sum(p.hbm_read_bytes for p in self.programs)
+
+    @property
+    def hbm_write_bytes(self) -> int:
+        return sum(p.hbm_write_bytes for p in self.programs)
+
+    def total_instructions(self) -> dict[str, int]:
+        tot: Counter[str] = Counter()
+        for p in self.programs:
+            tot.update(p.instructions)
+        return {e: tot.get(e, 0) for e in ENGINES}
