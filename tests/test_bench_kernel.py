@@ -358,3 +358,15 @@ def test_bench_kernel_times_each_native_variant(capsys: pytest.CaptureFixture[st
         assert p["max_abs_err_vs_cpu.paged_decode"] < 2e-2, name
     assert bench.main([*TINY, "--variants", "sse9"]) == 2
     assert "--variants: sse9 not supported here" in capsys.readouterr().err
+
+
+def test_tkg_cli_dispatches_bench_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tkg.cli import main
+
+    argv = ["bench", "kernel", *TINY, "--s", "1", "--lens", "equal", "--peers", "torch.paged_decode", "--json"]
+    assert main(argv) == 0
+    (case,) = json.loads(capsys.readouterr().out)["cases"]
+    assert list(case["peers"]) == ["torch.paged_decode"]
+    assert case["kv_bytes"] == 3 * 40 * 2 * 32 * 2 * 2  # B x context x Hkv x d x (K, V) x bf16 bytes
