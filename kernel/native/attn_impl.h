@@ -428,6 +428,11 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
                 else row_to_f32(kb + (int64_t)j * dp, kbase + cur[j], d, dp, p->dtype);
             }
         }
+        /* seen[j]: some query sees key j. A slot nobody sees may hold garbage (NaN/inf in
+         * unwritten cache rows); its V row is zeroed so that 0 * garbage cannot reach the output. */
+        uint8_t seen[TKG_CHUNK];
+        int any_whole = 0;
+        memset(seen, 0, sizeof(seen));
         for (int r = 0; r < nq; r++) {
             float *sr = s + r * CH;
             for (int g = 0; g < ng; g++) {
@@ -444,15 +449,18 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
             for (int j = ng * 16; j < CH; j++) sr[j] = -INFINITY;
             const int32_t *g = rg + 4 * r;
             int whole = (c0 >= g[0] && c0 + n <= g[1]) || (c0 >= g[2] && c0 + n <= g[3]);
+            any_whole |= whole;
             if (!whole)
                 for (int j = 0; j < n; j++) {
                     int key = c0 + j;
                     if (!((key >= g[0] && key < g[1]) || (key >= g[2] && key < g[3]))) sr[j] = -INFINITY;
+                    else seen[j] = 1;
                 }
             for (int j = n; j < ng * 16; j++) sr[j] = -INFINITY;
         }
         for (int j = 0; j < n; j++) {
-            if (split_rows) row_to_f32_split(vb + (int64_t)j * dp, vbase + cur[j], d);
+            if (!any_whole && !seen[j]) memset(vb + (int64_t)j * dp, 0, sizeof(float) * (size_t)dp);
+            else if (split_rows) row_to_f32_split(vb + (int64_t)j * dp, vbase + cur[j], d);
             else row_to_f32(vb + (int64_t)j * dp, vbase + cur[j], d, dp, p->dtype);
         }
         softmax_update(part, s, vb, n, nq, dp);
@@ -466,14 +474,20 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
         const float *ka = p->ka + (int64_t)row * n * d;
         const float *va = p->va + (int64_t)row * n * d;
         for (int j = 0; j < 16; j++) f32_row_to_layout(kb + (int64_t)j * dp, ka + (int64_t)(j < n ? j : 0) * d, d, dp, split_rows);
-        for (int j = 0; j < n; j++) f32_row_to_layout(vb + (int64_t)j * dp, va + (int64_t)j * d, d, dp, split_rows);
+        uint8_t seen[16] = {0};
         for (int r = 0; r < nq; r++) {
             float *sr = s + r * CH;
             *(vf *)sr = dots16_f32(qs + r * dp, kb, dp) * splat(use_bf ? p->score_scale : 1.0f);
             for (int j = 16; j < CH; j++) sr[j] = -INFINITY;
             const uint8_t *mk = p->act_mask + ((int64_t)task * nq + r) * n;
-            for (int j = 0; j < 16; j++)
+            for (int j = 0; j < 16; j++) {
                 if (j >= n || !mk[j]) sr[j] = -INFINITY;
+                else seen[j] = 1;
+            }
+        }
+        for (int j = 0; j < n; j++) {
+            if (seen[j]) f32_row_to_layout(vb + (int64_t)j * dp, va + (int64_t)j * d, d, dp, split_rows);
+            else memset(vb + (int64_t)j * dp, 0, sizeof(float) * (size_t)dp);
         }
         softmax_update(part, s, vb, n, nq, dp);
     }
