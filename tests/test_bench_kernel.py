@@ -370,3 +370,16 @@ def test_tkg_cli_dispatches_bench_kernel(capsys: pytest.CaptureFixture[str]) -> 
     (case,) = json.loads(capsys.readouterr().out)["cases"]
     assert list(case["peers"]) == ["torch.paged_decode"]
     assert case["kv_bytes"] == 3 * 40 * 2 * 32 * 2 * 2  # B x context x Hkv x d x (K, V) x bf16 bytes
+
+
+def test_torch_run_fills_a_strided_out_and_leaves_the_rest() -> None:
+    cfg = AttnTKGConfig(bs=2, q_head=2, s_active=2, curr_sprior=32, full_sprior=32, d_head=32, block_len=8,
+                        tp_k_prior=True, strided_mm1=False, qk_in_sb=True, use_pos_id=True)  # fmt: skip
+    fresh = _make_call(cfg, BF16, seed=9, sink=True)
+    ref, got = fresh(), fresh()
+    reference.run(ref)
+    big = np.full((*cfg.out_shape[:-1], 2 * cfg.out_shape[-1]), 3.0, dtype=BF16)
+    got.out = big[..., ::2]  # [B, H, d, S] view with a stride of 2 on S
+    cpu_torch.run(got)
+    np.testing.assert_allclose(got.out.astype(np.float32), ref.out.astype(np.float32), rtol=2e-2, atol=2e-2)
+    assert np.all(big[..., 1::2].astype(np.float32) == 3.0)
