@@ -310,23 +310,6 @@ AI void query_ranges(const tkg_problem *p, int task, int nk, int r, int32_t *out
     out4[3] = 0;
 }
 
-/* Prefetch the K and V rows of keys [a, b) into L2, one contiguous run per block. */
-#define PF_AHEAD 4
-AI void prefetch_keys(const char *kbase, const char *vbase, const int32_t *tab, int a, int b, int bl,
-                      int64_t block_bytes, int row_bytes) {
-    while (a < b) {
-        int blk = a / bl, off = a % bl;
-        int end = (blk + 1) * bl < b ? (blk + 1) * bl : b;
-        int64_t start = tab[blk] * block_bytes + (int64_t)off * row_bytes;
-        int64_t len = (int64_t)(end - a) * row_bytes;
-        for (int64_t x = 0; x < len; x += 64) {
-            __builtin_prefetch(kbase + start + x, 0, 2);
-            __builtin_prefetch(vbase + start + x, 0, 2);
-        }
-        a = end;
-    }
-}
-
 void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
     const int task = item / p->nsplit, split = item % p->nsplit;
     const int row = task / p->heads_per_row, head = task % p->heads_per_row;
@@ -411,15 +394,8 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
 
     for (int c0 = klo; c0 < khi; c0 += CH) {
         int n = khi - c0 < CH ? khi - c0 : CH;
-        /* Blocks sit anywhere in the pool (and small blocks end before the hardware prefetcher
-         * ramps up): ask for the K and V rows PF_AHEAD chunks ahead, into L2. */
         int nn = khi - (c0 + CH) < CH ? khi - (c0 + CH) : CH;
         if (nn > 0) WALK(nxt, nn);
-        {
-            int a = c0 + PF_AHEAD * CH, b = a + CH < khi ? a + CH : khi;
-            if (c0 == klo) a = c0 + CH; /* first chunk: warm everything up to the distance */
-            prefetch_keys(kbase, vbase, tab, a, b, p->bl, p->block_stride * esz, row_bytes);
-        }
         for (int j = n; j < CH; j++) cur[j] = cur[0]; /* padding rows: valid memory, masked scores */
         int ng = (n + 15) / 16;
         if (!use_bf) {
@@ -459,6 +435,14 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
             for (int j = n; j < ng * 16; j++) sr[j] = -INFINITY;
         }
         for (int j = 0; j < n; j++) {
+            /* Blocks sit anywhere in the pool, and small ones end before the hardware prefetcher
+             * ramps up: prefetch one row of the next chunk per row converted (a steady trickle;
+             * a burst of a whole chunk stalls on the miss buffers). ~20% faster from DRAM. */
+            if (j < nn)
+                for (int b = 0; b < row_bytes; b += 64) {
+                    __builtin_prefetch(kbase + nxt[j] + b, 0, 3);
+                    __builtin_prefetch(vbase + nxt[j] + b, 0, 3);
+                }
             if (!any_whole && !seen[j]) memset(vb + (int64_t)j * dp, 0, sizeof(float) * (size_t)dp);
             else if (split_rows) row_to_f32_split(vb + (int64_t)j * dp, vbase + cur[j], d);
             else row_to_f32(vb + (int64_t)j * dp, vbase + cur[j], d, dp, p->dtype);
