@@ -37,7 +37,7 @@ RNG = np.random.default_rng(0)
 def sb(values: np.ndarray, dtype=nl.float32, buffer=nl.sbuf, address=None):
     """A tile holding `values` (written directly: a test fixture, not an instruction)."""
     t = nl.ndarray(values.shape, dtype, buffer=buffer, address=address)
-    t.array()[...] = np.asarray(values).astype(dtype.np)
+    t.write(np.asarray(values).astype(dtype.np))
     return t
 
 
@@ -367,7 +367,7 @@ def test_indirect_gather_bounds_and_skip():
 def test_dma_copy_shapes_casts_and_rules(s):
     h = nl.ndarray((2, 3, 4), nl.float32, buffer=nl.shared_hbm)
     x = RNG.standard_normal((2, 3, 4)).astype(np.float32)
-    h.array()[...] = x
+    h.write(x)
     t = nl.ndarray((6, 4), nl.bfloat16)
     nisa.dma_copy(t, h)  # shape-flexible (same element count), cast through fp32
     np.testing.assert_array_equal(val(t), x.reshape(6, 4).astype(BF16))
@@ -392,12 +392,38 @@ def test_dma_copy_shapes_casts_and_rules(s):
 def test_dma_transpose(s):
     h = nl.ndarray((16, 24), nl.bfloat16, buffer=nl.shared_hbm)
     x = RNG.standard_normal((16, 24)).astype(BF16)
-    h.array()[...] = x
+    h.write(x)
     dst = nl.ndarray((24, 16), nl.bfloat16)
     nisa.dma_transpose(dst, h)
     np.testing.assert_array_equal(val(dst), x.T)
     with pytest.raises(NkiValidationError, match="permuted src shape"):
         nisa.dma_transpose(nl.ndarray((16, 24), nl.bfloat16), h)
+
+
+def test_reading_unwritten_memory_raises(s):
+    t = nl.ndarray((4, 8), nl.float32, name="half")
+    nisa.memset(t[:, 0:4], 1.0)
+    d = nl.ndarray((4, 4), nl.float32)
+    nisa.tensor_copy(d, t[:, 0:4])  # the written half reads fine
+    with pytest.raises(NkiValidationError, match=r"src: reads 16 element\(s\) of 'half'.*first at view index \(0, 4\)"):
+        nisa.tensor_copy(nl.ndarray((4, 8), nl.float32), t)
+    ps = nl.ndarray((4, 8), nl.float32, buffer=nl.psum)
+    with pytest.raises(NkiValidationError, match="data1: reads 32"):
+        nisa.tensor_tensor(nl.ndarray((4, 8), nl.float32), ps, t, op=nl.add)
+
+
+@nki.jit
+def _partial_output_kernel(x):
+    out = nl.ndarray((4, 4), nl.float32, buffer=nl.shared_hbm, name="out")
+    t = nl.ndarray((2, 4), nl.float32)
+    nisa.dma_copy(t, x[0:2, :])
+    nisa.dma_copy(out[0:2, :], t)
+    return out
+
+
+def test_partially_written_output_raises():
+    with pytest.raises(NkiValidationError, match="returned tensor 'out': reads 8 element"):
+        _partial_output_kernel(np.zeros((4, 4), np.float32))
 
 
 # ---- memory: address= placement, capacity, dead tensors --------------------------------------
@@ -436,6 +462,7 @@ def test_start_partition_rule_on_trn1(monkeypatch):
         nisa.memset(t[96:128, :], 0.0)
         with pytest.raises(NkiValidationError, match="starting at partition 16"):
             nisa.memset(t[16:48, :], 0.0)
+        nisa.memset(t, 0.0)
         with pytest.raises(NkiValidationError, match="scalar bias needs trn2"):
             nisa.activation(t, op=nl.exp, data=t, bias=1.0)
 

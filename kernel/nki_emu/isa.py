@@ -27,7 +27,7 @@ from tkg.kernel.nki_emu.dtypes import cast
 from tkg.kernel.nki_emu.errors import NkiValidationError, OutOfBoundsError, RemovedApiError
 from tkg.kernel.nki_emu.limits import target_from_env
 from tkg.kernel.nki_emu.ops import Op
-from tkg.kernel.nki_emu.tensor import PRIVATE_HBM, PSUM, SBUF, SHARED_HBM, MemoryRegion, NkiTensor
+from tkg.kernel.nki_emu.tensor import PRIVATE_HBM, PSUM, SBUF, SHARED_HBM, UNINIT_CHECK, MemoryRegion, NkiTensor
 
 
 # ---- enums (nki-api.md 4.0) ------------------------------------------------------------------
@@ -209,13 +209,17 @@ def _not_both_psum(instr: str, a_field: str, a: Any, b_field: str, b: Any) -> No
         raise NkiValidationError(f"nisa.{instr}: {a_field} and {b_field} are both in PSUM; at most one input may be")
 
 
-def _raw(t: NkiTensor) -> np.ndarray:
-    """A copy of the elements, native dtype, shape (P, F)."""
+def _raw(t: NkiTensor, what: str = "operand", check: bool = True) -> np.ndarray:
+    """A copy of the elements, native dtype, shape (P, F); `check`: raise on never-written elements."""
+    if check:
+        t.check_initialised(what)
     return np.array(t.array()).reshape(t.shape[0], -1)
 
 
-def _f32(t: NkiTensor) -> np.ndarray:
+def _f32(t: NkiTensor, what: str = "operand", check: bool = True) -> np.ndarray:
     """The elements converted to fp32, shape (P, F) (a copy)."""
+    if check:
+        t.check_initialised(what)
     return t.array().astype(np.float32).reshape(t.shape[0], -1)
 
 
@@ -236,9 +240,8 @@ def _write(instr: str, dst: NkiTensor, values: np.ndarray, *, converted: bool = 
             "several results would land on one element"
         )
     out = cast(values, dst.dtype) if converted else values.astype(dst.dtype.np, copy=False)
-    dst.array()[...] = out.reshape(dst.shape)
+    dst.write(out)
     st = dst.storage
-    st.written = True
     if st.mm_written is not None:
         _mm_flags(dst)[...] = False
 
@@ -285,10 +288,10 @@ def _scalar_or_column(v: Any, instr: str, field: str, data: NkiTensor, *, bitvec
                 raise NkiValidationError(
                     f"nisa.{instr}: {field} dtype {v.dtype}: bit-vector operators need an integer tile"
                 )
-            return _raw(v)
+            return _raw(v, f"nisa.{instr}: {field}")
         if v.dtype != "float32":
             raise NkiValidationError(f"nisa.{instr}: {field} dtype {v.dtype}: tile operands must be float32")
-        return _f32(v)
+        return _f32(v, f"nisa.{instr}: {field}")
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise NkiValidationError(f"nisa.{instr}: {field}={v!r}: expected a number or a (P, 1) tile")
     if bitvec:
@@ -424,16 +427,16 @@ def nc_matmul(dst: NkiTensor, stationary: NkiTensor, moving: NkiTensor, is_stati
     _psum_bank_check(I, dst)
 
     if is_transpose:
-        mov = _f32(moving)
+        mov = _f32(moving, f"nisa.{I}: moving")
         if mov.shape != (K, K) or not np.array_equal(mov, np.eye(K, dtype=np.float32)):
             raise NkiValidationError(f"nisa.{I}: is_transpose=True expects an identity ({K}, {K}) moving operand")
-        res = _raw(stationary).T  # bit-exact transpose mode
+        res = _raw(stationary, f"nisa.{I}: stationary").T  # bit-exact transpose mode
     elif perf_mode is matmul_perf_mode.double_row:
-        s3 = stationary.array().astype(np.float32)
-        m3 = moving.array().astype(np.float32)
+        s3 = stationary.read(f"nisa.{I}: stationary").astype(np.float32)
+        m3 = moving.read(f"nisa.{I}: moving").astype(np.float32)
         res = np.einsum("kjm,kjn->mn", s3, m3, dtype=np.float32)
     else:
-        res = _f32(stationary).T @ _f32(moving)
+        res = _f32(stationary, f"nisa.{I}: stationary").T @ _f32(moving, f"nisa.{I}: moving")
     if dst.has_overlapping_elements():
         raise NkiValidationError(f"nisa.{I}: dst {list(dst.shape)} has a stride-0 (broadcast) dim")
     flags = np.array(_mm_flags(dst)).reshape(M, N)
@@ -449,10 +452,9 @@ def nc_matmul(dst: NkiTensor, stationary: NkiTensor, moving: NkiTensor, is_stati
         if accumulate is False:
             new = res
         else:
-            cur = _f32(dst)
+            cur = _f32(dst, check=False)  # only flagged (matmul-written) elements are used
             new = np.where(flags, cur + res, res) if accumulate is None else cur + res
-    dst.array()[...] = cast(np.asarray(new), dst.dtype).reshape(dst.shape)
-    dst.storage.written = True
+    dst.write(cast(np.asarray(new), dst.dtype))
     _mm_flags(dst)[...] = True
     _record(I, "tensor", cost.pe_cycles(N, fp32_in))
 
@@ -489,7 +491,7 @@ def nc_transpose(dst: NkiTensor, data: NkiTensor, engine: engine = engine.unknow
         )
     if e.name == "tensor":
         _psum_bank_check(I, dst)
-    _write(I, dst, _raw(data).T, converted=False)
+    _write(I, dst, _raw(data, f"nisa.{I}: data").T, converted=False)
     if e.name == "tensor":
         _record(I, "tensor", cost.pe_cycles(P, data.dtype == "float32"))
     else:
@@ -512,7 +514,7 @@ def activation(dst: NkiTensor, op: Op, data: NkiTensor, bias: Any = None, scale:
     _match(I, "dst", dst, "data", data)
     cmd = _enum(reduce_cmd, _RC, I, "reduce_cmd")
     P = data.shape[0]
-    x = _f32(data)
+    x = _f32(data, f"nisa.{I}: data")
     x = x * _scalar_or_column(scale, I, "scale", data, bitvec=False)
     if bias is not None:
         if isinstance(bias, NkiTensor):
@@ -521,7 +523,7 @@ def activation(dst: NkiTensor, op: Op, data: NkiTensor, bias: Any = None, scale:
                 raise NkiValidationError(f"nisa.{I}: bias {list(bias.shape)}: expected a ({P}, 1) tile (free size 1)")
             if bias.dtype == "tfloat32":
                 raise NkiValidationError(f"nisa.{I}: bias dtype tfloat32 is not supported")
-            x = x + _f32(bias)
+            x = x + _f32(bias, f"nisa.{I}: bias")
         else:
             if prog.target.gen < 3:
                 raise NkiValidationError(f"nisa.{I}: a scalar bias needs trn2 (gen3); on trn1 pass a ({P}, 1) tile")
@@ -606,10 +608,10 @@ def tensor_reduce(dst: NkiTensor, op: Op, data: NkiTensor, axis: Any, negate: bo
             raise NkiValidationError(f"nisa.{I}: negate=True applies to arithmetic operators only")
         if not data.dtype.is_int:
             raise NkiValidationError(f"nisa.{I}: op={op!r} needs an integer data tile, got {data.dtype}")
-        res = op.alu.reduce(np.array(data.array()), axis=axes)  # type: ignore[union-attr]
+        res = op.alu.reduce(data.read(f"nisa.{I}: data"), axis=axes)  # type: ignore[union-attr]
         _write(I, dst, res.reshape(dst.shape[0], -1), converted=False)
     else:
-        x = data.array().astype(np.float32)
+        x = data.read(f"nisa.{I}: data").astype(np.float32)
         if op.name.startswith("logical"):
             x = (x != 0).astype(np.float32)
         ufunc = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply, "maximum": np.maximum,
@@ -650,13 +652,14 @@ def tensor_tensor(dst: NkiTensor, data1: NkiTensor, data2: NkiTensor, op: Op, en
                 raise NkiValidationError(
                     f"nisa.{I}: op={op!r} is a bit-vector operator; {f} dtype {t.dtype} is not an integer"
                 )
-        res = _binary(op, _raw(data1), _raw(data2))
+        res = _binary(op, _raw(data1, f"nisa.{I}: data1"), _raw(data2, f"nisa.{I}: data2"))
         _write(I, dst, res, converted=False)
     elif all(t.dtype.is_int for t in (data1, data2)) and eng == "gpsimd":
-        res = _binary(op, _raw(data1).astype(np.int64), _raw(data2).astype(np.int64))  # exact integer arithmetic
+        a = _raw(data1, f"nisa.{I}: data1").astype(np.int64)
+        res = _binary(op, a, _raw(data2, f"nisa.{I}: data2").astype(np.int64))  # exact integer arithmetic
         _write(I, dst, res)
     else:
-        _write(I, dst, _binary(op, _f32(data1), _f32(data2)))
+        _write(I, dst, _binary(op, _f32(data1, f"nisa.{I}: data1"), _f32(data2, f"nisa.{I}: data2")))
     _record(I, eng, _cycles(eng, dst.free_size, 2))
 
 
@@ -695,9 +698,9 @@ def tensor_scalar(dst: NkiTensor, data: NkiTensor, op0: Op, operand0: Any, rever
         for f, t in (("data", data), ("dst", dst)):
             if not t.dtype.is_int:
                 raise NkiValidationError(f"nisa.{I}: bit-vector op0={op0!r}: {f} dtype {t.dtype} is not an integer")
-        x = _raw(data)
+        x = _raw(data, f"nisa.{I}: data")
     else:
-        x = _f32(data)
+        x = _f32(data, f"nisa.{I}: data")
 
     def apply(op: Op, x: np.ndarray, operand: Any, reverse: bool, field: str) -> np.ndarray:
         if op.unary:
@@ -734,8 +737,9 @@ def scalar_tensor_tensor(dst: NkiTensor, data: NkiTensor, op0: Op, operand0: Any
     _match(I, "dst", dst, "data", data)
     _match(I, "data", data, "operand1", operand1)
     _not_both_psum(I, "data", data, "operand1", operand1)
-    t = _binary(op0, _f32(data), _scalar_or_column(operand0, I, "operand0", data, bitvec=False), reverse0)
-    _write(I, dst, _binary(op1, t, _f32(operand1), reverse1))
+    o0 = _scalar_or_column(operand0, I, "operand0", data, bitvec=False)
+    t = _binary(op0, _f32(data, f"nisa.{I}: data"), o0, reverse0)
+    _write(I, dst, _binary(op1, t, _f32(operand1, f"nisa.{I}: operand1"), reverse1))
     _record(I, "vector", cost.vector_cycles(data.free_size, 2))
 
 
@@ -753,9 +757,9 @@ def tensor_copy(dst: NkiTensor, src: NkiTensor, engine: engine = engine.unknown,
     if eng == "scalar" and prog.target.gen < 3:
         raise NkiValidationError(f"nisa.{I}: engine=scalar is not supported on trn1; use nisa.activation(op=nl.copy)")
     if dst.dtype == src.dtype:
-        _write(I, dst, _raw(src), converted=False)
+        _write(I, dst, _raw(src, f"nisa.{I}: src"), converted=False)
     else:
-        _write(I, dst, _f32(src))
+        _write(I, dst, _f32(src, f"nisa.{I}: src"))
     _record(I, eng, _cycles(eng, src.free_size))
 
 
@@ -780,15 +784,15 @@ def tensor_copy_predicated(dst: NkiTensor, src: Any, predicate: NkiTensor, rever
         _not_both_psum(I, "src", src, "predicate", predicate)
         if src.dtype != dst.dtype:
             raise NkiValidationError(f"nisa.{I}: src dtype {src.dtype} must equal dst dtype {dst.dtype}")
-        vals = _raw(src)
+        vals = _raw(src, f"nisa.{I}: src")
     elif isinstance(src, (int, float)) and not isinstance(src, bool):
         vals = cast(np.full(_pf(dst), src, dtype=np.float64), dst.dtype)
     else:
         raise NkiValidationError(f"nisa.{I}: src={src!r}: expected a tile or a number")
-    pred = _raw(predicate) != 0
+    pred = _raw(predicate, f"nisa.{I}: predicate") != 0
     if reverse_pred:
         pred = ~pred
-    cur = _raw(dst)
+    cur = _raw(dst, check=False)  # kept where the predicate is off; the kernel owns its contents
     _write(I, dst, np.where(pred, vals, cur), converted=False)
     _record(I, "vector", cost.vector_cycles(dst.free_size, 2))
 
@@ -853,7 +857,7 @@ def reciprocal(dst: NkiTensor, data: NkiTensor, name: str | None = None) -> None
     data = _operand(data, I, "data")
     _match(I, "dst", dst, "data", data)
     with np.errstate(divide="ignore", invalid="ignore"):
-        _write(I, dst, np.float32(1.0) / _f32(data))
+        _write(I, dst, np.float32(1.0) / _f32(data, f"nisa.{I}: data"))
     _record(I, "vector", cost.vector_cycles(data.free_size))
 
 
@@ -862,7 +866,7 @@ def _addresses(view: NkiTensor, instr: str, field: str, oob: oob_mode) -> tuple[
     """Flat storage indices (view shape) of an indirect view, and a per-element 'transfer' mask."""
     ind = view.indirect
     assert ind is not None
-    idx = _raw(ind.index).reshape(-1).astype(np.int64)
+    idx = _raw(ind.index, f"nisa.{instr}: {field} offset tensor").reshape(-1).astype(np.int64)
     free = np.zeros(view.shape[1:], dtype=np.int64)
     for d, (n, s) in enumerate(zip(view.shape[1:], view.strides[1:], strict=True)):
         sh = [1] * (view.ndim - 1)
@@ -895,9 +899,19 @@ def _addresses(view: NkiTensor, instr: str, field: str, oob: oob_mode) -> tuple[
 def _dma_read(src: NkiTensor, instr: str, oob: oob_mode) -> tuple[np.ndarray, np.ndarray | None]:
     """Row-major flat values of src (native dtype) and a validity mask (None = all valid)."""
     if src.indirect is None:
-        return np.array(src.array()).reshape(-1), None
+        return src.read(f"nisa.{instr}: src").reshape(-1), None
     addr, ok = _addresses(src, instr, "src", oob)
     flat = src.storage.flat(src.dtype)
+    init = src.storage.init
+    if (
+        UNINIT_CHECK
+        and init is not None
+        and src.dtype.itemsize == src.storage.dtype.itemsize
+        and not init[addr[ok]].all()
+    ):
+        raise NkiValidationError(
+            f"nisa.{instr}: src: the gather reads elements of {src.storage.describe()} never written"
+        )
     return flat[addr].reshape(-1), ok.reshape(-1)
 
 
@@ -905,19 +919,23 @@ def _dma_write(dst: NkiTensor, vals: np.ndarray, valid: np.ndarray | None, instr
     if dst.indirect is not None:
         addr, ok = _addresses(dst, instr, "dst", oob)
         keep = ok.reshape(-1) if valid is None else (ok.reshape(-1) & valid)
-        dst.storage.flat(dst.dtype)[addr.reshape(-1)[keep]] = vals[keep]
+        where = addr.reshape(-1)[keep]
+        dst.storage.flat(dst.dtype)[where] = vals[keep]
+        if dst.storage.init is not None and dst.dtype.itemsize == dst.storage.dtype.itemsize:
+            dst.storage.init[where] = True
     else:
         if dst.has_overlapping_elements():
             raise NkiValidationError(
                 f"nisa.{instr}: dst {list(dst.shape)} has a stride-0 dim; several elements would land on one"
             )
-        arr = dst.array()
         if valid is None:
-            arr[...] = vals.reshape(dst.shape)
+            dst.write(vals)
         else:
-            cur = np.array(arr).reshape(-1)
+            cur = np.array(dst.array()).reshape(-1)
             cur[valid] = vals[valid]
-            arr[...] = cur.reshape(dst.shape)
+            dst.array()[...] = cur.reshape(dst.shape)
+            if valid.all():
+                dst.mark_written()
     dst.storage.written = True
 
 
@@ -1074,7 +1092,7 @@ def sendrecv(src: NkiTensor, dst: NkiTensor, send_to_rank: int, recv_from_rank: 
             raise NkiValidationError(
                 f"nisa.{I}: dma_engine=gpsimd_dma moves at most {lim} bytes per partition of {src.dtype}, src has {nb}"
             )
-    payload = (_raw(src), src.dtype, list(src.shape))  # snapshot before anyone writes dst
+    payload = (_raw(src, f"nisa.{I}: src"), src.dtype, list(src.shape))  # snapshot before anyone writes dst
     channel = ("sendrecv", int(pipe_id))
     prog.launch.send(prog.pid, channel, to, payload)
     vals, dt, shape = prog.launch.recv(

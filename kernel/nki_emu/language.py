@@ -186,7 +186,7 @@ def full(shape: Any, fill_value: Any, dtype: DType, buffer: MemoryRegion = SBUF,
     if t.on_chip:
         isa.memset(t, value)
     else:
-        t.array()[...] = cast(np.full(t.shape, value, dtype=np.float64), t.dtype)
+        t.write(cast(np.full(t.shape, value, dtype=np.float64), t.dtype))
     return t
 
 
@@ -294,7 +294,8 @@ def elementwise(op: Op, args: tuple[Any, ...], kwargs: dict[str, Any]) -> NkiTen
     vals = []
     for a in args:
         if isinstance(a, NkiTensor):
-            vals.append(a.array().astype(np.float32) if not op.bitvec else np.array(a.array()))
+            x = a.read(f"nl.{op.name}")
+            vals.append(x.astype(np.float32) if not op.bitvec else x)
         else:
             vals.append(np.float32(a) if not op.bitvec else a)
     with np.errstate(all="ignore"):
@@ -311,8 +312,7 @@ def elementwise(op: Op, args: tuple[Any, ...], kwargs: dict[str, Any]) -> NkiTen
             raise NkiValidationError(f"nl.{op.name}: wrong number of arguments ({len(args)})")
     out = ndarray(ref.shape, ref.dtype if dtype is None else dtype, SBUF)
     res = np.broadcast_to(np.asarray(res), ref.shape)
-    out.array()[...] = res.astype(out.dtype.np) if op.bitvec else cast(res, out.dtype)
-    out.storage.written = True
+    out.write(res.astype(out.dtype.np) if op.bitvec else cast(res, out.dtype))
     _count("scalar" if (op.act is not None and op.alu is None) else "vector", op.name, ref.free_size, len(tiles))
     return out
 
@@ -321,13 +321,12 @@ def _reduce(name: str, fn: Any, x: NkiTensor, axis: Any, dtype: DType | None, ke
     x.check_alive(f"nl.{name}")
     axes = isa._norm_axis(axis, x.ndim, name)
     with np.errstate(all="ignore"):
-        res = fn(x.array().astype(np.float32), axis=axes, keepdims=keepdims)
+        res = fn(x.read(f"nl.{name}").astype(np.float32), axis=axes, keepdims=keepdims)
     shape = res.shape if keepdims else (x.shape[0], *tuple(res.shape[1:]))
     if len(shape) < 2:
         shape = (x.shape[0], 1)
     out = ndarray(shape, x.dtype if dtype is None else dtype, SBUF)
-    out.array()[...] = cast(np.asarray(res).reshape(shape), out.dtype)
-    out.storage.written = True
+    out.write(cast(np.asarray(res).reshape(shape), out.dtype))
     _count("vector", name, x.free_size)
     return out
 

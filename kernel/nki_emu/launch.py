@@ -141,7 +141,7 @@ def _result(v: Any, kernel: str) -> Any:
                 "buffer=nl.shared_hbm (since NKI 0.3)"
             )
         v.check_alive(f"{kernel}: returned tensor")
-        return np.array(v.array())
+        return v.read(f"{kernel}: returned tensor {v.name!r}")
     raise LaunchError(f"{kernel}: returned {type(v).__name__}; expected an HBM tensor or a tuple of them")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,9 @@ SHARED_HBM = MemoryRegion.shared_hbm
 # NaN; integers get the byte pattern 0xA5 (uint8 165, int32 -1515870811, uint32 2779096485): a value
 # that is nonzero as a predicate and out of bounds as an index, so reading unwritten memory shows.
 GARBAGE_BYTE = 0xA5
+# Reading an element that nothing wrote since its allocation raises (set NKI_EMU_UNINIT=off to allow
+# it): on hardware it is whatever the memory held, which NaN / 0xA5 filling only sometimes exposes.
+UNINIT_CHECK = os.environ.get("NKI_EMU_UNINIT", "error").lower() != "off"
 
 
 class Storage:
@@ -78,11 +82,14 @@ class Storage:
         self.program = program
         self.address = address
         size = math.prod(shape)
+        fresh = data is None
         if data is None:
             if dtype.is_int:
                 data = np.full(size * dtype.itemsize, GARBAGE_BYTE, dtype=np.uint8).view(dtype.np)
             else:
                 data = np.full(size, np.nan, dtype=np.float32).astype(dtype.np)
+        # Which elements were written since allocation (None: all initialised, e.g. kernel inputs).
+        self.init: np.ndarray | None = np.zeros(size, dtype=bool) if fresh else None
         self.data = data
         if region.on_chip:
             self.partitions = shape[0]
@@ -286,6 +293,48 @@ class NkiTensor:
     def has_overlapping_elements(self) -> bool:
         """True if two indices address one element (stride 0 / broadcast dims): not writable."""
         return any(s == 0 and n > 1 for n, s in zip(self.shape, self.strides, strict=True))
+
+    def _init_view(self) -> np.ndarray | None:
+        """The storage's 'initialised' flags for this view's elements (None if not tracked / reinterpreted)."""
+        init = self.storage.init
+        if init is None or self.dtype.itemsize != self.storage.dtype.itemsize:
+            return None
+        return as_strided(init[self.offset :], shape=self.shape, strides=self.strides)
+
+    def check_initialised(self, what: str) -> None:
+        """Raise if any element of this view was never written since its allocation."""
+        if not UNINIT_CHECK:
+            return
+        iv = self._init_view()
+        if iv is None or iv.all():
+            return
+        bad = np.argwhere(~iv)
+        raise NkiValidationError(
+            f"{what}: reads {len(bad)} element(s) of {self.storage.describe()} that nothing wrote since allocation "
+            f"(first at view index {tuple(int(i) for i in bad[0])}); on hardware this is stale memory"
+        )
+
+    def read(self, what: str) -> np.ndarray:
+        """A copy of the elements (native dtype, view shape), checking they were initialised."""
+        self.check_initialised(what)
+        return np.array(self.array())
+
+    def write(self, values: np.ndarray) -> None:
+        """Store already-converted values (dst dtype, any shape with this view's size) and mark them written."""
+        self.array()[...] = np.asarray(values).reshape(self.shape)
+        self.mark_written()
+
+    def mark_written(self) -> None:
+        st = self.storage
+        st.written = True
+        iv = self._init_view()
+        if iv is not None:
+            iv[...] = True
+        elif st.init is not None:  # dtype-reinterpreted view: mark the byte span it covers
+            idx = self.flat_indices()
+            ratio = self.dtype.itemsize / st.dtype.itemsize
+            lo, hi = int(idx.min() * ratio), math.ceil((idx.max() + 1) * ratio)
+            st.init[lo:hi] = True
 
     # -- indexing ---------------------------------------------------------------------------
     def __getitem__(self, key: Any) -> NkiTensor:
