@@ -326,6 +326,72 @@ def test_memset_iota_reciprocal(s):
     np.testing.assert_allclose(val(r), 1 / x, rtol=1e-6)
 
 
+def test_selection_and_vector_accumulator_instructions(s):
+    x = RNG.standard_normal((8, 16)).astype(np.float32)
+    d = nl.ndarray((8, 16), nl.float32)
+    nisa.affine_select(d, pattern=[[-1, 16]], channel_multiplier=1, on_true_tile=sb(x), on_false_value=-1e30,
+                       cmp_op=nl.greater_equal)  # fmt: skip
+    causal = np.arange(8)[:, None] - np.arange(16)[None, :] >= 0
+    np.testing.assert_array_equal(val(d), np.where(causal, x, np.float32(-1e30)))
+    lo = np.array([[2], [0], [5], [1], [0], [3], [7], [4]], np.float32)
+    hi = lo + 6
+    red = nl.ndarray((8, 1), nl.float32)
+    nisa.range_select(d, sb(x), nl.greater_equal, nl.less, sb(lo), sb(hi), reduce_res=red)
+    j = np.arange(16)[None, :]
+    keep = (j >= lo) & (j < hi)
+    fmin = np.finfo(np.float32).min
+    np.testing.assert_array_equal(val(d), np.where(keep, x, fmin))
+    np.testing.assert_array_equal(val(red)[:, 0], np.where(keep, x, fmin).max(axis=1))
+    with pytest.raises(NkiValidationError, match="must be FP32_MIN"):
+        nisa.range_select(d, sb(x), nl.greater_equal, nl.less, sb(lo), sb(hi), on_false_value=-1.0)
+    pred = (RNG.random((8, 16)) > 0.3).astype(np.uint8)
+    nisa.select_reduce(d, sb(pred, nl.uint8), sb(x), -5.0, reduce_res=red, reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    np.testing.assert_array_equal(val(d), np.where(pred != 0, x, -5.0))
+    np.testing.assert_array_equal(val(red)[:, 0], np.where(pred != 0, x, -5.0).max(axis=1))
+    nisa.tensor_scalar_reduce(d, sb(x), op0=nl.multiply, operand0=2.0, reduce_op=nl.add, reduce_res=red,
+                              reduce_res_negate=True)  # fmt: skip
+    np.testing.assert_allclose(val(red)[:, 0], -(2 * x).sum(axis=1), rtol=1e-5)
+    nisa.tensor_scalar_reduce(d, sb(x), op0=nl.add, operand0=0.0, reduce_op=nl.maximum, reduce_res=red,
+                              reduce_cmd=nisa.reduce_cmd.load_reduce, reduce_init=1.5)  # fmt: skip
+    np.testing.assert_array_equal(val(red)[:, 0], np.maximum(1.5, x.max(axis=1)))
+    top = nl.ndarray((8, 8), nl.float32)
+    nisa.max8(top, sb(x))
+    np.testing.assert_array_equal(val(top), -np.sort(-x, axis=1)[:, :8])
+    data = np.tile(np.array([3, 1, 3, 2, 5, 3, 0, 9, 4, 4], np.float32), (2, 1))
+    want = np.array([3, 3, 3, 3, 9, 4, 4, 0], np.float32)
+    idx = nl.ndarray((2, 8), nl.uint32)
+    nisa.nc_find_index8(idx, sb(data), sb(np.tile(want, (2, 1))))
+    m = 0xFFFFFFFF
+    np.testing.assert_array_equal(val(idx)[0], [0, 2, 5, m, 7, 8, 9, 6])
+
+
+def test_on_chip_memory_is_private_and_shared_hbm_pairs_by_name():
+    held = {}
+
+    @nki.jit
+    def leak(x):
+        pid = nl.program_id(0)
+        t = nl.ndarray((4, 4), nl.float32)
+        nisa.memset(t, float(pid))
+        held[pid] = t
+        nisa.core_barrier(x, (0, 1))
+        if pid == 1:
+            nisa.tensor_copy(t, held[0])
+        return x
+
+    @nki.jit
+    def mismatched(x):
+        pid = nl.program_id(0)
+        out = nl.ndarray((4, 4 + pid), nl.float32, buffer=nl.shared_hbm, name="out")
+        return out
+
+    x = np.zeros((4, 4), np.float32)
+    with pytest.raises(NkiValidationError, match="belongs to program 0, this is program 1"):
+        leak[2](x)
+    with pytest.raises(NkiValidationError, match="allocate their shared_hbm tensors identically"):
+        mismatched[2](x)
+
+
 # ---- DMA ---------------------------------------------------------------------------------
 @nki.jit
 def _gather_kernel(pool, ids, oob):
