@@ -13,6 +13,8 @@ import time
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tkg.kernel import nki_emu
 from tkg.kernel.nki_emu import lint
@@ -85,6 +87,45 @@ def test_indexing_and_views_follow_numpy(s):
     h = nl.ndarray((4, 5, 6), nl.float32, buffer=nl.shared_hbm)
     assert h[1].shape == (5, 6) and h[1, 2, 3].shape == (1,)
     assert h.reshape((20, 6)).shape == (20, 6)
+
+
+@st.composite
+def _indexed(draw):
+    """A random on-chip shape and an index (ints / slices with steps / nl.ds) into it."""
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=2, max_size=4)))
+    key = []
+    for d, n in enumerate(shape):
+        kind = draw(st.sampled_from(["int", "slice", "ds", "all"]))
+        if kind == "int":
+            key.append(draw(st.integers(-n, n - 1)))
+        elif kind == "ds":
+            a = draw(st.integers(0, n - 1))
+            key.append(("ds", a, draw(st.integers(1, n - a))))
+        elif kind == "slice":
+            a = draw(st.integers(0, n - 1))
+            b = draw(st.integers(a + 1, n))
+            key.append(slice(a, b, 1 if d == 0 else draw(st.integers(1, 3))))
+        else:
+            key.append(slice(None))
+    return shape, tuple(key)
+
+
+@given(_indexed())
+def test_views_match_numpy_indexing(case):
+    shape, key = case
+    x = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
+    np_key = tuple(slice(k[1], k[1] + k[2]) if isinstance(k, tuple) else k for k in key)
+    nki_key = tuple(nl.ds(k[1], k[2]) if isinstance(k, tuple) else k for k in key)
+    with nki_emu.session():
+        v = sb(x)[nki_key]
+        got = val(v)
+        assert got.shape == v.shape and len(v.shape) >= 2
+        want = x[np_key]
+        np.testing.assert_array_equal(got.reshape(-1), np.asarray(want).reshape(-1))
+        # A DMA through HBM and back preserves row-major order whatever the shapes.
+        h = nl.ndarray((got.size,), nl.float32, buffer=nl.shared_hbm)
+        nisa.dma_copy(h, v)
+        np.testing.assert_array_equal(val(h), got.reshape(-1))
 
 
 def test_view_rules_raise(s):
@@ -626,6 +667,45 @@ def test_lnc_rules():
         _swap_kernel[4](x)
     with pytest.raises(LaunchError, match="pass a tuple"):
         _swap_kernel([1, 2])
+
+
+@nki.jit
+def _sendrecv_rules_kernel(x, mode):
+    pid = nl.program_id(0)
+    big = nl.ndarray((4, 300), nl.float32)  # 1200 bytes per partition
+    nisa.memset(big, 0.0)
+    if mode == "gpsimd":
+        nisa.sendrecv(big, big, send_to_rank=1 - pid, recv_from_rank=1 - pid, pipe_id=0,
+                      dma_engine=nisa.dma_engine.gpsimd_dma)  # fmt: skip
+    elif mode == "shape":
+        nisa.sendrecv(big[:, 0 : 4 + pid], big[:, 8 : 12 + pid], send_to_rank=1 - pid, recv_from_rank=1 - pid,
+                      pipe_id=0)  # fmt: skip
+    elif mode == "self":
+        nisa.sendrecv(big, big, send_to_rank=pid, recv_from_rank=1 - pid, pipe_id=0)
+    return x
+
+
+@pytest.mark.parametrize(
+    ("mode", "msg"),
+    [
+        ("gpsimd", "gpsimd_dma moves at most 1024 bytes per partition"),
+        ("shape", r"program 1 sent \[4, 5\] float32 .* this program's dst is \[4, 4\]"),
+        ("self", "is this program itself"),
+    ],
+)
+def test_sendrecv_rules(mode, msg):
+    with pytest.raises(NkiValidationError, match=msg):
+        _sendrecv_rules_kernel[2](np.zeros((2, 2), np.float32), mode)
+
+
+def test_broadcast_dst_and_lnc2_on_trn1_rejected(monkeypatch):
+    with nki_emu.session():
+        t = sb(np.zeros((4, 1), np.float32))
+        with pytest.raises(NkiValidationError, match="stride-0"):
+            nisa.memset(t.ap([[1, 4], [0, 3]], offset=0), 1.0)
+    monkeypatch.setenv("NEURON_PLATFORM_TARGET_OVERRIDE", "trn1")
+    with pytest.raises(LaunchError, match="LNC=2 needs trn2"):
+        _swap_kernel[2](np.zeros((4, 4), np.float32))
 
 
 def test_launch_outputs_must_be_shared_hbm_and_subkernels_plain():
