@@ -161,6 +161,8 @@ def _operand(t: Any, instr: str, field: str, where: tuple[MemoryRegion, ...] = O
         elif t.buffer.is_hbm and compute:
             hint = " (compute engines never touch HBM: move it with nisa.dma_copy)"
         raise NkiValidationError(f"{what}: tensor {t.name!r} is in {t.buffer!r}; expected {_where(where)}{hint}")
+    if t.ndim > 5:
+        raise NkiValidationError(f"{what}: {t.ndim}-D view; access patterns have at most 5 dims (partition + 4 free)")
     if t.indirect is not None and not indirect:
         raise NkiValidationError(f"{what}: an indirect .ap(vector_offset/scalar_offset) view is only accepted by DMA")
     if t.on_chip:

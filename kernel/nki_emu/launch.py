@@ -29,12 +29,14 @@ from tkg.kernel.nki_emu.tensor import SHARED_HBM, NkiTensor, Storage
 
 _stats_lock = threading.Lock()
 _last: RunStats | None = None
+_thread_last = threading.local()
 _collectors: list[list[RunStats]] = []
 
 
 def last_run_stats() -> RunStats | None:
-    """Counters of the most recent completed launch (None before the first)."""
-    return _last
+    """Counters of the most recent completed launch made by this thread (else by any thread; None before
+    the first), so a benchmark reading its own launch is not confused by a server thread's launches."""
+    return getattr(_thread_last, "stats", None) or _last
 
 
 @contextmanager
@@ -52,6 +54,7 @@ def collect_stats() -> Iterator[list[RunStats]]:
 
 def _publish(stats: RunStats) -> None:
     global _last
+    _thread_last.stats = stats
     with _stats_lock:
         _last = stats
         for c in _collectors:
