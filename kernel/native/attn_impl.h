@@ -82,14 +82,11 @@ AI void row_to_f32_split(float *dst, const void *src, int d) {
     }
 }
 
-/* An fp32 row (natural order) into dst in the layout of the pool rows (split or natural). */
-AI void f32_row_to_layout(float *dst, const float *src, int d, int dp, int split) {
-    if (split) {
+/* An fp32 row (natural order) into dst in a column layout (TKG_LAYOUT_*), zero-padded to dp. */
+AI void f32_row_to_layout(float *dst, const float *src, int d, int dp, int layout) {
+    if (layout != TKG_LAYOUT_NATURAL) {
         for (int c = 0; c < d; c += 32)
-            for (int i = 0; i < 16; i++) {
-                dst[c + i] = src[c + 2 * i];
-                dst[c + 16 + i] = src[c + 2 * i + 1];
-            }
+            for (int i = 0; i < 32; i++) dst[c + i] = src[c + tkg_layout_column(layout, i)];
     } else {
         for (int c = 0; c < dp; c++) dst[c] = c < d ? src[c] : 0.0f;
     }
@@ -268,9 +265,55 @@ AI void pv(float *acc, const float *p, const float *vb, int n, int dp) {
     }
 }
 
-/* Fold one chunk of scores s[nq][TKG_CHUNK] (entries past n are -inf) and the fp32 values vb
- * into the running state. */
-AI void softmax_update(tkg_partial part, float *s, const float *vb, int n, int nq, int dp) {
+#if USE_DPBF16
+/* acc[0..NV) += sum over token pairs t of (p[2t], p[2t+1]) . (V[2t][c], V[2t+1][c]): vdpbf16ps on
+ * pair-interleaved V rows (vp[t]: NV vectors, UNPACK column order) and bf16-rounded weights. */
+AI void pv_bf16_fixed(float *acc, const uint32_t *pp, const __m512i *vp, int npairs, int NV) {
+    __m512 a[8];
+    for (int c = 0; c < NV; c++) a[c] = _mm512_load_ps(acc + 16 * c);
+    for (int t = 0; t < npairs; t++) {
+        __m512bh w = (__m512bh)_mm512_set1_epi32((int)pp[t]);
+        for (int c = 0; c < NV; c++) a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)vp[(int64_t)t * NV + c], w);
+    }
+    for (int c = 0; c < NV; c++) _mm512_store_ps(acc + 16 * c, a[c]);
+}
+
+AI void pv_bf16(float *acc, const float *p, const __m512i *vp, int n, int dp) {
+    uint32_t pp[TKG_CHUNK / 2];
+    /* Round the 32 weights to bf16 pairs: element 2t (low half) is token 2t. */
+    _mm512_storeu_si512(pp, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p)));
+    int npairs = (n + 1) / 2, nv = dp / 16;
+    if (nv == 8) pv_bf16_fixed(acc, pp, vp, npairs, 8);
+    else if (nv == 4) pv_bf16_fixed(acc, pp, vp, npairs, 4);
+    else if (nv == 2) pv_bf16_fixed(acc, pp, vp, npairs, 2);
+    else
+        for (int c0 = 0; c0 < nv; c0 += 2) {
+            /* Wider heads: two accumulator vectors at a time over a strided view. */
+            for (int t = 0; t < npairs; t++) {
+                __m512bh w = (__m512bh)_mm512_set1_epi32((int)pp[t]);
+                for (int c = c0; c < c0 + 2; c++) {
+                    __m512 x = _mm512_load_ps(acc + 16 * c);
+                    _mm512_store_ps(acc + 16 * c, _mm512_dpbf16_ps(x, (__m512bh)vp[(int64_t)t * nv + c], w));
+                }
+            }
+        }
+}
+
+/* Pair-interleave bf16 V rows (r0, r1) of d elements (a multiple of 32) into vp: per 32 columns,
+ * unpacklo then unpackhi (UNPACK order). */
+AI void v_pair(__m512i *vp, const uint16_t *r0, const uint16_t *r1, int d) {
+    for (int c = 0; c < d; c += 32) {
+        __m512i x = _mm512_loadu_si512(r0 + c), y = _mm512_loadu_si512(r1 + c);
+        vp[c / 16] = _mm512_unpacklo_epi16(x, y);
+        vp[c / 16 + 1] = _mm512_unpackhi_epi16(x, y);
+    }
+}
+#endif
+
+/* Fold one chunk of scores s[nq][TKG_CHUNK] (entries past n are -inf) into the running state:
+ * values from fp32 rows vb, or (vpairs != NULL) bf16 pair-interleaved rows. */
+AI void softmax_update(tkg_partial part, float *s, const float *vb, const void *vpairs, int n, int nq, int dp) {
+    (void)vpairs;
     for (int r = 0; r < nq; r++) {
         float *sr = s + r * TKG_CHUNK;
         vf mx = vmax(*(vf *)sr, *(vf *)(sr + 16));
@@ -291,6 +334,12 @@ AI void softmax_update(tkg_partial part, float *s, const float *vb, int n, int n
         *(vf *)sr = p0;
         *(vf *)(sr + 16) = p1;
         part.l[r] += hsum(p0 + p1);
+#if USE_DPBF16
+        if (vpairs) {
+            pv_bf16(acc, sr, (const __m512i *)vpairs, n, dp);
+            continue;
+        }
+#endif
         pv(acc, sr, vb, n, dp);
     }
 }
@@ -354,14 +403,19 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
     }
 
     const float *qsrc = p->q + (int64_t)task * nq * d;
-    const int split_rows = tkg_split_bf16(p);
+    /* K rows and q share a column order (dot products ignore it); V rows follow the accumulators. */
+    const int klay = p->dtype == TKG_BF16 && d % 32 == 0 ? TKG_LAYOUT_SPLIT : TKG_LAYOUT_NATURAL;
+    const int split_rows = klay == TKG_LAYOUT_SPLIT;
+    const int bf_pv = USE_DPBF16 && p->layout == TKG_LAYOUT_UNPACK;
+    static const uint16_t zero_row[TKG_MAX_D] = {0};
+    (void)zero_row;
     int use_bf = 0;
 #if USE_DPBF16
     use_bf = p->dtype == TKG_BF16 && p->q_bf16_exact && d % 32 == 0;
 #endif
     float qscale = use_bf ? 1.0f : p->score_scale;
     for (int r = 0; r < nq; r++) {
-        f32_row_to_layout(qs + r * dp, qsrc + (int64_t)r * d, d, dp, split_rows);
+        f32_row_to_layout(qs + r * dp, qsrc + (int64_t)r * d, d, dp, klay);
         for (int c = 0; c < dp; c++) qs[r * dp + c] *= qscale;
         if (use_bf)
             for (int c = 0; c < d; c++) {
@@ -443,11 +497,27 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
                     __builtin_prefetch(kbase + nxt[j] + b, 0, 3);
                     __builtin_prefetch(vbase + nxt[j] + b, 0, 3);
                 }
+            if (bf_pv) continue;
             if (!any_whole && !seen[j]) memset(vb + (int64_t)j * dp, 0, sizeof(float) * (size_t)dp);
             else if (split_rows) row_to_f32_split(vb + (int64_t)j * dp, vbase + cur[j], d);
             else row_to_f32(vb + (int64_t)j * dp, vbase + cur[j], d, dp, p->dtype);
         }
-        softmax_update(part, s, vb, n, nq, dp);
+#if USE_DPBF16
+        if (bf_pv) {
+            /* Rows nobody sees and the odd row past n read zeros, never the pool (garbage). */
+            __m512i *vp = (__m512i *)vb;
+            for (int t = 0; 2 * t < n; t++) {
+                int j0 = 2 * t, j1 = 2 * t + 1;
+                const uint16_t *r0 = any_whole || seen[j0] ? (const uint16_t *)(vbase + cur[j0]) : zero_row;
+                const uint16_t *r1 = j1 < n && (any_whole || seen[j1]) ? (const uint16_t *)(vbase + cur[j1]) : zero_row;
+                v_pair(vp + (int64_t)t * (dp / 16), r0, r1, d);
+            }
+            softmax_update(part, s, NULL, vp, n, nq, dp);
+            memcpy(cur, nxt, sizeof(cur));
+            continue;
+        }
+#endif
+        softmax_update(part, s, vb, NULL, n, nq, dp);
         memcpy(cur, nxt, sizeof(cur));
     }
 #undef WALK
@@ -457,7 +527,7 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
         int n = p->act_n;
         const float *ka = p->ka + (int64_t)row * n * d;
         const float *va = p->va + (int64_t)row * n * d;
-        for (int j = 0; j < 16; j++) f32_row_to_layout(kb + (int64_t)j * dp, ka + (int64_t)(j < n ? j : 0) * d, d, dp, split_rows);
+        for (int j = 0; j < 16; j++) f32_row_to_layout(kb + (int64_t)j * dp, ka + (int64_t)(j < n ? j : 0) * d, d, dp, klay);
         uint8_t seen[16] = {0};
         for (int r = 0; r < nq; r++) {
             float *sr = s + r * CH;
@@ -470,9 +540,9 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
             }
         }
         for (int j = 0; j < n; j++) {
-            if (seen[j]) f32_row_to_layout(vb + (int64_t)j * dp, va + (int64_t)j * d, d, dp, split_rows);
+            if (seen[j]) f32_row_to_layout(vb + (int64_t)j * dp, va + (int64_t)j * d, d, dp, p->layout);
             else memset(vb + (int64_t)j * dp, 0, sizeof(float) * (size_t)dp);
         }
-        softmax_update(part, s, vb, n, nq, dp);
+        softmax_update(part, s, vb, NULL, n, nq, dp);
     }
 }

@@ -135,12 +135,9 @@ static void finalize(job_t *job, int task, tkg_partial part, float *row_buf) {
             denom = NAN;
         }
         float f = scale_acc / denom;
-        if (tkg_split_bf16(p)) {
+        if (p->layout != TKG_LAYOUT_NATURAL) {
             for (int c = 0; c < d; c += 32)
-                for (int i = 0; i < 16; i++) {
-                    row_buf[c + 2 * i] = acc[c + i] * f;
-                    row_buf[c + 2 * i + 1] = acc[c + 16 + i] * f;
-                }
+                for (int i = 0; i < 32; i++) row_buf[c + tkg_layout_column(p->layout, i)] = acc[c + i] * f;
         } else {
             for (int c = 0; c < d; c++) row_buf[c] = acc[c] * f;
         }
@@ -303,6 +300,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
     p.act_mask = (const uint8_t *)(uintptr_t)act_mask;
     p.sinks = (const float *)(uintptr_t)sinks;
     p.out = (void *)(uintptr_t)out;
+    p.layout = TKG_LAYOUT_NATURAL;
+    if (p.dtype == TKG_BF16 && p.d % 32 == 0) p.layout = variant == V_AVX512BF16 ? TKG_LAYOUT_UNPACK : TKG_LAYOUT_SPLIT;
     long long error = -1;
     int used = 0;
     if (p.ntasks > 0) {

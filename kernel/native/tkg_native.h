@@ -46,6 +46,7 @@ typedef struct {
     const float *sinks;       /* [ntasks, nq] or NULL */
     void *out;                /* [ntasks, nq, d] */
     int nsplit;               /* key splits per task, >= 1 */
+    int layout;               /* accumulator column order (TKG_LAYOUT_*), set with the variant */
 } tkg_problem;
 
 /* Per-thread scratch, grown on demand and kept for the life of the process. */
@@ -64,9 +65,19 @@ typedef void (*tkg_item_fn)(const tkg_problem *p, int item, tkg_partial part, fl
 
 int64_t tkg_ws_floats(const tkg_problem *p);
 
-/* bf16 rows whose length is a multiple of 32 are widened in "split" order (see attn_impl.h):
- * the accumulators then hold, per 32 outputs, the 16 even ones and then the 16 odd ones. */
-static inline int tkg_split_bf16(const tkg_problem *p) { return p->dtype == TKG_BF16 && p->d % 32 == 0; }
+/* Order of the d accumulator (and output) columns inside each block of 32, for bf16 rows whose
+ * length is a multiple of 32 (see attn_impl.h); NATURAL otherwise.
+ *  SPLIT:  the 16 even columns, then the 16 odd ones (bf16 widened with a shift and a mask).
+ *  UNPACK: columns {0-3, 8-11, 16-19, 24-27}, then {4-7, 12-15, 20-23, 28-31} (the lane order of
+ *          vpunpck[lh]wd, used by the AVX-512-BF16 P.V product). */
+enum { TKG_LAYOUT_NATURAL = 0, TKG_LAYOUT_SPLIT = 1, TKG_LAYOUT_UNPACK = 2 };
+
+/* Source column of accumulator index i (0 <= i < 32) of a block, for a layout. */
+static inline int tkg_layout_column(int layout, int i) {
+    if (layout == TKG_LAYOUT_SPLIT) return i < 16 ? 2 * i : 2 * (i - 16) + 1;
+    if (layout == TKG_LAYOUT_UNPACK) return i < 16 ? (i / 4) * 8 + i % 4 : ((i - 16) / 4) * 8 + 4 + (i - 16) % 4;
+    return i;
+}
 int tkg_padded_d(int d);
 
 void tkg_item_avx512bf16(const tkg_problem *p, int item, tkg_partial part, float *ws);
