@@ -585,6 +585,8 @@ def test_removed_apis_raise_clear_errors(s):
         nl.arange(4)
     with pytest.raises(RemovedApiError, match=r"removed in NKI 0.4"):
         nisa.tensor_copy_dynamic_src(t, t)
+    with pytest.raises(RemovedApiError, match=r"use nki\.simulate"):
+        nki.simulate_kernel(None)
     with pytest.raises(RemovedApiError, match="platform_target"):
         nki.jit(platform_target="trn2")(lambda: None)
     with pytest.raises(NkiValidationError, match="string buffer names"):

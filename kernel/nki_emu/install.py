@@ -14,6 +14,20 @@ import types
 
 VERSION = "0.6.0+tkg.emulator"
 _SUBMODULES = ("language", "isa")
+_REMOVED = {
+    "simulate_kernel": "nki.simulate_kernel was removed in NKI 0.2: use nki.simulate(kernel)(...)",
+    "baremetal": "nki.baremetal was removed in NKI 0.2: call the @nki.jit kernel",
+    "benchmark": "nki.benchmark was removed in NKI 0.2: use the Neuron profiler",
+    "profile": "nki.profile was removed in NKI 0.2: use the Neuron profiler",
+}
+
+
+def _nki_getattr(name: str) -> object:
+    from tkg.kernel.nki_emu.errors import RemovedApiError
+
+    if name in _REMOVED:
+        raise RemovedApiError(_REMOVED[name])
+    raise AttributeError(f"module 'nki' (tkg NKI emulator) has no attribute {name!r}")
 
 
 def _real_nki_importable() -> bool:
@@ -51,6 +65,7 @@ def install() -> bool:
     nki.simulate = launch.simulate
     nki.language = language
     nki.isa = isa
+    nki.__getattr__ = _nki_getattr  # PEP 562: removed legacy entry points get a migration message
     for name, sub in (("language", language), ("isa", isa)):
         sub.__tkg_emulator__ = True  # type: ignore[attr-defined]
         sys.modules[f"nki.{name}"] = sub
