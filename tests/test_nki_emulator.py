@@ -61,6 +61,41 @@ def test_install_registers_marked_modules_idempotently():
     assert nl.float32 == "float32" and nl.bfloat16 != nl.float16
 
 
+INSTALL_SCRIPT = """
+import importlib, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+for name, body in (("placeholder", "raise ImportError('placeholder: install the Neuron SDK')"),
+                   ("real", "REAL = True")):
+    (root / name / "nki").mkdir(parents=True)
+    (root / name / "nki" / "__init__.py").write_text(body)
+from tkg.kernel import nki_emu
+sys.path.insert(0, str(root / "placeholder"))
+importlib.invalidate_caches()
+assert nki_emu.install() is True
+import nki
+assert nki.__tkg_emulator__
+nki_emu.uninstall()
+assert "nki" not in sys.modules
+sys.path[0] = str(root / "real")
+importlib.invalidate_caches()
+assert nki_emu.install() is False
+import nki
+assert getattr(nki, "REAL", False) and not getattr(nki, "__tkg_emulator__", False)
+print("ok")
+"""
+
+
+def test_install_treats_placeholder_as_absent_and_leaves_a_real_nki_alone(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", INSTALL_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 # ---- tensors and views -----------------------------------------------------------------------
 def test_fresh_buffers_are_nan_or_garbage(s):
     assert np.isnan(val(nl.ndarray((4, 8), nl.float32))).all()
@@ -763,6 +798,7 @@ def test_counters_and_estimate():
     assert e.estimate_s >= e.hbm_floor_s and e.serial_s >= e.estimate_s
     assert e.programs[0].busiest == "dma"  # 3 transfers' fixed cost dominate this tiny kernel
     assert "ESTIMATE" in nki_emu.format_estimate(e)
+    assert "tensor=1 vector=1 scalar=1 gpsimd=0 dma=3" in nki_emu.format_stats(nki_emu.last_run_stats())
     e1 = nki_emu.estimate(nki_emu.last_run_stats(), target="trn1", floor_bytes=1 << 20)
     assert e1.floor_bytes == 1 << 20 and math.isclose(e1.hbm_floor_s, (1 << 20) / 410e9)
 

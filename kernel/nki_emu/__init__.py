@@ -11,7 +11,7 @@ Modules: tensor (storage + views), context (programs, allocation, LNC2 rendezvou
 trn2 constants with sources), counters, estimate (roofline), lint (NKI language rules), install.
 """
 
-from tkg.kernel.nki_emu.counters import ProgramStats, RunStats
+from tkg.kernel.nki_emu.counters import ProgramStats, RunStats, format_stats
 from tkg.kernel.nki_emu.errors import (
     DeadlockError,
     DeadTensorError,
@@ -29,6 +29,6 @@ from tkg.kernel.nki_emu.limits import TRN1, TRN2, Target
 __all__ = [
     "TRN1", "TRN2", "DeadTensorError", "DeadlockError", "EmulatorError", "Estimate", "LaunchError",
     "NkiValidationError", "OutOfBoundsError", "ProgramStats", "RemovedApiError", "RunStats", "Target",
-    "collect_stats", "estimate", "format_estimate", "install", "is_installed", "last_run_stats", "session",
-    "uninstall",
+    "collect_stats", "estimate", "format_estimate", "format_stats", "install", "is_installed", "last_run_stats",
+    "session", "uninstall",
 ]  # fmt: skip

@@ -72,3 +72,17 @@ class RunStats:
         for p in self.programs:
             tot.update(p.instructions)
         return {e: tot.get(e, 0) for e in ENGINES}
+
+
+def format_stats(stats: RunStats) -> str:
+    """A few lines per program: instructions per engine, DMA transfers and bytes (MiB)."""
+    lines = [f"{stats.kernel} lnc={stats.lnc} target={stats.target}"]
+    for p in stats.programs:
+        eng = " ".join(f"{e}={p.instructions[e]}" for e in ENGINES)
+        queues = " ".join(f"{q}={n}" for q, n in sorted(p.dma_queues.items()))
+        lines.append(
+            f"  program {p.program_id}: instructions {eng}; DMA transfers {p.dma_transfers} ({queues}); "
+            f"HBM read {p.hbm_read_bytes / 2**20:.2f} MiB, write {p.hbm_write_bytes / 2**20:.2f} MiB; "
+            f"SBUF<->SBUF {p.sbuf_to_sbuf_bytes / 2**20:.2f} MiB; SBUF high water {p.sbuf_high_water_bytes} B/partition"
+        )
+    return "\n".join(lines)
