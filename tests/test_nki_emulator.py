@@ -531,6 +531,42 @@ def test_dma_copy_shapes_casts_and_rules(s):
                       dge_mode=nisa.dge_mode.none)  # fmt: skip
 
 
+def test_indirect_scatter_scalar_offset_and_transpose_mode(s):
+    h = nl.ndarray((6, 4), nl.float32, buffer=nl.shared_hbm)
+    h.write(np.zeros((6, 4), np.float32))
+    idx = sb(np.array([[5], [0], [2]], np.uint32), nl.uint32)
+    src = sb(np.arange(12, dtype=np.float32).reshape(3, 4))
+    nisa.dma_copy(h.ap([[4, 3], [1, 4]], offset=0, vector_offset=idx, indirect_dim=0), src)  # scatter rows
+    want = np.zeros((6, 4), np.float32)
+    want[[5, 0, 2]] = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(val(h), want)
+    so = sb(np.array([[2]], np.int32), nl.int32)
+    dst = nl.ndarray((2, 4), nl.float32)
+    nisa.dma_copy(dst, h.ap([[4, 2], [1, 4]], offset=0, scalar_offset=so, indirect_dim=0))  # rows 2..3
+    np.testing.assert_array_equal(val(dst), want[2:4])
+    x = np.arange(128).reshape(16, 8).astype(BF16)
+    ps = nl.ndarray((8, 16), nl.bfloat16, buffer=nl.psum)
+    nisa.nc_matmul(ps, sb(x, nl.bfloat16), sb(np.eye(16, dtype=np.float32), nl.bfloat16), is_transpose=True)
+    np.testing.assert_array_equal(val(ps), x.T)
+    with pytest.raises(NkiValidationError, match="identity"):
+        nisa.nc_matmul(ps, sb(x, nl.bfloat16), sb(np.ones((16, 16), np.float32), nl.bfloat16), is_transpose=True)
+
+
+def test_nl_wrappers(s):
+    t = sb(np.full((4, 4), 2.0, np.float32))
+    assert val(nl.exp(t))[0, 0] == np.float32(np.exp(2.0))
+    assert val(nl.add(t, 1.0))[0, 0] == 3.0 and nl.sum(t, axis=1).shape == (4, 1)
+    assert val(nl.copy(t))[0, 0] == 2.0
+    h = nl.ndarray((4, 4), nl.float32, buffer=nl.shared_hbm)
+    h.write(np.ones((4, 4), np.float32))
+    nl.store(h, nl.multiply(nl.load(h), t))
+    np.testing.assert_array_equal(val(h), 2.0)
+    np.testing.assert_array_equal(val(nl.matmul(t, t, transpose_x=True)), 16.0)
+    np.testing.assert_array_equal(val(nl.full((2, 2), 3.0, nl.int32)), 3)
+    with pytest.raises(NkiValidationError, match="no broadcasting"):
+        nl.add(t, sb(np.ones((4, 2), np.float32)))
+
+
 def test_dma_transpose(s):
     h = nl.ndarray((16, 24), nl.bfloat16, buffer=nl.shared_hbm)
     x = RNG.standard_normal((16, 24)).astype(BF16)
