@@ -64,15 +64,18 @@ def _inputs(step: Step, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def _emulator_stats() -> tuple[Any, Any]:
-    """(counters, estimate) of the emulator's last launch; (None, None) if it does not provide them."""
+def _emulator_stats(floor_bytes: int) -> tuple[Any, Any, str]:
+    """(counters, estimate, text) of the emulator's last launch; the estimate's floor is the
+    compulsory K/V bytes of the step (not what the kernel happened to read)."""
     from tkg.kernel import nki_emu
 
-    stats_fn = getattr(nki_emu, "last_run_stats", None)
-    stats = stats_fn() if stats_fn is not None else None
-    est_fn = getattr(nki_emu, "estimate", None)
-    est = est_fn(stats) if (est_fn is not None and stats is not None) else None
-    return stats, est
+    stats = nki_emu.last_run_stats()
+    if stats is None:
+        return None, None, "    (the emulator recorded no launch)"
+    est = nki_emu.estimate(stats, target="trn2", floor_bytes=floor_bytes)
+    body = nki_emu.format_stats(stats) + "\n" + nki_emu.format_estimate(est)
+    text = "\n".join("    " + ln for ln in body.split("\n"))
+    return stats, est, text
 
 
 def _plain(x: Any) -> Any:
@@ -95,10 +98,10 @@ def emulator_report(steps: list[Step], lncs: tuple[int, ...] = (1, 2)) -> list[d
         args = _inputs(step)
         for lnc in lncs:
             paged_decode(**args, scale=step.head_dim**-0.5, backend="nki-emu", lnc=lnc)
-            stats, est = _emulator_stats()
+            stats, est, text = _emulator_stats(step.compulsory_bytes())
             rows.append({
                 "step": asdict(step), "lnc": lnc, "compulsory_kv_bytes": step.compulsory_bytes(),
-                "counters": _plain(stats), "estimate": _plain(est),
+                "counters": _plain(stats), "estimate": _plain(est), "text": text,
             })  # fmt: skip
     return rows
 
@@ -113,12 +116,7 @@ def format_report(rows: list[dict[str, Any]]) -> str:
             f"compulsory K+V {r['compulsory_kv_bytes'] / 2**20:.1f} MiB"
         )
         lines.append(head)
-        if r["counters"] is None:
-            lines.append("    (the emulator exposes no counters yet)")
-            continue
-        lines.append(f"    counters: {json.dumps(r['counters'], sort_keys=True)}")
-        if r["estimate"] is not None:
-            lines.append(f"    estimate: {json.dumps(r['estimate'], sort_keys=True)}")
+        lines.append(r["text"])
     return "\n".join(lines)
 
 
@@ -147,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     steps = default_steps(a.context, tuple(a.s_active), tuple(a.block_len), not a.no_ragged)
     rows = emulator_report(steps, tuple(a.lnc))
-    print(json.dumps(rows, indent=1) if a.json else format_report(rows))
+    if a.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "text"} for r in rows], indent=1))
+    else:
+        print(format_report(rows))
     return 0
 
 

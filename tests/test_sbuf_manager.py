@@ -28,14 +28,17 @@ def test_stack_addresses_are_aligned_and_increasing(sbuf) -> None:
 def test_tile_bytes_follow_dtype_and_free_dims(sbuf) -> None:
     import nki.language as nl
 
+    from tkg.kernel import nki_emu
+
     sbm = sbuf.SbufManager(1024, 1024 + 8192, align=32)
-    t = sbm.alloc((128, 4, 8), nl.float32, "x")
-    assert tuple(t.shape) == (128, 4, 8)
-    assert sbm.top == 1024 + 4 * 8 * 4
-    sbm.alloc((64, 16), nl.bfloat16, "y")
-    assert sbm.top == 1024 + 128 + 32
-    sbm.alloc((7, 3), nl.uint8, "z")  # 3 bytes, rounded to the alignment
-    assert sbm.top == 1024 + 160 + 32
+    with nki_emu.session():  # nl.ndarray is a kernel-time construct: run as program 0 of a launch
+        t = sbm.alloc((128, 4, 8), nl.float32, "x")
+        assert tuple(t.shape) == (128, 4, 8)
+        assert sbm.top == 1024 + 4 * 8 * 4
+        sbm.alloc((64, 16), nl.bfloat16, "y")
+        assert sbm.top == 1024 + 128 + 32
+        sbm.alloc((7, 3), nl.uint8, "z")  # 3 bytes, rounded to the alignment
+        assert sbm.top == 1024 + 160 + 32
     assert sbuf.dtype_bytes(nl.uint32) == 4 and sbuf.dtype_bytes(nl.float16) == 2
 
 
