@@ -567,6 +567,20 @@ def test_nl_wrappers(s):
         nl.add(t, sb(np.ones((4, 2), np.float32)))
 
 
+def test_dma_runs_follow_contiguity():
+    with nki_emu.session() as prog:
+        h = nl.ndarray((16, 64), nl.float32, buffer=nl.shared_hbm)
+        h.write(np.zeros((16, 64), np.float32))
+        t = nl.ndarray((16, 32), nl.float32)
+        nisa.dma_copy(t, h.ap([[64, 16], [2, 32]], offset=0))  # every other element: 4-byte runs
+        assert (prog.stats.dma_runs, prog.stats.dma_charged_bytes) == (16 * 32, 16 * 32 * 256)
+        nisa.dma_copy(t, h[:, 0:32])  # one 128-byte run per partition
+        assert prog.stats.dma_runs == 16 * 32 + 16 and prog.stats.dma_small_run_bytes == 2 * 16 * 32 * 4
+        nisa.dma_copy(nl.ndarray((1, 1024), nl.float32), h)  # a single 4 KiB run on both sides
+        assert prog.stats.dma_runs == 16 * 32 + 16 + 1
+        assert prog.stats.dma_charged_bytes == 16 * 32 * 256 + 16 * 256 + 4096
+
+
 def test_dma_transpose(s):
     h = nl.ndarray((16, 24), nl.bfloat16, buffer=nl.shared_hbm)
     x = RNG.standard_normal((16, 24)).astype(BF16)
@@ -827,6 +841,9 @@ def test_counters_and_estimate():
     assert p.hbm_read_bytes == a.nbytes + b.nbytes and p.hbm_write_bytes == out.nbytes
     assert p.engine_cycles["tensor"] == 256  # max(N=256, 64) cycles for bf16
     assert p.psum_banks_used == 1
+    # Runs per partition: a 64 bf16 = 128 B (overhead-bound, charged as 256 B), b 512 B, out 1 KiB.
+    assert p.dma_runs == 128 + 128 + 64 and p.dma_small_run_bytes == a.nbytes
+    assert p.dma_charged_bytes == 128 * 256 + b.nbytes + out.nbytes
     e = nki_emu.estimate(nki_emu.last_run_stats())
     assert "ESTIMATE" in e.label and e.target == "trn2"
     hbm = a.nbytes + b.nbytes + out.nbytes

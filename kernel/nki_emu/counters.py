@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 ENGINES = ("tensor", "vector", "scalar", "gpsimd", "dma")
+SMALL_RUN_BYTES = 256  # DMABW: "< 256 B per partition is overhead-bound" (nki-api.md 5)
 
 
 @dataclass
@@ -29,6 +30,11 @@ class ProgramStats:
     hbm_read_bytes: int = 0
     hbm_write_bytes: int = 0
     sbuf_to_sbuf_bytes: int = 0
+    # DMA efficiency: a transfer is cut into runs contiguous on both sides (~ descriptors). Runs under
+    # SMALL_RUN_BYTES are overhead-bound (DMABW), and the estimate charges each as SMALL_RUN_BYTES.
+    dma_runs: int = 0
+    dma_small_run_bytes: int = 0  # bytes moved in runs shorter than SMALL_RUN_BYTES
+    dma_charged_bytes: int = 0  # sum over runs of max(run bytes, SMALL_RUN_BYTES)
     sendrecv_bytes: int = 0  # bytes this program sent to its partner
     sbuf_high_water_bytes: int = 0  # highest explicitly addressed SBUF byte used per partition
     psum_banks_used: int = 0  # distinct PSUM banks written
@@ -39,8 +45,16 @@ class ProgramStats:
         if engine in self.engine_cycles:
             self.engine_cycles[engine] += cycles
 
-    def record_dma(self, instr: str, queue: str, nbytes: int, hbm_read: int, hbm_write: int) -> None:
+    def record_dma(self, instr: str, queue: str, nbytes: int, hbm_read: int, hbm_write: int,
+                   run_bytes: int | None = None) -> None:  # fmt: skip
+        """One DMA transfer of `nbytes`; `run_bytes`: its contiguous run length (None: one run)."""
         self.record("dma", instr)
+        run = nbytes if not run_bytes else min(run_bytes, nbytes)
+        runs = -(-nbytes // run) if run else 0
+        self.dma_runs += runs
+        if run < SMALL_RUN_BYTES:
+            self.dma_small_run_bytes += nbytes
+        self.dma_charged_bytes += runs * max(run, SMALL_RUN_BYTES) if run < SMALL_RUN_BYTES else nbytes
         self.dma_transfers += 1
         self.dma_queues[queue] = self.dma_queues.get(queue, 0) + 1
         self.dma_bytes += nbytes
@@ -83,6 +97,8 @@ def format_stats(stats: RunStats) -> str:
         lines.append(
             f"  program {p.program_id}: instructions {eng}; DMA transfers {p.dma_transfers} ({queues}); "
             f"HBM read {p.hbm_read_bytes / 2**20:.2f} MiB, write {p.hbm_write_bytes / 2**20:.2f} MiB; "
-            f"SBUF<->SBUF {p.sbuf_to_sbuf_bytes / 2**20:.2f} MiB; SBUF high water {p.sbuf_high_water_bytes} B/partition"
+            f"SBUF<->SBUF {p.sbuf_to_sbuf_bytes / 2**20:.2f} MiB; {p.dma_runs} contiguous runs, "
+            f"{p.dma_small_run_bytes / 2**20:.2f} MiB in runs < {SMALL_RUN_BYTES} B; "
+            f"SBUF high water {p.sbuf_high_water_bytes} B/partition"
         )
     return "\n".join(lines)

@@ -1147,6 +1147,25 @@ def _dma_write(dst: NkiTensor, vals: np.ndarray, valid: np.ndarray | None, instr
     dst.storage.written = True
 
 
+def _run_elems(t: NkiTensor) -> int:
+    """Elements of `t` that are contiguous in memory in its row-major traversal (one descriptor's run).
+
+    On chip, or through an indirect (per-partition) view, the partition dim never extends a run.
+    """
+    dims = list(zip(t.shape, t.strides, strict=True))
+    if t.on_chip or t.indirect is not None:
+        dims = dims[1:]
+    run, expect = 1, 1
+    for n, s in reversed(dims):
+        if n == 1:
+            continue
+        if s != expect:
+            break
+        run *= n
+        expect *= n
+    return run
+
+
 def _dma_common(
     instr: str, dst: Any, src: Any, priority: Any, oob: Any, dge: Any
 ) -> tuple[NkiTensor, NkiTensor, oob_mode, dge_mode]:
@@ -1215,7 +1234,9 @@ def dma_copy(
     n = src.size if valid is None else int(valid.sum())
     rd = n * src.dtype.itemsize if src.buffer.is_hbm else 0
     wr = n * dst.dtype.itemsize if dst.buffer.is_hbm else 0
-    prog.stats.record_dma(I, dge.name, max(n * src.dtype.itemsize, n * dst.dtype.itemsize), rd, wr)
+    item = max(src.dtype.itemsize, dst.dtype.itemsize)
+    run = math.gcd(_run_elems(src), _run_elems(dst)) * item
+    prog.stats.record_dma(I, dge.name, n * item, rd, wr, run_bytes=run)
 
 
 _TRANSPOSE_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (3, 1, 2, 0)}
@@ -1249,7 +1270,8 @@ def dma_transpose(dst: NkiTensor, src: NkiTensor, axes: Any = None, priority: An
     ok = None if valid is None else valid.reshape(src.shape).transpose(ax).reshape(-1)
     _dma_write(dst, out, ok, I, oob)
     n = src.size if valid is None else int(valid.sum())
-    prog.stats.record_dma(I, dge.name, n * 2, n * 2 if src.buffer.is_hbm else 0, 0)
+    # A transposing DMA moves 2-byte elements to scattered places: charge per element run of the dst rows.
+    prog.stats.record_dma(I, dge.name, n * 2, n * 2 if src.buffer.is_hbm else 0, 0, run_bytes=_run_elems(src) * 2)
 
 
 # ---- LNC2 collectives ------------------------------------------------------------------------
@@ -1314,7 +1336,7 @@ def sendrecv(src: NkiTensor, dst: NkiTensor, send_to_rank: int, recv_from_rank: 
         )
     _write(I, dst, vals, converted=False)
     nb = src.size * src.dtype.itemsize
-    prog.stats.record_dma(I, de.name, nb, 0, 0)
+    prog.stats.record_dma(I, de.name, nb, 0, 0, run_bytes=_run_elems(src) * src.dtype.itemsize)
     prog.stats.sendrecv_bytes += nb
 
 
