@@ -359,7 +359,7 @@ def store(dst: NkiTensor, value: NkiTensor) -> None:
     isa.dma_copy(dst, value)
 
 
-def copy(x: NkiTensor, dtype: DType | None = None) -> NkiTensor:
+def _copy_tile(x: NkiTensor, dtype: DType | None = None) -> NkiTensor:
     """A new SBUF copy of x (Vector tensor_copy, NKI 0.6)."""
     if not isinstance(x, NkiTensor):
         raise NkiValidationError(f"nl.copy: expected a tile, got {x!r}")
@@ -386,16 +386,14 @@ def transpose(x: NkiTensor, dtype: DType | None = None) -> NkiTensor:
     return out
 
 
-# nl.copy above replaced the operator constant of the same name; keep both roles on one object.
-_copy_fn = copy
-
-
 class _CopyOp(Op):
+    """`nl.copy`: the identity activation (`op=nl.copy`) and the `nl.copy(x)` wrapper in one object."""
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _copy_fn(*args, **kwargs)
+        return _copy_tile(*args, **kwargs)
 
 
-copy = _CopyOp("copy", act=lambda x: x)  # type: ignore[assignment]
+copy = _CopyOp("copy", act=lambda x: x)
 OPS["copy"] = copy
 
 _REMOVED = {

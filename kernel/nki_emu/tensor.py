@@ -22,7 +22,7 @@ import enum
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -218,7 +218,7 @@ class NkiTensor:
             "or use its shape"
         )
 
-    def __iter__(self):
+    def __iter__(self) -> NoReturn:
         raise NkiValidationError(f"tensor {self.name!r}: tensors are not iterable; index them with slices")
 
     # -- validation -------------------------------------------------------------------------
