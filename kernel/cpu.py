@@ -7,9 +7,9 @@ in fp32 and runs on a persistent, pinned thread pool with the GIL released. Its 
 (AVX-512-BF16, AVX-512, AVX2+FMA or the baseline) is picked at run time by CPUID.
 
 Native coverage: `paged_decode` always (pools C-contiguous, d <= 256); `run` (attention_tkg)
-for position-id masks (`use_pos_id`) over block or flat `tp_k_prior` caches, with or without
-fused RoPE, sinks and sliding windows. Pre-generated masks, a transposed flat K, and debug
-tensors go to the torch implementation, which handles every flag.
+over block or flat `tp_k_prior` caches, with position-id masks (`use_pos_id`: ranges, the fast
+path) or pre-generated masks (checked per key), fused RoPE, sinks and sliding windows. A
+transposed flat K and debug tensors go to the torch implementation, which handles every flag.
 
 Environment: TKG_CPU_THREADS (threads, default: the CPUs this process may use),
 TKG_CPU_PIN=0 (do not pin the pool's workers), TKG_CPU_NATIVE=0 (always use torch),
@@ -26,7 +26,7 @@ import numpy as np
 
 from tkg.kernel.arrays import as_f32
 from tkg.kernel.paged import PagedArgs
-from tkg.kernel.reference import rope_rotate_half
+from tkg.kernel.reference import rope_rotate_half, unshuffle_block_mask
 from tkg.kernel.validate import KernelCall
 from tkg.kernel_dtypes import BF16
 
@@ -152,6 +152,7 @@ def _attend(
     va: np.ndarray | None = None,
     act_mask: np.ndarray | None = None,
     sinks: np.ndarray | None = None,
+    prior_mask: np.ndarray | None = None,
     threads: int | None = None,
     pin: bool | None = None,
     variant: str | None = None,
@@ -162,7 +163,8 @@ def _attend(
     assert _native is not None
     T, nq, d = q.shape
     for name, a in (("q", q), ("out", out), ("table", table), ("nkeys", nkeys), ("ranges", ranges),
-                    ("ka", ka), ("va", va), ("act_mask", act_mask), ("sinks", sinks)):  # fmt: skip
+                    ("ka", ka), ("va", va), ("act_mask", act_mask), ("sinks", sinks),
+                    ("prior_mask", prior_mask)):  # fmt: skip
         if a is not None and not a.flags.c_contiguous:
             raise ValueError(f"cpu backend: {name}: must be C-contiguous")
     threads = default_threads() if threads is None else int(threads)
@@ -178,6 +180,7 @@ def _attend(
         table=_addr(table), table_stride=table.shape[1], nkeys=_addr(nkeys), causal_s=causal_s,
         window=window, ranges=_addr(ranges), act_n=0 if ka is None else ka.shape[1], ka=_addr(ka),
         va=_addr(va), act_mask=_addr(act_mask), sinks=_addr(sinks), out=_addr(out), nsplit=int(nsplit),
+        prior_mask=_addr(prior_mask), prior_mask_stride=0 if prior_mask is None else prior_mask.shape[-1],
     )  # fmt: skip
     return int(err)
 
@@ -252,7 +255,7 @@ def paged_decode(
 def run_native_ok(call: KernelCall) -> bool:
     """True when the native kernel covers this attention_tkg call (else torch runs it)."""
     cfg = call.cfg
-    if not _native_enabled() or call.dbg is not None or not cfg.use_pos_id:
+    if not _native_enabled() or call.dbg is not None:
         return False
     if cfg.d_head > _MAX_D or cfg.s_active > _MAX_ACTIVE:
         return False
@@ -326,8 +329,19 @@ def run(call: KernelCall, native: bool | None = None) -> None:
         BL = k.shape[2]  # one "block" per row: the row's whole flat cache
         table = np.arange(B, dtype=np.int32).reshape(B, 1)
         bstride = BL * d
-    ranges = np.ascontiguousarray(np.repeat(_prior_ranges(call)[:, None], H, axis=1).reshape(B, H * S, 4))
-    act_mask = _c(call.mask.transpose(1, 2, 3, 0).reshape(B, H * S, S) != 0, np.uint8)
+    prior_mask = None
+    if cfg.use_pos_id:
+        ranges = np.ascontiguousarray(np.repeat(_prior_ranges(call)[:, None], H, axis=1).reshape(B, H * S, 4))
+        active = call.mask
+    else:
+        # A pre-generated mask `[Sp, B, H, S]` (block KV: in the kernel's fold order): every cached
+        # key is a candidate, the mask decides per query (a slower, per-key path in the kernel).
+        m = unshuffle_block_mask(call.mask, cfg.block_len) if cfg.is_block_kv else call.mask
+        ranges = np.zeros((B, H * S, 4), dtype=np.int32)
+        ranges[:, :, 1] = Sp - S
+        prior_mask = _c(m[: Sp - S].transpose(1, 2, 3, 0).reshape(B, H * S, Sp - S) != 0, np.uint8)
+        active = m[Sp - S :]
+    act_mask = _c(active.transpose(1, 2, 3, 0).reshape(B, H * S, S) != 0, np.uint8)
     sinks = None
     if call.sink is not None:
         sinks = _c(np.broadcast_to(as_f32(call.sink).reshape(1, H, 1), (B, H, S)).reshape(B, H * S), np.float32)
@@ -336,7 +350,8 @@ def run(call: KernelCall, native: bool | None = None) -> None:
         q=q32, k=k, v=v, out=o, heads_per_row=1, head_stride=0, block_stride=bstride, bl=BL, table=table,
         nkeys=np.full(B, Sp - S, dtype=np.int32), score_scale=1.0,
         q_bf16_exact=call.dtype == BF16 and not cfg.fuse_rope, ranges=ranges, ka=_c(ka, np.float32),
-        va=_c(as_f32(call.v_active)[:, 0], np.float32), act_mask=act_mask, sinks=sinks, **opts,
+        va=_c(as_f32(call.v_active)[:, 0], np.float32), act_mask=act_mask, sinks=sinks, prior_mask=prior_mask,
+        **opts,
     )  # fmt: skip
     if err >= 0:
         b, r = divmod(err, H * S)

@@ -162,7 +162,10 @@ def run(call: KernelCall) -> None:
 
     # The H q heads of a row share its keys: one [H*S, d] x [d, Sp] product per row.
     scores = torch.bmm(q.reshape(B, H * S, d), K.transpose(1, 2)).view(B, H, S, Sp)
-    scores = scores.masked_fill(~_visibility(call), float("-inf"))
+    vis = _visibility(call)
+    scores = scores.masked_fill(~vis, float("-inf"))
+    # A V row no query sees may hold NaN/inf garbage: zero it, since p = 0 times NaN is NaN.
+    V = V.masked_fill(~vis.reshape(B, -1, Sp).any(dim=1).unsqueeze(2), 0.0)
     row_max = scores.amax(dim=3)  # [B, H, S]
     sink = None
     if call.sink is not None:

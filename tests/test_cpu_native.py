@@ -201,6 +201,39 @@ def test_attention_tkg_native_matches_reference(dtype, flags) -> None:
         np.testing.assert_allclose(k_out.astype(np.float32), ref_k.astype(np.float32), **tol(dtype))
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("block_len", [0, 16])
+def test_pregenerated_mask_native_ignores_garbage(dtype: str, block_len: int) -> None:
+    # Pre-generated masks run natively key by key; NaN/inf in slots no query sees changes nothing.
+    c = cfg(block_len=block_len, curr_sprior=2048, full_sprior=2048, tp_k_prior=True, bs=2, q_head=2, s_active=2)
+    case = Case("pregen", c, dtype=dtype, seed=12)
+    args = build_case(case)
+    call = validate_call(**args)
+    assert cpu.run_native_ok(call)
+    ref, _ = attention_tkg(**build_case(case), backend="reference")
+    # Poison the V (and K) rows of the keys that no query of row 1 sees.
+    mask = args["mask"]
+    if block_len:
+        from tkg.kernel.reference import unshuffle_block_mask
+
+        mask = unshuffle_block_mask(mask, block_len)
+    hidden = np.nonzero(~mask[:, 1].any(axis=(1, 2)))[0]
+    hidden = hidden[hidden < c.curr_sprior - c.s_active]
+    assert hidden.size
+    for key in hidden[:50]:
+        if block_len:
+            blk = args["active_blocks_table"][1, key // block_len]
+            args["v_prior"][blk, key % block_len] = np.nan
+            args["k_prior"][blk, key % block_len] = np.inf
+        else:
+            args["v_prior"][1, 0, key] = np.nan
+            args["k_prior"][1, 0, key] = np.inf
+    out, _ = attention_tkg(**args, backend="cpu", native=True)
+    assert np.isfinite(out.astype(np.float32)).all()
+    np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), **tol(dtype))
+
+
 def test_uncovered_calls_fall_back_to_torch() -> None:
     # A pre-generated mask and debug tensors are torch's: same answer as the reference.
     case = Case("fallback", cfg(block_len=16, curr_sprior=2048), dtype="fp32", dbg=True, seed=8)

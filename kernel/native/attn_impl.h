@@ -478,12 +478,15 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
             }
             for (int j = ng * 16; j < CH; j++) sr[j] = -INFINITY;
             const int32_t *g = rg + 4 * r;
-            int whole = (c0 >= g[0] && c0 + n <= g[1]) || (c0 >= g[2] && c0 + n <= g[3]);
+            const uint8_t *pm =
+                p->prior_mask ? p->prior_mask + ((int64_t)task * nq + r) * p->prior_mask_stride : NULL;
+            int whole = !pm && ((c0 >= g[0] && c0 + n <= g[1]) || (c0 >= g[2] && c0 + n <= g[3]));
             any_whole |= whole;
             if (!whole)
                 for (int j = 0; j < n; j++) {
                     int key = c0 + j;
-                    if (!((key >= g[0] && key < g[1]) || (key >= g[2] && key < g[3]))) sr[j] = -INFINITY;
+                    if (!((key >= g[0] && key < g[1]) || (key >= g[2] && key < g[3])) || (pm && !pm[key]))
+                        sr[j] = -INFINITY;
                     else seen[j] = 1;
                 }
             for (int j = n; j < ng * 16; j++) sr[j] = -INFINITY;

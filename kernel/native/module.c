@@ -263,17 +263,19 @@ static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"variant", "threads", "pin", "dtype", "out_dtype", "d", "nq", "ntasks",
                             "heads_per_row", "q", "score_scale", "q_bf16_exact", "k", "v", "head_stride",
                             "block_stride", "bl", "table", "table_stride", "nkeys", "causal_s", "window",
-                            "ranges", "act_n", "ka", "va", "act_mask", "sinks", "out", "nsplit", NULL};
+                            "ranges", "act_n", "ka", "va", "act_mask", "sinks", "out", "nsplit", "prior_mask",
+                            "prior_mask_stride", NULL};
     tkg_problem p;
     memset(&p, 0, sizeof(p));
     int variant, threads, pin;
-    unsigned long long q, k, v, table, nkeys, ranges, ka, va, act_mask, sinks, out;
-    long long head_stride, block_stride, table_stride;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipiiiiiiKfpKKLLiKLKiiKiKKKKKi", names, &variant, &threads, &pin,
+    unsigned long long q, k, v, table, nkeys, ranges, ka, va, act_mask, sinks, out, prior_mask = 0;
+    long long head_stride, block_stride, table_stride, prior_mask_stride = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipiiiiiiKfpKKLLiKLKiiKiKKKKKi|KL", names, &variant, &threads, &pin,
                                      &p.dtype, &p.out_dtype, &p.d, &p.nq, &p.ntasks, &p.heads_per_row, &q,
                                      &p.score_scale, &p.q_bf16_exact, &k, &v, &head_stride, &block_stride, &p.bl,
                                      &table, &table_stride, &nkeys, &p.causal_s, &p.window, &ranges, &p.act_n, &ka,
-                                     &va, &act_mask, &sinks, &out, &p.nsplit))
+                                     &va, &act_mask, &sinks, &out, &p.nsplit, &prior_mask,
+                                     &prior_mask_stride))
         return NULL;
     if (variant < 0 || variant >= NVARIANTS || !variant_supported(variant))
         return PyErr_Format(PyExc_ValueError, "variant: %d is not supported on this CPU", variant);
@@ -299,6 +301,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
     p.va = (const float *)(uintptr_t)va;
     p.act_mask = (const uint8_t *)(uintptr_t)act_mask;
     p.sinks = (const float *)(uintptr_t)sinks;
+    p.prior_mask = (const uint8_t *)(uintptr_t)prior_mask;
+    p.prior_mask_stride = prior_mask_stride;
     p.out = (void *)(uintptr_t)out;
     p.layout = TKG_LAYOUT_NATURAL;
     if (p.dtype == TKG_BF16 && p.d % 32 == 0) p.layout = variant == V_AVX512BF16 ? TKG_LAYOUT_UNPACK : TKG_LAYOUT_SPLIT;

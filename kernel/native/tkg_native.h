@@ -39,6 +39,8 @@ typedef struct {
     int causal_s;
     int window;
     const int32_t *ranges;
+    const uint8_t *prior_mask; /* optional [ntasks, nq, nkeys_max]: also required visible (nonzero) */
+    int64_t prior_mask_stride; /* keys per (task, query) row of prior_mask */
     /* Optional extra keys after the pooled ones (attention_tkg's active tokens), fp32. */
     int act_n;
     const float *ka, *va;     /* [rows, act_n, d] */
