@@ -45,6 +45,7 @@ _DTYPE_CODES = {np.dtype(np.float32): 0, BF16: 1, np.dtype(np.float16): 2}
 _MAX_D = 256
 _MAX_ACTIVE = 16
 _CHUNK = 32  # keys per chunk in the kernel (TKG_CHUNK)
+_SMALL_KEYS = 8192  # (task, key) pairs below which one thread beats waking the pool (measured ~L=64 x 64 tasks)
 
 
 def available() -> str | None:
@@ -167,7 +168,12 @@ def _attend(
                     ("prior_mask", prior_mask)):  # fmt: skip
         if a is not None and not a.flags.c_contiguous:
             raise ValueError(f"cpu backend: {name}: must be C-contiguous")
-    threads = default_threads() if threads is None else int(threads)
+    if threads is None:
+        threads = default_threads()
+        # Waking the pool costs tens of microseconds: small steps run on the calling thread.
+        if int(nkeys.sum()) * heads_per_row < _SMALL_KEYS:
+            threads = 1
+    threads = int(threads)
     if threads < 1:
         raise ValueError(f"cpu backend: threads: expected >= 1, got {threads}")
     if nsplit is None:

@@ -82,14 +82,27 @@ AI void row_to_f32_split(float *dst, const void *src, int d) {
     }
 }
 
-/* An fp32 row (natural order) into dst in a column layout (TKG_LAYOUT_*), zero-padded to dp. */
-AI void f32_row_to_layout(float *dst, const float *src, int d, int dp, int layout) {
+/* Source column of each accumulator index of a 32-column block, per layout (tkg_layout_column). */
+static const uint8_t LAYOUT_COLS[3][32] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31},
+    {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31},
+    {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
+};
+
+/* An fp32 row (natural order) times `scale` into dst in a column layout (TKG_LAYOUT_*),
+ * zero-padded to dp. */
+AI void f32_row_to_layout_scaled(float *dst, const float *src, int d, int dp, int layout, float scale) {
     if (layout != TKG_LAYOUT_NATURAL) {
+        const uint8_t *cols = LAYOUT_COLS[layout];
         for (int c = 0; c < d; c += 32)
-            for (int i = 0; i < 32; i++) dst[c + i] = src[c + tkg_layout_column(layout, i)];
+            for (int i = 0; i < 32; i++) dst[c + i] = src[c + cols[i]] * scale;
     } else {
-        for (int c = 0; c < dp; c++) dst[c] = c < d ? src[c] : 0.0f;
+        for (int c = 0; c < dp; c++) dst[c] = c < d ? src[c] * scale : 0.0f;
     }
+}
+
+AI void f32_row_to_layout(float *dst, const float *src, int d, int dp, int layout) {
+    f32_row_to_layout_scaled(dst, src, d, dp, layout, 1.0f);
 }
 
 /* m ? a : b lane-wise (the vector ?: is C++-only in GCC). */
@@ -415,14 +428,11 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
 #endif
     float qscale = use_bf ? 1.0f : p->score_scale;
     for (int r = 0; r < nq; r++) {
-        f32_row_to_layout(qs + r * dp, qsrc + (int64_t)r * d, d, dp, klay);
-        for (int c = 0; c < dp; c++) qs[r * dp + c] *= qscale;
-        if (use_bf)
-            for (int c = 0; c < d; c++) {
-                uint32_t w;
-                memcpy(&w, qsrc + (int64_t)r * d + c, 4);
-                qb[r * dp + c] = (uint16_t)(w >> 16); /* exact: the value is a bf16 number */
-            }
+        f32_row_to_layout_scaled(qs + r * dp, qsrc + (int64_t)r * d, d, dp, klay, qscale);
+        if (use_bf) {
+            const uint32_t *w = (const uint32_t *)(qsrc + (int64_t)r * d);
+            for (int c = 0; c < d; c++) qb[r * dp + c] = (uint16_t)(w[c] >> 16); /* exact: a bf16 number */
+        }
         part.m[r] = -INFINITY;
         part.l[r] = 0.0f;
     }
