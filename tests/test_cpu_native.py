@@ -8,6 +8,8 @@ the thread pool).
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 from dataclasses import replace
 
@@ -283,3 +285,41 @@ def test_bad_options_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TKG_CPU_THREADS", "two")
     with pytest.raises(ValueError, match="TKG_CPU_THREADS"):
         paged_decode(q, k, v, tables, lens, scale=1.0, backend="cpu")
+
+
+def test_without_the_extension_torch_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What an install without a C compiler gets: the import failed, the backend still works.
+    monkeypatch.setattr(cpu, "_native", None)
+    monkeypatch.setattr(cpu, "NATIVE_ERROR", "No module named 'tkg.kernel._native'")
+    assert cpu.implementation().startswith("torch (native kernel not built")
+    assert cpu.native_variants() == []
+    rng = np.random.default_rng(13)
+    q, k, v, tables, lens = make_paged(rng, S=1, d=64)
+    out = paged_decode(q, k, v, tables, lens, scale=0.125, backend="cpu")
+    np.testing.assert_allclose(out, paged_oracle(q, k, v, tables, lens, 0.125), rtol=1e-4, atol=2e-5)
+
+
+def _child_decodes(conn) -> None:  # runs in a forked child
+    rng = np.random.default_rng(14)
+    q, k, v, tables, lens = make_paged(rng, B=4, S=1, d=64)
+    out = paged_decode(q, k, v, tables, lens, scale=0.125, backend="cpu", threads=2, native=True)
+    conn.send(float(np.abs(out - paged_oracle(q, k, v, tables, lens, 0.125)).max()))
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_pool_survives_fork() -> None:
+    # The parent's workers do not exist in a forked child: the pool must start afresh, not hang.
+    rng = np.random.default_rng(15)
+    q, k, v, tables, lens = make_paged(rng, B=4, S=1, d=64)
+    paged_decode(q, k, v, tables, lens, scale=0.125, backend="cpu", threads=2, native=True)
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child_decodes, args=(child,))
+    proc.start()
+    proc.join(timeout=60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the forked child hung in the kernel's thread pool")
+    assert proc.exitcode == 0
+    assert parent.recv() < 2e-5
