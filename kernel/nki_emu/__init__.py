@@ -7,8 +7,10 @@
     print(nki_emu.format_estimate(nki_emu.estimate(stats)))   # trn2 ESTIMATE vs the HBM floor
 
 Modules: tensor (storage + views), context (programs, allocation, LNC2 rendezvous), language
-(`nl`), isa (`nisa`), ops (operator constants), launch (`nki.jit`, grids, stats), limits (trn1 /
-trn2 constants with sources), counters, estimate (roofline), lint (NKI language rules), install.
+(`nl`), isa (`nisa`, re-exporting enums and the per-engine instruction modules isa_tensor,
+isa_scalar, isa_vector, isa_select, isa_dma, isa_collectives over the shared operands helpers), ops
+(operator constants), dtypes, launch (`nki.jit`, grids, stats), limits (trn1 / trn2 constants with
+sources), counters, cost + estimate (roofline), lint (NKI language rules), install.
 """
 
 from tkg.kernel.nki_emu.counters import ProgramStats, RunStats, format_stats

@@ -37,6 +37,7 @@ from tkg.kernel.nki_emu.dtypes import (  # noqa: F401 - re-exported as nl.*
     uint32,
 )
 from tkg.kernel.nki_emu.errors import NkiValidationError, RemovedApiError
+from tkg.kernel.nki_emu.isa_vector import norm_axis
 from tkg.kernel.nki_emu.limits import Target, target_from_env
 from tkg.kernel.nki_emu.ops import *  # noqa: F403 - nl.add, nl.exp, ... (operator constants)
 from tkg.kernel.nki_emu.ops import ELEMENTWISE, OPS, Op
@@ -319,7 +320,7 @@ def elementwise(op: Op, args: tuple[Any, ...], kwargs: dict[str, Any]) -> NkiTen
 
 def _reduce(name: str, fn: Any, x: NkiTensor, axis: Any, dtype: DType | None, keepdims: bool) -> NkiTensor:
     x.check_alive(f"nl.{name}")
-    axes = isa._norm_axis(axis, x.ndim, name)
+    axes = norm_axis(axis, x.ndim, name)
     with np.errstate(all="ignore"):
         res = fn(x.read(f"nl.{name}").astype(np.float32), axis=axes, keepdims=keepdims)
     shape = res.shape if keepdims else (x.shape[0], *tuple(res.shape[1:]))
