@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads and cpu kernel threads (2)")
     p.add_argument("--membw-mib", type=int, default=512, help="buffer for the read-bandwidth measure (512)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    p.add_argument("--backend", choices=("cpu", "nki-emu"), default="cpu",
+                   help="cpu: this host benchmark (default); nki-emu: the NKI kernel's emulated trn2 estimate")
     return p
 
 
@@ -339,8 +341,17 @@ def format_report(rep: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `--backend nki-emu` is a different report (the NKI kernel's emulator counters and a trn2
+    # latency estimate, `tkg.kernel.nki_bench`); everything else is this host benchmark.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backend", choices=("cpu", "nki-emu"), default="cpu")
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.backend == "nki-emu":
+        from tkg.kernel import nki_bench
+
+        return int(nki_bench.main(rest) or 0)
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a = parser.parse_args(rest)
     try:
         rep = run_bench(a)
     except ValueError as exc:
