@@ -17,7 +17,8 @@ Appends are two-phase and all-or-nothing for a batch: `prepare_append` validates
 and reserves every block the batch may need (new blocks and copy-on-write copies) or raises with
 nothing changed; `commit` then cannot fail for lack of blocks: it applies table changes, writes
 `[B, Hkv, S, d]` into the slots with one fancy-indexed assignment per tensor and advances the
-layer's lengths; `abort` returns the reservation.
+layer's lengths; `abort` returns the reservation. `rollback` undoes a committed plan at its layer
+(the service uses it when the kernel fails after the append).
 
 Threading: every method must be called from ONE thread (the service's asyncio loop); there are no
 locks. A kernel worker thread may READ `k[layer]`/`v[layer]` through a committed plan's
@@ -118,7 +119,7 @@ class AppendPlan:
 
     @property
     def state(self) -> str:
-        """`prepared`, `committed` or `aborted`."""
+        """`prepared`, `committed`, `aborted` or `rolled_back`."""
         return self._state
 
     @property
@@ -440,6 +441,34 @@ class KVCache:
         slots = plan._slots[self.seqs.generation[plan._slots] == plan._generations]
         self.seqs.pending[slots, plan.layer] = False
         plan._state = "aborted"
+
+    def rollback(self, plan: AppendPlan) -> int:
+        """Undo a committed `plan` at its layer: lengths back to `plan.positions`, blocks no layer
+        needs any more returned to the pool. Returns how many sequences were rolled back.
+
+        Skipped: sequences released since, and sequences whose length at the layer moved on (a
+        later append built on these tokens). Copy-on-write copies made by the commit stay (they
+        hold the same data). A fork taken in between keeps its own copy of the tokens.
+        """
+        if plan._state != "committed":
+            raise RuntimeError(f"KVCache.rollback: expected a committed plan, got one {plan._state}")
+        seqs, layer = self.seqs, plan.layer
+        slots, pos = plan._slots, plan.positions
+        keep = (seqs.generation[slots] == plan._generations) & (seqs.lengths[slots, layer] == plan.seq_lens)
+        slots, pos = slots[keep], pos[keep]
+        if slots.size:
+            before = seqs.lengths[slots].max(axis=1)
+            seqs.lengths[slots, layer] = pos
+            after = seqs.lengths[slots].max(axis=1)
+            self.tokens_appended -= int((before - after).sum())
+            need, held = -(-after // self.block_len), seqs.num_blocks[slots]
+            rows, cols = _ragged(need, held - need)
+            if rows.size:
+                self.pool.decref(seqs.tables[slots[rows], cols])
+                seqs.tables[slots[rows], cols] = 0
+                seqs.num_blocks[slots] = np.minimum(need, held)
+        plan._state = "rolled_back"
+        return int(slots.size)
 
     def append(self, seq_id: str, layer: int, position: int, k: np.ndarray, v: np.ndarray) -> SequenceState:
         """Append `[T, num_kv_heads, head_dim]` tokens to one sequence at `layer` (AppendKV)."""

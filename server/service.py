@@ -37,7 +37,7 @@ from tkg.server.errors import (
 )
 from tkg.server.kv_cache import KVCache, SequenceState
 from tkg.server.metrics import Metrics
-from tkg.server.rope import angles, apply_rope, rotate
+from tkg.server.rope import RopeTable, rotate
 from tkg.server.sequences import MAX_SEQUENCE_ID_LEN
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
@@ -78,7 +78,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.metrics = metrics
         self.draining = False
         self.ready = False  # set once the kernel backend is warmed up (UNAVAILABLE until then)
-        self._inv_freqs = spec.inv_freqs() if spec.fuse_rope else None
+        self._rope = RopeTable(spec.inv_freqs(), spec.max_context) if spec.fuse_rope else None
         # One worker: the kernel uses every core itself; two launches at once would only fight.
         self._kernel_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tkg-kernel")
         self.batcher = Batcher(self._run_batch, options.max_batch, options.batch_delay_s, options.max_pending)
@@ -86,6 +86,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self._dtype_code = codec.DTYPE_NAMES[spec.kv_dtype]
         self._kv_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * spec.kv_numpy_dtype.itemsize  # K + V
         self._inflight = 0
+        self._decoding = 0  # decode requests (unary or stream messages) between receipt and reply
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -234,13 +235,13 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             return
         pos = np.concatenate([w.positions for w, _ in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
         q = np.concatenate([w.q for w, _ in ready]) if len(ready) > 1 else ready[0][0].q
-        if self._inv_freqs is not None:
-            cos, sin = angles(pos, self._inv_freqs)  # once for q and every request's k
+        if self._rope is not None:
+            cos, sin = self._rope.lookup(pos)  # once for q and every request's k
             q = rotate(q, cos, sin)
         row = 0
         for work, plan in ready:
             k = work.k
-            if self._inv_freqs is not None:
+            if self._rope is not None:
                 k = rotate(k, cos[row : row + work.size], sin[row : row + work.size])
             cache.commit(plan, k, work.v)
             row += work.size
@@ -251,16 +252,21 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
             backend=self.opts.backend,
         )  # fmt: skip
-        # Handing a launch to the worker thread and back costs ~50-100 us of loop time; a launch
-        # reading less KV than that takes runs on the loop instead (it would block it no longer).
+        # Handing a launch to the worker thread and back costs ~50-100 us of loop time. It buys
+        # a loop free to receive the next requests while the kernel runs; that is worth nothing
+        # when every decode request in the server is in this batch (a lone caller), or when the
+        # launch reads less KV than the hand-off costs. Those run on the loop.
         kv_bytes = int(lens.sum()) * self._kv_token_bytes
+        alone = self._decoding <= len(ready) and not self.batcher.pending
         try:
-            if kv_bytes <= self.opts.inline_kernel_bytes:
+            if alone or kv_bytes <= self.opts.inline_kernel_bytes:
                 out = kernel()
             else:
                 out = await asyncio.get_running_loop().run_in_executor(self._kernel_thread, kernel)
         except Exception as exc:  # the kernel failing is a server bug: report it, keep serving
             log.exception("kernel failed for layer %d, batch of %d sequences", layer, len(lens))
+            for _, plan in ready:  # all-or-nothing: the failed step leaves no tokens behind
+                cache.rollback(plan)
             err = ServiceError(f"kernel: {type(exc).__name__}: {exc}")
             for work, _ in ready:
                 work.future.set_exception(err)
@@ -280,7 +286,11 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     async def _decode_one(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         work = self._validate_decode(req)
-        out, timing = await self.batcher.submit(work)  # RESOURCE_EXHAUSTED when the queue is full
+        self._decoding += 1
+        try:
+            out, timing = await self.batcher.submit(work)  # RESOURCE_EXHAUSTED when the queue is full
+        finally:
+            self._decoding -= 1
         resp = pb.DecodeResponse(request_id=req.request_id, layer=req.layer, timing=timing)
         codec.encode(out, resp.out)
         resp.timing.total_us = int((time.perf_counter() - work.arrival) * 1e6)
@@ -368,9 +378,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 f"position: {chunk.position} + {T} tokens exceeds max_context for sequence {chunk.sequence_id!r}; "
                 f"expected at most {s.max_context} tokens"
             )
-        if self._inv_freqs is not None:
-            pos = (chunk.position + np.arange(T))[None, :]
-            k = apply_rope(k.transpose(1, 0, 2)[None], pos, self._inv_freqs)[0].transpose(1, 0, 2)
+        if self._rope is not None:
+            cos, sin = self._rope.lookup((chunk.position + np.arange(T))[None, :])
+            k = rotate(k.transpose(1, 0, 2)[None], cos, sin)[0].transpose(1, 0, 2)
         self.cache.append(chunk.sequence_id, chunk.layer, chunk.position, k, v)
 
     async def DecodeStream(

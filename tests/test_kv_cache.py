@@ -278,6 +278,40 @@ def test_commit_shape_error_aborts_and_abort_returns_reservation() -> None:
         cache.append("a", 0, 0, np.zeros((4, 3, D)), np.zeros((4, 3, D)))
 
 
+def test_rollback_undoes_a_committed_append_at_its_layer_only() -> None:
+    cache = make()
+    for sid in "abc":
+        cache.create(sid)
+    fill(cache, "a", 3)  # both layers at 3: the rollback's new block is needed by no layer
+    cache.append("b", 0, 0, tokens(0, 4), -tokens(0, 4))  # layer 1 still empty
+    cache.append("b", 1, 0, tokens(0, 6), -tokens(0, 6))  # layer 1 ahead: its blocks must stay
+    before = fingerprint(cache)
+    plan = cache.prepare_append(0, ["a", "b", "c"], [3, 4, 0], 2)
+    cache.commit(plan, np.ones((3, HKV, 2, D)), np.ones((3, HKV, 2, D)))
+    assert cache.get("a").lengths == (5, 3) and cache.get("a").num_blocks == 2
+    assert cache.rollback(plan) == 3
+    assert plan.state == "rolled_back"
+    assert fingerprint(cache)[:2] == before[:2] and fingerprint(cache)[3:] == before[3:]
+    assert [cache.get(s).lengths for s in "abc"] == [(3, 3), (4, 6), (0, 0)]
+    np.testing.assert_array_equal(gather(cache, "a", 0)[0], tokens(0, 3))
+    check_invariants(cache)
+    with pytest.raises(RuntimeError, match="expected a committed plan, got one rolled_back"):
+        cache.rollback(plan)
+
+
+def test_rollback_skips_sequences_that_moved_on_or_were_released() -> None:
+    cache = make()
+    for sid in "ab":
+        cache.create(sid)
+    plan = cache.prepare_append(0, ["a", "b"], [0, 0], 1)
+    cache.commit(plan, np.ones((2, HKV, 1, D)), np.ones((2, HKV, 1, D)))
+    cache.append("a", 0, 1, tokens(1, 1), -tokens(1, 1))  # built on the step's token
+    cache.release("b")
+    assert cache.rollback(plan) == 0
+    assert cache.get("a").lengths == (2, 0)
+    check_invariants(cache)
+
+
 def test_append_in_flight_blocks_a_second_prepare_truncate_and_fork() -> None:
     cache = make()
     cache.create("a")
