@@ -4,7 +4,9 @@ Requests wait in arrival order. The dispatcher takes the oldest, waits until it 
 `delay_s` old (or the batch is full), then takes every queued request with the same (layer, S)
 whose sequences do not collide with the batch, up to `max_batch` sequences, and runs the batch.
 While a batch runs, new requests queue up, so under load batches form without any delay
-(continuous batching); the delay only helps when requests trickle in.
+(continuous batching); the delay only helps when requests trickle in. `lone_caller()` (set by the
+service) says a single caller has had the server to itself for a while: its head goes at once,
+since nobody could join it; the first overlapping call makes the delay apply again.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.running = 0  # requests in the batch being run
+        self.lone_caller: Callable[[], bool] = lambda: False
 
     @property
     def pending(self) -> int:
@@ -121,7 +124,8 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._wait_for_company(self._queue[0])
+            if len(self._queue) > 1 or not self.lone_caller():
+                await self._wait_for_company(self._queue[0])
             batch = [w for w in self._take() if not w.future.done()]  # drop cancelled callers
             if not batch:
                 continue

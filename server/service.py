@@ -48,6 +48,10 @@ log = logging.getLogger("tkg.server")
 # 10-30 GB/s a decode kernel reaches here that is ~10-25 us, less than a round trip to the worker.
 INLINE_KERNEL_BYTES = 256 * 1024
 
+# Batches in a row with a single caller before its kernel runs on the loop and its requests skip
+# the batch delay (see `_run_batch`, `Batcher.lone_caller`).
+LONE_STREAK = 8
+
 # RPCs a read-only token may call.
 READ_ONLY_METHODS = frozenset({"GetServerInfo", "GetSequence"})
 
@@ -82,11 +86,13 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         # One worker: the kernel uses every core itself; two launches at once would only fight.
         self._kernel_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tkg-kernel")
         self.batcher = Batcher(self._run_batch, options.max_batch, options.batch_delay_s, options.max_pending)
+        self.batcher.lone_caller = self._lone_caller
         metrics.attach(cache, pending=lambda: self.batcher.pending, running=lambda: self.batcher.running)
         self._dtype_code = codec.DTYPE_NAMES[spec.kv_dtype]
         self._kv_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * spec.kv_numpy_dtype.itemsize  # K + V
         self._inflight = 0
         self._decoding = 0  # decode requests (unary or stream messages) between receipt and reply
+        self._lone_streak = 0  # batches in a row that were the only call in the server
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -216,6 +222,10 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         positions = np.asarray(req.positions, dtype=np.int64)
         return DecodeWork(req.layer, S, list(req.sequence_ids), positions, q, k, v)
 
+    def _lone_caller(self) -> bool:
+        """One caller has been alone for LONE_STREAK batches and nothing else is in flight."""
+        return self._lone_streak > LONE_STREAK and self._decoding <= 1 and self._inflight <= 1
+
     # ---- the batch -------------------------------------------------------------------------
 
     async def _run_batch(self, batch: list[DecodeWork]) -> None:
@@ -252,14 +262,18 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
             backend=self.opts.backend,
         )  # fmt: skip
-        # Handing a launch to the worker thread and back costs ~50-100 us of loop time. It buys
-        # a loop free to receive the next requests while the kernel runs; that is worth nothing
-        # when every decode request in the server is in this batch (a lone caller), or when the
-        # launch reads less KV than the hand-off costs. Those run on the loop.
+        # Handing a launch to the worker thread and back costs ~50-100 us of loop time. It buys a
+        # loop free to accept the next calls while the kernel runs (grpc.aio accepts one call per
+        # loop pass), which is what lets batches form under load. A lone caller gains nothing from
+        # it, so after LONE_STREAK batches in a row of one request with nothing else in flight, the
+        # kernel runs on the loop; the first overlapping call (seen in `_inflight`) switches back.
+        # A launch reading less KV than the hand-off costs always runs on the loop.
         kv_bytes = int(lens.sum()) * self._kv_token_bytes
-        alone = self._decoding <= len(ready) and not self.batcher.pending
+        lone = len(ready) == 1 and self._decoding <= 1 and self._inflight <= 1 and not self.batcher.pending
+        self._lone_streak = self._lone_streak + 1 if lone else 0
+        inline = kv_bytes <= self.opts.inline_kernel_bytes or self._lone_streak > LONE_STREAK
         try:
-            if alone or kv_bytes <= self.opts.inline_kernel_bytes:
+            if inline:
                 out = kernel()
             else:
                 out = await asyncio.get_running_loop().run_in_executor(self._kernel_thread, kernel)

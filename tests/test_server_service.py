@@ -165,3 +165,47 @@ def test_a_kernel_crash_after_the_append_rolls_the_step_back() -> None:
         await svc.close()
 
     asyncio.run(main())
+
+
+def test_a_lone_caller_runs_on_the_loop_without_the_batch_delay_after_a_streak() -> None:
+    """After LONE_STREAK single-caller batches the kernel skips the worker thread and the head
+    skips the batch delay; before the streak both apply."""
+    import dataclasses
+
+    from tkg import codec
+    from tkg.server.service import LONE_STREAK
+
+    class NoThread:
+        def submit(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("worker thread used")
+
+    async def main() -> None:
+        svc = _service()
+        svc.opts = dataclasses.replace(svc.opts, inline_kernel_bytes=0)  # no launch is small enough
+        svc.start()
+        svc.ready = True
+        svc.cache.create("a")
+
+        def request(pos: int) -> pb.DecodeRequest:
+            req = pb.DecodeRequest(layer=0, sequence_ids=["a"], positions=[pos])
+            for name, heads in (("q", 2), ("k", 1), ("v", 1)):
+                codec.encode(np.ones((1, heads, 1, 8), np.float32), getattr(req, name))
+            return req
+
+        real_thread = svc._kernel_thread
+        svc._kernel_thread = NoThread()  # type: ignore[assignment]
+        from tkg.server.errors import ServiceError
+
+        with pytest.raises(ServiceError, match="worker thread used"):
+            await svc._decode_one(request(0))  # no streak yet: the launch goes to the worker
+        svc._kernel_thread = real_thread
+        for pos in range(LONE_STREAK):
+            await svc._decode_one(request(pos))
+        svc._kernel_thread = NoThread()  # type: ignore[assignment]
+        svc.batcher.delay_s = 3600.0
+        resp = await asyncio.wait_for(svc._decode_one(request(LONE_STREAK)), timeout=5)
+        assert list(resp.out.shape) == [1, 2, 1, 8]
+        svc._kernel_thread = real_thread
+        await svc.close()
+
+    asyncio.run(main())
