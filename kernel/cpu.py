@@ -24,9 +24,10 @@ from types import ModuleType
 
 import numpy as np
 
+from tkg.kernel import reference
 from tkg.kernel.arrays import as_f32
 from tkg.kernel.paged import PagedArgs
-from tkg.kernel.reference import rope_rotate_half, unshuffle_block_mask
+from tkg.kernel.reference import unshuffle_block_mask
 from tkg.kernel.validate import KernelCall
 from tkg.kernel_dtypes import BF16
 
@@ -275,22 +276,6 @@ def run_native_ok(call: KernelCall) -> bool:
     )
 
 
-def _queries(call: KernelCall) -> tuple[np.ndarray, np.ndarray]:
-    """q `[B, H, S, d]` and k_active `[B, S, d]` in fp32, RoPE (and its 1/sqrt(d)) applied."""
-    cfg = call.cfg
-    B, H, S, d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
-    if cfg.qk_in_sb:
-        q = as_f32(call.q).reshape(d, B, H, S).transpose(1, 2, 3, 0)
-        ka = as_f32(call.k_active).reshape(d, B, S).transpose(1, 2, 0)
-    else:
-        q = as_f32(call.q)
-        ka = as_f32(call.k_active)[:, 0]
-    if cfg.fuse_rope:
-        q = rope_rotate_half(q, call.rope_pos_ids, call.inv_freqs) / np.float32(np.sqrt(d))
-        ka = rope_rotate_half(ka, call.rope_pos_ids, call.inv_freqs)
-    return q, ka
-
-
 def _prior_ranges(call: KernelCall) -> np.ndarray:
     """int32 `[B, S, 4]`: the two visible intervals of cached keys of each query (reference.visibility)."""
     cfg = call.cfg
@@ -322,7 +307,7 @@ def run(call: KernelCall, native: bool | None = None) -> None:
     opts = {k: call.options.get(k) for k in ("threads", "pin", "variant", "nsplit")}
     cfg = call.cfg
     B, H, S, d, Sp = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head, cfg.curr_sprior
-    q, ka = _queries(call)
+    q, ka = reference.queries(call, fused_rope=True)
     q32 = _c(q.reshape(B, H * S, d), np.float32)
     if cfg.is_block_kv:
         BL = cfg.block_len

@@ -18,9 +18,10 @@ import threading
 import numpy as np
 import torch
 
+from tkg.kernel import reference
 from tkg.kernel.arrays import as_f32, from_numpy
 from tkg.kernel.paged import PagedArgs
-from tkg.kernel.reference import rope_rotate_half, unshuffle_block_mask
+from tkg.kernel.reference import unshuffle_block_mask
 from tkg.kernel.validate import KernelCall
 
 NAME = "cpu-torch"
@@ -81,22 +82,13 @@ def _gather_f32(pool: torch.Tensor, blocks: torch.Tensor, L: int, name: str) -> 
 
 
 def _queries(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """q `[B, H, S, d]` and k_active `[B, S, d]`, fp32, RoPE and the 1/sqrt(d) scale applied."""
-    cfg = call.cfg
-    B, H, S, d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
-    if cfg.qk_in_sb:
-        q = as_f32(call.q).reshape(d, B, H, S).transpose(1, 2, 3, 0)
-        ka = as_f32(call.k_active).reshape(d, B, S).transpose(1, 2, 0)
-    else:
-        q = as_f32(call.q)
-        ka = as_f32(call.k_active)[:, 0]
-    if cfg.fuse_rope:
-        # B*H*S rows at most 128 (validated): the numpy rotation is cheap and exactly the oracle's.
-        q = rope_rotate_half(q, call.rope_pos_ids, call.inv_freqs) / np.float32(np.sqrt(d))
-        ka = rope_rotate_half(ka, call.rope_pos_ids, call.inv_freqs)
-    return torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)), torch.from_numpy(
-        np.ascontiguousarray(ka, dtype=np.float32)
+    """q `[B, H, S, d]` and k_active `[B, S, d]`, fp32 torch, RoPE and the 1/sqrt(d) scale applied."""
+    q, ka = reference.queries(call, fused_rope=True)
+    return (
+        torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(ka, dtype=np.float32)),
     )
+
 
 
 def _prior(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,8 +43,12 @@ def unshuffle_block_mask(mask: np.ndarray, block_len: int) -> np.ndarray:
     return np.swapaxes(m, 1, 2).reshape(mask.shape)
 
 
-def _queries(call: KernelCall) -> tuple[np.ndarray, np.ndarray]:
-    """q as `[B, H, S, d]` and k_active as `[B, S, d]`, float32, from either layout."""
+def queries(call: KernelCall, fused_rope: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """q as `[B, H, S, d]` and k_active as `[B, S, d]`, float32, from either layout.
+
+    With `fused_rope` and `cfg.fuse_rope`, step 2 is applied too: both rotated, q scaled by
+    1/sqrt(d) (host backends share this; B*H*S <= 128 rows, so numpy is cheap).
+    """
     cfg = call.cfg
     B, H, S, d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
     if cfg.qk_in_sb:
@@ -53,6 +57,9 @@ def _queries(call: KernelCall) -> tuple[np.ndarray, np.ndarray]:
     else:
         q = as_f32(call.q)
         ka = as_f32(call.k_active)[:, 0]
+    if fused_rope and cfg.fuse_rope:
+        q = rope_rotate_half(q, call.rope_pos_ids, call.inv_freqs) / np.float32(np.sqrt(d))
+        ka = rope_rotate_half(ka, call.rope_pos_ids, call.inv_freqs)
     return q, ka
 
 
@@ -120,7 +127,7 @@ def run(call: KernelCall) -> None:
     B, H, S, d, Sp = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head, cfg.curr_sprior
 
     # Step 2: optional fused RoPE, then the 1/sqrt(d) scale (k_out is rotated, not scaled).
-    q, ka = _queries(call)
+    q, ka = queries(call)
     if cfg.fuse_rope:
         q = rope_rotate_half(q, call.rope_pos_ids, call.inv_freqs) / np.float32(np.sqrt(d))
         ka = rope_rotate_half(ka, call.rope_pos_ids, call.inv_freqs)
