@@ -17,10 +17,11 @@ from tkg.client.messages import (
     DecodeInput,
     DecodeResult,
     append_chunks,
-    channel_options,
+    auth_metadata,
     decode_request,
     decode_result,
     merge_rows,
+    open_channels,
 )
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
@@ -42,13 +43,11 @@ class AsyncClient:
     ) -> None:
         self.targets = routing.resolve_targets(target)
         self.timeout = timeout
-        self._metadata = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
-        opts = channel_options(max_message_bytes)
-        if tls or root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates)
-            self._channels = [grpc.aio.secure_channel(t, creds, options=opts) for t in self.targets]
-        else:
-            self._channels = [grpc.aio.insecure_channel(t, options=opts) for t in self.targets]
+        self._metadata = auth_metadata(metadata, token)
+        self._channels = open_channels(
+            self.targets, aio=True, tls=tls, root_certificates=root_certificates,
+            max_message_bytes=max_message_bytes,
+        )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
 
     async def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from tkg import codec
@@ -101,6 +102,22 @@ def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, object]] 
         ("grpc.keepalive_timeout_ms", 20_000),
         *extra,
     ]
+
+
+def open_channels(
+    targets: Sequence[str], *, aio: bool, tls: bool, root_certificates: bytes | None, max_message_bytes: int
+) -> list:
+    """One channel per target (grpc.aio when `aio`), TLS when asked or when roots are given."""
+    api = grpc.aio if aio else grpc
+    opts = channel_options(max_message_bytes)
+    if tls or root_certificates is not None:
+        creds = grpc.ssl_channel_credentials(root_certificates)
+        return [api.secure_channel(t, creds, options=opts) for t in targets]
+    return [api.insecure_channel(t, options=opts) for t in targets]
+
+
+def auth_metadata(metadata: Sequence[tuple[str, str]], token: str | None) -> tuple[tuple[str, str], ...]:
+    return tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
 
 
 def merge_rows(parts: list[tuple[list[int], np.ndarray]], total: int) -> np.ndarray:
