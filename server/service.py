@@ -3,8 +3,10 @@
 Every RPC validates everything before it changes anything; errors are `ServiceError`s carrying the
 contract's status code and a message naming the field and the expected value. Decode requests go
 through the `Batcher`: one kernel launch per batch of (layer, S)-compatible requests, run on a
-worker thread so the event loop keeps receiving. All KV-cache mutations happen on the loop thread
-(the cache has no locks; see `tkg.server.kv_cache`).
+worker thread so the event loop keeps receiving (a lone caller's launches run on the loop: see
+`_run_batch`). A kernel failure rolls the batch's append back, so a failed step appends nothing.
+All KV-cache mutations happen on the loop thread (the cache has no locks; see
+`tkg.server.kv_cache`).
 """
 
 from __future__ import annotations
