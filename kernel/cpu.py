@@ -351,14 +351,4 @@ def run(call: KernelCall, native: bool | None = None) -> None:
             f"attention_tkg: mask: every key is masked for row b={b}, head h={h}, query i={i}; "
             "expected at least one visible key (the active diagonal) or a finite sink"
         )
-    out = o.reshape(B, H, S, d)
-    if cfg.out_in_sb:
-        call.out[...] = out.transpose(3, 0, 1, 2).reshape(d, B * H * S)
-    else:
-        call.out[...] = out.transpose(0, 1, 3, 2)
-    if call.k_out is not None:
-        k_out = ka.transpose(0, 2, 1)  # [B, d, S]
-        if cfg.k_out_in_sb:
-            call.k_out[...] = k_out.transpose(1, 0, 2).reshape(d, B * S)
-        else:
-            call.k_out[...] = k_out[:, None]
+    reference.store_outputs(call, o.reshape(B, H, S, d), ka)

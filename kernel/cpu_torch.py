@@ -172,16 +172,7 @@ def run(call: KernelCall) -> None:
         denom = denom + torch.exp(sink - row_max)
     out = torch.bmm(p.view(B, H * S, Sp), V).view(B, H, S, d) / denom.unsqueeze(3)
 
-    if cfg.out_in_sb:
-        _write(call.out, out.permute(3, 0, 1, 2).reshape(d, B * H * S))
-    else:
-        _write(call.out, out.permute(0, 1, 3, 2))  # [B, H, d, S]
-    if call.k_out is not None:
-        k_out = ka.transpose(1, 2)  # [B, d, S]
-        if cfg.k_out_in_sb:
-            _write(call.k_out, k_out.permute(1, 0, 2).reshape(d, B * S))
-        else:
-            _write(call.k_out, k_out.unsqueeze(1))
+    reference.store_outputs(call, out.numpy(), ka.numpy())
     if call.dbg is not None:
         full = {
             "qk": scores.transpose(2, 3),

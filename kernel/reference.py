@@ -121,10 +121,27 @@ def _weighted_values(p: np.ndarray, V: np.ndarray, vis: np.ndarray) -> np.ndarra
     return pv
 
 
+def store_outputs(call: KernelCall, out: np.ndarray, ka: np.ndarray) -> None:
+    """Write out `[B, H, S, d]` and the (rotated) k_active `[B, S, d]`, both fp32, into the call's
+    destinations in their layouts, rounding to the I/O dtype: out HBM `[B, H, d, S]` or SBUF
+    `[d, B*H*S]`; k_out (when asked for) HBM `[B, 1, d, S]` or SBUF `[d, B*S]`."""
+    cfg = call.cfg
+    B, H, S, d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
+    if cfg.out_in_sb:
+        call.out[...] = out.transpose(3, 0, 1, 2).reshape(d, B * H * S)
+    else:
+        call.out[...] = out.transpose(0, 1, 3, 2)
+    if call.k_out is not None:
+        if cfg.k_out_in_sb:
+            call.k_out[...] = ka.transpose(2, 0, 1).reshape(d, B * S)
+        else:
+            call.k_out[...] = ka.transpose(0, 2, 1)[:, None]
+
+
 def run(call: KernelCall) -> None:
     """Compute `call.out` (and `call.k_out`, `call.dbg`) in place."""
     cfg: AttnTKGConfig = call.cfg
-    B, H, S, d, Sp = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head, cfg.curr_sprior
+    H, S, d, Sp = cfg.q_head, cfg.s_active, cfg.d_head, cfg.curr_sprior
 
     # Step 2: optional fused RoPE, then the 1/sqrt(d) scale (k_out is rotated, not scaled).
     q, ka = queries(call)
@@ -161,16 +178,7 @@ def run(call: KernelCall) -> None:
         denom = denom + np.exp(sink - row_max)
     out = _weighted_values(p, V, vis) / denom  # [B, H, d, S]
 
-    if cfg.out_in_sb:
-        call.out[...] = out.transpose(2, 0, 1, 3).reshape(d, B * H * S)
-    else:
-        call.out[...] = out
-    if call.k_out is not None:
-        k_out = ka.transpose(0, 2, 1)  # [B, d, S]
-        if cfg.k_out_in_sb:
-            call.k_out[...] = k_out.transpose(1, 0, 2).reshape(d, B * S)
-        else:
-            call.k_out[...] = k_out[:, None]
+    store_outputs(call, out.transpose(0, 1, 3, 2), ka)
     if call.dbg is not None:
         full = {"qk": scores, "qk_max": row_max, "qk_exp": p, "exp_sum": denom}
         for name, dst in call.dbg.items():
