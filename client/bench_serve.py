@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import queue
@@ -35,7 +34,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -47,7 +45,7 @@ from tkg.client.aio import AsyncClient
 from tkg.client.client import Client
 from tkg.client.errors import TkgError
 from tkg.client.messages import DecodeInput, decode_request
-from tkg.client.stats import percentile
+from tkg.client.stats import emit, percentile
 
 PROG = "tkg bench serve"
 SERVER_READY = re.compile(r"listening on [^:\s]+:(\d+) backend=(\S+)")
@@ -618,16 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for p in procs:
             p.stop()
-    text = render(results)
-    if args.json == "-":
-        print(text, file=sys.stderr)
-        json.dump(results, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(text)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return 0 if emit(PROG, render(results), results, args.json) else 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as _dt
-import json
 import math
 import signal
 import sys
@@ -41,7 +40,7 @@ from tkg.client import routing
 from tkg.client.aio import AsyncClient
 from tkg.client.errors import TkgError, Unknown
 from tkg.client.messages import DecodeInput, DecodeResult
-from tkg.client.stats import Recorder, render, summarize
+from tkg.client.stats import Recorder, emit, render, summarize
 
 PROG = "tkg loadtest"
 # Caps that keep a mistyped flag from turning into an unbounded run.
@@ -678,19 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    text = render(report, "Summary")
-    if args.json == "-":
-        print(text, file=sys.stderr)
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(text)
-        if args.json:
-            try:
-                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-            except OSError as exc:
-                print(f"{PROG}: error: --json: cannot write {args.json!r} ({exc.strerror})", file=sys.stderr)
-                return 1
+    if not emit(PROG, render(report, "Summary"), report, args.json):
+        return 1
     return 0 if report["statusCodeDistribution"].get("OK", 0) else 1
 
 

@@ -7,9 +7,12 @@ reports can be diffed with ghz's own). Percentiles are nearest-rank over the OK 
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,3 +162,21 @@ def render(report: dict[str, Any], title: str = "Summary") -> str:
         for msg, n in sorted(report["errorDistribution"].items(), key=lambda kv: -kv[1])[:10]:
             lines.append(f"  [{n}] {msg}")
     return "\n".join(lines)
+
+
+def emit(prog: str, text: str, data: Any, json_target: str | None) -> bool:
+    """Print the table; with `--json -` the JSON goes to stdout (table to stderr), with a path it
+    is written there. False (after a one-line error) when the file cannot be written."""
+    if json_target == "-":
+        print(text, file=sys.stderr)
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return True
+    print(text)
+    if json_target:
+        try:
+            Path(json_target).write_text(json.dumps(data, indent=2) + "\n")
+        except OSError as exc:
+            print(f"{prog}: error: --json: cannot write {json_target!r} ({exc.strerror})", file=sys.stderr)
+            return False
+    return True
