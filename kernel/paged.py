@@ -81,10 +81,14 @@ def check_paged_args(
         raise ValueError(
             f"paged_decode: seq_lens: each must lie in [S={S}, {block_tables.shape[1] * BL}], got {seq_lens.tolist()}"
         )
-    for b in range(B):
-        used = block_tables[b, : -(-int(seq_lens[b]) // BL)]
-        if used.size and (used.min() < 0 or used.max() >= NB):
-            raise ValueError(f"paged_decode: block_tables[{b}]: ids must lie in [0, {NB}), got {used.tolist()}")
+    # Only the entries a sequence uses must be valid ids; one vectorised check (this is per step).
+    nblocks = -(-np.asarray(seq_lens, dtype=np.int64) // BL)
+    used = np.arange(block_tables.shape[1])[None, :] < nblocks[:, None]
+    bad = used & ((block_tables < 0) | (block_tables >= NB))
+    if bad.any():
+        b = int(np.argmax(bad.any(axis=1)))
+        ids = block_tables[b, : nblocks[b]].tolist()
+        raise ValueError(f"paged_decode: block_tables[{b}]: ids must lie in [0, {NB}), got {ids}")
     if window is not None and window < S:
         raise ValueError(f"paged_decode: window: {window} must be >= S={S}")
     if sinks is not None:
