@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Reinstall when the project's metadata or native sources change.
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard kernel/native/*.c kernel/native/*.h)
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard kernel/backends/native/*.c kernel/backends/native/*.h)
 	$(BIN)/python -m pip install -q -e '.[server,dev]'
 	touch $(STAMP)
 

@@ -1,8 +1,8 @@
-"""Build hook for the optional native CPU kernel (see kernel/native/).
+"""Build hook for the optional native CPU kernel (see kernel/backends/native/).
 
 Everything else lives in pyproject.toml. The extension is optional: when it cannot be built (no
 C compiler, no Python headers) the install still succeeds and the `cpu` backend falls back to
-its torch implementation (`tkg.kernel.cpu.implementation()` then says "torch").
+its torch implementation (`tkg.kernel.backends.cpu.implementation()` then says "torch").
 
 Portability: the extension is compiled for the baseline ISA of the target; the AVX2 and
 AVX-512(-BF16) variants of the kernel carry their own `#pragma GCC target` and are chosen at
@@ -16,12 +16,12 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 NATIVE_SOURCES = [
-    "kernel/native/module.c",
-    "kernel/native/pool.c",
-    "kernel/native/attn_avx512bf16.c",
-    "kernel/native/attn_avx512.c",
-    "kernel/native/attn_avx2.c",
-    "kernel/native/attn_generic.c",
+    "kernel/backends/native/module.c",
+    "kernel/backends/native/pool.c",
+    "kernel/backends/native/attn_avx512bf16.c",
+    "kernel/backends/native/attn_avx512.c",
+    "kernel/backends/native/attn_avx2.c",
+    "kernel/backends/native/attn_generic.c",
 ]
 
 
@@ -43,16 +43,16 @@ class OptionalBuildExt(build_ext):
     @staticmethod
     def _skip(exc: Exception) -> None:
         print(
-            f"WARNING: the native CPU kernel (tkg.kernel._native) was not built ({exc}); "
+            f"WARNING: the native CPU kernel (tkg.kernel.backends._native) was not built ({exc}); "
             "the cpu backend will use its torch implementation",
             file=sys.stderr,
         )
 
 
 native = Extension(
-    "tkg.kernel._native",
+    "tkg.kernel.backends._native",
     sources=NATIVE_SOURCES,
-    depends=["kernel/native/tkg_native.h", "kernel/native/attn_impl.h"],
+    depends=["kernel/backends/native/tkg_native.h", "kernel/backends/native/attn_impl.h"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-psabi", "-pthread", "-fno-math-errno"],
     extra_link_args=["-pthread"],
     libraries=["m"],

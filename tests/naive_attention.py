@@ -1,6 +1,6 @@
 """A deliberately naive `attention_tkg` and `paged_decode`: the test oracle's oracle.
 
-Written from design/kernel.md alone, NOT from `tkg.kernel.reference`: one Python loop per batch
+Written from design/kernel.md alone, NOT from `tkg.kernel.backends.reference`: one Python loop per batch
 row, query head, query and key, on Python floats (float64), reading every element straight from
 the kernel's documented layouts. Slow and obvious on purpose; keep shapes small.
 

@@ -1,4 +1,4 @@
-"""The torch CPU path (`tkg.kernel.cpu_torch`) against the numpy reference, and `tkg bench kernel`.
+"""The torch CPU path (`tkg.kernel.backends.cpu_torch`) against the numpy reference, and `tkg bench kernel`.
 
 The torch path is what the `cpu` backend runs without its native extension, so it must agree with
 the oracle on every flag of design/kernel.md, raise like it on fully masked rows, and the bench
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from tkg.kernel import cpu_torch, reference
+from tkg.kernel.backends import cpu_torch, reference
 from tkg.kernel.config import AttnTKGConfig
 from tkg.kernel.paged import check_paged_args
 from tkg.kernel.validate import debug_shapes, validate_call
@@ -197,7 +197,7 @@ TINY = ["--batch", "3", "--kv-heads", "2", "--q-per-kv", "2", "--head-dim", "32"
 
 
 def _tiny_case(s: int, ragged: bool, dtype: np.dtype = F32):
-    from tkg.kernel.bench_cases import Case, Shape
+    from tkg.kernel.bench.cases import Case, Shape
 
     return Case(Shape(batch=3, kv_heads=2, q_per_kv=3, d=32, context=40, s=s, block_len=8, ragged=ragged, dtype=dtype))
 
@@ -239,7 +239,7 @@ def test_bench_case_kv_bytes_counts_every_cached_element_once() -> None:
 def test_bench_kernel_json_report(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from tkg.kernel import bench
+    from tkg.kernel.bench import kernel as bench
 
     assert bench.main([*TINY, "--s", "1,2", "--lens", "ragged", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
@@ -259,7 +259,7 @@ def test_bench_kernel_json_report(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bench_kernel_table_names_implementation(capsys: pytest.CaptureFixture[str]) -> None:
-    from tkg.kernel import bench
+    from tkg.kernel.bench import kernel as bench
 
     assert bench.main([*TINY, "--s", "2", "--lens", "equal", "--peers", "cpu.paged_decode,sdpa_gqa"]) == 0
     text = capsys.readouterr().out
@@ -272,14 +272,14 @@ def test_bench_kernel_table_names_implementation(capsys: pytest.CaptureFixture[s
     [(["--s", "9"], "--s: 9"), (["--head-dim", "256"], "--head-dim: 256"), (["--budget", "0"], "--budget")],
 )
 def test_bench_kernel_rejects_bad_options(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from tkg.kernel import bench
+    from tkg.kernel.bench import kernel as bench
 
     assert bench.main([*TINY, *argv]) == 2
     assert needle in capsys.readouterr().err
 
 
 def test_bench_kernel_rejects_unknown_peer() -> None:
-    from tkg.kernel import bench
+    from tkg.kernel.bench import kernel as bench
 
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(["--peers", "cpu.paged_decode,flash"])
@@ -288,7 +288,7 @@ def test_bench_kernel_rejects_unknown_peer() -> None:
 def test_read_bandwidth_checks_and_restores_threads() -> None:
     import torch
 
-    from tkg.kernel.membw import read_bandwidth
+    from tkg.kernel.bench.membw import read_bandwidth
 
     with pytest.raises(ValueError, match="nbytes"):
         read_bandwidth(2**20)
@@ -342,9 +342,9 @@ def test_torch_paged_decode_reuses_workspaces_across_shapes_and_threads() -> Non
 def test_bench_kernel_times_each_native_variant(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from tkg.kernel import bench
+    from tkg.kernel.bench import kernel as bench
 
-    cpu = pytest.importorskip("tkg.kernel.cpu")
+    cpu = pytest.importorskip("tkg.kernel.backends.cpu")
     variants = cpu.native_variants()
     if not variants:
         assert bench.main([*TINY, "--variants", "all"]) == 2

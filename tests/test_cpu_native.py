@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from nki_cases import TOLERANCE, Case, build_case, cfg
 
-from tkg.kernel import attention_tkg, cpu
+from tkg.kernel import attention_tkg
+from tkg.kernel.backends import cpu
 from tkg.kernel.paged import check_paged_args, paged_decode
 from tkg.kernel.validate import validate_call
 from tkg.kernel_dtypes import BF16
@@ -217,7 +218,7 @@ def test_pregenerated_mask_native_ignores_garbage(dtype: str, block_len: int) ->
     # Poison the V (and K) rows of the keys that no query of row 1 sees.
     mask = args["mask"]
     if block_len:
-        from tkg.kernel.reference import unshuffle_block_mask
+        from tkg.kernel.backends.reference import unshuffle_block_mask
 
         mask = unshuffle_block_mask(mask, block_len)
     hidden = np.nonzero(~mask[:, 1].any(axis=(1, 2)))[0]
@@ -290,7 +291,7 @@ def test_bad_options_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_without_the_extension_torch_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     # What an install without a C compiler gets: the import failed, the backend still works.
     monkeypatch.setattr(cpu, "_native", None)
-    monkeypatch.setattr(cpu, "NATIVE_ERROR", "No module named 'tkg.kernel._native'")
+    monkeypatch.setattr(cpu, "NATIVE_ERROR", "No module named 'tkg.kernel.backends._native'")
     assert cpu.implementation().startswith("torch (native kernel not built")
     assert cpu.native_variants() == []
     rng = np.random.default_rng(13)

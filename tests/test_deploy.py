@@ -413,7 +413,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
         "kernel/__pycache__/api.cpython-311.pyc",
         "tkg_attention.egg-info/PKG-INFO",
         "build/lib/tkg/cli.py",
-        "kernel/native/_tkg.so",
+        "kernel/backends/native/_tkg.so",
     ):
         assert dockerignored(rel, patterns), f".dockerignore should exclude {rel}"
     for rel in ("pyproject.toml", "setup.py", "kernel/api.py", "proto/tkg/v1/decode_attention.proto"):

@@ -18,7 +18,7 @@ from naive_attention import mask_row_of_token, naive_attention, rope
 from strategies import RTOL_VS_NAIVE, KernelCase, Result, assert_result, kernel_cases, run
 
 from tkg.kernel import AttnTKGConfig, attention_tkg
-from tkg.kernel.reference import unshuffle_block_mask
+from tkg.kernel.backends.reference import unshuffle_block_mask
 
 
 def _tiny(S: int = 1, Sp: int = 3, d: int = 2, H: int = 1) -> AttnTKGConfig:

@@ -263,7 +263,7 @@ def test_case_builder_is_deterministic() -> None:
 
 # --- backend `nki` service hooks (host-side; run everywhere) -------------------------------------
 def test_nki_backend_says_why_it_cannot_run_here() -> None:
-    from tkg.kernel import nki_backend
+    from tkg.kernel.backends import nki as nki_backend
 
     reason = unavailable_reason("nki")
     if reason is None:
@@ -276,7 +276,7 @@ def test_nki_backend_says_why_it_cannot_run_here() -> None:
 
 
 def test_context_buckets_round_up_and_warm_once() -> None:
-    from tkg.kernel.nki_backend import ContextBuckets
+    from tkg.kernel.backends.nki import ContextBuckets
 
     b = ContextBuckets.powers_of_two(max_context=5000, max_batch=48, lnc=2)
     assert b.contexts == (256, 512, 1024, 2048, 4096, 5120)
@@ -310,7 +310,7 @@ def test_kernel_source_keeps_the_nki_language_rules() -> None:
 
 @needs_emu
 def test_bench_report_counts_the_kernel() -> None:
-    from tkg.kernel import nki_bench
+    from tkg.kernel.bench import nki as nki_bench
 
     step = nki_bench.Step(batch=2, q_heads=4, kv_heads=2, head_dim=64, context=256, block_len=16)
     (row,) = nki_bench.emulator_report([step], (2,))

@@ -11,5 +11,5 @@ Neuron package or the tkg emulator installed in its place):
     mask      loaded or position-generated uint8 masks
     softmax   online softmax with row-broadcast statistics, cross-core merge
     rope      fused rotate-half RoPE
-Host-side glue lives outside this package: `tkg.kernel.nki_host`, `nki_emu_backend`, `nki_backend`.
+Host-side glue lives outside this package: `tkg.kernel.backends` (`nki_host`, `nki_emu`, `nki`).
 """

@@ -2,7 +2,7 @@
 
 Called from an `@nki.jit` kernel (see `wrapper.py`) that owns the `SbufManager`, the outputs,
 and (with `qk_in_sb`) has DMA'd q and k_active into SBUF. Semantics: design/kernel.md; the
-numpy oracle is `tkg.kernel.reference`.
+numpy oracle is `tkg.kernel.backends.reference`.
 
 Work of one core (see `plan.py` for the split between the two cores of an LNC2 launch):
 

@@ -4,10 +4,10 @@ Everything is measured in ONE run, on the same shapes, so the ratios are meaning
 machine (design/performance.md). Per shape it reports, as median milliseconds and effective bandwidth
 (compulsory K+V bytes / median time) over the read bandwidth measured at the start of the run:
 
-- `cpu.paged_decode`: the service's hot path (`tkg.kernel.cpu.paged_decode`), and which implementation
+- `cpu.paged_decode`: the service's hot path (`tkg.kernel.backends.cpu.paged_decode`), and which implementation
   ran (native ISA variant or torch);
 - `cpu.attention_tkg`: the seed API on the `cpu` backend, rows (sequence, kv head) folded, block KV;
-- `torch.paged_decode`: the torch fallback of the `cpu` backend (`tkg.kernel.cpu_torch`);
+- `torch.paged_decode`: the torch fallback of the `cpu` backend (`tkg.kernel.backends.cpu_torch`);
 - `reference`: the numpy oracle on the folded call;
 - `sdpa_gqa` / `sdpa_repeat`: torch `scaled_dot_product_attention` on a contiguous cache with
   `enable_gqa=True`, and with K/V repeated per q head beforehand (the repeat is not timed).
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel.bench_cases import Case, Shape
+from tkg.kernel.bench.cases import Case, Shape
 from tkg.kernel_dtypes import BF16
 
 DTYPES = {"bf16": BF16, "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
@@ -130,12 +130,12 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, budget: flo
 
 def _cpu_module() -> tuple[Any, str]:
     """The `cpu` backend module and the implementation it runs, or the torch path when it is absent."""
-    from tkg.kernel import cpu_torch
+    from tkg.kernel.backends import cpu_torch
 
     try:
-        from tkg.kernel import cpu  # type: ignore[attr-defined]
+        from tkg.kernel.backends import cpu  # type: ignore[attr-defined]
     except ImportError as exc:
-        return cpu_torch, f"torch (tkg.kernel.cpu not importable: {exc})"
+        return cpu_torch, f"torch (tkg.kernel.backends.cpu not importable: {exc})"
     impl = getattr(cpu, "implementation", None)
     return cpu, (impl() if impl is not None else "unknown")
 
@@ -167,8 +167,8 @@ def _peers(
     import torch
     import torch.nn.functional as F
 
-    from tkg.kernel import cpu_torch, reference
     from tkg.kernel.arrays import from_numpy
+    from tkg.kernel.backends import cpu_torch, reference
     from tkg.kernel.validate import validate_call
 
     sh = case.shape
@@ -244,7 +244,7 @@ def run_bench(a: argparse.Namespace) -> dict[str, Any]:
     """Measure everything; returns the JSON-able report."""
     import torch
 
-    from tkg.kernel.membw import read_bandwidth
+    from tkg.kernel.bench.membw import read_bandwidth
 
     _check_args(a)
     torch.set_num_threads(a.threads)
@@ -342,12 +342,12 @@ def format_report(rep: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     # `--backend nki-emu` is a different report (the NKI kernel's emulator counters and a trn2
-    # latency estimate, `tkg.kernel.nki_bench`); everything else is this host benchmark.
+    # latency estimate, `tkg.kernel.bench.nki`); everything else is this host benchmark.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--backend", choices=("cpu", "nki-emu"), default="cpu")
     known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
     if known.backend == "nki-emu":
-        from tkg.kernel import nki_bench
+        from tkg.kernel.bench import nki as nki_bench
 
         return int(nki_bench.main(rest) or 0)
     parser = build_parser()

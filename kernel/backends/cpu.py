@@ -1,5 +1,5 @@
-"""The `cpu` backend: the native kernel (`tkg.kernel._native`, kernel/native/) when it was built
-and covers the call, else the torch implementation (`tkg.kernel.cpu_torch`).
+"""The `cpu` backend: the native kernel (`tkg.kernel.backends._native`, kernel/backends/native/) when it was built
+and covers the call, else the torch implementation (`tkg.kernel.backends.cpu_torch`).
 
 The native kernel walks each sequence's blocks straight out of the pool (no gathered copy),
 scores each chunk of keys against all q heads of its kv head at once, keeps an online softmax
@@ -24,10 +24,10 @@ from types import ModuleType
 
 import numpy as np
 
-from tkg.kernel import reference
 from tkg.kernel.arrays import as_f32
+from tkg.kernel.backends import reference
+from tkg.kernel.backends.reference import unshuffle_block_mask
 from tkg.kernel.paged import PagedArgs
-from tkg.kernel.reference import unshuffle_block_mask
 from tkg.kernel.validate import KernelCall
 from tkg.kernel_dtypes import BF16
 
@@ -35,7 +35,7 @@ NAME = "cpu"
 
 _native: ModuleType | None
 try:
-    from tkg.kernel import _native  # type: ignore[attr-defined,no-redef]
+    from tkg.kernel.backends import _native  # type: ignore[attr-defined,no-redef]
 
     NATIVE_ERROR: str | None = None
 except ImportError as exc:  # not built (no compiler at install time) or built for another Python
@@ -193,7 +193,7 @@ def _attend(
 
 
 def _torch_impl() -> ModuleType:
-    from tkg.kernel import cpu_torch
+    from tkg.kernel.backends import cpu_torch
 
     return cpu_torch
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from tkg.kernel import nki_host
+from tkg.kernel.backends import nki_host
 from tkg.kernel.validate import KernelCall
 
 NAME = "nki-emu"

@@ -12,7 +12,7 @@ Service hooks for `tkg serve --backend nki`:
   core) and batch buckets, `warm_up()` traces/compiles each once at start;
 - `DeviceKVPool`: one layer's K/V pools as device tensors through torch-neuronx;
 - `paged_decode(args, ...)`: the service's step, padded to a compiled bucket.
-The Neuron library's own kernel, for comparison on hardware, is backend `nkilib` (`nkilib_peer.py`).
+The Neuron library's own kernel, for comparison on hardware, is backend `nkilib` (`backends/nkilib.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel import nki_host
+from tkg.kernel.backends import nki_host
 from tkg.kernel.validate import KernelCall
 
 NAME = "nki"

@@ -7,7 +7,7 @@ HBM-bandwidth floor for the compulsory K/V bytes of the same step (design/perfor
 kernel runs through `paged_decode` (the service's path: one launch, (sequence, kv head) rows
 folded into the batch, block KV, positions-generated mask).
 
-    python -m tkg.kernel.nki_bench [--json] [--lnc 1 2] [--context 4096] [--s-active 1 4] [--block-len 16 128]
+    python -m tkg.kernel.bench.nki [--json] [--lnc 1 2] [--context 4096] [--s-active 1 4] [--block-len 16 128]
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ from types import ModuleType
 
 # name -> module path. Order is the `auto` preference among available backends.
 _BACKENDS: dict[str, str] = {
-    "nki": "tkg.kernel.nki_backend",
-    "cpu": "tkg.kernel.cpu",
-    "reference": "tkg.kernel.reference",
-    "nki-emu": "tkg.kernel.nki_emu_backend",
-    "nkilib": "tkg.kernel.nkilib_peer",  # the Neuron library's own kernel, a peer on Trn only
+    "nki": "tkg.kernel.backends.nki",
+    "cpu": "tkg.kernel.backends.cpu",
+    "reference": "tkg.kernel.backends.reference",
+    "nki-emu": "tkg.kernel.backends.nki_emu",
+    "nkilib": "tkg.kernel.backends.nkilib",  # the Neuron library's own kernel, a peer on Trn only
 }
 # Backends `auto` may pick: the emulator is exact but slow, it is never chosen implicitly.
 _AUTO_ORDER = ("nki", "cpu", "reference")

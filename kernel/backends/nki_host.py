@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel import decisions, reference
+from tkg.kernel import decisions
+from tkg.kernel.backends import reference
 from tkg.kernel.config import AttnTKGConfig
 from tkg.kernel.validate import KernelCall
 

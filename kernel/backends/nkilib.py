@@ -21,7 +21,7 @@ from nkilib.core.attention.attention_tkg_utils import AttnTKGConfig as NkilibCon
 from nkilib.core.utils.allocator import SbufManager as NkilibSbufManager
 from nkilib.core.utils.logging import Logger
 
-from tkg.kernel import nki_host
+from tkg.kernel.backends import nki_host
 from tkg.kernel.validate import KernelCall
 
 NAME = "nkilib"
@@ -81,7 +81,7 @@ def nkilib_kernel(q, k_active, v_active, k_prior, v_prior, mask, inv_freqs, rope
 
 
 def _launch(lnc: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    from tkg.kernel.nki_backend import on_device
+    from tkg.kernel.backends.nki import on_device
 
     kernel = nkilib_kernel[lnc]
     if on_device():

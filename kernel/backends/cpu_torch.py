@@ -1,7 +1,7 @@
 """Torch implementation of the `cpu` backend: every `attention_tkg` flag, and `paged_decode`.
 
 This is the path the `cpu` backend takes when its native extension is not built, and its
-general path for layouts the native kernel does not cover. The math is `kernel/reference.py`'s,
+general path for layouts the native kernel does not cover. The math is `kernel/backends/reference.py`'s,
 done with torch ops in float32 (scores, softmax and the PV sum all accumulate in fp32; only the
 final outputs are rounded to the I/O dtype). Inputs are shared with numpy without copies
 (`tkg.kernel.arrays.from_numpy`); the fp32 copies of the cache are made per call.
@@ -18,10 +18,10 @@ import threading
 import numpy as np
 import torch
 
-from tkg.kernel import reference
 from tkg.kernel.arrays import as_f32, from_numpy
+from tkg.kernel.backends import reference
+from tkg.kernel.backends.reference import unshuffle_block_mask
 from tkg.kernel.paged import PagedArgs
-from tkg.kernel.reference import unshuffle_block_mask
 from tkg.kernel.validate import KernelCall
 
 NAME = "cpu-torch"
