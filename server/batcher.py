@@ -79,6 +79,10 @@ class Batcher:
                 work.future.cancel()
         self._queue.clear()
 
+    def queued_sequences(self) -> set[str]:
+        """Ids of the sequences with a decode waiting in the queue (idle expiry keeps them)."""
+        return {sid for work in self._queue for sid in work.seq_ids}
+
     def submit(self, work: DecodeWork) -> asyncio.Future:
         if len(self._queue) >= self.max_pending:
             raise ResourceExhausted(

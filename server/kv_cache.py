@@ -22,10 +22,15 @@ layer's lengths; `abort` returns the reservation. `rollback` undoes a committed 
 
 Threading: every method must be called from ONE thread (the service's asyncio loop); there are no
 locks. A kernel worker thread may READ `k[layer]`/`v[layer]` through a committed plan's
-`block_tables` while the loop goes on: later commits write only into blocks of their own
-sequences or into freshly reserved blocks (copy-on-write targets), never into blocks another live
-sequence reads. Releasing a sequence while its kernel runs can let its blocks be reused; only that
-(released) sequence's output is affected.
+`block_tables` while the loop goes on. `commit(plan, ..., hold=True)` makes that safe: the plan
+then holds one reference to every block its tables name (vLLM's block pool style) and keeps its
+sequences marked in flight at the layer until `finish(plan)` (or `rollback(plan)`). While held:
+- a held block is never freed or reused (release/truncate/expiry only drop their own
+  reference), and since its reference count is > 1 any write into it copies it first;
+- `prepare_append` at that layer, `truncate` and `fork` of the sequence raise FAILED_PRECONDITION
+  and `expire_idle` skips it (the service waits for `finish` before applying them: see
+  `in_flight` and `tkg.server.service`);
+- `rollback` restores exactly the lengths the plan appended.
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ class AppendPlan:
     _generations: np.ndarray = field(repr=False)  # int64 [B] slot generations at prepare
     _reserved: np.ndarray = field(repr=False)  # int32 block ids taken from the pool
     _state: str = "prepared"
+    _held: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32), repr=False)  # blocks held until finish
     _block_tables: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -119,7 +125,7 @@ class AppendPlan:
 
     @property
     def state(self) -> str:
-        """`prepared`, `committed`, `aborted` or `rolled_back`."""
+        """`prepared`, `held` (committed, a kernel reads it), `committed`, `aborted` or `rolled_back`."""
         return self._state
 
     @property
@@ -235,10 +241,15 @@ class KVCache:
         return self._state(slot)
 
     def get(self, seq_id: str) -> SequenceState:
-        """Lengths per layer and held blocks of `seq_id` (NOT_FOUND if unknown or expired)."""
-        slot = self.seqs.slot("sequence_id", seq_id)
-        self.seqs.touch([slot], self._clock())
-        return self._state(slot)
+        """Lengths per layer and held blocks of `seq_id` (NOT_FOUND if unknown or expired).
+
+        A read: it does not count as use for idle expiry (only writes and decodes do)."""
+        return self._state(self.seqs.slot("sequence_id", seq_id))
+
+    def touch(self, seq_ids: Sequence[str]) -> None:
+        """Mark the live ones of `seq_ids` used now (the service: a decode finished or queued)."""
+        slots = [s for s in map(self.seqs._slot_of.get, seq_ids) if s is not None]
+        self.seqs.touch(slots, self._clock())
 
     def release(self, seq_id: str) -> int:
         """Drop `seq_id`; returns how many blocks became free (blocks shared by a fork stay held)."""
@@ -290,19 +301,20 @@ class KVCache:
         self._copy_blocks(seqs.tables[src, shared:held], copies)
         seqs.num_blocks[dst] = held
         seqs.lengths[dst] = seqs.lengths[src]
-        seqs.touch([src, dst], self._clock())
+        seqs.touch([dst], self._clock())  # the source is only read
         return self._state(dst)
 
-    def expire_idle(self, now: float | None, ttl_s: float) -> list[str]:
+    def expire_idle(self, now: float | None, ttl_s: float, busy: Callable[[str], bool] | None = None) -> list[str]:
         """Release sequences unused for more than `ttl_s` seconds at time `now` (the injected
         clock's seconds; None reads it); returns their ids, least recently used first.
 
-        Sequences with an append in flight are kept. Counted in `evicted["idle_ttl"]`.
+        Kept: sequences with an append in flight, and those `busy(seq_id)` says have work queued.
+        Counted in `evicted["idle_ttl"]`.
         """
         now = self._clock() if now is None else now
         expired = []
         for slot in self.seqs.idle(now, ttl_s):
-            if self.seqs.pending[slot].any():
+            if self.seqs.pending[slot].any() or (busy is not None and busy(self.seqs.id_of(slot))):
                 continue
             expired.append(self.seqs.id_of(slot))
             self._drop(slot)
@@ -382,12 +394,16 @@ class KVCache:
             _reserved=reserved,
         )  # fmt: skip
 
-    def commit(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray) -> None:
+    def commit(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, *, hold: bool = False) -> None:
         """Write `k_new`, `v_new` `[B, num_kv_heads, S, head_dim]` into the plan's slots, advance
         the lengths at `plan.layer` and set `plan.block_tables`.
 
         A shape error raises INVALID_ARGUMENT and aborts the plan (nothing changed). Values are
         cast to the cache dtype. Sequences released since prepare are skipped.
+
+        `hold=True` (a kernel will read `plan.block_tables`): the plan keeps a reference to every
+        block in its tables and its sequences stay in flight at the layer until `finish(plan)` or
+        `rollback(plan)` (see the module docstring). Without it the plan is finished at once.
         """
         self._check_open(plan, "commit")
         expect = (plan.batch_size, self.num_kv_heads, plan.num_tokens, self.head_dim)
@@ -418,7 +434,8 @@ class KVCache:
         before = seqs.lengths[slots].max(axis=1)
         self.tokens_appended += int(np.maximum(ends - before, 0).sum())
         seqs.lengths[slots, layer] = ends
-        seqs.pending[slots, layer] = False
+        if not hold:
+            seqs.pending[slots, layer] = False
         width = max(1, _ceil_div(int(plan.seq_lens.max()), BL))
         tables = seqs.tables[plan._slots, :width]
         tok = pos[:, None] + np.arange(S)  # [B', S] positions written
@@ -432,7 +449,35 @@ class KVCache:
         self.k[layer][:, blk, off] = k_new.transpose(1, 0, 2, 3)
         self.v[layer][:, blk, off] = v_new.transpose(1, 0, 2, 3)
         plan._block_tables = tables
+        if hold:
+            # Every block the launch may read, once: [B, width] entries past a row's length are
+            # block 0 padding (read-protected as well, harmlessly: it is a valid id).
+            used = -(-plan.seq_lens.astype(np.int64) // BL)
+            rows, cols = _ragged(np.zeros_like(used), np.where(live, used, 0))
+            plan._held = np.unique(tables[rows, cols]).astype(np.int32)
+            self.pool.incref(plan._held)
+            plan._state = "held"
+        else:
+            plan._state = "committed"
+
+    def finish(self, plan: AppendPlan) -> None:
+        """The launch reading a held plan's blocks is over: drop its block references and clear
+        the in-flight mark of its (still live) sequences at the layer."""
+        if plan._state != "held":
+            raise RuntimeError(f"KVCache.finish: expected a held plan, got one {plan._state}")
+        self._unhold(plan)
         plan._state = "committed"
+
+    def _unhold(self, plan: AppendPlan) -> None:
+        self.pool.decref(plan._held)
+        plan._held = plan._held[:0]
+        slots = plan._slots[self.seqs.generation[plan._slots] == plan._generations]
+        self.seqs.pending[slots, plan.layer] = False
+
+    def in_flight(self, seq_id: str) -> bool:
+        """`seq_id` has an append prepared or a held plan (a kernel reading it) at some layer."""
+        slot = self.seqs._slot_of.get(seq_id)
+        return slot is not None and bool(self.seqs.pending[slot].any())
 
     def abort(self, plan: AppendPlan) -> None:
         """Return the plan's reserved blocks; nothing is appended."""
@@ -443,15 +488,19 @@ class KVCache:
         plan._state = "aborted"
 
     def rollback(self, plan: AppendPlan) -> int:
-        """Undo a committed `plan` at its layer: lengths back to `plan.positions`, blocks no layer
-        needs any more returned to the pool. Returns how many sequences were rolled back.
+        """Undo a committed or held `plan` at its layer: lengths back to `plan.positions`, blocks
+        no layer needs any more returned to the pool, a hold dropped. Returns how many sequences
+        were rolled back.
 
         Skipped: sequences released since, and sequences whose length at the layer moved on (a
-        later append built on these tokens). Copy-on-write copies made by the commit stay (they
-        hold the same data). A fork taken in between keeps its own copy of the tokens.
+        later append built on these tokens; impossible while the plan is held). Copy-on-write
+        copies made by the commit stay (they hold the same data). A fork taken in between keeps
+        its own copy of the tokens (impossible while held).
         """
-        if plan._state != "committed":
+        if plan._state not in ("committed", "held"):
             raise RuntimeError(f"KVCache.rollback: expected a committed plan, got one {plan._state}")
+        if plan._state == "held":
+            self._unhold(plan)
         seqs, layer = self.seqs, plan.layer
         slots, pos = plan._slots, plan.positions
         keep = (seqs.generation[slots] == plan._generations) & (seqs.lengths[slots, layer] == plan.seq_lens)

@@ -4,9 +4,21 @@ Every RPC validates everything before it changes anything; errors are `ServiceEr
 contract's status code and a message naming the field and the expected value. Decode requests go
 through the `Batcher`: one kernel launch per batch of (layer, S)-compatible requests, run on a
 worker thread so the event loop keeps receiving (a lone caller's launches run on the loop: see
-`_run_batch`). A kernel failure rolls the batch's append back, so a failed step appends nothing.
-All KV-cache mutations happen on the loop thread (the cache has no locks; see
-`tkg.server.kv_cache`).
+`_run_batch`). A failure anywhere between a batch's prepare and its kernel's end rolls back
+exactly that step's appends, so a failed step appends nothing. All KV-cache mutations happen on
+the loop thread (the cache has no locks; see `tkg.server.kv_cache`).
+
+Order of mutations against launches (the cache and the kernel never race): a launch holds its
+sequences (and a reference to every block it reads) from its commit until the kernel returns.
+TruncateSequence, ReleaseSequence, ForkSequence (of the source), AppendKV (each chunk) and
+ExportSequence on a held sequence wait until that launch has finished, then apply: they act on
+the state that includes the launch's tokens (or excludes them when it failed). Decodes queued
+behind such a mutation see its result (e.g. FAILED_PRECONDITION after a truncate).
+
+Event-loop bound: a launch runs on the loop thread only when it reads at most
+`inline_kernel_bytes` of K+V, or `lone_inline_bytes` (8 MiB: under ~1 ms at the 10-30 GB/s a
+decode kernel reaches on CPU) for a lone caller; every larger launch runs on the worker thread,
+so no kernel blocks health checks or other RPCs for longer than one launch of that size.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +63,9 @@ log = logging.getLogger("tkg.server")
 # 10-30 GB/s a decode kernel reaches here that is ~10-25 us, less than a round trip to the worker.
 INLINE_KERNEL_BYTES = 256 * 1024
 
+# A lone caller's launches run on the loop only up to this much K+V (the event-loop bound).
+LONE_INLINE_BYTES = 8 * 2**20
+
 # Batches in a row with a single caller before its kernel runs on the loop and its requests skip
 # the batch delay (see `_run_batch`, `Batcher.lone_caller`).
 LONE_STREAK = 8
@@ -68,6 +84,7 @@ class ServiceOptions:
     auth_tokens: frozenset[str] = frozenset()  # full access; empty = no auth
     read_only_tokens: frozenset[str] = frozenset()
     inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # launches reading less K+V skip the worker thread
+    lone_inline_bytes: int = LONE_INLINE_BYTES  # a lone caller's launches up to this much K+V, too
 
 
 def _code_name(code: grpc.StatusCode) -> str:
@@ -97,6 +114,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self._lone_streak = 0  # batches in a row that were the only call in the server
         self._idle = asyncio.Event()
         self._idle.set()
+        self._settled = asyncio.Event()  # set (and replaced) whenever a launch or an export lets go
+        self._pinned: Counter[str] = Counter()  # sequence id -> exports reading it
+        self._waiters = 0  # mutations waiting in `_settle`
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -116,7 +136,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self._kernel_thread.shutdown(wait=True)
 
     def expire_idle(self) -> list[str]:
-        expired = self.cache.expire_idle(None, self.spec.idle_ttl_s)
+        """Release idle sequences; queued decodes and exports count as activity."""
+        queued = self.batcher.queued_sequences()
+        expired = self.cache.expire_idle(None, self.spec.idle_ttl_s, busy=lambda s: s in queued or s in self._pinned)
         if expired:
             log.info("expired %d idle sequences", len(expired))
         return expired
@@ -224,6 +246,19 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         positions = np.asarray(req.positions, dtype=np.int64)
         return DecodeWork(req.layer, S, list(req.sequence_ids), positions, q, k, v)
 
+    async def _settle(self, *seq_ids: str) -> None:
+        """Wait until no launch and no export holds any of `seq_ids` (see the module docstring)."""
+        while any(self.cache.in_flight(s) or s in self._pinned for s in seq_ids):
+            self._waiters += 1
+            try:
+                await self._settled.wait()
+            finally:
+                self._waiters -= 1
+
+    def _notify_settled(self) -> None:
+        event, self._settled = self._settled, asyncio.Event()
+        event.set()
+
     def _lone_caller(self) -> bool:
         """One caller has been alone for LONE_STREAK batches and nothing else is in flight."""
         return self._lone_streak > LONE_STREAK and self._decoding <= 1 and self._inflight <= 1
@@ -231,61 +266,38 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     # ---- the batch -------------------------------------------------------------------------
 
     async def _run_batch(self, batch: list[DecodeWork]) -> None:
-        """Prepare each request (its own errors), append all, one kernel launch, split the output."""
+        """Prepare each request (its own errors), append all, one kernel launch, split the output.
+
+        From commit to the kernel's end the plans hold their blocks (`KVCache.commit(hold=True)`);
+        any failure in between rolls back exactly this step's appends and gives every caller
+        still waiting the real error."""
         t_start = time.perf_counter()
-        cache, spec = self.cache, self.spec
-        layer, S = batch[0].layer, batch[0].s_active
+        cache = self.cache
+        S = batch[0].s_active
         ready = []
         for work in batch:
             try:
                 plan = cache.prepare_append(work.layer, work.seq_ids, work.positions, S)
             except ServiceError as exc:
-                work.future.set_exception(exc)
+                if not work.future.done():
+                    work.future.set_exception(exc)
                 continue
             ready.append((work, plan))
         if not ready:
             return
-        pos = np.concatenate([w.positions for w, _ in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
-        q = np.concatenate([w.q for w, _ in ready]) if len(ready) > 1 else ready[0][0].q
-        if self._rope is not None:
-            cos, sin = self._rope.lookup(pos)  # once for q and every request's k
-            q = rotate(q, cos, sin)
-        row = 0
-        for work, plan in ready:
-            k = work.k
-            if self._rope is not None:
-                k = rotate(k, cos[row : row + work.size], sin[row : row + work.size])
-            cache.commit(plan, k, work.v)
-            row += work.size
-        tables = _stack_tables([p.block_tables for _, p in ready])
-        lens = np.concatenate([p.seq_lens for _, p in ready])
-        kernel = functools.partial(
-            paged_decode, q, cache.k[layer], cache.v[layer], tables, lens,
-            scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
-            backend=self.opts.backend,
-        )  # fmt: skip
-        # Handing a launch to the worker thread and back costs ~50-100 us of loop time. It buys a
-        # loop free to accept the next calls while the kernel runs (grpc.aio accepts one call per
-        # loop pass), which is what lets batches form under load. A lone caller gains nothing from
-        # it, so after LONE_STREAK batches in a row of one request with nothing else in flight, the
-        # kernel runs on the loop; the first overlapping call (seen in `_inflight`) switches back.
-        # A launch reading less KV than the hand-off costs always runs on the loop.
-        kv_bytes = int(lens.sum()) * self._kv_token_bytes
-        lone = len(ready) == 1 and self._decoding <= 1 and self._inflight <= 1 and not self.batcher.pending
-        self._lone_streak = self._lone_streak + 1 if lone else 0
-        inline = kv_bytes <= self.opts.inline_kernel_bytes or self._lone_streak > LONE_STREAK
         try:
-            if inline:
-                out = kernel()
-            else:
-                out = await asyncio.get_running_loop().run_in_executor(self._kernel_thread, kernel)
-        except Exception as exc:  # the kernel failing is a server bug: report it, keep serving
-            log.exception("kernel failed for layer %d, batch of %d sequences", layer, len(lens))
-            for _, plan in ready:  # all-or-nothing: the failed step leaves no tokens behind
-                cache.rollback(plan)
-            err = ServiceError(f"kernel: {type(exc).__name__}: {exc}")
+            out, lens = await self._launch(ready, S)
+        except asyncio.CancelledError:
+            raise  # `_launch` undoes the step once the kernel thread has let go
+        except Exception as exc:
+            if not isinstance(exc, ServiceError):  # the kernel failing is a server bug: report it, keep serving
+                log.exception("decode step failed for layer %d, %d requests", batch[0].layer, len(ready))
+                exc = ServiceError(f"kernel: {type(exc).__name__}: {exc}")
             for work, _ in ready:
-                work.future.set_exception(err)
+                if not work.future.done():  # a cancelled caller must not hide the error from the rest
+                    work.future.set_exception(exc)
+            if self._waiters:
+                await asyncio.sleep(0)
             return
         t_end = time.perf_counter()
         kernel_s = t_end - t_start
@@ -299,6 +311,76 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             if not work.future.done():  # a cancelled caller's rows are appended all the same
                 work.future.set_result((out[row : row + work.size], timing))
             row += work.size
+        if self._waiters:  # let mutations waiting for this launch apply before the next batch prepares
+            await asyncio.sleep(0)
+
+    async def _launch(self, ready: list[tuple[DecodeWork, Any]], S: int) -> tuple[np.ndarray, np.ndarray]:
+        """Commit (holding) every prepared plan, run the kernel, finish the plans; on any failure
+        abort/roll back every plan of the step and re-raise. Returns (out, seq_lens)."""
+        cache, spec = self.cache, self.spec
+        layer = ready[0][0].layer
+        fut: asyncio.Future | None = None
+        try:
+            pos = np.concatenate([w.positions for w, _ in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
+            q = np.concatenate([w.q for w, _ in ready]) if len(ready) > 1 else ready[0][0].q
+            if self._rope is not None:
+                cos, sin = self._rope.lookup(pos)  # once for q and every request's k
+                q = rotate(q, cos, sin)
+            row = 0
+            for work, plan in ready:
+                k = work.k
+                if self._rope is not None:
+                    k = rotate(k, cos[row : row + work.size], sin[row : row + work.size])
+                cache.commit(plan, k, work.v, hold=True)
+                row += work.size
+            tables = _stack_tables([p.block_tables for _, p in ready])
+            lens = np.concatenate([p.seq_lens for _, p in ready])
+            kernel = functools.partial(
+                paged_decode, q, cache.k[layer], cache.v[layer], tables, lens,
+                scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
+                backend=self.opts.backend,
+            )  # fmt: skip
+            if self._inline(len(ready), int(lens.sum()) * self._kv_token_bytes):
+                out = kernel()
+            else:
+                fut = asyncio.get_running_loop().run_in_executor(self._kernel_thread, kernel)
+                out = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if fut is not None and not fut.done():  # the thread still reads the blocks: undo after it
+                fut.add_done_callback(lambda _: self._undo(ready))
+            else:
+                self._undo(ready)
+            raise
+        except BaseException:
+            self._undo(ready)
+            raise
+        for _, plan in ready:
+            cache.finish(plan)
+        self._notify_settled()
+        return out, lens
+
+    def _undo(self, ready: list[tuple[DecodeWork, Any]]) -> None:
+        """All-or-nothing: the failed step leaves no tokens and no held blocks behind."""
+        for _, plan in ready:
+            if plan.state == "prepared":
+                self.cache.abort(plan)
+            elif plan.state in ("held", "committed"):
+                self.cache.rollback(plan)
+        self._notify_settled()
+
+    def _inline(self, requests: int, kv_bytes: int) -> bool:
+        """Run this launch on the loop thread? Handing a launch to the worker thread and back
+        costs ~50-100 us of loop time. It buys a loop free to accept the next calls while the
+        kernel runs (grpc.aio accepts one call per loop pass), which is what lets batches form
+        under load. A lone caller gains nothing from it, so after LONE_STREAK batches in a row of
+        one request with nothing else in flight, its kernel runs on the loop up to
+        `lone_inline_bytes`; the first overlapping call (seen in `_inflight`) switches back. A
+        launch reading less KV than the hand-off costs always runs on the loop."""
+        lone = requests == 1 and self._decoding <= 1 and self._inflight <= 1 and not self.batcher.pending
+        self._lone_streak = self._lone_streak + 1 if lone else 0
+        if kv_bytes <= self.opts.inline_kernel_bytes:
+            return True
+        return self._lone_streak > LONE_STREAK and kv_bytes <= self.opts.lone_inline_bytes
 
     async def _decode_one(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         work = self._validate_decode(req)
@@ -330,23 +412,26 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         return await self._unary("GetSequence", context, lambda: self._seq_info(self.cache.get(request.sequence_id)))
 
     async def TruncateSequence(self, request: pb.TruncateSequenceRequest, context: Any) -> pb.SequenceInfo:
-        def run() -> pb.SequenceInfo:
+        async def run() -> pb.SequenceInfo:
+            await self._settle(request.sequence_id)
             self.cache.truncate(request.sequence_id, request.length)
             return self._seq_info(self.cache.get(request.sequence_id))
 
         return await self._unary("TruncateSequence", context, run)
 
     async def ForkSequence(self, request: pb.ForkSequenceRequest, context: Any) -> pb.SequenceInfo:
-        def run() -> pb.SequenceInfo:
+        async def run() -> pb.SequenceInfo:
             if request.sequence_id:
                 self._check_id("sequence_id", request.sequence_id)
+            await self._settle(request.source_id)
             state = self.cache.fork(request.source_id, request.sequence_id or None)
             return self._seq_info(state)
 
         return await self._unary("ForkSequence", context, run)
 
     async def ReleaseSequence(self, request: pb.ReleaseSequenceRequest, context: Any) -> pb.ReleaseSequenceResponse:
-        def run() -> pb.ReleaseSequenceResponse:
+        async def run() -> pb.ReleaseSequenceResponse:
+            await self._settle(request.sequence_id)
             freed = self.cache.release(request.sequence_id)
             return pb.ReleaseSequenceResponse(freed_blocks=freed)
 
@@ -366,6 +451,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                     raise InvalidArgument(
                         f"sequence_id: {chunk.sequence_id!r}; expected {seq_id!r} (one sequence per AppendKV stream)"
                     )
+                await self._settle(seq_id)
                 self._append_chunk(chunk)
             if seq_id is None:
                 raise InvalidArgument("AppendKV: empty stream; expected at least one chunk")

@@ -529,12 +529,14 @@ def test_expire_idle_uses_last_use_and_counts_evictions() -> None:
         clock.t += 10
     cache.append("c", 0, 0, tokens(0, 5), tokens(0, 5))
     clock.t += 10  # a: 40 s idle, b: 30 s, c: 10 s
-    cache.get("a")  # a use refreshes a
-    assert cache.expire_idle(None, 30) == []
-    clock.t += 15  # a: 15, b: 45, c: 25
-    assert cache.expire_idle(None, 20) == ["b", "c"]
+    cache.get("a")  # a read is no use: a stays 40 s idle
+    cache.touch(["b", "gone"])  # a decode of b (the service's call); unknown ids are ignored
+    assert cache.expire_idle(None, 35) == ["a"]
+    clock.t += 15  # b: 15, c: 25
+    assert cache.expire_idle(None, 20) == ["c"]
     assert cache.stats().evicted == {"idle_ttl": 2} and cache.free_blocks == cache.num_blocks
-    assert cache.expire_idle(clock.t + 16, 15) == ["a"]
+    assert cache.expire_idle(clock.t + 16, 15, busy=lambda sid: sid == "b") == []  # work queued for b
+    assert cache.expire_idle(clock.t + 16, 15) == ["b"]
     assert cache.evicted["idle_ttl"] == 3 and len(cache) == 0
     with pytest.raises(NotFound, match="unknown, released or expired"):
         cache.get("a")
@@ -732,7 +734,7 @@ class KVCacheMachine(RuleBasedStateMachine):
             assert fingerprint(self.cache) == before
             return
         self.model[s.seq_id] = [list(x) for x in self.model[src]]
-        self.touch(src, s.seq_id)
+        self.touch(s.seq_id)  # forking reads the source: no use of it
         length = min(len(x) for x in self.model[src]) - rewind
         if rewind and length >= 0:
             self.cache.truncate(s.seq_id, length)
@@ -785,3 +787,45 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 TestKVCacheStateful = KVCacheMachine.TestCase
 TestKVCacheStateful.settings = settings(max_examples=150, stateful_step_count=40)
+
+
+# ---- holds: the blocks a kernel reads -------------------------------------------------------
+
+
+def test_a_held_plan_keeps_its_blocks_until_finish() -> None:
+    """commit(hold=True): release and truncate of a sequence the kernel reads cannot free its
+    blocks (a new sequence gets other ones); finish hands them back; a write into a held block
+    copies it first."""
+    cache = make(num_blocks=6, max_context=32)
+    cache.create("a")
+    cache.append("a", 0, 0, tokens(0, 9), tokens(0, 9))  # 3 blocks of 4 at layer 0
+    plan = cache.prepare_append(0, ["a"], [9], 1)
+    k = tokens(100, 1).transpose(1, 0, 2)[None]
+    cache.commit(plan, k, k, hold=True)
+    held = set(plan.block_tables[0, :3].tolist())
+    assert plan.state == "held" and cache.in_flight("a")
+    with pytest.raises(FailedPrecondition, match="expected none to truncate"):
+        cache.truncate("a", 0)
+    assert cache.expire_idle(cache._clock() + 1e9, 1.0) == []
+    cache.append("a", 1, 0, tokens(0, 2), tokens(0, 2))  # another layer, into held block 0: copied first
+    assert cache.get("a").block_ids[0] not in held
+    assert cache.release("a") == 1  # only the copy: the 3 blocks the launch reads stay held
+    cache.create("b")
+    cache.append("b", 0, 0, tokens(50, 8), tokens(50, 8))
+    assert not set(cache.get("b").block_ids) & held
+    cache.finish(plan)
+    assert plan.state == "committed" and cache.free_blocks == cache.num_blocks - 2
+    check_invariants(cache)
+
+
+def test_rollback_of_a_held_plan_restores_lengths_and_references() -> None:
+    cache = make(num_blocks=6)
+    cache.create("a")
+    cache.append("a", 0, 0, tokens(0, 4), tokens(0, 4))
+    free = cache.free_blocks
+    plan = cache.prepare_append(0, ["a"], [4], 2)
+    k = tokens(100, 2).transpose(1, 0, 2)[None]
+    cache.commit(plan, k, k, hold=True)
+    assert cache.rollback(plan) == 1
+    assert cache.get("a").lengths == (4, 0) and not cache.in_flight("a") and cache.free_blocks == free
+    check_invariants(cache)

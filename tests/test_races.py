@@ -1,0 +1,350 @@
+"""The cache and the kernel never race: each interleaving is forced with events, not sleeps.
+
+A `GatedKernel` replaces the service's `paged_decode`: when the launch starts it snapshots the
+K/V pools and computes the answer on the snapshot (what the kernel must return if nothing
+touched its blocks meanwhile), then blocks the worker thread until the test opens the gate, and
+only then runs the real kernel (or raises). The test does its racing RPCs while the kernel is
+parked; with the fix they wait for the launch, without it they change the blocks underneath.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from test_server_service import Aborted, FakeContext
+
+from tkg import codec
+from tkg.server import service as service_module
+from tkg.server.config import build_spec
+from tkg.server.errors import ServiceError
+from tkg.server.kv_cache import KVCache
+from tkg.server.metrics import Metrics
+from tkg.server.service import DecodeAttentionService, ServiceOptions
+from tkg.v1 import decode_attention_pb2 as pb
+
+HQ, HKV, D, BL = 2, 1, 8, 16
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_service(num_blocks: int = 8, clock: FakeClock | None = None, **opts: Any) -> DecodeAttentionService:
+    spec = build_spec({"num_layers": 2, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "block_len": BL,
+                       "num_blocks": num_blocks, "kv_dtype": "float32", "max_context": 256,
+                       "idle_ttl_s": 10.0})  # fmt: skip
+    cache = KVCache(num_layers=2, num_kv_heads=HKV, head_dim=D, block_len=BL, num_blocks=num_blocks,
+                    max_context=256, dtype="float32", clock=clock or FakeClock())  # fmt: skip
+    base = ServiceOptions(backend="reference", max_batch=4, batch_delay_s=0.0, max_pending=16, max_message_bytes=2**22)
+    # Every launch on the worker thread (the race window this file is about), unless a test says otherwise.
+    opts = {"inline_kernel_bytes": -1, "lone_inline_bytes": -1, **opts}
+    known = {f.name for f in dataclasses.fields(ServiceOptions)}
+    base = dataclasses.replace(base, **{k: v for k, v in opts.items() if k in known})
+    svc = DecodeAttentionService(spec, cache, base, Metrics("reference"))
+    svc.ready = True
+    return svc
+
+
+class GatedKernel:
+    """Stands in for `paged_decode` in the service module (see the module docstring)."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.real = service_module.paged_decode
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.fail = fail
+        self.expected: np.ndarray | None = None
+        self.thread: str | None = None
+
+    def __call__(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
+        self.thread = threading.current_thread().name
+        self.expected = self.real(q, k.copy(), v.copy(), *args, **kwargs)
+        self.started.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        if self.fail is not None:
+            raise self.fail
+        return self.real(q, k, v, *args, **kwargs)
+
+    async def wait_started(self) -> None:
+        assert await asyncio.get_running_loop().run_in_executor(None, self.started.wait, 30)
+
+    def __enter__(self) -> GatedKernel:
+        service_module.paged_decode = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()
+        service_module.paged_decode = self.real
+
+
+def rand(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def decode_req(sid: str, pos: int, seed: int = 0, layer: int = 0) -> pb.DecodeRequest:
+    req = pb.DecodeRequest(layer=layer, sequence_ids=[sid], positions=[pos], request_id=sid)
+    for i, (name, heads) in enumerate((("q", HQ), ("k", HKV), ("v", HKV))):
+        codec.encode(rand((1, heads, 1, D), seed * 10 + i), getattr(req, name))
+    return req
+
+
+def append_msgs(sid: str, layer: int, pos: int, T: int, seed: int) -> list[pb.AppendKVRequest]:
+    msg = pb.AppendKVRequest(sequence_id=sid, layer=layer, position=pos)
+    codec.encode(rand((T, HKV, D), seed), msg.k)
+    codec.encode(rand((T, HKV, D), seed + 1), msg.v)
+    return [msg]
+
+
+async def stream(msgs: list) -> Any:
+    for m in msgs:
+        yield m
+
+
+async def rpc(svc: DecodeAttentionService, method: str, request: Any) -> Any:
+    return await getattr(svc, method)(request, FakeContext())
+
+
+async def appendkv(svc: DecodeAttentionService, sid: str, layer: int, pos: int, T: int, seed: int) -> pb.SequenceInfo:
+    return await svc.AppendKV(stream(append_msgs(sid, layer, pos, T, seed)), FakeContext())
+
+
+async def loop_passes(n: int = 20) -> None:
+    """Let every ready task run a few times (a task that could finish now, does)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def started_decode(svc: DecodeAttentionService, kernel: GatedKernel, sid: str, pos: int) -> asyncio.Task:
+    task = asyncio.ensure_future(svc._decode_one(decode_req(sid, pos)))
+    await kernel.wait_started()
+    return task
+
+
+@pytest.mark.parametrize("mutation", ["truncate", "release"])
+def test_blocks_a_launch_reads_are_not_reused_until_it_ends(mutation: str) -> None:
+    """A decode over 100 cached tokens is parked in the kernel; the sequence is truncated to 0 (or
+    released) and a second sequence appends 100 tokens, which would land in the freed blocks.
+    The decode must return the answer for its own data, and the mutation apply after it."""
+
+    async def main() -> None:
+        svc = make_service(num_blocks=8)
+        svc.start()
+        await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id="a"))
+        await appendkv(svc, "a", 0, 0, 100, seed=1)
+        with GatedKernel() as kernel:
+            decode = await started_decode(svc, kernel, "a", 100)
+            if mutation == "truncate":
+                call = rpc(svc, "TruncateSequence", pb.TruncateSequenceRequest(sequence_id="a"))
+            else:
+                call = rpc(svc, "ReleaseSequence", pb.ReleaseSequenceRequest(sequence_id="a"))
+            mutate = asyncio.ensure_future(call)
+            await loop_passes()
+            assert not mutate.done()  # waits for the launch
+            await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id="b"))
+            with pytest.raises(Aborted) as err:  # a's 7 blocks are held: b cannot have them
+                await appendkv(svc, "b", 0, 0, 100, seed=7)
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await appendkv(svc, "b", 0, 0, 16, seed=7)  # the one free block
+            kernel.gate.set()
+            resp = await decode
+            got = codec.decode(resp.out, "out")
+            np.testing.assert_allclose(got, kernel.expected, rtol=1e-6, atol=1e-6)
+            await mutate
+        if mutation == "truncate":
+            assert svc.cache.get("a").lengths == (0, 0)
+        else:
+            assert "a" not in svc.cache
+        await appendkv(svc, "b", 0, 16, 84, seed=8)  # now the blocks are back
+        await svc.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("racer", ["append_same_layer", "append_other_layer", "fork"])
+def test_a_failed_step_appends_nothing_even_with_a_racing_write(racer: str) -> None:
+    """The kernel fails while an AppendKV / ForkSequence of the same sequence races it: the step's
+    token must be rolled back, and the racer applies to the rolled-back sequence (an AppendKV built
+    on the failed token is refused, a fork carries no trace of it)."""
+
+    async def main() -> None:
+        svc = make_service()
+        svc.start()
+        await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id="a"))
+        await appendkv(svc, "a", 0, 0, 20, seed=1)
+        await appendkv(svc, "a", 1, 0, 20, seed=2)
+        before = svc.cache.free_blocks
+        with GatedKernel(fail=MemoryError("boom")) as kernel:
+            decode = await started_decode(svc, kernel, "a", 20)
+            if racer == "append_same_layer":  # built on the step's token (position 21)
+                race = asyncio.ensure_future(appendkv(svc, "a", 0, 21, 3, seed=3))
+            elif racer == "append_other_layer":
+                race = asyncio.ensure_future(appendkv(svc, "a", 1, 20, 3, seed=3))
+            else:
+                fork = pb.ForkSequenceRequest(source_id="a", sequence_id="c")
+                race = asyncio.ensure_future(rpc(svc, "ForkSequence", fork))
+            await loop_passes()
+            assert not race.done()
+            kernel.gate.set()
+            with pytest.raises(ServiceError, match="kernel: MemoryError: boom"):
+                await decode
+            result = await asyncio.gather(race, return_exceptions=True)
+        a = svc.cache.get("a")
+        if racer == "append_same_layer":
+            assert isinstance(result[0], Aborted) and result[0].code == grpc.StatusCode.FAILED_PRECONDITION
+            assert a.lengths == (20, 20) and svc.cache.free_blocks == before
+        elif racer == "append_other_layer":
+            assert a.lengths == (20, 23)
+        else:
+            assert svc.cache.get("c").lengths == (20, 20) and a.lengths == (20, 20)
+        assert not svc.cache.in_flight("a")
+        resp = await svc._decode_one(decode_req("a", 20))  # the retry of the failed step works
+        assert list(resp.out.shape) == [1, HQ, 1, D]
+        await svc.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("where", ["commit", "stack_tables"])
+def test_a_failure_between_prepare_and_the_kernel_rolls_back_the_whole_step(where: str, monkeypatch: Any) -> None:
+    """Two requests in one batch; something raises after the first plan committed (in the
+    second commit, or while stacking the tables): both get the error, neither keeps a token,
+    nothing stays in flight or reserved, and the retries succeed."""
+
+    async def main() -> None:
+        svc = make_service()
+        svc.batcher.delay_s = 60.0  # the batch forms from both requests (max_batch reached: 2 + 2)
+        svc.batcher.max_batch = 2
+        svc.start()
+        for sid in "ab":
+            await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id=sid))
+        free = svc.cache.free_blocks
+        real_commit = svc.cache.commit
+        calls = []
+
+        def commit(plan: Any, *args: Any, **kwargs: Any) -> None:
+            calls.append(plan)
+            if where == "commit" and len(calls) == 2:
+                raise ValueError("commit broke")
+            real_commit(plan, *args, **kwargs)
+
+        def stack(tables: Any) -> None:
+            raise ValueError("stacking broke")
+
+        monkeypatch.setattr(svc.cache, "commit", commit)
+        if where == "stack_tables":
+            monkeypatch.setattr(service_module, "_stack_tables", stack)
+        results = await asyncio.gather(
+            svc._decode_one(decode_req("a", 0)), svc._decode_one(decode_req("b", 0, seed=1)), return_exceptions=True
+        )
+        assert len(calls) == 2
+        for r in results:
+            assert isinstance(r, ServiceError) and "broke" in r.message
+        assert [svc.cache.get(s).lengths for s in "ab"] == [(0, 0), (0, 0)]
+        assert not svc.cache.in_flight("a") and not svc.cache.in_flight("b") and svc.cache.free_blocks == free
+        monkeypatch.undo()
+        svc.batcher.delay_s = 0.0
+        for s in "ab":
+            await svc._decode_one(decode_req(s, 0))
+        assert [svc.cache.get(s).lengths for s in "ab"] == [(1, 0), (1, 0)]
+        await svc.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_caller_does_not_hide_the_kernel_error_from_its_batch() -> None:
+    async def main() -> None:
+        svc = make_service()
+        svc.batcher.delay_s = 60.0
+        svc.batcher.max_batch = 2
+        svc.start()
+        for sid in "ab":
+            await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id=sid))
+        with GatedKernel(fail=MemoryError("boom")) as kernel:
+            first = asyncio.ensure_future(svc._decode_one(decode_req("a", 0)))
+            second = asyncio.ensure_future(svc._decode_one(decode_req("b", 0)))
+            await kernel.wait_started()
+            first.cancel()
+            await loop_passes()
+            kernel.gate.set()
+            with pytest.raises(ServiceError, match="kernel: MemoryError: boom"):
+                await second
+        assert first.cancelled()
+        assert [svc.cache.get(s).lengths for s in "ab"] == [(0, 0), (0, 0)]
+        await svc.close()
+
+    asyncio.run(main())
+
+
+def test_queued_work_keeps_a_sequence_alive_and_reads_do_not() -> None:
+    """TTL 10 s: a decode queued for longer than the TTL keeps its sequence; a sequence only read
+    (GetSequence) for longer than the TTL expires."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        svc = make_service(clock=clock)
+        svc.batcher.delay_s = 3600.0  # the decode stays queued until the test lets it go
+        svc.batcher.max_batch = 2
+        svc.start()
+        for sid in "ab":
+            await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id=sid))
+        decode = asyncio.ensure_future(svc._decode_one(decode_req("a", 0)))
+        await loop_passes()
+        assert svc.batcher.pending == 1
+        clock.t += 6
+        await rpc(svc, "GetSequence", pb.GetSequenceRequest(sequence_id="b"))  # a read: no use
+        clock.t += 6
+        assert svc.expire_idle() == ["b"]  # 12 s idle; a is 12 s old too but has work queued
+        svc.batcher._task.cancel()  # stop waiting for company; the queue stays
+        await loop_passes()
+        svc.batcher.delay_s = 0.0
+        svc.batcher.start()
+        await decode
+        clock.t += 9
+        assert svc.expire_idle() == []  # the decode counts from its end, 9 s ago
+        clock.t += 2
+        assert svc.expire_idle() == ["a"]
+        await svc.close()
+
+    asyncio.run(main())
+
+
+def test_a_lone_callers_big_launch_leaves_the_loop() -> None:
+    """After a streak of lone-caller batches, a launch reading more than `lone_inline_bytes` of
+    K+V still runs on the worker thread; one under the cap runs on the loop."""
+    from tkg.server.service import LONE_STREAK
+
+    async def main() -> None:
+        token_bytes = 2 * HKV * D * 4
+        svc = make_service(inline_kernel_bytes=0, lone_inline_bytes=40 * token_bytes)
+        svc.start()
+        await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id="a"))
+        real = service_module.paged_decode
+        threads = []
+
+        def spy(*args: Any, **kwargs: Any) -> np.ndarray:
+            threads.append(threading.current_thread() is threading.main_thread())
+            return real(*args, **kwargs)
+
+        service_module.paged_decode = spy
+        try:
+            for pos in range(LONE_STREAK + 1):
+                await svc._decode_one(decode_req("a", pos))
+            assert threads[-1]  # lone streak, 10 tokens: on the loop
+            await appendkv(svc, "a", 0, LONE_STREAK + 1, 60, seed=5)
+            await svc._decode_one(decode_req("a", LONE_STREAK + 61))
+            assert not threads[-1]  # 70 tokens > 40: the worker thread
+        finally:
+            service_module.paged_decode = real
+        await svc.close()
+
+    asyncio.run(main())
