@@ -10,8 +10,9 @@ import grpc
 import numpy as np
 
 from tkg.client import routing
-from tkg.client.client import _split_failure, _subset
-from tkg.client.errors import TkgError, from_rpc_error
+from tkg.client.client import _subset, merge_split
+from tkg.client.errors import NotFound, TkgError, from_rpc_error
+from tkg.client.instances import SEQUENCE_METHODS, Instances, sequence_ids_of
 from tkg.client.messages import (
     DEFAULT_MAX_MESSAGE,
     DecodeInput,
@@ -20,7 +21,6 @@ from tkg.client.messages import (
     auth_metadata,
     decode_request,
     decode_result,
-    merge_rows,
     open_channels,
 )
 from tkg.v1 import decode_attention_pb2 as pb
@@ -49,6 +49,7 @@ class AsyncClient:
             max_message_bytes=max_message_bytes,
         )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
+        self._instances = Instances()
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
@@ -62,15 +63,40 @@ class AsyncClient:
     def _replica(self, seq_id: str) -> int:
         return routing.pick(self.targets, seq_id) if len(self.targets) > 1 else 0
 
-    async def _call(self, replica: int, method: str, request: object, timeout: float | None = None) -> object:
+    async def _call(
+        self, replica: int, method: str, request: object, timeout: float | None = None, seq_ids: list[str] | None = None
+    ) -> object:
+        """As `Client._call`: NOT_FOUND after a restart becomes `ServerRestarted`."""
         try:
             fn = getattr(self._stubs[replica], method)
-            return await fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            resp = await fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None) from None
+            err = from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None)
+            if method in SEQUENCE_METHODS and isinstance(err, NotFound):
+                ids = seq_ids if seq_ids is not None else sequence_ids_of(request)
+                err = self._instances.verdict(err, replica, ids, await self._current_instance(replica))
+            raise err from None
+        if isinstance(resp, pb.SequenceInfo):
+            self._instances.note(replica, resp.instance_id, resp.sequence_id)
+        return resp
+
+    async def _current_instance(self, replica: int) -> str | None:
+        try:
+            info = await self._stubs[replica].GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=min(self.timeout or 5.0, 5.0), metadata=self._metadata
+            )
+        except grpc.RpcError:
+            return None
+        return info.instance_id or None
 
     async def server_info(self, replica: int = 0, timeout: float | None = None) -> pb.ServerInfo:
-        return await self._call(replica, "GetServerInfo", pb.GetServerInfoRequest(), timeout)
+        info = await self._call(replica, "GetServerInfo", pb.GetServerInfoRequest(), timeout)
+        self._instances.note(replica, info.instance_id)
+        return info
+
+    async def instance_id(self, replica: int = 0, timeout: float | None = None) -> str:
+        """The replica's `ServerInfo.instance_id` (random per server process start)."""
+        return (await self.server_info(replica, timeout)).instance_id
 
     async def create_sequence(self, sequence_id: str | None = None, timeout: float | None = None) -> pb.SequenceInfo:
         if sequence_id is None and len(self.targets) > 1:
@@ -98,7 +124,9 @@ class AsyncClient:
 
     async def release(self, sequence_id: str, timeout: float | None = None) -> int:
         req = pb.ReleaseSequenceRequest(sequence_id=sequence_id)
-        return (await self._call(self._replica(sequence_id), "ReleaseSequence", req, timeout)).freed_blocks
+        freed = (await self._call(self._replica(sequence_id), "ReleaseSequence", req, timeout)).freed_blocks
+        self._instances.forget(sequence_id)
+        return freed
 
     async def append_kv(
         self,
@@ -113,7 +141,7 @@ class AsyncClient:
         if position is None:
             position = (await self.get_sequence(sequence_id, timeout)).lengths[layer]
         chunks = append_chunks(sequence_id, layer, position, k, v, chunk_tokens)
-        return await self._call(self._replica(sequence_id), "AppendKV", chunks, timeout)
+        return await self._call(self._replica(sequence_id), "AppendKV", chunks, timeout, seq_ids=[sequence_id])
 
     async def decode(
         self,
@@ -136,20 +164,12 @@ class AsyncClient:
             *(self._call(r, "Decode", decode_request(_subset(d, groups[r])), timeout) for r in replicas),
             return_exceptions=True,
         )
-        parts, failures, timing = [], [], None
+        outcomes = {}
         for r, res in zip(replicas, results, strict=True):
-            if isinstance(res, TkgError):
-                failures.append((r, res))
-                continue
-            if isinstance(res, BaseException):
+            if isinstance(res, BaseException) and not isinstance(res, TkgError):
                 raise res
-            out = decode_result(res)
-            parts.append((groups[r], out.out))
-            if timing is None or out.timing.total_us > timing.total_us:
-                timing = out.timing
-        if failures:
-            raise _split_failure(self.targets, d.sequence_ids, groups, failures)
-        return DecodeResult(d.request_id, d.layer, merge_rows(parts, len(d.sequence_ids)), timing)
+            outcomes[r] = res if isinstance(res, TkgError) else decode_result(res)
+        return merge_split(d, groups, outcomes)
 
     async def decode_stream(
         self, requests: Iterable[DecodeInput] | AsyncIterator[DecodeInput], timeout: float | None = None

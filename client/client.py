@@ -7,6 +7,7 @@ is split per replica, sent concurrently and merged in the caller's order.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,8 @@ import grpc
 import numpy as np
 
 from tkg.client import routing
-from tkg.client.errors import TkgError, from_code, from_rpc_error
+from tkg.client.errors import NotFound, PartialDecodeError, TkgError, from_rpc_error
+from tkg.client.instances import SEQUENCE_METHODS, Instances, sequence_ids_of
 from tkg.client.messages import (
     DEFAULT_MAX_MESSAGE,
     DecodeInput,
@@ -63,6 +65,7 @@ class Client:
         )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
         self._pool: ThreadPoolExecutor | None = None
+        self._instances = Instances()
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -81,17 +84,43 @@ class Client:
     def _replica(self, seq_id: str) -> int:
         return routing.pick(self.targets, seq_id) if len(self.targets) > 1 else 0
 
-    def _call(self, replica: int, method: str, request: object, timeout: float | None = None) -> object:
+    def _call(
+        self, replica: int, method: str, request: object, timeout: float | None = None, seq_ids: list[str] | None = None
+    ) -> object:
+        """One RPC; a NOT_FOUND about a sequence becomes `ServerRestarted` when the replica's
+        instance id changed (see `tkg.client.instances`)."""
         try:
             fn = getattr(self._stubs[replica], method)
-            return fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            resp = fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None) from None
+            err = from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None)
+            if method in SEQUENCE_METHODS and isinstance(err, NotFound):
+                ids = seq_ids if seq_ids is not None else sequence_ids_of(request)
+                err = self._instances.verdict(err, replica, ids, self._current_instance(replica))
+            raise err from None
+        if isinstance(resp, pb.SequenceInfo):
+            self._instances.note(replica, resp.instance_id, resp.sequence_id)
+        return resp
+
+    def _current_instance(self, replica: int) -> str | None:
+        try:
+            info = self._stubs[replica].GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=min(self.timeout or 5.0, 5.0), metadata=self._metadata
+            )
+        except grpc.RpcError:
+            return None
+        return info.instance_id or None
 
     # ---- RPCs ------------------------------------------------------------------------------
 
     def server_info(self, replica: int = 0, timeout: float | None = None) -> pb.ServerInfo:
-        return self._call(replica, "GetServerInfo", pb.GetServerInfoRequest(), timeout)
+        info = self._call(replica, "GetServerInfo", pb.GetServerInfoRequest(), timeout)
+        self._instances.note(replica, info.instance_id)
+        return info
+
+    def instance_id(self, replica: int = 0, timeout: float | None = None) -> str:
+        """The replica's `ServerInfo.instance_id` (random per server process start)."""
+        return self.server_info(replica, timeout).instance_id
 
     def create_sequence(self, sequence_id: str | None = None, timeout: float | None = None) -> pb.SequenceInfo:
         """Create a sequence; with several replicas the id is chosen here so it can be routed."""
@@ -127,7 +156,36 @@ class Client:
     def release(self, sequence_id: str, timeout: float | None = None) -> int:
         """Release a sequence; returns the number of blocks freed."""
         req = pb.ReleaseSequenceRequest(sequence_id=sequence_id)
-        return self._call(self._replica(sequence_id), "ReleaseSequence", req, timeout).freed_blocks
+        freed = self._call(self._replica(sequence_id), "ReleaseSequence", req, timeout).freed_blocks
+        self._instances.forget(sequence_id)
+        return freed
+
+    def export_sequence(self, sequence_id: str, timeout: float | None = None) -> list[pb.SequenceChunk]:
+        """The sequence's migration stream (header, then K/V of every layer); feed it to
+        `import_sequence` (of this or another client) to copy the sequence."""
+        replica = self._replica(sequence_id)
+        req = pb.ExportSequenceRequest(sequence_id=sequence_id)
+        try:
+            call = self._stubs[replica].ExportSequence(req, timeout=timeout or self.timeout, metadata=self._metadata)
+            return list(call)
+        except grpc.RpcError as exc:
+            err = from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None)
+            if isinstance(err, NotFound):
+                err = self._instances.verdict(err, replica, [sequence_id], self._current_instance(replica))
+            raise err from None
+
+    def import_sequence(
+        self, messages: Iterable[pb.SequenceChunk], replica: int | None = None, timeout: float | None = None
+    ) -> pb.SequenceInfo:
+        """Create a sequence from an `export_sequence` stream, all-or-nothing; by default on the
+        replica its id routes to."""
+        it = iter(messages)
+        first = next(it, None)
+        if first is None:
+            raise ValueError("messages: empty; expected the stream export_sequence returns")
+        if replica is None:
+            replica = self._replica(first.sequence_id)
+        return self._call(replica, "ImportSequence", itertools.chain([first], it), timeout, seq_ids=[first.sequence_id])
 
     def append_kv(
         self,
@@ -144,7 +202,7 @@ class Client:
         if position is None:
             position = self.get_sequence(sequence_id, timeout).lengths[layer]
         chunks = append_chunks(sequence_id, layer, position, k, v, chunk_tokens)
-        return self._call(self._replica(sequence_id), "AppendKV", chunks, timeout)
+        return self._call(self._replica(sequence_id), "AppendKV", chunks, timeout, seq_ids=[sequence_id])
 
     def decode(
         self,
@@ -170,19 +228,13 @@ class Client:
             self._pool = ThreadPoolExecutor(max_workers=min(32, len(self.targets)), thread_name_prefix="tkg-client")
         futures = {r: self._pool.submit(self._call, r, "Decode", decode_request(_subset(d, pos)), timeout)
                    for r, pos in groups.items()}  # fmt: skip
-        parts, failures, timing = [], [], None
+        outcomes = {}
         for r, fut in futures.items():
             try:
-                res = decode_result(fut.result())
+                outcomes[r] = decode_result(fut.result())
             except TkgError as exc:
-                failures.append((r, exc))
-                continue
-            parts.append((groups[r], res.out))
-            if timing is None or res.timing.total_us > timing.total_us:
-                timing = res.timing  # the slowest replica sets the step's time
-        if failures:
-            raise _split_failure(self.targets, d.sequence_ids, groups, failures)
-        return DecodeResult(d.request_id, d.layer, merge_rows(parts, len(d.sequence_ids)), timing)
+                outcomes[r] = exc
+        return merge_split(d, groups, outcomes)
 
     def decode_stream(self, requests: Iterable[DecodeInput], timeout: float | None = None) -> Iterator[DecodeResult]:
         """Pipelined decode on one stream (single replica, or all sequences on one replica).
@@ -212,18 +264,25 @@ def _subset(d: DecodeInput, positions: list[int]) -> DecodeInput:
     )  # fmt: skip
 
 
-def _split_failure(
-    targets: list[str], seq_ids: Sequence[str], groups: dict[int, list[int]], failures: list[tuple[int, TkgError]]
-) -> TkgError:
-    """One error for a split decode, naming each failed replica and its sequences: UNAVAILABLE when
-    a replica is unreachable, else the replicas' own code. Sequences on the other replicas were
-    appended; `failed_sequences` says which were not."""
-    failed = [seq_ids[i] for r, _ in failures for i in groups[r]]
-    desc = "; ".join(f"{targets[r]} ({exc.code.name}: {exc.details}) for {[seq_ids[i] for i in groups[r]]}"
-                     for r, exc in failures)  # fmt: skip
-    codes = {exc.code for _, exc in failures}
-    code = grpc.StatusCode.UNAVAILABLE if grpc.StatusCode.UNAVAILABLE in codes else failures[0][1].code
-    err = from_code(code, f"replica failure: {desc}; the other sequences of this step were appended")
-    err.failed_sequences = failed  # type: ignore[attr-defined]
-    err.causes = [exc for _, exc in failures]  # type: ignore[attr-defined]
-    return err
+def merge_split(
+    d: DecodeInput, groups: dict[int, list[int]], outcomes: dict[int, DecodeResult | TkgError]
+) -> DecodeResult:
+    """One result from the per-replica outcomes of a split decode; raises `PartialDecodeError`
+    (with the rows that succeeded and each failed sequence's error) when any replica failed."""
+    parts, errors, timing = [], {}, None
+    for r, res in outcomes.items():
+        if isinstance(res, TkgError):
+            errors.update({d.sequence_ids[i]: res for i in groups[r]})
+            continue
+        parts.append((groups[r], res.out))
+        if timing is None or res.timing.total_us > timing.total_us:
+            timing = res.timing  # the slowest replica sets the step's time
+    out = merge_rows(parts, len(d.sequence_ids)) if parts else None
+    if not errors:
+        return DecodeResult(d.request_id, d.layer, out, timing)
+    ok = np.zeros(len(d.sequence_ids), dtype=bool)
+    for positions, _ in parts:
+        ok[positions] = True
+    if out is not None:
+        out[~ok] = np.nan  # rows of failed sequences hold no answer
+    raise PartialDecodeError(DecodeResult(d.request_id, d.layer, out, timing, ok=ok), errors)

@@ -114,6 +114,18 @@ def from_rpc_error(exc: grpc.RpcError, replica: str | None = None) -> TkgError:
     return error_for(code or grpc.StatusCode.UNKNOWN, details or "", replica)
 
 
+class ServerRestarted(NotFound):
+    """NOT_FOUND from a replica whose `ServerInfo.instance_id` changed since the sequence was
+    created there (or since this client last heard from it): the process restarted and every
+    sequence it held is gone (re-prefill), as opposed to one sequence expiring or being released.
+
+    `old_instance` / `new_instance`: the instance ids before and now."""
+
+    def __init__(self, details: str, replica: str | None, old_instance: str, new_instance: str) -> None:
+        self.old_instance, self.new_instance = old_instance, new_instance
+        super().__init__(f"{details} (server restarted: instance {old_instance} is now {new_instance})", replica)
+
+
 class PartialDecodeError(TkgError):
     """A multi-replica `decode` where some replicas failed and others answered.
 
@@ -133,7 +145,12 @@ class PartialDecodeError(TkgError):
         parts = [
             f"replica {r}: sequences {', '.join(ids)}: {errors[ids[0]].details}" for r, ids in by_replica.items()
         ]
-        super().__init__(f"{len(errors)} of {len(getattr(result, 'ok', errors))} sequences failed; " + "; ".join(parts))
+        total = len(result.ok) if getattr(result, "ok", None) is not None else len(errors)
+        super().__init__(f"{len(errors)} of {total} sequences failed; " + "; ".join(parts))
+
+    @property
+    def failed_sequences(self) -> list[str]:
+        return list(self.errors)
 
 
 def from_code(code: grpc.StatusCode | int, details: str, replica: str | None = None) -> TkgError:

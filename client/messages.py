@@ -39,6 +39,7 @@ class DecodeResult:
     out: np.ndarray | None
     timing: Timing | None
     error: TkgError | None = None
+    ok: np.ndarray | None = None  # bool [B], set in a PartialDecodeError's result: which rows succeeded
 
     def raise_for_error(self) -> DecodeResult:
         if self.error is not None:

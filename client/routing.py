@@ -3,26 +3,18 @@
 A sequence's KV cache lives on one replica, so every call about it must reach that replica.
 Rendezvous hashing picks, for each sequence id, the replica with the highest hash(replica, id):
 stable across processes (blake2b, not Python's salted `hash`), and adding or removing one replica
-moves only the sequences that hash to it (about 1/n of them).
+moves only the sequences that hash to it (about 1/n of them). The hash lives in `tkg.placement`,
+shared with the server's drain (which pushes sequences where this routing will look for them).
 """
 
 from __future__ import annotations
 
-import hashlib
 import socket
 from collections.abc import Sequence
 
+from tkg.placement import pick, score
 
-def _score(replica: str, seq_id: str) -> int:
-    h = hashlib.blake2b(f"{replica}\x00{seq_id}".encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "big")
-
-
-def pick(replicas: Sequence[str], seq_id: str) -> int:
-    """Index of the replica that owns `seq_id`."""
-    if not replicas:
-        raise ValueError("replicas: empty; expected at least one target")
-    return max(range(len(replicas)), key=lambda i: _score(replicas[i], seq_id))
+__all__ = ["group", "pick", "resolve_targets", "score"]
 
 
 def group(replicas: Sequence[str], seq_ids: Sequence[str]) -> dict[int, list[int]]:

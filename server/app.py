@@ -3,7 +3,10 @@ metrics HTTP port, idle-expiry task. `tkg serve` (`tkg.server.cli`) and in-proce
 
 Startup order: KV cache (preallocated), gRPC server with health NOT_SERVING (and RPCs answering
 UNAVAILABLE) until a warm-up kernel call has run, then SERVING. `App.shutdown`: health
-NOT_SERVING, new calls UNAVAILABLE, in-flight calls finish within the grace period, then stop.
+NOT_SERVING, new calls UNAVAILABLE, idle expiry stops, in-flight calls finish within the grace
+period; with `peers`, every resident sequence is then pushed to the peer clients will route it to
+once this replica is gone (`tkg.server.migration`), within what is left of the grace period;
+then stop. What could not move is logged by id and counted (`tkg_sequences_migrated_total`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tkg.kernel import paged_decode
+from tkg.server import migration
 from tkg.server.config import ModelSpec
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
@@ -51,6 +55,7 @@ class ServeSettings:
     gateway_metrics: bool = False
     inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # smaller launches run on the event loop thread
     expiry_period_s: float | None = None  # idle-expiry sweep period; None: idle_ttl_s / 4, in [0.05, 30]
+    peers: tuple[str, ...] = ()  # the other replicas, named as clients name them (the routing hash covers the name)
 
 
 @dataclass
@@ -76,18 +81,43 @@ class App:
             f"max_batch={self.spec.max_batch} | {self.spec.summary()}"
         )
 
-    async def shutdown(self, grace_s: float) -> None:
+    async def shutdown(self, grace_s: float) -> migration.PushReport | None:
         """Drain (health NOT_SERVING, new calls UNAVAILABLE, wait up to `grace_s` for in-flight
-        calls), then stop the gRPC server, the expiry task, the batcher and the metrics port."""
+        calls, push sequences to `peers` until `grace_s` is over), then stop the gRPC server, the
+        batcher and the metrics port. Returns the push report (None without peers)."""
+        deadline = asyncio.get_running_loop().time() + grace_s
         await self.health.enter_graceful_shutdown()
-        await self.service.drain(grace_s)
-        await self.server.stop(grace=1.0)
-        if self._expirer is not None:
+        if self._expirer is not None:  # nothing may expire while it is being moved
             self._expirer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expirer
+        await self.service.drain(grace_s)
+        report = None
+        if self.settings.peers:
+            report = await self.push_to_peers(deadline)
+        await self.server.stop(grace=1.0)
         await self.service.close()
         self.metrics.close()
+        return report
+
+    async def push_to_peers(self, deadline: float) -> migration.PushReport:
+        """Move every resident sequence to its peer (see `tkg.server.migration.push_all`)."""
+        s, cache = self.settings, self.service.cache
+        token = sorted(s.auth_tokens)[0] if s.auth_tokens else None
+        creds = grpc.ssl_channel_credentials(s.tls_cert) if s.tls_cert else None
+        report = await migration.push_all(
+            cache.sequence_ids(), self.service.export_messages, cache.release, list(s.peers), deadline,
+            metadata=(("authorization", f"Bearer {token}"),) if token else (),
+            channel_options=[("grpc.max_send_message_length", s.max_message_bytes),
+                             ("grpc.max_receive_message_length", s.max_message_bytes)],
+            credentials=creds,
+        )  # fmt: skip
+        self.metrics.migrated.labels("moved").inc(len(report.moved))
+        self.metrics.migrated.labels("failed").inc(len(report.failed))
+        for seq_id, why in report.failed.items():
+            log.warning("drain: sequence %s not moved: %s", seq_id, why)
+        log.info("drain: moved %d sequences to peers, %d could not move", len(report.moved), len(report.failed))
+        return report
 
 
 def warm_up(spec: ModelSpec, cache: KVCache, backend: str) -> None:

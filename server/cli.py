@@ -3,7 +3,8 @@
 Config errors (spec keys or flags) and an unavailable backend print one line naming the key or
 flag and the expected value, and exit 2; an address that cannot be bound exits 1. Then see
 `tkg.server.app` for the start-up order. SIGTERM/SIGINT: health NOT_SERVING, new calls get
-UNAVAILABLE, in-flight calls finish within `--grace-s`, exit 0.
+UNAVAILABLE, in-flight calls finish within `--grace-s`; with `--peers` every resident sequence is
+pushed to its new home in what is left of it; exit 0.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launches reading at most this much K+V run on the event loop instead of the "
                    "kernel thread, whose hand-off costs more than they take "
                    f"(default {INLINE_KERNEL_BYTES}; 0 = never)")  # fmt: skip
-    n.add_argument("--grace-s", type=float, default=20.0, help="drain time for in-flight calls on SIGTERM (default 20)")
+    n.add_argument("--grace-s", type=float, default=20.0,
+                   help="drain time on SIGTERM for in-flight calls and pushing sequences to --peers (default 20)")
+    n.add_argument("--peers", default="", help="the other replicas, host:port,... exactly as clients name them: "
+                   "on SIGTERM each resident sequence moves to the one client routing picks without this replica")
     n.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     a = p.add_argument_group("security")
     a.add_argument("--auth-token", action="append", default=[], help="bearer token with full access (repeatable)")
@@ -120,6 +124,11 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
     for flag, value, lo, hi in checks:
         if not lo <= value <= hi:
             raise ConfigError(f"{flag}: {value}; expected an integer in [{lo}, {hi}]")
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+    for peer in peers:
+        host, _, port = peer.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--peers: {peer!r}; expected host:port entries separated by commas")
     if args.grace_s < 0:
         raise ConfigError(f"--grace-s: {args.grace_s}; expected >= 0")
     cert = key = None
@@ -133,7 +142,7 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         batch_delay_us=args.batch_delay_us, max_pending=args.max_pending,
         auth_tokens=frozenset(args.auth_token), read_only_tokens=frozenset(args.read_only_token),
         tls_cert=cert, tls_key=key, gateway_metrics=args.gateway_metrics,
-        inline_kernel_bytes=args.inline_kernel_bytes,
+        inline_kernel_bytes=args.inline_kernel_bytes, peers=peers,
     )  # fmt: skip
 
 
@@ -162,7 +171,9 @@ async def serve(spec: ModelSpec, settings: ServeSettings, grace_s: float) -> int
     print(f"tkg serve: {app.describe()}", flush=True)
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", grace_s)
-    await app.shutdown(grace_s)
+    report = await app.shutdown(grace_s)
+    if report is not None:
+        print(f"tkg serve: drain moved {len(report.moved)} sequences, {len(report.failed)} could not move", flush=True)
     print("tkg serve: stopped", flush=True)
     return 0
 

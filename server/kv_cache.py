@@ -532,6 +532,21 @@ class KVCache:
         self.commit(plan, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
         return self._state(int(plan._slots[0]))
 
+    def read_tokens(self, seq_id: str, layer: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of tokens `start .. end-1` of `seq_id` at `layer` as cached: k, v `[T, num_kv_heads,
+        head_dim]` (ExportSequence). A read: no use for idle expiry."""
+        slot = self.seqs.slot("sequence_id", seq_id)
+        if not 0 <= start <= end <= self.seqs.lengths[slot, layer]:
+            raise OutOfRange(f"tokens {start}..{end}: expected within 0..{int(self.seqs.lengths[slot, layer])}")
+        b0 = start // self.block_len
+        ids = self.seqs.tables[slot, b0 : _ceil_div(end, self.block_len)]
+        lo, hi = start - b0 * self.block_len, end - b0 * self.block_len
+        out = []
+        for store in (self.k, self.v):
+            blocks = store[layer][:, ids]  # [Hkv, nb, BL, d], a copy
+            out.append(blocks.reshape(self.num_kv_heads, -1, self.head_dim)[:, lo:hi].transpose(1, 0, 2))
+        return out[0], out[1]
+
     # ---- internals ----------------------------------------------------------------------------
 
     def _copy_on_write(

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -78,6 +79,12 @@ class Metrics:
         )  # fmt: skip
         self._kernel = self.kernel_duration.labels(backend)
         self.batch_size = Histogram("tkg_batch_size", "Sequences per kernel launch", buckets=BATCH_BUCKETS, registry=r)
+        self.migrated = PromCounter(
+            "tkg_sequences_migrated", "Sequences a draining replica pushed to a peer, by result (moved, failed)",
+            ["result"], registry=r,
+        )  # fmt: skip
+        for result in ("moved", "failed"):
+            self.migrated.labels(result)
         self._requests: dict[tuple[str, str], Any] = {}
         self._http: Any = None  # the /metrics server (a WSGIServer) once `serve` ran
 

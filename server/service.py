@@ -27,8 +27,9 @@ import asyncio
 import functools
 import logging
 import time
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ import numpy as np
 from tkg import __version__, codec
 from tkg.kernel import paged_decode
 from tkg.kernel_dtypes import BF16
+from tkg.server import migration
 from tkg.server.batcher import Batcher, DecodeWork
 from tkg.server.config import ModelSpec
 from tkg.server.errors import (
@@ -100,6 +102,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.opts = options
         self.metrics = metrics
         self.draining = False
+        self.instance_id = uuid.uuid4().hex  # a restart gets a new one: clients tell it from expiry
+        self.started_at = time.time()
         self.ready = False  # set once the kernel backend is warmed up (UNAVAILABLE until then)
         self._rope = RopeTable(spec.inv_freqs(), spec.max_context) if spec.fuse_rope else None
         # One worker: the kernel uses every core itself; two launches at once would only fight.
@@ -181,7 +185,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     # ---- info helpers ----------------------------------------------------------------------
 
     def _seq_info(self, state: SequenceState) -> pb.SequenceInfo:
-        return pb.SequenceInfo(sequence_id=state.seq_id, lengths=state.lengths, num_blocks=state.num_blocks)
+        return pb.SequenceInfo(
+            sequence_id=state.seq_id, lengths=state.lengths, num_blocks=state.num_blocks, instance_id=self.instance_id
+        )
 
     def server_info(self) -> pb.ServerInfo:
         s = self.spec
@@ -193,7 +199,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             backend=self.opts.backend, version=__version__, max_context=s.max_context,
             softmax_scale=s.softmax_scale, sliding_window=[w or 0 for w in s.sliding_window],
             has_sinks=s.sinks is not None, max_message_bytes=self.opts.max_message_bytes,
-            model=s.name, active_sequences=len(self.cache),
+            model=s.name, active_sequences=len(self.cache), instance_id=self.instance_id,
+            started_at=self.started_at,
         )  # fmt: skip
 
     # ---- validation ------------------------------------------------------------------------
@@ -484,6 +491,63 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             cos, sin = self._rope.lookup((chunk.position + np.arange(T))[None, :])
             k = rotate(k.transpose(1, 0, 2)[None], cos, sin)[0].transpose(1, 0, 2)
         self.cache.append(chunk.sequence_id, chunk.layer, chunk.position, k, v)
+
+    async def ExportSequence(self, request: pb.ExportSequenceRequest, context: Any) -> AsyncIterator[pb.SequenceChunk]:
+        """The sequence's header and K/V, every layer (see `tkg.server.migration`). Waits for a
+        launch holding it; truncate/release/fork of it wait until the stream is done."""
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        seq_id = request.sequence_id
+        self._enter()
+        pinned = False
+        try:
+            self._check_access("ExportSequence", context)
+            self._check_id("sequence_id", seq_id)
+            await self._settle(seq_id)
+            self.cache.get(seq_id)  # NOT_FOUND before the stream starts
+            self._pinned[seq_id] += 1
+            pinned = True
+            for msg in self.export_messages(seq_id):
+                yield msg
+        except ServiceError as exc:
+            code = exc.code
+            await context.abort(exc.code, exc.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            log.exception("ExportSequence failed")
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(code, f"server: {type(exc).__name__}: {exc}")
+        finally:
+            if pinned:
+                self._pinned[seq_id] -= 1
+                if not self._pinned[seq_id]:
+                    del self._pinned[seq_id]
+                self._notify_settled()
+            self._leave()
+            self.metrics.observe_request("ExportSequence", _code_name(code), time.perf_counter() - t0)
+
+    def export_messages(self, seq_id: str) -> Iterator[pb.SequenceChunk]:
+        tokens = migration.chunk_tokens(self.cache, self.opts.max_message_bytes)
+        return migration.export_messages(
+            self.cache, seq_id, self._dtype_code, self.spec.fuse_rope, self.instance_id, tokens
+        )
+
+    async def ImportSequence(self, request_iterator: AsyncIterator[pb.SequenceChunk], context: Any) -> pb.SequenceInfo:
+        """Accepts exactly what ExportSequence streams; all-or-nothing."""
+
+        async def run() -> pb.SequenceInfo:
+            importer = migration.Importer(self.cache, self._dtype_code, self.spec.fuse_rope, self._tensor)
+            async for msg in request_iterator:
+                if importer.header is None and msg.sequence_id:
+                    self._check_id("sequence_id", msg.sequence_id)
+                importer.add(msg)
+            return self._seq_info(importer.install())
+
+        return await self._unary("ImportSequence", context, run)
 
     async def DecodeStream(
         self, request_iterator: AsyncIterator[pb.DecodeRequest], context: Any

@@ -6,6 +6,7 @@ import signal
 from collections import Counter
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 from server_proc import ServerProc, start_server
@@ -107,7 +108,11 @@ def test_three_replicas_route_merge_and_fail_alone(replicas: list[ServerProc]) -
         with pytest.raises(errors.Unavailable) as info:
             c.get_sequence(mine[0])
         assert targets[dead] in str(info.value)
-        with pytest.raises(errors.Unavailable) as info:
+        with pytest.raises(errors.PartialDecodeError) as info:
             c.decode(0, sids, [1] * n, q, k, v)
-        assert sorted(info.value.failed_sequences) == sorted(mine)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and targets[dead] in str(info.value)
+        assert sorted(info.value.errors) == sorted(mine) == sorted(info.value.failed_sequences)
+        ok = info.value.result.ok  # the other replicas' rows came back and are kept
+        assert [sids[b] for b in np.flatnonzero(ok)] == others and np.isnan(info.value.result.out[~ok]).all()
+        assert np.isfinite(info.value.result.out[ok]).all()
         assert [c.get_sequence(s).lengths[0] for s in others] == [2] * len(others)

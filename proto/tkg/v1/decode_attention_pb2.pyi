@@ -55,7 +55,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "kv_dtype", "block_len", "num_blocks", "free_blocks", "max_s_active", "max_batch", "fuse_rope", "backend", "version", "max_context", "softmax_scale", "sliding_window", "has_sinks", "max_message_bytes", "model", "active_sequences")
+    __slots__ = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "kv_dtype", "block_len", "num_blocks", "free_blocks", "max_s_active", "max_batch", "fuse_rope", "backend", "version", "max_context", "softmax_scale", "sliding_window", "has_sinks", "max_message_bytes", "model", "active_sequences", "instance_id", "started_at")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_Q_HEADS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,8 @@ class ServerInfo(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_q_heads: int
     num_kv_heads: int
@@ -96,17 +98,21 @@ class ServerInfo(_message.Message):
     max_message_bytes: int
     model: str
     active_sequences: int
-    def __init__(self, num_layers: _Optional[int] = ..., num_q_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[_Union[DType, str]] = ..., block_len: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., max_s_active: _Optional[int] = ..., max_batch: _Optional[int] = ..., fuse_rope: _Optional[bool] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., max_context: _Optional[int] = ..., softmax_scale: _Optional[float] = ..., sliding_window: _Optional[_Iterable[int]] = ..., has_sinks: _Optional[bool] = ..., max_message_bytes: _Optional[int] = ..., model: _Optional[str] = ..., active_sequences: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    started_at: float
+    def __init__(self, num_layers: _Optional[int] = ..., num_q_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[_Union[DType, str]] = ..., block_len: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., max_s_active: _Optional[int] = ..., max_batch: _Optional[int] = ..., fuse_rope: _Optional[bool] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., max_context: _Optional[int] = ..., softmax_scale: _Optional[float] = ..., sliding_window: _Optional[_Iterable[int]] = ..., has_sinks: _Optional[bool] = ..., max_message_bytes: _Optional[int] = ..., model: _Optional[str] = ..., active_sequences: _Optional[int] = ..., instance_id: _Optional[str] = ..., started_at: _Optional[float] = ...) -> None: ...
 
 class SequenceInfo(_message.Message):
-    __slots__ = ("sequence_id", "lengths", "num_blocks")
+    __slots__ = ("sequence_id", "lengths", "num_blocks", "instance_id")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     lengths: _containers.RepeatedScalarFieldContainer[int]
     num_blocks: int
-    def __init__(self, sequence_id: _Optional[str] = ..., lengths: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, sequence_id: _Optional[str] = ..., lengths: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class CreateSequenceRequest(_message.Message):
     __slots__ = ("sequence_id",)
@@ -193,3 +199,45 @@ class GetSequenceRequest(_message.Message):
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     def __init__(self, sequence_id: _Optional[str] = ...) -> None: ...
+
+class ExportSequenceRequest(_message.Message):
+    __slots__ = ("sequence_id",)
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    def __init__(self, sequence_id: _Optional[str] = ...) -> None: ...
+
+class SequenceChunk(_message.Message):
+    __slots__ = ("sequence_id", "header", "layer", "position", "k", "v")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    V_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    header: SequenceHeader
+    layer: int
+    position: int
+    k: Tensor
+    v: Tensor
+    def __init__(self, sequence_id: _Optional[str] = ..., header: _Optional[_Union[SequenceHeader, _Mapping]] = ..., layer: _Optional[int] = ..., position: _Optional[int] = ..., k: _Optional[_Union[Tensor, _Mapping]] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SequenceHeader(_message.Message):
+    __slots__ = ("lengths", "num_layers", "num_kv_heads", "head_dim", "kv_dtype", "fuse_rope", "chunks", "instance_id")
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FUSE_ROPE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: DType
+    fuse_rope: bool
+    chunks: int
+    instance_id: str
+    def __init__(self, lengths: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[_Union[DType, str]] = ..., fuse_rope: _Optional[bool] = ..., chunks: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...

@@ -79,6 +79,16 @@ class DecodeAttentionStub:
                 request_serializer=tkg_dot_v1_dot_decode__attention__pb2.GetSequenceRequest.SerializeToString,
                 response_deserializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.FromString,
                 _registered_method=True)
+        self.ExportSequence = channel.unary_stream(
+                '/tkg.v1.DecodeAttention/ExportSequence',
+                request_serializer=tkg_dot_v1_dot_decode__attention__pb2.ExportSequenceRequest.SerializeToString,
+                response_deserializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceChunk.FromString,
+                _registered_method=True)
+        self.ImportSequence = channel.stream_unary(
+                '/tkg.v1.DecodeAttention/ImportSequence',
+                request_serializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceChunk.SerializeToString,
+                response_deserializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.FromString,
+                _registered_method=True)
 
 
 class DecodeAttentionServicer:
@@ -138,6 +148,18 @@ class DecodeAttentionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSequence(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSequence(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeAttentionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +206,16 @@ def add_DecodeAttentionServicer_to_server(servicer, server):
             'GetSequence': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSequence,
                     request_deserializer=tkg_dot_v1_dot_decode__attention__pb2.GetSequenceRequest.FromString,
+                    response_serializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.SerializeToString,
+            ),
+            'ExportSequence': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSequence,
+                    request_deserializer=tkg_dot_v1_dot_decode__attention__pb2.ExportSequenceRequest.FromString,
+                    response_serializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceChunk.SerializeToString,
+            ),
+            'ImportSequence': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportSequence,
+                    request_deserializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceChunk.FromString,
                     response_serializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.SerializeToString,
             ),
     }
@@ -429,6 +461,60 @@ class DecodeAttention:
             target,
             '/tkg.v1.DecodeAttention/GetSequence',
             tkg_dot_v1_dot_decode__attention__pb2.GetSequenceRequest.SerializeToString,
+            tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tkg.v1.DecodeAttention/ExportSequence',
+            tkg_dot_v1_dot_decode__attention__pb2.ExportSequenceRequest.SerializeToString,
+            tkg_dot_v1_dot_decode__attention__pb2.SequenceChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSequence(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tkg.v1.DecodeAttention/ImportSequence',
+            tkg_dot_v1_dot_decode__attention__pb2.SequenceChunk.SerializeToString,
             tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.FromString,
             options,
             channel_credentials,

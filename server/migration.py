@@ -1,0 +1,231 @@
+"""Sequence migration: the ExportSequence stream, its all-or-nothing import, and the drain push.
+
+Stream (`tkg.v1.SequenceChunk`, ExportSequence produces exactly what ImportSequence accepts):
+message 0 carries `header` (lengths per layer, the geometry and KV dtype the values are stored
+in, whether they are RoPE'd, how many K/V messages follow); then one message per run of at most
+`chunk_tokens` tokens of one layer, layers in order, positions contiguous. K/V travel as cached
+(after RoPE when the server fuses it), so an import stores them as they are.
+
+Import validates every message as it arrives (nothing is stored), then installs the sequence in
+one step on the event loop (no await in between): a stream that is cut short, malformed, or does
+not fit leaves nothing behind.
+
+Drain (`push_all`): a stopping replica sends each resident sequence to the peer that rendezvous
+hashing (`tkg.placement`, the clients' routing) picks among the peers, i.e. where clients routed
+over the remaining replicas will look for it, and releases it locally once the peer has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from tkg import codec
+from tkg.placement import pick
+from tkg.server.errors import AlreadyExists, InvalidArgument, OutOfRange, ResourceExhausted
+from tkg.server.kv_cache import KVCache, SequenceState
+from tkg.v1 import decode_attention_pb2 as pb
+from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tkg.server")
+
+CHUNK_BYTES = 1 << 20  # K+V bytes per stream message (well under any message limit)
+
+
+def chunk_tokens(cache: KVCache, max_message_bytes: int) -> int:
+    """Tokens per K/V message: ~CHUNK_BYTES, at most a quarter of the message limit, >= 1."""
+    per_token = 2 * cache.num_kv_heads * cache.head_dim * cache.dtype.itemsize
+    return max(1, min(CHUNK_BYTES, max_message_bytes // 4) // per_token)
+
+
+def export_messages(
+    cache: KVCache, seq_id: str, dtype_code: int, fuse_rope: bool, instance_id: str, tokens: int
+) -> Iterator[pb.SequenceChunk]:
+    """The stream for `seq_id`: the header at once (lengths snapshot), K/V read lazily per message.
+
+    The caller keeps the sequence from being truncated or released while it iterates (appends
+    past the snapshot are harmless: they write only later positions)."""
+    lengths = cache.get(seq_id).lengths
+    runs = [(layer, start, min(start + tokens, n)) for layer, n in enumerate(lengths) for start in range(0, n, tokens)]
+    header = pb.SequenceHeader(
+        lengths=lengths, num_layers=cache.num_layers, num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim,
+        kv_dtype=dtype_code, fuse_rope=fuse_rope, chunks=len(runs), instance_id=instance_id,
+    )  # fmt: skip
+    yield pb.SequenceChunk(sequence_id=seq_id, header=header)
+    for layer, start, end in runs:
+        k, v = cache.read_tokens(seq_id, layer, start, end)
+        msg = pb.SequenceChunk(sequence_id=seq_id, layer=layer, position=start)
+        codec.encode(np.ascontiguousarray(k), msg.k)
+        codec.encode(np.ascontiguousarray(v), msg.v)
+        yield msg
+
+
+TensorCheck = Callable[[pb.Tensor, str, tuple, str], np.ndarray]
+
+
+class Importer:
+    """Checks an ImportSequence stream message by message and assembles it in memory.
+
+    `tensor(t, field, shape, names)` decodes a Tensor and checks dtype, shape and finiteness (the
+    service's own check, so import errors read like every other RPC's)."""
+
+    def __init__(self, cache: KVCache, dtype_code: int, fuse_rope: bool, tensor: TensorCheck) -> None:
+        self.cache = cache
+        self.dtype_code = dtype_code
+        self.fuse_rope = fuse_rope
+        self.tensor = tensor
+        self.header: pb.SequenceHeader | None = None
+        self.seq_id = ""
+        self.messages = 0
+        self.k: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        self.filled: list[int] = []
+
+    def add(self, msg: pb.SequenceChunk) -> None:
+        n = self.messages
+        self.messages += 1
+        if self.header is None:
+            self._start(msg)
+            return
+        if msg.HasField("header"):
+            raise InvalidArgument(f"header: set in message {n}; expected it in message 0 only")
+        if msg.sequence_id != self.seq_id:
+            raise InvalidArgument(f"sequence_id: {msg.sequence_id!r} in message {n}; expected {self.seq_id!r}")
+        if n > self.header.chunks:
+            raise InvalidArgument(f"message {n}: more K/V messages than header.chunks = {self.header.chunks}")
+        layer, L = msg.layer, self.cache.num_layers
+        if not 0 <= layer < L:
+            raise InvalidArgument(f"layer: {layer} in message {n}; expected 0 <= layer < {L}")
+        if msg.position != self.filled[layer]:
+            raise InvalidArgument(
+                f"position: {msg.position} in message {n}; expected {self.filled[layer]} (contiguous runs per layer)"
+            )
+        hkv, d = self.cache.num_kv_heads, self.cache.head_dim
+        k = self.tensor(msg.k, "k", (None, hkv, d), "[T, num_kv_heads, head_dim]")
+        T = k.shape[0]
+        v = self.tensor(msg.v, "v", (T, hkv, d), "[T, num_kv_heads, head_dim]")
+        room = len(self.k[layer]) - msg.position
+        if not 1 <= T <= room:
+            raise InvalidArgument(
+                f"k.shape[0]: {T} tokens in message {n}; expected 1..{room} (up to header.lengths[{layer}])"
+            )
+        self.k[layer][msg.position : msg.position + T] = k
+        self.v[layer][msg.position : msg.position + T] = v
+        self.filled[layer] += T
+
+    def _start(self, msg: pb.SequenceChunk) -> None:
+        if not msg.HasField("header"):
+            raise InvalidArgument("header: missing in message 0; expected the stream ExportSequence produces")
+        if msg.HasField("k") or msg.HasField("v"):
+            raise InvalidArgument("k: set in the header message; expected K/V in the messages after it")
+        h, c = msg.header, self.cache
+        for name, got, want in (
+            ("num_layers", h.num_layers, c.num_layers), ("num_kv_heads", h.num_kv_heads, c.num_kv_heads),
+            ("head_dim", h.head_dim, c.head_dim), ("kv_dtype", h.kv_dtype, self.dtype_code),
+            ("fuse_rope", h.fuse_rope, self.fuse_rope), ("lengths", len(h.lengths), c.num_layers),
+        ):  # fmt: skip
+            if got != want:
+                raise InvalidArgument(f"header.{name}: {got}; expected {want} (this server's)")
+        if h.chunks < 0:
+            raise InvalidArgument(f"header.chunks: {h.chunks}; expected >= 0")
+        for layer, n in enumerate(h.lengths):
+            if not 0 <= n <= c.max_context:
+                raise OutOfRange(f"header.lengths[{layer}]: {n}; expected 0..{c.max_context} (max_context)")
+        if not msg.sequence_id:
+            raise InvalidArgument("sequence_id: empty; expected the exported sequence's id")
+        if msg.sequence_id in c:
+            raise AlreadyExists(f"sequence_id: {msg.sequence_id!r} is already in use; expected an unused id")
+        self.header, self.seq_id = h, msg.sequence_id
+        shape = (c.num_kv_heads, c.head_dim)
+        self.k = [np.empty((n, *shape), c.dtype) for n in h.lengths]
+        self.v = [np.empty((n, *shape), c.dtype) for n in h.lengths]
+        self.filled = [0] * c.num_layers
+
+    def install(self) -> SequenceState:
+        """Create the sequence with every layer's tokens, or raise with nothing changed."""
+        if self.header is None:
+            raise InvalidArgument("ImportSequence: empty stream; expected the stream ExportSequence produces")
+        missing = [layer for layer, (f, k) in enumerate(zip(self.filled, self.k, strict=True)) if f != len(k)]
+        if self.messages - 1 != self.header.chunks or missing:
+            raise InvalidArgument(
+                f"ImportSequence: stream ended after {self.messages - 1} of header.chunks = {self.header.chunks} "
+                f"K/V messages (layers short: {missing}); expected the whole stream"
+            )
+        cache = self.cache
+        need = -(-max(self.header.lengths, default=0) // cache.block_len)
+        if need > cache.free_blocks:
+            raise ResourceExhausted(
+                f"KV cache: the sequence needs {need} free blocks, {cache.free_blocks} of {cache.num_blocks} free; "
+                f"expected at most {cache.free_blocks}"
+            )
+        cache.create(self.seq_id)
+        try:
+            for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+                if len(k):
+                    cache.append(self.seq_id, layer, 0, k, v)
+        except BaseException:
+            cache.release(self.seq_id)
+            raise
+        return cache.get(self.seq_id)
+
+
+@dataclass
+class PushReport:
+    moved: list[str]
+    failed: dict[str, str]  # sequence id -> why
+
+
+async def push_all(
+    seq_ids: Sequence[str],
+    messages: Callable[[str], Iterator[pb.SequenceChunk]],
+    release: Callable[[str], object],
+    peers: Sequence[str],
+    deadline: float,
+    *,
+    metadata: Sequence[tuple[str, str]] = (),
+    channel_options: Sequence[tuple[str, object]] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    concurrency: int = 4,
+) -> PushReport:
+    """Send each of `seq_ids` to `peers[pick(peers, id)]` with ImportSequence, release it here once
+    the peer has it; give up at `deadline` (loop time). Never raises for one sequence."""
+    loop = asyncio.get_running_loop()
+    channels = {
+        p: grpc.aio.secure_channel(p, credentials, options=list(channel_options)) if credentials
+        else grpc.aio.insecure_channel(p, options=list(channel_options))
+        for p in peers
+    }  # fmt: skip
+    stubs = {p: pb_grpc.DecodeAttentionStub(ch) for p, ch in channels.items()}
+    report = PushReport([], {})
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(seq_id: str) -> None:
+        target = peers[pick(peers, seq_id)]
+        async with gate:
+            left = deadline - loop.time()
+            try:
+                if left <= 0:
+                    raise TimeoutError("the grace period ran out before its turn")
+
+                async def stream() -> AsyncIterator[pb.SequenceChunk]:
+                    for msg in messages(seq_id):
+                        yield msg
+
+                await stubs[target].ImportSequence(stream(), timeout=left, metadata=tuple(metadata))
+            except Exception as exc:
+                why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+                report.failed[seq_id] = f"to {target}: {why}"
+                return
+            release(seq_id)
+            report.moved.append(seq_id)
+
+    try:
+        await asyncio.gather(*(one(s) for s in seq_ids))
+    finally:
+        await asyncio.gather(*(ch.close() for ch in channels.values()))
+    return report

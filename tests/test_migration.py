@@ -1,0 +1,256 @@
+"""ExportSequence / ImportSequence: the stream round-trips exactly, imports are all-or-nothing,
+ServerInfo/SequenceInfo carry the instance id; plus the drain of `tkg serve --peers` end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from server_mirror import wait_for
+from server_proc import start_server
+from test_races import FakeContext, loop_passes, rand
+from test_server_service import Aborted
+
+from tkg import codec
+from tkg.client import Client, errors, routing
+from tkg.server.config import build_spec
+from tkg.server.kv_cache import KVCache
+from tkg.server.metrics import Metrics
+from tkg.server.service import DecodeAttentionService, ServiceOptions
+from tkg.v1 import decode_attention_pb2 as pb
+
+L, HQ, HKV, D, BL = 2, 4, 2, 16, 8
+
+
+def service(num_blocks: int = 32, **spec: Any) -> DecodeAttentionService:
+    raw = {"num_layers": L, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "block_len": BL,
+           "num_blocks": num_blocks, "kv_dtype": "float32", "max_context": 128, "fuse_rope": True, **spec}  # fmt: skip
+    s = build_spec(raw)
+    cache = KVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, block_len=BL,
+                    num_blocks=num_blocks, max_context=128, dtype=s.kv_dtype)  # fmt: skip
+    opts = ServiceOptions(backend="reference", max_batch=4, batch_delay_s=0.0, max_pending=16,
+                          max_message_bytes=4096)  # small messages: several K/V chunks per layer  # fmt: skip
+    svc = DecodeAttentionService(s, cache, opts, Metrics("reference"))
+    svc.ready = True
+    return svc
+
+
+async def fill(svc: DecodeAttentionService, sid: str, lengths: tuple[int, ...], seed: int) -> None:
+    await svc.CreateSequence(pb.CreateSequenceRequest(sequence_id=sid), FakeContext())
+    for layer, n in enumerate(lengths):
+        if n:
+            msg = pb.AppendKVRequest(sequence_id=sid, layer=layer, position=0)
+            codec.encode(rand((n, HKV, D), seed + layer), msg.k)
+            codec.encode(rand((n, HKV, D), seed + 10 + layer), msg.v)
+            await svc.AppendKV(_aiter([msg]), FakeContext())
+
+
+async def _aiter(items: list) -> Any:
+    for x in items:
+        yield x
+
+
+async def export(svc: DecodeAttentionService, sid: str) -> list[pb.SequenceChunk]:
+    return [m async for m in svc.ExportSequence(pb.ExportSequenceRequest(sequence_id=sid), FakeContext())]
+
+
+async def import_(svc: DecodeAttentionService, msgs: list[pb.SequenceChunk]) -> pb.SequenceInfo:
+    return await svc.ImportSequence(_aiter(msgs), FakeContext())
+
+
+def step(svc: DecodeAttentionService, sid: str, layer: int, pos: int) -> Any:
+    req = pb.DecodeRequest(layer=layer, sequence_ids=[sid], positions=[pos])
+    for i, (name, h) in enumerate((("q", HQ), ("k", HKV), ("v", HKV))):
+        codec.encode(rand((1, h, 1, D), 99 + i), getattr(req, name))
+    return svc._decode_one(req)
+
+
+def test_export_import_round_trip_decodes_identically() -> None:
+    async def main() -> None:
+        a, b = service(), service()
+        for svc in (a, b):
+            svc.start()
+        await fill(a, "s", (37, 29), seed=1)  # layers of different lengths, several chunks each
+        msgs = await export(a, "s")
+        header = msgs[0].header
+        assert list(header.lengths) == [37, 29] and header.chunks == len(msgs) - 1 > 2
+        assert header.instance_id == a.instance_id and header.fuse_rope
+        info = await import_(b, msgs)
+        assert list(info.lengths) == [37, 29] and info.instance_id == b.instance_id != a.instance_id
+        assert [m.SerializeToString() for m in await export(b, "s")][1:] == [m.SerializeToString() for m in msgs][1:]
+        for layer, pos in ((0, 37), (1, 29)):
+            out_a, out_b = await step(a, "s", layer, pos), await step(b, "s", layer, pos)
+            assert out_a.out.data == out_b.out.data  # RoPE'd keys moved as stored: same bits
+        for svc in (a, b):
+            await svc.close()
+
+    asyncio.run(main())
+
+
+def _broken(msgs: list[pb.SequenceChunk]) -> dict[str, tuple[list[pb.SequenceChunk], grpc.StatusCode, str]]:
+    def edit(i: int, fn: Any) -> list[pb.SequenceChunk]:
+        out = [pb.SequenceChunk.FromString(m.SerializeToString()) for m in msgs]
+        fn(out[i])
+        return out
+
+    def wrong_dtype(m: pb.SequenceChunk) -> None:
+        m.k.dtype = pb.DTYPE_FLOAT16
+
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    return {
+        "cut short": (msgs[:-1], IA, "stream ended after"),
+        "no header": (msgs[1:], IA, "header: missing in message 0"),
+        "header twice": (msgs[:2] + msgs[:1] + msgs[2:], IA, "header: set in message 2"),
+        "out of order": ([msgs[0], msgs[2], msgs[1], *msgs[3:]], IA, "position:"),
+        "other id": (edit(2, lambda m: setattr(m, "sequence_id", "t")), IA, "sequence_id: 't' in message 2"),
+        "head_dim": (edit(0, lambda m: setattr(m.header, "head_dim", 8)), IA, "header.head_dim: 8; expected 16"),
+        "rope": (edit(0, lambda m: setattr(m.header, "fuse_rope", False)), IA, "header.fuse_rope"),
+        "too long": (edit(0, lambda m: m.header.lengths.__setitem__(0, 999)), grpc.StatusCode.OUT_OF_RANGE,
+                     "header.lengths[0]: 999"),
+        "dtype": (edit(1, wrong_dtype), IA, "k.dtype"),
+        "extra": (msgs + msgs[-1:], IA, "more K/V messages than header.chunks"),
+        "empty": ([], IA, "empty stream"),
+    }  # fmt: skip
+
+
+def test_import_is_all_or_nothing() -> None:
+    async def main() -> None:
+        a, b = service(), service(num_blocks=8)
+        for svc in (a, b):
+            svc.start()
+        await fill(a, "s", (37, 29), seed=1)
+        msgs = await export(a, "s")
+        free = b.cache.free_blocks
+        for what, (stream, code, text) in _broken(msgs).items():
+            with pytest.raises(Aborted) as err:
+                await import_(b, stream)
+            assert err.value.code == code and text in err.value.details, what
+            assert len(b.cache) == 0 and b.cache.free_blocks == free, what
+        await fill(b, "s", (1, 0), seed=5)
+        with pytest.raises(Aborted) as err:
+            await import_(b, msgs)
+        assert err.value.code == grpc.StatusCode.ALREADY_EXISTS and b.cache.get("s").lengths == (1, 0)
+        await b.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="s"), FakeContext())
+        await fill(b, "hog", (40, 0), seed=5)  # 5 of 8 blocks: 37 tokens need 5 more
+        with pytest.raises(Aborted) as err:
+            await import_(b, msgs)
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and len(b.cache) == 1
+        for svc in (a, b):
+            await svc.close()
+
+    asyncio.run(main())
+
+
+def test_export_waits_for_the_launch_and_truncate_waits_for_the_export() -> None:
+    """An export of a sequence held by a launch starts after it (and carries the step's token);
+    a truncate arriving while the export streams applies after the stream is done."""
+    from test_races import GatedKernel
+
+    async def main() -> None:
+        a = service()
+        a.opts = dataclasses.replace(a.opts, inline_kernel_bytes=-1, lone_inline_bytes=-1)
+        a.start()
+        await fill(a, "s", (10, 10), seed=1)
+        with GatedKernel() as kernel:
+            decode = asyncio.ensure_future(step(a, "s", 0, 10))
+            await kernel.wait_started()
+            gen = a.ExportSequence(pb.ExportSequenceRequest(sequence_id="s"), FakeContext())
+            first = asyncio.ensure_future(gen.__anext__())
+            await loop_passes()
+            assert not first.done()
+            kernel.gate.set()
+            await decode
+            header = (await first).header
+        assert list(header.lengths) == [11, 10]
+        truncate = asyncio.ensure_future(
+            a.TruncateSequence(pb.TruncateSequenceRequest(sequence_id="s", length=0), FakeContext())
+        )
+        await loop_passes()
+        assert not truncate.done()
+        rest = [m async for m in gen]
+        assert len(rest) == header.chunks
+        assert list((await truncate).lengths) == [0, 0]
+        await a.close()
+
+    asyncio.run(main())
+
+
+# ---- end to end: instance identity, restarts, drain --------------------------------------------
+
+GEOMETRY = ("--backend", "reference", "--num-layers", "2", "--num-q-heads", "4", "--num-kv-heads", "2",
+            "--head-dim", "16", "--block-len", "8", "--num-blocks", "64", "--max-context", "128",
+            "--kv-dtype", "float32", "--fuse-rope", "true")  # fmt: skip
+
+
+def test_drain_moves_every_sequence_to_its_new_home_and_restart_is_detected() -> None:
+    """Three replicas; the client's sequences spread over them. Replica 0 gets SIGTERM with
+    --peers naming the other two: every one of its sequences moves to the replica the client's
+    routing over the remaining two picks, where each decodes to exactly what it would have given
+    before. Then replica 1 is killed and restarted on its port: NOT_FOUND there is ServerRestarted."""
+    np.random.default_rng(3)
+    peers = [start_server(*GEOMETRY) for _ in range(2)]
+    targets = [p.target for p in peers]
+    draining = start_server(*GEOMETRY, "--peers", ",".join(targets), "--grace-s", "30")
+    everyone = [draining.target, *targets]
+    try:
+        c = Client(everyone, timeout=30)
+        sids = [c.create_sequence().sequence_id for _ in range(12)]
+        while not any(routing.pick(everyone, s) == 0 for s in sids):
+            sids.append(c.create_sequence().sequence_id)
+        for s in sids:
+            c.append_kv(s, 0, rand((13, HKV, D), 1), rand((13, HKV, D), 2))
+            c.append_kv(s, 1, rand((5, HKV, D), 3), rand((5, HKV, D), 4))
+        # What each sequence answers now (from a fork taken on its own replica, then released).
+        q, k, v = rand((1, HQ, 1, D), 5), rand((1, HKV, 1, D), 6), rand((1, HKV, 1, D), 7)
+        expect = {}
+        for s in sids:
+            f = c.fork(s).sequence_id
+            expect[s] = c.decode(0, [f], [13], q, k, v).out
+            c.release(f)
+        moving = [s for s in sids if routing.pick(everyone, s) == 0]
+        assert draining.stop(signal.SIGTERM, timeout=60) == 0
+        out = draining.proc.stdout.read()
+        assert f"drain moved {len(moving)} sequences, 0 could not move" in out
+        rest = Client(targets, timeout=30)
+        for s in sids:
+            assert list(rest.get_sequence(s).lengths) == [13, 5]
+            np.testing.assert_array_equal(rest.decode(0, [s], [13], q, k, v).out, expect[s])
+        # A SIGKILLed replica restarted on its port: its sequences are gone, and the client says why.
+        victim = peers[0]
+        lost = [s for s in sids if routing.pick(targets, s) == 0]
+        assert lost
+        victim.stop(signal.SIGKILL)
+        with pytest.raises(errors.Unavailable):
+            rest.get_sequence(lost[0])
+        peers[0] = start_server(*GEOMETRY, "--port", str(victim.port))
+        seen: list[errors.TkgError] = []
+
+        def answered() -> bool:  # UNAVAILABLE until the channel has reconnected
+            try:
+                rest.get_sequence(lost[0])
+            except errors.Unavailable:
+                return False
+            except errors.TkgError as exc:
+                seen.append(exc)
+            return True
+
+        wait_for(answered, timeout=30, what="the restarted replica to answer")
+        assert isinstance(seen[0], errors.ServerRestarted) and isinstance(seen[0], errors.NotFound)
+        assert seen[0].new_instance == rest.instance_id(0) != seen[0].old_instance
+        with pytest.raises(errors.NotFound):  # the client has learnt the new instance; the id is just unknown
+            rest.get_sequence(lost[0])
+        s = rest.create_sequence().sequence_id
+        rest.release(s)
+        with pytest.raises(errors.NotFound) as err:  # released, same instance: plain NOT_FOUND
+            rest.get_sequence(s)
+        assert not isinstance(err.value, errors.ServerRestarted)
+        c.close()
+        rest.close()
+    finally:
+        for p in (*peers, draining):
+            p.stop(signal.SIGKILL)
