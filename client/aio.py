@@ -38,6 +38,8 @@ class AsyncClient:
         token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
@@ -46,6 +48,7 @@ class AsyncClient:
         self._metadata = auth_metadata(metadata, token)
         self._channels = open_channels(
             self.targets, aio=True, tls=tls, root_certificates=root_certificates,
+            certificate_chain=certificate_chain, private_key=private_key,
             max_message_bytes=max_message_bytes,
         )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]

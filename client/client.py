@@ -41,6 +41,8 @@ class Client:
         timeout: default deadline per call, seconds (None = none).
         token: bearer token sent as `authorization: Bearer <token>`.
         tls: use TLS; `root_certificates` (PEM bytes) overrides the system roots.
+        certificate_chain, private_key: PEM client certificate and key, for servers started with
+            `--tls-client-ca` (mTLS; implies TLS).
         metadata: extra metadata on every call.
         max_message_bytes: send/receive limit (large tensors need more than gRPC's 4 MiB default).
     """
@@ -53,6 +55,8 @@ class Client:
         token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
@@ -61,6 +65,7 @@ class Client:
         self._metadata = auth_metadata(metadata, token)
         self._channels = open_channels(
             self.targets, aio=False, tls=tls, root_certificates=root_certificates,
+            certificate_chain=certificate_chain, private_key=private_key,
             max_message_bytes=max_message_bytes,
         )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]

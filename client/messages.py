@@ -106,13 +106,18 @@ def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, object]] 
 
 
 def open_channels(
-    targets: Sequence[str], *, aio: bool, tls: bool, root_certificates: bytes | None, max_message_bytes: int
+    targets: Sequence[str], *, aio: bool, tls: bool, root_certificates: bytes | None, max_message_bytes: int,
+    certificate_chain: bytes | None = None, private_key: bytes | None = None,
 ) -> list:
-    """One channel per target (grpc.aio when `aio`), TLS when asked or when roots are given."""
+    """One channel per target (grpc.aio when `aio`), TLS when asked or when roots or a client
+    certificate are given; `certificate_chain` + `private_key` (PEM) answer a server asking for
+    client certificates (mTLS)."""
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("certificate_chain and private_key: only one given; expected both (PEM) or neither")
     api = grpc.aio if aio else grpc
     opts = channel_options(max_message_bytes)
-    if tls or root_certificates is not None:
-        creds = grpc.ssl_channel_credentials(root_certificates)
+    if tls or root_certificates is not None or certificate_chain is not None:
+        creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
         return [api.secure_channel(t, creds, options=opts) for t in targets]
     return [api.insecure_channel(t, options=opts) for t in targets]
 

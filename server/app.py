@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tkg.kernel import paged_decode
+from tkg.server import auth as auth_mod
 from tkg.server import migration
 from tkg.server.config import ModelSpec
 from tkg.server.kv_cache import KVCache
@@ -48,10 +49,15 @@ class ServeSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     batch_delay_us: int = 100
     max_pending: int = 1024
-    auth_tokens: frozenset[str] = frozenset()
-    read_only_tokens: frozenset[str] = frozenset()
+    auth: auth_mod.AuthTable = field(default_factory=auth_mod.AuthTable)  # tokens, subjects, tenants, quotas
+    auth_file: str | None = None  # re-read on SIGHUP (`App.reload_auth`)
+    quota_defaults: auth_mod.Quota = field(default_factory=auth_mod.Quota)  # for tenants the file gives none
+    peer_token: str | None = None  # a full-access token of tenant `default`, sent when pushing to --peers
     tls_cert: bytes | None = None  # PEM chain; with tls_key: serve TLS
     tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None  # PEM roots: require and verify client certificates (mTLS)
+    max_sequences: int | None = None  # live sequences server-wide
+    max_concurrent_streams: int | None = None  # per connection (gRPC's own limit)
     gateway_metrics: bool = False
     inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # smaller launches run on the event loop thread
     expiry_period_s: float | None = None  # idle-expiry sweep period; None: idle_ttl_s / 4, in [0.05, 30]
@@ -70,16 +76,23 @@ class App:
     metrics: Metrics
     port: int
     metrics_port: int | None
+    authenticator: auth_mod.Authenticator
     _expirer: asyncio.Task | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """The one start-up line: address, backend, ports, geometry and KV bytes."""
-        s = self.settings
+        s, table = self.settings, self.authenticator.table
         return (
             f"listening on {s.host}:{self.port} backend={s.backend} metrics_port={self.metrics_port} "
-            f"tls={'on' if s.tls_cert else 'off'} auth={'on' if s.auth_tokens or s.read_only_tokens else 'off'} "
+            f"tls={'on' if s.tls_cert else 'off'}{'+mtls' if s.tls_client_ca else ''} "
+            f"auth={'on' if table.enabled else 'off'} tenants={len(table.tenants)} "
             f"max_batch={self.spec.max_batch} | {self.spec.summary()}"
         )
+
+    def reload_auth(self, table: auth_mod.AuthTable) -> None:
+        """Put a new credential table in force (SIGHUP); calls already admitted keep theirs."""
+        self.authenticator.table = table
+        self.service.tenant_count = lambda: max(1, len(table.tenants))
 
     async def shutdown(self, grace_s: float) -> migration.PushReport | None:
         """Drain (health NOT_SERVING, new calls UNAVAILABLE, wait up to `grace_s` for in-flight
@@ -103,7 +116,9 @@ class App:
     async def push_to_peers(self, deadline: float) -> migration.PushReport:
         """Move every resident sequence to its peer (see `tkg.server.migration.push_all`)."""
         s, cache = self.settings, self.service.cache
-        token = sorted(s.auth_tokens)[0] if s.auth_tokens else None
+        # Pushes go out as tenant `default` (the first --auth-token); other tenants' sequences are
+        # namespaced ids a peer's ImportSequence refuses, so they stay in the report's `failed`.
+        token = s.peer_token
         creds = grpc.ssl_channel_credentials(s.tls_cert) if s.tls_cert else None
         report = await migration.push_all(
             cache.sequence_ids(), self.service.export_messages, cache.release, list(s.peers), deadline,
@@ -137,22 +152,30 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     cache = KVCache(
         num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
         block_len=spec.block_len, num_blocks=spec.num_blocks, max_context=spec.max_context, dtype=spec.kv_dtype,
+        max_sequences=settings.max_sequences,
     )  # fmt: skip
     metrics = Metrics(settings.backend, gateway=settings.gateway_metrics)
     opts = ServiceOptions(
         backend=settings.backend, max_batch=spec.max_batch, batch_delay_s=settings.batch_delay_us * 1e-6,
         max_pending=settings.max_pending, max_message_bytes=settings.max_message_bytes,
-        auth_tokens=settings.auth_tokens, read_only_tokens=settings.read_only_tokens,
         inline_kernel_bytes=settings.inline_kernel_bytes,
     )  # fmt: skip
     service = DecodeAttentionService(spec, cache, opts, metrics)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
-        ]
-    )
+    authenticator = auth_mod.Authenticator(settings.auth)
+    table = settings.auth
+    service.tenant_count = lambda: max(1, len(table.tenants))
+    service.per_tenant_info = settings.auth_file is not None
+    options: list[tuple[str, int]] = [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+    ]
+    if settings.max_concurrent_streams is not None:
+        options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
+    # Always on: it also parses requests itself, so a malformed message is INVALID_ARGUMENT
+    # (gRPC alone answers UNKNOWN, INTERNAL or, on a stream, nothing at all).
+    interceptor = auth_mod.AuthInterceptor(authenticator, metrics.observe_denied)
+    server = grpc.aio.server(options=options, interceptors=[interceptor])
     pb_grpc.add_DecodeAttentionServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -160,7 +183,10 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     address = f"{settings.host}:{settings.port}"
     try:
         if settings.tls_cert is not None and settings.tls_key is not None:
-            creds = grpc.ssl_server_credentials([(settings.tls_key, settings.tls_cert)])
+            creds = grpc.ssl_server_credentials(
+                [(settings.tls_key, settings.tls_cert)], root_certificates=settings.tls_client_ca,
+                require_client_auth=settings.tls_client_ca is not None,
+            )  # fmt: skip
             port = server.add_secure_port(address, creds)
         else:
             port = server.add_insecure_port(address)
@@ -179,7 +205,7 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     service.ready = True
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    app = App(spec, settings, server, service, health_servicer, metrics, port, metrics_port)
+    app = App(spec, settings, server, service, health_servicer, metrics, port, metrics_port, authenticator)
     period = settings.expiry_period_s or min(max(spec.idle_ttl_s / 4, 0.05), 30.0)
     app._expirer = asyncio.get_running_loop().create_task(_expire_loop(service, period), name="tkg-expiry")
     return app

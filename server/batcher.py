@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,7 @@ class DecodeWork:
     q: np.ndarray  # [B, Hq, S, d] KV dtype
     k: np.ndarray  # [B, Hkv, S, d]
     v: np.ndarray  # [B, Hkv, S, d]
+    tenant: Any = None  # the caller's `tkg.server.auth.Tenant` (quota accounting)
     arrival: float = field(default_factory=time.perf_counter)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 

@@ -4,7 +4,8 @@ Config errors (spec keys or flags) and an unavailable backend print one line nam
 flag and the expected value, and exit 2; an address that cannot be bound exits 1. Then see
 `tkg.server.app` for the start-up order. SIGTERM/SIGINT: health NOT_SERVING, new calls get
 UNAVAILABLE, in-flight calls finish within `--grace-s`; with `--peers` every resident sequence is
-pushed to its new home in what is left of it; exit 0.
+pushed to its new home in what is left of it; exit 0. SIGHUP: re-read `--auth-file` and the token
+file (a bad file is logged and the old credentials stay in force).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from tkg.kernel.backends import BackendUnavailable, names, resolve
 from tkg.server import app as app_mod
+from tkg.server import auth
 from tkg.server.app import DEFAULT_MAX_MESSAGE, ServeSettings
 from tkg.server.config import ConfigError, ModelSpec, load_spec
 from tkg.server.presets import DEFAULT_PRESET, PRESETS
@@ -71,13 +73,36 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--peers", default="", help="the other replicas, host:port,... exactly as clients name them: "
                    "on SIGTERM each resident sequence moves to the one client routing picks without this replica")
     n.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
-    a = p.add_argument_group("security")
-    a.add_argument("--auth-token", action="append", default=[], help="bearer token with full access (repeatable)")
+    n.add_argument("--max-sequences", type=int, help="live sequences server-wide (default: no cap but KV blocks)")
+    n.add_argument("--max-concurrent-streams", type=int,
+                   help="concurrent calls per client connection (gRPC's HTTP/2 limit; default: gRPC's)")  # fmt: skip
+    a = p.add_argument_group("security (tokens must be at least 16 characters)")
+    a.add_argument("--auth-token", action="append", default=[],
+                   help="bearer token with full access, tenant 'default' (repeatable; prefer --auth-token-file "
+                   "or TKG_AUTH_TOKEN: the command line is visible in ps)")  # fmt: skip
+    a.add_argument("--auth-token-file", help="file with full-access tokens, one per line (tenant 'default')")
     a.add_argument("--read-only-token", action="append", default=[],
                    help="bearer token for GetServerInfo/GetSequence only (repeatable)")  # fmt: skip
+    a.add_argument("--auth-file", help="tenants, roles, token hashes or client subjects, quotas (YAML/JSON; "
+                   "re-read on SIGHUP)")  # fmt: skip
     a.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key the port serves TLS only")
     a.add_argument("--tls-key", help="PEM private key")
+    a.add_argument("--tls-client-ca", help="PEM roots: require and verify client certificates (mTLS)")
+    q = p.add_argument_group("per-tenant quota defaults (the auth file overrides them per tenant; 0 = none)")
+    for key in auth.QUOTA_KEYS:
+        q.add_argument(f"--quota-{key.replace('_', '-')}", dest=f"quota_{key}", type=int, default=0,
+                       metavar="N", help=f"{key} per tenant")  # fmt: skip
     return p
+
+
+def auth_from_args(args: argparse.Namespace) -> tuple[auth.AuthTable, auth.Quota, str | None]:
+    """The credential table, the quota defaults and the first full-access token (for --peers)
+    from the security flags and the auth file."""
+    defaults = auth.Quota(**{k: getattr(args, f"quota_{k}") or None for k in auth.QUOTA_KEYS})
+    tokens = auth.tokens_from(args.auth_token, args.auth_token_file)
+    read_only = [auth.check_token(t, "--read-only-token") for t in args.read_only_token]
+    entries = auth.read_auth_file(args.auth_file) if args.auth_file else []
+    return auth.build_table(tokens, read_only, entries, defaults), defaults, (tokens[0] if tokens else None)
 
 
 def _window_list(text: str) -> int | list[int | None]:
@@ -120,6 +145,10 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         ("--max-message-bytes", args.max_message_bytes, 4096, 2**31 - 1),
         ("--batch-delay-us", args.batch_delay_us, 0, 10**7), ("--max-pending", args.max_pending, 1, 10**7),
         ("--inline-kernel-bytes", args.inline_kernel_bytes, 0, 2**40),
+        *((f"--quota-{k.replace('_', '-')}", getattr(args, f"quota_{k}"), 0, 2**40) for k in auth.QUOTA_KEYS),
+        *(() if args.max_sequences is None else (("--max-sequences", args.max_sequences, 1, 2**31 - 1),)),
+        *(() if args.max_concurrent_streams is None else
+          (("--max-concurrent-streams", args.max_concurrent_streams, 1, 2**31 - 1),)),
     )  # fmt: skip
     for flag, value, lo, hi in checks:
         if not lo <= value <= hi:
@@ -136,13 +165,20 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         if not (args.tls_cert and args.tls_key):
             raise ConfigError("--tls-cert/--tls-key: only one given; expected both (PEM chain and private key)")
         cert, key = _read_pem("--tls-cert", args.tls_cert), _read_pem("--tls-key", args.tls_key)
+    client_ca = None
+    if args.tls_client_ca:
+        if cert is None:
+            raise ConfigError("--tls-client-ca: given without --tls-cert/--tls-key; expected a TLS server as well")
+        client_ca = _read_pem("--tls-client-ca", args.tls_client_ca)
+    table, defaults, peer_token = auth_from_args(args)
     return ServeSettings(
         backend=backend, host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port or None, max_message_bytes=args.max_message_bytes,
         batch_delay_us=args.batch_delay_us, max_pending=args.max_pending,
-        auth_tokens=frozenset(args.auth_token), read_only_tokens=frozenset(args.read_only_token),
-        tls_cert=cert, tls_key=key, gateway_metrics=args.gateway_metrics,
-        inline_kernel_bytes=args.inline_kernel_bytes, peers=peers,
+        auth=table, auth_file=args.auth_file, quota_defaults=defaults, peer_token=peer_token,
+        tls_cert=cert, tls_key=key, tls_client_ca=client_ca, gateway_metrics=args.gateway_metrics,
+        inline_kernel_bytes=args.inline_kernel_bytes, max_sequences=args.max_sequences,
+        max_concurrent_streams=args.max_concurrent_streams, peers=peers,
     )  # fmt: skip
 
 
@@ -156,7 +192,21 @@ def _read_pem(flag: str, path: str) -> bytes:
     return data
 
 
-async def serve(spec: ModelSpec, settings: ServeSettings, grace_s: float) -> int:
+def reload_auth(app: app_mod.App, args: argparse.Namespace) -> None:
+    """SIGHUP: re-read the auth file and the token files; keep the table in force on any error."""
+    try:
+        table, _, _ = auth_from_args(args)
+    except ConfigError as exc:
+        log.error("auth reload failed, keeping the previous credentials: %s", exc)
+        return
+    app.reload_auth(table)
+    log.info("auth reloaded: %d tenants, %d tokens, %d client subjects",
+             len(table.tenants), len(table.tokens), len(table.subjects))  # fmt: skip
+
+
+async def serve(
+    spec: ModelSpec, settings: ServeSettings, grace_s: float, args: argparse.Namespace | None = None
+) -> int:
     """Run until SIGTERM/SIGINT, then drain for up to `grace_s` and return 0."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -168,6 +218,8 @@ async def serve(spec: ModelSpec, settings: ServeSettings, grace_s: float) -> int
         print(f"tkg serve: error: {exc}", file=sys.stderr)
         return 1
     # One line with everything an operator (and tests/server_proc.py) needs to know.
+    if args is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_auth, app, args)
     print(f"tkg serve: {app.describe()}", flush=True)
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", grace_s)
@@ -188,4 +240,4 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, BackendUnavailable) as exc:
         print(f"tkg serve: error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(spec, settings, args.grace_s))
+    return asyncio.run(serve(spec, settings, args.grace_s, args))

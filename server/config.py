@@ -270,13 +270,13 @@ def build_spec(raw: dict[str, Any], base: Path | None = None) -> ModelSpec:
     )
 
 
-def read_file(path: str | Path) -> dict[str, Any]:
-    """A config file's mapping (JSON, or YAML by extension .yaml/.yml)."""
+def read_file(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A config file's mapping (JSON, or YAML by extension .yaml/.yml); errors name `what`."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
-        raise ConfigError(f"config: cannot read {str(p)!r}: {exc.strerror}") from None
+        raise ConfigError(f"{what}: cannot read {str(p)!r}: {exc.strerror}") from None
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml
@@ -285,9 +285,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as exc:  # parse errors of either format
-        raise ConfigError(f"config: {str(p)!r} is not valid {p.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+        raise ConfigError(f"{what}: {str(p)!r} is not valid {p.suffix.lstrip('.') or 'JSON'}: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config: {str(p)!r} must hold a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{what}: {str(p)!r} must hold a mapping of keys, got {type(data).__name__}")
     return data
 
 

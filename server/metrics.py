@@ -85,7 +85,13 @@ class Metrics:
         )  # fmt: skip
         for result in ("moved", "failed"):
             self.migrated.labels(result)
+        # Per tenant (configured in the auth file, so bounded); "" = refused before authentication.
+        self.tenant_requests = PromCounter(
+            "tkg_tenant_requests", "RPCs by tenant, method and gRPC status code",
+            ["tenant", "method", "code"], registry=r,
+        )  # fmt: skip
         self._requests: dict[tuple[str, str], Any] = {}
+        self._tenant_requests: dict[tuple[str, str, str], Any] = {}
         self._http: Any = None  # the /metrics server (a WSGIServer) once `serve` ran
 
     def attach(self, cache: KVCache, pending: Callable[[], int], running: Callable[[], int]) -> None:
@@ -110,11 +116,23 @@ class Metrics:
             Gauge(name, doc, registry=r).set_function(read)
         r.register(_CacheCounters(cache))
 
-    def observe_request(self, method: str, code: str, seconds: float) -> None:
+    def observe_request(self, method: str, code: str, seconds: float, tenant: str = "default") -> None:
         child = self._requests.get((method, code))
         if child is None:
             child = self._requests[(method, code)] = self.request_duration.labels(method, code)
         child.observe(seconds)
+        self.count_tenant(tenant, method, code)
+
+    def count_tenant(self, tenant: str, method: str, code: str) -> None:
+        key = (tenant, method, code)
+        child = self._tenant_requests.get(key)
+        if child is None:
+            child = self._tenant_requests[key] = self.tenant_requests.labels(tenant, method, code)
+        child.inc()
+
+    def observe_denied(self, full_method: str, code: str) -> None:
+        """A call refused by the auth interceptor (counted under tenant "")."""
+        self.count_tenant("", full_method.rsplit("/", 1)[-1], code)
 
     def observe_batch(self, sequences: int, kernel_s: float, queue_s: list[float]) -> None:
         self.batch_size.observe(sequences)

@@ -26,7 +26,9 @@ import numpy as np
 
 from tkg.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 
-MAX_SEQUENCE_ID_LEN = 256
+MAX_SEQUENCE_ID_LEN = 256  # bytes of a caller's id (the service checks it)
+# The cache's own limit: a caller's id plus its tenant's namespace prefix (`tkg.server.tenants`).
+MAX_CACHE_ID_LEN = MAX_SEQUENCE_ID_LEN + 65
 
 
 class SequenceTable:
@@ -97,8 +99,11 @@ class SequenceTable:
 
     def check_new_id(self, seq_id: str) -> None:
         """INVALID_ARGUMENT for a malformed id, ALREADY_EXISTS for one in use, RESOURCE_EXHAUSTED when full."""
-        if not isinstance(seq_id, str) or len(seq_id) > MAX_SEQUENCE_ID_LEN:
-            raise InvalidArgument(f"sequence_id: expected a string of at most {MAX_SEQUENCE_ID_LEN} characters")
+        if not isinstance(seq_id, str) or len(seq_id) > MAX_CACHE_ID_LEN:
+            raise InvalidArgument(
+                f"sequence_id: expected a string of at most {MAX_CACHE_ID_LEN} characters "
+                f"(an id of up to {MAX_SEQUENCE_ID_LEN} bytes plus its tenant's prefix)"
+            )
         if seq_id in self._slot_of:
             raise AlreadyExists(f"sequence_id: {seq_id!r} is already in use; expected an unused id")
         if self.max_sequences is not None and len(self._slot_of) >= self.max_sequences:

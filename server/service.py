@@ -24,6 +24,7 @@ so no kernel blocks health checks or other RPCs for longer than one launch of th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -40,22 +41,21 @@ import numpy as np
 from tkg import __version__, codec
 from tkg.kernel import paged_decode
 from tkg.kernel_dtypes import BF16
-from tkg.server import migration
+from tkg.server import auth, migration
 from tkg.server.batcher import Batcher, DecodeWork
 from tkg.server.config import ModelSpec
 from tkg.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     OutOfRange,
-    PermissionDenied,
     ServiceError,
-    Unauthenticated,
     Unavailable,
 )
 from tkg.server.kv_cache import KVCache, SequenceState
 from tkg.server.metrics import Metrics
 from tkg.server.rope import RopeTable, rotate
 from tkg.server.sequences import MAX_SEQUENCE_ID_LEN
+from tkg.server.tenants import SEP, Ledger, inward, outward, scrub
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
@@ -72,8 +72,10 @@ LONE_INLINE_BYTES = 8 * 2**20
 # the batch delay (see `_run_batch`, `Batcher.lone_caller`).
 LONE_STREAK = 8
 
-# RPCs a read-only token may call.
-READ_ONLY_METHODS = frozenset({"GetServerInfo", "GetSequence"})
+# DecodeStream messages read ahead of the one being answered: past it the stream is not read
+# (gRPC flow control then holds the sender), so an unread stream holds at most this many requests.
+STREAM_WINDOW = 8
+LOG_ID_CHARS = 64  # ids and request ids are cut to this in logs
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,6 @@ class ServiceOptions:
     batch_delay_s: float
     max_pending: int  # queued decode requests before RESOURCE_EXHAUSTED
     max_message_bytes: int
-    auth_tokens: frozenset[str] = frozenset()  # full access; empty = no auth
-    read_only_tokens: frozenset[str] = frozenset()
     inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # launches reading less K+V skip the worker thread
     lone_inline_bytes: int = LONE_INLINE_BYTES  # a lone caller's launches up to this much K+V, too
 
@@ -121,6 +121,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self._settled = asyncio.Event()  # set (and replaced) whenever a launch or an export lets go
         self._pinned: Counter[str] = Counter()  # sequence id -> exports reading it
         self._waiters = 0  # mutations waiting in `_settle`
+        self.ledger = Ledger()  # per-tenant usage against quotas (tkg.server.tenants)
+        self.tenant_count: Callable[[], int] = lambda: 1  # configured tenants (the queue's fair share)
+        self.per_tenant_info = False  # GetServerInfo counts the caller's tenant only (auth file in use)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -145,33 +148,18 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         expired = self.cache.expire_idle(None, self.spec.idle_ttl_s, busy=lambda s: s in queued or s in self._pinned)
         if expired:
             log.info("expired %d idle sequences", len(expired))
-        return expired
+            self.ledger.recount((s.seq_id, s.block_ids) for s in self.cache.snapshot())
+        return [outward(e) for e in expired]
 
     # ---- guards ----------------------------------------------------------------------------
 
     def _check_access(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """Credentials were checked by `tkg.server.auth.AuthInterceptor` before the request was
+        parsed; here: draining and warming up."""
         if self.draining:
             raise Unavailable("server: draining for shutdown; expected a retry on another replica")
         if not self.ready and method != "GetServerInfo":
             raise Unavailable("server: warming up the kernel backend; expected a retry in a moment")
-        if not self.opts.auth_tokens and not self.opts.read_only_tokens:
-            return
-        token = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                token = value[len("Bearer ") :]
-        if token is None:
-            raise Unauthenticated("authorization: missing; expected metadata 'authorization: Bearer <token>'")
-        if token in self.opts.auth_tokens:
-            return
-        if token in self.opts.read_only_tokens:
-            if method in READ_ONLY_METHODS:
-                return
-            raise PermissionDenied(
-                f"authorization: this token is read-only; {method} expected a full-access token "
-                f"(read-only tokens may call {', '.join(sorted(READ_ONLY_METHODS))})"
-            )
-        raise Unauthenticated("authorization: unknown token; expected a configured bearer token")
 
     def _enter(self) -> None:
         self._inflight += 1
@@ -186,20 +174,27 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     def _seq_info(self, state: SequenceState) -> pb.SequenceInfo:
         return pb.SequenceInfo(
-            sequence_id=state.seq_id, lengths=state.lengths, num_blocks=state.num_blocks, instance_id=self.instance_id
-        )
+            sequence_id=outward(state.seq_id), lengths=state.lengths, num_blocks=state.num_blocks,
+            instance_id=self.instance_id,
+        )  # fmt: skip
 
     def server_info(self) -> pb.ServerInfo:
         s = self.spec
+        free, active = self.cache.free_blocks, len(self.cache)
+        if self.per_tenant_info:  # another tenant's usage is not this caller's business
+            tenant = auth.current().tenant
+            used, limit = self.ledger.of(tenant), tenant.quota.max_blocks
+            active = used.sequences
+            free = free if limit is None else max(0, min(free, limit - used.blocks))
         return pb.ServerInfo(
             num_layers=s.num_layers, num_q_heads=s.num_q_heads, num_kv_heads=s.num_kv_heads,
             head_dim=s.head_dim, kv_dtype=self._dtype_code, block_len=s.block_len,
-            num_blocks=self.cache.num_blocks, free_blocks=self.cache.free_blocks,
+            num_blocks=self.cache.num_blocks, free_blocks=free,
             max_s_active=s.max_s_active, max_batch=self.opts.max_batch, fuse_rope=s.fuse_rope,
             backend=self.opts.backend, version=__version__, max_context=s.max_context,
             softmax_scale=s.softmax_scale, sliding_window=[w or 0 for w in s.sliding_window],
             has_sinks=s.sinks is not None, max_message_bytes=self.opts.max_message_bytes,
-            model=s.name, active_sequences=len(self.cache), instance_id=self.instance_id,
+            model=s.name, active_sequences=active, instance_id=self.instance_id,
             started_at=self.started_at,
         )  # fmt: skip
 
@@ -212,29 +207,38 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     def _check_id(self, field: str, seq_id: str) -> None:
         if not seq_id:
             raise InvalidArgument(f"{field}: empty; expected a sequence id")
-        if len(seq_id) > MAX_SEQUENCE_ID_LEN:
-            raise InvalidArgument(f"{field}: {len(seq_id)} characters; expected at most {MAX_SEQUENCE_ID_LEN}")
+        size = len(seq_id.encode())
+        if size > MAX_SEQUENCE_ID_LEN:
+            raise InvalidArgument(f"{field}: {size} bytes; expected at most {MAX_SEQUENCE_ID_LEN} bytes (UTF-8)")
+        if SEP in seq_id:  # the tenant namespace separator: an id holding it could name another's
+            raise InvalidArgument(f"{field}: contains the control character U+001F; expected an id without it")
 
     def _tensor(self, t: pb.Tensor, field: str, shape: tuple[int | None, ...], names: str) -> np.ndarray:
-        """Decode and check dtype (== KV dtype), rank, known dims and finiteness."""
+        """Check dtype (== KV dtype), rank and known dims on the message's Python ints, then
+        decode (byte length checked in Python ints too) and check finiteness."""
         if t.dtype != self._dtype_code:
             raise InvalidArgument(
                 f"{field}.dtype: {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}; "
                 f"expected {pb.DType.Name(self._dtype_code)} (the server's KV dtype)"
             )
+        dims = list(t.shape)
+        if len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims, strict=True)):
+            want = [("?" if e is None else e) for e in shape]
+            raise InvalidArgument(f"{field}.shape: {dims}; expected {names} = {want}")
         try:
             a = codec.decode(t, field)
         except codec.TensorError as exc:
             raise InvalidArgument(str(exc)) from None
-        if a.ndim != len(shape) or any(e is not None and e != d for e, d in zip(shape, a.shape, strict=True)):
-            want = [("?" if e is None else e) for e in shape]
-            raise InvalidArgument(f"{field}.shape: {list(a.shape)}; expected {names} = {want}")
         if not all_finite(a):
             raise InvalidArgument(f"{field}: contains NaN or infinity; expected finite values")
         return a
 
     def _validate_decode(self, req: pb.DecodeRequest) -> DecodeWork:
         s = self.spec
+        if len(req.request_id.encode()) > MAX_SEQUENCE_ID_LEN:
+            raise InvalidArgument(
+                f"request_id: {len(req.request_id.encode())} bytes; expected at most {MAX_SEQUENCE_ID_LEN} bytes"
+            )
         self._check_layer(req.layer)
         B = len(req.sequence_ids)
         if B < 1 or self.opts.max_batch < B:
@@ -251,7 +255,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         k = self._tensor(req.k, "k", kv_shape, "[B, num_kv_heads, S, head_dim]")
         v = self._tensor(req.v, "v", kv_shape, "[B, num_kv_heads, S, head_dim]")
         positions = np.asarray(req.positions, dtype=np.int64)
-        return DecodeWork(req.layer, S, list(req.sequence_ids), positions, q, k, v)
+        tenant = auth.current().tenant
+        ids = [inward(tenant, sid) for sid in req.sequence_ids] if tenant.namespace else list(req.sequence_ids)
+        return DecodeWork(req.layer, S, ids, positions, q, k, v, tenant=tenant)
 
     async def _settle(self, *seq_ids: str) -> None:
         """Wait until no launch and no export holds any of `seq_ids` (see the module docstring)."""
@@ -285,6 +291,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         for work in batch:
             try:
                 plan = cache.prepare_append(work.layer, work.seq_ids, work.positions, S)
+                self._charge_blocks(work.tenant, plan)
             except ServiceError as exc:
                 if not work.future.done():
                     work.future.set_exception(exc)
@@ -338,7 +345,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 k = work.k
                 if self._rope is not None:
                     k = rotate(k, cos[row : row + work.size], sin[row : row + work.size])
-                cache.commit(plan, k, work.v, hold=True)
+                with self._pool_delta(work.tenant):
+                    cache.commit(plan, k, work.v, hold=True)
                 row += work.size
             tables = _stack_tables([p.block_tables for _, p in ready])
             lens = np.concatenate([p.seq_lens for _, p in ready])
@@ -361,18 +369,20 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         except BaseException:
             self._undo(ready)
             raise
-        for _, plan in ready:
-            cache.finish(plan)
+        for work, plan in ready:
+            with self._pool_delta(work.tenant):
+                cache.finish(plan)
         self._notify_settled()
         return out, lens
 
     def _undo(self, ready: list[tuple[DecodeWork, Any]]) -> None:
         """All-or-nothing: the failed step leaves no tokens and no held blocks behind."""
-        for _, plan in ready:
-            if plan.state == "prepared":
-                self.cache.abort(plan)
-            elif plan.state in ("held", "committed"):
-                self.cache.rollback(plan)
+        for work, plan in ready:
+            with self._pool_delta(work.tenant):
+                if plan.state == "prepared":
+                    self.cache.abort(plan)
+                elif plan.state in ("held", "committed"):
+                    self.cache.rollback(plan)
         self._notify_settled()
 
     def _inline(self, requests: int, kv_bytes: int) -> bool:
@@ -389,13 +399,39 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             return True
         return self._lone_streak > LONE_STREAK and kv_bytes <= self.opts.lone_inline_bytes
 
+    @contextlib.contextmanager
+    def _pool_delta(self, tenant: auth.Tenant) -> Iterator[None]:
+        """Charge `tenant` with the KV blocks the enclosed cache operation takes or returns
+        (one tenant's operation touches only its own sequences' blocks)."""
+        free = self.cache.free_blocks
+        try:
+            yield
+        finally:
+            if self.cache.free_blocks != free:
+                self.ledger.blocks_changed(tenant, free - self.cache.free_blocks)
+
+    def _charge_blocks(self, tenant: auth.Tenant, plan: Any) -> None:
+        """Charge a prepared append's reservation to `tenant`; past its max_blocks quota the plan
+        is aborted (nothing changed) and RESOURCE_EXHAUSTED raised."""
+        if plan.reserved_blocks:
+            try:
+                self.ledger.check_blocks(tenant, plan.reserved_blocks)
+            except ServiceError:
+                self.cache.abort(plan)
+                raise
+            self.ledger.blocks_changed(tenant, plan.reserved_blocks)
+
     async def _decode_one(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         work = self._validate_decode(req)
+        # The tenant's share of the queue first, then the server-wide cap (in the batcher).
+        tenants = self.tenant_count()
+        self.ledger.enter_pending(work.tenant, max(1, self.opts.max_pending // tenants) if tenants > 1 else None)
         self._decoding += 1
         try:
             out, timing = await self.batcher.submit(work)  # RESOURCE_EXHAUSTED when the queue is full
         finally:
             self._decoding -= 1
+            self.ledger.leave_pending(work.tenant)
         resp = pb.DecodeResponse(request_id=req.request_id, layer=req.layer, timing=timing)
         codec.encode(out, resp.out)
         resp.timing.total_us = int((time.perf_counter() - work.arrival) * 1e6)
@@ -408,38 +444,67 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     async def CreateSequence(self, request: pb.CreateSequenceRequest, context: Any) -> pb.SequenceInfo:
         def run() -> pb.SequenceInfo:
+            tenant = auth.current().tenant
             if request.sequence_id:
                 self._check_id("sequence_id", request.sequence_id)
-            state = self.cache.create(request.sequence_id or None)
+            self.ledger.check_sequence(tenant)
+            state = self.cache.create(inward(tenant, request.sequence_id or uuid.uuid4().hex))
+            self.ledger.sequences_changed(tenant, 1)
             return self._seq_info(state)
 
         return await self._unary("CreateSequence", context, run)
 
     async def GetSequence(self, request: pb.GetSequenceRequest, context: Any) -> pb.SequenceInfo:
-        return await self._unary("GetSequence", context, lambda: self._seq_info(self.cache.get(request.sequence_id)))
+        def run() -> pb.SequenceInfo:
+            self._check_id("sequence_id", request.sequence_id)
+            return self._seq_info(self.cache.get(inward(auth.current().tenant, request.sequence_id)))
+
+        return await self._unary("GetSequence", context, run)
 
     async def TruncateSequence(self, request: pb.TruncateSequenceRequest, context: Any) -> pb.SequenceInfo:
         async def run() -> pb.SequenceInfo:
-            await self._settle(request.sequence_id)
-            self.cache.truncate(request.sequence_id, request.length)
-            return self._seq_info(self.cache.get(request.sequence_id))
+            tenant = auth.current().tenant
+            self._check_id("sequence_id", request.sequence_id)
+            seq_id = inward(tenant, request.sequence_id)
+            await self._settle(seq_id)
+            with self._pool_delta(tenant):
+                self.cache.truncate(seq_id, request.length)
+            return self._seq_info(self.cache.get(seq_id))
 
         return await self._unary("TruncateSequence", context, run)
 
     async def ForkSequence(self, request: pb.ForkSequenceRequest, context: Any) -> pb.SequenceInfo:
         async def run() -> pb.SequenceInfo:
+            tenant = auth.current().tenant
+            self._check_id("source_id", request.source_id)
             if request.sequence_id:
                 self._check_id("sequence_id", request.sequence_id)
-            await self._settle(request.source_id)
-            state = self.cache.fork(request.source_id, request.sequence_id or None)
+            source = inward(tenant, request.source_id)
+            await self._settle(source)
+            self.ledger.check_sequence(tenant)
+            free = self.cache.free_blocks
+            state = self.cache.fork(source, inward(tenant, request.sequence_id or uuid.uuid4().hex))
+            taken = free - self.cache.free_blocks  # the copied partial blocks (full ones are shared)
+            try:
+                self.ledger.check_blocks(tenant, taken)
+            except ServiceError:
+                self.cache.release(state.seq_id)  # back to where it was
+                raise
+            self.ledger.sequences_changed(tenant, 1)
+            self.ledger.blocks_changed(tenant, taken)
             return self._seq_info(state)
 
         return await self._unary("ForkSequence", context, run)
 
     async def ReleaseSequence(self, request: pb.ReleaseSequenceRequest, context: Any) -> pb.ReleaseSequenceResponse:
         async def run() -> pb.ReleaseSequenceResponse:
-            await self._settle(request.sequence_id)
-            freed = self.cache.release(request.sequence_id)
+            tenant = auth.current().tenant
+            self._check_id("sequence_id", request.sequence_id)
+            seq_id = inward(tenant, request.sequence_id)
+            await self._settle(seq_id)
+            with self._pool_delta(tenant):
+                freed = self.cache.release(seq_id)
+            self.ledger.sequences_changed(tenant, -1)
             return pb.ReleaseSequenceResponse(freed_blocks=freed)
 
         return await self._unary("ReleaseSequence", context, run)
@@ -449,24 +514,30 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     async def AppendKV(self, request_iterator: AsyncIterator[pb.AppendKVRequest], context: Any) -> pb.SequenceInfo:
         async def run() -> pb.SequenceInfo:
-            seq_id = None
-            async for chunk in request_iterator:
+            tenant = auth.current().tenant
+            self.ledger.open_stream(tenant)
+            try:
+                seq_id = None
+                async for chunk in request_iterator:
+                    if seq_id is None:
+                        self._check_id("sequence_id", chunk.sequence_id)
+                        seq_id = chunk.sequence_id
+                    elif chunk.sequence_id != seq_id:
+                        raise InvalidArgument(
+                            f"sequence_id: {chunk.sequence_id!r}; expected {seq_id!r} "
+                            "(one sequence per AppendKV stream)"
+                        )
+                    await self._settle(inward(tenant, seq_id))
+                    self._append_chunk(chunk, tenant)
                 if seq_id is None:
-                    self._check_id("sequence_id", chunk.sequence_id)
-                    seq_id = chunk.sequence_id
-                elif chunk.sequence_id != seq_id:
-                    raise InvalidArgument(
-                        f"sequence_id: {chunk.sequence_id!r}; expected {seq_id!r} (one sequence per AppendKV stream)"
-                    )
-                await self._settle(seq_id)
-                self._append_chunk(chunk)
-            if seq_id is None:
-                raise InvalidArgument("AppendKV: empty stream; expected at least one chunk")
-            return self._seq_info(self.cache.get(seq_id))
+                    raise InvalidArgument("AppendKV: empty stream; expected at least one chunk")
+                return self._seq_info(self.cache.get(inward(tenant, seq_id)))
+            finally:
+                self.ledger.close_stream(tenant)
 
         return await self._unary("AppendKV", context, run)
 
-    def _append_chunk(self, chunk: pb.AppendKVRequest) -> None:
+    def _append_chunk(self, chunk: pb.AppendKVRequest, tenant: auth.Tenant) -> None:
         """One chunk, all-or-nothing; earlier chunks of the stream stay appended."""
         s = self.spec
         self._check_layer(chunk.layer)
@@ -476,7 +547,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             raise InvalidArgument("k.shape[0]: 0 tokens; expected at least 1")
         v = self._tensor(chunk.v, "v", (T, s.num_kv_heads, s.head_dim), "[T, num_kv_heads, head_dim]")
         # The cache checks these too; checking here names this RPC's own field (`position`).
-        length = self.cache.get(chunk.sequence_id).lengths[chunk.layer]
+        seq_id = inward(tenant, chunk.sequence_id)
+        length = self.cache.get(seq_id).lengths[chunk.layer]
         if chunk.position != length:
             raise FailedPrecondition(
                 f"position: {chunk.position} is not sequence {chunk.sequence_id!r}'s length at layer {chunk.layer}; "
@@ -490,28 +562,33 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         if self._rope is not None:
             cos, sin = self._rope.lookup((chunk.position + np.arange(T))[None, :])
             k = rotate(k.transpose(1, 0, 2)[None], cos, sin)[0].transpose(1, 0, 2)
-        self.cache.append(chunk.sequence_id, chunk.layer, chunk.position, k, v)
+        plan = self.cache.prepare_append(chunk.layer, [seq_id], [chunk.position], T)
+        self._charge_blocks(tenant, plan)
+        with self._pool_delta(tenant):
+            self.cache.commit(plan, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
 
     async def ExportSequence(self, request: pb.ExportSequenceRequest, context: Any) -> AsyncIterator[pb.SequenceChunk]:
         """The sequence's header and K/V, every layer (see `tkg.server.migration`). Waits for a
         launch holding it; truncate/release/fork of it wait until the stream is done."""
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
-        seq_id = request.sequence_id
+        tenant = auth.current().tenant
+        seq_id = inward(tenant, request.sequence_id)
         self._enter()
         pinned = False
         try:
             self._check_access("ExportSequence", context)
-            self._check_id("sequence_id", seq_id)
+            self._check_id("sequence_id", request.sequence_id)
             await self._settle(seq_id)
             self.cache.get(seq_id)  # NOT_FOUND before the stream starts
             self._pinned[seq_id] += 1
             pinned = True
             for msg in self.export_messages(seq_id):
+                msg.sequence_id = request.sequence_id  # the caller's id, without the tenant prefix
                 yield msg
         except ServiceError as exc:
             code = exc.code
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, scrub(exc, tenant).message)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -528,7 +605,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                     del self._pinned[seq_id]
                 self._notify_settled()
             self._leave()
-            self.metrics.observe_request("ExportSequence", _code_name(code), time.perf_counter() - t0)
+            self.metrics.observe_request("ExportSequence", _code_name(code), time.perf_counter() - t0, tenant.name)
 
     def export_messages(self, seq_id: str) -> Iterator[pb.SequenceChunk]:
         tokens = migration.chunk_tokens(self.cache, self.opts.max_message_bytes)
@@ -540,12 +617,26 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         """Accepts exactly what ExportSequence streams; all-or-nothing."""
 
         async def run() -> pb.SequenceInfo:
+            tenant = auth.current().tenant
             importer = migration.Importer(self.cache, self._dtype_code, self.spec.fuse_rope, self._tensor)
             async for msg in request_iterator:
-                if importer.header is None and msg.sequence_id:
-                    self._check_id("sequence_id", msg.sequence_id)
+                if msg.sequence_id:
+                    if importer.header is None:
+                        self._check_id("sequence_id", msg.sequence_id)
+                    msg.sequence_id = inward(tenant, msg.sequence_id)  # into the caller's namespace
                 importer.add(msg)
-            return self._seq_info(importer.install())
+            self.ledger.check_sequence(tenant)
+            free = self.cache.free_blocks
+            state = importer.install()
+            taken = free - self.cache.free_blocks
+            try:
+                self.ledger.check_blocks(tenant, taken)
+            except ServiceError:
+                self.cache.release(state.seq_id)  # nothing imported
+                raise
+            self.ledger.sequences_changed(tenant, 1)
+            self.ledger.blocks_changed(tenant, taken)
+            return self._seq_info(state)
 
         return await self._unary("ImportSequence", context, run)
 
@@ -553,23 +644,38 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self, request_iterator: AsyncIterator[pb.DecodeRequest], context: Any
     ) -> AsyncIterator[pb.DecodeResponse]:
         """Pipelined decode: every message is validated and queued as it arrives; responses come
-        back in request order; a failing message gets an `error` response and the stream goes on."""
+        back in request order; a failing message gets an `error` response and the stream goes on.
+
+        At most STREAM_WINDOW messages are read ahead of the reply being sent: a caller that does
+        not read its replies stops the server reading its requests (gRPC flow control then holds
+        the sender). When the stream ends, work still queued for it is cancelled."""
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
+        tenant = auth.current().tenant
         try:
             self._check_access("DecodeStream", context)
+            self.ledger.open_stream(tenant)
         except ServiceError as exc:
-            self.metrics.observe_request("DecodeStream", _code_name(exc.code), time.perf_counter() - t0)
+            self.metrics.observe_request("DecodeStream", _code_name(exc.code), time.perf_counter() - t0, tenant.name)
             await context.abort(exc.code, exc.message)
         self._enter()
-        results: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+        # Holds the tasks of messages read but not yet answered, plus the end marker.
+        results: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
-                    results.put_nowait(asyncio.ensure_future(self._stream_one(req)))
-            finally:
-                results.put_nowait(None)
+                    task = asyncio.ensure_future(self._stream_one(req))
+                    try:
+                        await results.put(task)  # waits while the window is full: no more reading
+                    except asyncio.CancelledError:
+                        task.cancel()
+                        raise
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the caller's half of the stream broke: answer what was read
+                log.debug("DecodeStream: reading the requests failed", exc_info=True)
+            await results.put(None)
 
         reader = asyncio.ensure_future(read())
         try:
@@ -580,8 +686,13 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             raise
         finally:
             reader.cancel()
+            while not results.empty():  # the stream ended with work still queued: drop it
+                task = results.get_nowait()
+                if task is not None:
+                    task.cancel()
+            self.ledger.close_stream(tenant)
             self._leave()
-            self.metrics.observe_request("DecodeStream", _code_name(code), time.perf_counter() - t0)
+            self.metrics.observe_request("DecodeStream", _code_name(code), time.perf_counter() - t0, tenant.name)
 
     async def _stream_one(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         t0 = time.perf_counter()
@@ -592,12 +703,14 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             code = grpc.StatusCode.OK
         except ServiceError as exc:
             code = exc.code
-            resp = _error_response(req, code, exc.message)
+            resp = _error_response(req, code, scrub(exc, auth.current().tenant).message)
         except Exception as exc:  # a server bug fails this message, not the stream
-            log.exception("DecodeStream message %r failed", req.request_id)
+            log.exception("DecodeStream message %r failed", req.request_id[:LOG_ID_CHARS])
             code = grpc.StatusCode.INTERNAL
             resp = _error_response(req, code, f"server: {type(exc).__name__}: {exc}")
-        self.metrics.observe_request("DecodeStream.message", _code_name(code), time.perf_counter() - t0)
+        self.metrics.observe_request(
+            "DecodeStream.message", _code_name(code), time.perf_counter() - t0, auth.current().tenant.name
+        )
         return resp
 
     async def _unary(self, method: str, context: Any, run: Callable[[], Any]) -> Any:
@@ -613,7 +726,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             return result
         except ServiceError as exc:
             code = exc.code
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, scrub(exc, auth.current().tenant).message)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -625,7 +738,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             await context.abort(code, f"server: {type(exc).__name__}: {exc}")
         finally:
             self._leave()
-            self.metrics.observe_request(method, _code_name(code), time.perf_counter() - t0)
+            self.metrics.observe_request(method, _code_name(code), time.perf_counter() - t0, auth.current().tenant.name)
 
 
 # Exponent bits per float dtype: a value is NaN or infinite exactly when they are all set.
@@ -646,7 +759,8 @@ def all_finite(a: np.ndarray) -> bool:
 
 def _error_response(req: pb.DecodeRequest, code: grpc.StatusCode, message: str) -> pb.DecodeResponse:
     error = pb.Error(code=code.value[0], message=message)
-    return pb.DecodeResponse(request_id=req.request_id, layer=req.layer, error=error)
+    request_id = req.request_id if len(req.request_id) <= MAX_SEQUENCE_ID_LEN else req.request_id[:MAX_SEQUENCE_ID_LEN]
+    return pb.DecodeResponse(request_id=request_id, layer=req.layer, error=error)
 
 
 def _stack_tables(tables: list[np.ndarray]) -> np.ndarray:

@@ -220,8 +220,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
          "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    s = start_server(*GEOMETRY, "--num-blocks", "16", "--max-context", "16", "--auth-token", "full-secret",
-                     "--read-only-token", "ro-secret", "--tls-cert", str(d / "cert.pem"),
+    s = start_server(*GEOMETRY, "--num-blocks", "16", "--max-context", "16", "--auth-token", "full-secret-0123456789",
+                     "--read-only-token", "ro-secret-0123456789", "--tls-cert", str(d / "cert.pem"),
                      "--tls-key", str(d / "key.pem"))  # fmt: skip
     yield s, (d / "cert.pem").read_bytes()
     assert s.stop() == 0
@@ -239,7 +239,7 @@ def test_tokens_and_tls(secure: tuple[ServerProc, bytes]) -> None:
     with client("guess") as c, pytest.raises(errors.Unauthenticated, match="unknown token"):
         c.server_info()
     q, k, v = _qkv(1)
-    with client("ro-secret") as ro:
+    with client("ro-secret-0123456789") as ro:
         assert ro.server_info().num_q_heads == HQ
         with pytest.raises(errors.NotFound):  # allowed to ask; the sequence just does not exist
             ro.get_sequence("absent")
@@ -249,13 +249,13 @@ def test_tokens_and_tls(secure: tuple[ServerProc, bytes]) -> None:
             assert "expected a full-access token" in info.value.details
         channel = grpc.secure_channel(srv.target, grpc.ssl_channel_credentials(cert))
         stream = pb_grpc_stub(channel).DecodeStream(
-            iter([decode_request(0, ["x"], [0], q, k, v)]), metadata=[("authorization", "Bearer ro-secret")]
+            iter([decode_request(0, ["x"], [0], q, k, v)]), metadata=[("authorization", "Bearer ro-secret-0123456789")]
         )
         with pytest.raises(grpc.RpcError) as rpc:
             list(stream)
         assert rpc.value.code() == Code.PERMISSION_DENIED
         channel.close()
-    with client("full-secret") as c:
+    with client("full-secret-0123456789") as c:
         sid = c.create_sequence().sequence_id
         kk, vv = _kv(3)
         c.append_kv(sid, 0, kk, vv)

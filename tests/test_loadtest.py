@@ -15,7 +15,7 @@ from tkg.client.stats import Recorder, histogram, percentile, render, summarize
 # Small geometry, small pool: the reference backend's cost grows with the pool.
 GEOMETRY = ("--num-layers", "2", "--num-q-heads", "4", "--num-kv-heads", "2", "--head-dim", "32",
             "--num-blocks", "256", "--max-context", "512", "--batch-delay-us", "50")  # fmt: skip
-TOKEN = "lt-secret"
+TOKEN = "lt-secret-0123456789"
 
 
 @pytest.fixture(scope="module")

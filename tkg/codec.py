@@ -6,6 +6,8 @@ over the message's bytes, read-only); encoding copies once (`tobytes`), which pr
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from tkg.kernel_dtypes import BF16
@@ -60,7 +62,7 @@ def decode(t: pb.Tensor, field: str = "tensor") -> np.ndarray:
     shape = tuple(int(s) for s in t.shape)
     if any(s < 0 for s in shape):
         raise TensorError(f"{field}.shape: {list(shape)} has a negative dimension")
-    expected = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+    expected = dt.itemsize * math.prod(shape)  # Python ints: a huge shape cannot wrap around
     if len(t.data) != expected:
         raise TensorError(
             f"{field}.data: {len(t.data)} bytes, expected {expected} "

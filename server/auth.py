@@ -1,0 +1,383 @@
+"""Who is calling: bearer tokens and client certificates mapped to tenants, checked in a server
+interceptor before any request body is parsed.
+
+Credentials come from `--auth-token` / `--auth-token-file` / `TKG_AUTH_TOKEN` / `--read-only-token`
+(tenant `default`) and from `--auth-file` (YAML or JSON, hashes only, reloaded on SIGHUP):
+
+    tenants:
+      - name: team-a
+        role: full                 # or read-only; several entries may share a name
+        token_sha256: 9f86d0...    # hex SHA-256 of the bearer token
+        quota: {max_sequences: 1000, max_blocks: 4096, max_pending: 64, max_streams: 16}
+      - name: team-b
+        client_subject: "CN=team-b"   # the verified client certificate's subject (mTLS)
+
+A presented token is hashed once and compared with every configured digest in constant time
+(`hmac.compare_digest`, no early exit), so the time taken says nothing about which digest, if
+any, came close. The identity of a call lives in the context variable `CURRENT` for the
+servicer; without auth every call is the full-access `default` tenant, as before tenants existed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import inspect
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from tkg.server.config import ConfigError, read_file
+
+MIN_TOKEN_LEN = 16
+DEFAULT_TENANT = "default"
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ROLES = ("full", "read-only")
+SERVICE_PREFIX = "/tkg.v1.DecodeAttention/"
+# Methods of the DecodeAttention service a read-only identity may call. Health and reflection
+# (other services) only read, so any authenticated identity may call them.
+READ_ONLY_METHODS = frozenset({"GetServerInfo", "GetSequence"})
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per-tenant limits; None = unlimited (then only the server-wide limits apply)."""
+
+    max_sequences: int | None = None  # live sequences
+    max_blocks: int | None = None  # KV blocks held (a block shared by forks counts once)
+    max_pending: int | None = None  # decode requests queued or running
+    max_streams: int | None = None  # concurrent DecodeStream / AppendKV calls
+
+    def over(self, base: Quota) -> Quota:
+        """This quota with unset keys taken from `base`."""
+        return Quota(**{f.name: getattr(self, f.name) if getattr(self, f.name) is not None
+                        else getattr(base, f.name) for f in fields(self)})  # fmt: skip
+
+
+QUOTA_KEYS = tuple(f.name for f in fields(Quota))
+
+
+def namespace_of(tenant: str) -> str:
+    """The prefix of a tenant's sequence ids inside the KV cache. `default` keeps ids as they are
+    (one tenant, as before); others get `name + "\\x1f"` (a name never holds that character)."""
+    return "" if tenant == DEFAULT_TENANT else tenant + "\x1f"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    quota: Quota = field(default_factory=Quota)
+
+    @property
+    def namespace(self) -> str:
+        return namespace_of(self.name)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An authenticated caller."""
+
+    tenant: Tenant
+    read_only: bool = False
+
+
+ANONYMOUS = Identity(Tenant(DEFAULT_TENANT))
+CURRENT: contextvars.ContextVar[Identity] = contextvars.ContextVar("tkg_identity", default=ANONYMOUS)
+
+
+def current() -> Identity:
+    """The identity of the call being served (ANONYMOUS when auth is off or outside a call)."""
+    return CURRENT.get()
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def check_token(token: str, source: str) -> str:
+    """`token` if it is long enough; ConfigError naming `source` otherwise (never the token)."""
+    if len(token) < MIN_TOKEN_LEN:
+        what = "empty" if not token else f"{len(token)} characters"
+        raise ConfigError(f"{source}: token is {what}; expected at least {MIN_TOKEN_LEN} characters")
+    return token
+
+
+@dataclass(frozen=True)
+class AuthTable:
+    """Every credential the server accepts. Empty (`enabled` False): no auth."""
+
+    tokens: tuple[tuple[bytes, Identity], ...] = ()  # (SHA-256 digest, identity)
+    subjects: tuple[tuple[str, Identity], ...] = ()  # (certificate subject, identity)
+    tenants: tuple[Tenant, ...] = (Tenant(DEFAULT_TENANT),)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens or self.subjects)
+
+    def tenant(self, name: str) -> Tenant | None:
+        return next((t for t in self.tenants if t.name == name), None)
+
+    def by_token(self, token: str) -> Identity | None:
+        """Constant time in which entry matches: every digest is compared, none skipped."""
+        digest = token_digest(token)
+        found = None
+        for want, ident in self.tokens:
+            if hmac.compare_digest(digest, want) and found is None:
+                found = ident
+        return found
+
+    def by_subject(self, subjects: Sequence[str]) -> Identity | None:
+        for want, ident in self.subjects:
+            if want in subjects:
+                return ident
+        return None
+
+
+def build_table(
+    full_tokens: Sequence[str] = (),
+    read_only_tokens: Sequence[str] = (),
+    entries: Sequence[dict[str, Any]] = (),
+    defaults: Quota = Quota(),
+) -> AuthTable:
+    """The table for the flags' tokens (tenant `default`) plus auth-file `entries` (checked,
+    ConfigError naming `tenants[i].key`). Quotas: file keys over `defaults`."""
+    quotas: dict[str, Quota] = {DEFAULT_TENANT: Quota()}
+    parsed = []
+    for i, raw in enumerate(entries):
+        where = f"tenants[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: {raw!r}; expected a mapping: name, role, token_sha256 or client_subject")
+        unknown = sorted(set(raw) - {"name", "role", "token_sha256", "client_subject", "quota"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; expected name, role, token_sha256, "
+                              "client_subject, quota")  # fmt: skip
+        name = raw.get("name")
+        if not isinstance(name, str) or not TENANT_NAME.match(name):
+            raise ConfigError(f"{where}.name: {name!r}; expected 1-64 characters of A-Z a-z 0-9 . _ - "
+                              "(starting with a letter or digit)")  # fmt: skip
+        role = raw.get("role", "full")
+        if role not in ROLES:
+            raise ConfigError(f"{where}.role: {role!r}; expected one of {', '.join(ROLES)}")
+        digest, subject = raw.get("token_sha256"), raw.get("client_subject")
+        if (digest is None) == (subject is None):
+            raise ConfigError(f"{where}: expected exactly one of token_sha256 and client_subject")
+        if digest is not None and (not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest)):
+            raise ConfigError(f"{where}.token_sha256: expected 64 hex digits (sha256sum of the token)")
+        if subject is not None and (not isinstance(subject, str) or not subject.strip()):
+            raise ConfigError(f"{where}.client_subject: {subject!r}; expected a subject such as 'CN=team-a'")
+        quota = _quota(raw.get("quota"), f"{where}.quota")
+        if quota is not None:
+            old = quotas.get(name)
+            if old is not None and old != Quota() and old != quota:
+                raise ConfigError(f"{where}.quota: differs from an earlier entry of tenant {name!r}; "
+                                  "expected the same quota (or none) on every entry of a tenant")  # fmt: skip
+            quotas[name] = quota
+        quotas.setdefault(name, Quota())
+        parsed.append((name, role == "read-only", digest, subject))
+    tenants = {name: Tenant(name, q.over(defaults)) for name, q in quotas.items()}
+    tokens = [(token_digest(t), Identity(tenants[DEFAULT_TENANT])) for t in full_tokens]
+    tokens += [(token_digest(t), Identity(tenants[DEFAULT_TENANT], read_only=True)) for t in read_only_tokens]
+    subjects = []
+    for name, ro, digest, subject in parsed:
+        ident = Identity(tenants[name], read_only=ro)
+        if digest is not None:
+            tokens.append((bytes.fromhex(digest), ident))
+        else:
+            subjects.append((subject.strip(), ident))
+    used = {i.tenant.name for _, i in tokens} | {i.tenant.name for _, i in subjects}
+    listed = tuple(t for n, t in tenants.items() if n in used or (n == DEFAULT_TENANT and not used))
+    return AuthTable(tuple(tokens), tuple(subjects), listed)
+
+
+def _quota(raw: Any, where: str) -> Quota | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - set(QUOTA_KEYS):
+        raise ConfigError(f"{where}: {raw!r}; expected a mapping with some of {', '.join(QUOTA_KEYS)}")
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.{key}: {value!r}; expected an integer >= 1")
+    return Quota(**raw)
+
+
+def read_auth_file(path: str | Path) -> list[dict[str, Any]]:
+    """The `tenants` entries of an auth file (YAML by extension .yaml/.yml, else JSON)."""
+    data = read_file(path, "--auth-file")
+    if not isinstance(data.get("tenants"), list) or set(data) - {"tenants"}:
+        raise ConfigError(f"--auth-file: {str(path)!r}; expected a mapping with one key, tenants: a list of entries")
+    return data["tenants"]
+
+
+def tokens_from(flag_tokens: Sequence[str], token_file: str | None, env: dict[str, str] | None = None) -> list[str]:
+    """Full-access tokens from `--auth-token`, `--auth-token-file` (one per line) and
+    `TKG_AUTH_TOKEN`; each checked with `check_token`. A set but empty variable is refused too
+    (an unset shell variable expanding to "" must not mean "no token needed")."""
+    env = os.environ if env is None else env
+    tokens = [check_token(t, "--auth-token") for t in flag_tokens]
+    if token_file is not None:
+        try:
+            lines = Path(token_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--auth-token-file: cannot read {token_file!r} ({exc.strerror})") from None
+        lines = [line.strip() for line in lines if line.strip()]
+        if not lines:
+            raise ConfigError(f"--auth-token-file: {token_file!r} is empty; expected one token per line")
+        tokens += [check_token(t, "--auth-token-file") for t in lines]
+    if "TKG_AUTH_TOKEN" in env:
+        tokens.append(check_token(env["TKG_AUTH_TOKEN"].strip(), "TKG_AUTH_TOKEN"))
+    return tokens
+
+
+class Authenticator:
+    """The table in force (swapped whole on reload) and the check of one call."""
+
+    def __init__(self, table: AuthTable) -> None:
+        self.table = table
+
+    def authenticate(self, method: str, metadata: Sequence[tuple[str, Any]], subjects: Sequence[str]) -> Identity:
+        """The caller's identity for `method` (a full method name); raises `Denied`."""
+        table = self.table
+        if not table.enabled:
+            return ANONYMOUS
+        ident = table.by_subject(subjects) if subjects and table.subjects else None
+        if ident is None:
+            header = None
+            for key, value in metadata or ():
+                if key == "authorization":
+                    header = value if isinstance(value, str) else bytes(value).decode("latin-1")
+            if header is None:
+                raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                             "authorization: missing; expected metadata 'authorization: Bearer <token>'"
+                             + (" or a configured client certificate" if table.subjects else ""))  # fmt: skip
+            scheme, _, token = header.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                             "authorization: unknown scheme or empty token; expected 'Bearer <token>'")  # fmt: skip
+            ident = table.by_token(token.strip())
+            if ident is None:
+                raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                             "authorization: unknown token; expected a configured bearer token")  # fmt: skip
+        if ident.read_only and method.startswith(SERVICE_PREFIX):
+            name = method[len(SERVICE_PREFIX) :]
+            if name not in READ_ONLY_METHODS:
+                raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                             f"authorization: this token is read-only; {name} expected a full-access token "
+                             f"(read-only tokens may call {', '.join(sorted(READ_ONLY_METHODS))})")  # fmt: skip
+        return ident
+
+
+class Denied(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def peer_subjects(context: Any) -> list[str]:
+    """The verified client certificate's subject and `CN=<common name>` (empty without mTLS)."""
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # no transport security information on this call
+        return []
+    out = [v.decode("utf-8", "replace") for v in auth.get("x509_subject", ())]
+    out += ["CN=" + v.decode("utf-8", "replace") for v in auth.get("x509_common_name", ())]
+    return out
+
+
+Behavior = Callable[..., Any]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler so that credentials are checked first, with the request still raw
+    bytes; only then is it parsed (a parse failure is INVALID_ARGUMENT) and the servicer called
+    with `CURRENT` set. An unauthenticated caller learns nothing but UNAUTHENTICATED: not the
+    method's existence, not whether the server is draining or warming up."""
+
+    def __init__(self, authenticator: Authenticator, on_denied: Callable[[str, str], None] | None = None) -> None:
+        self.auth = authenticator
+        self.on_denied = on_denied or (lambda method, code: None)
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:  # fmt: skip
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        metadata = details.invocation_metadata or ()
+        deserialize = handler.request_deserializer or (lambda raw: raw)
+
+        async def admit(context: Any) -> None:
+            try:
+                ident = self.auth.authenticate(method, metadata, peer_subjects(context))
+            except Denied as exc:
+                self.on_denied(method, exc.code.name)
+                await context.abort(exc.code, exc.message)
+            CURRENT.set(ident)
+
+        async def parse(raw: bytes, context: Any) -> Any:
+            try:
+                return deserialize(raw)
+            except (DecodeError, ValueError, TypeError):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}; expected one"
+                )
+
+        async def stream_of(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+            async for raw in raws:
+                yield await parse(raw, context)
+
+        serialize = handler.response_serializer
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def uu(raw: bytes, context: Any) -> Any:
+                await admit(context)
+                return await inner(await parse(raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(uu, None, serialize)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def su(raws: AsyncIterator[bytes], context: Any) -> Any:
+                await admit(context)
+                return await inner_su(stream_of(raws, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(su, None, serialize)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def us(raw: bytes, context: Any) -> AsyncIterator[Any]:
+                await admit(context)
+                async for item in _responses(inner_us(await parse(raw, context), context)):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(us, None, serialize)
+        inner_ss = handler.stream_stream
+
+        async def ss(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+            await admit(context)
+            async for item in _responses(inner_ss(stream_of(raws, context), context)):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(ss, None, serialize)
+
+
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """Items of a streaming handler's result: an async generator's items, or none when the
+    handler is a coroutine writing with `context.write` (grpc_health's Watch)."""
+    if inspect.isasyncgen(result):
+        async for item in result:
+            yield item
+    elif inspect.isawaitable(result):
+        await result
+    else:
+        for item in result:
+            yield item

@@ -1,0 +1,147 @@
+"""Tenant namespaces and per-tenant usage against quotas.
+
+**Namespaces.** A tenant's sequence ids live in the KV cache as `namespace + id`
+(`tkg.server.auth.namespace_of`: "" for `default`, `name + "\\x1f"` otherwise). Every id a caller
+sends is prefixed with its own namespace before the cache sees it, so another tenant's sequence is
+simply absent (NOT_FOUND, the same message as a never-created id) on every RPC, fork sources
+included, and two tenants may use the same id. Ids going back out (SequenceInfo, error messages)
+lose the prefix again (`outward`).
+
+**Usage.** `Ledger` counts per tenant what its quota limits: live sequences, KV blocks held,
+decode requests pending (queued or running) and open streams. Blocks are charged by the pool's
+own count around each operation (a reservation is checked against the quota before anything is
+written), and returned as the cache frees them; forks share blocks only within a tenant, so a
+block shared copy-on-write counts once. Idle expiry drops sequences of any tenant at once, so the
+service recounts from a cache snapshot after it (`recount`).
+
+Everything runs on the event loop thread, like the KV cache.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tkg.server.auth import DEFAULT_TENANT, Tenant
+from tkg.server.errors import ResourceExhausted, ServiceError
+
+SEP = "\x1f"
+
+
+def inward(tenant: Tenant, seq_id: str) -> str:
+    """The cache's id for `tenant`'s `seq_id`."""
+    ns = tenant.namespace
+    return ns + seq_id if ns else seq_id
+
+
+def outward(seq_id: str) -> str:
+    """The caller's id for a cache id (the tenant prefix removed)."""
+    _, sep, tail = seq_id.partition(SEP)
+    return tail if sep else seq_id
+
+
+def tenant_of(seq_id: str) -> str:
+    """The tenant name a cache id belongs to."""
+    head, sep, _ = seq_id.partition(SEP)
+    return head if sep else DEFAULT_TENANT
+
+
+def scrub(exc: ServiceError, tenant: Tenant) -> ServiceError:
+    """`exc` with the tenant's namespace removed from the ids its message quotes (repr form)."""
+    ns = tenant.namespace
+    if ns:
+        exc.message = exc.message.replace(repr(ns)[1:-1], "")
+        exc.args = (exc.message,)
+    return exc
+
+
+@dataclass
+class Usage:
+    sequences: int = 0
+    blocks: int = 0
+    pending: int = 0
+    streams: int = 0
+
+
+class Ledger:
+    """Per-tenant usage (keyed by tenant name) and the quota checks."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Usage] = {}
+
+    def of(self, tenant: Tenant) -> Usage:
+        u = self.usage.get(tenant.name)
+        if u is None:
+            u = self.usage[tenant.name] = Usage()
+        return u
+
+    @staticmethod
+    def _over(tenant: Tenant, quota: str, used: int, adding: int, limit: int, unit: str) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"quota {quota} of tenant {tenant.name!r}: {used} {unit} in use, {adding} more requested; "
+            f"expected at most {limit} (release some first or ask for a larger quota)"
+        )
+
+    # ---- sequences ----------------------------------------------------------------------------
+
+    def check_sequence(self, tenant: Tenant) -> None:
+        """RESOURCE_EXHAUSTED when the tenant already holds `max_sequences`."""
+        limit, u = tenant.quota.max_sequences, self.of(tenant)
+        if limit is not None and u.sequences + 1 > limit:
+            raise self._over(tenant, "max_sequences", u.sequences, 1, limit, "sequences")
+
+    def sequences_changed(self, tenant: Tenant, delta: int) -> None:
+        u = self.of(tenant)
+        u.sequences = max(0, u.sequences + delta)
+
+    # ---- blocks -------------------------------------------------------------------------------
+
+    def check_blocks(self, tenant: Tenant, adding: int) -> None:
+        limit, u = tenant.quota.max_blocks, self.of(tenant)
+        if limit is not None and adding > 0 and u.blocks + adding > limit:
+            raise self._over(tenant, "max_blocks", u.blocks, adding, limit, "KV blocks")
+
+    def blocks_changed(self, tenant: Tenant, delta: int) -> None:
+        """`delta` blocks taken (> 0) or returned (< 0) by the tenant's sequences."""
+        u = self.of(tenant)
+        u.blocks = max(0, u.blocks + delta)
+
+    # ---- pending decode requests and streams ---------------------------------------------------
+
+    def enter_pending(self, tenant: Tenant, share: int | None) -> None:
+        """One more decode request; RESOURCE_EXHAUSTED past `max_pending` or the tenant's `share`
+        of the server's queue (`--max-pending` split evenly between the configured tenants; None:
+        one tenant, the queue's own bound applies)."""
+        u = self.of(tenant)
+        limits = [x for x in (share, tenant.quota.max_pending) if x is not None]
+        limit = min(limits) if limits else None
+        if limit is not None and u.pending + 1 > limit:
+            raise self._over(tenant, "max_pending", u.pending, 1, limit, "decode requests")
+        u.pending += 1
+
+    def leave_pending(self, tenant: Tenant) -> None:
+        self.of(tenant).pending -= 1
+
+    def open_stream(self, tenant: Tenant) -> None:
+        limit, u = tenant.quota.max_streams, self.of(tenant)
+        if limit is not None and u.streams + 1 > limit:
+            raise self._over(tenant, "max_streams", u.streams, 1, limit, "streams")
+        u.streams += 1
+
+    def close_stream(self, tenant: Tenant) -> None:
+        self.of(tenant).streams -= 1
+
+    # ---- recount ------------------------------------------------------------------------------
+
+    def recount(self, states: Iterable[tuple[str, Iterable[int]]]) -> None:
+        """Set sequences and blocks from `(cache id, held block ids)` of every live sequence."""
+        seqs: Counter[str] = Counter()
+        blocks: dict[str, set[int]] = {}
+        for seq_id, held in states:
+            name = tenant_of(seq_id)
+            seqs[name] += 1
+            blocks.setdefault(name, set()).update(held)
+        for name in set(self.usage) | set(seqs):
+            u = self.usage.setdefault(name, Usage())
+            u.sequences, u.blocks = seqs.get(name, 0), len(blocks.get(name, ()))
