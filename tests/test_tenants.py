@@ -105,6 +105,7 @@ def test_another_tenants_id_is_not_found_on_every_rpc(server: InProcServer) -> N
         "ReleaseSequence": lambda sid: b.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id=sid)),
         "Decode": lambda sid: b.Decode(decode_request(0, [sid], [5], q, k1, v1)),
         "AppendKV": lambda sid: b.AppendKV(iter([append_request(sid, 0, 5, *kv(1))])),
+        "ExportSequence": lambda sid: list(b.ExportSequence(pb.ExportSequenceRequest(sequence_id=sid))),
     }
     for name, call in calls.items():
         code, details = status_of(lambda call=call: call("s"))
@@ -114,6 +115,14 @@ def test_another_tenants_id_is_not_found_on_every_rpc(server: InProcServer) -> N
         assert "team-a" not in details and "\\x1f" not in details
     replies = list(b.DecodeStream(iter([decode_request(0, ["s"], [5], q, k1, v1, rid="r1")])))
     assert replies[0].error.code == Code.NOT_FOUND.value[0] and replies[0].request_id == "r1"
+    # What team-a exports carries its own id (no prefix); imported by team-b, it is team-b's copy.
+    exported = list(a.ExportSequence(pb.ExportSequenceRequest(sequence_id="s")))
+    assert {m.sequence_id for m in exported} == {"s"}
+    for m in exported:
+        m.sequence_id = "copy"
+    assert list(b.ImportSequence(iter(exported)).lengths) == [5, 5]
+    assert status_of(lambda: a.GetSequence(pb.GetSequenceRequest(sequence_id="copy")))[0] == Code.NOT_FOUND
+    b.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="copy"))
     # team-a's sequence is untouched; team-b may use the same id for its own sequence.
     assert a.GetSequence(pb.GetSequenceRequest(sequence_id="s")) == before
     mine = b.CreateSequence(pb.CreateSequenceRequest(sequence_id="s"))
