@@ -1,12 +1,14 @@
 """Assemble and run one service instance: KV cache, servicer, gRPC server, health, reflection,
 metrics HTTP port, idle-expiry task. `tkg serve` (`tkg.server.cli`) and in-process tests use it.
 
-Startup order: KV cache (preallocated), gRPC server with health NOT_SERVING (and RPCs answering
-UNAVAILABLE) until a warm-up kernel call has run, then SERVING. `App.shutdown`: health
-NOT_SERVING, new calls UNAVAILABLE, idle expiry stops, in-flight calls finish within the grace
-period; with `peers`, every resident sequence is then pushed to the peer clients will route it to
-once this replica is gone (`tkg.server.migration`), within what is left of the grace period;
-then stop. What could not move is logged by id and counted (`tkg_sequences_migrated_total`).
+Startup order: the backend's KV store (pools allocated once) and the cache over it, gRPC server
+with health NOT_SERVING (and RPCs answering UNAVAILABLE) until the warm-up has built every kernel
+specialisation serving can need (device backends: every shape bucket; a log line says how many
+and how long), then SERVING. `App.shutdown`: health NOT_SERVING, new calls UNAVAILABLE, idle
+expiry stops, in-flight calls finish within the grace period; with `peers`, every resident
+sequence is then pushed to the peer clients will route it to once this replica is gone
+(`tkg.server.migration`), within what is left of the grace period; then stop. What could not
+move is logged by id and counted (`tkg_sequences_migrated_total`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tkg.kernel import paged_decode
+from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, WarmUp, create_kv_store
 from tkg.server import auth as auth_mod
 from tkg.server import migration
 from tkg.server.config import ModelSpec
@@ -62,6 +64,9 @@ class ServeSettings:
     inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # smaller launches run on the event loop thread
     expiry_period_s: float | None = None  # idle-expiry sweep period; None: idle_ttl_s / 4, in [0.05, 30]
     peers: tuple[str, ...] = ()  # the other replicas, named as clients name them (the routing hash covers the name)
+    # Compiled shape buckets of device backends (nki, nki-emu); None: powers of two up to the spec's limits.
+    context_buckets: tuple[int, ...] | None = None
+    batch_buckets: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -77,6 +82,7 @@ class App:
     port: int
     metrics_port: int | None
     authenticator: auth_mod.Authenticator
+    warmed: WarmUp | None = None
     _expirer: asyncio.Task | None = field(default=None, repr=False)
 
     def describe(self) -> str:
@@ -86,13 +92,17 @@ class App:
             f"listening on {s.host}:{self.port} backend={s.backend} metrics_port={self.metrics_port} "
             f"tls={'on' if s.tls_cert else 'off'}{'+mtls' if s.tls_client_ca else ''} "
             f"auth={'on' if table.enabled else 'off'} tenants={len(table.tenants)} "
-            f"max_batch={self.spec.max_batch} | {self.spec.summary()}"
+            f"max_batch={self.spec.max_batch}{self._warm_up_text()} | {self.spec.summary()}"
         )
 
     def reload_auth(self, table: auth_mod.AuthTable) -> None:
         """Put a new credential table in force (SIGHUP); calls already admitted keep theirs."""
         self.authenticator.table = table
         self.service.tenant_count = lambda: max(1, len(table.tenants))
+
+    def _warm_up_text(self) -> str:
+        w = self.warmed
+        return "" if w is None else f" warm_up={w.launches} launches/{w.compiled} compiled in {w.seconds:.2f}s"
 
     async def shutdown(self, grace_s: float) -> migration.PushReport | None:
         """Drain (health NOT_SERVING, new calls UNAVAILABLE, wait up to `grace_s` for in-flight
@@ -135,13 +145,37 @@ class App:
         return report
 
 
-def warm_up(spec: ModelSpec, cache: KVCache, backend: str) -> None:
-    """One tiny kernel call, so the first request does not pay for loading/compiling the backend."""
-    q = np.zeros((1, spec.num_q_heads, 1, spec.head_dim), dtype=spec.kv_numpy_dtype)
-    paged_decode(
-        q, cache.k[0], cache.v[0], np.zeros((1, 1), np.int32), np.ones(1, np.int32),
-        scale=spec.softmax_scale, window=spec.window(0), sinks=spec.layer_sinks(0), backend=backend,
+def layer_variants(spec: ModelSpec) -> set[LayerVariant]:
+    """The distinct (sliding window?, sinks?) kinds of layer: each is its own kernel specialisation."""
+    return {LayerVariant(spec.window(i) is not None, spec.sinks is not None) for i in range(spec.num_layers)}
+
+
+def make_store(spec: ModelSpec, settings: ServeSettings) -> KVStore:
+    """The backend's KV store for the spec's geometry (pools allocated here, once)."""
+    geometry = KVGeometry(
+        spec.num_layers, spec.num_kv_heads, spec.num_blocks, spec.block_len, spec.head_dim, spec.kv_numpy_dtype,
     )  # fmt: skip
+    options: dict[str, object] = {}
+    if settings.context_buckets is not None:
+        options["context_buckets"] = settings.context_buckets
+    if settings.batch_buckets is not None:
+        options["batch_buckets"] = settings.batch_buckets
+    return create_kv_store(
+        settings.backend, geometry, max_context=spec.max_context, max_batch=spec.max_batch,
+        max_s_active=spec.max_s_active, **options,
+    )  # fmt: skip
+
+
+def warm_up(spec: ModelSpec, cache: KVCache) -> WarmUp:
+    """Build every kernel specialisation serving needs (or run one tiny step on host backends), so
+    no request pays for loading or compiling the backend."""
+    t0 = time.perf_counter()
+    report = cache.store.warm_up(layer_variants(spec), spec.num_q_heads)
+    log.info(
+        "warm-up: backend %s, %d launches, %d kernel specialisations compiled in %.2fs",
+        cache.store.backend, report.launches, report.compiled, time.perf_counter() - t0,
+    )  # fmt: skip
+    return report
 
 
 async def start(spec: ModelSpec, settings: ServeSettings) -> App:
@@ -153,6 +187,7 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
         num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
         block_len=spec.block_len, num_blocks=spec.num_blocks, max_context=spec.max_context, dtype=spec.kv_dtype,
         max_sequences=settings.max_sequences,
+        store=make_store(spec, settings),
     )  # fmt: skip
     metrics = Metrics(settings.backend, gateway=settings.gateway_metrics)
     opts = ServiceOptions(
@@ -201,11 +236,11 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     if settings.metrics_port is not None:
         metrics_port = metrics.serve(settings.metrics_port, settings.metrics_host)
     service.start()
-    await asyncio.get_running_loop().run_in_executor(None, warm_up, spec, cache, settings.backend)
+    warmed = await asyncio.get_running_loop().run_in_executor(None, warm_up, spec, cache)
     service.ready = True
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    app = App(spec, settings, server, service, health_servicer, metrics, port, metrics_port, authenticator)
+    app = App(spec, settings, server, service, health_servicer, metrics, port, metrics_port, authenticator, warmed)
     period = settings.expiry_period_s or min(max(spec.idle_ttl_s / 4, 0.05), 30.0)
     app._expirer = asyncio.get_running_loop().create_task(_expire_loop(service, period), name="tkg-expiry")
     return app

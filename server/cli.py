@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "Inference Extension reads: vllm:num_requests_waiting, vllm:num_requests_running, "
                    "vllm:kv_cache_usage_perc")  # fmt: skip
     n.add_argument("--backend", default="auto", help=f"kernel backend: auto (default), {', '.join(names())}")
+    n.add_argument("--context-buckets", help="device backends (nki, nki-emu): compiled context lengths, a comma "
+                   "list (default: 256, 512, ... up to max_context); longer steps are INVALID_ARGUMENT")  # fmt: skip
+    n.add_argument("--batch-buckets", help="device backends: compiled batch sizes, a comma list (default: 1, 2, 4, "
+                   "... up to max_batch); batches are padded up to one, larger ones split")  # fmt: skip
     n.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE,
                    help=f"gRPC send/receive message limit (default {DEFAULT_MAX_MESSAGE})")  # fmt: skip
     n.add_argument("--batch-delay-us", type=int, default=100, help="longest wait to fill a batch, us (default 100)")
@@ -160,6 +164,8 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
             raise ConfigError(f"--peers: {peer!r}; expected host:port entries separated by commas")
     if args.grace_s < 0:
         raise ConfigError(f"--grace-s: {args.grace_s}; expected >= 0")
+    buckets = {flag: _int_list(flag, text) for flag, text in
+               (("--context-buckets", args.context_buckets), ("--batch-buckets", args.batch_buckets))}  # fmt: skip
     cert = key = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -179,7 +185,20 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         tls_cert=cert, tls_key=key, tls_client_ca=client_ca, gateway_metrics=args.gateway_metrics,
         inline_kernel_bytes=args.inline_kernel_bytes, max_sequences=args.max_sequences,
         max_concurrent_streams=args.max_concurrent_streams, peers=peers,
+        context_buckets=buckets["--context-buckets"], batch_buckets=buckets["--batch-buckets"],
     )  # fmt: skip
+
+
+def _int_list(flag: str, text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag}: {text!r}; expected a comma list of positive integers, e.g. 256,1024")
+    return values
 
 
 def _read_pem(flag: str, path: str) -> bytes:

@@ -1,10 +1,12 @@
 """`KVCache`: the service's paged KV cache: per-layer storage, sequences, two-phase appends.
 
-Storage: per layer `k[layer]` and `v[layer]`, numpy `[num_kv_heads, num_blocks, block_len,
-head_dim]` (head-major: `k[layer][g]` is exactly the kernel's `[num_blocks, block_len, d]` pool
-for kv head g), allocated and written once at start so the hot path never allocates or page-faults
-on cache memory. Block ids come from one `BlockPool` shared by all layers: block i is slot i in
-every layer, so `num_blocks`/`free_blocks` are "per layer, every layer allocates alike".
+Storage: every byte of KV lives in `store`, the kernel backend's `tkg.kernel.kv_store.KVStore`
+(per layer K/V pools `[num_kv_heads, num_blocks, block_len, head_dim]`, allocated once at start:
+host numpy for `reference`/`cpu`, device memory for `nki-emu`/`nki`). The cache writes new tokens
+at (block, offset) slots, copies blocks for copy-on-write and reads blocks back only through it;
+the bookkeeping (tables, lengths, reference counts) stays here on the host. Block ids come from
+one `BlockPool` shared by all layers: block i is slot i in every layer, so
+`num_blocks`/`free_blocks` are "per layer, every layer allocates alike".
 
 A sequence owns a block table (an int32 row of `max_blocks_per_seq = ceil(max_context /
 block_len)` entries, unused entries 0 so every entry is a valid id) and one length per layer
@@ -16,13 +18,13 @@ first copies it (all layers) into a fresh block.
 Appends are two-phase and all-or-nothing for a batch: `prepare_append` validates every sequence
 and reserves every block the batch may need (new blocks and copy-on-write copies) or raises with
 nothing changed; `commit` then cannot fail for lack of blocks: it applies table changes, writes
-`[B, Hkv, S, d]` into the slots with one fancy-indexed assignment per tensor and advances the
+`[B, Hkv, S, d]` into the slots with one `store.write` and advances the
 layer's lengths; `abort` returns the reservation. `rollback` undoes a committed plan at its layer
 (the service uses it when the kernel fails after the append).
 
 Threading: every method must be called from ONE thread (the service's asyncio loop); there are no
-locks. A kernel worker thread may READ `k[layer]`/`v[layer]` through a committed plan's
-`block_tables` while the loop goes on. `commit(plan, ..., hold=True)` makes that safe: the plan
+locks. A kernel worker thread may READ the store's pools (`store.decode`) through a committed
+plan's `block_tables` while the loop goes on. `commit(plan, ..., hold=True)` makes that safe: the plan
 then holds one reference to every block its tables name (vLLM's block pool style) and keeps its
 sequences marked in flight at the layer until `finish(plan)` (or `rollback(plan)`). While held:
 - a held block is never freed or reused (release/truncate/expiry only drop their own
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tkg.kernel.kv_store import HostKVStore, KVGeometry, KVStore
 from tkg.kernel_dtypes import BF16
 from tkg.server.block_pool import BlockPool
 from tkg.server.errors import FailedPrecondition, InvalidArgument, OutOfRange, ResourceExhausted
@@ -100,7 +103,7 @@ class AppendPlan:
 
     `seq_lens` (int32 `[B]`, lengths after the append) is known at prepare; `block_tables` (int32
     `[B, max_blocks]`, `max_blocks = ceil(max(seq_lens) / block_len)`, copy-on-write applied) is
-    set by `KVCache.commit`. Pass both to `tkg.kernel.paged_decode` with `k[layer]`/`v[layer]`.
+    set by `KVCache.commit`. Pass both to `KVCache.store.decode` at `layer`.
     """
 
     layer: int
@@ -146,6 +149,8 @@ class KVCache:
         dtype: `float32`, `float16` or `bfloat16` (or the numpy dtype).
         max_sequences: optional cap on live sequences (RESOURCE_EXHAUSTED past it).
         clock: monotonic seconds, injectable for tests.
+        store: the backend's KV store for this geometry (`tkg.kernel.kv_store.create_kv_store`);
+            None: host numpy pools (`HostKVStore`, backend `reference`).
     """
 
     def __init__(
@@ -160,6 +165,7 @@ class KVCache:
         dtype: str | np.dtype = "float32",
         max_sequences: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        store: KVStore | None = None,
     ) -> None:
         for name, value in (
             ("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
@@ -180,17 +186,16 @@ class KVCache:
         self._clock = clock
         self.pool = BlockPool(num_blocks)
         self.seqs = SequenceTable(num_layers, self.max_blocks_per_seq, max_sequences=max_sequences)
-        shape = (num_kv_heads, num_blocks, block_len, head_dim)
-        self.k: list[np.ndarray] = [self._touched(shape) for _ in range(num_layers)]
-        self.v: list[np.ndarray] = [self._touched(shape) for _ in range(num_layers)]
+        geometry = KVGeometry(num_layers, num_kv_heads, num_blocks, block_len, head_dim, self.dtype)
+        if store is None:
+            store = HostKVStore(geometry)
+        elif (store.geometry.pool_shape, store.geometry.num_layers, np.dtype(store.geometry.dtype)) != (
+            geometry.pool_shape, num_layers, self.dtype,
+        ):  # fmt: skip
+            raise ValueError(f"KVCache: store: its geometry {store.geometry} does not match the cache's {geometry}")
+        self.store = store
         self.tokens_appended = 0  # new tokens per sequence (growth of max(lengths)); layers count once
         self.evicted: Counter[str] = Counter()
-
-    def _touched(self, shape: tuple[int, ...]) -> np.ndarray:
-        # Writing every page now keeps first-touch page faults off the decode path.
-        a = np.empty(shape, dtype=self.dtype)
-        a.fill(0)
-        return a
 
     @staticmethod
     def bytes_per_block(
@@ -445,9 +450,8 @@ class KVCache:
             blk = tables[np.flatnonzero(live)[:, None], tok // BL]
             tables[~live] = 0
         off = tok % BL
-        # [Hkv, NB, BL, d][:, blk, off] is [Hkv, B', S, d]: one scatter per tensor, no token loop.
-        self.k[layer][:, blk, off] = k_new.transpose(1, 0, 2, 3)
-        self.v[layer][:, blk, off] = v_new.transpose(1, 0, 2, 3)
+        # [Hkv, B', S, d] values for the [B', S] slots: one store write, no token loop.
+        self.store.write(layer, blk, off, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
         plan._block_tables = tables
         if hold:
             # Every block the launch may read, once: [B, width] entries past a row's length are
@@ -542,8 +546,7 @@ class KVCache:
         ids = self.seqs.tables[slot, b0 : _ceil_div(end, self.block_len)]
         lo, hi = start - b0 * self.block_len, end - b0 * self.block_len
         out = []
-        for store in (self.k, self.v):
-            blocks = store[layer][:, ids]  # [Hkv, nb, BL, d], a copy
+        for blocks in self.store.read_blocks(layer, ids):  # [Hkv, nb, BL, d] host copies
             out.append(blocks.reshape(self.num_kv_heads, -1, self.head_dim)[:, lo:hi].transpose(1, 0, 2))
         return out[0], out[1]
 
@@ -571,11 +574,8 @@ class KVCache:
         return used
 
     def _copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
-        if not src.size:
-            return
-        for store in (self.k, self.v):
-            for a in store:
-                a[:, dst] = a[:, src]
+        if src.size:
+            self.store.copy_blocks(src, dst)
 
     def _drop(self, slot: int) -> int:
         freed = self.pool.decref(self.seqs.held(slot))

@@ -52,6 +52,29 @@ class _CacheCounters(Collector):
         yield evicted
 
 
+class _StoreCounters(Collector):
+    """`tkg_device_transfer_bytes_total{direction}` and `tkg_kernel_compilations_total`, read from
+    the kernel backend's KV store at scrape time (host backends: 0 transfers, 0 compilations)."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        store = self.cache.store
+        moved = store.transfer_bytes()
+        transfer = CounterMetricFamily(
+            "tkg_device_transfer_bytes", "Bytes copied between host and kernel device memory", labels=["direction"]
+        )
+        for direction in ("h2d", "d2h"):
+            transfer.add_metric([direction], moved[direction])
+        compiled = CounterMetricFamily(
+            "tkg_kernel_compilations", "Kernel specialisations built (one per new compiled shape, warm-up included)"
+        )
+        compiled.add_metric([], store.compilations)
+        yield transfer
+        yield compiled
+
+
 class Metrics:
     """Every metric of the contract, registered in a private registry.
 
@@ -115,6 +138,7 @@ class Metrics:
         for name, doc, read in gauges:
             Gauge(name, doc, registry=r).set_function(read)
         r.register(_CacheCounters(cache))
+        r.register(_StoreCounters(cache))
 
     def observe_request(self, method: str, code: str, seconds: float, tenant: str = "default") -> None:
         child = self._requests.get((method, code))

@@ -39,7 +39,6 @@ import grpc
 import numpy as np
 
 from tkg import __version__, codec
-from tkg.kernel import paged_decode
 from tkg.kernel_dtypes import BF16
 from tkg.server import auth, migration
 from tkg.server.batcher import Batcher, DecodeWork
@@ -255,6 +254,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         k = self._tensor(req.k, "k", kv_shape, "[B, num_kv_heads, S, head_dim]")
         v = self._tensor(req.v, "v", kv_shape, "[B, num_kv_heads, S, head_dim]")
         positions = np.asarray(req.positions, dtype=np.int64)
+        self._check_buckets(S, positions)
         tenant = auth.current().tenant
         ids = [inward(tenant, sid) for sid in req.sequence_ids] if tenant.namespace else list(req.sequence_ids)
         return DecodeWork(req.layer, S, ids, positions, q, k, v, tenant=tenant)
@@ -271,6 +271,25 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     def _notify_settled(self) -> None:
         event, self._settled = self._settled, asyncio.Event()
         event.set()
+
+    def _check_buckets(self, S: int, positions: np.ndarray) -> None:
+        """INVALID_ARGUMENT for a step no compiled shape bucket covers (device backends compile
+        only at start); past max_context the cache answers OUT_OF_RANGE instead."""
+        store = self.cache.store
+        if store.max_s_active is not None and store.max_s_active < S:
+            raise InvalidArgument(
+                f"q.shape[2]: S={S} exceeds the largest compiled s_active bucket {store.max_s_active} of backend "
+                f"{store.backend}; expected at most {store.max_s_active}"
+            )
+        limit = store.max_context
+        if limit is not None and limit < self.spec.max_context and positions.size:
+            ends = positions + S
+            b = int(ends.argmax())
+            if limit < ends[b] <= self.spec.max_context:
+                raise InvalidArgument(
+                    f"positions[{b}]: {int(positions[b])} + S={S} tokens exceeds the largest compiled context bucket "
+                    f"{limit} of backend {store.backend} (--context-buckets); expected at most {limit} tokens"
+                )
 
     def _lone_caller(self) -> bool:
         """One caller has been alone for LONE_STREAK batches and nothing else is in flight."""
@@ -341,19 +360,26 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 cos, sin = self._rope.lookup(pos)  # once for q and every request's k
                 q = rotate(q, cos, sin)
             row = 0
+            store = cache.store
+            new_k, new_v = [], []
             for work, plan in ready:
                 k = work.k
                 if self._rope is not None:
                     k = rotate(k, cos[row : row + work.size], sin[row : row + work.size])
                 with self._pool_delta(work.tenant):
                     cache.commit(plan, k, work.v, hold=True)
+                if store.reads_new_kv:  # device stores send the new tokens with the step
+                    new_k.append(k)
+                    new_v.append(work.v)
                 row += work.size
             tables = _stack_tables([p.block_tables for _, p in ready])
             lens = np.concatenate([p.seq_lens for _, p in ready])
+            k_new = v_new = None
+            if store.reads_new_kv:
+                k_new, v_new = np.concatenate(new_k), np.concatenate(new_v)
             kernel = functools.partial(
-                paged_decode, q, cache.k[layer], cache.v[layer], tables, lens,
+                store.decode, layer, q, k_new, v_new, tables, lens,
                 scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
-                backend=self.opts.backend,
             )  # fmt: skip
             if self._inline(len(ready), int(lens.sum()) * self._kv_token_bytes):
                 out = kernel()

@@ -63,8 +63,9 @@ def gather(cache: KVCache, seq_id: str, layer: int) -> tuple[np.ndarray, np.ndar
     pos = np.arange(n)
     blk = np.asarray(state.block_ids, dtype=np.int64)[pos // cache.block_len]
     off = pos % cache.block_len
-    k = cache.k[layer][:, blk, off].astype(np.float32).transpose(1, 0, 2)
-    v = cache.v[layer][:, blk, off].astype(np.float32).transpose(1, 0, 2)
+    kb, vb = cache.store.read_blocks(layer, blk)  # [Hkv, n, BL, d]: block of each token
+    k = kb[:, np.arange(n), off].astype(np.float32).transpose(1, 0, 2)
+    v = vb[:, np.arange(n), off].astype(np.float32).transpose(1, 0, 2)
     return k, v
 
 
@@ -135,8 +136,9 @@ def test_pool_refcounts_and_double_free() -> None:
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_storage_is_head_major_per_layer_in_the_kv_dtype(dtype: str) -> None:
     cache = make(num_blocks=5, max_context=10, dtype=dtype)
-    assert len(cache.k) == len(cache.v) == L
-    for a in (*cache.k, *cache.v):
+    store = cache.store
+    assert len(store.k) == len(store.v) == L
+    for a in (*store.k, *store.v):
         assert a.shape == (HKV, 5, BL, D)
         assert a.dtype == (BF16 if dtype == "bfloat16" else np.dtype(dtype))
         assert not a.any()
@@ -553,8 +555,6 @@ def test_stats_for_metrics() -> None:
 
 
 def test_paged_decode_over_the_cache_matches_dense_attention() -> None:
-    from tkg.kernel import paged_decode
-
     rng = np.random.default_rng(1)
     cache = make(num_blocks=12, max_context=20)
     hist, hq, S = {"a": 7, "b": 0, "c": 12}, 4, 2
@@ -576,7 +576,7 @@ def test_paged_decode_over_the_cache_matches_dense_attention() -> None:
         np.stack([vs[s][-S:].transpose(1, 0, 2) for s in sids]),
     )
     q = rng.standard_normal((4, hq, S, D)).astype(np.float32)
-    out = paged_decode(q, cache.k[0], cache.v[0], plan.block_tables, plan.seq_lens, scale=0.5, backend="reference")
+    out = cache.store.decode(0, q, None, None, plan.block_tables, plan.seq_lens, scale=0.5)
     for b, sid in enumerate(sids):
         n = plan.seq_lens[b]
         for h in range(hq):
@@ -604,7 +604,7 @@ class KVCacheMachine(RuleBasedStateMachine):
             num_layers=L, num_kv_heads=HKV, head_dim=2, block_len=block_len, num_blocks=num_blocks,
             max_context=12, clock=self.clock,
         )  # fmt: skip
-        self.storage = [*self.cache.k, *self.cache.v]  # preallocated once: must never be replaced
+        self.storage = [*self.cache.store.k, *self.cache.store.v]  # preallocated once: never replaced
         self.model: dict[str, list[list[np.ndarray]]] = {}  # id -> per layer list of [Hkv, 2] k rows
         self.used: dict[str, float] = {}
         self.counter = 0
@@ -763,7 +763,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     @invariant()
     def bookkeeping_consistent(self) -> None:
         check_invariants(self.cache)
-        assert all(x is y for x, y in zip([*self.cache.k, *self.cache.v], self.storage, strict=True))
+        assert all(x is y for x, y in zip([*self.cache.store.k, *self.cache.store.v], self.storage, strict=True))
         assert sorted(self.cache.sequence_ids()) == sorted(self.model)
 
     @invariant()

@@ -275,25 +275,6 @@ def test_nki_backend_says_why_it_cannot_run_here() -> None:
     assert unavailable_reason("nkilib") is not None
 
 
-def test_context_buckets_round_up_and_warm_once() -> None:
-    from tkg.kernel.backends.nki import ContextBuckets
-
-    b = ContextBuckets.powers_of_two(max_context=5000, max_batch=48, lnc=2)
-    assert b.contexts == (256, 512, 1024, 2048, 4096, 5120)
-    assert b.batches == (1, 2, 4, 8, 16, 32, 48)
-    assert b.context_for(1) == 256 and b.context_for(4097) == 5120 and b.batch_for(33) == 48
-    with pytest.raises(ValueError, match="context: 5121 tokens exceed the largest compiled bucket 5120"):
-        b.context_for(5121)
-    with pytest.raises(ValueError, match="batch: 49 sequences exceed the largest compiled bucket 48"):
-        b.batch_for(49)
-    seen: list[tuple[int, int]] = []
-    assert b.warm_up(lambda B, C: seen.append((B, C))) == 42
-    b.warm_up(lambda B, C: seen.append((B, C)))
-    assert len(seen) == 42 and len(set(seen)) == 42
-    with pytest.raises(ValueError, match="contexts: 384 must be a positive multiple of 256"):
-        ContextBuckets((384,), (1,), lnc=2)
-
-
 @needs_emu
 def test_kernel_source_keeps_the_nki_language_rules() -> None:
     """Every kernel-side file passes the emulator's lint (no `is`, no `*` in kernel signatures, ...)."""

@@ -1,6 +1,6 @@
 """The cache and the kernel never race: each interleaving is forced with events, not sleeps.
 
-A `GatedKernel` replaces the service's `paged_decode`: when the launch starts it snapshots the
+A `GatedKernel` replaces the host KV store's `decode`: when the launch starts it snapshots the
 K/V pools and computes the answer on the snapshot (what the kernel must return if nothing
 touched its blocks meanwhile), then blocks the worker thread until the test opens the gate, and
 only then runs the real kernel (or raises). The test does its racing RPCs while the kernel is
@@ -20,6 +20,8 @@ import pytest
 from test_server_service import Aborted, FakeContext
 
 from tkg import codec
+from tkg.kernel import paged_decode
+from tkg.kernel.kv_store import HostKVStore
 from tkg.server import service as service_module
 from tkg.server.config import build_spec
 from tkg.server.errors import ServiceError
@@ -56,35 +58,41 @@ def make_service(num_blocks: int = 8, clock: FakeClock | None = None, **opts: An
 
 
 class GatedKernel:
-    """Stands in for `paged_decode` in the service module (see the module docstring)."""
+    """Stands in for `HostKVStore.decode` (see the module docstring)."""
 
     def __init__(self, fail: BaseException | None = None) -> None:
-        self.real = service_module.paged_decode
+        self.real = HostKVStore.decode
         self.started = threading.Event()
         self.gate = threading.Event()
         self.fail = fail
         self.expected: np.ndarray | None = None
         self.thread: str | None = None
 
-    def __call__(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
+    def __get__(self, store: HostKVStore, owner: type) -> Any:  # bound like the method it replaces
+        return lambda *args, **kwargs: self(store, *args, **kwargs)
+
+    def __call__(self, store: HostKVStore, layer: int, q: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
         self.thread = threading.current_thread().name
-        self.expected = self.real(q, k.copy(), v.copy(), *args, **kwargs)
+        tables, lens = args[2:4]
+        self.expected = paged_decode(
+            q, store.k[layer].copy(), store.v[layer].copy(), tables, lens, backend=store.backend, **kwargs
+        )
         self.started.set()
         assert self.gate.wait(30), "the test never opened the gate"
         if self.fail is not None:
             raise self.fail
-        return self.real(q, k, v, *args, **kwargs)
+        return self.real(store, layer, q, *args, **kwargs)
 
     async def wait_started(self) -> None:
         assert await asyncio.get_running_loop().run_in_executor(None, self.started.wait, 30)
 
     def __enter__(self) -> GatedKernel:
-        service_module.paged_decode = self
+        HostKVStore.decode = self  # type: ignore[assignment,method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.gate.set()
-        service_module.paged_decode = self.real
+        HostKVStore.decode = self.real  # type: ignore[method-assign]
 
 
 def rand(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -328,14 +336,14 @@ def test_a_lone_callers_big_launch_leaves_the_loop() -> None:
         svc = make_service(inline_kernel_bytes=0, lone_inline_bytes=40 * token_bytes)
         svc.start()
         await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id="a"))
-        real = service_module.paged_decode
+        real = HostKVStore.decode
         threads = []
 
         def spy(*args: Any, **kwargs: Any) -> np.ndarray:
             threads.append(threading.current_thread() is threading.main_thread())
             return real(*args, **kwargs)
 
-        service_module.paged_decode = spy
+        HostKVStore.decode = spy  # type: ignore[method-assign]
         try:
             for pos in range(LONE_STREAK + 1):
                 await svc._decode_one(decode_req("a", pos))
@@ -344,7 +352,7 @@ def test_a_lone_callers_big_launch_leaves_the_loop() -> None:
             await svc._decode_one(decode_req("a", LONE_STREAK + 61))
             assert not threads[-1]  # 70 tokens > 40: the worker thread
         finally:
-            service_module.paged_decode = real
+            HostKVStore.decode = real  # type: ignore[method-assign]
         await svc.close()
 
     asyncio.run(main())

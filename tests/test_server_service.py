@@ -136,7 +136,6 @@ def test_a_kernel_crash_after_the_append_rolls_the_step_back() -> None:
     """The kernel fails after k/v were appended: every caller gets the error and no sequence keeps
     the step's tokens (the retry with the same positions then succeeds)."""
     from tkg import codec
-    from tkg.server import service as service_module
     from tkg.server.errors import ServiceError
 
     async def main() -> None:
@@ -148,17 +147,15 @@ def test_a_kernel_crash_after_the_append_rolls_the_step_back() -> None:
         req = pb.DecodeRequest(layer=0, sequence_ids=["a"], positions=[0])
         for name, heads in (("q", 2), ("k", 1), ("v", 1)):
             codec.encode(np.ones((1, heads, 1, 8), np.float32), getattr(req, name))
-        real = service_module.paged_decode
-
         def crash(*args: Any, **kwargs: Any) -> None:
             raise MemoryError("boom")
 
-        service_module.paged_decode = crash
+        svc.cache.store.decode = crash  # type: ignore[method-assign]
         try:
             with pytest.raises(ServiceError, match="kernel: MemoryError: boom"):
                 await svc._decode_one(req)
         finally:
-            service_module.paged_decode = real
+            del svc.cache.store.decode  # the class's method again
         assert svc.cache.get("a").lengths == (0,) and svc.cache.free_blocks == free
         resp = await svc._decode_one(req)
         assert list(resp.out.shape) == [1, 2, 1, 8] and svc.cache.get("a").lengths == (1,)

@@ -2,7 +2,10 @@
 
 A backend module exposes `NAME`, `run(call: KernelCall) -> None` (fills `call.out`, `call.k_out`,
 `call.dbg`), optionally `available() -> str | None` (None when usable, else the reason), and
-optionally `paged_decode(...)` (the service's fast path, `tkg.kernel.paged`). Modules are imported
+optionally `paged_decode(...)` (the service's fast path, `tkg.kernel.paged`), optionally
+`kv_store(geometry, **options)` (the server's KV store, `tkg.kernel.kv_store`; default host numpy
+pools) and optionally `auto_reason() -> str | None` (why `auto` must not pick it even though it
+is available, e.g. `nki` without a Neuron device). Modules are imported
 only when asked for, so the client never imports torch and Neuron code never loads on CPU hosts.
 """
 
@@ -51,6 +54,12 @@ def unavailable_reason(name: str) -> str | None:
     return check() if check is not None else None
 
 
+def _auto_reason(name: str) -> str | None:
+    """Why `auto` skips an available backend (its module's `auto_reason()`, e.g. `nki` without a device)."""
+    check = getattr(_import(name), "auto_reason", None)
+    return check() if check is not None else None
+
+
 def available() -> list[str]:
     """Names of the backends that can run on this host."""
     return [n for n in _BACKENDS if unavailable_reason(n) is None]
@@ -60,7 +69,7 @@ def resolve(name: str) -> str:
     """Map `auto` to the best available backend; check an explicit name is usable."""
     if name == "auto":
         for n in _AUTO_ORDER:
-            if unavailable_reason(n) is None:
+            if unavailable_reason(n) is None and _auto_reason(n) is None:
                 return n
         raise BackendUnavailable("no backend is available")  # reference always is; defensive
     reason = unavailable_reason(name)

@@ -8,10 +8,11 @@ the emulator (`nki-emu`) that executes the same kernel source.
 
 Service hooks for `tkg serve --backend nki`:
 - `require_runtime()`: the startup check, a clear error when the Neuron runtime is missing;
-- `ContextBuckets`: the compiled context buckets (`curr_sprior` values, multiples of 128 per
-  core) and batch buckets, `warm_up()` traces/compiles each once at start;
-- `DeviceKVPool`: one layer's K/V pools as device tensors through torch-neuronx;
-- `paged_decode(args, ...)`: the service's step, padded to a compiled bucket.
+- `auto_reason()`: `--backend auto` picks `nki` only where a Neuron device exists;
+- `kv_store(geometry, ...)`: the server's KV store (`nki_store.DeviceKVStore`): pools resident on
+  the NeuronCore through torch-neuronx (`nki_device.NeuronDevice`), shape buckets compiled at
+  start; the same store as `nki-emu` but for the device module;
+- `paged_decode(args, ...)`: `tkg.kernel.paged_decode` over host pools (tests, benchmarks).
 The Neuron library's own kernel, for comparison on hardware, is backend `nkilib` (`backends/nkilib.py`).
 """
 
@@ -21,12 +22,8 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
-
-import numpy as np
 
 from tkg.kernel.backends import nki_host
 from tkg.kernel.validate import KernelCall
@@ -109,107 +106,41 @@ def require_runtime(allow_simulator: bool = False) -> None:
         )  # fmt: skip
 
 
-def context_align(lnc: int) -> int:
-    """Bucket granularity: `curr_sprior / cores` must be a multiple of 128, so 128*lnc is always safe."""
-    return 128 * lnc
+def auto_reason() -> str | None:
+    """Why `auto` must not pick this backend here: only where a Neuron device exists (the
+    simulator is for tests, never a server's default)."""
+    reason = available()
+    if reason is None and not on_device():
+        reason = f"no Neuron device ({NEURON_DEVICE} not found, or NKI_SIMULATOR=1)"
+    return reason
 
 
-@dataclass
-class ContextBuckets:
-    """Compiled shapes: context buckets (`curr_sprior`) and batch buckets, each compiled once.
-
-    NKI kernels are specialised per static shape, so the service rounds every step up to a bucket:
-    the context to the smallest bucket >= the longest sequence, the batch to the smallest batch
-    bucket >= B (padding rows point at block 0 and are fully masked but for their diagonal).
-    """
-
-    contexts: tuple[int, ...]
-    batches: tuple[int, ...]
-    lnc: int = 1
-    warmed: set[tuple[int, int]] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        align = context_align(self.lnc)
-        for c in self.contexts:
-            if c <= 0 or c % align:
-                msg = f"ContextBuckets: contexts: {c} must be a positive multiple of {align} (lnc={self.lnc})"
-                raise ValueError(msg)
-        if not self.batches or min(self.batches) < 1:
-            raise ValueError(f"ContextBuckets: batches: {self.batches} must be positive sizes")
-        self.contexts = tuple(sorted(set(self.contexts)))
-        self.batches = tuple(sorted(set(self.batches)))
-
-    @classmethod
-    def powers_of_two(cls, max_context: int, max_batch: int, lnc: int = 1) -> ContextBuckets:
-        """Buckets 256, 512, ... up to max_context, and batches 1, 2, 4, ... up to max_batch."""
-        align = context_align(lnc)
-        ctx, c = [], max(256, align)
-        while c < max_context:
-            ctx.append(c)
-            c *= 2
-        ctx.append(-(-max_context // align) * align)
-        bat, b = [], 1
-        while b < max_batch:
-            bat.append(b)
-            b *= 2
-        bat.append(max_batch)
-        return cls(tuple(ctx), tuple(bat), lnc)
-
-    def context_for(self, longest: int) -> int:
-        for c in self.contexts:
-            if c >= longest:
-                return c
-        raise ValueError(f"context: {longest} tokens exceed the largest compiled bucket {self.contexts[-1]}")
-
-    def batch_for(self, batch: int) -> int:
-        for b in self.batches:
-            if b >= batch:
-                return b
-        raise ValueError(f"batch: {batch} sequences exceed the largest compiled bucket {self.batches[-1]}")
-
-    def warm_up(self, step: Any, shapes: Iterable[tuple[int, int]] | None = None) -> int:
-        """Call `step(batch, context)` once per bucket (compiling it); returns how many were warmed."""
-        todo = list(shapes) if shapes is not None else [(b, c) for b in self.batches for c in self.contexts]
-        for b, c in todo:
-            if (b, c) not in self.warmed:
-                step(b, c)
-                self.warmed.add((b, c))
-        return len(todo)
+def paged_decode(args: Any, *, lnc: int = 1, **options: Any) -> None:
+    """`tkg.kernel.paged_decode` through our kernel: one folded launch, context rounded up to 128*lnc."""
+    nki_host.paged_folded(args, NAME, lnc=lnc, **options)
 
 
-class DeviceKVPool:
-    """One layer's K and V pools `[Hkv, num_blocks, block_len, d]` resident on a NeuronCore.
+def _config_cls() -> type:
+    from tkg.kernel.nki_tkg.plan import TKGConfig
 
-    Allocated once at start through torch-neuronx (no allocation on the hot path); `append`
-    writes new tokens in place, and each kv head's pool is a view `[num_blocks, block_len, d]`
-    that the kernel reads through its block table.
-    """
-
-    def __init__(self, shape: Sequence[int], dtype: Any, device: Any = None) -> None:
-        require_runtime()
-        import torch
-
-        if device is None:
-            import torch_xla.core.xla_model as xm  # torch-neuronx runs on the XLA device
-
-            device = xm.xla_device()
-        self.device = device
-        self.k = torch.zeros(tuple(shape), dtype=dtype, device=device)
-        self.v = torch.zeros(tuple(shape), dtype=dtype, device=device)
-
-    def append(self, head: int, blocks: Any, offsets: Any, k: Any, v: Any) -> None:
-        """Write tokens `[T, d]` of kv head `head` at (block, offset) slots (index tensors `[T]`)."""
-        self.k[head, blocks, offsets] = k.to(self.device)
-        self.v[head, blocks, offsets] = v.to(self.device)
-
-    def head(self, g: int) -> tuple[Any, Any]:
-        return self.k[g], self.v[g]
+    return TKGConfig
 
 
-def paged_decode(args: Any, *, lnc: int = 1, buckets: ContextBuckets | None = None, **options: Any) -> None:
-    """The service's decode step through our kernel, with the context rounded to a compiled bucket."""
-    align = context_align(lnc)
-    if buckets is not None:
-        longest = int(np.max(args.seq_lens)) if len(args.seq_lens) else 1
-        align = buckets.context_for(longest)  # one bucket: rounding up to it is rounding to a multiple of it
-    nki_host.paged_folded(args, NAME, lnc=lnc, align=align, **options)
+def _simulate(lnc: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`nki.simulate` on host NumPy (no device here): device arrays are passed as their memory."""
+    from tkg.kernel.nki_emu.device import HbmArray
+
+    return _launch(lnc, tuple(a.data if isinstance(a, HbmArray) else a for a in args))
+
+
+def kv_store(geometry: Any, **options: Any) -> Any:
+    """The service's KV store: pools on the NeuronCore (torch-neuronx, `NeuronDevice`), allocated
+    once; off-device (simulator) host memory standing in for HBM. Options as `nki_store.make_store`."""
+    from tkg.kernel.backends.nki_store import HbmDevice, make_store
+
+    if on_device():  # Trn-only
+        require_runtime()  # Trn-only
+        from tkg.kernel.backends.nki_device import NeuronDevice  # Trn-only
+
+        return make_store(geometry, NeuronDevice(NAME, _config_cls), **options)  # Trn-only
+    return make_store(geometry, HbmDevice(NAME, _simulate, _config_cls), **options)

@@ -6,7 +6,9 @@ Trainium: `attention_tkg_kernel[lnc](...)`. Options (`attention_tkg(..., backend
 `lnc` 1 or 2 (default 1).
 
 Slow (a Python call per engine instruction) and exact: it exists to test the kernel and to count
-its DMA bytes and instructions (`tkg bench kernel --backend nki-emu`).
+its DMA bytes and instructions (`tkg bench kernel --backend nki-emu`). `kv_store` gives the server
+the same device-resident store as backend `nki`, on the emulator's HBM (`nki_store.HbmDevice`),
+so the emulator proves what crosses host <-> device per step.
 """
 
 from __future__ import annotations
@@ -72,3 +74,20 @@ def run(call: KernelCall) -> None:
 def paged_decode(args: Any, **options: Any) -> None:
     """The service's paged step: one emulated kernel launch for all (sequence, kv head) rows."""
     nki_host.paged_folded(args, NAME, **options)
+
+
+def _config_cls() -> type:
+    kernel_module()
+    from tkg.kernel.nki_tkg.plan import TKGConfig
+
+    return TKGConfig
+
+
+def kv_store(geometry: Any, **options: Any) -> Any:
+    """The service's KV store: pools are emulator HBM arrays, allocated once; steps pass them as
+    they are (`tkg.kernel.backends.nki_store`). Options: `max_context`, `max_batch`, `max_s_active`,
+    `context_buckets`, `batch_buckets`, `lnc`."""
+    from tkg.kernel.backends.nki_store import HbmDevice, make_store
+
+    kernel_module()  # the emulator is installed before the kernel is imported
+    return make_store(geometry, HbmDevice(NAME, _launch, _config_cls), **options)

@@ -8,6 +8,7 @@ device), and copies the results back into the call's destinations.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -135,7 +136,6 @@ def paged_folded(args: Any, backend: str, *, lnc: int = 1, align: int | None = N
     sinks that differ between kv heads fall back to one launch per kv head.
     """
     from tkg.kernel.api import attention_tkg
-    from tkg.kernel.config import AttnTKGConfig
     from tkg.kernel.paged import paged_via_attention_tkg
 
     align = P_MAX * lnc if align is None else align
@@ -151,41 +151,122 @@ def paged_folded(args: Any, backend: str, *, lnc: int = 1, align: int | None = N
             return
         sinks = groups[0].reshape(G, 1)
     lens = args.seq_lens.astype(np.int64)
-    cached = lens - S
     sp = decisions.round_up(max(int(lens.max()), 1), int(np.lcm(BL, align)))
-    nblk = sp // BL
-    rows = B * Hkv
-
-    table = np.zeros((B, nblk), dtype=np.int64)  # padding entries: block 0 (in range, masked)
-    for b in range(B):
-        used = -(-int(lens[b]) // BL)
-        table[b, :used] = args.block_tables[b, :used]
-    folded = (table[:, None, :] + (np.arange(Hkv) * NB)[None, :, None]).reshape(rows, nblk).astype(np.uint32)
-    new_pos = cached[:, None] + np.arange(S)[None, :]  # [B, S]
-    new_blk = np.take_along_axis(table, new_pos // BL, axis=1)
-    new_off = new_pos % BL
-    k_new = args.k_cache[:, new_blk, new_off]  # [Hkv, B, S, d]
-    v_new = args.v_cache[:, new_blk, new_off]
-    qs = (np.asarray(q, dtype=np.float32) * np.float32(args.scale)).astype(q.dtype)
-    q_sb = qs.reshape(B, Hkv, G, S, d).transpose(4, 0, 1, 2, 3).reshape(d, rows * G * S)
-    k_sb = k_new.transpose(3, 1, 0, 2).reshape(d, rows * S)
-    v_act = v_new.transpose(1, 0, 2, 3).reshape(rows, 1, S, d)
-    pos = np.repeat(new_pos, Hkv, axis=0).astype(np.float32)  # row b*Hkv+g
-    start = None
-    if args.window is not None:
-        start = np.maximum(pos - args.window + 1, 0).astype(np.float32)
-    tri = np.tril(np.ones((S, S), dtype=np.uint8)).T  # [j, i]: key j visible to query i
-    mask = np.ascontiguousarray(np.broadcast_to(tri[:, None, None, :], (S, rows, G, S)))
-    cfg = AttnTKGConfig(
-        bs=rows, q_head=G, s_active=S, curr_sprior=sp, full_sprior=sp, d_head=d, block_len=BL,
-        tp_k_prior=True, strided_mm1=False, use_pos_id=True, qk_in_sb=True,
+    # The S newest cache entries of each sequence are its new tokens: the active k/v.
+    new_pos = (lens - S)[:, None] + np.arange(S)[None, :]  # [B, S]
+    new_blk = np.take_along_axis(args.block_tables.astype(np.int64), new_pos // BL, axis=1)
+    k_new = args.k_cache[:, new_blk, new_pos % BL].transpose(1, 0, 2, 3)  # [B, Hkv, S, d]
+    v_new = args.v_cache[:, new_blk, new_pos % BL].transpose(1, 0, 2, 3)
+    step = fold_inputs(
+        q, k_new, v_new, args.block_tables, lens, scale=args.scale, window=args.window, heads=range(Hkv),
+        num_blocks=NB, block_len=BL, context=sp, batch=B, s_active=S,
     )  # fmt: skip
     pool_k = args.k_cache.reshape(Hkv * NB, BL, d)
     pool_v = args.v_cache.reshape(Hkv * NB, BL, d)
     res, _ = attention_tkg(
-        np.ascontiguousarray(q_sb), np.ascontiguousarray(k_sb), np.ascontiguousarray(v_act), pool_k, pool_v,
-        mask, None, cfg, None, rope_pos_ids=pos, sink=sinks, active_blocks_table=folded, start_pos_ids=start,
+        step.q, step.k_active, step.v_active, pool_k, pool_v, step.mask, None, step.cfg, None,
+        rope_pos_ids=step.positions, sink=sinks, active_blocks_table=step.table, start_pos_ids=step.starts,
         backend=backend, lnc=lnc, **options,
     )  # fmt: skip
-    # res [rows, G, d, S] -> out[b, g*G + h, s, :]
-    out[...] = res.reshape(B, Hkv, G, d, S).transpose(0, 1, 2, 4, 3).reshape(B, Hq, S, d)
+    step.unfold(res, out)
+
+
+@dataclass
+class FoldedStep:
+    """The host-side inputs of one folded launch (everything but the pools), padded to its bucket.
+
+    Rows are (sequence b, kv head `heads[j]`) pairs, row `b*H + j`, over `batch` sequences (rows
+    past the real B are padding: block 0, length `s_active`, zero q/k/v) and `s_active` query
+    columns (columns past the real S are zero queries whose output is dropped; the causal mask
+    keeps every real query off them).
+    """
+
+    q: np.ndarray  # [d, rows*G*Sb] io dtype, scaled
+    k_active: np.ndarray  # [d, rows*Sb]
+    v_active: np.ndarray  # [rows, 1, Sb, d]
+    mask: np.ndarray  # uint8 [Sb, rows, G, Sb]
+    positions: np.ndarray  # float32 [rows, Sb]
+    starts: np.ndarray | None  # float32 [rows, Sb] (sliding window)
+    table: np.ndarray  # uint32 [rows, context/BL], ids in the folded pool [Hkv*NB, BL, d]
+    cfg: AttnTKGConfig
+    heads: np.ndarray  # int [H] kv heads in the rows
+    real_batch: int
+    real_s: int
+
+    def unfold(self, res: np.ndarray, out: np.ndarray) -> None:
+        """Kernel output `[rows, G, d, Sb]` into `out[b, g*G + h, s, :]` for the real rows/columns."""
+        B, S, H = self.real_batch, self.real_s, self.heads.size
+        G, Sb, d = self.cfg.q_head, self.cfg.s_active, self.cfg.d_head
+        r = np.asarray(res).reshape(-1, H, G, d, Sb)[:B, :, :, :, :S].transpose(0, 1, 2, 4, 3)  # [B, H, G, S, d]
+        Hkv = out.shape[1] // G
+        if Hkv == H:
+            out[...] = r.reshape(out.shape)
+        else:
+            o = out.reshape(B, Hkv, G, S, d)
+            o[:, self.heads] = r
+
+
+def fold_inputs(
+    q: np.ndarray,
+    k_new: np.ndarray,
+    v_new: np.ndarray,
+    block_tables: np.ndarray,
+    seq_lens: np.ndarray,
+    *,
+    scale: float,
+    window: int | None,
+    heads: Any,
+    num_blocks: int,
+    block_len: int,
+    context: int,
+    batch: int,
+    s_active: int,
+) -> FoldedStep:
+    """Inputs of one launch for kv heads `heads` of a decode step, padded to (batch, context, s_active).
+
+    q `[B, Hq, S, d]`, k_new/v_new `[B, Hkv, S, d]` (the S new tokens, already in the cache),
+    block_tables int `[B, >= used blocks]`, seq_lens `[B]` (incl. the new tokens); `context` a
+    multiple of the block length covering max(seq_lens). The pool is head-major `[Hkv, NB, BL, d]`,
+    so `[Hkv*NB, BL, d]` is the same memory and row (b, g) reads its blocks at `table[b] + g*NB`.
+    """
+    B, Hq, S, d = q.shape
+    Hkv = k_new.shape[1]
+    G = Hq // Hkv
+    hs = np.asarray(list(heads), dtype=np.int64)
+    H, Bb, Sb = hs.size, batch, s_active
+    BL = block_len
+    rows = Bb * H
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    cached = np.zeros(Bb, dtype=np.int64)
+    cached[:B] = lens - S
+    nblk = context // BL
+    table = np.zeros((Bb, nblk), dtype=np.int64)  # padding entries: block 0 (in range, masked)
+    used = np.arange(nblk)[None, :] < (-(-lens // BL))[:, None]  # [B, nblk]
+    width = min(nblk, block_tables.shape[1])
+    table[:B, :width] = np.where(used[:, :width], block_tables[:, :width], 0)
+    folded = (table[:, None, :] + (hs * num_blocks)[None, :, None]).reshape(rows, nblk).astype(np.uint32)
+    qs = np.zeros((Bb, Hq, Sb, d), dtype=q.dtype)
+    qs[:B, :, :S] = (np.asarray(q, dtype=np.float32) * np.float32(scale)).astype(q.dtype)
+    kn = np.zeros((Bb, Hkv, Sb, d), dtype=q.dtype)
+    vn = np.zeros((Bb, Hkv, Sb, d), dtype=q.dtype)
+    kn[:B, :, :S] = k_new
+    vn[:B, :, :S] = v_new
+    q_sb = qs.reshape(Bb, Hkv, G, Sb, d)[:, hs].transpose(4, 0, 1, 2, 3).reshape(d, rows * G * Sb)
+    k_sb = kn[:, hs].transpose(3, 0, 1, 2).reshape(d, rows * Sb)
+    v_act = vn[:, hs].reshape(rows, 1, Sb, d)
+    pos = np.repeat(cached[:, None] + np.arange(Sb)[None, :], H, axis=0).astype(np.float32)  # row b*H + j
+    starts = None if window is None else np.maximum(pos - window + 1, 0).astype(np.float32)
+    cfg = AttnTKGConfig(
+        bs=rows, q_head=G, s_active=Sb, curr_sprior=context, full_sprior=context, d_head=d, block_len=BL,
+        tp_k_prior=True, strided_mm1=False, use_pos_id=True, qk_in_sb=True,
+    )  # fmt: skip
+    return FoldedStep(
+        np.ascontiguousarray(q_sb), np.ascontiguousarray(k_sb), np.ascontiguousarray(v_act), causal_mask(Sb, rows, G),
+        pos, starts, folded, cfg, hs, B, S,
+    )  # fmt: skip
+
+
+def causal_mask(s_active: int, rows: int, group: int) -> np.ndarray:
+    """uint8 `[S, rows, G, S]`: active key j visible to query i when j <= i."""
+    tri = np.tril(np.ones((s_active, s_active), dtype=np.uint8)).T  # [j, i]
+    return np.ascontiguousarray(np.broadcast_to(tri[:, None, None, :], (s_active, rows, group, s_active)))

@@ -7,6 +7,10 @@ in program order, and the returned `shared_hbm` tensors come back as NumPy array
 runs two programs in two threads with `nl.program_id(0)` 0 and 1; an error in either program is
 re-raised in the caller (the root cause, not the partner's resulting deadlock).
 
+Host <-> device traffic and kernel specialisations are counted in `device.py`: `HbmArray`
+arguments are already in HBM, NumPy arguments cross host -> device, returned tensors device ->
+host, and each new launch signature is one specialisation.
+
 After every launch `last_run_stats()` returns its counters (`RunStats`, one `ProgramStats` per
 program); `collect_stats()` gathers the stats of every launch made inside a `with` block.
 """
@@ -21,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel.nki_emu import context, dtypes
+from tkg.kernel.nki_emu import context, device, dtypes
 from tkg.kernel.nki_emu.counters import RunStats
 from tkg.kernel.nki_emu.errors import DeadlockError, LaunchError, RemovedApiError
 from tkg.kernel.nki_emu.limits import Target, get_target
@@ -110,8 +114,12 @@ def _convert_args(
     back: list[tuple[np.ndarray, np.ndarray, Storage]] = []
 
     def conv(v: Any, label: str) -> Any:
+        if isinstance(v, device.HbmArray):  # resident in HBM: the kernel works on it in place
+            dt = dtypes.from_numpy(v.dtype, f"kernel argument {label!r}")
+            return context._whole(Storage(tuple(v.shape) or (1,), dt, SHARED_HBM, label, data=v.data.reshape(-1)))
         if isinstance(v, np.ndarray):
             dt = dtypes.from_numpy(v.dtype, f"kernel argument {label!r}")
+            device.COUNTERS.add(h2d=v.nbytes)  # a host array crosses at every call
             arr = np.ascontiguousarray(v)
             st = Storage(tuple(int(n) for n in v.shape) or (1,), dt, SHARED_HBM, label, data=arr.reshape(-1))
             if arr is not v:
@@ -144,7 +152,9 @@ def _result(v: Any, kernel: str) -> Any:
                 "buffer=nl.shared_hbm (since NKI 0.3)"
             )
         v.check_alive(f"{kernel}: returned tensor")
-        return v.read(f"{kernel}: returned tensor {v.name!r}")
+        host = v.read(f"{kernel}: returned tensor {v.name!r}")
+        device.COUNTERS.add(d2h=host.nbytes)
+        return host
     raise LaunchError(f"{kernel}: returned {type(v).__name__}; expected an HBM tensor or a tuple of them")
 
 
@@ -160,6 +170,7 @@ def launch(kernel: Kernel, lnc: int, *args: Any, grid_ndim: int = 1, target: str
     tgt = get_target(target)
     if lnc == 2 and tgt.gen < 3:
         raise LaunchError(f"{name}[2]: LNC=2 needs trn2 (gen3); the target is {tgt.name}")
+    device.COUNTERS.launched((name, lnc, tgt.name, device.signature_of(args), device.signature_of(kwargs)))
     cargs, ckwargs, back = _convert_args(kernel.fn, args, kwargs)
     run = context.Launch(name, lnc, tgt)
     run.grid_ndim = grid_ndim

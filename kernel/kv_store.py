@@ -1,0 +1,257 @@
+"""`KVStore`: the paged K/V pools of every layer, owned by the kernel backend that reads them.
+
+The server's cache manager (`tkg.server.kv_cache.KVCache`) keeps the bookkeeping on the host
+(block tables, lengths, reference counts) and goes through this interface for every byte of KV:
+
+- the pools are allocated once, at construction: per layer K and V `[num_kv_heads, num_blocks,
+  block_len, head_dim]` in the store's dtype (head-major, so `[g]` is the kernel's `[num_blocks,
+  block_len, d]` pool of kv head g; block i is slot i of every layer);
+- `write(layer, blocks, offsets, k, v)`: new tokens at (block, offset) slots;
+- `copy_blocks(src, dst)`: whole blocks, every layer (fork copy-on-write);
+- `read_blocks(layer, blocks)`: blocks back to host numpy (tests, sequence export);
+- `decode(layer, q, k_new, v_new, block_tables, seq_lens, ...)`: one decode launch over the
+  resident pools (the S new tokens were written first, so they are ordinary cache entries).
+
+Implementations: `HostKVStore` (numpy pools in host memory; backends `reference`, `cpu`: the cpu
+native kernel reads the pool in place) and `tkg.kernel.device_store.DeviceKVStore` (pools in
+device memory, shape buckets compiled at start; backends `nki-emu` and `nki`, which differ only in
+their device module). `create_kv_store(backend, geometry)` asks the backend module for its store.
+
+Counters for metrics: `transfer_bytes()` (host -> device `h2d`, device -> host `d2h`; 0 for host
+stores) and `compilations` (kernel specialisations built, warm-up included; 0 for host stores).
+
+Threading: the service calls `write`/`copy_blocks`/`read_blocks` from its event loop and `decode`
+from one kernel thread at a time; `decode` only reads blocks named by its tables, and the cache
+never writes blocks a running launch reads (see `tkg.server.kv_cache`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tkg.kernel import backends
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """Shape and dtype of the pools: `num_layers` x K/V `[num_kv_heads, num_blocks, block_len, head_dim]`.
+
+    `dtype` is the storage dtype (any numpy dtype the backend supports, 1-byte fp8 included);
+    `io_dtype` what q, new k/v and the output travel in (None: `dtype`).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    num_blocks: int
+    block_len: int
+    head_dim: int
+    dtype: np.dtype
+    io_dtype: np.dtype | None = None
+
+    @property
+    def pool_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_kv_heads, self.num_blocks, self.block_len, self.head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of one layer, K or V."""
+        return self.num_kv_heads * self.block_len * self.head_dim * np.dtype(self.dtype).itemsize
+
+
+class StepOutOfBuckets(ValueError):
+    """A decode step whose shape no compiled bucket covers (the service answers INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What `KVStore.warm_up` did: kernel specialisations built and the seconds it took."""
+
+    launches: int
+    compiled: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LayerVariant:
+    """What changes a layer's kernel specialisation besides shapes: a sliding window, sinks."""
+
+    window: bool = False
+    sinks: bool = False
+
+
+class KVStore:
+    """The interface (see the module docstring). Subclasses implement the `_` methods' storage."""
+
+    backend: str = ""
+
+    def __init__(self, geometry: KVGeometry) -> None:
+        for name in ("num_layers", "num_kv_heads", "num_blocks", "block_len", "head_dim"):
+            if getattr(geometry, name) < 1:
+                raise ValueError(f"KVStore: {name}: expected >= 1, got {getattr(geometry, name)}")
+        self.geometry = geometry
+        self.compilations = 0
+
+    # ---- limits ---------------------------------------------------------------------------------
+
+    @property
+    def max_context(self) -> int | None:
+        """The most tokens (cached + new) a sequence may have in a decode step; None: no limit."""
+        return None
+
+    @property
+    def max_s_active(self) -> int | None:
+        """The most new tokens per sequence in a decode step; None: no limit."""
+        return None
+
+    @property
+    def reads_new_kv(self) -> bool:
+        """True when `decode` needs `k_new`/`v_new` (device stores send them with the step)."""
+        return False
+
+    def check_step(self, s_active: int, context: int) -> None:
+        """Raise StepOutOfBuckets naming the limit when no bucket covers the step."""
+        if self.max_s_active is not None and s_active > self.max_s_active:
+            raise StepOutOfBuckets(
+                f"S={s_active} new tokens exceeds the largest compiled s_active bucket {self.max_s_active} "
+                f"(backend {self.backend}); expected at most {self.max_s_active}"
+            )
+        if self.max_context is not None and context > self.max_context:
+            raise StepOutOfBuckets(
+                f"{context} tokens exceeds the largest compiled context bucket {self.max_context} "
+                f"(backend {self.backend}, --context-buckets); expected at most {self.max_context}"
+            )
+
+    # ---- counters -------------------------------------------------------------------------------
+
+    def transfer_bytes(self) -> dict[str, int]:
+        """Bytes moved host -> device (`h2d`) and device -> host (`d2h`) since construction."""
+        return {"h2d": 0, "d2h": 0}
+
+    # ---- storage --------------------------------------------------------------------------------
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.geometry.num_layers:
+            raise ValueError(f"KVStore: layer: expected 0 <= layer < {self.geometry.num_layers}, got {layer}")
+
+    def write(self, layer: int, blocks: np.ndarray, offsets: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Store tokens at `layer`: slot (blocks[i], offsets[i]) gets `k[:, i]`, `v[:, i]`.
+
+        blocks, offsets: int arrays of one shape I; k, v: `[num_kv_heads, *I, head_dim]`, cast to
+        the store dtype. Slots must be distinct.
+        """
+        raise NotImplementedError
+
+    def copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy blocks `src[i]` -> `dst[i]` (int `[n]`, distinct `dst`) in every layer, K and V."""
+        raise NotImplementedError
+
+    def read_blocks(self, layer: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of blocks `blocks` (int `[n]`) at `layer`: K, V `[num_kv_heads, n, block_len, head_dim]`."""
+        raise NotImplementedError
+
+    def decode(
+        self,
+        layer: int,
+        q: np.ndarray,
+        k_new: np.ndarray | None,
+        v_new: np.ndarray | None,
+        block_tables: np.ndarray,
+        seq_lens: np.ndarray,
+        *,
+        scale: float,
+        window: int | None = None,
+        sinks: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """One decode step of `layer` for B sequences (`tkg.kernel.paged.paged_decode`'s math).
+
+        q: `[B, Hq, S, d]` (RoPE applied, not scaled); k_new, v_new: `[B, Hkv, S, d]`, the S tokens
+        already written at positions `seq_lens[b]-S ..` (None unless `reads_new_kv`);
+        block_tables: int32 `[B, >= ceil(seq_lens/block_len)]`; seq_lens: int32 `[B]`.
+        Returns `[B, Hq, S, d]` in q's dtype.
+        """
+        raise NotImplementedError
+
+    def warm_up(self, variants: set[LayerVariant], num_q_heads: int, s_active: int = 1) -> WarmUp:
+        """Build every kernel specialisation serving can need (device stores) or run one tiny step
+        (host stores), so no request pays for it."""
+        t0 = time.perf_counter()
+        g = self.geometry
+        io = g.io_dtype or g.dtype
+        for variant in sorted(variants, key=lambda x: (x.window, x.sinks)):
+            q = np.zeros((1, num_q_heads, 1, g.head_dim), dtype=io)
+            sinks = np.zeros(num_q_heads, np.float32) if variant.sinks else None
+            self.decode(
+                0, q, None, None, np.zeros((1, 1), np.int32), np.ones(1, np.int32), scale=1.0,
+                window=1 if variant.window else None, sinks=sinks,
+            )  # fmt: skip
+        return WarmUp(len(variants), 0, time.perf_counter() - t0)
+
+
+class HostKVStore(KVStore):
+    """Numpy pools in host memory; `decode` runs `paged_decode` on them in place (no copies).
+
+    `k[layer]`, `v[layer]`: the pools, allocated and written once here so the hot path never
+    page-faults on cache memory.
+    """
+
+    def __init__(self, geometry: KVGeometry, backend: str = "reference") -> None:
+        super().__init__(geometry)
+        self.backend = backend
+        self.k: list[np.ndarray] = [self._touched() for _ in range(geometry.num_layers)]
+        self.v: list[np.ndarray] = [self._touched() for _ in range(geometry.num_layers)]
+
+    def _touched(self) -> np.ndarray:
+        a = np.empty(self.geometry.pool_shape, dtype=self.geometry.dtype)
+        a.fill(0)  # every page now: first-touch faults stay off the decode path
+        return a
+
+    def write(self, layer: int, blocks: np.ndarray, offsets: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        # [Hkv, NB, BL, d][:, blocks, offsets] is [Hkv, *I, d]: one scatter per tensor, no token loop.
+        self.k[layer][:, blocks, offsets] = k
+        self.v[layer][:, blocks, offsets] = v
+
+    def copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
+        if not len(src):
+            return
+        for pools in (self.k, self.v):
+            for a in pools:
+                a[:, dst] = a[:, src]
+
+    def read_blocks(self, layer: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self._check_layer(layer)
+        ids = np.asarray(blocks, dtype=np.int64)
+        return self.k[layer][:, ids], self.v[layer][:, ids]  # fancy indexing: copies
+
+    def decode(
+        self,
+        layer: int,
+        q: np.ndarray,
+        k_new: np.ndarray | None,
+        v_new: np.ndarray | None,
+        block_tables: np.ndarray,
+        seq_lens: np.ndarray,
+        *,
+        scale: float,
+        window: int | None = None,
+        sinks: np.ndarray | None = None,
+    ) -> np.ndarray:
+        from tkg.kernel.paged import paged_decode
+
+        return paged_decode(
+            q, self.k[layer], self.v[layer], block_tables, seq_lens, scale=scale, window=window, sinks=sinks,
+            backend=self.backend,
+        )  # fmt: skip
+
+
+def create_kv_store(backend: str, geometry: KVGeometry, **options: Any) -> KVStore:
+    """The store of backend `backend` (a resolved name): its module's `kv_store(geometry, **options)`,
+    else host numpy pools. Options (device stores): `buckets`, `lnc`."""
+    mod = backends.load(backend)
+    make = getattr(mod, "kv_store", None)
+    if make is None:
+        return HostKVStore(geometry, backend)
+    return make(geometry, **options)

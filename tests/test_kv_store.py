@@ -1,0 +1,299 @@
+"""The kernel backends' KV stores: host numpy pools and device-resident pools (nki-emu; nki on Trn).
+
+The device store is checked against the host store (same writes, copies, reads and decode
+outputs), its own transfer counts against the emulator's, and through the service: a steady
+decode loop moves per step only the request's q, new k/v, block tables and positions host ->
+device, the same at context 256 as at 2048, and builds no kernel specialisation after warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tkg.kernel.backends import unavailable_reason
+from tkg.kernel.kv_store import HostKVStore, KVGeometry, LayerVariant, StepOutOfBuckets, create_kv_store
+from tkg.kernel_dtypes import BF16
+
+needs_emu = pytest.mark.skipif(unavailable_reason("nki-emu") is not None, reason="the NKI emulator cannot run here")
+
+HQ, HKV, D, BL = 8, 2, 64, 16
+
+
+def geometry(num_blocks: int = 64, layers: int = 2, dtype: Any = BF16) -> KVGeometry:
+    return KVGeometry(layers, HKV, num_blocks, BL, D, np.dtype(dtype))
+
+
+# ---- buckets ----------------------------------------------------------------------------------
+
+
+def test_buckets_round_up_and_name_the_limit() -> None:
+    from tkg.kernel.backends.nki_store import Buckets
+
+    b = Buckets.default(5000, 48, 7, block_len=16, lnc=2)
+    assert b.contexts == (256, 512, 1024, 2048, 4096, 5120)
+    assert b.batches == (1, 2, 4, 8, 16, 32, 48) and b.s_actives == (1, 2, 4, 7)
+    assert b.context_for(1) == 256 and b.context_for(4097) == 5120 and b.batch_for(33) == 48
+    assert b.s_active_for(5) == 7 and b.count() == 6 * 7 * 4
+    with pytest.raises(StepOutOfBuckets, match="context: 5121 exceeds the largest compiled context bucket 5120"):
+        b.context_for(5121)
+    with pytest.raises(StepOutOfBuckets, match="batch: 49 exceeds the largest compiled batch bucket 48"):
+        b.batch_for(49)
+    with pytest.raises(ValueError, match="contexts: 384 must be a positive multiple of 256"):
+        Buckets((384,), (1,), (1,), align=256)
+    # block_len 48 and 128 keys per core: contexts are multiples of lcm(48, 128) = 384
+    assert Buckets.default(1000, 1, 1, block_len=48, contexts=[100, 700]).contexts == (384, 768)
+
+
+# ---- host store -------------------------------------------------------------------------------
+
+
+def test_host_store_pools_are_allocated_once_zeroed_and_read_as_copies() -> None:
+    store = HostKVStore(geometry(num_blocks=5), "reference")
+    assert len(store.k) == 2 and store.k[1].shape == (HKV, 5, BL, D) and not store.k[1].any()
+    store.write(1, np.array([3, 3]), np.array([0, 15]), np.ones((HKV, 2, D)), -np.ones((HKV, 2, D)))
+    k, v = store.read_blocks(1, np.array([3]))
+    assert k.shape == (HKV, 1, BL, D) and k[:, 0, 0].all() and k[:, 0, 15].all() and not k[:, 0, 1:15].any()
+    k[...] = 7  # a copy: the pool is unchanged
+    assert store.k[1][:, 3, 1].sum() == 0 and (v[:, 0, 15] == -1).all()
+    assert store.transfer_bytes() == {"h2d": 0, "d2h": 0} and store.compilations == 0
+
+
+# ---- device store (nki-emu) against the host store --------------------------------------------
+
+
+def _twin_stores(buckets: dict[str, Any]) -> tuple[Any, HostKVStore]:
+    geo = geometry()
+    return create_kv_store("nki-emu", geo, **buckets), HostKVStore(geo, "reference")
+
+
+def _fill(stores: tuple[Any, ...], rng: np.random.Generator, tables: np.ndarray, length: int) -> np.ndarray:
+    """Write `length` random tokens per row of `tables` at layer 0 of every store; k, v `[2, B, Hkv, L, d]`."""
+    B = tables.shape[0]
+    pos = np.arange(length)
+    blocks, offsets = tables[:, pos // BL], np.broadcast_to(pos % BL, (B, length))
+    kv = rng.standard_normal((2, B, HKV, length, D)).astype(BF16)
+    for s in stores:
+        s.write(0, blocks, offsets, kv[0].transpose(1, 0, 2, 3), kv[1].transpose(1, 0, 2, 3))
+    return kv
+
+
+@needs_emu
+def test_device_store_reads_copies_and_decodes_like_the_host_store() -> None:
+    """Batch 3 padded to bucket 4, S=3 padded to 4, sinks (one launch per kv head) and a window."""
+    rng = np.random.default_rng(0)
+    dev, host = _twin_stores({"max_context": 512, "max_batch": 4, "max_s_active": 4})
+    assert dev.buckets.batches == (1, 2, 4) and dev.buckets.s_actives == (1, 2, 4)
+    tables = rng.permutation(64)[:3 * 12].reshape(3, 12)
+    lens = np.array([150, 37, 190], np.int32)
+    kv = _fill((dev, host), rng, tables, 190)
+    S = 3
+    q = rng.standard_normal((3, HQ, S, D)).astype(BF16)
+    new = (lens[:, None] - S + np.arange(S))  # [B, S] positions of the new tokens
+    k_new = np.stack([kv[0][b][:, new[b]] for b in range(3)])  # [B, Hkv, S, d]
+    v_new = np.stack([kv[1][b][:, new[b]] for b in range(3)])
+    sinks = rng.standard_normal(HQ).astype(np.float32)
+    for window, sk in ((None, None), (40, sinks)):
+        got = dev.decode(0, q, k_new, v_new, tables, lens, scale=0.125, window=window, sinks=sk)
+        want = host.decode(0, q, None, None, tables, lens, scale=0.125, window=window, sinks=sk)
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2, rtol=2e-2)
+    ids = np.array([tables[0, 0], tables[2, 11], 5])
+    dev.copy_blocks(ids[:2], np.array([60, 61]))
+    host.copy_blocks(ids[:2], np.array([60, 61]))
+    for a, b in zip(dev.read_blocks(0, np.r_[ids, 60, 61]), host.read_blocks(0, np.r_[ids, 60, 61]), strict=True):
+        assert a.shape == (HKV, 5, BL, D)
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(StepOutOfBuckets, match="exceeds the largest compiled context bucket 512"):
+        dev.decode(0, q, k_new, v_new, np.zeros((3, 40), np.int32), np.full(3, 513, np.int32), scale=0.1)
+
+
+@needs_emu
+def test_device_store_counts_what_the_emulator_sees_cross() -> None:
+    """Every byte the store says it moved, the emulator moved (no NumPy pool sneaks into a launch),
+    and each new launch shape is one specialisation in both counts."""
+    from tkg.kernel.nki_emu.device import device_counters
+
+    rng = np.random.default_rng(1)
+    dev, _ = _twin_stores({"max_context": 256, "max_batch": 2, "max_s_active": 1})
+    tables = rng.permutation(64)[:2 * 16].reshape(2, 16)
+    kv = _fill((dev,), rng, tables, 100)
+    q = rng.standard_normal((2, HQ, 1, D)).astype(BF16)
+    lens = np.array([100, 60], np.int32)
+    k_new = np.stack([kv[0][b][:, [lens[b] - 1]] for b in range(2)])
+    before, own = device_counters(), dict(dev.transfer_bytes())
+    for _ in range(2):
+        dev.decode(0, q, k_new, k_new, tables, lens, scale=0.1)
+    dev.read_blocks(1, np.array([1, 2]))
+    after, moved = device_counters(), dev.transfer_bytes()
+    assert moved["h2d"] - own["h2d"] == after["h2d_bytes"] - before["h2d_bytes"] > 0
+    assert moved["d2h"] - own["d2h"] == after["d2h_bytes"] - before["d2h_bytes"] > 0
+    assert dev.compilations == 1 and after["specialisations"] - before["specialisations"] <= 1
+    # One layer's K pool is 64 blocks x 16 x 2 heads x 64 x 2 B = 256 KiB; two steps move ~10 KiB.
+    assert moved["h2d"] - own["h2d"] < 16 * 1024
+
+
+# ---- the service on nki-emu: a steady decode loop ------------------------------------------------
+
+
+def _service(backend: str, max_context: int) -> Any:
+    from tkg.server.app import ServeSettings, make_store, warm_up
+    from tkg.server.config import build_spec
+    from tkg.server.kv_cache import KVCache
+    from tkg.server.metrics import Metrics
+    from tkg.server.service import DecodeAttentionService, ServiceOptions
+
+    spec = build_spec({
+        "num_layers": 1, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "kv_dtype": "bfloat16",
+        "block_len": BL, "num_blocks": 300, "max_context": max_context, "max_batch": 1, "max_s_active": 1,
+        "fuse_rope": False,
+    })  # fmt: skip
+    store = make_store(spec, ServeSettings(backend=backend))
+    cache = KVCache(num_layers=1, num_kv_heads=HKV, head_dim=D, block_len=BL, num_blocks=300,
+                    max_context=max_context, dtype="bfloat16", store=store)  # fmt: skip
+    opts = ServiceOptions(backend=backend, max_batch=1, batch_delay_s=0.0, max_pending=4, max_message_bytes=2**22)
+    svc = DecodeAttentionService(spec, cache, opts, Metrics(backend))
+    report = warm_up(spec, cache)
+    svc.ready = True
+    return svc, report
+
+
+def _decode_request(sid: str, pos: int, rng: np.random.Generator) -> Any:
+    from tkg import codec
+    from tkg.v1 import decode_attention_pb2 as pb
+
+    req = pb.DecodeRequest(layer=0, sequence_ids=[sid], positions=[pos])
+    for name, heads in (("q", HQ), ("k", HKV), ("v", HKV)):
+        codec.encode(rng.standard_normal((1, heads, 1, D)).astype(BF16), getattr(req, name))
+    return req
+
+
+@needs_emu
+def test_a_steady_decode_loop_moves_only_the_step_inputs_and_compiles_nothing() -> None:
+    from tkg.kernel.nki_emu.device import device_counters
+
+    rng = np.random.default_rng(2)
+    svc, report = _service("nki-emu", 2048)
+    built = device_counters()["specialisations"]
+    store = svc.cache.store
+    assert store.buckets.contexts == (256, 512, 1024, 2048) and store.buckets.batches == (1,)
+    assert report.launches == report.compiled == store.compilations == 4
+    per_step, steps = {}, 4
+    q_kv = (HQ + 2 * HKV) * D * 2  # the request's own q + new k/v bytes (bf16, B=1, S=1)
+
+    async def loop() -> None:
+        svc.start()
+        for context in (256, 2048):
+            sid = f"s{context}"
+            svc.cache.create(sid)
+            n = context - steps - 2
+            svc.cache.append(sid, 0, 0, np.zeros((n, HKV, D), BF16), np.zeros((n, HKV, D), BF16))
+            await svc._decode_one(_decode_request(sid, n, rng))  # reach the steady state
+            h2d = store.transfer_bytes()["h2d"]
+            for i in range(steps):
+                resp = await svc._decode_one(_decode_request(sid, n + 1 + i, rng))
+                assert list(resp.out.shape) == [1, HQ, 1, D]
+            per_step[context] = (store.transfer_bytes()["h2d"] - h2d) / steps
+        await svc.close()
+
+    asyncio.run(loop())
+    # What the launch takes besides q/k/v: the folded block table (one row per kv head, padded to
+    # the context bucket, uint32) and the positions (float32 per row).
+    tables = {c: HKV * (c // BL) * 4 for c in per_step}
+    positions = HKV * 4
+    print(f"h2d bytes per step: {per_step} (q+k+v {q_kv}, tables {tables}, positions {positions})")
+    for c, moved in per_step.items():
+        assert moved <= 2 * q_kv + tables[c] + positions, (c, moved)
+    assert per_step[256] - tables[256] == per_step[2048] - tables[2048]
+    assert store.compilations == 4  # nothing built after warm-up ...
+    assert device_counters()["specialisations"] == built  # ... and the emulator launched no new signature
+    sample = svc.metrics.registry.get_sample_value
+    for direction in ("h2d", "d2h"):
+        value = sample("tkg_device_transfer_bytes_total", {"direction": direction})
+        assert value == store.transfer_bytes()[direction] > 0
+    assert sample("tkg_kernel_compilations_total") == 4
+
+
+def test_host_backends_report_zero_transfers_and_compilations() -> None:
+    from prometheus_client import generate_latest
+
+    svc, report = _service("reference", 256)
+    assert report.compiled == 0 and svc.cache.store.compilations == 0
+    text = generate_latest(svc.metrics.registry).decode()
+    assert 'tkg_device_transfer_bytes_total{direction="h2d"} 0.0' in text
+    assert 'tkg_device_transfer_bytes_total{direction="d2h"} 0.0' in text
+    assert "tkg_kernel_compilations_total 0.0" in text
+    asyncio.run(svc.close())
+
+
+@needs_emu
+def test_a_step_past_the_compiled_context_buckets_is_invalid_argument_and_changes_nothing() -> None:
+    from tkg.server.app import ServeSettings, make_store
+    from tkg.server.config import build_spec
+    from tkg.server.errors import InvalidArgument
+    from tkg.server.kv_cache import KVCache
+    from tkg.server.metrics import Metrics
+    from tkg.server.service import DecodeAttentionService, ServiceOptions
+
+    spec = build_spec({
+        "num_layers": 1, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "kv_dtype": "bfloat16",
+        "block_len": BL, "num_blocks": 40, "max_context": 512, "max_batch": 1, "max_s_active": 1,
+    })  # fmt: skip
+    store = make_store(spec, ServeSettings(backend="nki-emu", context_buckets=(256,)))
+    cache = KVCache(num_layers=1, num_kv_heads=HKV, head_dim=D, block_len=BL, num_blocks=40, max_context=512,
+                    dtype="bfloat16", store=store)  # fmt: skip
+    svc = DecodeAttentionService(spec, cache, ServiceOptions("nki-emu", 1, 0.0, 4, 2**22), Metrics("nki-emu"))
+    svc.ready = True
+    cache.create("a")
+    cache.append("a", 0, 0, np.zeros((256, HKV, D), BF16), np.zeros((256, HKV, D), BF16))
+    before = (cache.get("a"), cache.free_blocks, store.compilations)
+    with pytest.raises(InvalidArgument, match=r"positions\[0\]: 256 \+ S=1 tokens exceeds the largest compiled "
+                       r"context bucket 256 of backend nki-emu \(--context-buckets\); expected at most 256"):
+        svc._validate_decode(_decode_request("a", 256, np.random.default_rng(0)))
+    assert (cache.get("a"), cache.free_blocks, store.compilations) == before
+
+
+def test_auto_picks_nki_only_where_a_neuron_device_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tkg.kernel import backends
+    from tkg.kernel.backends import nki
+
+    monkeypatch.setattr(nki, "available", lambda: None)  # as if the Neuron SDK were installed
+    monkeypatch.setattr(nki, "on_device", lambda: False)
+    assert backends.resolve("auto") != "nki"
+    assert "no Neuron device" in (nki.auto_reason() or "")
+    monkeypatch.setattr(nki, "on_device", lambda: True)
+    assert backends.resolve("auto") == "nki"
+
+
+# ---- Trn only -----------------------------------------------------------------------------------
+
+
+@pytest.mark.neuron
+@pytest.mark.trn
+def test_neuron_device_store_matches_the_host_store_on_trn() -> None:
+    """On a trn2 host: pools on the NeuronCore; writes, copies, reads and decode agree with the
+    host store, and a step's h2d bytes do not depend on the context."""
+    rng = np.random.default_rng(3)
+    geo = geometry()
+    dev = create_kv_store("nki", geo, max_context=2048, max_batch=2, max_s_active=1)
+    host = HostKVStore(geo, "reference")
+    assert type(dev.device).__name__ == "NeuronDevice"
+    dev.warm_up({LayerVariant()}, HQ)
+    tables = rng.permutation(64)[:2 * 32].reshape(2, 32)
+    kv = _fill((dev, host), rng, tables, 500)
+    moved = {}
+    for length in (200, 500):
+        lens = np.full(2, length, np.int32)
+        q = rng.standard_normal((2, HQ, 1, D)).astype(BF16)
+        k_new = np.stack([kv[0][b][:, [length - 1]] for b in range(2)])
+        v_new = np.stack([kv[1][b][:, [length - 1]] for b in range(2)])
+        h2d = dev.transfer_bytes()["h2d"]
+        got = dev.decode(0, q, k_new, v_new, tables, lens, scale=0.125)
+        moved[length] = dev.transfer_bytes()["h2d"] - h2d - 2 * HKV * (dev.buckets.context_for(length) // BL) * 4
+        want = host.decode(0, q, None, None, tables, lens, scale=0.125)
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2, rtol=2e-2)
+    assert moved[200] == moved[500]
+    for a, b in zip(dev.read_blocks(0, tables[0, :3]), host.read_blocks(0, tables[0, :3]), strict=True):
+        np.testing.assert_array_equal(a, b)
