@@ -12,7 +12,7 @@ $(BIN)/python:
 
 # Reinstall when the project's metadata or native sources change.
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard kernel/backends/native/*.c kernel/backends/native/*.h)
-	$(BIN)/python -m pip install -q -e '.[server,dev]'
+	$(BIN)/python -m pip install -q -e '.[server,dev,transformers]'
 	touch $(STAMP)
 
 serve: $(STAMP)

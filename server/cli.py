@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tkg serve", description="Serve decode attention over gRPC.")
     g = p.add_argument_group("model-attention spec (preset, then file, then flags)")
     g.add_argument("--config", help="spec file, JSON or YAML (.yaml/.yml); keys in the README")
+    g.add_argument("--hf-config", metavar="PATH", help="a transformers config.json (or its folder): geometry, "
+                   "sliding windows, RoPE, dtype; applied before --config and flags; sinks via --sinks")  # fmt: skip
     g.add_argument("--preset", help=f"built-in spec: {', '.join(PRESETS)} (default {DEFAULT_PRESET} without --config)")
     for key, typ in OVERRIDES.items():
         g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, metavar=typ.__name__.upper(),
@@ -139,7 +141,7 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
         except json.JSONDecodeError as exc:
             example = '{"type": "linear", "factor": 2}'
             raise ConfigError(f"--rope-scaling: not JSON ({exc}); expected a mapping such as {example}") from None
-    return load_spec(args.config, args.preset, overrides)
+    return load_spec(args.config, args.preset, overrides, hf_config=args.hf_config)
 
 
 def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:

@@ -292,18 +292,26 @@ def read_file(path: str | Path, what: str = "config") -> dict[str, Any]:
 
 
 def load_spec(
-    config: str | Path | None = None, preset: str | None = None, overrides: dict[str, Any] | None = None
+    config: str | Path | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    hf_config: str | Path | None = None,
 ) -> ModelSpec:
-    """Preset (default `presets.DEFAULT_PRESET` when no file is given), then file, then overrides."""
+    """Preset (default `presets.DEFAULT_PRESET` when no file is given), then a transformers
+    `config.json` (`tkg.server.hf_config`), then the spec file, then overrides."""
     from tkg.server.presets import DEFAULT_PRESET, PRESETS
 
     raw: dict[str, Any] = {}
-    if preset is None and config is None:
+    if preset is None and config is None and hf_config is None:
         preset = DEFAULT_PRESET
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"preset: {preset!r}; expected one of {sorted(PRESETS)}")
         raw.update(PRESETS[preset])  # nested values (rope_scaling) are only ever read
+    if hf_config is not None:
+        from tkg.server import hf_config as hf
+
+        _merge(raw, hf.spec_keys(hf.read_hf_config(hf_config)))
     base = None
     if config is not None:
         _merge(raw, read_file(config))

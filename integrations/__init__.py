@@ -1,0 +1,1 @@
+"""`tkg.integrations`: tkg behind other libraries' extension points (optional extras)."""
