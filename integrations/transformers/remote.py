@@ -77,6 +77,7 @@ def from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 class RemoteStats:
     """Counters of one `remote_attention` context; times in microseconds."""
 
+    decode_steps: int = 0  # model forwards that decoded on the server (counted at layer 0)
     decode_calls: int = 0  # Decode RPCs (one per layer per step, more when S > max_s_active)
     decode_rows: int = 0  # sequence-steps carried (batch rows x calls)
     queue_us: int = 0  # server Timing: waiting for a batch slot
@@ -344,6 +345,7 @@ class RemoteSession:
         """q `[B, Hq, S, d]`, k/v `[B, Hkv, S, d]` -> out `[B, Hq, S, d]`; one Decode per `max_s_active` tokens."""
         steps = query.shape[2]
         positions = cache.server_lengths(layer, steps)
+        self.stats.decode_steps += int(layer == 0)
         outs = []
         for s0 in range(0, steps, self.info.max_s_active):
             s1 = min(steps, s0 + self.info.max_s_active)
