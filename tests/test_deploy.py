@@ -497,6 +497,15 @@ def test_compose_stack_fits_together() -> None:
                 assert (DEPLOY / src).exists(), f"compose mounts {src}, which does not exist under deploy/"
     flags = flag_values(tkg["command"])
     assert flags["--metrics-port"] == "9400" and flags["--port"] == "50051", flags
+    # TLS and auth on: every file a flag or the health check names is a declared secret.
+    secrets = {f"/run/secrets/{name}": spec["file"] for name, spec in doc["secrets"].items()}
+    assert set(tkg["secrets"]) == {p.rsplit("/", 1)[1] for p in secrets}
+    env = tkg["environment"]
+    for path in (flags["--tls-cert"], flags["--tls-key"], flags["--auth-file"], env["TKG_HEALTH_TOKEN_FILE"],
+                 env["TKG_HEALTH_TLS_CA"]):  # fmt: skip
+        assert path in secrets, f"{path} is not a compose secret"
+        made = Path(secrets[path]).name
+        assert made in (DEPLOY / "make-secrets.sh").read_text(), f"make-secrets.sh does not make {made}"
     mounted = {v.split(":")[1] for v in tkg["volumes"]}
     assert flags["--config"] in mounted, f"--config {flags['--config']} is not a mounted file: {mounted}"
     grace = float(flags["--grace-s"])
@@ -693,7 +702,7 @@ def test_kubernetes_validate_can_fail() -> None:
     import kubernetes_validate
 
     sts = by_kind(rendered("cpu"), "StatefulSet")
-    sts["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = "grpc"
+    sts["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["exec"]["command"] = "healthcheck.py"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(sts, "1.27.0", strict=True)
 
@@ -729,12 +738,26 @@ def test_k8s_wiring(overlay: str) -> None:
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
     assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings"}
 
-    # Native gRPC probes on the health service, on the gRPC port.
+    # TLS and auth on, from mounted Secrets; the probes run deploy/healthcheck.py (in the image)
+    # with the probe token and the CA from those Secrets, against the gRPC port.
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
+
+    def secret_of(path: str) -> str:
+        return volumes[mounts[path.rsplit("/", 1)[0]]]["secret"]["secretName"]
+
+    flags = flag_values(ctr["args"])
+    assert secret_of(flags["--tls-cert"]) == secret_of(flags["--tls-key"]) == "tkg-tls"
+    assert secret_of(flags["--auth-file"]) == "tkg-auth"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert ctr[probe]["grpc"]["port"] == ports["grpc"], probe
+        assert "grpc" not in ctr[probe], f"{probe}: a native gRPC probe cannot authenticate"
+        cmd = ctr[probe]["exec"]["command"]
+        assert cmd[:2] == ["python", "/usr/local/lib/tkg/healthcheck.py"], cmd
+        probe_flags = flag_values(cmd[2:])
+        assert probe_flags["--target"] == f"127.0.0.1:{ports['grpc']}", probe
+        assert secret_of(probe_flags["--token-file"]) == "tkg-auth" and secret_of(probe_flags["--tls-ca"]) == "tkg-tls"
 
     # Drain: preStop sleep + the server's --grace-s must fit in terminationGracePeriodSeconds.
-    flags = flag_values(ctr["args"])
     pre = ctr["lifecycle"]["preStop"]
     sleep_s = float(pre["sleep"]["seconds"]) if "sleep" in pre else float(pre["exec"]["command"][-1])
     grace = float(flags["--grace-s"])
@@ -745,8 +768,6 @@ def test_k8s_wiring(overlay: str) -> None:
     assert set(flags) <= known, f"manifest passes flags tkg serve does not know: {set(flags) - known}"
 
     # The model config: the generated ConfigMap, mounted where --config points.
-    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
     config_dir, config_file = flags["--config"].rsplit("/", 1)
     assert volumes[mounts[config_dir]]["configMap"]["name"] == cm["metadata"]["name"]
     assert config_file in cm["data"]
@@ -793,3 +814,35 @@ def test_model_config_loads_with_the_server() -> None:
                 "fuse_rope", "max_context"):  # fmt: skip
         assert getattr(spec, key) == raw[key], key
     assert spec.kv_bytes() <= raw["kv_cache_bytes"] < spec.kv_bytes() + spec.bytes_per_block()
+
+
+def test_make_secrets_then_serve_with_tls_and_auth_and_probe(tmp_path: Path) -> None:
+    """deploy/make-secrets.sh's files, passed as the manifests pass them, give a server whose
+    health check passes with the probe token over TLS and fails without it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("make-secrets.sh needs openssl")
+    out = tmp_path / "secrets"
+    made = run(["sh", str(DEPLOY / "make-secrets.sh"), str(out)])
+    assert made.returncode == 0, made.stderr
+    sys.path.insert(0, str(Path(__file__).parent))
+    from inproc import InProcServer
+
+    from tkg.client import Client
+    from tkg.server import cli
+
+    args = cli.build_parser().parse_args(["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                                          "--tls-cert", str(out / "tls.crt"), "--tls-key", str(out / "tls.key"),
+                                          "--auth-file", str(out / "auth.yaml")])  # fmt: skip
+    srv = InProcServer(cli.settings_from_args(args, "reference"))
+    try:
+        probe = [sys.executable, str(DEPLOY / "healthcheck.py"), "--target", srv.target, "--tls-ca",
+                 str(out / "ca.crt"), "--server-name", "localhost"]  # fmt: skip
+        ok = run([*probe, "--token-file", str(out / "probe-token")])
+        assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
+        denied = run(probe)
+        assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr, denied.stderr
+        token = (out / "team-a-token").read_text().strip()
+        with Client(srv.target, root_certificates=(out / "ca.crt").read_bytes(), token=token, timeout=20) as c:
+            assert c.create_sequence("x").sequence_id == "x"
+    finally:
+        srv.stop()
