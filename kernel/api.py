@@ -59,7 +59,9 @@ def attention_tkg(
             in natural order (see `tkg.kernel.validate.debug_shapes`).
         start_pos_ids: `[B, S]` sliding-window starts (needs `cfg.use_pos_id`).
         backend: "auto", "reference", "cpu", "nki-emu", "nki".
-        **backend_options: passed to the backend (e.g. `lnc=2` for the NKI backends).
+        **backend_options: passed to the backend. `lnc` (1 or 2, default 1) is the logical core
+            count of the NKI backends; every backend takes it, since it orders a pre-generated
+            block-KV mask (nki-library's convention, `tkg.kernel.decisions.mask_block_len`).
 
     Returns:
         `(out, k_out)`; k_out is None unless `cfg.fuse_rope` or a `k_out` was given.
@@ -72,7 +74,7 @@ def attention_tkg(
         q, k_active, v_active, k_prior, v_prior, mask, out, cfg,
         inv_freqs=inv_freqs, rope_pos_ids=rope_pos_ids, sink=sink,
         active_blocks_table=active_blocks_table, k_out=k_out, DBG_TENSORS=DBG_TENSORS,
-        start_pos_ids=start_pos_ids,
+        start_pos_ids=start_pos_ids, lnc=backend_options.get("lnc", 1),
     )  # fmt: skip
     call.options = dict(backend_options)
     call.options["sbm"] = sbm

@@ -1,7 +1,8 @@
 """Conversions between the array kinds `attention_tkg` accepts (numpy, CPU torch tensors).
 
 bf16 numpy arrays use `ml_dtypes.bfloat16`; torch bf16 tensors cross by bit-reinterpretation
-(a view, no copy), since `torch.Tensor.numpy()` refuses bf16.
+(a view, no copy), since `torch.Tensor.numpy()` refuses bf16. fp8 (`ml_dtypes.float8_e4m3`, 1 byte)
+crosses to torch as its uint8 bits.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel_dtypes import BF16
+from tkg.kernel_dtypes import BF16, FP8
 
 IO_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.float32), np.dtype(np.float16), BF16)
+# K/V (and q) may also be fp8 e4m3: the output is then in the I/O dtype (bf16 unless `out` says).
+KV_DTYPES: tuple[np.dtype, ...] = (*IO_DTYPES, FP8)
 
 
 def is_torch(x: Any) -> bool:
@@ -42,8 +45,16 @@ def from_numpy(a: np.ndarray) -> Any:
 
     if a.dtype == BF16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    if a.dtype == FP8:
+        # torch's float8_e4m3fn is another encoding (no inf, max 448): carry the bits as uint8
+        # and decode with FP8_TO_F32 (`tkg.kernel.backends.cpu_torch`).
+        return torch.from_numpy(a.view(np.uint8))
     return torch.from_numpy(a)
 
 
 def as_f32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
+
+
+# float8_e4m3 by bit pattern -> float32 (exact; inf and NaN included): decoding by table lookup.
+FP8_TO_F32 = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)

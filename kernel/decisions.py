@@ -7,6 +7,7 @@ Neuron SDK, and lets each rule be unit-tested on its own.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,6 +83,48 @@ def resize_block_table(table: np.ndarray, factor: int) -> np.ndarray:
     t = np.asarray(table, dtype=np.uint64)
     new = t[:, :, None] * factor + np.arange(factor, dtype=np.uint64)[None, None, :]
     return new.reshape(t.shape[0], -1).astype(np.uint32)
+
+
+def library_sprior_programs(bs: int, q_head: int, s_active: int, curr_sprior: int, lnc: int) -> int:
+    """Cores the Neuron library splits the key axis across (its rule, which differs from
+    `lnc_sharding` in one point: fused RoPE does not prevent its batch sharding).
+
+    Two cores take half the keys each unless the batch is split instead (B even and
+    (B*H*S > 128 or Sp < 256)), and only when Sp >= 256.
+    """
+    if lnc == 1:
+        return 1
+    batch_split = bs % 2 == 0 and (bs * q_head * s_active > P_MAX or curr_sprior < 2 * P_MAX)
+    return lnc if not batch_split and curr_sprior >= 2 * P_MAX else 1
+
+
+def mask_block_len(
+    bs: int, q_head: int, s_active: int, curr_sprior: int, block_len: int, lnc: int = 1, flash: bool = True
+) -> int:
+    """Block length that orders a pre-generated block-KV mask (the Neuron library's convention).
+
+    The library reduces block_len to the largest divisor R such that each core's keys are whole
+    folds of 128 blocks of R tokens and, under flash tiling (> 8192 keys per core), so are the
+    8192-key tiles and the last partial tile. The mask's row of natural key n is then
+    `F*128*R + (n % R)*128 + (n % (128*R)) // R` with F = n // (128*R) (see
+    `reference.unshuffle_block_mask`). R depends on lnc through the key split.
+
+    Raises ValueError when Sp is not a multiple of 128 per core (no fold structure exists).
+    """
+    n = library_sprior_programs(bs, q_head, s_active, curr_sprior, lnc)
+    if curr_sprior % (P_MAX * n):
+        raise ValueError(
+            f"cfg.curr_sprior: {curr_sprior} must be a multiple of {P_MAX * n} (128 keys x {n} core(s) at lnc={lnc})"
+            " with a pre-generated block-KV mask: its keys come in folds of 128 blocks per core"
+        )
+    divisor = curr_sprior // (P_MAX * n)
+    per_core = curr_sprior // n
+    if flash and per_core > FA_TILE:
+        divisor = math.gcd(divisor, FA_TILE // P_MAX)
+        last = per_core % FA_TILE
+        if last:
+            divisor = math.gcd(divisor, last // P_MAX)
+    return math.gcd(block_len, divisor)
 
 
 def mm1_group_keys(q_head: int, s_active: int) -> int:

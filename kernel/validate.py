@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel.arrays import IO_DTYPES, to_numpy
+from tkg.kernel.arrays import IO_DTYPES, KV_DTYPES, to_numpy
 from tkg.kernel.config import AttnTKGConfig
+from tkg.kernel.decisions import mask_block_len
+from tkg.kernel_dtypes import BF16, FP8
 
 MAX_D_HEAD = 128
 MAX_HS = 512  # H*S: one PSUM bank of fp32 per partition holds the moving free size of MM1
@@ -42,10 +44,13 @@ class KernelCall:
     k_out: np.ndarray | None = None  # destination when fuse_rope or given
     dbg: dict[str, np.ndarray] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    lnc: int = 1  # logical cores the call is for (orders a pre-generated block-KV mask)
+    mask_block_len: int = 0  # block length of a pre-generated block-KV mask's fold order (else 0)
 
     @property
     def dtype(self) -> np.dtype:
-        return self.q.dtype
+        """The I/O dtype: out's (and k_out's); q, K and V are this or float8_e4m3."""
+        return self.out.dtype
 
 
 def _fail(arg: str, msg: str) -> ValueError:
@@ -60,7 +65,13 @@ def _check_shape(name: str, a: np.ndarray, expected: tuple[int, ...], why: str =
 
 def _check_dtype(name: str, a: np.ndarray, dtype: np.dtype) -> None:
     if a.dtype != dtype:
-        raise _fail(name, f"dtype {a.dtype} != expected {dtype} (the I/O dtype is q's)")
+        raise _fail(name, f"dtype {a.dtype} != expected {dtype} (the I/O dtype: out's, else q's, bf16 for fp8 q)")
+
+
+def _check_in_dtype(name: str, a: np.ndarray, io: np.dtype) -> None:
+    """q, k_active, v_active and the caches are the I/O dtype or float8_e4m3."""
+    if a.dtype != io and a.dtype != FP8:
+        raise _fail(name, f"dtype {a.dtype}: expected the I/O dtype {io} or float8_e4m3")
 
 
 def validate_config(cfg: AttnTKGConfig) -> None:
@@ -132,27 +143,43 @@ def validate_call(
     k_out: Any = None,
     DBG_TENSORS: Any = None,
     start_pos_ids: Any = None,
+    lnc: int = 1,
 ) -> KernelCall:
-    """Check every argument against `cfg` and the kernel's limits; return numpy views."""
+    """Check every argument against `cfg` and the kernel's limits; return numpy views.
+
+    `lnc` (1 or 2, the backend option) matters to the result in one place: the row order of a
+    pre-generated block-KV mask (`decisions.mask_block_len`).
+    """
     validate_config(cfg)
+    if lnc not in (1, 2):
+        raise _fail("lnc", f"{lnc!r} must be 1 or 2 (NeuronCores per logical core)")
     B, H, S, d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
     Sp, Spf = cfg.curr_sprior, cfg.full_sprior
 
     qn = to_numpy(q)
-    if qn.dtype not in IO_DTYPES:
-        raise _fail("q", f"dtype {qn.dtype} is not one of float32, float16, bfloat16")
-    dt = qn.dtype
+    if qn.dtype not in KV_DTYPES:
+        raise _fail("q", f"dtype {qn.dtype} is not one of float32, float16, bfloat16, float8_e4m3")
+    # The I/O dtype (out, k_out): out's when given, else q's; fp8 is storage only, so bf16 then.
+    on = None if out is None else to_numpy(out)
+    if on is not None:
+        if on.dtype not in IO_DTYPES:
+            raise _fail("out", f"dtype {on.dtype} is not one of float32, float16, bfloat16")
+        dt = on.dtype
+    else:
+        dt = qn.dtype if qn.dtype in IO_DTYPES else BF16
+    _check_in_dtype("q", qn, dt)
     _check_shape("q", qn, cfg.q_shape, "[d, B*H*S] with qk_in_sb" if cfg.qk_in_sb else "[B, H, S, d]")
     ka = to_numpy(k_active)
     _check_shape("k_active", ka, cfg.k_active_shape, "[d, B*S] with qk_in_sb" if cfg.qk_in_sb else "[B,1,S,d]")
-    _check_dtype("k_active", ka, dt)
+    _check_in_dtype("k_active", ka, dt)
     va = to_numpy(v_active)
     _check_shape("v_active", va, cfg.v_active_shape, "[B, 1, S, d]")
-    _check_dtype("v_active", va, dt)
+    _check_in_dtype("v_active", va, dt)
 
     kp, vp = to_numpy(k_prior), to_numpy(v_prior)
-    _check_dtype("k_prior", kp, dt)
-    _check_dtype("v_prior", vp, dt)
+    _check_in_dtype("k_prior", kp, dt)
+    if vp.dtype != kp.dtype:
+        raise _fail("v_prior", f"dtype {vp.dtype} != k_prior's {kp.dtype} (one cache dtype)")
     table = _opt("active_blocks_table", active_blocks_table)
     if cfg.is_block_kv:
         if table is None:
@@ -186,22 +213,18 @@ def validate_call(
     m = m.view(np.uint8)
     why = "[S, B, H, S] active part with use_pos_id" if cfg.use_pos_id else "[Sp, B, H, S]"
     _check_shape("mask", m, cfg.mask_shape, why)
-    fold = 128 * cfg.block_len
-    if cfg.is_block_kv and not cfg.use_pos_id and Sp % fold:
-        # The fold order (design/kernel.md) is defined over whole folds of 128 blocks of the
-        # caller's block_len; a partial fold has no defined order.
-        raise _fail(
-            "cfg.curr_sprior",
-            f"{Sp} must be a multiple of block_len*128 = {fold} with a pre-generated block-KV mask (its "
-            "keys come in folds of 128 blocks, fold-shuffled); pass use_pos_id=True to have it generated",
-        )
+    mblk = 0
+    if cfg.is_block_kv and not cfg.use_pos_id:
+        # The library's order: folds of 128 blocks of its reduced block length, which depends on lnc.
+        try:
+            mblk = mask_block_len(B, H, S, Sp, cfg.block_len, lnc, cfg.enable_fa_s_prior_tiling)
+        except ValueError as exc:
+            raise ValueError(f"attention_tkg: {exc}; pass use_pos_id=True to have the mask generated") from None
 
-    if out is None:
+    if on is None:
         on = np.empty(cfg.out_shape, dtype=dt)
     else:
-        on = to_numpy(out)
         _check_shape("out", on, cfg.out_shape, "[d, B*H*S] with out_in_sb" if cfg.out_in_sb else "[B,H,d,S]")
-        _check_dtype("out", on, dt)
         if not on.flags.writeable:
             raise _fail("out", "is read-only")
 
@@ -255,7 +278,7 @@ def validate_call(
     return KernelCall(
         cfg=cfg, q=qn, k_active=ka, v_active=va, k_prior=kp, v_prior=vp, mask=m, out=on,
         inv_freqs=inv, rope_pos_ids=pos, start_pos_ids=start, sink=sk,
-        active_blocks_table=table, k_out=ko, dbg=dbg,
+        active_blocks_table=table, k_out=ko, dbg=dbg, lnc=int(lnc), mask_block_len=mblk,
     )  # fmt: skip
 
 

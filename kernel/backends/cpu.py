@@ -29,7 +29,7 @@ from tkg.kernel.backends import reference
 from tkg.kernel.backends.reference import unshuffle_block_mask
 from tkg.kernel.paged import PagedArgs
 from tkg.kernel.validate import KernelCall
-from tkg.kernel_dtypes import BF16
+from tkg.kernel_dtypes import BF16, FP8
 
 NAME = "cpu"
 
@@ -266,6 +266,8 @@ def run_native_ok(call: KernelCall) -> bool:
         return False
     if cfg.d_head > _MAX_D or cfg.s_active > _MAX_ACTIVE:
         return False
+    if call.k_prior.dtype not in _DTYPE_CODES or call.dtype not in _DTYPE_CODES:
+        return False
     if cfg.is_block_kv:
         return call.k_prior.flags.c_contiguous and call.v_prior.flags.c_contiguous
     return (
@@ -277,21 +279,27 @@ def run_native_ok(call: KernelCall) -> bool:
 
 
 def _prior_ranges(call: KernelCall) -> np.ndarray:
-    """int32 `[B, S, 4]`: the two visible intervals of cached keys of each query (reference.visibility)."""
+    """int32 `[B, S, 4]`: the two visible intervals of cached keys of each query
+    (`reference.prior_visibility`: keys are integers, so "k < end" is k < ceil(end))."""
     cfg = call.cfg
     B, S, Sp = cfg.bs, cfg.s_active, cfg.curr_sprior
     n = Sp - S
-    # Positions are float32: "key < cached" means key < ceil(cached), "key >= start" key >= ceil(start).
-    cached = np.clip(np.ceil(as_f32(call.rope_pos_ids)[:, :1].astype(np.float64)), 0, n)  # [B, 1]
+
+    def key_bound(x: np.ndarray) -> np.ndarray:
+        return np.clip(np.ceil(as_f32(x).astype(np.float64)), 0, n)
+
+    pos = as_f32(call.rope_pos_ids)
     rg = np.zeros((B, S, 4), dtype=np.int64)
-    rg[:, :, 1] = cached
-    if call.start_pos_ids is not None:
-        start_f = as_f32(call.start_pos_ids).astype(np.float64)
-        start = np.clip(np.ceil(start_f), 0, n)
-        wraps = start_f > as_f32(call.rope_pos_ids)[:, :1]  # a circular cache whose window wraps around
-        rg[:, :, 0] = np.where(wraps, 0, start)
-        rg[:, :, 2] = np.where(wraps, start, 0)
-        rg[:, :, 3] = np.where(wraps, n, 0)
+    if call.start_pos_ids is None:
+        rg[:, :, 1] = key_bound(pos[:, :1])
+        return rg.astype(np.int32)
+    start, end = as_f32(call.start_pos_ids), pos
+    wraps = start > end  # a circular cache whose window wraps around: [0, end) and [start, n)
+    lo, hi = key_bound(start), key_bound(end)
+    rg[:, :, 0] = np.where(wraps, 0, lo)
+    rg[:, :, 1] = hi
+    rg[:, :, 2] = np.where(wraps, lo, 0)
+    rg[:, :, 3] = np.where(wraps, n, 0)
     return rg.astype(np.int32)
 
 
@@ -327,7 +335,7 @@ def run(call: KernelCall, native: bool | None = None) -> None:
     else:
         # A pre-generated mask `[Sp, B, H, S]` (block KV: in the kernel's fold order): every cached
         # key is a candidate, the mask decides per query (a slower, per-key path in the kernel).
-        m = unshuffle_block_mask(call.mask, cfg.block_len) if cfg.is_block_kv else call.mask
+        m = unshuffle_block_mask(call.mask, call.mask_block_len) if cfg.is_block_kv else call.mask
         ranges = np.zeros((B, H * S, 4), dtype=np.int32)
         ranges[:, :, 1] = Sp - S
         prior_mask = _c(m[: Sp - S].transpose(1, 2, 3, 0).reshape(B, H * S, Sp - S) != 0, np.uint8)
@@ -340,7 +348,7 @@ def run(call: KernelCall, native: bool | None = None) -> None:
     err = _attend(
         q=q32, k=k, v=v, out=o, heads_per_row=1, head_stride=0, block_stride=bstride, bl=BL, table=table,
         nkeys=np.full(B, Sp - S, dtype=np.int32), score_scale=1.0,
-        q_bf16_exact=call.dtype == BF16 and not cfg.fuse_rope, ranges=ranges, ka=_c(ka, np.float32),
+        q_bf16_exact=call.q.dtype in (BF16, FP8) and not cfg.fuse_rope, ranges=ranges, ka=_c(ka, np.float32),
         va=_c(as_f32(call.v_active)[:, 0], np.float32), act_mask=act_mask, sinks=sinks, prior_mask=prior_mask,
         **opts,
     )  # fmt: skip

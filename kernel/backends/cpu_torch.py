@@ -18,9 +18,9 @@ import threading
 import numpy as np
 import torch
 
-from tkg.kernel.arrays import as_f32, from_numpy
+from tkg.kernel.arrays import FP8_TO_F32, as_f32, from_numpy
 from tkg.kernel.backends import reference
-from tkg.kernel.backends.reference import unshuffle_block_mask
+from tkg.kernel.backends.reference import prior_visibility, unshuffle_block_mask
 from tkg.kernel.paged import PagedArgs
 from tkg.kernel.validate import KernelCall
 
@@ -32,8 +32,18 @@ def _t(a: np.ndarray) -> torch.Tensor:
     return from_numpy(np.ascontiguousarray(a))
 
 
+_FP8_TABLE = torch.from_numpy(FP8_TO_F32)
+
+
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as float32 (a new tensor); uint8 tensors are fp8 e4m3 bits (`arrays.from_numpy`)."""
+    if t.dtype == torch.uint8:
+        return _FP8_TABLE[t.to(torch.int64)]
+    return t.to(torch.float32, copy=True)
+
+
 def _f32(a: np.ndarray) -> torch.Tensor:
-    return _t(a).to(torch.float32)
+    return _tf32(_t(a))
 
 
 def _write(dst: np.ndarray, src: torch.Tensor) -> None:
@@ -73,6 +83,10 @@ def _gather_f32(pool: torch.Tensor, blocks: torch.Tensor, L: int, name: str) -> 
     if pool.dtype == torch.float32:
         dst = _WS.take(name, torch.float32, shape)
         torch.index_select(pool, 1, blocks, out=dst)
+    elif pool.dtype == torch.uint8:  # fp8 e4m3 bits: decode by table
+        bits = torch.index_select(pool, 1, blocks).reshape(-1).to(torch.int64)
+        dst = _WS.take(name, torch.float32, shape)
+        torch.index_select(_FP8_TABLE, 0, bits, out=dst.view(-1))
     else:
         io = _WS.take(name + "-io", pool.dtype, shape)
         torch.index_select(pool, 1, blocks, out=io)
@@ -107,7 +121,7 @@ def _prior(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
     kp = _t(call.k_prior)[:B, 0]
     K = kp[:, :Sp, :] if cfg.tp_k_prior else kp[:, :, :Sp].transpose(1, 2)
     V = _t(call.v_prior)[:B, 0, :Sp, :]
-    return K.to(torch.float32, copy=True).contiguous(), V.to(torch.float32, copy=True).contiguous()
+    return _tf32(K).contiguous(), _tf32(V).contiguous()
 
 
 def _visibility(call: KernelCall) -> torch.Tensor:
@@ -117,16 +131,9 @@ def _visibility(call: KernelCall) -> torch.Tensor:
     if not cfg.use_pos_id:
         m = call.mask
         if cfg.is_block_kv:
-            m = unshuffle_block_mask(m, cfg.block_len)
+            m = unshuffle_block_mask(m, call.mask_block_len)
         return torch.from_numpy(np.ascontiguousarray(m.transpose(1, 2, 3, 0) != 0))  # [B, H, S, Sp]
-    keys = torch.arange(Sp - S, dtype=torch.float32).view(1, 1, -1)  # [1, 1, Sp-S]
-    cached = torch.from_numpy(as_f32(call.rope_pos_ids)[:, 0].copy()).view(B, 1, 1)
-    prior = (keys < cached).expand(B, S, Sp - S)
-    if call.start_pos_ids is not None:
-        start = torch.from_numpy(as_f32(call.start_pos_ids).copy()).view(B, S, 1)
-        # A start past the cached length is a circular cache whose window wraps around.
-        wraps = start > cached
-        prior = torch.where(wraps, (keys >= start) | (keys < cached), prior & (keys >= start))
+    prior = torch.from_numpy(np.ascontiguousarray(prior_visibility(call).transpose(0, 2, 1)))  # [B, S, Sp-S]
     active = torch.from_numpy(np.ascontiguousarray(call.mask.transpose(1, 2, 3, 0) != 0))  # [B, H, S, S]
     H = active.shape[1]
     return torch.cat([prior.unsqueeze(1).expand(B, H, S, Sp - S), active], dim=3)

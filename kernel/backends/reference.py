@@ -31,11 +31,12 @@ def rope_rotate_half(x: np.ndarray, pos: np.ndarray, inv_freqs: np.ndarray) -> n
 
 
 def unshuffle_block_mask(mask: np.ndarray, block_len: int) -> np.ndarray:
-    """Pre-generated block-KV mask `[Sp, ...]` from the kernel's fold order to natural key order.
+    """Pre-generated block-KV mask `[Sp, ...]` from its fold order to natural key order.
 
-    The NKI kernel loads 128 blocks per fold, one per partition, so its key index
-    m = fold*block_len*128 + offset*128 + partition holds the natural token
-    fold*block_len*128 + partition*block_len + offset.
+    `block_len` is the mask's order length R (`KernelCall.mask_block_len`: nki-library's reduced
+    block length for the call's lnc, `decisions.mask_block_len`). Keys come in folds of 128
+    blocks of R tokens, one block per SBUF partition, so mask row
+    m = fold*R*128 + offset*128 + partition holds the natural token fold*R*128 + partition*R + offset.
     """
     Sp = mask.shape[0]
     folds = Sp // (block_len * 128)
@@ -78,6 +79,26 @@ def _prior(call: KernelCall) -> tuple[np.ndarray, np.ndarray]:
     return np.array(K, dtype=np.float32), np.array(V, dtype=np.float32)
 
 
+def prior_visibility(call: KernelCall) -> np.ndarray:
+    """Boolean `[B, Sp-S, S]`: may query i of row b see cached key k (generated mask, step 4).
+
+    Without a window every query sees the keys before the cached length `rope_pos_ids[b, 0]`.
+    With `start_pos_ids`, query i sees `[start[b, i], end[b, i])` with `end = rope_pos_ids[b, i]`,
+    or, when start > end (a circular cache whose window wraps), `k >= start or k < end`
+    (nki-library's convention: its reference wins where design docs differ).
+    """
+    cfg = call.cfg
+    S, Sp = cfg.s_active, cfg.curr_sprior
+    keys = np.arange(Sp - S, dtype=np.float32)[None, :, None]  # [1, Sp-S, 1]
+    pos = as_f32(call.rope_pos_ids)
+    if call.start_pos_ids is None:
+        return np.broadcast_to(keys < pos[:, None, :1], (cfg.bs, Sp - S, S))
+    start = as_f32(call.start_pos_ids)[:, None, :]  # [B, 1, S]
+    end = pos[:, None, :]
+    after, before = keys >= start, keys < end
+    return np.where(start <= end, after & before, after | before)
+
+
 def visibility(call: KernelCall) -> np.ndarray:
     """Boolean `[B, H, Sp, S]`: may query i of row b, head h see key k (step 4)."""
     cfg = call.cfg
@@ -85,19 +106,10 @@ def visibility(call: KernelCall) -> np.ndarray:
     if not cfg.use_pos_id:
         m = call.mask
         if cfg.is_block_kv:
-            m = unshuffle_block_mask(m, cfg.block_len)
+            m = unshuffle_block_mask(m, call.mask_block_len)
         return m.transpose(1, 2, 0, 3) != 0
     vis = np.zeros((B, H, Sp, S), dtype=bool)
-    keys = np.arange(Sp - S)[None, :, None]  # [1, Sp-S, 1]
-    cached = as_f32(call.rope_pos_ids)[:, 0][:, None, None]  # [B, 1, 1]
-    prior = keys < cached  # [B, Sp-S, 1]
-    if call.start_pos_ids is not None:
-        start = as_f32(call.start_pos_ids)[:, None, :]  # [B, 1, S]
-        in_window = keys >= start
-        # A start past the cached length means a circular cache whose window wraps around.
-        wraps = start > cached
-        prior = np.where(wraps, (keys >= start) | (keys < cached), prior & in_window)
-    vis[:, :, : Sp - S, :] = np.broadcast_to(prior[:, None], (B, H, Sp - S, S))
+    vis[:, :, : Sp - S, :] = prior_visibility(call)[:, None]
     vis[:, :, Sp - S :, :] = call.mask.transpose(1, 2, 0, 3) != 0
     return vis
 
