@@ -173,7 +173,9 @@ def paged_via_attention_tkg(args: PagedArgs, backend: str, *, align: int = 1, **
     new_pos = cached[:, None] + np.arange(S)[None, :]  # [B, S]
     new_blk = np.take_along_axis(table.astype(np.int64), new_pos // BL, axis=1)
     new_off = new_pos % BL
-    rope_pos = new_pos.astype(np.float32)
+    # Every query's window ends at the cached length (its earlier new tokens are the active ones,
+    # masked causally); with W >= S a start never passes it, so no window wraps.
+    rope_pos = np.repeat(cached[:, None], S, axis=1).astype(np.float32)
     start = None
     if args.window is not None:
         start = np.maximum(new_pos - args.window + 1, 0).astype(np.float32)

@@ -7,13 +7,16 @@ the kernel's documented layouts. Slow and obvious on purpose; keep shapes small.
 Conventions decided here where design/kernel.md is silent (the reference must agree):
 - The RoPE angle `inv_freqs[j] * pos` is the product of two fp32 tensors, so it is rounded to
   fp32 (as any backend computing it in fp32 does); sin/cos are then exact (float64).
-- A pre-generated block-KV mask is in fold order with the CALLER's `block_len`: folds of
-  `128 * block_len` keys, mask row `fold*block_len*128 + offset*128 + partition` holds natural
-  token `fold*block_len*128 + partition*block_len + offset`. (The Neuron library uses its
-  internally reduced block length here, which depends on the core count; ours does not.)
-- Sliding window: prior key k is visible to query i iff `start[b, i] <= k < rope_pos_ids[b, 0]`,
-  or, when `start[b, i] > rope_pos_ids[b, 0]` (a circular cache whose window wraps), iff
-  `k >= start[b, i] or k < rope_pos_ids[b, 0]`.
+- A pre-generated block-KV mask is in fold order with an order length r (nki-library's
+  convention, which depends on the core count lnc): folds of `128 * r` keys, mask row
+  `fold*r*128 + offset*128 + partition` holds natural token `fold*r*128 + partition*r + offset`.
+  r is the largest divisor of block_len for which every core's keys, and every 8192-key flash
+  tile of them (with the last partial one), are whole folds; two cores split the keys when
+  lnc = 2, Sp >= 256 and the batch is not split instead (B even and (B*H*S > 128 or Sp < 256)).
+- Sliding window (nki-library's convention): prior key k is visible to query i iff
+  `start[b, i] <= k < rope_pos_ids[b, i]`, or, when `start[b, i] > rope_pos_ids[b, i]` (a
+  circular cache whose window wraps), iff `k >= start[b, i] or k < rope_pos_ids[b, i]`. Without
+  a window the end is the cached length `rope_pos_ids[b, 0]` for every query.
 - Keys a query cannot see are never read, so garbage (NaN, inf) there cannot reach the output.
 """
 
@@ -30,6 +33,20 @@ FOLD_PARTITIONS = 128  # blocks per fold of a pre-generated block-KV mask (one p
 def _f(a: Any) -> np.ndarray:
     """Any array (numpy of any float dtype) as float64, so scalars below are Python floats."""
     return np.asarray(a).astype(np.float64)
+
+
+def mask_order_len(cfg: Any, lnc: int = 1) -> int:
+    """The order length r of a pre-generated block-KV mask, by trying every divisor of block_len."""
+    B, H, S, Sp, bl = cfg.bs, cfg.q_head, cfg.s_active, cfg.curr_sprior, cfg.block_len
+    batch_split = B % 2 == 0 and (B * H * S > 128 or Sp < 256)
+    cores = 2 if lnc == 2 and Sp >= 256 and not batch_split else 1
+    per_core = Sp // cores
+    flash = getattr(cfg, "enable_fa_s_prior_tiling", True) and per_core > 8192
+    tiles = [min(8192, per_core - s) for s in range(0, per_core, 8192)] if flash else [per_core]
+    for r in range(bl, 0, -1):
+        if bl % r == 0 and Sp % cores == 0 and all(t % (FOLD_PARTITIONS * r) == 0 for t in tiles):
+            return r
+    raise ValueError(f"naive: no fold order for Sp={Sp} on {cores} core(s)")
 
 
 def mask_row_of_token(token: int, block_len: int) -> int:
@@ -55,8 +72,9 @@ def rope(x: list[float], pos: float, inv_freqs: np.ndarray) -> list[float]:
 class NaiveCall:
     """Element accessors over one `attention_tkg` call's arguments, in the kernel's layouts."""
 
-    def __init__(self, cfg: Any, args: dict[str, Any]) -> None:
+    def __init__(self, cfg: Any, args: dict[str, Any], lnc: int = 1) -> None:
         self.cfg = cfg
+        self.lnc = lnc
         self.B, self.H, self.S, self.d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
         self.Sp = cfg.curr_sprior
         self.q = _f(args["q"])
@@ -125,18 +143,17 @@ class NaiveCall:
         if cfg.use_pos_id:
             if k >= first_active:
                 return self.mask[k - first_active, b, h, i] != 0
-            cached = self.pos[b, 0]
             if self.start is None:
-                return k < cached
-            start = self.start[b, i]
-            if start > cached:  # circular cache, the window wraps around
-                return k >= start or k < cached
-            return start <= k < cached
-        row = mask_row_of_token(k, cfg.block_len) if cfg.block_len else k
+                return k < self.pos[b, 0]
+            start, end = self.start[b, i], self.pos[b, i]
+            if start > end:  # circular cache, the window wraps around
+                return k >= start or k < end
+            return start <= k < end
+        row = mask_row_of_token(k, mask_order_len(cfg, self.lnc)) if cfg.block_len else k
         return self.mask[row, b, h, i] != 0
 
 
-def naive_attention(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
+def naive_attention(cfg: Any, args: dict[str, Any], lnc: int = 1) -> dict[str, Any]:
     """Everything `attention_tkg` computes for `args` (numpy, kernel layouts), in float64.
 
     Returns `out` in cfg.out_shape, `k_out` in cfg.k_out_shape (always, even if the call does
@@ -144,7 +161,7 @@ def naive_attention(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
     `[B, H, 1, S]` (incl. the sink), `qk_exp` `[B, H, Sp, S]`. Raises ValueError for a query
     that sees no key and has no finite sink.
     """
-    c = NaiveCall(cfg, args)
+    c = NaiveCall(cfg, args, lnc)
     B, H, S, d, Sp = c.B, c.H, c.S, c.d, c.Sp
     out = np.zeros(cfg.out_shape)
     qk = np.full((B, H, Sp, S), -np.inf)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tkg.kernel import AttnTKGConfig, BackendUnavailable, attention_tkg, paged_decode
-from tkg.kernel_dtypes import BF16
+from tkg.kernel_dtypes import BF16, FP8
 
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernel"
 
@@ -128,18 +128,21 @@ KERNEL_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str, str]] = {
                     "131074 exceeds 131072 with fuse_rope"),
     # the arrays
     "q-dtype": (arg_case(ROPE, q=lambda kw: kw["q"].astype(np.float64)), "q", "float64 is not one of"),
+    "q-vs-out-dtype": (arg_case(ROPE, out=np.zeros((2, 2, 64, 2), np.float16)), "q",
+                       "float32: expected the I/O dtype float16 or float8_e4m3"),
+    "lnc": (arg_case(ROPE, lnc=3), "lnc", "3 must be 1 or 2"),
     "q-shape": (arg_case(ROPE, q=np.zeros((2, 2, 64, 2), np.float32)), "q", "!= expected (2, 2, 2, 64)"),
     "q-shape-sb": (arg_case(POS, q=np.zeros((32, 7), np.float32)), "q", "[d, B*H*S] with qk_in_sb"),
     "k_active-shape": (arg_case(ROPE, k_active=np.zeros((2, 2, 64), np.float32)), "k_active", "[B,1,S,d]"),
     "k_active-dtype": (arg_case(ROPE, k_active=lambda kw: kw["k_active"].astype(np.float16)), "k_active",
-                       "float16 != expected float32"),
+                       "float16: expected the I/O dtype float32 or float8_e4m3"),
     "v_active-shape": (arg_case(ROPE, v_active=np.zeros((2, 2, 64), np.float32)), "v_active", "[B, 1, S, d]"),
     "v_active-dtype": (arg_case(ROPE, v_active=lambda kw: kw["v_active"].astype(BF16)), "v_active",
-                       "bfloat16 != expected float32"),
+                       "bfloat16: expected the I/O dtype float32 or float8_e4m3"),
     "k_prior-dtype": (arg_case(ROPE, k_prior=lambda kw: kw["k_prior"].astype(np.float16)), "k_prior",
-                      "float16 != expected float32"),
-    "v_prior-dtype": (arg_case(ROPE, v_prior=lambda kw: kw["v_prior"].astype(np.float16)), "v_prior",
-                      "float16 != expected float32"),
+                      "float16: expected the I/O dtype float32 or float8_e4m3"),
+    "v_prior-dtype": (arg_case(ROPE, v_prior=lambda kw: kw["v_prior"].astype(FP8)), "v_prior",
+                      "float8_e4m3 != k_prior's float32 (one cache dtype)"),
     "k_prior-flat-tp": (arg_case(POS, k_prior=np.zeros((3, 1, 32, 8), np.float32)), "k_prior",
                         "[B+, 1, Spf, d] = [>=2, 1, 8, 32] (tp_k_prior=True)"),
     "k_prior-flat-notp": (arg_case(ROPE, k_prior=np.zeros((3, 1, 10, 64), np.float32)), "k_prior",
@@ -165,16 +168,17 @@ KERNEL_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str, str]] = {
     "mask-shape": (arg_case(ROPE, mask=np.ones((6, 2, 2, 2), np.uint8)), "mask", "[Sp, B, H, S]"),
     "mask-shape-pos-id": (arg_case(POS, mask=np.ones((8, 2, 2, 2), np.uint8)), "mask",
                           "[S, B, H, S] active part with use_pos_id"),
-    "block-mask-partial-fold": (
-        lambda: {**valid(dataclasses.replace(BLOCK, block_len=2, curr_sprior=128, full_sprior=128)),
-                 "k_prior": np.zeros((64, 2, 32), np.float32), "v_prior": np.zeros((64, 2, 32), np.float32),
-                 "active_blocks_table": np.arange(64, dtype=np.uint32).reshape(1, 64)},
-        "cfg.curr_sprior", "128 must be a multiple of block_len*128 = 256",
+    "block-mask-no-fold": (
+        lambda: {**valid(dataclasses.replace(BLOCK, curr_sprior=64, full_sprior=64)),
+                 "k_prior": np.zeros((64, 1, 32), np.float32), "v_prior": np.zeros((64, 1, 32), np.float32),
+                 "active_blocks_table": np.arange(64, dtype=np.uint32).reshape(1, 64),
+                 "mask": np.ones((64, 1, 2, 2), np.uint8)},
+        "cfg.curr_sprior", "64 must be a multiple of 128 (128 keys x 1 core(s) at lnc=1)",
     ),
     "out-shape": (arg_case(ROPE, out=np.zeros((2, 2, 2, 64), np.float32)), "out", "[B,H,d,S]"),
     "out-shape-sb": (arg_case(dataclasses.replace(ROPE, out_in_sb=True), out=np.zeros((64, 4), np.float32)),
                      "out", "[d, B*H*S] with out_in_sb"),
-    "out-dtype": (arg_case(ROPE, out=np.zeros((2, 2, 64, 2), np.float16)), "out", "float16 != expected float32"),
+    "out-dtype": (arg_case(ROPE, out=np.zeros((2, 2, 64, 2), np.float64)), "out", "float64 is not one of"),
     "out-readonly": (arg_case(ROPE, out=readonly(np.zeros((2, 2, 64, 2), np.float32))), "out", "is read-only"),
     "inv_freqs-missing": (arg_case(ROPE, inv_freqs=None), "inv_freqs", "required with fuse_rope"),
     "inv_freqs-shape": (arg_case(ROPE, inv_freqs=np.ones((64, 1), np.float32)), "inv_freqs", "[d/2, 1]"),

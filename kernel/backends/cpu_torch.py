@@ -133,7 +133,7 @@ def _visibility(call: KernelCall) -> torch.Tensor:
         if cfg.is_block_kv:
             m = unshuffle_block_mask(m, call.mask_block_len)
         return torch.from_numpy(np.ascontiguousarray(m.transpose(1, 2, 3, 0) != 0))  # [B, H, S, Sp]
-    prior = torch.from_numpy(np.ascontiguousarray(prior_visibility(call).transpose(0, 2, 1)))  # [B, S, Sp-S]
+    prior = torch.from_numpy(np.array(prior_visibility(call).transpose(0, 2, 1)))  # [B, S, Sp-S]
     active = torch.from_numpy(np.ascontiguousarray(call.mask.transpose(1, 2, 3, 0) != 0))  # [B, H, S, S]
     H = active.shape[1]
     return torch.cat([prior.unsqueeze(1).expand(B, H, S, Sp - S), active], dim=3)

@@ -247,15 +247,19 @@ def fold_inputs(
     folded = (table[:, None, :] + (hs * num_blocks)[None, :, None]).reshape(rows, nblk).astype(np.uint32)
     qs = np.zeros((Bb, Hq, Sb, d), dtype=q.dtype)
     qs[:B, :, :S] = (np.asarray(q, dtype=np.float32) * np.float32(scale)).astype(q.dtype)
-    kn = np.zeros((Bb, Hkv, Sb, d), dtype=q.dtype)
-    vn = np.zeros((Bb, Hkv, Sb, d), dtype=q.dtype)
+    kn = np.zeros((Bb, Hkv, Sb, d), dtype=k_new.dtype)  # the cache's dtype (fp8 stays fp8)
+    vn = np.zeros((Bb, Hkv, Sb, d), dtype=v_new.dtype)
     kn[:B, :, :S] = k_new
     vn[:B, :, :S] = v_new
     q_sb = qs.reshape(Bb, Hkv, G, Sb, d)[:, hs].transpose(4, 0, 1, 2, 3).reshape(d, rows * G * Sb)
     k_sb = kn[:, hs].transpose(3, 0, 1, 2).reshape(d, rows * Sb)
     v_act = vn[:, hs].reshape(rows, 1, Sb, d)
-    pos = np.repeat(cached[:, None] + np.arange(Sb)[None, :], H, axis=0).astype(np.float32)  # row b*H + j
-    starts = None if window is None else np.maximum(pos - window + 1, 0).astype(np.float32)
+    # Row b*H + j. Every query's window ends at the cached length (its earlier new tokens are the
+    # active ones, masked causally); its start is its own position - W + 1, never past that end
+    # since W >= S, so no window wraps.
+    new_pos = np.repeat(cached[:, None] + np.arange(Sb)[None, :], H, axis=0)
+    pos = np.repeat(np.repeat(cached[:, None], Sb, axis=1), H, axis=0).astype(np.float32)
+    starts = None if window is None else np.maximum(new_pos - window + 1, 0).astype(np.float32)
     cfg = AttnTKGConfig(
         bs=rows, q_head=G, s_active=Sb, curr_sprior=context, full_sprior=context, d_head=d, block_len=BL,
         tp_k_prior=True, strided_mm1=False, use_pos_id=True, qk_in_sb=True,
