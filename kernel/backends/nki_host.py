@@ -17,6 +17,7 @@ from tkg.kernel import decisions
 from tkg.kernel.backends import reference
 from tkg.kernel.config import AttnTKGConfig
 from tkg.kernel.validate import KernelCall
+from tkg.kernel_dtypes import BF16, FP8
 
 P_MAX = 128
 Launcher = Callable[[int, tuple[Any, ...]], tuple[Any, ...]]
@@ -46,11 +47,22 @@ def check_nki_limits(call: KernelCall, lnc: int) -> None:
             f"for the NKI kernel; round the bucket up to a multiple of {P_MAX * n} "
             f"(paged_via_attention_tkg(..., align={P_MAX * n}))"
         )
-    if cfg.is_block_kv and not cfg.use_pos_id and cfg.curr_sprior % (cfg.block_len * P_MAX):
+    if cfg.is_block_kv and not cfg.use_pos_id:
+        blr, _ = decisions.resize_block_len(cfg.blocks_per_seq, cfg.block_len, n)
+        r = call.mask_block_len
+        if blr % r and r % blr:
+            raise ValueError(
+                f"attention_tkg: cfg.block_len: {cfg.block_len}: the NKI kernel splits blocks to {blr} tokens, "
+                f"which does not nest with the pre-generated mask's order length {r} (lnc={lnc}); use a "
+                "power-of-two block_len or use_pos_id=True"
+            )
+    if call.out.dtype == np.float32 and FP8 in (call.k_prior.dtype, call.v_prior.dtype):
         raise ValueError(
-            f"attention_tkg: cfg.curr_sprior: {cfg.curr_sprior} must be a multiple of block_len*128 = "
-            f"{cfg.block_len * P_MAX} with a pre-generated block-KV mask (its keys come in folds of 128 blocks)"
+            "attention_tkg: out: float32 output with a float8_e4m3 cache: the PE does not multiply fp8 by "
+            "fp32 operands on the NKI backends; use bfloat16 or float16 I/O"
         )
+    if call.q.dtype == FP8 and call.out.dtype != BF16:
+        raise ValueError(f"attention_tkg: out: dtype {call.out.dtype}: with an fp8 q the NKI kernel writes bfloat16")
     if call.sink is None:
         vis = reference.visibility(call)
         dead = ~vis.any(axis=2)  # [B, H, S]

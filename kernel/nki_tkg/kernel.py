@@ -69,7 +69,8 @@ class Rings(nl.NKIObject):
 
 
 class Positions(nl.NKIObject):
-    """Broadcast position tiles for mask generation: cached `[128, B]`, start / wrap `[128, B*S]`."""
+    """Broadcast position tiles for mask generation: cached `[128, B]`, and with a sliding window
+    start / end / wrap `[128, B*S]` (each query's window `[start, end)`, end = its position)."""
 
     def __init__(self, pl: TilePlan, rope_pos_ids, start_pos_ids, sbm):
         B = pl.B
@@ -77,13 +78,15 @@ class Positions(nl.NKIObject):
         self.cached = sbm.alloc((P_MAX, B), nl.float32, "cached")
         nisa.dma_copy(self.cached, rope_pos_ids.ap([[0, P_MAX], [S, B]], offset=0), dge_mode=nisa.dge_mode.none)
         self.start = None
+        self.end = None
         self.wrap = None
         if start_pos_ids != None:
             self.start = sbm.alloc((P_MAX, B * S), nl.float32, "start")
             nisa.dma_copy(self.start, start_pos_ids.ap([[0, P_MAX], [1, B * S]], offset=0), dge_mode=nisa.dge_mode.none)
+            self.end = sbm.alloc((P_MAX, B * S), nl.float32, "end")
+            nisa.dma_copy(self.end, rope_pos_ids.ap([[0, P_MAX], [1, B * S]], offset=0), dge_mode=nisa.dge_mode.none)
             self.wrap = sbm.alloc((P_MAX, B * S), nl.float32, "wrap")
-            cached_v = self.cached.ap([[B, P_MAX], [1, B], [0, S]], offset=0)
-            nisa.tensor_tensor(self.wrap, self.start, cached_v, op=nl.greater)
+            nisa.tensor_tensor(self.wrap, self.start, self.end, op=nl.greater)
 
 
 def store_debug_keys(pl: TilePlan, dst, src, bi: int, b: int, ks: int, n_kt: int):
@@ -108,12 +111,12 @@ def store_debug_keys(pl: TilePlan, dst, src, bi: int, b: int, ks: int, n_kt: int
     nisa.dma_copy(view, src[:, c0 : c0 + n_kt * hs], dge_mode=nisa.dge_mode.none)
 
 
-def mm1_row_bytes(pl: TilePlan, nk: int, io_bytes: int, needs_raw: bool) -> int:
+def mm1_row_bytes(pl: TilePlan, nk: int, k_bytes: int, needs_raw: bool) -> int:
     """SBUF bytes per partition one batch row's MM1 tiles take (mask, K^T, raw K, block ids)."""
     n_kt = nk // P_MAX
-    total = n_kt * pl.HS + nk * io_bytes + 256
+    total = n_kt * pl.HS + nk * k_bytes + 256
     if needs_raw:
-        total = total + n_kt * pl.d * io_bytes
+        total = total + n_kt * pl.d * k_bytes
     if pl.layout == "block":
         total = total + 4 * (nk // pl.fold_keys) + 64
     return total
@@ -121,8 +124,13 @@ def mm1_row_bytes(pl: TilePlan, nk: int, io_bytes: int, needs_raw: bool) -> int:
 
 def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_prior, v_prior, mask,
                active_blocks_table, pos: Positions, dbg, gb0: int, fi: int, has_l_init: bool,
-               consts: Consts, rings: Rings, sbm):  # fmt: skip
-    """MM1, softmax update and MM2 of one flash tile for the batch tile starting at row gb0."""
+               consts: Consts, rings: Rings, sbm, io):  # fmt: skip
+    """MM1, softmax update and MM2 of one flash tile for the batch tile starting at row gb0.
+
+    `io` is the output dtype (P is rounded to it for MM2). K and V tiles keep the cache's dtype
+    when the active tokens share it (fp8 operands go to the PE as they are, accumulating in fp32
+    PSUM); a cache whose dtype differs from its active tokens' is converted by the loading DMA.
+    """
     fa_start = pl.fa_starts[fi]
     nk = pl.fa_sizes[fi]
     n_kt = nk // P_MAX
@@ -130,7 +138,12 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
     hs = pl.HS
     d = pl.d
     bt = st.bt
-    io = q_sb.dtype
+    kdt = io
+    if k_prior.dtype == ka_sb.dtype:
+        kdt = k_prior.dtype
+    vdt = io
+    if v_prior.dtype == v_active.dtype:
+        vdt = v_prior.dtype
     first = fi == 0
     runs = active_runs(pl, fa_start, nk)
     is_block = pl.layout == "block"
@@ -162,8 +175,7 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
         sbm.close_scope()
 
     # ---- MM1: scores[:, row bi, key tile t, hs] = K^T q, masked ------------------------------
-    io_bytes = dtype_bytes(io)
-    row_bytes = mm1_row_bytes(pl, nk, io_bytes, needs_raw)
+    row_bytes = mm1_row_bytes(pl, nk, dtype_bytes(kdt), needs_raw)
     degree = 1
     if sbm.get_free_space() >= 2 * row_bytes + 4096:
         degree = 2  # double-buffer the per-row tiles so row i+1 loads while row i multiplies
@@ -172,14 +184,14 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
         b = gb0 + bi
         mt = sbm.alloc((P_MAX, n_kt * hs), nl.uint8, "mask")
         if cfg.use_pos_id:
-            gen_mask(pl, b, n_kt, keyf, pos.cached, pos.start, pos.wrap, mt, sbm)
+            gen_mask(pl, b, n_kt, keyf, pos.cached, pos.start, pos.end, pos.wrap, mt, sbm)
             put_active_mask(pl, mask, b, mt, runs)
         else:
             load_mask(pl, mask, b, ks, nk, mt)
-        kT = sbm.alloc((d, nk), io, "kT")
+        kT = sbm.alloc((d, nk), kdt, "kT")
         kraw = None
         if needs_raw:
-            kraw = sbm.alloc((P_MAX, n_kt * d), io, "k_rows")
+            kraw = sbm.alloc((P_MAX, n_kt * d), kdt, "k_rows")
         idx = None
         if is_block:
             idx = sbm.alloc((P_MAX, nf), nl.uint32, "blk_ids")
@@ -210,14 +222,14 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
             store_debug_keys(pl, dbg[2], p_io, bi, gb0 + bi, ks, n_kt)
 
     # ---- MM2: o[:, row bi] (+)= V^T P ------------------------------------------------------
-    v_bytes = n_kt * d * io_bytes + 4 * nf + 256
+    v_bytes = n_kt * d * dtype_bytes(vdt) + 4 * nf + 256
     degree = 1
     if sbm.get_free_space() >= 2 * v_bytes + 4096:
         degree = 2
     sbm.open_scope(interleave_degree=degree)
     for bi in range(bt):
         b = gb0 + bi
-        vt = sbm.alloc((P_MAX, n_kt * d), io, "v")
+        vt = sbm.alloc((P_MAX, n_kt * d), vdt, "v")
         idx = None
         if is_block:
             idx = sbm.alloc((P_MAX, nf), nl.uint32, "blk_ids")
@@ -314,7 +326,7 @@ def attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, 
         for fi in range(pl.n_fa):
             flash_tile(
                 pl, cfg, st, q_sb, ka_sb, v_active, k_prior, v_prior, mask, active_blocks_table, pos,
-                DBG_TENSORS, gb0, fi, has_l_init, consts, rings, sbm,
+                DBG_TENSORS, gb0, fi, has_l_init, consts, rings, sbm, out.dtype,
             )  # fmt: skip
         merged = pl.n_sp > 1
         if merged:

@@ -6,12 +6,13 @@ with a predicated copy onto a `-inf`-filled score tile.
 
 - Pre-generated masks (`use_pos_id=False`) are DMA'd from HBM with an access pattern that
   visits the caller's key order in the kernel's slot order: natural order for flat caches; for
-  block caches the caller's fold-shuffled order (folds of `128*block_len` keys, see
-  `reference.unshuffle_block_mask`), re-mapped when the kernel splits blocks.
+  block caches nki-library's fold-shuffled order (folds of `128*R` keys with R = `pl.mask_bl`,
+  its lnc-dependent reduced block length, see `reference.unshuffle_block_mask`), re-mapped when
+  the kernel's own block split differs from R.
 - Generated masks (`use_pos_id=True`): key k is visible iff `k < rope_pos_ids[b, 0]`, or with a
-  sliding window iff `start <= k < pos` (`start > pos` means the window wraps around a circular
-  cache: `k >= start or k < pos`); the caller's `[S, B, H, S]` active mask then replaces the
-  active slots.
+  sliding window for query i iff `start[b, i] <= k < end` with `end = rope_pos_ids[b, i]`
+  (`start > end` means the window wraps around a circular cache: `k >= start or k < end`);
+  the caller's `[S, B, H, S]` active mask then replaces the active slots.
 """
 
 import nki.isa as nisa
@@ -32,20 +33,34 @@ def load_mask(pl: TilePlan, mask, b: int, ks: int, nk: int, mt):
         src = mask.ap([[n_kt * bhs, P_MAX], [bhs, n_kt], [1, hs]], offset=ks * bhs + b * hs)
         nisa.dma_copy(mt, src, dge_mode=nisa.dge_mode.none)
     else:
-        # Caller's row of natural token n: fold F = n // (BL*128), within it partition P = n % (BL*128) // BL
-        # and offset O = n % BL, row = F*BL*128 + O*128 + P. Kernel partition p = g*factor + j of a
-        # kernel fold (128 sub-blocks of blr keys) reads P = P0 + g and O = j*blr + o.
-        bl = pl.block_len
-        per = P_MAX // pl.factor
+        # Caller's row of natural token n: fold F = n // (R*128), within it partition P = n % (R*128) // R
+        # and offset O = n % R, row = F*R*128 + O*128 + P (R = pl.mask_bl). The kernel's fold f holds
+        # 128 sub-blocks of blr keys, partition p reading keys n_f + p*blr + o.
+        rl = pl.mask_bl
         w = pl.blr * hs
         for f in range(nk // pl.fold_keys):
             n_f = ks + f * pl.fold_keys
-            row0 = (n_f // (bl * P_MAX)) * bl * P_MAX + ((n_f % (bl * P_MAX)) // pl.fold_keys) * per
-            src = mask.ap(
-                [[bhs, per], [pl.blr * P_MAX * bhs, pl.factor], [P_MAX * bhs, pl.blr], [1, hs]],
-                offset=row0 * bhs + b * hs,
-            )
-            nisa.dma_copy(mt[:, f * w : (f + 1) * w], src, dge_mode=nisa.dge_mode.none)
+            if rl % pl.blr == 0:
+                # R = u*blr: kernel partition p = g*u + j reads P = P0 + g and O = j*blr + o.
+                u = rl // pl.blr
+                per = P_MAX // u
+                row0 = (n_f // (rl * P_MAX)) * rl * P_MAX + ((n_f % (rl * P_MAX)) // pl.fold_keys) * per
+                src = mask.ap(
+                    [[bhs, per], [pl.blr * P_MAX * bhs, u], [P_MAX * bhs, pl.blr], [1, hs]],
+                    offset=row0 * bhs + b * hs,
+                )
+                nisa.dma_copy(mt[:, f * w : (f + 1) * w], src, dge_mode=nisa.dge_mode.none)
+            else:
+                # blr = u*R: the kernel fold spans u caller folds; partition p = c*(128/u) + p2 of caller
+                # fold c reads P = p2*u + a, O = v for its keys o = a*R + v.
+                u = pl.blr // rl
+                per = P_MAX // u
+                for c in range(u):
+                    row0 = (n_f // (rl * P_MAX) + c) * rl * P_MAX
+                    src = mask.ap(
+                        [[u * bhs, per], [bhs, u], [P_MAX * bhs, rl], [1, hs]], offset=row0 * bhs + b * hs
+                    )
+                    nisa.dma_copy(mt[c * per : (c + 1) * per, f * w : (f + 1) * w], src, dge_mode=nisa.dge_mode.none)
 
 
 def key_positions(pl: TilePlan, ks: int, nk: int, kidx, keyf):
@@ -61,11 +76,11 @@ def key_positions(pl: TilePlan, ks: int, nk: int, kidx, keyf):
     nisa.tensor_copy(keyf, kidx)
 
 
-def gen_mask(pl: TilePlan, b: int, n_kt: int, keyf, cached_bc, start_bc, wrap_bc, mt, sbm):
+def gen_mask(pl: TilePlan, b: int, n_kt: int, keyf, cached_bc, start_bc, end_bc, wrap_bc, mt, sbm):
     """Generate the prior part of batch row b's mask into `mt` from positions.
 
-    cached_bc `[128, B]` fp32: `rope_pos_ids[b, 0]` on every partition; start_bc / wrap_bc
-    `[128, B*S]` fp32 (or None): window starts and `start > cached` flags per query.
+    cached_bc `[128, B]` fp32: `rope_pos_ids[b, 0]` on every partition; start_bc / end_bc / wrap_bc
+    `[128, B*S]` fp32 (or None): window starts, ends (`rope_pos_ids[b, i]`) and `start > end` flags.
     """
     hs = pl.HS
     S = pl.S
@@ -79,9 +94,9 @@ def gen_mask(pl: TilePlan, b: int, n_kt: int, keyf, cached_bc, start_bc, wrap_bc
         after = sbm.alloc((P_MAX, n_kt), nl.float32, "after")
         both = sbm.alloc((P_MAX, n_kt), nl.float32, "both")
         valid = sbm.alloc((P_MAX, n_kt), nl.uint8, "valid")
-        nisa.tensor_scalar(below, keyf, op0=nl.less, operand0=cached_bc[:, b : b + 1])
         for s in range(S):
             c = b * S + s
+            nisa.tensor_scalar(below, keyf, op0=nl.less, operand0=end_bc[:, c : c + 1])
             # valid = (after AND below) OR (wraps AND (after OR below)), on 0/1 floats.
             nisa.tensor_scalar(after, keyf, op0=nl.greater_equal, operand0=start_bc[:, c : c + 1])
             nisa.tensor_tensor(both, after, below, op=nl.maximum)

@@ -74,6 +74,37 @@ def block_resize_factor(n_blocks: int, block_len: int, sprior_prgs: int) -> int:
     return block_len
 
 
+def mask_order_len(cfg: TKGConfig, n_prgs: int) -> int:
+    """Order length R of a pre-generated block-KV mask: nki-library's reduced block length (same
+    rule as `decisions.mask_block_len`): the largest divisor of block_len such that each core's
+    keys (the library's key split) and its 8192-key flash tiles are whole folds of 128 R-blocks."""
+    B = cfg.bs
+    sp = cfg.curr_sprior
+    cores = 1
+    batch_split = B % 2 == 0 and (B * cfg.q_head * cfg.s_active > P_MAX or sp < 2 * P_MAX)
+    if n_prgs == 2 and not batch_split and sp >= 2 * P_MAX:
+        cores = 2
+    assert sp % (P_MAX * cores) == 0, (
+        f"attention_tkg: curr_sprior {sp} must be a multiple of {P_MAX * cores} with a pre-generated block mask"
+    )
+    per_core = sp // cores
+    div = per_core // P_MAX
+    if cfg.enable_fa_s_prior_tiling and per_core > FA_TILE:
+        div = gcd(div, FA_TILE // P_MAX)
+        last = per_core % FA_TILE
+        if last > 0:
+            div = gcd(div, last // P_MAX)
+    return gcd(cfg.block_len, div)
+
+
+def gcd(a: int, b: int) -> int:
+    while b > 0:
+        t = a % b
+        a = b
+        b = t
+    return a
+
+
 def fa_tile_keys(hs: int, fold_keys: int) -> int:
     """Keys per flash tile: 8192, fewer when H*S is so large one batch row's scores would not fit
     the SBUF budget (`8 * H*S * keys <= 16 MiB`), rounded to whole block folds for block KV."""
@@ -129,6 +160,7 @@ class TilePlan(nl.NKIObject):
     factor: int = 1  # block split factor (block KV)
     log2_factor: int = 0
     blr: int = 0  # reduced block length (block KV)
+    mask_bl: int = 0  # order length of a pre-generated block-KV mask (nki-library's reduced length)
     fold_keys: int = 0  # keys per fold of 128 sub-blocks (block KV)
     n_blocks: int = 0  # blocks per sequence in the table
     sub0: int = 0  # first sub-block (after the split) of this core
@@ -184,6 +216,11 @@ def make_plan(cfg: TKGConfig, n_prgs: int, prg_id: int) -> TilePlan:
         pl.blr = cfg.block_len // pl.factor
         pl.fold_keys = pl.blr * P_MAX
         pl.sub0 = pl.sp_id * (pl.n_blocks * pl.factor // pl.n_sp)
+        if not cfg.use_pos_id:
+            pl.mask_bl = mask_order_len(cfg, n_prgs)
+            assert pl.mask_bl % pl.blr == 0 or pl.blr % pl.mask_bl == 0, (
+                f"attention_tkg: block split {pl.blr} and mask order length {pl.mask_bl} must nest"
+            )
     elif cfg.strided_mm1:
         pl.layout = "strided"
     else:

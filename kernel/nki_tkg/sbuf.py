@@ -29,7 +29,7 @@ def dtype_bytes(dtype) -> int:
         return 4
     if dtype == nl.bfloat16 or dtype == nl.float16 or dtype == nl.int16 or dtype == nl.uint16:
         return 2
-    if dtype == nl.uint8 or dtype == nl.int8:
+    if dtype == nl.uint8 or dtype == nl.int8 or dtype == nl.float8_e4m3:
         return 1
     raise AssertionError(f"SbufManager: unsupported dtype {dtype}")
 
