@@ -162,13 +162,21 @@ def test_bad_lnc_is_rejected() -> None:
 
 
 @needs_emu
-def test_block_premask_needs_whole_folds() -> None:
+@pytest.mark.parametrize("lnc", [1, 2])
+def test_block_premask_partial_caller_fold(lnc: int) -> None:
+    """Sp = 256 is not a multiple of block_len*128 = 2048: the mask is ordered by nki-library's
+    reduced block length (2 at lnc 1, 1 at lnc 2: the keys split across cores), and a random
+    predicate gives the reference's answer."""
     args = build_case(Case("block-partial-fold", cfg(block_len=16, curr_sprior=256, use_pos_id=True)))
     c = args["cfg"] = dataclasses.replace(args["cfg"], use_pos_id=False)
-    args["mask"] = np.ones((c.curr_sprior, c.bs, c.q_head, c.s_active), np.uint8)
+    rng = np.random.default_rng(lnc)
+    mask = (rng.random((c.curr_sprior, c.bs, c.q_head, c.s_active)) < 0.5).astype(np.uint8)
+    mask[c.curr_sprior - c.s_active :] = np.eye(c.s_active, dtype=np.uint8)[:, None, None, :]
+    args["mask"] = mask
     del args["rope_pos_ids"]
-    with pytest.raises(ValueError, match="curr_sprior: 256 must be a multiple of block_len\\*128 = 2048"):
-        attention_tkg(**args, backend="nki-emu")
+    want, _ = attention_tkg(**args, backend="reference", lnc=lnc)
+    got, _ = attention_tkg(**args, backend="nki-emu", lnc=lnc)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-5, atol=2e-6)
 
 
 @needs_emu
