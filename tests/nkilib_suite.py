@@ -310,7 +310,7 @@ def make_inputs(case: Case) -> dict[str, Any]:
     q, k_active, v_active, k_prior, v_prior, mask, inv_freqs, rope_pos_ids, start_pos_ids, sink,
     active_blocks_table (None where the test passes none)."""
     cfg = case.cfg
-    B, H, S, d, Sp, Spf = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head, cfg.curr_sprior, cfg.full_sprior
+    B, H, d, Sp, Spf = cfg.bs, cfg.q_head, cfg.d_head, cfg.curr_sprior, cfg.full_sprior
     rng = np.random.RandomState(0)
     io_dt = case.io_dtype
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import pytest
-
 import nkilib_suite as suite
+import pytest
 
 REASON = suite.skip_reason()
 CASES = [] if REASON else suite.cases("fast")
@@ -32,7 +31,8 @@ def _params() -> list[Any]:
         for be in ("reference", "cpu", "nki-emu"):
             marks = []
             if be == "nki-emu" and not _EMU_ALL and case.cfg.curr_sprior > NKI_EMU_MAX_KEYS:
-                marks.append(pytest.mark.skip(reason=f"nki-emu: Sp > {NKI_EMU_MAX_KEYS} (TKG_NKILIB_EMU_ALL=1 runs it)"))
+                why = f"nki-emu: Sp > {NKI_EMU_MAX_KEYS} (TKG_NKILIB_EMU_ALL=1 runs it)"
+                marks.append(pytest.mark.skip(reason=why))
             out.append(pytest.param(case, be, id=f"{be}-{case.id}", marks=marks))
     return out
 
