@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sec = p.add_argument_group("connection")
     sec.add_argument("--insecure", action="store_true", help="plaintext (no TLS), as ghz --insecure")
     sec.add_argument("--cacert", help="PEM root certificates for TLS (default: the system roots)")
+    sec.add_argument("--cert", help="PEM client certificate, for a server started with --tls-client-ca (mTLS)")
+    sec.add_argument("--key", help="PEM private key of --cert")
     sec.add_argument("--token", help="bearer token, sent as 'authorization: Bearer <token>'")
     sec.add_argument("-H", "--header", action="append", default=[], metavar="KEY:VALUE",
                      help="extra call metadata (repeatable)")
@@ -100,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="progress on stderr: a bar on a TTY, periodic lines otherwise (default auto)")
     out.add_argument("--seed", type=int, default=0, help="random data seed (default 0)")
     return p  # fmt: skip
+
+
+def _read_file(flag: str, path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {path!r} ({exc.strerror})") from None
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,8 @@ class Plan:
     tls: bool
     root_certificates: bytes | None
     token: str | None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
     metadata: tuple[tuple[str, str], ...]
     max_message_bytes: int
     seed: int
@@ -172,12 +185,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         _positive("steps", steps, 1, MAX_STEPS)
     if args.insecure and args.cacert:
         raise UsageError("--insecure and --cacert: both given; expected plaintext or TLS, not both")
-    roots = None
-    if args.cacert:
-        try:
-            roots = Path(args.cacert).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"--cacert: cannot read {args.cacert!r} ({exc.strerror})") from None
+    if bool(args.cert) != bool(args.key) or (args.insecure and args.cert):
+        raise UsageError("--cert/--key: expected both, and TLS (not --insecure)")
+    roots, cert, key = (_read_file(flag, path) for flag, path in
+                        (("--cacert", args.cacert), ("--cert", args.cert), ("--key", args.key)))  # fmt: skip
     metadata = []
     for h in args.header:
         key, sep, value = h.partition(":")
@@ -193,7 +204,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         context=args.context, s_active=args.s_active, layers=args.layers, max_new_tokens=args.max_new_tokens,
         stream=args.stream, connections=args.connections, steps=steps, duration=duration, warmup=args.warmup,
         timeout=args.timeout, tls=not args.insecure, root_certificates=roots, token=args.token,
-        metadata=tuple(metadata), max_message_bytes=args.max_message_bytes, seed=args.seed,
+        certificate_chain=cert, private_key=key, metadata=tuple(metadata),
+        max_message_bytes=args.max_message_bytes, seed=args.seed,
     )  # fmt: skip
 
 
@@ -262,7 +274,8 @@ class Runner:
         p = self.plan
         return AsyncClient(
             target, timeout=p.timeout, token=p.token, tls=p.tls, root_certificates=p.root_certificates,
-            metadata=p.metadata, max_message_bytes=p.max_message_bytes,
+            certificate_chain=p.certificate_chain, private_key=p.private_key, metadata=p.metadata,
+            max_message_bytes=p.max_message_bytes,
         )  # fmt: skip
 
     def client_for(self, group: Group) -> AsyncClient:

@@ -140,7 +140,7 @@ class App:
         self.metrics.migrated.labels("moved").inc(len(report.moved))
         self.metrics.migrated.labels("failed").inc(len(report.failed))
         for seq_id, why in report.failed.items():
-            log.warning("drain: sequence %s not moved: %s", seq_id, why)
+            log.warning("drain: sequence %r not moved: %s", seq_id[:64], why)  # ids cut short in logs
         log.info("drain: moved %d sequences to peers, %d could not move", len(report.moved), len(report.failed))
         return report
 
@@ -178,6 +178,13 @@ def warm_up(spec: ModelSpec, cache: KVCache) -> WarmUp:
     return report
 
 
+def default_max_sequences(spec: ModelSpec) -> int:
+    """The server-wide cap without `--max-sequences`: every sequence holding a block needs one of
+    `num_blocks`, so more live sequences than that (or 1024) are empty ones, each still costing a
+    block-table row of `max_context / block_len` entries."""
+    return max(spec.num_blocks, 1024)
+
+
 async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     """Build and start an instance on the running loop; returns once it is SERVING.
 
@@ -186,7 +193,7 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     cache = KVCache(
         num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
         block_len=spec.block_len, num_blocks=spec.num_blocks, max_context=spec.max_context, dtype=spec.kv_dtype,
-        max_sequences=settings.max_sequences,
+        max_sequences=settings.max_sequences or default_max_sequences(spec),
         store=make_store(spec, settings),
     )  # fmt: skip
     metrics = Metrics(settings.backend, gateway=settings.gateway_metrics)

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--peers", default="", help="the other replicas, host:port,... exactly as clients name them: "
                    "on SIGTERM each resident sequence moves to the one client routing picks without this replica")
     n.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
-    n.add_argument("--max-sequences", type=int, help="live sequences server-wide (default: no cap but KV blocks)")
+    n.add_argument("--max-sequences", type=int,
+                   help="live sequences server-wide (default: num_blocks, at least 1024)")  # fmt: skip
     n.add_argument("--max-concurrent-streams", type=int,
                    help="concurrent calls per client connection (gRPC's HTTP/2 limit; default: gRPC's)")  # fmt: skip
     a = p.add_argument_group("security (tokens must be at least 16 characters)")

@@ -518,3 +518,96 @@ def test_idle_expiry_gives_the_quota_back() -> None:
 
     assert asyncio.run(main()) == ["old"]
     assert svc.ledger.of(ident.tenant).sequences == 1 and svc.ledger.of(ident.tenant).blocks == 0
+
+
+def test_ledger_matches_the_cache_after_every_kind_of_step() -> None:
+    """Random creates, appends, decodes (some with a failing kernel), forks, truncates and
+    releases by two tenants: after each, the ledger's per-tenant sequences and KV blocks equal a
+    recount from the cache itself (blocks shared by forks counted once)."""
+    import asyncio
+
+    from test_server_service import Aborted, FakeContext
+
+    from tkg.server.config import build_spec
+    from tkg.server.kv_cache import KVCache
+    from tkg.server.metrics import Metrics
+    from tkg.server.service import DecodeAttentionService, ServiceOptions
+    from tkg.server.tenants import Ledger
+
+    spec = build_spec({"num_layers": 2, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "num_blocks": 40,
+                       "block_len": 4, "kv_dtype": "float32", "max_context": 32})  # fmt: skip
+    cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=8, block_len=4, num_blocks=40, max_context=32,
+                    dtype="float32")  # fmt: skip
+    opts = ServiceOptions(backend="reference", max_batch=4, batch_delay_s=0.0, max_pending=8, max_message_bytes=2**20)
+    svc = DecodeAttentionService(spec, cache, opts, Metrics("reference"))
+    svc.ready = True
+    table = auth.build_table([], [], [{"name": "a", "token_sha256": sha(TA)},
+                                      {"name": "b", "token_sha256": sha(TB), "quota": {"max_blocks": 12}}])  # fmt: skip
+    idents = [ident for _, ident in table.tokens]
+    rng = np.random.default_rng(7)
+    real_decode = cache.store.decode
+
+    def failing(*args, **kw):
+        raise RuntimeError("injected kernel failure")
+
+    async def main() -> None:
+        svc.start()
+        ids: dict[str, list[str]] = {"a": [], "b": []}
+        ctx = FakeContext()
+        for step in range(160):
+            ident = idents[int(rng.integers(2))]
+            auth.CURRENT.set(ident)
+            mine = ids[ident.tenant.name]
+            op = rng.choice(["create", "append", "decode", "fail", "fork", "truncate", "release"])
+            sid = mine[int(rng.integers(len(mine)))] if mine else "none"
+            try:
+                if op == "create" or not mine:
+                    new = (await svc.CreateSequence(pb.CreateSequenceRequest(), ctx)).sequence_id
+                    mine.append(new)
+                elif op == "append":
+                    layer = int(rng.integers(2))
+                    pos = cache.get(tenants_inward(ident, sid)).lengths[layer]
+                    T = int(rng.integers(1, 7))
+
+                    async def chunk(sid=sid, layer=layer, pos=pos, T=T):
+                        yield append_request(sid, layer, pos, *kv(T))
+
+                    await svc.AppendKV(chunk(), ctx)
+                elif op in ("decode", "fail"):
+                    layer = int(rng.integers(2))
+                    pos = cache.get(tenants_inward(ident, sid)).lengths[layer]
+                    q, k, v = qkv()
+                    cache.store.decode = failing if op == "fail" else real_decode
+                    try:
+                        await svc.Decode(decode_request(layer, [sid], [pos], q, k, v), ctx)
+                    finally:
+                        cache.store.decode = real_decode
+                elif op == "fork":
+                    mine.append((await svc.ForkSequence(pb.ForkSequenceRequest(source_id=sid), ctx)).sequence_id)
+                elif op == "truncate":
+                    length = int(min(cache.get(tenants_inward(ident, sid)).lengths))
+                    await svc.TruncateSequence(
+                        pb.TruncateSequenceRequest(sequence_id=sid, length=int(rng.integers(length + 1))), ctx
+                    )
+                else:
+                    await svc.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id=sid), ctx)
+                    mine.remove(sid)
+            except Aborted as err:
+                assert err.code != Code.INTERNAL or "injected" in err.details, (step, op, err)
+            fresh = Ledger()
+            fresh.recount((s.seq_id, s.block_ids) for s in cache.snapshot())
+            for t in ("a", "b"):
+                got, want = svc.ledger.usage.get(t), fresh.usage.get(t)
+                got_pair = (got.sequences, got.blocks) if got else (0, 0)
+                want_pair = (want.sequences, want.blocks) if want else (0, 0)
+                assert got_pair == want_pair, (step, op, t, got_pair, want_pair)
+            assert svc.ledger.of(idents[1].tenant).blocks <= 12
+        await svc.close()
+
+    asyncio.run(main())
+
+
+def tenants_inward(ident: auth.Identity, sid: str) -> str:
+    from tkg.server.tenants import inward
+
+    return inward(ident.tenant, sid)
