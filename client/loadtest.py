@@ -135,11 +135,11 @@ class Plan:
     tls: bool
     root_certificates: bytes | None
     token: str | None
-    certificate_chain: bytes | None = None
-    private_key: bytes | None = None
     metadata: tuple[tuple[str, str], ...]
     max_message_bytes: int
     seed: int
+    certificate_chain: bytes | None = None  # PEM client certificate and key (mTLS)
+    private_key: bytes | None = None
 
     @property
     def groups(self) -> int:
@@ -187,7 +187,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise UsageError("--insecure and --cacert: both given; expected plaintext or TLS, not both")
     if bool(args.cert) != bool(args.key) or (args.insecure and args.cert):
         raise UsageError("--cert/--key: expected both, and TLS (not --insecure)")
-    roots, cert, key = (_read_file(flag, path) for flag, path in
+    roots, cert, cert_key = (_read_file(flag, path) for flag, path in
                         (("--cacert", args.cacert), ("--cert", args.cert), ("--key", args.key)))  # fmt: skip
     metadata = []
     for h in args.header:
@@ -204,7 +204,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         context=args.context, s_active=args.s_active, layers=args.layers, max_new_tokens=args.max_new_tokens,
         stream=args.stream, connections=args.connections, steps=steps, duration=duration, warmup=args.warmup,
         timeout=args.timeout, tls=not args.insecure, root_certificates=roots, token=args.token,
-        certificate_chain=cert, private_key=key, metadata=tuple(metadata),
+        certificate_chain=cert, private_key=cert_key, metadata=tuple(metadata),
         max_message_bytes=args.max_message_bytes, seed=args.seed,
     )  # fmt: skip
 

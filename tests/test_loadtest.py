@@ -89,6 +89,8 @@ def test_summary_counts_errors_apart_from_latency() -> None:
         (["-H", "Upper:x"], "expected lowercase"),
         (["--insecure", "--cacert", "/nonexistent"], "--insecure and --cacert"),
         (["--cacert", "/nonexistent/ca.pem"], "--cacert: cannot read"),
+        (["--cert", "/nonexistent/c.pem"], "--cert/--key: expected both"),
+        (["--cert", "/nonexistent/c.pem", "--key", "/nonexistent/k.pem"], "--cert: cannot read"),
         (["--target", "dns:///nohost"], "--target"),
         (["--no-such-flag"], "unrecognized arguments"),
     ],
