@@ -20,11 +20,13 @@ class DType(str):
     np: np.dtype
     is_float: bool
     is_int: bool
+    packed: int  # values per element of a packed MX dtype (the `_x4` ones), else 1
 
-    def __new__(cls, name: str, np_dtype: object) -> DType:
+    def __new__(cls, name: str, np_dtype: object, packed: int = 1) -> DType:
         obj = super().__new__(cls, name)
         obj.np = np.dtype(np_dtype)
-        obj.is_int = obj.np.kind in "iub"
+        obj.packed = packed
+        obj.is_int = obj.np.kind in "iub" and packed == 1
         obj.is_float = not obj.is_int
         return obj
 
@@ -38,7 +40,8 @@ class DType(str):
     __hash__ = str.__hash__
 
 
-bool_ = DType("bool_", np.uint8)
+# `nl.bool`: one byte per element, 0 or 1 (str "bool", as nki-library's dtype lookup expects).
+bool_ = DType("bool", np.uint8)
 int8 = DType("int8", np.int8)
 uint8 = DType("uint8", np.uint8)
 int16 = DType("int16", np.int16)
@@ -53,9 +56,17 @@ float32 = DType("float32", np.float32)
 float8_e4m3 = DType("float8_e4m3", ml_dtypes.float8_e4m3)
 float8_e4m3fn = DType("float8_e4m3fn", ml_dtypes.float8_e4m3fn)
 float8_e5m2 = DType("float8_e5m2", ml_dtypes.float8_e5m2)
+# MX (microscaling) types of trn3's matmul (nki-api.md 3.1 table): the shared 8-bit exponent scale and
+# the packed `_x4` element types, 4 values per element (4 x fp8 in 4 bytes, 4 x fp4 in 2 bytes).
+# The emulator stores their raw bits; only data movement (DMA, copies) is defined on them here.
+float8_e8m0fnu = DType("float8_e8m0fnu", ml_dtypes.float8_e8m0fnu)
+float8_e5m2_x4 = DType("float8_e5m2_x4", np.uint32, packed=4)
+float8_e4m3fn_x4 = DType("float8_e4m3fn_x4", np.uint32, packed=4)
+float4_e2m1fn_x4 = DType("float4_e2m1fn_x4", np.uint16, packed=4)
 
 ALL = (bool_, int8, uint8, int16, uint16, int32, uint32, float16, bfloat16, tfloat32, float32,
-       float8_e4m3, float8_e4m3fn, float8_e5m2)  # fmt: skip
+       float8_e4m3, float8_e4m3fn, float8_e5m2, float8_e8m0fnu, float8_e5m2_x4, float8_e4m3fn_x4,
+       float4_e2m1fn_x4)  # fmt: skip
 
 # NumPy array dtype -> NKI dtype for kernel inputs (float32 wins over tfloat32; bool as uint8 storage).
 _FROM_NP = {
@@ -108,6 +119,8 @@ def cast(values: np.ndarray, dt: DType) -> np.ndarray:
     even with saturation to the destination range, NaN -> 0 (nki-api.md 1.4). Integer -> integer:
     saturation.
     """
+    if dt.packed != 1:
+        raise NkiValidationError(f"{dt}: packed MX values are moved as raw bits here; no arithmetic converts to them")
     if dt.is_int:
         lo, hi = info_range(dt)
         if values.dtype.kind in "iub":

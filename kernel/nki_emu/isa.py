@@ -46,6 +46,7 @@ from tkg.kernel.nki_emu.isa_tensor import nc_matmul, nc_transpose
 from tkg.kernel.nki_emu.isa_vector import (
     iota,
     memset,
+    nc_stream_shuffle,
     reciprocal,
     scalar_tensor_tensor,
     tensor_copy,
@@ -90,6 +91,7 @@ __all__ = [
     "memset",
     "nc_find_index8",
     "nc_matmul",
+    "nc_stream_shuffle",
     "nc_transpose",
     "nc_version",
     "oob_mode",

@@ -307,3 +307,49 @@ def reciprocal(dst: NkiTensor, data: NkiTensor, name: str | None = None) -> None
     with np.errstate(divide="ignore", invalid="ignore"):
         write(I, dst, np.float32(1.0) / read_f32(data, f"nisa.{I}: data"))
     record(I, "vector", cost.vector_cycles(data.free_size))
+
+
+SHUFFLE_KEEP = 255  # nc_stream_shuffle: this output partition is left unmodified
+
+
+@instruction
+def nc_stream_shuffle(dst: NkiTensor, src: NkiTensor, shuffle_mask: Any, name: str | None = None) -> None:
+    """Cross-partition move within 32-partition quadrants (Vector): in every quadrant q of dst,
+    dst[32q + i] = src[32q + shuffle_mask[i]], and dst[32q + i] is left unmodified where
+    shuffle_mask[i] == 255. Same dtype and elements per partition; in-place allowed (src is read
+    before dst is written)."""
+    I = "nc_stream_shuffle"
+    dst = operand(dst, I, "dst")
+    src = operand(src, I, "src")
+    if dst.dtype != src.dtype:
+        raise NkiValidationError(f"nisa.{I}: dst dtype {dst.dtype} must equal src dtype {src.dtype}")
+    if dst.free_size != src.free_size:
+        raise NkiValidationError(
+            f"nisa.{I}: dst has {dst.free_size} elements per partition, src {src.free_size}; expected equal"
+        )
+    if not isinstance(shuffle_mask, (list, tuple)) or len(shuffle_mask) != 32:
+        raise NkiValidationError(f"nisa.{I}: shuffle_mask={shuffle_mask!r}: expected a list of 32 ints")
+    mask = []
+    for i, m in enumerate(shuffle_mask):
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not (0 <= int(m) < 32 or m == SHUFFLE_KEEP):
+            raise NkiValidationError(
+                f"nisa.{I}: shuffle_mask[{i}]={m!r}: expected a source partition 0..31 of the quadrant or "
+                f"{SHUFFLE_KEEP} (keep)"
+            )
+        mask.append(int(m))
+    moves: list[tuple[int, int]] = []
+    for q in range(math.ceil(dst.shape[0] / 32)):
+        for i in range(min(32, dst.shape[0] - 32 * q)):
+            if mask[i] == SHUFFLE_KEEP:
+                continue
+            s = 32 * q + mask[i]
+            if s >= src.shape[0]:
+                raise NkiValidationError(
+                    f"nisa.{I}: dst partition {32 * q + i} copies src partition {s} (shuffle_mask[{i}]={mask[i]} "
+                    f"in quadrant {q}) but src has {src.shape[0]} partitions"
+                )
+            moves.append((32 * q + i, s))
+    rows = {s: read_raw(src[s : s + 1], f"nisa.{I}: src") for s in {s for _, s in moves}}
+    for d, s in moves:
+        write(I, dst[d : d + 1], rows[s], converted=False)
+    record(I, "vector", cost.vector_cycles(src.free_size))

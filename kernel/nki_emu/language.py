@@ -25,7 +25,11 @@ from tkg.kernel.nki_emu.dtypes import (  # noqa: F401 - re-exported as nl.*
     check,
     float8_e4m3,
     float8_e4m3fn,
+    float4_e2m1fn_x4,
+    float8_e4m3fn_x4,
     float8_e5m2,
+    float8_e5m2_x4,
+    float8_e8m0fnu,
     float16,
     float32,
     int8,
@@ -50,6 +54,10 @@ from tkg.kernel.nki_emu.tensor import (
     MemoryRegion,
     NkiTensor,
 )
+
+# `nl.dtype`: the type of every nl.* dtype (annotations). `nl.bool` is served by __getattr__ below so
+# this module's own code keeps the builtin `bool`.
+dtype = DType
 
 sbuf = SBUF
 psum = PSUM
@@ -407,6 +415,8 @@ _REMOVED = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "bool":
+        return bool_
     if name in _REMOVED:
         raise RemovedApiError(_REMOVED[name])
     raise AttributeError(f"module 'nki.language' (tkg NKI emulator) has no attribute {name!r}")

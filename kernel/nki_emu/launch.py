@@ -158,7 +158,7 @@ def _result(v: Any, kernel: str) -> Any:
     raise LaunchError(f"{kernel}: returned {type(v).__name__}; expected an HBM tensor or a tuple of them")
 
 
-def launch(kernel: Kernel, lnc: int, *args: Any, grid_ndim: int = 1, target: str | Target | None = None,
+def launch(kernel: Kernel, lnc: int, /, *args: Any, grid_ndim: int = 1, target: str | Target | None = None,
            **kwargs: Any) -> Any:  # fmt: skip
     """Run `kernel` with `lnc` programs; returns NumPy arrays for the returned tensors."""
     name = kernel.fn.__name__

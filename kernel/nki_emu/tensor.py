@@ -84,7 +84,7 @@ class Storage:
         size = math.prod(shape)
         fresh = data is None
         if data is None:
-            if dtype.is_int:
+            if dtype.np.kind in "iub":  # integers and packed MX raw bits
                 data = np.full(size * dtype.itemsize, GARBAGE_BYTE, dtype=np.uint8).view(dtype.np)
             else:
                 data = np.full(size, np.nan, dtype=np.float32).astype(dtype.np)
