@@ -139,6 +139,14 @@ class Program:
         self.act_acc = np.zeros(launch.target.pmax, dtype=np.float32)
         # Vector-engine accumulators (tensor_scalar_reduce & co.; nki-api.md 4.8).
         self.dve_acc = np.zeros(launch.target.pmax, dtype=np.float32)
+        # Reads of never-written memory (tensor.py): how many, and the first one's description.
+        self.poison_reads = 0
+        self.first_poison_read: str | None = None
+
+    def note_poison_read(self, msg: str) -> None:
+        self.poison_reads += 1
+        if self.first_poison_read is None:
+            self.first_poison_read = f"program {self.pid}: {msg}"
 
     @property
     def nprog(self) -> int:

@@ -20,6 +20,10 @@ class DeadTensorError(NkiValidationError):
     """A tensor is used after its explicitly addressed memory was re-allocated to another tensor."""
 
 
+class PoisonError(NkiValidationError):
+    """A kernel output holds values computed from never-written (poisoned) memory."""
+
+
 class OutOfBoundsError(NkiValidationError):
     """An indirect DMA addressed memory outside its tensor (oob_mode=error)."""
 

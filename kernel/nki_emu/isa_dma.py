@@ -19,7 +19,7 @@ from tkg.kernel.nki_emu.operands import (
     read_raw,
     run_elems,
 )
-from tkg.kernel.nki_emu.tensor import SBUF, UNINIT_CHECK, NkiTensor
+from tkg.kernel.nki_emu.tensor import SBUF, UNINIT_MODE, NkiTensor, poisoned_read
 
 
 # ---- DMA ---------------------------------------------------------------------------------
@@ -65,14 +65,12 @@ def _dma_read(src: NkiTensor, instr: str, oob: oob_mode) -> tuple[np.ndarray, np
     flat = src.storage.flat(src.dtype)
     init = src.storage.init
     if (
-        UNINIT_CHECK
+        UNINIT_MODE != "off"
         and init is not None
         and src.dtype.itemsize == src.storage.dtype.itemsize
         and not init[addr[ok]].all()
     ):
-        raise NkiValidationError(
-            f"nisa.{instr}: src: the gather reads elements of {src.storage.describe()} never written"
-        )
+        poisoned_read(f"nisa.{instr}: src: the gather reads elements of {src.storage.describe()} never written")
     return flat[addr].reshape(-1), ok.reshape(-1)
 
 
@@ -180,7 +178,9 @@ _TRANSPOSE_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (3, 1, 2, 0)}
 def dma_transpose(dst: NkiTensor, src: NkiTensor, axes: Any = None, priority: Any = None,
                   dge_mode: dge_mode = dge_mode.unknown, oob_mode: oob_mode = oob_mode.error,
                   name: str | None = None) -> None:  # fmt: skip
-    """dst = transpose(src, axes) during the DMA (into SBUF; 2-byte dtypes)."""
+    """dst = transpose(src, axes) during the DMA (into SBUF). 2-byte dtypes; 4-byte ones too when the
+    compiler picks the DGE (dge_mode=unknown) for a direct src: trn2's DMA transpose handles 2- and
+    4-byte types (nki-api.md 4.16, ARCH2), the stub's hwdge / indirect rules name 2-byte only."""
     I = "dma_transpose"
     prog = context.current(f"nisa.{I}")
     dst, src, oob, dge = _dma_common(I, dst, src, priority, oob_mode, dge_mode)
@@ -188,8 +188,10 @@ def dma_transpose(dst: NkiTensor, src: NkiTensor, axes: Any = None, priority: An
         raise NkiValidationError(f"nisa.{I}: DMA transpose is a trn2 (gen3) feature")
     if dst.buffer is not SBUF or dst.indirect is not None:
         raise NkiValidationError(f"nisa.{I}: dst must be a direct SBUF view")
-    if src.dtype != dst.dtype or src.dtype.itemsize != 2:
-        raise NkiValidationError(f"nisa.{I}: src {src.dtype} / dst {dst.dtype}: expected equal 2-byte dtypes")
+    sizes = (2, 4) if dge.name == "unknown" and src.indirect is None else (2,)
+    if src.dtype != dst.dtype or src.dtype.itemsize not in sizes:
+        want = "2- or 4-byte" if len(sizes) == 2 else "2-byte (4-byte only with dge_mode=unknown and a direct src)"
+        raise NkiValidationError(f"nisa.{I}: src {src.dtype} / dst {dst.dtype}: expected equal {want} dtypes")
     default = _TRANSPOSE_AXES.get(src.ndim)
     ax = default if axes is None else tuple(int(a) for a in axes)
     if default is None or ax != default:
@@ -204,5 +206,7 @@ def dma_transpose(dst: NkiTensor, src: NkiTensor, axes: Any = None, priority: An
     ok = None if valid is None else valid.reshape(src.shape).transpose(ax).reshape(-1)
     _dma_write(dst, out, ok, I, oob)
     n = src.size if valid is None else int(valid.sum())
-    # A transposing DMA moves 2-byte elements to scattered places: charge per element run of the dst rows.
-    prog.stats.record_dma(I, dge.name, n * 2, n * 2 if src.buffer.is_hbm else 0, 0, run_bytes=run_elems(src) * 2)
+    item = src.dtype.itemsize
+    # A transposing DMA moves elements to scattered places: charge per element run of the dst rows.
+    prog.stats.record_dma(I, dge.name, n * item, n * item if src.buffer.is_hbm else 0, 0,
+                          run_bytes=run_elems(src) * item)  # fmt: skip

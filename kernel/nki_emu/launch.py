@@ -27,7 +27,7 @@ import numpy as np
 
 from tkg.kernel.nki_emu import context, device, dtypes
 from tkg.kernel.nki_emu.counters import RunStats
-from tkg.kernel.nki_emu.errors import DeadlockError, LaunchError, RemovedApiError
+from tkg.kernel.nki_emu.errors import DeadlockError, LaunchError, PoisonError, RemovedApiError
 from tkg.kernel.nki_emu.limits import Target, get_target
 from tkg.kernel.nki_emu.tensor import SHARED_HBM, NkiTensor, Storage
 
@@ -140,21 +140,43 @@ def _convert_args(
     return new_args, new_kwargs, back
 
 
-def _result(v: Any, kernel: str) -> Any:
+def _check_poison(what: str, values: np.ndarray, programs: list[context.Program]) -> None:
+    """Fail if a float output holds NaN after some program read never-written (NaN-poisoned) memory.
+
+    NaN without a poisoned read is the kernel's own arithmetic (or its inputs') and passes.
+    """
+    reads = [p for p in programs if p.first_poison_read is not None]
+    if not reads or values.dtype.kind in "iub":
+        return  # integer outputs carry no NaN; never-written output elements are caught separately
+    nan = np.isnan(values.astype(np.float32))
+    if nan.any():
+        first = reads[0].first_poison_read
+        raise PoisonError(
+            f"{what}: {int(nan.sum())} of {values.size} element(s) are NaN computed from never-written memory "
+            f"({sum(p.poison_reads for p in programs)} read(s) of it; the first: {first})"
+        )
+
+
+def _result(v: Any, kernel: str, programs: list[context.Program]) -> Any:
     if v is None:
         return None
     if isinstance(v, tuple):
-        return tuple(_result(x, kernel) for x in v)
+        return tuple(_result(x, kernel, programs) for x in v)
     if isinstance(v, NkiTensor):
         if v.buffer is not SHARED_HBM:
             raise LaunchError(
                 f"{kernel}: returned tensor {v.name!r} is in {v.buffer!r}; kernel outputs must be allocated with "
                 "buffer=nl.shared_hbm (since NKI 0.3)"
             )
-        v.check_alive(f"{kernel}: returned tensor")
-        host = v.read(f"{kernel}: returned tensor {v.name!r}")
-        device.COUNTERS.add(d2h=host.nbytes)
-        return host
+        what = f"{kernel}: returned tensor {v.name!r}"
+        v.check_alive(what)
+        msg = v.unwritten(what)
+        if msg is not None:
+            raise PoisonError(msg)
+        out = np.array(v.array())
+        _check_poison(what, out, programs)
+        device.COUNTERS.add(d2h=out.nbytes)
+        return out
     raise LaunchError(f"{kernel}: returned {type(v).__name__}; expected an HBM tensor or a tuple of them")
 
 
@@ -203,10 +225,13 @@ def launch(kernel: Kernel, lnc: int, /, *args: Any, grid_ndim: int = 1, target: 
         # The root cause, not the partner's "partner failed" deadlock report.
         root = next((e for e in failed if not isinstance(e, DeadlockError) or "failed before" not in str(e)), failed[0])
         raise root
-    out = _result(results[0], name)
+    out = _result(results[0], name, programs)
     for orig, arr, st in back:
         if st.written:
             orig[...] = arr
+    for v in (*cargs, *ckwargs.values()):  # inputs the kernel wrote are outputs too
+        if isinstance(v, NkiTensor) and v.storage.written:
+            _check_poison(f"{name}: kernel argument {v.name!r} (written by the kernel)", np.array(v.array()), programs)
     _publish(RunStats(kernel=name, lnc=lnc, target=tgt.name, programs=[p.stats for p in programs]))
     return out
 

@@ -58,13 +58,18 @@ PSUM = MemoryRegion.psum
 PRIVATE_HBM = MemoryRegion.private_hbm
 SHARED_HBM = MemoryRegion.shared_hbm
 
-# Fresh allocations are uninitialised on hardware. Like the official simulator we fill floats with
-# NaN; integers get the byte pattern 0xA5 (uint8 165, int32 -1515870811, uint32 2779096485): a value
-# that is nonzero as a predicate and out of bounds as an index, so reading unwritten memory shows.
+# Fresh allocations are uninitialised on hardware: a read returns whatever the memory held. The
+# emulator poisons them: floats hold NaN; integers the byte pattern 0xA5 (uint8 165, int32
+# -1515870811, uint32 2779096485), nonzero as a predicate and out of bounds as an index. Reading
+# never-written elements is legal (kernels compute on partly filled tiles and drop those lanes); the
+# first such read of each program is recorded (Program.poison_reads), and the launch fails only when
+# poison reaches a kernel output (never-written output elements, or NaN in a float output after a
+# poisoned read), naming that instruction. NKI_EMU_UNINIT=error refuses every such read at once
+# (debugging), =off records nothing.
 GARBAGE_BYTE = 0xA5
-# Reading an element that nothing wrote since its allocation raises (set NKI_EMU_UNINIT=off to allow
-# it): on hardware it is whatever the memory held, which NaN / 0xA5 filling only sometimes exposes.
-UNINIT_CHECK = os.environ.get("NKI_EMU_UNINIT", "error").lower() != "off"
+UNINIT_MODE = os.environ.get("NKI_EMU_UNINIT", "poison").lower()
+if UNINIT_MODE not in ("poison", "error", "off"):
+    raise ValueError(f"NKI_EMU_UNINIT={UNINIT_MODE!r}: expected poison, error or off")
 
 
 class Storage:
@@ -140,6 +145,17 @@ class Indirect:
     index: NkiTensor
     multiplier: int
     dim_size: int
+
+
+def poisoned_read(msg: str) -> None:
+    """A read of never-written memory: raise in error mode, else remember it on the current program."""
+    if UNINIT_MODE == "error":
+        raise NkiValidationError(msg)
+    from tkg.kernel.nki_emu import context  # context imports this module
+
+    prog = context.current_or_none()
+    if prog is not None:
+        prog.note_poison_read(msg)
 
 
 def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -301,21 +317,27 @@ class NkiTensor:
             return None
         return as_strided(init[self.offset :], shape=self.shape, strides=self.strides)
 
-    def check_initialised(self, what: str) -> None:
-        """Raise if any element of this view was never written since its allocation."""
-        if not UNINIT_CHECK:
-            return
+    def unwritten(self, what: str) -> str | None:
+        """None if every element of this view was written since allocation, else a description."""
         iv = self._init_view()
         if iv is None or iv.all():
-            return
+            return None
         bad = np.argwhere(~iv)
-        raise NkiValidationError(
+        return (
             f"{what}: reads {len(bad)} element(s) of {self.storage.describe()} that nothing wrote since allocation "
             f"(first at view index {tuple(int(i) for i in bad[0])}); on hardware this is stale memory"
         )
 
+    def check_initialised(self, what: str) -> None:
+        """Note (poison mode) or refuse (error mode) a read of never-written elements of this view."""
+        if UNINIT_MODE == "off":
+            return
+        msg = self.unwritten(what)
+        if msg is not None:
+            poisoned_read(msg)
+
     def read(self, what: str) -> np.ndarray:
-        """A copy of the elements (native dtype, view shape), checking they were initialised."""
+        """A copy of the elements (native dtype, view shape); never-written ones are poison (see top)."""
         self.check_initialised(what)
         return np.array(self.array())
 
