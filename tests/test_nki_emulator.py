@@ -24,6 +24,7 @@ from tkg.kernel.nki_emu.errors import (
     LaunchError,
     NkiValidationError,
     OutOfBoundsError,
+    PoisonError,
     RemovedApiError,
 )
 
@@ -595,16 +596,55 @@ def test_dma_transpose(s):
         nisa.dma_transpose(nl.ndarray((16, 24), nl.bfloat16), h)
 
 
-def test_reading_unwritten_memory_raises(s):
+def test_reading_unwritten_memory_is_poison_and_error_mode_refuses(s, monkeypatch: pytest.MonkeyPatch):
+    from tkg.kernel.nki_emu import tensor
+
     t = nl.ndarray((4, 8), nl.float32, name="half")
     nisa.memset(t[:, 0:4], 1.0)
-    d = nl.ndarray((4, 4), nl.float32)
-    nisa.tensor_copy(d, t[:, 0:4])  # the written half reads fine
+    d = nl.ndarray((4, 8), nl.float32)
+    assert s.poison_reads == 0
+    nisa.tensor_copy(d, t)  # legal: the unwritten half reads as poison (NaN), and the read is noted
+    np.testing.assert_array_equal(val(d)[:, 0:4], 1.0)
+    assert np.isnan(val(d)[:, 4:]).all()
+    assert s.poison_reads == 1
+    assert "nisa.tensor_copy: src: reads 16 element(s) of 'half'" in s.first_poison_read
+    assert "first at view index (0, 4)" in s.first_poison_read
+    monkeypatch.setattr(tensor, "UNINIT_MODE", "error")
     with pytest.raises(NkiValidationError, match=r"src: reads 16 element\(s\) of 'half'.*first at view index \(0, 4\)"):
         nisa.tensor_copy(nl.ndarray((4, 8), nl.float32), t)
     ps = nl.ndarray((4, 8), nl.float32, buffer=nl.psum)
     with pytest.raises(NkiValidationError, match="data1: reads 32"):
         nisa.tensor_tensor(nl.ndarray((4, 8), nl.float32), ps, t, op=nl.add)
+
+
+@nki.jit
+def _stale_lanes_kernel(x, leak):
+    """Computes on a tile whose last 2 partitions were never written; outputs those lanes iff `leak`."""
+    out = nl.ndarray((4, 4), nl.float32, buffer=nl.shared_hbm, name="out")
+    t = nl.ndarray((4, 4), nl.float32, name="partly")
+    nisa.dma_copy(t[0:2, :], x[0:2, :])
+    y = nl.ndarray((4, 4), nl.float32, name="y")
+    nisa.tensor_scalar(y, t, nl.multiply, 2.0)  # reads the stale lanes too, as hardware would
+    z = nl.ndarray((4, 4), nl.float32, name="z")
+    nisa.memset(z, 0.0)
+    nisa.tensor_copy(z[0:4 if leak else 2, :], y[0:4 if leak else 2, :])
+    nisa.dma_copy(out, z)
+    return out
+
+
+def test_poison_that_never_reaches_an_output_passes():
+    x = np.arange(16, dtype=np.float32).reshape(4, 4)
+    out = _stale_lanes_kernel(x, False)
+    np.testing.assert_array_equal(out[0:2], 2 * x[0:2])
+    np.testing.assert_array_equal(out[2:4], 0.0)
+
+
+def test_poison_reaching_an_output_fails_naming_the_first_reader():
+    x = np.arange(16, dtype=np.float32).reshape(4, 4)
+    with pytest.raises(PoisonError, match=r"returned tensor 'out': 8 of 16 element\(s\) are NaN computed from "
+                                          r"never-written memory .*the first: program 0: nisa.tensor_scalar: data: "
+                                          r"reads 8 element\(s\) of 'partly'"):  # fmt: skip
+        _stale_lanes_kernel(x, True)
 
 
 @nki.jit

@@ -21,6 +21,7 @@ _BACKENDS: dict[str, str] = {
     "reference": "tkg.kernel.backends.reference",
     "nki-emu": "tkg.kernel.backends.nki_emu",
     "nkilib": "tkg.kernel.backends.nkilib",  # the Neuron library's own kernel, a peer on Trn only
+    "nkilib-emu": "tkg.kernel.backends.nkilib_emu",  # that kernel on our emulator (needs $TKG_NKILIB_PATH)
 }
 # Backends `auto` may pick: the emulator is exact but slow, it is never chosen implicitly.
 _AUTO_ORDER = ("nki", "cpu", "reference")

@@ -21,6 +21,7 @@ from tkg.kernel.nki_emu.errors import (
     LaunchError,
     NkiValidationError,
     OutOfBoundsError,
+    PoisonError,
     RemovedApiError,
 )
 from tkg.kernel.nki_emu.estimate import Estimate, estimate, format_estimate
@@ -30,7 +31,7 @@ from tkg.kernel.nki_emu.limits import TRN1, TRN2, Target
 
 __all__ = [
     "TRN1", "TRN2", "DeadTensorError", "DeadlockError", "EmulatorError", "Estimate", "LaunchError",
-    "NkiValidationError", "OutOfBoundsError", "ProgramStats", "RemovedApiError", "RunStats", "Target",
+    "NkiValidationError", "OutOfBoundsError", "PoisonError", "ProgramStats", "RemovedApiError", "RunStats", "Target",
     "collect_stats", "estimate", "format_estimate", "format_stats", "install", "is_installed", "last_run_stats",
     "session", "uninstall",
 ]  # fmt: skip
