@@ -288,6 +288,9 @@ def test_unauthenticated_callers_learn_nothing_else(server: InProcServer) -> Non
         assert st.GetServerInfo(pb.GetServerInfoRequest(), metadata=[("authorization", f"{scheme} {TA}")]).head_dim == D
     ok = health.Check(hreq, metadata=[("authorization", f"Bearer {TA_RO}")])
     assert ok.status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(hreq, metadata=[("authorization", f"Bearer {TA_RO}")], timeout=20)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # a handler that writes via context
+    watch.cancel()
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
