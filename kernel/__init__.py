@@ -2,7 +2,8 @@
 
 - `AttnTKGConfig`, `attention_tkg`: the Neuron library's API (design/kernel.md).
 - `paged_decode`: the service's fast path over a paged, head-major KV pool.
-- `decisions`: host-side tiling and sharding choices the NKI kernel makes, as pure functions.
+- `decisions`: the NKI kernel's tiling and sharding rules (`nki_tkg.rules`) on the host, with checks.
+- `kv_store`: the KV-store interface the server's cache uses (`create_kv_store(backend, geometry)`).
 """
 
 from tkg.kernel.api import attention_tkg

@@ -1,44 +1,52 @@
 """Host-side decisions of the NKI kernel, as pure functions (design/kernel.md "tiling").
 
-The NKI kernel makes these choices at trace time from static shapes. Keeping them here as plain
-arithmetic lets the host (service planning, benchmarks, tests) reason about a call without the
-Neuron SDK, and lets each rule be unit-tested on its own.
+The rules themselves live once, in `tkg.kernel.nki_tkg.rules` (plain arithmetic the kernel also
+runs while it is traced); this module is their host face: typed, with argument checks whose
+messages name the limit, plus host-only helpers (`resize_block_table`, `round_up`). The host
+(service planning, benchmarks, tests) can reason about a call without the Neuron SDK.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
-P_MAX = 128  # SBUF/PSUM partitions
-PSUM_FMAX = 512  # fp32 elements per partition in one PSUM bank
-MM1_GROUP_KEYS = 4096  # keys per MM1 group: 32 tiles of 128 keys into one PSUM bank
-FA_TILE = 8192  # flash tiling threshold and tile size, keys per core
-SBUF_BATCH_BUDGET = 16 * 1024 * 1024  # bytes: the batch-tiling heuristic's budget
+from tkg.kernel.nki_tkg import rules
+from tkg.kernel.nki_tkg.rules import FA_TILE, MM1_GROUP_TILES, P_MAX, PSUM_FMAX, SBUF_BATCH_BUDGET
+
+MM1_GROUP_KEYS = MM1_GROUP_TILES * P_MAX  # keys per MM1 group: 32 tiles of 128 keys into one PSUM bank
 
 Sharding = Literal["batch", "sequence", "none"]
 
+__all__ = [
+    "FA_TILE",
+    "MM1_GROUP_KEYS",
+    "PSUM_FMAX",
+    "P_MAX",
+    "SBUF_BATCH_BUDGET",
+    "FlashTile",
+    "Sharding",
+    "batch_tile",
+    "flash_tiles",
+    "library_sprior_programs",
+    "lnc_sharding",
+    "mask_block_len",
+    "mm1_group_keys",
+    "n_programs",
+    "resize_block_len",
+    "resize_block_table",
+    "round_up",
+    "sprior_programs",
+]  # fmt: skip
 
-def lnc_sharding(
-    bs: int, q_head: int, s_active: int, curr_sprior: int, lnc: int, fuse_rope: bool = False
-) -> Sharding:
-    """How two NeuronCores split one call.
 
-    Batch sharding when B is even and (B*H*S > 128 or Sp < 256), and RoPE is not fused;
-    else sequence sharding (each core half the keys) when Sp >= 256; else one core.
-    """
+def lnc_sharding(bs: int, q_head: int, s_active: int, curr_sprior: int, lnc: int, fuse_rope: bool = False) -> Sharding:
+    """How two NeuronCores split one call (`rules.lnc_sharding`); ValueError for an lnc not 1 or 2."""
     if lnc not in (1, 2):
         raise ValueError(f"lnc: {lnc} must be 1 or 2")
-    if lnc == 1:
-        return "none"
-    if bs % 2 == 0 and not fuse_rope and (bs * q_head * s_active > P_MAX or curr_sprior < 2 * P_MAX):
-        return "batch"
-    if curr_sprior >= 2 * P_MAX:
-        return "sequence"
-    return "none"
+    return cast(Sharding, rules.lnc_sharding(bs, q_head, s_active, curr_sprior, lnc, fuse_rope))
 
 
 def n_programs(sharding: Sharding, lnc: int) -> int:
@@ -48,7 +56,7 @@ def n_programs(sharding: Sharding, lnc: int) -> int:
 
 def sprior_programs(sharding: Sharding, lnc: int) -> int:
     """Cores the key axis is split across (1 unless sequence-sharded)."""
-    return lnc if sharding == "sequence" else 1
+    return int(rules.sprior_programs(sharding, lnc))
 
 
 def resize_block_len(num_blocks_per_seq: int, block_len: int, sprior_prgs: int = 1) -> tuple[int, int]:
@@ -68,10 +76,8 @@ def resize_block_len(num_blocks_per_seq: int, block_len: int, sprior_prgs: int =
             f"curr_sprior: {bucket} (= {num_blocks_per_seq} blocks x {block_len}) must be a multiple of "
             f"{multiple} (128 partitions x {sprior_prgs} cores) for block KV"
         )
-    for factor in range(1, block_len + 1):
-        if block_len % factor == 0 and (num_blocks_per_seq * factor) % multiple == 0:
-            return block_len // factor, factor
-    raise AssertionError("unreachable: factor=block_len always works when bucket % multiple == 0")
+    factor = int(rules.block_resize_factor(num_blocks_per_seq, block_len, sprior_prgs))
+    return block_len // factor, factor
 
 
 def resize_block_table(table: np.ndarray, factor: int) -> np.ndarray:
@@ -86,29 +92,19 @@ def resize_block_table(table: np.ndarray, factor: int) -> np.ndarray:
 
 
 def library_sprior_programs(bs: int, q_head: int, s_active: int, curr_sprior: int, lnc: int) -> int:
-    """Cores the Neuron library splits the key axis across (its rule, which differs from
-    `lnc_sharding` in one point: fused RoPE does not prevent its batch sharding).
-
-    Two cores take half the keys each unless the batch is split instead (B even and
-    (B*H*S > 128 or Sp < 256)), and only when Sp >= 256.
-    """
-    if lnc == 1:
-        return 1
-    batch_split = bs % 2 == 0 and (bs * q_head * s_active > P_MAX or curr_sprior < 2 * P_MAX)
-    return lnc if not batch_split and curr_sprior >= 2 * P_MAX else 1
+    """Cores the Neuron library splits the key axis across (`rules.library_sprior_programs`: unlike
+    `lnc_sharding`, fused RoPE does not prevent its batch sharding)."""
+    return int(rules.library_sprior_programs(bs, q_head, s_active, curr_sprior, lnc))
 
 
 def mask_block_len(
     bs: int, q_head: int, s_active: int, curr_sprior: int, block_len: int, lnc: int = 1, flash: bool = True
 ) -> int:
-    """Block length that orders a pre-generated block-KV mask (the Neuron library's convention).
+    """Block length that orders a pre-generated block-KV mask (the Neuron library's convention,
+    `rules.mask_order_len`).
 
-    The library reduces block_len to the largest divisor R such that each core's keys are whole
-    folds of 128 blocks of R tokens and, under flash tiling (> 8192 keys per core), so are the
-    8192-key tiles and the last partial tile. The mask's row of natural key n is then
-    `F*128*R + (n % R)*128 + (n % (128*R)) // R` with F = n // (128*R) (see
-    `reference.unshuffle_block_mask`). R depends on lnc through the key split.
-
+    The mask's row of natural key n is then `F*128*R + (n % R)*128 + (n % (128*R)) // R` with
+    F = n // (128*R) (see `reference.unshuffle_block_mask`). R depends on lnc through the key split.
     Raises ValueError when Sp is not a multiple of 128 per core (no fold structure exists).
     """
     n = library_sprior_programs(bs, q_head, s_active, curr_sprior, lnc)
@@ -117,14 +113,7 @@ def mask_block_len(
             f"cfg.curr_sprior: {curr_sprior} must be a multiple of {P_MAX * n} (128 keys x {n} core(s) at lnc={lnc})"
             " with a pre-generated block-KV mask: its keys come in folds of 128 blocks per core"
         )
-    divisor = curr_sprior // (P_MAX * n)
-    per_core = curr_sprior // n
-    if flash and per_core > FA_TILE:
-        divisor = math.gcd(divisor, FA_TILE // P_MAX)
-        last = per_core % FA_TILE
-        if last:
-            divisor = math.gcd(divisor, last // P_MAX)
-    return math.gcd(block_len, divisor)
+    return int(rules.mask_order_len(bs, q_head, s_active, curr_sprior, block_len, lnc, flash))
 
 
 def mm1_group_keys(q_head: int, s_active: int) -> int:
@@ -132,7 +121,7 @@ def mm1_group_keys(q_head: int, s_active: int) -> int:
     hs = q_head * s_active
     if hs > PSUM_FMAX:
         raise ValueError(f"q_head*s_active: {hs} exceeds {PSUM_FMAX}")
-    return min(MM1_GROUP_KEYS, (PSUM_FMAX // hs) * P_MAX)
+    return int(rules.mm1_group_tiles(hs)) * P_MAX
 
 
 @dataclass(frozen=True)
@@ -145,15 +134,13 @@ def flash_tiles(sprior_per_core: int, enabled: bool = True, tile: int = FA_TILE)
     """Flash (online-softmax) tiles over one core's keys; a single tile when not needed."""
     if sprior_per_core < 1:
         raise ValueError(f"sprior_per_core: {sprior_per_core} must be >= 1")
-    if not enabled or sprior_per_core <= tile:
-        return [FlashTile(0, sprior_per_core)]
-    return [FlashTile(s, min(tile, sprior_per_core - s)) for s in range(0, sprior_per_core, tile)]
+    starts, sizes = rules.fa_tiles(sprior_per_core, enabled, tile)
+    return [FlashTile(s, n) for s, n in zip(starts, sizes, strict=True)]
 
 
 def batch_tile(bs: int, q_head: int, s_active: int, fa_tile_sprior: int) -> int:
     """Largest batch tile within the SBUF budget: 8 * tile * H * S * keys <= 16 MiB (>= 1)."""
-    per_row = 8 * q_head * s_active * fa_tile_sprior
-    return max(1, min(bs, SBUF_BATCH_BUDGET // per_row))
+    return int(rules.batch_tile(bs, q_head * s_active, fa_tile_sprior))
 
 
 def round_up(x: int, multiple: int) -> int:

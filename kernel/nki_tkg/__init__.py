@@ -4,7 +4,8 @@ Modules (kernel-side: the NKI language subset, imported only once `nki` exists, 
 Neuron package or the tkg emulator installed in its place):
     wrapper   `@nki.jit` entry `attention_tkg_kernel[lnc](...)`: outputs, SBUF manager, q/k DMA
     kernel    the `attention_tkg` sub-kernel (seed signature) and its per-flash-tile pipeline
-    plan      trace-time work split and tiling (same rules as `tkg.kernel.decisions`)
+    rules     the tiling and sharding rules (plain arithmetic; `tkg.kernel.decisions` uses them too)
+    plan      trace-time work split and tiling of one call and core, from `rules`
     sbuf      `SbufManager`: stack allocator with scopes and multi-buffer sections
     psum      PSUM banks per pipeline stage
     kv        K^T / V loads (flat, strided, block KV by indirect DMA), active-token insertion

@@ -1,10 +1,8 @@
 """Trace-time tiling plan of one `attention_tkg` call on one NeuronCore.
 
 Everything here is arithmetic on static shapes, evaluated while the kernel is traced. The rules
-are the same as the host-side `tkg.kernel.decisions` (sharding, block-length resize, flash tiles,
-batch tile, MM1 group); they are re-stated here in the NKI language subset because kernel code
-cannot call host modules that use dataclasses or typing. `tests/test_nki_kernel.py` checks both
-agree over a sweep of shapes.
+(sharding, block-length resize, flash tiles, batch tile, MM1 group) live once in `rules.py`, which
+the host-side `tkg.kernel.decisions` uses too; this module applies them to one call and core.
 
 Key layouts inside one flash (FA) tile of `nk` keys (`n_kt = nk / 128` key tiles; key tile t,
 partition p; `lk` = key offset within the FA tile):
@@ -19,11 +17,17 @@ from dataclasses import dataclass
 
 import nki.language as nl
 
-P_MAX = 128
-PSUM_FMAX = 512  # fp32 per partition in one PSUM bank
-MM1_GROUP_TILES = 32  # 4096 keys per MM1 group
-FA_TILE = 8192  # flash tiling threshold and tile size, keys per core
-SBUF_BATCH_BUDGET = 16 * 1024 * 1024  # bytes, the batch-tiling heuristic's budget
+from tkg.kernel.nki_tkg.rules import (
+    P_MAX,
+    batch_tile,
+    block_resize_factor,
+    fa_tile_keys,
+    fa_tiles,
+    library_sprior_programs,
+    lnc_sharding,
+    mm1_group_tiles,
+)
+from tkg.kernel.nki_tkg.rules import mask_order_len as mask_order_len_of
 
 
 @dataclass
@@ -48,82 +52,16 @@ class TKGConfig(nl.NKIObject):
     enable_fa_s_prior_tiling: bool = True
 
 
-def lnc_sharding(bs: int, q_head: int, s_active: int, curr_sprior: int, n_prgs: int, fuse_rope: bool) -> str:
-    """'batch', 'sequence' or 'none' (same rule as `decisions.lnc_sharding`)."""
-    if n_prgs == 1:
-        return "none"
-    if bs % 2 == 0 and (not fuse_rope) and (bs * q_head * s_active > P_MAX or curr_sprior < 2 * P_MAX):
-        return "batch"
-    if curr_sprior >= 2 * P_MAX:
-        return "sequence"
-    return "none"
-
-
-def block_resize_factor(n_blocks: int, block_len: int, sprior_prgs: int) -> int:
-    """Smallest split of each block so every core gets a multiple of 128 sub-blocks.
-
-    Same rule as `decisions.resize_block_len`; the factor is always a power of two dividing 128.
-    """
-    multiple = P_MAX * sprior_prgs
-    assert (n_blocks * block_len) % multiple == 0, (
-        f"attention_tkg: curr_sprior {n_blocks * block_len} must be a multiple of {multiple} for block KV"
-    )
-    for factor in range(1, block_len + 1):
-        if block_len % factor == 0 and (n_blocks * factor) % multiple == 0:
-            return factor
-    return block_len
-
-
 def mask_order_len(cfg: TKGConfig, n_prgs: int) -> int:
-    """Order length R of a pre-generated block-KV mask: nki-library's reduced block length (same
-    rule as `decisions.mask_block_len`): the largest divisor of block_len such that each core's
-    keys (the library's key split) and its 8192-key flash tiles are whole folds of 128 R-blocks."""
-    B = cfg.bs
-    sp = cfg.curr_sprior
-    cores = 1
-    batch_split = B % 2 == 0 and (B * cfg.q_head * cfg.s_active > P_MAX or sp < 2 * P_MAX)
-    if n_prgs == 2 and not batch_split and sp >= 2 * P_MAX:
-        cores = 2
-    assert sp % (P_MAX * cores) == 0, (
-        f"attention_tkg: curr_sprior {sp} must be a multiple of {P_MAX * cores} with a pre-generated block mask"
+    """Order length R of a pre-generated block-KV mask for this call (`rules.mask_order_len`)."""
+    cores = library_sprior_programs(cfg.bs, cfg.q_head, cfg.s_active, cfg.curr_sprior, n_prgs)
+    assert cfg.curr_sprior % (P_MAX * cores) == 0, (
+        f"attention_tkg: curr_sprior {cfg.curr_sprior} must be a multiple of {P_MAX * cores} with a pre-generated "
+        "block mask"
     )
-    per_core = sp // cores
-    div = per_core // P_MAX
-    if cfg.enable_fa_s_prior_tiling and per_core > FA_TILE:
-        div = gcd(div, FA_TILE // P_MAX)
-        last = per_core % FA_TILE
-        if last > 0:
-            div = gcd(div, last // P_MAX)
-    return gcd(cfg.block_len, div)
-
-
-def gcd(a: int, b: int) -> int:
-    while b > 0:
-        t = a % b
-        a = b
-        b = t
-    return a
-
-
-def fa_tile_keys(hs: int, fold_keys: int) -> int:
-    """Keys per flash tile: 8192, fewer when H*S is so large one batch row's scores would not fit
-    the SBUF budget (`8 * H*S * keys <= 16 MiB`), rounded to whole block folds for block KV."""
-    cap = (SBUF_BATCH_BUDGET // (8 * hs)) // P_MAX * P_MAX
-    tile = min(FA_TILE, max(P_MAX, cap))
-    if fold_keys > 0:
-        tile = max(fold_keys, (tile // fold_keys) * fold_keys)
-    return tile
-
-
-def batch_tile(bs: int, hs: int, fa_keys: int) -> int:
-    """Batch rows per pass within the SBUF budget: `8 * rows * H*S * keys <= 16 MiB` (>= 1)."""
-    per_row = 8 * hs * fa_keys
-    return max(1, min(bs, SBUF_BATCH_BUDGET // per_row))
-
-
-def mm1_group_tiles(hs: int) -> int:
-    """128-key tiles per MM1 group: 32 (4096 keys), fewer so the group's H*S columns fit one bank."""
-    return min(MM1_GROUP_TILES, PSUM_FMAX // hs)
+    return mask_order_len_of(
+        cfg.bs, cfg.q_head, cfg.s_active, cfg.curr_sprior, cfg.block_len, n_prgs, cfg.enable_fa_s_prior_tiling
+    )
 
 
 def ilog2(x: int) -> int:
@@ -227,17 +165,9 @@ def make_plan(cfg: TKGConfig, n_prgs: int, prg_id: int) -> TilePlan:
         pl.layout = "contig"
 
     tile = fa_tile_keys(pl.HS, pl.fold_keys)
-    starts = ()
-    sizes = ()
-    if cfg.enable_fa_s_prior_tiling and pl.sp_core > tile:
-        s = 0
-        while s < pl.sp_core:
-            starts = starts + (s,)
-            sizes = sizes + (min(tile, pl.sp_core - s),)
-            s = s + tile
-    else:
-        starts = (0,)
-        sizes = (pl.sp_core,)
+    tiles = fa_tiles(pl.sp_core, cfg.enable_fa_s_prior_tiling, tile)
+    starts = tiles[0]
+    sizes = tiles[1]
     pl.fa_starts = starts
     pl.fa_sizes = sizes
     pl.n_fa = len(starts)

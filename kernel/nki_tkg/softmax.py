@@ -21,8 +21,9 @@ finite stand-in for -inf so `exp(m - m_new)` never computes `inf - inf`.
 import nki.isa as nisa
 import nki.language as nl
 
-from tkg.kernel.nki_tkg.plan import P_MAX, PSUM_FMAX, TilePlan
+from tkg.kernel.nki_tkg.plan import P_MAX, TilePlan
 from tkg.kernel.nki_tkg.psum import PsumRing
+from tkg.kernel.nki_tkg.rules import PSUM_FMAX
 
 NEG_BIG = -3.0e38
 
