@@ -297,3 +297,55 @@ def test_neuron_device_store_matches_the_host_store_on_trn() -> None:
     assert moved[200] == moved[500]
     for a, b in zip(dev.read_blocks(0, tables[0, :3]), host.read_blocks(0, tables[0, :3]), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ---- tkg serve --backend nki-emu, end to end ------------------------------------------------------
+
+
+@needs_emu
+def test_serve_nki_emu_warms_every_bucket_answers_like_the_reference_and_refuses_past_the_buckets() -> None:
+    """A real `tkg serve --backend nki-emu` process: the start line reports the warm-up, decode
+    outputs (fused RoPE, batches padded to a bucket) match the independent mirror, a step past the
+    compiled context bucket is INVALID_ARGUMENT naming it, and the metrics show the traffic and the
+    compilations, which do not move while serving."""
+    from server_mirror import Mirror, rand, scrape, tol
+    from server_proc import start_server
+
+    from tkg.client import Client
+    from tkg.client.errors import InvalidArgument
+
+    srv = start_server(
+        "--backend", "nki-emu", "--num-layers", "1", "--num-q-heads", "4", "--num-kv-heads", "2", "--head-dim", "32",
+        "--block-len", "4", "--num-blocks", "80", "--max-context", "256", "--max-batch", "3", "--max-s-active", "2",
+        "--kv-dtype", "bfloat16", "--fuse-rope", "true", "--rope-theta", "10000", "--context-buckets", "128",
+        "--batch-buckets", "2,3",
+    )  # fmt: skip
+    try:
+        # contexts (128,) x batches (2, 3) x s_active (1, 2): 4 launches, 4 specialisations
+        assert " warm_up=4 launches/4 compiled in " in srv.line, srv.line
+        assert srv.backend == "nki-emu"
+        rng = np.random.default_rng(4)
+        dt = np.dtype(BF16)
+        with Client(srv.target) as c:
+            m = Mirror(c.server_info(), rope={"theta": 10000.0, "scaling": None})
+            sids = [c.create_sequence(f"e{i}").sequence_id for i in range(3)]
+            for i, sid in enumerate(sids):
+                k, v = rand(rng, (20 + 30 * i, 2, 32), dt), rand(rng, (20 + 30 * i, 2, 32), dt)
+                c.append_kv(sid, 0, k, v, position=0)
+                m.append(sid, 0, k, v)
+            before = scrape(srv.metrics_port)
+            for S, batch in ((1, sids), (2, sids[:1])):  # batch 3 and 1 (padded to bucket 2)
+                pos = [m.length(s, 0) for s in batch]
+                q, k, v = (rand(rng, (len(batch), h, S, 32), dt) for h in (4, 2, 2))
+                res = c.decode(0, batch, pos, q, k, v)
+                np.testing.assert_allclose(res.out.astype(np.float32), m.decode(0, batch, q, k, v), **tol(dt))
+            c.append_kv(sids[0], 0, *(rand(rng, (128 - m.length(sids[0], 0), 2, 32), dt) for _ in range(2)))
+            with pytest.raises(InvalidArgument, match=r"positions\[0\]: 128 \+ S=1 tokens exceeds the largest "
+                               r"compiled context bucket 128 of backend nki-emu"):  # fmt: skip
+                c.decode(0, sids[:1], [128], *(rand(rng, (1, h, 1, 32), dt) for h in (4, 2, 2)))
+            after = scrape(srv.metrics_port)
+        assert before["tkg_kernel_compilations_total"] == after["tkg_kernel_compilations_total"] == 4
+        h2d = 'tkg_device_transfer_bytes_total{direction="h2d"}'
+        assert after[h2d] > before[h2d] > 0 and after['tkg_device_transfer_bytes_total{direction="d2h"}'] > 0
+    finally:
+        assert srv.stop() == 0
