@@ -21,6 +21,7 @@ servicer; without auth every call is the full-access `default` tenant, as before
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import hmac
 import inspect
@@ -123,6 +124,11 @@ class AuthTable:
 
     def tenant(self, name: str) -> Tenant | None:
         return next((t for t in self.tenants if t.name == name), None)
+
+    @functools.cached_property
+    def anonymous(self) -> Identity:
+        """Every caller when no credentials are configured: tenant `default`, its quota."""
+        return Identity(self.tenant(DEFAULT_TENANT) or ANONYMOUS.tenant)
 
     def by_token(self, token: str) -> Identity | None:
         """Constant time in which entry matches: every digest is compared, none skipped."""
@@ -245,7 +251,7 @@ class Authenticator:
         """The caller's identity for `method` (a full method name); raises `Denied`."""
         table = self.table
         if not table.enabled:
-            return ANONYMOUS
+            return table.anonymous
         ident = table.by_subject(subjects) if subjects and table.subjects else None
         if ident is None:
             header = None

@@ -614,3 +614,18 @@ def tenants_inward(ident: auth.Identity, sid: str) -> str:
     from tkg.server.tenants import inward
 
     return inward(ident.tenant, sid)
+
+
+def test_quota_flags_apply_to_every_tenant_without_an_auth_file() -> None:
+    args = cli.build_parser().parse_args(serve_args("--quota-max-sequences", "2", "--max-sequences", "5"))
+    settings = cli.settings_from_args(args, "reference")
+    assert settings.auth.tenant("default").quota.max_sequences == 2 and settings.max_sequences == 5
+    s = InProcServer(settings)
+    try:
+        anon = Caller(s.target, None)
+        for sid in ("x", "y"):
+            anon.CreateSequence(pb.CreateSequenceRequest(sequence_id=sid))
+        code, details = status_of(lambda: anon.CreateSequence(pb.CreateSequenceRequest(sequence_id="z")))
+        assert code == Code.RESOURCE_EXHAUSTED and "quota max_sequences of tenant 'default': 2" in details
+    finally:
+        s.stop()
