@@ -629,3 +629,32 @@ def test_quota_flags_apply_to_every_tenant_without_an_auth_file() -> None:
         assert code == Code.RESOURCE_EXHAUSTED and "quota max_sequences of tenant 'default': 2" in details
     finally:
         s.stop()
+
+
+def test_sighup_reloads_the_auth_file_of_a_running_server(tmp_path: Path) -> None:
+    import signal
+
+    from server_proc import start_server
+
+    path = tmp_path / "auth.json"
+    auth_file(path, [{"name": "team-a", "token_sha256": sha(TA)}])
+    srv = start_server("--backend", "reference", "--num-layers", "1", "--num-q-heads", "2", "--num-kv-heads", "1",
+                       "--head-dim", "8", "--num-blocks", "8", "--auth-file", str(path))  # fmt: skip
+    try:
+        assert "auth=on tenants=1" in srv.line
+        assert Caller(srv.target, TA).GetServerInfo(pb.GetServerInfoRequest()).head_dim == 8
+        auth_file(path, [{"name": "team-b", "token_sha256": sha(TB)}])
+        srv.proc.send_signal(signal.SIGHUP)
+
+        def swapped() -> bool:
+            try:
+                Caller(srv.target, TB).GetServerInfo(pb.GetServerInfoRequest())
+                return True
+            except grpc.RpcError:
+                return False
+
+        wait_for(swapped, what="the reloaded auth file to take effect")
+        assert status_of(lambda: Caller(srv.target, TA).GetServerInfo(pb.GetServerInfoRequest()))[0] \
+            == Code.UNAUTHENTICATED
+    finally:
+        assert srv.stop() == 0
