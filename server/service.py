@@ -436,6 +436,23 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             if self.cache.free_blocks != free:
                 self.ledger.blocks_changed(tenant, free - self.cache.free_blocks)
 
+    def _add_sequence(self, tenant: auth.Tenant, make: Callable[[], SequenceState]) -> SequenceState:
+        """A new sequence of `tenant` made by `make` (create, fork, import) within its quotas: the
+        sequence count is checked first, the blocks it took after; past max_blocks the sequence
+        is released again (nothing changed) and RESOURCE_EXHAUSTED raised."""
+        self.ledger.check_sequence(tenant)
+        free = self.cache.free_blocks
+        state = make()
+        taken = free - self.cache.free_blocks
+        try:
+            self.ledger.check_blocks(tenant, taken)
+        except ServiceError:
+            self.cache.release(state.seq_id)
+            raise
+        self.ledger.sequences_changed(tenant, 1)
+        self.ledger.blocks_changed(tenant, taken)
+        return state
+
     def _charge_blocks(self, tenant: auth.Tenant, plan: Any) -> None:
         """Charge a prepared append's reservation to `tenant`; past its max_blocks quota the plan
         is aborted (nothing changed) and RESOURCE_EXHAUSTED raised."""
@@ -473,10 +490,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             tenant = auth.current().tenant
             if request.sequence_id:
                 self._check_id("sequence_id", request.sequence_id)
-            self.ledger.check_sequence(tenant)
-            state = self.cache.create(inward(tenant, request.sequence_id or uuid.uuid4().hex))
-            self.ledger.sequences_changed(tenant, 1)
-            return self._seq_info(state)
+            seq_id = inward(tenant, request.sequence_id or uuid.uuid4().hex)
+            return self._seq_info(self._add_sequence(tenant, lambda: self.cache.create(seq_id)))
 
         return await self._unary("CreateSequence", context, run)
 
@@ -507,18 +522,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 self._check_id("sequence_id", request.sequence_id)
             source = inward(tenant, request.source_id)
             await self._settle(source)
-            self.ledger.check_sequence(tenant)
-            free = self.cache.free_blocks
-            state = self.cache.fork(source, inward(tenant, request.sequence_id or uuid.uuid4().hex))
-            taken = free - self.cache.free_blocks  # the copied partial blocks (full ones are shared)
-            try:
-                self.ledger.check_blocks(tenant, taken)
-            except ServiceError:
-                self.cache.release(state.seq_id)  # back to where it was
-                raise
-            self.ledger.sequences_changed(tenant, 1)
-            self.ledger.blocks_changed(tenant, taken)
-            return self._seq_info(state)
+            seq_id = inward(tenant, request.sequence_id or uuid.uuid4().hex)
+            # Takes blocks for the copied partial blocks only (full ones are shared).
+            return self._seq_info(self._add_sequence(tenant, lambda: self.cache.fork(source, seq_id)))
 
         return await self._unary("ForkSequence", context, run)
 
@@ -651,18 +657,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                         self._check_id("sequence_id", msg.sequence_id)
                     msg.sequence_id = inward(tenant, msg.sequence_id)  # into the caller's namespace
                 importer.add(msg)
-            self.ledger.check_sequence(tenant)
-            free = self.cache.free_blocks
-            state = importer.install()
-            taken = free - self.cache.free_blocks
-            try:
-                self.ledger.check_blocks(tenant, taken)
-            except ServiceError:
-                self.cache.release(state.seq_id)  # nothing imported
-                raise
-            self.ledger.sequences_changed(tenant, 1)
-            self.ledger.blocks_changed(tenant, taken)
-            return self._seq_info(state)
+            return self._seq_info(self._add_sequence(tenant, importer.install))
 
         return await self._unary("ImportSequence", context, run)
 
