@@ -24,10 +24,11 @@ class Timing:
     total_us: int
     batch_size: int
     batch_requests: int
+    attention_us: int = 0  # the attention kernel call alone (a part of kernel_us)
 
     @classmethod
     def from_pb(cls, t: pb.Timing) -> Timing:
-        return cls(t.queue_us, t.kernel_us, t.total_us, t.batch_size, t.batch_requests)
+        return cls(t.queue_us, t.kernel_us, t.total_us, t.batch_size, t.batch_requests, t.attention_us)
 
 
 @dataclass

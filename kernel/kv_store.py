@@ -165,12 +165,14 @@ class KVStore:
         scale: float,
         window: int | None = None,
         sinks: np.ndarray | None = None,
+        **options: Any,
     ) -> np.ndarray:
         """One decode step of `layer` for B sequences (`tkg.kernel.paged.paged_decode`'s math).
 
         q: `[B, Hq, S, d]` (RoPE applied, not scaled); k_new, v_new: `[B, Hkv, S, d]`, the S tokens
         already written at positions `seq_lens[b]-S ..` (None unless `reads_new_kv`);
         block_tables: int32 `[B, >= ceil(seq_lens/block_len)]`; seq_lens: int32 `[B]`.
+        options: the backend's own per-call options (e.g. the cpu kernel's `max_threads`).
         Returns `[B, Hq, S, d]` in q's dtype.
         """
         raise NotImplementedError
@@ -238,12 +240,13 @@ class HostKVStore(KVStore):
         scale: float,
         window: int | None = None,
         sinks: np.ndarray | None = None,
+        **options: Any,
     ) -> np.ndarray:
         from tkg.kernel.paged import paged_decode
 
         return paged_decode(
             q, self.k[layer], self.v[layer], block_tables, seq_lens, scale=scale, window=window, sinks=sinks,
-            backend=self.backend,
+            backend=self.backend, **options,
         )  # fmt: skip
 
 

@@ -62,6 +62,7 @@ class ServeSettings:
     max_concurrent_streams: int | None = None  # per connection (gRPC's own limit)
     gateway_metrics: bool = False
     inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # smaller launches run on the event loop thread
+    kernel_cores: int = 0  # cores the cpu kernel may use; 0: the CPUs this process may run on
     expiry_period_s: float | None = None  # idle-expiry sweep period; None: idle_ttl_s / 4, in [0.05, 30]
     peers: tuple[str, ...] = ()  # the other replicas, named as clients name them (the routing hash covers the name)
     # Compiled shape buckets of device backends (nki, nki-emu); None: powers of two up to the spec's limits.
@@ -200,7 +201,7 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     opts = ServiceOptions(
         backend=settings.backend, max_batch=spec.max_batch, batch_delay_s=settings.batch_delay_us * 1e-6,
         max_pending=settings.max_pending, max_message_bytes=settings.max_message_bytes,
-        inline_kernel_bytes=settings.inline_kernel_bytes,
+        inline_kernel_bytes=settings.inline_kernel_bytes, kernel_cores=settings.kernel_cores,
     )  # fmt: skip
     service = DecodeAttentionService(spec, cache, opts, metrics)
     authenticator = auth_mod.Authenticator(settings.auth)

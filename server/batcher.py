@@ -6,7 +6,8 @@ whose sequences do not collide with the batch, up to `max_batch` sequences, and 
 While a batch runs, new requests queue up, so under load batches form without any delay
 (continuous batching); the delay only helps when requests trickle in. `lone_caller()` (set by the
 service) says a single caller has had the server to itself for a while: its head goes at once,
-since nobody could join it; the first overlapping call makes the delay apply again.
+since nobody could join it (`decode` even runs it in the caller's own task when nothing else is
+queued or running); the first overlapping call makes the delay apply again.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.running = 0  # requests in the batch being run
+        self._launching = asyncio.Lock()  # held while a batch runs: one launch at a time
+        self._last_alone: list[str] | None = None  # sequence ids of the last batch, when it was one request
         self.lone_caller: Callable[[], bool] = lambda: False
 
     @property
@@ -94,6 +97,21 @@ class Batcher:
         self._queue.append(work)
         self._wakeup.set()
         return work.future
+
+    async def decode(self, work: DecodeWork) -> Any:
+        """Queue `work` (`submit`) and wait for its result. A lone caller (`lone_caller()`) whose
+        request finds nothing queued and no launch running runs its batch in its own task instead:
+        no queue, no dispatcher wake-up, two event-loop passes fewer per call. Only when the
+        request names the sequences of the last batch, and that batch was one request: grpc.aio
+        starts one call per loop pass, so a burst of other callers' requests would each look alone
+        and never meet in a batch; through the queue they do. Launches never overlap: the
+        dispatcher takes its next batch only once such a launch is over."""
+        alone = work.seq_ids == self._last_alone  # the same caller going on, not a burst of new ones
+        if not alone or self._queue or self._launching.locked() or not self.lone_caller():
+            return await self.submit(work)
+        async with self._launching:
+            await self._launch([work])
+        return await work.future
 
     def _take(self) -> list[DecodeWork]:
         """Remove and return the next batch: the oldest request and compatible followers."""
@@ -132,15 +150,22 @@ class Batcher:
                 continue
             if len(self._queue) > 1 or not self.lone_caller():
                 await self._wait_for_company(self._queue[0])
-            batch = [w for w in self._take() if not w.future.done()]  # drop cancelled callers
-            if not batch:
-                continue
-            self.running = len(batch)
-            try:
-                await self._run_batch(batch)
-            except Exception as exc:  # a bug in run_batch must not kill the dispatcher
-                for work in batch:
-                    if not work.future.done():
-                        work.future.set_exception(exc)
-            finally:
-                self.running = 0
+            async with self._launching:  # a lone caller's own launch (`decode`) may be running
+                if not self._queue:
+                    continue
+                batch = [w for w in self._take() if not w.future.done()]  # drop cancelled callers
+                if batch:
+                    await self._launch(batch)
+
+    async def _launch(self, batch: list[DecodeWork]) -> None:
+        """Run one batch (the caller holds `_launching`)."""
+        self._last_alone = batch[0].seq_ids if len(batch) == 1 else None
+        self.running = len(batch)
+        try:
+            await self._run_batch(batch)
+        except Exception as exc:  # a bug in run_batch must not kill the dispatcher
+            for work in batch:
+                if not work.future.done():
+                    work.future.set_exception(exc)
+        finally:
+            self.running = 0

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launches reading at most this much K+V run on the event loop instead of the "
                    "kernel thread, whose hand-off costs more than they take "
                    f"(default {INLINE_KERNEL_BYTES}; 0 = never)")  # fmt: skip
+    n.add_argument("--kernel-cores", type=int, default=0,
+                   help="cores the kernel may use (cpu backend): all of them when it runs on the event loop, "
+                   "one fewer on the kernel thread so the loop keeps serving (default 0 = the CPUs this "
+                   "process may run on)")  # fmt: skip
     n.add_argument("--grace-s", type=float, default=20.0,
                    help="drain time on SIGTERM for in-flight calls and pushing sequences to --peers (default 20)")
     n.add_argument("--peers", default="", help="the other replicas, host:port,... exactly as clients name them: "
@@ -151,7 +155,7 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         ("--port", args.port, 0, 65535), ("--metrics-port", args.metrics_port, 0, 65535),
         ("--max-message-bytes", args.max_message_bytes, 4096, 2**31 - 1),
         ("--batch-delay-us", args.batch_delay_us, 0, 10**7), ("--max-pending", args.max_pending, 1, 10**7),
-        ("--inline-kernel-bytes", args.inline_kernel_bytes, 0, 2**40),
+        ("--inline-kernel-bytes", args.inline_kernel_bytes, 0, 2**40), ("--kernel-cores", args.kernel_cores, 0, 4096),
         *((f"--quota-{k.replace('_', '-')}", getattr(args, f"quota_{k}"), 0, 2**40) for k in auth.QUOTA_KEYS),
         *(() if args.max_sequences is None else (("--max-sequences", args.max_sequences, 1, 2**31 - 1),)),
         *(() if args.max_concurrent_streams is None else
@@ -186,7 +190,7 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         batch_delay_us=args.batch_delay_us, max_pending=args.max_pending,
         auth=table, auth_file=args.auth_file, quota_defaults=defaults, peer_token=peer_token,
         tls_cert=cert, tls_key=key, tls_client_ca=client_ca, gateway_metrics=args.gateway_metrics,
-        inline_kernel_bytes=args.inline_kernel_bytes, max_sequences=args.max_sequences,
+        inline_kernel_bytes=args.inline_kernel_bytes, kernel_cores=args.kernel_cores, max_sequences=args.max_sequences,
         max_concurrent_streams=args.max_concurrent_streams, peers=peers,
         context_buckets=buckets["--context-buckets"], batch_buckets=buckets["--batch-buckets"],
     )  # fmt: skip

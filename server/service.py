@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -50,7 +51,7 @@ from tkg.server.errors import (
     ServiceError,
     Unavailable,
 )
-from tkg.server.kv_cache import KVCache, SequenceState
+from tkg.server.kv_cache import AppendPlan, KVCache, SequenceState
 from tkg.server.metrics import Metrics
 from tkg.server.rope import RopeTable, rotate
 from tkg.server.sequences import MAX_SEQUENCE_ID_LEN
@@ -86,6 +87,7 @@ class ServiceOptions:
     max_message_bytes: int
     inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # launches reading less K+V skip the worker thread
     lone_inline_bytes: int = LONE_INLINE_BYTES  # a lone caller's launches up to this much K+V, too
+    kernel_cores: int = 0  # cores the kernel may use; 0: the CPUs this process may run on (see kernel_threads)
 
 
 def _code_name(code: grpc.StatusCode) -> str:
@@ -111,6 +113,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.batcher.lone_caller = self._lone_caller
         metrics.attach(cache, pending=lambda: self.batcher.pending, running=lambda: self.batcher.running)
         self._dtype_code = codec.DTYPE_NAMES[spec.kv_dtype]
+        self._cores = options.kernel_cores or available_cores()
         self._kv_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * spec.kv_numpy_dtype.itemsize  # K + V
         self._inflight = 0
         self._decoding = 0  # decode requests (unary or stream messages) between receipt and reply
@@ -298,15 +301,65 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     # ---- the batch -------------------------------------------------------------------------
 
     async def _run_batch(self, batch: list[DecodeWork]) -> None:
-        """Prepare each request (its own errors), append all, one kernel launch, split the output.
+        """Prepare the batch (one plan per tenant's run of requests; per request only to single out
+        a failing one), append all, one kernel launch, split the output.
 
         From commit to the kernel's end the plans hold their blocks (`KVCache.commit(hold=True)`);
         any failure in between rolls back exactly this step's appends and gives every caller
         still waiting the real error."""
         t_start = time.perf_counter()
-        cache = self.cache
         S = batch[0].s_active
-        ready = []
+        ready, plans = self._prepare(batch, S)
+        if not ready:
+            return
+        try:
+            out, lens, attention_s = await self._launch(ready, plans, S)
+        except asyncio.CancelledError:
+            raise  # `_launch` undoes the step once the kernel thread has let go
+        except Exception as exc:
+            if not isinstance(exc, ServiceError):  # the kernel failing is a server bug: report it, keep serving
+                log.exception("decode step failed for layer %d, %d requests", batch[0].layer, len(ready))
+                exc = ServiceError(f"kernel: {type(exc).__name__}: {exc}")
+            for work in ready:
+                if not work.future.done():  # a cancelled caller must not hide the error from the rest
+                    work.future.set_exception(exc)
+            if self._waiters:
+                await asyncio.sleep(0)
+            return
+        t_end = time.perf_counter()
+        kernel_s = t_end - t_start
+        self.metrics.observe_batch(len(lens), kernel_s, [t_start - w.arrival for w in ready])
+        kernel_us, attention_us, size = int(kernel_s * 1e6), int(attention_s * 1e6), len(lens)
+        row = 0
+        for work in ready:
+            timing = pb.Timing(
+                queue_us=int((t_start - work.arrival) * 1e6), kernel_us=kernel_us, attention_us=attention_us,
+                batch_size=size, batch_requests=len(ready),
+            )  # fmt: skip
+            if not work.future.done():  # a cancelled caller's rows are appended all the same
+                work.future.set_result((out[row : row + work.size], timing))
+            row += work.size
+        if self._waiters:  # let mutations waiting for this launch apply before the next batch prepares
+            await asyncio.sleep(0)
+
+    def _prepare(self, batch: list[DecodeWork], S: int) -> tuple[list[DecodeWork], list[tuple[Any, AppendPlan]]]:
+        """Reserve the batch's appends. A batch of one tenant's requests takes one `prepare_append`
+        over all its sequences (its cost is per call, not per sequence); when that fails, or the
+        batch mixes tenants (blocks are charged per tenant), one per request, so that only the
+        failing requests get their error. Returns the requests that go ahead, in batch order, and
+        their (tenant, plan)s, each plan covering the next `plan.batch_size` of their rows."""
+        cache = self.cache
+        tenant = batch[0].tenant
+        if len(batch) > 1 and all(w.tenant is tenant for w in batch):
+            plan = None
+            try:
+                ids = [sid for work in batch for sid in work.seq_ids]
+                plan = cache.prepare_append(batch[0].layer, ids, np.concatenate([w.positions for w in batch]), S)
+                self._charge_blocks(tenant, plan)
+                return batch, [(tenant, plan)]
+            except ServiceError:
+                pass  # nothing was reserved; find out which requests fail
+        ready, plans = [], []
         for work in batch:
             try:
                 plan = cache.prepare_append(work.layer, work.seq_ids, work.positions, S)
@@ -315,96 +368,68 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 if not work.future.done():
                     work.future.set_exception(exc)
                 continue
-            ready.append((work, plan))
-        if not ready:
-            return
-        try:
-            out, lens = await self._launch(ready, S)
-        except asyncio.CancelledError:
-            raise  # `_launch` undoes the step once the kernel thread has let go
-        except Exception as exc:
-            if not isinstance(exc, ServiceError):  # the kernel failing is a server bug: report it, keep serving
-                log.exception("decode step failed for layer %d, %d requests", batch[0].layer, len(ready))
-                exc = ServiceError(f"kernel: {type(exc).__name__}: {exc}")
-            for work, _ in ready:
-                if not work.future.done():  # a cancelled caller must not hide the error from the rest
-                    work.future.set_exception(exc)
-            if self._waiters:
-                await asyncio.sleep(0)
-            return
-        t_end = time.perf_counter()
-        kernel_s = t_end - t_start
-        self.metrics.observe_batch(len(lens), kernel_s, [t_start - w.arrival for w, _ in ready])
-        row = 0
-        for work, _ in ready:
-            timing = pb.Timing(
-                queue_us=int((t_start - work.arrival) * 1e6), kernel_us=int(kernel_s * 1e6),
-                batch_size=len(lens), batch_requests=len(ready),
-            )  # fmt: skip
-            if not work.future.done():  # a cancelled caller's rows are appended all the same
-                work.future.set_result((out[row : row + work.size], timing))
-            row += work.size
-        if self._waiters:  # let mutations waiting for this launch apply before the next batch prepares
-            await asyncio.sleep(0)
+            ready.append(work)
+            plans.append((work.tenant, plan))
+        return ready, plans
 
-    async def _launch(self, ready: list[tuple[DecodeWork, Any]], S: int) -> tuple[np.ndarray, np.ndarray]:
+    async def _launch(
+        self, ready: list[DecodeWork], plans: list[tuple[Any, AppendPlan]], S: int
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         """Commit (holding) every prepared plan, run the kernel, finish the plans; on any failure
-        abort/roll back every plan of the step and re-raise. Returns (out, seq_lens)."""
+        abort/roll back every plan of the step and re-raise. Returns (out, seq_lens, seconds in the
+        attention call, measured on the thread that ran it)."""
         cache, spec = self.cache, self.spec
-        layer = ready[0][0].layer
+        layer = ready[0].layer
         fut: asyncio.Future | None = None
         try:
-            pos = np.concatenate([w.positions for w, _ in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
-            q = np.concatenate([w.q for w, _ in ready]) if len(ready) > 1 else ready[0][0].q
+            if len(ready) == 1:
+                q, k, v = ready[0].q, ready[0].k, ready[0].v
+            else:
+                q, k, v = (np.concatenate([getattr(w, x) for w in ready]) for x in "qkv")
             if self._rope is not None:
-                cos, sin = self._rope.lookup(pos)  # once for q and every request's k
-                q = rotate(q, cos, sin)
+                pos = np.concatenate([w.positions for w in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
+                cos, sin = self._rope.lookup(pos)  # once for the whole batch's q and k
+                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             row = 0
+            for tenant, plan in plans:
+                n = plan.batch_size
+                with self._pool_delta(tenant):
+                    cache.commit(plan, k[row : row + n], v[row : row + n], hold=True)
+                row += n
+            tables = _stack_tables([p.block_tables for _, p in plans])
+            lens = np.concatenate([p.seq_lens for _, p in plans]) if len(plans) > 1 else plans[0][1].seq_lens
             store = cache.store
-            new_k, new_v = [], []
-            for work, plan in ready:
-                k = work.k
-                if self._rope is not None:
-                    k = rotate(k, cos[row : row + work.size], sin[row : row + work.size])
-                with self._pool_delta(work.tenant):
-                    cache.commit(plan, k, work.v, hold=True)
-                if store.reads_new_kv:  # device stores send the new tokens with the step
-                    new_k.append(k)
-                    new_v.append(work.v)
-                row += work.size
-            tables = _stack_tables([p.block_tables for _, p in ready])
-            lens = np.concatenate([p.seq_lens for _, p in ready])
-            k_new = v_new = None
-            if store.reads_new_kv:
-                k_new, v_new = np.concatenate(new_k), np.concatenate(new_v)
+            new_kv = (k, v) if store.reads_new_kv else (None, None)  # device stores send the new tokens with the step
+            inline = self._inline(len(ready), int(lens.sum()) * self._kv_token_bytes)
             kernel = functools.partial(
-                store.decode, layer, q, k_new, v_new, tables, lens,
+                _timed, store.decode, layer, q, *new_kv, tables, lens,
                 scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
+                **self._kernel_options(inline),
             )  # fmt: skip
-            if self._inline(len(ready), int(lens.sum()) * self._kv_token_bytes):
-                out = kernel()
+            if inline:
+                out, attention_s = kernel()
             else:
                 fut = asyncio.get_running_loop().run_in_executor(self._kernel_thread, kernel)
-                out = await asyncio.shield(fut)
+                out, attention_s = await asyncio.shield(fut)
         except asyncio.CancelledError:
             if fut is not None and not fut.done():  # the thread still reads the blocks: undo after it
-                fut.add_done_callback(lambda _: self._undo(ready))
+                fut.add_done_callback(lambda _: self._undo(plans))
             else:
-                self._undo(ready)
+                self._undo(plans)
             raise
         except BaseException:
-            self._undo(ready)
+            self._undo(plans)
             raise
-        for work, plan in ready:
-            with self._pool_delta(work.tenant):
+        for tenant, plan in plans:
+            with self._pool_delta(tenant):
                 cache.finish(plan)
         self._notify_settled()
-        return out, lens
+        return out, lens, attention_s
 
-    def _undo(self, ready: list[tuple[DecodeWork, Any]]) -> None:
+    def _undo(self, plans: list[tuple[Any, AppendPlan]]) -> None:
         """All-or-nothing: the failed step leaves no tokens and no held blocks behind."""
-        for work, plan in ready:
-            with self._pool_delta(work.tenant):
+        for tenant, plan in plans:
+            with self._pool_delta(tenant):
                 if plan.state == "prepared":
                     self.cache.abort(plan)
                 elif plan.state in ("held", "committed"):
@@ -464,6 +489,12 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 raise
             self.ledger.blocks_changed(tenant, plan.reserved_blocks)
 
+    def _kernel_options(self, inline: bool) -> dict[str, Any]:
+        """Options of one launch for the store's kernel: the `cpu` kernel's thread cap (`kernel_threads`)."""
+        if self.opts.backend != "cpu":
+            return {}
+        return {"max_threads": kernel_threads(self._cores, inline)}
+
     async def _decode_one(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         work = self._validate_decode(req)
         # The tenant's share of the queue first, then the server-wide cap (in the batcher).
@@ -471,7 +502,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.ledger.enter_pending(work.tenant, max(1, self.opts.max_pending // tenants) if tenants > 1 else None)
         self._decoding += 1
         try:
-            out, timing = await self.batcher.submit(work)  # RESOURCE_EXHAUSTED when the queue is full
+            out, timing = await self.batcher.decode(work)  # RESOURCE_EXHAUSTED when the queue is full
         finally:
             self._decoding -= 1
             self.ledger.leave_pending(work.tenant)
@@ -776,6 +807,32 @@ def all_finite(a: np.ndarray) -> bool:
     uint, mask = _EXPONENT[a.dtype]
     bits = np.bitwise_and(a.view(uint), mask)
     return not (bits == mask).any()
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask; a cgroup CPU quota is not looked at)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def kernel_threads(cores: int, inline: bool) -> int:
+    """Threads the kernel may use for one launch out of `cores`.
+
+    On the event loop (inline) the loop waits for the kernel anyway, so it gets every core. On the
+    worker thread the loop goes on receiving, (de)serializing and answering calls during the
+    launch; a kernel on every core would preempt it (and be preempted: its fork-join then waits
+    for the slowest thread), so it leaves the loop one core. Idle kernel workers sleep (the native
+    pool never spins), so an unused core costs nothing."""
+    return max(1, cores if inline else cores - 1)
+
+
+def _timed(fn: Callable[..., np.ndarray], *args: Any, **kwargs: Any) -> tuple[np.ndarray, float]:
+    """`fn(*args, **kwargs)` and the seconds it took (measured on the thread that runs it)."""
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
 
 
 def _error_response(req: pb.DecodeRequest, code: grpc.StatusCode, message: str) -> pb.DecodeResponse:

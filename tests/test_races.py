@@ -222,18 +222,20 @@ def test_a_failed_step_appends_nothing_even_with_a_racing_write(racer: str) -> N
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("where", ["commit", "stack_tables"])
+@pytest.mark.parametrize("where", ["commit", "second_commit", "stack_tables"])
 def test_a_failure_between_prepare_and_the_kernel_rolls_back_the_whole_step(where: str, monkeypatch: Any) -> None:
-    """Two requests in one batch; something raises after the first plan committed (in the
-    second commit, or while stacking the tables): both get the error, neither keeps a token,
-    nothing stays in flight or reserved, and the retries succeed."""
+    """Two requests in one batch; something raises after prepare: in the batch's one commit, in the
+    second of two commits (a third request with a stale position makes the batch prepare per
+    request, and only that one is refused), or while stacking the tables. Both get the error,
+    neither keeps a token, nothing stays in flight or reserved, and the retries succeed."""
 
     async def main() -> None:
         svc = make_service()
-        svc.batcher.delay_s = 60.0  # the batch forms from both requests (max_batch reached: 2 + 2)
-        svc.batcher.max_batch = 2
+        svc.batcher.delay_s = 60.0  # the batch forms from all requests (max_batch reached)
+        ids = "abc" if where == "second_commit" else "ab"
+        svc.batcher.max_batch = len(ids)
         svc.start()
-        for sid in "ab":
+        for sid in ids:
             await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id=sid))
         free = svc.cache.free_blocks
         real_commit = svc.cache.commit
@@ -241,7 +243,7 @@ def test_a_failure_between_prepare_and_the_kernel_rolls_back_the_whole_step(wher
 
         def commit(plan: Any, *args: Any, **kwargs: Any) -> None:
             calls.append(plan)
-            if where == "commit" and len(calls) == 2:
+            if where == "commit" or (where == "second_commit" and len(calls) == 2):
                 raise ValueError("commit broke")
             real_commit(plan, *args, **kwargs)
 
@@ -251,14 +253,15 @@ def test_a_failure_between_prepare_and_the_kernel_rolls_back_the_whole_step(wher
         monkeypatch.setattr(svc.cache, "commit", commit)
         if where == "stack_tables":
             monkeypatch.setattr(service_module, "_stack_tables", stack)
-        results = await asyncio.gather(
-            svc._decode_one(decode_req("a", 0)), svc._decode_one(decode_req("b", 0, seed=1)), return_exceptions=True
-        )
-        assert len(calls) == 2
-        for r in results:
+        requests = [decode_req("a", 0), decode_req("b", 0, seed=1), decode_req("c", 5)][: len(ids)]
+        results = await asyncio.gather(*(svc._decode_one(r) for r in requests), return_exceptions=True)
+        assert [p.seq_ids for p in calls] == ([("a",), ("b",)] if where == "second_commit" else [("a", "b")])
+        for r in results[:2]:
             assert isinstance(r, ServiceError) and "broke" in r.message
-        assert [svc.cache.get(s).lengths for s in "ab"] == [(0, 0), (0, 0)]
-        assert not svc.cache.in_flight("a") and not svc.cache.in_flight("b") and svc.cache.free_blocks == free
+        if where == "second_commit":
+            assert isinstance(results[2], ServiceError) and results[2].code == grpc.StatusCode.FAILED_PRECONDITION
+        assert [svc.cache.get(s).lengths for s in ids] == [(0, 0)] * len(ids)
+        assert not any(svc.cache.in_flight(s) for s in ids) and svc.cache.free_blocks == free
         monkeypatch.undo()
         svc.batcher.delay_s = 0.0
         for s in "ab":

@@ -123,3 +123,73 @@ def test_cancelled_callers_are_dropped_and_errors_reach_every_caller() -> None:
         assert seen == [["a"], ["b"]] and ok.batches == [[["c"]]]
 
     _run(main)
+
+
+class TaskRecorder(Recorder):
+    """Also records which task ran each batch."""
+
+    def __init__(self, hold: asyncio.Event | None = None) -> None:
+        super().__init__(hold)
+        self.tasks: list[asyncio.Task | None] = []
+        self.started = asyncio.Event()
+
+    async def __call__(self, batch: list[DecodeWork]) -> None:
+        self.tasks.append(asyncio.current_task())
+        self.started.set()
+        await super().__call__(batch)
+
+
+def test_a_lone_caller_going_on_runs_in_its_own_task_and_others_take_the_queue() -> None:
+    """`decode` runs the batch in the caller's task only for a lone caller whose request names the
+    sequences of the last batch (a one-request batch); other sequences, or anything queued, go
+    through the dispatcher as usual."""
+
+    async def main() -> None:
+        rec = TaskRecorder()
+        b = Batcher(rec, max_batch=8, delay_s=0.0, max_pending=100)
+        b.lone_caller = lambda: True
+        b.start()
+        assert await b.decode(_work(0, ["a"])) == 1  # no batch yet: through the dispatcher
+        me = asyncio.current_task()
+        assert rec.tasks[-1] is not me
+        assert await b.decode(_work(1, ["a"])) == 1  # "a" again, alone: here, in this task
+        assert rec.tasks[-1] is me
+        assert await b.decode(_work(0, ["b"])) == 1  # another caller's sequence: the queue
+        assert rec.tasks[-1] is not me
+        b.lone_caller = lambda: False  # the service saw another call in flight
+        assert await b.decode(_work(0, ["b"])) == 1
+        assert rec.tasks[-1] is not me
+        await b.stop()
+        assert rec.batches == [[["a"]], [["a"]], [["b"]], [["b"]]]
+
+    _run(main)
+
+
+def test_launches_never_overlap_with_a_lone_callers_own_launch() -> None:
+    """A request queued while a lone caller's launch runs in its task waits for that launch to end
+    (the dispatcher takes the lock), and a lone caller finding a launch running queues."""
+
+    async def main() -> None:
+        hold = asyncio.Event()
+        rec = TaskRecorder()
+        b = Batcher(rec, max_batch=8, delay_s=0.0, max_pending=100)
+        b.lone_caller = lambda: True
+        b.start()
+        await b.decode(_work(0, ["a"]))
+        rec.hold, rec.started = hold, asyncio.Event()
+        own = asyncio.ensure_future(b.decode(_work(0, ["a"])))  # runs in its own task, parked on `hold`
+        await rec.started.wait()
+        assert rec.tasks[-1] is own and b.running == 1
+        rec.started.clear()
+        other = asyncio.ensure_future(b.decode(_work(0, ["a"])))  # same ids, but a launch is running
+        queued = b.submit(_work(0, ["b"]))
+        for _ in range(20):  # the dispatcher gets every chance to start a second launch
+            await asyncio.sleep(0)
+        assert len(rec.batches) == 2 and not rec.started.is_set()
+        hold.set()
+        assert await own == 1
+        assert await queued == 2 and await other == 2  # "b" and "a" then share the next launch
+        assert rec.batches[2:] == [[["b"], ["a"]]]  # "b" was queued before `other`'s task first ran
+        await b.stop()
+
+    _run(main)

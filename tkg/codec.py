@@ -45,27 +45,36 @@ def dtype_from_numpy(dtype: np.dtype) -> int:
 def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
     """`array` as a Tensor (one copy into the message's bytes)."""
     a = np.asarray(array)
-    code = dtype_from_numpy(a.dtype)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
+    code = _FROM_NUMPY.get(a.dtype)  # native-order dtypes hit here (the per-request path)
+    if code is None:
+        code = dtype_from_numpy(a.dtype)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
     t = pb.Tensor() if out is None else out
     t.dtype = code
-    del t.shape[:]
+    if t.shape:
+        del t.shape[:]
     t.shape.extend(a.shape)
-    t.data = a.tobytes(order="C")
+    t.data = a.tobytes()
     return t
 
 
 def decode(t: pb.Tensor, field: str = "tensor") -> np.ndarray:
-    """A read-only numpy view of `t`'s bytes; TensorError naming `field` when malformed."""
-    dt = dtype_to_numpy(t.dtype, f"{field}.dtype")
-    shape = tuple(int(s) for s in t.shape)
-    if any(s < 0 for s in shape):
+    """A read-only numpy view of `t`'s bytes; TensorError naming `field` when malformed.
+
+    On every request's path (q, k, v, out): plain Python on the shape (`math.prod`, one read of
+    `t.data`, which copies out of the message), no numpy reductions on tiny arrays."""
+    dt = _TO_NUMPY.get(t.dtype)
+    if dt is None:
+        dt = dtype_to_numpy(t.dtype, f"{field}.dtype")
+    shape = tuple(t.shape)
+    if shape and min(shape) < 0:
         raise TensorError(f"{field}.shape: {list(shape)} has a negative dimension")
+    data = t.data
     expected = dt.itemsize * math.prod(shape)  # Python ints: a huge shape cannot wrap around
-    if len(t.data) != expected:
+    if len(data) != expected:
         raise TensorError(
-            f"{field}.data: {len(t.data)} bytes, expected {expected} "
+            f"{field}.data: {len(data)} bytes, expected {expected} "
             f"({np.dtype(dt).name} x shape {list(shape)})"
         )
-    return np.frombuffer(t.data, dtype=dt).reshape(shape)
+    return np.frombuffer(data, dtype=dt).reshape(shape)

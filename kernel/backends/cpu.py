@@ -156,6 +156,7 @@ def _attend(
     sinks: np.ndarray | None = None,
     prior_mask: np.ndarray | None = None,
     threads: int | None = None,
+    max_threads: int | None = None,
     pin: bool | None = None,
     variant: str | None = None,
     nsplit: int | None = None,
@@ -170,7 +171,7 @@ def _attend(
         if a is not None and not a.flags.c_contiguous:
             raise ValueError(f"cpu backend: {name}: must be C-contiguous")
     if threads is None:
-        threads = default_threads()
+        threads = default_threads() if max_threads is None else max(1, min(default_threads(), int(max_threads)))
         # Waking the pool costs tens of microseconds: small steps run on the calling thread.
         if int(nkeys.sum()) * heads_per_row < _SMALL_KEYS:
             threads = 1
@@ -215,6 +216,7 @@ def paged_decode(
     args: PagedArgs,
     *,
     threads: int | None = None,
+    max_threads: int | None = None,
     pin: bool | None = None,
     variant: str | None = None,
     nsplit: int | None = None,
@@ -224,8 +226,9 @@ def paged_decode(
     """Fill `args.out` `[B, Hq, S, d]` (see `tkg.kernel.paged.paged_decode`).
 
     One native task per (sequence, kv head): its G*S queries (q heads of the kv head x new
-    tokens) share every key read. Options: threads, pin (workers to CPUs), variant (ISA name),
-    nsplit (key splits per task; default adapts to few long sequences), native (False: torch).
+    tokens) share every key read. Options: threads, max_threads (a cap on the automatic count, which
+    runs small steps on one thread), pin (workers to CPUs), variant (ISA name), nsplit (key splits
+    per task; default adapts to few long sequences), native (False: torch).
     """
     if native is False or not paged_native_ok(args):
         if native:
@@ -250,7 +253,7 @@ def paged_decode(
         head_stride=NB * BL * d, block_stride=BL * d, bl=BL, table=_c(args.block_tables, np.int32),
         nkeys=_c(args.seq_lens, np.int32), score_scale=args.scale, q_bf16_exact=q.dtype == BF16,
         causal_s=S, window=0 if args.window is None else int(args.window), sinks=sinks,
-        threads=threads, pin=pin, variant=variant, nsplit=nsplit,
+        threads=threads, max_threads=max_threads, pin=pin, variant=variant, nsplit=nsplit,
     )  # fmt: skip
     if out is not args.out:
         args.out[...] = out

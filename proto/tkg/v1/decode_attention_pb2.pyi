@@ -29,18 +29,20 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("queue_us", "kernel_us", "total_us", "batch_size", "batch_requests")
+    __slots__ = ("queue_us", "kernel_us", "total_us", "batch_size", "batch_requests", "attention_us")
     QUEUE_US_FIELD_NUMBER: _ClassVar[int]
     KERNEL_US_FIELD_NUMBER: _ClassVar[int]
     TOTAL_US_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_US_FIELD_NUMBER: _ClassVar[int]
     queue_us: int
     kernel_us: int
     total_us: int
     batch_size: int
     batch_requests: int
-    def __init__(self, queue_us: _Optional[int] = ..., kernel_us: _Optional[int] = ..., total_us: _Optional[int] = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ...) -> None: ...
+    attention_us: int
+    def __init__(self, queue_us: _Optional[int] = ..., kernel_us: _Optional[int] = ..., total_us: _Optional[int] = ..., batch_size: _Optional[int] = ..., batch_requests: _Optional[int] = ..., attention_us: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
