@@ -3,16 +3,23 @@
 Both peers run as subprocesses on loopback, started by this command: `python -m tkg.server`
 with the bench geometry (default 32 q / 8 kv heads, d=128, bf16, one layer, context 1024) and
 `python -m tkg.client.echo` (generic handlers, identity serializers; it answers a real serialized
-`DecodeResponse` to a real serialized `DecodeRequest`). Scenarios, each measured against its peer
-in the same run (the machine is shared and noisy: read the ratios, not the absolute numbers):
+`DecodeResponse` to a real serialized `DecodeRequest`). The same decode step is also timed
+in this process (`paged_decode` on a pool of the same geometry, same backend): the kernel alone.
+Scenarios, each measured against its peer in the same run (the machine is shared and noisy: read
+the ratios, not the absolute numbers), and the goals (design/performance.md):
 
-  latency    one sequence, S=1, one caller: service `Decode` (via `tkg.client.Client`) vs echo
-             unary; p50/p99 and the ratio service/echo (goal: p50 <= 1.5x echo).
-  batching   all sequences (default 64) advanced once per round: 64 concurrent single-sequence
-             callers (the server coalesces them) vs one caller sending all 64 per request;
-             tokens/s ratio concurrent/batched (goal >= 0.5x). Echo peers with the same bytes.
-  streaming  one caller, one sequence: `DecodeStream` ping-pong on one connection vs unary
-             `Decode` calls; requests/s ratio stream/unary (goal >= 1.3x). Echo peers likewise.
+  overhead    one sequence, S=1, one caller, at each `--latency-contexts` (default 256 and 1024):
+              p50 over calls of (Decode latency - the server's `kernel_us`) vs the echo's p50
+              (goal <= 1.3x). Also the plain latency p50/p99 against the echo.
+  kernel      the server's `attention_us` (the attention call alone) against the same call timed
+              alone here: the lone caller above (goal <= 1.3x), and `--load-callers` (16) concurrent
+              single-sequence callers, each launch against the same batch alone, with the thread
+              cap the server gives a launch on its worker thread (goal <= 1.5x).
+  batching    all sequences (default 64) advanced once per round: 64 concurrent single-sequence
+              callers (the server coalesces them) vs one caller sending all 64 per request;
+              tokens/s ratio concurrent/batched (goal >= 0.6x). Echo peers with the same bytes.
+  streaming   one caller, one sequence: `DecodeStream` ping-pong on one connection vs unary
+              `Decode` calls; requests/s ratio stream/unary (goal >= 1.3x). Echo peers likewise.
 
 The goals are reported, never asserted. Echo and service blocks alternate (`--rounds`), so slow
 drift of the machine affects both peers alike. `--json FILE|-` writes every figure.
@@ -52,7 +59,8 @@ SERVER_READY = re.compile(r"listening on [^:\s]+:(\d+) backend=(\S+)")
 ECHO_READY = re.compile(r"echo: listening on [^:\s]+:(\d+)")
 DECODE_METHOD = "/tkg.v1.DecodeAttention/Decode"
 MAX_MESSAGE = 256 * 2**20
-GOALS = {"latency_p50": 1.5, "batching": 0.5, "streaming": 1.3}
+# Goal ratios: overhead and kernel are upper bounds (service / peer), batching and streaming lower bounds.
+GOALS = {"overhead_p50": 1.3, "kernel_lone": 1.3, "kernel_load": 1.5, "batching": 0.6, "streaming": 1.3}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-heads", type=int, default=8)
     g.add_argument("--head-dim", type=int, default=128)
     g.add_argument("--kv-dtype", default="bfloat16", choices=sorted(codec.DTYPE_NAMES))
-    g.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence (default 1024)")
+    g.add_argument("--context", type=int, default=1024,
+                   help="prompt tokens per sequence: batching, load and streaming (default 1024)")
+    g.add_argument("--latency-contexts", default="256,1024", type=_contexts, metavar="N,N",
+                   help="prompt tokens of the lone caller's sequence, one latency block each (default 256,1024)")
     g.add_argument("--sequences", type=int, default=64, help="sequences in the batching scenario (default 64)")
     g.add_argument("--block-len", type=int, default=16)
     r = p.add_argument_group("run")
@@ -71,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calls per peer per round: latency and streaming (default 300)")
     r.add_argument("--batch-rounds", type=int, default=12,
                    help="batching: rounds advancing every sequence once, per peer per round (default 12)")
+    r.add_argument("--load-callers", type=int, default=16,
+                   help="kernel under load: concurrent single-sequence callers (default 16, at most --sequences)")
+    r.add_argument("--kernel-reps", type=int, default=50,
+                   help="calls per timing of the kernel alone in this process (default 50)")
     r.add_argument("--warmup", type=int, default=20, help="unmeasured calls before each block (default 20)")
     r.add_argument("--rounds", type=int, default=2, help="alternations of echo and service blocks (default 2)")
     r.add_argument("--max-block-s", type=float, default=6.0,
@@ -81,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra argument for the server (repeatable), e.g. --server-arg=--batch-delay-us=50")
     r.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' = stdout)")
     return p  # fmt: skip
+
+
+def _contexts(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}; expected comma-separated integers, e.g. 256,1024") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}; expected positive integers")
+    return sorted(set(values))
 
 
 # ---- subprocess peers ------------------------------------------------------------------------
@@ -154,12 +179,46 @@ def _lat_summary(samples: list[float]) -> dict[str, float]:
     }
 
 
+class KernelAlone:
+    """The server's decode step timed in this process: `paged_decode` on a pool of the same
+    geometry and backend, each sequence on its own shuffled blocks (nothing shared in cache)."""
+
+    def __init__(self, info: Any, dtype: np.dtype, backend: str, max_tokens: int, max_batch: int) -> None:
+        from tkg.kernel import paged_decode  # the kernel stack only for this bench, not for `tkg.client`
+
+        self._paged_decode = paged_decode
+        self.backend = backend
+        G, D, BL = info.num_kv_heads, info.head_dim, info.block_len
+        self.per_seq = -(-max_tokens // BL)
+        nb = self.per_seq * max_batch
+        rng = np.random.default_rng(2)
+        self.k = rng.standard_normal((G, nb, BL, D), dtype=np.float32).astype(dtype)
+        self.v = rng.standard_normal((G, nb, BL, D), dtype=np.float32).astype(dtype)
+        self.tables = rng.permutation(nb).astype(np.int32).reshape(max_batch, self.per_seq)
+        self.q = rng.standard_normal((max_batch, info.num_q_heads, 1, D)).astype(dtype)
+        self.scale = info.softmax_scale
+
+    def median_s(self, batch: int, tokens: int, reps: int, max_threads: int | None) -> float:
+        """Median seconds of `reps` calls for `batch` sequences of `tokens` tokens (after one warm-up)."""
+        opts = {} if max_threads is None else {"max_threads": max_threads}
+        lens = np.full(batch, tokens, dtype=np.int32)
+        args = (self.q[:batch], self.k, self.v, self.tables[:batch], lens)
+        self._paged_decode(*args, scale=self.scale, backend=self.backend, **opts)
+        times = []
+        for _ in range(max(1, reps)):
+            t = time.perf_counter()
+            self._paged_decode(*args, scale=self.scale, backend=self.backend, **opts)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+
 class Bench:
     """Holds the two peers, the clients and each sequence's length."""
 
     def __init__(self, args: argparse.Namespace, server: Proc, echo_proc: Proc) -> None:
         self.args = args
         self.server, self.echo = server, echo_proc
+        self.backend = server.line.split("backend=")[1].split()[0]
         self.client = Client(server.target, timeout=60.0, max_message_bytes=MAX_MESSAGE)
         self.info = self.client.server_info()
         self.dtype = codec.dtype_to_numpy(self.info.kv_dtype)
@@ -167,8 +226,11 @@ class Bench:
         self.echo_unary = self.echo_channel.unary_unary(echo.UNARY)
         self.echo_stream = self.echo_channel.stream_stream(echo.STREAM)
         self.ids = [f"bench-{i}" for i in range(args.sequences)]
-        self.lengths = dict.fromkeys(self.ids, 0)
-        self.server_us: list[tuple[int, int, int]] = []  # (queue, kernel, total) of measured unary calls
+        self.lat_ids = {ctx: f"lat-{ctx}" for ctx in args.latency_contexts}
+        self.prompt = {**dict.fromkeys(self.ids, args.context), **{sid: c for c, sid in self.lat_ids.items()}}
+        self.lengths = dict.fromkeys(self.prompt, 0)
+        # Server Timing of the measured lone calls, per latency context: (queue, kernel, attention, total) us.
+        self.server_us: dict[int, list[tuple[int, int, int, int]]] = {c: [] for c in self.lat_ids}
         rng = np.random.default_rng(0)
         H, G, D = self.info.num_q_heads, self.info.num_kv_heads, self.info.head_dim
         self.q1 = rng.standard_normal((1, H, 1, D)).astype(self.dtype)
@@ -176,6 +238,14 @@ class Bench:
         B = args.sequences
         self.qB = rng.standard_normal((B, H, 1, D)).astype(self.dtype)
         self.kB, self.vB = rng.standard_normal((2, B, G, 1, D)).astype(self.dtype)
+        self.cores = _cores()
+        self.alone = KernelAlone(
+            self.info, self.dtype, self.backend, max(self.prompt.values()) + _growth(args), self.load_callers
+        )
+
+    @property
+    def load_callers(self) -> int:
+        return max(1, min(self.args.load_callers, self.args.sequences))
 
     def close(self) -> None:
         self.client.close()
@@ -186,22 +256,21 @@ class Bench:
     def ingest(self) -> None:
         """Create the sequences and load distinct random prompts (distinct, so the kernel really
         reads `sequences x context` tokens: shared blocks would sit in cache and flatter it)."""
-        a = self.args
         G, D = self.info.num_kv_heads, self.info.head_dim
         rng = np.random.default_rng(1)
-        for sid in self.ids:
+        for sid, tokens in self.prompt.items():
             self.client.create_sequence(sid)
-            if a.context:
-                k, v = rng.standard_normal((2, a.context, G, D)).astype(self.dtype)
+            if tokens:
+                k, v = rng.standard_normal((2, tokens, G, D)).astype(self.dtype)
                 self.client.append_kv(sid, 0, k, v, position=0, chunk_tokens=max(1, (2 << 20) // (G * D * 2)))
-            self.lengths[sid] = a.context
+            self.lengths[sid] = tokens
 
     def reset(self) -> None:
         """Roll every sequence back to its prompt, so phases never run out of blocks."""
-        for sid in self.ids:
-            if self.lengths[sid] != self.args.context:
-                self.client.truncate(sid, self.args.context)
-                self.lengths[sid] = self.args.context
+        for sid, tokens in self.prompt.items():
+            if self.lengths[sid] != tokens:
+                self.client.truncate(sid, tokens)
+                self.lengths[sid] = tokens
 
     def register_echo(self, request: bytes, response: bytes) -> None:
         self.echo_channel.unary_unary(echo.REGISTER)(echo.register_payload(len(request), response))
@@ -221,8 +290,9 @@ class Bench:
     def _deadline(self) -> float:
         return time.perf_counter() + self.args.max_block_s
 
-    def service_unary(self, n: int) -> list[float]:
-        sid, out, end = self.ids[0], [], self._deadline()
+    def service_unary(self, n: int, ctx: int, record: bool) -> list[float]:
+        """`n` back-to-back Decode calls of the lone caller on its `ctx`-token sequence."""
+        sid, out, end = self.lat_ids[ctx], [], self._deadline()
         for _ in range(n):
             if time.perf_counter() > end:
                 break
@@ -230,12 +300,13 @@ class Bench:
             res = self.client.decode(0, [sid], [self.lengths[sid]], self.q1, self.k1, self.v1)
             out.append(time.perf_counter() - t)
             self.lengths[sid] += 1
-            self.server_us.append((res.timing.queue_us, res.timing.kernel_us, res.timing.total_us))
+            if record:
+                tm = res.timing
+                self.server_us[ctx].append((tm.queue_us, tm.kernel_us, tm.attention_us, tm.total_us))
         return out
 
-    def service_stream(self, n: int) -> float:
+    def service_stream(self, n: int, sid: str) -> float:
         """Requests/s of `n` ping-pong messages on one DecodeStream (after its own warm-up)."""
-        sid = self.ids[0]
         inbox: queue.Queue[DecodeInput | None] = queue.Queue()
 
         def requests() -> Iterator[DecodeInput]:
@@ -285,10 +356,60 @@ class Bench:
             next(results)
         return rps
 
+    # ---- the kernel under load (asyncio: `--load-callers` callers in one event loop) --------
+
+    async def service_load(self, rounds: int) -> list[tuple[int, int, int]]:
+        """`--load-callers` concurrent single-sequence callers (as `tkg loadtest -c N`), `rounds`
+        calls each; returns (batch_size, batch_requests, attention_us) of every measured response."""
+        n, seen = self.load_callers, []
+        end = [math.inf]
+        async with AsyncClient(self.server.target, timeout=120.0, max_message_bytes=MAX_MESSAGE) as ac:
+
+            async def caller(i: int, steps: int, record: bool) -> None:
+                sid = self.ids[i]
+                q, k, v = self.qB[i : i + 1], self.kB[i : i + 1], self.vB[i : i + 1]
+                for _ in range(steps):
+                    if time.perf_counter() > end[0]:
+                        return
+                    res = await ac.decode(0, [sid], [self.lengths[sid]], q, k, v)
+                    self.lengths[sid] += 1
+                    if record:
+                        t = res.timing
+                        seen.append((t.batch_size, t.batch_requests, t.attention_us))
+
+            await asyncio.gather(*(caller(i, max(1, self.args.warmup // 10), False) for i in range(n)))
+            end[0] = self._deadline()
+            await asyncio.gather(*(caller(i, rounds, True) for i in range(n)))
+        return seen
+
+    def load_alone(self, seen: list[tuple[int, int, int]], tokens: int) -> dict[str, Any]:
+        """Each launch of `seen` against the same batch alone: per batch size, the kernel's median
+        here with the server's worker-thread cap (`kernel_threads(cores, inline=False)`) and with
+        every core. A launch counts once (each of its `batch_requests` responses weighs 1/requests)."""
+        from tkg.server.service import kernel_threads
+
+        cap = kernel_threads(self.cores, inline=False) if self.backend == "cpu" else None
+        sizes = sorted({b for b, _, _ in seen})
+        reps = max(3, self.args.kernel_reps // 5)
+        same = {b: self.alone.median_s(b, tokens, reps, cap) for b in sizes}
+        every = {b: self.alone.median_s(b, tokens, reps, None) for b in sizes}
+        inside = sum(att / r for _, r, att in seen)
+        weights = [(b, 1 / r) for b, r, _ in seen]
+        alone_same = sum(w * same[b] * 1e6 for b, w in weights)
+        alone_every = sum(w * every[b] * 1e6 for b, w in weights)
+        launches = sum(w for _, w in weights)
+        return {
+            "launches": launches, "mean_batch": sum(w * b for b, w in weights) / launches,
+            "server_attention_us": inside / launches, "alone_us": alone_same / launches,
+            "alone_all_cores_us": alone_every / launches, "thread_cap": cap,
+            "ratio": inside / alone_same, "ratio_all_cores": inside / alone_every,
+        }  # fmt: skip
+
     # ---- batching (asyncio: 64 callers in one event loop) ----------------------------------
 
-    async def service_batching(self, rounds: int) -> tuple[float, float, dict[str, float]]:
-        """(tokens/s with one caller per sequence, tokens/s with one caller x all, mean batch sizes)."""
+    async def service_batching(self, rounds: int) -> tuple[float, float, float, dict[str, float]]:
+        """(tokens/s with one caller per sequence, tokens/s with one caller x all, tokens/s of all
+        pipelined on one stream, mean batch sizes)."""
         a = self.args
         async with AsyncClient(self.server.target, timeout=120.0, max_message_bytes=MAX_MESSAGE) as ac:
             batch_sizes: dict[str, list[int]] = {"concurrent": [], "batched": []}
@@ -428,28 +549,40 @@ class Bench:
         self.register_echo(reqB, respB)
         self.reset()
 
-        lat = {"service": [], "echo": []}
+        ctxs = a.latency_contexts
+        stream_ctx = ctxs[-1]  # streaming: the lone caller's sequence at the largest latency context
+        echo_lat: list[float] = []
+        lat: dict[int, list[float]] = {c: [] for c in ctxs}
+        alone: dict[int, list[float]] = {c: [] for c in ctxs}
         rps = {"service_unary": [], "service_stream": [], "echo_unary": [], "echo_stream": []}
         bat: dict[str, list[float]] = {
             k: [] for k in ("service_concurrent", "service_batched", "service_pipelined",
                             "echo_concurrent", "echo_batched", "echo_pipelined")
         }  # fmt: skip
         batch_means: list[dict[str, float]] = []
+        load_seen: list[tuple[int, int, int]] = []
+        lone_cap = self.cores if self.backend == "cpu" else None  # an inline launch: every core
         for _ in range(a.rounds):
             self.echo_unary_lat(req1, a.warmup)
             e = self.echo_unary_lat(req1, a.steps)
-            lat["echo"] += e
+            echo_lat += e
             rps["echo_unary"].append(len(e) / sum(e))
             rps["echo_stream"].append(self.echo_stream_rps(req1, a.steps))
-            self.service_unary(a.warmup)
-            self.server_us.clear()
-            s = self.service_unary(a.steps)
-            lat["service"] += s
-            rps["service_unary"].append(len(s) / sum(s))
-            rps["service_stream"].append(self.service_stream(a.steps))
+            for ctx in ctxs:
+                self.service_unary(a.warmup, ctx, record=False)
+                s = self.service_unary(a.steps, ctx, record=True)
+                lat[ctx] += s
+                # The kernel alone at the block's middle length, right after it (the server idles).
+                middle = ctx + a.warmup + len(s) // 2
+                alone[ctx].append(self.alone.median_s(1, middle, a.kernel_reps, lone_cap))
+                if ctx == stream_ctx:
+                    rps["service_unary"].append(len(s) / sum(s))
+                    rps["service_stream"].append(self.service_stream(a.steps, self.lat_ids[ctx]))
             self.reset()
             ec, eb, es = asyncio.run(self.echo_batching(req1, reqB, a.batch_rounds))
             sc, sb, ss, means = asyncio.run(self.service_batching(a.batch_rounds))
+            self.reset()
+            load_seen += asyncio.run(self.service_load(a.batch_rounds))
             self.reset()
             bat["echo_concurrent"].append(ec)
             bat["echo_batched"].append(eb)
@@ -458,36 +591,49 @@ class Bench:
             bat["service_batched"].append(sb)
             bat["service_pipelined"].append(ss)
             batch_means.append(means)
-        return self._results(lat, rps, bat, batch_means, len(req1), len(resp1), len(reqB), len(respB))
+        load = self.load_alone(load_seen, a.context + max(1, a.warmup // 10) + a.batch_rounds // 2)
+        sizes = {"request_1": len(req1), "response_1": len(resp1), f"request_{a.sequences}": len(reqB),
+                 f"response_{a.sequences}": len(respB)}  # fmt: skip
+        return self._results(echo_lat, lat, alone, load, rps, bat, batch_means, sizes)
 
-    def _results(self, lat, rps, bat, batch_means, req1, resp1, reqB, respB) -> dict[str, Any]:
+    def _results(self, echo_lat, lat, alone, load, rps, bat, batch_means, sizes) -> dict[str, Any]:
         a, info = self.args, self.info
         med = lambda xs: float(np.median(xs))  # noqa: E731
-        ls, le = _lat_summary(lat["service"]), _lat_summary(lat["echo"])
+        le = _lat_summary(echo_lat)
+        contexts: dict[str, Any] = {}
+        for ctx, samples in lat.items():
+            us = np.asarray(self.server_us[ctx], dtype=np.float64)  # [calls, (queue, kernel, attention, total)]
+            ls = _lat_summary(samples)
+            overhead = np.asarray(samples) * 1e6 - us[:, 1]  # each call's latency minus its kernel time
+            queue_us, kernel_us, attention_us, total_us = us.mean(axis=0).tolist()
+            server_attention = float(np.median(us[:, 2]))
+            alone_us = med(alone[ctx]) * 1e6
+            contexts[str(ctx)] = {
+                "service": ls, "ratio_p50": ls["p50_us"] / le["p50_us"], "ratio_p99": ls["p99_us"] / le["p99_us"],
+                "overhead_p50_us": float(np.median(overhead)),
+                "overhead_ratio": float(np.median(overhead)) / le["p50_us"],
+                # Where the lone Decode's time goes (means, us); the rest is network + serialization + client.
+                "server_split_us": {"queue": queue_us, "kernel": kernel_us, "attention": attention_us,
+                                    "total": total_us, "rest": ls["mean_us"] - total_us},
+                "kernel": {"server_attention_p50_us": server_attention, "alone_p50_us": alone_us,
+                           "server_kernel_p50_us": float(np.median(us[:, 1])), "ratio": server_attention / alone_us},
+            }  # fmt: skip
         sc, sb = med(bat["service_concurrent"]), med(bat["service_batched"])
-        # Where the 1-sequence Decode's time goes (means, us); the rest is network + serialization + client.
-        queue_us, kernel_us, total_us = np.mean(self.server_us, axis=0).tolist()
-        split = {"queue": queue_us, "kernel": kernel_us, "total": total_us, "rest": ls["mean_us"] - total_us}
         su, ss = med(rps["service_unary"]), med(rps["service_stream"])
         results = {
             "config": {
-                "backend": self.server.line.split("backend=")[1].split()[0], "model_geometry": {
+                "backend": self.backend, "model_geometry": {
                     "num_q_heads": info.num_q_heads, "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim,
                     "kv_dtype": codec.pb.DType.Name(info.kv_dtype).removeprefix("DTYPE_").lower(),
                     "block_len": info.block_len,
                 },
-                "context": a.context, "sequences": a.sequences, "steps": a.steps, "batch_rounds": a.batch_rounds,
-                "rounds": a.rounds, "warmup": a.warmup, "max_block_s": a.max_block_s,
-                "echo_stack": a.echo_stack, "cpus": os.cpu_count(),
-                "bytes": {"request_1": req1, "response_1": resp1, f"request_{a.sequences}": reqB,
-                          f"response_{a.sequences}": respB},
+                "context": a.context, "latency_contexts": a.latency_contexts, "sequences": a.sequences,
+                "load_callers": self.load_callers, "steps": a.steps, "batch_rounds": a.batch_rounds,
+                "rounds": a.rounds, "warmup": a.warmup, "kernel_reps": a.kernel_reps, "max_block_s": a.max_block_s,
+                "echo_stack": a.echo_stack, "cpus": os.cpu_count(), "kernel_cores": self.cores, "bytes": sizes,
             },
-            "latency": {
-                "service": ls, "echo": le,
-                "ratio_p50": ls["p50_us"] / le["p50_us"], "ratio_p99": ls["p99_us"] / le["p99_us"],
-                "goal_ratio_p50_max": GOALS["latency_p50"],
-                "server_split_us": split,
-            },
+            "latency": {"echo": le, "contexts": contexts, "goal_overhead_ratio_max": GOALS["overhead_p50"]},
+            "kernel_load": {**load, "goal_ratio_max": GOALS["kernel_load"]},
             "batching": {
                 "service_concurrent_tokens_s": sc, "service_batched_tokens_s": sb,
                 "echo_concurrent_tokens_s": med(bat["echo_concurrent"]),
@@ -500,70 +646,120 @@ class Bench:
                 "ratio": sc / sb, "goal_ratio_min": GOALS["batching"],
             },
             "streaming": {
+                "context": a.latency_contexts[-1],
                 "service_stream_rps": ss, "service_unary_rps": su,
                 "echo_stream_rps": med(rps["echo_stream"]), "echo_unary_rps": med(rps["echo_unary"]),
                 "ratio": ss / su, "echo_ratio": med(rps["echo_stream"]) / med(rps["echo_unary"]),
                 "goal_ratio_min": GOALS["streaming"],
             },
         }  # fmt: skip
-        results["goals_met"] = {
-            "latency_p50": results["latency"]["ratio_p50"] <= GOALS["latency_p50"],
-            "batching": results["batching"]["ratio"] >= GOALS["batching"],
-            "streaming": results["streaming"]["ratio"] >= GOALS["streaming"],
-        }
+        goals = {}
+        for ctx, c in contexts.items():
+            goals[f"overhead_ctx{ctx}"] = c["overhead_ratio"] <= GOALS["overhead_p50"]
+            goals[f"kernel_lone_ctx{ctx}"] = c["kernel"]["ratio"] <= GOALS["kernel_lone"]
+        goals["kernel_load"] = load["ratio"] <= GOALS["kernel_load"]
+        goals["batching"] = results["batching"]["ratio"] >= GOALS["batching"]
+        goals["streaming"] = results["streaming"]["ratio"] >= GOALS["streaming"]
+        results["goals_met"] = goals
         return results
 
 
 def render(r: dict[str, Any]) -> str:
-    """The ratio table."""
-    c, L, B, S = r["config"], r["latency"], r["batching"], r["streaming"]
-    g = c["model_geometry"]
-    ok = lambda met: "met" if met else "MISSED"  # noqa: E731
-    n = c["sequences"]
-    conc_ratio = B["service_concurrent_tokens_s"] / B["echo_concurrent_tokens_s"]
-    batched_ratio = B["service_batched_tokens_s"] / B["echo_batched_tokens_s"]
-    rows = [
-        ("latency p50, 1 seq S=1 (Decode)", f"{L['service']['p50_us']:.0f} us", f"{L['echo']['p50_us']:.0f} us",
-         f"{L['ratio_p50']:.2f}x", f"<= {L['goal_ratio_p50_max']}x {ok(r['goals_met']['latency_p50'])}"),
-        ("latency p99", f"{L['service']['p99_us']:.0f} us", f"{L['echo']['p99_us']:.0f} us",
-         f"{L['ratio_p99']:.2f}x", ""),
+    """The ratio table: goals 1-4 of design/performance.md, then the figures behind them."""
+    c, L, K, B, S = r["config"], r["latency"], r["kernel_load"], r["batching"], r["streaming"]
+    g, met = c["model_geometry"], r["goals_met"]
+    ok = lambda key: "met" if met[key] else "MISSED"  # noqa: E731
+    n, echo_p50 = c["sequences"], L["echo"]["p50_us"]
+    rows = []
+    for ctx, x in L["contexts"].items():
+        rows.append((f"1. overhead p50 (Decode - kernel_us), ctx {ctx}", f"{x['overhead_p50_us']:.0f} us",
+                     f"{echo_p50:.0f} us", f"{x['overhead_ratio']:.2f}x",
+                     f"<= {GOALS['overhead_p50']}x {ok(f'overhead_ctx{ctx}')}"))  # fmt: skip
+    for ctx, x in L["contexts"].items():
+        k = x["kernel"]
+        rows.append((f"2. kernel inside / alone, lone caller, ctx {ctx}", f"{k['server_attention_p50_us']:.0f} us",
+                     f"{k['alone_p50_us']:.0f} us", f"{k['ratio']:.2f}x",
+                     f"<= {GOALS['kernel_lone']}x {ok(f'kernel_lone_ctx{ctx}')}"))  # fmt: skip
+    cap = "" if K["thread_cap"] is None else f", {K['thread_cap']} thr"
+    rows += [
+        (f"2. kernel inside / alone, {c['load_callers']} callers (batch {K['mean_batch']:.1f}{cap})",
+         f"{K['server_attention_us']:.0f} us", f"{K['alone_us']:.0f} us", f"{K['ratio']:.2f}x",
+         f"<= {GOALS['kernel_load']}x {ok('kernel_load')}"),
+        ("   same, alone on every core", "", f"{K['alone_all_cores_us']:.0f} us", f"{K['ratio_all_cores']:.2f}x", ""),
+        (f"3. batching: {n} callers / 1 x {n} (tokens/s)", f"{B['service_concurrent_tokens_s']:.0f}",
+         f"{B['service_batched_tokens_s']:.0f}", f"{B['ratio']:.2f}x", f">= {GOALS['batching']}x {ok('batching')}"),
+        ("4. streaming: DecodeStream / unary (req/s)", f"{S['service_stream_rps']:.0f}",
+         f"{S['service_unary_rps']:.0f}", f"{S['ratio']:.2f}x", f">= {GOALS['streaming']}x {ok('streaming')}"),
+    ]  # fmt: skip
+    info = []
+    for ctx, x in L["contexts"].items():
+        info.append((f"latency p50 / p99, ctx {ctx} (Decode)", f"{x['service']['p50_us']:.0f} / "
+                     f"{x['service']['p99_us']:.0f} us", f"{echo_p50:.0f} / {L['echo']['p99_us']:.0f} us",
+                     f"{x['ratio_p50']:.2f}x / {x['ratio_p99']:.2f}x", ""))  # fmt: skip
+    vs_echo = lambda key: f"{B[f'service_{key}_tokens_s'] / B[f'echo_{key}_tokens_s']:.2f}x"  # noqa: E731
+    info += [
         (f"{n} callers x 1 seq (tokens/s)", f"{B['service_concurrent_tokens_s']:.0f}",
-         f"{B['echo_concurrent_tokens_s']:.0f}", f"{conc_ratio:.2f}x", ""),
+         f"{B['echo_concurrent_tokens_s']:.0f}", vs_echo("concurrent"), ""),
         (f"1 caller x {n} seqs (tokens/s)", f"{B['service_batched_tokens_s']:.0f}",
-         f"{B['echo_batched_tokens_s']:.0f}", f"{batched_ratio:.2f}x", ""),
+         f"{B['echo_batched_tokens_s']:.0f}", vs_echo("batched"), ""),
         (f"1 caller, {n} seqs pipelined on 1 stream", f"{B['service_stream_pipelined_tokens_s']:.0f}",
          f"{B['echo_stream_pipelined_tokens_s']:.0f}",
          f"{B['service_stream_pipelined_tokens_s'] / B['echo_stream_pipelined_tokens_s']:.2f}x", ""),
-        (f"batching: {n} callers / 1x{n}", f"{B['ratio']:.2f}x", "", "",
-         f">= {B['goal_ratio_min']}x {ok(r['goals_met']['batching'])}"),
         ("DecodeStream (req/s, 1 caller)", f"{S['service_stream_rps']:.0f}", f"{S['echo_stream_rps']:.0f}",
          f"{S['service_stream_rps'] / S['echo_stream_rps']:.2f}x", ""),
         ("unary Decode (req/s, 1 caller)", f"{S['service_unary_rps']:.0f}", f"{S['echo_unary_rps']:.0f}",
          f"{S['service_unary_rps'] / S['echo_unary_rps']:.2f}x", ""),
-        ("streaming: stream / unary", f"{S['ratio']:.2f}x", f"{S['echo_ratio']:.2f}x", "",
-         f">= {S['goal_ratio_min']}x {ok(r['goals_met']['streaming'])}"),
+        ("stream / unary, echo", "", f"{S['echo_ratio']:.2f}x", "", ""),
     ]  # fmt: skip
-    head = ("scenario", "service", "echo (same bytes)", "service/echo", "goal")
-    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(5)]
+    head = ("goal", "service", "peer", "ratio", "verdict")
+    info_head = ("figure", "service", "echo (same bytes)", "service/echo", "")
+    widths = [max(len(str(x[i])) for x in [head, info_head, *rows, *info]) for i in range(5)]
     line = lambda cells: "  ".join(str(x).ljust(w) for x, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    splits = [
+        f"  ctx {ctx}: queue {x['server_split_us']['queue']:.0f} us, kernel {x['server_split_us']['kernel']:.0f} us "
+        f"(attention {x['server_split_us']['attention']:.0f}), server total {x['server_split_us']['total']:.0f} us, "
+        f"rest (network + serialization + client) {x['server_split_us']['rest']:.0f} us"
+        for ctx, x in L["contexts"].items()
+    ]
     out = [
         f"{PROG}: backend {c['backend']}, {g['num_q_heads']} q / {g['num_kv_heads']} kv heads, d={g['head_dim']}, "
         f"{g['kv_dtype']}, context {c['context']}; echo stack {c['echo_stack']}; {c['cpus']} CPUs; "
         f"{c['rounds']} round(s), medians/pooled",
         f"mean server batch size: {B['mean_batch_size_concurrent']:.1f} sequences with {n} callers, "
-        f"{B['mean_batch_size_batched']:.1f} with one caller",
-        "1-sequence Decode split (means): queue {queue:.0f} us, kernel {kernel:.0f} us, server total {total:.0f} us, "
-        "rest (network + serialization + client) {rest:.0f} us".format(**L["server_split_us"]),
+        f"{B['mean_batch_size_batched']:.1f} with one caller, {K['mean_batch']:.1f} with {c['load_callers']} callers",
+        "lone 1-sequence Decode split (server Timing means):",
+        *splits,
         "",
         line(head),
         line(["-" * w for w in widths]),
         *(line(r_) for r_ in rows),
+        "",
+        line(info_head),
+        line(["-" * w for w in widths]),
+        *(line(r_) for r_ in info),
     ]
     return "\n".join(out)
 
 
+def _cores() -> int:
+    """CPUs this process may use: the server's default kernel cores (`tkg serve --kernel-cores`)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _growth(args: argparse.Namespace) -> int:
+    """Tokens a sequence may gain before the next reset."""
+    steps_seq0 = args.warmup * 2 + args.steps * 2 + 4  # a latency sequence: unary + stream of one round
+    # batching: concurrent, batched, then pipelined on a stream (its warm-up is one round); load likewise
+    steps_all = 2 * (max(1, args.warmup // 10) + args.batch_rounds) + 1 + args.batch_rounds + 2
+    return max(steps_seq0, steps_all)
+
+
 def _check(args: argparse.Namespace) -> str | None:
-    for name in ("q_heads", "kv_heads", "head_dim", "sequences", "steps", "batch_rounds", "rounds", "block_len"):
+    for name in ("q_heads", "kv_heads", "head_dim", "sequences", "steps", "batch_rounds", "rounds", "block_len",
+                 "load_callers", "kernel_reps"):  # fmt: skip
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')}: {getattr(args, name)}; expected >= 1"
     if args.max_block_s <= 0:
@@ -577,12 +773,10 @@ def _check(args: argparse.Namespace) -> str | None:
 
 def server_command(args: argparse.Namespace) -> list[str]:
     """`python -m tkg.server` with the bench geometry and room for every phase's tokens."""
-    steps_seq0 = args.warmup * 2 + args.steps * 2 + 4  # unary + stream of one round, then reset
-    # concurrent, batched, then pipelined on a stream (its warm-up is one round)
-    steps_all = 2 * (max(1, args.warmup // 10) + args.batch_rounds) + 1 + args.batch_rounds + 2
-    per = lambda extra: math.ceil((args.context + extra) / args.block_len)  # noqa: E731
-    blocks = per(max(steps_seq0, steps_all)) + (args.sequences - 1) * per(steps_all) + 8
-    max_context = args.context + max(steps_seq0, steps_all) + args.block_len
+    growth = _growth(args)
+    per = lambda tokens: math.ceil((tokens + growth) / args.block_len)  # noqa: E731
+    blocks = args.sequences * per(args.context) + sum(per(c) for c in args.latency_contexts) + 8
+    max_context = max(args.context, *args.latency_contexts) + growth + args.block_len
     return [
         sys.executable, "-m", "tkg.server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
         "--log-level", "WARNING", "--backend", args.backend,

@@ -14,6 +14,7 @@ from tkg.client import bench_serve, echo
 from tkg.v1 import decode_attention_pb2 as pb
 
 TINY = ["--q-heads", "4", "--kv-heads", "2", "--head-dim", "32", "--context", "24", "--sequences", "3",
+        "--latency-contexts", "24,5", "--load-callers", "2", "--kernel-reps", "3",
         "--steps", "6", "--batch-rounds", "2", "--warmup", "2", "--rounds", "1"]  # fmt: skip
 
 
@@ -48,11 +49,22 @@ def test_bench_runs_and_reports_every_field(tmp_path, capsys: pytest.CaptureFixt
     b = r["config"]["bytes"]
     assert b["request_1"] > 2 * (4 + 2 + 2) * 32 and b["response_1"] > 2 * 4 * 32
     assert b["request_3"] > 3 * (b["request_1"] - 100)
-    for peer in ("service", "echo"):
-        lat = r["latency"][peer]
-        assert lat["n"] == 6 and 0 < lat["p50_us"] <= lat["p99_us"]
+    L = r["latency"]
+    assert L["echo"]["n"] == 6 and 0 < L["echo"]["p50_us"] <= L["echo"]["p99_us"]
+    assert set(L["contexts"]) == {"5", "24"}
+    for ctx in L["contexts"].values():
+        assert ctx["service"]["n"] == 6 and 0 < ctx["service"]["p50_us"] <= ctx["service"]["p99_us"]
+        split = ctx["server_split_us"]
+        assert 0 < split["attention"] <= split["kernel"] <= split["total"] < ctx["service"]["mean_us"]
+        assert split["rest"] == pytest.approx(ctx["service"]["mean_us"] - split["total"])
+        k = ctx["kernel"]
+        assert 0 < k["server_attention_p50_us"] <= k["server_kernel_p50_us"] and k["alone_p50_us"] > 0
+        assert k["ratio"] == pytest.approx(k["server_attention_p50_us"] / k["alone_p50_us"])
+        assert ctx["overhead_ratio"] == pytest.approx(ctx["overhead_p50_us"] / L["echo"]["p50_us"])
+    K = r["kernel_load"]
+    assert r["config"]["load_callers"] == 2 and 1 <= K["mean_batch"] <= 2 and K["launches"] > 0
     numbers = [
-        r["latency"]["ratio_p50"], r["latency"]["ratio_p99"],
+        *(K[k] for k in ("server_attention_us", "alone_us", "alone_all_cores_us", "ratio", "ratio_all_cores")),
         *(r["batching"][k] for k in ("service_concurrent_tokens_s", "service_batched_tokens_s",
                                      "service_stream_pipelined_tokens_s", "echo_concurrent_tokens_s",
                                      "echo_batched_tokens_s", "echo_stream_pipelined_tokens_s", "ratio")),
@@ -63,12 +75,11 @@ def test_bench_runs_and_reports_every_field(tmp_path, capsys: pytest.CaptureFixt
     # One caller sending all 3 sequences runs them in one kernel launch.
     assert r["batching"]["mean_batch_size_batched"] == 3
     assert 1 <= r["batching"]["mean_batch_size_concurrent"] <= 3
-    split = r["latency"]["server_split_us"]
-    assert 0 < split["kernel"] <= split["total"] < r["latency"]["service"]["mean_us"]
-    assert split["rest"] == pytest.approx(r["latency"]["service"]["mean_us"] - split["total"])
-    assert set(r["goals_met"]) == {"latency_p50", "batching", "streaming"}
-    for row in ("latency p50", "3 callers x 1 seq", "1 caller x 3 seqs", "3 seqs pipelined on 1 stream",
-                "streaming: stream / unary"):
+    assert set(r["goals_met"]) == {"overhead_ctx5", "overhead_ctx24", "kernel_lone_ctx5", "kernel_lone_ctx24",
+                                   "kernel_load", "batching", "streaming"}  # fmt: skip
+    for row in ("1. overhead p50 (Decode - kernel_us), ctx 5", "2. kernel inside / alone, lone caller, ctx 24",
+                "2. kernel inside / alone, 2 callers", "3. batching: 3 callers / 1 x 3", "4. streaming",
+                "latency p50 / p99, ctx 24", "1 caller, 3 seqs pipelined on 1 stream"):  # fmt: skip
         assert row in table
 
 
@@ -76,6 +87,9 @@ def test_bad_flags_exit_2(capsys: pytest.CaptureFixture) -> None:
     assert bench_serve.main(["--q-heads", "6", "--kv-heads", "4"]) == 2
     assert "--q-heads: 6; expected a multiple of --kv-heads (4)" in capsys.readouterr().err
     assert bench_serve.main(["--steps", "0"]) == 2
+    with pytest.raises(SystemExit):
+        bench_serve.main(["--latency-contexts", "256,x"])
+    assert "argument --latency-contexts: '256,x'; expected comma-separated integers" in capsys.readouterr().err
 
 
 def test_server_that_cannot_start_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
