@@ -22,6 +22,7 @@ from tkg.kernel import backends
 from tkg.kernel.arrays import IO_DTYPES, as_f32
 from tkg.kernel.config import AttnTKGConfig
 from tkg.kernel.decisions import round_up
+from tkg.kernel_dtypes import FP8
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class PagedArgs:
     window: int | None
     sinks: np.ndarray | None  # float32 [Hq]
     out: np.ndarray  # [B, Hq, S, d], io dtype
+    k_scale: float = 1.0  # the pools hold value / scale (fp8 caches); the kernel multiplies back
+    v_scale: float = 1.0
 
     @property
     def num_kv_heads(self) -> int:
@@ -57,15 +60,21 @@ def check_paged_args(
     window: int | None = None,
     sinks: np.ndarray | None = None,
     out: np.ndarray | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> PagedArgs:
     """Shape/dtype/range checks; ValueError naming the argument and the expected value."""
     if q.ndim != 4 or q.dtype not in IO_DTYPES:
         raise ValueError(f"paged_decode: q: expected [B, Hq, S, d] float32/float16/bfloat16, got {q.dtype} {q.shape}")
     B, Hq, S, d = q.shape
-    if k_cache.ndim != 4 or k_cache.shape[3] != d or k_cache.dtype != q.dtype:
+    if k_cache.ndim != 4 or k_cache.shape[3] != d or k_cache.dtype not in (q.dtype, FP8):
         raise ValueError(
-            f"paged_decode: k_cache: expected [Hkv, NB, BL, {d}] {q.dtype}, got {k_cache.dtype} {k_cache.shape}"
+            f"paged_decode: k_cache: expected [Hkv, NB, BL, {d}] {q.dtype} or float8_e4m3, "
+            f"got {k_cache.dtype} {k_cache.shape}"
         )
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not (np.isfinite(sc) and sc > 0):
+            raise ValueError(f"paged_decode: {name}: {sc!r} must be a finite number > 0")
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError(
             f"paged_decode: v_cache: expected {k_cache.shape} {k_cache.dtype}, got {v_cache.dtype} {v_cache.shape}"
@@ -101,7 +110,7 @@ def check_paged_args(
         raise ValueError(f"paged_decode: out: expected {q.shape} {q.dtype}, got {out.dtype} {out.shape}")
     return PagedArgs(
         q, k_cache, v_cache, np.asarray(block_tables, dtype=np.int32), np.asarray(seq_lens, dtype=np.int32),
-        float(scale), window, sinks, out,
+        float(scale), window, sinks, out, float(k_scale), float(v_scale),
     )  # fmt: skip
 
 
@@ -116,6 +125,8 @@ def paged_decode(
     window: int | None = None,
     sinks: np.ndarray | None = None,
     out: np.ndarray | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     backend: str = "auto",
     **backend_options: object,
 ) -> np.ndarray:
@@ -123,20 +134,22 @@ def paged_decode(
 
     Args:
         q: `[B, Hq, S, d]` queries (RoPE already applied, not scaled), float32/float16/bfloat16.
-        k_cache, v_cache: `[Hkv, num_blocks, block_len, d]`, the same dtype, already holding the
-            S new tokens of every sequence at positions `seq_lens[b]-S .. seq_lens[b]-1`.
+        k_cache, v_cache: `[Hkv, num_blocks, block_len, d]`, the same dtype (q's, or float8_e4m3),
+            already holding the S new tokens of every sequence at positions `seq_lens[b]-S .. seq_lens[b]-1`.
         block_tables: int `[B, max_blocks]`; entry i is the physical block of logical block i.
         seq_lens: int `[B]`, tokens per sequence including the S new ones.
         scale: softmax scale applied to q (usually `1/sqrt(d)`).
         window: sliding window W: query at position t sees keys j with `t - j < W`; None = all.
         sinks: float32 `[Hq]` per-q-head sink logits (gpt-oss), or None.
         out: optional destination `[B, Hq, S, d]`.
+        k_scale, v_scale: the pools hold value / scale (vLLM's fp8 convention): keys and values
+            are multiplied back by these (logits by k_scale, the output by v_scale). Default 1.
         backend: a `tkg.kernel.backends` name or "auto".
 
     Returns:
         `[B, Hq, S, d]` attention output in q's dtype (`out` when given).
     """
-    args = check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, scale, window, sinks, out)
+    args = check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, scale, window, sinks, out, k_scale, v_scale)
     mod = backends.load(backend)
     impl = getattr(mod, "paged_decode", None)
     if impl is not None:
@@ -186,7 +199,7 @@ def paged_via_attention_tkg(args: PagedArgs, backend: str, *, align: int = 1, **
         bs=B, q_head=G, s_active=S, curr_sprior=Sp, full_sprior=Sp, d_head=d, block_len=BL,
         tp_k_prior=True, strided_mm1=False, use_pos_id=True, qk_in_sb=True,
     )  # fmt: skip
-    qs = (as_f32(q) * np.float32(args.scale)).astype(q.dtype)
+    qs = (as_f32(q) * np.float32(args.scale * args.k_scale)).astype(q.dtype)
     for g in range(Hkv):
         qg = qs[:, g * G : (g + 1) * G].transpose(3, 0, 1, 2).reshape(d, B * G * S)
         kg, vg = args.k_cache[g], args.v_cache[g]
@@ -199,4 +212,5 @@ def paged_via_attention_tkg(args: PagedArgs, backend: str, *, align: int = 1, **
             rope_pos_ids=rope_pos, sink=sink, active_blocks_table=table,
             start_pos_ids=start, backend=backend, **options,
         )  # fmt: skip
-        out[:, g * G : (g + 1) * G] = res.transpose(0, 1, 3, 2)  # [B, G, d, S] -> [B, G, S, d]
+        res = res.transpose(0, 1, 3, 2)  # [B, G, d, S] -> [B, G, S, d]
+        out[:, g * G : (g + 1) * G] = res if args.v_scale == 1.0 else as_f32(res) * np.float32(args.v_scale)

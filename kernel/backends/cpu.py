@@ -42,7 +42,7 @@ except ImportError as exc:  # not built (no compiler at install time) or built f
     _native = None
     NATIVE_ERROR = str(exc)
 
-_DTYPE_CODES = {np.dtype(np.float32): 0, BF16: 1, np.dtype(np.float16): 2}
+_DTYPE_CODES = {np.dtype(np.float32): 0, BF16: 1, np.dtype(np.float16): 2, FP8: 3}  # FP8: K/V pools only
 _MAX_D = 256
 _MAX_ACTIVE = 16
 _CHUNK = 32  # keys per chunk in the kernel (TKG_CHUNK)
@@ -147,6 +147,7 @@ def _attend(
     nkeys: np.ndarray,
     score_scale: float,
     q_bf16_exact: bool,
+    out_scale: float = 1.0,
     causal_s: int = 0,
     window: int = 0,
     ranges: np.ndarray | None = None,
@@ -189,6 +190,7 @@ def _attend(
         window=window, ranges=_addr(ranges), act_n=0 if ka is None else ka.shape[1], ka=_addr(ka),
         va=_addr(va), act_mask=_addr(act_mask), sinks=_addr(sinks), out=_addr(out), nsplit=int(nsplit),
         prior_mask=_addr(prior_mask), prior_mask_stride=0 if prior_mask is None else prior_mask.shape[-1],
+        out_scale=float(out_scale),
     )  # fmt: skip
     return int(err)
 
@@ -251,7 +253,8 @@ def paged_decode(
     _attend(
         q=q32, k=args.k_cache, v=args.v_cache, out=out.reshape(B * Hkv, G * S, d), heads_per_row=Hkv,
         head_stride=NB * BL * d, block_stride=BL * d, bl=BL, table=_c(args.block_tables, np.int32),
-        nkeys=_c(args.seq_lens, np.int32), score_scale=args.scale, q_bf16_exact=q.dtype == BF16,
+        nkeys=_c(args.seq_lens, np.int32), score_scale=args.scale * args.k_scale, out_scale=args.v_scale,
+        q_bf16_exact=q.dtype == BF16,
         causal_s=S, window=0 if args.window is None else int(args.window), sinks=sinks,
         threads=threads, max_threads=max_threads, pin=pin, variant=variant, nsplit=nsplit,
     )  # fmt: skip
@@ -269,8 +272,7 @@ def run_native_ok(call: KernelCall) -> bool:
         return False
     if cfg.d_head > _MAX_D or cfg.s_active > _MAX_ACTIVE:
         return False
-    if call.k_prior.dtype not in _DTYPE_CODES or call.dtype not in _DTYPE_CODES:
-        return False
+
     if cfg.is_block_kv:
         return call.k_prior.flags.c_contiguous and call.v_prior.flags.c_contiguous
     return (

@@ -217,7 +217,7 @@ def paged_decode(args: PagedArgs, **_options: object) -> None:
     ids_t = torch.from_numpy(ids.reshape(-1))
     K = _gather_f32(_t(args.k_cache), ids_t, B * Lp, "k").reshape(Hkv * B, Lp, d)
     V = _gather_f32(_t(args.v_cache), ids_t, B * Lp, "v").reshape(Hkv * B, Lp, d)
-    qf = (q.to(torch.float32) * float(args.scale)).view(B, Hkv, G * S, d).transpose(0, 1).reshape(Hkv * B, G * S, d)
+    qf = (q.to(torch.float32) * float(args.scale * args.k_scale)).view(B, Hkv, G * S, d).transpose(0, 1).reshape(Hkv * B, G * S, d)
     scores = torch.bmm(qf, K.transpose(1, 2)).view(Hkv, B, G, S, Lp)
     t = torch.from_numpy(lens - S).view(B, 1, 1) + torch.arange(S).view(1, S, 1)  # [B, S, 1]
     j = torch.arange(Lp).view(1, 1, Lp)
@@ -235,4 +235,6 @@ def paged_decode(args: PagedArgs, **_options: object) -> None:
     if sinks is not None:
         denom += torch.exp(sinks - row_max)
     o = torch.bmm(p.view(Hkv * B, G * S, Lp), V).view(Hkv, B, G, S, d).div_(denom)
+    if args.v_scale != 1.0:  # the pools hold V / v_scale
+        o.mul_(args.v_scale)
     _write(args.out, o.transpose(0, 1).reshape(B, Hq, S, d))

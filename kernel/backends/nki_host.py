@@ -170,7 +170,7 @@ def paged_folded(args: Any, backend: str, *, lnc: int = 1, align: int | None = N
     k_new = args.k_cache[:, new_blk, new_pos % BL].transpose(1, 0, 2, 3)  # [B, Hkv, S, d]
     v_new = args.v_cache[:, new_blk, new_pos % BL].transpose(1, 0, 2, 3)
     step = fold_inputs(
-        q, k_new, v_new, args.block_tables, lens, scale=args.scale, window=args.window, heads=range(Hkv),
+        q, k_new, v_new, args.block_tables, lens, scale=args.scale * args.k_scale, window=args.window, heads=range(Hkv),
         num_blocks=NB, block_len=BL, context=sp, batch=B, s_active=S,
     )  # fmt: skip
     pool_k = args.k_cache.reshape(Hkv * NB, BL, d)
@@ -181,6 +181,8 @@ def paged_folded(args: Any, backend: str, *, lnc: int = 1, align: int | None = N
         backend=backend, lnc=lnc, **options,
     )  # fmt: skip
     step.unfold(res, out)
+    if args.v_scale != 1.0:  # the pools hold V / v_scale
+        out[...] = np.asarray(out, np.float32) * np.float32(args.v_scale)
 
 
 @dataclass

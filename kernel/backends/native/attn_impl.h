@@ -38,8 +38,28 @@ typedef _Float16 vhf_u __attribute__((vector_size(32), aligned(2)));
 
 AI vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
+typedef uint8_t vb_u __attribute__((vector_size(16), aligned(1)));
+
+AI int elem_bytes(int dtype) { return dtype == TKG_F32 ? 4 : dtype == TKG_FP8 ? 1 : 2; }
+
+/* 16 float8_e4m3 (sign, 4 exponent bits biased by 7, 3 mantissa bits) to fp32, exactly: the
+ * magnitude bits move under the fp32 exponent (rebiased by 120); subnormals (exponent 0) take
+ * the implicit 1 and subtract it back as 2^-6; exponent 15 is inf (mantissa 0) or NaN. */
+AI vf fp8x16_to_f32(vu w) {
+    vu mag = w & 0x7fu;
+    vu sign = (w & 0x80u) << 24;
+    vu sub = (vu)(mag < 8u);
+    vu bits = (mag << 20) + (120u << 23) + (sub & (1u << 23));
+    vu f = (vu)((vf)bits - (vf)(sub & 0x3c800000u)); /* 0x3c800000 = 2^-6 */
+    vu special = (vu)(mag >= 0x78u);
+    vu spec = (vu)(mag == 0x78u) & 0x7f800000u;
+    spec |= ~(vu)(mag == 0x78u) & 0x7fc00000u;
+    return (vf)(((f & ~special) | (spec & special)) | sign);
+}
+
 /* 16 elements of a pool row to fp32. */
 AI vf load16(const void *src, int dtype) {
+    if (dtype == TKG_FP8) return fp8x16_to_f32(__builtin_convertvector(*(const vb_u *)src, vu));
     if (dtype == TKG_BF16) {
         vu w = __builtin_convertvector(*(const vh_u *)src, vu) << 16;
         return (vf)w;
@@ -49,6 +69,10 @@ AI vf load16(const void *src, int dtype) {
 }
 
 AI float scalar_load(const void *src, int64_t i, int dtype) {
+    if (dtype == TKG_FP8) {
+        vu w = {((const uint8_t *)src)[i]};
+        return fp8x16_to_f32(w)[0];
+    }
     if (dtype == TKG_BF16) {
         uint32_t w = (uint32_t)((const uint16_t *)src)[i] << 16;
         float f;
@@ -62,7 +86,7 @@ AI float scalar_load(const void *src, int64_t i, int dtype) {
 /* One row of d elements to fp32 at dst, zero-padded to dp. */
 AI void row_to_f32(float *dst, const void *src, int d, int dp, int dtype) {
     int c = 0;
-    int esz = dtype == TKG_F32 ? 4 : 2;
+    int esz = elem_bytes(dtype);
     for (; c + 16 <= d; c += 16) *(vf *)(dst + c) = load16((const char *)src + (int64_t)c * esz, dtype);
     for (; c < d; c++) dst[c] = scalar_load(src, c, dtype);
     for (; c < dp; c++) dst[c] = 0.0f;
@@ -377,7 +401,7 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
     const int row = task / p->heads_per_row, head = task % p->heads_per_row;
     const int d = p->d, dp = tkg_padded_d(d), nq = p->nq, CH = TKG_CHUNK;
     const int nk = p->nkeys[row];
-    const int esz = p->dtype == TKG_F32 ? 4 : 2;
+    const int esz = elem_bytes(p->dtype);
 
     int32_t *rg = (int32_t *)ws;
     ws += (nq * 4 + 15) / 16 * 16;

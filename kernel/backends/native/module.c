@@ -134,7 +134,7 @@ static void finalize(job_t *job, int task, tkg_partial part, float *row_buf) {
             }
             denom = NAN;
         }
-        float f = scale_acc / denom;
+        float f = scale_acc / denom * p->out_scale;
         if (p->layout != TKG_LAYOUT_NATURAL) {
             for (int c = 0; c < d; c += 32)
                 for (int i = 0; i < 32; i++) row_buf[c + tkg_layout_column(p->layout, i)] = acc[c + i] * f;
@@ -264,23 +264,25 @@ static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
                             "heads_per_row", "q", "score_scale", "q_bf16_exact", "k", "v", "head_stride",
                             "block_stride", "bl", "table", "table_stride", "nkeys", "causal_s", "window",
                             "ranges", "act_n", "ka", "va", "act_mask", "sinks", "out", "nsplit", "prior_mask",
-                            "prior_mask_stride", NULL};
+                            "prior_mask_stride", "out_scale", NULL};
     tkg_problem p;
     memset(&p, 0, sizeof(p));
     int variant, threads, pin;
     unsigned long long q, k, v, table, nkeys, ranges, ka, va, act_mask, sinks, out, prior_mask = 0;
     long long head_stride, block_stride, table_stride, prior_mask_stride = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipiiiiiiKfpKKLLiKLKiiKiKKKKKi|KL", names, &variant, &threads, &pin,
+    p.out_scale = 1.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipiiiiiiKfpKKLLiKLKiiKiKKKKKi|KLf", names, &variant, &threads, &pin,
                                      &p.dtype, &p.out_dtype, &p.d, &p.nq, &p.ntasks, &p.heads_per_row, &q,
                                      &p.score_scale, &p.q_bf16_exact, &k, &v, &head_stride, &block_stride, &p.bl,
                                      &table, &table_stride, &nkeys, &p.causal_s, &p.window, &ranges, &p.act_n, &ka,
                                      &va, &act_mask, &sinks, &out, &p.nsplit, &prior_mask,
-                                     &prior_mask_stride))
+                                     &prior_mask_stride, &p.out_scale))
         return NULL;
     if (variant < 0 || variant >= NVARIANTS || !variant_supported(variant))
         return PyErr_Format(PyExc_ValueError, "variant: %d is not supported on this CPU", variant);
-    if (p.dtype < 0 || p.dtype > 2 || p.out_dtype < 0 || p.out_dtype > 2)
-        return PyErr_Format(PyExc_ValueError, "dtype/out_dtype: expected 0 (f32), 1 (bf16) or 2 (f16)");
+    if (p.dtype < 0 || p.dtype > 3 || p.out_dtype < 0 || p.out_dtype > 2)
+        return PyErr_Format(PyExc_ValueError,
+                            "dtype/out_dtype: expected 0 (f32), 1 (bf16), 2 (f16) or (dtype only) 3 (fp8 e4m3)");
     if (p.d < 1 || p.d > TKG_MAX_D) return PyErr_Format(PyExc_ValueError, "d: %d not in [1, %d]", p.d, TKG_MAX_D);
     if (p.nq < 1 || p.ntasks < 0 || p.heads_per_row < 1 || p.bl < 1 || p.nsplit < 1 || p.act_n < 0 || p.act_n > 16)
         return PyErr_Format(PyExc_ValueError,

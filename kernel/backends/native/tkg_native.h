@@ -10,14 +10,15 @@
 
 #include <stdint.h>
 
-enum { TKG_F32 = 0, TKG_BF16 = 1, TKG_F16 = 2 };
+/* Element types. TKG_FP8 (float8_e4m3: bias 7, inf/NaN, max 240) is for the K/V pools only. */
+enum { TKG_F32 = 0, TKG_BF16 = 1, TKG_F16 = 2, TKG_FP8 = 3 };
 
 /* Key-chunk length: one chunk of K and V converted to fp32 fits in L1 with the scores. */
 #define TKG_CHUNK 32
 #define TKG_MAX_D 256
 
 typedef struct {
-    int dtype;          /* element type of the K/V pools: TKG_F32, TKG_BF16 or TKG_F16 */
+    int dtype;          /* element type of the K/V pools: TKG_F32, TKG_BF16, TKG_F16 or TKG_FP8 */
     int out_dtype;      /* element type of `out` */
     int d;              /* head dim (<= TKG_MAX_D) */
     int nq;             /* query rows per task */
@@ -25,6 +26,7 @@ typedef struct {
     int heads_per_row;  /* task t reads row t / heads_per_row, kv head t % heads_per_row */
     const float *q;     /* [ntasks, nq, d] fp32 */
     float score_scale;  /* logits = (q . k) * score_scale */
+    float out_scale;    /* out = out_scale * softmax . v (a V dequantisation scale; 1 otherwise) */
     int q_bf16_exact;   /* every q value is a bf16 number: the bf16 dot-product path may run */
     const void *k, *v;  /* pool bases */
     int64_t head_stride;   /* elements between kv heads of the pools */
