@@ -72,9 +72,10 @@ def check_paged_args(
             f"paged_decode: k_cache: expected [Hkv, NB, BL, {d}] {q.dtype} or float8_e4m3, "
             f"got {k_cache.dtype} {k_cache.shape}"
         )
-    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if not (np.isfinite(sc) and sc > 0):
-            raise ValueError(f"paged_decode: {name}: {sc!r} must be a finite number > 0")
+    if not (np.isfinite(k_scale) and k_scale > 0):
+        raise ValueError(f"paged_decode: k_scale: {k_scale!r} must be a finite number > 0")
+    if not (np.isfinite(v_scale) and v_scale > 0):
+        raise ValueError(f"paged_decode: v_scale: {v_scale!r} must be a finite number > 0")
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError(
             f"paged_decode: v_cache: expected {k_cache.shape} {k_cache.dtype}, got {v_cache.dtype} {v_cache.shape}"

@@ -221,8 +221,12 @@ def naive_paged_decode(
     scale: float,
     window: int | None = None,
     sinks: np.ndarray | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> np.ndarray:
     """`paged_decode` token by token: `[B, Hq, S, d]` float64.
+
+    The pools hold value / scale: every cached key is `k_scale * stored`, every value `v_scale * stored`.
 
     Query i of sequence b sits at position `t = seq_lens[b] - S + i` and sees cached positions
     `j <= t` (and `t - j < window`); position j lives at `cache[g, block_tables[b, j // BL], j % BL]`
@@ -245,9 +249,9 @@ def naive_paged_decode(
                     if window is not None and t - j >= window:
                         continue
                     blk, off = int(block_tables[b, j // BL]), j % BL
-                    kv = [float(x) for x in _f(k_cache[g, blk, off])]
+                    kv = [k_scale * float(x) for x in _f(k_cache[g, blk, off])]
                     logits.append(sum(qv[e] * kv[e] for e in range(d)))
-                    values.append([float(x) for x in _f(v_cache[g, blk, off])])
+                    values.append([v_scale * float(x) for x in _f(v_cache[g, blk, off])])
                 sink = None if sinks is None else float(np.asarray(sinks).reshape(-1)[h])
                 m = max(logits + ([sink] if sink is not None else []))
                 weights = [math.exp(s - m) for s in logits]

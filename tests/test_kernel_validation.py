@@ -286,6 +286,8 @@ PAGED_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str, str]] = {
     "tables-negative": (paged(block_tables=np.array([[0, 1, -1], [2, -1, 4]], np.int32)), "block_tables[1]",
                         "got [2, -1]"),
     "window": (paged(window=1), "window", "1 must be >= S=2"),
+    "k_scale": (paged(k_scale=0.0), "k_scale", "0.0 must be a finite number > 0"),
+    "v_scale": (paged(v_scale=float("nan")), "v_scale", "nan must be a finite number > 0"),
     "sinks": (paged(sinks=np.zeros(2, np.float32)), "sinks", "expected [4], got (2,)"),
     "out-shape": (paged(out=np.zeros((2, 4, 2, 16), np.float32)), "out", "expected (2, 4, 2, 32) float32"),
     "out-dtype": (paged(out=np.zeros((2, 4, 2, 32), np.float16)), "out", "got float16"),

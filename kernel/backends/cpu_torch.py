@@ -217,7 +217,8 @@ def paged_decode(args: PagedArgs, **_options: object) -> None:
     ids_t = torch.from_numpy(ids.reshape(-1))
     K = _gather_f32(_t(args.k_cache), ids_t, B * Lp, "k").reshape(Hkv * B, Lp, d)
     V = _gather_f32(_t(args.v_cache), ids_t, B * Lp, "v").reshape(Hkv * B, Lp, d)
-    qf = (q.to(torch.float32) * float(args.scale * args.k_scale)).view(B, Hkv, G * S, d).transpose(0, 1).reshape(Hkv * B, G * S, d)
+    qf = q.to(torch.float32) * float(args.scale * args.k_scale)  # the pools hold K / k_scale
+    qf = qf.view(B, Hkv, G * S, d).transpose(0, 1).reshape(Hkv * B, G * S, d)
     scores = torch.bmm(qf, K.transpose(1, 2)).view(Hkv, B, G, S, Lp)
     t = torch.from_numpy(lens - S).view(B, 1, 1) + torch.arange(S).view(1, S, 1)  # [B, S, 1]
     j = torch.arange(Lp).view(1, 1, Lp)
