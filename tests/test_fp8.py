@@ -54,6 +54,26 @@ def test_native_decodes_every_fp8_pattern(variant: str) -> None:
     np.testing.assert_array_equal(out[0, 0, 0], patterns.astype(np.float32) * np.float32(0.5))
 
 
+@pytest.mark.skipif(not cpu.native_variants(), reason="the native cpu kernel is not built")
+@pytest.mark.parametrize("variant", cpu.native_variants() or ["none"])
+def test_native_decodes_every_fp8_key(variant: str) -> None:
+    """Keys: 256 bf16 q heads, head h one-hot at column h, against key 0 = every finite pattern (the
+    16 inf/NaN ones are zeroed: 0 * NaN would poison every head) and key 1 = zeros, values e0 and
+    e1: out[h, 0] = sigmoid(K0[h] / 16). (Non-finite decoding is covered through V above.)"""
+    patterns = np.arange(256, dtype=np.uint8).view(FP8)
+    patterns = np.where(np.isfinite(patterns.astype(np.float32)), patterns, np.zeros(1, FP8))
+    k = np.zeros((1, 1, 4, 256), FP8)
+    v = np.zeros((1, 1, 4, 256), FP8)
+    k[0, 0, 0] = patterns
+    v[0, 0, 0, 0] = 1.0
+    v[0, 0, 1, 1] = 1.0
+    q = np.eye(256, dtype=np.float32).astype(BF16)[None, :, None, :]  # [1, 256, 1, 256]
+    out = paged_decode(q, k, v, np.zeros((1, 1), np.int32), np.array([2], np.int32), scale=1 / 16,
+                       backend="cpu", variant=variant)  # fmt: skip
+    want = 1.0 / (1.0 + np.exp(-patterns.astype(np.float64) / 16))
+    np.testing.assert_allclose(out[0, :, 0, 0].astype(np.float64), want, rtol=8e-3, atol=1e-6)
+
+
 def as_fp8(case: KernelCase, q_too: bool) -> KernelCase:
     """The case with K/V (and q) rounded to fp8; its output dtype stays bf16."""
     names = ["k_active", "v_active", "k_prior", "v_prior"] + (["q"] if q_too else [])

@@ -16,6 +16,7 @@ import numpy as np
 from tkg.kernel.config import AttnTKGConfig
 from tkg.kernel.decisions import round_up
 from tkg.kernel.paged import PagedArgs, check_paged_args
+from tkg.kernel_dtypes import BF16, FP8, to_fp8
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,18 @@ class Shape:
     s: int
     block_len: int
     ragged: bool
-    dtype: np.dtype
+    dtype: np.dtype  # of the KV pools
+
+    @property
+    def io_dtype(self) -> np.dtype:
+        """q and out: the KV dtype, bf16 for an fp8 cache (fp8 is storage only)."""
+        return BF16 if np.dtype(self.dtype) == FP8 else np.dtype(self.dtype)
 
     @property
     def label(self) -> str:
         lens = "ragged" if self.ragged else "equal"
-        return f"S={self.s} BL={self.block_len} {lens}"
+        kv = " fp8" if np.dtype(self.dtype) == FP8 else ""
+        return f"S={self.s} BL={self.block_len} {lens}{kv}"
 
 
 class Case:
@@ -63,12 +70,13 @@ class Case:
             self.block_tables[b, :used] = perm[at : at + used]
             at += used
 
-        def rand(*dims: int) -> np.ndarray:
-            return rng.standard_normal(dims, dtype=np.float32).astype(shape.dtype)
+        def rand(*dims: int, dtype: np.dtype = shape.dtype) -> np.ndarray:
+            x = rng.standard_normal(dims, dtype=np.float32)
+            return to_fp8(x) if np.dtype(dtype) == FP8 else x.astype(dtype)
 
         self.k_cache = rand(Hkv, num_blocks, BL, d)
         self.v_cache = rand(Hkv, num_blocks, BL, d)
-        self.q = rand(B, Hkv * G, S, d)
+        self.q = rand(B, Hkv * G, S, d, dtype=shape.io_dtype)
         self.scale = float(d) ** -0.5
 
     @property
@@ -107,7 +115,7 @@ class Case:
         flat_blk = table.astype(np.int64)[np.arange(R)[:, None], pos // BL]
         k_act = kpool[flat_blk, pos % BL]  # [R, S, d]
         v_act = vpool[flat_blk, pos % BL]
-        qs = (self.q.astype(np.float32) * np.float32(self.scale)).astype(s.dtype)  # [B, Hkv*G, S, d]
+        qs = (self.q.astype(np.float32) * np.float32(self.scale)).astype(s.io_dtype)  # [B, Hkv*G, S, d]
         q_sb = qs.reshape(R, G, S, d).transpose(3, 0, 1, 2).reshape(d, R * G * S)
         mask = np.broadcast_to(np.tril(np.ones((S, S), np.uint8)).T[:, None, None, :], (S, R, G, S)).copy()
         cfg = AttnTKGConfig(
@@ -117,7 +125,7 @@ class Case:
         return dict(
             q=np.ascontiguousarray(q_sb), k_active=np.ascontiguousarray(k_act.transpose(2, 0, 1).reshape(d, R * S)),
             v_active=np.ascontiguousarray(v_act[:, None]), k_prior=kpool, v_prior=vpool, mask=mask,
-            out=np.empty(cfg.out_shape, dtype=s.dtype), cfg=cfg, rope_pos_ids=pos.astype(np.float32),
+            out=np.empty(cfg.out_shape, dtype=s.io_dtype), cfg=cfg, rope_pos_ids=pos.astype(np.float32),
             active_blocks_table=table,
         )  # fmt: skip
 

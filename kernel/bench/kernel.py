@@ -35,9 +35,11 @@ from typing import Any
 import numpy as np
 
 from tkg.kernel.bench.cases import Case, Shape
-from tkg.kernel_dtypes import BF16
+from tkg.kernel_dtypes import BF16, FP8
 
-DTYPES = {"bf16": BF16, "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
+DTYPES = {"bf16": BF16, "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32), "fp8": FP8}
+# Peers that read an fp8 (float8_e4m3) pool; `--dtype fp8` times them on bf16 and fp8 KV, same run.
+FP8_PEERS = ("cpu.paged_decode", "cpu.attention_tkg", "torch.paged_decode")
 PEERS = ("cpu.paged_decode", "cpu.attention_tkg", "torch.paged_decode", "reference", "sdpa_gqa", "sdpa_repeat")
 BASELINE = "sdpa_gqa"
 _PROBE = "<read probe>"
@@ -74,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s", type=_ints, default=[1, 4], help="new tokens per step, comma list (1,4)")
     p.add_argument("--block-len", type=_ints, default=[16, 128], help="block lengths, comma list (16,128)")
     p.add_argument("--lens", type=_choices(("equal", "ragged")), default=["equal", "ragged"], help="equal,ragged")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="KV / I/O dtype (bf16)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                   help="KV / I/O dtype (bf16); fp8: float8_e4m3 KV with bf16 I/O, each shape timed on bf16 KV "
+                        "too, and the fp8/bf16 tokens/s ratio reported")  # fmt: skip
     p.add_argument("--peers", type=_choices(PEERS), default=list(PEERS), help=f"subset of {','.join(PEERS)}")
     p.add_argument(
         "--variants", default="",
@@ -267,13 +271,35 @@ def run_bench(a: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cases": [],
     }
+    fp8 = a.dtype == "fp8"
+    if fp8:
+        a.peers = [p for p in a.peers if p in FP8_PEERS] or ["cpu.paged_decode"]
+        report["fp8_vs_bf16"] = []
     for s in a.s:
         for bl in a.block_len:
             for lens in a.lens:
-                shape = Shape(a.batch, a.kv_heads, a.q_per_kv, a.head_dim, a.context, s, bl, lens == "ragged",
-                              DTYPES[a.dtype])  # fmt: skip
-                report["cases"].append(_bench_case(Case(shape), a, cpu, read_gbs, buf.sum, probe_bytes))
+                dts = [BF16, FP8] if fp8 else [DTYPES[a.dtype]]
+                pair = []
+                for dt in dts:
+                    shape = Shape(a.batch, a.kv_heads, a.q_per_kv, a.head_dim, a.context, s, bl, lens == "ragged", dt)
+                    pair.append(_bench_case(Case(shape), a, cpu, read_gbs, buf.sum, probe_bytes))
+                report["cases"].extend(pair)
+                if fp8:
+                    report["fp8_vs_bf16"].append(_fp8_ratio(pair[0], pair[1]))
     return report
+
+
+def _fp8_ratio(bf16: dict[str, Any], fp8: dict[str, Any]) -> dict[str, Any]:
+    """tokens/s of each peer on fp8 KV over bf16 KV (same shape, same run)."""
+    ratios = {}
+    for name, p in fp8["peers"].items():
+        if name in bf16["peers"]:
+            ratios[name] = {
+                "bf16_tokens_per_s": bf16["peers"][name]["tokens_per_s"],
+                "fp8_tokens_per_s": p["tokens_per_s"],
+                "speedup": p["tokens_per_s"] / bf16["peers"][name]["tokens_per_s"],
+            }
+    return {"label": bf16["label"], "peers": ratios}
 
 
 def _bench_case(
@@ -299,7 +325,8 @@ def _bench_case(
     for name, (_, result) in peers.items():
         med, n = timed[name]
         gbs = case.kv_bytes / med / 1e9
-        entry["peers"][name] = {"median_ms": med * 1e3, "runs": n, "eff_gbs": gbs, "x_read_bw": gbs / read_gbs}
+        entry["peers"][name] = {"median_ms": med * 1e3, "runs": n, "eff_gbs": gbs, "x_read_bw": gbs / read_gbs,
+                                "tokens_per_s": sh.batch * sh.s / med}  # fmt: skip
         results[name] = result()
     ref_name = "cpu.paged_decode" if "cpu.paged_decode" in results else next(iter(results), None)
     for name, r in results.items():
@@ -337,6 +364,12 @@ def format_report(rep: dict[str, Any]) -> str:
                 f"{(f'{speed:.2f}x' if speed is not None else '-'):>12} {err:>10.2e}"
             )
         lines.append("")
+    for r in rep.get("fp8_vs_bf16", []):
+        for name, p in r["peers"].items():
+            lines.append(
+                f"fp8 vs bf16 KV  {r['label']:<22} {name:<20} {p['bf16_tokens_per_s']:>10.0f} -> "
+                f"{p['fp8_tokens_per_s']:>10.0f} tokens/s  {p['speedup']:.2f}x"
+            )
     return "\n".join(lines)
 
 

@@ -57,6 +57,29 @@ AI vf fp8x16_to_f32(vu w) {
     return (vf)(((f & ~special) | (spec & special)) | sign);
 }
 
+typedef uint16_t vh16 __attribute__((vector_size(64)));
+typedef uint16_t vh16_u __attribute__((vector_size(64), aligned(2)));
+typedef uint8_t vb32_u __attribute__((vector_size(32), aligned(1)));
+
+/* A float8_e4m3 row of d (a multiple of 32) elements to bf16 bits, exactly (every e4m3 value is a
+ * bf16 number), 32 at a time in 16-bit lanes: normal magnitudes move under the bf16 exponent
+ * (rebiased by 120), the 8 subnormals come from a table, exponent 15 is inf or NaN. */
+static const vh16 FP8_SUBNORMAL_BF16 = {0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+
+AI void fp8_row_to_bf16(uint16_t *dst, const uint8_t *src, int d) {
+    for (int c = 0; c < d; c += 32) {
+        vh16 w = __builtin_convertvector(*(const vb32_u *)(src + c), vh16);
+        vh16 mag = w & 0x7f;
+        vh16 sign = (w & 0x80) << 8;
+        vh16 r = (mag << 4) + 0x3C00;
+        vh16 sub = (vh16)(mag < 8);
+        r = (r & ~sub) | (__builtin_shuffle(FP8_SUBNORMAL_BF16, mag & 7) & sub);
+        vh16 special = (vh16)(mag >= 0x78), inf = (vh16)(mag == 0x78);
+        r = (r & ~special) | (((inf & 0x7F80) | (~inf & 0x7FC0)) & special);
+        *(vh16_u *)(dst + c) = r | sign;
+    }
+}
+
 /* 16 elements of a pool row to fp32. */
 AI vf load16(const void *src, int dtype) {
     if (dtype == TKG_FP8) return fp8x16_to_f32(__builtin_convertvector(*(const vb_u *)src, vu));
@@ -448,8 +471,18 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
     (void)zero_row;
     int use_bf = 0;
 #if USE_DPBF16
-    use_bf = p->dtype == TKG_BF16 && p->q_bf16_exact && d % 32 == 0;
+    use_bf = (p->dtype == TKG_BF16 || p->dtype == TKG_FP8) && p->q_bf16_exact && d % 32 == 0;
 #endif
+    /* fp8 pools on the bf16 paths: each chunk's K rows (use_bf) are decoded to bf16 into kb's
+     * memory, its V rows (bf_pv) into the upper half of vb's (the lower half holds the V pairs). */
+    const int fp8 = p->dtype == TKG_FP8;
+    uint16_t *kb16 = (uint16_t *)kb;
+    uint16_t *vb16 = (uint16_t *)(vb + (int64_t)CH * dp / 2);
+#define v_bf16_row(j) (fp8 ? (fp8_row_to_bf16(vb16 + (int64_t)(j) * dp, (const uint8_t *)(vbase + cur[j]), d), \
+                              (const uint16_t *)(vb16 + (int64_t)(j) * dp))                                    \
+                           : (const uint16_t *)(vbase + cur[j]))
+    (void)kb16;
+    (void)vb16;
     float qscale = use_bf ? 1.0f : p->score_scale;
     for (int r = 0; r < nq; r++) {
         f32_row_to_layout_scaled(qs + r * dp, qsrc + (int64_t)r * d, d, dp, klay, qscale);
@@ -486,6 +519,8 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
         if (nn > 0) WALK(nxt, nn);
         for (int j = n; j < CH; j++) cur[j] = cur[0]; /* padding rows: valid memory, masked scores */
         int ng = (n + 15) / 16;
+        if (use_bf && fp8)
+            for (int j = 0; j < ng * 16; j++) fp8_row_to_bf16(kb16 + (int64_t)j * dp, (const uint8_t *)(kbase + cur[j]), d);
         if (!use_bf) {
             for (int j = 0; j < ng * 16; j++) {
                 if (split_rows) row_to_f32_split(kb + (int64_t)j * dp, kbase + cur[j], d);
@@ -503,7 +538,8 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
 #if USE_DPBF16
                 if (use_bf) {
                     const uint16_t *kr[16];
-                    for (int t = 0; t < 16; t++) kr[t] = (const uint16_t *)(kbase + cur[16 * g + t]);
+                    for (int t = 0; t < 16; t++)
+                        kr[t] = fp8 ? kb16 + (int64_t)(16 * g + t) * dp : (const uint16_t *)(kbase + cur[16 * g + t]);
                     *(vf *)(sr + 16 * g) = dots16_bf16(qb + r * dp, kr, d) * splat(p->score_scale);
                     continue;
                 }
@@ -545,8 +581,8 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
             __m512i *vp = (__m512i *)vb;
             for (int t = 0; 2 * t < n; t++) {
                 int j0 = 2 * t, j1 = 2 * t + 1;
-                const uint16_t *r0 = any_whole || seen[j0] ? (const uint16_t *)(vbase + cur[j0]) : zero_row;
-                const uint16_t *r1 = j1 < n && (any_whole || seen[j1]) ? (const uint16_t *)(vbase + cur[j1]) : zero_row;
+                const uint16_t *r0 = any_whole || seen[j0] ? v_bf16_row(j0) : zero_row;
+                const uint16_t *r1 = j1 < n && (any_whole || seen[j1]) ? v_bf16_row(j1) : zero_row;
                 v_pair(vp + (int64_t)t * (dp / 16), r0, r1, d);
             }
             softmax_update(part, s, NULL, vp, n, nq, dp);
@@ -558,6 +594,7 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
         memcpy(cur, nxt, sizeof(cur));
     }
 #undef WALK
+#undef v_bf16_row
 
     /* The active keys (attention_tkg only) ride with the last split. */
     if (p->act_n > 0 && split == p->nsplit - 1) {

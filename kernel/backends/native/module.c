@@ -308,6 +308,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
     p.out = (void *)(uintptr_t)out;
     p.layout = TKG_LAYOUT_NATURAL;
     if (p.dtype == TKG_BF16 && p.d % 32 == 0) p.layout = variant == V_AVX512BF16 ? TKG_LAYOUT_UNPACK : TKG_LAYOUT_SPLIT;
+    /* fp8 pools take the bf16 product paths (rows decoded to bf16 per chunk) on AVX-512-BF16. */
+    if (p.dtype == TKG_FP8 && p.d % 32 == 0 && variant == V_AVX512BF16) p.layout = TKG_LAYOUT_UNPACK;
     long long error = -1;
     int used = 0;
     if (p.ntasks > 0) {
