@@ -105,7 +105,7 @@ def test_greedy_matches_local_attention(servers, family, dtype):
     assert local_kv_bytes > 0  # the walker finds a local cache's K/V, so finding none below means none
 
     with Client(srv.target) as client:
-        with remote.remote_attention(model, client) as session:
+        with remote.remote_attention(model, client, chunk_tokens=5) as session:  # 12 tokens: 3 AppendKV chunks
             out = greedy(model, ids, mask)
             # The local process keeps no K/V: the cache generate used holds lengths only ...
             assert isinstance(out.cache, remote.RemoteCache)
@@ -142,10 +142,12 @@ def test_greedy_matches_local_attention(servers, family, dtype):
         assert float(ro[r] - ro[a]) <= tol, f"row {row} step {t}: remote margin {float(ro[r] - ro[a])} > {tol}"
 
 
-def test_assisted_generation_equals_greedy(servers):
+@pytest.mark.parametrize("family", ["llama3", "gpt-oss"])
+def test_assisted_generation_equals_greedy(servers, family):
     """Speculative decoding (1-layer draft, local) with the target on tkg: plain greedy's ids; drafts
-    were both accepted (fewer target steps than tokens) and rejected (TruncateSequence)."""
-    model, srv = servers("llama3", torch.float32)
+    were both accepted (fewer target steps than tokens) and rejected (TruncateSequence). gpt-oss:
+    verifying several tokens in one Decode applies the sliding window per query."""
+    model, srv = servers(family, torch.float32)
     draft = draft_of(model)
     draft.generation_config.num_assistant_tokens = 10  # > max_s_active: verification spans 2 Decodes
     draft.generation_config.num_assistant_tokens_schedule = "constant"

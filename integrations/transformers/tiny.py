@@ -49,9 +49,10 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, layers: int = 2,
 def draft_of(target: torch.nn.Module) -> torch.nn.Module:
     """A smaller draft for assisted generation: `target`'s first layer, embeddings and head (so its
     guesses are often right and sometimes wrong)."""
-    config = target.config.__class__(**{**target.config.to_dict(), "num_hidden_layers": 1})
-    if hasattr(config, "layer_types") and config.layer_types is not None:
-        config.layer_types = config.layer_types[:1]
+    keys = {**target.config.to_dict(), "num_hidden_layers": 1}
+    if keys.get("layer_types") is not None:
+        keys["layer_types"] = keys["layer_types"][:1]
+    config = target.config.__class__(**keys)
     draft = target.__class__(config).to(target.dtype).eval()
     draft.load_state_dict(target.state_dict(), strict=False)
     return draft
