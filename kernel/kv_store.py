@@ -13,7 +13,7 @@ The server's cache manager (`tkg.server.kv_cache.KVCache`) keeps the bookkeeping
   resident pools (the S new tokens were written first, so they are ordinary cache entries).
 
 Implementations: `HostKVStore` (numpy pools in host memory; backends `reference`, `cpu`: the cpu
-native kernel reads the pool in place) and `tkg.kernel.device_store.DeviceKVStore` (pools in
+native kernel reads the pool in place) and `tkg.kernel.backends.nki_store.DeviceKVStore` (pools in
 device memory, shape buckets compiled at start; backends `nki-emu` and `nki`, which differ only in
 their device module). `create_kv_store(backend, geometry)` asks the backend module for its store.
 

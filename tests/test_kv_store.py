@@ -111,7 +111,7 @@ def test_device_store_reads_copies_and_decodes_like_the_host_store() -> None:
 
 
 @needs_emu
-def test_device_store_counts_what_the_emulator_sees_cross() -> None:
+def test_device_store_counts_what_the_emulator_sees_crossing() -> None:
     """Every byte the store says it moved, the emulator moved (no NumPy pool sneaks into a launch),
     and each new launch shape is one specialisation in both counts."""
     from tkg.kernel.nki_emu.device import device_counters
