@@ -254,3 +254,27 @@ def test_drain_moves_every_sequence_to_its_new_home_and_restart_is_detected() ->
     finally:
         for p in (*peers, draining):
             p.stop(signal.SIGKILL)
+
+
+def test_push_all_reports_what_could_not_move_and_keeps_it() -> None:
+    """A peer that is down: every sequence is reported with the reason and stays resident."""
+    from tkg.server import migration
+
+    async def main() -> None:
+        a = service()
+        a.start()
+        for sid in ("s", "t"):
+            await fill(a, sid, (9, 3), seed=2)
+        released: list[str] = []
+        loop = asyncio.get_running_loop()
+        report = await migration.push_all(
+            ["s", "t"], a.export_messages, released.append, ["127.0.0.1:1"], loop.time() + 10
+        )
+        assert report.moved == [] and released == [] and sorted(report.failed) == ["s", "t"]
+        assert all("to 127.0.0.1:1: UNAVAILABLE" in why for why in report.failed.values()), report.failed
+        expired = await migration.push_all(["s"], a.export_messages, released.append, ["127.0.0.1:1"], loop.time())
+        assert "grace period ran out" in expired.failed["s"]
+        assert len(a.cache) == 2
+        await a.close()
+
+    asyncio.run(main())
