@@ -146,10 +146,35 @@ def wire() -> Iterator[Wire]:
         srv.stop(signal.SIGKILL)
 
 
+@st.composite
+def near_valid_decode(draw: st.DrawFn) -> pb.DecodeRequest:
+    """A decode the server may well accept (live ids, right heads, small positions), so the fuzz
+    also runs the append + kernel path and its position/capacity errors, not only validation."""
+    B = draw(st.integers(1, 2))
+    S = draw(st.integers(1, 2))
+    req = pb.DecodeRequest(
+        layer=draw(st.sampled_from([0, 1, 1, 2, -1])),
+        sequence_ids=draw(st.lists(st.sampled_from(IDS), min_size=B, max_size=B)),
+        positions=draw(st.lists(st.integers(0, 3), min_size=B, max_size=B)),
+        request_id=draw(st.text(max_size=8)),
+    )
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    for name, heads in (("q", HQ), ("k", HKV), ("v", HKV)):
+        a = rng.standard_normal((B, heads, S, D)).astype(np.float32)
+        if draw(st.integers(0, 9)) == 0:
+            a.flat[0] = draw(st.sampled_from([np.nan, np.inf, 1e38]))
+        t = getattr(req, name)
+        t.dtype, t.data = pb.DTYPE_FLOAT32, a.tobytes()
+        t.shape.extend(a.shape)
+    return req
+
+
 def _requests() -> st.SearchStrategy[tuple[str, bytes | list[bytes]]]:
     def one(name: str) -> st.SearchStrategy:
         m = METHODS[name]
         msgs = messages(m.input_type).map(lambda x: x.SerializeToString())
+        if name in ("Decode", "DecodeStream"):
+            msgs = st.one_of(msgs, near_valid_decode().map(lambda x: x.SerializeToString()))
         if m.client_streaming:
             return st.tuples(st.just(name), st.lists(msgs, min_size=0, max_size=3))
         return st.tuples(st.just(name), msgs)
