@@ -161,7 +161,7 @@ def near_valid_decode(draw: st.DrawFn) -> pb.DecodeRequest:
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     for name, heads in (("q", HQ), ("k", HKV), ("v", HKV)):
         a = rng.standard_normal((B, heads, S, D)).astype(np.float32)
-        if draw(st.integers(0, 9)) == 0:
+        if draw(st.integers(0, 9)) == 9:  # hypothesis favours small draws: the poison is the rare one
             a.flat[0] = draw(st.sampled_from([np.nan, np.inf, 1e38]))
         t = getattr(req, name)
         t.dtype, t.data = pb.DTYPE_FLOAT32, a.tobytes()
