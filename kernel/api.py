@@ -78,7 +78,7 @@ def attention_tkg(
     )  # fmt: skip
     call.options = dict(backend_options)
     call.options["sbm"] = sbm
-    backends.load(backend).run(call)
+    backends.load(backend, backend_options).run(call)
 
     if is_torch(q):
         res_out = out if out is not None else from_numpy(call.out)

@@ -151,12 +151,12 @@ def paged_decode(
         `[B, Hq, S, d]` attention output in q's dtype (`out` when given).
     """
     args = check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, scale, window, sinks, out, k_scale, v_scale)
-    mod = backends.load(backend)
+    mod = backends.load(backend, backend_options)
     impl = getattr(mod, "paged_decode", None)
     if impl is not None:
         impl(args, **backend_options)
     else:
-        paged_via_attention_tkg(args, backends.resolve(backend), **backend_options)
+        paged_via_attention_tkg(args, backends.resolve(backend, backend_options), **backend_options)
     return args.out
 
 

@@ -31,3 +31,9 @@ def test_the_path_comes_from_the_option_before_the_environment(monkeypatch: pyte
     assert nkilib_emu.nkilib_path({}) == "/from/env"
     monkeypatch.delenv(nkilib_emu.ENV)
     assert nkilib_emu.nkilib_path(None) is None
+
+
+def test_the_option_reaches_the_availability_check(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv(nkilib_emu.ENV, raising=False)
+    reason = unavailable_reason("nkilib-emu", {"nkilib_path": str(tmp_path)})
+    assert reason is not None and f"{str(tmp_path)!r} holds no nkilib package" in reason

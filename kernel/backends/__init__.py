@@ -12,7 +12,9 @@ only when asked for, so the client never imports torch and Neuron code never loa
 from __future__ import annotations
 
 import importlib
+import inspect
 from types import ModuleType
+from typing import Any
 
 # name -> module path. Order is the `auto` preference among available backends.
 _BACKENDS: dict[str, str] = {
@@ -43,8 +45,9 @@ def _import(name: str) -> ModuleType:
         raise BackendUnavailable(f"backend {name!r} is not available here: {exc}") from exc
 
 
-def unavailable_reason(name: str) -> str | None:
-    """None when `name` can run here, else why not."""
+def unavailable_reason(name: str, options: dict[str, Any] | None = None) -> str | None:
+    """None when `name` can run here, else why not. `options`: the call's backend options, for a
+    backend whose availability depends on them (`available(options)`, e.g. nkilib-emu's nkilib_path)."""
     if name not in _BACKENDS:
         return f"unknown backend {name!r}; expected one of {', '.join(['auto', *_BACKENDS])}"
     try:
@@ -52,7 +55,11 @@ def unavailable_reason(name: str) -> str | None:
     except BackendUnavailable as exc:
         return str(exc)
     check = getattr(mod, "available", None)
-    return check() if check is not None else None
+    if check is None:
+        return None
+    if options and "options" in inspect.signature(check).parameters:
+        return check(options=options)
+    return check()
 
 
 def _auto_reason(name: str) -> str | None:
@@ -66,19 +73,19 @@ def available() -> list[str]:
     return [n for n in _BACKENDS if unavailable_reason(n) is None]
 
 
-def resolve(name: str) -> str:
-    """Map `auto` to the best available backend; check an explicit name is usable."""
+def resolve(name: str, options: dict[str, Any] | None = None) -> str:
+    """Map `auto` to the best available backend; check an explicit name is usable (with `options`)."""
     if name == "auto":
         for n in _AUTO_ORDER:
             if unavailable_reason(n) is None and _auto_reason(n) is None:
                 return n
         raise BackendUnavailable("no backend is available")  # reference always is; defensive
-    reason = unavailable_reason(name)
+    reason = unavailable_reason(name, options)
     if reason is not None:
         raise BackendUnavailable(reason)
     return name
 
 
-def load(name: str) -> ModuleType:
-    """The backend module for `name` (after `resolve`)."""
-    return _import(resolve(name))
+def load(name: str, options: dict[str, Any] | None = None) -> ModuleType:
+    """The backend module for `name` (after `resolve` with the call's backend `options`)."""
+    return _import(resolve(name, options))

@@ -71,10 +71,11 @@ def peer(path: str | None = None) -> ModuleType:
     return nkilib
 
 
-def available() -> str | None:
-    """None when the library's kernel can run on the emulator here, else why not."""
+def available(options: dict[str, Any] | None = None) -> str | None:
+    """None when the library's kernel can run on the emulator here (with these backend options),
+    else why not."""
     try:
-        peer(nkilib_path())
+        peer(nkilib_path(options))
     except ImportError as exc:
         return str(exc)
     return None

@@ -7,7 +7,12 @@ HBM-bandwidth floor for the compulsory K/V bytes of the same step (design/perfor
 kernel runs through `paged_decode` (the service's path: one launch, (sequence, kv head) rows
 folded into the batch, block KV, positions-generated mask).
 
-    python -m tkg.kernel.bench.nki [--json] [--lnc 1 2] [--context 4096] [--s-active 1 4] [--block-len 16 128]
+    python -m tkg.kernel.bench.nki [--json [FILE]] [--lnc 1 2] [--context 4096] [--s-active 1 4] [--block-len 16 128]
+                                   [--nkilib PATH]
+
+With `--nkilib PATH` (a folder holding nki-library's `nkilib` package) it runs our kernel and the
+library's side by side instead (`tkg.kernel.bench.nki_peer`); `--json FILE` then writes
+{"rows": [{"case", "ours_us", "nkilib_us", "floor_us", ...}]}.
 """
 
 from __future__ import annotations
@@ -130,7 +135,15 @@ def default_steps(context: int = 4096, s_active: tuple[int, ...] = (1, 4), block
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tkg bench kernel --backend nki-emu", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", action="store_true", help="print JSON rows")
+    ap.add_argument(
+        "--json", nargs="?", const="-", default=None, metavar="FILE", help="JSON rows to FILE (or stdout without FILE)"
+    )
+    ap.add_argument(
+        "--nkilib",
+        metavar="PATH",
+        default=None,
+        help="folder holding nki-library's nkilib package: run our kernel and the library's side by side",
+    )
     ap.add_argument("--lnc", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--s-active", type=int, nargs="+", default=[1, 4])
@@ -143,12 +156,42 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"nki-emu: unavailable: {reason}", file=sys.stderr)
         return 1
+    if a.nkilib is not None:
+        return _peer_main(a)
     steps = default_steps(a.context, tuple(a.s_active), tuple(a.block_len), not a.no_ragged)
     rows = emulator_report(steps, tuple(a.lnc))
     if a.json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "text"} for r in rows], indent=1))
+        _emit_json([{k: v for k, v in r.items() if k != "text"} for r in rows], a.json)
     else:
         print(format_report(rows))
+    return 0
+
+
+def _emit_json(doc: Any, dest: str) -> None:
+    text = json.dumps(doc, indent=1)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
+
+
+def _peer_main(a: argparse.Namespace) -> int:
+    import os
+
+    from tkg.kernel.backends import nkilib_emu
+    from tkg.kernel.bench import nki_peer
+
+    try:
+        nkilib_emu.peer(os.path.abspath(a.nkilib))
+    except ImportError as exc:
+        print(f"--nkilib {a.nkilib}: {exc}", file=sys.stderr)
+        return 2
+    cases = nki_peer.default_cases(a.context, tuple(a.s_active), tuple(a.lnc), a.block_len[0])
+    rows = nki_peer.side_by_side(cases, os.path.abspath(a.nkilib))
+    print(nki_peer.format_rows(rows))
+    if a.json:
+        _emit_json({"rows": rows}, a.json)
     return 0
 
 
