@@ -221,7 +221,7 @@ class Bench:
         self.backend = server.line.split("backend=")[1].split()[0]
         self.client = Client(server.target, timeout=60.0, max_message_bytes=MAX_MESSAGE)
         self.info = self.client.server_info()
-        self.dtype = codec.dtype_to_numpy(self.info.kv_dtype)
+        self.dtype = codec.dtype_to_numpy(codec.io_dtype_code(self.info))
         self.echo_channel = grpc.insecure_channel(echo_proc.target, options=echo.OPTIONS)
         self.echo_unary = self.echo_channel.unary_unary(echo.UNARY)
         self.echo_stream = self.echo_channel.stream_stream(echo.STREAM)

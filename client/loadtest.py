@@ -332,7 +332,7 @@ class Runner:
     async def ingest(self, groups: list[Group]) -> None:
         """Create every sequence and AppendKV its prompt on each layer (8 sequences at a time)."""
         p, info = self.plan, self.info
-        dtype = codec.dtype_to_numpy(info.kv_dtype)
+        dtype = codec.dtype_to_numpy(codec.io_dtype_code(info))
         rng = np.random.default_rng(p.seed + 1)
         prompt = rng.standard_normal((2, max(p.context, 1), info.num_kv_heads, info.head_dim)).astype(dtype)
         chunk = max(1, CHUNK_BYTES // (info.num_kv_heads * info.head_dim * dtype.itemsize))
@@ -358,7 +358,7 @@ class Runner:
 
     def _inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p, info = self.plan, self.info
-        dtype = codec.dtype_to_numpy(info.kv_dtype)
+        dtype = codec.dtype_to_numpy(codec.io_dtype_code(info))
         rng = np.random.default_rng(p.seed)
         B, S = p.batch, p.s_active
         q = rng.standard_normal((B, info.num_q_heads, S, info.head_dim)).astype(dtype)
@@ -569,6 +569,7 @@ class Runner:
             "model": self.info.model, "backend": self.info.backend, "version": self.info.version,
             "num_q_heads": self.info.num_q_heads, "num_kv_heads": self.info.num_kv_heads,
             "head_dim": self.info.head_dim, "kv_dtype": codec.pb.DType.Name(self.info.kv_dtype),
+            "io_dtype": codec.pb.DType.Name(codec.io_dtype_code(self.info)),
             "max_batch": self.info.max_batch, "replicas": len(p.targets),
         }  # fmt: skip
         return report

@@ -155,6 +155,7 @@ def make_store(spec: ModelSpec, settings: ServeSettings) -> KVStore:
     """The backend's KV store for the spec's geometry (pools allocated here, once)."""
     geometry = KVGeometry(
         spec.num_layers, spec.num_kv_heads, spec.num_blocks, spec.block_len, spec.head_dim, spec.kv_numpy_dtype,
+        spec.io_numpy_dtype,
     )  # fmt: skip
     options: dict[str, object] = {}
     if settings.context_buckets is not None:

@@ -33,7 +33,8 @@ log = logging.getLogger("tkg.server")
 OVERRIDES: dict[str, type] = {
     "num_layers": int, "num_q_heads": int, "num_kv_heads": int, "head_dim": int, "kv_dtype": str,
     "block_len": int, "num_blocks": int, "kv_cache_bytes": int, "max_s_active": int, "max_context": int,
-    "idle_ttl_s": float, "softmax_scale": float, "rope_theta": float, "sinks": str,
+    "idle_ttl_s": float, "softmax_scale": float, "rope_theta": float, "sinks": str, "io_dtype": str,
+    "k_scale": float, "v_scale": float,
 }  # fmt: skip
 
 

@@ -35,7 +35,7 @@ class ModelSpec:
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
-    kv_dtype: str  # float32 | bfloat16 | float16
+    kv_dtype: str  # float32 | bfloat16 | float16 | float8_e4m3 (what the cache stores)
     block_len: int  # tokens per KV block
     num_blocks: int  # blocks per layer (block ids are shared by all layers)
     fuse_rope: bool  # the server rotates q and k (rotate-half) at absolute positions
@@ -48,10 +48,28 @@ class ModelSpec:
     max_batch: int  # sequences per kernel launch
     max_context: int  # tokens per sequence
     idle_ttl_s: float  # idle sequences are released after this long
+    io_dtype: str = ""  # what q/k/v/out travel in: float32 | bfloat16 | float16 ("" = kv_dtype)
+    k_scale: tuple[float, ...] = ()  # per layer: the cache holds k / k_scale (fp8); () = all 1.0
+    v_scale: tuple[float, ...] = ()
 
     @property
     def kv_numpy_dtype(self) -> np.dtype:
         return KV_DTYPES[self.kv_dtype]
+
+    @property
+    def wire_dtype(self) -> str:
+        """The I/O dtype's name (io_dtype, defaulting to kv_dtype)."""
+        return self.io_dtype or self.kv_dtype
+
+    @property
+    def io_numpy_dtype(self) -> np.dtype:
+        return KV_DTYPES[self.wire_dtype]
+
+    def scales(self, layer: int) -> tuple[float, float]:
+        """(k_scale, v_scale) of `layer`: stored = value / scale (1.0 unless configured)."""
+        ks = self.k_scale[layer] if self.k_scale else 1.0
+        vs = self.v_scale[layer] if self.v_scale else 1.0
+        return ks, vs
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window[layer]
@@ -76,7 +94,8 @@ class ModelSpec:
         windows = sorted({w for w in self.sliding_window if w is not None})
         return (
             f"{self.name}: {self.num_layers} layers, {self.num_q_heads} q / {self.num_kv_heads} kv heads, "
-            f"d={self.head_dim}, {self.kv_dtype} KV, {self.num_blocks} blocks x {self.block_len} tokens "
+            f"d={self.head_dim}, {self.kv_dtype} KV ({self.wire_dtype} I/O), "
+            f"{self.num_blocks} blocks x {self.block_len} tokens "
             f"(KV {_bytes(self.kv_bytes())}), fuse_rope={self.fuse_rope}, "
             f"sliding_window={windows or 'none'}, sinks={'yes' if self.sinks is not None else 'no'}"
         )
@@ -143,6 +162,20 @@ def _windows(raw: dict[str, Any], num_layers: int, max_s_active: int) -> tuple[i
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < max_s_active):
             raise ConfigError(f"sliding_window[{i}]: {w!r}; expected null or an integer >= max_s_active={max_s_active}")
     return tuple(v)
+
+
+def _scales(raw: dict[str, Any], key: str, num_layers: int) -> tuple[float, ...]:
+    """k_scale / v_scale: a positive number for every layer, or a list of one per layer."""
+    v = raw.get(key)
+    if v is None:
+        return ()
+    vals = [v] * num_layers if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+    if not isinstance(vals, (list, tuple)) or len(vals) != num_layers:
+        raise ConfigError(f"{key}: {v!r}; expected a positive number or a list of {num_layers} (one per layer)")
+    for i, x in enumerate(vals):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+            raise ConfigError(f"{key}[{i}]: {x!r}; expected a positive number (the cache holds value / {key})")
+    return tuple(float(x) for x in vals)
 
 
 def _sinks(raw: dict[str, Any], num_layers: int, num_q_heads: int, base: Path | None) -> np.ndarray | None:
@@ -230,6 +263,10 @@ def build_spec(raw: dict[str, Any], base: Path | None = None) -> ModelSpec:
     kv = raw.get("kv_dtype")
     if kv not in KV_DTYPES:
         raise ConfigError(f"kv_dtype: {kv!r}; expected one of {sorted(KV_DTYPES)}")
+    io = raw.get("io_dtype") or ("bfloat16" if kv == "float8_e4m3" else kv)
+    if io not in KV_DTYPES or io == "float8_e4m3":
+        io_names = sorted(k for k in KV_DTYPES if k != "float8_e4m3")
+        raise ConfigError(f"io_dtype: {io!r}; expected one of {io_names} (fp8 is a storage dtype only)")
     block_len = _int(raw, "block_len", 1, 1024)
     max_s = _int(raw, "max_s_active", 1, MAX_S_ACTIVE)
     max_context = _int(raw, "max_context", max_s)
@@ -267,6 +304,9 @@ def build_spec(raw: dict[str, Any], base: Path | None = None) -> ModelSpec:
         max_batch=_int(raw, "max_batch"),
         max_context=max_context,
         idle_ttl_s=_float(raw, "idle_ttl_s"),
+        io_dtype=io,
+        k_scale=_scales(raw, "k_scale", num_layers),
+        v_scale=_scales(raw, "v_scale", num_layers),
     )
 
 

@@ -46,12 +46,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tkg.kernel.kv_store import HostKVStore, KVGeometry, KVStore
-from tkg.kernel_dtypes import BF16
+from tkg.kernel_dtypes import BF16, FP8
 from tkg.server.block_pool import BlockPool
 from tkg.server.errors import FailedPrecondition, InvalidArgument, OutOfRange, ResourceExhausted
 from tkg.server.sequences import SequenceTable
 
-KV_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BF16}
+KV_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BF16,
+    "float8_e4m3": FP8,  # 1 byte per element; the service stores value / scale, saturated (tkg.kernel_dtypes.to_fp8)
+}  # fmt: skip
 EVICT_IDLE_TTL = "idle_ttl"
 
 

@@ -40,7 +40,7 @@ import grpc
 import numpy as np
 
 from tkg import __version__, codec
-from tkg.kernel_dtypes import BF16
+from tkg.kernel_dtypes import BF16, FP8, to_fp8
 from tkg.server import auth, migration
 from tkg.server.batcher import Batcher, DecodeWork
 from tkg.server.config import ModelSpec
@@ -112,7 +112,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.batcher = Batcher(self._run_batch, options.max_batch, options.batch_delay_s, options.max_pending)
         self.batcher.lone_caller = self._lone_caller
         metrics.attach(cache, pending=lambda: self.batcher.pending, running=lambda: self.batcher.running)
-        self._dtype_code = codec.DTYPE_NAMES[spec.kv_dtype]
+        self._dtype_code = codec.DTYPE_NAMES[spec.wire_dtype]  # q/k/v/out on the wire
+        self._kv_code = codec.DTYPE_NAMES[spec.kv_dtype]  # what the cache stores (and exports)
+        self._fp8 = spec.kv_numpy_dtype == FP8
         self._cores = options.kernel_cores or available_cores()
         self._kv_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * spec.kv_numpy_dtype.itemsize  # K + V
         self._inflight = 0
@@ -190,7 +192,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             free = free if limit is None else max(0, min(free, limit - used.blocks))
         return pb.ServerInfo(
             num_layers=s.num_layers, num_q_heads=s.num_q_heads, num_kv_heads=s.num_kv_heads,
-            head_dim=s.head_dim, kv_dtype=self._dtype_code, block_len=s.block_len,
+            head_dim=s.head_dim, kv_dtype=self._kv_code, io_dtype=self._dtype_code, block_len=s.block_len,
             num_blocks=self.cache.num_blocks, free_blocks=free,
             max_s_active=s.max_s_active, max_batch=self.opts.max_batch, fuse_rope=s.fuse_rope,
             backend=self.opts.backend, version=__version__, max_context=s.max_context,
@@ -215,13 +217,29 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         if SEP in seq_id:  # the tenant namespace separator: an id holding it could name another's
             raise InvalidArgument(f"{field}: contains the control character U+001F; expected an id without it")
 
-    def _tensor(self, t: pb.Tensor, field: str, shape: tuple[int | None, ...], names: str) -> np.ndarray:
+    def _stored(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """New K/V as the cache stores them: unchanged, or for an fp8 cache value / scale rounded
+        to float8_e4m3 with values beyond +-240 saturated (inputs are finite: checked on arrival)."""
+        if not self._fp8:
+            return k, v
+        ks, vs = self.spec.scales(layer)
+        return to_fp8(np.asarray(k, np.float32) / np.float32(ks)), to_fp8(np.asarray(v, np.float32) / np.float32(vs))
+
+    def _scale_options(self, layer: int) -> dict[str, float]:
+        ks, vs = self.spec.scales(layer)
+        return {} if (ks, vs) == (1.0, 1.0) else {"k_scale": ks, "v_scale": vs}
+
+    def _tensor(
+        self, t: pb.Tensor, field: str, shape: tuple[int | None, ...], names: str, code: int | None = None
+    ) -> np.ndarray:
         """Check dtype (== KV dtype), rank and known dims on the message's Python ints, then
         decode (byte length checked in Python ints too) and check finiteness."""
-        if t.dtype != self._dtype_code:
+        code = self._dtype_code if code is None else code
+        if t.dtype != code:
+            what = "KV dtype" if code == self._kv_code else "I/O dtype"
             raise InvalidArgument(
                 f"{field}.dtype: {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}; "
-                f"expected {pb.DType.Name(self._dtype_code)} (the server's KV dtype)"
+                f"expected {pb.DType.Name(code)} (the server's {what})"
             )
         dims = list(t.shape)
         if len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims, strict=True)):
@@ -390,6 +408,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 pos = np.concatenate([w.positions for w in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
                 cos, sin = self._rope.lookup(pos)  # once for the whole batch's q and k
                 q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            k, v = self._stored(layer, k, v)
             row = 0
             for tenant, plan in plans:
                 n = plan.batch_size
@@ -404,7 +423,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             kernel = functools.partial(
                 _timed, store.decode, layer, q, *new_kv, tables, lens,
                 scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
-                **self._kernel_options(inline),
+                **self._kernel_options(inline), **self._scale_options(layer),
             )  # fmt: skip
             if inline:
                 out, attention_s = kernel()
@@ -628,6 +647,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         plan = self.cache.prepare_append(chunk.layer, [seq_id], [chunk.position], T)
         self._charge_blocks(tenant, plan)
         with self._pool_delta(tenant):
+            k, v = self._stored(chunk.layer, k, v)
             self.cache.commit(plan, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
 
     async def ExportSequence(self, request: pb.ExportSequenceRequest, context: Any) -> AsyncIterator[pb.SequenceChunk]:
@@ -673,7 +693,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     def export_messages(self, seq_id: str) -> Iterator[pb.SequenceChunk]:
         tokens = migration.chunk_tokens(self.cache, self.opts.max_message_bytes)
         return migration.export_messages(
-            self.cache, seq_id, self._dtype_code, self.spec.fuse_rope, self.instance_id, tokens
+            self.cache, seq_id, self._kv_code, self.spec.fuse_rope, self.instance_id, tokens
         )
 
     async def ImportSequence(self, request_iterator: AsyncIterator[pb.SequenceChunk], context: Any) -> pb.SequenceInfo:
@@ -681,7 +701,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
         async def run() -> pb.SequenceInfo:
             tenant = auth.current().tenant
-            importer = migration.Importer(self.cache, self._dtype_code, self.spec.fuse_rope, self._tensor)
+            tensor = functools.partial(self._tensor, code=self._kv_code)  # exported K/V travel as stored
+            importer = migration.Importer(self.cache, self._kv_code, self.spec.fuse_rope, tensor)
             async for msg in request_iterator:
                 if msg.sequence_id:
                     if importer.header is None:
@@ -798,6 +819,7 @@ _EXPONENT = {
     np.dtype(np.float32): (np.uint32, 0x7F800000),
     np.dtype(np.float16): (np.uint16, 0x7C00),
     BF16: (np.uint16, 0x7F80),
+    FP8: (np.uint8, 0x78),
 }
 
 

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Callable
 
 import grpc
+import ml_dtypes
 import numpy as np
 
 from tkg import codec
@@ -38,8 +39,13 @@ class Mirror:
     """What the server should hold, per (sequence, layer): K (rotated when the server fuses RoPE)
     and V as float64 `[T, Hkv, d]`; `decode` appends and returns the expected output."""
 
-    def __init__(self, info: pb.ServerInfo, rope: dict | None = None, sinks: np.ndarray | None = None) -> None:
-        """`rope`: {"theta": .., "scaling": {..} or None} when the server fuses RoPE."""
+    def __init__(
+        self, info: pb.ServerInfo, rope: dict | None = None, sinks: np.ndarray | None = None,
+        fp8_scales: tuple[list[float], list[float]] | None = None,
+    ) -> None:  # fmt: skip
+        """`rope`: {"theta": .., "scaling": {..} or None} when the server fuses RoPE. `fp8_scales`:
+        (k_scale, v_scale) per layer of a float8_e4m3 cache: it holds round(value / scale),
+        saturated at +-240, so the mirror keeps exactly that times the scale."""
         self.info = info
         self.hkv, self.hq, self.d, self.bl = info.num_kv_heads, info.num_q_heads, info.head_dim, info.block_len
         self.inv = None if rope is None else inv_freqs(self.d, rope["theta"], rope.get("scaling"))
@@ -48,6 +54,7 @@ class Mirror:
         self.scale = m * m / math.sqrt(self.d)
         self.windows = [w or None for w in info.sliding_window]
         self.sinks = sinks
+        self.fp8_scales = fp8_scales
         self.kv: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.rng = np.random.default_rng(1234)
 
@@ -60,9 +67,14 @@ class Mirror:
         k = k.astype(np.float64)
         if self.inv is not None:
             k = rotate(k.transpose(1, 0, 2), np.arange(start, start + len(k)), self.inv).transpose(1, 0, 2)
+        v = v.astype(np.float64)
+        if self.fp8_scales is not None:
+            ks, vs = self.fp8_scales[0][layer], self.fp8_scales[1][layer]
+            k = fp8_stored(k, ks) * ks
+            v = fp8_stored(v, vs) * vs
         empty = np.zeros((0, self.hkv, self.d))
         K, V = self.kv.get((sid, layer), (empty, empty))
-        self.kv[(sid, layer)] = (np.concatenate([K, k]), np.concatenate([V, v.astype(np.float64)]))
+        self.kv[(sid, layer)] = (np.concatenate([K, k]), np.concatenate([V, v]))
 
     def truncate(self, sid: str, length: int) -> None:
         for layer in range(self.info.num_layers):
@@ -107,6 +119,14 @@ class Mirror:
             qf.astype(np.float32), kc, vc, tables, lens, scale=self.scale, window=self.windows[layer], sinks=sinks,
             backend="reference",
         )  # fmt: skip
+
+
+def fp8_stored(x: np.ndarray, scale: float) -> np.ndarray:
+    """float64 of what a float8_e4m3 cache stores for x: x / scale (in fp32) rounded to e4m3, with
+    finite values past +-240 clipped to +-240 first (written out here, not the server's helper)."""
+    y = np.asarray(x, np.float32) / np.float32(scale)
+    y = np.minimum(np.maximum(y, np.float32(-240.0)), np.float32(240.0))
+    return y.astype(ml_dtypes.float8_e4m3).astype(np.float64)
 
 
 def rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

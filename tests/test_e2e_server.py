@@ -295,3 +295,45 @@ def test_float16_kv_without_rope() -> None:
             _step(c, m, sids, 2, rng, f16)
     finally:
         assert srv.stop() == 0
+
+
+def test_fp8_kv_ingest_decode_fork_truncate(tmp_path: Path) -> None:
+    """float8_e4m3 KV (1 byte per element) with bf16 I/O, per-layer scales (one layer's values
+    saturate at +-240 after scaling), against the mirror that stores round(value / scale)."""
+    k_scale, v_scale = [0.5, 0.25], [2.0, 0.004]  # layer 1: |v| / 0.004 passes 240 for |v| > 0.96
+    cfg = tmp_path / "scales.json"
+    cfg.write_text(json.dumps({"k_scale": k_scale, "v_scale": v_scale}))
+    srv = start_server(*GEOMETRY, "--config", str(cfg), "--kv-dtype", "float8_e4m3", "--fuse-rope", "false",
+                       "--max-s-active", "4", "--sliding-window", "6,none")  # fmt: skip
+    try:
+        rng = np.random.default_rng(8)
+        with Client(srv.target) as c:
+            info = c.server_info()
+            assert info.kv_dtype == pb.DTYPE_FLOAT8_E4M3 and info.io_dtype == pb.DTYPE_BFLOAT16
+            # 1 byte per element: 64 blocks x 4 tokens x 2 kv heads x 32 x (K+V) x 2 layers.
+            m = Mirror(info, fp8_scales=(k_scale, v_scale))
+            sids = [c.create_sequence(f"fp8-{i}").sequence_id for i in range(2)]
+            for sid, T in zip(sids, (6, 11), strict=True):
+                _ingest(c, m, sid, T, rng, BF16)
+            _step(c, m, sids, 1, rng, BF16)
+            _step(c, m, sids, 3, rng, BF16)
+            assert list(c.truncate(sids[1], 9).lengths) == [9, 9]
+            m.truncate(sids[1], 9)
+            child = c.fork(sids[1], "fp8-child").sequence_id
+            m.fork(sids[1], child)
+            _step(c, m, [sids[1], child, sids[0]], 2, rng, BF16)
+            # Export streams the stored fp8 bytes; importing them as a new sequence changes nothing.
+            chunks = c.export_sequence(child)
+            assert chunks[0].header.kv_dtype == pb.DTYPE_FLOAT8_E4M3 and chunks[1].k.dtype == pb.DTYPE_FLOAT8_E4M3
+            for msg in chunks:
+                msg.sequence_id = "fp8-copy" if msg.sequence_id else ""
+            c.import_sequence(chunks)
+            m.fork(child, "fp8-copy")
+            _step(c, m, ["fp8-copy", child], 1, rng, BF16)
+            # NaN/inf input is still refused (before any rounding to fp8).
+            bad = rand(rng, (1, m.hkv, m.d), BF16)
+            bad[0, 0, 0] = np.inf
+            with pytest.raises(Exception, match="NaN or infinity"):
+                c.append_kv(sids[0], 0, bad, bad, position=m.length(sids[0], 0))
+    finally:
+        assert srv.stop() == 0

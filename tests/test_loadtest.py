@@ -242,3 +242,18 @@ def test_server_killed_mid_run_is_counted_not_fatal(capsys: pytest.CaptureFixtur
     codes = json.loads((tmp_path / "r.json").read_text())["statusCodeDistribution"]
     assert codes.get("OK", 0) > 0 and codes.get("UNAVAILABLE", 0) > 0
     assert "could not release 2 of 2 sequences" in err
+
+
+def test_loadtest_against_an_fp8_kv_server(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    """An fp8 (float8_e4m3) cache: the load travels in the server's I/O dtype (bf16), reported."""
+    s = start_server(*GEOMETRY, "--kv-dtype", "float8_e4m3")
+    try:
+        report_path = tmp_path / "r.json"
+        rc, _, err = run(capsys, "--target", s.target, "--insecure", "-c", "2", "--batch", "2", "--context", "12",
+                         "--layers", "2", "--steps", "8", "--warmup", "2", "--json", str(report_path))  # fmt: skip
+        assert rc == 0, err
+        r = json.loads(report_path.read_text())
+        assert r["statusCodeDistribution"] == {"OK": 8}
+        assert r["server"]["kv_dtype"] == "DTYPE_FLOAT8_E4M3" and r["server"]["io_dtype"] == "DTYPE_BFLOAT16"
+    finally:
+        s.stop()

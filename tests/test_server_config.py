@@ -105,6 +105,10 @@ BAD_SPECS: list[tuple[dict[str, Any], str, str]] = [
     ({"num_blocks": None}, "num_blocks or kv_cache_bytes", "expected one"),
     ({"num_blocks": None, "kv_cache_bytes": 100}, "kv_cache_bytes: 100", "expected an integer >="),
     ({"max_s_active": 9}, "max_s_active: 9", "[1, 8]"),
+    ({"kv_dtype": "float8_e4m3", "io_dtype": "float8_e4m3"}, "io_dtype: 'float8_e4m3'", "storage dtype only"),
+    ({"io_dtype": "int8"}, "io_dtype: 'int8'", "bfloat16"),
+    ({"k_scale": 0}, "k_scale[0]: 0", "positive number"),
+    ({"v_scale": [1.0]}, "v_scale: [1.0]", "list of 2 (one per layer)"),
     ({"max_context": 3}, "max_context: 3", ">= 7"),
     ({"max_batch": 0}, "max_batch: 0", ">= 1"),
     ({"fuse_rope": "yes"}, "fuse_rope: 'yes'", "true or false"),
@@ -230,3 +234,17 @@ def test_readme_config_example_is_valid(tmp_path: Path) -> None:
     np.save(tmp_path / "sinks.npy", np.zeros((4, 64), np.float32))
     s = load_spec(config=tmp_path / "model.yaml")
     assert s.name == "my-model" and s.sliding_window == (128, None, 128, None) and s.rope_scaling["type"] == "yarn"
+
+
+def test_fp8_kv_spec_io_dtype_scales_and_bytes() -> None:
+    """fp8 KV: 1 byte per element (twice the blocks of bf16 for the same bytes), bf16 I/O unless
+    io_dtype says otherwise, scales per layer (a number applies to every layer), 1.0 by default."""
+    base = {k: v for k, v in SMALL.items() if k != "num_blocks"}
+    bf16 = build_spec({**base, "kv_cache_bytes": 2**20})
+    fp8 = build_spec({**base, "kv_cache_bytes": 2**20, "kv_dtype": "float8_e4m3", "k_scale": 0.5,
+                      "v_scale": [2.0, 0.25]})  # fmt: skip
+    assert fp8.num_blocks == 2 * bf16.num_blocks and fp8.bytes_per_block() * 2 == bf16.bytes_per_block()
+    assert fp8.kv_bytes() <= 2**20 and fp8.wire_dtype == "bfloat16" and bf16.wire_dtype == "bfloat16"
+    assert fp8.scales(0) == (0.5, 2.0) and fp8.scales(1) == (0.5, 0.25) and bf16.scales(1) == (1.0, 1.0)
+    assert build_spec({**SMALL, "kv_dtype": "float8_e4m3", "io_dtype": "float32"}).wire_dtype == "float32"
+    assert build_spec({**SMALL, "kv_dtype": "float16"}).wire_dtype == "float16"

@@ -10,16 +10,25 @@ import math
 
 import numpy as np
 
-from tkg.kernel_dtypes import BF16
+from tkg.kernel_dtypes import BF16, FP8
 from tkg.v1 import decode_attention_pb2 as pb
 
 _TO_NUMPY: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_BFLOAT16: BF16,
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_FLOAT8_E4M3: FP8,  # KV storage only (exported sequences); never q/k/v/out
 }
 _FROM_NUMPY: dict[np.dtype, int] = {v: k for k, v in _TO_NUMPY.items()}
-DTYPE_NAMES: dict[str, int] = {"float32": pb.DTYPE_FLOAT32, "bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16}
+DTYPE_NAMES: dict[str, int] = {
+    "float32": pb.DTYPE_FLOAT32, "bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16,
+    "float8_e4m3": pb.DTYPE_FLOAT8_E4M3,
+}  # fmt: skip
+
+
+def io_dtype_code(info: pb.ServerInfo) -> int:
+    """The dtype q/k/v/out travel in: ServerInfo.io_dtype (servers before it: kv_dtype)."""
+    return info.io_dtype or info.kv_dtype
 
 
 class TensorError(ValueError):

@@ -283,7 +283,11 @@ class DeviceKVStore(KVStore):
         scale: float,
         window: int | None = None,
         sinks: np.ndarray | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> np.ndarray:
+        """(k_scale, v_scale: the pools hold value / scale: the logits' scale takes k_scale, the
+        output v_scale.)"""
         if k_new is None or v_new is None:
             raise ValueError("DeviceKVStore.decode: k_new, v_new: expected [B, Hkv, S, d] arrays, got None")
         B, S = q.shape[0], q.shape[2]
@@ -294,8 +298,10 @@ class DeviceKVStore(KVStore):
         for b0 in range(0, B, step):  # more sequences than the largest batch bucket: several launches
             sl = slice(b0, min(B, b0 + step))
             self._decode_chunk(
-                layer, q[sl], k_new[sl], v_new[sl], block_tables[sl], lens[sl], out[sl], scale, window, sinks
+                layer, q[sl], k_new[sl], v_new[sl], block_tables[sl], lens[sl], out[sl], scale * k_scale, window, sinks
             )
+        if v_scale != 1.0:
+            out[...] = np.asarray(out, np.float32) * np.float32(v_scale)
         return out
 
     def _decode_chunk(

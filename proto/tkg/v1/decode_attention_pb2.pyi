@@ -13,10 +13,12 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT8_E4M3: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_BFLOAT16: DType
 DTYPE_FLOAT16: DType
+DTYPE_FLOAT8_E4M3: DType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -57,7 +59,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "kv_dtype", "block_len", "num_blocks", "free_blocks", "max_s_active", "max_batch", "fuse_rope", "backend", "version", "max_context", "softmax_scale", "sliding_window", "has_sinks", "max_message_bytes", "model", "active_sequences", "instance_id", "started_at")
+    __slots__ = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "kv_dtype", "block_len", "num_blocks", "free_blocks", "max_s_active", "max_batch", "fuse_rope", "backend", "version", "max_context", "softmax_scale", "sliding_window", "has_sinks", "max_message_bytes", "model", "active_sequences", "instance_id", "started_at", "io_dtype")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_Q_HEADS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +82,7 @@ class ServerInfo(_message.Message):
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    IO_DTYPE_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_q_heads: int
     num_kv_heads: int
@@ -102,7 +105,8 @@ class ServerInfo(_message.Message):
     active_sequences: int
     instance_id: str
     started_at: float
-    def __init__(self, num_layers: _Optional[int] = ..., num_q_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[_Union[DType, str]] = ..., block_len: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., max_s_active: _Optional[int] = ..., max_batch: _Optional[int] = ..., fuse_rope: _Optional[bool] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., max_context: _Optional[int] = ..., softmax_scale: _Optional[float] = ..., sliding_window: _Optional[_Iterable[int]] = ..., has_sinks: _Optional[bool] = ..., max_message_bytes: _Optional[int] = ..., model: _Optional[str] = ..., active_sequences: _Optional[int] = ..., instance_id: _Optional[str] = ..., started_at: _Optional[float] = ...) -> None: ...
+    io_dtype: DType
+    def __init__(self, num_layers: _Optional[int] = ..., num_q_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[_Union[DType, str]] = ..., block_len: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., max_s_active: _Optional[int] = ..., max_batch: _Optional[int] = ..., fuse_rope: _Optional[bool] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., max_context: _Optional[int] = ..., softmax_scale: _Optional[float] = ..., sliding_window: _Optional[_Iterable[int]] = ..., has_sinks: _Optional[bool] = ..., max_message_bytes: _Optional[int] = ..., model: _Optional[str] = ..., active_sequences: _Optional[int] = ..., instance_id: _Optional[str] = ..., started_at: _Optional[float] = ..., io_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class SequenceInfo(_message.Message):
     __slots__ = ("sequence_id", "lengths", "num_blocks", "instance_id")
