@@ -308,6 +308,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, on_denied: Callable[[str, str], None] | None = None) -> None:
         self.auth = authenticator
         self.on_denied = on_denied or (lambda method, code: None)
+        # method -> (its handler, the wrapped handler): built once per method, not per call (a
+        # wrapper costs closures and a handler tuple; the per-call part is only `_admit`).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -316,44 +319,56 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
-        metadata = details.invocation_metadata or ()
+        cached = self._wrapped.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[details.method] = (handler, self._wrap(details.method, handler))
+        return cached[1]
+
+    async def _admit(self, method: str, context: Any) -> None:
+        """Authenticate the call (its metadata and, with mTLS subjects configured, its peer
+        certificate) and set `CURRENT`; UNAUTHENTICATED/PERMISSION_DENIED abort it."""
+        subjects = peer_subjects(context) if self.auth.table.subjects else ()
+        try:
+            ident = self.auth.authenticate(method, context.invocation_metadata() or (), subjects)
+        except Denied as exc:
+            self.on_denied(method, exc.code.name)
+            await context.abort(exc.code, exc.message)
+        CURRENT.set(ident)
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserialize = handler.request_deserializer or (lambda raw: raw)
 
-        async def admit(context: Any) -> None:
-            try:
-                ident = self.auth.authenticate(method, metadata, peer_subjects(context))
-            except Denied as exc:
-                self.on_denied(method, exc.code.name)
-                await context.abort(exc.code, exc.message)
-            CURRENT.set(ident)
-
-        async def parse(raw: bytes, context: Any) -> Any:
-            try:
-                return deserialize(raw)
-            except (DecodeError, ValueError, TypeError):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}; expected one"
-                )
+        async def invalid(context: Any) -> None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}; expected one"
+            )
 
         async def stream_of(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
             async for raw in raws:
-                yield await parse(raw, context)
+                try:
+                    request = deserialize(raw)
+                except (DecodeError, ValueError, TypeError):
+                    await invalid(context)
+                yield request
 
         serialize = handler.response_serializer
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def uu(raw: bytes, context: Any) -> Any:
-                await admit(context)
-                return await inner(await parse(raw, context), context)
+                await self._admit(method, context)
+                try:
+                    request = deserialize(raw)
+                except (DecodeError, ValueError, TypeError):
+                    await invalid(context)
+                return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(uu, None, serialize)
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
             async def su(raws: AsyncIterator[bytes], context: Any) -> Any:
-                await admit(context)
+                await self._admit(method, context)
                 return await inner_su(stream_of(raws, context), context)
 
             return grpc.stream_unary_rpc_method_handler(su, None, serialize)
@@ -361,15 +376,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def us(raw: bytes, context: Any) -> AsyncIterator[Any]:
-                await admit(context)
-                async for item in _responses(inner_us(await parse(raw, context), context)):
+                await self._admit(method, context)
+                try:
+                    request = deserialize(raw)
+                except (DecodeError, ValueError, TypeError):
+                    await invalid(context)
+                async for item in _responses(inner_us(request, context)):
                     yield item
 
             return grpc.unary_stream_rpc_method_handler(us, None, serialize)
         inner_ss = handler.stream_stream
 
         async def ss(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
-            await admit(context)
+            await self._admit(method, context)
             async for item in _responses(inner_ss(stream_of(raws, context), context)):
                 yield item
 
