@@ -9,6 +9,9 @@
  */
 #include <math.h>
 #include <string.h>
+#if USE_DPBF16
+#include <immintrin.h>
+#endif
 
 #include "tkg_native.h"
 
@@ -78,6 +81,69 @@ AI void fp8_row_to_bf16(uint16_t *dst, const uint8_t *src, int d) {
         r = (r & ~special) | (((inf & 0x7F80) | (~inf & 0x7FC0)) & special);
         *(vh16_u *)(dst + c) = r | sign;
     }
+}
+
+#if USE_DPBF16
+/* With AVX-512-VBMI, 64 fp8 values at a time: the bf16 bits of every e4m3 magnitude come from two
+ * 128-entry byte tables (high and low byte, vpermi2b), the sign is or-ed into the high byte, and
+ * the byte pairs are interleaved into words; the input bytes are first permuted so that the
+ * in-lane interleave leaves the words in natural order. Tables: bf16(e4m3(m)) for m = 0..127. */
+static const uint8_t FP8_BF16_HI[128] __attribute__((aligned(64))) = {
+    0x00, 0x3b, 0x3b, 0x3b, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c,
+    0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d,
+    0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e,
+    0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f,
+    0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40,
+    0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41,
+    0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42,
+    0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f,
+};
+static const uint8_t FP8_BF16_LO[128] __attribute__((aligned(64))) = {
+    0x00, 0x00, 0x80, 0xc0, 0x00, 0x20, 0x40, 0x60, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0xc0, 0xc0, 0xc0, 0xc0, 0xc0, 0xc0, 0xc0,
+};
+static const uint8_t FP8_VBMI_ORDER[64] __attribute__((aligned(64))) = {
+    0, 1, 2, 3, 4, 5, 6, 7, 32, 33, 34, 35, 36, 37, 38, 39,
+    8, 9, 10, 11, 12, 13, 14, 15, 40, 41, 42, 43, 44, 45, 46, 47,
+    16, 17, 18, 19, 20, 21, 22, 23, 48, 49, 50, 51, 52, 53, 54, 55,
+    24, 25, 26, 27, 28, 29, 30, 31, 56, 57, 58, 59, 60, 61, 62, 63,
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) static void fp8_row_to_bf16_vbmi(uint16_t *dst,
+                                                                                      const uint8_t *src, int d) {
+    const __m512i hi0 = _mm512_load_si512(FP8_BF16_HI), hi1 = _mm512_load_si512(FP8_BF16_HI + 64);
+    const __m512i lo0 = _mm512_load_si512(FP8_BF16_LO), lo1 = _mm512_load_si512(FP8_BF16_LO + 64);
+    const __m512i order = _mm512_load_si512(FP8_VBMI_ORDER);
+    const __m512i m7f = _mm512_set1_epi8(0x7f), m80 = _mm512_set1_epi8((char)0x80);
+    int c = 0;
+    for (; c + 64 <= d; c += 64) {
+        __m512i x = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(src + c));
+        __m512i mag = _mm512_and_si512(x, m7f);
+        __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, mag, hi1), _mm512_and_si512(x, m80));
+        __m512i lo = _mm512_permutex2var_epi8(lo0, mag, lo1);
+        _mm512_storeu_si512(dst + c, _mm512_unpacklo_epi8(lo, hi));
+        _mm512_storeu_si512(dst + c + 32, _mm512_unpackhi_epi8(lo, hi));
+    }
+    if (c < d) fp8_row_to_bf16(dst + c, src + c, d - c); /* a last 32 */
+}
+#endif
+
+/* An fp8 row to bf16 bits by the fastest exact way this CPU has. */
+AI void fp8_to_bf16(const tkg_problem *p, uint16_t *dst, const uint8_t *src, int d) {
+#if USE_DPBF16
+    if (p->vbmi) {
+        fp8_row_to_bf16_vbmi(dst, src, d);
+        return;
+    }
+#endif
+    (void)p;
+    fp8_row_to_bf16(dst, src, d);
 }
 
 /* 16 elements of a pool row to fp32. */
@@ -478,7 +544,7 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
     const int fp8 = p->dtype == TKG_FP8;
     uint16_t *kb16 = (uint16_t *)kb;
     uint16_t *vb16 = (uint16_t *)(vb + (int64_t)CH * dp / 2);
-#define v_bf16_row(j) (fp8 ? (fp8_row_to_bf16(vb16 + (int64_t)(j) * dp, (const uint8_t *)(vbase + cur[j]), d), \
+#define v_bf16_row(j) (fp8 ? (fp8_to_bf16(p, vb16 + (int64_t)(j) * dp, (const uint8_t *)(vbase + cur[j]), d), \
                               (const uint16_t *)(vb16 + (int64_t)(j) * dp))                                    \
                            : (const uint16_t *)(vbase + cur[j]))
     (void)kb16;
@@ -520,7 +586,7 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
         for (int j = n; j < CH; j++) cur[j] = cur[0]; /* padding rows: valid memory, masked scores */
         int ng = (n + 15) / 16;
         if (use_bf && fp8)
-            for (int j = 0; j < ng * 16; j++) fp8_row_to_bf16(kb16 + (int64_t)j * dp, (const uint8_t *)(kbase + cur[j]), d);
+            for (int j = 0; j < ng * 16; j++) fp8_to_bf16(p, kb16 + (int64_t)j * dp, (const uint8_t *)(kbase + cur[j]), d);
         if (!use_bf) {
             for (int j = 0; j < ng * 16; j++) {
                 if (split_rows) row_to_f32_split(kb + (int64_t)j * dp, kbase + cur[j], d);

@@ -310,6 +310,9 @@ static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
     if (p.dtype == TKG_BF16 && p.d % 32 == 0) p.layout = variant == V_AVX512BF16 ? TKG_LAYOUT_UNPACK : TKG_LAYOUT_SPLIT;
     /* fp8 pools take the bf16 product paths (rows decoded to bf16 per chunk) on AVX-512-BF16. */
     if (p.dtype == TKG_FP8 && p.d % 32 == 0 && variant == V_AVX512BF16) p.layout = TKG_LAYOUT_UNPACK;
+#if defined(__x86_64__) || defined(__i386__)
+    p.vbmi = variant == V_AVX512BF16 && __builtin_cpu_supports("avx512vbmi");
+#endif
     long long error = -1;
     int used = 0;
     if (p.ntasks > 0) {

@@ -51,6 +51,7 @@ typedef struct {
     void *out;                /* [ntasks, nq, d] */
     int nsplit;               /* key splits per task, >= 1 */
     int layout;               /* accumulator column order (TKG_LAYOUT_*), set with the variant */
+    int vbmi;                 /* AVX-512-VBMI present (fp8 rows decode by byte-table lookups) */
 } tkg_problem;
 
 /* Per-thread scratch, grown on demand and kept for the life of the process. */
