@@ -119,7 +119,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self._kv_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * spec.kv_numpy_dtype.itemsize  # K + V
         self._inflight = 0
         self._decoding = 0  # decode requests (unary or stream messages) between receipt and reply
-        self._lone_streak = 0  # batches in a row that were the only call in the server
+        self._lone_streak = 0  # batches in a row that were the only call in the server, same sequences
+        self._lone_ids: list[str] | None = None  # sequence ids of the last launch, when it was one request
         self._idle = asyncio.Event()
         self._idle.set()
         self._settled = asyncio.Event()  # set (and replaced) whenever a launch or an export lets go
@@ -419,7 +420,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             lens = np.concatenate([p.seq_lens for _, p in plans]) if len(plans) > 1 else plans[0][1].seq_lens
             store = cache.store
             new_kv = (k, v) if store.reads_new_kv else (None, None)  # device stores send the new tokens with the step
-            inline = self._inline(len(ready), int(lens.sum()) * self._kv_token_bytes)
+            inline = self._inline(ready, int(lens.sum()) * self._kv_token_bytes)
             kernel = functools.partial(
                 _timed, store.decode, layer, q, *new_kv, tables, lens,
                 scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
@@ -455,16 +456,23 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                     self.cache.rollback(plan)
         self._notify_settled()
 
-    def _inline(self, requests: int, kv_bytes: int) -> bool:
+    def _inline(self, ready: list[DecodeWork], kv_bytes: int) -> bool:
         """Run this launch on the loop thread? Handing a launch to the worker thread and back
         costs ~50-100 us of loop time. It buys a loop free to accept the next calls while the
         kernel runs (grpc.aio accepts one call per loop pass), which is what lets batches form
         under load. A lone caller gains nothing from it, so after LONE_STREAK batches in a row of
-        one request with nothing else in flight, its kernel runs on the loop up to
-        `lone_inline_bytes`; the first overlapping call (seen in `_inflight`) switches back. A
-        launch reading less KV than the hand-off costs always runs on the loop."""
-        lone = requests == 1 and self._decoding <= 1 and self._inflight <= 1 and not self.batcher.pending
-        self._lone_streak = self._lone_streak + 1 if lone else 0
+        one request for the same sequences with nothing else in flight, its kernel runs on the loop
+        up to `lone_inline_bytes`; the first overlapping call (seen in `_inflight`) switches back.
+        The same sequences: grpc.aio starts one call per loop pass, so a burst of new callers would
+        each look alone, run inline one by one and never batch; a change of sequences restarts the
+        streak instead. A launch reading less KV than the hand-off costs always runs on the loop."""
+        ids = ready[0].seq_ids if len(ready) == 1 else None
+        lone = ids is not None and self._decoding <= 1 and self._inflight <= 1 and not self.batcher.pending
+        if not lone:
+            self._lone_streak = 0
+        else:  # another caller's first lone launch starts a new streak at 1
+            self._lone_streak = self._lone_streak + 1 if ids == self._lone_ids else 1
+        self._lone_ids = ids
         if kv_bytes <= self.opts.inline_kernel_bytes:
             return True
         return self._lone_streak > LONE_STREAK and kv_bytes <= self.opts.lone_inline_bytes

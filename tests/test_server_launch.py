@@ -13,6 +13,7 @@ import pytest
 from test_races import decode_req, make_service, rpc
 
 from tkg.kernel import paged
+from tkg.server import service as service_module
 from tkg.server.errors import ServiceError
 from tkg.server.service import kernel_threads
 from tkg.v1 import decode_attention_pb2 as pb
@@ -101,3 +102,23 @@ def test_the_cpu_kernel_leaves_the_loop_a_core_only_off_the_loop(inline: bool, m
 def test_kernel_threads_never_below_one() -> None:
     assert [kernel_threads(c, inline=False) for c in (1, 2, 8)] == [1, 1, 7]
     assert [kernel_threads(c, inline=True) for c in (1, 2, 8)] == [1, 2, 8]
+
+
+def test_another_callers_request_ends_the_lone_streak() -> None:
+    """A caller alone for LONE_STREAK launches skips the batch delay; a request for other sequences
+    (a new caller: grpc.aio starts one call per loop pass, so a burst arrives one by one) ends the
+    streak, so the requests behind it wait for company and batch again."""
+
+    async def main() -> None:
+        svc = make_service()
+        svc.start()
+        for sid in "ab":
+            await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id=sid))
+        for pos in range(service_module.LONE_STREAK + 2):
+            await svc._decode_one(decode_req("a", pos))
+        assert svc._lone_caller()
+        await svc._decode_one(decode_req("b", 0))  # alone in the server, but not the same caller
+        assert not svc._lone_caller()
+        await svc.close()
+
+    asyncio.run(main())
