@@ -1,7 +1,9 @@
 /* A persistent thread pool for the kernel: workers are created once, optionally pinned one per
  * allowed CPU, and sleep on a condition variable between calls (the cores are shared with the
  * gRPC server and other processes, so idle workers must not spin). The calling thread is
- * worker 0 and does its share; one call runs at a time. */
+ * worker 0 and does its share; one call runs at a time. Work is claimed item by item, so once the
+ * caller runs out of items it waits only for the workers that joined and are finishing theirs: a
+ * worker still asleep or descheduled by then (a busy core) skips the call instead of holding it. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -17,8 +19,9 @@ static pthread_cond_t cv_start = PTHREAD_COND_INITIALIZER;
 static pthread_cond_t cv_done = PTHREAD_COND_INITIALIZER;
 static int nworkers;      /* threads created (excluding callers) */
 static uint64_t gen;      /* bumped per call; workers run when it changes */
-static int active;        /* workers 1..active take part in the current call */
-static int pending;       /* workers of the current call not yet finished */
+static int active;        /* workers 1..active may take part in the current call */
+static int accepting;     /* the current call still takes workers (until the caller's share is done) */
+static int pending;       /* workers that joined the current call and have not finished */
 static tkg_job_fn job_fn;
 static void *job_ctx;
 
@@ -56,11 +59,12 @@ static void *worker_main(void *arg) {
     uint64_t seen = 0;
     pthread_mutex_lock(&mu);
     for (;;) {
-        while (gen == seen || wa->index > active) {
-            if (gen != seen) seen = gen; /* a call that does not need this worker */
+        while (gen == seen || wa->index > active || !accepting) {
+            if (gen != seen) seen = gen; /* a call that does not need this worker, or is over */
             pthread_cond_wait(&cv_start, &mu);
         }
         seen = gen;
+        pending++;
         tkg_job_fn fn = job_fn;
         void *ctx = job_ctx;
         pthread_mutex_unlock(&mu);
@@ -81,6 +85,7 @@ static void after_fork_child(void) {
     pthread_cond_init(&cv_done, NULL);
     nworkers = 0;
     active = 0;
+    accepting = 0;
     pending = 0;
 }
 
@@ -110,7 +115,8 @@ int tkg_pool_run(int nthreads, int pin, tkg_job_fn fn, void *ctx) {
     job_fn = fn;
     job_ctx = ctx;
     active = helpers;
-    pending = helpers;
+    accepting = 1;
+    pending = 0;
     gen++;
     if (helpers) pthread_cond_broadcast(&cv_start);
     pthread_mutex_unlock(&mu);
@@ -118,6 +124,7 @@ int tkg_pool_run(int nthreads, int pin, tkg_job_fn fn, void *ctx) {
     fn(ctx, 0);
 
     pthread_mutex_lock(&mu);
+    accepting = 0; /* late workers skip this call; the job (on the caller's stack) ends below */
     while (pending > 0) pthread_cond_wait(&cv_done, &mu);
     pthread_mutex_unlock(&mu);
     pthread_mutex_unlock(&call_mu);
