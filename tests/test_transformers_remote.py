@@ -1,6 +1,6 @@
 """transformers models decode with their attention on a real `tkg serve` (loopback subprocess).
 
-Tiny random Llama 3, Qwen3 and gpt-oss models (`tkg.integrations.transformers.tiny`, no download):
+Tiny random Llama 3, Qwen3 and gpt-oss models (and Qwen2, fp32) (`tkg.integrations.transformers.tiny`, no download):
 greedy `generate` of 32 tokens for 3 left-padded prompts gives the same ids as the model with its
 own (eager) attention, fp32 and bf16; assisted generation with a smaller draft gives plain greedy's
 ids; the local process holds no K/V; sequences are released on exit, also on an exception.
@@ -95,8 +95,12 @@ def bf16_ulp(x: float) -> float:
     return 2.0 ** (math.floor(math.log2(abs(x))) - 7) if x else 2.0**-133
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("family", ["llama3", "qwen3", "gpt-oss"])
+@pytest.mark.parametrize(
+    ("family", "dtype"),
+    [(f, d) for f in ("llama3", "qwen3", "gpt-oss") for d in (torch.float32, torch.bfloat16)]
+    + [("qwen2", torch.float32)],  # Qwen2's window layers (max_window_layers), fp32 only: budget
+    ids=lambda v: {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(v, v),
+)
 def test_greedy_matches_local_attention(servers, family, dtype):
     model, srv = servers(family, dtype)
     ids, mask = prompts()

@@ -1,7 +1,8 @@
 """Tiny randomly initialised models of the supported families (no download), for tests and the demo.
 
 Each has 2 layers, hidden size 64, 4 query / 2 KV heads of 16 and a 128-token vocabulary, and keeps
-its family's attention features: Llama 3 (llama3 RoPE scaling), Qwen3 (q/k norms, default RoPE),
+its family's attention features: Llama 3 (llama3 RoPE scaling), Qwen2 (q/k/v biases, a sliding
+window of 8 from layer 1 on, as `max_window_layers` puts it), Qwen3 (q/k norms, default RoPE),
 gpt-oss (learned sinks, a sliding window of 8 on layer 0, YaRN, mixture of experts).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 VOCAB = 128
-FAMILIES = ("llama3", "qwen3", "gpt-oss")
+FAMILIES = ("llama3", "qwen2", "qwen3", "gpt-oss")
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager")  # fmt: skip
 
@@ -27,6 +28,10 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, layers: int = 2,
         config = tf.LlamaConfig(intermediate_size=128, max_position_embeddings=512, rope_theta=500000.0,
                                 rope_scaling=scaling, **common)  # fmt: skip
         model = tf.LlamaForCausalLM(config)
+    elif family == "qwen2":
+        config = tf.Qwen2Config(intermediate_size=128, max_position_embeddings=512, rope_theta=1000000.0,
+                                use_sliding_window=True, sliding_window=8, max_window_layers=1, **common)  # fmt: skip
+        model = tf.Qwen2ForCausalLM(config)
     elif family == "qwen3":
         config = tf.Qwen3Config(intermediate_size=128, max_position_embeddings=512, rope_theta=1000000.0, **common)
         model = tf.Qwen3ForCausalLM(config)
