@@ -175,3 +175,21 @@ def test_nki_emu_fp8_matches_reference(case: Case, lnc: int, q_too: bool) -> Non
     got, _ = attention_tkg(**args, backend="nki-emu", lnc=lnc)
     assert got.dtype == BF16
     assert_close(to_f64(got), to_f64(want), RTOL_VS_REFERENCE["bf16"], "out")
+
+
+@pytest.mark.skipif(not _nki_emu_ready(), reason="the NKI emulator backend is not available")
+@pytest.mark.parametrize("lnc", [1, 2])
+def test_nki_emu_paged_fp8_with_scales(lnc: int) -> None:
+    """The service's NKI path (one folded launch) over fp8 pools holding value / scale."""
+    rng = np.random.default_rng(lnc)
+    B, Hkv, G, S, d, BL, NB = 2, 2, 2, 2, 64, 16, 12
+    lens = np.array([20, 37])
+    tables = np.array([[0, 1, 2, 0], [3, 4, 5, 6]], np.int32)
+    kc = to_fp8(rng.standard_normal((Hkv, NB, BL, d)) / 0.5)
+    vc = to_fp8(rng.standard_normal((Hkv, NB, BL, d)) / 2.0)
+    q = rng.standard_normal((B, Hkv * G, S, d)).astype(np.float32).astype(BF16)
+    got = paged_decode(q, kc, vc, tables, lens, scale=d**-0.5, window=9, k_scale=0.5, v_scale=2.0,
+                       backend="nki-emu", lnc=lnc)  # fmt: skip
+    want = naive_paged_decode(q, kc, vc, tables, lens, d**-0.5, 9, None, 0.5, 2.0)
+    assert got.dtype == BF16
+    assert_close(got.astype(np.float64), want, RTOL_VS_REFERENCE["bf16"], "paged out")
