@@ -6,8 +6,9 @@
 #
 # Writes: ca.crt/ca.key (a private CA), tls.crt/tls.key (the server, for localhost, 127.0.0.1,
 # tkg and the headless Service's pod names), probe-token (read-only, tenant "probe": what the
-# health checks send), team-a-token (full access, tenant "team-a") and auth.yaml (their SHA-256
-# hashes, no secrets). Existing files are kept: delete them to rotate.
+# health checks send), team-a-token (full access, tenant "team-a"), peer-token (role peer: what a
+# replica draining with --peers presents via --peer-token-file, so every tenant's sequences move)
+# and auth.yaml (their SHA-256 hashes, no secrets). Existing files are kept: delete them to rotate.
 set -eu
 out="${1:-$(dirname "$0")/secrets}"
 mkdir -p "$out"
@@ -25,7 +26,7 @@ if [ ! -f tls.key ]; then
         -extfile tls.ext -out tls.crt 2>/dev/null
     rm -f tls.csr tls.ext ca.srl
 fi
-for name in probe-token team-a-token; do
+for name in probe-token team-a-token peer-token; do
     [ -f "$name" ] || openssl rand -hex 24 > "$name"
 done
 hash() { tr -d '\n' < "$1" | openssl dgst -sha256 -r | cut -d' ' -f1; }
@@ -39,8 +40,11 @@ tenants:
   - name: team-a
     role: full
     token_sha256: $(hash team-a-token)
+  - name: replicas
+    role: peer
+    token_sha256: $(hash peer-token)
 YAML
 chmod 0644 ca.crt tls.crt auth.yaml
 # The server runs as uid 10001 in the images and must read its key and the token files.
-chmod 0644 tls.key probe-token team-a-token
-echo "tkg secrets in $out: ca.crt tls.crt tls.key probe-token team-a-token auth.yaml"
+chmod 0644 tls.key probe-token team-a-token peer-token
+echo "tkg secrets in $out: ca.crt tls.crt tls.key probe-token team-a-token peer-token auth.yaml"

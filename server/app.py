@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, WarmUp, create_kv_store
 from tkg.server import auth as auth_mod
-from tkg.server import migration
+from tkg.server import migration, tenants
 from tkg.server.config import ModelSpec
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
@@ -54,7 +54,9 @@ class ServeSettings:
     auth: auth_mod.AuthTable = field(default_factory=auth_mod.AuthTable)  # tokens, subjects, tenants, quotas
     auth_file: str | None = None  # re-read on SIGHUP (`App.reload_auth`)
     quota_defaults: auth_mod.Quota = field(default_factory=auth_mod.Quota)  # for tenants the file gives none
-    peer_token: str | None = None  # a full-access token of tenant `default`, sent when pushing to --peers
+    # Sent when pushing to --peers: a `peer` credential (--peer-token-file; every tenant's sequences
+    # move), else the first full-access token of tenant `default` (only its sequences can move).
+    peer_token: str | None = None
     tls_cert: bytes | None = None  # PEM chain; with tls_key: serve TLS
     tls_key: bytes | None = None
     tls_client_ca: bytes | None = None  # PEM roots: require and verify client certificates (mTLS)
@@ -127,16 +129,23 @@ class App:
     async def push_to_peers(self, deadline: float) -> migration.PushReport:
         """Move every resident sequence to its peer (see `tkg.server.migration.push_all`)."""
         s, cache = self.settings, self.service.cache
-        # Pushes go out as tenant `default` (the first --auth-token); other tenants' sequences are
-        # namespaced ids a peer's ImportSequence refuses, so they stay in the report's `failed`.
+        # Each sequence goes out under its tenant's id with `tkg-tenant` naming the tenant; the peer
+        # honours that for a `peer` credential only (a token, or this replica's certificate under
+        # mTLS). A tenant's own token can only move that tenant's sequences; the rest are refused
+        # and stay in the report's `failed`.
         token = s.peer_token
-        creds = grpc.ssl_channel_credentials(s.tls_cert) if s.tls_cert else None
+        creds = None
+        if s.tls_cert:
+            mtls = s.tls_client_ca is not None  # peers verify client certificates: present ours
+            creds = grpc.ssl_channel_credentials(
+                s.tls_cert, s.tls_key if mtls else None, s.tls_cert if mtls else None
+            )
         report = await migration.push_all(
             cache.sequence_ids(), self.service.export_messages, cache.release, list(s.peers), deadline,
             metadata=(("authorization", f"Bearer {token}"),) if token else (),
             channel_options=[("grpc.max_send_message_length", s.max_message_bytes),
                              ("grpc.max_receive_message_length", s.max_message_bytes)],
-            credentials=creds,
+            credentials=creds, owner=lambda seq_id: (tenants.outward(seq_id), tenants.tenant_of(seq_id)),
         )  # fmt: skip
         self.metrics.migrated.labels("moved").inc(len(report.moved))
         self.metrics.migrated.labels("failed").inc(len(report.failed))

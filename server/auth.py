@@ -11,6 +11,14 @@ Credentials come from `--auth-token` / `--auth-token-file` / `TKG_AUTH_TOKEN` / 
         quota: {max_sequences: 1000, max_blocks: 4096, max_pending: 64, max_streams: 16}
       - name: team-b
         client_subject: "CN=team-b"   # the verified client certificate's subject (mTLS)
+      - name: replicas             # a replica identity, not a tenant: what a draining replica presents
+        role: peer
+        token_sha256: 5e884...
+
+A `peer` identity may call ImportSequence into the tenant named by the call's `tkg-tenant`
+metadata (a configured tenant; the drain sends it with each sequence), and GetServerInfo, health
+and reflection; nothing else. Any other identity naming a tenant other than its own in
+`tkg-tenant` is PERMISSION_DENIED, whether or not that tenant exists, so tenants still never cross.
 
 A presented token is hashed once and compared with every configured digest in constant time
 (`hmac.compare_digest`, no early exit), so the time taken says nothing about which digest, if
@@ -40,11 +48,14 @@ from tkg.server.config import ConfigError, read_file
 MIN_TOKEN_LEN = 16
 DEFAULT_TENANT = "default"
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ROLES = ("full", "read-only")
+ROLES = ("full", "read-only", "peer")
+TENANT_METADATA = "tkg-tenant"  # the tenant a peer's ImportSequence writes into
 SERVICE_PREFIX = "/tkg.v1.DecodeAttention/"
 # Methods of the DecodeAttention service a read-only identity may call. Health and reflection
 # (other services) only read, so any authenticated identity may call them.
 READ_ONLY_METHODS = frozenset({"GetServerInfo", "GetSequence"})
+# Methods a `peer` identity (a replica pushing its sequences on drain) may call.
+PEER_METHODS = frozenset({"GetServerInfo", "ImportSequence"})
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class Identity:
 
     tenant: Tenant
     read_only: bool = False
+    peer: bool = False  # a replica identity: imports into the tenant its call names (TENANT_METADATA)
 
 
 ANONYMOUS = Identity(Tenant(DEFAULT_TENANT))
@@ -156,6 +168,7 @@ def build_table(
     ConfigError naming `tenants[i].key`). Quotas: file keys over `defaults`."""
     quotas: dict[str, Quota] = {DEFAULT_TENANT: Quota()}
     parsed = []
+    peers: list[tuple[str, str | None, str | None]] = []  # role peer: (replica name, digest, subject)
     for i, raw in enumerate(entries):
         where = f"tenants[{i}]"
         if not isinstance(raw, dict):
@@ -179,6 +192,12 @@ def build_table(
         if subject is not None and (not isinstance(subject, str) or not subject.strip()):
             raise ConfigError(f"{where}.client_subject: {subject!r}; expected a subject such as 'CN=team-a'")
         quota = _quota(raw.get("quota"), f"{where}.quota")
+        if role == "peer":
+            if quota is not None:
+                raise ConfigError(f"{where}.quota: set on a peer entry; expected none (imports count "
+                                  "against the quota of the tenant they go to)")  # fmt: skip
+            peers.append((name, digest, subject))
+            continue
         if quota is not None:
             old = quotas.get(name)
             if old is not None and old != Quota() and old != quota:
@@ -197,7 +216,17 @@ def build_table(
             tokens.append((bytes.fromhex(digest), ident))
         else:
             subjects.append((subject.strip(), ident))
+    for name, _, _ in peers:
+        if name in quotas:  # `default` is always a tenant
+            raise ConfigError(f"tenants: {name!r} names both a peer and a tenant; expected a replica name "
+                              "distinct from every tenant's")  # fmt: skip
     used = {i.tenant.name for _, i in tokens} | {i.tenant.name for _, i in subjects}
+    for name, digest, subject in peers:  # after `used`: a replica identity is not a tenant
+        ident = Identity(Tenant(name), peer=True)
+        if digest is not None:
+            tokens.append((bytes.fromhex(digest), ident))
+        else:
+            subjects.append((subject.strip(), ident))
     listed = tuple(t for n, t in tenants.items() if n in used or (n == DEFAULT_TENANT and not used))
     return AuthTable(tuple(tokens), tuple(subjects), listed)
 
@@ -221,7 +250,10 @@ def read_auth_file(path: str | Path) -> list[dict[str, Any]]:
     return data["tenants"]
 
 
-def tokens_from(flag_tokens: Sequence[str], token_file: str | None, env: dict[str, str] | None = None) -> list[str]:
+def tokens_from(
+    flag_tokens: Sequence[str], token_file: str | None, env: dict[str, str] | None = None,
+    source: str = "--auth-token-file",
+) -> list[str]:  # fmt: skip
     """Full-access tokens from `--auth-token`, `--auth-token-file` (one per line) and
     `TKG_AUTH_TOKEN`; each checked with `check_token`. A set but empty variable is refused too
     (an unset shell variable expanding to "" must not mean "no token needed")."""
@@ -231,11 +263,11 @@ def tokens_from(flag_tokens: Sequence[str], token_file: str | None, env: dict[st
         try:
             lines = Path(token_file).read_text().splitlines()
         except OSError as exc:
-            raise ConfigError(f"--auth-token-file: cannot read {token_file!r} ({exc.strerror})") from None
+            raise ConfigError(f"{source}: cannot read {token_file!r} ({exc.strerror})") from None
         lines = [line.strip() for line in lines if line.strip()]
         if not lines:
-            raise ConfigError(f"--auth-token-file: {token_file!r} is empty; expected one token per line")
-        tokens += [check_token(t, "--auth-token-file") for t in lines]
+            raise ConfigError(f"{source}: {token_file!r} is empty; expected one token per line")
+        tokens += [check_token(t, source) for t in lines]
     if "TKG_AUTH_TOKEN" in env:
         tokens.append(check_token(env["TKG_AUTH_TOKEN"].strip(), "TKG_AUTH_TOKEN"))
     return tokens
@@ -270,6 +302,13 @@ class Authenticator:
             if ident is None:
                 raise Denied(grpc.StatusCode.UNAUTHENTICATED,
                              "authorization: unknown token; expected a configured bearer token")  # fmt: skip
+        named = next((v for k, v in metadata or () if k == TENANT_METADATA), None)
+        if ident.peer:
+            return self._as_peer(ident, method, named)
+        if named is not None and named != ident.tenant.name:
+            raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                         f"{TENANT_METADATA}: names a tenant other than this credential's; expected only "
+                         "a peer credential (role: peer) to name a tenant")  # fmt: skip
         if ident.read_only and method.startswith(SERVICE_PREFIX):
             name = method[len(SERVICE_PREFIX) :]
             if name not in READ_ONLY_METHODS:
@@ -277,6 +316,25 @@ class Authenticator:
                              f"authorization: this token is read-only; {name} expected a full-access token "
                              f"(read-only tokens may call {', '.join(sorted(READ_ONLY_METHODS))})")  # fmt: skip
         return ident
+
+
+    def _as_peer(self, ident: Identity, method: str, named: Any) -> Identity:
+        """A replica's call: only PEER_METHODS; ImportSequence runs as the tenant it names."""
+        name = method[len(SERVICE_PREFIX) :] if method.startswith(SERVICE_PREFIX) else None
+        if name is None or name == "GetServerInfo":
+            return ident
+        if name not in PEER_METHODS:
+            raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                         f"authorization: a peer credential; {name} expected a tenant's token "
+                         f"(peers may call {', '.join(sorted(PEER_METHODS))})")  # fmt: skip
+        if named is None:
+            raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                         f"{TENANT_METADATA}: missing on a peer's {name}; expected the tenant to import into")
+        tenant = self.table.tenant(named if isinstance(named, str) else bytes(named).decode("latin-1"))
+        if tenant is None:
+            raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                         f"{TENANT_METADATA}: not a tenant of this replica; expected one its auth file names")
+        return Identity(tenant, peer=True)
 
 
 class Denied(Exception):

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token with full access, tenant 'default' (repeatable; prefer --auth-token-file "
                    "or TKG_AUTH_TOKEN: the command line is visible in ps)")  # fmt: skip
     a.add_argument("--auth-token-file", help="file with full-access tokens, one per line (tenant 'default')")
+    a.add_argument("--peer-token-file", help="file with the token a drain to --peers presents: a 'role: peer' "
+                   "entry of the peers' auth files, so every tenant's sequences move (default: the first "
+                   "--auth-token: tenant 'default' only; under mTLS this replica's certificate)")  # fmt: skip
     a.add_argument("--read-only-token", action="append", default=[],
                    help="bearer token for GetServerInfo/GetSequence only (repeatable)")  # fmt: skip
     a.add_argument("--auth-file", help="tenants, roles, token hashes or client subjects, quotas (YAML/JSON; "
@@ -108,13 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def auth_from_args(args: argparse.Namespace) -> tuple[auth.AuthTable, auth.Quota, str | None]:
-    """The credential table, the quota defaults and the first full-access token (for --peers)
-    from the security flags and the auth file."""
+    """The credential table, the quota defaults and the token a drain presents to --peers (the
+    --peer-token-file's, else the first full-access token) from the security flags and the auth file."""
     defaults = auth.Quota(**{k: getattr(args, f"quota_{k}") or None for k in auth.QUOTA_KEYS})
     tokens = auth.tokens_from(args.auth_token, args.auth_token_file)
     read_only = [auth.check_token(t, "--read-only-token") for t in args.read_only_token]
     entries = auth.read_auth_file(args.auth_file) if args.auth_file else []
-    return auth.build_table(tokens, read_only, entries, defaults), defaults, (tokens[0] if tokens else None)
+    peer = auth.tokens_from((), args.peer_token_file, env={}, source="--peer-token-file")[0] if args.peer_token_file \
+        else (tokens[0] if tokens else None)  # fmt: skip
+    return auth.build_table(tokens, read_only, entries, defaults), defaults, peer
 
 
 def _window_list(text: str) -> int | list[int | None]:

@@ -191,9 +191,14 @@ async def push_all(
     channel_options: Sequence[tuple[str, object]] = (),
     credentials: grpc.ChannelCredentials | None = None,
     concurrency: int = 4,
+    owner: Callable[[str], tuple[str, str | None]] = lambda seq_id: (seq_id, None),
 ) -> PushReport:
     """Send each of `seq_ids` to `peers[pick(peers, id)]` with ImportSequence, release it here once
-    the peer has it; give up at `deadline` (loop time). Never raises for one sequence."""
+    the peer has it; give up at `deadline` (loop time). Never raises for one sequence.
+
+    `owner(cache id)` gives the id its tenant's clients use (what routing hashes and the stream
+    carries) and the tenant's name, sent as `tkg-tenant` metadata (None: send none) so that a peer
+    credential imports it into that tenant's namespace."""
     loop = asyncio.get_running_loop()
     channels = {
         p: grpc.aio.secure_channel(p, credentials, options=list(channel_options)) if credentials
@@ -205,7 +210,9 @@ async def push_all(
     gate = asyncio.Semaphore(concurrency)
 
     async def one(seq_id: str) -> None:
-        target = peers[pick(peers, seq_id)]
+        their_id, tenant = owner(seq_id)
+        target = peers[pick(peers, their_id)]
+        md = (*metadata, ("tkg-tenant", tenant)) if tenant is not None else tuple(metadata)
         async with gate:
             left = deadline - loop.time()
             try:
@@ -214,9 +221,11 @@ async def push_all(
 
                 async def stream() -> AsyncIterator[pb.SequenceChunk]:
                     for msg in messages(seq_id):
+                        if msg.sequence_id:
+                            msg.sequence_id = their_id
                         yield msg
 
-                await stubs[target].ImportSequence(stream(), timeout=left, metadata=tuple(metadata))
+                await stubs[target].ImportSequence(stream(), timeout=left, metadata=md)
             except Exception as exc:
                 why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
                 report.failed[seq_id] = f"to {target}: {why}"

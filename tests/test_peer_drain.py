@@ -1,0 +1,143 @@
+"""A drain with auth on moves every tenant's sequences: the draining replica presents a `peer`
+credential, each import names its tenant (`tkg-tenant`), and only a peer may name one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from inproc import InProcServer
+from server_mirror import append_request, decode_request, status_of
+
+from tkg import codec
+from tkg.server import auth, cli
+from tkg.server.config import ConfigError
+from tkg.v1 import decode_attention_pb2 as pb
+from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
+
+Code = grpc.StatusCode
+TA, TB, PEER = "team-a-token-0123456789", "team-b-token-0123456789", "replica-peer-token-0123"
+HQ, HKV, D = 2, 1, 8  # tests/inproc.py's TINY geometry (float32, 2 layers)
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+ENTRIES = [
+    {"name": "team-a", "token_sha256": sha(TA)},
+    {"name": "team-b", "token_sha256": sha(TB)},
+    {"name": "replicas", "role": "peer", "token_sha256": sha(PEER)},
+]
+
+
+class Caller:
+    def __init__(self, target: str, token: str) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.DecodeAttentionStub(self.channel)
+        self.md = [("authorization", f"Bearer {token}")]
+
+    def __getattr__(self, name: str):
+        method = getattr(self.stub, name)
+        return lambda req, md=(), **kw: method(req, metadata=[*self.md, *md], timeout=20, **kw)
+
+
+def serve(tmp_path: Path, *extra: str) -> InProcServer:
+    path = tmp_path / "auth.json"
+    path.write_text(json.dumps({"tenants": ENTRIES}))
+    args = cli.build_parser().parse_args(
+        ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--auth-file", str(path), *extra]
+    )
+    return InProcServer(cli.settings_from_args(args, "reference"))
+
+
+def fill(c: Caller, sid: str, T: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    c.CreateSequence(pb.CreateSequenceRequest(sequence_id=sid))
+    for layer in (0, 1):
+        k, v = (rng.standard_normal((T, HKV, D)).astype(np.float32) for _ in range(2))
+        c.AppendKV(iter([append_request(sid, layer, 0, k, v)]))
+
+
+def step(c: Caller, sid: str, T: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((1, HQ, 1, D)).astype(np.float32)
+    k, v = (rng.standard_normal((1, HKV, 1, D)).astype(np.float32) for _ in range(2))
+    return codec.decode(c.Decode(decode_request(0, [sid], [T], q, k, v)).out)
+
+
+def test_drain_moves_every_tenants_sequences_with_a_peer_credential(tmp_path: Path) -> None:
+    peer = serve(tmp_path)
+    token_file = tmp_path / "peer-token"
+    token_file.write_text(PEER + "\n")
+    draining = serve(tmp_path, "--peers", peer.target, "--peer-token-file", str(token_file))
+    try:
+        a, b = Caller(draining.target, TA), Caller(draining.target, TB)
+        # The same id in both tenants, plus one of each alone: namespaces must survive the move.
+        fill(a, "s", 9, seed=1), fill(b, "s", 5, seed=2), fill(a, "a-only", 3, seed=3), fill(b, "b-only", 7, seed=4)
+        want = {}
+        for c, name, sid, T in ((a, "a", "s", 9), (b, "b", "s", 5), (a, "a", "a-only", 3), (b, "b", "b-only", 7)):
+            want[name, sid] = step(c, sid, T, seed=T)
+            c.TruncateSequence(pb.TruncateSequenceRequest(sequence_id=sid, length=T))  # undo the step's append
+        report = draining.run(lambda: draining.app.shutdown(10.0))
+        assert report.failed == {} and len(report.moved) == 4, report
+        pa, pb_ = Caller(peer.target, TA), Caller(peer.target, TB)
+        for c, name, sid, T in ((pa, "a", "s", 9), (pb_, "b", "s", 5), (pa, "a", "a-only", 3), (pb_, "b", "b-only", 7)):
+            assert list(c.GetSequence(pb.GetSequenceRequest(sequence_id=sid)).lengths) == [T, T]
+            np.testing.assert_array_equal(step(c, sid, T, seed=T), want[name, sid])
+        # Still two tenants on the peer: neither sees the other's.
+        assert status_of(lambda: pa.GetSequence(pb.GetSequenceRequest(sequence_id="b-only")))[0] == Code.NOT_FOUND
+        assert status_of(lambda: pb_.GetSequence(pb.GetSequenceRequest(sequence_id="a-only")))[0] == Code.NOT_FOUND
+    finally:
+        draining.loop.call_soon_threadsafe(draining.loop.stop)
+        peer.stop()
+
+
+def _import_stream(sid: str) -> list[pb.SequenceChunk]:
+    header = pb.SequenceHeader(lengths=[0, 0], num_layers=2, num_kv_heads=HKV, head_dim=D,
+                               kv_dtype=pb.DTYPE_FLOAT32, chunks=0)  # fmt: skip
+    return [pb.SequenceChunk(sequence_id=sid, header=header)]
+
+
+def test_only_a_peer_credential_may_name_a_tenant(tmp_path: Path) -> None:
+    s = serve(tmp_path)
+    try:
+        a, p = Caller(s.target, TA), Caller(s.target, PEER)
+        into_b = [("tkg-tenant", "team-b")]
+        # An ordinary tenant naming another tenant (existing or not) is refused, and nothing lands.
+        for name in ("team-b", "no-such-tenant"):
+            code, msg = status_of(lambda n=name: a.ImportSequence(iter(_import_stream("x")), md=[("tkg-tenant", n)]))
+            assert code == Code.PERMISSION_DENIED and "tkg-tenant" in msg, (code, msg)
+        code, _ = status_of(lambda: a.CreateSequence(pb.CreateSequenceRequest(sequence_id="y"), md=into_b))
+        assert code == Code.PERMISSION_DENIED
+        # Naming its own tenant changes nothing.
+        a.ImportSequence(iter(_import_stream("own")), md=[("tkg-tenant", "team-a")])
+        a.GetSequence(pb.GetSequenceRequest(sequence_id="own"))
+        # The peer imports into the tenant it names, and only there.
+        p.ImportSequence(iter(_import_stream("x")), md=into_b)
+        Caller(s.target, TB).GetSequence(pb.GetSequenceRequest(sequence_id="x"))
+        assert status_of(lambda: a.GetSequence(pb.GetSequenceRequest(sequence_id="x")))[0] == Code.NOT_FOUND
+        # A peer cannot act as a tenant otherwise, nor import without naming one, nor into a stranger.
+        for call in (lambda: p.CreateSequence(pb.CreateSequenceRequest(sequence_id="z"), md=into_b),
+                     lambda: p.GetSequence(pb.GetSequenceRequest(sequence_id="x"), md=into_b),
+                     lambda: p.ImportSequence(iter(_import_stream("w"))),
+                     lambda: p.ImportSequence(iter(_import_stream("w")), md=[("tkg-tenant", "nobody")])):  # fmt: skip
+            assert status_of(call)[0] == Code.PERMISSION_DENIED
+        p.GetServerInfo(pb.GetServerInfoRequest())
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize(
+    "entries, needle",
+    [([{"name": "team-a", "token_sha256": sha(TA)}, {"name": "team-a", "role": "peer", "token_sha256": sha(PEER)}],
+      "names both a peer and a tenant"),
+     ([{"name": "r", "role": "peer", "token_sha256": sha(PEER), "quota": {"max_sequences": 1}}], "tenants[0].quota")],
+)  # fmt: skip
+def test_peer_entries_are_checked(entries: list[dict], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        auth.build_table([], [], entries)
