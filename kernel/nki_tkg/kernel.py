@@ -32,6 +32,7 @@ import nki.language as nl
 
 from tkg.kernel.nki_tkg.kv import (
     block_ids,
+    keys_by_dma_transpose,
     load_keys,
     load_values,
     put_active_keys,
@@ -147,7 +148,7 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
     first = fi == 0
     runs = active_runs(pl, fa_start, nk)
     is_block = pl.layout == "block"
-    needs_raw = is_block or cfg.tp_k_prior
+    needs_raw = (is_block or cfg.tp_k_prior) and not keys_by_dma_transpose(pl, cfg, kdt, k_prior.dtype)
     nf = 0
     fold0 = 0
     if is_block:

@@ -71,10 +71,49 @@ def transpose_keys(kraw, kT, d: int, n_kt: int, ring: PsumRing):
         nisa.tensor_copy(kT[:, t0 * P_MAX : (t0 + g) * P_MAX], ps)
 
 
+def keys_by_dma_transpose(pl: TilePlan, cfg, kdt, cache_dt) -> bool:
+    """K rows reach `kT` transposed by the DMA (no PE transposes, no PSUM evacuation): key rows of
+    d=128 in a 2-byte dtype, contiguous (flat `tp_k_prior`) or gathered by block (reduced block
+    length >= 8: below that the transfer overhead outweighs it). nki-library's rule for the same
+    choice (attention_tkg `use_dma_transpose`). `kdt`: kT's dtype; `cache_dt`: the K cache's (a
+    DMA transpose does not convert)."""
+    if pl.d != P_MAX or dtype_bytes(kdt) != 2 or kdt != cache_dt:
+        return False
+    if pl.layout == "block":
+        return pl.blr >= 8
+    return pl.layout == "contig" and cfg.tp_k_prior
+
+
+def dma_transpose_keys(pl: TilePlan, cfg, k_prior, b: int, ks: int, nk: int, kT, idx):
+    """kT `[d, nk]` <- K rows of row b by DMA transpose, in the key-slot order of `transpose_keys`
+    (4-D views `(rows, 1, n, d)` -> `(d, 1, n, rows)`, the form the DMA transposes)."""
+    d = pl.d
+    if pl.layout == "block":
+        w = pl.blr * d
+        n_sub = k_prior.shape[0] * pl.factor
+        pool4 = k_prior.reshape((n_sub, 1, pl.blr, d))
+        for f in range(idx.shape[1]):
+            # Fold f: column f*blr*128 + j*128 + p of kT = key j of the sub-block on partition p.
+            dst = kT.ap([[nk, d], [1, 1], [P_MAX, pl.blr], [1, P_MAX]], offset=f * pl.blr * P_MAX)
+            pattern = [[w, P_MAX], [1, 1], [d, pl.blr], [1, d]]
+            src = pool4.ap(pattern, offset=0, vector_offset=idx[:, f : f + 1], indirect_dim=0)
+            nisa.dma_transpose(dst, src, axes=(3, 1, 2, 0), dge_mode=nisa.dge_mode.swdge)
+        return
+    base = (b * cfg.full_sprior + ks) * d
+    nisa.dma_transpose(
+        kT.ap([[nk, d], [1, 1], [1, 1], [1, nk]], offset=0),
+        k_prior.ap([[d, nk], [1, 1], [1, 1], [1, d]], offset=base),
+        axes=(3, 1, 2, 0),
+    )
+
+
 def load_keys(pl: TilePlan, cfg, k_prior, b: int, ks: int, nk: int, kT, kraw, idx, ring: PsumRing):
-    """K^T of batch row b, natural keys `[ks, ks+nk)`, into `kT` (via `kraw` when transposing)."""
+    """K^T of batch row b, natural keys `[ks, ks+nk)`, into `kT` (via `kraw` when transposing on the PE)."""
     d = pl.d
     n_kt = nk // P_MAX
+    if kraw == None and keys_by_dma_transpose(pl, cfg, kT.dtype, k_prior.dtype):
+        dma_transpose_keys(pl, cfg, k_prior, b, ks, nk, kT, idx)
+        return
     if pl.layout == "block":
         gather_blocks(pl, k_prior, idx, kraw)
         transpose_keys(kraw, kT, d, n_kt, ring)
