@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from test_kv_cache import FakeClock
 from test_server_service import Aborted, FakeContext
 
 from tkg import codec
@@ -31,14 +32,6 @@ from tkg.server.service import DecodeAttentionService, ServiceOptions
 from tkg.v1 import decode_attention_pb2 as pb
 
 HQ, HKV, D, BL = 2, 1, 8, 16
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def make_service(num_blocks: int = 8, clock: FakeClock | None = None, **opts: Any) -> DecodeAttentionService:
