@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -363,24 +363,35 @@ class Bench:
         calls each; returns (batch_size, batch_requests, attention_us) of every measured response."""
         n, seen = self.load_callers, []
         end = [math.inf]
+
+        def record(res: Any) -> None:
+            t = res.timing
+            seen.append((t.batch_size, t.batch_requests, t.attention_us))
+
         async with AsyncClient(self.server.target, timeout=120.0, max_message_bytes=MAX_MESSAGE) as ac:
-
-            async def caller(i: int, steps: int, record: bool) -> None:
-                sid = self.ids[i]
-                q, k, v = self.qB[i : i + 1], self.kB[i : i + 1], self.vB[i : i + 1]
-                for _ in range(steps):
-                    if time.perf_counter() > end[0]:
-                        return
-                    res = await ac.decode(0, [sid], [self.lengths[sid]], q, k, v)
-                    self.lengths[sid] += 1
-                    if record:
-                        t = res.timing
-                        seen.append((t.batch_size, t.batch_requests, t.attention_us))
-
-            await asyncio.gather(*(caller(i, max(1, self.args.warmup // 10), False) for i in range(n)))
+            await self._single_callers(ac, n, max(1, self.args.warmup // 10), end, None)
             end[0] = self._deadline()
-            await asyncio.gather(*(caller(i, rounds, True) for i in range(n)))
+            await self._single_callers(ac, n, rounds, end, record)
         return seen
+
+    async def _single_callers(
+        self, ac: AsyncClient, n: int, steps: int, end: list[float], on_reply: Callable[[Any], None] | None
+    ) -> None:
+        """Callers 0..n-1 at once, each `steps` single-token Decodes of its own sequence (stopping once
+        `end[0]` has passed); `on_reply(response)` for every reply when given (None: a warm-up)."""
+
+        async def caller(i: int) -> None:
+            sid = self.ids[i]
+            q, k, v = self.qB[i : i + 1], self.kB[i : i + 1], self.vB[i : i + 1]
+            for _ in range(steps):
+                if time.perf_counter() > end[0]:
+                    return
+                res = await ac.decode(0, [sid], [self.lengths[sid]], q, k, v)
+                self.lengths[sid] += 1
+                if on_reply is not None:
+                    on_reply(res)
+
+        await asyncio.gather(*(caller(i) for i in range(n)))
 
     def load_alone(self, seen: list[tuple[int, int, int]], tokens: int) -> dict[str, Any]:
         """Each launch of `seen` against the same batch alone: per batch size, the kernel's median
@@ -417,17 +428,9 @@ class Bench:
             tokens = [0]
             end = [math.inf]
 
-            async def caller(i: int, steps: int, record: bool) -> None:
-                sid = self.ids[i]
-                q, k, v = self.qB[i : i + 1], self.kB[i : i + 1], self.vB[i : i + 1]
-                for _ in range(steps):
-                    if time.perf_counter() > end[0]:
-                        return
-                    res = await ac.decode(0, [sid], [self.lengths[sid]], q, k, v)
-                    self.lengths[sid] += 1
-                    if record:
-                        tokens[0] += 1
-                        batch_sizes["concurrent"].append(res.timing.batch_size)
+            def record(res: Any) -> None:
+                tokens[0] += 1
+                batch_sizes["concurrent"].append(res.timing.batch_size)
 
             async def batched(steps: int, record: bool) -> None:
                 for _ in range(steps):
@@ -441,9 +444,9 @@ class Bench:
                         batch_sizes["batched"].append(res.timing.batch_size)
 
             warm = max(1, a.warmup // 10)
-            await asyncio.gather(*(caller(i, warm, False) for i in range(a.sequences)))
+            await self._single_callers(ac, a.sequences, warm, end, None)
             t, tokens[0], end[0] = time.perf_counter(), 0, self._deadline()
-            await asyncio.gather(*(caller(i, rounds, True) for i in range(a.sequences)))
+            await self._single_callers(ac, a.sequences, rounds, end, record)
             concurrent = tokens[0] / (time.perf_counter() - t)
             end[0] = math.inf
             await batched(warm, False)
