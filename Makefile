@@ -22,9 +22,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The lint gate is `ruff check` (also run by `make test`). No `ruff format --check`: tables of
+# aligned arguments are kept by hand (`# fmt: skip`) and a check allowed to fail would gate nothing.
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check . || true
 
 proto: $(STAMP)
 	$(BIN)/python -m tkg.protogen
