@@ -1,4 +1,5 @@
-"""`AsyncClient`: the grpc.aio twin of `Client` (same methods, awaitable; same routing)."""
+"""`AsyncClient`: the grpc.aio twin of `Client` (same methods, awaitable; same routing, and it
+follows sequences moved by a drain the same way)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import grpc
 import numpy as np
 
 from tkg.client import routing
-from tkg.client.client import _subset, merge_split
-from tkg.client.errors import NotFound, TkgError, from_rpc_error
-from tkg.client.instances import SEQUENCE_METHODS, Instances, sequence_ids_of
+from tkg.client.client import _subset, merge_split, moved_away
+from tkg.client.errors import NotFound, TkgError, Unavailable, from_rpc_error
+from tkg.client.instances import FOLLOW_METHODS, SEQUENCE_METHODS, Instances, sequence_ids_of
 from tkg.client.messages import (
     DEFAULT_MAX_MESSAGE,
     DecodeInput,
@@ -53,6 +54,7 @@ class AsyncClient:
         )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
         self._instances = Instances()
+        self._router = routing.Router(self.targets)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
@@ -64,24 +66,58 @@ class AsyncClient:
         await self.close()
 
     def _replica(self, seq_id: str) -> int:
-        return routing.pick(self.targets, seq_id) if len(self.targets) > 1 else 0
+        return self._router.home(seq_id)
 
     async def _call(
-        self, replica: int, method: str, request: object, timeout: float | None = None, seq_ids: list[str] | None = None
+        self,
+        replica: int,
+        method: str,
+        request: object,
+        timeout: float | None = None,
+        seq_ids: list[str] | None = None,
+        follow: bool = True,
     ) -> object:
-        """As `Client._call`: NOT_FOUND after a restart becomes `ServerRestarted`."""
+        """As `Client._call`: NOT_FOUND after a restart becomes `ServerRestarted`; sequences
+        found on one other replica are followed there."""
         try:
             fn = getattr(self._stubs[replica], method)
-            resp = await fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            body = iter(request) if isinstance(request, list) else request  # a list: a request stream kept to resend
+            resp = await fn(body, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             err = from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None)
+            ids = seq_ids if seq_ids is not None else sequence_ids_of(request)
             if method in SEQUENCE_METHODS and isinstance(err, NotFound):
-                ids = seq_ids if seq_ids is not None else sequence_ids_of(request)
                 err = self._instances.verdict(err, replica, ids, await self._current_instance(replica))
+            if follow and method in FOLLOW_METHODS and isinstance(err, NotFound | Unavailable):
+                where = await self._locate(ids, replica)
+                if where is not None and len(where) == 1:
+                    return await self._call(where.pop(), method, request, timeout, seq_ids, follow=False)
             raise err from None
         if isinstance(resp, pb.SequenceInfo):
             self._instances.note(replica, resp.instance_id, resp.sequence_id)
         return resp
+
+    async def _locate(self, seq_ids: list[str], failed: int) -> set[int] | None:
+        """As `Client._locate`."""
+        if len(self.targets) < 2 or not seq_ids:
+            return None
+        where = set()
+        for sid in seq_ids:
+            for r in self._router.candidates(sid, failed):
+                try:
+                    info = await self._stubs[r].GetSequence(
+                        pb.GetSequenceRequest(sequence_id=sid), timeout=min(self.timeout or 5.0, 5.0),
+                        metadata=self._metadata,
+                    )  # fmt: skip
+                except grpc.RpcError:
+                    continue
+                self._router.moved(sid, r)
+                self._instances.note(r, info.instance_id, sid)
+                where.add(r)
+                break
+            else:
+                return None
+        return where
 
     async def _current_instance(self, replica: int) -> str | None:
         try:
@@ -123,12 +159,15 @@ class AsyncClient:
             while self._replica(sequence_id := uuid.uuid4().hex) != home:
                 pass
         req = pb.ForkSequenceRequest(source_id=source_id, sequence_id=sequence_id or "")
-        return await self._call(self._replica(source_id), "ForkSequence", req, timeout)
+        info = await self._call(self._replica(source_id), "ForkSequence", req, timeout, seq_ids=[source_id])
+        self._router.moved(info.sequence_id, self._replica(source_id))  # the child lives with its source
+        return info
 
     async def release(self, sequence_id: str, timeout: float | None = None) -> int:
         req = pb.ReleaseSequenceRequest(sequence_id=sequence_id)
         freed = (await self._call(self._replica(sequence_id), "ReleaseSequence", req, timeout)).freed_blocks
         self._instances.forget(sequence_id)
+        self._router.forget(sequence_id)
         return freed
 
     async def append_kv(
@@ -143,7 +182,7 @@ class AsyncClient:
     ) -> pb.SequenceInfo:
         if position is None:
             position = (await self.get_sequence(sequence_id, timeout)).lengths[layer]
-        chunks = append_chunks(sequence_id, layer, position, k, v, chunk_tokens)
+        chunks = list(append_chunks(sequence_id, layer, position, k, v, chunk_tokens))  # a list: sent again if moved
         return await self._call(self._replica(sequence_id), "AppendKV", chunks, timeout, seq_ids=[sequence_id])
 
     async def decode(
@@ -158,10 +197,15 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> DecodeResult:
         d = DecodeInput(layer, list(sequence_ids), list(positions), q, k, v, request_id)
-        groups = routing.group(self.targets, d.sequence_ids) if len(self.targets) > 1 else {0: None}
+        groups = self._router.group(d.sequence_ids)
         if len(groups) == 1:
             (replica, _), = groups.items()
-            return decode_result(await self._call(replica, "Decode", decode_request(d), timeout))
+            try:
+                return decode_result(await self._call(replica, "Decode", decode_request(d), timeout))
+            except (NotFound, Unavailable):
+                groups = self._router.group(d.sequence_ids)
+                if len(groups) == 1 or not moved_away(self._router, d.sequence_ids, replica):
+                    raise  # as `Client.decode`
         replicas = list(groups)
         results = await asyncio.gather(
             *(self._call(r, "Decode", decode_request(_subset(d, groups[r])), timeout) for r in replicas),

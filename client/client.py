@@ -2,7 +2,10 @@
 
 With several targets (or a `dns:///` name resolving to a StatefulSet's pods) each sequence is
 routed to one replica by rendezvous hashing of its id (`tkg.client.routing`); a batched `decode`
-is split per replica, sent concurrently and merged in the caller's order.
+is split per replica, sent concurrently and merged in the caller's order. A sequence moved by a
+replica's drain (`tkg serve --peers`) is followed: NOT_FOUND or UNAVAILABLE at its replica makes the
+client look for it on the others once and, found, use that replica for it from then on
+(`tkg.client.routing.Router`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import grpc
 import numpy as np
 
 from tkg.client import routing
-from tkg.client.errors import NotFound, PartialDecodeError, TkgError, from_rpc_error
-from tkg.client.instances import SEQUENCE_METHODS, Instances, sequence_ids_of
+from tkg.client.errors import NotFound, PartialDecodeError, TkgError, Unavailable, from_rpc_error
+from tkg.client.instances import FOLLOW_METHODS, SEQUENCE_METHODS, Instances, sequence_ids_of
 from tkg.client.messages import (
     DEFAULT_MAX_MESSAGE,
     DecodeInput,
@@ -71,6 +74,7 @@ class Client:
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
         self._pool: ThreadPoolExecutor | None = None
         self._instances = Instances()
+        self._router = routing.Router(self.targets)
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -87,25 +91,62 @@ class Client:
         self.close()
 
     def _replica(self, seq_id: str) -> int:
-        return routing.pick(self.targets, seq_id) if len(self.targets) > 1 else 0
+        return self._router.home(seq_id)
 
     def _call(
-        self, replica: int, method: str, request: object, timeout: float | None = None, seq_ids: list[str] | None = None
+        self,
+        replica: int,
+        method: str,
+        request: object,
+        timeout: float | None = None,
+        seq_ids: list[str] | None = None,
+        follow: bool = True,
     ) -> object:
         """One RPC; a NOT_FOUND about a sequence becomes `ServerRestarted` when the replica's
-        instance id changed (see `tkg.client.instances`)."""
+        instance id changed (see `tkg.client.instances`). With `follow`, NOT_FOUND or UNAVAILABLE
+        about sequences that are all found on one other replica repeats the call there (a
+        request iterator must then be a list, so it can be sent again)."""
         try:
             fn = getattr(self._stubs[replica], method)
-            resp = fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            body = iter(request) if isinstance(request, list) else request  # a list: a request stream kept to resend
+            resp = fn(body, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             err = from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None)
+            ids = seq_ids if seq_ids is not None else sequence_ids_of(request)
             if method in SEQUENCE_METHODS and isinstance(err, NotFound):
-                ids = seq_ids if seq_ids is not None else sequence_ids_of(request)
                 err = self._instances.verdict(err, replica, ids, self._current_instance(replica))
+            if follow and method in FOLLOW_METHODS and isinstance(err, NotFound | Unavailable):
+                where = self._locate(ids, replica)
+                if where is not None and len(where) == 1:
+                    return self._call(where.pop(), method, request, timeout, seq_ids, follow=False)
             raise err from None
         if isinstance(resp, pb.SequenceInfo):
             self._instances.note(replica, resp.instance_id, resp.sequence_id)
         return resp
+
+    def _locate(self, seq_ids: list[str], failed: int) -> set[int] | None:
+        """Look for each of `seq_ids` on the replicas other than `failed` (GetSequence, in the
+        order a drain picks); remember where each was found. Returns the replicas holding them,
+        or None when one was found nowhere (error paths only: up to one call per other replica)."""
+        if len(self.targets) < 2 or not seq_ids:
+            return None
+        where = set()
+        for sid in seq_ids:
+            for r in self._router.candidates(sid, failed):
+                try:
+                    info = self._stubs[r].GetSequence(
+                        pb.GetSequenceRequest(sequence_id=sid), timeout=min(self.timeout or 5.0, 5.0),
+                        metadata=self._metadata,
+                    )  # fmt: skip
+                except grpc.RpcError:
+                    continue
+                self._router.moved(sid, r)
+                self._instances.note(r, info.instance_id, sid)
+                where.add(r)
+                break
+            else:
+                return None
+        return where
 
     def _current_instance(self, replica: int) -> str | None:
         try:
@@ -156,13 +197,16 @@ class Client:
                     f"source's replica {self.targets[home]}; expected None (the client picks a routable id)"
                 )
         req = pb.ForkSequenceRequest(source_id=source_id, sequence_id=sequence_id or "")
-        return self._call(self._replica(source_id), "ForkSequence", req, timeout)
+        info = self._call(self._replica(source_id), "ForkSequence", req, timeout, seq_ids=[source_id])
+        self._router.moved(info.sequence_id, self._replica(source_id))  # the child lives with its source
+        return info
 
     def release(self, sequence_id: str, timeout: float | None = None) -> int:
         """Release a sequence; returns the number of blocks freed."""
         req = pb.ReleaseSequenceRequest(sequence_id=sequence_id)
         freed = self._call(self._replica(sequence_id), "ReleaseSequence", req, timeout).freed_blocks
         self._instances.forget(sequence_id)
+        self._router.forget(sequence_id)
         return freed
 
     def export_sequence(self, sequence_id: str, timeout: float | None = None) -> list[pb.SequenceChunk]:
@@ -177,6 +221,8 @@ class Client:
             err = from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None)
             if isinstance(err, NotFound):
                 err = self._instances.verdict(err, replica, [sequence_id], self._current_instance(replica))
+            if isinstance(err, NotFound | Unavailable) and self._locate([sequence_id], replica):
+                return self.export_sequence(sequence_id, timeout)  # found elsewhere: the router now says where
             raise err from None
 
     def import_sequence(
@@ -206,7 +252,7 @@ class Client:
         length at `layer`), streamed in chunks of `chunk_tokens`."""
         if position is None:
             position = self.get_sequence(sequence_id, timeout).lengths[layer]
-        chunks = append_chunks(sequence_id, layer, position, k, v, chunk_tokens)
+        chunks = list(append_chunks(sequence_id, layer, position, k, v, chunk_tokens))  # a list: sent again if moved
         return self._call(self._replica(sequence_id), "AppendKV", chunks, timeout, seq_ids=[sequence_id])
 
     def decode(
@@ -222,10 +268,16 @@ class Client:
     ) -> DecodeResult:
         """One decode step of one layer: q `[B, Hq, S, d]`, k/v `[B, Hkv, S, d]` -> out `[B, Hq, S, d]`."""
         d = DecodeInput(layer, list(sequence_ids), list(positions), q, k, v, request_id)
-        groups = routing.group(self.targets, d.sequence_ids) if len(self.targets) > 1 else {0: None}
+        groups = self._router.group(d.sequence_ids)
         if len(groups) == 1:
             (replica, _), = groups.items()
-            return decode_result(self._call(replica, "Decode", decode_request(d), timeout))
+            try:
+                return decode_result(self._call(replica, "Decode", decode_request(d), timeout))
+            except (NotFound, Unavailable):
+                groups = self._router.group(d.sequence_ids)
+                if len(groups) == 1 or not moved_away(self._router, d.sequence_ids, replica):
+                    raise  # not found elsewhere, or `_call` already followed them to one replica
+                # found on several replicas: split there
         return self._decode_split(d, groups, timeout)
 
     def _decode_split(self, d: DecodeInput, groups: dict[int, list[int]], timeout: float | None) -> DecodeResult:
@@ -259,6 +311,11 @@ class Client:
                 yield decode_result(resp)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+
+def moved_away(router: routing.Router, seq_ids: Sequence[str], replica: int) -> bool:
+    """Every one of `seq_ids` is now known to be on a replica other than `replica`."""
+    return all(router.home(s) != replica for s in seq_ids)
 
 
 def _subset(d: DecodeInput, positions: list[int]) -> DecodeInput:

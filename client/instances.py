@@ -16,6 +16,9 @@ from tkg.client.errors import NotFound, ServerRestarted, TkgError
 SEQUENCE_METHODS = frozenset(
     {"GetSequence", "AppendKV", "Decode", "TruncateSequence", "ForkSequence", "ReleaseSequence", "ExportSequence"}
 )
+# Unary-response RPCs about existing sequences that follow a sequence found on another replica
+# (`Client._call`); ExportSequence (a response stream) follows in its own method.
+FOLLOW_METHODS = SEQUENCE_METHODS - {"ExportSequence"}
 
 
 class Instances:

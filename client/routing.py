@@ -5,6 +5,11 @@ Rendezvous hashing picks, for each sequence id, the replica with the highest has
 stable across processes (blake2b, not Python's salted `hash`), and adding or removing one replica
 moves only the sequences that hash to it (about 1/n of them). The hash lives in `tkg.placement`,
 shared with the server's drain (which pushes sequences where this routing will look for them).
+
+A drained replica's sequences live on another replica from then on, also once it is back (a rolling
+update restarts it under the same name). `Router` therefore remembers the sequences found away from
+their owner: a call that meets NOT_FOUND or UNAVAILABLE at a sequence's replica looks for it on the
+others (`Router.candidates`, the order a drain picks from) and, found, follows it there.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Sequence
 
 from tkg.placement import pick, score
 
-__all__ = ["group", "pick", "resolve_targets", "score"]
+__all__ = ["Router", "group", "pick", "resolve_targets", "score"]
 
 
 def group(replicas: Sequence[str], seq_ids: Sequence[str]) -> dict[int, list[int]]:
@@ -23,6 +28,53 @@ def group(replicas: Sequence[str], seq_ids: Sequence[str]) -> dict[int, list[int
     for pos, sid in enumerate(seq_ids):
         groups.setdefault(pick(replicas, sid), []).append(pos)
     return groups
+
+
+class Router:
+    """Which replica each sequence is on: its rendezvous owner, unless it was found on another.
+
+    Only sequences found away from their owner are remembered (`moved`), until `forget`."""
+
+    def __init__(self, targets: Sequence[str]) -> None:
+        self.targets = list(targets)
+        self._moved: dict[str, int] = {}
+
+    def home(self, seq_id: str) -> int:
+        """Index of the replica to call about `seq_id`."""
+        if len(self.targets) == 1:
+            return 0
+        where = self._moved.get(seq_id)
+        return pick(self.targets, seq_id) if where is None else where
+
+    def group(self, seq_ids: Sequence[str]) -> dict[int, list[int]]:
+        """Replica index -> positions in `seq_ids` it holds (in the caller's order)."""
+        if not self._moved:
+            return group(self.targets, seq_ids) if len(self.targets) > 1 else {0: list(range(len(seq_ids)))}
+        groups: dict[int, list[int]] = {}
+        for pos, sid in enumerate(seq_ids):
+            groups.setdefault(self.home(sid), []).append(pos)
+        return groups
+
+    def candidates(self, seq_id: str, failed: int) -> list[int]:
+        """Where else `seq_id` may be, most likely first: every other replica by descending
+        rendezvous score. A replica draining with --peers pushes each sequence to the highest
+        scoring one of the others, so the first candidate is where a drain put it."""
+        others = [i for i in range(len(self.targets)) if i != failed]
+        return sorted(others, key=lambda i: score(self.targets[i], seq_id), reverse=True)
+
+    def moved(self, seq_id: str, replica: int) -> None:
+        """`seq_id` was found on `replica`."""
+        if len(self.targets) > 1 and replica == pick(self.targets, seq_id):
+            self._moved.pop(seq_id, None)
+        elif len(self.targets) > 1:
+            self._moved[seq_id] = replica
+
+    def forget(self, seq_id: str) -> None:
+        self._moved.pop(seq_id, None)
+
+    def __len__(self) -> int:
+        """How many sequences are remembered away from their owner."""
+        return len(self._moved)
 
 
 def resolve_targets(target: str | Sequence[str]) -> list[str]:

@@ -81,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "process may run on)")  # fmt: skip
     n.add_argument("--grace-s", type=float, default=20.0,
                    help="drain time on SIGTERM for in-flight calls and pushing sequences to --peers (default 20)")
-    n.add_argument("--peers", default="", help="the other replicas, host:port,... exactly as clients name them: "
-                   "on SIGTERM each resident sequence moves to the one client routing picks without this replica")
+    n.add_argument("--peers", default="", help="the replicas, host:port,... exactly as clients name them: "
+                   "on SIGTERM each resident sequence moves to the one client routing picks without this replica "
+                   "(this replica's own entry, --advertise, is left out, so every replica can share one list)")
+    n.add_argument("--advertise", default="", help="this replica's name as clients and --peers name it (host:port), "
+                   "e.g. $(POD_NAME).tkg-headless.<namespace>.svc.cluster.local:50051 in a StatefulSet")
     n.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     n.add_argument("--max-sequences", type=int,
                    help="live sequences server-wide (default: num_blocks, at least 1024)")  # fmt: skip
@@ -175,6 +178,12 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         host, _, port = peer.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"--peers: {peer!r}; expected host:port entries separated by commas")
+    me = args.advertise.strip()
+    if me:
+        if me not in peers:  # a typo here would make the drain push to itself, or hash differently
+            names = ", ".join(peers) or "the --peers entries (none given)"
+            raise ConfigError(f"--advertise: {me!r} is not one of --peers; expected one of {names}")
+        peers = tuple(p for p in peers if p != me)
     if args.grace_s < 0:
         raise ConfigError(f"--grace-s: {args.grace_s}; expected >= 0")
     buckets = {flag: _int_list(flag, text) for flag, text in

@@ -767,6 +767,19 @@ def test_k8s_wiring(overlay: str) -> None:
     known = server_parser_flags()
     assert set(flags) <= known, f"manifest passes flags tkg serve does not know: {set(flags) - known}"
 
+    # Drain to peers: the same --peers list on every replica, one entry per replica by its stable
+    # headless-Service name; --advertise is this pod's entry, so it leaves itself out.
+    env_names = {e["name"]: e for e in ctr["env"]}
+    assert env_names["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env_names["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    name, service = sts["metadata"]["name"], sts["spec"]["serviceName"]
+    host = f"{service}.$(POD_NAMESPACE).svc.cluster.local:{ports['grpc']}"
+    peers = flags["--peers"].split(",")
+    assert peers == [f"{name}-{i}.{host}" for i in range(sts["spec"]["replicas"])], peers
+    assert flags["--advertise"] == f"$(POD_NAME).{host}"
+    assert secret_of(flags["--peer-token-file"]) == "tkg-auth"
+    assert "peer-token" in (DEPLOY / "make-secrets.sh").read_text()
+
     # The model config: the generated ConfigMap, mounted where --config points.
     config_dir, config_file = flags["--config"].rsplit("/", 1)
     assert volumes[mounts[config_dir]]["configMap"]["name"] == cm["metadata"]["name"]
@@ -846,3 +859,45 @@ def test_make_secrets_then_serve_with_tls_and_auth_and_probe(tmp_path: Path) -> 
             assert c.create_sequence("x").sequence_id == "x"
     finally:
         srv.stop()
+
+
+def test_make_secrets_drain_to_a_peer_over_tls(tmp_path: Path) -> None:
+    """Two replicas started as the StatefulSet starts them (make-secrets.sh's TLS and auth files,
+    one --peers list, --advertise, the peer token): a drain moves a tenant's sequence to the other
+    replica over TLS, into the same tenant."""
+    if shutil.which("openssl") is None:
+        pytest.skip("make-secrets.sh needs openssl")
+    out = tmp_path / "secrets"
+    made = run(["sh", str(DEPLOY / "make-secrets.sh"), str(out)])
+    assert made.returncode == 0, made.stderr
+    sys.path.insert(0, str(Path(__file__).parent))
+    from inproc import InProcServer
+    from server_proc import free_port
+
+    from tkg.client import Client
+    from tkg.server import cli
+
+    ports = [free_port(), free_port()]
+    targets = [f"127.0.0.1:{p}" for p in ports]
+
+    def replica(i: int) -> InProcServer:
+        flags = ["--host", "127.0.0.1", "--port", str(ports[i]), "--metrics-port", "0",
+                 "--tls-cert", str(out / "tls.crt"), "--tls-key", str(out / "tls.key"),
+                 "--auth-file", str(out / "auth.yaml"),
+                 "--peers", ",".join(targets), "--advertise", targets[i],
+                 "--peer-token-file", str(out / "peer-token")]  # fmt: skip
+        return InProcServer(cli.settings_from_args(cli.build_parser().parse_args(flags), "reference"))
+
+    draining, peer = replica(0), replica(1)
+    token = (out / "team-a-token").read_text().strip()
+    ca = (out / "ca.crt").read_bytes()
+    try:
+        with Client(draining.target, root_certificates=ca, token=token, timeout=20) as c:
+            c.create_sequence("conversation")
+        report = draining.run(lambda: draining.app.shutdown(10.0))
+        assert report.failed == {} and len(report.moved) == 1, report
+        with Client(peer.target, root_certificates=ca, token=token, timeout=20) as c:
+            assert c.get_sequence("conversation").sequence_id == "conversation"
+    finally:
+        draining.loop.call_soon_threadsafe(draining.loop.stop)
+        peer.stop()

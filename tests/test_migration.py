@@ -12,12 +12,12 @@ import grpc
 import numpy as np
 import pytest
 from server_mirror import wait_for
-from server_proc import start_server
+from server_proc import free_port, start_server
 from test_races import FakeContext, loop_passes, rand
 from test_server_service import Aborted
 
 from tkg import codec
-from tkg.client import Client, errors, routing
+from tkg.client import AsyncClient, Client, errors, routing
 from tkg.server.config import build_spec
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
@@ -278,3 +278,86 @@ def test_push_all_reports_what_could_not_move_and_keeps_it() -> None:
         await a.close()
 
     asyncio.run(main())
+
+
+def test_rolling_update_loses_nothing_and_clients_follow_the_moved_sequences() -> None:
+    """Three replicas started alike (`--peers` naming all three, `--advertise` their own name), as
+    the StatefulSet starts them. Replica 0 drains on SIGTERM and comes back on its port (a rolling
+    update): the client that was running on, never rebuilt, keeps decoding every sequence to
+    exactly what it gave before, while replica 0 is down and after it is back, and so does a new
+    client that never saw the move (NOT_FOUND at the owner, found on the others). New sequences
+    are owned by replica 0 again."""
+    ports = [free_port() for _ in range(3)]
+    targets = [f"127.0.0.1:{p}" for p in ports]
+    common = (*GEOMETRY, "--peers", ",".join(targets), "--grace-s", "30")
+
+    def replica(i: int) -> Any:
+        return start_server(*common, "--port", str(ports[i]), "--advertise", targets[i])
+
+    procs = [replica(i) for i in range(3)]
+    try:
+        c = Client(targets, timeout=30)
+        sids = [c.create_sequence().sequence_id for _ in range(6)]
+        while sum(routing.pick(targets, s) == 0 for s in sids) < 2:
+            sids.append(c.create_sequence().sequence_id)
+        for s in sids:
+            c.append_kv(s, 0, rand((13, HKV, D), 1), rand((13, HKV, D), 2))
+            c.append_kv(s, 1, rand((5, HKV, D), 3), rand((5, HKV, D), 4))
+        q, k, v = rand((1, HQ, 1, D), 5), rand((1, HKV, 1, D), 6), rand((1, HKV, 1, D), 7)
+
+        def answers(client: Client, ids: list[str]) -> np.ndarray:
+            """One batched step of forks of `ids` (taken where each lives, released after)."""
+            forks = [client.fork(s).sequence_id for s in ids]
+            n = len(ids)
+            out = client.decode(0, forks, [13] * n, *(np.repeat(x, n, 0) for x in (q, k, v))).out
+            for f in forks:
+                client.release(f)
+            return out
+
+        expect = answers(c, sids)
+        moving = [i for i, s in enumerate(sids) if routing.pick(targets, s) == 0]
+        assert procs[0].stop(signal.SIGTERM, timeout=60) == 0
+        assert f"drain moved {len(moving)} sequences, 0 could not move" in procs[0].proc.stdout.read()
+        # Replica 0 is down: its sequences answer from where the drain put them.
+        for i in moving:
+            np.testing.assert_array_equal(answers(c, [sids[i]]), expect[i : i + 1])
+        procs[0] = replica(0)
+        fresh = Client(targets, timeout=30)
+        wait_for(lambda: _answers(fresh, 0), timeout=30, what="the restarted replica to answer")
+        # Batched steps over every sequence from both clients: the moved rows follow.
+        for client in (c, fresh):
+            np.testing.assert_array_equal(answers(client, sids), expect)
+        assert all(fresh._replica(sids[i]) != 0 for i in moving)
+
+        async def aio_answers() -> np.ndarray:  # the asyncio client follows them the same way
+            async with AsyncClient(targets, timeout=30) as ac:
+                forks = [(await ac.fork(s)).sequence_id for s in sids]
+                n = len(sids)
+                out = (await ac.decode(0, forks, [13] * n, *(np.repeat(x, n, 0) for x in (q, k, v)))).out
+                for f in forks:
+                    await ac.release(f)
+                return out
+
+        np.testing.assert_array_equal(asyncio.run(aio_answers()), expect)
+        new = fresh.create_sequence().sequence_id
+        while routing.pick(targets, new) != 0:
+            fresh.release(new)
+            new = fresh.create_sequence().sequence_id
+        assert list(fresh.get_sequence(new).lengths) == [0, 0] and fresh._replica(new) == 0
+        for i in moving:  # released where it lives; then it is gone everywhere
+            c.release(sids[i])
+            with pytest.raises(errors.NotFound):
+                fresh.get_sequence(sids[i])
+        c.close()
+        fresh.close()
+    finally:
+        for p in procs:
+            p.stop(signal.SIGKILL)
+
+
+def _answers(client: Client, replica: int) -> bool:
+    try:
+        client.server_info(replica)
+    except errors.Unavailable:
+        return False
+    return True

@@ -40,6 +40,32 @@ def test_group_keeps_caller_order() -> None:
     assert all(ps == sorted(ps) for ps in groups.values())
 
 
+def test_router_follows_moved_sequences_and_candidates_are_the_drains_order() -> None:
+    targets = ["a:1", "b:1", "c:1"]
+    router = routing.Router(targets)
+    ids = [f"s{i}" for i in range(60)]
+    for sid in ids:
+        owner = routing.pick(targets, sid)
+        cands = router.candidates(sid, owner)
+        assert sorted(cands) == sorted({0, 1, 2} - {owner})
+        # A drain of the owner pushes to the owner computed without it: the first candidate.
+        rest = [t for t in targets if t != targets[owner]]
+        assert targets[cands[0]] == rest[routing.pick(rest, sid)]
+    moved = ids[0]
+    elsewhere = next(i for i in range(3) if i != routing.pick(targets, moved))
+    router.moved(moved, elsewhere)
+    assert router.home(moved) == elsewhere and len(router) == 1
+    groups = router.group(ids)
+    assert moved in [ids[p] for p in groups[elsewhere]]
+    assert all(router.home(ids[p]) == r for r, ps in groups.items() for p in ps)
+    router.moved(moved, routing.pick(targets, moved))  # found at its owner again: nothing to remember
+    assert len(router) == 0 and router.home(moved) == routing.pick(targets, moved)
+    router.moved(moved, elsewhere)
+    router.forget(moved)
+    assert len(router) == 0
+    assert routing.Router(["only:1"]).group(["x", "y"]) == {0: [0, 1]}
+
+
 def test_resolve_targets() -> None:
     assert routing.resolve_targets("a:1, b:2") == ["a:1", "b:2"]
     assert routing.resolve_targets(["a:1", "b:2,c:3"]) == ["a:1", "b:2", "c:3"]

@@ -162,6 +162,7 @@ def test_bad_files(tmp_path: Path) -> None:
         (["--backend", "tpu"], "unknown backend 'tpu'"),
         (["--sliding-window", "8,x"], "--sliding-window: 'x'"),
         (["--rope-scaling", "{bad"], "--rope-scaling: not JSON"),
+        (["--peers", "a:1,b:1", "--advertise", "c:1"], "--advertise: 'c:1' is not one of --peers; expected one of a:1"),
     ],
 )
 def test_serve_exits_2_on_bad_config(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -169,6 +170,14 @@ def test_serve_exits_2_on_bad_config(argv: list[str], needle: str, capsys: pytes
     assert cli.main(["--port", "0", "--metrics-port", "0", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tkg serve: error:") and needle in err, err
+
+
+def test_advertise_leaves_this_replica_out_of_its_peers() -> None:
+    """Every replica of a StatefulSet gets the same --peers list; --advertise drops its own entry."""
+    args = cli.build_parser().parse_args(["--peers", "a:1, b:1,c:1", "--advertise", "b:1"])
+    assert cli.settings_from_args(args, "reference").peers == ("a:1", "c:1")
+    args = cli.build_parser().parse_args(["--peers", "a:1,c:1"])
+    assert cli.settings_from_args(args, "reference").peers == ("a:1", "c:1")
 
 
 # ---- RoPE -----------------------------------------------------------------------------------
