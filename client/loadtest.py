@@ -268,6 +268,9 @@ class Runner:
             [self._client(t) for _ in range(plan.connections)] for t in plan.targets
         ]
         self.end_time: float | None = None
+        # Open loop: the measured requests are those SCHEDULED from here on (set by `_tickets`), so a
+        # backlog that built up during a slow warm-up is neither measured nor a reason to exceed --rps.
+        self._window_start: float | None = None
         self.t_first: float | None = None
 
     def _client(self, target: str) -> AsyncClient:
@@ -380,7 +383,12 @@ class Runner:
         now = time.perf_counter()
         pr, p = self.progress, self.plan
         pr.completed += 1
-        if pr.completed <= p.warmup:
+        if self._window_start is not None:  # open loop: warm-up = scheduled before the window
+            if t_sched < self._window_start:
+                return
+            if pr.measure_start is None:
+                pr.measure_start = self._window_start
+        elif pr.completed <= p.warmup:
             if pr.completed == p.warmup:
                 pr.measure_start = now
             return
@@ -394,8 +402,8 @@ class Runner:
         self.end_time = now
         if p.steps is not None and pr.completed >= p.warmup + p.steps:
             pr.stop.set()
-        if p.duration is not None and now - pr.measure_start >= p.duration:
-            pr.stop.set()
+        if p.duration is not None and self._window_start is None and now - pr.measure_start >= p.duration:
+            pr.stop.set()  # (open loop: the tickets end with the window, then the workers)
 
     async def _advance(self, group: Group, layer: int) -> None:
         """After a successful step: move the group on; roll back to the prompt past max-new-tokens."""
@@ -415,11 +423,14 @@ class Runner:
             group.next_layer = int(np.argmin(group.lengths)) if len(set(group.lengths.tolist())) > 1 else 0
 
     async def _tickets(self, queue: asyncio.Queue) -> None:
-        """Open loop: put scheduled start times on `queue` at `rps`."""
+        """Open loop: put scheduled start times on `queue` at `rps`: `warmup` of them, then those of
+        the measured window (`steps` of them, or all within `duration` seconds)."""
+        p = self.plan
         t0 = time.perf_counter()
+        self._window_start = t0 + p.warmup / p.rps  # ticket number `warmup`'s time, computed as below
+        end = self._window_start + p.duration if p.duration is not None else math.inf
         i = 0
-        while self._take_ticket():
-            t = t0 + i / self.plan.rps
+        while (t := t0 + i / p.rps) < end and self._take_ticket():
             delay = t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)

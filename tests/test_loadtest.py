@@ -158,7 +158,9 @@ def test_stream_open_loop_json_to_stdout(capsys: pytest.CaptureFixture, server: 
     assert rc == 0, err
     r = json.loads(out)
     assert r["statusCodeDistribution"].get("OK", 0) == r["count"] > 0
-    assert r["count"] <= 200 * 0.3 + 5  # the open loop does not exceed its rate
+    # The open loop never exceeds its rate: only requests scheduled in the window count, even when a
+    # slow warm-up left a backlog of tickets (it did, on a busy machine, before the window existed).
+    assert r["count"] <= 200 * 0.3 + 1
     assert r["tokensPerSecond"] == pytest.approx(r["okRps"] * 2)  # S=2
     assert "Summary:" in err
     assert active_sequences(server.target) == 0
