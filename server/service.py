@@ -8,8 +8,9 @@ worker thread so the event loop keeps receiving (a lone caller's launches run on
 exactly that step's appends, so a failed step appends nothing. All KV-cache mutations happen on
 the loop thread (the cache has no locks; see `tkg.server.kv_cache`).
 
-Order of mutations against launches (the cache and the kernel never race): a launch holds its
-sequences (and a reference to every block it reads) from its commit until the kernel returns.
+Order of mutations against launches (the cache and the kernel never race): a launch on the worker
+thread holds its sequences (and a reference to every block it reads) from its commit until the
+kernel returns; a launch on the loop thread needs no hold, since no other code runs meanwhile.
 TruncateSequence, ReleaseSequence, ForkSequence (of the source), AppendKV (each chunk) and
 ExportSequence on a held sequence wait until that launch has finished, then apply: they act on
 the state that includes the launch's tokens (or excludes them when it failed). Decodes queued
@@ -323,9 +324,11 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         """Prepare the batch (one plan per tenant's run of requests; per request only to single out
         a failing one), append all, one kernel launch, split the output.
 
-        From commit to the kernel's end the plans hold their blocks (`KVCache.commit(hold=True)`);
-        any failure in between rolls back exactly this step's appends and gives every caller
-        still waiting the real error."""
+        A launch on the worker thread holds its plans' blocks from commit to the kernel's end
+        (`KVCache.commit(hold=True)`); an inline one needs no hold (nothing else runs on the loop
+        meanwhile). Any failure in between rolls back exactly this step's appends and gives every
+        caller still waiting the real error. `Timing.kernel_us` is this whole span (prepare,
+        append, kernel, finish); `attention_us` the kernel call alone."""
         t_start = time.perf_counter()
         S = batch[0].s_active
         ready, plans = self._prepare(batch, S)
@@ -410,17 +413,19 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 cos, sin = self._rope.lookup(pos)  # once for the whole batch's q and k
                 q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             k, v = self._stored(layer, k, v)
+            lens = np.concatenate([p.seq_lens for _, p in plans]) if len(plans) > 1 else plans[0][1].seq_lens
+            inline = self._inline(ready, int(lens.sum()) * self._kv_token_bytes)
             row = 0
             for tenant, plan in plans:
                 n = plan.batch_size
                 with self._pool_delta(tenant):
-                    cache.commit(plan, k[row : row + n], v[row : row + n], hold=True)
+                    # A launch on the worker thread holds the blocks it reads while the loop goes on;
+                    # an inline one runs before the loop can apply anything else: no hold needed.
+                    cache.commit(plan, k[row : row + n], v[row : row + n], hold=not inline)
                 row += n
             tables = _stack_tables([p.block_tables for _, p in plans])
-            lens = np.concatenate([p.seq_lens for _, p in plans]) if len(plans) > 1 else plans[0][1].seq_lens
             store = cache.store
             new_kv = (k, v) if store.reads_new_kv else (None, None)  # device stores send the new tokens with the step
-            inline = self._inline(ready, int(lens.sum()) * self._kv_token_bytes)
             kernel = functools.partial(
                 _timed, store.decode, layer, q, *new_kv, tables, lens,
                 scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
@@ -440,10 +445,12 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         except BaseException:
             self._undo(plans)
             raise
-        for tenant, plan in plans:
-            with self._pool_delta(tenant):
-                cache.finish(plan)
-        self._notify_settled()
+        if not inline:
+            for tenant, plan in plans:
+                with self._pool_delta(tenant):
+                    cache.finish(plan)
+        if self._waiters:  # nobody waits on the event otherwise: no need to replace it
+            self._notify_settled()
         return out, lens, attention_s
 
     def _undo(self, plans: list[tuple[Any, AppendPlan]]) -> None:

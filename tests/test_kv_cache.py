@@ -829,3 +829,205 @@ def test_rollback_of_a_held_plan_restores_lengths_and_references() -> None:
     assert cache.rollback(plan) == 1
     assert cache.get("a").lengths == (4, 0) and not cache.in_flight("a") and cache.free_blocks == free
     check_invariants(cache)
+
+
+# ---- the scalar fast path: the same effects as the general path ------------------------------
+
+
+def test_a_small_unshared_step_takes_the_fast_path_and_a_shared_one_does_not(monkeypatch) -> None:
+    """The twin machine below is only a test of the fast path if the fast path runs: it does for
+    a small batch with nothing shared, and not once a fork shares blocks."""
+    cache = make()
+    taken: list[bool] = []
+    prepare = cache._prepare_small
+    monkeypatch.setattr(cache, "_prepare_small", lambda *a: taken.append((p := prepare(*a)) is not None) or p)
+    cache.create("a")
+    fill(cache, "a", 5)
+    assert taken == [True, True]  # one append per layer
+    cache.fork("a", "b")
+    fill(cache, "b", 1, start=5)
+    assert taken[2:] == [False, False]
+    cache.small_batch = 0
+    cache.release("b")
+    fill(cache, "a", 1, start=5)
+    assert taken[4:] == [False, False]
+
+
+@pytest.mark.parametrize("small_batch", [8, 0])
+def test_a_reservation_another_layer_made_unneeded_goes_back_to_the_pool(small_batch: int) -> None:
+    """Prepared at layer 0 with a new block reserved; layer 1 grows the table first; the commit
+    then needs no new block and returns the reservation (either path)."""
+    cache = make(num_blocks=4)
+    cache.small_batch = small_batch
+    cache.create("a")
+    fill(cache, "a", 4)  # one full block per layer
+    plan = cache.prepare_append(0, ["a"], [4], 1)
+    assert plan.reserved_blocks == 1 and cache.free_blocks == 2
+    cache.append("a", 1, 4, tokens(4, 1), tokens(4, 1))  # takes a block of its own
+    k = tokens(4, 1).transpose(1, 0, 2)[None]
+    cache.commit(plan, k, k)
+    assert cache.free_blocks == 2 and cache.get("a").num_blocks == 2
+    np.testing.assert_array_equal(gather(cache, "a", 0)[0], tokens(0, 5))
+    check_invariants(cache)
+
+
+@pytest.mark.parametrize("small_batch", [8, 0])
+def test_finishing_a_hold_on_a_released_sequence_leaves_the_slots_newcomer_in_flight(small_batch: int) -> None:
+    cache = make()
+    cache.small_batch = small_batch
+    cache.create("a")
+    fill(cache, "a", 3)
+    plan = cache.prepare_append(0, ["a"], [3], 1)
+    k = tokens(3, 1).transpose(1, 0, 2)[None]
+    cache.commit(plan, k, k, hold=True)
+    cache.release("a")
+    cache.create("c")  # takes a's slot
+    c_plan = cache.prepare_append(0, ["c"], [0], 1)
+    cache.finish(plan)
+    assert cache.in_flight("c")  # the finish did not clear the newcomer's flag
+    cache.abort(c_plan)
+    check_invariants(cache)
+
+
+def _outcome(fn, *args, **kwargs) -> object:
+    """What a cache call did: its result, or its exception's type and message."""
+    try:
+        return ("ok", fn(*args, **kwargs))
+    except Exception as exc:  # compared between the two caches, whatever it is
+        return ("error", type(exc).__name__, str(exc))
+
+
+def _cache_state(cache: KVCache) -> tuple:
+    """Every bit of bookkeeping, in storage order (the free stack's order included)."""
+    s = cache.seqs
+    rows = [
+        (sid, s.tables[slot].tolist(), int(s.num_blocks[slot]), s.lengths[slot].tolist(), s.pending[slot].tolist(),
+         float(s.last_used[slot]))
+        for sid, slot in s.items()
+    ]  # fmt: skip
+    return (cache.pool.free_ids().tolist(), cache.pool.refcounts(np.arange(cache.num_blocks)).tolist(),
+            cache.pool.shared_count, cache.tokens_appended, rows)  # fmt: skip
+
+
+def _plan_state(plan) -> tuple:
+    tables = plan.block_tables.tolist() if plan.state in ("held", "committed") else None
+    return (plan.state, plan.seq_lens.tolist(), plan._reserved.tolist(), sorted(plan._held.tolist()), tables)
+
+
+class FastVsGeneralMachine(RuleBasedStateMachine):
+    """Two caches fed the same random operations: one may take the scalar fast path
+    (`small_batch` 8), the other never does (0). Every result, error, plan, table, length,
+    reference count, free-stack order and stored byte must agree. Plans stay open (prepared, or
+    held as while a kernel reads them) while other operations run: appends at the same or the
+    other layer, forks, truncates, releases and slot reuse, so both paths meet pending
+    sequences, shared and held blocks, tables grown by another layer and sequences released
+    mid-plan."""
+
+    @initialize(block_len=st.integers(1, 4), num_blocks=st.integers(4, 24))
+    def setup(self, block_len: int, num_blocks: int) -> None:
+        self.clock = FakeClock()
+        self.caches = [
+            KVCache(num_layers=L, num_kv_heads=HKV, head_dim=2, block_len=block_len, num_blocks=num_blocks,
+                    max_context=14, clock=self.clock)
+            for _ in range(2)
+        ]  # fmt: skip
+        self.caches[1].small_batch = 0
+        self.open: list[tuple] = []  # the two caches' plans of each prepared or held append
+        self.counter = 0
+        for sid in IDS[:2]:  # most rules need a sequence
+            self.both("create", sid)
+
+    def both(self, op: str, *args: object) -> object:
+        a, b = (_outcome(getattr(c, op), *args) for c in self.caches)
+        if a[0] == "ok" and op == "prepare_append":
+            assert _plan_state(a[1]) == _plan_state(b[1])
+        else:
+            assert a == b
+        return (a[1], b[1]) if a[0] == "ok" else None
+
+    def both_plans(self, op: str, plans: tuple, *args: object, **kwargs: object) -> None:
+        a, b = (_outcome(getattr(c, op), p, *args, **kwargs) for c, p in zip(self.caches, plans, strict=True))
+        assert a == b and _plan_state(plans[0]) == _plan_state(plans[1])
+
+    def ids(self) -> list[str]:
+        return self.caches[0].sequence_ids()
+
+    @rule(sid=st.sampled_from(IDS))
+    def create(self, sid: str) -> None:
+        self.clock.t += 1
+        self.both("create", sid)
+
+    @precondition(lambda self: self.ids())
+    @rule(data=st.data(), layer=st.integers(0, L - 1), n=st.integers(1, 3), off=st.sampled_from([0, 0, 0, 1, -1]),
+          then=st.sampled_from(["commit", "hold", "keep open"]))  # fmt: skip
+    def prepare(self, data: st.DataObject, layer: int, n: int, off: int, then: str) -> None:
+        self.clock.t += 1
+        sids = data.draw(st.lists(st.sampled_from(self.ids()), min_size=1, max_size=4))  # duplicates too
+        pos = [self.caches[0].get(s).lengths[layer] for s in sids]
+        pos[0] += off  # sometimes a wrong position
+        plans = self.both("prepare_append", layer, sids, np.asarray(pos), n)
+        if plans is not None:
+            self.open.append(plans)
+            if then != "keep open":
+                self.commit(len(self.open) - 1, then == "hold")
+
+    def commit(self, i: int, hold: bool) -> None:
+        plans = self.open[i]
+        B, n = plans[0].batch_size, plans[0].num_tokens
+        self.counter += B * n
+        k = tokens(self.counter, B * n, HKV, 2).reshape(B, n, HKV, 2).transpose(0, 2, 1, 3)
+        self.both_plans("commit", plans, k, -k, hold=hold)
+        if not hold:
+            del self.open[i]
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data(), how=st.sampled_from(["commit", "hold", "finish", "rollback", "abort"]))
+    def end_or_advance(self, data: st.DataObject, how: str) -> None:
+        i = data.draw(st.integers(0, len(self.open) - 1))
+        plans, state = self.open[i], self.open[i][0].state
+        if state == "prepared" and how in ("commit", "hold"):
+            self.commit(i, how == "hold")
+        elif state == "prepared":
+            self.both_plans("abort", plans)
+            del self.open[i]
+        elif how in ("finish", "rollback"):  # held
+            self.both_plans(how, plans)
+            del self.open[i]
+
+    @precondition(lambda self: self.ids())
+    @rule(data=st.data(), new=st.sampled_from(IDS))
+    def fork(self, data: st.DataObject, new: str) -> None:
+        self.clock.t += 1
+        self.both("fork", data.draw(st.sampled_from(self.ids())), new)
+
+    @precondition(lambda self: self.ids())
+    @rule(data=st.data(), back=st.integers(0, 3))
+    def truncate(self, data: st.DataObject, back: int) -> None:
+        sid = data.draw(st.sampled_from(self.ids()))
+        self.both("truncate", sid, max(0, min(self.caches[0].get(sid).lengths) - back))
+
+    @precondition(lambda self: self.ids())
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        self.both("release", data.draw(st.sampled_from(self.ids())))
+
+    @invariant()
+    def same_state(self) -> None:
+        if not hasattr(self, "caches"):
+            return
+        a, b = self.caches
+        assert _cache_state(a) == _cache_state(b)
+        for x, y in zip([*a.store.k, *a.store.v], [*b.store.k, *b.store.v], strict=True):
+            np.testing.assert_array_equal(x, y)
+
+    def teardown(self) -> None:
+        if not hasattr(self, "caches"):
+            return
+        for plans in self.open:
+            self.both_plans("finish" if plans[0].state == "held" else "abort", plans)
+        for c in self.caches:
+            check_invariants(c)
+
+
+TestFastVsGeneral = FastVsGeneralMachine.TestCase
+TestFastVsGeneral.settings = settings(max_examples=120, stateful_step_count=40, deadline=None)
