@@ -322,22 +322,22 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     async def _run_batch(self, batch: list[DecodeWork]) -> None:
         """Prepare the batch (one plan per tenant's run of requests; per request only to single out
-        a failing one), append all, one kernel launch, split the output.
+        a failing one), append all, one kernel launch, split the output (`_launch`).
 
         A launch on the worker thread holds its plans' blocks from commit to the kernel's end
         (`KVCache.commit(hold=True)`); an inline one needs no hold (nothing else runs on the loop
         meanwhile). Any failure in between rolls back exactly this step's appends and gives every
-        caller still waiting the real error. `Timing.kernel_us` is this whole span (prepare,
-        append, kernel, finish); `attention_us` the kernel call alone."""
+        caller still waiting the real error. `Timing.kernel_us` is the step's span from here to
+        its plans' finish (prepare, append, kernel, finish); `attention_us` the kernel call alone."""
         t_start = time.perf_counter()
         S = batch[0].s_active
         ready, plans = self._prepare(batch, S)
         if not ready:
             return
         try:
-            out, lens, attention_s = await self._launch(ready, plans, S)
+            await self._launch(ready, plans, S, t_start)
         except asyncio.CancelledError:
-            raise  # `_launch` undoes the step once the kernel thread has let go
+            raise  # the step is undone once the kernel thread has let go (`_kernel_done`)
         except Exception as exc:
             if not isinstance(exc, ServiceError):  # the kernel failing is a server bug: report it, keep serving
                 log.exception("decode step failed for layer %d, %d requests", batch[0].layer, len(ready))
@@ -345,11 +345,14 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             for work in ready:
                 if not work.future.done():  # a cancelled caller must not hide the error from the rest
                     work.future.set_exception(exc)
-            if self._waiters:
-                await asyncio.sleep(0)
-            return
-        t_end = time.perf_counter()
-        kernel_s = t_end - t_start
+        if self._waiters:  # let mutations waiting for this launch apply before the next batch prepares
+            await asyncio.sleep(0)
+
+    def _deliver(
+        self, ready: list[DecodeWork], out: np.ndarray, lens: np.ndarray, attention_s: float, t_start: float
+    ) -> None:
+        """The step is over (plans finished): metrics, and each caller's rows of `out` with its Timing."""
+        kernel_s = time.perf_counter() - t_start
         self.metrics.observe_batch(len(lens), kernel_s, [t_start - w.arrival for w in ready])
         kernel_us, attention_us, size = int(kernel_s * 1e6), int(attention_s * 1e6), len(lens)
         row = 0
@@ -361,8 +364,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             if not work.future.done():  # a cancelled caller's rows are appended all the same
                 work.future.set_result((out[row : row + work.size], timing))
             row += work.size
-        if self._waiters:  # let mutations waiting for this launch apply before the next batch prepares
-            await asyncio.sleep(0)
 
     def _prepare(self, batch: list[DecodeWork], S: int) -> tuple[list[DecodeWork], list[tuple[Any, AppendPlan]]]:
         """Reserve the batch's appends. A batch of one tenant's requests takes one `prepare_append`
@@ -395,14 +396,18 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         return ready, plans
 
     async def _launch(
-        self, ready: list[DecodeWork], plans: list[tuple[Any, AppendPlan]], S: int
-    ) -> tuple[np.ndarray, np.ndarray, float]:
-        """Commit (holding) every prepared plan, run the kernel, finish the plans; on any failure
-        abort/roll back every plan of the step and re-raise. Returns (out, seq_lens, seconds in the
-        attention call, measured on the thread that ran it)."""
+        self, ready: list[DecodeWork], plans: list[tuple[Any, AppendPlan]], S: int, t_start: float
+    ) -> None:
+        """Commit every prepared plan, run the kernel, finish the plans and answer the callers
+        (`_deliver`); on any failure abort/roll back every plan of the step and re-raise.
+
+        A launch on the worker thread is finished and answered by `_kernel_done`, which the
+        thread schedules on the loop as its last act: on the loop's first pass after the kernel,
+        not a pass or two later when this coroutine resumes (under load each pass runs every
+        other call's ready work first)."""
         cache, spec = self.cache, self.spec
         layer = ready[0].layer
-        fut: asyncio.Future | None = None
+        done: asyncio.Future | None = None
         try:
             if len(ready) == 1:
                 q, k, v = ready[0].q, ready[0].k, ready[0].v
@@ -434,24 +439,49 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             if inline:
                 out, attention_s = kernel()
             else:
-                fut = asyncio.get_running_loop().run_in_executor(self._kernel_thread, kernel)
-                out, attention_s = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            if fut is not None and not fut.done():  # the thread still reads the blocks: undo after it
-                fut.add_done_callback(lambda _: self._undo(plans))
-            else:
-                self._undo(plans)
-            raise
+                loop = asyncio.get_running_loop()
+                job = self._kernel_thread.submit(kernel)
+                done = loop.create_future()
+                step = (ready, plans, lens, t_start, done)
+                job.add_done_callback(lambda job: _call_on(loop, self._kernel_done, job, *step))
         except BaseException:
             self._undo(plans)
             raise
-        if not inline:
+        if done is None:
+            if self._waiters:  # nobody waits on the event otherwise: no need to replace it
+                self._notify_settled()
+            self._deliver(ready, out, lens, attention_s, t_start)
+            return
+        await done  # cancelled: `_kernel_done` undoes the step once the thread has let go
+
+    def _kernel_done(
+        self, job: Any, ready: list[DecodeWork], plans: list[tuple[Any, AppendPlan]], lens: np.ndarray,
+        t_start: float, done: asyncio.Future,
+    ) -> None:
+        """On the loop, as soon as the worker thread's kernel is over: finish the plans and answer
+        the callers; or, when the kernel failed or the batch's task was cancelled meanwhile, undo
+        the step. Resolves `done` (what `_launch` waits for)."""
+        try:
+            out, attention_s = job.result()
+            if done.cancelled():
+                raise asyncio.CancelledError
             for tenant, plan in plans:
                 with self._pool_delta(tenant):
-                    cache.finish(plan)
-        if self._waiters:  # nobody waits on the event otherwise: no need to replace it
+                    self.cache.finish(plan)
+        except BaseException as exc:
+            self._undo(plans)
+            if not done.done():
+                done.set_exception(exc)
+            return
+        try:
             self._notify_settled()
-        return out, lens, attention_s
+            self._deliver(ready, out, lens, attention_s, t_start)
+        except BaseException as exc:  # a bug here must still end the step (`_run_batch` reports it)
+            if not done.done():
+                done.set_exception(exc)
+            return
+        if not done.done():
+            done.set_result(None)
 
     def _undo(self, plans: list[tuple[Any, AppendPlan]]) -> None:
         """All-or-nothing: the failed step leaves no tokens and no held blocks behind."""
@@ -863,6 +893,12 @@ def kernel_threads(cores: int, inline: bool) -> int:
     for the slowest thread), so it leaves the loop one core. Idle kernel workers sleep (the native
     pool never spins), so an unused core costs nothing."""
     return max(1, cores if inline else cores - 1)
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """`fn(*args)` on `loop`'s thread, from another thread (dropped once the loop is closed)."""
+    with contextlib.suppress(RuntimeError):  # the loop closed at shutdown: nobody left to answer
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _timed(fn: Callable[..., np.ndarray], *args: Any, **kwargs: Any) -> tuple[np.ndarray, float]:

@@ -289,6 +289,42 @@ def test_a_cancelled_caller_does_not_hide_the_kernel_error_from_its_batch() -> N
     asyncio.run(main())
 
 
+def test_a_launch_cancelled_while_the_kernel_runs_is_undone_once_the_thread_lets_go() -> None:
+    """The batch's task is cancelled (shutdown) while the worker thread's kernel reads the blocks:
+    the step stays held (a racing truncate waits) until the kernel returns, then is undone whole;
+    the caller gets no result for it, and the retry succeeds."""
+
+    async def main() -> None:
+        svc = make_service()
+        svc.start()
+        await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id="a"))
+        await appendkv(svc, "a", 0, 0, 20, seed=3)  # two blocks at each layer
+        await appendkv(svc, "a", 1, 0, 20, seed=4)
+        free = svc.cache.free_blocks
+        with GatedKernel() as kernel:
+            caller = await started_decode(svc, kernel, "a", 20)
+            svc.batcher._task.cancel()
+            truncate = asyncio.ensure_future(
+                rpc(svc, "TruncateSequence", pb.TruncateSequenceRequest(sequence_id="a", length=16))
+            )
+            await loop_passes()
+            assert svc.cache.in_flight("a") and not truncate.done()  # the kernel still reads: held
+            assert svc.cache.get("a").lengths == (21, 20)
+            kernel.gate.set()
+            info = await truncate  # applies once the step is undone
+        assert list(info.lengths) == [16, 16] and svc.cache.get("a").num_blocks == 1
+        assert not caller.done()  # never answered with the undone step's output
+        caller.cancel()
+        assert svc.cache.free_blocks == free + 1  # the second block back; nothing held any more
+        assert not svc.cache.in_flight("a")
+        svc.batcher.start()
+        resp = await svc._decode_one(decode_req("a", 16))
+        assert resp.timing.batch_size == 1 and svc.cache.get("a").lengths == (17, 16)
+        await svc.close()
+
+    asyncio.run(main())
+
+
 def test_queued_work_keeps_a_sequence_alive_and_reads_do_not() -> None:
     """TTL 10 s: a decode queued for longer than the TTL keeps its sequence; a sequence only read
     (GetSequence) for longer than the TTL expires."""
