@@ -299,6 +299,26 @@ def test_read_bandwidth_checks_and_restores_threads() -> None:
     assert torch.get_num_threads() == before
 
 
+def test_settle_waits_while_a_thread_of_the_process_burns_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """settle() polls the process CPU time: it returns at the first quiet poll, and gives up at max_s."""
+    from tkg.kernel.bench import membw
+
+    clock = {"wall": 0.0, "cpu": 0.0}
+    burn = [0.002, 0.002, 0.0015, 0.0001, 0.002]  # CPU seconds used by the process during each poll
+
+    def sleep(dt: float) -> None:
+        clock["wall"] += dt
+        clock["cpu"] += burn.pop(0) if burn else 0.0
+
+    monkeypatch.setattr(membw.time, "sleep", sleep)
+    monkeypatch.setattr(membw.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(membw.time, "process_time", lambda: clock["cpu"])
+    assert membw.settle() == pytest.approx(4 * 0.002)  # three busy polls, then a quiet one
+    assert burn == [0.002]
+    burn[:] = [0.002] * 100  # never quiet: bounded by max_s
+    assert membw.settle(max_s=0.01) == pytest.approx(0.01)
+
+
 def test_torch_paged_decode_reuses_workspaces_across_shapes_and_threads() -> None:
     """Workspaces are per thread and grow: shrinking, growing and concurrent calls stay exact."""
     import threading

@@ -14,8 +14,12 @@ machine (design/performance.md). Per shape it reports, as median milliseconds an
 
 Each peer runs once untimed, then up to `--iters` times (at most `--budget` seconds, at least once) in
 round-robin rounds together with a read-bandwidth probe (a torch sum over `--membw-mib`), so load from
-other processes hits every peer and the probe alike; "x read BW" divides by the larger of that probe
-and the read bandwidth measured at the start of the run (1 thread and `--threads` threads).
+other processes hits every peer and the probe alike. Every timed run starts on a settled process
+(`membw.settle`): torch's OpenMP workers spin ~10 ms after each parallel region, which made whichever
+peer ran right after the probe or a torch peer up to 1.6x slower (`cpu.paged_decode`, timed right
+after the probe, looked slower than `cpu.attention_tkg` on the same data for that reason alone).
+"x read BW" divides by the larger of that probe and the read bandwidth measured at the start of the
+run (1 thread and `--threads` threads).
 Outputs are cross-checked against `cpu.paged_decode` (max abs error, reported) so a fast wrong kernel
 cannot pass unnoticed.
 """
@@ -112,9 +116,12 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, budget: flo
     """Median seconds and run count per callable, timed in round-robin rounds after one warm-up each.
 
     Interleaving spreads the load of a shared machine over every peer alike, so ratios within a
-    case stay meaningful while absolute times swing. A peer leaves the rounds after `iters` runs or
+    case stay meaningful while absolute times swing; each run waits (untimed) for the previous
+    one's spinning threads to stop. A peer leaves the rounds after `iters` runs or
     once it has spent `budget` seconds (it always gets at least one timed run).
     """
+    from tkg.kernel.bench.membw import settle
+
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -124,6 +131,7 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, budget: flo
         if not live:
             break
         for name in live:
+            settle()  # no spinning torch worker of the previous peer steals this one's core
             t0 = time.perf_counter()
             fns[name]()
             dt = time.perf_counter() - t0
