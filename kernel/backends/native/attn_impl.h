@@ -470,6 +470,202 @@ AI void softmax_update(tkg_partial part, float *s, const float *vb, const void *
     }
 }
 
+#if USE_DPBF16
+/* ---- The bf16 product fast path (d = 64 or 128, bf16 pools, or fp8 pools decoded per chunk) ----
+ * Per chunk of 32 keys: the visibility of every query as a bit mask; the scores of each query
+ * against 16 keys at a time (one vdpbf16ps chain per key, reduced by a transpose tree); the
+ * softmax weights of all queries rounded to bf16 pairs; then P.V for up to 4 queries per pass
+ * with their accumulators in registers, each V row pair interleaved in registers once per pass
+ * (no pair buffer, no per-query reload of V). Rows no query sees read a zero row (unwritten
+ * cache rows may hold NaN, and 0 * NaN is NaN). */
+
+/* Bits [a, b) of a 32-bit mask, a and b clipped to [0, 32]. */
+AI uint32_t bit_range(int a, int b) {
+    a = a < 0 ? 0 : a > 32 ? 32 : a;
+    b = b < 0 ? 0 : b > 32 ? 32 : b;
+    if (a >= b) return 0;
+    uint32_t hi = b == 32 ? 0xffffffffu : (1u << b) - 1u;
+    return hi & ~((1u << a) - 1u);
+}
+
+/* Queries r0..r0+3 of qb ([nq][dp] bf16) packed for fast_dots16x4: vector c holds, in its 128-bit
+ * lane i, the 8 elements 8c..8c+7 of query r0+i (zeros past nq) as 4 bf16 pairs. */
+AI void pack_q4(uint32_t *dst, const uint16_t *qb, int dp, int r0, int nq, int D) {
+    for (int c = 0; c < D / 8; c++)
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) {
+                const uint16_t *q = qb + (int64_t)(r0 + i) * dp + 8 * c + 2 * j;
+                dst[16 * c + 4 * i + j] = r0 + i < nq ? (uint32_t)q[0] | (uint32_t)q[1] << 16 : 0u;
+            }
+}
+
+/* Scores of 4 packed queries (pack_q4) against 16 rows kr[16]: out[i] = the 16 scores of query i.
+ * Each key row is broadcast 8 elements at a time to the four 128-bit lanes, so one vdpbf16ps
+ * serves the 4 queries, and a key's 4 partial sums per query fold by in-lane shuffles. */
+AI void fast_dots16x4(__m512 out[4], const uint32_t *qp, const uint16_t *const *kr, int D) {
+    __m512bh q[16];
+    for (int c = 0; c < D / 8; c++) q[c] = (__m512bh)_mm512_load_si512(qp + 16 * c);
+    __m512 cs[4];
+    for (int t = 0; t < 16; t += 4) {
+        __m512 a[4];
+        for (int u = 0; u < 4; u++) a[u] = _mm512_setzero_ps();
+        for (int c = 0; c < D / 8; c++)
+            for (int u = 0; u < 4; u++)
+                a[u] = _mm512_dpbf16_ps(a[u], q[c],
+                                        (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(kr[t + u] + 8 * c))));
+        /* per lane i: [a0+a1, a2+a3] of keys t, t+1, then the 4 sums of keys t..t+3 */
+        __m512 b01 = _mm512_add_ps(_mm512_shuffle_ps(a[0], a[1], 0x88), _mm512_shuffle_ps(a[0], a[1], 0xDD));
+        __m512 b23 = _mm512_add_ps(_mm512_shuffle_ps(a[2], a[3], 0x88), _mm512_shuffle_ps(a[2], a[3], 0xDD));
+        cs[t / 4] = _mm512_add_ps(_mm512_shuffle_ps(b01, b23, 0x88), _mm512_shuffle_ps(b01, b23, 0xDD));
+    }
+    /* cs[k] lane i = keys 4k..4k+3 of query i: transpose the 4x4 blocks of 128 bits */
+    __m512 t0 = _mm512_shuffle_f32x4(cs[0], cs[1], 0x44), t1 = _mm512_shuffle_f32x4(cs[0], cs[1], 0xEE);
+    __m512 t2 = _mm512_shuffle_f32x4(cs[2], cs[3], 0x44), t3 = _mm512_shuffle_f32x4(cs[2], cs[3], 0xEE);
+    out[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+    out[1] = _mm512_shuffle_f32x4(t0, t2, 0xDD);
+    out[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+    out[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+}
+
+/* acc of QG queries (rows r0.., UNPACK column order) += their bf16 weight pairs pp[r][t] times the
+ * pair-interleaved V rows (vr[2t], vr[2t+1]), for the 64 columns starting at col; alpha[r]
+ * rescales the accumulators first (a new running max). */
+AI void fast_pv64(float *acc, int dp, const uint32_t *pp, const float *alpha, const uint16_t *const *vr, int npairs,
+                  int col, int QG) {
+    __m512 a[4][4];
+    for (int r = 0; r < QG; r++)
+        for (int c = 0; c < 4; c++)
+            a[r][c] = _mm512_mul_ps(_mm512_load_ps(acc + (int64_t)r * dp + col + 16 * c), _mm512_set1_ps(alpha[r]));
+    for (int t = 0; t < npairs; t++) {
+        const uint16_t *x = vr[2 * t] + col, *y = vr[2 * t + 1] + col;
+        __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 32);
+        __m512i y0 = _mm512_loadu_si512(y), y1 = _mm512_loadu_si512(y + 32);
+        __m512bh v[4] = {(__m512bh)_mm512_unpacklo_epi16(x0, y0), (__m512bh)_mm512_unpackhi_epi16(x0, y0),
+                         (__m512bh)_mm512_unpacklo_epi16(x1, y1), (__m512bh)_mm512_unpackhi_epi16(x1, y1)};
+        for (int r = 0; r < QG; r++) {
+            __m512bh w = (__m512bh)_mm512_set1_epi32((int)pp[r * (TKG_CHUNK) + t]);
+            for (int c = 0; c < 4; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], v[c], w);
+        }
+    }
+    for (int r = 0; r < QG; r++)
+        for (int c = 0; c < 4; c++) _mm512_store_ps(acc + (int64_t)r * dp + col + 16 * c, a[r][c]);
+}
+
+/* The chunk loop of an item over keys [klo, khi) on the fast path (see above). qb: [nq][dp] bf16
+ * queries; rg: [nq][4] visible ranges; s: [nq][TKG_CHUNK] scratch; dec: 2 * TKG_CHUNK * D bf16
+ * (fp8 pools: the chunk's decoded K rows, then V rows). */
+AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, const uint16_t *qb, int nq, int klo,
+                   int khi, const char *kbase, const char *vbase, const int32_t *tab, float *s, uint16_t *dec, int D) {
+    enum { CH = TKG_CHUNK };
+    uint32_t *qp = (uint32_t *)(qb + (int64_t)nq * D);
+    for (int r0 = 0; r0 < nq; r0 += 4) pack_q4(qp + (int64_t)r0 * D / 2, qb, D, r0, nq, D);
+    static const uint16_t zero_row[TKG_MAX_D] __attribute__((aligned(64))) = {0};
+    const int dp = D, fp8 = p->dtype == TKG_FP8, esz = fp8 ? 1 : 2, row_bytes = D * esz, bl = p->bl;
+    const vf sc = splat(p->score_scale);
+    int64_t cur[CH], nxt[CH];
+    int walk_blk = klo / bl, walk_off = klo % bl;
+#define FWALK(dst, count)                                                                        \
+    for (int j_ = 0; j_ < (count); j_++) {                                                       \
+        (dst)[j_] = ((int64_t)tab[walk_blk] * p->block_stride + (int64_t)walk_off * D) * esz;    \
+        if (++walk_off == bl) {                                                                  \
+            walk_off = 0;                                                                        \
+            walk_blk++;                                                                          \
+        }                                                                                        \
+    }
+    if (klo < khi) FWALK(cur, (khi - klo < CH ? khi - klo : CH));
+    for (int c0 = klo; c0 < khi; c0 += CH) {
+        const int n = khi - c0 < CH ? khi - c0 : CH;
+        const int nn = khi - (c0 + CH) < CH ? khi - (c0 + CH) : CH;
+        if (nn > 0) FWALK(nxt, nn);
+        /* The next chunk's rows, one line at a time (blocks sit anywhere in the pool). */
+#ifndef EXP_NOPF
+        for (int j = 0; j < nn; j++)
+            for (int b = 0; b < row_bytes; b += 64) {
+                __builtin_prefetch(kbase + nxt[j] + b, 0, 3);
+                __builtin_prefetch(vbase + nxt[j] + b, 0, 3);
+            }
+#endif
+        uint32_t seen = 0;
+        uint32_t vis[4 * 64];
+        for (int r = 0; r < nq; r++) {
+            const int32_t *g = rg + 4 * r;
+            uint32_t m = bit_range(g[0] - c0, g[1] - c0) | bit_range(g[2] - c0, g[3] - c0);
+            m &= n == 32 ? 0xffffffffu : (1u << n) - 1u;
+            vis[r] = m;
+            seen |= m;
+        }
+        if (seen) {
+            const uint16_t *kr[CH], *vr[CH];
+            for (int j = 0; j < CH; j++) {
+                int on = j < n && (seen >> j & 1u);
+                if (fp8) {
+                    if (on) {
+                        fp8_to_bf16(p, dec + (int64_t)j * D, (const uint8_t *)(kbase + cur[j]), D);
+                        fp8_to_bf16(p, dec + (int64_t)(CH + j) * D, (const uint8_t *)(vbase + cur[j]), D);
+                    }
+                    kr[j] = on ? dec + (int64_t)j * D : zero_row;
+                    vr[j] = on ? dec + (int64_t)(CH + j) * D : zero_row;
+                } else {
+                    kr[j] = on ? (const uint16_t *)(kbase + cur[j]) : zero_row;
+                    vr[j] = on ? (const uint16_t *)(vbase + cur[j]) : zero_row;
+                }
+            }
+            const int ng = (n + 15) / 16;
+            for (int r0 = 0; r0 < nq; r0 += 4) {
+                const int qg = nq - r0 < 4 ? nq - r0 : 4;
+                for (int g = 0; g < 2; g++) {
+                    __m512 x[4];
+                    if (g < ng) fast_dots16x4(x, qp + (int64_t)r0 * D / 2, kr + 16 * g, D);
+                    for (int i = 0; i < qg; i++) {
+                        __mmask16 mk = (__mmask16)(vis[r0 + i] >> (16 * g));
+                        __m512 y = g < ng ? _mm512_mul_ps(x[i], (__m512)sc) : _mm512_setzero_ps();
+                        _mm512_store_ps(s + (r0 + i) * CH + 16 * g, _mm512_mask_blend_ps(mk, _mm512_set1_ps(-INFINITY), y));
+                    }
+                }
+            }
+            /* Softmax weights (bf16 pairs in place of each query's scores) and rescale factors. */
+            float alpha[4 * 64];
+            for (int r = 0; r < nq; r++) {
+                float *sr = s + r * CH;
+                alpha[r] = 1.0f;
+                vf s0 = *(vf *)sr, s1 = *(vf *)(sr + 16);
+                float cm = vis[r] ? hmax(vmax(s0, s1)) : -INFINITY;
+                if (cm == -INFINITY) { /* nothing visible: zero weights */
+                    memset(sr, 0, sizeof(float) * CH / 2);
+                    continue;
+                }
+                float m_old = part.m[r];
+                if (cm > m_old) {
+                    alpha[r] = m_old == -INFINITY ? 0.0f : expf(m_old - cm);
+                    part.m[r] = cm;
+                    part.l[r] *= alpha[r];
+                }
+                vf mv = splat(part.m[r]);
+                vf p0 = vexp(s0 - mv), p1 = vexp(s1 - mv);
+                part.l[r] += hsum(p0 + p1);
+                _mm512_store_si512(sr, (__m512i)_mm512_cvtne2ps_pbh((__m512)p1, (__m512)p0));
+            }
+            const int npairs = (n + 1) / 2;
+#ifndef EXP_NOPV
+            for (int r0 = 0; r0 < nq; r0 += 4) {
+                const int qg = nq - r0 < 4 ? nq - r0 : 4;
+                float *acc = part.acc + (int64_t)r0 * dp;
+                const uint32_t *pp = (const uint32_t *)(s + r0 * CH);
+                for (int col = 0; col < D; col += 64) {
+                    if (qg == 4) fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 4);
+                    else if (qg == 3) fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 3);
+                    else if (qg == 2) fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 2);
+                    else fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 1);
+                }
+            }
+#endif
+        }
+        memcpy(cur, nxt, sizeof(cur));
+    }
+#undef FWALK
+}
+#endif
+
 /* Visible key ranges of query r of task t, and whether key interval [a, b) is wholly visible. */
 AI void query_ranges(const tkg_problem *p, int task, int nk, int r, int32_t *out4) {
     if (p->ranges) {
@@ -496,8 +692,8 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
     ws += (nq * 4 + 15) / 16 * 16;
     float *qs = ws;
     ws += (int64_t)nq * dp;
-    uint16_t *qb = (uint16_t *)ws;
-    ws += ((int64_t)nq * dp / 2 + 15) / 16 * 16; /* every region stays 64-byte aligned */
+    uint16_t *qb = (uint16_t *)ws; /* [nq][dp] bf16, then (fast path) [nq4 / 4][dp / 8][16] packed pairs */
+    ws += ((int64_t)(nq + 3) / 4 * 4 * dp + 15) / 16 * 16; /* every region stays 64-byte aligned */
     float *kb = ws;
     ws += (int64_t)CH * dp;
     float *vb = ws;
@@ -577,6 +773,15 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
             walk_blk++;                                                                               \
         }                                                                                             \
     }
+#if USE_DPBF16
+    /* vis/alpha arrays of the fast path hold 256 queries. */
+    if (use_bf && bf_pv && !p->prior_mask && nq <= 256 && (d == 128 || d == 64) &&
+        (p->dtype == TKG_BF16 || (fp8 && p->vbmi))) {
+        if (d == 128) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 128);
+        else fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 64);
+        klo = khi; /* the chunk loop below has nothing left */
+    }
+#endif
     if (klo < khi) WALK(cur, (khi - klo < CH ? khi - klo : CH));
 
     for (int c0 = klo; c0 < khi; c0 += CH) {

@@ -45,7 +45,8 @@ int tkg_padded_d(int d) { return (d + 15) / 16 * 16; }
 
 int64_t tkg_ws_floats(const tkg_problem *p) {
     int64_t dp = tkg_padded_d(p->d), nq = p->nq;
-    int64_t scratch = (nq * 4 + 15) / 16 * 16 + nq * dp + (nq * dp / 2 + 15) / 16 * 16 + 2 * TKG_CHUNK * dp +
+    int64_t nq4 = (nq + 3) / 4 * 4; /* bf16 queries: nq plain rows, then nq4 rows packed in groups of 4 */
+    int64_t scratch = (nq * 4 + 15) / 16 * 16 + nq * dp + (nq4 * dp + 15) / 16 * 16 + 2 * TKG_CHUNK * dp +
                       nq * TKG_CHUNK;
     int64_t partial = 2 * ((nq + 15) / 16 * 16) + nq * dp; /* m, l, acc of an unsplit item */
     return scratch + partial + 64;
