@@ -324,3 +324,110 @@ def test_pool_survives_fork() -> None:
         pytest.fail("the forked child hung in the kernel's thread pool")
     assert proc.exitcode == 0
     assert parent.recv() < 2e-5
+
+
+# --- the AVX-512-BF16 fast path (d = 64 or 128, bf16 or fp8 pools; every variant must agree) -------------
+
+
+def _poison_unseen(k, v, tables, lens, S: int, window: int | None, BL: int) -> None:
+    """NaN/inf in every pool slot no query of its sequence sees: past each length in its last
+    block, and (with a window) before the earliest query's window. Unwritten cache rows look
+    like this; 0 * NaN must not reach the output."""
+    for b, L in enumerate(lens.tolist()):
+        first = max(0, L - S - window + 1) if window else 0
+        nblk = -(-L // BL)
+        for j in [*range(first), *range(L, nblk * BL)]:
+            blk, off = int(tables[b, j // BL]), j % BL
+            k[:, blk, off] = np.inf
+            v[:, blk, off] = np.nan
+
+
+@needs_native
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "dtype,d,BL,G,S,window,lens",
+    [
+        ("bf16", 128, 16, 4, 1, None, [1, 31, 32, 33, 47, 200]),  # partial chunks, odd pair counts
+        ("bf16", 128, 128, 3, 1, 40, [300, 5, 129]),  # 3 q heads: a padded group of 4; windowed chunks
+        ("bf16", 64, 16, 4, 2, None, [64, 17, 95]),  # 8 queries: two groups
+        ("bf16", 128, 32, 5, 2, 33, [250, 2, 77]),  # 10 queries: groups of 4, 4, 2
+        ("fp8", 128, 16, 4, 1, None, [1, 33, 160]),
+        ("fp8", 64, 128, 2, 3, 50, [260, 3, 90]),
+    ],
+)
+def test_fast_path_shapes_match_oracle(variant, dtype, d, BL, G, S, window, lens) -> None:
+    from tkg.kernel_dtypes import FP8, to_fp8
+
+    rng = np.random.default_rng(abs(hash((variant, dtype, d, BL, G, S))) % 2**32)
+    q, k, v, tables, lens = make_paged(rng, B=len(lens), Hkv=2, G=G, S=S, d=d, BL=BL,
+                                       dtype="fp32" if dtype == "fp8" else dtype, lens=lens)  # fmt: skip
+    kw = {}
+    if dtype == "fp8":
+        k, v = to_fp8(k * 3), to_fp8(v * 3)  # spread over the exponents, subnormals included
+        assert (np.abs(k.astype(np.float32)) < 2**-6).any()
+        q = q.astype(BF16)
+        kw = dict(k_scale=0.5, v_scale=0.25)
+    _poison_unseen(k, v, tables, lens, S, window, BL)
+    out = paged_decode(q, k, v, tables, lens, scale=d**-0.5, window=window, backend="cpu", variant=variant,
+                       native=True, **kw)  # fmt: skip
+    kf, vf = k.astype(np.float64), v.astype(np.float64)
+    if dtype == "fp8":
+        kf, vf = kf * 0.5, vf * 0.25
+    ref = paged_oracle(q, np.nan_to_num(kf, nan=0, posinf=0), np.nan_to_num(vf, nan=0), tables, lens, d**-0.5, window)
+    assert np.isfinite(out.astype(np.float32)).all()
+    np.testing.assert_allclose(out.astype(np.float32), ref, **tol("bf16"))
+    assert k.dtype == (FP8 if dtype == "fp8" else DT[dtype])
+
+
+@needs_native
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_fast_path_decodes_every_fp8_pattern(variant: str, d: int) -> None:
+    """d = 64/128 (the fast path's widths): V rows holding all 256 fp8 patterns come out exactly
+    (one visible key: p = 1), and K rows holding every finite pattern give q.k exactly
+    (one-hot bf16 q heads against key 0, key 1 zeros: out = sigmoid(K0[h] / 16))."""
+    from tkg.kernel_dtypes import FP8
+
+    patterns = np.arange(256, dtype=np.uint8).view(FP8).reshape(-1, d)  # [256 / d, d]
+    nrow = patterns.shape[0]
+    k = np.zeros((1, nrow, 4, d), FP8)
+    v = np.zeros((1, nrow, 4, d), FP8)
+    v[0, :, 0] = patterns
+    q = np.ones((nrow, 1, 1, d), np.float32)
+    tables = np.arange(nrow, dtype=np.int32)[:, None]
+    out = paged_decode(q, k, v, tables, np.ones(nrow, np.int32), scale=1.0, v_scale=0.5, backend="cpu",
+                       variant=variant)  # fmt: skip
+    np.testing.assert_array_equal(out[:, 0, 0], patterns.astype(np.float32) * np.float32(0.5))
+
+    finite = np.where(np.isfinite(patterns.astype(np.float32)), patterns, np.zeros(1, FP8))
+    k = np.zeros((1, nrow, 4, d), FP8)
+    v = np.zeros((1, nrow, 4, d), FP8)
+    k[0, :, 0] = finite
+    v[0, :, 0, 0] = 1.0
+    v[0, :, 1, 1] = 1.0
+    q = np.broadcast_to(np.eye(d, dtype=np.float32).astype(BF16)[None, :, None, :], (nrow, d, 1, d)).copy()
+    out = paged_decode(q, k, v, tables, np.full(nrow, 2, np.int32), scale=1 / 16, backend="cpu", variant=variant)
+    want = 1.0 / (1.0 + np.exp(-finite.astype(np.float64) / 16))
+    np.testing.assert_allclose(out[:, :, 0, 0].astype(np.float64), want, rtol=8e-3, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fast_path_ignores_garbage_in_a_wrapped_window_gap(variant: str) -> None:
+    """attention_tkg with a circular window (row 1 sees [0, end) and [start, n)): the keys of the gap
+    sit inside the walked key range but no query sees them; NaN/inf there changes nothing."""
+    c = cfg(use_pos_id=True, block_len=16, d_head=128, bs=3, q_head=4, s_active=2, curr_sprior=512)
+    case = Case("gap", c, dtype="bf16", seed=21, window=60)
+    ref, _ = attention_tkg(**build_case(case), backend="reference")
+    args = build_case(case)
+    cached = int(args["rope_pos_ids"][1, 0])
+    start = int(args["start_pos_ids"][1, 0])
+    gap = range(cached + c.s_active, start)
+    assert len(gap) >= 4
+    for key in gap:
+        blk = args["active_blocks_table"][1, key // 16]
+        args["k_prior"][blk, key % 16] = np.inf
+        args["v_prior"][blk, key % 16] = np.nan
+    out, _ = attention_tkg(**args, backend="cpu", native=True, variant=variant)
+    assert np.isfinite(out.astype(np.float32)).all()
+    np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), **tol("bf16"))
