@@ -403,3 +403,53 @@ def test_torch_run_fills_a_strided_out_and_leaves_the_rest() -> None:
     cpu_torch.run(got)
     np.testing.assert_allclose(got.out.astype(np.float32), ref.out.astype(np.float32), rtol=2e-2, atol=2e-2)
     assert np.all(big[..., 1::2].astype(np.float32) == 3.0)
+
+
+def test_native_read_probe_reads_on_the_kernel_pool() -> None:
+    cpu = pytest.importorskip("tkg.kernel.backends.cpu")
+    if not cpu.native_variants():
+        with pytest.raises(ValueError, match="not built"):
+            cpu.read_probe(np.zeros(1024, np.float32))
+        return
+    from tkg.kernel.bench.membw import native_read_bandwidth
+
+    buf = np.ones(2**20, np.float32)
+    assert cpu.read_probe(buf, threads=1) == 1
+    assert 1 <= cpu.read_probe(buf, threads=2) <= 2
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cpu.read_probe(buf.reshape(1024, 1024)[:, ::2])
+    with pytest.raises(ValueError, match="nbytes"):
+        cpu.read_probe(np.ones(7, np.float32))
+    bw = native_read_bandwidth(8 * 2**20, reps=2, threads=1)
+    assert bw is not None and bw.nbytes == 8 * 2**20 and 0 < bw.median_gbs <= bw.best_gbs
+
+
+def test_goal_verdicts_follow_the_figures() -> None:
+    from tkg.kernel.bench import kernel as bench
+
+    def case(label: str, s: int, x: float, pd_ms: float, api_ms: float | None) -> dict:
+        peers = {"cpu.paged_decode": {"x_read_bw": x, "median_ms": pd_ms}}
+        if api_ms is not None:
+            peers["cpu.attention_tkg"] = {"x_read_bw": x, "median_ms": api_ms}
+        return {"label": label, "s": s, "peers": peers}
+
+    rep = {
+        "cases": [case("a", 1, 0.61, 10.0, 9.6), case("b", 1, 0.59, 10.6, 10.0), case("c", 4, 0.1, 1.0, None)],
+        "fp8_vs_bf16": [{"label": "a", "peers": {"cpu.paged_decode": {"speedup": 1.59}}}],
+    }
+    got = [(g["case"], g["goal"].split()[0], round(g["value"], 3), g["met"]) for g in bench.goal_verdicts(rep)]
+    assert got == [
+        ("a", "x", 0.61, True), ("a", "paged/attention_tkg", 1.042, True),
+        ("b", "x", 0.59, False), ("b", "paged/attention_tkg", 1.06, False),
+        ("a fp8", "fp8/bf16", 1.59, False),
+    ]  # fmt: skip
+
+
+def test_bench_kernel_prints_both_probes_and_the_goals(capsys: pytest.CaptureFixture[str]) -> None:
+    from tkg.kernel.bench import kernel as bench
+
+    argv = [*TINY, "--s", "1", "--lens", "equal", "--peers", "cpu.paged_decode,cpu.attention_tkg"]
+    assert bench.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "read probes GB/s torch" in text
+    assert "goal  S=1 BL=8 equal" in text and "x read BW >= 0.6" in text and "paged/attention_tkg" in text

@@ -59,6 +59,20 @@ def native_variants() -> list[str]:
     return list(_native.variants()) if _native is not None else []
 
 
+def read_probe(buf: np.ndarray, threads: int | None = None, pin: bool | None = None) -> int:
+    """Read `buf` once on the native kernel's own pool (its threads and pinning); returns threads used.
+
+    The read-bandwidth peer of `tkg bench kernel`: the same threads that run the kernel stream a
+    C-contiguous buffer (size a multiple of 128 bytes) in 2 MiB pieces, as they claim items.
+    """
+    if _native is None:
+        raise ValueError(f"cpu backend: read_probe: the native kernel is not built ({NATIVE_ERROR})")
+    if not buf.flags.c_contiguous:
+        raise ValueError("cpu backend: read_probe: buf: must be C-contiguous")
+    return int(_native.read_probe(buf=_addr(buf), nbytes=buf.nbytes, threads=int(threads or default_threads()),
+                                  pin=_default_pin() if pin is None else bool(pin)))  # fmt: skip
+
+
 def _native_enabled() -> bool:
     return _native is not None and os.environ.get("TKG_CPU_NATIVE", "1") != "0"
 

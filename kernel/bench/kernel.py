@@ -46,7 +46,11 @@ DTYPES = {"bf16": BF16, "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float3
 FP8_PEERS = ("cpu.paged_decode", "cpu.attention_tkg", "torch.paged_decode")
 PEERS = ("cpu.paged_decode", "cpu.attention_tkg", "torch.paged_decode", "reference", "sdpa_gqa", "sdpa_repeat")
 BASELINE = "sdpa_gqa"
-_PROBE = "<read probe>"
+_PROBE = "<read probe {}>"
+# Goals of issue 14 (design/performance.md), checked per case by the report.
+GOAL_X_READ_BW = 0.6  # cpu.paged_decode effective bandwidth over the read bandwidth, at S=1
+GOAL_PAGED_VS_API = 1.05  # cpu.paged_decode median time over cpu.attention_tkg's, same data
+GOAL_FP8_SPEEDUP = 1.6  # tokens/s on fp8 KV over bf16 KV
 
 
 def _ints(text: str) -> list[int]:
@@ -256,23 +260,28 @@ def run_bench(a: argparse.Namespace) -> dict[str, Any]:
     """Measure everything; returns the JSON-able report."""
     import torch
 
-    from tkg.kernel.bench.membw import read_bandwidth
+    from tkg.kernel.bench.membw import native_read_bandwidth, native_reader, read_bandwidth
 
     _check_args(a)
     torch.set_num_threads(a.threads)
-    bw_n = read_bandwidth(a.membw_mib * 2**20, threads=a.threads)
-    bw_1 = read_bandwidth(a.membw_mib * 2**20, threads=1)
-    read_gbs = max(bw_n.median_gbs, bw_1.median_gbs)  # the better of both: a conservative denominator
+    nbytes = a.membw_mib * 2**20
+    bw_n = read_bandwidth(nbytes, threads=a.threads)
+    bw_1 = read_bandwidth(nbytes, threads=1)
+    bw_native = native_read_bandwidth(nbytes, threads=a.threads)
+    measures = {f"{bw_n.threads}_threads": bw_n, "1_thread": bw_1}
+    if bw_native is not None:
+        measures[f"native_{a.threads}_threads"] = bw_native
+    read_gbs = max(b.median_gbs for b in measures.values())  # the best of all: a conservative denominator
     cpu, impl = _cpu_module()
-    buf = torch.ones(a.membw_mib * 2**18, dtype=torch.float32)  # the probe's buffer, written once
-    probe_bytes = buf.numel() * 4
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)  # the torch probe's buffer, written once
+    probes: dict[str, tuple[Callable[[], Any], int]] = {"torch": (buf.sum, buf.numel() * 4)}
+    native = native_reader(nbytes, a.threads)
+    if native is not None:
+        probes["native"] = native
+    read_bw: dict[str, Any] = {k: {"median_gbs": b.median_gbs, "best_gbs": b.best_gbs} for k, b in measures.items()}
     report: dict[str, Any] = {
         "read_bandwidth_gbs": read_gbs,
-        "read_bandwidth": {
-            f"{bw_n.threads}_threads": {"median_gbs": bw_n.median_gbs, "best_gbs": bw_n.best_gbs},
-            "1_thread": {"median_gbs": bw_1.median_gbs, "best_gbs": bw_1.best_gbs},
-            "buffer_bytes": bw_n.nbytes,
-        },
+        "read_bandwidth": {**read_bw, "buffer_bytes": bw_n.nbytes},
         "cpu_implementation": impl,
         "threads": a.threads,
         "torch_version": torch.__version__,
@@ -290,7 +299,7 @@ def run_bench(a: argparse.Namespace) -> dict[str, Any]:
                 pair = []
                 for dt in dts:
                     shape = Shape(a.batch, a.kv_heads, a.q_per_kv, a.head_dim, a.context, s, bl, lens == "ragged", dt)
-                    pair.append(_bench_case(Case(shape), a, cpu, read_gbs, buf.sum, probe_bytes))
+                    pair.append(_bench_case(Case(shape), a, cpu, read_gbs, probes))
                 report["cases"].extend(pair)
                 if fp8:
                     report["fp8_vs_bf16"].append(_fp8_ratio(pair[0], pair[1]))
@@ -311,9 +320,9 @@ def _fp8_ratio(bf16: dict[str, Any], fp8: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bench_case(
-    case: Case, a: argparse.Namespace, cpu: Any, read_gbs: float, probe: Callable[[], Any], probe_bytes: int
+    case: Case, a: argparse.Namespace, cpu: Any, read_gbs: float, probes: dict[str, tuple[Callable[[], Any], int]]
 ) -> dict[str, Any]:
-    """Time every peer on `case`, interleaved with a read-bandwidth probe (`probe` reads `probe_bytes`)."""
+    """Time every peer on `case`, interleaved with the read-bandwidth probes (name -> (read once, bytes))."""
     sh = case.shape
     entry: dict[str, Any] = {
         "label": sh.label, "batch": sh.batch, "kv_heads": sh.kv_heads, "q_heads": sh.kv_heads * sh.q_per_kv,
@@ -322,10 +331,12 @@ def _bench_case(
     }  # fmt: skip
     peers = _peers(case, a.peers, cpu, a.threads, _variants(a.variants, cpu))
     fns = {name: fn for name, (fn, _) in peers.items()}
-    fns[_PROBE] = probe
+    for name, (read, _) in probes.items():
+        fns[_PROBE.format(name)] = read
     timed = _time_interleaved(fns, a.iters, a.budget)
-    probe_gbs = probe_bytes / timed.pop(_PROBE)[0] / 1e9
-    # The better of the interleaved probe and the run-start measures: never flatter the kernels.
+    entry["read_probes_gbs"] = {n: nb / timed.pop(_PROBE.format(n))[0] / 1e9 for n, (_, nb) in probes.items()}
+    probe_gbs = max(entry["read_probes_gbs"].values())
+    # The best of the interleaved probes and the run-start measures: never flatter the kernels.
     read_gbs = max(read_gbs, probe_gbs)
     entry["read_gbs_interleaved"] = probe_gbs
     entry["read_gbs"] = read_gbs
@@ -347,6 +358,32 @@ def _bench_case(
     return entry
 
 
+def goal_verdicts(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's kernel goals per case, from the figures of this run: `cpu.paged_decode` at >= 0.6 of
+    the read bandwidth (S=1), within 5% of `cpu.attention_tkg` (median times), fp8 >= 1.6x bf16."""
+    out: list[dict[str, Any]] = []
+    for c in rep["cases"]:
+        peers = c["peers"]
+        pd = peers.get("cpu.paged_decode")
+        if pd is None:
+            continue
+        if c["s"] == 1:
+            x = pd["x_read_bw"]
+            out.append({"case": c["label"], "goal": f"x read BW >= {GOAL_X_READ_BW}", "value": x,
+                        "met": x >= GOAL_X_READ_BW})  # fmt: skip
+        api = peers.get("cpu.attention_tkg")
+        if api is not None:
+            r = pd["median_ms"] / api["median_ms"]
+            out.append({"case": c["label"], "goal": f"paged/attention_tkg time <= {GOAL_PAGED_VS_API}", "value": r,
+                        "met": r <= GOAL_PAGED_VS_API})  # fmt: skip
+    for r in rep.get("fp8_vs_bf16", []):
+        p = r["peers"].get("cpu.paged_decode")
+        if p is not None:
+            out.append({"case": r["label"] + " fp8", "goal": f"fp8/bf16 tokens/s >= {GOAL_FP8_SPEEDUP}",
+                        "value": p["speedup"], "met": p["speedup"] >= GOAL_FP8_SPEEDUP})  # fmt: skip
+    return out
+
+
 def format_report(rep: dict[str, Any]) -> str:
     bw = rep["read_bandwidth"]
     per = ", ".join(f"{k.replace('_', ' ')} {v['median_gbs']:.1f} (best {v['best_gbs']:.1f})"
@@ -361,7 +398,8 @@ def format_report(rep: dict[str, Any]) -> str:
         f"{'vs ' + BASELINE:>12} {'max |err|':>10}",
     ]
     for c in rep["cases"]:
-        lines.append(f"{c['label']:<24} read probe {c['read_gbs_interleaved']:.1f} GB/s (interleaved); "
+        probes = ", ".join(f"{k} {v:.1f}" for k, v in c.get("read_probes_gbs", {}).items())
+        lines.append(f"{c['label']:<24} read probes GB/s {probes} (interleaved); "
                      f"x read BW uses {c['read_gbs']:.1f} GB/s")  # fmt: skip
         for name, p in c["peers"].items():
             err = next((v for k, v in p.items() if k.startswith("max_abs_err")), float("nan"))
@@ -378,6 +416,10 @@ def format_report(rep: dict[str, Any]) -> str:
                 f"fp8 vs bf16 KV  {r['label']:<22} {name:<20} {p['bf16_tokens_per_s']:>10.0f} -> "
                 f"{p['fp8_tokens_per_s']:>10.0f} tokens/s  {p['speedup']:.2f}x"
             )
+    if rep.get("goals"):
+        lines.append("")
+    for g in rep.get("goals", []):
+        lines.append(f"goal  {g['case']:<26} {g['goal']:<34} {g['value']:>7.3f}  {'met' if g['met'] else 'NOT met'}")
     return "\n".join(lines)
 
 
@@ -398,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tkg bench kernel: {exc}", file=sys.stderr)
         return 2
+    rep["goals"] = goal_verdicts(rep)
     print(json.dumps(rep, indent=2) if a.json else format_report(rep))
     return 0
 

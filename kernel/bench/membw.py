@@ -2,8 +2,10 @@
 
 Decode attention is memory bound, so a kernel's speed is reported as effective bandwidth (compulsory
 KV bytes / time) over the machine's read bandwidth measured in the same run (design/performance.md).
-The measure is a torch sum over a float32 buffer far larger than the last-level cache, using the same
-thread count as the kernels (both cores by default): the bytes are read once, nothing is written.
+Two measures, both over buffers far larger than the last-level cache and with the same thread count
+as the kernels (both cores by default), reading the bytes once and writing nothing: a torch sum, and
+the native kernel's own thread pool streaming a numpy buffer (the kernel's threads, pinning and page
+size: numpy's large buffers get transparent huge pages, torch's do not). Callers divide by the larger.
 
 Every timed pass starts on a quiet process (`settle`): torch's OpenMP workers keep spinning for
 about 10 ms after each parallel region, and whatever runs in that time (the next probe pass, or the
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _SETTLE_STEP_S = 0.002
@@ -51,34 +55,65 @@ class Bandwidth:
     threads: int
 
 
-def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 7, threads: int | None = None) -> Bandwidth:
-    """Median and best GB/s of `torch.sum` over a float32 buffer of `nbytes` (touched before timing).
+def _timed_passes(read: Callable[[], object], reps: int) -> list[float]:
+    """Seconds of `reps` calls of `read`, after one warm-up call, each on a settled process."""
+    read()
+    times = []
+    for _ in range(reps):
+        settle()
+        t0 = time.perf_counter()
+        read()
+        times.append(time.perf_counter() - t0)
+    return times
 
-    Each pass starts on a settled process (`settle`), as every peer of `tkg bench kernel` does.
 
-    Args:
-        nbytes: buffer size in bytes; keep it >= 10x the last-level cache (512 MiB default).
-        reps: timed passes (after one warm-up pass).
-        threads: torch intra-op threads for the measurement (None = the current setting).
-    """
+def _check(nbytes: int, reps: int) -> None:
     if nbytes < 4 * 2**20:
         raise ValueError(f"read_bandwidth: nbytes: {nbytes} must be >= 4 MiB to exceed the caches")
     if reps < 1:
         raise ValueError(f"read_bandwidth: reps: {reps} must be >= 1")
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 7, threads: int | None = None) -> Bandwidth:
+    """Median and best GB/s of `torch.sum` over a float32 buffer of `nbytes` (touched before timing).
+
+    Args:
+        nbytes: buffer size in bytes; keep it >= 10x the last-level cache (512 MiB default).
+        reps: timed passes (after one warm-up pass), each on a settled process.
+        threads: torch intra-op threads for the measurement (None = the current setting).
+    """
+    _check(nbytes, reps)
     prev = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         buf = torch.ones(nbytes // 4, dtype=torch.float32)  # written once: no page faults while timed
-        buf.sum()  # warm-up pass
-        times = []
-        for _ in range(reps):
-            settle()
-            t0 = time.perf_counter()
-            buf.sum()
-            times.append(time.perf_counter() - t0)
+        times = _timed_passes(buf.sum, reps)
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(prev)
     nb = buf.numel() * 4
     return Bandwidth(nb / statistics.median(times) / 1e9, nb / min(times) / 1e9, nb, reps, used)
+
+
+def native_reader(nbytes: int, threads: int) -> tuple[Callable[[], object], int] | None:
+    """(one read pass of a fresh `nbytes` numpy buffer on the native kernel's pool, bytes read), or
+    None without the native kernel. The buffer is allocated like the KV pools (numpy) and written
+    once; the pass uses the kernel's threads and pinning (`tkg.kernel.backends.cpu.read_probe`)."""
+    from tkg.kernel.backends import cpu
+
+    if not cpu.native_variants():
+        return None
+    buf = np.ones(nbytes // 128 * 32, dtype=np.float32)
+    return (lambda: cpu.read_probe(buf, threads=threads)), buf.nbytes
+
+
+def native_read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 7, threads: int = 2) -> Bandwidth | None:
+    """Median and best GB/s of the native kernel's pool reading a numpy buffer (None: not built)."""
+    _check(nbytes, reps)
+    reader = native_reader(nbytes, threads)
+    if reader is None:
+        return None
+    read, nb = reader
+    times = _timed_passes(read, reps)
+    return Bandwidth(nb / statistics.median(times) / 1e9, nb / min(times) / 1e9, nb, reps, threads)

@@ -120,13 +120,14 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) static void fp8_row_to_bf
     const __m512i hi0 = _mm512_load_si512(FP8_BF16_HI), hi1 = _mm512_load_si512(FP8_BF16_HI + 64);
     const __m512i lo0 = _mm512_load_si512(FP8_BF16_LO), lo1 = _mm512_load_si512(FP8_BF16_LO + 64);
     const __m512i order = _mm512_load_si512(FP8_VBMI_ORDER);
-    const __m512i m7f = _mm512_set1_epi8(0x7f), m80 = _mm512_set1_epi8((char)0x80);
+    const __m512i m80 = _mm512_set1_epi8((char)0x80);
     int c = 0;
     for (; c + 64 <= d; c += 64) {
         __m512i x = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(src + c));
-        __m512i mag = _mm512_and_si512(x, m7f);
-        __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, mag, hi1), _mm512_and_si512(x, m80));
-        __m512i lo = _mm512_permutex2var_epi8(lo0, mag, lo1);
+        /* vpermi2b indexes 128 bytes by bits 0-6: the sign bit needs no masking. The sign goes back
+         * in with one vpternlogd (table | (x & 0x80)). */
+        __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, x, hi1), x, m80, 0xF8);
+        __m512i lo = _mm512_permutex2var_epi8(lo0, x, lo1);
         _mm512_storeu_si512(dst + c, _mm512_unpacklo_epi8(lo, hi));
         _mm512_storeu_si512(dst + c + 32, _mm512_unpackhi_epi8(lo, hi));
     }
@@ -530,13 +531,29 @@ AI void fast_dots16x4(__m512 out[4], const uint32_t *qp, const uint16_t *const *
 /* acc of QG queries (rows r0.., UNPACK column order) += their bf16 weight pairs pp[r][t] times the
  * pair-interleaved V rows (vr[2t], vr[2t+1]), for the 64 columns starting at col; alpha[r]
  * rescales the accumulators first (a new running max). */
+/* Rows of the next chunk to prefetch while P.V runs: K and V row offsets rows[0..n). */
+typedef struct {
+    const char *kbase, *vbase;
+    const int64_t *rows;
+    int n, row_bytes;
+} pf_t;
+
+AI void prefetch_rows(const char *kbase, const char *vbase, const int64_t *rows, int from, int to, int row_bytes) {
+    for (int j = from; j < to; j++)
+        for (int b = 0; b < row_bytes; b += 64) {
+            __builtin_prefetch(kbase + rows[j] + b, 0, 3);
+            __builtin_prefetch(vbase + rows[j] + b, 0, 3);
+        }
+}
+
 AI void fast_pv64(float *acc, int dp, const uint32_t *pp, const float *alpha, const uint16_t *const *vr, int npairs,
-                  int col, int QG) {
+                  int col, int QG, pf_t pf) {
     __m512 a[4][4];
     for (int r = 0; r < QG; r++)
         for (int c = 0; c < 4; c++)
             a[r][c] = _mm512_mul_ps(_mm512_load_ps(acc + (int64_t)r * dp + col + 16 * c), _mm512_set1_ps(alpha[r]));
     for (int t = 0; t < npairs; t++) {
+        if (2 * t < pf.n) prefetch_rows(pf.kbase, pf.vbase, pf.rows, 2 * t, 2 * t + 2 < pf.n ? 2 * t + 2 : pf.n, pf.row_bytes);
         const uint16_t *x = vr[2 * t] + col, *y = vr[2 * t + 1] + col;
         __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 32);
         __m512i y0 = _mm512_loadu_si512(y), y1 = _mm512_loadu_si512(y + 32);
@@ -555,12 +572,13 @@ AI void fast_pv64(float *acc, int dp, const uint32_t *pp, const float *alpha, co
  * queries; rg: [nq][4] visible ranges; s: [nq][TKG_CHUNK] scratch; dec: 2 * TKG_CHUNK * D bf16
  * (fp8 pools: the chunk's decoded K rows, then V rows). */
 AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, const uint16_t *qb, int nq, int klo,
-                   int khi, const char *kbase, const char *vbase, const int32_t *tab, float *s, uint16_t *dec, int D) {
+                   int khi, const char *kbase, const char *vbase, const int32_t *tab, float *s, uint16_t *dec, int D,
+                   int FP8) {
     enum { CH = TKG_CHUNK };
     uint32_t *qp = (uint32_t *)(qb + (int64_t)nq * D);
     for (int r0 = 0; r0 < nq; r0 += 4) pack_q4(qp + (int64_t)r0 * D / 2, qb, D, r0, nq, D);
     static const uint16_t zero_row[TKG_MAX_D] __attribute__((aligned(64))) = {0};
-    const int dp = D, fp8 = p->dtype == TKG_FP8, esz = fp8 ? 1 : 2, row_bytes = D * esz, bl = p->bl;
+    const int dp = D, fp8 = FP8, esz = fp8 ? 1 : 2, row_bytes = D * esz, bl = p->bl;
     const vf sc = splat(p->score_scale);
     int64_t cur[CH], nxt[CH];
     int walk_blk = klo / bl, walk_off = klo % bl;
@@ -577,14 +595,9 @@ AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, co
         const int n = khi - c0 < CH ? khi - c0 : CH;
         const int nn = khi - (c0 + CH) < CH ? khi - (c0 + CH) : CH;
         if (nn > 0) FWALK(nxt, nn);
-        /* The next chunk's rows, one line at a time (blocks sit anywhere in the pool). */
-#ifndef EXP_NOPF
-        for (int j = 0; j < nn; j++)
-            for (int b = 0; b < row_bytes; b += 64) {
-                __builtin_prefetch(kbase + nxt[j] + b, 0, 3);
-                __builtin_prefetch(vbase + nxt[j] + b, 0, 3);
-            }
-#endif
+        /* The next chunk's rows are prefetched a row pair per V pair of the first P.V pass (a
+         * steady trickle: a burst of a whole chunk stalls on the miss buffers), the rest after. */
+        int pf_done = 0;
         uint32_t seen = 0;
         uint32_t vis[4 * 64];
         for (int r = 0; r < nq; r++) {
@@ -646,20 +659,21 @@ AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, co
                 _mm512_store_si512(sr, (__m512i)_mm512_cvtne2ps_pbh((__m512)p1, (__m512)p0));
             }
             const int npairs = (n + 1) / 2;
-#ifndef EXP_NOPV
             for (int r0 = 0; r0 < nq; r0 += 4) {
                 const int qg = nq - r0 < 4 ? nq - r0 : 4;
                 float *acc = part.acc + (int64_t)r0 * dp;
                 const uint32_t *pp = (const uint32_t *)(s + r0 * CH);
                 for (int col = 0; col < D; col += 64) {
-                    if (qg == 4) fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 4);
-                    else if (qg == 3) fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 3);
-                    else if (qg == 2) fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 2);
-                    else fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 1);
+                    pf_t pf = {kbase, vbase, nxt, r0 == 0 && col == 0 ? nn : 0, row_bytes};
+                    if (qg == 4) fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 4, pf);
+                    else if (qg == 3) fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 3, pf);
+                    else if (qg == 2) fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 2, pf);
+                    else fast_pv64(acc, dp, pp, alpha + r0, vr, npairs, col, 1, pf);
                 }
+                if (r0 == 0) pf_done = 2 * npairs < nn ? 2 * npairs : nn;
             }
-#endif
         }
+        prefetch_rows(kbase, vbase, nxt, pf_done, nn, row_bytes);
         memcpy(cur, nxt, sizeof(cur));
     }
 #undef FWALK
@@ -777,8 +791,11 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
     /* vis/alpha arrays of the fast path hold 256 queries. */
     if (use_bf && bf_pv && !p->prior_mask && nq <= 256 && (d == 128 || d == 64) &&
         (p->dtype == TKG_BF16 || (fp8 && p->vbmi))) {
-        if (d == 128) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 128);
-        else fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 64);
+        /* compile-time head dim and element size: the row loops unroll */
+        if (d == 128 && fp8) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 128, 1);
+        else if (d == 128) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 128, 0);
+        else if (fp8) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 64, 1);
+        else fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 64, 0);
         klo = khi; /* the chunk loop below has nothing left */
     }
 #endif

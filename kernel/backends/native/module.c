@@ -343,6 +343,57 @@ static PyObject *py_variants(PyObject *self, PyObject *unused) {
     return list;
 }
 
+/* ---- read-bandwidth probe: the kernel's own threads stream a buffer once ---- */
+
+typedef struct {
+    const char *buf;
+    int64_t nbytes;
+    atomic_llong next;
+    atomic_llong sink; /* keeps the loads alive */
+} read_job;
+
+#define READ_PIECE (1 << 21) /* bytes claimed at a time, as items are */
+
+static void run_read(void *ctx, int worker) {
+    (void)worker;
+    read_job *job = (read_job *)ctx;
+    typedef long long v2 __attribute__((vector_size(16)));
+    v2 acc[8] = {{0}};
+    for (;;) {
+        long long at = atomic_fetch_add(&job->next, READ_PIECE);
+        if (at >= job->nbytes) break;
+        int64_t end = at + READ_PIECE < job->nbytes ? at + READ_PIECE : job->nbytes;
+        const v2 *p = (const v2 *)(job->buf + at), *e = (const v2 *)(job->buf + end);
+        for (; p + 8 <= e; p += 8)
+            for (int i = 0; i < 8; i++) acc[i] ^= p[i];
+    }
+    long long x = 0;
+    for (int i = 0; i < 8; i++) x ^= acc[i][0] ^ acc[i][1];
+    atomic_fetch_xor(&job->sink, x);
+}
+
+static PyObject *py_read_probe(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *names[] = {"buf", "nbytes", "threads", "pin", NULL};
+    unsigned long long buf;
+    long long nbytes;
+    int threads, pin;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KLip", names, &buf, &nbytes, &threads, &pin)) return NULL;
+    if (!buf || nbytes < 128 || nbytes % 128)
+        return PyErr_Format(PyExc_ValueError, "nbytes: %lld must be a positive multiple of 128", nbytes);
+    if (threads < 1) return PyErr_Format(PyExc_ValueError, "threads: %d must be >= 1", threads);
+    read_job job;
+    job.buf = (const char *)(uintptr_t)buf;
+    job.nbytes = nbytes;
+    atomic_init(&job.next, 0);
+    atomic_init(&job.sink, 0);
+    int used;
+    Py_BEGIN_ALLOW_THREADS;
+    used = tkg_pool_run(threads, pin, run_read, &job);
+    Py_END_ALLOW_THREADS;
+    return PyLong_FromLong(used);
+}
+
 static PyObject *py_pool_size(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -353,6 +404,8 @@ static PyMethodDef methods[] = {
     {"attend", (PyCFunction)(void (*)(void))py_attend, METH_VARARGS | METH_KEYWORDS,
      "attend(**problem) -> (threads_used, first_fully_masked_query_or_-1); see kernel/native/tkg_native.h"},
     {"variants", py_variants, METH_NOARGS, "Kernel variants this CPU supports, best first."},
+    {"read_probe", (PyCFunction)(void (*)(void))py_read_probe, METH_VARARGS | METH_KEYWORDS,
+     "read_probe(buf, nbytes, threads, pin) -> threads used: the kernel's pool reads the buffer once."},
     {"pool_size", py_pool_size, METH_NOARGS, "Threads of the persistent pool (including the caller)."},
     {NULL, NULL, 0, NULL},
 };
