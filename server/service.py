@@ -415,8 +415,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 q, k, v = (np.concatenate([getattr(w, x) for w in ready]) for x in "qkv")
             if self._rope is not None:
                 pos = np.concatenate([w.positions for w in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
-                cos, sin = self._rope.lookup(pos)  # once for the whole batch's q and k
-                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+                q, k = self._rope.rotate_qk(q, k, pos)  # once for the whole batch's q and k
             k, v = self._stored(layer, k, v)
             lens = np.concatenate([p.seq_lens for _, p in plans]) if len(plans) > 1 else plans[0][1].seq_lens
             inline = self._inline(ready, int(lens.sum()) * self._kv_token_bytes)
