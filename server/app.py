@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, WarmUp, create_kv_store
 from tkg.server import auth as auth_mod
@@ -225,14 +225,17 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     ]
     if settings.max_concurrent_streams is not None:
         options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
-    # Always on: it also parses requests itself, so a malformed message is INVALID_ARGUMENT
-    # (gRPC alone answers UNKNOWN, INTERNAL or, on a stream, nothing at all).
-    interceptor = auth_mod.AuthInterceptor(authenticator, metrics.observe_denied)
-    server = grpc.aio.server(options=options, interceptors=[interceptor])
-    pb_grpc.add_DecodeAttentionServicer_to_server(service, server)
+    server = grpc.aio.server(options=options)
+    # Every handler goes in behind the guard, auth on or off: it also parses requests itself, so a
+    # malformed message is INVALID_ARGUMENT (gRPC alone answers UNKNOWN, INTERNAL or, on a stream,
+    # nothing at all).
+    guarded = auth_mod.GuardedServer(server, auth_mod.Guard(authenticator, metrics.observe_denied))
+    pb_grpc.add_DecodeAttentionServicer_to_server(service, guarded)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME)), guarded
+    )
     address = f"{settings.host}:{settings.port}"
     try:
         if settings.tls_cert is not None and settings.tls_key is not None:

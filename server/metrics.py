@@ -155,7 +155,7 @@ class Metrics:
         child.inc()
 
     def observe_denied(self, full_method: str, code: str) -> None:
-        """A call refused by the auth interceptor (counted under tenant "")."""
+        """A call refused by the auth guard (counted under tenant "")."""
         self.count_tenant("", full_method.rsplit("/", 1)[-1], code)
 
     def observe_batch(self, sequences: int, kernel_s: float, queue_s: list[float]) -> None:

@@ -79,6 +79,17 @@ def test_a_server_bug_is_internal_and_counted() -> None:
     assert count == 1
 
 
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_all_finite_of_several_arrays_finds_any_bad_value(dtype: np.dtype) -> None:
+    q, k, v = (np.linspace(-3e4, 3e4, n, dtype=np.float32).astype(dtype).reshape(1, -1, 1, 4) for n in (16, 8, 8))
+    assert all_finite(q, k, v) and all_finite(q[:0], k[:0], v[:0])
+    for which in range(3):
+        for bad in (np.nan, np.inf, -np.inf):
+            arrays = [q.copy(), k.copy(), v.copy()]
+            arrays[which].reshape(-1)[-1] = bad
+            assert not all_finite(*arrays), (which, bad)
+
+
 def test_draining_refuses_new_calls() -> None:
     svc = _service()
     svc.ready = True

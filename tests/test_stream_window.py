@@ -16,7 +16,7 @@ from server_proc import start_server
 from test_server_service import FakeContext, _service
 
 from tkg.server.auth import ANONYMOUS
-from tkg.server.service import STREAM_WINDOW
+from tkg.server.service import LONE_STREAK, STREAM_WINDOW
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
@@ -90,6 +90,76 @@ def test_queued_work_is_cancelled_when_the_stream_ends() -> None:
     cancelled, pending = asyncio.run(main())
     assert cancelled and all(cancelled), cancelled
     assert pending == 0
+
+
+def test_lone_inline_queued_and_invalid_messages_keep_request_order() -> None:
+    """A lone caller's messages are answered by the reader itself (no task per message); a burst
+    read while one is answered mixes that with queued tasks and invalid messages: the replies
+    still come back in request order, each with its own result, and the stream can end with
+    finished replies still unread."""
+    svc = _service()
+    svc.ready = True
+    q = np.ones((1, 2, 1, 8), np.float32)
+    k = np.ones((1, 1, 1, 8), np.float32)
+    ran_in: dict[str, asyncio.Task] = {}
+    stream_one = svc._stream_one
+
+    async def spy(req: pb.DecodeRequest, t0: float, work: object) -> pb.DecodeResponse:
+        ran_in[req.request_id] = asyncio.current_task()
+        return await stream_one(req, t0, work)
+
+    svc._stream_one = spy  # type: ignore[method-assign]
+
+    async def main() -> tuple[list[pb.DecodeResponse], int]:
+        svc.start()
+        svc.cache.create("a")
+        svc.cache.create("b")
+        inbox: asyncio.Queue[pb.DecodeRequest | None] = asyncio.Queue()
+
+        async def requests():
+            while (r := await inbox.get()) is not None:
+                yield r
+
+        replies = svc.DecodeStream(requests(), FakeContext())
+        pos = 0
+        for i in range(LONE_STREAK + 4):  # ping-pong until the server sees a lone caller
+            inbox.put_nowait(decode_request(0, ["a"], [pos], q, k, k, rid=f"p{i}"))
+            pos += 1
+            r = await replies.__anext__()
+            assert r.request_id == f"p{i}" and not r.HasField("error"), r
+        late = [ran_in[f"p{i}"] for i in range(LONE_STREAK + 2, LONE_STREAK + 4)]
+        assert late[0] is late[1] and late[0] is not asyncio.current_task()  # the reader's own task
+        burst = [
+            decode_request(0, ["a"], [pos], q, k, k, rid="x0"),
+            decode_request(7, ["a"], [pos + 1], q, k, k, rid="bad-layer"),
+            decode_request(0, ["b"], [0], q, k, k, rid="x1"),
+            decode_request(0, ["a"], [pos + 1], q, k, k, rid="x2"),
+            decode_request(0, ["a"], [pos + 5], q, k, k, rid="stale"),
+            decode_request(0, ["a"], [pos + 2], q, k, k, rid="x3"),
+        ]
+        for r in burst:
+            inbox.put_nowait(r)
+        got = [await replies.__anext__() for _ in burst]
+        assert ran_in["x0"] is late[0] and len({id(ran_in[r]) for r in ("x1", "x2", "x3")}) == 3
+        # The caller goes away with finished replies unread (a task's and an invalid message's).
+        inbox.put_nowait(decode_request(0, ["a"], [pos + 3], q, k, k, rid="unread"))
+        inbox.put_nowait(decode_request(7, ["a"], [pos + 4], q, k, k, rid="unread-bad"))
+        while "unread" not in ran_in or not ran_in["unread"].done():
+            await asyncio.sleep(0)
+        for _ in range(20):  # loop passes, not time: the reader takes the invalid one too
+            await asyncio.sleep(0)
+        await replies.aclose()
+        streams = svc.ledger.of(ANONYMOUS.tenant).streams
+        await svc.close()
+        return got, streams
+
+    got, streams = asyncio.run(main())
+    assert [r.request_id for r in got] == ["x0", "bad-layer", "x1", "x2", "stale", "x3"]
+    codes = [r.error.code if r.HasField("error") else 0 for r in got]
+    invalid, stale = grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert codes == [0, invalid, 0, 0, stale, 0]
+    assert all(r.timing.batch_size >= 1 for r, c in zip(got, codes, strict=True) if c == 0)
+    assert streams == 0
 
 
 def _rss_bytes(pid: int) -> int:

@@ -631,6 +631,31 @@ def test_quota_flags_apply_to_every_tenant_without_an_auth_file() -> None:
         s.stop()
 
 
+def test_a_server_started_without_auth_checks_credentials_once_a_reload_adds_them() -> None:
+    """The guard reads the table in force per call: off at start (every call the `default`
+    tenant, its quota defaults in force, counted under its name), on after a reload, off again."""
+    from inproc import settings
+
+    defaults = auth.Quota(max_sequences=1)
+    s = InProcServer(settings(auth=auth.build_table(defaults=defaults), quota_defaults=defaults))
+    try:
+        anon = Caller(s.target, None)
+        anon.CreateSequence(pb.CreateSequenceRequest(sequence_id="x"))
+        code, details = status_of(lambda: anon.CreateSequence(pb.CreateSequenceRequest(sequence_id="y")))
+        assert code == Code.RESOURCE_EXHAUSTED and "quota max_sequences of tenant 'default': 1" in details
+        reg = s.app.metrics.registry
+        labels = {"tenant": "default", "method": "CreateSequence", "code": "OK"}
+        assert reg.get_sample_value("tkg_tenant_requests_total", labels) == 1
+        s.app.reload_auth(auth.build_table([TDEF], defaults=defaults))
+        code, details = status_of(lambda: anon.GetSequence(pb.GetSequenceRequest(sequence_id="x")))
+        assert code == Code.UNAUTHENTICATED and "missing" in details
+        assert Caller(s.target, TDEF).GetSequence(pb.GetSequenceRequest(sequence_id="x")).sequence_id == "x"
+        s.app.reload_auth(auth.build_table(defaults=defaults))
+        assert anon.GetSequence(pb.GetSequenceRequest(sequence_id="x")).sequence_id == "x"
+    finally:
+        s.stop()
+
+
 def test_sighup_reloads_the_auth_file_of_a_running_server(tmp_path: Path) -> None:
     import signal
 

@@ -1,6 +1,6 @@
 """Wire fuzzer: every RPC gets hypothesis-built messages (any field values, tensors that are
 nearly right, ids of live sequences) and raw garbage bytes. No call may end INTERNAL or UNKNOWN
-(bytes that do not parse are INVALID_ARGUMENT: `tkg.server.auth.AuthInterceptor` parses them),
+(bytes that do not parse are INVALID_ARGUMENT: `tkg.server.auth.Guard` parses them),
 the server keeps SERVING, and once everything the fuzz created is released the block and
 sequence accounting is back where it started."""
 

@@ -68,15 +68,17 @@ def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
     return t
 
 
-def decode(t: pb.Tensor, field: str = "tensor") -> np.ndarray:
+def decode(t: pb.Tensor, field: str = "tensor", shape: tuple[int, ...] | None = None) -> np.ndarray:
     """A read-only numpy view of `t`'s bytes; TensorError naming `field` when malformed.
+    `shape`: `tuple(t.shape)` when the caller has read it already.
 
     On every request's path (q, k, v, out): plain Python on the shape (`math.prod`, one read of
     `t.data`, which copies out of the message), no numpy reductions on tiny arrays."""
     dt = _TO_NUMPY.get(t.dtype)
     if dt is None:
         dt = dtype_to_numpy(t.dtype, f"{field}.dtype")
-    shape = tuple(t.shape)
+    if shape is None:
+        shape = tuple(t.shape)
     if shape and min(shape) < 0:
         raise TensorError(f"{field}.shape: {list(shape)} has a negative dimension")
     data = t.data
