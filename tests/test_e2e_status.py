@@ -229,7 +229,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
 
 def test_tokens_and_tls(secure: tuple[ServerProc, bytes]) -> None:
     srv, cert = secure
-    assert "tls=on auth=on" in srv.line
+    assert "tls=on auth=on" in srv.line and " loop=uvloop " in srv.line  # the server extra installs uvloop
 
     def client(token: str | None) -> Client:
         return Client(srv.target, token=token, root_certificates=cert, timeout=20)

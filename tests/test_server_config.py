@@ -172,6 +172,23 @@ def test_serve_exits_2_on_bad_config(argv: list[str], needle: str, capsys: pytes
     assert err.startswith("tkg serve: error:") and needle in err, err
 
 
+def test_event_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop by default when installed (the server extra), asyncio's own on request; asking for
+    uvloop without it is a config error (exit 2), auto then falls back to asyncio."""
+    import asyncio
+    import sys
+
+    from tkg.server import app
+
+    uvloop = pytest.importorskip("uvloop")
+    assert app.loop_runner("auto") is uvloop.run and app.loop_runner("uvloop") is uvloop.run
+    assert app.loop_runner("asyncio") is asyncio.run
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    assert app.loop_runner("auto") is asyncio.run
+    with pytest.raises(ConfigError, match="--event-loop: uvloop is not installed"):
+        app.loop_runner("uvloop")
+
+
 def test_advertise_leaves_this_replica_out_of_its_peers() -> None:
     """Every replica of a StatefulSet gets the same --peers list; --advertise drops its own entry."""
     args = cli.build_parser().parse_args(["--peers", "a:1, b:1,c:1", "--advertise", "b:1"])
