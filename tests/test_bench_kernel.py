@@ -249,6 +249,7 @@ def test_bench_kernel_json_report(capsys: pytest.CaptureFixture[str]) -> None:
     for c in rep["cases"]:
         assert set(c["peers"]) == set(bench.PEERS)
         assert c["read_gbs"] == max(rep["read_bandwidth_gbs"], c["read_gbs_interleaved"]) > 0
+        assert c["paged_over_api_paired"] > 0
         base = c["peers"]["sdpa_gqa"]["median_ms"]
         for name, p in c["peers"].items():
             assert p["eff_gbs"] == pytest.approx(c["kv_bytes"] / (p["median_ms"] / 1e3) / 1e9), name
@@ -427,20 +428,23 @@ def test_native_read_probe_reads_on_the_kernel_pool() -> None:
 def test_goal_verdicts_follow_the_figures() -> None:
     from tkg.kernel.bench import kernel as bench
 
-    def case(label: str, s: int, x: float, pd_ms: float, api_ms: float | None) -> dict:
+    def case(label: str, s: int, x: float, pd_ms: float, api_ms: float | None, dtype: str = "bfloat16") -> dict:
         peers = {"cpu.paged_decode": {"x_read_bw": x, "median_ms": pd_ms}}
         if api_ms is not None:
             peers["cpu.attention_tkg"] = {"x_read_bw": x, "median_ms": api_ms}
-        return {"label": label, "s": s, "peers": peers}
+        return {"label": label, "s": s, "dtype": dtype, "peers": peers}
 
+    paired = case("d", 1, 0.7, 10.0, 9.0) | {"paged_over_api_paired": 1.01}  # the paired ratio wins
     rep = {
-        "cases": [case("a", 1, 0.61, 10.0, 9.6), case("b", 1, 0.59, 10.6, 10.0), case("c", 4, 0.1, 1.0, None)],
+        "cases": [case("a", 1, 0.61, 10.0, 9.6), case("b", 1, 0.59, 10.6, 10.0), case("c", 4, 0.1, 1.0, None),
+                  case("a fp8", 1, 0.3, 5.0, None, dtype="float8_e4m3"), paired],
         "fp8_vs_bf16": [{"label": "a", "peers": {"cpu.paged_decode": {"speedup": 1.59}}}],
-    }
+    }  # fmt: skip
     got = [(g["case"], g["goal"].split()[0], round(g["value"], 3), g["met"]) for g in bench.goal_verdicts(rep)]
     assert got == [
         ("a", "x", 0.61, True), ("a", "paged/attention_tkg", 1.042, True),
         ("b", "x", 0.59, False), ("b", "paged/attention_tkg", 1.06, False),
+        ("d", "x", 0.7, True), ("d", "paged/attention_tkg", 1.01, True),
         ("a fp8", "fp8/bf16", 1.59, False),
     ]  # fmt: skip
 

@@ -116,8 +116,8 @@ def _check_args(a: argparse.Namespace) -> None:
         raise ValueError(f"--membw-mib: {a.membw_mib} must be >= 4")
 
 
-def _time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, budget: float) -> dict[str, tuple[float, int]]:
-    """Median seconds and run count per callable, timed in round-robin rounds after one warm-up each.
+def _time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, budget: float) -> dict[str, list[float]]:
+    """Seconds of each timed run per callable (index i = round i), in round-robin rounds after one warm-up each.
 
     Interleaving spreads the load of a shared machine over every peer alike, so ratios within a
     case stay meaningful while absolute times swing; each run waits (untimed) for the previous
@@ -141,7 +141,7 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, budget: flo
             dt = time.perf_counter() - t0
             times[name].append(dt)
             spent[name] += dt
-    return {name: (statistics.median(ts), len(ts)) for name, ts in times.items()}
+    return times
 
 
 def _cpu_module() -> tuple[Any, str]:
@@ -333,8 +333,13 @@ def _bench_case(
     fns = {name: fn for name, (fn, _) in peers.items()}
     for name, (read, _) in probes.items():
         fns[_PROBE.format(name)] = read
-    timed = _time_interleaved(fns, a.iters, a.budget)
+    runs = _time_interleaved(fns, a.iters, a.budget)
+    timed = {name: (statistics.median(ts), len(ts)) for name, ts in runs.items()}
     entry["read_probes_gbs"] = {n: nb / timed.pop(_PROBE.format(n))[0] / 1e9 for n, (_, nb) in probes.items()}
+    if "cpu.paged_decode" in runs and "cpu.attention_tkg" in runs:
+        # Same-round pairs (run back to back): a drift in the machine's load cancels out of each ratio.
+        pairs = zip(runs["cpu.paged_decode"], runs["cpu.attention_tkg"], strict=False)
+        entry["paged_over_api_paired"] = statistics.median(x / y for x, y in pairs)
     probe_gbs = max(entry["read_probes_gbs"].values())
     # The best of the interleaved probes and the run-start measures: never flatter the kernels.
     read_gbs = max(read_gbs, probe_gbs)
@@ -360,20 +365,21 @@ def _bench_case(
 
 def goal_verdicts(rep: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 14's kernel goals per case, from the figures of this run: `cpu.paged_decode` at >= 0.6 of
-    the read bandwidth (S=1), within 5% of `cpu.attention_tkg` (median times), fp8 >= 1.6x bf16."""
+    the read bandwidth (S=1, bf16 KV), within 5% of `cpu.attention_tkg` (the median of the same-round
+    time ratios), fp8 >= 1.6x bf16 tokens/s."""
     out: list[dict[str, Any]] = []
     for c in rep["cases"]:
         peers = c["peers"]
         pd = peers.get("cpu.paged_decode")
         if pd is None:
             continue
-        if c["s"] == 1:
+        if c["s"] == 1 and c["dtype"] != str(FP8):  # the bandwidth goal is bf16's (fp8: the speed-up below)
             x = pd["x_read_bw"]
             out.append({"case": c["label"], "goal": f"x read BW >= {GOAL_X_READ_BW}", "value": x,
                         "met": x >= GOAL_X_READ_BW})  # fmt: skip
         api = peers.get("cpu.attention_tkg")
         if api is not None:
-            r = pd["median_ms"] / api["median_ms"]
+            r = c.get("paged_over_api_paired", pd["median_ms"] / api["median_ms"])
             out.append({"case": c["label"], "goal": f"paged/attention_tkg time <= {GOAL_PAGED_VS_API}", "value": r,
                         "met": r <= GOAL_PAGED_VS_API})  # fmt: skip
     for r in rep.get("fp8_vs_bf16", []):
