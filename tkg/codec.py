@@ -68,9 +68,11 @@ def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
     return t
 
 
-def decode(t: pb.Tensor, field: str = "tensor", shape: tuple[int, ...] | None = None) -> np.ndarray:
+def decode(
+    t: pb.Tensor, field: str = "tensor", shape: tuple[int, ...] | None = None, data: bytes | None = None
+) -> np.ndarray:
     """A read-only numpy view of `t`'s bytes; TensorError naming `field` when malformed.
-    `shape`: `tuple(t.shape)` when the caller has read it already.
+    `shape`, `data`: `tuple(t.shape)` and `t.data` when the caller has read them already.
 
     On every request's path (q, k, v, out): plain Python on the shape (`math.prod`, one read of
     `t.data`, which copies out of the message), no numpy reductions on tiny arrays."""
@@ -81,7 +83,8 @@ def decode(t: pb.Tensor, field: str = "tensor", shape: tuple[int, ...] | None = 
         shape = tuple(t.shape)
     if shape and min(shape) < 0:
         raise TensorError(f"{field}.shape: {list(shape)} has a negative dimension")
-    data = t.data
+    if data is None:
+        data = t.data
     expected = dt.itemsize * math.prod(shape)  # Python ints: a huge shape cannot wrap around
     if len(data) != expected:
         raise TensorError(
