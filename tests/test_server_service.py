@@ -107,6 +107,35 @@ def test_finite_bytes_matches_isfinite_near_the_limits(dtype: np.dtype) -> None:
             assert not np.isfinite(b.astype(np.float32)).all() and not finite_bytes(b.tobytes(), np.dtype(dtype)), i
 
 
+def test_metrics_of_a_call_apply_on_the_next_loop_pass_or_at_a_scrape() -> None:
+    """On the loop, observations wait for its next pass (after the reply went out); a scrape in
+    between still sees them; outside a loop they apply at once."""
+    m = Metrics("reference")
+    labels = {"method": "Decode", "code": "OK"}
+
+    def count() -> float | None:
+        return m.registry.get_sample_value("tkg_request_duration_seconds_count", labels)
+
+    async def main() -> list[float | None]:
+        seen = []
+        m.observe_request("Decode", "OK", 0.001)
+        m.observe_batch(3, 0.002, [1e-5, 2e-5])
+        seen.append(m.request_duration.labels("Decode", "OK")._sum.get())  # not applied yet
+        seen.append(count())  # a scrape applies it
+        m.observe_request("Decode", "OK", 0.001)
+        await asyncio.sleep(0)  # the loop's next pass applies it
+        seen.append(m.request_duration.labels("Decode", "OK")._sum.get())
+        return seen
+
+    assert asyncio.run(main()) == [0.0, 1.0, pytest.approx(0.002)]
+    m.observe_request("Decode", "OK", 0.001)  # no loop running: applied now
+    assert count() == 3.0 and not m._pending
+    assert m.registry.get_sample_value("tkg_queue_duration_seconds_count") == 2.0
+    assert m.registry.get_sample_value("tkg_batch_size_sum") == 3.0
+    tenant = {"tenant": "default", "method": "Decode", "code": "OK"}
+    assert m.registry.get_sample_value("tkg_tenant_requests_total", tenant) == 3.0
+
+
 def test_draining_refuses_new_calls() -> None:
     svc = _service()
     svc.ready = True
