@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -203,6 +204,7 @@ class HostKVStore(KVStore):
     def __init__(self, geometry: KVGeometry, backend: str = "reference") -> None:
         super().__init__(geometry)
         self.backend = backend
+        self._module: ModuleType | None = None  # the backend's module, loaded at the first decode
         self.k: list[np.ndarray] = [self._touched() for _ in range(geometry.num_layers)]
         self.v: list[np.ndarray] = [self._touched() for _ in range(geometry.num_layers)]
 
@@ -242,12 +244,16 @@ class HostKVStore(KVStore):
         sinks: np.ndarray | None = None,
         **options: Any,
     ) -> np.ndarray:
-        from tkg.kernel.paged import paged_decode
+        from tkg.kernel.paged import check_paged_args, run_paged
 
-        return paged_decode(
-            q, self.k[layer], self.v[layer], block_tables, seq_lens, scale=scale, window=window, sinks=sinks,
-            backend=self.backend, **options,
-        )  # fmt: skip
+        if self._module is None:  # resolved once: the backend is fixed for the store's life
+            self._module = backends.load(self.backend)
+        out, k_scale, v_scale = options.pop("out", None), options.pop("k_scale", 1.0), options.pop("v_scale", 1.0)
+        args = check_paged_args(
+            q, self.k[layer], self.v[layer], block_tables, seq_lens, scale, window, sinks, out, k_scale, v_scale
+        )
+        run_paged(self._module, self.backend, args, **options)
+        return args.out
 
 
 def create_kv_store(backend: str, geometry: KVGeometry, **options: Any) -> KVStore:

@@ -15,6 +15,7 @@ service's path a test of the seed API too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
@@ -151,13 +152,20 @@ def paged_decode(
         `[B, Hq, S, d]` attention output in q's dtype (`out` when given).
     """
     args = check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, scale, window, sinks, out, k_scale, v_scale)
-    mod = backends.load(backend, backend_options)
+    name = backends.resolve(backend, backend_options)
+    run_paged(backends.load(name, backend_options), name, args, **backend_options)
+    return args.out
+
+
+def run_paged(mod: ModuleType, backend: str, args: PagedArgs, **backend_options: object) -> None:
+    """Run checked `args` on backend module `mod` (named `backend`, resolved): its own
+    `paged_decode`, else through `attention_tkg`. For callers that resolved the backend once
+    (a KV store: resolving costs a few us per call, every layer of every step)."""
     impl = getattr(mod, "paged_decode", None)
     if impl is not None:
         impl(args, **backend_options)
     else:
-        paged_via_attention_tkg(args, backends.resolve(backend, backend_options), **backend_options)
-    return args.out
+        paged_via_attention_tkg(args, backend, **backend_options)
 
 
 def paged_via_attention_tkg(args: PagedArgs, backend: str, *, align: int = 1, **options: object) -> None:
