@@ -83,13 +83,13 @@ def test_the_cpu_kernel_leaves_the_loop_a_core_only_off_the_loop(inline: bool, m
         svc = make_service(backend="cpu", kernel_cores=3, inline_kernel_bytes=big)
         svc.start()
         await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id="a"))
-        real, seen = paged.paged_decode, []
+        real, seen = paged.run_paged, []
 
         def spy(*args: Any, **kwargs: Any) -> Any:  # what the host store's decode calls
             seen.append((kwargs.get("max_threads"), threading.current_thread().name))
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(paged, "paged_decode", spy)
+        monkeypatch.setattr(paged, "run_paged", spy)
         await svc._decode_one(decode_req("a", 0))
         (threads, thread_name), = seen
         assert threads == (3 if inline else 2)
