@@ -116,7 +116,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=None,
         )  # fmt: skip
         self.kernel_duration = Histogram(
-            "tkg_kernel_duration_seconds", "KV append + attention kernel time per batch launch",
+            "tkg_kernel_duration_seconds",
+            "Step time per batch launch (KV prepare, RoPE, append, attention kernel, finish)",
             ["backend"], buckets=LATENCY_BUCKETS, registry=None,
         )  # fmt: skip
         self._kernel = self.kernel_duration.labels(backend)

@@ -81,7 +81,7 @@ class RemoteStats:
     decode_calls: int = 0  # Decode RPCs (one per layer per step, more when S > max_s_active)
     decode_rows: int = 0  # sequence-steps carried (batch rows x calls)
     queue_us: int = 0  # server Timing: waiting for a batch slot
-    kernel_us: int = 0  # server Timing: KV append + attention kernel
+    kernel_us: int = 0  # server Timing: the step (KV prepare, RoPE, append, attention kernel, finish)
     server_us: int = 0  # server Timing: receipt to response
     rpc_us: float = 0.0  # client wall time of the Decode calls (includes the above)
     append_calls: int = 0  # AppendKV streams (one per row per layer)
