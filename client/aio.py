@@ -98,26 +98,28 @@ class AsyncClient:
         return resp
 
     async def _locate(self, seq_ids: list[str], failed: int) -> set[int] | None:
-        """As `Client._locate`."""
+        """As `Client._locate`, driving `routing.locate` with awaited lookups."""
         if len(self.targets) < 2 or not seq_ids:
             return None
-        where = set()
-        for sid in seq_ids:
-            for r in self._router.candidates(sid, failed):
-                try:
-                    info = await self._stubs[r].GetSequence(
-                        pb.GetSequenceRequest(sequence_id=sid), timeout=min(self.timeout or 5.0, 5.0),
-                        metadata=self._metadata,
-                    )  # fmt: skip
-                except grpc.RpcError:
-                    continue
-                self._router.moved(sid, r)
-                self._instances.note(r, info.instance_id, sid)
-                where.add(r)
-                break
-            else:
-                return None
-        return where
+        search = routing.locate(self._router, seq_ids, failed, self._found)
+        info = None
+        try:
+            while True:
+                replica, sid = search.send(info)
+                info = await self._lookup(replica, sid)
+        except StopIteration as done:
+            return done.value
+
+    def _found(self, replica: int, seq_id: str, info: pb.SequenceInfo) -> None:
+        self._instances.note(replica, info.instance_id, seq_id)
+
+    async def _lookup(self, replica: int, seq_id: str) -> pb.SequenceInfo | None:
+        try:
+            req = pb.GetSequenceRequest(sequence_id=seq_id)
+            timeout = min(self.timeout or 5.0, 5.0)
+            return await self._stubs[replica].GetSequence(req, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError:
+            return None
 
     async def _current_instance(self, replica: int) -> str | None:
         try:

@@ -125,28 +125,22 @@ class Client:
         return resp
 
     def _locate(self, seq_ids: list[str], failed: int) -> set[int] | None:
-        """Look for each of `seq_ids` on the replicas other than `failed` (GetSequence, in the
-        order a drain picks); remember where each was found. Returns the replicas holding them,
-        or None when one was found nowhere (error paths only: up to one call per other replica)."""
+        """Look for `seq_ids` on the replicas other than `failed` and remember where each is
+        (`routing.locate`); the replicas holding them, or None when one was found nowhere (error
+        paths only: up to one GetSequence per other replica and sequence)."""
         if len(self.targets) < 2 or not seq_ids:
             return None
-        where = set()
-        for sid in seq_ids:
-            for r in self._router.candidates(sid, failed):
-                try:
-                    info = self._stubs[r].GetSequence(
-                        pb.GetSequenceRequest(sequence_id=sid), timeout=min(self.timeout or 5.0, 5.0),
-                        metadata=self._metadata,
-                    )  # fmt: skip
-                except grpc.RpcError:
-                    continue
-                self._router.moved(sid, r)
-                self._instances.note(r, info.instance_id, sid)
-                where.add(r)
-                break
-            else:
-                return None
-        return where
+        return routing.run_search(routing.locate(self._router, seq_ids, failed, self._found), self._lookup)
+
+    def _found(self, replica: int, seq_id: str, info: pb.SequenceInfo) -> None:
+        self._instances.note(replica, info.instance_id, seq_id)
+
+    def _lookup(self, replica: int, seq_id: str) -> pb.SequenceInfo | None:
+        try:
+            req = pb.GetSequenceRequest(sequence_id=seq_id)
+            return self._stubs[replica].GetSequence(req, timeout=min(self.timeout or 5.0, 5.0), metadata=self._metadata)
+        except grpc.RpcError:
+            return None
 
     def _current_instance(self, replica: int) -> str | None:
         try:

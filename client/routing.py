@@ -15,7 +15,8 @@ others (`Router.candidates`, the order a drain picks from) and, found, follows i
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, TypeVar
 
 from tkg.placement import pick, score
 
@@ -75,6 +76,44 @@ class Router:
     def __len__(self) -> int:
         """How many sequences are remembered away from their owner."""
         return len(self._moved)
+
+
+T = TypeVar("T")
+# A lookup to make: (replica index, sequence id); what it found is sent back (None: not there).
+Search = Generator[tuple[int, str], Any, T]
+
+
+def locate(
+    router: Router, seq_ids: Sequence[str], failed: int, found: Callable[[int, str, Any], None]
+) -> Search[set[int] | None]:
+    """Look for each of `seq_ids` on the replicas other than `failed`, in the order a drain
+    picks, without doing any I/O: yields (replica, id) lookups, is sent what each found (a
+    `SequenceInfo`, or None), records every find in `router` and calls `found(replica, id,
+    info)`. Returns the replicas holding them, or None when one was found nowhere. The sync and
+    the asyncio client drive it with their own calls (`run_search`, `AsyncClient._locate`)."""
+    where: set[int] = set()
+    for sid in seq_ids:
+        for r in router.candidates(sid, failed):
+            info = yield r, sid
+            if info is None:
+                continue
+            router.moved(sid, r)
+            found(r, sid, info)
+            where.add(r)
+            break
+        else:
+            return None
+    return where
+
+
+def run_search(search: Search[T], lookup: Callable[[int, str], Any]) -> T:
+    """Drive `search` with a blocking `lookup(replica, id)`."""
+    try:
+        replica, sid = next(search)
+        while True:
+            replica, sid = search.send(lookup(replica, sid))
+    except StopIteration as done:
+        return done.value
 
 
 def resolve_targets(target: str | Sequence[str]) -> list[str]:

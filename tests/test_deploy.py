@@ -829,15 +829,21 @@ def test_model_config_loads_with_the_server() -> None:
     assert spec.kv_bytes() <= raw["kv_cache_bytes"] < spec.kv_bytes() + spec.bytes_per_block()
 
 
-def test_make_secrets_then_serve_with_tls_and_auth_and_probe(tmp_path: Path) -> None:
-    """deploy/make-secrets.sh's files, passed as the manifests pass them, give a server whose
-    health check passes with the probe token over TLS and fails without it."""
+def make_secrets(tmp_path: Path) -> Path:
+    """deploy/make-secrets.sh's files in a fresh folder (skips without openssl); tests/ importable."""
     if shutil.which("openssl") is None:
         pytest.skip("make-secrets.sh needs openssl")
     out = tmp_path / "secrets"
     made = run(["sh", str(DEPLOY / "make-secrets.sh"), str(out)])
     assert made.returncode == 0, made.stderr
     sys.path.insert(0, str(Path(__file__).parent))
+    return out
+
+
+def test_make_secrets_then_serve_with_tls_and_auth_and_probe(tmp_path: Path) -> None:
+    """deploy/make-secrets.sh's files, passed as the manifests pass them, give a server whose
+    health check passes with the probe token over TLS and fails without it."""
+    out = make_secrets(tmp_path)
     from inproc import InProcServer
 
     from tkg.client import Client
@@ -865,12 +871,7 @@ def test_make_secrets_drain_to_a_peer_over_tls(tmp_path: Path) -> None:
     """Two replicas started as the StatefulSet starts them (make-secrets.sh's TLS and auth files,
     one --peers list, --advertise, the peer token): a drain moves a tenant's sequence to the other
     replica over TLS, into the same tenant."""
-    if shutil.which("openssl") is None:
-        pytest.skip("make-secrets.sh needs openssl")
-    out = tmp_path / "secrets"
-    made = run(["sh", str(DEPLOY / "make-secrets.sh"), str(out)])
-    assert made.returncode == 0, made.stderr
-    sys.path.insert(0, str(Path(__file__).parent))
+    out = make_secrets(tmp_path)
     from inproc import InProcServer
     from server_proc import free_port
 
