@@ -404,6 +404,14 @@ class Guard:
         deserialize = handler.request_deserializer or (lambda raw: raw)
         identify, deny, current = self._identify, self._deny, CURRENT
 
+        def admit(context: Any) -> Denied | None:
+            """Set `CURRENT` to the caller's identity; or why the call is denied."""
+            ident = identify(method, context)
+            if type(ident) is not Identity:
+                return ident
+            current.set(ident)
+            return None
+
         async def invalid(context: Any) -> None:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}; expected one"
@@ -422,10 +430,8 @@ class Guard:
             inner = handler.unary_unary
 
             async def uu(raw: bytes, context: Any) -> Any:
-                ident = identify(method, context)
-                if type(ident) is not Identity:
-                    await deny(method, context, ident)
-                current.set(ident)
+                if (denied := admit(context)) is not None:
+                    await deny(method, context, denied)
                 try:
                     request = deserialize(raw)
                 except (DecodeError, ValueError, TypeError):
@@ -437,10 +443,8 @@ class Guard:
             inner_su = handler.stream_unary
 
             async def su(raws: AsyncIterator[bytes], context: Any) -> Any:
-                ident = identify(method, context)
-                if type(ident) is not Identity:
-                    await deny(method, context, ident)
-                current.set(ident)
+                if (denied := admit(context)) is not None:
+                    await deny(method, context, denied)
                 return await inner_su(stream_of(raws, context), context)
 
             return grpc.stream_unary_rpc_method_handler(su, None, serialize)
@@ -448,10 +452,8 @@ class Guard:
             inner_us = handler.unary_stream
 
             async def us(raw: bytes, context: Any) -> AsyncIterator[Any]:
-                ident = identify(method, context)
-                if type(ident) is not Identity:
-                    await deny(method, context, ident)
-                current.set(ident)
+                if (denied := admit(context)) is not None:
+                    await deny(method, context, denied)
                 try:
                     request = deserialize(raw)
                 except (DecodeError, ValueError, TypeError):
@@ -463,10 +465,8 @@ class Guard:
         inner_ss = handler.stream_stream
 
         async def ss(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
-            ident = identify(method, context)
-            if type(ident) is not Identity:
-                await deny(method, context, ident)
-            current.set(ident)
+            if (denied := admit(context)) is not None:
+                await deny(method, context, denied)
             result = inner_ss(stream_of(raws, context), context)
             async for item in result if inspect.isasyncgen(result) else _responses(result):
                 yield item
