@@ -221,14 +221,21 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         if not 0 <= layer < self.spec.num_layers:
             raise InvalidArgument(f"layer: {layer}; expected 0 <= layer < {self.spec.num_layers}")
 
-    def _check_id(self, field: str, seq_id: str) -> None:
+    @staticmethod
+    def _check_id(field: str, seq_id: str, index: int | None = None) -> None:
+        """INVALID_ARGUMENT naming `field` (`field[index]` with an index) for a bad sequence id.
+        The usual id passes on its character count alone: no encoding, no field name formatted."""
+        fits = len(seq_id) <= _SURE_ID_CHARS or len(seq_id.encode()) <= MAX_SEQUENCE_ID_LEN
+        if seq_id and fits and SEP not in seq_id:
+            return
+        field = field if index is None else f"{field}[{index}]"
         if not seq_id:
             raise InvalidArgument(f"{field}: empty; expected a sequence id")
         size = len(seq_id.encode())
         if size > MAX_SEQUENCE_ID_LEN:
             raise InvalidArgument(f"{field}: {size} bytes; expected at most {MAX_SEQUENCE_ID_LEN} bytes (UTF-8)")
-        if SEP in seq_id:  # the tenant namespace separator: an id holding it could name another's
-            raise InvalidArgument(f"{field}: contains the control character U+001F; expected an id without it")
+        # SEP is the tenant namespace separator: an id holding it could name another tenant's.
+        raise InvalidArgument(f"{field}: contains the control character U+001F; expected an id without it")
 
     def _stored(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """New K/V as the cache stores them: unchanged, or for an fp8 cache value / scale rounded
@@ -280,8 +287,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         if len(req.positions) != B:
             raise InvalidArgument(f"positions: {len(req.positions)} entries; expected {B} (one per sequence_ids)")
         for b, sid in enumerate(req.sequence_ids):
-            if not sid or SEP in sid or (len(sid) > _SURE_ID_CHARS and len(sid.encode()) > MAX_SEQUENCE_ID_LEN):
-                self._check_id(f"sequence_ids[{b}]", sid)  # raises, naming the field
+            self._check_id("sequence_ids", sid, b)
         q = self._tensor(req.q, "q", (B, s.num_q_heads, None, s.head_dim), "[B, num_q_heads, S, head_dim]")
         S = q.shape[2]
         if not 1 <= S <= s.max_s_active:

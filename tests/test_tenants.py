@@ -153,6 +153,11 @@ def test_ids_and_request_ids_are_capped_and_may_not_hold_the_separator(server: I
     q, k, v = qkv()
     code, details = status_of(lambda: a.Decode(decode_request(0, ["x" * 256], [0], q, k, v, rid="r" * 257)))
     assert code == Code.INVALID_ARGUMENT and details.startswith("request_id: 257 bytes")
+    # A batched Decode names the bad id by its index (the usual id passes without being encoded).
+    q2, k2, v2 = (np.concatenate([x, x]) for x in (q, k, v))
+    for sid, needle in [*cases, ("", "empty; expected a sequence id")]:
+        code, details = status_of(lambda sid=sid: a.Decode(decode_request(0, ["x" * 256, sid], [0, 0], q2, k2, v2)))
+        assert code == Code.INVALID_ARGUMENT and details.startswith("sequence_ids[1]: ") and needle in details, details
     a.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="x" * 256))
 
 
