@@ -152,13 +152,13 @@ def paged_decode(
         `[B, Hq, S, d]` attention output in q's dtype (`out` when given).
     """
     args = check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, scale, window, sinks, out, k_scale, v_scale)
-    name = backends.resolve(backend, backend_options)
-    run_paged(backends.load(name, backend_options), name, args, **backend_options)
+    mod = backends.load(backend, backend_options)
+    run_paged(mod, mod.NAME, args, **backend_options)
     return args.out
 
 
 def run_paged(mod: ModuleType, backend: str, args: PagedArgs, **backend_options: object) -> None:
-    """Run checked `args` on backend module `mod` (named `backend`, resolved): its own
+    """Run checked `args` on backend module `mod` (its `NAME` is `backend`): its own
     `paged_decode`, else through `attention_tkg`. For callers that resolved the backend once
     (a KV store: resolving costs a few us per call, every layer of every step)."""
     impl = getattr(mod, "paged_decode", None)
