@@ -197,7 +197,7 @@ TINY = ["--batch", "3", "--kv-heads", "2", "--q-per-kv", "2", "--head-dim", "32"
 
 
 def _tiny_case(s: int, ragged: bool, dtype: np.dtype = F32):
-    from tkg.kernel.bench.cases import Case, Shape
+    from tkg.bench.cases import Case, Shape
 
     return Case(Shape(batch=3, kv_heads=2, q_per_kv=3, d=32, context=40, s=s, block_len=8, ragged=ragged, dtype=dtype))
 
@@ -239,7 +239,7 @@ def test_bench_case_kv_bytes_counts_every_cached_element_once() -> None:
 def test_bench_kernel_json_report(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from tkg.kernel.bench import kernel as bench
+    from tkg.bench import kernel as bench
 
     assert bench.main([*TINY, "--s", "1,2", "--lens", "ragged", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
@@ -260,7 +260,7 @@ def test_bench_kernel_json_report(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bench_kernel_table_names_implementation(capsys: pytest.CaptureFixture[str]) -> None:
-    from tkg.kernel.bench import kernel as bench
+    from tkg.bench import kernel as bench
 
     assert bench.main([*TINY, "--s", "2", "--lens", "equal", "--peers", "cpu.paged_decode,sdpa_gqa"]) == 0
     text = capsys.readouterr().out
@@ -273,14 +273,14 @@ def test_bench_kernel_table_names_implementation(capsys: pytest.CaptureFixture[s
     [(["--s", "9"], "--s: 9"), (["--head-dim", "256"], "--head-dim: 256"), (["--budget", "0"], "--budget")],
 )
 def test_bench_kernel_rejects_bad_options(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from tkg.kernel.bench import kernel as bench
+    from tkg.bench import kernel as bench
 
     assert bench.main([*TINY, *argv]) == 2
     assert needle in capsys.readouterr().err
 
 
 def test_bench_kernel_rejects_unknown_peer() -> None:
-    from tkg.kernel.bench import kernel as bench
+    from tkg.bench import kernel as bench
 
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(["--peers", "cpu.paged_decode,flash"])
@@ -289,7 +289,7 @@ def test_bench_kernel_rejects_unknown_peer() -> None:
 def test_read_bandwidth_checks_and_restores_threads() -> None:
     import torch
 
-    from tkg.kernel.bench.membw import read_bandwidth
+    from tkg.bench.membw import read_bandwidth
 
     with pytest.raises(ValueError, match="nbytes"):
         read_bandwidth(2**20)
@@ -302,7 +302,7 @@ def test_read_bandwidth_checks_and_restores_threads() -> None:
 
 def test_settle_waits_while_a_thread_of_the_process_burns_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """settle() polls the process CPU time: it returns at the first quiet poll, and gives up at max_s."""
-    from tkg.kernel.bench import membw
+    from tkg.bench import membw
 
     clock = {"wall": 0.0, "cpu": 0.0}
     burn = [0.002, 0.002, 0.0015, 0.0001, 0.002]  # CPU seconds used by the process during each poll
@@ -363,7 +363,7 @@ def test_torch_paged_decode_reuses_workspaces_across_shapes_and_threads() -> Non
 def test_bench_kernel_times_each_native_variant(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from tkg.kernel.bench import kernel as bench
+    from tkg.bench import kernel as bench
 
     cpu = pytest.importorskip("tkg.kernel.backends.cpu")
     variants = cpu.native_variants()
@@ -412,7 +412,7 @@ def test_native_read_probe_reads_on_the_kernel_pool() -> None:
         with pytest.raises(ValueError, match="not built"):
             cpu.read_probe(np.zeros(1024, np.float32))
         return
-    from tkg.kernel.bench.membw import native_read_bandwidth
+    from tkg.bench.membw import native_read_bandwidth
 
     buf = np.ones(2**20, np.float32)
     assert cpu.read_probe(buf, threads=1) == 1
@@ -426,7 +426,7 @@ def test_native_read_probe_reads_on_the_kernel_pool() -> None:
 
 
 def test_goal_verdicts_follow_the_figures() -> None:
-    from tkg.kernel.bench import kernel as bench
+    from tkg.bench import kernel as bench
 
     def case(label: str, s: int, x: float, pd_ms: float, api_ms: float | None, dtype: str = "bfloat16") -> dict:
         peers = {"cpu.paged_decode": {"x_read_bw": x, "median_ms": pd_ms}}
@@ -450,7 +450,7 @@ def test_goal_verdicts_follow_the_figures() -> None:
 
 
 def test_bench_kernel_prints_both_probes_and_the_goals(capsys: pytest.CaptureFixture[str]) -> None:
-    from tkg.kernel.bench import kernel as bench
+    from tkg.bench import kernel as bench
 
     argv = [*TINY, "--s", "1", "--lens", "equal", "--peers", "cpu.paged_decode,cpu.attention_tkg"]
     assert bench.main(argv) == 0

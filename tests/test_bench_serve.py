@@ -10,7 +10,8 @@ from concurrent import futures
 import grpc
 import pytest
 
-from tkg.client import bench_serve, echo
+from tkg.bench import echo
+from tkg.bench import serve as bench_serve
 from tkg.v1 import decode_attention_pb2 as pb
 
 TINY = ["--q-heads", "4", "--kv-heads", "2", "--head-dim", "32", "--context", "24", "--sequences", "3",

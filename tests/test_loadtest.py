@@ -220,7 +220,7 @@ def test_tools_import_without_torch_or_server() -> None:
 
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['tkg.server'] = None\n"
-        "import tkg.client.loadtest, tkg.client.bench_serve, tkg.client.echo\n"
+        "import tkg.client.loadtest, tkg.bench.serve, tkg.bench.echo\n"
         "loaded = [m for m, mod in sys.modules.items() if mod is not None]\n"
         "assert not any(m == 'torch' or m.startswith(('torch.', 'tkg.server')) for m in loaded), loaded\n"
         "from tkg.cli import main; raise SystemExit(main(['loadtest', '--batch', '0']))\n"

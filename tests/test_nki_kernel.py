@@ -300,7 +300,7 @@ def test_kernel_source_keeps_the_nki_language_rules() -> None:
 
 @needs_emu
 def test_bench_report_counts_the_kernel() -> None:
-    from tkg.kernel.bench import nki as nki_bench
+    from tkg.bench import nki as nki_bench
 
     step = nki_bench.Step(batch=2, q_heads=4, kv_heads=2, head_dim=64, context=256, block_len=16)
     (row,) = nki_bench.emulator_report([step], (2,))

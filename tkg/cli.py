@@ -14,8 +14,8 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve",): ("tkg.server.cli", "run the decode-attention gRPC service"),
     ("loadtest",): ("tkg.client.loadtest", "drive a running server and report latency/throughput"),
-    ("bench", "kernel"): ("tkg.kernel.bench.kernel", "kernel speed vs memory bandwidth and torch peers"),
-    ("bench", "serve"): ("tkg.client.bench_serve", "service vs a bare gRPC echo with the same bytes"),
+    ("bench", "kernel"): ("tkg.bench.kernel", "kernel speed vs memory bandwidth and torch peers"),
+    ("bench", "serve"): ("tkg.bench.serve", "service vs a bare gRPC echo with the same bytes"),
 }
 
 

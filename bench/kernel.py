@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel.bench.cases import Case, Shape
+from tkg.bench.cases import Case, Shape
 from tkg.kernel_dtypes import BF16, FP8
 
 DTYPES = {"bf16": BF16, "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32), "fp8": FP8}
@@ -124,7 +124,7 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, budget: flo
     one's spinning threads to stop. A peer leaves the rounds after `iters` runs or
     once it has spent `budget` seconds (it always gets at least one timed run).
     """
-    from tkg.kernel.bench.membw import settle
+    from tkg.bench.membw import settle
 
     for fn in fns.values():
         fn()
@@ -260,7 +260,7 @@ def run_bench(a: argparse.Namespace) -> dict[str, Any]:
     """Measure everything; returns the JSON-able report."""
     import torch
 
-    from tkg.kernel.bench.membw import native_read_bandwidth, native_reader, read_bandwidth
+    from tkg.bench.membw import native_read_bandwidth, native_reader, read_bandwidth
 
     _check_args(a)
     torch.set_num_threads(a.threads)
@@ -431,12 +431,12 @@ def format_report(rep: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     # `--backend nki-emu` is a different report (the NKI kernel's emulator counters and a trn2
-    # latency estimate, `tkg.kernel.bench.nki`); everything else is this host benchmark.
+    # latency estimate, `tkg.bench.nki`); everything else is this host benchmark.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--backend", choices=("cpu", "nki-emu"), default="cpu")
     known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
     if known.backend == "nki-emu":
-        from tkg.kernel.bench import nki as nki_bench
+        from tkg.bench import nki as nki_bench
 
         return int(nki_bench.main(rest) or 0)
     parser = build_parser()

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from tkg.bench.nki import Step, _inputs
 from tkg.kernel.backends.nki_host import FoldedStep, fold_inputs
-from tkg.kernel.bench.nki import Step, _inputs
 
 ENGINES = ("tensor", "vector", "scalar", "gpsimd", "dma")
 KERNELS = {"ours": "nki-emu", "nkilib": "nkilib-emu"}

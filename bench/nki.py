@@ -7,11 +7,11 @@ HBM-bandwidth floor for the compulsory K/V bytes of the same step (design/perfor
 kernel runs through `paged_decode` (the service's path: one launch, (sequence, kv head) rows
 folded into the batch, block KV, positions-generated mask).
 
-    python -m tkg.kernel.bench.nki [--json [FILE]] [--lnc 1 2] [--context 4096] [--s-active 1 4] [--block-len 16 128]
+    python -m tkg.bench.nki [--json [FILE]] [--lnc 1 2] [--context 4096] [--s-active 1 4] [--block-len 16 128]
                                    [--nkilib PATH]
 
 With `--nkilib PATH` (a folder holding nki-library's `nkilib` package) it runs our kernel and the
-library's side by side instead (`tkg.kernel.bench.nki_peer`); `--json FILE` then writes
+library's side by side instead (`tkg.bench.nki_peer`); `--json FILE` then writes
 {"rows": [{"case", "ours_us", "nkilib_us", "floor_us", ...}]}.
 """
 
@@ -179,8 +179,8 @@ def _emit_json(doc: Any, dest: str) -> None:
 def _peer_main(a: argparse.Namespace) -> int:
     import os
 
+    from tkg.bench import nki_peer
     from tkg.kernel.backends import nkilib_emu
-    from tkg.kernel.bench import nki_peer
 
     try:
         nkilib_emu.peer(os.path.abspath(a.nkilib))

@@ -6,7 +6,7 @@ beforehand for that request length (else it echoes the request). Generic handler
 serializers: no protobuf, no numpy, nothing but gRPC, so service time minus echo time is what the
 service itself costs.
 
-    python -m tkg.client.echo [--host 127.0.0.1] [--port 0] [--stack aio|sync]
+    python -m tkg.bench.echo [--host 127.0.0.1] [--port 0] [--stack aio|sync]
     -> prints "echo: listening on HOST:PORT stack=STACK" once ready; SIGTERM/SIGINT stops it.
 
 Methods (service `tkg.bench.Echo`): `Register` (8-byte little-endian request length + response
@@ -128,7 +128,7 @@ def _serve_sync(host: str, port: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tkg.client.echo", description="Bare gRPC echo (bench peer).")
+    p = argparse.ArgumentParser(prog="python -m tkg.bench.echo", description="Bare gRPC echo (bench peer).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
     p.add_argument("--stack", choices=["aio", "sync"], default="aio", help="grpc.aio (as the service) or sync")

@@ -2,7 +2,7 @@
 
 Both peers run as subprocesses on loopback, started by this command: `python -m tkg.server`
 with the bench geometry (default 32 q / 8 kv heads, d=128, bf16, one layer, context 1024) and
-`python -m tkg.client.echo` (generic handlers, identity serializers; it answers a real serialized
+`python -m tkg.bench.echo` (generic handlers, identity serializers; it answers a real serialized
 `DecodeResponse` to a real serialized `DecodeRequest`). The same decode step is also timed
 in this process (`paged_decode` on a pool of the same geometry, same backend): the kernel alone.
 Scenarios, each measured against its peer in the same run (the machine is shared and noisy: read
@@ -49,7 +49,7 @@ import grpc
 import numpy as np
 
 from tkg import codec
-from tkg.client import echo
+from tkg.bench import echo
 from tkg.client.aio import AsyncClient
 from tkg.client.client import Client
 from tkg.client.errors import TkgError
@@ -814,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     procs: list[Proc] = []
     try:
-        echo_cmd = [sys.executable, "-m", "tkg.client.echo", "--port", "0", "--stack", args.echo_stack]
+        echo_cmd = [sys.executable, "-m", "tkg.bench.echo", "--port", "0", "--stack", args.echo_stack]
         procs.append(start(echo_cmd, ECHO_READY, "echo"))
         procs.append(start(server_command(args), SERVER_READY, "tkg serve"))
         bench = Bench(args, procs[1], procs[0])
