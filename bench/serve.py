@@ -401,7 +401,7 @@ class Bench:
         here with the server's worker-thread cap (`kernel_threads(cores, inline=False)`) and with
         every core. A launch counts once (each of its `batch_requests` responses weighs 1/requests).
         The goal's figure is the server's `kernel_us`; its `attention_us` is reported beside it."""
-        from tkg.server.service import kernel_threads
+        from tkg.server.cores import kernel_threads
 
         cap = kernel_threads(self.cores, inline=False) if self.backend == "cpu" else None
         sizes = sorted({b for b, *_ in seen})

@@ -27,6 +27,7 @@ never writes blocks a running launch reads (see `tkg.server.kv_cache`).
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from types import ModuleType
@@ -64,7 +65,13 @@ class KVGeometry:
 
 
 class StepOutOfBuckets(ValueError):
-    """A decode step whose shape no compiled bucket covers (the service answers INVALID_ARGUMENT)."""
+    """A decode step whose shape no compiled bucket covers (the service answers INVALID_ARGUMENT).
+
+    `dimension`: which limit it passed, "s_active" or "context" (so a caller can name its own field)."""
+
+    def __init__(self, message: str, dimension: str = "") -> None:
+        super().__init__(message)
+        self.dimension = dimension
 
 
 @dataclass(frozen=True)
@@ -113,17 +120,24 @@ class KVStore:
         """True when `decode` needs `k_new`/`v_new` (device stores send them with the step)."""
         return False
 
+    @property
+    def takes_max_threads(self) -> bool:
+        """True when `decode` accepts a `max_threads` option (a host kernel with its own thread pool)."""
+        return False
+
     def check_step(self, s_active: int, context: int) -> None:
         """Raise StepOutOfBuckets naming the limit when no bucket covers the step."""
         if self.max_s_active is not None and s_active > self.max_s_active:
             raise StepOutOfBuckets(
                 f"S={s_active} new tokens exceeds the largest compiled s_active bucket {self.max_s_active} "
-                f"(backend {self.backend}); expected at most {self.max_s_active}"
+                f"(backend {self.backend}); expected at most {self.max_s_active}",
+                "s_active",
             )
         if self.max_context is not None and context > self.max_context:
             raise StepOutOfBuckets(
                 f"{context} tokens exceeds the largest compiled context bucket {self.max_context} "
-                f"(backend {self.backend}, --context-buckets); expected at most {self.max_context}"
+                f"(backend {self.backend}, --context-buckets); expected at most {self.max_context}",
+                "context",
             )
 
     # ---- counters -------------------------------------------------------------------------------
@@ -166,6 +180,7 @@ class KVStore:
         scale: float,
         window: int | None = None,
         sinks: np.ndarray | None = None,
+        trusted: bool = False,
         **options: Any,
     ) -> np.ndarray:
         """One decode step of `layer` for B sequences (`tkg.kernel.paged.paged_decode`'s math).
@@ -173,6 +188,9 @@ class KVStore:
         q: `[B, Hq, S, d]` (RoPE applied, not scaled); k_new, v_new: `[B, Hkv, S, d]`, the S tokens
         already written at positions `seq_lens[b]-S ..` (None unless `reads_new_kv`);
         block_tables: int32 `[B, >= ceil(seq_lens/block_len)]`; seq_lens: int32 `[B]`.
+        trusted: the tables and lengths come from the cache that built them (`tkg.server.kv_cache`
+            keeps every used entry a valid id and every length within its table): the per-step
+            range check over the tables is skipped, as FlashInfer's run() trusts what plan() made.
         options: the backend's own per-call options (e.g. the cpu kernel's `max_threads`).
         Returns `[B, Hq, S, d]` in q's dtype.
         """
@@ -242,18 +260,30 @@ class HostKVStore(KVStore):
         scale: float,
         window: int | None = None,
         sinks: np.ndarray | None = None,
+        trusted: bool = False,
         **options: Any,
     ) -> np.ndarray:
         from tkg.kernel.paged import check_paged_args, run_paged
 
-        if self._module is None:  # resolved once: the backend is fixed for the store's life
-            self._module = backends.load(self.backend)
         out, k_scale, v_scale = options.pop("out", None), options.pop("k_scale", 1.0), options.pop("v_scale", 1.0)
         args = check_paged_args(
-            q, self.k[layer], self.v[layer], block_tables, seq_lens, scale, window, sinks, out, k_scale, v_scale
-        )
-        run_paged(self._module, self.backend, args, **options)
+            q, self.k[layer], self.v[layer], block_tables, seq_lens, scale, window, sinks, out, k_scale, v_scale,
+            check_tables=not trusted,
+        )  # fmt: skip
+        run_paged(self.module, self.backend, args, **options)
         return args.out
+
+    @property
+    def module(self) -> ModuleType:
+        """The backend's module, loaded at first use (the backend is fixed for the store's life)."""
+        if self._module is None:
+            self._module = backends.load(self.backend)
+        return self._module
+
+    @property
+    def takes_max_threads(self) -> bool:
+        impl = getattr(self.module, "paged_decode", None)
+        return impl is not None and "max_threads" in inspect.signature(impl).parameters
 
 
 def create_kv_store(backend: str, geometry: KVGeometry, **options: Any) -> KVStore:

@@ -63,8 +63,12 @@ def check_paged_args(
     out: np.ndarray | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    check_tables: bool = True,
 ) -> PagedArgs:
-    """Shape/dtype/range checks; ValueError naming the argument and the expected value."""
+    """Shape/dtype/range checks; ValueError naming the argument and the expected value.
+
+    `check_tables=False` skips the range check of the tables' used entries (per step, O(B x
+    max_blocks)): for tables the caller's own bookkeeping built (the service's KV cache)."""
     if q.ndim != 4 or q.dtype not in IO_DTYPES:
         raise ValueError(f"paged_decode: q: expected [B, Hq, S, d] float32/float16/bfloat16, got {q.dtype} {q.shape}")
     B, Hq, S, d = q.shape
@@ -93,13 +97,14 @@ def check_paged_args(
             f"paged_decode: seq_lens: each must lie in [S={S}, {block_tables.shape[1] * BL}], got {seq_lens.tolist()}"
         )
     # Only the entries a sequence uses must be valid ids; one vectorised check (this is per step).
-    nblocks = -(-np.asarray(seq_lens, dtype=np.int64) // BL)
-    used = np.arange(block_tables.shape[1])[None, :] < nblocks[:, None]
-    bad = used & ((block_tables < 0) | (block_tables >= NB))
-    if bad.any():
-        b = int(np.argmax(bad.any(axis=1)))
-        ids = block_tables[b, : nblocks[b]].tolist()
-        raise ValueError(f"paged_decode: block_tables[{b}]: ids must lie in [0, {NB}), got {ids}")
+    if check_tables:
+        nblocks = -(-np.asarray(seq_lens, dtype=np.int64) // BL)
+        used = np.arange(block_tables.shape[1])[None, :] < nblocks[:, None]
+        bad = used & ((block_tables < 0) | (block_tables >= NB))
+        if bad.any():
+            b = int(np.argmax(bad.any(axis=1)))
+            ids = block_tables[b, : nblocks[b]].tolist()
+            raise ValueError(f"paged_decode: block_tables[{b}]: ids must lie in [0, {NB}), got {ids}")
     if window is not None and window < S:
         raise ValueError(f"paged_decode: window: {window} must be >= S={S}")
     if sinks is not None:

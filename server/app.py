@@ -31,47 +31,15 @@ from tkg.server import migration, tenants
 from tkg.server.config import ConfigError, ModelSpec
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
-from tkg.server.service import INLINE_KERNEL_BYTES, DecodeAttentionService, ServiceOptions
+from tkg.server.service import DecodeAttentionService
+from tkg.server.settings import ServeSettings
+from tkg.server.tenants import Ledger
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tkg.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DecodeAttention"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-DEFAULT_MAX_MESSAGE = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """Everything about one instance that is not the model spec (ports, limits, security)."""
-
-    backend: str  # a resolved backend name
-    host: str = "0.0.0.0"
-    port: int = 50051  # 0: any free port
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int | None = 9400  # None: no metrics endpoint; 0: any free port
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE
-    batch_delay_us: int = 100
-    max_pending: int = 1024
-    auth: auth_mod.AuthTable = field(default_factory=auth_mod.AuthTable)  # tokens, subjects, tenants, quotas
-    auth_file: str | None = None  # re-read on SIGHUP (`App.reload_auth`)
-    quota_defaults: auth_mod.Quota = field(default_factory=auth_mod.Quota)  # for tenants the file gives none
-    # Sent when pushing to --peers: a `peer` credential (--peer-token-file; every tenant's sequences
-    # move), else the first full-access token of tenant `default` (only its sequences can move).
-    peer_token: str | None = None
-    tls_cert: bytes | None = None  # PEM chain; with tls_key: serve TLS
-    tls_key: bytes | None = None
-    tls_client_ca: bytes | None = None  # PEM roots: require and verify client certificates (mTLS)
-    max_sequences: int | None = None  # live sequences server-wide
-    max_concurrent_streams: int | None = None  # per connection (gRPC's own limit)
-    gateway_metrics: bool = False
-    inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # smaller launches run on the event loop thread
-    kernel_cores: int = 0  # cores the cpu kernel may use; 0: the CPUs this process may run on
-    expiry_period_s: float | None = None  # idle-expiry sweep period; None: idle_ttl_s / 4, in [0.05, 30]
-    peers: tuple[str, ...] = ()  # the other replicas, named as clients name them (the routing hash covers the name)
-    # Compiled shape buckets of device backends (nki, nki-emu); None: powers of two up to the spec's limits.
-    context_buckets: tuple[int, ...] | None = None
-    batch_buckets: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -103,8 +71,7 @@ class App:
 
     def reload_auth(self, table: auth_mod.AuthTable) -> None:
         """Put a new credential table in force (SIGHUP); calls already admitted keep theirs."""
-        self.authenticator.table = table
-        self.service.tenant_count = lambda: max(1, len(table.tenants))
+        self.authenticator.table = table  # the service's tenant_count reads it per request
 
     def _warm_up_text(self) -> str:
         w = self.warmed
@@ -197,6 +164,16 @@ def make_store(spec: ModelSpec, settings: ServeSettings) -> KVStore:
     )  # fmt: skip
 
 
+def make_cache(spec: ModelSpec, settings: ServeSettings, ledger: Ledger) -> KVCache:
+    """The KV cache over the backend's store, its block changes charged to `ledger`'s tenants."""
+    return KVCache(
+        num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+        block_len=spec.block_len, num_blocks=spec.num_blocks, max_context=spec.max_context, dtype=spec.kv_dtype,
+        max_sequences=settings.max_sequences or default_max_sequences(spec),
+        store=make_store(spec, settings), meter=ledger.charge,
+    )  # fmt: skip
+
+
 def warm_up(spec: ModelSpec, cache: KVCache) -> WarmUp:
     """Build every kernel specialisation serving needs (or run one tiny step on host backends), so
     no request pays for loading or compiling the backend."""
@@ -221,23 +198,15 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
 
     Raises OSError when the gRPC or metrics address cannot be bound.
     """
-    cache = KVCache(
-        num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-        block_len=spec.block_len, num_blocks=spec.num_blocks, max_context=spec.max_context, dtype=spec.kv_dtype,
-        max_sequences=settings.max_sequences or default_max_sequences(spec),
-        store=make_store(spec, settings),
-    )  # fmt: skip
+    ledger = Ledger()
+    cache = make_cache(spec, settings, ledger)
     metrics = Metrics(settings.backend, gateway=settings.gateway_metrics)
-    opts = ServiceOptions(
-        backend=settings.backend, max_batch=spec.max_batch, batch_delay_s=settings.batch_delay_us * 1e-6,
-        max_pending=settings.max_pending, max_message_bytes=settings.max_message_bytes,
-        inline_kernel_bytes=settings.inline_kernel_bytes, kernel_cores=settings.kernel_cores,
-    )  # fmt: skip
-    service = DecodeAttentionService(spec, cache, opts, metrics)
     authenticator = auth_mod.Authenticator(settings.auth)
-    table = settings.auth
-    service.tenant_count = lambda: max(1, len(table.tenants))
-    service.per_tenant_info = settings.auth_file is not None
+    service = DecodeAttentionService(
+        spec, cache, settings, metrics, ledger,
+        tenant_count=lambda: max(1, len(authenticator.table.tenants)),  # SIGHUP swaps the table
+        per_tenant_info=settings.auth_file is not None,
+    )  # fmt: skip
     options: list[tuple[str, int]] = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -278,7 +247,7 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
         metrics_port = metrics.serve(settings.metrics_port, settings.metrics_host)
     service.start()
     warmed = await asyncio.get_running_loop().run_in_executor(None, warm_up, spec, cache)
-    service.ready = True
+    service.mark_ready()
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     app = App(spec, settings, server, service, health_servicer, metrics, port, metrics_port, authenticator, warmed,

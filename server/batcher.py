@@ -4,10 +4,16 @@ Requests wait in arrival order. The dispatcher takes the oldest, waits until it 
 `delay_s` old (or the batch is full), then takes every queued request with the same (layer, S)
 whose sequences do not collide with the batch, up to `max_batch` sequences, and runs the batch.
 While a batch runs, new requests queue up, so under load batches form without any delay
-(continuous batching); the delay only helps when requests trickle in. `lone_caller()` (set by the
-service) says a single caller has had the server to itself for a while: its head goes at once,
-since nobody could join it (`decode` even runs it in the caller's own task when nothing else is
-queued or running); the first overlapping call makes the delay apply again.
+(continuous batching); the delay only helps when requests trickle in.
+
+The scheduling policy lives here too, in one record, `LoneCaller`: a single caller that has had the
+server to itself for a while gets its head dispatched at once, since nobody could join it (`decode`
+even runs it in the caller's own task when nothing else is queued or running), and its kernel on
+the event loop (`LoneCaller.inline`, asked by the step engine); the first overlapping call makes
+the delay and the worker thread apply again.
+
+Everything here runs on the event loop thread (no locks): `submit`, `decode` and the dispatcher
+task interleave only at their awaits.
 """
 
 from __future__ import annotations
@@ -22,6 +28,18 @@ from typing import Any
 import numpy as np
 
 from tkg.server.errors import ResourceExhausted
+
+# Launches reading at most this much K+V run on the event loop thread: at the 10-30 GB/s a decode
+# kernel reaches here that is ~10-25 us, less than a round trip to the worker thread.
+INLINE_KERNEL_BYTES = 256 * 1024
+
+# A lone caller's launches run on the loop only up to this much K+V (the event-loop bound: under
+# ~1 ms at the bandwidth above, so no kernel blocks health checks or other RPCs for longer).
+LONE_INLINE_BYTES = 8 * 2**20
+
+# Launches in a row of one request for the same sequences, with nothing else in flight, before
+# that caller counts as alone (its requests skip the batch delay, its kernels run on the loop).
+LONE_STREAK = 8
 
 
 @dataclass
@@ -51,10 +69,65 @@ class DecodeWork:
 RunBatch = Callable[[list[DecodeWork]], Awaitable[None]]
 
 
-class Batcher:
-    """Queue + dispatcher task. `submit()` on the event loop; `run_batch` resolves the futures."""
+class LoneCaller:
+    """The one record of "a single caller has the server to itself" (see the module docstring).
 
-    def __init__(self, run_batch: RunBatch, max_batch: int, delay_s: float, max_pending: int) -> None:
+    Updated at every launch (`launched`); read by the batcher (skip the delay, run in the caller's
+    task) and by the step engine (`inline`: run the kernel on the loop). "The same sequences":
+    grpc.aio starts one call per loop pass, so a burst of new callers would each look alone, run
+    inline one by one and never batch; a change of sequences restarts the streak instead.
+
+    Args:
+        calls: calls in flight in the whole service (every RPC, streams included).
+        inline_kernel_bytes: launches reading at most this much K+V always run on the loop.
+        lone_inline_bytes: a lone caller's launches run on the loop up to this much K+V.
+    """
+
+    def __init__(
+        self, calls: Callable[[], int], inline_kernel_bytes: int = INLINE_KERNEL_BYTES,
+        lone_inline_bytes: int = LONE_INLINE_BYTES,
+    ) -> None:  # fmt: skip
+        self._calls = calls
+        self.inline_kernel_bytes = inline_kernel_bytes
+        self.lone_inline_bytes = lone_inline_bytes
+        self.ids: list[str] | None = None  # sequence ids of the last launch, when it was one request
+        self.streak = 0  # launches in a row of that one request with nothing else in flight
+        self.decoding = 0  # decode requests between receipt and reply (`Batcher.decode`)
+
+    def launched(self, batch: list[DecodeWork], queued: int) -> None:
+        """A launch of `batch` starts, `queued` requests still waiting behind it."""
+        ids = batch[0].seq_ids if len(batch) == 1 else None
+        if ids is None or self.decoding > 1 or self._calls() > 1 or queued:
+            self.streak = 0
+        else:  # another caller's first lone launch starts a new streak at 1
+            self.streak = self.streak + 1 if ids == self.ids else 1
+        self.ids = ids
+
+    def alone(self) -> bool:
+        """One caller has been alone for LONE_STREAK launches and nothing else is in flight now."""
+        return self.streak > LONE_STREAK and self.decoding <= 1 and self._calls() <= 1
+
+    def inline(self, kv_bytes: int) -> bool:
+        """Run a launch reading `kv_bytes` of K+V on the loop thread? Handing a launch to the
+        worker thread and back costs ~50-100 us of loop time. It buys a loop free to accept the
+        next calls while the kernel runs (grpc.aio accepts one call per loop pass), which is what
+        lets batches form under load; a lone caller gains nothing from it."""
+        if kv_bytes <= self.inline_kernel_bytes:
+            return True
+        return self.streak > LONE_STREAK and kv_bytes <= self.lone_inline_bytes
+
+
+class Batcher:
+    """Queue + dispatcher task. `submit()` on the event loop; `run_batch` resolves the futures.
+
+    Args:
+        run_batch: runs one batch and resolves its futures (the step engine's `run`).
+        lone: the scheduling record (a fresh one, no calls counted, when None).
+    """
+
+    def __init__(
+        self, run_batch: RunBatch, max_batch: int, delay_s: float, max_pending: int, lone: LoneCaller | None = None
+    ) -> None:
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.delay_s = delay_s
@@ -64,8 +137,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self.running = 0  # requests in the batch being run
         self._launching = asyncio.Lock()  # held while a batch runs: one launch at a time
-        self._last_alone: list[str] | None = None  # sequence ids of the last batch, when it was one request
-        self.lone_caller: Callable[[], bool] = lambda: False
+        self.lone = lone if lone is not None else LoneCaller(lambda: 0)
 
     @property
     def pending(self) -> int:
@@ -98,20 +170,30 @@ class Batcher:
         self._wakeup.set()
         return work.future
 
+    def runs_alone(self) -> bool:
+        """A request arriving now would run at once: nothing queued, nothing launching and a lone
+        caller (the DecodeStream reader then answers the message itself, without a task)."""
+        return not self._queue and not self.lone.decoding and self.lone.alone()
+
     async def decode(self, work: DecodeWork) -> Any:
-        """Queue `work` (`submit`) and wait for its result. A lone caller (`lone_caller()`) whose
+        """Queue `work` (`submit`) and wait for its result. A lone caller (`LoneCaller.alone`) whose
         request finds nothing queued and no launch running runs its batch in its own task instead:
         no queue, no dispatcher wake-up, two event-loop passes fewer per call. Only when the
         request names the sequences of the last batch, and that batch was one request: grpc.aio
         starts one call per loop pass, so a burst of other callers' requests would each look alone
         and never meet in a batch; through the queue they do. Launches never overlap: the
         dispatcher takes its next batch only once such a launch is over."""
-        alone = work.seq_ids == self._last_alone  # the same caller going on, not a burst of new ones
-        if not alone or self._queue or self._launching.locked() or not self.lone_caller():
-            return await self.submit(work)
-        async with self._launching:
-            await self._launch([work])
-        return await work.future
+        lone = self.lone
+        lone.decoding += 1
+        try:
+            alone = work.seq_ids == lone.ids  # the same caller going on, not a burst of new ones
+            if not alone or self._queue or self._launching.locked() or not lone.alone():
+                return await self.submit(work)
+            async with self._launching:
+                await self._launch([work])
+            return await work.future
+        finally:
+            lone.decoding -= 1
 
     def _take(self) -> list[DecodeWork]:
         """Remove and return the next batch: the oldest request and compatible followers."""
@@ -148,7 +230,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if len(self._queue) > 1 or not self.lone_caller():
+            if len(self._queue) > 1 or not self.lone.alone():
                 await self._wait_for_company(self._queue[0])
             async with self._launching:  # a lone caller's own launch (`decode`) may be running
                 if not self._queue:
@@ -159,7 +241,7 @@ class Batcher:
 
     async def _launch(self, batch: list[DecodeWork]) -> None:
         """Run one batch (the caller holds `_launching`)."""
-        self._last_alone = batch[0].seq_ids if len(batch) == 1 else None
+        self.lone.launched(batch, len(self._queue))
         self.running = len(batch)
         try:
             await self._run_batch(batch)

@@ -22,10 +22,10 @@ from typing import Any
 from tkg.kernel.backends import BackendUnavailable, names, resolve
 from tkg.server import app as app_mod
 from tkg.server import auth
-from tkg.server.app import DEFAULT_MAX_MESSAGE, ServeSettings
+from tkg.server.batcher import INLINE_KERNEL_BYTES
 from tkg.server.config import ConfigError, ModelSpec, load_spec
 from tkg.server.presets import DEFAULT_PRESET, PRESETS
-from tkg.server.service import INLINE_KERNEL_BYTES
+from tkg.server.settings import DEFAULT_MAX_MESSAGE, ServeSettings
 
 log = logging.getLogger("tkg.server")
 

@@ -128,6 +128,11 @@ class RopeTable:
         B, T = pos.shape
         return self.cos[pos].reshape(B, 1, T, -1), self.sin[pos].reshape(B, 1, T, -1)
 
+    def rotate_tokens(self, k: np.ndarray, position: int) -> np.ndarray:
+        """`rotate` of one sequence's keys `[T, heads, d]` at positions `position .. position+T-1`
+        (an AppendKV chunk); returns k's dtype and layout."""
+        cos, sin = self.lookup((position + np.arange(k.shape[0]))[None, :])
+        return rotate(k.transpose(1, 0, 2)[None], cos, sin)[0].transpose(1, 0, 2)
 
     def rotate_qk(self, q: np.ndarray, k: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`rotate` of q `[B, Hq, T, d]` and k `[B, Hkv, T, d]` at absolute positions `[B, T]`,

@@ -8,11 +8,12 @@ included, and two tenants may use the same id. Ids going back out (SequenceInfo,
 lose the prefix again (`outward`).
 
 **Usage.** `Ledger` counts per tenant what its quota limits: live sequences, KV blocks held,
-decode requests pending (queued or running) and open streams. Blocks are charged by the pool's
-own count around each operation (a reservation is checked against the quota before anything is
-written), and returned as the cache frees them; forks share blocks only within a tenant, so a
-block shared copy-on-write counts once. Idle expiry drops sequences of any tenant at once, so the
-service recounts from a cache snapshot after it (`recount`).
+decode requests pending (queued or running) and open streams. Blocks are charged by the deltas
+the KV cache reports (`charge`, the cache's `meter`), under the tenant whose sequence the
+operation acted on, idle expiry included; an operation that takes blocks is checked against the
+quota right after (`check_charged`) and undone by the caller when over. Forks share blocks only
+within a tenant, so a block shared copy-on-write counts once. `recount` recomputes usage from a
+cache snapshot: the invariant the deltas must keep (the tests compare the two).
 
 Everything runs on the event loop thread, like the KV cache.
 """
@@ -97,15 +98,27 @@ class Ledger:
 
     # ---- blocks -------------------------------------------------------------------------------
 
-    def check_blocks(self, tenant: Tenant, adding: int) -> None:
-        limit, u = tenant.quota.max_blocks, self.of(tenant)
-        if limit is not None and adding > 0 and u.blocks + adding > limit:
-            raise self._over(tenant, "max_blocks", u.blocks, adding, limit, "KV blocks")
+    def charge(self, seq_id: str, delta: int) -> None:
+        """`delta` blocks taken (> 0) or returned (< 0) for cache sequence `seq_id`'s tenant (the
+        KV cache's meter)."""
+        name = tenant_of(seq_id)
+        u = self.usage.get(name)
+        if u is None:
+            u = self.usage[name] = Usage()
+        u.blocks += delta
 
-    def blocks_changed(self, tenant: Tenant, delta: int) -> None:
-        """`delta` blocks taken (> 0) or returned (< 0) by the tenant's sequences."""
-        u = self.of(tenant)
-        u.blocks = max(0, u.blocks + delta)
+    def check_charged(self, tenant: Tenant, taken: int) -> None:
+        """RESOURCE_EXHAUSTED when the `taken` blocks just charged put `tenant` past max_blocks
+        (the caller then undoes the operation, which returns them)."""
+        limit, u = tenant.quota.max_blocks, self.of(tenant)
+        if limit is not None and taken > 0 and u.blocks > limit:
+            raise self._over(tenant, "max_blocks", u.blocks - taken, taken, limit, "KV blocks")
+
+    def drop_sequence(self, seq_id: str) -> None:
+        """Cache sequence `seq_id` is gone (released or expired)."""
+        u = self.usage.get(tenant_of(seq_id))
+        if u is not None:
+            u.sequences = max(0, u.sequences - 1)
 
     # ---- pending decode requests and streams ---------------------------------------------------
 

@@ -532,7 +532,7 @@ def test_expire_idle_uses_last_use_and_counts_evictions() -> None:
     cache.append("c", 0, 0, tokens(0, 5), tokens(0, 5))
     clock.t += 10  # a: 40 s idle, b: 30 s, c: 10 s
     cache.get("a")  # a read is no use: a stays 40 s idle
-    cache.touch(["b", "gone"])  # a decode of b (the service's call); unknown ids are ignored
+    cache.abort(cache.prepare_append(0, ["b"], [0], 1))  # a step prepared for b is use, even one aborted
     assert cache.expire_idle(None, 35) == ["a"]
     clock.t += 15  # b: 15, c: 25
     assert cache.expire_idle(None, 20) == ["c"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support.service import make_service
 
 from tkg.kernel.backends import unavailable_reason
 from tkg.kernel.kv_store import HostKVStore, KVGeometry, LayerVariant, StepOutOfBuckets, create_kv_store
@@ -141,9 +142,6 @@ def test_device_store_counts_what_the_emulator_sees_crossing() -> None:
 def _service(backend: str, max_context: int) -> Any:
     from tkg.server.app import ServeSettings, make_store, warm_up
     from tkg.server.config import build_spec
-    from tkg.server.kv_cache import KVCache
-    from tkg.server.metrics import Metrics
-    from tkg.server.service import DecodeAttentionService, ServiceOptions
 
     spec = build_spec({
         "num_layers": 1, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "kv_dtype": "bfloat16",
@@ -151,12 +149,9 @@ def _service(backend: str, max_context: int) -> Any:
         "fuse_rope": False,
     })  # fmt: skip
     store = make_store(spec, ServeSettings(backend=backend))
-    cache = KVCache(num_layers=1, num_kv_heads=HKV, head_dim=D, block_len=BL, num_blocks=300,
-                    max_context=max_context, dtype="bfloat16", store=store)  # fmt: skip
-    opts = ServiceOptions(backend=backend, max_batch=1, batch_delay_s=0.0, max_pending=4, max_message_bytes=2**22)
-    svc = DecodeAttentionService(spec, cache, opts, Metrics(backend))
+    svc = make_service(spec, backend=backend, store=store, max_pending=4, max_message_bytes=2**22)
+    cache = svc.cache
     report = warm_up(spec, cache)
-    svc.ready = True
     return svc, report
 
 
@@ -190,10 +185,10 @@ def test_a_steady_decode_loop_moves_only_the_step_inputs_and_compiles_nothing() 
             svc.cache.create(sid)
             n = context - steps - 2
             svc.cache.append(sid, 0, 0, np.zeros((n, HKV, D), BF16), np.zeros((n, HKV, D), BF16))
-            await svc._decode_one(_decode_request(sid, n, rng))  # reach the steady state
+            await svc.decode(_decode_request(sid, n, rng))  # reach the steady state
             h2d = store.transfer_bytes()["h2d"]
             for i in range(steps):
-                resp = await svc._decode_one(_decode_request(sid, n + 1 + i, rng))
+                resp = await svc.decode(_decode_request(sid, n + 1 + i, rng))
                 assert list(resp.out.shape) == [1, HQ, 1, D]
             per_step[context] = (store.transfer_bytes()["h2d"] - h2d) / steps
         await svc.close()
@@ -231,27 +226,23 @@ def test_host_backends_report_zero_transfers_and_compilations() -> None:
 @needs_emu
 def test_a_step_past_the_compiled_context_buckets_is_invalid_argument_and_changes_nothing() -> None:
     from tkg.server.app import ServeSettings, make_store
+    from tkg.server.auth import ANONYMOUS
     from tkg.server.config import build_spec
     from tkg.server.errors import InvalidArgument
-    from tkg.server.kv_cache import KVCache
-    from tkg.server.metrics import Metrics
-    from tkg.server.service import DecodeAttentionService, ServiceOptions
 
     spec = build_spec({
         "num_layers": 1, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "kv_dtype": "bfloat16",
         "block_len": BL, "num_blocks": 40, "max_context": 512, "max_batch": 1, "max_s_active": 1,
     })  # fmt: skip
     store = make_store(spec, ServeSettings(backend="nki-emu", context_buckets=(256,)))
-    cache = KVCache(num_layers=1, num_kv_heads=HKV, head_dim=D, block_len=BL, num_blocks=40, max_context=512,
-                    dtype="bfloat16", store=store)  # fmt: skip
-    svc = DecodeAttentionService(spec, cache, ServiceOptions("nki-emu", 1, 0.0, 4, 2**22), Metrics("nki-emu"))
-    svc.ready = True
+    svc = make_service(spec, backend="nki-emu", store=store, max_pending=4, max_message_bytes=2**22)
+    cache = svc.cache
     cache.create("a")
     cache.append("a", 0, 0, np.zeros((256, HKV, D), BF16), np.zeros((256, HKV, D), BF16))
     before = (cache.get("a"), cache.free_blocks, store.compilations)
-    with pytest.raises(InvalidArgument, match=r"positions\[0\]: 256 \+ S=1 tokens exceeds the largest compiled "
-                       r"context bucket 256 of backend nki-emu \(--context-buckets\); expected at most 256"):
-        svc._validate_decode(_decode_request("a", 256, np.random.default_rng(0)))
+    with pytest.raises(InvalidArgument, match=r"positions\[0\]: 257 tokens exceeds the largest compiled "
+                       r"context bucket 256 \(backend nki-emu, --context-buckets\); expected at most 256"):
+        svc.wire.decode(_decode_request("a", 256, np.random.default_rng(0)), ANONYMOUS.tenant)
     assert (cache.get("a"), cache.free_blocks, store.compilations) == before
 
 
@@ -340,8 +331,8 @@ def test_serve_nki_emu_warms_every_bucket_answers_like_the_reference_and_refuses
                 res = c.decode(0, batch, pos, q, k, v)
                 np.testing.assert_allclose(res.out.astype(np.float32), m.decode(0, batch, q, k, v), **tol(dt))
             c.append_kv(sids[0], 0, *(rand(rng, (128 - m.length(sids[0], 0), 2, 32), dt) for _ in range(2)))
-            with pytest.raises(InvalidArgument, match=r"positions\[0\]: 128 \+ S=1 tokens exceeds the largest "
-                               r"compiled context bucket 128 of backend nki-emu"):  # fmt: skip
+            with pytest.raises(InvalidArgument, match=r"positions\[0\]: 129 tokens exceeds the largest "
+                               r"compiled context bucket 128 \(backend nki-emu"):  # fmt: skip
                 c.decode(0, sids[:1], [128], *(rand(rng, (1, h, 1, 32), dt) for h in (4, 2, 2)))
             after = scrape(srv.metrics_port)
         assert before["tkg_kernel_compilations_total"] == after["tkg_kernel_compilations_total"] == 4

@@ -4,7 +4,6 @@ ServerInfo/SequenceInfo carry the instance id; plus the drain of `tkg serve --pe
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import signal
 from typing import Any
 
@@ -13,15 +12,12 @@ import numpy as np
 import pytest
 from server_mirror import wait_for
 from server_proc import free_port, start_server
+from support.service import Aborted, make_service
 from test_races import FakeContext, loop_passes, rand
-from test_server_service import Aborted
 
 from tkg import codec
 from tkg.client import AsyncClient, Client, errors, routing
-from tkg.server.config import build_spec
-from tkg.server.kv_cache import KVCache
-from tkg.server.metrics import Metrics
-from tkg.server.service import DecodeAttentionService, ServiceOptions
+from tkg.server.service import DecodeAttentionService
 from tkg.v1 import decode_attention_pb2 as pb
 
 L, HQ, HKV, D, BL = 2, 4, 2, 16, 8
@@ -29,15 +25,10 @@ L, HQ, HKV, D, BL = 2, 4, 2, 16, 8
 
 def service(num_blocks: int = 32, **spec: Any) -> DecodeAttentionService:
     raw = {"num_layers": L, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "block_len": BL,
-           "num_blocks": num_blocks, "kv_dtype": "float32", "max_context": 128, "fuse_rope": True, **spec}  # fmt: skip
-    s = build_spec(raw)
-    cache = KVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, block_len=BL,
-                    num_blocks=num_blocks, max_context=128, dtype=s.kv_dtype)  # fmt: skip
-    opts = ServiceOptions(backend="reference", max_batch=4, batch_delay_s=0.0, max_pending=16,
-                          max_message_bytes=4096)  # small messages: several K/V chunks per layer  # fmt: skip
-    svc = DecodeAttentionService(s, cache, opts, Metrics("reference"))
-    svc.ready = True
-    return svc
+           "num_blocks": num_blocks, "kv_dtype": "float32", "max_context": 128, "fuse_rope": True, "max_batch": 4,
+           **spec}  # fmt: skip
+    # Small messages: several K/V chunks per layer.
+    return make_service(raw, max_pending=16, max_message_bytes=4096)
 
 
 async def fill(svc: DecodeAttentionService, sid: str, lengths: tuple[int, ...], seed: int) -> None:
@@ -67,7 +58,7 @@ def step(svc: DecodeAttentionService, sid: str, layer: int, pos: int) -> Any:
     req = pb.DecodeRequest(layer=layer, sequence_ids=[sid], positions=[pos])
     for i, (name, h) in enumerate((("q", HQ), ("k", HKV), ("v", HKV))):
         codec.encode(rand((1, h, 1, D), 99 + i), getattr(req, name))
-    return svc._decode_one(req)
+    return svc.decode(req)
 
 
 def test_export_import_round_trip_decodes_identically() -> None:
@@ -153,7 +144,7 @@ def test_export_waits_for_the_launch_and_truncate_waits_for_the_export() -> None
 
     async def main() -> None:
         a = service()
-        a.opts = dataclasses.replace(a.opts, inline_kernel_bytes=-1, lone_inline_bytes=-1)
+        a.batcher.lone.inline_kernel_bytes = a.batcher.lone.lone_inline_bytes = -1
         a.start()
         await fill(a, "s", (10, 10), seed=1)
         with GatedKernel() as kernel:

@@ -10,44 +10,35 @@ parked; with the fix they wait for the launch, without it they change the blocks
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from support import service as support_service
+from support.service import Aborted, FakeContext
 from test_kv_cache import FakeClock
-from test_server_service import Aborted, FakeContext
 
 from tkg import codec
 from tkg.kernel import paged_decode
 from tkg.kernel.kv_store import HostKVStore
-from tkg.server import service as service_module
-from tkg.server.config import build_spec
+from tkg.server import step as step_module
 from tkg.server.errors import ServiceError
-from tkg.server.kv_cache import KVCache
-from tkg.server.metrics import Metrics
-from tkg.server.service import DecodeAttentionService, ServiceOptions
+from tkg.server.service import DecodeAttentionService
 from tkg.v1 import decode_attention_pb2 as pb
 
 HQ, HKV, D, BL = 2, 1, 8, 16
 
 
-def make_service(num_blocks: int = 8, clock: FakeClock | None = None, **opts: Any) -> DecodeAttentionService:
-    spec = build_spec({"num_layers": 2, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "block_len": BL,
-                       "num_blocks": num_blocks, "kv_dtype": "float32", "max_context": 256,
-                       "idle_ttl_s": 10.0})  # fmt: skip
-    cache = KVCache(num_layers=2, num_kv_heads=HKV, head_dim=D, block_len=BL, num_blocks=num_blocks,
-                    max_context=256, dtype="float32", clock=clock or FakeClock())  # fmt: skip
-    base = ServiceOptions(backend="reference", max_batch=4, batch_delay_s=0.0, max_pending=16, max_message_bytes=2**22)
+def make_service(num_blocks: int = 8, clock: FakeClock | None = None, **settings: Any) -> DecodeAttentionService:
+    spec = {"num_layers": 2, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "block_len": BL,
+            "num_blocks": num_blocks, "kv_dtype": "float32", "max_context": 256, "idle_ttl_s": 10.0,
+            "max_batch": 4}  # fmt: skip
     # Every launch on the worker thread (the race window this file is about), unless a test says otherwise.
-    opts = {"inline_kernel_bytes": -1, "lone_inline_bytes": -1, **opts}
-    known = {f.name for f in dataclasses.fields(ServiceOptions)}
-    base = dataclasses.replace(base, **{k: v for k, v in opts.items() if k in known})
-    svc = DecodeAttentionService(spec, cache, base, Metrics("reference"))
-    svc.ready = True
-    return svc
+    settings = {"inline_kernel_bytes": -1, "lone_inline_bytes": -1, "max_pending": 16, "max_message_bytes": 2**22,
+                **settings}  # fmt: skip
+    return support_service.make_service(spec, clock=clock or FakeClock(), **settings)
 
 
 class GatedKernel:
@@ -67,8 +58,9 @@ class GatedKernel:
     def __call__(self, store: HostKVStore, layer: int, q: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
         self.thread = threading.current_thread().name
         tables, lens = args[2:4]
+        options = {k: v for k, v in kwargs.items() if k != "trusted"}  # the cache's own tables: not a kernel option
         self.expected = paged_decode(
-            q, store.k[layer].copy(), store.v[layer].copy(), tables, lens, backend=store.backend, **kwargs
+            q, store.k[layer].copy(), store.v[layer].copy(), tables, lens, backend=store.backend, **options
         )
         self.started.set()
         assert self.gate.wait(30), "the test never opened the gate"
@@ -126,7 +118,7 @@ async def loop_passes(n: int = 20) -> None:
 
 
 async def started_decode(svc: DecodeAttentionService, kernel: GatedKernel, sid: str, pos: int) -> asyncio.Task:
-    task = asyncio.ensure_future(svc._decode_one(decode_req(sid, pos)))
+    task = asyncio.ensure_future(svc.decode(decode_req(sid, pos)))
     await kernel.wait_started()
     return task
 
@@ -208,7 +200,7 @@ def test_a_failed_step_appends_nothing_even_with_a_racing_write(racer: str) -> N
         else:
             assert svc.cache.get("c").lengths == (20, 20) and a.lengths == (20, 20)
         assert not svc.cache.in_flight("a")
-        resp = await svc._decode_one(decode_req("a", 20))  # the retry of the failed step works
+        resp = await svc.decode(decode_req("a", 20))  # the retry of the failed step works
         assert list(resp.out.shape) == [1, HQ, 1, D]
         await svc.close()
 
@@ -245,9 +237,9 @@ def test_a_failure_between_prepare_and_the_kernel_rolls_back_the_whole_step(wher
 
         monkeypatch.setattr(svc.cache, "commit", commit)
         if where == "stack_tables":
-            monkeypatch.setattr(service_module, "_stack_tables", stack)
+            monkeypatch.setattr(step_module, "_stack_tables", stack)
         requests = [decode_req("a", 0), decode_req("b", 0, seed=1), decode_req("c", 5)][: len(ids)]
-        results = await asyncio.gather(*(svc._decode_one(r) for r in requests), return_exceptions=True)
+        results = await asyncio.gather(*(svc.decode(r) for r in requests), return_exceptions=True)
         assert [p.seq_ids for p in calls] == ([("a",), ("b",)] if where == "second_commit" else [("a", "b")])
         for r in results[:2]:
             assert isinstance(r, ServiceError) and "broke" in r.message
@@ -258,7 +250,7 @@ def test_a_failure_between_prepare_and_the_kernel_rolls_back_the_whole_step(wher
         monkeypatch.undo()
         svc.batcher.delay_s = 0.0
         for s in "ab":
-            await svc._decode_one(decode_req(s, 0))
+            await svc.decode(decode_req(s, 0))
         assert [svc.cache.get(s).lengths for s in "ab"] == [(1, 0), (1, 0)]
         await svc.close()
 
@@ -274,8 +266,8 @@ def test_a_cancelled_caller_does_not_hide_the_kernel_error_from_its_batch() -> N
         for sid in "ab":
             await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id=sid))
         with GatedKernel(fail=MemoryError("boom")) as kernel:
-            first = asyncio.ensure_future(svc._decode_one(decode_req("a", 0)))
-            second = asyncio.ensure_future(svc._decode_one(decode_req("b", 0)))
+            first = asyncio.ensure_future(svc.decode(decode_req("a", 0)))
+            second = asyncio.ensure_future(svc.decode(decode_req("b", 0)))
             await kernel.wait_started()
             first.cancel()
             await loop_passes()
@@ -318,7 +310,7 @@ def test_a_launch_cancelled_while_the_kernel_runs_is_undone_once_the_thread_lets
         assert svc.cache.free_blocks == free + 1  # the second block back; nothing held any more
         assert not svc.cache.in_flight("a")
         svc.batcher.start()
-        resp = await svc._decode_one(decode_req("a", 16))
+        resp = await svc.decode(decode_req("a", 16))
         assert resp.timing.batch_size == 1 and svc.cache.get("a").lengths == (17, 16)
         await svc.close()
 
@@ -337,7 +329,7 @@ def test_queued_work_keeps_a_sequence_alive_and_reads_do_not() -> None:
         svc.start()
         for sid in "ab":
             await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id=sid))
-        decode = asyncio.ensure_future(svc._decode_one(decode_req("a", 0)))
+        decode = asyncio.ensure_future(svc.decode(decode_req("a", 0)))
         await loop_passes()
         assert svc.batcher.pending == 1
         clock.t += 6
@@ -361,7 +353,7 @@ def test_queued_work_keeps_a_sequence_alive_and_reads_do_not() -> None:
 def test_a_lone_callers_big_launch_leaves_the_loop() -> None:
     """After a streak of lone-caller batches, a launch reading more than `lone_inline_bytes` of
     K+V still runs on the worker thread; one under the cap runs on the loop."""
-    from tkg.server.service import LONE_STREAK
+    from tkg.server.batcher import LONE_STREAK
 
     async def main() -> None:
         token_bytes = 2 * HKV * D * 4
@@ -378,10 +370,10 @@ def test_a_lone_callers_big_launch_leaves_the_loop() -> None:
         HostKVStore.decode = spy  # type: ignore[method-assign]
         try:
             for pos in range(LONE_STREAK + 1):
-                await svc._decode_one(decode_req("a", pos))
+                await svc.decode(decode_req("a", pos))
             assert threads[-1]  # lone streak, 10 tokens: on the loop
             await appendkv(svc, "a", 0, LONE_STREAK + 1, 60, seed=5)
-            await svc._decode_one(decode_req("a", LONE_STREAK + 61))
+            await svc.decode(decode_req("a", LONE_STREAK + 61))
             assert not threads[-1]  # 70 tokens > 40: the worker thread
         finally:
             HostKVStore.decode = real  # type: ignore[method-assign]

@@ -13,9 +13,9 @@ import pytest
 from test_races import decode_req, make_service, rpc
 
 from tkg.kernel import paged
-from tkg.server import service as service_module
+from tkg.server import batcher as batcher_module
+from tkg.server.cores import kernel_threads
 from tkg.server.errors import ServiceError
-from tkg.server.service import kernel_threads
 from tkg.v1 import decode_attention_pb2 as pb
 
 
@@ -36,12 +36,12 @@ def test_a_batch_is_prepared_once_and_a_stale_request_fails_alone(monkeypatch: A
             return real(layer, seq_ids, *args)
 
         monkeypatch.setattr(svc.cache, "prepare_append", prepare)
-        out = await asyncio.gather(*(svc._decode_one(decode_req(s, 0)) for s in "abc"))
+        out = await asyncio.gather(*(svc.decode(decode_req(s, 0)) for s in "abc"))
         assert calls == [["a", "b", "c"]]
         assert [r.timing.batch_requests for r in out] == [3, 3, 3]
         calls.clear()
         reqs = [decode_req("a", 1), decode_req("b", 0), decode_req("c", 1)]  # b's position is stale
-        out = await asyncio.gather(*(svc._decode_one(r) for r in reqs), return_exceptions=True)
+        out = await asyncio.gather(*(svc.decode(r) for r in reqs), return_exceptions=True)
         assert calls == [["a", "b", "c"], ["a"], ["b"], ["c"]]
         assert isinstance(out[1], ServiceError) and out[1].code == grpc.StatusCode.FAILED_PRECONDITION
         assert [r.timing.batch_size for r in (out[0], out[2])] == [2, 2]
@@ -68,7 +68,7 @@ def test_timing_reports_the_attention_call_within_the_kernel_time(monkeypatch: A
             return real(*args, **kwargs)
 
         monkeypatch.setattr(svc.cache.store, "decode", slow)
-        resp = await svc._decode_one(decode_req("a", 0))
+        resp = await svc.decode(decode_req("a", 0))
         t = resp.timing
         assert 20_000 <= t.attention_us <= t.kernel_us <= t.total_us
         await svc.close()
@@ -90,7 +90,7 @@ def test_the_cpu_kernel_leaves_the_loop_a_core_only_off_the_loop(inline: bool, m
             return real(*args, **kwargs)
 
         monkeypatch.setattr(paged, "run_paged", spy)
-        await svc._decode_one(decode_req("a", 0))
+        await svc.decode(decode_req("a", 0))
         (threads, thread_name), = seen
         assert threads == (3 if inline else 2)
         assert thread_name.startswith("tkg-kernel") != inline
@@ -114,11 +114,11 @@ def test_another_callers_request_ends_the_lone_streak() -> None:
         svc.start()
         for sid in "ab":
             await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id=sid))
-        for pos in range(service_module.LONE_STREAK + 2):
-            await svc._decode_one(decode_req("a", pos))
-        assert svc._lone_caller()
-        await svc._decode_one(decode_req("b", 0))  # alone in the server, but not the same caller
-        assert not svc._lone_caller()
+        for pos in range(batcher_module.LONE_STREAK + 2):
+            await svc.decode(decode_req("a", pos))
+        assert svc.batcher.lone.alone()
+        await svc.decode(decode_req("b", 0))  # alone in the server, but not the same caller
+        assert not svc.batcher.lone.alone()
         await svc.close()
 
     asyncio.run(main())

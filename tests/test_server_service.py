@@ -8,41 +8,19 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from support.service import Aborted, FakeContext, make_service
 
+from tkg.codec import all_finite, finite_bytes
 from tkg.kernel_dtypes import BF16, FP8
-from tkg.server.config import build_spec
-from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
-from tkg.server.service import DecodeAttentionService, ServiceOptions, all_finite, finite_bytes
+from tkg.server.service import DecodeAttentionService
 from tkg.v1 import decode_attention_pb2 as pb
 
 
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
-
-
-class FakeContext:
-    """What the servicer uses of `grpc.aio.ServicerContext`."""
-
-    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self.metadata = metadata
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self.metadata
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Aborted(code, details)
-
-
 def _service() -> DecodeAttentionService:
-    spec = build_spec({"num_layers": 1, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "num_blocks": 4,
-                       "kv_dtype": "float32"})  # fmt: skip
-    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=8, block_len=spec.block_len, num_blocks=4,
-                    max_context=spec.max_context, dtype="float32")  # fmt: skip
-    opts = ServiceOptions(backend="reference", max_batch=4, batch_delay_s=0.0, max_pending=4, max_message_bytes=2**20)
-    return DecodeAttentionService(spec, cache, opts, Metrics("reference"))
+    return make_service({"num_layers": 1, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "num_blocks": 4,
+                         "kv_dtype": "float32", "max_batch": 4}, ready=False, max_pending=4,
+                        max_message_bytes=2**20)  # fmt: skip
 
 
 def _call(coro: Any) -> Any:
@@ -58,13 +36,13 @@ def test_unavailable_while_warming_up_except_server_info() -> None:
         _call(svc.CreateSequence(pb.CreateSequenceRequest(sequence_id="s"), FakeContext()))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "warming up" in err.value.details
     assert len(svc.cache) == 0
-    svc.ready = True
+    svc.mark_ready()
     assert _call(svc.CreateSequence(pb.CreateSequenceRequest(sequence_id="s"), FakeContext())).sequence_id == "s"
 
 
 def test_a_server_bug_is_internal_and_counted() -> None:
     svc = _service()
-    svc.ready = True
+    svc.mark_ready()
 
     def broken(seq_id: str) -> None:
         raise ZeroDivisionError("oops")
@@ -138,7 +116,7 @@ def test_metrics_of_a_call_apply_on_the_next_loop_pass_or_at_a_scrape() -> None:
 
 def test_draining_refuses_new_calls() -> None:
     svc = _service()
-    svc.ready = True
+    svc.mark_ready()
     _call(svc.drain(0.0))
     with pytest.raises(Aborted) as err:
         _call(svc.GetServerInfo(pb.GetServerInfoRequest(), FakeContext()))
@@ -165,7 +143,7 @@ def test_one_failing_request_does_not_fail_its_batch() -> None:
         svc = _service()
         svc.batcher.delay_s = 0.05  # hold the first request until the others are queued
         svc.start()
-        svc.ready = True
+        svc.mark_ready()
         for sid in "abc":
             svc.cache.create(sid)
         rng = np.random.default_rng(0)
@@ -177,7 +155,7 @@ def test_one_failing_request_does_not_fail_its_batch() -> None:
             return req
 
         results = await asyncio.gather(
-            svc._decode_one(request("a", 0)), svc._decode_one(request("b", 3)), svc._decode_one(request("c", 0)),
+            svc.decode(request("a", 0)), svc.decode(request("b", 3)), svc.decode(request("c", 0)),
             return_exceptions=True,
         )  # fmt: skip
         await svc.close()
@@ -198,7 +176,7 @@ def test_a_kernel_crash_after_the_append_rolls_the_step_back() -> None:
     async def main() -> None:
         svc = _service()
         svc.start()
-        svc.ready = True
+        svc.mark_ready()
         svc.cache.create("a")
         free = svc.cache.free_blocks
         req = pb.DecodeRequest(layer=0, sequence_ids=["a"], positions=[0])
@@ -210,11 +188,11 @@ def test_a_kernel_crash_after_the_append_rolls_the_step_back() -> None:
         svc.cache.store.decode = crash  # type: ignore[method-assign]
         try:
             with pytest.raises(ServiceError, match="kernel: MemoryError: boom"):
-                await svc._decode_one(req)
+                await svc.decode(req)
         finally:
             del svc.cache.store.decode  # the class's method again
         assert svc.cache.get("a").lengths == (0,) and svc.cache.free_blocks == free
-        resp = await svc._decode_one(req)
+        resp = await svc.decode(req)
         assert list(resp.out.shape) == [1, 2, 1, 8] and svc.cache.get("a").lengths == (1,)
         await svc.close()
 
@@ -224,10 +202,8 @@ def test_a_kernel_crash_after_the_append_rolls_the_step_back() -> None:
 def test_a_lone_caller_runs_on_the_loop_without_the_batch_delay_after_a_streak() -> None:
     """After LONE_STREAK single-caller batches the kernel skips the worker thread and the head
     skips the batch delay; before the streak both apply."""
-    import dataclasses
-
     from tkg import codec
-    from tkg.server.service import LONE_STREAK
+    from tkg.server.batcher import LONE_STREAK
 
     class NoThread:
         def submit(self, *args: Any, **kwargs: Any) -> None:
@@ -235,9 +211,9 @@ def test_a_lone_caller_runs_on_the_loop_without_the_batch_delay_after_a_streak()
 
     async def main() -> None:
         svc = _service()
-        svc.opts = dataclasses.replace(svc.opts, inline_kernel_bytes=0)  # no launch is small enough
+        svc.batcher.lone.inline_kernel_bytes = 0  # no launch is small enough
         svc.start()
-        svc.ready = True
+        svc.mark_ready()
         svc.cache.create("a")
 
         def request(pos: int) -> pb.DecodeRequest:
@@ -246,20 +222,20 @@ def test_a_lone_caller_runs_on_the_loop_without_the_batch_delay_after_a_streak()
                 codec.encode(np.ones((1, heads, 1, 8), np.float32), getattr(req, name))
             return req
 
-        real_thread = svc._kernel_thread
-        svc._kernel_thread = NoThread()  # type: ignore[assignment]
+        real_thread = svc.engine._kernel_thread
+        svc.engine._kernel_thread = NoThread()  # type: ignore[assignment]
         from tkg.server.errors import ServiceError
 
         with pytest.raises(ServiceError, match="worker thread used"):
-            await svc._decode_one(request(0))  # no streak yet: the launch goes to the worker
-        svc._kernel_thread = real_thread
+            await svc.decode(request(0))  # no streak yet: the launch goes to the worker
+        svc.engine._kernel_thread = real_thread
         for pos in range(LONE_STREAK):
-            await svc._decode_one(request(pos))
-        svc._kernel_thread = NoThread()  # type: ignore[assignment]
+            await svc.decode(request(pos))
+        svc.engine._kernel_thread = NoThread()  # type: ignore[assignment]
         svc.batcher.delay_s = 3600.0
-        resp = await asyncio.wait_for(svc._decode_one(request(LONE_STREAK)), timeout=5)
+        resp = await asyncio.wait_for(svc.decode(request(LONE_STREAK)), timeout=5)
         assert list(resp.out.shape) == [1, 2, 1, 8]
-        svc._kernel_thread = real_thread
+        svc.engine._kernel_thread = real_thread
         await svc.close()
 
     asyncio.run(main())

@@ -13,17 +13,22 @@ import grpc
 import numpy as np
 from server_mirror import decode_request
 from server_proc import start_server
-from test_server_service import FakeContext, _service
+from support.service import FakeContext, make_service
 
 from tkg.server.auth import ANONYMOUS
-from tkg.server.service import LONE_STREAK, STREAM_WINDOW
+from tkg.server.batcher import LONE_STREAK
+from tkg.server.service import STREAM_WINDOW, DecodeAttentionService
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
 
+def _service() -> DecodeAttentionService:
+    return make_service({"num_layers": 1, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "num_blocks": 4,
+                         "kv_dtype": "float32", "max_batch": 4}, max_pending=4, max_message_bytes=2**20)  # fmt: skip
+
+
 def test_an_unread_stream_stops_being_read_after_the_window() -> None:
     svc = _service()
-    svc.ready = True
     pulled = 0
 
     async def requests():
@@ -52,7 +57,6 @@ def test_an_unread_stream_stops_being_read_after_the_window() -> None:
 
 def test_queued_work_is_cancelled_when_the_stream_ends() -> None:
     svc = _service()
-    svc.ready = True
     q = np.zeros((1, 2, 1, 8), np.float32)
     k = np.zeros((1, 1, 1, 8), np.float32)
 
@@ -61,7 +65,7 @@ def test_queued_work_is_cancelled_when_the_stream_ends() -> None:
 
     async def main() -> tuple[list[bool], int]:
         svc.start()
-        svc.batcher._run_batch = never
+        svc.batcher._run_batch = never  # type: ignore[assignment]
         svc.cache.create("s")
         arrived = asyncio.Event()
 
@@ -98,7 +102,6 @@ def test_lone_inline_queued_and_invalid_messages_keep_request_order() -> None:
     still come back in request order, each with its own result, and the stream can end with
     finished replies still unread."""
     svc = _service()
-    svc.ready = True
     q = np.ones((1, 2, 1, 8), np.float32)
     k = np.ones((1, 1, 1, 8), np.float32)
     ran_in: dict[str, asyncio.Task] = {}

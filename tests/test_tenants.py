@@ -245,12 +245,12 @@ def test_streams_and_pending_quota_and_the_queue_share(server: InProcServer) -> 
     wait_for(lambda: ledger.of(team_b).streams == 0, what="team-b's stream to close")
     # Pending: --max-pending 4 shared by 3 tenants is 1 each (team-b's own quota is 1 as well).
     share = server.app.service
-    assert share.opts.max_pending // share.tenant_count() == 1
+    assert share.settings.max_pending // share.tenant_count() == 1
     for c, sid in ((a, "pa"), (b, "pb")):
         c.CreateSequence(pb.CreateSequenceRequest(sequence_id=sid))
     gate = threading.Event()
     service = server.app.service
-    real = service._run_batch
+    real = service.engine.run
 
     async def held(batch):
         import asyncio
@@ -489,19 +489,12 @@ def test_malformed_messages_are_invalid_argument_without_auth_too() -> None:
 def test_idle_expiry_gives_the_quota_back() -> None:
     import asyncio
 
-    from tkg.server.config import build_spec
-    from tkg.server.kv_cache import KVCache
-    from tkg.server.metrics import Metrics
-    from tkg.server.service import DecodeAttentionService, ServiceOptions
+    from support.service import make_service
 
     now = [0.0]
-    spec = build_spec({"num_layers": 1, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "num_blocks": 8,
-                       "block_len": 4, "kv_dtype": "float32", "idle_ttl_s": 10.0})  # fmt: skip
-    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=8, block_len=4, num_blocks=8, max_context=spec.max_context,
-                    dtype="float32", clock=lambda: now[0])  # fmt: skip
-    opts = ServiceOptions(backend="reference", max_batch=4, batch_delay_s=0.0, max_pending=4, max_message_bytes=2**20)
-    svc = DecodeAttentionService(spec, cache, opts, Metrics("reference"))
-    svc.ready = True
+    svc = make_service({"num_layers": 1, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "num_blocks": 8,
+                        "block_len": 4, "kv_dtype": "float32", "idle_ttl_s": 10.0, "max_batch": 4},
+                       clock=lambda: now[0], max_pending=4, max_message_bytes=2**20)  # fmt: skip
     table = auth.build_table([], [], [{"name": "t", "token_sha256": sha(TA), "quota": {"max_sequences": 1}}])
     ident = table.tokens[0][1]
 
@@ -534,21 +527,14 @@ def test_ledger_matches_the_cache_after_every_kind_of_step() -> None:
     recount from the cache itself (blocks shared by forks counted once)."""
     import asyncio
 
-    from test_server_service import Aborted, FakeContext
+    from support.service import Aborted, FakeContext, make_service
 
-    from tkg.server.config import build_spec
-    from tkg.server.kv_cache import KVCache
-    from tkg.server.metrics import Metrics
-    from tkg.server.service import DecodeAttentionService, ServiceOptions
     from tkg.server.tenants import Ledger
 
-    spec = build_spec({"num_layers": 2, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "num_blocks": 40,
-                       "block_len": 4, "kv_dtype": "float32", "max_context": 32})  # fmt: skip
-    cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=8, block_len=4, num_blocks=40, max_context=32,
-                    dtype="float32")  # fmt: skip
-    opts = ServiceOptions(backend="reference", max_batch=4, batch_delay_s=0.0, max_pending=8, max_message_bytes=2**20)
-    svc = DecodeAttentionService(spec, cache, opts, Metrics("reference"))
-    svc.ready = True
+    svc = make_service({"num_layers": 2, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "num_blocks": 40,
+                        "block_len": 4, "kv_dtype": "float32", "max_context": 32, "max_batch": 4},
+                       max_pending=8, max_message_bytes=2**20)  # fmt: skip
+    cache = svc.cache
     table = auth.build_table([], [], [{"name": "a", "token_sha256": sha(TA)},
                                       {"name": "b", "token_sha256": sha(TB), "quota": {"max_blocks": 12}}])  # fmt: skip
     idents = [ident for _, ident in table.tokens]

@@ -7,6 +7,7 @@ over the message's bytes, read-only); encoding copies once (`tobytes`), which pr
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -92,3 +93,60 @@ def decode(
             f"({np.dtype(dt).name} x shape {list(shape)})"
         )
     return np.frombuffer(data, dtype=dt).reshape(shape)
+
+
+def int64s(values: Iterable[int], n: int) -> np.ndarray:
+    """int64 `[n]` from a message's repeated int field (one C loop, no list in between)."""
+    return np.fromiter(values, np.int64, n)
+
+
+# Per float dtype: the unsigned view, the bits below the sign, and the exponent bits. The
+# exponent is the top of the bits below the sign, so a value is NaN or infinite exactly when those
+# bits, read as an unsigned integer, reach the all-ones exponent.
+_EXPONENT = {
+    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000),
+    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+    BF16: (np.uint16, 0x7FFF, 0x7F80),
+    FP8: (np.uint8, 0x7F, 0x78),
+}
+
+
+def _harmless_top_bytes(mask: int) -> bytes:
+    """Values of a little-endian float's top byte (the sign and the exponent's high bits, `mask`)
+    that leave an exponent bit clear: a value whose top byte is one of them is finite."""
+    return bytes(b for b in range(256) if b & mask != mask)
+
+
+# Per float dtype: bytes per value and the harmless top bytes (`_harmless_top_bytes`).
+_TOP_BYTE = {
+    np.dtype(np.float32): (4, _harmless_top_bytes(0x7F)),
+    np.dtype(np.float16): (2, _harmless_top_bytes(0x7C)),
+    BF16: (2, _harmless_top_bytes(0x7F)),
+    FP8: (1, _harmless_top_bytes(0x78)),
+}
+
+
+def finite_bytes(data: bytes, dtype: np.dtype) -> bool:
+    """No NaN or infinity among the little-endian `dtype` values in `data` (a tensor's wire bytes).
+
+    Two C loops over bytes (every value's top byte, then deleting the harmless ones), no numpy:
+    on a request's path numpy's call machinery, cold after the kernel, cost ~20 us per request
+    on the build machine for what these do in a few. Top bytes that could hold a NaN or infinity
+    (or a finite value near the dtype's limit) get the exact check (`all_finite`)."""
+    size, harmless = _TOP_BYTE[dtype]
+    if not data[size - 1 :: size].translate(None, harmless):
+        return True
+    return all_finite(np.frombuffer(data, dtype))
+
+
+def all_finite(*arrays: np.ndarray) -> bool:
+    """No NaN or infinity in any of `arrays` (one dtype: float32/float16/bfloat16/float8_e4m3),
+    read as integers: `max(bits & ~sign) < exponent` over all of them in one pass (two numpy
+    calls), ~8x faster than `np.isfinite` on bfloat16, whose ufuncs go through ml_dtypes'
+    generic loops. `finite_bytes` is cheaper still on a request's wire bytes."""
+    uint, magnitude, exponent = _EXPONENT[arrays[0].dtype]
+    views = [a.view(uint).reshape(-1) for a in arrays]
+    bits = views[0] if len(views) == 1 else np.concatenate(views)
+    if not bits.size:
+        return True
+    return int(np.bitwise_and(bits, magnitude).max()) < exponent

@@ -285,9 +285,10 @@ class DeviceKVStore(KVStore):
         sinks: np.ndarray | None = None,
         k_scale: float = 1.0,
         v_scale: float = 1.0,
+        trusted: bool = False,
     ) -> np.ndarray:
         """(k_scale, v_scale: the pools hold value / scale: the logits' scale takes k_scale, the
-        output v_scale.)"""
+        output v_scale. `trusted` changes nothing here: the device step checks only its buckets.)"""
         if k_new is None or v_new is None:
             raise ValueError("DeviceKVStore.decode: k_new, v_new: expected [B, Hkv, S, d] arrays, got None")
         B, S = q.shape[0], q.shape[2]

@@ -1,0 +1,454 @@
+"""The two-phase, all-or-nothing append of `tkg.server.kv_cache.KVCache`: `AppendPlan` and its lifecycle.
+
+`prepare_append` validates every sequence of a batch and reserves every block it may need (new
+blocks and copy-on-write copies) or raises with nothing changed; `commit` then cannot fail for
+lack of blocks: it applies table changes, writes `[B, Hkv, S, d]` into the slots with one
+`store.write` and advances the layer's lengths; `abort` returns the reservation; `rollback` undoes
+a committed plan at its layer; `finish` ends a hold (a kernel read the plan's blocks); `undo` is
+whichever of abort/rollback the plan's state calls for. A plan's life:
+prepared -> held (commit(hold=True)) -> committed (finish) -> [rolled_back]; prepared -> aborted.
+
+Small batches with no shared block take scalar fast paths (`_prepare_small`, `_commit_small`)
+that give the same tables, lengths, counts and writes as the general path.
+
+Threading: the event loop thread only, like the rest of the cache (see `tkg.server.kv_cache`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tkg.kernel.kv_store import KVStore
+from tkg.server.block_pool import BlockPool
+from tkg.server.errors import FailedPrecondition, InvalidArgument, OutOfRange, ResourceExhausted
+from tkg.server.sequences import SequenceTable
+
+# Batches of at most this many sequences take the scalar path of `prepare_append`, `commit` and
+# `finish` when no block is shared (the common decode step): plain Python over numpy scalars
+# beats the general path's ~25 numpy calls on tiny arrays (B=1: ~65 -> ~15 us per step).
+SMALL_BATCH = 8
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _ragged(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entries `starts[i] .. starts[i] + counts[i] - 1` of every row i, flattened: (row, column)."""
+    counts = np.maximum(counts, 0)
+    rows = np.repeat(np.arange(counts.size), counts)
+    within = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, starts[rows] + within
+
+
+@dataclass(eq=False)
+class AppendPlan:
+    """A validated, reserved append of `num_tokens` tokens at `layer` for a batch of sequences.
+
+    `seq_lens` (int32 `[B]`, lengths after the append) is known at prepare; `block_tables` (int32
+    `[B, max_blocks]`, `max_blocks = ceil(max(seq_lens) / block_len)`, copy-on-write applied) is
+    set by `KVCache.commit`. Pass both to `KVCache.decode` at `layer`.
+    """
+
+    layer: int
+    seq_ids: tuple[str, ...]
+    positions: np.ndarray  # int64 [B], each sequence's length at `layer` before the append
+    num_tokens: int
+    seq_lens: np.ndarray  # int32 [B]
+    _slots: np.ndarray = field(repr=False)  # int64 [B] SequenceTable slots
+    _generations: np.ndarray = field(repr=False)  # int64 [B] slot generations at prepare
+    _reserved: np.ndarray = field(repr=False)  # int32 block ids taken from the pool
+    _state: str = "prepared"  # prepared -> held | committed -> (rolled_back); or aborted
+    _held: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32), repr=False)  # blocks held until finish
+    _block_tables: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def owner(self) -> str:
+        """The sequence id its block changes are metered under (see the module docstring)."""
+        return self.seq_ids[0]
+
+    @property
+    def reserved_blocks(self) -> int:
+        return int(self._reserved.size)
+
+    @property
+    def state(self) -> str:
+        """`prepared`, `held` (committed, a kernel reads it), `committed`, `aborted` or `rolled_back`."""
+        return self._state
+
+    @property
+    def block_tables(self) -> np.ndarray:
+        if self._block_tables is None:
+            raise RuntimeError(f"AppendPlan.block_tables: available after commit (plan is {self._state})")
+        return self._block_tables
+
+
+
+class AppendOps:
+    """The two-phase append of `KVCache` (its base class: the methods below are the cache's own).
+
+    Relies on the cache's attributes: `seqs` (`SequenceTable`), `pool` (`BlockPool`), `store`
+    (`KVStore`), `block_len`, `num_layers`, `num_kv_heads`, `head_dim`, `max_context`,
+    `small_batch`, `tokens_appended`, `_clock`, `_meter`, `_copy_blocks`.
+    """
+
+    seqs: SequenceTable
+    pool: BlockPool
+    store: KVStore
+    block_len: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    small_batch: int
+    tokens_appended: int
+    _clock: Callable[[], float]
+    _meter: Callable[[str, int], None]
+
+    def _copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def prepare_append(
+        self, layer: int, seq_ids: Sequence[str], positions: Sequence[int] | np.ndarray, num_tokens: int
+    ) -> AppendPlan:
+        """Validate an append of `num_tokens` tokens to each sequence at `layer` and reserve blocks.
+
+        `positions[b]` must equal sequence b's current length at `layer`. Raises (nothing changed):
+        INVALID_ARGUMENT bad layer/num_tokens/batch or a sequence twice; NOT_FOUND unknown sequence;
+        FAILED_PRECONDITION wrong position or an append already in flight at this layer;
+        OUT_OF_RANGE past `max_context`; RESOURCE_EXHAUSTED not enough free blocks.
+        """
+        plan = self._prepare_small(layer, seq_ids, positions, num_tokens)
+        if plan is not None:
+            return plan
+        seqs, BL = self.seqs, self.block_len
+        if not 0 <= layer < self.num_layers:
+            raise InvalidArgument(f"layer: expected 0 <= layer < {self.num_layers}, got {layer}")
+        if num_tokens < 1:
+            raise InvalidArgument(f"num_tokens: expected >= 1, got {num_tokens}")
+        B = len(seq_ids)
+        if B < 1:
+            raise InvalidArgument("sequence_ids: expected at least one sequence, got none")
+        pos = np.asarray(positions, dtype=np.int64)
+        if pos.shape != (B,):
+            raise InvalidArgument(f"positions: expected {B} (one per sequence), got {pos.size}")
+        slots = seqs.slots("sequence_ids", seq_ids)
+        if len(set(seq_ids)) != B:
+            first: dict[str, int] = {}
+            for b, sid in enumerate(seq_ids):
+                if sid in first:
+                    raise InvalidArgument(
+                        f"sequence_ids[{b}]: {sid!r} already at sequence_ids[{first[sid]}]; expected distinct ids"
+                    )
+                first[sid] = b
+        lens = seqs.lengths[slots, layer]
+        if (pos != lens).any():
+            b = int(np.flatnonzero(pos != lens)[0])
+            raise FailedPrecondition(
+                f"positions[{b}]: {int(pos[b])} is not sequence {seq_ids[b]!r}'s length at layer {layer}; "
+                f"expected {int(lens[b])}"
+            )
+        if seqs.pending[slots, layer].any():
+            b = int(np.flatnonzero(seqs.pending[slots, layer])[0])
+            raise FailedPrecondition(
+                f"sequence_ids[{b}]: sequence {seq_ids[b]!r} already has an append in flight at layer {layer}"
+            )
+        ends = pos + num_tokens
+        if ends.max() > self.max_context:
+            b = int(np.flatnonzero(ends > self.max_context)[0])
+            raise OutOfRange(
+                f"positions[{b}]: {int(pos[b])} + {num_tokens} tokens exceeds max_context for sequence "
+                f"{seq_ids[b]!r}; expected at most {self.max_context} tokens"
+            )
+        need, held = -(-ends // BL), seqs.num_blocks[slots]
+        fresh = int(np.maximum(need - held, 0).sum())
+        cow = 0
+        if self.pool.shared_count:  # no fork alive: nothing can need a copy
+            first_blk = pos // BL
+            rows, cols = _ragged(first_blk, np.minimum(need, held) - first_blk)
+            # An upper bound: a block shared by two writers of this batch may need only one copy.
+            cow = int((self.pool.refcounts(seqs.tables[slots[rows], cols]) > 1).sum())
+        if fresh + cow > self.pool.free_count:
+            raise ResourceExhausted(
+                f"KV cache: the batch needs {fresh + cow} free blocks ({fresh} new, {cow} copy-on-write), "
+                f"{self.pool.free_count} of {self.num_blocks} free; expected at most {self.pool.free_count}"
+            )
+        reserved = self.pool.allocate(fresh + cow)
+        if reserved.size:
+            self._meter(seq_ids[0], int(reserved.size))
+        seqs.pending[slots, layer] = True
+        seqs.touch(slots, self._clock())
+        return AppendPlan(
+            layer=layer, seq_ids=tuple(seq_ids), positions=pos, num_tokens=num_tokens,
+            seq_lens=ends.astype(np.int32), _slots=slots, _generations=seqs.generation[slots],
+            _reserved=reserved,
+        )  # fmt: skip
+
+    def _prepare_small(
+        self, layer: int, seq_ids: Sequence[str], positions: Sequence[int] | np.ndarray, num_tokens: int
+    ) -> AppendPlan | None:
+        """`prepare_append` of the common step in scalar Python: at most SMALL_BATCH distinct live
+        sequences at their lengths, none in flight at `layer`, within max_context, room in the
+        pool, and no shared block anywhere (so nothing needs a copy-on-write reservation). None,
+        with nothing changed, for anything else: the general path then decides (and raises)."""
+        B = len(seq_ids)
+        if not 0 < B <= self.small_batch or self.pool.shared_count or num_tokens < 1:
+            return None
+        if not 0 <= layer < self.num_layers:
+            return None
+        pos = np.asarray(positions, dtype=np.int64)
+        if pos.shape != (B,):
+            return None
+        seqs, BL, limit = self.seqs, self.block_len, self.max_context - num_tokens
+        slot_of, lengths, pending, num_blocks = seqs._slot_of, seqs.lengths, seqs.pending, seqs.num_blocks
+        slots: list[int] = []
+        fresh = 0
+        for seq_id, p in zip(seq_ids, pos.tolist(), strict=True):
+            slot = slot_of.get(seq_id)
+            if slot is None or lengths[slot, layer] != p or pending[slot, layer] or p > limit:
+                return None
+            fresh += max(0, -(-(p + num_tokens) // BL) - int(num_blocks[slot]))
+            slots.append(slot)
+        if len(set(slots)) < B or fresh > self.pool.free_count:
+            return None
+        reserved = self.pool.allocate(fresh)
+        if fresh:
+            self._meter(seq_ids[0], fresh)
+        now = self._clock()
+        for slot in slots:
+            pending[slot, layer] = True
+            seqs.last_used[slot] = now
+        slot_ids = np.array(slots, dtype=np.int64)
+        return AppendPlan(
+            layer=layer, seq_ids=tuple(seq_ids), positions=pos, num_tokens=num_tokens,
+            seq_lens=(pos + num_tokens).astype(np.int32), _slots=slot_ids, _generations=seqs.generation[slot_ids],
+            _reserved=reserved,
+        )  # fmt: skip
+
+    def commit(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, *, hold: bool = False) -> None:
+        """Write `k_new`, `v_new` `[B, num_kv_heads, S, head_dim]` into the plan's slots, advance
+        the lengths at `plan.layer` and set `plan.block_tables`.
+
+        A shape error raises INVALID_ARGUMENT and aborts the plan (nothing changed). Values are
+        cast to the cache dtype. Sequences released since prepare are skipped.
+
+        `hold=True` (a kernel will read `plan.block_tables`): the plan keeps a reference to every
+        block in its tables and its sequences stay in flight at the layer until `finish(plan)` or
+        `rollback(plan)` (see the module docstring). Without it the plan is finished at once.
+        """
+        self._check_open(plan, "commit")
+        expect = (plan.batch_size, self.num_kv_heads, plan.num_tokens, self.head_dim)
+        for name, t in (("k", k_new), ("v", v_new)):
+            if t.shape != expect:
+                self.abort(plan)
+                raise InvalidArgument(
+                    f"{name}: expected shape [B, num_kv_heads, S, head_dim] = {list(expect)}, got {list(t.shape)}"
+                )
+        if plan.batch_size <= self.small_batch and not self.pool.shared_count:
+            gen = self.seqs.generation
+            if all(gen[s] == g for s, g in zip(plan._slots.tolist(), plan._generations.tolist(), strict=True)):
+                self._commit_small(plan, k_new, v_new, hold)
+                return
+        seqs, BL, layer, S = self.seqs, self.block_len, plan.layer, plan.num_tokens
+        slots, pos, ends = plan._slots, plan.positions, plan.seq_lens.astype(np.int64)
+        live = seqs.generation[slots] == plan._generations
+        all_live = bool(live.all())
+        if not all_live:  # released since prepare: write nothing for them
+            slots, pos, ends = slots[live], pos[live], ends[live]
+            k_new, v_new = k_new[live], v_new[live]
+        reserved, used = plan._reserved, 0
+        need, held = -(-ends // BL), seqs.num_blocks[slots]
+        # New blocks at the tables' ends (fewer than reserved when another layer grew them first).
+        if (need > held).any():
+            rows, cols = _ragged(held, need - held)
+            used = rows.size
+            seqs.tables[slots[rows], cols] = reserved[:used]
+            seqs.num_blocks[slots] = np.maximum(need, held)
+        if self.pool.shared_count:
+            used = self._copy_on_write(slots, pos // BL, np.minimum(need, held), reserved, used)
+        if used < reserved.size:
+            self.pool.free(reserved[used:])
+            self._meter(plan.owner, used - int(reserved.size))
+        before = seqs.lengths[slots].max(axis=1)
+        self.tokens_appended += int(np.maximum(ends - before, 0).sum())
+        seqs.lengths[slots, layer] = ends
+        if not hold:
+            seqs.pending[slots, layer] = False
+        width = max(1, _ceil_div(int(plan.seq_lens.max()), BL))
+        tables = seqs.tables[plan._slots, :width]
+        tok = pos[:, None] + np.arange(S)  # [B', S] positions written
+        if all_live:
+            blk = tables[np.arange(len(slots))[:, None], tok // BL]
+        else:
+            blk = tables[np.flatnonzero(live)[:, None], tok // BL]
+            tables[~live] = 0
+        off = tok % BL
+        # [Hkv, B', S, d] values for the [B', S] slots: one store write, no token loop.
+        self.store.write(layer, blk, off, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
+        plan._block_tables = tables
+        if hold:
+            # Every block the launch may read, once: [B, width] entries past a row's length are
+            # block 0 padding (read-protected as well, harmlessly: it is a valid id).
+            used = -(-plan.seq_lens.astype(np.int64) // BL)
+            rows, cols = _ragged(np.zeros_like(used), np.where(live, used, 0))
+            ids = tables[rows, cols]
+            # With no block shared, no id is named twice (each table names its own blocks once).
+            plan._held = np.unique(ids).astype(np.int32) if self.pool.shared_count else ids
+            self.pool.incref(plan._held)
+            plan._state = "held"
+        else:
+            plan._state = "committed"
+
+    def _commit_small(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, hold: bool) -> None:
+        """`commit` in scalar Python for a small batch whose sequences are all live while no block
+        is shared (so no write needs a copy first): the same tables, lengths, counts and writes."""
+        seqs, BL, layer, S = self.seqs, self.block_len, plan.layer, plan.num_tokens
+        tables, num_blocks, lengths, pending = seqs.tables, seqs.num_blocks, seqs.lengths, seqs.pending
+        reserved, used, grown = plan._reserved, 0, 0
+        slots, ends = plan._slots.tolist(), plan.seq_lens.tolist()
+        blk: list[int] = []
+        off: list[int] = []
+        for slot, end in zip(slots, ends, strict=True):
+            need, held = -(-end // BL), int(num_blocks[slot])
+            if need > held:  # new blocks at the table's end (none when another layer grew it first)
+                tables[slot, held:need] = reserved[used : used + need - held]
+                used += need - held
+                num_blocks[slot] = need
+            row = lengths[slot]
+            grown += max(0, end - max(row.tolist()))
+            row[layer] = end
+            if not hold:
+                pending[slot, layer] = False
+            for t in range(end - S, end):
+                blk.append(int(tables[slot, t // BL]))
+                off.append(t % BL)
+        if used < reserved.size:
+            self.pool.free(reserved[used:])
+            self._meter(plan.owner, used - int(reserved.size))
+        self.tokens_appended += grown
+        B = len(slots)
+        tables_out = tables[plan._slots, : max(1, -(-max(ends) // BL))]
+        self.store.write(
+            layer, np.array(blk, dtype=np.int64).reshape(B, S), np.array(off, dtype=np.int64).reshape(B, S),
+            k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3),
+        )  # fmt: skip
+        plan._block_tables = tables_out
+        if hold:
+            # No block is shared: the rows' used entries are distinct ids (no np.unique needed).
+            counts = -(-plan.seq_lens.astype(np.int64) // BL)
+            if B == 1:
+                plan._held = tables_out[0, : counts[0]].copy()
+            else:
+                plan._held = tables_out[np.arange(tables_out.shape[1])[None, :] < counts[:, None]]
+            self.pool.incref(plan._held)
+            plan._state = "held"
+        else:
+            plan._state = "committed"
+
+    def finish(self, plan: AppendPlan) -> None:
+        """The launch reading a held plan's blocks is over: drop its block references and clear
+        the in-flight mark of its (still live) sequences at the layer."""
+        if plan._state != "held":
+            raise RuntimeError(f"KVCache.finish: expected a held plan, got one {plan._state}")
+        self._unhold(plan)
+        plan._state = "committed"
+
+    def _unhold(self, plan: AppendPlan) -> None:
+        freed = self.pool.decref(plan._held)
+        if freed:  # blocks its sequences dropped (truncate, release) while the launch read them
+            self._meter(plan.owner, -freed)
+        plan._held = plan._held[:0]
+        seqs, layer = self.seqs, plan.layer
+        if plan.batch_size <= self.small_batch:
+            gen, pending = seqs.generation, seqs.pending
+            for slot, g in zip(plan._slots.tolist(), plan._generations.tolist(), strict=True):
+                if gen[slot] == g:
+                    pending[slot, layer] = False
+            return
+        slots = plan._slots[seqs.generation[plan._slots] == plan._generations]
+        seqs.pending[slots, layer] = False
+
+    def abort(self, plan: AppendPlan) -> None:
+        """Return the plan's reserved blocks; nothing is appended."""
+        self._check_open(plan, "abort")
+        self.pool.free(plan._reserved)
+        if plan._reserved.size:
+            self._meter(plan.owner, -int(plan._reserved.size))
+        slots = plan._slots[self.seqs.generation[plan._slots] == plan._generations]
+        self.seqs.pending[slots, plan.layer] = False
+        plan._state = "aborted"
+
+    def rollback(self, plan: AppendPlan) -> int:
+        """Undo a committed or held `plan` at its layer: lengths back to `plan.positions`, blocks
+        no layer needs any more returned to the pool, a hold dropped. Returns how many sequences
+        were rolled back.
+
+        Skipped: sequences released since, and sequences whose length at the layer moved on (a
+        later append built on these tokens; impossible while the plan is held). Copy-on-write
+        copies made by the commit stay (they hold the same data). A fork taken in between keeps
+        its own copy of the tokens (impossible while held).
+        """
+        if plan._state not in ("committed", "held"):
+            raise RuntimeError(f"KVCache.rollback: expected a committed plan, got one {plan._state}")
+        if plan._state == "held":
+            self._unhold(plan)
+        seqs, layer = self.seqs, plan.layer
+        slots, pos = plan._slots, plan.positions
+        keep = (seqs.generation[slots] == plan._generations) & (seqs.lengths[slots, layer] == plan.seq_lens)
+        slots, pos = slots[keep], pos[keep]
+        if slots.size:
+            before = seqs.lengths[slots].max(axis=1)
+            seqs.lengths[slots, layer] = pos
+            after = seqs.lengths[slots].max(axis=1)
+            self.tokens_appended -= int((before - after).sum())
+            need, held = -(-after // self.block_len), seqs.num_blocks[slots]
+            rows, cols = _ragged(need, held - need)
+            if rows.size:
+                freed = self.pool.decref(seqs.tables[slots[rows], cols])
+                if freed:
+                    self._meter(plan.owner, -freed)
+                seqs.tables[slots[rows], cols] = 0
+                seqs.num_blocks[slots] = np.minimum(need, held)
+        plan._state = "rolled_back"
+        return int(slots.size)
+
+    def undo(self, plan: AppendPlan) -> None:
+        """Take back whatever `plan` did so far: abort a prepared plan, roll back a committed or
+        held one; nothing for a plan already aborted or rolled back (a failed step's cleanup)."""
+        if plan._state == "prepared":
+            self.abort(plan)
+        elif plan._state in ("held", "committed"):
+            self.rollback(plan)
+
+    def _copy_on_write(
+        self, slots: np.ndarray, first: np.ndarray, upto: np.ndarray, reserved: np.ndarray, used: int
+    ) -> int:
+        """Give each sequence a private copy of every shared block it is about to write (blocks
+        `first[i] .. upto[i]-1` of `slots[i]`), taking targets from `reserved[used:]`.
+
+        Sequential on purpose: once one writer copied a block, a second writer in the same batch
+        may be its last holder and write in place. Returns the new `used`.
+        """
+        tables = self.seqs.tables
+        rows, cols = _ragged(first, upto - first)
+        for slot, col in zip(slots[rows].tolist(), cols.tolist(), strict=True):
+            old = tables[slot, col : col + 1].copy()
+            if self.pool.refcount(int(old[0])) > 1:
+                new = reserved[used : used + 1]
+                used += 1
+                self._copy_blocks(old, new)
+                tables[slot, col] = new[0]
+                self.pool.decref(old)
+        return used
+
+    @staticmethod
+    def _check_open(plan: AppendPlan, what: str) -> None:
+        if plan._state != "prepared":
+            raise RuntimeError(f"KVCache.{what}: plan is already {plan._state}")

@@ -1,0 +1,48 @@
+"""`ServeSettings`: everything about one server instance that is not the model spec.
+
+One object, read where it is used (the service's queue and message limits, the batcher's delay and
+inline bounds, the app's ports and security), never copied field by field into another options type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tkg.server import auth as auth_mod
+from tkg.server.batcher import INLINE_KERNEL_BYTES, LONE_INLINE_BYTES
+
+DEFAULT_MAX_MESSAGE = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything about one instance that is not the model spec (ports, limits, security)."""
+
+    backend: str  # a resolved backend name
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0: any free port
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = 9400  # None: no metrics endpoint; 0: any free port
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE
+    batch_delay_us: int = 100
+    max_pending: int = 1024
+    auth: auth_mod.AuthTable = field(default_factory=auth_mod.AuthTable)  # tokens, subjects, tenants, quotas
+    auth_file: str | None = None  # re-read on SIGHUP (`App.reload_auth`)
+    quota_defaults: auth_mod.Quota = field(default_factory=auth_mod.Quota)  # for tenants the file gives none
+    # Sent when pushing to --peers: a `peer` credential (--peer-token-file; every tenant's sequences
+    # move), else the first full-access token of tenant `default` (only its sequences can move).
+    peer_token: str | None = None
+    tls_cert: bytes | None = None  # PEM chain; with tls_key: serve TLS
+    tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None  # PEM roots: require and verify client certificates (mTLS)
+    max_sequences: int | None = None  # live sequences server-wide
+    max_concurrent_streams: int | None = None  # per connection (gRPC's own limit)
+    gateway_metrics: bool = False
+    inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # smaller launches run on the event loop thread
+    lone_inline_bytes: int = LONE_INLINE_BYTES  # a lone caller's launches up to this much K+V, too
+    kernel_cores: int = 0  # cores the cpu kernel may use; 0: the CPUs this process may run on
+    expiry_period_s: float | None = None  # idle-expiry sweep period; None: idle_ttl_s / 4, in [0.05, 30]
+    peers: tuple[str, ...] = ()  # the other replicas, named as clients name them (the routing hash covers the name)
+    # Compiled shape buckets of device backends (nki, nki-emu); None: powers of two up to the spec's limits.
+    context_buckets: tuple[int, ...] | None = None
+    batch_buckets: tuple[int, ...] | None = None

@@ -1,0 +1,1 @@
+"""Shared test support: fixtures, oracles, process helpers (no test module imports another)."""
