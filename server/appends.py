@@ -32,6 +32,26 @@ from tkg.server.sequences import SequenceTable
 SMALL_BATCH = 8
 
 
+@dataclass(frozen=True)
+class Fields:
+    """How `prepare_append`'s errors name the caller's own fields (an RPC's, so it need not
+    re-check the same conditions to name them): `ids` and `positions`, `[b]` appended when `indexed`."""
+
+    ids: str = "sequence_ids"
+    positions: str = "positions"
+    indexed: bool = True
+
+    def id(self, b: int) -> str:
+        return f"{self.ids}[{b}]" if self.indexed else self.ids
+
+    def position(self, b: int) -> str:
+        return f"{self.positions}[{b}]" if self.indexed else self.positions
+
+
+BATCH = Fields()  # Decode: sequence_ids[b], positions[b]
+ONE_SEQUENCE = Fields("sequence_id", "position", indexed=False)  # AppendKV: one sequence per call
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -116,14 +136,16 @@ class AppendOps:
         raise NotImplementedError
 
     def prepare_append(
-        self, layer: int, seq_ids: Sequence[str], positions: Sequence[int] | np.ndarray, num_tokens: int
+        self, layer: int, seq_ids: Sequence[str], positions: Sequence[int] | np.ndarray, num_tokens: int,
+        fields: Fields = BATCH,
     ) -> AppendPlan:
         """Validate an append of `num_tokens` tokens to each sequence at `layer` and reserve blocks.
 
         `positions[b]` must equal sequence b's current length at `layer`. Raises (nothing changed):
         INVALID_ARGUMENT bad layer/num_tokens/batch or a sequence twice; NOT_FOUND unknown sequence;
         FAILED_PRECONDITION wrong position or an append already in flight at this layer;
-        OUT_OF_RANGE past `max_context`; RESOURCE_EXHAUSTED not enough free blocks.
+        OUT_OF_RANGE past `max_context`; RESOURCE_EXHAUSTED not enough free blocks. Messages name
+        `fields` (`ONE_SEQUENCE` for a single sequence's `sequence_id`/`position`).
         """
         plan = self._prepare_small(layer, seq_ids, positions, num_tokens)
         if plan is not None:
@@ -139,32 +161,35 @@ class AppendOps:
         pos = np.asarray(positions, dtype=np.int64)
         if pos.shape != (B,):
             raise InvalidArgument(f"positions: expected {B} (one per sequence), got {pos.size}")
-        slots = seqs.slots("sequence_ids", seq_ids)
+        if fields.indexed:
+            slots = seqs.slots(fields.ids, seq_ids)
+        else:
+            slots = np.array([seqs.slot(fields.ids, sid) for sid in seq_ids], dtype=np.int64)
         if len(set(seq_ids)) != B:
             first: dict[str, int] = {}
             for b, sid in enumerate(seq_ids):
                 if sid in first:
                     raise InvalidArgument(
-                        f"sequence_ids[{b}]: {sid!r} already at sequence_ids[{first[sid]}]; expected distinct ids"
+                        f"{fields.id(b)}: {sid!r} already at {fields.id(first[sid])}; expected distinct ids"
                     )
                 first[sid] = b
         lens = seqs.lengths[slots, layer]
         if (pos != lens).any():
             b = int(np.flatnonzero(pos != lens)[0])
             raise FailedPrecondition(
-                f"positions[{b}]: {int(pos[b])} is not sequence {seq_ids[b]!r}'s length at layer {layer}; "
+                f"{fields.position(b)}: {int(pos[b])} is not sequence {seq_ids[b]!r}'s length at layer {layer}; "
                 f"expected {int(lens[b])}"
             )
         if seqs.pending[slots, layer].any():
             b = int(np.flatnonzero(seqs.pending[slots, layer])[0])
             raise FailedPrecondition(
-                f"sequence_ids[{b}]: sequence {seq_ids[b]!r} already has an append in flight at layer {layer}"
+                f"{fields.id(b)}: sequence {seq_ids[b]!r} already has an append in flight at layer {layer}"
             )
         ends = pos + num_tokens
         if ends.max() > self.max_context:
             b = int(np.flatnonzero(ends > self.max_context)[0])
             raise OutOfRange(
-                f"positions[{b}]: {int(pos[b])} + {num_tokens} tokens exceeds max_context for sequence "
+                f"{fields.position(b)}: {int(pos[b])} + {num_tokens} tokens exceeds max_context for sequence "
                 f"{seq_ids[b]!r}; expected at most {self.max_context} tokens"
             )
         need, held = -(-ends // BL), seqs.num_blocks[slots]

@@ -25,10 +25,11 @@ import grpc
 
 from tkg import __version__, codec
 from tkg.server import auth, migration
+from tkg.server.appends import ONE_SEQUENCE
 from tkg.server.batcher import Batcher, DecodeWork, LoneCaller
 from tkg.server.config import ModelSpec
 from tkg.server.cores import CorePolicy, tune_gil
-from tkg.server.errors import FailedPrecondition, InvalidArgument, OutOfRange, ServiceError, Unavailable
+from tkg.server.errors import InvalidArgument, ServiceError, Unavailable
 from tkg.server.holds import Holds
 from tkg.server.kv_cache import KVCache, SequenceState
 from tkg.server.metrics import Metrics
@@ -295,30 +296,19 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         return await self._unary("AppendKV", context, run)
 
     def _append_chunk(self, chunk: pb.AppendKVRequest, tenant: auth.Tenant) -> None:
-        """One chunk, all-or-nothing; earlier chunks of the stream stay appended."""
+        """One chunk, all-or-nothing; earlier chunks of the stream stay appended. The cache checks
+        the position (contiguous per layer) and max_context, naming this RPC's fields; RoPE runs
+        only once the position is known good."""
         k, v = self.wire.append_chunk(chunk)
-        T = k.shape[0]
-        # The cache checks these too; checking here names this RPC's own field (`position`).
         seq_id = inward(tenant, chunk.sequence_id)
-        length = self.cache.get(seq_id).lengths[chunk.layer]
-        if chunk.position != length:
-            raise FailedPrecondition(
-                f"position: {chunk.position} is not sequence {chunk.sequence_id!r}'s length at layer {chunk.layer}; "
-                f"expected {length} (chunks must be contiguous)"
-            )
-        if length + T > self.spec.max_context:
-            raise OutOfRange(
-                f"position: {chunk.position} + {T} tokens exceeds max_context for sequence {chunk.sequence_id!r}; "
-                f"expected at most {self.spec.max_context} tokens"
-            )
-        k = self.engine.rotate_chunk(k, chunk.position)
-        plan = self.cache.prepare_append(chunk.layer, [seq_id], [chunk.position], T)  # charged by the meter
+        plan = self.cache.prepare_append(chunk.layer, [seq_id], [chunk.position], k.shape[0], ONE_SEQUENCE)
         try:
-            self.ledger.check_charged(tenant, plan.reserved_blocks)
-        except ServiceError:
+            self.ledger.check_charged(tenant, plan.reserved_blocks)  # the cache's meter charged it
+            k = self.engine.rotate_chunk(k, chunk.position)
+            k, v = self.engine.stored(chunk.layer, k, v)
+        except BaseException:
             self.cache.abort(plan)
             raise
-        k, v = self.engine.stored(chunk.layer, k, v)
         self.cache.commit(plan, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
 
     async def ExportSequence(self, request: pb.ExportSequenceRequest, context: Any) -> AsyncIterator[pb.SequenceChunk]:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from server_mirror import wait_for
 from server_proc import free_port, start_server
-from support.service import Aborted, make_service
-from test_races import FakeContext, loop_passes, rand
+from support.service import Aborted, make_service, reached, settle_waits
+from test_races import FakeContext, rand
 
 from tkg import codec
 from tkg.client import AsyncClient, Client, errors, routing
@@ -150,18 +150,20 @@ def test_export_waits_for_the_launch_and_truncate_waits_for_the_export() -> None
         with GatedKernel() as kernel:
             decode = asyncio.ensure_future(step(a, "s", 0, 10))
             await kernel.wait_started()
+            waiting = settle_waits(a)
             gen = a.ExportSequence(pb.ExportSequenceRequest(sequence_id="s"), FakeContext())
             first = asyncio.ensure_future(gen.__anext__())
-            await loop_passes()
+            await reached(waiting, "the export waiting for the launch")
             assert not first.done()
             kernel.gate.set()
             await decode
             header = (await first).header
         assert list(header.lengths) == [11, 10]
+        waiting.clear()
         truncate = asyncio.ensure_future(
             a.TruncateSequence(pb.TruncateSequenceRequest(sequence_id="s", length=0), FakeContext())
         )
-        await loop_passes()
+        await reached(waiting, "the truncate waiting for the export")
         assert not truncate.done()
         rest = [m async for m in gen]
         assert len(rest) == header.chunks

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from support import service as support_service
-from support.service import Aborted, FakeContext
+from support.service import Aborted, FakeContext, queued, reached, settle_waits
 from test_kv_cache import FakeClock
 
 from tkg import codec
@@ -111,12 +111,6 @@ async def appendkv(svc: DecodeAttentionService, sid: str, layer: int, pos: int, 
     return await svc.AppendKV(stream(append_msgs(sid, layer, pos, T, seed)), FakeContext())
 
 
-async def loop_passes(n: int = 20) -> None:
-    """Let every ready task run a few times (a task that could finish now, does)."""
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
 async def started_decode(svc: DecodeAttentionService, kernel: GatedKernel, sid: str, pos: int) -> asyncio.Task:
     task = asyncio.ensure_future(svc.decode(decode_req(sid, pos)))
     await kernel.wait_started()
@@ -140,9 +134,10 @@ def test_blocks_a_launch_reads_are_not_reused_until_it_ends(mutation: str) -> No
                 call = rpc(svc, "TruncateSequence", pb.TruncateSequenceRequest(sequence_id="a"))
             else:
                 call = rpc(svc, "ReleaseSequence", pb.ReleaseSequenceRequest(sequence_id="a"))
+            waiting = settle_waits(svc)
             mutate = asyncio.ensure_future(call)
-            await loop_passes()
-            assert not mutate.done()  # waits for the launch
+            await reached(waiting, f"the {mutation} waiting for the launch")
+            assert not mutate.done()
             await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id="b"))
             with pytest.raises(Aborted) as err:  # a's 7 blocks are held: b cannot have them
                 await appendkv(svc, "b", 0, 0, 100, seed=7)
@@ -178,6 +173,7 @@ def test_a_failed_step_appends_nothing_even_with_a_racing_write(racer: str) -> N
         before = svc.cache.free_blocks
         with GatedKernel(fail=MemoryError("boom")) as kernel:
             decode = await started_decode(svc, kernel, "a", 20)
+            waiting = settle_waits(svc)
             if racer == "append_same_layer":  # built on the step's token (position 21)
                 race = asyncio.ensure_future(appendkv(svc, "a", 0, 21, 3, seed=3))
             elif racer == "append_other_layer":
@@ -185,7 +181,7 @@ def test_a_failed_step_appends_nothing_even_with_a_racing_write(racer: str) -> N
             else:
                 fork = pb.ForkSequenceRequest(source_id="a", sequence_id="c")
                 race = asyncio.ensure_future(rpc(svc, "ForkSequence", fork))
-            await loop_passes()
+            await reached(waiting, f"the {racer} waiting for the launch")
             assert not race.done()
             kernel.gate.set()
             with pytest.raises(ServiceError, match="kernel: MemoryError: boom"):
@@ -270,7 +266,7 @@ def test_a_cancelled_caller_does_not_hide_the_kernel_error_from_its_batch() -> N
             second = asyncio.ensure_future(svc.decode(decode_req("b", 0)))
             await kernel.wait_started()
             first.cancel()
-            await loop_passes()
+            await asyncio.gather(first, return_exceptions=True)  # the cancellation has landed
             kernel.gate.set()
             with pytest.raises(ServiceError, match="kernel: MemoryError: boom"):
                 await second
@@ -296,10 +292,12 @@ def test_a_launch_cancelled_while_the_kernel_runs_is_undone_once_the_thread_lets
         with GatedKernel() as kernel:
             caller = await started_decode(svc, kernel, "a", 20)
             svc.batcher._task.cancel()
+            await asyncio.gather(svc.batcher._task, return_exceptions=True)  # the batch's task is gone
+            waiting = settle_waits(svc)
             truncate = asyncio.ensure_future(
                 rpc(svc, "TruncateSequence", pb.TruncateSequenceRequest(sequence_id="a", length=16))
             )
-            await loop_passes()
+            await reached(waiting, "the truncate waiting for the kernel")
             assert svc.cache.in_flight("a") and not truncate.done()  # the kernel still reads: held
             assert svc.cache.get("a").lengths == (21, 20)
             kernel.gate.set()
@@ -329,15 +327,16 @@ def test_queued_work_keeps_a_sequence_alive_and_reads_do_not() -> None:
         svc.start()
         for sid in "ab":
             await rpc(svc, "CreateSequence", pb.CreateSequenceRequest(sequence_id=sid))
+        entered = queued(svc)
         decode = asyncio.ensure_future(svc.decode(decode_req("a", 0)))
-        await loop_passes()
+        await reached(entered, "the decode entering the queue")
         assert svc.batcher.pending == 1
         clock.t += 6
         await rpc(svc, "GetSequence", pb.GetSequenceRequest(sequence_id="b"))  # a read: no use
         clock.t += 6
         assert svc.expire_idle() == ["b"]  # 12 s idle; a is 12 s old too but has work queued
         svc.batcher._task.cancel()  # stop waiting for company; the queue stays
-        await loop_passes()
+        await asyncio.gather(svc.batcher._task, return_exceptions=True)
         svc.batcher.delay_s = 0.0
         svc.batcher.start()
         await decode

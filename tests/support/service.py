@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,3 +65,41 @@ class FakeContext:
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise Aborted(code, details)
+
+
+def settle_waits(svc: DecodeAttentionService) -> asyncio.Event:
+    """An event set once a call waits in `Holds.settle` because a launch or an export holds a
+    sequence it names: a race test's proof that the call reached that wait, instead of counting
+    event-loop passes and hoping it got there."""
+    holds, cache, real = svc.holds, svc.cache, svc.holds.settle
+    waiting = asyncio.Event()
+
+    async def settle(*seq_ids: str) -> None:
+        if any(cache.in_flight(s) or holds.busy(s) for s in seq_ids):
+            waiting.set()
+        await real(*seq_ids)
+
+    holds.settle = settle  # type: ignore[method-assign]
+    return waiting
+
+
+def queued(svc: DecodeAttentionService) -> asyncio.Event:
+    """An event set once a decode request enters the batcher's queue."""
+    batcher, real = svc.batcher, svc.batcher.submit
+    entered = asyncio.Event()
+
+    def submit(work: Any) -> asyncio.Future:
+        future = real(work)
+        entered.set()
+        return future
+
+    batcher.submit = submit  # type: ignore[method-assign]
+    return entered
+
+
+async def reached(event: asyncio.Event, what: str, timeout: float = 10.0) -> None:
+    """Wait for `event`; a clear failure naming `what` if it never comes (a bound, not a timing)."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"never happened: {what}") from None
