@@ -325,7 +325,7 @@ def test_a_moved_sequence_is_followed_and_remembered(make: Make) -> None:
     sid = id_routing_to(0)
     c.create_sequence(sid)
     c.append_kv(sid, 0, np.zeros((3, HKV, D), np.float32), np.zeros((3, HKV, D), np.float32), chunk_tokens=2)
-    drain_to = c._core.router.candidates(sid, 0)[0]  # where a drain of replica 0 pushes it
+    drain_to = routing.Router(TARGETS).candidates(sid, 0)[0]  # where a drain of replica 0 pushes it
     replicas[drain_to].seqs[sid] = replicas[0].seqs.pop(sid)
     assert list(c.get_sequence(sid).lengths) == [3]  # NOT_FOUND at 0, found at drain_to, asked there
     replicas[0].calls.clear()
@@ -429,7 +429,7 @@ def test_export_then_import_copies_a_sequence_and_follows_a_moved_one(make: Make
     assert c.import_sequence(chunks, replica=2).lengths == [5] and sid in replicas[2].seqs  # where asked
     other = id_routing_to(0, "o")
     c.create_sequence(other)
-    moved_to = c._core.router.candidates(other, 0)[0]
+    moved_to = routing.Router(TARGETS).candidates(other, 0)[0]
     replicas[moved_to].seqs[other] = replicas[0].seqs.pop(other)
     assert [m.sequence_id for m in c.export_sequence(other)] == [other, other]  # followed where it lives
     assert c._replica(other) == moved_to
@@ -441,7 +441,7 @@ def test_release_forgets_a_moved_sequence(make: Make) -> None:
     c, replicas = make()
     sid = id_routing_to(0)
     c.create_sequence(sid)
-    there = c._core.router.candidates(sid, 0)[0]
+    there = routing.Router(TARGETS).candidates(sid, 0)[0]
     replicas[there].seqs[sid] = replicas[0].seqs.pop(sid)
     c.truncate(sid, 0)  # followed and remembered
     assert c._replica(sid) == there
