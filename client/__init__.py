@@ -1,6 +1,15 @@
 """`tkg.client`: the thin client (numpy in, numpy out) and the load-test tool.
 
-Imports neither torch nor `tkg.server`: this is what orchestrators embed.
+Imports neither torch nor `tkg.server` nor `tkg.bench`: this is what orchestrators embed.
+
+    core.py       every decision, no I/O: routing, requests, verdicts on errors, decode split/merge
+    client.py     `Client`: the grpc (blocking) shell that makes the calls the core asks for
+    aio.py        `AsyncClient`: the same shell over grpc.aio
+    routing.py    rendezvous routing, `Router` (where moved sequences are), the search for them
+    instances.py  instance ids seen, to tell a restarted replica (`ServerRestarted`) from expiry
+    messages.py   numpy <-> proto: request builders, `DecodeInput`, `DecodeResult`, channels
+    errors.py     one exception class per gRPC status code
+    loadtest.py, stats.py   the load-test tool and its statistics
 
     from tkg.client import Client
     with Client("localhost:50051") as c:

@@ -1,24 +1,24 @@
 """`AsyncClient`: the grpc.aio twin of `Client` (same methods, awaitable; same routing, and it
-follows sequences moved by a drain the same way)."""
+follows sequences moved by a drain the same way: both run `tkg.client.core.Core`, this class only
+makes the calls it asks for, awaited)."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+import itertools
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from tkg.client import routing
-from tkg.client.client import _subset, merge_split, moved_away
-from tkg.client.errors import NotFound, TkgError, Unavailable, from_rpc_error
-from tkg.client.instances import FOLLOW_METHODS, SEQUENCE_METHODS, Instances, sequence_ids_of
+from tkg.client.core import STREAM_RESPONSE_METHODS, Ask, AskInstance, Call, Core, Decision, probe_timeout
+from tkg.client.errors import TkgError, from_rpc_error
 from tkg.client.messages import (
     DEFAULT_MAX_MESSAGE,
     DecodeInput,
     DecodeResult,
-    append_chunks,
     auth_metadata,
     decode_request,
     decode_result,
@@ -26,6 +26,8 @@ from tkg.client.messages import (
 )
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 
 class AsyncClient:
@@ -53,8 +55,7 @@ class AsyncClient:
             max_message_bytes=max_message_bytes,
         )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
-        self._instances = Instances()
-        self._router = routing.Router(self.targets)
+        self._core = Core(self.targets)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
@@ -66,111 +67,93 @@ class AsyncClient:
         await self.close()
 
     def _replica(self, seq_id: str) -> int:
-        return self._router.home(seq_id)
+        return self._core.replica(seq_id)
 
-    async def _call(
-        self,
-        replica: int,
-        method: str,
-        request: object,
-        timeout: float | None = None,
-        seq_ids: list[str] | None = None,
-        follow: bool = True,
-    ) -> object:
-        """As `Client._call`: NOT_FOUND after a restart becomes `ServerRestarted`; sequences
-        found on one other replica are followed there."""
+    async def _call(self, call: Call, timeout: float | None = None, follow: bool = True) -> Any:
+        """As `Client._call`: make `call`, or on failure what `Core.failed` decides."""
         try:
-            fn = getattr(self._stubs[replica], method)
-            body = iter(request) if isinstance(request, list) else request  # a list: a request stream kept to resend
-            resp = await fn(body, timeout=timeout or self.timeout, metadata=self._metadata)
+            fn = getattr(self._stubs[call.replica], call.method)
+            body = iter(call.request) if isinstance(call.request, list) else call.request  # a list: kept to resend
+            rpc = fn(body, timeout=timeout or self.timeout, metadata=self._metadata)
+            resp = [m async for m in rpc] if call.method in STREAM_RESPONSE_METHODS else await rpc
         except grpc.RpcError as exc:
-            err = from_rpc_error(exc, self.targets[replica] if len(self.targets) > 1 else None)
-            ids = seq_ids if seq_ids is not None else sequence_ids_of(request)
-            if method in SEQUENCE_METHODS and isinstance(err, NotFound):
-                err = self._instances.verdict(err, replica, ids, await self._current_instance(replica))
-            if follow and method in FOLLOW_METHODS and isinstance(err, NotFound | Unavailable):
-                where = await self._locate(ids, replica)
-                if where is not None and len(where) == 1:
-                    return await self._call(where.pop(), method, request, timeout, seq_ids, follow=False)
-            raise err from None
-        if isinstance(resp, pb.SequenceInfo):
-            self._instances.note(replica, resp.instance_id, resp.sequence_id)
+            err = from_rpc_error(exc, self._core.name(call.replica))
+            verdict = await self._drive(self._core.failed(call, err, follow))
+            if isinstance(verdict, Call):
+                return await self._call(verdict, timeout, follow=False)
+            raise verdict from None
+        self._core.answered(call, resp)
         return resp
 
-    async def _locate(self, seq_ids: list[str], failed: int) -> set[int] | None:
-        """As `Client._locate`, driving `routing.locate` with awaited lookups."""
-        if len(self.targets) < 2 or not seq_ids:
-            return None
-        search = routing.locate(self._router, seq_ids, failed, self._found)
-        info = None
+    async def _drive(self, decision: Decision[T]) -> T:
+        """`core.drive` with awaited answers."""
         try:
+            ask = next(decision)
             while True:
-                replica, sid = search.send(info)
-                info = await self._lookup(replica, sid)
+                ask = decision.send(await self._answer(ask))
         except StopIteration as done:
             return done.value
 
-    def _found(self, replica: int, seq_id: str, info: pb.SequenceInfo) -> None:
-        self._instances.note(replica, info.instance_id, seq_id)
-
-    async def _lookup(self, replica: int, seq_id: str) -> pb.SequenceInfo | None:
+    async def _answer(self, ask: Ask) -> Any:
+        """As `Client._answer`, awaited."""
+        stub = self._stubs[ask.replica]
+        opts = {"timeout": probe_timeout(self.timeout), "metadata": self._metadata}
         try:
-            req = pb.GetSequenceRequest(sequence_id=seq_id)
-            timeout = min(self.timeout or 5.0, 5.0)
-            return await self._stubs[replica].GetSequence(req, timeout=timeout, metadata=self._metadata)
+            if isinstance(ask, AskInstance):
+                return (await stub.GetServerInfo(pb.GetServerInfoRequest(), **opts)).instance_id or None
+            return await stub.GetSequence(pb.GetSequenceRequest(sequence_id=ask.sequence_id), **opts)
         except grpc.RpcError:
             return None
-
-    async def _current_instance(self, replica: int) -> str | None:
-        try:
-            info = await self._stubs[replica].GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=min(self.timeout or 5.0, 5.0), metadata=self._metadata
-            )
-        except grpc.RpcError:
-            return None
-        return info.instance_id or None
 
     async def server_info(self, replica: int = 0, timeout: float | None = None) -> pb.ServerInfo:
-        info = await self._call(replica, "GetServerInfo", pb.GetServerInfoRequest(), timeout)
-        self._instances.note(replica, info.instance_id)
-        return info
+        return await self._call(self._core.server_info(replica), timeout)
 
     async def instance_id(self, replica: int = 0, timeout: float | None = None) -> str:
         """The replica's `ServerInfo.instance_id` (random per server process start)."""
         return (await self.server_info(replica, timeout)).instance_id
 
     async def create_sequence(self, sequence_id: str | None = None, timeout: float | None = None) -> pb.SequenceInfo:
-        if sequence_id is None and len(self.targets) > 1:
-            sequence_id = uuid.uuid4().hex
-        req = pb.CreateSequenceRequest(sequence_id=sequence_id or "")
-        return await self._call(self._replica(sequence_id or ""), "CreateSequence", req, timeout)
+        return await self._call(self._core.create(sequence_id), timeout)
 
     async def get_sequence(self, sequence_id: str, timeout: float | None = None) -> pb.SequenceInfo:
-        req = pb.GetSequenceRequest(sequence_id=sequence_id)
-        return await self._call(self._replica(sequence_id), "GetSequence", req, timeout)
+        return await self._call(self._core.get(sequence_id), timeout)
 
     async def truncate(self, sequence_id: str, length: int, timeout: float | None = None) -> pb.SequenceInfo:
-        req = pb.TruncateSequenceRequest(sequence_id=sequence_id, length=length)
-        return await self._call(self._replica(sequence_id), "TruncateSequence", req, timeout)
+        return await self._call(self._core.truncate(sequence_id, length), timeout)
 
     async def fork(
         self, source_id: str, sequence_id: str | None = None, timeout: float | None = None
     ) -> pb.SequenceInfo:
-        if len(self.targets) > 1 and sequence_id is None:
-            home = self._replica(source_id)
-            while self._replica(sequence_id := uuid.uuid4().hex) != home:
-                pass
-        req = pb.ForkSequenceRequest(source_id=source_id, sequence_id=sequence_id or "")
-        info = await self._call(self._replica(source_id), "ForkSequence", req, timeout, seq_ids=[source_id])
-        self._router.moved(info.sequence_id, self._replica(source_id))  # the child lives with its source
-        return info
+        """As `Client.fork` (a given id routing away from the source's replica raises ValueError)."""
+        return await self._call(self._core.fork(source_id, sequence_id), timeout)
 
     async def release(self, sequence_id: str, timeout: float | None = None) -> int:
-        req = pb.ReleaseSequenceRequest(sequence_id=sequence_id)
-        freed = (await self._call(self._replica(sequence_id), "ReleaseSequence", req, timeout)).freed_blocks
-        self._instances.forget(sequence_id)
-        self._router.forget(sequence_id)
-        return freed
+        return (await self._call(self._core.release(sequence_id), timeout)).freed_blocks
+
+    async def export_sequence(self, sequence_id: str, timeout: float | None = None) -> list[pb.SequenceChunk]:
+        """As `Client.export_sequence`: the sequence's migration stream, for `import_sequence`."""
+        return await self._call(self._core.export(sequence_id), timeout)
+
+    async def import_sequence(
+        self,
+        messages: Iterable[pb.SequenceChunk] | AsyncIterable[pb.SequenceChunk],
+        replica: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.SequenceInfo:
+        """As `Client.import_sequence` (also from an async iterable)."""
+        if isinstance(messages, AsyncIterable):
+            it = aiter(messages)
+            first = await anext(it, None)
+
+            async def stream() -> AsyncIterator[pb.SequenceChunk]:
+                yield first
+                async for m in it:
+                    yield m
+
+            return await self._call(self._core.import_(first, stream(), replica), timeout)
+        it = iter(messages)
+        first = next(it, None)
+        return await self._call(self._core.import_(first, itertools.chain([first], it), replica), timeout)
 
     async def append_kv(
         self,
@@ -184,8 +167,7 @@ class AsyncClient:
     ) -> pb.SequenceInfo:
         if position is None:
             position = (await self.get_sequence(sequence_id, timeout)).lengths[layer]
-        chunks = list(append_chunks(sequence_id, layer, position, k, v, chunk_tokens))  # a list: sent again if moved
-        return await self._call(self._replica(sequence_id), "AppendKV", chunks, timeout, seq_ids=[sequence_id])
+        return await self._call(self._core.append(sequence_id, layer, position, k, v, chunk_tokens), timeout)
 
     async def decode(
         self,
@@ -198,44 +180,56 @@ class AsyncClient:
         request_id: str = "",
         timeout: float | None = None,
     ) -> DecodeResult:
-        d = DecodeInput(layer, list(sequence_ids), list(positions), q, k, v, request_id)
-        groups = self._router.group(d.sequence_ids)
-        if len(groups) == 1:
-            (replica, _), = groups.items()
-            try:
-                return decode_result(await self._call(replica, "Decode", decode_request(d), timeout))
-            except (NotFound, Unavailable):
-                groups = self._router.group(d.sequence_ids)
-                if len(groups) == 1 or not moved_away(self._router, d.sequence_ids, replica):
-                    raise  # as `Client.decode`
-        replicas = list(groups)
-        results = await asyncio.gather(
-            *(self._call(r, "Decode", decode_request(_subset(d, groups[r])), timeout) for r in replicas),
-            return_exceptions=True,
-        )
-        outcomes = {}
-        for r, res in zip(replicas, results, strict=True):
+        step = self._core.decode(DecodeInput(layer, list(sequence_ids), list(positions), q, k, v, request_id))
+        try:
+            batch = next(step)
+            while True:
+                batch = step.send(await self._decode_batch(batch, timeout))
+        except StopIteration as done:
+            return done.value
+
+    async def _decode_batch(self, batch: dict[int, Call], timeout: float | None) -> dict[int, Any]:
+        """Each replica's Decode response or `TkgError`, all at once."""
+        replicas = list(batch)
+        results = await asyncio.gather(*(self._call(batch[r], timeout) for r in replicas), return_exceptions=True)
+        for res in results:
             if isinstance(res, BaseException) and not isinstance(res, TkgError):
                 raise res
-            outcomes[r] = res if isinstance(res, TkgError) else decode_result(res)
-        return merge_split(d, groups, outcomes)
+        return dict(zip(replicas, results, strict=True))
 
     async def decode_stream(
-        self, requests: Iterable[DecodeInput] | AsyncIterator[DecodeInput], timeout: float | None = None
+        self, requests: Iterable[DecodeInput] | AsyncIterable[DecodeInput], timeout: float | None = None
     ) -> AsyncIterator[DecodeResult]:
-        """Pipelined decode on one stream to the first request's replica (or the only one)."""
+        """As `Client.decode_stream`: one stream to the replica holding every request's sequences.
+        With several targets an iterable is read whole first; an async iterable is routed by its
+        first request, and one naming sequences held elsewhere ends the stream (not sent) with
+        ValueError once the earlier requests are answered."""
+        replica, first, wrong = 0, None, []
+        source: Any = requests
+        if len(self.targets) > 1 and isinstance(requests, AsyncIterable):
+            source = aiter(requests)
+            first = await anext(source, None)  # routes the stream: later requests cannot be known yet
+            replica = self._core.stream_replica([first.sequence_ids] if first is not None else [])
+        elif len(self.targets) > 1:
+            source = list(requests)  # all of them, to find their replica before sending
+            replica = self._core.stream_replica(d.sequence_ids for d in source)
 
         async def messages() -> AsyncIterator[pb.DecodeRequest]:
-            if hasattr(requests, "__aiter__"):
-                async for d in requests:
+            if first is not None:
+                yield decode_request(first)
+            if not isinstance(source, AsyncIterable):
+                for d in source:
                     yield decode_request(d)
-            else:
-                for d in requests:
-                    yield decode_request(d)
+                return
+            async for d in source:
+                if first is not None:
+                    try:
+                        self._core.stream_replica([first.sequence_ids, d.sequence_ids])
+                    except ValueError as exc:
+                        wrong.append(exc)  # raised to the caller after the answers to what was sent
+                        return
+                yield decode_request(d)
 
-        replica = 0
-        if len(self.targets) > 1:
-            raise ValueError("decode_stream: open one AsyncClient per replica for streams (targets > 1)")
         try:
             call = self._stubs[replica].DecodeStream(
                 messages(), timeout=timeout or self.timeout, metadata=self._metadata
@@ -244,3 +238,5 @@ class AsyncClient:
                 yield decode_result(resp)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+        if wrong:
+            raise wrong[0]

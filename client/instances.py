@@ -1,4 +1,4 @@
-"""Telling a restarted replica from an expired sequence (`ServerRestarted`), for both clients.
+"""Telling a restarted replica from an expired sequence (`ServerRestarted`), for `tkg.client.core`.
 
 Every `SequenceInfo` carries the answering server's `instance_id` (random per process start).
 The client remembers, per sequence it created/forked/imported/appended to, the instance that
@@ -11,14 +11,6 @@ really is unknown, released or expired.
 from __future__ import annotations
 
 from tkg.client.errors import NotFound, ServerRestarted, TkgError
-
-# RPCs whose NOT_FOUND is about a sequence (and may mean the replica restarted).
-SEQUENCE_METHODS = frozenset(
-    {"GetSequence", "AppendKV", "Decode", "TruncateSequence", "ForkSequence", "ReleaseSequence", "ExportSequence"}
-)
-# Unary-response RPCs about existing sequences that follow a sequence found on another replica
-# (`Client._call`); ExportSequence (a response stream) follows in its own method.
-FOLLOW_METHODS = SEQUENCE_METHODS - {"ExportSequence"}
 
 
 class Instances:
@@ -56,13 +48,3 @@ class Instances:
             self.of_sequence.pop(sid, None)
         return ServerRestarted(err.details, err.replica, expected, current)
 
-
-def sequence_ids_of(request: object) -> list[str]:
-    """The sequence ids a request names (for the restart check)."""
-    ids = []
-    for name in ("sequence_id", "source_id"):
-        value = getattr(request, name, "")
-        if isinstance(value, str) and value:
-            ids.append(value)
-    ids.extend(getattr(request, "sequence_ids", ()))
-    return ids

@@ -1,4 +1,4 @@
-"""Request builders and result types shared by `Client` and `AsyncClient` (numpy <-> proto)."""
+"""Request builders and result types for `tkg.client.core` and both client shells (numpy <-> proto)."""
 
 from __future__ import annotations
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from tkg.placement import pick, score
 
-__all__ = ["Router", "group", "pick", "resolve_targets", "score"]
+__all__ = ["Lookup", "Router", "group", "pick", "resolve_targets", "score"]
 
 
 def group(replicas: Sequence[str], seq_ids: Sequence[str]) -> dict[int, list[int]]:
@@ -79,22 +79,31 @@ class Router:
 
 
 T = TypeVar("T")
-# A lookup to make: (replica index, sequence id); what it found is sent back (None: not there).
-Search = Generator[tuple[int, str], Any, T]
+
+
+class Lookup(NamedTuple):
+    """A lookup a search asks for: GetSequence of `sequence_id` at replica index `replica`; what it
+    found is sent back (the `SequenceInfo`, or None: not there or no answer)."""
+
+    replica: int
+    sequence_id: str
+
+
+Search = Generator[Lookup, Any, T]
 
 
 def locate(
     router: Router, seq_ids: Sequence[str], failed: int, found: Callable[[int, str, Any], None]
 ) -> Search[set[int] | None]:
     """Look for each of `seq_ids` on the replicas other than `failed`, in the order a drain
-    picks, without doing any I/O: yields (replica, id) lookups, is sent what each found (a
-    `SequenceInfo`, or None), records every find in `router` and calls `found(replica, id,
-    info)`. Returns the replicas holding them, or None when one was found nowhere. The sync and
-    the asyncio client drive it with their own calls (`run_search`, `AsyncClient._locate`)."""
+    picks, without doing any I/O: yields `Lookup`s, is sent what each found (a `SequenceInfo`, or
+    None), records every find in `router` and calls `found(replica, id, info)`. Returns the
+    replicas holding them, or None when one was found nowhere. `tkg.client.core` runs it inside
+    its verdict on a failed call; the sync and the asyncio client answer the lookups."""
     where: set[int] = set()
     for sid in seq_ids:
         for r in router.candidates(sid, failed):
-            info = yield r, sid
+            info = yield Lookup(r, sid)
             if info is None:
                 continue
             router.moved(sid, r)
@@ -104,16 +113,6 @@ def locate(
         else:
             return None
     return where
-
-
-def run_search(search: Search[T], lookup: Callable[[int, str], Any]) -> T:
-    """Drive `search` with a blocking `lookup(replica, id)`."""
-    try:
-        replica, sid = next(search)
-        while True:
-            replica, sid = search.send(lookup(replica, sid))
-    except StopIteration as done:
-        return done.value
 
 
 def resolve_targets(target: str | Sequence[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections import Counter
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from server_proc import ServerProc, start_server
 
-from tkg.client import Client, errors, routing
+from tkg.client import AsyncClient, Client, DecodeInput, errors, routing
 
 
 def test_pick_is_stable_and_spreads() -> None:
@@ -124,6 +125,47 @@ def test_three_replicas_route_merge_and_fail_alone(replicas: list[ServerProc]) -
         for b, f in enumerate(forks):
             alone = c.decode(0, [f], [0], q[b : b + 1], k[b : b + 1], v[b : b + 1])
             np.testing.assert_array_equal(res.out[b], alone.out[0])
+        # Both clients route, merge and stream alike: a batched step over forks made by each (same
+        # cache, same inputs) gives the same rows, and a DecodeStream over the sequences of one
+        # replica reaches it and answers each row as the batch did.
+        q2, k2, v2 = (x * 0.5 for x in (q, k, v))
+        sync_forks = [c.fork(s).sequence_id for s in sids]
+        r0 = routing.pick(targets, sids[0])
+        on_r0 = [b for b, s in enumerate(sids) if routing.pick(targets, s) == r0]
+        stream_forks = [c.fork(sids[b]).sequence_id for b in on_r0]
+        expect = c.decode(0, sync_forks, [1] * n, q2, k2, v2).out
+        streamed = c.decode_stream(
+            [
+                DecodeInput(0, [f], [1], q2[b : b + 1], k2[b : b + 1], v2[b : b + 1])
+                for f, b in zip(stream_forks, on_r0, strict=True)
+            ]
+        )
+        np.testing.assert_array_equal(np.concatenate([r.out for r in streamed]), expect[on_r0])
+        elsewhere = next(f"id{i}" for i in range(1000) if routing.pick(targets, f"id{i}") != r0)
+        with pytest.raises(ValueError, match="routes to"):
+            c.fork(sids[0], elsewhere)
+
+        async def aio() -> tuple[np.ndarray, np.ndarray]:
+            async with AsyncClient(targets, timeout=10) as ac:
+                forks = [(await ac.fork(s)).sequence_id for s in sids]
+                streams = [(await ac.fork(sids[b])).sequence_id for b in on_r0]
+                with pytest.raises(ValueError, match="routes to"):
+                    await ac.fork(sids[0], elsewhere)
+                out = (await ac.decode(0, forks, [1] * n, q2, k2, v2)).out
+                reqs = [
+                    DecodeInput(0, [f], [1], q2[b : b + 1], k2[b : b + 1], v2[b : b + 1])
+                    for f, b in zip(streams, on_r0, strict=True)
+                ]
+                rows = np.concatenate([r.out async for r in ac.decode_stream(reqs)])
+                for f in forks + streams:
+                    await ac.release(f)
+                return out, rows
+
+        aio_out, aio_rows = asyncio.run(aio())
+        np.testing.assert_array_equal(aio_out, expect)
+        np.testing.assert_array_equal(aio_rows, expect[on_r0])
+        for f in sync_forks + stream_forks:
+            c.release(f)
         # Kill one replica: only its sequences fail, with UNAVAILABLE naming it.
         dead = routing.pick(targets, sids[0])
         replicas[dead].stop(signal.SIGKILL)

@@ -1,0 +1,292 @@
+"""The client's decisions, without I/O: one core under `Client` (grpc, threads) and `AsyncClient`
+(grpc.aio), so the two cannot drift apart.
+
+`Core` says which replica each call goes to and builds its request (`Call`), records what answers
+teach it (instance ids, where moved sequences live), and decides what a failure means. Where a
+decision needs the network, it is a generator that yields what it must know and is sent the
+answers; the shells answer with blocking or awaited RPCs (`drive` / `AsyncClient._drive`):
+
+- `Core.failed`: the verdict on a failed call. Asks the replica's instance id (`AskInstance`) to
+  tell a restart (`ServerRestarted`) from an unknown sequence, then looks for the sequences on the
+  other replicas (`routing.Lookup`, via `routing.locate`); returns the `Call` to repeat where they
+  all are (once), or the error to raise.
+- `Core.decode`: a batched decode. Yields `{replica: Call}` batches (the shell makes them,
+  concurrently when several) and is sent `{replica: DecodeResponse | TkgError}`; splits the batch
+  by replica, re-splits after sequences were found elsewhere, and merges the parts in the caller's
+  order (`merge_split`, `PartialDecodeError` when some replica failed).
+
+Everything here runs without a server; tests/test_client_reliability.py drives it directly and
+through both shells.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+
+from tkg.client import routing
+from tkg.client.errors import NotFound, PartialDecodeError, TkgError, Unavailable
+from tkg.client.instances import Instances
+from tkg.client.messages import DecodeInput, DecodeResult, append_chunks, decode_request, decode_result, merge_rows
+from tkg.v1 import decode_attention_pb2 as pb
+
+T = TypeVar("T")
+
+# RPCs whose NOT_FOUND is about a sequence (and may mean the replica restarted). A failure of one of
+# them about sequences found on one other replica is repeated there.
+SEQUENCE_METHODS = frozenset(
+    {"GetSequence", "AppendKV", "Decode", "TruncateSequence", "ForkSequence", "ReleaseSequence", "ExportSequence"}
+)
+# RPCs answered with a stream: the shells collect it whole, so a failure mid-stream is a failed call.
+STREAM_RESPONSE_METHODS = frozenset({"ExportSequence"})
+# The lookups a verdict makes (GetSequence, GetServerInfo) are error paths: short deadlines.
+PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Call:
+    """One RPC to make: `method` on replica index `replica` with `request` (a message; for a
+    client-streaming RPC a list, kept to be sent again if the call is repeated elsewhere, or an
+    iterator sent once); `seq_ids`: the sequences it is about (for the verdict on a failure)."""
+
+    replica: int
+    method: str
+    request: Any
+    seq_ids: tuple[str, ...] = ()
+
+    def to(self, replica: int) -> Call:
+        return replace(self, replica=replica)
+
+
+class AskInstance(NamedTuple):
+    """What a verdict asks: the `ServerInfo.instance_id` of replica index `replica` now (answer:
+    the id, or None when it did not answer)."""
+
+    replica: int
+
+
+Ask = AskInstance | routing.Lookup
+# A decision needing answers: yields what it asks, is sent the answers, returns its result.
+Decision = Generator[Ask, Any, T]
+# A decode batch: one Decode call per replica index, and what each returned or raised.
+Batch = dict[int, Call]
+Outcomes = dict[int, "pb.DecodeResponse | TkgError"]
+
+
+def drive(decision: Decision[T], answer: Callable[[Ask], Any]) -> T:
+    """Run `decision` to its result, answering each question with a blocking `answer(ask)`."""
+    try:
+        ask = next(decision)
+        while True:
+            ask = decision.send(answer(ask))
+    except StopIteration as done:
+        return done.value
+
+
+def probe_timeout(timeout: float | None) -> float:
+    """Deadline (s) of a verdict's lookups: the caller's, at most `PROBE_TIMEOUT_S`."""
+    return min(timeout or PROBE_TIMEOUT_S, PROBE_TIMEOUT_S)
+
+
+class Core:
+    """Routing, requests and verdicts for one client over `targets` (replica index = position)."""
+
+    def __init__(self, targets: Sequence[str]) -> None:
+        self.targets = list(targets)
+        self.router = routing.Router(self.targets)
+        self.instances = Instances()
+
+    # ---- routing ---------------------------------------------------------------------------
+
+    def replica(self, seq_id: str) -> int:
+        """Index of the replica to call about `seq_id` (its owner, or where it was found)."""
+        return self.router.home(seq_id)
+
+    def name(self, replica: int) -> str | None:
+        """The replica's target for error messages; None with one target (nothing to tell apart)."""
+        return self.targets[replica] if len(self.targets) > 1 else None
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def server_info(self, replica: int) -> Call:
+        return Call(replica, "GetServerInfo", pb.GetServerInfoRequest())
+
+    def create(self, sequence_id: str | None) -> Call:
+        """With several replicas the id is chosen here (a random hex id), so it can be routed."""
+        if sequence_id is None and len(self.targets) > 1:
+            sequence_id = uuid.uuid4().hex
+        req = pb.CreateSequenceRequest(sequence_id=sequence_id or "")
+        return Call(self.replica(sequence_id or ""), "CreateSequence", req)
+
+    def get(self, sequence_id: str) -> Call:
+        req = pb.GetSequenceRequest(sequence_id=sequence_id)
+        return Call(self.replica(sequence_id), "GetSequence", req, (sequence_id,))
+
+    def truncate(self, sequence_id: str, length: int) -> Call:
+        req = pb.TruncateSequenceRequest(sequence_id=sequence_id, length=length)
+        return Call(self.replica(sequence_id), "TruncateSequence", req, (sequence_id,))
+
+    def fork(self, source_id: str, sequence_id: str | None) -> Call:
+        """With several replicas the child must live with its source: an id is chosen that routes
+        there, and a caller's id routing elsewhere is refused (ValueError) before any call."""
+        home = self.replica(source_id)
+        if len(self.targets) > 1:
+            if sequence_id is None:
+                while self.replica(sequence_id := uuid.uuid4().hex) != home:
+                    pass
+            elif (there := self.replica(sequence_id)) != home:
+                raise ValueError(
+                    f"sequence_id: {sequence_id!r} routes to {self.targets[there]}, not to the "
+                    f"source's replica {self.targets[home]}; expected None (the client picks a routable id)"
+                )
+        req = pb.ForkSequenceRequest(source_id=source_id, sequence_id=sequence_id or "")
+        return Call(home, "ForkSequence", req, (source_id,))
+
+    def release(self, sequence_id: str) -> Call:
+        req = pb.ReleaseSequenceRequest(sequence_id=sequence_id)
+        return Call(self.replica(sequence_id), "ReleaseSequence", req, (sequence_id,))
+
+    def export(self, sequence_id: str) -> Call:
+        req = pb.ExportSequenceRequest(sequence_id=sequence_id)
+        return Call(self.replica(sequence_id), "ExportSequence", req, (sequence_id,))
+
+    def import_(self, first: pb.SequenceChunk | None, stream: Any, replica: int | None) -> Call:
+        """ImportSequence of `stream` (an iterable or async iterable whose first message is
+        `first`, sent once); by default on the replica its id routes to."""
+        if first is None:
+            raise ValueError("messages: empty; expected the stream export_sequence returns")
+        where = self.replica(first.sequence_id) if replica is None else replica
+        return Call(where, "ImportSequence", stream, (first.sequence_id,))
+
+    def append(
+        self, sequence_id: str, layer: int, position: int, k: np.ndarray, v: np.ndarray, chunk_tokens: int
+    ) -> Call:
+        """AppendKV of k, v `[T, num_kv_heads, head_dim]` at token `position`, in messages of at
+        most `chunk_tokens` tokens (a list: sent again if the sequence is found elsewhere)."""
+        chunks = list(append_chunks(sequence_id, layer, position, k, v, chunk_tokens))
+        return Call(self.replica(sequence_id), "AppendKV", chunks, (sequence_id,))
+
+    def decode_call(self, replica: int, d: DecodeInput) -> Call:
+        return Call(replica, "Decode", decode_request(d), tuple(d.sequence_ids))
+
+    # ---- answers ---------------------------------------------------------------------------
+
+    def answered(self, call: Call, resp: Any) -> None:
+        """Record what the answer to `call` (as made: after a follow, at the replica that
+        answered) says: the instance each sequence and replica is on, where a fork's child lives
+        (with its source), that a released sequence is gone."""
+        if isinstance(resp, pb.SequenceInfo):
+            self.instances.note(call.replica, resp.instance_id, resp.sequence_id)
+        elif isinstance(resp, pb.ServerInfo):
+            self.instances.note(call.replica, resp.instance_id)
+        if call.method == "ForkSequence":
+            self.router.moved(resp.sequence_id, call.replica)
+        elif call.method == "ReleaseSequence":
+            self.instances.forget(call.request.sequence_id)
+            self.router.forget(call.request.sequence_id)
+
+    # ---- verdicts --------------------------------------------------------------------------
+
+    def failed(self, call: Call, err: TkgError, follow: bool = True) -> Decision[Call | TkgError]:
+        """The verdict on `call` failing with `err`: the `Call` to make instead (the same one at
+        the one other replica where all its sequences were found; only with `follow`), or the
+        error to raise (`ServerRestarted` when a NOT_FOUND came from a replica whose instance id
+        changed). Asks at most one `AskInstance` and one `Lookup` per other replica and sequence."""
+        if call.method in SEQUENCE_METHODS and isinstance(err, NotFound):
+            current = yield AskInstance(call.replica)
+            err = self.instances.verdict(err, call.replica, list(call.seq_ids), current)
+        if follow and call.method in SEQUENCE_METHODS and isinstance(err, NotFound | Unavailable):
+            where = yield from self.locate(call.seq_ids, call.replica)
+            if where is not None and len(where) == 1:
+                return call.to(where.pop())
+        return err
+
+    def locate(self, seq_ids: Sequence[str], failed: int) -> Decision[set[int] | None]:
+        """Look for `seq_ids` on the replicas other than `failed` and remember where each is
+        (`routing.locate`); the replicas holding them, or None when one was found nowhere."""
+        if len(self.targets) < 2 or not seq_ids:
+            return None
+        return (yield from routing.locate(self.router, seq_ids, failed, self._found))
+
+    def _found(self, replica: int, seq_id: str, info: pb.SequenceInfo) -> None:
+        self.instances.note(replica, info.instance_id, seq_id)
+
+    # ---- decode ----------------------------------------------------------------------------
+
+    def decode(self, d: DecodeInput) -> Generator[Batch, Outcomes, DecodeResult]:
+        """One decode step over whichever replicas hold `d`'s sequences: yields a batch of calls
+        (one per replica) and is sent each one's response or `TkgError`; returns the merged
+        result, or raises (the error of a lone call; `PartialDecodeError` for a split one).
+
+        A lone call's NOT_FOUND / UNAVAILABLE is raised unless its verdict found the sequences
+        on several other replicas (one other: it was already repeated there): then they are
+        asked again, split by replica."""
+        groups = self.router.group(d.sequence_ids)
+        if len(groups) == 1:
+            ((replica, _),) = groups.items()
+            outcome = (yield {replica: self.decode_call(replica, d)})[replica]
+            if not isinstance(outcome, TkgError):
+                return decode_result(outcome)
+            groups = self.router.group(d.sequence_ids)
+            if (
+                not isinstance(outcome, NotFound | Unavailable)
+                or len(groups) == 1
+                or not moved_away(self.router, d.sequence_ids, replica)
+            ):
+                raise outcome
+        outcomes = yield {r: self.decode_call(r, subset(d, pos)) for r, pos in groups.items()}
+        results = {r: o if isinstance(o, TkgError) else decode_result(o) for r, o in outcomes.items()}
+        return merge_split(d, groups, results)
+
+    def stream_replica(self, sequence_ids: Iterable[Sequence[str]]) -> int:
+        """The one replica holding every sequence of a DecodeStream's requests (their id lists);
+        ValueError when they live on several (a stream reaches one replica)."""
+        if len(self.targets) == 1:
+            return 0
+        homes = {self.replica(s) for ids in sequence_ids for s in ids}
+        if len(homes) > 1:
+            raise ValueError("decode_stream: sequences live on several replicas; expected one stream per replica")
+        return homes.pop() if homes else 0
+
+
+def moved_away(router: routing.Router, seq_ids: Sequence[str], replica: int) -> bool:
+    """Every one of `seq_ids` is now known to be on a replica other than `replica`."""
+    return all(router.home(s) != replica for s in seq_ids)
+
+
+def subset(d: DecodeInput, positions: list[int]) -> DecodeInput:
+    """The rows `positions` (indices into `d.sequence_ids`) of a decode request."""
+    idx = np.asarray(positions)
+    return DecodeInput(
+        d.layer, [d.sequence_ids[i] for i in positions], [d.positions[i] for i in positions],
+        d.q[idx], d.k[idx], d.v[idx], d.request_id,
+    )  # fmt: skip
+
+
+def merge_split(
+    d: DecodeInput, groups: dict[int, list[int]], outcomes: dict[int, DecodeResult | TkgError]
+) -> DecodeResult:
+    """One result `[B, Hq, S, d]` from the per-replica outcomes of a split decode (`groups`:
+    replica -> its rows' indices in `d`); raises `PartialDecodeError` (with the rows that
+    succeeded, NaN in the others, and each failed sequence's error) when any replica failed."""
+    parts, errors, timing = [], {}, None
+    for r, res in outcomes.items():
+        if isinstance(res, TkgError):
+            errors.update({d.sequence_ids[i]: res for i in groups[r]})
+            continue
+        parts.append((groups[r], res.out))
+        if timing is None or res.timing.total_us > timing.total_us:
+            timing = res.timing  # the slowest replica sets the step's time
+    out = merge_rows(parts, len(d.sequence_ids)) if parts else None
+    if not errors:
+        return DecodeResult(d.request_id, d.layer, out, timing)
+    ok = np.zeros(len(d.sequence_ids), dtype=bool)
+    for positions, _ in parts:
+        ok[positions] = True
+    if out is not None:
+        out[~ok] = np.nan  # rows of failed sequences hold no answer
+    raise PartialDecodeError(DecodeResult(d.request_id, d.layer, out, timing, ok=ok), errors)
