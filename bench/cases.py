@@ -13,10 +13,10 @@ from functools import cached_property
 
 import numpy as np
 
+from tkg.dtypes import BF16, FP8, to_fp8
 from tkg.kernel.config import AttnTKGConfig
 from tkg.kernel.decisions import round_up
 from tkg.kernel.paged import PagedArgs, check_paged_args
-from tkg.kernel_dtypes import BF16, FP8, to_fp8
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 
 from tkg.bench.cases import Case, Shape
-from tkg.kernel_dtypes import BF16, FP8
+from tkg.dtypes import BF16, BY_SHORT, FP8
 
-DTYPES = {"bf16": BF16, "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32), "fp8": FP8}
+DTYPES = {short: BY_SHORT[short].numpy for short in ("bf16", "fp16", "fp32", "fp8")}  # --dtype, default first
 # Peers that read an fp8 (float8_e4m3) pool; `--dtype fp8` times them on bf16 and fp8 KV, same run.
 FP8_PEERS = ("cpu.paged_decode", "cpu.attention_tkg", "torch.paged_decode")
 PEERS = ("cpu.paged_decode", "cpu.attention_tkg", "torch.paged_decode", "reference", "sdpa_gqa", "sdpa_repeat")

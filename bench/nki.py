@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from tkg.dtypes import BF16
 from tkg.kernel.paged import paged_decode
-from tkg.kernel_dtypes import BF16
 
 
 @dataclass(frozen=True)

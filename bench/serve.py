@@ -48,7 +48,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from tkg import codec
+from tkg import codec, dtypes
 from tkg.bench import echo
 from tkg.client.aio import AsyncClient
 from tkg.client.client import Client
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--q-heads", type=int, default=32)
     g.add_argument("--kv-heads", type=int, default=8)
     g.add_argument("--head-dim", type=int, default=128)
-    g.add_argument("--kv-dtype", default="bfloat16", choices=sorted(codec.DTYPE_NAMES))
+    g.add_argument("--kv-dtype", default="bfloat16", choices=sorted(dtypes.BY_NAME))
     g.add_argument("--context", type=int, default=1024,
                    help="prompt tokens per sequence: batching, load and streaming (default 1024)")
     g.add_argument("--latency-contexts", default="256,1024", type=_contexts, metavar="N,N",
@@ -635,7 +635,7 @@ class Bench:
             "config": {
                 "backend": self.backend, "model_geometry": {
                     "num_q_heads": info.num_q_heads, "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim,
-                    "kv_dtype": codec.pb.DType.Name(info.kv_dtype).removeprefix("DTYPE_").lower(),
+                    "kv_dtype": dtypes.BY_CODE[info.kv_dtype].name,
                     "block_len": info.block_len,
                 },
                 "context": a.context, "latency_contexts": a.latency_contexts, "sequences": a.sequences,

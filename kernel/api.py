@@ -2,7 +2,8 @@
 
     out, k_out = attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, ...)
 
-Arguments are numpy arrays (float32, float16, ml_dtypes.bfloat16) or CPU torch tensors, in the
+Arguments are numpy arrays (float32, float16, ml_dtypes.bfloat16; q and K/V also
+ml_dtypes.float8_e4m3, the output then bf16 unless `out` says) or CPU torch tensors, in the
 layouts of design/kernel.md; results come back as the same kind as `q`, and are also written
 into `out` / `k_out` when those are given.
 """

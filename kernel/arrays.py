@@ -12,11 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel_dtypes import BF16, FP8
-
-IO_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.float32), np.dtype(np.float16), BF16)
-# K/V (and q) may also be fp8 e4m3: the output is then in the I/O dtype (bf16 unless `out` says).
-KV_DTYPES: tuple[np.dtype, ...] = (*IO_DTYPES, FP8)
+from tkg.dtypes import BF16, FP8
 
 
 def is_torch(x: Any) -> bool:

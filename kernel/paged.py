@@ -19,11 +19,11 @@ from types import ModuleType
 
 import numpy as np
 
+from tkg.dtypes import FP8, IO_NUMPY
 from tkg.kernel import backends
-from tkg.kernel.arrays import IO_DTYPES, as_f32
+from tkg.kernel.arrays import as_f32
 from tkg.kernel.config import AttnTKGConfig
 from tkg.kernel.decisions import round_up
-from tkg.kernel_dtypes import FP8
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def check_paged_args(
 
     `check_tables=False` skips the range check of the tables' used entries (per step, O(B x
     max_blocks)): for tables the caller's own bookkeeping built (the service's KV cache)."""
-    if q.ndim != 4 or q.dtype not in IO_DTYPES:
+    if q.ndim != 4 or q.dtype not in IO_NUMPY:
         raise ValueError(f"paged_decode: q: expected [B, Hq, S, d] float32/float16/bfloat16, got {q.dtype} {q.shape}")
     B, Hq, S, d = q.shape
     if k_cache.ndim != 4 or k_cache.shape[3] != d or k_cache.dtype not in (q.dtype, FP8):

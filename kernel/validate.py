@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel.arrays import IO_DTYPES, KV_DTYPES, to_numpy
+from tkg import dtypes
+from tkg.dtypes import BF16, FP8, IO_NUMPY, KV_NUMPY
+from tkg.kernel.arrays import to_numpy
 from tkg.kernel.config import AttnTKGConfig
 from tkg.kernel.decisions import mask_block_len
-from tkg.kernel_dtypes import BF16, FP8
 
 MAX_D_HEAD = 128
 MAX_HS = 512  # H*S: one PSUM bank of fp32 per partition holds the moving free size of MM1
@@ -157,16 +158,16 @@ def validate_call(
     Sp, Spf = cfg.curr_sprior, cfg.full_sprior
 
     qn = to_numpy(q)
-    if qn.dtype not in KV_DTYPES:
-        raise _fail("q", f"dtype {qn.dtype} is not one of float32, float16, bfloat16, float8_e4m3")
+    if qn.dtype not in KV_NUMPY:  # q, like K/V, may be fp8: the output is then bf16 unless `out` says
+        raise _fail("q", f"dtype {qn.dtype} is not one of {dtypes.names()}")
     # The I/O dtype (out, k_out): out's when given, else q's; fp8 is storage only, so bf16 then.
     on = None if out is None else to_numpy(out)
     if on is not None:
-        if on.dtype not in IO_DTYPES:
-            raise _fail("out", f"dtype {on.dtype} is not one of float32, float16, bfloat16")
+        if on.dtype not in IO_NUMPY:
+            raise _fail("out", f"dtype {on.dtype} is not one of {dtypes.names(dtypes.IO)}")
         dt = on.dtype
     else:
-        dt = qn.dtype if qn.dtype in IO_DTYPES else BF16
+        dt = qn.dtype if qn.dtype in IO_NUMPY else BF16
     _check_in_dtype("q", qn, dt)
     _check_shape("q", qn, cfg.q_shape, "[d, B*H*S] with qk_in_sb" if cfg.qk_in_sb else "[B, H, S, d]")
     ka = to_numpy(k_active)

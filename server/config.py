@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from tkg import dtypes
 from tkg.server import rope
-from tkg.server.kv_cache import KV_DTYPES
 
 MAX_HEAD_DIM = 128  # the kernel's d_head limit
 MAX_S_ACTIVE = 8
@@ -54,7 +54,7 @@ class ModelSpec:
 
     @property
     def kv_numpy_dtype(self) -> np.dtype:
-        return KV_DTYPES[self.kv_dtype]
+        return dtypes.BY_NAME[self.kv_dtype].numpy
 
     @property
     def wire_dtype(self) -> str:
@@ -63,7 +63,7 @@ class ModelSpec:
 
     @property
     def io_numpy_dtype(self) -> np.dtype:
-        return KV_DTYPES[self.wire_dtype]
+        return dtypes.BY_NAME[self.wire_dtype].numpy
 
     def scales(self, layer: int) -> tuple[float, float]:
         """(k_scale, v_scale) of `layer`: stored = value / scale (1.0 unless configured)."""
@@ -261,17 +261,18 @@ def build_spec(raw: dict[str, Any], base: Path | None = None) -> ModelSpec:
     if head_dim % 2:
         raise ConfigError(f"head_dim: {head_dim}; expected an even number (RoPE rotates halves)")
     kv = raw.get("kv_dtype")
-    if kv not in KV_DTYPES:
-        raise ConfigError(f"kv_dtype: {kv!r}; expected one of {sorted(KV_DTYPES)}")
-    io = raw.get("io_dtype") or ("bfloat16" if kv == "float8_e4m3" else kv)
-    if io not in KV_DTYPES or io == "float8_e4m3":
-        io_names = sorted(k for k in KV_DTYPES if k != "float8_e4m3")
+    if kv not in dtypes.BY_NAME:
+        raise ConfigError(f"kv_dtype: {kv!r}; expected one of {sorted(dtypes.BY_NAME)}")
+    # A storage-only KV dtype (fp8) travels as bfloat16 unless io_dtype says otherwise.
+    io = raw.get("io_dtype") or (kv if dtypes.BY_NAME[kv].io else "bfloat16")
+    if io not in dtypes.BY_NAME or not dtypes.BY_NAME[io].io:
+        io_names = sorted(d.name for d in dtypes.IO)
         raise ConfigError(f"io_dtype: {io!r}; expected one of {io_names} (fp8 is a storage dtype only)")
     block_len = _int(raw, "block_len", 1, 1024)
     max_s = _int(raw, "max_s_active", 1, MAX_S_ACTIVE)
     max_context = _int(raw, "max_context", max_s)
     partial = dict(num_layers=num_layers, num_kv_heads=num_kv, block_len=block_len, head_dim=head_dim)
-    per_block = 2 * num_layers * num_kv * block_len * head_dim * KV_DTYPES[kv].itemsize
+    per_block = 2 * num_layers * num_kv * block_len * head_dim * dtypes.BY_NAME[kv].itemsize
     if raw.get("num_blocks") is not None:
         num_blocks = _int(raw, "num_blocks")
     elif raw.get("kv_cache_bytes") is not None:

@@ -17,12 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tkg import dtypes
 from tkg.server.config import SCALING_PARAMS, ConfigError
 
 GiB = 2**30
 # A config has no KV capacity; this default is overridden with --kv-cache-bytes / --num-blocks.
 DEFAULT_KV_CACHE_BYTES = 1 * GiB
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# A config's `dtype` ("bfloat16" or "torch.bfloat16": torch's name) -> the KV dtype name; fp8 is no model dtype.
+DTYPES = {d.torch_name: d.name for d in dtypes.IO}
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:

@@ -47,27 +47,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tkg.dtypes import kv_dtype
 from tkg.kernel.kv_store import HostKVStore, KVGeometry, KVStore
-from tkg.kernel_dtypes import BF16, FP8
 from tkg.server.appends import SMALL_BATCH, AppendOps, _ceil_div
 from tkg.server.block_pool import BlockPool
 from tkg.server.errors import FailedPrecondition, InvalidArgument, OutOfRange
 from tkg.server.sequences import SequenceTable
 
-KV_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BF16,
-    "float8_e4m3": FP8,  # 1 byte per element; the service stores value / scale, saturated (tkg.kernel_dtypes.to_fp8)
-}  # fmt: skip
 EVICT_IDLE_TTL = "idle_ttl"
-
-
-
-def kv_dtype(name: str | np.dtype) -> np.dtype:
-    """The numpy dtype for a KV dtype name (`float32`, `float16`, `bfloat16`) or dtype."""
-    key = name if isinstance(name, str) else np.dtype(name).name
-    if key not in KV_DTYPES:
-        raise ValueError(f"kv_dtype: expected one of {sorted(KV_DTYPES)}, got {name!r}")
-    return KV_DTYPES[key]
 
 
 def _unmetered(owner: str, delta: int) -> None:

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from tkg.dtypes import BY_SHORT
 from tkg.kernel.config import AttnTKGConfig
-from tkg.kernel_dtypes import BF16
 
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": BF16, "fp16": np.dtype(np.float16)}
+DTYPES = {short: BY_SHORT[short].numpy for short in ("fp32", "bf16", "fp16")}
 # (rtol, atol) against the fp32 reference computed from the same rounded inputs.
 TOLERANCE = {"fp32": (1e-4, 2e-5), "bf16": (3e-2, 3e-2), "fp16": (1e-2, 1e-2)}
 

@@ -19,8 +19,8 @@ import ml_dtypes
 import numpy as np
 
 from tkg import codec
+from tkg.dtypes import BF16
 from tkg.kernel import paged_decode
-from tkg.kernel_dtypes import BF16
 from tkg.server.rope import inv_freqs
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc

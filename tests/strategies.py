@@ -22,11 +22,11 @@ import torch
 from hypothesis import strategies as st
 from naive_attention import NaiveCall, mask_row_of_token
 
+from tkg.dtypes import BF16, BY_SHORT
 from tkg.kernel import AttnTKGConfig, attention_tkg
-from tkg.kernel_dtypes import BF16
 
-DTYPES: dict[str, np.dtype] = {"fp32": np.dtype(np.float32), "bf16": BF16, "fp16": np.dtype(np.float16)}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES: dict[str, np.dtype] = {short: BY_SHORT[short].numpy for short in ("fp32", "bf16", "fp16")}
+TORCH_DTYPES = {short: BY_SHORT[short].torch for short in DTYPES}
 # rtol: |actual - expected| <= rtol * (|expected| + max|expected|), i.e. relative to the element
 # and to the tensor's scale (values near zero come from cancellation, not from a large error).
 # Reference vs the float64 naive loops: fp32 arithmetic, then one rounding to the I/O dtype.

@@ -12,11 +12,11 @@ import pytest
 
 pytest.importorskip("torch")
 
+from tkg.dtypes import BF16
 from tkg.kernel.backends import cpu_torch, reference
 from tkg.kernel.config import AttnTKGConfig
 from tkg.kernel.paged import check_paged_args
 from tkg.kernel.validate import debug_shapes, validate_call
-from tkg.kernel_dtypes import BF16
 
 F32 = np.dtype(np.float32)
 TOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float16): 2e-3, BF16: 2e-2}

@@ -15,7 +15,7 @@ import pytest
 from server_proc import ServerProc, start_server
 
 from tkg.client import AsyncClient, Client, DecodeInput, errors
-from tkg.kernel_dtypes import BF16
+from tkg.dtypes import BF16
 from tkg.server.rope import inv_freqs
 
 LAYERS, HQ, HKV, D, BL = 2, 4, 2, 64, 4

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from nki_cases import TOLERANCE, Case, build_case, cfg
 
+from tkg.dtypes import BF16, BY_SHORT
 from tkg.kernel import attention_tkg
 from tkg.kernel.backends import cpu
 from tkg.kernel.paged import check_paged_args, paged_decode
 from tkg.kernel.validate import validate_call
-from tkg.kernel_dtypes import BF16
 
-DT = {"fp32": np.dtype(np.float32), "bf16": BF16, "fp16": np.dtype(np.float16)}
+DT = {short: BY_SHORT[short].numpy for short in ("fp32", "bf16", "fp16")}
 VARIANTS = cpu.native_variants()
 needs_native = pytest.mark.skipif(cpu.NATIVE_ERROR is not None, reason=f"native kernel not built: {cpu.NATIVE_ERROR}")
 
@@ -356,7 +356,7 @@ def _poison_unseen(k, v, tables, lens, S: int, window: int | None, BL: int) -> N
     ],
 )
 def test_fast_path_shapes_match_oracle(variant, dtype, d, BL, G, S, window, lens) -> None:
-    from tkg.kernel_dtypes import FP8, to_fp8
+    from tkg.dtypes import FP8, to_fp8
 
     rng = np.random.default_rng(abs(hash((variant, dtype, d, BL, G, S))) % 2**32)
     q, k, v, tables, lens = make_paged(rng, B=len(lens), Hkv=2, G=G, S=S, d=d, BL=BL,
@@ -386,7 +386,7 @@ def test_fast_path_decodes_every_fp8_pattern(variant: str, d: int) -> None:
     """d = 64/128 (the fast path's widths): V rows holding all 256 fp8 patterns come out exactly
     (one visible key: p = 1), and K rows holding every finite pattern give q.k exactly
     (one-hot bf16 q heads against key 0, key 1 zeros: out = sigmoid(K0[h] / 16))."""
-    from tkg.kernel_dtypes import FP8
+    from tkg.dtypes import FP8
 
     patterns = np.arange(256, dtype=np.uint8).view(FP8).reshape(-1, d)  # [256 / d, d]
     nrow = patterns.shape[0]

@@ -18,8 +18,8 @@ from server_mirror import Mirror, decode_request, rand, scrape, stub, tol
 from server_proc import ServerProc, start_server
 
 from tkg.client import Client
+from tkg.dtypes import BF16
 from tkg.kernel.backends import resolve
-from tkg.kernel_dtypes import BF16
 from tkg.v1 import decode_attention_pb2 as pb
 
 F32 = np.dtype(np.float32)

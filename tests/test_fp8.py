@@ -23,9 +23,9 @@ from naive_attention import naive_attention, naive_paged_decode
 from nki_cases import Case, build_case, cfg
 from strategies import RTOL_VS_NAIVE, RTOL_VS_REFERENCE, KernelCase, Result, assert_close, kernel_cases, to_f64
 
+from tkg.dtypes import BF16, FP8, FP8_MAX, to_fp8
 from tkg.kernel import attention_tkg, available, paged_decode
 from tkg.kernel.backends import cpu
-from tkg.kernel_dtypes import BF16, FP8, FP8_MAX, to_fp8
 
 HOST_BACKENDS = [name for name in available() if not name.startswith("nki")]
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from tkg.dtypes import BF16, FP8
 from tkg.kernel import AttnTKGConfig, BackendUnavailable, attention_tkg, paged_decode
-from tkg.kernel_dtypes import BF16, FP8
 
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernel"
 

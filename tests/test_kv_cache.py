@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tkg.kernel_dtypes import BF16
+from tkg.dtypes import BF16
 from tkg.server.block_pool import BlockPool
 from tkg.server.errors import (
     AlreadyExists,

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tkg.dtypes import BF16, FP8, to_fp8
 from tkg.kernel import AttnTKGConfig, attention_tkg, available
-from tkg.kernel_dtypes import BF16, FP8, to_fp8
 
 BACKENDS = [b for b in ("reference", "cpu", "nki-emu") if b in available()]
 D = 32

@@ -25,7 +25,7 @@ def test_lookup_equals_angles_and_grows_only_as_far_as_needed() -> None:
 def test_rotate_qk_equals_rotate_bit_for_bit() -> None:
     """The decode step's one-pass rotation of q and k gives exactly `rotate`'s values (every
     dtype the wire carries; batches, several new tokens, positions past the table's first size)."""
-    from tkg.kernel_dtypes import BF16
+    from tkg.dtypes import BF16
     from tkg.server.rope import rotate
 
     inv = inv_freqs(16, 10000.0)

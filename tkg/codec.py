@@ -11,20 +11,14 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from tkg.kernel_dtypes import BF16, FP8
+from tkg import dtypes
 from tkg.v1 import decode_attention_pb2 as pb
 
-_TO_NUMPY: dict[int, np.dtype] = {
-    pb.DTYPE_FLOAT32: np.dtype("<f4"),
-    pb.DTYPE_BFLOAT16: BF16,
-    pb.DTYPE_FLOAT16: np.dtype("<f2"),
-    pb.DTYPE_FLOAT8_E4M3: FP8,  # KV storage only (exported sequences); never q/k/v/out
-}
-_FROM_NUMPY: dict[np.dtype, int] = {v: k for k, v in _TO_NUMPY.items()}
-DTYPE_NAMES: dict[str, int] = {
-    "float32": pb.DTYPE_FLOAT32, "bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16,
-    "float8_e4m3": pb.DTYPE_FLOAT8_E4M3,
-}  # fmt: skip
+# Views of the registry (`tkg.dtypes`) for the per-request lookups. fp8 travels only as KV storage
+# (exported sequences), never as q/k/v/out: the service checks that, the codec carries any dtype.
+_TO_NUMPY: dict[int, np.dtype] = {d.code: d.numpy for d in dtypes.ALL}
+_FROM_NUMPY: dict[np.dtype, int] = {d.numpy: d.code for d in dtypes.ALL}
+DTYPE_NAMES: dict[str, int] = {d.name: d.code for d in dtypes.ALL}  # name -> wire code
 
 
 def io_dtype_code(info: pb.ServerInfo) -> int:
@@ -49,7 +43,7 @@ def dtype_from_numpy(dtype: np.dtype) -> int:
     try:
         return _FROM_NUMPY[dt.newbyteorder("<") if dt.byteorder == ">" else dt]
     except KeyError:
-        raise TensorError(f"unsupported numpy dtype {dt}; expected float32, float16 or bfloat16") from None
+        raise TensorError(f"unsupported numpy dtype {dt}; expected one of {dtypes.names()}") from None
 
 
 def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
@@ -103,12 +97,7 @@ def int64s(values: Iterable[int], n: int) -> np.ndarray:
 # Per float dtype: the unsigned view, the bits below the sign, and the exponent bits. The
 # exponent is the top of the bits below the sign, so a value is NaN or infinite exactly when those
 # bits, read as an unsigned integer, reach the all-ones exponent.
-_EXPONENT = {
-    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000),
-    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
-    BF16: (np.uint16, 0x7FFF, 0x7F80),
-    FP8: (np.uint8, 0x7F, 0x78),
-}
+_EXPONENT = {d.numpy: (d.uint, (1 << (8 * d.itemsize - 1)) - 1, d.exponent) for d in dtypes.ALL}
 
 
 def _harmless_top_bytes(mask: int) -> bytes:
@@ -117,13 +106,9 @@ def _harmless_top_bytes(mask: int) -> bytes:
     return bytes(b for b in range(256) if b & mask != mask)
 
 
-# Per float dtype: bytes per value and the harmless top bytes (`_harmless_top_bytes`).
-_TOP_BYTE = {
-    np.dtype(np.float32): (4, _harmless_top_bytes(0x7F)),
-    np.dtype(np.float16): (2, _harmless_top_bytes(0x7C)),
-    BF16: (2, _harmless_top_bytes(0x7F)),
-    FP8: (1, _harmless_top_bytes(0x78)),
-}
+# Per float dtype: bytes per value and the harmless top bytes (`_harmless_top_bytes` of the
+# exponent's bits within the top byte).
+_TOP_BYTE = {d.numpy: (d.itemsize, _harmless_top_bytes(d.exponent >> (8 * (d.itemsize - 1)))) for d in dtypes.ALL}
 
 
 def finite_bytes(data: bytes, dtype: np.dtype) -> bool:

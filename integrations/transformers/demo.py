@@ -19,12 +19,13 @@ import time
 
 import torch
 
+from tkg import dtypes
 from tkg.client import Client, errors
 from tkg.integrations.transformers.remote import remote_attention
 from tkg.integrations.transformers.spec import server_spec
 from tkg.integrations.transformers.tiny import FAMILIES, VOCAB, tiny_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: dtypes.BY_NAME[name].torch for name in ("float32", "bfloat16")}  # the demo's --dtype choices
 
 
 def as_text(ids: list[int]) -> str:

@@ -38,9 +38,10 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, prepare_padding_mask
 
+from tkg import dtypes
 from tkg.client import Client, errors
 from tkg.codec import dtype_to_numpy
-from tkg.kernel_dtypes import BF16
+from tkg.dtypes import BF16
 
 ATTN_IMPLEMENTATION = "tkg"
 APPEND_CHUNK_TOKENS = 512  # tokens per AppendKV message
@@ -58,7 +59,7 @@ def to_numpy(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     t = t.detach().to("cpu")
     if dtype == BF16:
         return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(BF16)
-    return t.to(torch.from_numpy(np.zeros(0, dtype)).dtype).contiguous().numpy()
+    return t.to(dtypes.BY_NUMPY[np.dtype(dtype)].torch).contiguous().numpy()
 
 
 def from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:

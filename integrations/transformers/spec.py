@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from tkg import dtypes
 from tkg.server.hf_config import spec_keys
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# A model's parameter dtype -> the KV dtype name (fp8 is a storage dtype, never a model's).
+DTYPE_NAMES: dict[torch.dtype, str] = {d.torch: d.name for d in dtypes.IO}
 
 
 @dataclass

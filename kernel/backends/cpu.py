@@ -24,12 +24,12 @@ from types import ModuleType
 
 import numpy as np
 
+from tkg.dtypes import BF16, FP8
 from tkg.kernel.arrays import as_f32
 from tkg.kernel.backends import reference
 from tkg.kernel.backends.reference import unshuffle_block_mask
 from tkg.kernel.paged import PagedArgs
 from tkg.kernel.validate import KernelCall
-from tkg.kernel_dtypes import BF16, FP8
 
 NAME = "cpu"
 

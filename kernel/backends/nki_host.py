@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from tkg.dtypes import BF16, FP8
 from tkg.kernel import decisions
 from tkg.kernel.backends import reference
 from tkg.kernel.config import AttnTKGConfig
 from tkg.kernel.validate import KernelCall
-from tkg.kernel_dtypes import BF16, FP8
 
 P_MAX = 128
 Launcher = Callable[[int, tuple[Any, ...]], tuple[Any, ...]]
