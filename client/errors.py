@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import grpc
 
+from tkg import status
+
 
 class TkgError(Exception):
     """A failed call: `code` (grpc.StatusCode), `details` (the server's message), `replica` (target or None)."""
@@ -89,21 +91,18 @@ class Unauthenticated(TkgError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
-BY_CODE: dict[grpc.StatusCode, type[TkgError]] = {
-    cls.code: cls
-    for cls in (
-        Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists, PermissionDenied,
-        ResourceExhausted, FailedPrecondition, Aborted, OutOfRange, Unimplemented, Internal, Unavailable,
-        DataLoss, Unauthenticated,
-    )
-}  # fmt: skip
-_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+# Every code but OK (tests/test_status.py checks none is missing).
+BY_CODE: dict[grpc.StatusCode, type[TkgError]] = status.by_code((
+    Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists, PermissionDenied,
+    ResourceExhausted, FailedPrecondition, Aborted, OutOfRange, Unimplemented, Internal, Unavailable,
+    DataLoss, Unauthenticated,
+))  # fmt: skip
 
 
 def error_for(code: grpc.StatusCode | int, details: str, replica: str | None = None) -> TkgError:
     """The typed exception for a status code (enum or wire number, e.g. from a DecodeStream `Error`)."""
     if isinstance(code, int):
-        code = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+        code = status.from_number(code)
     return BY_CODE.get(code, Unknown)(details, replica)
 
 

@@ -44,6 +44,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from tkg.server.config import ConfigError, read_file
+from tkg.server.errors import Denied, PermissionDenied, Unauthenticated
 
 MIN_TOKEN_LEN = 16
 DEFAULT_TENANT = "default"
@@ -291,30 +292,31 @@ class Authenticator:
                 if key == "authorization":
                     header = value if isinstance(value, str) else bytes(value).decode("latin-1")
             if header is None:
-                raise Denied(grpc.StatusCode.UNAUTHENTICATED,
-                             "authorization: missing; expected metadata 'authorization: Bearer <token>'"
-                             + (" or a configured client certificate" if table.subjects else ""))  # fmt: skip
+                raise Unauthenticated(
+                    "authorization: missing; expected metadata 'authorization: Bearer <token>'"
+                    + (" or a configured client certificate" if table.subjects else "")
+                )
             scheme, _, token = header.strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise Denied(grpc.StatusCode.UNAUTHENTICATED,
-                             "authorization: unknown scheme or empty token; expected 'Bearer <token>'")  # fmt: skip
+                raise Unauthenticated("authorization: unknown scheme or empty token; expected 'Bearer <token>'")
             ident = table.by_token(token.strip())
             if ident is None:
-                raise Denied(grpc.StatusCode.UNAUTHENTICATED,
-                             "authorization: unknown token; expected a configured bearer token")  # fmt: skip
+                raise Unauthenticated("authorization: unknown token; expected a configured bearer token")
         named = next((v for k, v in metadata or () if k == TENANT_METADATA), None)
         if ident.peer:
             return self._as_peer(ident, method, named)
         if named is not None and named != ident.tenant.name:
-            raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                         f"{TENANT_METADATA}: names a tenant other than this credential's; expected only "
-                         "a peer credential (role: peer) to name a tenant")  # fmt: skip
+            raise PermissionDenied(
+                f"{TENANT_METADATA}: names a tenant other than this credential's; expected only "
+                "a peer credential (role: peer) to name a tenant"
+            )
         if ident.read_only and method.startswith(SERVICE_PREFIX):
             name = method[len(SERVICE_PREFIX) :]
             if name not in READ_ONLY_METHODS:
-                raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                             f"authorization: this token is read-only; {name} expected a full-access token "
-                             f"(read-only tokens may call {', '.join(sorted(READ_ONLY_METHODS))})")  # fmt: skip
+                raise PermissionDenied(
+                    f"authorization: this token is read-only; {name} expected a full-access token "
+                    f"(read-only tokens may call {', '.join(sorted(READ_ONLY_METHODS))})"
+                )
         return ident
 
 
@@ -324,23 +326,16 @@ class Authenticator:
         if name is None or name == "GetServerInfo":
             return ident
         if name not in PEER_METHODS:
-            raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                         f"authorization: a peer credential; {name} expected a tenant's token "
-                         f"(peers may call {', '.join(sorted(PEER_METHODS))})")  # fmt: skip
+            raise PermissionDenied(
+                f"authorization: a peer credential; {name} expected a tenant's token "
+                f"(peers may call {', '.join(sorted(PEER_METHODS))})"
+            )
         if named is None:
-            raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                         f"{TENANT_METADATA}: missing on a peer's {name}; expected the tenant to import into")
+            raise PermissionDenied(f"{TENANT_METADATA}: missing on a peer's {name}; expected the tenant to import into")
         tenant = self.table.tenant(named if isinstance(named, str) else bytes(named).decode("latin-1"))
         if tenant is None:
-            raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                         f"{TENANT_METADATA}: not a tenant of this replica; expected one its auth file names")
+            raise PermissionDenied(f"{TENANT_METADATA}: not a tenant of this replica; expected one its auth file names")
         return Identity(tenant, peer=True)
-
-
-class Denied(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def peer_subjects(context: Any) -> list[str]:

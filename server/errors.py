@@ -1,8 +1,10 @@
 """Service errors: each carries the gRPC status code the contract (design/api.md) assigns.
 
-Raised anywhere below the RPC layer (validation, KV cache, batcher); the RPC layer turns them
-into `context.abort(code, message)` or, in DecodeStream, a per-message `Error`. Messages name the
-offending field and the expected value.
+Raised anywhere below the RPC layer (validation, KV cache, batcher, the auth guard); the RPC layer
+turns them into `context.abort(code, message)` or, in DecodeStream, a per-message `Error`. Messages
+name the offending field and the expected value. Each class is named after its code
+(`INVALID_ARGUMENT` -> `InvalidArgument`) and arrives at the client as the same-named class of
+`tkg.client.errors` (`tkg.status` holds the mapping; tests/test_status.py checks both sides).
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class Unauthenticated(ServiceError):
+class Denied(ServiceError):
+    """The auth guard's refusals (`tkg.server.auth`): an unknown caller or a call it may not make."""
+
+
+class Unauthenticated(Denied):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
-class PermissionDenied(ServiceError):
+class PermissionDenied(Denied):
     code = grpc.StatusCode.PERMISSION_DENIED
