@@ -42,11 +42,6 @@ class DecodeResult:
     error: TkgError | None = None
     ok: np.ndarray | None = None  # bool [B], set in a PartialDecodeError's result: which rows succeeded
 
-    def raise_for_error(self) -> DecodeResult:
-        if self.error is not None:
-            raise self.error
-        return self
-
 
 @dataclass
 class DecodeInput:

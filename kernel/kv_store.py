@@ -58,11 +58,6 @@ class KVGeometry:
     def pool_shape(self) -> tuple[int, int, int, int]:
         return (self.num_kv_heads, self.num_blocks, self.block_len, self.head_dim)
 
-    @property
-    def block_bytes(self) -> int:
-        """Bytes of one block of one layer, K or V."""
-        return self.num_kv_heads * self.block_len * self.head_dim * np.dtype(self.dtype).itemsize
-
 
 class StepOutOfBuckets(ValueError):
     """A decode step whose shape no compiled bucket covers (the service answers INVALID_ARGUMENT).

@@ -50,10 +50,6 @@ class BlockPool:
         """Reference counts of `ids` (int32, a copy)."""
         return self._ref[ids]
 
-    def free_ids(self) -> np.ndarray:
-        """The free block ids (a copy, allocation order reversed); for metrics and tests."""
-        return self._stack[: self._top].copy()
-
     def allocate(self, n: int) -> np.ndarray:
         """Take `n` free blocks, each with reference count 1; int32 `[n]`.
 

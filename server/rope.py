@@ -161,8 +161,3 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     np.subtract(x1 * cos, x2 * sin, out=out[..., :half])
     np.add(x2 * cos, x1 * sin, out=out[..., half:])
     return out.astype(x.dtype, copy=False)
-
-
-def apply_rope(x: np.ndarray, positions: np.ndarray, inv: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE of x `[B, heads, T, d]` at absolute positions `[B, T]`; returns x's dtype."""
-    return rotate(x, *angles(positions, inv))

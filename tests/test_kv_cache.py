@@ -69,11 +69,16 @@ def gather(cache: KVCache, seq_id: str, layer: int) -> tuple[np.ndarray, np.ndar
     return k, v
 
 
+def free_ids(pool: BlockPool) -> list[int]:
+    """The pool's free stack, bottom first (the next allocation pops the last)."""
+    return pool._stack[: pool._top].tolist()
+
+
 def fingerprint(cache: KVCache) -> tuple:
     """Everything observable about the cache's bookkeeping (not its storage bytes)."""
     return (
         cache.free_blocks,
-        sorted(cache.pool.free_ids().tolist()),
+        sorted(free_ids(cache.pool)),
         tuple(cache.snapshot()),
         cache.pool.refcounts(np.arange(cache.num_blocks)).tolist(),
         cache.tokens_appended,
@@ -92,7 +97,7 @@ def check_invariants(cache: KVCache) -> None:
     for b, n in held.items():
         expect[b] = n
     np.testing.assert_array_equal(refs, expect)
-    free = cache.pool.free_ids().tolist()
+    free = free_ids(cache.pool)
     assert len(set(free)) == len(free)
     assert not set(free) & set(held)
     assert cache.free_blocks + cache.used_blocks == cache.num_blocks
@@ -905,7 +910,7 @@ def _cache_state(cache: KVCache) -> tuple:
          float(s.last_used[slot]))
         for sid, slot in s.items()
     ]  # fmt: skip
-    return (cache.pool.free_ids().tolist(), cache.pool.refcounts(np.arange(cache.num_blocks)).tolist(),
+    return (free_ids(cache.pool), cache.pool.refcounts(np.arange(cache.num_blocks)).tolist(),
             cache.pool.shared_count, cache.tokens_appended, rows)  # fmt: skip
 
 

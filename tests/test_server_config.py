@@ -14,7 +14,7 @@ import pytest
 from tkg.server import cli
 from tkg.server.config import ConfigError, build_spec, load_spec
 from tkg.server.presets import PRESETS
-from tkg.server.rope import apply_rope, inv_freqs
+from tkg.server.rope import angles, inv_freqs, rotate
 
 GiB = 2**30
 SMALL: dict[str, Any] = {"num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 16, "num_blocks": 8}
@@ -240,13 +240,13 @@ def test_linear_and_yarn_inv_freqs() -> None:
     assert not np.allclose(inv_freqs(64, 150000.0, {**yarn, "truncate": False}), inv_freqs(64, 150000.0, yarn))
 
 
-def test_apply_rope_is_a_complex_rotation_at_absolute_positions() -> None:
+def test_rotate_is_a_complex_rotation_at_absolute_positions() -> None:
     rng = np.random.default_rng(0)
     d = 16
     x = rng.standard_normal((2, 3, 4, d)).astype(np.float32)
     pos = np.array([[0, 1, 2, 3], [1000, 1001, 1002, 131071]])
     inv = inv_freqs(d, 10000.0)
-    got = apply_rope(x, pos, inv)
+    got = rotate(x, *angles(pos, inv))
     z = (x[..., : d // 2] + 1j * x[..., d // 2 :]) * np.exp(1j * pos[:, None, :, None] * inv.astype(np.float64))
     np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=2e-5)
     np.testing.assert_array_equal(got[0, :, 0], x[0, :, 0])  # position 0 is the identity

@@ -40,12 +40,6 @@ class ServerSpec:
         path.write_text(json.dumps(keys, indent=2) + "\n")
         return path
 
-    def model_spec(self) -> Any:
-        """The checked `tkg.server.config.ModelSpec` (needs the server extra)."""
-        from tkg.server.config import build_spec
-
-        return build_spec({**self.keys, "sinks": self.sinks})
-
 
 def server_spec(model: torch.nn.Module, **overrides: Any) -> ServerSpec:
     """The spec for `model`'s attention: geometry, windows and RoPE from its config, KV dtype from
