@@ -30,7 +30,6 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -217,7 +216,7 @@ class HostKVStore(KVStore):
     def __init__(self, geometry: KVGeometry, backend: str = "reference") -> None:
         super().__init__(geometry)
         self.backend = backend
-        self._module: ModuleType | None = None  # the backend's module, loaded at the first decode
+        self._module: backends.KernelBackend | None = None  # the backend's module, loaded at the first decode
         self.k: list[np.ndarray] = [self._touched() for _ in range(geometry.num_layers)]
         self.v: list[np.ndarray] = [self._touched() for _ in range(geometry.num_layers)]
 
@@ -269,7 +268,7 @@ class HostKVStore(KVStore):
         return args.out
 
     @property
-    def module(self) -> ModuleType:
+    def module(self) -> backends.KernelBackend:
         """The backend's module, loaded at first use (the backend is fixed for the store's life)."""
         if self._module is None:
             self._module = backends.load(self.backend)

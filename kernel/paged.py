@@ -15,7 +15,6 @@ service's path a test of the seed API too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import numpy as np
 
@@ -162,7 +161,7 @@ def paged_decode(
     return args.out
 
 
-def run_paged(mod: ModuleType, backend: str, args: PagedArgs, **backend_options: object) -> None:
+def run_paged(mod: backends.KernelBackend, backend: str, args: PagedArgs, **backend_options: object) -> None:
     """Run checked `args` on backend module `mod` (its `NAME` is `backend`): its own
     `paged_decode`, else through `attention_tkg`. For callers that resolved the backend once
     (a KV store: resolving costs a few us per call, every layer of every step)."""

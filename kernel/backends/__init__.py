@@ -1,11 +1,9 @@
 """Backend registry: one interface, chosen by name (`--backend`), loaded lazily.
 
-A backend module exposes `NAME`, `run(call: KernelCall) -> None` (fills `call.out`, `call.k_out`,
-`call.dbg`), optionally `available() -> str | None` (None when usable, else the reason), and
-optionally `paged_decode(...)` (the service's fast path, `tkg.kernel.paged`), optionally
-`kv_store(geometry, **options)` (the server's KV store, `tkg.kernel.kv_store`; default host numpy
-pools) and optionally `auto_reason() -> str | None` (why `auto` must not pick it even though it
-is available, e.g. `nki` without a Neuron device). Modules are imported
+A backend is a module satisfying `KernelBackend` (`NAME` and `run`), and optionally any of the
+hooks in `HOOKS`: `available`, `auto_reason`, `paged_decode`, `kv_store` (each its own Protocol
+below; callers look a hook up with `getattr` and fall back when it is absent).
+tests/test_backends.py checks every shipped module against these Protocols. Modules are imported
 only when asked for, so the client never imports torch and Neuron code never loads on CPU hosts.
 """
 
@@ -13,8 +11,47 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+if TYPE_CHECKING:
+    from tkg.kernel.kv_store import KVGeometry, KVStore
+    from tkg.kernel.paged import PagedArgs
+    from tkg.kernel.validate import KernelCall
+
+
+class KernelBackend(Protocol):
+    """What every backend module defines (a module satisfies a Protocol by its attributes)."""
+
+    NAME: str  # the name it is registered under
+
+    def run(self, call: KernelCall) -> None:
+        """One validated `attention_tkg` call: fill `call.out` (and `call.k_out`, `call.dbg`)."""
+
+
+class Availability(Protocol):
+    def available(self) -> str | None:
+        """None when the backend can run here, else why not (a module may also accept `options`)."""
+
+
+class AutoReason(Protocol):
+    def auto_reason(self) -> str | None:
+        """Why `auto` must not pick it though it is available (e.g. `nki` without a Neuron device)."""
+
+
+class PagedDecoder(Protocol):
+    def paged_decode(self, args: PagedArgs, **options: Any) -> None:
+        """The service's fast path (`tkg.kernel.paged`); without it, `attention_tkg` per kv head."""
+
+
+class StoreFactory(Protocol):
+    def kv_store(self, geometry: KVGeometry, **options: Any) -> KVStore:
+        """The server's KV store (`tkg.kernel.kv_store`); without it, host numpy pools."""
+
+
+# The optional hooks by attribute name: a module defining one must match its Protocol.
+HOOKS: dict[str, type] = {
+    "available": Availability, "auto_reason": AutoReason, "paged_decode": PagedDecoder, "kv_store": StoreFactory,
+}  # fmt: skip
 
 # name -> module path. Order is the `auto` preference among available backends.
 _BACKENDS: dict[str, str] = {
@@ -38,9 +75,14 @@ def names() -> list[str]:
     return list(_BACKENDS)
 
 
-def _import(name: str) -> ModuleType:
+def module_path(name: str) -> str:
+    """The module implementing backend `name` (`tkg.kernel.backends.cpu`), without importing it."""
+    return _BACKENDS[name]
+
+
+def _import(name: str) -> KernelBackend:
     try:
-        return importlib.import_module(_BACKENDS[name])
+        return cast("KernelBackend", importlib.import_module(module_path(name)))
     except ImportError as exc:
         raise BackendUnavailable(f"backend {name!r} is not available here: {exc}") from exc
 
@@ -86,6 +128,6 @@ def resolve(name: str, options: dict[str, Any] | None = None) -> str:
     return name
 
 
-def load(name: str, options: dict[str, Any] | None = None) -> ModuleType:
+def load(name: str, options: dict[str, Any] | None = None) -> KernelBackend:
     """The backend module for `name` (after `resolve` with the call's backend `options`)."""
     return _import(resolve(name, options))
