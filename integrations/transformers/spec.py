@@ -19,7 +19,7 @@ from tkg import dtypes
 from tkg.server.hf_config import spec_keys
 
 # A model's parameter dtype -> the KV dtype name (fp8 is a storage dtype, never a model's).
-DTYPE_NAMES: dict[torch.dtype, str] = {d.torch: d.name for d in dtypes.IO}
+KV_DTYPE_OF_MODEL: dict[torch.dtype, str] = {d.torch: d.name for d in dtypes.IO}
 
 
 @dataclass
@@ -49,7 +49,7 @@ def server_spec(model: torch.nn.Module, **overrides: Any) -> ServerSpec:
 
     config = model.config.get_text_config(decoder=True)
     keys = spec_keys(config.to_dict())
-    keys["kv_dtype"] = DTYPE_NAMES.get(model.dtype, keys.get("kv_dtype", "bfloat16"))
+    keys["kv_dtype"] = KV_DTYPE_OF_MODEL.get(model.dtype, keys.get("kv_dtype", "bfloat16"))
     mods = attention_modules(model)
     if len(mods) != keys["num_layers"]:
         raise ValueError(f"model: {len(mods)} attention modules; expected num_hidden_layers={keys['num_layers']}")
