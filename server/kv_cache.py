@@ -91,7 +91,7 @@ class KVCache(AppendOps):
         block_len: tokens per block.
         num_blocks: blocks per layer (capacity; see `bytes_per_block` to size from bytes).
         max_context: the most tokens one sequence may hold.
-        dtype: `float32`, `float16` or `bfloat16` (or the numpy dtype).
+        dtype: `float32`, `float16`, `bfloat16` or `float8_e4m3` (or the numpy dtype).
         max_sequences: optional cap on live sequences (RESOURCE_EXHAUSTED past it).
         clock: monotonic seconds, injectable for tests.
         store: the backend's KV store for this geometry (`tkg.kernel.kv_store.create_kv_store`);

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from tkg import __version__, codec
+from tkg import __version__, codec, status
 from tkg.server import auth, migration
 from tkg.server.appends import ONE_SEQUENCE
 from tkg.server.batcher import Batcher, DecodeWork, LoneCaller
@@ -492,6 +492,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
 
 def _error_response(req: pb.DecodeRequest, code: grpc.StatusCode, message: str) -> pb.DecodeResponse:
-    error = pb.Error(code=code.value[0], message=message)
+    error = pb.Error(code=status.number(code), message=message)
     request_id = req.request_id if len(req.request_id) <= MAX_SEQUENCE_ID_LEN else req.request_id[:MAX_SEQUENCE_ID_LEN]
     return pb.DecodeResponse(request_id=request_id, layer=req.layer, error=error)

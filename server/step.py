@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel_dtypes import FP8, to_fp8
+from tkg.dtypes import FP8, to_fp8
 from tkg.server.appends import AppendPlan
 from tkg.server.auth import Tenant
 from tkg.server.batcher import DecodeWork, LoneCaller

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tkg import codec
+from tkg import codec, dtypes
 from tkg.kernel.kv_store import KVStore, StepOutOfBuckets
 from tkg.server.auth import Tenant
 from tkg.server.batcher import DecodeWork
@@ -53,8 +53,8 @@ class WireChecks:
         self.spec = spec
         self.max_batch = max_batch
         self.store = store
-        self.io_code = codec.DTYPE_NAMES[spec.wire_dtype]  # q/k/v/out on the wire
-        self.kv_code = codec.DTYPE_NAMES[spec.kv_dtype]  # what the cache stores (and exports)
+        self.io_code = dtypes.BY_NAME[spec.wire_dtype].code  # q/k/v/out on the wire
+        self.kv_code = dtypes.BY_NAME[spec.kv_dtype].code  # what the cache stores (and exports)
 
     def layer(self, layer: int) -> None:
         if not 0 <= layer < self.spec.num_layers:

@@ -1,5 +1,5 @@
 """A real gRPC server (`tkg.server.app.start`) on loopback, run on an event loop in a thread of the
-test process: a real network path and interceptors, without a subprocess's start-up cost."""
+test process: a real network path and the auth guard, without a subprocess's start-up cost."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def test_the_codec_carries_every_dtype_of_the_registry() -> None:
     for d in dtypes.ALL:
         a = np.arange(6, dtype=np.float32).reshape(2, 3).astype(d.numpy)
         t = codec.encode(a)
-        assert t.dtype == d.code and codec.DTYPE_NAMES[d.name] == d.code
+        assert t.dtype == d.code
         np.testing.assert_array_equal(codec.decode(t).astype(np.float32), a.astype(np.float32))
     with pytest.raises(codec.TensorError, match="float64; expected one of float32, float16, bfloat16, float8_e4m3"):
         codec.encode(np.zeros(2))

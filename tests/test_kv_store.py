@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from support.service import make_service
 
+from tkg.dtypes import BF16
 from tkg.kernel.backends import unavailable_reason
 from tkg.kernel.kv_store import HostKVStore, KVGeometry, LayerVariant, StepOutOfBuckets, create_kv_store
-from tkg.kernel_dtypes import BF16
 
 needs_emu = pytest.mark.skipif(unavailable_reason("nki-emu") is not None, reason="the NKI emulator cannot run here")
 

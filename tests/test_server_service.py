@@ -11,7 +11,7 @@ import pytest
 from support.service import Aborted, FakeContext, make_service
 
 from tkg.codec import all_finite, finite_bytes
-from tkg.kernel_dtypes import BF16, FP8
+from tkg.dtypes import BF16, FP8
 from tkg.server.metrics import Metrics
 from tkg.server.service import DecodeAttentionService
 from tkg.v1 import decode_attention_pb2 as pb

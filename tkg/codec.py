@@ -18,7 +18,6 @@ from tkg.v1 import decode_attention_pb2 as pb
 # (exported sequences), never as q/k/v/out: the service checks that, the codec carries any dtype.
 _TO_NUMPY: dict[int, np.dtype] = {d.code: d.numpy for d in dtypes.ALL}
 _FROM_NUMPY: dict[np.dtype, int] = {d.numpy: d.code for d in dtypes.ALL}
-DTYPE_NAMES: dict[str, int] = {d.name: d.code for d in dtypes.ALL}  # name -> wire code
 
 
 def io_dtype_code(info: pb.ServerInfo) -> int:
