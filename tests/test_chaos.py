@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from server_mirror import scrape, wait_for
-from server_proc import free_port, start_server
+from support.mirror import scrape, wait_for
+from support.server_proc import free_port, start_server
 
 from tkg.client import Client, errors, routing
 

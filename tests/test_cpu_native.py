@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from nki_cases import TOLERANCE, Case, build_case, cfg
+from support.nki_cases import TOLERANCE, Case, build_case, cfg
 
 from tkg.kernel import attention_tkg
 from tkg.kernel.backends import cpu

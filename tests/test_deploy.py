@@ -844,7 +844,7 @@ def test_make_secrets_then_serve_with_tls_and_auth_and_probe(tmp_path: Path) -> 
     """deploy/make-secrets.sh's files, passed as the manifests pass them, give a server whose
     health check passes with the probe token over TLS and fails without it."""
     out = make_secrets(tmp_path)
-    from inproc import InProcServer
+    from support.inproc import InProcServer
 
     from tkg.client import Client
     from tkg.server import cli
@@ -872,8 +872,8 @@ def test_make_secrets_drain_to_a_peer_over_tls(tmp_path: Path) -> None:
     one --peers list, --advertise, the peer token): a drain moves a tenant's sequence to the other
     replica over TLS, into the same tenant."""
     out = make_secrets(tmp_path)
-    from inproc import InProcServer
-    from server_proc import free_port
+    from support.inproc import InProcServer
+    from support.server_proc import free_port
 
     from tkg.client import Client
     from tkg.server import cli

@@ -1,4 +1,4 @@
-"""The `reference` backend against the naive loops of tests/naive_attention.py.
+"""The `reference` backend against the naive loops of tests/support/oracle.py.
 
 First the naive oracle itself is pinned to hand-computed values (so the two cannot agree on a
 shared mistake); then the reference is compared with it feature by feature, each feature pinned
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from naive_attention import mask_row_of_token, naive_attention, rope
-from strategies import RTOL_VS_NAIVE, KernelCase, Result, assert_result, kernel_cases, run
+from support.oracle import mask_row_of_token, naive_attention, rope
+from support.strategies import RTOL_VS_NAIVE, KernelCase, Result, assert_result, kernel_cases, run
 
 from tkg.kernel import AttnTKGConfig, attention_tkg
 from tkg.kernel.backends.reference import unshuffle_block_mask

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from server_proc import start_server
+from support.server_proc import start_server
 
 from tkg.client import AsyncClient, errors
 

@@ -17,7 +17,7 @@ from google.protobuf.descriptor import FieldDescriptor as FD
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_proc import ServerProc, start_server
+from support.server_proc import ServerProc, start_server
 
 from tkg.v1 import decode_attention_pb2 as pb
 
