@@ -31,18 +31,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import json
 import math
 import os
 import queue
-import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -57,8 +61,6 @@ from tkg.client.messages import DecodeInput, decode_request
 from tkg.client.stats import emit, percentile
 
 PROG = "tkg bench serve"
-SERVER_READY = re.compile(r"listening on [^:\s]+:(\d+) backend=(\S+)")
-ECHO_READY = re.compile(r"echo: listening on [^:\s]+:(\d+)")
 DECODE_METHOD = "/tkg.v1.DecodeAttention/Decode"
 MAX_MESSAGE = 256 * 2**20
 # Goal ratios: overhead and kernel are upper bounds (service / peer), batching and streaming lower bounds.
@@ -115,11 +117,14 @@ def _contexts(text: str) -> list[int]:
 
 @dataclass
 class Proc:
-    """A started peer: its process and the port it printed."""
+    """A started peer: its process and its ready file's JSON (`port`; the server's also `backend`)."""
 
     proc: subprocess.Popen
-    port: int
-    line: str
+    ready: dict[str, Any]
+
+    @property
+    def port(self) -> int:
+        return int(self.ready["port"])
 
     @property
     def target(self) -> str:
@@ -135,36 +140,26 @@ class Proc:
                 self.proc.wait()
 
 
-def start(cmd: list[str], ready: re.Pattern, what: str, timeout: float = 120.0) -> Proc:
-    """Start `cmd`, wait for its ready line, then keep draining its output (a full pipe would stall it)."""
+def start(cmd: list[str], ready_file: Path, what: str, timeout: float = 120.0) -> Proc:
+    """Start `cmd` (which is given `--ready-file ready_file`), wait for that file to appear, and keep
+    draining the output meanwhile and after (a full pipe would stall the peer). If the process exits
+    first or `timeout` passes: RuntimeError with the last of its output."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True, name=f"{what}-output").start()
-    seen: list[str] = []
+    proc = subprocess.Popen([*cmd, "--ready-file", str(ready_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    tail: collections.deque[str] = collections.deque(maxlen=20)  # the pump's last lines, for the error
+    pump = threading.Thread(target=tail.extend, args=(proc.stdout,), daemon=True, name=f"{what}-output")
+    pump.start()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        seen.append(line)
-        m = ready.search(line)
-        if m:
-            threading.Thread(target=lambda: [None for _ in iter(lines.get, None)], daemon=True).start()
-            return Proc(proc, int(m.group(1)), line.strip())
+            return Proc(proc, json.loads(ready_file.read_text()))  # written whole by a rename
+        except FileNotFoundError:
+            time.sleep(0.05)
     proc.kill()
     proc.wait()
-    tail = "".join(seen[-20:])
-    raise RuntimeError(f"{what} did not start ({' '.join(cmd)}):\n{tail}")
+    pump.join(5)  # the pipe is closed: the pump has read everything
+    raise RuntimeError(f"{what} did not start ({' '.join(cmd)}):\n{''.join(tail)}")
 
 
 # ---- measurement helpers ---------------------------------------------------------------------
@@ -220,7 +215,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, server: Proc, echo_proc: Proc) -> None:
         self.args = args
         self.server, self.echo = server, echo_proc
-        self.backend = server.line.split("backend=")[1].split()[0]
+        self.backend = str(server.ready["backend"])
         self.client = Client(server.target, timeout=60.0, max_message_bytes=MAX_MESSAGE)
         self.info = self.client.server_info()
         self.dtype = codec.dtype_to_numpy(codec.io_dtype_code(self.info))
@@ -813,10 +808,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
     procs: list[Proc] = []
+    folder = Path(tempfile.mkdtemp(prefix="tkg-bench-serve-"))  # the peers' ready files
     try:
         echo_cmd = [sys.executable, "-m", "tkg.bench.echo", "--port", "0", "--stack", args.echo_stack]
-        procs.append(start(echo_cmd, ECHO_READY, "echo"))
-        procs.append(start(server_command(args), SERVER_READY, "tkg serve"))
+        procs.append(start(echo_cmd, folder / "echo.json", "echo"))
+        procs.append(start(server_command(args), folder / "server.json", "tkg serve"))
         bench = Bench(args, procs[1], procs[0])
         try:
             results = bench.run()
@@ -828,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for p in procs:
             p.stop()
+        shutil.rmtree(folder, ignore_errors=True)
     return 0 if emit(PROG, render(results), results, args.json) else 1
 
 
