@@ -12,9 +12,11 @@ import pytest
 
 pytest.importorskip("torch")
 
+from support.oracle import naive_paged_decode
+
 from tkg.kernel.backends import cpu_torch, reference
 from tkg.kernel.config import AttnTKGConfig
-from tkg.kernel.paged import check_paged_args
+from tkg.kernel.paged import PagedArgs, check_paged_args
 from tkg.kernel.validate import debug_shapes, validate_call
 from tkg.kernel_dtypes import BF16
 
@@ -141,27 +143,10 @@ def _paged_case(dtype: np.dtype, BL: int, S: int, window: int | None, sinks: boo
     return check_paged_args(q, kc, vc, table, lens, d**-0.5, window, sk)
 
 
-def _paged_oracle(args) -> np.ndarray:
-    """A direct loop over sequences, heads and queries in float64."""
-    B, Hq, S, d = args.q.shape
-    G = Hq // args.num_kv_heads
-    out = np.zeros((B, Hq, S, d))
-    for b in range(B):
-        L = int(args.seq_lens[b])
-        slots = [(int(args.block_tables[b, j // args.block_len]), j % args.block_len) for j in range(L)]
-        for h in range(Hq):
-            K = np.array([args.k_cache[h // G, blk, off] for blk, off in slots], dtype=np.float64)
-            V = np.array([args.v_cache[h // G, blk, off] for blk, off in slots], dtype=np.float64)
-            for i in range(S):
-                t = L - S + i
-                s = K[: t + 1] @ args.q[b, h, i].astype(np.float64) * args.scale
-                keep = np.arange(t + 1) > t - (args.window or 10**9)
-                s = np.where(keep, s, -np.inf)
-                m = s.max() if args.sinks is None else max(s.max(), float(args.sinks[h]))
-                p = np.exp(s - m)
-                den = p.sum() + (0.0 if args.sinks is None else np.exp(float(args.sinks[h]) - m))
-                out[b, h, i] = p @ V[: t + 1] / den
-    return out
+def _paged_oracle(args: PagedArgs) -> np.ndarray:
+    """The test oracle on a checked call's arguments."""
+    return naive_paged_decode(args.q, args.k_cache, args.v_cache, args.block_tables, args.seq_lens, args.scale,
+                              args.window, args.sinks, args.k_scale, args.v_scale)  # fmt: skip
 
 
 @pytest.mark.parametrize(
