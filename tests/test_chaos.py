@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from support.mirror import scrape, wait_for
+from support.mirror import scrape
 from support.server_proc import free_port, start_server
+from support.wait import wait_for
 
 from tkg.client import Client, errors, routing
 

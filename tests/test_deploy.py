@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +22,16 @@ import jsonschema
 import pytest
 import tomllib
 import yaml
+from support.deploy import DEPLOY, METRICS, ROOT, dashboard, dashboard_exprs, dashboard_panels
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = ("cpu", "trn")
 # Not the bare overlay names: conftest skips any test with a `trn` keyword (hardware tests).
 OVERLAY_IDS = [f"overlay-{o}" for o in OVERLAYS]
 API_MD = ROOT.parent / "shared" / "design" / "api.md"
 
-# The metrics contract of design/api.md: name -> (Prometheus type, labels). The dashboard may use
-# only these; test_api_md_lists_the_same_metrics keeps this table honest against api.md itself.
-METRICS: dict[str, tuple[str, frozenset[str]]] = {
-    "tkg_request_duration_seconds": ("histogram", frozenset({"method", "code"})),
-    "tkg_queue_duration_seconds": ("histogram", frozenset()),
-    "tkg_kernel_duration_seconds": ("histogram", frozenset({"backend"})),
-    "tkg_batch_size": ("histogram", frozenset()),
-    "tkg_kv_blocks_total": ("gauge", frozenset()),
-    "tkg_kv_blocks_used": ("gauge", frozenset()),
-    "tkg_kv_cache_usage_ratio": ("gauge", frozenset()),
-    "tkg_sequences_active": ("gauge", frozenset()),
-    "tkg_requests_pending": ("gauge", frozenset()),
-    "tkg_requests_running": ("gauge", frozenset()),
-    "tkg_tokens_appended_total": ("counter", frozenset()),
-    "tkg_sequences_evicted_total": ("counter", frozenset({"reason"})),
-}
 # Labels Prometheus itself attaches to every scraped series.
 TARGET_LABELS = frozenset({"instance", "job"})
-# What the dashboard's Grafana variables expand to when a query is checked outside Grafana.
-GRAFANA_VARS = {"$__rate_interval": "1m", "$instance": ".*", "$method": ".*"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,28 +142,6 @@ def compose_errors(doc: dict[str, Any]) -> list[str]:
     schema = compose_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
-
-
-def dashboard() -> dict[str, Any]:
-    return json.loads((DEPLOY / "grafana" / "dashboards" / "tkg.json").read_text())
-
-
-def dashboard_panels() -> Iterator[dict[str, Any]]:
-    for panel in dashboard()["panels"]:
-        yield panel
-        yield from panel.get("panels", [])
-
-
-def dashboard_exprs(substitute: dict[str, str] = GRAFANA_VARS) -> list[tuple[str, str]]:
-    """(panel title, PromQL with Grafana variables expanded) for every query of the dashboard."""
-    out = []
-    for panel in dashboard_panels():
-        for target in panel.get("targets", []):
-            expr = target["expr"]
-            for var, value in substitute.items():
-                expr = expr.replace(var, value)
-            out.append((panel["title"], expr))
-    return out
 
 
 def metric_base(series: str) -> str:

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from support.mirror import wait_for
 from support.server_proc import free_port, start_server
+from support.wait import wait_for
 from test_races import FakeContext, loop_passes, rand
 from test_server_service import Aborted
 

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from test_kv_cache import FakeClock
+from support.fakes import FakeClock
 from test_server_service import Aborted, FakeContext
 
 from tkg import codec

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.inproc import InProcServer
-from support.mirror import append_request, decode_request, status_of, wait_for
+from support.mirror import append_request, decode_request, status_of
+from support.wait import wait_for
 
 from tkg.server import auth, cli
 from tkg.v1 import decode_attention_pb2 as pb

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 import urllib.request
 from collections.abc import Callable
 
@@ -164,12 +163,3 @@ def scrape(port: int) -> dict[str, float]:
         if m:
             out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
     return out
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll `predicate` until true (a synchronisation helper, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
