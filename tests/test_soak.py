@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+import pytest
 from support.oracle import naive_decode
 from support.server_proc import start_server
 
@@ -301,6 +302,9 @@ class Worker:
             assert list((await self.c.get_sequence(sid)).lengths) == [m.length(x) for x in range(L)], sid
 
 
+# pytest-timeout's 300 s (pyproject) would kill a longer soak (`TKG_SOAK_S=600`): the bound is the
+# soak's own length plus those 300 s for start-up and the final checks.
+@pytest.mark.timeout(SOAK_S + 300)
 def test_soak_racing_clients_match_the_numpy_model() -> None:
     srv = start_server(*ARGS)
     try:
