@@ -334,33 +334,47 @@ def _bench_case(
     for name, (read, _) in probes.items():
         fns[_PROBE.format(name)] = read
     runs = _time_interleaved(fns, a.iters, a.budget)
-    timed = {name: (statistics.median(ts), len(ts)) for name, ts in runs.items()}
-    entry["read_probes_gbs"] = {n: nb / timed.pop(_PROBE.format(n))[0] / 1e9 for n, (_, nb) in probes.items()}
-    if "cpu.paged_decode" in runs and "cpu.attention_tkg" in runs:
-        # Same-round pairs (run back to back): a drift in the machine's load cancels out of each ratio.
-        pairs = zip(runs["cpu.paged_decode"], runs["cpu.attention_tkg"], strict=False)
-        entry["paged_over_api_paired"] = statistics.median(x / y for x, y in pairs)
-    probe_gbs = max(entry["read_probes_gbs"].values())
-    # The best of the interleaved probes and the run-start measures: never flatter the kernels.
-    read_gbs = max(read_gbs, probe_gbs)
-    entry["read_gbs_interleaved"] = probe_gbs
-    entry["read_gbs"] = read_gbs
-    results: dict[str, np.ndarray] = {}
-    for name, (_, result) in peers.items():
-        med, n = timed[name]
-        gbs = case.kv_bytes / med / 1e9
-        entry["peers"][name] = {"median_ms": med * 1e3, "runs": n, "eff_gbs": gbs, "x_read_bw": gbs / read_gbs,
-                                "tokens_per_s": sh.batch * sh.s / med}  # fmt: skip
-        results[name] = result()
+    entry.update(case_figures(case.kv_bytes, sh.batch * sh.s, runs, {n: nb for n, (_, nb) in probes.items()},
+                              read_gbs))  # fmt: skip
+    results = {name: result() for name, (_, result) in peers.items()}
     ref_name = "cpu.paged_decode" if "cpu.paged_decode" in results else next(iter(results), None)
     for name, r in results.items():
         err = float(np.max(np.abs(r - results[ref_name]))) if ref_name else 0.0
         entry["peers"][name]["max_abs_err_vs_" + str(ref_name)] = err
-    base = entry["peers"].get(BASELINE)
-    if base is not None:
-        for p in entry["peers"].values():
-            p["speedup_vs_" + BASELINE] = base["median_ms"] / p["median_ms"]
     return entry
+
+
+def case_figures(
+    kv_bytes: int, tokens: int, runs: dict[str, list[float]], probe_bytes: dict[str, int], read_gbs: float
+) -> dict[str, Any]:
+    """A case's figures from its timed runs (name -> seconds per round; the read probes under
+    `_PROBE.format(probe)`, reading `probe_bytes[probe]` each): the probes' GB/s, the read bandwidth
+    the peers are measured against, and per peer its median, GB/s of KV read, fraction of the read
+    bandwidth, tokens/s and speed-up over the baseline. Pure arithmetic: tests feed it known times."""
+    runs = dict(runs)
+    probes = {n: nb / statistics.median(runs.pop(_PROBE.format(n))) / 1e9 for n, nb in probe_bytes.items()}
+    out: dict[str, Any] = {"read_probes_gbs": probes}
+    if "cpu.paged_decode" in runs and "cpu.attention_tkg" in runs:
+        # Same-round pairs (run back to back): a drift in the machine's load cancels out of each ratio.
+        pairs = zip(runs["cpu.paged_decode"], runs["cpu.attention_tkg"], strict=False)
+        out["paged_over_api_paired"] = statistics.median(x / y for x, y in pairs)
+    probe_gbs = max(probes.values())
+    # The best of the interleaved probes and the run-start measures: never flatter the kernels.
+    read_gbs = max(read_gbs, probe_gbs)
+    out["read_gbs_interleaved"] = probe_gbs
+    out["read_gbs"] = read_gbs
+    peers: dict[str, dict[str, Any]] = {}
+    for name, ts in runs.items():
+        med = statistics.median(ts)
+        gbs = kv_bytes / med / 1e9
+        peers[name] = {"median_ms": med * 1e3, "runs": len(ts), "eff_gbs": gbs, "x_read_bw": gbs / read_gbs,
+                       "tokens_per_s": tokens / med}  # fmt: skip
+    base = peers.get(BASELINE)
+    if base is not None:
+        for p in peers.values():
+            p["speedup_vs_" + BASELINE] = base["median_ms"] / p["median_ms"]
+    out["peers"] = peers
+    return out
 
 
 def goal_verdicts(rep: dict[str, Any]) -> list[dict[str, Any]]:

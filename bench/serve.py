@@ -31,18 +31,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import json
 import math
 import os
 import queue
-import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -57,8 +61,6 @@ from tkg.client.messages import DecodeInput, decode_request
 from tkg.client.stats import emit, percentile
 
 PROG = "tkg bench serve"
-SERVER_READY = re.compile(r"listening on [^:\s]+:(\d+) backend=(\S+)")
-ECHO_READY = re.compile(r"echo: listening on [^:\s]+:(\d+)")
 DECODE_METHOD = "/tkg.v1.DecodeAttention/Decode"
 MAX_MESSAGE = 256 * 2**20
 # Goal ratios: overhead and kernel are upper bounds (service / peer), batching and streaming lower bounds.
@@ -115,11 +117,14 @@ def _contexts(text: str) -> list[int]:
 
 @dataclass
 class Proc:
-    """A started peer: its process and the port it printed."""
+    """A started peer: its process and its ready file's JSON (`port`; the server's also `backend`)."""
 
     proc: subprocess.Popen
-    port: int
-    line: str
+    ready: dict[str, Any]
+
+    @property
+    def port(self) -> int:
+        return int(self.ready["port"])
 
     @property
     def target(self) -> str:
@@ -135,36 +140,26 @@ class Proc:
                 self.proc.wait()
 
 
-def start(cmd: list[str], ready: re.Pattern, what: str, timeout: float = 120.0) -> Proc:
-    """Start `cmd`, wait for its ready line, then keep draining its output (a full pipe would stall it)."""
+def start(cmd: list[str], ready_file: Path, what: str, timeout: float = 120.0) -> Proc:
+    """Start `cmd` (which is given `--ready-file ready_file`), wait for that file to appear, and keep
+    draining the output meanwhile and after (a full pipe would stall the peer). If the process exits
+    first or `timeout` passes: RuntimeError with the last of its output."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True, name=f"{what}-output").start()
-    seen: list[str] = []
+    proc = subprocess.Popen([*cmd, "--ready-file", str(ready_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    tail: collections.deque[str] = collections.deque(maxlen=20)  # the pump's last lines, for the error
+    pump = threading.Thread(target=tail.extend, args=(proc.stdout,), daemon=True, name=f"{what}-output")
+    pump.start()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        seen.append(line)
-        m = ready.search(line)
-        if m:
-            threading.Thread(target=lambda: [None for _ in iter(lines.get, None)], daemon=True).start()
-            return Proc(proc, int(m.group(1)), line.strip())
+            return Proc(proc, json.loads(ready_file.read_text()))  # written whole by a rename
+        except FileNotFoundError:
+            time.sleep(0.05)
     proc.kill()
     proc.wait()
-    tail = "".join(seen[-20:])
-    raise RuntimeError(f"{what} did not start ({' '.join(cmd)}):\n{tail}")
+    pump.join(5)  # the pipe is closed: the pump has read everything
+    raise RuntimeError(f"{what} did not start ({' '.join(cmd)}):\n{''.join(tail)}")
 
 
 # ---- measurement helpers ---------------------------------------------------------------------
@@ -214,13 +209,35 @@ class KernelAlone:
         return float(np.median(times))
 
 
+def load_summary(
+    seen: list[tuple[int, int, int, int]], same: dict[int, float], every: dict[int, float], cap: int | None
+) -> dict[str, Any]:
+    """The kernel-under-load figures: `seen` holds one (batch size, requests in the launch, kernel_us,
+    attention_us) per response; `same`/`every`: batch size -> the kernel's median seconds alone here
+    with the server's thread cap / with every core. A launch counts once (each of its responses
+    weighs 1/requests). Pure arithmetic: tests feed it known figures."""
+    kernel = sum(k / r for _, r, k, _ in seen)
+    attention = sum(att / r for _, r, _, att in seen)
+    weights = [(b, 1 / r) for b, r, *_ in seen]
+    alone_same = sum(w * same[b] * 1e6 for b, w in weights)
+    alone_every = sum(w * every[b] * 1e6 for b, w in weights)
+    launches = sum(w for _, w in weights)
+    return {
+        "launches": launches, "mean_batch": sum(w * b for b, w in weights) / launches,
+        "server_kernel_us": kernel / launches, "server_attention_us": attention / launches,
+        "alone_us": alone_same / launches, "alone_all_cores_us": alone_every / launches, "thread_cap": cap,
+        "ratio": kernel / alone_same, "ratio_all_cores": kernel / alone_every,
+        "attention_ratio": attention / alone_same,
+    }  # fmt: skip
+
+
 class Bench:
     """Holds the two peers, the clients and each sequence's length."""
 
     def __init__(self, args: argparse.Namespace, server: Proc, echo_proc: Proc) -> None:
         self.args = args
         self.server, self.echo = server, echo_proc
-        self.backend = server.line.split("backend=")[1].split()[0]
+        self.backend = str(server.ready["backend"])
         self.client = Client(server.target, timeout=60.0, max_message_bytes=MAX_MESSAGE)
         self.info = self.client.server_info()
         self.dtype = codec.dtype_to_numpy(codec.io_dtype_code(self.info))
@@ -408,19 +425,7 @@ class Bench:
         reps = max(3, self.args.kernel_reps // 5)
         same = {b: self.alone.median_s(b, tokens, reps, cap) for b in sizes}
         every = {b: self.alone.median_s(b, tokens, reps, None) for b in sizes}
-        kernel = sum(k / r for _, r, k, _ in seen)
-        attention = sum(att / r for _, r, _, att in seen)
-        weights = [(b, 1 / r) for b, r, *_ in seen]
-        alone_same = sum(w * same[b] * 1e6 for b, w in weights)
-        alone_every = sum(w * every[b] * 1e6 for b, w in weights)
-        launches = sum(w for _, w in weights)
-        return {
-            "launches": launches, "mean_batch": sum(w * b for b, w in weights) / launches,
-            "server_kernel_us": kernel / launches, "server_attention_us": attention / launches,
-            "alone_us": alone_same / launches, "alone_all_cores_us": alone_every / launches, "thread_cap": cap,
-            "ratio": kernel / alone_same, "ratio_all_cores": kernel / alone_every,
-            "attention_ratio": attention / alone_same,
-        }  # fmt: skip
+        return load_summary(seen, same, every, cap)
 
     # ---- batching (asyncio: 64 callers in one event loop) ----------------------------------
 
@@ -603,76 +608,85 @@ class Bench:
         load = self.load_alone(load_seen, a.context + max(1, a.warmup // 10) + a.batch_rounds // 2)
         sizes = {"request_1": len(req1), "response_1": len(resp1), f"request_{a.sequences}": len(reqB),
                  f"response_{a.sequences}": len(respB)}  # fmt: skip
-        return self._results(echo_lat, lat, alone, load, rps, bat, batch_means, sizes)
+        return report(self.args, self.info, self.backend, self.cores, self.load_callers, self.server_us, echo_lat,
+                      lat, alone, load, rps, bat, batch_means, sizes)  # fmt: skip
 
-    def _results(self, echo_lat, lat, alone, load, rps, bat, batch_means, sizes) -> dict[str, Any]:
-        a, info = self.args, self.info
-        med = lambda xs: float(np.median(xs))  # noqa: E731
-        le = _lat_summary(echo_lat)
-        contexts: dict[str, Any] = {}
-        for ctx, samples in lat.items():
-            us = np.asarray(self.server_us[ctx], dtype=np.float64)  # [calls, (queue, kernel, attention, total)]
-            ls = _lat_summary(samples)
-            overhead = np.asarray(samples) * 1e6 - us[:, 1]  # each call's latency minus its kernel time
-            queue_us, kernel_us, attention_us, total_us = us.mean(axis=0).tolist()
-            server_kernel, server_attention = float(np.median(us[:, 1])), float(np.median(us[:, 2]))
-            alone_us = med(alone[ctx]) * 1e6
-            contexts[str(ctx)] = {
-                "service": ls, "ratio_p50": ls["p50_us"] / le["p50_us"], "ratio_p99": ls["p99_us"] / le["p99_us"],
-                "overhead_p50_us": float(np.median(overhead)),
-                "overhead_ratio": float(np.median(overhead)) / le["p50_us"],
-                # Where the lone Decode's time goes (means, us); the rest is network + serialization + client.
-                "server_split_us": {"queue": queue_us, "kernel": kernel_us, "attention": attention_us,
-                                    "total": total_us, "rest": ls["mean_us"] - total_us},
-                # Goal 2: the server's kernel_us against the same call alone; attention_us beside it.
-                "kernel": {"server_kernel_p50_us": server_kernel, "server_attention_p50_us": server_attention,
-                           "alone_p50_us": alone_us, "ratio": server_kernel / alone_us,
-                           "attention_ratio": server_attention / alone_us},
-            }  # fmt: skip
-        sc, sb = med(bat["service_concurrent"]), med(bat["service_batched"])
-        su, ss = med(rps["service_unary"]), med(rps["service_stream"])
-        results = {
-            "config": {
-                "backend": self.backend, "model_geometry": {
-                    "num_q_heads": info.num_q_heads, "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim,
-                    "kv_dtype": dtypes.BY_CODE[info.kv_dtype].name,
-                    "block_len": info.block_len,
-                },
-                "context": a.context, "latency_contexts": a.latency_contexts, "sequences": a.sequences,
-                "load_callers": self.load_callers, "steps": a.steps, "batch_rounds": a.batch_rounds,
-                "rounds": a.rounds, "warmup": a.warmup, "kernel_reps": a.kernel_reps, "max_block_s": a.max_block_s,
-                "echo_stack": a.echo_stack, "cpus": os.cpu_count(), "kernel_cores": self.cores, "bytes": sizes,
-            },
-            "latency": {"echo": le, "contexts": contexts, "goal_overhead_ratio_max": GOALS["overhead_p50"]},
-            "kernel_load": {**load, "goal_ratio_max": GOALS["kernel_load"]},
-            "batching": {
-                "service_concurrent_tokens_s": sc, "service_batched_tokens_s": sb,
-                "echo_concurrent_tokens_s": med(bat["echo_concurrent"]),
-                "echo_batched_tokens_s": med(bat["echo_batched"]),
-                # One DecodeStream with every sequence's message in flight (not a goal; for comparison).
-                "service_stream_pipelined_tokens_s": med(bat["service_pipelined"]),
-                "echo_stream_pipelined_tokens_s": med(bat["echo_pipelined"]),
-                "mean_batch_size_concurrent": float(np.mean([m["concurrent"] for m in batch_means])),
-                "mean_batch_size_batched": float(np.mean([m["batched"] for m in batch_means])),
-                "ratio": sc / sb, "goal_ratio_min": GOALS["batching"],
-            },
-            "streaming": {
-                "context": a.latency_contexts[-1],
-                "service_stream_rps": ss, "service_unary_rps": su,
-                "echo_stream_rps": med(rps["echo_stream"]), "echo_unary_rps": med(rps["echo_unary"]),
-                "ratio": ss / su, "echo_ratio": med(rps["echo_stream"]) / med(rps["echo_unary"]),
-                "goal_ratio_min": GOALS["streaming"],
-            },
+
+def report(
+    a: argparse.Namespace, info: Any, backend: str, cores: int, load_callers: int,
+    server_us: dict[int, list[tuple[int, int, int, int]]], echo_lat: list[float], lat: dict[int, list[float]],
+    alone: dict[int, list[float]], load: dict[str, Any], rps: dict[str, list[float]], bat: dict[str, list[float]],
+    batch_means: list[dict[str, float]], sizes: dict[str, int],
+) -> dict[str, Any]:
+    """The JSON report from a run's raw figures (latencies and alone times in seconds; `server_us`:
+    each lone call's (queue, kernel, attention, total) us; `load`: `load_summary`'s; `rps` and `bat`:
+    per round), with the ratios and the goals' verdicts. Pure arithmetic: tests feed it known figures."""
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    le = _lat_summary(echo_lat)
+    contexts: dict[str, Any] = {}
+    for ctx, samples in lat.items():
+        us = np.asarray(server_us[ctx], dtype=np.float64)  # [calls, (queue, kernel, attention, total)]
+        ls = _lat_summary(samples)
+        overhead = np.asarray(samples) * 1e6 - us[:, 1]  # each call's latency minus its kernel time
+        queue_us, kernel_us, attention_us, total_us = us.mean(axis=0).tolist()
+        server_kernel, server_attention = float(np.median(us[:, 1])), float(np.median(us[:, 2]))
+        alone_us = med(alone[ctx]) * 1e6
+        contexts[str(ctx)] = {
+            "service": ls, "ratio_p50": ls["p50_us"] / le["p50_us"], "ratio_p99": ls["p99_us"] / le["p99_us"],
+            "overhead_p50_us": float(np.median(overhead)),
+            "overhead_ratio": float(np.median(overhead)) / le["p50_us"],
+            # Where the lone Decode's time goes (means, us); the rest is network + serialization + client.
+            "server_split_us": {"queue": queue_us, "kernel": kernel_us, "attention": attention_us,
+                                "total": total_us, "rest": ls["mean_us"] - total_us},
+            # Goal 2: the server's kernel_us against the same call alone; attention_us beside it.
+            "kernel": {"server_kernel_p50_us": server_kernel, "server_attention_p50_us": server_attention,
+                       "alone_p50_us": alone_us, "ratio": server_kernel / alone_us,
+                       "attention_ratio": server_attention / alone_us},
         }  # fmt: skip
-        goals = {}
-        for ctx, c in contexts.items():
-            goals[f"overhead_ctx{ctx}"] = c["overhead_ratio"] <= GOALS["overhead_p50"]
-            goals[f"kernel_lone_ctx{ctx}"] = c["kernel"]["ratio"] <= GOALS["kernel_lone"]
-        goals["kernel_load"] = load["ratio"] <= GOALS["kernel_load"]
-        goals["batching"] = results["batching"]["ratio"] >= GOALS["batching"]
-        goals["streaming"] = results["streaming"]["ratio"] >= GOALS["streaming"]
-        results["goals_met"] = goals
-        return results
+    sc, sb = med(bat["service_concurrent"]), med(bat["service_batched"])
+    su, ss = med(rps["service_unary"]), med(rps["service_stream"])
+    results = {
+        "config": {
+            "backend": backend, "model_geometry": {
+                "num_q_heads": info.num_q_heads, "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim,
+                "kv_dtype": dtypes.BY_CODE[info.kv_dtype].name,
+                "block_len": info.block_len,
+            },
+            "context": a.context, "latency_contexts": a.latency_contexts, "sequences": a.sequences,
+            "load_callers": load_callers, "steps": a.steps, "batch_rounds": a.batch_rounds,
+            "rounds": a.rounds, "warmup": a.warmup, "kernel_reps": a.kernel_reps, "max_block_s": a.max_block_s,
+            "echo_stack": a.echo_stack, "cpus": os.cpu_count(), "kernel_cores": cores, "bytes": sizes,
+        },
+        "latency": {"echo": le, "contexts": contexts, "goal_overhead_ratio_max": GOALS["overhead_p50"]},
+        "kernel_load": {**load, "goal_ratio_max": GOALS["kernel_load"]},
+        "batching": {
+            "service_concurrent_tokens_s": sc, "service_batched_tokens_s": sb,
+            "echo_concurrent_tokens_s": med(bat["echo_concurrent"]),
+            "echo_batched_tokens_s": med(bat["echo_batched"]),
+            # One DecodeStream with every sequence's message in flight (not a goal; for comparison).
+            "service_stream_pipelined_tokens_s": med(bat["service_pipelined"]),
+            "echo_stream_pipelined_tokens_s": med(bat["echo_pipelined"]),
+            "mean_batch_size_concurrent": float(np.mean([m["concurrent"] for m in batch_means])),
+            "mean_batch_size_batched": float(np.mean([m["batched"] for m in batch_means])),
+            "ratio": sc / sb, "goal_ratio_min": GOALS["batching"],
+        },
+        "streaming": {
+            "context": a.latency_contexts[-1],
+            "service_stream_rps": ss, "service_unary_rps": su,
+            "echo_stream_rps": med(rps["echo_stream"]), "echo_unary_rps": med(rps["echo_unary"]),
+            "ratio": ss / su, "echo_ratio": med(rps["echo_stream"]) / med(rps["echo_unary"]),
+            "goal_ratio_min": GOALS["streaming"],
+        },
+    }  # fmt: skip
+    goals = {}
+    for ctx, c in contexts.items():
+        goals[f"overhead_ctx{ctx}"] = c["overhead_ratio"] <= GOALS["overhead_p50"]
+        goals[f"kernel_lone_ctx{ctx}"] = c["kernel"]["ratio"] <= GOALS["kernel_lone"]
+    goals["kernel_load"] = load["ratio"] <= GOALS["kernel_load"]
+    goals["batching"] = results["batching"]["ratio"] >= GOALS["batching"]
+    goals["streaming"] = results["streaming"]["ratio"] >= GOALS["streaming"]
+    results["goals_met"] = goals
+    return results
 
 
 def render(r: dict[str, Any]) -> str:
@@ -813,10 +827,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
     procs: list[Proc] = []
+    folder = Path(tempfile.mkdtemp(prefix="tkg-bench-serve-"))  # the peers' ready files
     try:
         echo_cmd = [sys.executable, "-m", "tkg.bench.echo", "--port", "0", "--stack", args.echo_stack]
-        procs.append(start(echo_cmd, ECHO_READY, "echo"))
-        procs.append(start(server_command(args), SERVER_READY, "tkg serve"))
+        procs.append(start(echo_cmd, folder / "echo.json", "echo"))
+        procs.append(start(server_command(args), folder / "server.json", "tkg serve"))
         bench = Bench(args, procs[1], procs[0])
         try:
             results = bench.run()
@@ -828,6 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for p in procs:
             p.stop()
+        shutil.rmtree(folder, ignore_errors=True)
     return 0 if emit(PROG, render(results), results, args.json) else 1
 
 

@@ -6,6 +6,11 @@ flag and the expected value, and exit 2; an address that cannot be bound exits 1
 UNAVAILABLE, in-flight calls finish within `--grace-s`; with `--peers` every resident sequence is
 pushed to its new home in what is left of it; exit 0. SIGHUP: re-read `--auth-file` and the token
 file (a bad file is logged and the old credentials stay in force).
+
+`--ready-file PATH` is the machine-readable start-up signal (the start-up line is for people): once
+the server is SERVING it writes PATH atomically (a temporary file renamed over it), one JSON object
+`{"pid", "port", "metrics_port" (null when off), "backend", "instance_id", "address" ("host:port")}`,
+and removes it when the process exits after the drain.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -90,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the event loop: uvloop (libuv, in Cython: less per-call overhead than asyncio's own "
                    "loop) or asyncio; auto (default): uvloop when installed (the server extra installs it)")
     n.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
+    n.add_argument("--ready-file", metavar="PATH",
+                   help="once SERVING, write PATH (atomically: a temporary file renamed over it) with one JSON "
+                   'object {"pid", "port", "metrics_port" (null when off), "backend", "instance_id", "address" '
+                   '("host:port")} for scripts and tests to read instead of parsing the log; removed on exit')
     n.add_argument("--max-sequences", type=int,
                    help="live sequences server-wide (default: num_blocks, at least 1024)")  # fmt: skip
     n.add_argument("--max-concurrent-streams", type=int,
@@ -248,10 +258,34 @@ def reload_auth(app: app_mod.App, args: argparse.Namespace) -> None:
              len(table.tenants), len(table.tokens), len(table.subjects))  # fmt: skip
 
 
+def ready_record(app: app_mod.App) -> dict[str, Any]:
+    """What `--ready-file` holds for a started instance."""
+    host = app.settings.host
+    address = f"[{host}]:{app.port}" if ":" in host else f"{host}:{app.port}"  # an IPv6 host needs brackets
+    return {"pid": os.getpid(), "port": app.port, "metrics_port": app.metrics_port, "backend": app.settings.backend,
+            "instance_id": app.service.instance_id, "address": address}  # fmt: skip
+
+
+def write_ready_file(path: Path, record: dict[str, Any]) -> None:
+    """Write `record` as JSON to `path` so that a reader never sees a partial file: a temporary file
+    in the same folder (same file system), then `os.replace`, which is atomic."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 async def serve(
-    spec: ModelSpec, settings: ServeSettings, grace_s: float, args: argparse.Namespace | None = None
+    spec: ModelSpec, settings: ServeSettings, grace_s: float, args: argparse.Namespace | None = None,
+    ready_file: Path | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT, then drain for up to `grace_s` and return 0."""
+    """Run until SIGTERM/SIGINT, then drain for up to `grace_s` and return 0. With `ready_file`,
+    write it once SERVING and remove it on the way out."""
+    if ready_file is not None:  # a file left by an earlier run must not pass for this one's
+        ready_file.unlink(missing_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before warm-up: a signal then still drains cleanly
@@ -261,13 +295,24 @@ async def serve(
     except OSError as exc:
         print(f"tkg serve: error: {exc}", file=sys.stderr)
         return 1
-    # One line with everything an operator (and tests/server_proc.py) needs to know.
     if args is not None:
         loop.add_signal_handler(signal.SIGHUP, reload_auth, app, args)
+    # One line with everything an operator needs to know; programs read --ready-file instead.
     print(f"tkg serve: {app.describe()}", flush=True)
-    await stop.wait()
-    log.info("shutting down: draining for up to %.1fs", grace_s)
-    report = await app.shutdown(grace_s)
+    if ready_file is not None:
+        try:
+            write_ready_file(ready_file, ready_record(app))
+        except OSError as exc:  # nobody would ever learn the server is up: do not serve unseen
+            print(f"tkg serve: error: --ready-file: cannot write {str(ready_file)!r} ({exc.strerror})", file=sys.stderr)
+            await app.shutdown(0.0)
+            return 1
+    try:
+        await stop.wait()
+        log.info("shutting down: draining for up to %.1fs", grace_s)
+        report = await app.shutdown(grace_s)
+    finally:
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
     if report is not None:
         print(f"tkg serve: drain moved {len(report.moved)} sequences, {len(report.failed)} could not move", flush=True)
     print("tkg serve: stopped", flush=True)
@@ -285,4 +330,5 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, BackendUnavailable) as exc:
         print(f"tkg serve: error: {exc}", file=sys.stderr)
         return 2
-    return run(serve(spec, settings, args.grace_s, args))
+    ready_file = Path(args.ready_file) if args.ready_file else None
+    return run(serve(spec, settings, args.grace_s, args, ready_file))

@@ -12,10 +12,12 @@ import pytest
 
 pytest.importorskip("torch")
 
+from support.oracle import naive_paged_decode
+
 from tkg.dtypes import BF16
 from tkg.kernel.backends import cpu_torch, reference
 from tkg.kernel.config import AttnTKGConfig
-from tkg.kernel.paged import check_paged_args
+from tkg.kernel.paged import PagedArgs, check_paged_args
 from tkg.kernel.validate import debug_shapes, validate_call
 
 F32 = np.dtype(np.float32)
@@ -141,27 +143,10 @@ def _paged_case(dtype: np.dtype, BL: int, S: int, window: int | None, sinks: boo
     return check_paged_args(q, kc, vc, table, lens, d**-0.5, window, sk)
 
 
-def _paged_oracle(args) -> np.ndarray:
-    """A direct loop over sequences, heads and queries in float64."""
-    B, Hq, S, d = args.q.shape
-    G = Hq // args.num_kv_heads
-    out = np.zeros((B, Hq, S, d))
-    for b in range(B):
-        L = int(args.seq_lens[b])
-        slots = [(int(args.block_tables[b, j // args.block_len]), j % args.block_len) for j in range(L)]
-        for h in range(Hq):
-            K = np.array([args.k_cache[h // G, blk, off] for blk, off in slots], dtype=np.float64)
-            V = np.array([args.v_cache[h // G, blk, off] for blk, off in slots], dtype=np.float64)
-            for i in range(S):
-                t = L - S + i
-                s = K[: t + 1] @ args.q[b, h, i].astype(np.float64) * args.scale
-                keep = np.arange(t + 1) > t - (args.window or 10**9)
-                s = np.where(keep, s, -np.inf)
-                m = s.max() if args.sinks is None else max(s.max(), float(args.sinks[h]))
-                p = np.exp(s - m)
-                den = p.sum() + (0.0 if args.sinks is None else np.exp(float(args.sinks[h]) - m))
-                out[b, h, i] = p @ V[: t + 1] / den
-    return out
+def _paged_oracle(args: PagedArgs) -> np.ndarray:
+    """The test oracle on a checked call's arguments."""
+    return naive_paged_decode(args.q, args.k_cache, args.v_cache, args.block_tables, args.seq_lens, args.scale,
+                              args.window, args.sinks, args.k_scale, args.v_scale)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -246,17 +231,51 @@ def test_bench_kernel_json_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert rep["read_bandwidth_gbs"] > 0
     assert rep["cpu_implementation"]
     assert [c["label"] for c in rep["cases"]] == ["S=1 BL=8 ragged", "S=2 BL=8 ragged"]
+    # The schema: the fields of case_figures (whose arithmetic the test below checks on known times)
+    # plus each case's shape and each peer's error against cpu.paged_decode.
+    known = _known_case_figures(read_gbs=1.5)
     for c in rep["cases"]:
         assert set(c["peers"]) == set(bench.PEERS)
-        assert c["read_gbs"] == max(rep["read_bandwidth_gbs"], c["read_gbs_interleaved"]) > 0
-        assert c["paged_over_api_paired"] > 0
-        base = c["peers"]["sdpa_gqa"]["median_ms"]
+        assert set(c) == set(known) | {"label", "batch", "kv_heads", "q_heads", "head_dim", "s", "block_len",
+                                       "ragged", "dtype", "seq_lens", "kv_bytes"}  # fmt: skip
+        # torch's probe always; the native one too where the extension is built
+        assert "torch" in c["read_probes_gbs"] and all(v > 0 for v in c["read_probes_gbs"].values())
         for name, p in c["peers"].items():
-            assert p["eff_gbs"] == pytest.approx(c["kv_bytes"] / (p["median_ms"] / 1e3) / 1e9), name
-            assert p["x_read_bw"] == pytest.approx(p["eff_gbs"] / c["read_gbs"]), name
-            assert p["speedup_vs_sdpa_gqa"] == pytest.approx(base / p["median_ms"]), name
+            assert set(p) == set(known["peers"]["cpu.paged_decode"]) | {"max_abs_err_vs_cpu.paged_decode"}, name
             assert p["max_abs_err_vs_cpu.paged_decode"] < 2e-2, name  # bf16 outputs: every peer agrees
             assert 1 <= p["runs"] <= 2  # --iters 2, unless one run alone exceeded the budget
+            assert all(p[k] > 0 for k in ("median_ms", "eff_gbs", "x_read_bw", "tokens_per_s", "speedup_vs_sdpa_gqa"))
+
+
+def _known_case_figures(read_gbs: float) -> dict:
+    from tkg.bench import kernel as bench
+
+    runs = {
+        "cpu.paged_decode": [0.001, 0.003, 0.002],  # median 2 ms
+        "cpu.attention_tkg": [0.002, 0.002, 0.004],  # median 2 ms; same-round ratios 0.5, 1.5, 0.5
+        "sdpa_gqa": [0.004],
+        bench._PROBE.format("torch"): [0.0005],  # 1 MB in 0.5 ms: 2 GB/s
+    }
+    return bench.case_figures(2_000_000, 6, runs, {"torch": 1_000_000}, read_gbs)
+
+
+def test_case_figures_on_known_times() -> None:
+    """The arithmetic of a case's figures on times chosen by hand (values worked out on paper)."""
+    got = _known_case_figures(read_gbs=1.5)  # the interleaved probe (2 GB/s) is the better denominator
+    assert got["read_probes_gbs"] == pytest.approx({"torch": 2.0})
+    assert (got["read_gbs_interleaved"], got["read_gbs"]) == pytest.approx((2.0, 2.0))
+    assert got["paged_over_api_paired"] == pytest.approx(0.5)  # the paired median, not 2 ms / 2 ms
+    assert got["peers"] == {
+        "cpu.paged_decode": pytest.approx({"median_ms": 2.0, "runs": 3, "eff_gbs": 1.0, "x_read_bw": 0.5,
+                                           "tokens_per_s": 3000, "speedup_vs_sdpa_gqa": 2.0}),
+        "cpu.attention_tkg": pytest.approx({"median_ms": 2.0, "runs": 3, "eff_gbs": 1.0, "x_read_bw": 0.5,
+                                            "tokens_per_s": 3000, "speedup_vs_sdpa_gqa": 2.0}),
+        "sdpa_gqa": pytest.approx({"median_ms": 4.0, "runs": 1, "eff_gbs": 0.5, "x_read_bw": 0.25,
+                                   "tokens_per_s": 1500, "speedup_vs_sdpa_gqa": 1.0}),
+    }  # fmt: skip
+    higher = _known_case_figures(read_gbs=4.0)  # the run-start measure is better: it is the denominator
+    assert (higher["read_gbs_interleaved"], higher["read_gbs"]) == pytest.approx((2.0, 4.0))
+    assert higher["peers"]["cpu.paged_decode"]["x_read_bw"] == pytest.approx(0.25)
 
 
 def test_bench_kernel_table_names_implementation(capsys: pytest.CaptureFixture[str]) -> None:

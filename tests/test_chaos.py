@@ -9,6 +9,7 @@ exactly what it gave before. The load test itself never sees INTERNAL or UNKNOWN
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -16,8 +17,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from server_mirror import scrape, wait_for
-from server_proc import free_port, start_server
+from support.mirror import scrape
+from support.server_proc import free_port, start_server
+from support.wait import wait_for
 
 from tkg.client import Client, errors, routing
 
@@ -29,6 +31,22 @@ GEOMETRY = ("--backend", "cpu", "--num-layers", "2", "--num-q-heads", str(HQ), "
 
 def rand(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def ids_per_replica(targets: list[str], n: int) -> dict[str, int]:
+    """`n` sequence ids homed on each replica (id -> replica index), by the client's own routing:
+    the first names chaos-0, chaos-1, ... that fill each replica's share, so every replica (the
+    killed, the drained and the survivor) always holds some."""
+    homes: dict[str, int] = {}
+    count = [0] * len(targets)
+    names = (f"chaos-{i}" for i in itertools.count())
+    while min(count) < n:
+        sid = next(names)
+        home = routing.pick(targets, sid)
+        if count[home] < n:
+            homes[sid] = home
+            count[home] += 1
+    return homes
 
 
 def test_kill_one_replica_and_drain_another_under_load(tmp_path: Path) -> None:
@@ -43,9 +61,8 @@ def test_kill_one_replica_and_drain_another_under_load(tmp_path: Path) -> None:
     load = None
     try:
         c = Client(targets, timeout=30)
-        sids = [c.create_sequence().sequence_id for _ in range(18)]
-        homes = {s: routing.pick(targets, s) for s in sids}
-        assert set(homes.values()) == {0, 1, 2}, "18 random ids missed a replica"  # p ~ 3 * (2/3)^18
+        homes = ids_per_replica(targets, 6)
+        sids = [c.create_sequence(s).sequence_id for s in homes]
         for s in sids:
             c.append_kv(s, 0, rand((20, HKV, D), 1), rand((20, HKV, D), 2))
             c.append_kv(s, 1, rand((7, HKV, D), 3), rand((7, HKV, D), 4))

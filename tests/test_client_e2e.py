@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
-from server_proc import ServerProc, start_server
+from support.server_proc import ServerProc, start_server
 
 from tkg.client import AsyncClient, Client, DecodeInput, errors
 from tkg.dtypes import BF16

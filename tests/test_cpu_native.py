@@ -1,4 +1,4 @@
-"""The `cpu` backend's native fast path: every ISA variant against an independent numpy oracle,
+"""The `cpu` backend's native fast path: every ISA variant against the test oracle (support.oracle),
 threads and key splits, workspace reuse across shapes, paged edge cases, and the torch fallback.
 
 The full backend-vs-reference property matrix lives in test_kernel_properties.py; these tests
@@ -15,7 +15,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from nki_cases import TOLERANCE, Case, build_case, cfg
+from support.nki_cases import TOLERANCE, Case, build_case, cfg
+from support.oracle import naive_paged_decode
 
 from tkg.dtypes import BF16, BY_SHORT
 from tkg.kernel import attention_tkg
@@ -34,31 +35,6 @@ def test_native_kernel_is_built() -> None:
     assert VARIANTS and VARIANTS[-1] == "generic"
     assert cpu.implementation().startswith("native-")
     assert cpu.available() is None
-
-
-def paged_oracle(q, k_cache, v_cache, tables, lens, scale, window=None, sinks=None) -> np.ndarray:
-    """Decode attention written per (sequence, q head, new token) in float64."""
-    B, Hq, S, d = q.shape
-    Hkv, _, BL, _ = k_cache.shape
-    G = Hq // Hkv
-    out = np.zeros((B, Hq, S, d))
-    for b in range(B):
-        L = int(lens[b])
-        slots = [(int(tables[b, j // BL]), j % BL) for j in range(L)]
-        for h in range(Hq):
-            g = h // G
-            K = np.array([k_cache[g, blk, off] for blk, off in slots], dtype=np.float64)
-            V = np.array([v_cache[g, blk, off] for blk, off in slots], dtype=np.float64)
-            for i in range(S):
-                t = L - S + i
-                j = np.arange(L)
-                vis = (j <= t) & ((t - j < window) if window else True)
-                s = np.where(vis, K @ (q[b, h, i].astype(np.float64) * scale), -np.inf)
-                m = s.max() if sinks is None else max(s.max(), float(sinks[h]))
-                p = np.exp(s - m)
-                den = p.sum() + (0.0 if sinks is None else np.exp(float(sinks[h]) - m))
-                out[b, h, i] = p @ V / den
-    return out
 
 
 def make_paged(rng, *, B=3, Hkv=2, G=2, S=2, d=64, BL=16, dtype="fp32", lens=None, spare=5):
@@ -98,7 +74,7 @@ def test_paged_variants_match_oracle(variant, dtype, d, BL, S, window, sinks) ->
     sk = (rng.standard_normal(q.shape[1]) * 2).astype(np.float32) if sinks else None
     out = paged_decode(q, k, v, tables, lens, scale=d**-0.5, window=window, sinks=sk, backend="cpu",
                        variant=variant, native=True)  # fmt: skip
-    ref = paged_oracle(q, k, v, tables, lens, d**-0.5, window, sk)
+    ref = naive_paged_decode(q, k, v, tables, lens, d**-0.5, window, sk)
     assert out.dtype == q.dtype
     np.testing.assert_allclose(out.astype(np.float32), ref, **tol(dtype))
 
@@ -120,7 +96,7 @@ def test_threads_and_splits_agree() -> None:
     np.testing.assert_array_equal(outs[1, 4], outs[2, 4])
     # Splitting the keys changes the summation order only.
     np.testing.assert_allclose(outs[1, 4], outs[1, 1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(outs[1, 1], paged_oracle(q, k, v, tables, lens, 0.125), rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(outs[1, 1], naive_paged_decode(q, k, v, tables, lens, 0.125), rtol=1e-4, atol=2e-5)
 
 
 @needs_native
@@ -130,7 +106,8 @@ def test_one_long_sequence_is_split_across_threads() -> None:
     q, k, v, tables, lens = make_paged(rng, B=1, Hkv=1, G=4, S=1, d=128, BL=128, dtype="bf16", lens=[2000])
     assert cpu._auto_nsplit(1, 2, 2000) > 1
     out = paged_decode(q, k, v, tables, lens, scale=128**-0.5, backend="cpu", threads=2, native=True)
-    np.testing.assert_allclose(out.astype(np.float32), paged_oracle(q, k, v, tables, lens, 128**-0.5), **tol("bf16"))
+    want = naive_paged_decode(q, k, v, tables, lens, 128**-0.5)
+    np.testing.assert_allclose(out.astype(np.float32), want, **tol("bf16"))
 
 
 @needs_native
@@ -141,7 +118,7 @@ def test_workspaces_follow_shape_changes() -> None:
     for kw in shapes * 2:
         q, k, v, tables, lens = make_paged(rng, **kw)
         out = paged_decode(q, k, v, tables, lens, scale=0.3, backend="cpu", native=True)
-        np.testing.assert_allclose(out, paged_oracle(q, k, v, tables, lens, 0.3), rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(out, naive_paged_decode(q, k, v, tables, lens, 0.3), rtol=1e-4, atol=2e-5)
 
 
 @needs_native
@@ -153,7 +130,7 @@ def test_paged_edge_cases() -> None:
     out = np.empty((q.shape[3], *q.shape[:3]), dtype=q.dtype).transpose(1, 2, 3, 0)
     assert not out.flags.c_contiguous
     paged_decode(q, k, v, tables, lens, scale=0.2, window=3, out=out, backend="cpu", native=True)
-    np.testing.assert_allclose(out, paged_oracle(q, k, v, tables, lens, 0.2, window=3), rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(out, naive_paged_decode(q, k, v, tables, lens, 0.2, window=3), rtol=1e-4, atol=2e-5)
     # An empty batch is a no-op.
     q0 = np.zeros((0, 4, 1, 64), np.float32)
     res = paged_decode(q0, k, v, np.zeros((0, 1), np.int32), np.zeros(0, np.int32), scale=1.0, backend="cpu")
@@ -178,7 +155,7 @@ def test_concurrent_callers() -> None:
     for t in threads:
         t.join()
     for i, (q, k, v, tables, lens) in enumerate(cases):
-        np.testing.assert_allclose(results[i], paged_oracle(q, k, v, tables, lens, 0.125), rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(results[i], naive_paged_decode(q, k, v, tables, lens, 0.125), rtol=1e-4, atol=2e-5)
 
 
 @needs_native
@@ -256,7 +233,7 @@ def test_torch_fallback_when_native_disabled(monkeypatch: pytest.MonkeyPatch) ->
     q, k, v, tables, lens = make_paged(rng, S=2, d=32, BL=8)
     sk = rng.standard_normal(q.shape[1]).astype(np.float32)
     out = paged_decode(q, k, v, tables, lens, scale=0.25, window=9, sinks=sk, backend="cpu")
-    np.testing.assert_allclose(out, paged_oracle(q, k, v, tables, lens, 0.25, 9, sk), rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(out, naive_paged_decode(q, k, v, tables, lens, 0.25, 9, sk), rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -297,14 +274,14 @@ def test_without_the_extension_torch_runs(monkeypatch: pytest.MonkeyPatch) -> No
     rng = np.random.default_rng(13)
     q, k, v, tables, lens = make_paged(rng, S=1, d=64)
     out = paged_decode(q, k, v, tables, lens, scale=0.125, backend="cpu")
-    np.testing.assert_allclose(out, paged_oracle(q, k, v, tables, lens, 0.125), rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(out, naive_paged_decode(q, k, v, tables, lens, 0.125), rtol=1e-4, atol=2e-5)
 
 
 def _child_decodes(conn) -> None:  # runs in a forked child
     rng = np.random.default_rng(14)
     q, k, v, tables, lens = make_paged(rng, B=4, S=1, d=64)
     out = paged_decode(q, k, v, tables, lens, scale=0.125, backend="cpu", threads=2, native=True)
-    conn.send(float(np.abs(out - paged_oracle(q, k, v, tables, lens, 0.125)).max()))
+    conn.send(float(np.abs(out - naive_paged_decode(q, k, v, tables, lens, 0.125)).max()))
 
 
 @needs_native
@@ -370,10 +347,7 @@ def test_fast_path_shapes_match_oracle(variant, dtype, d, BL, G, S, window, lens
     _poison_unseen(k, v, tables, lens, S, window, BL)
     out = paged_decode(q, k, v, tables, lens, scale=d**-0.5, window=window, backend="cpu", variant=variant,
                        native=True, **kw)  # fmt: skip
-    kf, vf = k.astype(np.float64), v.astype(np.float64)
-    if dtype == "fp8":
-        kf, vf = kf * 0.5, vf * 0.25
-    ref = paged_oracle(q, np.nan_to_num(kf, nan=0, posinf=0), np.nan_to_num(vf, nan=0), tables, lens, d**-0.5, window)
+    ref = naive_paged_decode(q, k, v, tables, lens, d**-0.5, window, **kw)  # reads no poisoned row either
     assert np.isfinite(out.astype(np.float32)).all()
     np.testing.assert_allclose(out.astype(np.float32), ref, **tol("bf16"))
     assert k.dtype == (FP8 if dtype == "fp8" else DT[dtype])

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +22,16 @@ import jsonschema
 import pytest
 import tomllib
 import yaml
+from support.deploy import DEPLOY, METRICS, ROOT, dashboard, dashboard_exprs, dashboard_panels
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = ("cpu", "trn")
 # Not the bare overlay names: conftest skips any test with a `trn` keyword (hardware tests).
 OVERLAY_IDS = [f"overlay-{o}" for o in OVERLAYS]
 API_MD = ROOT.parent / "shared" / "design" / "api.md"
 
-# The metrics contract of design/api.md: name -> (Prometheus type, labels). The dashboard may use
-# only these; test_api_md_lists_the_same_metrics keeps this table honest against api.md itself.
-METRICS: dict[str, tuple[str, frozenset[str]]] = {
-    "tkg_request_duration_seconds": ("histogram", frozenset({"method", "code"})),
-    "tkg_queue_duration_seconds": ("histogram", frozenset()),
-    "tkg_kernel_duration_seconds": ("histogram", frozenset({"backend"})),
-    "tkg_batch_size": ("histogram", frozenset()),
-    "tkg_kv_blocks_total": ("gauge", frozenset()),
-    "tkg_kv_blocks_used": ("gauge", frozenset()),
-    "tkg_kv_cache_usage_ratio": ("gauge", frozenset()),
-    "tkg_sequences_active": ("gauge", frozenset()),
-    "tkg_requests_pending": ("gauge", frozenset()),
-    "tkg_requests_running": ("gauge", frozenset()),
-    "tkg_tokens_appended_total": ("counter", frozenset()),
-    "tkg_sequences_evicted_total": ("counter", frozenset({"reason"})),
-}
 # Labels Prometheus itself attaches to every scraped series.
 TARGET_LABELS = frozenset({"instance", "job"})
-# What the dashboard's Grafana variables expand to when a query is checked outside Grafana.
-GRAFANA_VARS = {"$__rate_interval": "1m", "$instance": ".*", "$method": ".*"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,28 +142,6 @@ def compose_errors(doc: dict[str, Any]) -> list[str]:
     schema = compose_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
-
-
-def dashboard() -> dict[str, Any]:
-    return json.loads((DEPLOY / "grafana" / "dashboards" / "tkg.json").read_text())
-
-
-def dashboard_panels() -> Iterator[dict[str, Any]]:
-    for panel in dashboard()["panels"]:
-        yield panel
-        yield from panel.get("panels", [])
-
-
-def dashboard_exprs(substitute: dict[str, str] = GRAFANA_VARS) -> list[tuple[str, str]]:
-    """(panel title, PromQL with Grafana variables expanded) for every query of the dashboard."""
-    out = []
-    for panel in dashboard_panels():
-        for target in panel.get("targets", []):
-            expr = target["expr"]
-            for var, value in substitute.items():
-                expr = expr.replace(var, value)
-            out.append((panel["title"], expr))
-    return out
 
 
 def metric_base(series: str) -> str:
@@ -388,11 +346,15 @@ def test_image_build_context_builds_the_wheel(tmp_path: Path) -> None:
     for pkg in packages:
         assert f"{pkg.replace('.', '/')}/__init__.py" in names, f"wheel built from the image context lacks {pkg}"
     assert "tkg/v1/decode_attention_pb2.py" in names
-    # The native kernel's sources reach the builder stage (which has gcc), and the extension
-    # needs nothing beyond glibc, so the runtime stage (slim, no extra packages) can load it.
-    native = [n for n in names if re.fullmatch(r"tkg/kernel/_native\..*\.so", n)]
-    if (ROOT / "kernel" / "native").is_dir() and shutil.which("cc"):
-        assert native, f"no tkg/kernel/_native*.so in the wheel built from the image context: {proc.stderr[-2000:]}"
+    # The native kernel's sources (kernel/backends/native) reach the builder stage (which has gcc)
+    # and build tkg.kernel.backends._native (setup.py; optional there, so a missing source or
+    # compiler shows only here); the extension needs nothing beyond glibc, so the runtime stage
+    # (slim, no extra packages) can load it.
+    assert (ROOT / "kernel" / "backends" / "native" / "module.c").is_file(), "the native sources moved: update here"
+    native = [n for n in names if re.fullmatch(r"tkg/kernel/backends/_native\.[^/]*\.so", n)]
+    assert len(native) == 1, (
+        f"no tkg/kernel/backends/_native*.so in the wheel built from the image context: {proc.stderr[-2000:]}"
+    )
     readelf = shutil.which("readelf")
     for so in native:
         if not readelf:
@@ -413,7 +375,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
         "kernel/__pycache__/api.cpython-311.pyc",
         "tkg_attention.egg-info/PKG-INFO",
         "build/lib/tkg/cli.py",
-        "kernel/backends/native/_tkg.so",
+        "kernel/backends/_native.cpython-311-x86_64-linux-gnu.so",  # the in-place build (make)
     ):
         assert dockerignored(rel, patterns), f".dockerignore should exclude {rel}"
     for rel in ("pyproject.toml", "setup.py", "kernel/api.py", "proto/tkg/v1/decode_attention.proto"):
@@ -844,7 +806,7 @@ def test_make_secrets_then_serve_with_tls_and_auth_and_probe(tmp_path: Path) -> 
     """deploy/make-secrets.sh's files, passed as the manifests pass them, give a server whose
     health check passes with the probe token over TLS and fails without it."""
     out = make_secrets(tmp_path)
-    from inproc import InProcServer
+    from support.inproc import InProcServer
 
     from tkg.client import Client
     from tkg.server import cli
@@ -872,8 +834,8 @@ def test_make_secrets_drain_to_a_peer_over_tls(tmp_path: Path) -> None:
     one --peers list, --advertise, the peer token): a drain moves a tenant's sequence to the other
     replica over TLS, into the same tenant."""
     out = make_secrets(tmp_path)
-    from inproc import InProcServer
-    from server_proc import free_port
+    from support.inproc import InProcServer
+    from support.server_proc import free_port
 
     from tkg.client import Client
     from tkg.server import cli

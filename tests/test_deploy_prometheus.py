@@ -12,14 +12,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -27,31 +26,14 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import yaml
-from test_deploy import DEPLOY, METRICS, ROOT, dashboard_exprs
+from support.deploy import DEPLOY, METRICS, ROOT, dashboard_exprs
+from support.server_proc import free_port
+from support.wait import wait_for
 
 T = TypeVar("T")
 SCRAPE_S = 1
 STARTUP_TIMEOUT_S = 60.0
 QUERY_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float, proc: subprocess.Popen[bytes]) -> T:
-    """Poll `probe` until it returns a value; fail with `what` (and the process' log) on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what}: process exited with {proc.returncode}")
-        value = probe()
-        if value is not None:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"{what}: not within {timeout_s:.0f} s")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -128,9 +110,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s = Stack(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
                   f"http://127.0.0.1:{prom_port}", tmp)  # fmt: skip
         health = healthcheck_module()
-        wait_for("tkg serve reports SERVING", lambda: health.check(s.grpc_target, "", 1.0)[0] or None,
-                 STARTUP_TIMEOUT_S, server)  # fmt: skip
-        wait_for("prometheus ready", lambda: http_get(f"{s.prom_url}/-/ready"), STARTUP_TIMEOUT_S, prom)
+        wait_for(lambda: health.check(s.grpc_target, "", 1.0)[0], STARTUP_TIMEOUT_S, "tkg serve reports SERVING",
+                 proc=server, interval=0.2)  # fmt: skip
+        wait_for(lambda: http_get(f"{s.prom_url}/-/ready"), STARTUP_TIMEOUT_S, "prometheus ready", proc=prom,
+                 interval=0.2)  # fmt: skip
         yield s
     except BaseException:
         for name in ("server.log", "prometheus.log"):

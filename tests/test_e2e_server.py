@@ -1,5 +1,5 @@
 """`tkg serve` end to end over real gRPC on loopback (server in a subprocess): outputs against the
-reference kernel computed independently (`server_mirror.Mirror`), coalescing under concurrent
+reference kernel computed independently (`support.mirror.Mirror`), coalescing under concurrent
 clients, metrics, health and reflection, the default start-up."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from server_mirror import Mirror, decode_request, rand, scrape, stub, tol
-from server_proc import ServerProc, start_server
+from support.mirror import Mirror, decode_request, rand, scrape, stub, tol
+from support.server_proc import ServerProc, start_server
 
 from tkg.client import Client
 from tkg.dtypes import BF16

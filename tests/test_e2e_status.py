@@ -13,8 +13,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_mirror import Mirror, append_request, decode_request, rand, scrape, status_of, stub, tol, wait_for
-from server_proc import ServerProc, start_server
+from support.mirror import Mirror, append_request, decode_request, rand, scrape, status_of, stub, tol
+from support.server_proc import ServerProc, start_server
+from support.wait import wait_for
 
 from tkg.client import Client, errors
 from tkg.v1 import decode_attention_pb2 as pb

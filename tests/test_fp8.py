@@ -2,7 +2,7 @@
 
 - `to_fp8`: rounding to nearest, saturation beyond +-240, NaN kept.
 - The native cpu kernel decodes every one of the 256 bit patterns exactly, on every ISA variant.
-- Hypothesis over the feature matrix (tests/strategies.py) with q/K/V (or K/V only) in fp8: the
+- Hypothesis over the feature matrix (tests/support/strategies.py) with q/K/V (or K/V only) in fp8: the
   reference against the naive float64 loops, the cpu backend (native and torch) against the
   reference; the output comes back in bf16.
 - `paged_decode` over fp8 pools with k_scale / v_scale (the pools hold value/scale) against the
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from naive_attention import naive_attention, naive_paged_decode
-from nki_cases import Case, build_case, cfg
-from strategies import RTOL_VS_NAIVE, RTOL_VS_REFERENCE, KernelCase, Result, assert_close, kernel_cases, to_f64
+from support.nki_cases import Case, build_case, cfg
+from support.oracle import naive_attention, naive_paged_decode
+from support.strategies import RTOL_VS_NAIVE, RTOL_VS_REFERENCE, KernelCase, Result, assert_close, kernel_cases, to_f64
 
 from tkg.dtypes import BF16, FP8, FP8_MAX, to_fp8
 from tkg.kernel import attention_tkg, available, paged_decode

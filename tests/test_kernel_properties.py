@@ -1,7 +1,7 @@
 """Property tests of `attention_tkg` and `paged_decode` for every host backend.
 
 Each backend in `tkg.kernel.available()` except the Neuron ones is compared over the whole
-feature matrix (tests/strategies.py) with an oracle: the naive loops for `reference` itself,
+feature matrix (tests/support/strategies.py) with an oracle: the naive loops for `reference` itself,
 the reference for every other backend (so a new backend is picked up here automatically).
 Invariants that hold whatever the numbers: a -inf sink is no sink, the block pool's physical
 order does not matter, garbage in slots no query sees changes nothing, a row with nothing to
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from naive_attention import naive_attention, naive_paged_decode
-from strategies import (
+from support.oracle import naive_attention, naive_paged_decode
+from support.strategies import (
     DTYPES,
     RTOL_VS_NAIVE,
     RTOL_VS_REFERENCE,

@@ -1,4 +1,4 @@
-"""The `reference` backend against the naive loops of tests/naive_attention.py.
+"""The `reference` backend against the naive loops of tests/support/oracle.py.
 
 First the naive oracle itself is pinned to hand-computed values (so the two cannot agree on a
 shared mistake); then the reference is compared with it feature by feature, each feature pinned
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from naive_attention import mask_row_of_token, naive_attention, rope
-from strategies import RTOL_VS_NAIVE, KernelCase, Result, assert_result, kernel_cases, run
+from support.oracle import mask_row_of_token, naive_attention, rope
+from support.strategies import RTOL_VS_NAIVE, KernelCase, Result, assert_result, kernel_cases, run
 
 from tkg.kernel import AttnTKGConfig, attention_tkg
 from tkg.kernel.backends.reference import unshuffle_block_mask
@@ -83,11 +83,16 @@ def test_naive_rope_rotates_pairs_of_halves() -> None:
     inv = np.array([[1.0], [0.5]], np.float32)
     x = [1.0, 2.0, 3.0, 4.0]
     pos = 2.0
-    y = rope(x, pos, inv)
-    # pair (x0, x2) rotated by angle 2, pair (x1, x3) by angle 1
+    # pair (x0, x2) rotated by angle 2, pair (x1, x3) by angle 1, with the angle fp32 or exact
     c2, s2, c1, s1 = math.cos(2), math.sin(2), math.cos(1), math.sin(1)
-    np.testing.assert_allclose(y, [1 * c2 - 3 * s2, 2 * c1 - 4 * s1, 3 * c2 + 1 * s2, 4 * c1 + 2 * s1], rtol=1e-7)
-    assert rope(x, 0.0, inv) == x
+    want = [1 * c2 - 3 * s2, 2 * c1 - 4 * s1, 3 * c2 + 1 * s2, 4 * c1 + 2 * s1]
+    for fp32_angle in (True, False):
+        y = rope([x], [pos], inv, fp32_angle=fp32_angle)
+        np.testing.assert_allclose(y, [want], rtol=1e-7)
+        assert rope([x], [0.0], inv, fp32_angle=fp32_angle).tolist() == [x]
+    # Several positions at once: row t turns by its own angle.
+    two = rope([x, x], [pos, 0.0], inv)
+    np.testing.assert_allclose(two, [want, x], rtol=1e-7)
 
 
 def test_fold_order_by_hand() -> None:

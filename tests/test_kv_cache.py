@@ -12,6 +12,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from support.fakes import FakeClock
 
 from tkg.dtypes import BF16
 from tkg.server.block_pool import BlockPool
@@ -26,14 +27,6 @@ from tkg.server.errors import (
 from tkg.server.kv_cache import KVCache
 
 L, HKV, D, BL = 2, 2, 3, 4
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def make(num_blocks: int = 16, max_context: int = 32, **kw: object) -> KVCache:

@@ -299,8 +299,8 @@ def test_serve_nki_emu_warms_every_bucket_answers_like_the_reference_and_refuses
     outputs (fused RoPE, batches padded to a bucket) match the independent mirror, a step past the
     compiled context bucket is INVALID_ARGUMENT naming it, and the metrics show the traffic and the
     compilations, which do not move while serving."""
-    from server_mirror import Mirror, rand, scrape, tol
-    from server_proc import start_server
+    from support.mirror import Mirror, rand, scrape, tol
+    from support.server_proc import start_server
 
     from tkg.client import Client
     from tkg.client.errors import InvalidArgument

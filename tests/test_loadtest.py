@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from server_proc import ServerProc, start_server
+from support.server_proc import ServerProc, start_server
 
 from tkg.client import Client, routing
 from tkg.client import loadtest as lt

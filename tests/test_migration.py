@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from server_mirror import wait_for
-from server_proc import free_port, start_server
-from support.service import Aborted, make_service, reached, settle_waits
-from test_races import FakeContext, rand
+from support.races import rand
+from support.server_proc import free_port, start_server
+from support.service import Aborted, FakeContext, make_service, reached, settle_waits
+from support.wait import wait_for
 
 from tkg import codec
 from tkg.client import AsyncClient, Client, errors, routing
@@ -140,7 +140,7 @@ def test_import_is_all_or_nothing() -> None:
 def test_export_waits_for_the_launch_and_truncate_waits_for_the_export() -> None:
     """An export of a sequence held by a launch starts after it (and carries the step's token);
     a truncate arriving while the export streams applies after the stream is done."""
-    from test_races import GatedKernel
+    from support.races import GatedKernel
 
     async def main() -> None:
         a = service()

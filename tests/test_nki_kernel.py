@@ -13,7 +13,7 @@ import itertools
 
 import numpy as np
 import pytest
-from nki_cases import TOLERANCE, Case, build_case, cfg
+from support.nki_cases import TOLERANCE, Case, build_case, cfg
 
 from tkg.kernel import attention_tkg, decisions, paged_decode
 from tkg.kernel.backends import unavailable_reason

@@ -2,7 +2,7 @@
 
 The kernel known to run on Trainium is the outside check of the emulator: every configuration of
 the library's fast suite (cases up to 64k keys: all of them), at lnc 1 and 2, fp8 included, with
-the library's inputs, its torch reference as the golden and its tolerance (tests/nkilib_suite.py),
+the library's inputs, its torch reference as the golden and its tolerance (tests/support/nkilib_suite.py),
 through backend `nkilib-emu`. Needs the library: TKG_NKILIB_PATH=<nki-library>/src/nkilib_src;
 skipped with the reason otherwise. About 6 minutes on 2 cores.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import nkilib_suite as suite
 import pytest
+from support import nkilib_suite as suite
 
 REASON = suite.skip_reason()
 MAX_KEYS = 65536

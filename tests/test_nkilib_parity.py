@@ -1,7 +1,7 @@
 """Same answers as nki-library on its own attention_tkg test suite (issue 9).
 
 Every configuration of the library's fast suite, at lnc 1 and 2, with the library's inputs, its
-torch reference as the golden and its tolerance (see tests/nkilib_suite.py). Needs the library:
+torch reference as the golden and its tolerance (see tests/support/nkilib_suite.py). Needs the library:
 TKG_NKILIB_PATH=<nki-library>/src/nkilib_src; skipped with the reason otherwise.
 
 Backends: `reference` and `cpu` run every case. `nki-emu` (our NKI kernel on the emulator, a
@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import nkilib_suite as suite
 import pytest
+from support import nkilib_suite as suite
 
 REASON = suite.skip_reason()
 CASES = [] if REASON else suite.cases("fast")

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from inproc import InProcServer
-from server_mirror import append_request, decode_request, status_of
+from support.inproc import InProcServer
+from support.mirror import append_request, decode_request, status_of
 
 from tkg import codec
 from tkg.server import auth, cli
@@ -21,7 +21,7 @@ from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
 Code = grpc.StatusCode
 TA, TB, PEER = "team-a-token-0123456789", "team-b-token-0123456789", "replica-peer-token-0123"
-HQ, HKV, D = 2, 1, 8  # tests/inproc.py's TINY geometry (float32, 2 layers)
+HQ, HKV, D = 2, 1, 8  # tests/support/inproc.py's TINY geometry (float32, 2 layers)
 
 
 def sha(token: str) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from server_proc import ServerProc, start_server
+from support.server_proc import ServerProc, start_server
 
 from tkg.client import AsyncClient, Client, DecodeInput, errors, routing
 

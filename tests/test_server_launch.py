@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from test_races import decode_req, make_service, rpc
+from support.races import decode_req, make_service, rpc
 
 from tkg.kernel import paged
 from tkg.server import batcher as batcher_module

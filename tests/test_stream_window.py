@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from server_mirror import decode_request
-from server_proc import start_server
+from support.mirror import decode_request
+from support.server_proc import start_server
 from support.service import FakeContext, make_service
 
 from tkg.server.auth import ANONYMOUS

@@ -13,8 +13,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from inproc import InProcServer
-from server_mirror import append_request, decode_request, status_of, wait_for
+from support.inproc import InProcServer
+from support.mirror import append_request, decode_request, status_of
+from support.wait import wait_for
 
 from tkg.server import auth, cli
 from tkg.v1 import decode_attention_pb2 as pb
@@ -428,7 +429,7 @@ def test_auth_file_errors_name_the_entry(entry: dict, needle: str) -> None:
 
 def test_mtls_handshakes_and_tenant_from_the_certificate_subject(tmp_path: Path) -> None:
     pytest.importorskip("cryptography", reason="the dev extra 'cryptography' makes the test certificates")
-    from inproc import make_pki, settings
+    from support.inproc import make_pki, settings
 
     from tkg.client import Client, errors
 
@@ -467,7 +468,7 @@ def test_mtls_handshakes_and_tenant_from_the_certificate_subject(tmp_path: Path)
 
 
 def test_malformed_messages_are_invalid_argument_without_auth_too() -> None:
-    from inproc import settings
+    from support.inproc import settings
 
     s = InProcServer(settings())
     try:
@@ -625,7 +626,7 @@ def test_quota_flags_apply_to_every_tenant_without_an_auth_file() -> None:
 def test_a_server_started_without_auth_checks_credentials_once_a_reload_adds_them() -> None:
     """The guard reads the table in force per call: off at start (every call the `default`
     tenant, its quota defaults in force, counted under its name), on after a reload, off again."""
-    from inproc import settings
+    from support.inproc import settings
 
     defaults = auth.Quota(max_sequences=1)
     s = InProcServer(settings(auth=auth.build_table(defaults=defaults), quota_defaults=defaults))
@@ -650,7 +651,7 @@ def test_a_server_started_without_auth_checks_credentials_once_a_reload_adds_the
 def test_sighup_reloads_the_auth_file_of_a_running_server(tmp_path: Path) -> None:
     import signal
 
-    from server_proc import start_server
+    from support.server_proc import start_server
 
     path = tmp_path / "auth.json"
     auth_file(path, [{"name": "team-a", "token_sha256": sha(TA)}])

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from server_proc import start_server  # noqa: E402
+from support.server_proc import start_server  # noqa: E402
 from transformers import DynamicCache, StoppingCriteria  # noqa: E402
 
 from tkg.client import Client, errors  # noqa: E402

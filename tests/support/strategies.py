@@ -20,8 +20,8 @@ import ml_dtypes
 import numpy as np
 import torch
 from hypothesis import strategies as st
-from naive_attention import NaiveCall, mask_row_of_token
 
+from support.oracle import NaiveCall, mask_row_of_token
 from tkg.dtypes import BF16, BY_SHORT
 from tkg.kernel import AttnTKGConfig, attention_tkg
 

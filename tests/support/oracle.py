@@ -1,8 +1,11 @@
-"""A deliberately naive `attention_tkg` and `paged_decode`: the test oracle's oracle.
+"""The one test oracle: a deliberately naive `attention_tkg`, `paged_decode`, decode over contiguous
+K/V, and rotate-half RoPE; the oracle of every backend, of the server's end-to-end outputs (through
+`support.mirror`) and of the soak.
 
-Written from design/kernel.md alone, NOT from `tkg.kernel.backends.reference`: one Python loop per batch
-row, query head, query and key, on Python floats (float64), reading every element straight from
-the kernel's documented layouts. Slow and obvious on purpose; keep shapes small.
+Written from design/kernel.md alone, NOT from `tkg.kernel` or `tkg.server`: one Python loop per batch
+row, query head and query, in float64, reading every element straight from the documented layouts
+(`attention_tkg`: every key element by element; the decodes: the visible keys' rows, gathered one by
+one). Slow and obvious on purpose; keep shapes small.
 
 Conventions decided here where design/kernel.md is silent (the reference must agree):
 - The RoPE angle `inv_freqs[j] * pos` is the product of two fp32 tensors, so it is rounded to
@@ -57,16 +60,26 @@ def mask_row_of_token(token: int, block_len: int) -> int:
     return fold * fold_keys + offset * FOLD_PARTITIONS + partition
 
 
-def rope(x: list[float], pos: float, inv_freqs: np.ndarray) -> list[float]:
-    """Rotate-half RoPE of one vector `x` (length d) at position `pos`."""
-    half = len(x) // 2
-    y = [0.0] * len(x)
-    for j in range(half):
-        angle = float(np.float32(inv_freqs.reshape(-1)[j]) * np.float32(pos))
-        c, s = math.cos(angle), math.sin(angle)
-        y[j] = x[j] * c - x[j + half] * s
-        y[j + half] = x[j + half] * c + x[j] * s
-    return y
+def rope(x: Any, pos: Any, inv_freqs: np.ndarray, fp32_angle: bool = False) -> np.ndarray:
+    """Rotate-half RoPE in float64 of `x` `[..., T, d]` at positions `pos` `[T]`: the pair
+    (x_j, x_{j+d/2}) turns by the angle `pos * inv_freqs[j]`. `fp32_angle`: that product is rounded
+    to fp32 first (the kernel's convention above); else it is exact (float64)."""
+    x = _f(x)
+    half = x.shape[-1] // 2
+    inv = np.asarray(inv_freqs).reshape(-1)[:half]
+    pos = np.asarray(pos).reshape(-1)
+    if fp32_angle:
+        angle = (pos.astype(np.float32)[:, None] * inv.astype(np.float32)[None, :]).astype(np.float64)
+    else:
+        angle = pos.astype(np.float64)[:, None] * inv.astype(np.float64)[None, :]
+    c, s = np.cos(angle), np.sin(angle)
+    lo, hi = x[..., :half], x[..., half:]
+    return np.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1)
+
+
+def _rope_one(x: list[float], pos: float, inv_freqs: np.ndarray) -> list[float]:
+    """`rope` of one vector at one position, the kernel's way (fp32 angle), as Python floats."""
+    return [float(v) for v in rope(np.asarray(x)[None, :], [pos], inv_freqs, fp32_angle=True)[0]]
 
 
 class NaiveCall:
@@ -105,13 +118,13 @@ class NaiveCall:
 
     def rotated_active_key(self, b: int, j: int) -> list[float]:
         k = self.active_key(b, j)
-        return rope(k, float(self.pos[b, j]), self.inv_freqs) if self.cfg.fuse_rope else k
+        return _rope_one(k, float(self.pos[b, j]), self.inv_freqs) if self.cfg.fuse_rope else k
 
     def scaled_query(self, b: int, h: int, i: int) -> list[float]:
         q = self.query(b, h, i)
         if not self.cfg.fuse_rope:
             return q  # arrives pre-scaled
-        q = rope(q, float(self.pos[b, i]), self.inv_freqs)
+        q = _rope_one(q, float(self.pos[b, i]), self.inv_freqs)
         return [x / math.sqrt(self.d) for x in q]
 
     def prior_slot(self, which: str, b: int, k: int) -> list[float]:
@@ -212,6 +225,40 @@ def naive_attention(cfg: Any, args: dict[str, Any], lnc: int = 1) -> dict[str, A
     return {"out": out, "k_out": k_out, "dbg": dbg}
 
 
+def naive_decode(
+    q: np.ndarray, K: np.ndarray, V: np.ndarray, scale: float, window: int | None = None,
+    sinks: np.ndarray | None = None,
+) -> np.ndarray:
+    """Decode over one sequence's contiguous K/V: `[Hq, S, d]` float64.
+
+    q `[Hq, S, d]`, K/V `[T, Hkv, d]` (the cache with the S new tokens last). Query i sits at
+    position `t = T - S + i` and sees positions `j <= t` (and `t - j < window`); q head h reads kv
+    head `h // (Hq / Hkv)`; a sink (one logit per q head) joins the softmax's denominator only.
+    """
+    Hq, S, d = q.shape
+    T, Hkv, _ = K.shape
+    G = Hq // Hkv
+    qf, Kf, Vf = _f(q), _f(K), _f(V)
+    out = np.zeros((Hq, S, d))
+    for h in range(Hq):
+        g = h // G
+        for i in range(S):
+            t = T - S + i
+            seen = [j for j in range(t + 1) if window is None or t - j < window]
+            logits = [float(np.dot(qf[h, i], Kf[j, g])) * scale for j in seen]
+            sink = None if sinks is None else float(np.asarray(sinks).reshape(-1)[h])
+            candidates = logits + ([sink] if sink is not None else [])
+            m = max(candidates) if candidates else -math.inf
+            if m == -math.inf:
+                raise ValueError(f"naive: query {i} of head {h} sees no key and has no finite sink")
+            weights = [math.exp(x - m) for x in logits]
+            denom = sum(weights) + (math.exp(sink - m) if sink is not None else 0.0)
+            for w, j in zip(weights, seen, strict=True):
+                out[h, i] += w * Vf[j, g]
+            out[h, i] /= denom
+    return out
+
+
 def naive_paged_decode(
     q: np.ndarray,
     k_cache: np.ndarray,
@@ -224,38 +271,25 @@ def naive_paged_decode(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> np.ndarray:
-    """`paged_decode` token by token: `[B, Hq, S, d]` float64.
+    """`paged_decode` sequence by sequence: `[B, Hq, S, d]` float64.
 
     The pools hold value / scale: every cached key is `k_scale * stored`, every value `v_scale * stored`.
-
-    Query i of sequence b sits at position `t = seq_lens[b] - S + i` and sees cached positions
-    `j <= t` (and `t - j < window`); position j lives at `cache[g, block_tables[b, j // BL], j % BL]`
-    for q head h's kv head `g = h // (Hq / Hkv)`.
+    Position j of sequence b lives at `cache[g, block_tables[b, j // BL], j % BL]` for kv head g;
+    each sequence's first `seq_lens[b]` positions are gathered row by row and decoded by
+    `naive_decode`. Rows before the first window are never read (left zero), so garbage there
+    cannot reach the output.
     """
     B, Hq, S, d = q.shape
     Hkv, _, BL, _ = k_cache.shape
-    G = Hq // Hkv
     out = np.zeros((B, Hq, S, d))
     for b in range(B):
         L = int(seq_lens[b])
-        for h in range(Hq):
-            g = h // G
-            for i in range(S):
-                t = L - S + i
-                qv = [float(x) * scale for x in _f(q[b, h, i])]
-                logits: list[float] = []
-                values: list[list[float]] = []
-                for j in range(t + 1):
-                    if window is not None and t - j >= window:
-                        continue
-                    blk, off = int(block_tables[b, j // BL]), j % BL
-                    kv = [k_scale * float(x) for x in _f(k_cache[g, blk, off])]
-                    logits.append(sum(qv[e] * kv[e] for e in range(d)))
-                    values.append([v_scale * float(x) for x in _f(v_cache[g, blk, off])])
-                sink = None if sinks is None else float(np.asarray(sinks).reshape(-1)[h])
-                m = max(logits + ([sink] if sink is not None else []))
-                weights = [math.exp(s - m) for s in logits]
-                denom = sum(weights) + (math.exp(sink - m) if sink is not None else 0.0)
-                for e in range(d):
-                    out[b, h, i, e] = sum(w * v[e] for w, v in zip(weights, values, strict=True)) / denom
+        first = 0 if window is None else max(0, L - S - window + 1)  # earlier rows no query sees
+        rows = [(int(block_tables[b, j // BL]), j % BL) for j in range(first, L)]
+        K = np.zeros((L, Hkv, d))
+        V = np.zeros((L, Hkv, d))
+        for j, (blk, off) in zip(range(first, L), rows, strict=True):
+            K[j] = k_scale * _f(k_cache[:, blk, off])
+            V[j] = v_scale * _f(v_cache[:, blk, off])
+        out[b] = naive_decode(q[b], K, V, scale, window, sinks)
     return out

@@ -427,7 +427,7 @@ def compare(got: dict[str, np.ndarray], gold: dict[str, np.ndarray], case: Case)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python tests/nkilib_suite.py [--suite fast] [--backend reference cpu] [--lnc 1 2] [-k SUBSTR]`:
+    """`python tests/support/nkilib_suite.py [--suite fast] [--backend reference cpu] [--lnc 1 2] [-k SUBSTR]`:
     pass counts per backend x lnc (and the failing ids) on the library's suite."""
     import argparse
     import time

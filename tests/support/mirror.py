@@ -1,16 +1,16 @@
 """Helpers for the server's end-to-end tests: a client-side mirror of the KV cache that computes
-expected decode outputs with the reference kernel, raw-stub request builders, metrics scraping.
+expected decode outputs with the test oracle, raw-stub request builders, metrics scraping.
 
-The mirror never shares code with the server's data path: it rotates keys and queries itself
-(complex multiplication), keeps each sequence's K/V as contiguous arrays, and for every step
-builds a FRESH paged cache (blocks in a random order) for `paged_decode(backend="reference")`.
+The mirror never shares code with the server's data path: it rotates keys and queries with the
+oracle's RoPE, keeps each sequence's K/V as contiguous float64 arrays, and decodes each step with
+`support.oracle.naive_decode`. (The RoPE frequencies, incl. their scaling, come from
+`tkg.server.rope.inv_freqs`: a wrong table there would not show here.)
 """
 
 from __future__ import annotations
 
 import math
 import re
-import time
 import urllib.request
 from collections.abc import Callable
 
@@ -18,21 +18,12 @@ import grpc
 import ml_dtypes
 import numpy as np
 
+from support.oracle import naive_decode, rope
 from tkg import codec
 from tkg.dtypes import BF16
-from tkg.kernel import paged_decode
 from tkg.server.rope import inv_freqs
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
-
-
-def rotate(x: np.ndarray, pos: np.ndarray, inv: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE of x `[..., T, d]` at positions `[T]`: pairs (x_i, x_{i+d/2}) as complex
-    numbers times exp(1j * pos * inv_i)."""
-    d = x.shape[-1]
-    x = x.astype(np.float64)
-    z = (x[..., : d // 2] + 1j * x[..., d // 2 :]) * np.exp(1j * np.outer(pos, inv.astype(np.float64)))
-    return np.concatenate([z.real, z.imag], axis=-1)
 
 
 class Mirror:
@@ -56,7 +47,6 @@ class Mirror:
         self.sinks = sinks
         self.fp8_scales = fp8_scales
         self.kv: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        self.rng = np.random.default_rng(1234)
 
     def length(self, sid: str, layer: int) -> int:
         return len(self.kv[(sid, layer)][0]) if (sid, layer) in self.kv else 0
@@ -66,7 +56,7 @@ class Mirror:
         start = self.length(sid, layer)
         k = k.astype(np.float64)
         if self.inv is not None:
-            k = rotate(k.transpose(1, 0, 2), np.arange(start, start + len(k)), self.inv).transpose(1, 0, 2)
+            k = rope(k.transpose(1, 0, 2), np.arange(start, start + len(k)), self.inv).transpose(1, 0, 2)
         v = v.astype(np.float64)
         if self.fp8_scales is not None:
             ks, vs = self.fp8_scales[0][layer], self.fp8_scales[1][layer]
@@ -90,35 +80,18 @@ class Mirror:
             self.kv.pop((sid, layer), None)
 
     def decode(self, layer: int, sids: list[str], q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """q `[B, Hq, S, d]`, k/v `[B, Hkv, S, d]` -> expected `[B, Hq, S, d]` float32 (appends k/v)."""
-        B, _, S, d = q.shape
+        """q `[B, Hq, S, d]`, k/v `[B, Hkv, S, d]` -> expected `[B, Hq, S, d]` float64 (appends k/v)."""
         qf = q.astype(np.float64)
+        out = np.zeros(qf.shape)
+        sinks = None if self.sinks is None else self.sinks[layer]
         for b, sid in enumerate(sids):
             start = self.length(sid, layer)
             if self.inv is not None:
-                qf[b] = rotate(qf[b], np.arange(start, start + S), self.inv)
+                qf[b] = rope(qf[b], np.arange(start, start + q.shape[2]), self.inv)
             self.append(sid, layer, k[b].transpose(1, 0, 2), v[b].transpose(1, 0, 2))
-        lens = np.array([self.length(s, layer) for s in sids], dtype=np.int32)
-        nblk = -(-lens // self.bl)
-        ids = self.rng.permutation(int(nblk.sum())).astype(np.int32)  # scattered physical blocks
-        kc = np.zeros((self.hkv, ids.size, self.bl, d), np.float32)
-        vc = np.zeros_like(kc)
-        tables = np.zeros((B, int(nblk.max())), np.int32)
-        start = 0
-        for b, sid in enumerate(sids):
             K, V = self.kv[(sid, layer)]
-            for j in range(nblk[b]):
-                blk = ids[start + j]
-                tables[b, j] = blk
-                rows = slice(j * self.bl, min((j + 1) * self.bl, len(K)))
-                kc[:, blk, : rows.stop - rows.start] = K[rows].transpose(1, 0, 2)
-                vc[:, blk, : rows.stop - rows.start] = V[rows].transpose(1, 0, 2)
-            start += nblk[b]
-        sinks = None if self.sinks is None else self.sinks[layer]
-        return paged_decode(
-            qf.astype(np.float32), kc, vc, tables, lens, scale=self.scale, window=self.windows[layer], sinks=sinks,
-            backend="reference",
-        )  # fmt: skip
+            out[b] = naive_decode(qf[b], K, V, self.scale, self.windows[layer], sinks)
+        return out
 
 
 def fp8_stored(x: np.ndarray, scale: float) -> np.ndarray:
@@ -190,12 +163,3 @@ def scrape(port: int) -> dict[str, float]:
         if m:
             out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
     return out
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll `predicate` until true (a synchronisation helper, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
