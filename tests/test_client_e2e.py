@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
+from support.oracle import naive_decode, rope
 from support.server_proc import ServerProc, start_server
 
 from tkg.client import AsyncClient, Client, DecodeInput, errors
@@ -23,13 +24,7 @@ THETA = 10000.0
 
 
 def rotate(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE of x `[..., T, d]` at positions `[T]` (independent of the server's code)."""
-    inv = inv_freqs(D, THETA).astype(np.float64)
-    ang = pos[:, None].astype(np.float64) * inv[None, :]
-    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-    x = x.astype(np.float64)
-    rot = np.concatenate([-x[..., D // 2 :], x[..., : D // 2]], -1)
-    return x * cos + rot * sin
+    return rope(x, pos, inv_freqs(D, THETA))
 
 
 class Model:
@@ -64,19 +59,7 @@ class Model:
         qf = q.astype(np.float64)
         if self.fuse:
             qf = rotate(qf, np.arange(start, start + S))
-        out = np.zeros((HQ, S, D))
-        for h in range(HQ):
-            g = h // (HQ // HKV)
-            for i in range(S):
-                t = start + i
-                keys = [j for j in range(t + 1) if self.window is None or t - j < self.window]
-                logits = [float(qf[h, i] @ K[j, g]) / np.sqrt(D) for j in keys]
-                sink = [] if self.sinks is None else [float(self.sinks[layer, h])]
-                m = max(logits + sink)
-                w = np.exp(np.array(logits) - m)
-                denom = w.sum() + sum(np.exp(s - m) for s in sink)
-                out[h, i] = (w[:, None] * V[keys, g]).sum(0) / denom
-        return out
+        return naive_decode(qf, K, V, 1 / np.sqrt(D), self.window, None if self.sinks is None else self.sinks[layer])
 
 
 def _spec(*extra: str) -> tuple[str, ...]:
