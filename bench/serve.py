@@ -59,6 +59,7 @@ from tkg.client.client import Client
 from tkg.client.errors import TkgError
 from tkg.client.messages import DecodeInput, decode_request
 from tkg.client.stats import emit, percentile
+from tkg.server.cores import available_cores
 
 PROG = "tkg bench serve"
 DECODE_METHOD = "/tkg.v1.DecodeAttention/Decode"
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the echo server's gRPC stack (default aio, as the service)")
     r.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the server (repeatable), e.g. --server-arg=--batch-delay-us=50")
+    r.add_argument("--transport", choices=["tcp", "uds"], default="tcp",
+                   help="uds: the server also listens on a Unix socket, and the lone caller's Decode p50 over it is "
+                        "reported against TCP, measured in alternating blocks (default tcp: TCP only)")
     r.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' = stdout)")
     return p  # fmt: skip
 
@@ -239,6 +243,9 @@ class Bench:
         self.server, self.echo = server, echo_proc
         self.backend = str(server.ready["backend"])
         self.client = Client(server.target, timeout=60.0, max_message_bytes=MAX_MESSAGE)
+        unix = [a for a in server.ready.get("addresses", []) if a.startswith("unix:")]
+        # The same server over its Unix socket (--transport uds), for the lone caller's A/B blocks.
+        self.uds_client = Client(unix[0], timeout=60.0, max_message_bytes=MAX_MESSAGE) if unix else None
         self.info = self.client.server_info()
         self.dtype = codec.dtype_to_numpy(codec.io_dtype_code(self.info))
         self.echo_channel = grpc.insecure_channel(echo_proc.target, options=echo.OPTIONS)
@@ -257,7 +264,7 @@ class Bench:
         B = args.sequences
         self.qB = rng.standard_normal((B, H, 1, D)).astype(self.dtype)
         self.kB, self.vB = rng.standard_normal((2, B, G, 1, D)).astype(self.dtype)
-        self.cores = _cores()
+        self.cores = available_cores()  # the server's default kernel cores (`tkg serve --kernel-cores`)
         self.alone = KernelAlone(
             self.info, self.dtype, self.backend, max(self.prompt.values()) + _growth(args), self.load_callers
         )
@@ -268,6 +275,8 @@ class Bench:
 
     def close(self) -> None:
         self.client.close()
+        if self.uds_client is not None:
+            self.uds_client.close()
         self.echo_channel.close()
 
     # ---- setup ---------------------------------------------------------------------------
@@ -309,14 +318,16 @@ class Bench:
     def _deadline(self) -> float:
         return time.perf_counter() + self.args.max_block_s
 
-    def service_unary(self, n: int, ctx: int, record: bool) -> list[float]:
-        """`n` back-to-back Decode calls of the lone caller on its `ctx`-token sequence."""
+    def service_unary(self, n: int, ctx: int, record: bool, client: Client | None = None) -> list[float]:
+        """`n` back-to-back Decode calls of the lone caller on its `ctx`-token sequence (over `client`'s
+        transport; default the TCP one)."""
         sid, out, end = self.lat_ids[ctx], [], self._deadline()
+        client = client or self.client
         for _ in range(n):
             if time.perf_counter() > end:
                 break
             t = time.perf_counter()
-            res = self.client.decode(0, [sid], [self.lengths[sid]], self.q1, self.k1, self.v1)
+            res = client.decode(0, [sid], [self.lengths[sid]], self.q1, self.k1, self.v1)
             out.append(time.perf_counter() - t)
             self.lengths[sid] += 1
             if record:
@@ -575,6 +586,7 @@ class Bench:
         }  # fmt: skip
         batch_means: list[dict[str, float]] = []
         load_seen: list[tuple[int, int, int, int]] = []
+        transport: dict[str, list[float]] | None = None if self.uds_client is None else {"tcp": [], "uds": []}
         lone_cap = self.cores if self.backend == "cpu" else None  # an inline launch: every core
         for _ in range(a.rounds):
             self.echo_unary_lat(req1, a.warmup)
@@ -592,6 +604,10 @@ class Bench:
                 if ctx == stream_ctx:
                     rps["service_unary"].append(len(s) / sum(s))
                     rps["service_stream"].append(self.service_stream(a.steps, self.lat_ids[ctx]))
+            if transport is not None:  # the same lone calls over TCP then the Unix socket, alternated per round
+                for name, client in (("tcp", self.client), ("uds", self.uds_client)):
+                    self.service_unary(a.warmup, ctxs[0], record=False, client=client)
+                    transport[name] += self.service_unary(a.steps, ctxs[0], record=False, client=client)
             self.reset()
             ec, eb, es = asyncio.run(self.echo_batching(req1, reqB, a.batch_rounds))
             sc, sb, ss, means = asyncio.run(self.service_batching(a.batch_rounds))
@@ -609,14 +625,14 @@ class Bench:
         sizes = {"request_1": len(req1), "response_1": len(resp1), f"request_{a.sequences}": len(reqB),
                  f"response_{a.sequences}": len(respB)}  # fmt: skip
         return report(self.args, self.info, self.backend, self.cores, self.load_callers, self.server_us, echo_lat,
-                      lat, alone, load, rps, bat, batch_means, sizes)  # fmt: skip
+                      lat, alone, load, rps, bat, batch_means, sizes, transport)  # fmt: skip
 
 
 def report(
     a: argparse.Namespace, info: Any, backend: str, cores: int, load_callers: int,
     server_us: dict[int, list[tuple[int, int, int, int]]], echo_lat: list[float], lat: dict[int, list[float]],
     alone: dict[int, list[float]], load: dict[str, Any], rps: dict[str, list[float]], bat: dict[str, list[float]],
-    batch_means: list[dict[str, float]], sizes: dict[str, int],
+    batch_means: list[dict[str, float]], sizes: dict[str, int], transport: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     """The JSON report from a run's raw figures (latencies and alone times in seconds; `server_us`:
     each lone call's (queue, kernel, attention, total) us; `load`: `load_summary`'s; `rps` and `bat`:
@@ -686,7 +702,16 @@ def report(
     goals["batching"] = results["batching"]["ratio"] >= GOALS["batching"]
     goals["streaming"] = results["streaming"]["ratio"] >= GOALS["streaming"]
     results["goals_met"] = goals
+    if transport is not None:
+        results["transport"] = transport_summary(transport["tcp"], transport["uds"], a.latency_contexts[0])
     return results
+
+
+def transport_summary(tcp: list[float], uds: list[float], context: int) -> dict[str, Any]:
+    """The lone caller's Decode over a Unix socket against TCP (seconds per call, same server, same
+    sequence, alternating blocks): p50s in us and their ratio (< 1: the socket is faster)."""
+    t, u = _lat_summary(tcp), _lat_summary(uds)
+    return {"context": context, "tcp": t, "uds": u, "ratio_p50": u["p50_us"] / t["p50_us"]}
 
 
 def render(r: dict[str, Any]) -> str:
@@ -743,6 +768,10 @@ def render(r: dict[str, Any]) -> str:
          f"{S['service_unary_rps'] / S['echo_unary_rps']:.2f}x", ""),
         ("stream / unary, echo", "", f"{S['echo_ratio']:.2f}x", "", ""),
     ]  # fmt: skip
+    if "transport" in r:
+        T = r["transport"]
+        info.append((f"lone Decode p50 over a Unix socket / TCP, ctx {T['context']}", f"{T['uds']['p50_us']:.0f} us",
+                     f"{T['tcp']['p50_us']:.0f} us (TCP)", f"{T['ratio_p50']:.2f}x", ""))  # fmt: skip
     head = ("goal", "service", "peer", "ratio", "verdict")
     info_head = ("figure", "service", "echo (same bytes)", "service/echo", "")
     widths = [max(len(str(x[i])) for x in [head, info_head, *rows, *info]) for i in range(5)]
@@ -773,14 +802,6 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _cores() -> int:
-    """CPUs this process may use: the server's default kernel cores (`tkg serve --kernel-cores`)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _growth(args: argparse.Namespace) -> int:
     """Tokens a sequence may gain before the next reset."""
     steps_seq0 = args.warmup * 2 + args.steps * 2 + 4  # a latency sequence: unary + stream of one round
@@ -803,8 +824,9 @@ def _check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def server_command(args: argparse.Namespace) -> list[str]:
-    """`python -m tkg.server` with the bench geometry and room for every phase's tokens."""
+def server_command(args: argparse.Namespace, uds: Path | None = None) -> list[str]:
+    """`python -m tkg.server` with the bench geometry and room for every phase's tokens; with `uds`,
+    listening on that Unix socket besides TCP (`--listen`)."""
     growth = _growth(args)
     per = lambda tokens: math.ceil((tokens + growth) / args.block_len)  # noqa: E731
     blocks = args.sequences * per(args.context) + sum(per(c) for c in args.latency_contexts) + 8
@@ -816,6 +838,7 @@ def server_command(args: argparse.Namespace) -> list[str]:
         "--head-dim", str(args.head_dim), "--kv-dtype", args.kv_dtype, "--block-len", str(args.block_len),
         "--num-blocks", str(blocks), "--max-context", str(max(max_context, 2 * args.block_len)),
         "--max-batch", str(max(args.sequences, 1)), *args.server_arg,
+        *(() if uds is None else ("--listen", "127.0.0.1:0", "--listen", f"unix://{uds}")),
     ]  # fmt: skip
 
 
@@ -831,7 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         echo_cmd = [sys.executable, "-m", "tkg.bench.echo", "--port", "0", "--stack", args.echo_stack]
         procs.append(start(echo_cmd, folder / "echo.json", "echo"))
-        procs.append(start(server_command(args), folder / "server.json", "tkg serve"))
+        uds = folder / "tkg.sock" if args.transport == "uds" else None
+        procs.append(start(server_command(args, uds), folder / "server.json", "tkg serve"))
         bench = Bench(args, procs[1], procs[0])
         try:
             results = bench.run()

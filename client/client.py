@@ -42,7 +42,8 @@ class Client:
     """Synchronous client. Every method raises a `TkgError` subclass on failure.
 
     Args:
-        target: "host:port", a list of them (one per replica), or "dns:///name:port".
+        target: "host:port" or "unix:///path/tkg.sock" (a co-located server's `--listen` socket), a list
+            of them (one per replica), or "dns:///name:port".
         timeout: default deadline per call, seconds (None = none).
         token: bearer token sent as `authorization: Bearer <token>`.
         tls: use TLS; `root_certificates` (PEM bytes) overrides the system roots.

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive a running tkg server (Decode or DecodeStream) and report latency and throughput.",
     )
     p.add_argument("--target", action="append", default=[],
-                   help="host:port of a replica; repeat or comma-separate for several, or dns:///name:port "
-                        "(default localhost:50051)")
+                   help="host:port (or unix:///path.sock) of a replica; repeat or comma-separate for several, "
+                        "or dns:///name:port (default localhost:50051)")
     load = p.add_argument_group("load")
     load.add_argument("-c", "--concurrency", type=int, default=1,
                       help="workers, each with one request in flight (default 1); with --rps the most in flight")

@@ -116,7 +116,7 @@ def locate(
 
 
 def resolve_targets(target: str | Sequence[str]) -> list[str]:
-    """Expand targets: a list, a comma list, or `dns:///name:port` (every A/AAAA record,
+    """Expand targets (`host:port`, `unix:PATH`): a list, a comma list, or `dns:///name:port` (every A/AAAA record,
     e.g. a Kubernetes headless Service resolving to the StatefulSet's pods)."""
     items = [target] if isinstance(target, str) else list(target)
     out: list[str] = []
@@ -134,5 +134,5 @@ def resolve_targets(target: str | Sequence[str]) -> list[str]:
             else:
                 out.append(t)
     if not out:
-        raise ValueError(f"target: {target!r}; expected host:port, a list of them, or dns:///name:port")
+        raise ValueError(f"target: {target!r}; expected host:port, unix:PATH, a list of them, or dns:///name:port")
     return out

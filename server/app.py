@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, WarmUp, create_kv_store
 from tkg.server import auth as auth_mod
-from tkg.server import migration, tenants
+from tkg.server import listeners, migration, tenants
 from tkg.server.config import ConfigError, ModelSpec
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
@@ -57,13 +57,14 @@ class App:
     authenticator: auth_mod.Authenticator
     warmed: WarmUp | None = None
     event_loop: str = "asyncio"  # the package of the loop it runs on: "uvloop" or "asyncio"
+    addresses: list[str] = field(default_factory=list)  # where it listens (a TCP port 0 resolved)
     _expirer: asyncio.Task | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """The one start-up line: address, backend, ports, geometry and KV bytes."""
         s, table = self.settings, self.authenticator.table
         return (
-            f"listening on {s.host}:{self.port} backend={s.backend} metrics_port={self.metrics_port} "
+            f"listening on {' '.join(self.addresses)} backend={s.backend} metrics_port={self.metrics_port} "
             f"tls={'on' if s.tls_cert else 'off'}{'+mtls' if s.tls_client_ca else ''} "
             f"auth={'on' if table.enabled else 'off'} tenants={len(table.tenants)} "
             f"max_batch={self.spec.max_batch}{self._warm_up_text()} loop={self.event_loop} | {self.spec.summary()}"
@@ -92,6 +93,7 @@ class App:
         if self.settings.peers:
             report = await self.push_to_peers(deadline)
         await self.server.stop(grace=1.0)
+        listeners.remove_sockets(self.addresses)
         await self.service.close()
         self.metrics.close()
         return report
@@ -225,20 +227,17 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         reflection.aio.ReflectionServicer((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME)), guarded
     )
-    address = f"{settings.host}:{settings.port}"
-    try:
-        if settings.tls_cert is not None and settings.tls_key is not None:
-            creds = grpc.ssl_server_credentials(
-                [(settings.tls_key, settings.tls_cert)], root_certificates=settings.tls_client_ca,
-                require_client_auth=settings.tls_client_ca is not None,
-            )  # fmt: skip
-            port = server.add_secure_port(address, creds)
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
-        raise OSError(f"cannot listen on {address}: {exc}") from None
-    if port == 0:
-        raise OSError(f"cannot listen on {address} (in use or not allowed)")
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 host needs brackets
+    wanted = list(settings.listen) or [f"{host}:{settings.port}"]
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        creds = grpc.ssl_server_credentials(
+            [(settings.tls_key, settings.tls_cert)], root_certificates=settings.tls_client_ca,
+            require_client_auth=settings.tls_client_ca is not None,
+        )  # fmt: skip
+        addresses = listeners.bind(wanted, lambda a: server.add_secure_port(a, creds))
+    else:
+        addresses = listeners.bind(wanted, server.add_insecure_port)
+    port = listeners.tcp_port(addresses)
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
@@ -251,7 +250,7 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     app = App(spec, settings, server, service, health_servicer, metrics, port, metrics_port, authenticator, warmed,
-              type(asyncio.get_running_loop()).__module__.split(".")[0])  # fmt: skip
+              type(asyncio.get_running_loop()).__module__.split(".")[0], addresses)  # fmt: skip
     period = settings.expiry_period_s or min(max(spec.idle_ttl_s / 4, 0.05), 30.0)
     app._expirer = asyncio.get_running_loop().create_task(_expire_loop(service, period), name="tkg-expiry")
     return app

@@ -9,7 +9,8 @@ file (a bad file is logged and the old credentials stay in force).
 
 `--ready-file PATH` is the machine-readable start-up signal (the start-up line is for people): once
 the server is SERVING it writes PATH atomically (a temporary file renamed over it), one JSON object
-`{"pid", "port", "metrics_port" (null when off), "backend", "instance_id", "address" ("host:port")}`,
+`{"pid", "port" (the first TCP listener's; 0 with Unix sockets only), "metrics_port" (null when off),
+"backend", "instance_id", "address" (the first listener: "host:port" or "unix:PATH"), "addresses" (all)}`,
 and removes it when the process exits after the drain.
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 
 from tkg.kernel.backends import BackendUnavailable, names, resolve
 from tkg.server import app as app_mod
-from tkg.server import auth
+from tkg.server import auth, listeners
 from tkg.server.batcher import INLINE_KERNEL_BYTES
 from tkg.server.config import ConfigError, ModelSpec, load_spec
 from tkg.server.presets import DEFAULT_PRESET, PRESETS
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch", type=int, help="sequences per kernel launch (override max_batch)")
     n = p.add_argument_group("serving")
     n.add_argument("--host", default="0.0.0.0", help="gRPC listen address (default 0.0.0.0)")
+    n.add_argument("--listen", action="append", default=[], metavar="ADDR",
+                   help="listen on ADDR, host:port or unix:///path/tkg.sock (repeatable; replaces --host/--port): "
+                   "a Unix socket spares a co-located caller the TCP stack")  # fmt: skip
     n.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
     n.add_argument("--metrics-host", default="0.0.0.0", help="metrics listen address (default 0.0.0.0)")
     n.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (default 9400; 0 = off)")
@@ -186,11 +190,11 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
     for flag, value, lo, hi in checks:
         if not lo <= value <= hi:
             raise ConfigError(f"{flag}: {value}; expected an integer in [{lo}, {hi}]")
-    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
-    for peer in peers:
-        host, _, port = peer.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"--peers: {peer!r}; expected host:port entries separated by commas")
+    try:
+        listen = tuple(listeners.check_address(a) for a in args.listen)
+        peers = tuple(listeners.check_address(p, "--peers") for p in args.peers.split(",") if p.strip())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     me = args.advertise.strip()
     if me:
         if me not in peers:  # a typo here would make the drain push to itself, or hash differently
@@ -213,7 +217,7 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         client_ca = _read_pem("--tls-client-ca", args.tls_client_ca)
     table, defaults, peer_token = auth_from_args(args)
     return ServeSettings(
-        backend=backend, host=args.host, port=args.port, metrics_host=args.metrics_host,
+        backend=backend, host=args.host, port=args.port, listen=listen, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port or None, max_message_bytes=args.max_message_bytes,
         batch_delay_us=args.batch_delay_us, max_pending=args.max_pending,
         auth=table, auth_file=args.auth_file, quota_defaults=defaults, peer_token=peer_token,
@@ -260,10 +264,10 @@ def reload_auth(app: app_mod.App, args: argparse.Namespace) -> None:
 
 def ready_record(app: app_mod.App) -> dict[str, Any]:
     """What `--ready-file` holds for a started instance."""
-    host = app.settings.host
-    address = f"[{host}]:{app.port}" if ":" in host else f"{host}:{app.port}"  # an IPv6 host needs brackets
-    return {"pid": os.getpid(), "port": app.port, "metrics_port": app.metrics_port, "backend": app.settings.backend,
-            "instance_id": app.service.instance_id, "address": address}  # fmt: skip
+    return {
+        "pid": os.getpid(), "port": app.port, "metrics_port": app.metrics_port, "backend": app.settings.backend,
+        "instance_id": app.service.instance_id, "address": app.addresses[0], "addresses": app.addresses,
+    }  # fmt: skip
 
 
 def write_ready_file(path: Path, record: dict[str, Any]) -> None:

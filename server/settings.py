@@ -21,6 +21,8 @@ class ServeSettings:
     backend: str  # a resolved backend name
     host: str = "0.0.0.0"
     port: int = 50051  # 0: any free port
+    # `--listen` addresses (host:port or unix:PATH); when given they replace host:port.
+    listen: tuple[str, ...] = ()
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = 9400  # None: no metrics endpoint; 0: any free port
     max_message_bytes: int = DEFAULT_MAX_MESSAGE

@@ -173,3 +173,21 @@ def test_server_that_cannot_start_is_a_clear_error(capsys: pytest.CaptureFixture
     assert bench_serve.main([*TINY, "--backend", "no-such-backend"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("tkg bench serve: error: tkg serve did not start") and "no-such-backend" in err
+
+
+def test_transport_summary_on_known_calls() -> None:
+    t = bench_serve.transport_summary([100e-6, 300e-6, 200e-6], [50e-6, 150e-6, 100e-6], 24)
+    assert (t["context"], t["tcp"]["p50_us"], t["uds"]["p50_us"]) == (24, pytest.approx(200.0), pytest.approx(100.0))
+    assert t["ratio_p50"] == pytest.approx(0.5) and t["tcp"]["n"] == t["uds"]["n"] == 3
+
+
+def test_transport_uds_reports_the_lone_caller_over_a_unix_socket_against_tcp(
+    tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    out_path = tmp_path / "bench.json"
+    assert bench_serve.main([*TINY, "--transport", "uds", "--json", str(out_path)]) == 0
+    r = json.loads(out_path.read_text())
+    T, first = r["transport"], r["config"]["latency_contexts"][0]
+    assert T["context"] == first and T["tcp"]["n"] == T["uds"]["n"] == 6
+    assert T["ratio_p50"] == pytest.approx(T["uds"]["p50_us"] / T["tcp"]["p50_us"])
+    assert f"lone Decode p50 over a Unix socket / TCP, ctx {first}" in capsys.readouterr().out
