@@ -59,7 +59,6 @@ from tkg.client.client import Client
 from tkg.client.errors import TkgError
 from tkg.client.messages import DecodeInput, decode_request
 from tkg.client.stats import emit, percentile
-from tkg.server.cores import available_cores
 
 PROG = "tkg bench serve"
 DECODE_METHOD = "/tkg.v1.DecodeAttention/Decode"
@@ -264,6 +263,8 @@ class Bench:
         B = args.sequences
         self.qB = rng.standard_normal((B, H, 1, D)).astype(self.dtype)
         self.kB, self.vB = rng.standard_normal((2, B, G, 1, D)).astype(self.dtype)
+        from tkg.server.cores import available_cores  # here: the bench's import must not pull the server
+
         self.cores = available_cores()  # the server's default kernel cores (`tkg serve --kernel-cores`)
         self.alone = KernelAlone(
             self.info, self.dtype, self.backend, max(self.prompt.values()) + _growth(args), self.load_callers

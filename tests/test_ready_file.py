@@ -27,9 +27,10 @@ def test_ready_file_names_the_serving_ports_and_goes_away_after_sigterm() -> Non
     try:
         on_disk = json.loads(path.read_text())
         assert on_disk == srv.ready
-        assert set(on_disk) == {"pid", "port", "metrics_port", "backend", "instance_id", "address"}
+        assert set(on_disk) == {"pid", "port", "metrics_port", "backend", "instance_id", "address", "addresses"}
         assert on_disk["pid"] == srv.proc.pid and on_disk["backend"] == "reference"
         assert on_disk["address"] == f"127.0.0.1:{on_disk['port']}" and on_disk["port"] > 0
+        assert on_disk["addresses"] == [on_disk["address"]]
         # The port it names is the server's: SERVING there, with the instance id it wrote.
         with grpc.insecure_channel(f"127.0.0.1:{on_disk['port']}") as ch:
             health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
