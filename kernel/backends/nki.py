@@ -160,9 +160,9 @@ def kv_store(geometry: Any, **options: Any) -> Any:
         require_runtime()  # Trn-only
         # The runtime and neuronx-cc read this variable; a launch at another LNC fails at run time.
         os.environ.setdefault(neuron_env.LNC_VAR, str(options["lnc"]))  # Trn-only
-        if os.environ[neuron_env.LNC_VAR] != str(options["lnc"]):  # Trn-only
+        if neuron_env.lnc_config() != options["lnc"]:  # Trn-only
             raise neuron_env.NeuronConfigError(  # Trn-only
-                f"{neuron_env.LNC_VAR}={os.environ[neuron_env.LNC_VAR]}: the store launches at lnc "
+                f"{neuron_env.LNC_VAR}={os.environ[neuron_env.LNC_VAR].strip()}: the store launches at lnc "
                 f"{options['lnc']}; expected the same value"
             )  # Trn-only
         from tkg.kernel.backends.nki_device import NeuronDevice  # Trn-only
