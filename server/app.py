@@ -64,7 +64,8 @@ class App:
         """The one start-up line: address, backend, ports, geometry and KV bytes."""
         s, table = self.settings, self.authenticator.table
         return (
-            f"listening on {' '.join(self.addresses)} backend={s.backend} metrics_port={self.metrics_port} "
+            f"listening on {' '.join(self.addresses)} backend={s.backend}{self._backend_text()} "
+            f"metrics_port={self.metrics_port} "
             f"tls={'on' if s.tls_cert else 'off'}{'+mtls' if s.tls_client_ca else ''} "
             f"auth={'on' if table.enabled else 'off'} tenants={len(table.tenants)} "
             f"max_batch={self.spec.max_batch}{self._warm_up_text()} loop={self.event_loop} | {self.spec.summary()}"
@@ -73,6 +74,12 @@ class App:
     def reload_auth(self, table: auth_mod.AuthTable) -> None:
         """Put a new credential table in force (SIGHUP); calls already admitted keep theirs."""
         self.authenticator.table = table  # the service's tenant_count reads it per request
+
+    def _backend_text(self) -> str:
+        """` lnc=2` for device stores (the degree the store really launches at), then `auto`'s note."""
+        lnc = getattr(self.service.cache.store, "lnc", None)
+        note = f" ({self.settings.backend_note})" if self.settings.backend_note else ""
+        return ("" if lnc is None else f" lnc={lnc}") + note
 
     def _warm_up_text(self) -> str:
         w = self.warmed
@@ -155,7 +162,7 @@ def make_store(spec: ModelSpec, settings: ServeSettings) -> KVStore:
         spec.num_layers, spec.num_kv_heads, spec.num_blocks, spec.block_len, spec.head_dim, spec.kv_numpy_dtype,
         spec.io_numpy_dtype,
     )  # fmt: skip
-    options: dict[str, object] = {}
+    options: dict[str, object] = {"lnc": settings.lnc}  # host stores ignore it; device stores launch at it
     if settings.context_buckets is not None:
         options["context_buckets"] = settings.context_buckets
     if settings.batch_buckets is not None:

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tkg.kernel.backends import BackendUnavailable, names, resolve
+from tkg.kernel.backends import BackendUnavailable, auto_skipped, names, neuron_env, require_serving, resolve
 from tkg.server import app as app_mod
 from tkg.server import auth, listeners
 from tkg.server.batcher import INLINE_KERNEL_BYTES
@@ -35,6 +35,9 @@ from tkg.server.presets import DEFAULT_PRESET, PRESETS
 from tkg.server.settings import DEFAULT_MAX_MESSAGE, ServeSettings
 
 log = logging.getLogger("tkg.server")
+
+# Backends whose store launches NKI kernels on (emulated) NeuronCores: they take an LNC degree.
+DEVICE_BACKENDS = ("nki", "nki-emu")
 
 # Spec keys settable from the command line: --num-layers N etc. (override preset and file).
 OVERRIDES: dict[str, type] = {
@@ -175,8 +178,12 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     return load_spec(args.config, args.preset, overrides, hf_config=args.hf_config)
 
 
-def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
-    """Check the non-spec flags; a bad one raises ConfigError naming the flag and what is expected."""
+def settings_from_args(
+    args: argparse.Namespace, backend: str, env: dict[str, str] | None = None, backend_note: str = ""
+) -> ServeSettings:
+    """Check the non-spec flags; a bad one raises ConfigError naming the flag and what is expected.
+    Device backends (nki, nki-emu) take their LNC degree from NEURON_LOGICAL_NC_CONFIG in `env`
+    (default: this process's environment), checked against the platform."""
     checks = (
         ("--port", args.port, 0, 65535), ("--metrics-port", args.metrics_port, 0, 65535),
         ("--max-message-bytes", args.max_message_bytes, 4096, 2**31 - 1),
@@ -215,6 +222,12 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         if cert is None:
             raise ConfigError("--tls-client-ca: given without --tls-cert/--tls-key; expected a TLS server as well")
         client_ca = _read_pem("--tls-client-ca", args.tls_client_ca)
+    lnc = 2
+    if backend in DEVICE_BACKENDS:
+        try:
+            lnc = neuron_env.lnc_config(os.environ if env is None else env)
+        except neuron_env.NeuronConfigError as exc:
+            raise ConfigError(str(exc)) from None
     table, defaults, peer_token = auth_from_args(args)
     return ServeSettings(
         backend=backend, host=args.host, port=args.port, listen=listen, metrics_host=args.metrics_host,
@@ -225,6 +238,7 @@ def settings_from_args(args: argparse.Namespace, backend: str) -> ServeSettings:
         inline_kernel_bytes=args.inline_kernel_bytes, kernel_cores=args.kernel_cores, max_sequences=args.max_sequences,
         max_concurrent_streams=args.max_concurrent_streams, peers=peers,
         context_buckets=buckets["--context-buckets"], batch_buckets=buckets["--batch-buckets"],
+        lnc=lnc, backend_note=backend_note,
     )  # fmt: skip
 
 
@@ -329,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = spec_from_args(args)
         backend = resolve(args.backend)
-        settings = settings_from_args(args, backend)
+        require_serving(backend)  # e.g. nki: an nki too old, or no /dev/neuron* to run on: exit 2 now
+        note = "; ".join(f"auto passed over {n}: {why}" for n, why in auto_skipped()) if args.backend == "auto" else ""
+        settings = settings_from_args(args, backend, backend_note=note)
         run = app_mod.loop_runner(args.event_loop)
     except (ConfigError, BackendUnavailable) as exc:
         print(f"tkg serve: error: {exc}", file=sys.stderr)

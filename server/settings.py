@@ -48,3 +48,7 @@ class ServeSettings:
     # Compiled shape buckets of device backends (nki, nki-emu); None: powers of two up to the spec's limits.
     context_buckets: tuple[int, ...] | None = None
     batch_buckets: tuple[int, ...] | None = None
+    # Device backends: the LNC degree of every launch and of the store's bucket alignment (`tkg serve`
+    # reads NEURON_LOGICAL_NC_CONFIG, `tkg.kernel.backends.neuron_env.lnc_config`). 2: trn2's default.
+    lnc: int = 2
+    backend_note: str = ""  # for the start line: why `auto` passed over a preferred backend

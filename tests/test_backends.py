@@ -109,7 +109,7 @@ def _members(name: str) -> dict[str, Any]:
 # `attention_tkg` per kv head, to host pools, to "available"), so losing one silently would cost
 # speed or a device store: the list pins them.
 HOOKS_SHIPPED = {
-    "nki": {"available", "auto_reason", "paged_decode", "kv_store"},
+    "nki": {"available", "auto_reason", "require_runtime", "paged_decode", "kv_store"},
     "cpu": {"available", "paged_decode"},
     "reference": set(),
     "nki-emu": {"available", "paged_decode", "kv_store"},

@@ -33,6 +33,17 @@ API_MD = ROOT.parent / "shared" / "design" / "api.md"
 # Labels Prometheus itself attaches to every scraped series.
 TARGET_LABELS = frozenset({"instance", "job"})
 
+# The Trn deployment (docs/trainium.md): the spec a Trn replica serves, the LNC it states, and the
+# warm-up budget. A bucket is one kernel specialisation compiled before SERVING; the Neuron docs
+# give no compile time for a single NKI kernel, so 15 s each is assumed (docs/trainium.md; the
+# first hour on a trn2 measures it) and the probe must allow twice the total.
+TRN_MODEL = K8S / "overlays" / "trn" / "model.trn.yaml"
+NEURON_ENV = "NEURON_LOGICAL_NC_CONFIG=2"
+SECONDS_PER_COMPILE = 15
+WARM_UP_MARGIN = 2
+HBM_SHARE_BYTES = 24 * 2**30  # one logical NeuronCore's HBM on trn2 at LNC 2 (96 GiB / 4)
+HBM_HEADROOM_BYTES = 4 * 2**30  # at least this much of the share left to the runtime and the NEFFs
+
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -218,6 +229,54 @@ def torch_pin() -> str:
     return pins[0].split("==")[1].strip()
 
 
+def neuron_cache_path() -> str:
+    """NEURON_COMPILE_CACHE_URL of the Neuron image: where compiled kernels persist."""
+    cache = re.search(r"NEURON_COMPILE_CACHE_URL=(\S+)", (DEPLOY / "Dockerfile.neuron").read_text())
+    assert cache, "Dockerfile.neuron: expected ENV NEURON_COMPILE_CACHE_URL=<path>"
+    return cache.group(1)
+
+
+def duration_s(text: str | int) -> float:
+    """A compose duration ("900s", "15m", "1m30s") or a number of seconds."""
+    if isinstance(text, int):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", str(text))
+    assert parts, f"not a duration: {text!r}"
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def warm_up_compiles(model_text: str, flags: dict[str, str]) -> int:
+    """Kernel specialisations `tkg serve --backend nki` compiles at warm-up for this spec and these
+    flags, counted by the server's own code: layer variants x the store's buckets at LNC 2."""
+    from tkg.kernel.backends.nki_store import Buckets
+    from tkg.server.app import layer_variants
+    from tkg.server.config import build_spec
+
+    spec = build_spec(yaml.safe_load(model_text))
+
+    def ints(flag: str) -> list[int] | None:
+        return [int(x) for x in flags[flag].split(",")] if flag in flags else None
+
+    buckets = Buckets.default(
+        spec.max_context, spec.max_batch, spec.max_s_active, block_len=spec.block_len, lnc=2,
+        contexts=ints("--context-buckets"), batches=ints("--batch-buckets"),
+    )  # fmt: skip
+    return len(layer_variants(spec)) * buckets.count()
+
+
+def warm_up_seconds(model_text: str, flags: dict[str, str]) -> float:
+    """What the start-up probe must allow: the compiles at the assumed time each, with the margin."""
+    return WARM_UP_MARGIN * SECONDS_PER_COMPILE * warm_up_compiles(model_text, flags)
+
+
+def test_warm_up_budget_can_fail() -> None:
+    """The base spec with the default buckets (what the trn overlay shipped before) is ~280
+    compiles: far past any probe the checks below accept."""
+    base = (K8S / "base" / "model.yaml").read_text()
+    assert warm_up_compiles(base, {}) == 10 * 7 * 4  # contexts 256..131072, batches 1..64, s_active 1,2,4,7
+    assert warm_up_seconds(base, {}) > 3600
+
+
 # ---------------------------------------------------------------------------------------------
 # Dockerfiles
 
@@ -282,6 +341,15 @@ def test_neuron_dockerfile_pins_dlc_and_runs_nki_nonroot() -> None:
     assert user and user[-1].split(":")[0] not in ("0", "root"), user
     entry = exec_form([a for i, a in only if i == "ENTRYPOINT"][-1])
     assert entry == ["tkg", "serve", "--backend", "nki"], entry
+    # The supported SDK line (the last with torch-neuronx's XLA path, NKI 0.5), the one the
+    # docs and the version floor name; the build refuses an older nki; LNC stated for the runtime.
+    from tkg.kernel.backends import neuron_env
+
+    sdk = re.search(r"-sdk(\d+\.\d+)\.\d+-", base.group(1))
+    assert sdk and sdk.group(1) == neuron_env.SUPPORTED_SDK, (base.group(1), neuron_env.SUPPORTED_SDK)
+    assert "nki_version_problem" in runs, "the build must refuse an nki older than the kernel needs"
+    assert NEURON_ENV in " ".join(a for i, a in only if i == "ENV"), "ENV NEURON_LOGICAL_NC_CONFIG=2"
+    assert re.search(r'"nki>=0\.4"', (ROOT / "pyproject.toml").read_text()), "the neuron extra's nki floor"
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.neuron"])
@@ -496,6 +564,19 @@ def test_compose_trn_override() -> None:
         devices = services[name]["devices"]
         assert devices and all(re.fullmatch(r"/dev/neuron\d+:/dev/neuron\d+", d) for d in devices), (name, devices)
     assert services["neuron-monitor"]["image"] == over["image"], "the exporter comes with the Neuron image"
+    # One server per logical NeuronCore at LNC 2, the capability the runtime documents, the compile
+    # cache on a named volume, and a warm-up that fits the start period.
+    env = over["environment"]
+    assert re.fullmatch(r"\d+", str(env["NEURON_RT_VISIBLE_CORES"])), "exactly one core per server"
+    assert str(env["NEURON_LOGICAL_NC_CONFIG"]) == "2"
+    assert over["cap_add"] == ["IPC_LOCK"]
+    cache = neuron_cache_path()
+    (volume,) = [v for v in over["volumes"] if v.split(":")[1] == cache]
+    assert volume.split(":")[0] in compose("compose.trn.yaml")["volumes"], "a named (persistent) volume"
+    (model,) = [v.split(":")[0] for v in over["volumes"] if v.split(":")[1] == "/etc/tkg/model.yaml"]
+    assert (DEPLOY / model).resolve() == TRN_MODEL
+    start_s = duration_s(over["healthcheck"]["start_period"])
+    assert warm_up_seconds(TRN_MODEL.read_text(), flag_values(over["command"])) <= start_s
     # Its Prometheus config replaces the base one (same mount target) and scrapes the exporter.
     (mount,) = services["prometheus"]["volumes"]
     src, target = mount.split(":")[:2]
@@ -630,8 +711,9 @@ def test_k8s_files_parse_and_kustomize_references_exist() -> None:
     for kust in kustomizations():
         spec = yaml.safe_load(kust.read_text())
         assert spec["kind"] == "Kustomization", kust
-        refs = list(spec.get("resources", [])) + [p["path"] for p in spec.get("patches", [])]
-        refs += [f for g in spec.get("configMapGenerator", []) for f in g.get("files", [])]
+        refs = list(spec.get("resources", [])) + [p["path"] for p in spec.get("patches", []) if "path" in p]
+        # a generator's file is `key=path` or `path`
+        refs += [f.split("=")[-1] for g in spec.get("configMapGenerator", []) for f in g.get("files", [])]
         for ref in refs:
             target = (kust.parent / ref).resolve()
             assert target.exists(), f"{kust.relative_to(ROOT)} references {ref}, which does not exist"
@@ -746,7 +828,8 @@ def test_k8s_wiring(overlay: str) -> None:
     config_dir, config_file = flags["--config"].rsplit("/", 1)
     assert volumes[mounts[config_dir]]["configMap"]["name"] == cm["metadata"]["name"]
     assert config_file in cm["data"]
-    assert yaml.safe_load(cm["data"][config_file]) == yaml.safe_load((K8S / "base" / "model.yaml").read_text())
+    model = TRN_MODEL if overlay == "trn" else K8S / "base" / "model.yaml"
+    assert yaml.safe_load(cm["data"][config_file]) == yaml.safe_load(model.read_text())
 
     # Thread pools sized to the CPUs requested, not to the node (the pod's affinity mask).
     env = {e["name"]: e for e in ctr["env"]}
@@ -760,22 +843,55 @@ def test_k8s_wiring(overlay: str) -> None:
     resources = ctr["resources"]
     neuron = {k for part in resources.values() for k in part if k.startswith("aws.amazon.com/")}
     if overlay == "trn":
-        assert neuron and neuron <= {"aws.amazon.com/neuron", "aws.amazon.com/neuroncore"}, resources
-        assert ctr["image"].endswith(":neuron-0.1.0") or "neuron" in ctr["image"], ctr["image"]
-        terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-        (expr,) = terms["nodeSelectorTerms"][0]["matchExpressions"]
-        assert expr["key"] == "node.kubernetes.io/instance-type" and expr["operator"] == "In"
-        assert expr["values"] and all(v.startswith("trn") for v in expr["values"]), expr["values"]
-        assert any(t["key"] == "aws.amazon.com/neuron" for t in pod["spec"]["tolerations"])
-        # Read-only root: the compiler's working directory and compile cache must be writable.
-        cache = re.search(r"NEURON_COMPILE_CACHE_URL=(\S+)", (DEPLOY / "Dockerfile.neuron").read_text())
-        workdir = [a for i, a in dockerfile_instructions(DEPLOY / "Dockerfile.neuron") if i == "WORKDIR"][-1]
-        for path in (cache.group(1) if cache else "", workdir):
-            assert any(path == m or path.startswith(m + "/") for m in mounts), f"{path} is not on a writable volume"
+        check_trn_pod(sts, ctr, mounts, volumes, flags)
     else:
         assert not neuron, f"cpu overlay requests Neuron resources: {neuron}"
         assert "neuron" not in ctr["image"], ctr["image"]
         assert "affinity" not in pod["spec"], "cpu replicas run on any node"
+
+
+def check_trn_pod(
+    sts: dict[str, Any], ctr: dict[str, Any], mounts: dict[str, str], volumes: dict[str, Any], flags: dict[str, str]
+) -> None:
+    """The trn overlay: one logical NeuronCore per server at LNC 2, trn2/trn3 nodes only, pools in
+    one core's HBM share, the compile cache on a persistent volume, a warm-up that fits the probe,
+    and the capability the Neuron runtime documents."""
+    pod = sts["spec"]["template"]
+    resources = ctr["resources"]
+    for part in ("requests", "limits"):
+        neuron = {k: v for k, v in resources[part].items() if k.startswith("aws.amazon.com/")}
+        assert neuron == {"aws.amazon.com/neuroncore": "1"}, f"{part}: one logical NeuronCore, got {neuron}"
+    assert ctr["image"].endswith(":neuron-0.1.0") or "neuron" in ctr["image"], ctr["image"]
+    env = {e["name"]: e for e in ctr["env"]}
+    assert env["NEURON_LOGICAL_NC_CONFIG"]["value"] == "2"
+    # The device plugin sets NEURON_RT_VISIBLE_CORES to the allocated core; a fixed value here
+    # would put every replica on the same core.
+    assert "NEURON_RT_VISIBLE_CORES" not in env, "NEURON_RT_VISIBLE_CORES comes from the device plugin"
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    (expr,) = terms["nodeSelectorTerms"][0]["matchExpressions"]
+    assert expr["key"] == "node.kubernetes.io/instance-type" and expr["operator"] == "In"
+    assert expr["values"] and all(re.match(r"trn[23]", v) for v in expr["values"]), expr["values"]
+    assert any(t["key"] == "aws.amazon.com/neuron" for t in pod["spec"]["tolerations"])
+    caps = ctr["securityContext"]["capabilities"]
+    assert caps["add"] == ["IPC_LOCK"] and caps["drop"] == ["ALL"], caps
+    # Read-only root: the compiler's working directory must be writable, the compile cache persistent.
+    cache = neuron_cache_path()
+    workdir = [a for i, a in dockerfile_instructions(DEPLOY / "Dockerfile.neuron") if i == "WORKDIR"][-1]
+    for path in (cache, workdir):
+        assert any(path == m or path.startswith(m + "/") for m in mounts), f"{path} is not on a writable volume"
+    claims = {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates", [])}
+    assert mounts[cache] in claims and mounts[cache] not in volumes, "the compile cache must be a PVC"
+    # Pools within one logical core's HBM share, leaving the runtime its headroom.
+    from tkg.server.config import load_spec
+
+    spec = load_spec(TRN_MODEL)
+    assert HBM_SHARE_BYTES / 2 <= spec.kv_bytes() <= HBM_SHARE_BYTES - HBM_HEADROOM_BYTES, spec.kv_bytes()
+    # The startup probe covers every compile of the shipped bucket set.
+    probe = ctr["startupProbe"]
+    budget = probe["periodSeconds"] * probe["failureThreshold"]
+    needed = warm_up_seconds(TRN_MODEL.read_text(), flags)
+    assert needed <= budget, f"warm-up needs {needed:.0f} s ({warm_up_compiles(TRN_MODEL.read_text(), flags)} " \
+        f"compiles), the startup probe allows {budget} s"  # fmt: skip
 
 
 def test_model_config_loads_with_the_server() -> None:

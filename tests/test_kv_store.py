@@ -4,6 +4,8 @@ The device store is checked against the host store (same writes, copies, reads a
 outputs), its own transfer counts against the emulator's, and through the service: a steady
 decode loop moves per step only the request's q, new k/v, block tables and positions host ->
 device, the same at context 256 as at 2048, and builds no kernel specialisation after warm-up.
+The service's nki-emu store runs at LNC 2 (trn2's default, what `tkg serve` reads from
+NEURON_LOGICAL_NC_CONFIG): every launch, warm-up included, is a two-core launch.
 """
 
 from __future__ import annotations
@@ -173,8 +175,12 @@ def test_a_steady_decode_loop_moves_only_the_step_inputs_and_compiles_nothing() 
     svc, report = _service("nki-emu", 2048)
     built = device_counters()["specialisations"]
     store = svc.cache.store
+    assert store.lnc == 2 and store.buckets.align == 256  # LNC 2: contexts tile 128 keys x 2 cores
     assert store.buckets.contexts == (256, 512, 1024, 2048) and store.buckets.batches == (1,)
     assert report.launches == report.compiled == store.compilations == 4
+    launched: list[int] = []  # the LNC of every launch while serving
+    device_launch = store.device.launch
+    store.device.launch = lambda lnc, args: (launched.append(lnc), device_launch(lnc, args))[1]
     per_step, steps = {}, 4
     q_kv = (HQ + 2 * HKV) * D * 2  # the request's own q + new k/v bytes (bf16, B=1, S=1)
 
@@ -202,6 +208,7 @@ def test_a_steady_decode_loop_moves_only_the_step_inputs_and_compiles_nothing() 
     for c, moved in per_step.items():
         assert moved <= 2 * q_kv + tables[c] + positions, (c, moved)
     assert per_step[256] - tables[256] == per_step[2048] - tables[2048]
+    assert launched and set(launched) == {2}, launched
     assert store.compilations == 4  # nothing built after warm-up ...
     assert device_counters()["specialisations"] == built  # ... and the emulator launched no new signature
     sample = svc.metrics.registry.get_sample_value
@@ -298,7 +305,8 @@ def test_serve_nki_emu_warms_every_bucket_answers_like_the_reference_and_refuses
     """A real `tkg serve --backend nki-emu` process: the start line reports the warm-up, decode
     outputs (fused RoPE, batches padded to a bucket) match the independent mirror, a step past the
     compiled context bucket is INVALID_ARGUMENT naming it, and the metrics show the traffic and the
-    compilations, which do not move while serving."""
+    compilations, which do not move while serving. It runs at LNC 2 (NEURON_LOGICAL_NC_CONFIG unset:
+    trn2's default), which the start line reports and which makes contexts multiples of 256."""
     from support.mirror import Mirror, rand, scrape, tol
     from support.server_proc import start_server
 
@@ -307,13 +315,14 @@ def test_serve_nki_emu_warms_every_bucket_answers_like_the_reference_and_refuses
 
     srv = start_server(
         "--backend", "nki-emu", "--num-layers", "1", "--num-q-heads", "4", "--num-kv-heads", "2", "--head-dim", "32",
-        "--block-len", "4", "--num-blocks", "80", "--max-context", "256", "--max-batch", "3", "--max-s-active", "2",
-        "--kv-dtype", "bfloat16", "--fuse-rope", "true", "--rope-theta", "10000", "--context-buckets", "128",
-        "--batch-buckets", "2,3",
+        "--block-len", "4", "--num-blocks", "120", "--max-context", "512", "--max-batch", "3", "--max-s-active", "2",
+        "--kv-dtype", "bfloat16", "--fuse-rope", "true", "--rope-theta", "10000", "--context-buckets", "256",
+        "--batch-buckets", "2,3", env={"NEURON_LOGICAL_NC_CONFIG": "", "NEURON_PLATFORM_TARGET_OVERRIDE": ""},
     )  # fmt: skip
     try:
-        # contexts (128,) x batches (2, 3) x s_active (1, 2): 4 launches, 4 specialisations
+        # contexts (256,) x batches (2, 3) x s_active (1, 2): 4 launches, 4 specialisations
         assert " warm_up=4 launches/4 compiled in " in srv.line, srv.line
+        assert "backend=nki-emu lnc=2 " in srv.line, srv.line
         assert srv.backend == "nki-emu"
         rng = np.random.default_rng(4)
         dt = np.dtype(BF16)
@@ -330,10 +339,10 @@ def test_serve_nki_emu_warms_every_bucket_answers_like_the_reference_and_refuses
                 q, k, v = (rand(rng, (len(batch), h, S, 32), dt) for h in (4, 2, 2))
                 res = c.decode(0, batch, pos, q, k, v)
                 np.testing.assert_allclose(res.out.astype(np.float32), m.decode(0, batch, q, k, v), **tol(dt))
-            c.append_kv(sids[0], 0, *(rand(rng, (128 - m.length(sids[0], 0), 2, 32), dt) for _ in range(2)))
-            with pytest.raises(InvalidArgument, match=r"positions\[0\]: 129 tokens exceeds the largest "
-                               r"compiled context bucket 128 \(backend nki-emu"):  # fmt: skip
-                c.decode(0, sids[:1], [128], *(rand(rng, (1, h, 1, 32), dt) for h in (4, 2, 2)))
+            c.append_kv(sids[0], 0, *(rand(rng, (256 - m.length(sids[0], 0), 2, 32), dt) for _ in range(2)))
+            with pytest.raises(InvalidArgument, match=r"positions\[0\]: 257 tokens exceeds the largest "
+                               r"compiled context bucket 256 \(backend nki-emu"):  # fmt: skip
+                c.decode(0, sids[:1], [256], *(rand(rng, (1, h, 1, 32), dt) for h in (4, 2, 2)))
             after = scrape(srv.metrics_port)
         assert before["tkg_kernel_compilations_total"] == after["tkg_kernel_compilations_total"] == 4
         h2d = 'tkg_device_transfer_bytes_total{direction="h2d"}'

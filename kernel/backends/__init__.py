@@ -1,8 +1,8 @@
 """Backend registry: one interface, chosen by name (`--backend`), loaded lazily.
 
 A backend is a module satisfying `KernelBackend` (`NAME` and `run`), and optionally any of the
-hooks in `HOOKS`: `available`, `auto_reason`, `paged_decode`, `kv_store` (each its own Protocol
-below; callers look a hook up with `getattr` and fall back when it is absent).
+hooks in `HOOKS`: `available`, `auto_reason`, `require_runtime`, `paged_decode`, `kv_store` (each
+its own Protocol below; callers look a hook up with `getattr` and fall back when it is absent).
 tests/test_backends.py checks every shipped module against these Protocols. Modules are imported
 only when asked for, so the client never imports torch and Neuron code never loads on CPU hosts.
 """
@@ -38,6 +38,12 @@ class AutoReason(Protocol):
         """Why `auto` must not pick it though it is available (e.g. `nki` without a Neuron device)."""
 
 
+class RuntimeCheck(Protocol):
+    def require_runtime(self) -> None:
+        """`tkg serve`'s start-up check beyond `available()` (e.g. `nki`: a reachable Neuron device):
+        raise BackendUnavailable with one line naming what is missing."""
+
+
 class PagedDecoder(Protocol):
     def paged_decode(self, args: PagedArgs, **options: Any) -> None:
         """The service's fast path (`tkg.kernel.paged`); without it, `attention_tkg` per kv head."""
@@ -50,7 +56,8 @@ class StoreFactory(Protocol):
 
 # The optional hooks by attribute name: a module defining one must match its Protocol.
 HOOKS: dict[str, type] = {
-    "available": Availability, "auto_reason": AutoReason, "paged_decode": PagedDecoder, "kv_store": StoreFactory,
+    "available": Availability, "auto_reason": AutoReason, "require_runtime": RuntimeCheck,
+    "paged_decode": PagedDecoder, "kv_store": StoreFactory,
 }  # fmt: skip
 
 # name -> module path. Order is the `auto` preference among available backends.
@@ -113,6 +120,26 @@ def _auto_reason(name: str) -> str | None:
 def available() -> list[str]:
     """Names of the backends that can run on this host."""
     return [n for n in _BACKENDS if unavailable_reason(n) is None]
+
+
+def auto_skipped() -> list[tuple[str, str]]:
+    """(name, why) for each backend `auto` prefers to the one it picks but cannot use here, in
+    preference order: what the start line says when `auto` falls back (e.g. nki: no Neuron device)."""
+    skipped = []
+    for n in _AUTO_ORDER:
+        why = unavailable_reason(n) or _auto_reason(n)
+        if why is None:
+            break
+        skipped.append((n, why))
+    return skipped
+
+
+def require_serving(name: str) -> None:
+    """`tkg serve`'s start-up check of a resolved backend: its `require_runtime()` hook, if any
+    (BackendUnavailable naming what is missing, e.g. the Neuron device `nki` looked for)."""
+    check = getattr(_import(name), "require_runtime", None)
+    if check is not None:
+        check()
 
 
 def resolve(name: str, options: dict[str, Any] | None = None) -> str:

@@ -1,17 +1,20 @@
 """Backend `nki`: our NKI kernel through the real Neuron `nki` package, and the service hooks.
 
-- Off-device (no `/dev/neuron0`, or `NKI_SIMULATOR=1`): `nki.simulate(kernel[lnc])(...)` on CPU.
+- Off-device (no `/dev/neuron*`, or `NKI_SIMULATOR=1`): `nki.simulate(kernel[lnc])(...)` on CPU.
 - On a Trainium host: the compiled kernel on the NeuronCores, `kernel[lnc](...)`.
 Everything Neuron is imported lazily; `available()` says why this backend cannot run here. None of
 it can run on a build machine without the Neuron SDK (the PyPI `nki` is a placeholder): here it is
 the emulator (`nki-emu`) that executes the same kernel source.
 
 Service hooks for `tkg serve --backend nki`:
-- `require_runtime()`: the startup check, a clear error when the Neuron runtime is missing;
+- `require_runtime()`: the startup check of `tkg serve --backend nki`: one line naming what is
+  missing (an `nki` older than `neuron_env.MIN_NKI`, no `/dev/neuron*`, no torch-neuronx);
 - `auto_reason()`: `--backend auto` picks `nki` only where a Neuron device exists;
-- `kv_store(geometry, ...)`: the server's KV store (`nki_store.DeviceKVStore`): pools resident on
-  the NeuronCore through torch-neuronx (`nki_device.NeuronDevice`), shape buckets compiled at
-  start; the same store as `nki-emu` but for the device module;
+- `kv_store(geometry, ..., lnc=...)`: the server's KV store (`nki_store.DeviceKVStore`): pools
+  resident on the NeuronCore through torch-neuronx (`nki_device.NeuronDevice`), shape buckets
+  compiled at start, every launch at `lnc` (which must equal the runtime's
+  NEURON_LOGICAL_NC_CONFIG, `neuron_env.lnc_config`); the same store as `nki-emu` but for the
+  device module;
 - `paged_decode(args, ...)`: `tkg.kernel.paged_decode` over host pools (tests, benchmarks).
 The Neuron library's own kernel, for comparison on hardware, is backend `nkilib` (`backends/nkilib.py`).
 """
@@ -25,11 +28,10 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from tkg.kernel.backends import nki_host
+from tkg.kernel.backends import BackendUnavailable, neuron_env, nki_host
 from tkg.kernel.validate import KernelCall
 
 NAME = "nki"
-NEURON_DEVICE = "/dev/neuron0"
 
 
 def _real_nki() -> tuple[ModuleType | None, str | None]:
@@ -46,6 +48,9 @@ def _real_nki() -> tuple[ModuleType | None, str | None]:
         return None, "`nki` in this process is the tkg NumPy emulator (backend 'nki-emu'), not the Neuron SDK"
     if not hasattr(nki, "jit"):
         return None, "the installed `nki` has no `nki.jit` (NKI 0.3+ is required)"
+    too_old = neuron_env.nki_version_problem(nki)
+    if too_old is not None:
+        return None, too_old
     return nki, None
 
 
@@ -54,16 +59,18 @@ def available() -> str | None:
     return _real_nki()[1]
 
 
+def _simulator_forced() -> bool:
+    return os.environ.get("NKI_SIMULATOR", "0") == "1"
+
+
 def on_device() -> bool:
-    """True when kernels run on NeuronCores (a device is present and simulation is not forced)."""
-    return os.path.exists(NEURON_DEVICE) and os.environ.get("NKI_SIMULATOR", "0") != "1"
+    """True when kernels run on NeuronCores (a `/dev/neuron*` is present and simulation is not forced)."""
+    return bool(neuron_env.neuron_devices()) and not _simulator_forced()
 
 
 def _launch(lnc: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
     nki, reason = _real_nki()
     if nki is None:
-        from tkg.kernel.backends import BackendUnavailable
-
         raise BackendUnavailable(f"backend 'nki' is not available: {reason}")
     from tkg.kernel.nki_tkg.wrapper import attention_tkg_kernel
 
@@ -77,8 +84,6 @@ def run(call: KernelCall) -> None:
     """Run our NKI kernel through the real `nki` (simulated off-device, compiled on Trainium)."""
     reason = available()
     if reason is not None:
-        from tkg.kernel.backends import BackendUnavailable
-
         raise BackendUnavailable(f"backend 'nki' is not available: {reason}")
     from tkg.kernel.nki_tkg.plan import TKGConfig
 
@@ -86,17 +91,28 @@ def run(call: KernelCall) -> None:
 
 
 # --- service hooks ------------------------------------------------------------------------------
-class NeuronRuntimeMissing(RuntimeError):
+class NeuronRuntimeMissing(BackendUnavailable):
     """`--backend nki` was asked for on a host that cannot run Neuron kernels."""
 
 
-def require_runtime(allow_simulator: bool = False) -> None:
-    """Startup check for `tkg serve --backend nki`: raise NeuronRuntimeMissing naming what is missing."""
+def _no_device() -> str:
+    where = neuron_env.looked_for()
+    return f"no Neuron device ({where} not found; is this a Trn instance with the driver, or a pod given one?)"
+
+
+def require_runtime(allow_simulator: bool | None = None) -> None:
+    """Startup check for `tkg serve --backend nki`: raise NeuronRuntimeMissing naming what is missing.
+
+    `allow_simulator` (None: `NKI_SIMULATOR=1`) skips the device and torch-neuronx checks, for
+    serving from `nki.simulate` on a host with the SDK but no device (tests only).
+    """
+    if allow_simulator is None:
+        allow_simulator = _simulator_forced()
     _, reason = _real_nki()
     problems = [] if reason is None else [reason]
     if not allow_simulator:
-        if not os.path.exists(NEURON_DEVICE):
-            problems.append(f"no Neuron device ({NEURON_DEVICE} not found; is this a Trn instance with the driver?)")
+        if not neuron_env.neuron_devices():
+            problems.append(_no_device())
         if importlib.util.find_spec("torch_neuronx") is None:
             problems.append("torch-neuronx is not installed (needed for device-resident KV pools)")
     if problems:
@@ -111,7 +127,7 @@ def auto_reason() -> str | None:
     simulator is for tests, never a server's default)."""
     reason = available()
     if reason is None and not on_device():
-        reason = f"no Neuron device ({NEURON_DEVICE} not found, or NKI_SIMULATOR=1)"
+        reason = "NKI_SIMULATOR=1" if _simulator_forced() else _no_device()
     return reason
 
 
@@ -135,11 +151,20 @@ def _simulate(lnc: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def kv_store(geometry: Any, **options: Any) -> Any:
     """The service's KV store: pools on the NeuronCore (torch-neuronx, `NeuronDevice`), allocated
-    once; off-device (simulator) host memory standing in for HBM. Options as `nki_store.make_store`."""
+    once; off-device (simulator) host memory standing in for HBM. Options as `nki_store.make_store`
+    (`lnc`: the launches' LNC degree, default `neuron_env.lnc_config()`)."""
     from tkg.kernel.backends.nki_store import HbmDevice, make_store
 
+    options.setdefault("lnc", neuron_env.lnc_config())
     if on_device():  # Trn-only
         require_runtime()  # Trn-only
+        # The runtime and neuronx-cc read this variable; a launch at another LNC fails at run time.
+        os.environ.setdefault(neuron_env.LNC_VAR, str(options["lnc"]))  # Trn-only
+        if neuron_env.lnc_config() != options["lnc"]:  # Trn-only
+            raise neuron_env.NeuronConfigError(  # Trn-only
+                f"{neuron_env.LNC_VAR}={os.environ[neuron_env.LNC_VAR].strip()}: the store launches at lnc "
+                f"{options['lnc']}; expected the same value"
+            )  # Trn-only
         from tkg.kernel.backends.nki_device import NeuronDevice  # Trn-only
 
         return make_store(geometry, NeuronDevice(NAME, _config_cls), **options)  # Trn-only

@@ -74,17 +74,18 @@ def read_ready_file(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def start_server(*args: str, timeout: float = 60.0) -> ServerProc:
+def start_server(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> ServerProc:
     """`python -m tkg.server --host 127.0.0.1 --port 0 --metrics-port <free> --ready-file <tmp> ARGS`;
     returns once the ready file exists. (`--metrics-port 0` turns metrics off, so a free port is
-    picked here.) Raises RuntimeError with the process' output if it exits first or times out."""
+    picked here.) `env`: variables added to this process' environment for the server. Raises
+    RuntimeError with the process' output if it exits first or times out."""
     folder = Path(tempfile.mkdtemp(prefix="tkg-serve-"))
     ready_file = folder / "ready.json"
     cmd = [sys.executable, "-m", "tkg.server", "--host", "127.0.0.1", "--port", "0",
            "--metrics-host", "127.0.0.1", "--metrics-port", str(free_port()), "--log-level", "WARNING",
            "--ready-file", str(ready_file), *args]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # fmt: skip
     deadline = time.monotonic() + timeout
     # Polling a file, not reading the pipe: the output (a warning or two at WARNING) stays in the pipe
     # for the tests that read it after stop(); the start-up line is read once the file says ready.
