@@ -1,4 +1,5 @@
 # Two commands on a fresh machine: `make serve` and `make test`. Each creates .venv if missing.
+# `make test-xla`: the device store on torch-xla's CPU runtime, in its own venv (see below).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -36,3 +37,30 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# `make test-xla`: the device store's residency checked on torch-xla's CPU runtime (PJRT_DEVICE=CPU,
+# docs/trainium-store.md). torch-xla needs its own torch (2.9), so it gets its own venv, built once
+# outside the repo (CI's fresh clone on the same machine finds it); the project's .venv keeps 2.13.
+# The checkout under test is installed into it (no deps) whenever it is not the one installed last.
+XLA_HOME ?= $(HOME)/.cache/tkg-xla
+XLA_VENV := $(XLA_HOME)/venv
+XLA_STAMP := $(XLA_VENV)/.installed
+XLA_PINS := torch==2.9.0 torch-xla==2.9.0 'numpy>=1.26' 'ml-dtypes>=0.4' 'protobuf>=7.35.1,<8' 'pytest>=8' \
+	'pytest-timeout>=2.3' 'hypothesis>=6.100' 'setuptools>=68' wheel
+
+.PHONY: test-xla xla-env
+
+$(XLA_STAMP):
+	rm -rf $(XLA_VENV)
+	$(PY) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(XLA_VENV)/bin/python -m pip install -q $(XLA_PINS)
+	touch $(XLA_STAMP)
+
+xla-env: $(XLA_STAMP)
+
+test-xla: $(XLA_STAMP)
+	@if [ "$$(cat $(XLA_VENV)/.tkg-src 2>/dev/null)" != "$(CURDIR)" ]; then \
+		$(XLA_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e . && echo "$(CURDIR)" > $(XLA_VENV)/.tkg-src; \
+	fi
+	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest tests/test_xla_store.py -m xla -p no:cacheprovider $(PYTEST_ARGS)

@@ -123,6 +123,7 @@ def test_device_store_counts_what_the_emulator_sees_crossing() -> None:
     dev, _ = _twin_stores({"max_context": 256, "max_batch": 2, "max_s_active": 1})
     tables = rng.permutation(64)[:2 * 16].reshape(2, 16)
     kv = _fill((dev,), rng, tables, 100)
+    dev.sync()  # writes are posted to the store's device thread: let them land before counting
     q = rng.standard_normal((2, HQ, 1, D)).astype(BF16)
     lens = np.array([100, 60], np.int32)
     k_new = np.stack([kv[0][b][:, [lens[b] - 1]] for b in range(2)])

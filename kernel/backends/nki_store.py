@@ -1,18 +1,22 @@
 """`DeviceKVStore`: the KV store of the NKI backends (`nki-emu`, `nki`), pools resident on the device.
 
 Shared by both NKI backends; they differ only in the `Device` they pass (the emulator's HBM, or a
-NeuronCore through torch-neuronx). Per layer the K and V pools `[Hkv, NB, BL, d]` are allocated
-once on the device; `write` uploads only the new tokens and their slots, `copy_blocks` the block
-ids, `read_blocks` downloads only the blocks asked for. A decode step uploads q, the new k/v, the
-folded block table and the positions (and window starts), launches the kernel over the resident
-pools (viewed as `[Hkv*NB, BL, d]`, no copy) and downloads the output. Masks and sinks are
-constants per shape / layer, uploaded once.
+NeuronCore through torch-neuronx). Per layer the K and V pools `[Hkv, NB+1, BL, d]` (one scratch
+block past the cache's ids) are allocated once on the device; `write` uploads only the new tokens
+and their slots, `copy_blocks` the block ids, `read_blocks` downloads only the blocks asked for. A
+decode step uploads q, the new k/v, the folded block table and the positions (and window starts),
+launches the kernel over the resident pools (viewed as `[Hkv*(NB+1), BL, d]`, no copy) and
+downloads the output. Masks and sinks are constants per shape / layer, uploaded once.
 
 Shapes are bucketed (`Buckets`): the batch to a batch bucket (padding rows masked), the new tokens
 per sequence to an s_active bucket (padding queries dropped), the longest sequence to a context
-bucket. `warm_up` launches every (variant, batch, context, s_active) combination at start, so a
-kernel specialisation is never built while serving; `decode` refuses a step outside the buckets
-(`StepOutOfBuckets`) instead of compiling it.
+bucket; writes to the batch x s_active sizes and copies/reads to powers of two, padded into the
+scratch block. Every device operation runs on the store's one device thread and ends at the
+device's barrier (`torch_xla.sync()` on a lazy-tensor device), so the pools are updated in place
+and the graphs are a fixed set. `warm_up` runs every write, copy and read size and launches every
+(variant, batch, context, s_active) combination at start, so nothing is built while serving;
+`decode` refuses a step outside the buckets (`StepOutOfBuckets`) instead of compiling it.
+docs/trainium-store.md says why, and what `make test-xla` proves of it on torch-xla's CPU runtime.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from tkg.kernel import decisions
 from tkg.kernel.backends import nki_host
+from tkg.kernel.backends.device_worker import DeviceWorker
 from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, StepOutOfBuckets, WarmUp
 
 
@@ -109,7 +114,10 @@ class Device(Protocol):
     """Where the pools live: allocation, counted transfers, device-side index ops, kernel launch.
 
     Arrays are the device's own handles; `upload`/`download` are the only host <-> device copies
-    and the device counts their bytes (`h2d`, `d2h`).
+    and the device counts their bytes (`h2d`, `d2h`). `barrier` ends a unit of device work: on a
+    lazy-tensor device (torch-xla) it compiles and runs what is pending and updates the pools in
+    place; where every operation runs when issued (the emulator) it does nothing. The store calls
+    every method on its one device thread (`device_worker.DeviceWorker`).
     """
 
     name: str
@@ -118,12 +126,13 @@ class Device(Protocol):
 
     def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any: ...
     def upload(self, a: np.ndarray) -> Any: ...
-    def download(self, x: Any) -> np.ndarray: ...
+    def download(self, x: Any, dtype: np.dtype | None = None) -> np.ndarray: ...
     def scatter(self, pool: Any, blocks: Any, offsets: Any, values: Any) -> None: ...
     def copy_blocks(self, pool: Any, src: Any, dst: Any) -> None: ...
     def gather_blocks(self, pool: Any, ids: Any) -> Any: ...
     def fold(self, pool: Any) -> Any: ...
-    def launch(self, lnc: int, args: tuple[Any, ...]) -> tuple[np.ndarray, ...]: ...
+    def launch(self, lnc: int, args: tuple[Any, ...]) -> tuple[Any, ...]: ...
+    def barrier(self) -> None: ...
     def kernel_config(self, cfg: Any) -> Any: ...
 
 
@@ -132,7 +141,7 @@ class HbmDevice:
 
     `launcher(lnc, args)` runs the kernel on them: the emulator (backend `nki-emu`) or the Neuron
     simulator (backend `nki` without a device). Counts its own uploads and downloads; the kernel's
-    outputs count as downloads.
+    outputs count as downloads. Every operation runs when issued, so `barrier` has nothing to do.
     """
 
     def __init__(self, name: str, launcher: Callable[[int, tuple[Any, ...]], Any], config_cls: Callable[[], type]):
@@ -159,9 +168,13 @@ class HbmDevice:
         self._count(h2d=x.nbytes)
         return x
 
-    def download(self, x: Any) -> np.ndarray:
-        self._count(d2h=x.nbytes)
-        return self._hbm.to_host(x)
+    def download(self, x: Any, dtype: np.dtype | None = None) -> np.ndarray:
+        """An `HbmArray` (a pool's blocks) or a kernel output (host memory in the emulator)."""
+        a = self._hbm.to_host(x) if isinstance(x, self._hbm.HbmArray) else np.asarray(x)
+        self._count(d2h=a.nbytes)
+        if dtype is not None and a.dtype != np.dtype(dtype):
+            raise TypeError(f"{self.name}: download: the array holds {a.dtype}, expected {np.dtype(dtype)}")
+        return a
 
     def scatter(self, pool: Any, blocks: Any, offsets: Any, values: Any) -> None:
         pool.data[:, blocks.data, offsets.data] = values.data
@@ -176,19 +189,40 @@ class HbmDevice:
         Hkv, NB, BL, d = pool.shape
         return pool.reshape(Hkv * NB, BL, d)
 
-    def launch(self, lnc: int, args: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
+    def launch(self, lnc: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
         res = self._launcher(lnc, args)
-        res = res if isinstance(res, tuple) else (res,)
-        out = tuple(np.asarray(r) for r in res)
-        self._count(d2h=sum(r.nbytes for r in out))
-        return out
+        return res if isinstance(res, tuple) else (res,)
+
+    def barrier(self) -> None:
+        """Nothing pending: the emulator's operations already ran."""
 
     def kernel_config(self, cfg: Any) -> Any:
         return nki_host.kernel_config(cfg, self._config_cls())
 
 
+MAX_BLOCKS_PER_JOB = 64  # copies and reads go in chunks of at most this many blocks (warm-up reads each size)
+
+
+def _bucket(sizes: tuple[int, ...], n: int) -> int:
+    """The smallest of `sizes` (ascending) holding `n` (n <= sizes[-1])."""
+    return next(s for s in sizes if s >= n)
+
+
 class DeviceKVStore(KVStore):
-    """Pools on `device`; see the module docstring. `lnc`: NeuronCores per launch (1 or 2)."""
+    """Pools on `device`; see the module docstring. `lnc`: NeuronCores per launch (1 or 2).
+
+    Internals (the shapes a lazy-tensor device compiles, docs/trainium-store.md):
+    - the pools hold `num_blocks + 1` blocks: block `num_blocks` is the scratch block, never
+      handed out by the cache (its block ids are `0 .. num_blocks-1`), where padding goes;
+    - a write of n tokens goes in chunks of the largest write bucket (batch x s_active buckets),
+      each padded to its bucket with slots in the scratch block; copies and reads of n blocks in
+      chunks padded to powers of two (up to `MAX_BLOCKS_PER_JOB`) with scratch ids;
+    - every device operation is a job on the store's one device thread (`DeviceWorker`), each
+      ending at `device.barrier()`: the pools are updated in place, and no job's graph holds
+      another's operations;
+    - `warm_up` runs every write, copy, read and kernel shape once, so serving compiles nothing.
+    `graphs` (device thread only; read it after `sync()`): the (operation, shape) keys run so far.
+    """
 
     def __init__(self, geometry: KVGeometry, device: Device, buckets: Buckets, *, lnc: int = 1) -> None:
         super().__init__(geometry)
@@ -201,15 +235,33 @@ class DeviceKVStore(KVStore):
         self.device = device
         self.buckets = buckets
         self.lnc = lnc
-        shape, dt = geometry.pool_shape, np.dtype(geometry.dtype)
-        self.k = [device.zeros(shape, dt) for _ in range(geometry.num_layers)]
-        self.v = [device.zeros(shape, dt) for _ in range(geometry.num_layers)]
-        self._fk = [device.fold(p) for p in self.k]  # [Hkv*NB, BL, d] views of the same memory
-        self._fv = [device.fold(p) for p in self.v]
+        g = geometry
+        self.scratch = g.num_blocks  # the reserved padding block (see the class docstring)
+        self._nb = g.num_blocks + 1  # blocks in each device pool
+        self.write_sizes = tuple(sorted({b * s for b in buckets.batches for s in buckets.s_actives}))
+        self.block_counts = tuple(_powers(min(MAX_BLOCKS_PER_JOB, -(-buckets.contexts[-1] // g.block_len))))
+        self.graphs: set[tuple[Any, ...]] = set()
+        self._worker = DeviceWorker(device.name)
         self._consts: dict[tuple[Any, ...], Any] = {}  # masks per shape, sinks per value: uploaded once
         self._configs: dict[tuple[Any, ...], Any] = {}
         self._seen: set[tuple[Any, ...]] = set()  # launch shapes so far: one specialisation each
-        self._lock = threading.Lock()
+        self.k, self.v = self._worker.call(self._allocate)
+
+    def _allocate(self) -> tuple[list[Any], list[Any]]:
+        g, dev = self.geometry, self.device
+        shape, dt = (g.num_kv_heads, self._nb, g.block_len, g.head_dim), np.dtype(g.dtype)
+        k = [dev.zeros(shape, dt) for _ in range(g.num_layers)]
+        v = [dev.zeros(shape, dt) for _ in range(g.num_layers)]
+        dev.barrier()  # the pools become device buffers now, not a pending fill in the first step's graph
+        return k, v
+
+    def sync(self) -> None:
+        """Wait for every device job queued so far (writes and copies do not wait)."""
+        self._worker.drain()
+
+    def close(self) -> None:
+        """Finish the queued device jobs and stop the device thread."""
+        self._worker.close()
 
     # ---- limits and counters --------------------------------------------------------------------
 
@@ -229,39 +281,93 @@ class DeviceKVStore(KVStore):
         return {"h2d": self.device.h2d, "d2h": self.device.d2h}
 
     # ---- storage --------------------------------------------------------------------------------
-
-    def _ids(self, a: np.ndarray) -> Any:
-        return self.device.upload(np.ascontiguousarray(a, dtype=np.int32))
+    # Called from the event loop: the padded host arrays are fresh copies (the caller may reuse its
+    # own), and writes/copies are posted without waiting; reads wait for their job.
 
     def write(self, layer: int, blocks: np.ndarray, offsets: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        dt = np.dtype(self.geometry.dtype)
-        b, o = self._ids(blocks), self._ids(offsets)
-        self.device.scatter(self.k[layer], b, o, self.device.upload(np.asarray(k, dtype=dt)))
-        self.device.scatter(self.v[layer], b, o, self.device.upload(np.asarray(v, dtype=dt)))
+        self._check_layer(layer)
+        g = self.geometry
+        dt = np.dtype(g.dtype)
+        b = np.asarray(blocks).reshape(-1)
+        o = np.asarray(offsets).reshape(-1)
+        n = b.size
+        kk = np.asarray(k).reshape(g.num_kv_heads, n, g.head_dim)
+        vv = np.asarray(v).reshape(g.num_kv_heads, n, g.head_dim)
+        top = self.write_sizes[-1]
+        for c0 in range(0, n, top):
+            c1 = min(n, c0 + top)
+            m, size = c1 - c0, _bucket(self.write_sizes, c1 - c0)
+            pb = np.full(size, self.scratch, np.int32)
+            po = (np.arange(size) % g.block_len).astype(np.int32)  # padding: distinct slots of the scratch block
+            pk = np.zeros((g.num_kv_heads, size, g.head_dim), dt)
+            pv = np.zeros((g.num_kv_heads, size, g.head_dim), dt)
+            pb[:m], po[:m] = b[c0:c1], o[c0:c1]
+            pk[:, :m], pv[:, :m] = kk[:, c0:c1], vv[:, c0:c1]
+            self._worker.post(lambda layer=layer, pb=pb, po=po, pk=pk, pv=pv: self._write_job(layer, pb, po, pk, pv))
+
+    def _write_job(self, layer: int, blocks: np.ndarray, offsets: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        dev = self.device
+        b, o = dev.upload(blocks), dev.upload(offsets)
+        dev.scatter(self.k[layer], b, o, dev.upload(k))
+        dev.scatter(self.v[layer], b, o, dev.upload(v))
+        dev.barrier()
+        self.graphs.add(("write", blocks.size))
+
+    def _padded_ids(self, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(real count, int32 ids padded with the scratch id to a block-count bucket) per chunk."""
+        ids = np.asarray(ids).reshape(-1)
+        top, out = self.block_counts[-1], []
+        for c0 in range(0, ids.size, top):
+            part = ids[c0 : c0 + top]
+            padded = np.full(_bucket(self.block_counts, part.size), self.scratch, np.int32)
+            padded[: part.size] = part
+            out.append((part.size, padded))
+        return out
 
     def copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
-        if not len(src):
-            return
-        s, d = self._ids(src), self._ids(dst)
+        # Chunks run one after another: right for the cache's copies (fresh dst blocks, never a src).
+        for (_, s), (_, d) in zip(self._padded_ids(src), self._padded_ids(dst), strict=True):
+            self._worker.post(lambda s=s, d=d: self._copy_job(s, d))
+
+    def _copy_job(self, src: np.ndarray, dst: np.ndarray) -> None:
+        dev = self.device
+        s, d = dev.upload(src), dev.upload(dst)
         for pools in (self.k, self.v):
             for pool in pools:
-                self.device.copy_blocks(pool, s, d)
+                dev.copy_blocks(pool, s, d)
+        dev.barrier()
+        self.graphs.add(("copy", src.size))
 
     def read_blocks(self, layer: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._check_layer(layer)
-        ids = self._ids(blocks)
-        dev = self.device
-        return dev.download(dev.gather_blocks(self.k[layer], ids)), dev.download(dev.gather_blocks(self.v[layer], ids))
+        g = self.geometry
+        ks, vs = [], []
+        for m, ids in self._padded_ids(blocks):
+            k, v = self._worker.call(lambda ids=ids: self._read_job(layer, ids))
+            ks.append(k[:, :m])
+            vs.append(v[:, :m])
+        if not ks:
+            empty = np.zeros((g.num_kv_heads, 0, g.block_len, g.head_dim), np.dtype(g.dtype))
+            return empty, empty.copy()
+        if len(ks) == 1:
+            return np.ascontiguousarray(ks[0]), np.ascontiguousarray(vs[0])
+        return np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
+
+    def _read_job(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dev, dt = self.device, np.dtype(self.geometry.dtype)
+        i = dev.upload(ids)
+        k, v = dev.gather_blocks(self.k[layer], i), dev.gather_blocks(self.v[layer], i)
+        dev.barrier()
+        self.graphs.add(("read", ids.size))
+        return dev.download(k, dt), dev.download(v, dt)
 
     # ---- decode ---------------------------------------------------------------------------------
 
     def _const(self, key: tuple[Any, ...], make: Callable[[], np.ndarray]) -> Any:
-        with self._lock:
-            x = self._consts.get(key)
+        """A constant on the device, uploaded at its first use (device thread only: no lock)."""
+        x = self._consts.get(key)
         if x is None:
-            x = self.device.upload(make())
-            with self._lock:
-                self._consts[key] = x
+            x = self._consts[key] = self.device.upload(make())
         return x
 
     def _config(self, cfg: Any) -> Any:
@@ -318,45 +424,59 @@ class DeviceKVStore(KVStore):
         # The kernel's sink is per query head of a launch, shared by its rows: with sinks, one launch
         # per kv head (its group's sinks); without, every kv head folded into one launch.
         groups = [range(Hkv)] if sinks is None else [[h] for h in range(Hkv)]
-        dev = self.device
         for heads in groups:
             st = nki_host.fold_inputs(
-                q, k_new, v_new, tables, lens, scale=scale, window=window, heads=heads, num_blocks=g.num_blocks,
+                q, k_new, v_new, tables, lens, scale=scale, window=window, heads=heads, num_blocks=self._nb,
                 block_len=g.block_len, context=ctx, batch=Bb, s_active=Sb,
             )  # fmt: skip
-            rows = st.cfg.bs
-            mask = self._const(("mask", Sb, rows, G), lambda m=st.mask: m)
-            sink = None
+            sg = None
             if sinks is not None:
                 sg = np.asarray(sinks, dtype=np.float32).reshape(Hkv, G)[heads[0]].reshape(G, 1)
-                sink = self._const(("sink", sg.tobytes()), lambda s=sg: s)
-            starts = None if st.starts is None else dev.upload(st.starts)
-            args = (
-                dev.upload(st.q), dev.upload(st.k_active), dev.upload(st.v_active), self._fk[layer], self._fv[layer],
-                mask, None, dev.upload(st.positions), starts, sink, dev.upload(st.table), self._config(st.cfg), False,
-            )  # fmt: skip
-            self._count_specialisation((Bb, ctx, Sb, rows, window is not None, sinks is not None))
-            res = dev.launch(self.lnc, args)[0]
+            key = (Bb, ctx, Sb, st.cfg.bs, window is not None, sinks is not None, st.k_active.dtype.name)
+            res = self._worker.call(lambda st=st, sg=sg, key=key: self._launch_job(layer, st, sg, key))
             st.unfold(res, out)
 
-    def _count_specialisation(self, key: tuple[Any, ...]) -> None:
-        with self._lock:
-            if key not in self._seen:
-                self._seen.add(key)
-                self.compilations += 1
+    def _launch_job(self, layer: int, st: nki_host.FoldedStep, sink: np.ndarray | None, key: tuple[Any, ...]) -> Any:
+        """Upload the step's inputs, launch over the resident pools, barrier, download the output."""
+        dev = self.device
+        Sb, rows, G = st.cfg.s_active, st.cfg.bs, st.cfg.q_head
+        mask = self._const(("mask", Sb, rows, G), lambda: st.mask)
+        sk = None if sink is None else self._const(("sink", sink.tobytes()), lambda: sink)
+        starts = None if st.starts is None else dev.upload(st.starts)
+        args = (
+            dev.upload(st.q), dev.upload(st.k_active), dev.upload(st.v_active), dev.fold(self.k[layer]),
+            dev.fold(self.v[layer]), mask, None, dev.upload(st.positions), starts, sk, dev.upload(st.table),
+            self._config(st.cfg), False,
+        )  # fmt: skip
+        if key not in self._seen:
+            self._seen.add(key)
+            self.compilations += 1
+        res = dev.launch(self.lnc, args)[0]
+        dev.barrier()
+        self.graphs.add(("decode", *key))
+        return dev.download(res)
 
     def warm_up(self, variants: set[LayerVariant], num_q_heads: int, s_active: int = 1) -> WarmUp:
-        """Launch every (variant, batch, context, s_active) bucket once over zero pools' block 0."""
+        """Run every shape serving can need once: each write bucket, each copy/read block count (all
+        on the scratch block), and a launch per (variant, batch, context, s_active) over block 0."""
         t0 = time.perf_counter()
         before, launches = self.compilations, 0
         g, bk = self.geometry, self.buckets
-        io = np.dtype(g.io_dtype or g.dtype)
+        dt, io = np.dtype(g.dtype), np.dtype(g.io_dtype or g.dtype)
+        for n in self.write_sizes:
+            slots = np.full(n, self.scratch, np.int32)
+            kv = np.zeros((g.num_kv_heads, n, g.head_dim), dt)
+            self.write(0, slots, np.arange(n) % g.block_len, kv, kv)
+        for n in self.block_counts:
+            ids = np.full(n, self.scratch, np.int32)
+            self.copy_blocks(ids, ids)
+            self.read_blocks(0, ids)
         for variant in sorted(variants, key=lambda x: (x.window, x.sinks)):
             sinks = np.zeros(num_q_heads, np.float32) if variant.sinks else None
             for B in bk.batches:
                 for S in bk.s_actives:
                     q = np.zeros((B, num_q_heads, S, g.head_dim), io)
-                    kv = np.zeros((B, g.num_kv_heads, S, g.head_dim), io)
+                    kv = np.zeros((B, g.num_kv_heads, S, g.head_dim), dt)  # new k/v come stored (fp8 stays fp8)
                     for ctx in bk.contexts:
                         tables = np.zeros((B, ctx // g.block_len), np.int32)
                         lens = np.full(B, ctx, np.int32)
@@ -364,6 +484,7 @@ class DeviceKVStore(KVStore):
                             0, q, kv, kv, tables, lens, scale=1.0, window=ctx if variant.window else None, sinks=sinks
                         )
                         launches += 1
+        self.sync()
         return WarmUp(launches, self.compilations - before, time.perf_counter() - t0)
 
 
