@@ -63,7 +63,8 @@ class App:
         """The one start-up line: address, backend, ports, geometry and KV bytes."""
         s, table = self.settings, self.authenticator.table
         return (
-            f"listening on {s.host}:{self.port} backend={s.backend} metrics_port={self.metrics_port} "
+            f"listening on {s.host}:{self.port} backend={s.backend} "
+            f"metrics_port={'off' if self.metrics_port is None else self.metrics_port} "
             f"tls={'on' if s.tls_cert else 'off'}{'+mtls' if s.tls_client_ca else ''} "
             f"auth={'on' if table.enabled else 'off'} tenants={len(table.tenants)} "
             f"max_batch={self.spec.max_batch}{self._warm_up_text()} loop={self.event_loop} | {self.spec.summary()}"
@@ -236,15 +237,23 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
         else:
             port = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
-        raise OSError(f"cannot listen on {address}: {exc}") from None
+        raise OSError(f"--port {settings.port}: cannot listen on {address}: {exc}") from None
     if port == 0:
-        raise OSError(f"cannot listen on {address} (in use or not allowed)")
+        raise OSError(f"--port {settings.port}: cannot listen on {address} (in use or not allowed)")
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     metrics_port = None
     if settings.metrics_port is not None:
-        metrics_port = metrics.serve(settings.metrics_port, settings.metrics_host)
+        try:
+            metrics_port = metrics.serve(settings.metrics_port, settings.metrics_host)
+        except OSError as exc:  # name the port and the flag: "[Errno 98]" alone says neither
+            await server.stop(None)
+            raise OSError(
+                f"--metrics-port {settings.metrics_port}: cannot listen on {settings.metrics_host}:"
+                f"{settings.metrics_port} ({exc.strerror or exc}); expected a free port, or --metrics-port 0 "
+                "to turn metrics off"
+            ) from None
     service.start()
     warmed = await asyncio.get_running_loop().run_in_executor(None, warm_up, spec, cache)
     service.mark_ready()
