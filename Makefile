@@ -7,14 +7,27 @@ STAMP := $(VENV)/.installed
 
 .PHONY: serve test lint proto bench clean
 
-$(BIN)/python:
-	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+VENV_DEPS := pyproject.toml setup.py $(wildcard kernel/backends/native/*.c kernel/backends/native/*.h)
+# One environment creation at a time: `make serve` and `make test` started together on a fresh
+# clone would otherwise both run pip into the same .venv (and one crash). The outer rule takes an
+# exclusive flock on VENV_LOCK and runs make again inside it; that inner make decides afresh, so
+# whoever waited finds the stamp up to date and installs nothing. Without flock (not Linux), unlocked.
+VENV_LOCK := .venv.lock
 
+ifeq ($(TKG_VENV_LOCKED),1)
 # Reinstall when the project's metadata or native sources change.
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard kernel/backends/native/*.c kernel/backends/native/*.h)
+$(STAMP): $(VENV_DEPS)
+	test -x $(BIN)/python || { $(PY) -m venv $(VENV) && $(BIN)/python -m pip install -q --upgrade pip; }
 	$(BIN)/python -m pip install -q -e '.[server,dev,transformers]'
 	touch $(STAMP)
+else
+$(STAMP): $(VENV_DEPS)
+	@if command -v flock >/dev/null 2>&1; then \
+		flock $(VENV_LOCK) $(MAKE) --no-print-directory TKG_VENV_LOCKED=1 $(STAMP); \
+	else \
+		$(MAKE) --no-print-directory TKG_VENV_LOCKED=1 $(STAMP); \
+	fi
+endif
 
 serve: $(STAMP)
 	$(BIN)/tkg serve $(ARGS)
@@ -36,7 +49,7 @@ bench: $(STAMP)
 	$(BIN)/tkg bench serve
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_LOCK) build *.egg-info
 
 # `make test-xla`: the device store's residency checked on torch-xla's CPU runtime (PJRT_DEVICE=CPU,
 # docs/trainium-store.md). torch-xla needs its own torch (2.9), so it gets its own venv, built once

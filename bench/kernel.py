@@ -1,7 +1,7 @@
 """`tkg bench kernel`: the `cpu` backend's decode attention against the machine's read bandwidth and peers.
 
 Everything is measured in ONE run, on the same shapes, so the ratios are meaningful on a shared, noisy
-machine (design/performance.md). Per shape it reports, as median milliseconds and effective bandwidth
+machine (docs/performance.md). Per shape it reports, as median milliseconds and effective bandwidth
 (compulsory K+V bytes / median time) over the read bandwidth measured at the start of the run:
 
 - `cpu.paged_decode`: the service's hot path (`tkg.kernel.backends.cpu.paged_decode`), and which implementation
@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,7 @@ FP8_PEERS = ("cpu.paged_decode", "cpu.attention_tkg", "torch.paged_decode")
 PEERS = ("cpu.paged_decode", "cpu.attention_tkg", "torch.paged_decode", "reference", "sdpa_gqa", "sdpa_repeat")
 BASELINE = "sdpa_gqa"
 _PROBE = "<read probe {}>"
-# Goals of issue 14 (design/performance.md), checked per case by the report.
+# The kernel goals of docs/performance.md ("Goals"), checked per case by the report.
 GOAL_X_READ_BW = 0.6  # cpu.paged_decode effective bandwidth over the read bandwidth, at S=1
 GOAL_PAGED_VS_API = 1.05  # cpu.paged_decode median time over cpu.attention_tkg's, same data
 GOAL_FP8_SPEEDUP = 1.6  # tokens/s on fp8 KV over bf16 KV
@@ -96,9 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=1.0, help="seconds per peer and shape, at most (1.0)")
     p.add_argument("--threads", type=int, default=2, help="torch threads and cpu kernel threads (2)")
     p.add_argument("--membw-mib", type=int, default=512, help="buffer for the read-bandwidth measure (512)")
-    p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write the report as one JSON document to FILE ('-' = stdout, the table then "
+                        "goes to stderr), as every tkg command that writes JSON")  # fmt: skip
     p.add_argument("--backend", choices=("cpu", "nki-emu"), default="cpu",
-                   help="cpu: this host benchmark (default); nki-emu: the NKI kernel's emulated trn2 estimate")
+                   help="cpu: this host benchmark (default); nki-emu: the NKI kernel's emulated trn2 estimate "
+                        "(its own options: `tkg bench kernel --backend nki-emu --help`)")  # fmt: skip
+    p.add_argument("--nkilib", metavar="PATH",
+                   help="with --backend nki-emu: a folder holding nki-library's `nkilib` package; runs our NKI "
+                        "kernel and the library's side by side")  # fmt: skip
     return p
 
 
@@ -455,14 +462,33 @@ def main(argv: list[str] | None = None) -> int:
         return int(nki_bench.main(rest) or 0)
     parser = build_parser()
     a = parser.parse_args(rest)
+    if a.nkilib is not None:
+        print("tkg bench kernel: --nkilib: given with --backend cpu; expected --backend nki-emu", file=sys.stderr)
+        return 2
     try:
         rep = run_bench(a)
     except ValueError as exc:
         print(f"tkg bench kernel: {exc}", file=sys.stderr)
         return 2
     rep["goals"] = goal_verdicts(rep)
-    print(json.dumps(rep, indent=2) if a.json else format_report(rep))
-    return 0
+    return 0 if emit_report(format_report(rep), rep, a.json) else 1
+
+
+def emit_report(text: str, rep: dict[str, Any], json_target: str | None) -> bool:
+    """The table on stdout; with `--json -` the JSON on stdout and the table on stderr, with a
+    path the JSON written there. False (after a one-line error) when the file cannot be written."""
+    if json_target == "-":
+        print(text, file=sys.stderr)
+        print(json.dumps(rep, indent=2))
+        return True
+    print(text)
+    if json_target:
+        try:
+            Path(json_target).write_text(json.dumps(rep, indent=2) + "\n")
+        except OSError as exc:
+            print(f"tkg bench kernel: error: --json: cannot write {json_target!r} ({exc.strerror})", file=sys.stderr)
+            return False
+    return True
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Read bandwidth of this machine, measured in the same process as the kernel it is compared to.
 
 Decode attention is memory bound, so a kernel's speed is reported as effective bandwidth (compulsory
-KV bytes / time) over the machine's read bandwidth measured in the same run (design/performance.md).
+KV bytes / time) over the machine's read bandwidth measured in the same run (docs/performance.md).
 Two measures, both over buffers far larger than the last-level cache and with the same thread count
 as the kernels (both cores by default), reading the bytes once and writing nothing: a torch sum, and
 the native kernel's own thread pool streaming a numpy buffer (the kernel's threads, pinning and page

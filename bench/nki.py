@@ -3,11 +3,11 @@
 Wall time on the emulator says nothing about Trainium, so this reports what the emulator counts
 while executing the kernel's own source: HBM bytes read and written, instructions per engine and
 DMA transfers, per NeuronCore, then the emulator's on-paper trn2 latency ESTIMATE next to the
-HBM-bandwidth floor for the compulsory K/V bytes of the same step (design/performance.md). The
+HBM-bandwidth floor for the compulsory K/V bytes of the same step (docs/performance.md). The
 kernel runs through `paged_decode` (the service's path: one launch, (sequence, kv head) rows
 folded into the batch, block KV, positions-generated mask).
 
-    python -m tkg.bench.nki [--json [FILE]] [--lnc 1 2] [--context 4096] [--s-active 1 4] [--block-len 16 128]
+    python -m tkg.bench.nki [--json FILE] [--lnc 1 2] [--context 4096] [--s-active 1 4] [--block-len 16 128]
                                    [--nkilib PATH]
 
 With `--nkilib PATH` (a folder holding nki-library's `nkilib` package) it runs our kernel and the
@@ -31,7 +31,7 @@ from tkg.kernel.paged import paged_decode
 
 @dataclass(frozen=True)
 class Step:
-    """One decode step of the reference geometry (design/performance.md)."""
+    """One decode step of the reference geometry (docs/performance.md)."""
 
     batch: int = 8
     q_heads: int = 32
@@ -135,9 +135,7 @@ def default_steps(context: int = 4096, s_active: tuple[int, ...] = (1, 4), block
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tkg bench kernel --backend nki-emu", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--json", nargs="?", const="-", default=None, metavar="FILE", help="JSON rows to FILE (or stdout without FILE)"
-    )
+    ap.add_argument("--json", default=None, metavar="FILE", help="JSON rows to FILE ('-' = stdout)")
     ap.add_argument(
         "--nkilib",
         metavar="PATH",

@@ -1,7 +1,7 @@
 """`tkg bench kernel --backend nki-emu --nkilib PATH`: our NKI kernel and nki-library's, side by side.
 
 Both kernels run on the emulator (backends `nki-emu` and `nkilib-emu`) on the same inputs: the
-reference step of design/performance.md folded into one launch ((sequence, kv head) rows, as the
+reference step of docs/performance.md folded into one launch ((sequence, kv head) rows, as the
 service launches it), at S = 1 and 4, with the K/V prior in block layout (the paged pool, block
 16) and flat (each row's keys contiguous), at lnc 1 and 2. Per case: DMA bytes, HBM bytes,
 instructions per engine, the trn2 latency ESTIMATE of each (`nki_emu.estimate`, the cost model of

@@ -6,7 +6,7 @@ with the bench geometry (default 32 q / 8 kv heads, d=128, bf16, one layer, cont
 `DecodeResponse` to a real serialized `DecodeRequest`). The same decode step is also timed
 in this process (`paged_decode` on a pool of the same geometry, same backend): the kernel alone.
 Scenarios, each measured against its peer in the same run (the machine is shared and noisy: read
-the ratios, not the absolute numbers), and the goals (design/performance.md):
+the ratios, not the absolute numbers), and the goals (docs/performance.md):
 
   overhead    one sequence, S=1, one caller, at each `--latency-contexts` (default 256 and 1024):
               p50 over calls of (Decode latency - the server's `kernel_us`) vs the echo's p50
@@ -716,7 +716,7 @@ def transport_summary(tcp: list[float], uds: list[float], context: int) -> dict[
 
 
 def render(r: dict[str, Any]) -> str:
-    """The ratio table: goals 1-4 of design/performance.md, then the figures behind them."""
+    """The ratio table: goals 1-4 of docs/performance.md, then the figures behind them."""
     c, L, K, B, S = r["config"], r["latency"], r["kernel_load"], r["batching"], r["streaming"]
     g, met = c["model_geometry"], r["goals_met"]
     ok = lambda key: "met" if met[key] else "MISSED"  # noqa: E731

@@ -2,7 +2,7 @@
 
 `TkgError` is the base (`.code` a `grpc.StatusCode`, `.details` the server's text, `.replica` the
 target that answered when the client talks to several). Catch a subclass (`NotFound`,
-`FailedPrecondition`, ...) for one situation of `design/api.md`, or `TkgError` for all of them.
+`FailedPrecondition`, ...) for one situation of docs/operations.md ("Status codes"), or `TkgError` for all of them.
 """
 
 from __future__ import annotations

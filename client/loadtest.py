@@ -39,8 +39,9 @@ from tkg import codec
 from tkg.client import routing
 from tkg.client.aio import AsyncClient
 from tkg.client.errors import TkgError, Unknown
+from tkg.client.html_report import write_html
 from tkg.client.messages import DecodeInput, DecodeResult
-from tkg.client.stats import Recorder, emit, render, summarize
+from tkg.client.stats import Recorder, emit, rate_check, render, summarize, timeline
 
 PROG = "tkg loadtest"
 # Caps that keep a mistyped flag from turning into an unbounded run.
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--max-message-bytes", type=int, default=64 * 2**20, help="gRPC message limit (default 64 MiB)")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write a ghz-like JSON report to FILE ('-' = stdout)")
+    out.add_argument("--html", metavar="FILE", help="write a self-contained HTML report to FILE: latency histogram "
+                     "and percentiles over time, throughput over time, status codes, server timing, options")
     out.add_argument("--progress", choices=["auto", "bar", "lines", "off"], default="auto",
                      help="progress on stderr: a bar on a TTY, periodic lines otherwise (default auto)")
     out.add_argument("--seed", type=int, default=0, help="random data seed (default 0)")
@@ -395,10 +398,10 @@ class Runner:
         if pr.measure_start is None:
             pr.measure_start = t_sched
         if error is not None:
-            self.rec.failed(error.code.name, error.details)
+            self.rec.failed(error.code.name, error.details, at_s=now)
         else:
             t = result.timing
-            self.rec.ok(now - t_sched, t.queue_us, t.kernel_us, t.total_us, t.batch_size)
+            self.rec.ok(now - t_sched, t.queue_us, t.kernel_us, t.total_us, t.batch_size, at_s=now)
         self.end_time = now
         if p.steps is not None and pr.completed >= p.warmup + p.steps:
             pr.stop.set()
@@ -574,6 +577,10 @@ class Runner:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGINT)
         report = summarize(self.rec, wall, p.batch * p.s_active)
+        start = self.progress.measure_start
+        report["timeline"] = timeline(self.rec, start, wall) if start is not None else []
+        if p.rps > 0:  # open loop: did the callers keep up with the schedule?
+            report["rate"] = rate_check(p.rps, self.rec.count / wall, p.concurrency)
         report["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         report["options"] = _options(p)
         report["server"] = {
@@ -703,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     if not emit(PROG, render(report, "Summary"), report, args.json):
+        return 1
+    if args.html and not write_html(PROG, report, args.html):
         return 1
     return 0 if report["statusCodeDistribution"].get("OK", 0) else 1
 

@@ -52,23 +52,69 @@ class Recorder:
     kernel_us: list[int] = field(default_factory=list)
     server_us: list[int] = field(default_factory=list)
     batch_size: list[int] = field(default_factory=list)
+    # When each request completed (a monotonic clock, s; NaN when the caller did not say), in the
+    # order of `latencies` for OK requests and of `failed_at` for the others: the report's timeline.
+    ok_at: list[float] = field(default_factory=list)
+    failed_at: list[float] = field(default_factory=list)
 
-    def ok(self, latency_s: float, queue_us: int, kernel_us: int, total_us: int, batch_size: int) -> None:
+    def ok(
+        self, latency_s: float, queue_us: int, kernel_us: int, total_us: int, batch_size: int,
+        at_s: float = math.nan,
+    ) -> None:  # fmt: skip
         self.latencies.append(latency_s)
         self.codes["OK"] += 1
         self.queue_us.append(queue_us)
         self.kernel_us.append(kernel_us)
         self.server_us.append(total_us)
         self.batch_size.append(batch_size)
+        self.ok_at.append(at_s)
 
-    def failed(self, code: str, message: str) -> None:
+    def failed(self, code: str, message: str, at_s: float = math.nan) -> None:
         self.codes[code] += 1
         # Messages can carry ids and numbers; keep the distribution small and readable.
         self.errors[f"{code}: {message[:160]}"] += 1
+        self.failed_at.append(at_s)
 
     @property
     def count(self) -> int:
         return sum(self.codes.values())
+
+
+def timeline(rec: Recorder, start_s: float, wall_s: float, bins: int = 30) -> list[dict[str, Any]]:
+    """The run cut into `bins` equal slices of `wall_s` from `start_s` (the clock of `Recorder`'s
+    `*_at`): per slice its end `t` (s since the start), OK and failed completions per second, and
+    the OK latencies' p50 / p99 (ns; None in a slice without an OK request). Empty when the
+    completion times were not recorded."""
+    ok_at = np.asarray(rec.ok_at, np.float64) - start_s
+    bad_at = np.asarray(rec.failed_at, np.float64) - start_s
+    if wall_s <= 0 or not (np.isfinite(ok_at).any() or np.isfinite(bad_at).any()):
+        return []
+    width = wall_s / bins
+    slot = lambda at: np.clip((at[np.isfinite(at)] // width).astype(np.int64), 0, bins - 1)  # noqa: E731
+    lat = np.asarray(rec.latencies, np.float64)[np.isfinite(ok_at)]
+    ok_slot, bad_slot = slot(ok_at), slot(bad_at)
+    rows = []
+    for i in range(bins):
+        mine = np.sort(lat[ok_slot == i])
+        p50, p99 = (round(percentile(mine, q) * 1e9) if len(mine) else None for q in (50, 99))
+        rows.append({
+            "t": (i + 1) * width, "okRps": len(mine) / width, "failedRps": int((bad_slot == i).sum()) / width,
+            "p50": p50, "p99": p99,
+        })  # fmt: skip
+    return rows
+
+
+def rate_check(asked_rps: float, reached_rps: float, concurrency: int) -> dict[str, Any]:
+    """Whether an open-loop run (`--rps`) reached its rate, and the callers it would need.
+
+    With every one of the `concurrency` callers busy, each request takes about
+    concurrency / reached_rps seconds (Little's law), so `asked_rps` needs about
+    asked_rps x concurrency / reached_rps callers in flight. A run within 5% of the rate counts
+    as sustained (the schedule's own start and end cost a little)."""
+    sustained = reached_rps >= 0.95 * asked_rps
+    needed = concurrency if sustained or reached_rps <= 0 else math.ceil(asked_rps * concurrency / reached_rps)
+    return {"askedRps": asked_rps, "reachedRps": reached_rps, "concurrency": concurrency,
+            "sustained": sustained, "neededConcurrency": needed}  # fmt: skip
 
 
 def summarize(rec: Recorder, wall_s: float, tokens_per_request: int) -> dict[str, Any]:
@@ -127,7 +173,7 @@ def render(report: dict[str, Any], title: str = "Summary") -> str:
         f"  Slowest:      {fmt_us(ns(report['slowest']))}",
         f"  Fastest:      {fmt_us(ns(report['fastest']))}",
         f"  Average:      {fmt_us(ns(report['average']))}",
-        f"  Requests/sec: {report['rps']:.1f}",
+        f"  Requests/sec: {_rate_text(report)}",
         f"  Tokens/sec:   {report['tokensPerSecond']:.1f}",
         "",
     ]
@@ -153,6 +199,14 @@ def render(report: dict[str, Any], title: str = "Summary") -> str:
             f"mean batch {st['meanBatchSize']:.1f} sequences"
         )
         lines.append("")
+    rate = report.get("rate")
+    if rate and not rate["sustained"]:
+        lines.append(
+            f"Rate NOT sustained: asked {rate['askedRps']:.1f} requests/sec, reached {rate['reachedRps']:.1f} with "
+            f"-c {rate['concurrency']} (every caller was busy); about -c {rate['neededConcurrency']} callers "
+            "would be needed (latencies above include the wait for a free caller)"
+        )
+        lines.append("")
     lines.append("Status code distribution:")
     for code, n in sorted(report["statusCodeDistribution"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  [{code}] {n} responses")
@@ -162,6 +216,18 @@ def render(report: dict[str, Any], title: str = "Summary") -> str:
         for msg, n in sorted(report["errorDistribution"].items(), key=lambda kv: -kv[1])[:10]:
             lines.append(f"  [{n}] {msg}")
     return "\n".join(lines)
+
+
+def _rate_text(report: dict[str, Any]) -> str:
+    """Requests/sec for people: successful requests only when any failed, and never a rate of
+    failures that reads like throughput."""
+    ok = report["statusCodeDistribution"].get("OK", 0)
+    failed = report["count"] - ok
+    if failed == 0:
+        return f"{report['rps']:.1f}"
+    if ok == 0:
+        return f"0 successful (all {failed} requests failed)"
+    return f"{report['okRps']:.1f} successful ({failed} of {report['count']} requests failed)"
 
 
 def emit(prog: str, text: str, data: Any, json_target: str | None) -> bool:

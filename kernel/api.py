@@ -4,7 +4,7 @@
 
 Arguments are numpy arrays (float32, float16, ml_dtypes.bfloat16; q and K/V also
 ml_dtypes.float8_e4m3, the output then bf16 unless `out` says) or CPU torch tensors, in the
-layouts of design/kernel.md; results come back as the same kind as `q`, and are also written
+layouts of docs/design/kernel.md; results come back as the same kind as `q`, and are also written
 into `out` / `k_out` when those are given.
 """
 
@@ -39,7 +39,7 @@ def attention_tkg(
     backend: str = "auto",
     **backend_options: Any,
 ) -> tuple[Any, Any]:
-    """Decode attention for one kv head (or folded (batch, kv head) rows); see design/kernel.md.
+    """Decode attention for one kv head (or folded (batch, kv head) rows); see docs/design/kernel.md.
 
     Args:
         q: `[B, H, S, d]`, or `[d, B*H*S]` with `cfg.qk_in_sb`.

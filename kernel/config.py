@@ -1,7 +1,7 @@
 """`AttnTKGConfig`: the static shape and flags of one `attention_tkg` call.
 
 Field names, order and defaults follow the Neuron kernel library's `AttnTKGConfig`
-(design/kernel.md, research/nki.md section 1.2), so code written against that library ports
+(docs/design/kernel.md, research/nki.md section 1.2), so code written against that library ports
 unchanged. `enable_fa_s_prior_tiling` is the library's later addition, kept with its default.
 """
 

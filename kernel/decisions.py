@@ -1,4 +1,4 @@
-"""Host-side decisions of the NKI kernel, as pure functions (design/kernel.md "tiling").
+"""Host-side decisions of the NKI kernel, as pure functions (docs/design/kernel.md "tiling").
 
 The rules themselves live once, in `tkg.kernel.nki_tkg.rules` (plain arithmetic the kernel also
 runs while it is traced); this module is their host face: typed, with argument checks whose

@@ -1,4 +1,4 @@
-"""Validation of one `attention_tkg` call, before any work (design/kernel.md "Constraints").
+"""Validation of one `attention_tkg` call, before any work (docs/design/kernel.md "Constraints").
 
 Every failure is a `ValueError` naming the argument, the value and the limit. A call that
 passes becomes a `KernelCall`: numpy views of every argument, which the backends consume.
@@ -76,7 +76,7 @@ def _check_in_dtype(name: str, a: np.ndarray, io: np.dtype) -> None:
 
 
 def validate_config(cfg: AttnTKGConfig) -> None:
-    """Static constraints of design/kernel.md that depend on the config alone."""
+    """Static constraints of docs/design/kernel.md that depend on the config alone."""
     if not isinstance(cfg, AttnTKGConfig):
         raise _fail("cfg", f"expected AttnTKGConfig, got {type(cfg).__name__}")
     for name in ("bs", "q_head", "s_active", "curr_sprior", "full_sprior", "d_head"):

@@ -65,7 +65,7 @@ class App:
         s, table = self.settings, self.authenticator.table
         return (
             f"listening on {' '.join(self.addresses)} backend={s.backend}{self._backend_text()} "
-            f"metrics_port={self.metrics_port} "
+            f"metrics_port={'off' if self.metrics_port is None else self.metrics_port} "
             f"tls={'on' if s.tls_cert else 'off'}{'+mtls' if s.tls_client_ca else ''} "
             f"auth={'on' if table.enabled else 'off'} tenants={len(table.tenants)} "
             f"max_batch={self.spec.max_batch}{self._warm_up_text()} loop={self.event_loop} | {self.spec.summary()}"
@@ -236,21 +236,33 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 host needs brackets
     wanted = list(settings.listen) or [f"{host}:{settings.port}"]
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        creds = grpc.ssl_server_credentials(
-            [(settings.tls_key, settings.tls_cert)], root_certificates=settings.tls_client_ca,
-            require_client_auth=settings.tls_client_ca is not None,
-        )  # fmt: skip
-        addresses = listeners.bind(wanted, lambda a: server.add_secure_port(a, creds))
-    else:
-        addresses = listeners.bind(wanted, server.add_insecure_port)
+    flag = "--listen" if settings.listen else f"--port {settings.port}"  # what the operator would change
+    try:
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            creds = grpc.ssl_server_credentials(
+                [(settings.tls_key, settings.tls_cert)], root_certificates=settings.tls_client_ca,
+                require_client_auth=settings.tls_client_ca is not None,
+            )  # fmt: skip
+            addresses = listeners.bind(wanted, lambda a: server.add_secure_port(a, creds))
+        else:
+            addresses = listeners.bind(wanted, server.add_insecure_port)
+    except OSError as exc:
+        raise OSError(f"{flag}: {exc}") from None
     port = listeners.tcp_port(addresses)
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     metrics_port = None
     if settings.metrics_port is not None:
-        metrics_port = metrics.serve(settings.metrics_port, settings.metrics_host)
+        try:
+            metrics_port = metrics.serve(settings.metrics_port, settings.metrics_host)
+        except OSError as exc:  # name the port and the flag: "[Errno 98]" alone says neither
+            await server.stop(None)
+            raise OSError(
+                f"--metrics-port {settings.metrics_port}: cannot listen on {settings.metrics_host}:"
+                f"{settings.metrics_port} ({exc.strerror or exc}); expected a free port, or --metrics-port 0 "
+                "to turn metrics off"
+            ) from None
     service.start()
     warmed = await asyncio.get_running_loop().run_in_executor(None, warm_up, spec, cache)
     service.mark_ready()

@@ -90,14 +90,19 @@ class ModelSpec:
     def kv_bytes(self) -> int:
         return self.num_blocks * self.bytes_per_block()
 
+    def windows_text(self) -> str:
+        """Every layer's window for the start line: one value when all layers agree ("none", "128"),
+        else the per-layer list ("[128, none, 128, none]")."""
+        text = ["none" if w is None else str(w) for w in self.sliding_window]
+        return text[0] if len(set(text)) == 1 else "[" + ", ".join(text) + "]"
+
     def summary(self) -> str:
-        windows = sorted({w for w in self.sliding_window if w is not None})
         return (
             f"{self.name}: {self.num_layers} layers, {self.num_q_heads} q / {self.num_kv_heads} kv heads, "
             f"d={self.head_dim}, {self.kv_dtype} KV ({self.wire_dtype} I/O), "
             f"{self.num_blocks} blocks x {self.block_len} tokens "
             f"(KV {_bytes(self.kv_bytes())}), fuse_rope={self.fuse_rope}, "
-            f"sliding_window={windows or 'none'}, sinks={'yes' if self.sinks is not None else 'no'}"
+            f"sliding_window={self.windows_text()}, sinks={'yes' if self.sinks is not None else 'no'}"
         )
 
 

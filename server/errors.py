@@ -1,4 +1,4 @@
-"""Service errors: each carries the gRPC status code the contract (design/api.md) assigns.
+"""Service errors: each carries the gRPC status code the contract (docs/operations.md, "Status codes") assigns.
 
 Raised anywhere below the RPC layer (validation, KV cache, batcher, the auth guard); the RPC layer
 turns them into `context.abort(code, message)` or, in DecodeStream, a per-message `Error`. Messages

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the service (design/api.md "Metrics"), on their own HTTP port.
+"""Prometheus metrics of the service (docs/operations.md "Metrics"), on their own HTTP port.
 
 Base units (seconds), low-cardinality labels (method, code, backend, reason; never a sequence id),
 latency buckets that resolve tens of microseconds. Each server owns a registry, so several servers

@@ -2,7 +2,7 @@
 
 The service rotates q and the new k on the host before appending k to the cache (so the cache
 holds rotated keys, as the kernel expects) and before the kernel call. Rotate-half convention
-(HF/Llama), matching `attention_tkg`'s fused RoPE (design/kernel.md step 2). Positions are
+(HF/Llama), matching `attention_tkg`'s fused RoPE (docs/design/kernel.md step 2). Positions are
 absolute token positions within the sequence.
 
 Frequency scaling: `llama3` (Llama-3.1 wavelength-banded scaling), `linear` (position

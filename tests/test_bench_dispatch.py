@@ -10,7 +10,7 @@ from tkg import cli
 
 
 def test_bench_kernel_backend_nki_emu_prints_the_estimate(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["bench", "kernel", "--backend", "nki-emu", "--json", "--lnc", "1", "--context", "512",
+    args = ["bench", "kernel", "--backend", "nki-emu", "--json", "-", "--lnc", "1", "--context", "512",
             "--s-active", "1", "--block-len", "16", "--no-ragged"]  # fmt: skip
     assert cli.main(args) == 0
     rows = json.loads(capsys.readouterr().out)

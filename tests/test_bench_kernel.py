@@ -1,7 +1,7 @@
 """The torch CPU path (`tkg.kernel.backends.cpu_torch`) against the numpy reference, and `tkg bench kernel`.
 
 The torch path is what the `cpu` backend runs without its native extension, so it must agree with
-the oracle on every flag of design/kernel.md, raise like it on fully masked rows, and the bench
+the oracle on every flag of docs/design/kernel.md, raise like it on fully masked rows, and the bench
 must produce the numbers it promises (in a tiny configuration: benchmarks are not timed tests).
 """
 
@@ -226,7 +226,7 @@ def test_bench_kernel_json_report(capsys: pytest.CaptureFixture[str]) -> None:
 
     from tkg.bench import kernel as bench
 
-    assert bench.main([*TINY, "--s", "1,2", "--lens", "ragged", "--json"]) == 0
+    assert bench.main([*TINY, "--s", "1,2", "--lens", "ragged", "--json", "-"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["read_bandwidth_gbs"] > 0
     assert rep["cpu_implementation"]
@@ -390,7 +390,7 @@ def test_bench_kernel_times_each_native_variant(capsys: pytest.CaptureFixture[st
         assert bench.main([*TINY, "--variants", "all"]) == 2
         assert "--variants: the native kernel is not built" in capsys.readouterr().err
         return
-    argv = [*TINY, "--s", "2", "--lens", "ragged", "--peers", "cpu.paged_decode", "--variants", "all", "--json"]
+    argv = [*TINY, "--s", "2", "--lens", "ragged", "--peers", "cpu.paged_decode", "--variants", "all", "--json", "-"]
     assert bench.main(argv) == 0
     (case,) = json.loads(capsys.readouterr().out)["cases"]
     assert set(case["peers"]) == {"cpu.paged_decode", *(f"cpu.paged_decode[{v}]" for v in variants)}
@@ -405,7 +405,7 @@ def test_tkg_cli_dispatches_bench_kernel(capsys: pytest.CaptureFixture[str]) -> 
 
     from tkg.cli import main
 
-    argv = ["bench", "kernel", *TINY, "--s", "1", "--lens", "equal", "--peers", "torch.paged_decode", "--json"]
+    argv = ["bench", "kernel", *TINY, "--s", "1", "--lens", "equal", "--peers", "torch.paged_decode", "--json", "-"]
     assert main(argv) == 0
     (case,) = json.loads(capsys.readouterr().out)["cases"]
     assert list(case["peers"]) == ["torch.paged_decode"]

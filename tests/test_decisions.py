@@ -1,6 +1,6 @@
 """Unit tests of kernel/decisions.py: the NKI kernel's host-side choices, rule by rule.
 
-Each rule of design/kernel.md ("What the NKI implementation must reproduce") is checked at its
+Each rule of docs/design/kernel.md ("What the NKI implementation must reproduce") is checked at its
 boundaries by hand and, where it has one, against its defining property over many inputs
 (hypothesis), written here independently of the implementation.
 """

@@ -484,7 +484,7 @@ def test_build_cpu_image(tmp_path: Path) -> None:
         pytest.skip(
             f"base image {image} is not in local storage of {', '.join(b[0][0] for b in builders)} and this "
             "machine reaches no container registry (only PyPI/Debian/npm); build elsewhere: "
-            "docker build -f deploy/Dockerfile -t tkg:cpu ."
+            "docker build -f deploy/Dockerfile -t tkg:cpu-0.1.0 ."
         )
     tag = "localhost/tkg-test:cpu"
     cmd = [*builder, "build", "-f", str(DEPLOY / "Dockerfile"), "-t", tag, str(ROOT)]
@@ -980,3 +980,32 @@ def test_make_secrets_drain_to_a_peer_over_tls(tmp_path: Path) -> None:
     finally:
         draining.loop.call_soon_threadsafe(draining.loop.stop)
         peer.stop()
+
+
+# One image tag scheme everywhere: tkg:<flavour>-<project version> (flavour cpu or neuron). The
+# README, docs, compose files, Dockerfile comments and kustomize overlays must all name the same tag.
+IMAGE_REF = re.compile(r"\btkg:(cpu|neuron)[\w.\-]*")
+
+
+def _image_tag_sources() -> list[Path]:
+    return sorted([ROOT / "README.md", *(ROOT / "docs").glob("**/*.md"), *DEPLOY.glob("compose*.yaml"),
+                   *DEPLOY.glob("Dockerfile*"), *(DEPLOY / "k8s").glob("**/*.yaml")])  # fmt: skip
+
+
+def test_image_tags_agree_everywhere() -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    want = {"cpu": f"tkg:cpu-{version}", "neuron": f"tkg:neuron-{version}"}
+    seen: dict[str, set[str]] = {"cpu": set(), "neuron": set()}
+    wrong = []
+    for path in _image_tag_sources():
+        for m in IMAGE_REF.finditer(path.read_text()):
+            seen[m.group(1)].add(str(path.relative_to(ROOT)))
+            if m.group(0).rstrip(".") != want[m.group(1)]:
+                wrong.append(f"{path.relative_to(ROOT)}: {m.group(0)} (expected {want[m.group(1)]})")
+    for overlay, flavour in (("cpu", "cpu"), ("trn", "neuron")):
+        doc = yaml.safe_load((DEPLOY / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text())
+        (image,) = [i for i in doc["images"] if i["name"] == "tkg"]
+        if f"{image['newName']}:{image['newTag']}" != want[flavour]:
+            wrong.append(f"overlays/{overlay}: {image['newName']}:{image['newTag']} (expected {want[flavour]})")
+    assert not wrong, "image tags diverge:\n" + "\n".join(wrong)
+    assert "deploy/compose.yaml" in seen["cpu"] and "deploy/compose.trn.yaml" in seen["neuron"]

@@ -1,4 +1,4 @@
-"""Every status code of design/api.md provoked over real gRPC, each with the KV cache unchanged
+"""Every status code of docs/operations.md ("Status codes") provoked over real gRPC, each with the KV cache unchanged
 afterwards (sequence lengths and free blocks); auth tokens and TLS; SIGTERM drain; idle expiry."""
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def test_summary_counts_errors_apart_from_latency() -> None:
     assert r["serverTiming"]["restUs"]["mean"] == pytest.approx(2500 - 500)
     assert {d["percentage"] for d in r["latencyDistribution"]} >= {50, 90, 95, 99}
     text = render(r)
-    assert "[NOT_FOUND] 1 responses" in text and "Requests/sec: 2.5" in text
+    assert "[NOT_FOUND] 1 responses" in text and "Requests/sec: 2.0 successful (1 of 5 requests failed)" in text
 
 
 # ---- flags and failures: one line, exit 2 / 1, no traceback -----------------------------------

@@ -20,13 +20,36 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: tkg <command> [options]", "", "commands:"]
+# Modules of the `server` extra (torch and the service's own dependencies). A command that needs one
+# of them says which extra to install instead of printing an ImportError's traceback.
+SERVER_EXTRA_MODULES = frozenset(
+    {"torch", "prometheus_client", "grpc_health", "grpc_reflection", "yaml", "uvloop"}
+)
+# Commands that run the kernel or the service: they need the `server` extra.
+NEEDS_SERVER_EXTRA = frozenset({("serve",), ("bench", "kernel"), ("bench", "serve")})
+
+
+def _usage(prefix: tuple[str, ...] = ()) -> str:
+    """The command list (those under `prefix`, e.g. ("bench",), when given)."""
+    head = " ".join(("tkg", *prefix))
+    lines = [f"usage: {head} <command> [options]", "", "commands:"]
     for path, (_, help_) in COMMANDS.items():
-        lines.append(f"  {' '.join(path):<14} {help_}")
+        if path[: len(prefix)] == prefix:
+            lines.append(f"  {' '.join(path):<14} {help_}")
     lines.append("")
     lines.append("`tkg <command> --help` shows a command's options.")
     return "\n".join(lines)
+
+
+def _missing_extra(path: tuple[str, ...], exc: ModuleNotFoundError) -> str | None:
+    """One line naming the extra to install when `exc` is a missing module of the `server` extra."""
+    top = (exc.name or "").split(".")[0]
+    if path in NEEDS_SERVER_EXTRA and top in SERVER_EXTRA_MODULES:
+        return (
+            f"tkg {' '.join(path)}: needs the `[server]` extra (module {top!r} is not installed); "
+            "install the `[server]` extra: pip install 'tkg-attention[server]'"
+        )
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for path, (module, _) in COMMANDS.items():
         if tuple(args[: len(path)]) == path:
-            mod = importlib.import_module(module)
-            return int(mod.main(args[len(path) :]) or 0)
+            try:
+                mod = importlib.import_module(module)
+                return int(mod.main(args[len(path) :]) or 0)
+            except ModuleNotFoundError as exc:  # also raised later by a lazy import (a backend's torch)
+                line = _missing_extra(path, exc)
+                if line is None:
+                    raise
+                print(line, file=sys.stderr)
+                return 2
+    groups = {path[0] for path in COMMANDS if len(path) > 1}
+    if args[0] in groups and (len(args) == 1 or args[1] in ("-h", "--help")):
+        print(_usage((args[0],)))  # `tkg bench`, `tkg bench --help`: the bench commands
+        return 0 if len(args) > 1 else 2
     print(f"tkg: unknown command {' '.join(args[:2])!r}\n", file=sys.stderr)
     print(_usage(), file=sys.stderr)
     return 2

@@ -38,7 +38,7 @@ def key_cores(cfg: AttnTKGConfig, lnc: int) -> int:
 
 
 def check_nki_limits(call: KernelCall, lnc: int) -> None:
-    """Constraints of the NKI kernel beyond design/kernel.md's common ones; ValueError naming them."""
+    """Constraints of the NKI kernel beyond docs/design/kernel.md's common ones; ValueError naming them."""
     cfg = call.cfg
     n = key_cores(cfg, lnc)
     if cfg.curr_sprior % (P_MAX * n):

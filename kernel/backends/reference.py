@@ -1,7 +1,7 @@
-"""The `reference` backend: design/kernel.md written out literally in numpy, fp32 throughout.
+"""The `reference` backend: docs/design/kernel.md written out literally in numpy, fp32 throughout.
 
 Slow and obvious on purpose: it is the oracle every other backend is tested against. Each step
-below is one numbered step of design/kernel.md "The math".
+below is one numbered step of docs/design/kernel.md "The math".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`attention_tkg`: decode attention for one kv head, as an NKI sub-kernel (NKI 0.3+ API).
 
 Called from an `@nki.jit` kernel (see `wrapper.py`) that owns the `SbufManager`, the outputs,
-and (with `qk_in_sb`) has DMA'd q and k_active into SBUF. Semantics: design/kernel.md; the
+and (with `qk_in_sb`) has DMA'd q and k_active into SBUF. Semantics: docs/design/kernel.md; the
 numpy oracle is `tkg.kernel.backends.reference`.
 
 Work of one core (see `plan.py` for the split between the two cores of an LNC2 launch):
@@ -285,7 +285,7 @@ def attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, 
                   start_pos_ids=None):  # fmt: skip
     """Decode attention for one kv head; returns `(out, k_out)`.
 
-    Args (layouts of design/kernel.md; B, H, S, d, Sp from `cfg`):
+    Args (layouts of docs/design/kernel.md; B, H, S, d, Sp from `cfg`):
         q: SBUF `[d, B*H*S]` (`cfg.qk_in_sb`) or HBM `[B, H, S, d]` (only with `cfg.fuse_rope`).
         k_active: SBUF `[d, B*S]` or HBM `[B, 1, S, d]`.
         v_active: HBM `[B, 1, S, d]`.

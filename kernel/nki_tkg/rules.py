@@ -1,4 +1,4 @@
-"""The tiling and sharding rules of `attention_tkg`, in one place (design/kernel.md "tiling").
+"""The tiling and sharding rules of `attention_tkg`, in one place (docs/design/kernel.md "tiling").
 
 Plain integer arithmetic in the NKI language subset (no `nki` import, no dataclasses, no typing),
 so the same functions run while the kernel is traced (`plan.make_plan`) and on the host

@@ -4,7 +4,7 @@ It owns what a caller inside a larger NKI kernel would own: the `SbufManager` ov
 SBUF (leaving 16 KiB to the compiler), the outputs, and for `qk_in_sb` the DMA of q and k_active
 into SBUF. Launch with `attention_tkg_kernel[lnc](...)` (lnc 1 or 2).
 
-Arguments (all tensors in HBM; layouts of design/kernel.md, with `cfg.qk_in_sb` q is `[d, B*H*S]`
+Arguments (all tensors in HBM; layouts of docs/design/kernel.md, with `cfg.qk_in_sb` q is `[d, B*H*S]`
 and k_active `[d, B*S]`): q, k_active, v_active, k_prior, v_prior, mask, inv_freqs, rope_pos_ids,
 start_pos_ids, sink, active_blocks_table (None where unused), cfg (`TKGConfig`), dbg (bool).
 

@@ -1,5 +1,5 @@
 """The deploy folder's facts shared by tests/test_deploy.py and tests/test_deploy_prometheus.py:
-where it is, the metrics contract of design/api.md, and the Grafana dashboard's queries."""
+where it is, the metrics contract of docs/operations.md ("Metrics"), and the Grafana dashboard's queries."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
-# The metrics contract of design/api.md: name -> (Prometheus type, labels). The dashboard may use
+# The metrics contract (docs/operations.md, "Metrics"): name -> (Prometheus type, labels). The dashboard may use
 # only these; test_api_md_lists_the_same_metrics keeps this table honest against api.md itself.
 METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "tkg_request_duration_seconds": ("histogram", frozenset({"method", "code"})),

@@ -1,6 +1,6 @@
 """Random `attention_tkg` calls over the kernel's feature matrix, shared by the NKI kernel tests.
 
-`build_case` makes the arguments of one call in the layouts of design/kernel.md: ragged cached
+`build_case` makes the arguments of one call in the layouts of docs/design/kernel.md: ragged cached
 lengths, an active causal triangle, optional sink / sliding window / fused RoPE, flat or block KV
 (block pools with a shuffled table and spare blocks), `B+ > B` padding rows and
 `curr_sprior < full_sprior` for flat caches.

@@ -2,12 +2,12 @@
 K/V, and rotate-half RoPE; the oracle of every backend, of the server's end-to-end outputs (through
 `support.mirror`) and of the soak.
 
-Written from design/kernel.md alone, NOT from `tkg.kernel` or `tkg.server`: one Python loop per batch
+Written from docs/design/kernel.md alone, NOT from `tkg.kernel` or `tkg.server`: one Python loop per batch
 row, query head and query, in float64, reading every element straight from the documented layouts
 (`attention_tkg`: every key element by element; the decodes: the visible keys' rows, gathered one by
 one). Slow and obvious on purpose; keep shapes small.
 
-Conventions decided here where design/kernel.md is silent (the reference must agree):
+Conventions decided here where docs/design/kernel.md is silent (the reference must agree):
 - The RoPE angle `inv_freqs[j] * pos` is the product of two fp32 tensors, so it is rounded to
   fp32 (as any backend computing it in fp32 does); sin/cos are then exact (float64).
 - A pre-generated block-KV mask is in fold order with an order length r (nki-library's
@@ -150,7 +150,7 @@ class NaiveCall:
         return self.prior_slot("v", b, k)
 
     def visible(self, b: int, h: int, i: int, k: int) -> bool:
-        """May query i of row b, head h see key k (design/kernel.md step 4)."""
+        """May query i of row b, head h see key k (docs/design/kernel.md step 4)."""
         cfg = self.cfg
         first_active = self.Sp - self.S
         if cfg.use_pos_id:

@@ -343,7 +343,7 @@ def debug_shapes(cfg: AttnTKGConfig) -> dict[str, tuple[int, ...]]:
 
 
 def run(case: KernelCase, backend: str, **options: Any) -> Result:
-    """Call `attention_tkg` on `backend` and check the call contract of design/kernel.md.
+    """Call `attention_tkg` on `backend` and check the call contract of docs/design/kernel.md.
 
     torch in -> torch out; a given `out`/`k_out` is returned (the same object) and written in
     place; `k_out` comes back exactly when fuse_rope or a destination was given; outputs have
