@@ -310,3 +310,24 @@ def test_bench_report_counts_the_kernel() -> None:
     assert sum(p["hbm_read_bytes"] for p in progs) >= row["compulsory_kv_bytes"]
     assert row["estimate"]["floor_bytes"] == row["compulsory_kv_bytes"]
     assert "ESTIMATE" in nki_bench.format_report([row])
+
+
+@needs_emu
+def test_block_kernel_moves_no_small_runs_but_the_active_tokens() -> None:
+    """The paged (block KV, generated mask) launch loads each batch tile's block ids once, in
+    contiguous runs, shared by the K and V gathers; broadcasts the positions on chip; stores the
+    output one contiguous (row, head) at a time. Left in runs under 256 B (each charged as 256 B
+    by the cost model): only the caller's active mask rows, the strided positions row, and q and
+    k_active (`[d, rows*H*S]` and `[d, rows*S]` from the host: short rows at this small batch)."""
+    from tkg.bench import nki as nki_bench
+
+    step = nki_bench.Step(batch=2, q_heads=4, kv_heads=2, head_dim=64, context=2048, block_len=16, s_active=2)
+    (row,) = nki_bench.emulator_report([step], (1,))
+    (prog,) = row["counters"]["programs"]
+    rows, S, H = step.batch * step.kv_heads, step.s_active, step.q_heads // step.kv_heads
+    active_mask_bytes = S * rows * H * S  # uint8 [S, rows, H, S]
+    q_ka_bytes = step.head_dim * (rows * H * S + rows * S) * 2  # bf16
+    assert prog["dma_small_run_bytes"] <= active_mask_bytes + rows * S * 4 + q_ka_bytes
+    folds = step.context // (16 * 128)  # 128 blocks of 16 keys per fold (no block split here)
+    # K and V gathers per fold and row, the active mask and values per row, a few per launch.
+    assert prog["dma_transfers"] <= 2 * folds * rows + 2 * rows + 8

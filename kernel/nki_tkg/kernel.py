@@ -37,11 +37,12 @@ from tkg.kernel.nki_tkg.kv import (
     load_values,
     put_active_keys,
     put_active_values,
+    row_ids,
     sub_block_offsets,
 )
 from tkg.kernel.nki_tkg.mask import gen_mask, key_positions, load_mask, put_active_mask
 from tkg.kernel.nki_tkg.plan import P_MAX, TilePlan, active_runs, make_plan
-from tkg.kernel.nki_tkg.psum import KT_BANKS, MM1_BANKS, MM2_BANKS, STAT_BANKS, PsumRing
+from tkg.kernel.nki_tkg.psum import KT_BANKS, MM1_BANKS, MM2_BANKS, PSUM_BANK_BYTES, STAT_BANKS, PsumRing
 from tkg.kernel.nki_tkg.rope import fused_rope
 from tkg.kernel.nki_tkg.sbuf import dtype_bytes
 from tkg.kernel.nki_tkg.softmax import SoftmaxState, exchange_engine, init_state, merge_cores, softmax_tile
@@ -73,21 +74,41 @@ class Positions(nl.NKIObject):
     """Broadcast position tiles for mask generation: cached `[128, B]`, and with a sliding window
     start / end / wrap `[128, B*S]` (each query's window `[start, end)`, end = its position)."""
 
-    def __init__(self, pl: TilePlan, rope_pos_ids, start_pos_ids, sbm):
+    def __init__(self, pl: TilePlan, rope_pos_ids, start_pos_ids, consts: Consts, ring: PsumRing, sbm):
         B = pl.B
         S = pl.S
         self.cached = sbm.alloc((P_MAX, B), nl.float32, "cached")
-        nisa.dma_copy(self.cached, rope_pos_ids.ap([[0, P_MAX], [S, B]], offset=0), dge_mode=nisa.dge_mode.none)
+        broadcast_row(self.cached, rope_pos_ids.ap([[0, 1], [S, B]], offset=0), consts, ring, sbm)
         self.start = None
         self.end = None
         self.wrap = None
         if start_pos_ids != None:
             self.start = sbm.alloc((P_MAX, B * S), nl.float32, "start")
-            nisa.dma_copy(self.start, start_pos_ids.ap([[0, P_MAX], [1, B * S]], offset=0), dge_mode=nisa.dge_mode.none)
+            broadcast_row(self.start, start_pos_ids.ap([[0, 1], [1, B * S]], offset=0), consts, ring, sbm)
             self.end = sbm.alloc((P_MAX, B * S), nl.float32, "end")
-            nisa.dma_copy(self.end, rope_pos_ids.ap([[0, P_MAX], [1, B * S]], offset=0), dge_mode=nisa.dge_mode.none)
+            broadcast_row(self.end, rope_pos_ids.ap([[0, 1], [1, B * S]], offset=0), consts, ring, sbm)
             self.wrap = sbm.alloc((P_MAX, B * S), nl.float32, "wrap")
             nisa.tensor_tensor(self.wrap, self.start, self.end, op=nl.greater)
+
+
+def broadcast_row(dst, src, consts: Consts, ring: PsumRing, sbm):
+    """dst `[128, n]` fp32 = the HBM row `src` `[1, n]` on every partition.
+
+    One DMA into one partition, then ones^T @ row on the PE: a DMA broadcasting down the
+    partitions moves each 4-byte element as its own run (overhead-bound, ~256 B of DMA time
+    each). Exact: each output is one product with 1.0 (positions are integers below 2^24).
+    """
+    n = dst.shape[1]
+    sbm.open_scope()
+    row = sbm.alloc((1, n), nl.float32, "pos_row")
+    nisa.dma_copy(row, src, dge_mode=nisa.dge_mode.none)
+    per = PSUM_BANK_BYTES // 4
+    for c0 in range(0, n, per):
+        w = min(per, n - c0)
+        ps = ring.next((P_MAX, w), nl.float32, "bcast")
+        nisa.nc_matmul(ps, stationary=consts.ones[0:1, :], moving=row[0:1, c0 : c0 + w], accumulate=False)
+        nisa.tensor_copy(dst[:, c0 : c0 + w], ps)
+    sbm.close_scope()
 
 
 def store_debug_keys(pl: TilePlan, dst, src, bi: int, b: int, ks: int, n_kt: int):
@@ -113,13 +134,11 @@ def store_debug_keys(pl: TilePlan, dst, src, bi: int, b: int, ks: int, n_kt: int
 
 
 def mm1_row_bytes(pl: TilePlan, nk: int, k_bytes: int, needs_raw: bool) -> int:
-    """SBUF bytes per partition one batch row's MM1 tiles take (mask, K^T, raw K, block ids)."""
+    """SBUF bytes per partition one batch row's MM1 tiles take (mask, K^T, raw K)."""
     n_kt = nk // P_MAX
     total = n_kt * pl.HS + nk * k_bytes + 256
     if needs_raw:
         total = total + n_kt * pl.d * k_bytes
-    if pl.layout == "block":
-        total = total + 4 * (nk // pl.fold_keys) + 64
     return total
 
 
@@ -162,11 +181,15 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
     if io != nl.float32:
         p_io = sbm.alloc((P_MAX, width), io, "p")
     nisa.memset(scores, value=float("-inf"))
-    jt = None
+    ids = None
     if is_block:
-        jt = sbm.alloc((P_MAX, nf), nl.uint32, "sub_j")
+        # The block ids of the whole batch tile, loaded once: MM1's K and MM2's V gathers share them.
+        ids = sbm.alloc((P_MAX, bt * nf), nl.uint32, "blk_ids")
+        jt = None
         if pl.factor > 1:
+            jt = sbm.alloc((P_MAX, bt * nf), nl.uint32, "sub_j")
             sub_block_offsets(pl, jt)
+        block_ids(pl, active_blocks_table, gb0, bt, fold0, ids, jt)
     keyf = None
     if cfg.use_pos_id:
         keyf = sbm.alloc((P_MAX, n_kt), nl.float32, "key_pos")
@@ -195,8 +218,7 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
             kraw = sbm.alloc((P_MAX, n_kt * d), kdt, "k_rows")
         idx = None
         if is_block:
-            idx = sbm.alloc((P_MAX, nf), nl.uint32, "blk_ids")
-            block_ids(pl, active_blocks_table, b, fold0, idx, jt)
+            idx = row_ids(ids, bi, nf)
         load_keys(pl, cfg, k_prior, b, ks, nk, kT, kraw, idx, rings.kt)
         put_active_keys(pl, kT, ka_sb, b, runs)
         q_b = q_sb[:, b * hs : (b + 1) * hs]
@@ -223,7 +245,7 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
             store_debug_keys(pl, dbg[2], p_io, bi, gb0 + bi, ks, n_kt)
 
     # ---- MM2: o[:, row bi] (+)= V^T P ------------------------------------------------------
-    v_bytes = n_kt * d * dtype_bytes(vdt) + 4 * nf + 256
+    v_bytes = n_kt * d * dtype_bytes(vdt) + 256
     degree = 1
     if sbm.get_free_space() >= 2 * v_bytes + 4096:
         degree = 2
@@ -233,8 +255,7 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
         vt = sbm.alloc((P_MAX, n_kt * d), vdt, "v")
         idx = None
         if is_block:
-            idx = sbm.alloc((P_MAX, nf), nl.uint32, "blk_ids")
-            block_ids(pl, active_blocks_table, b, fold0, idx, jt)
+            idx = row_ids(ids, bi, nf)
         load_values(pl, cfg, v_prior, b, ks, nk, vt, idx)
         put_active_values(pl, vt, v_active, b, runs)
         ps = rings.mm2.next((d, hs), nl.float32, "pv")
@@ -252,7 +273,7 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
     sbm.close_scope()
 
 
-def store_output(pl: TilePlan, cfg, st: SoftmaxState, out, gb0: int, normalised: bool, sbm):
+def store_output(pl: TilePlan, cfg, st: SoftmaxState, out, gb0: int, normalised: bool, ring: PsumRing, sbm):
     """Write the batch tile's `o / l` to `out` (SBUF `[d, B*H*S]` or HBM `[B, H, d, S]`)."""
     d = pl.d
     hs = pl.HS
@@ -273,11 +294,33 @@ def store_output(pl: TilePlan, cfg, st: SoftmaxState, out, gb0: int, normalised:
             nisa.tensor_copy(res, st.o_run)
         else:
             nisa.tensor_tensor(res, st.o_run, recip, op=nl.multiply)
-        H = pl.H
-        S = pl.S
-        view = out.ap([[S, d], [H * d * S, st.bt], [d * S, H], [1, S]], offset=gb0 * H * d * S)
-        nisa.dma_copy(view, res, dge_mode=nisa.dge_mode.none)
+        store_rows(pl, res, out, gb0, st.bt, ring, sbm)
     sbm.close_scope()
+
+
+def store_rows(pl: TilePlan, res, out, gb0: int, bt: int, ring: PsumRing, sbm):
+    """res `[d, bt*H*S]` (columns (row, head, s)) -> HBM out `[B, H, d, S]` rows gb0...
+
+    Each (row, head) owns d*S contiguous elements of `out`, but `res` holds them one per
+    partition: a direct DMA would move every element (2-4 bytes) as its own overhead-bound run.
+    PE transposes put up to 128 (row, head) pairs on partitions first, so each pair leaves as one
+    contiguous run of d*S elements (the s-th transpose fills every S-th column).
+    """
+    d = pl.d
+    H = pl.H
+    S = pl.S
+    nbh = bt * H
+    for c0 in range(0, nbh, P_MAX):
+        m = min(P_MAX, nbh - c0)
+        sbm.open_scope()
+        stage = sbm.alloc((P_MAX, d * S), out.dtype, "out_rows")
+        for s in range(S):
+            ps = ring.next((P_MAX, d), out.dtype, "out_t")
+            nisa.nc_transpose(ps[0:m, :], res[:, c0 * S + s : (c0 + m) * S : S])
+            nisa.tensor_copy(stage[0:m, s : d * S : S], ps[0:m, :])
+        view = out.ap([[d * S, m], [1, d * S]], offset=(gb0 * H + c0) * d * S)
+        nisa.dma_copy(view, stage[0:m, :], dge_mode=nisa.dge_mode.none)
+        sbm.close_scope()
 
 
 def attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, inv_freqs=None,
@@ -314,7 +357,7 @@ def attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, 
         ka_sb = k_active
     pos = None
     if cfg.use_pos_id:
-        pos = Positions(pl, rope_pos_ids, start_pos_ids, sbm)
+        pos = Positions(pl, rope_pos_ids, start_pos_ids, consts, rings.stat, sbm)
     has_sink = sink != None
     has_l_init = has_sink and pl.sp_id == 0
 
@@ -338,7 +381,7 @@ def attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, 
             nisa.dma_copy(DBG_TENSORS[1].ap([[n, 1], [1, n]], offset=off), st.m_run[0:1, :])
             nisa.dma_copy(DBG_TENSORS[3].ap([[n, 1], [1, n]], offset=off), st.l_run[0:1, :])
         if cfg.out_in_sb or pl.sp_id == 0:
-            store_output(pl, cfg, st, out, gb0, merged, sbm)
+            store_output(pl, cfg, st, out, gb0, merged, rings.kt, sbm)
         sbm.close_scope()
 
     if pl.sharding == "batch" and cfg.out_in_sb:

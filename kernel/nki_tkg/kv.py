@@ -19,22 +19,37 @@ from tkg.kernel.nki_tkg.psum import PSUM_BANK_BYTES, PsumRing
 from tkg.kernel.nki_tkg.sbuf import dtype_bytes
 
 
-def block_ids(pl: TilePlan, table, b: int, fold0: int, idx, jt):
-    """Physical (sub-)block ids of folds `fold0 ..` of batch row b into `idx` `[128, nf]` uint32.
+def block_ids(pl: TilePlan, table, b0: int, bt: int, fold0: int, idx, jt):
+    """Physical (sub-)block ids of folds `fold0 ..` of batch rows `b0 .. b0+bt` into `idx`
+    `[128, bt*nf]` uint32, one DMA for the whole batch tile (K and V then share it): row bi's
+    fold f is column `bi*nf + f` (see `row_ids`).
 
     Partition p of fold f reads sub-block `s = sub0 + (fold0+f)*128 + p` of the row, which is
     block `table[b, s // factor]` split `factor` ways: id `table[...] * factor + p % factor`
-    (`jt` holds `p % factor`). Loading the table with a stride-0 pattern repeats each entry
-    `factor` times down the partitions.
+    (`jt` `[128, bt*nf]` holds `p % factor`). Unsplit blocks (factor 1) arrive by a DMA
+    transpose of the rows' table entries, each row one contiguous run (a plain copy would move
+    every 4-byte id as its own overhead-bound run); split ones by a copy whose stride-0 pattern
+    repeats each entry `factor` times down the partitions.
     """
-    nf = idx.shape[1]
+    nf = idx.shape[1] // bt
     per = P_MAX // pl.factor
     first = (pl.sub0 + fold0 * P_MAX) // pl.factor
-    src = table.ap([[1, per], [0, pl.factor], [per, nf]], offset=b * pl.n_blocks + first)
+    off = b0 * pl.n_blocks + first
+    if pl.factor == 1:
+        # src (row, fold, partition) -> dst (partition, fold, row): column f*bt + bi, reordered below.
+        src = table.ap([[pl.n_blocks, bt], [P_MAX, nf], [1, P_MAX]], offset=off)
+        dst = idx.ap([[bt * nf, P_MAX], [1, nf], [nf, bt]], offset=0)
+        nisa.dma_transpose(dst, src, axes=(2, 1, 0))
+        return
+    src = table.ap([[1, per], [0, pl.factor], [pl.n_blocks, bt], [per, nf]], offset=off)
     nisa.dma_copy(idx, src, dge_mode=nisa.dge_mode.none)
-    if pl.factor > 1:
-        nisa.tensor_scalar(idx, idx, op0=nl.left_shift, operand0=pl.log2_factor)
-        nisa.tensor_tensor(idx, idx, jt, op=nl.bitwise_or)
+    nisa.tensor_scalar(idx, idx, op0=nl.left_shift, operand0=pl.log2_factor)
+    nisa.tensor_tensor(idx, idx, jt, op=nl.bitwise_or)
+
+
+def row_ids(idx, bi: int, nf: int):
+    """Row bi's `[128, nf]` block ids in a batch tile's `block_ids` tile."""
+    return idx[:, bi * nf : (bi + 1) * nf]
 
 
 def sub_block_offsets(pl: TilePlan, jt):
