@@ -14,7 +14,7 @@ import numpy as np
 
 from tkg.client import routing
 from tkg.client.core import STREAM_RESPONSE_METHODS, Ask, AskInstance, Call, Core, Decision, probe_timeout
-from tkg.client.errors import TkgError, from_rpc_error
+from tkg.client.errors import TkgError
 from tkg.client.messages import (
     DEFAULT_MAX_MESSAGE,
     DecodeInput,
@@ -23,6 +23,7 @@ from tkg.client.messages import (
     decode_request,
     decode_result,
     open_channels,
+    uses_tls,
 )
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
@@ -55,7 +56,7 @@ class AsyncClient:
             max_message_bytes=max_message_bytes,
         )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
-        self._core = Core(self.targets)
+        self._core = Core(self.targets, plaintext=not uses_tls(tls, root_certificates, certificate_chain))
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
@@ -77,7 +78,7 @@ class AsyncClient:
             rpc = fn(body, timeout=timeout or self.timeout, metadata=self._metadata)
             resp = [m async for m in rpc] if call.method in STREAM_RESPONSE_METHODS else await rpc
         except grpc.RpcError as exc:
-            err = from_rpc_error(exc, self._core.name(call.replica))
+            err = self._core.error(exc, call.replica)
             verdict = await self._drive(self._core.failed(call, err, follow))
             if isinstance(verdict, Call):
                 return await self._call(verdict, timeout, follow=False)
@@ -237,6 +238,6 @@ class AsyncClient:
             async for resp in call:
                 yield decode_result(resp)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise self._core.error(exc, None) from None
         if wrong:
             raise wrong[0]

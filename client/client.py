@@ -22,7 +22,7 @@ import numpy as np
 
 from tkg.client import routing
 from tkg.client.core import STREAM_RESPONSE_METHODS, Ask, AskInstance, Call, Core, Decision, drive, probe_timeout
-from tkg.client.errors import TkgError, from_rpc_error
+from tkg.client.errors import TkgError
 from tkg.client.messages import (
     DEFAULT_MAX_MESSAGE,
     DecodeInput,
@@ -31,6 +31,7 @@ from tkg.client.messages import (
     decode_request,
     decode_result,
     open_channels,
+    uses_tls,
 )
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
@@ -76,7 +77,7 @@ class Client:
         )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
         self._pool: ThreadPoolExecutor | None = None
-        self._core = Core(self.targets)
+        self._core = Core(self.targets, plaintext=not uses_tls(tls, root_certificates, certificate_chain))
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -106,7 +107,7 @@ class Client:
             if call.method in STREAM_RESPONSE_METHODS:
                 resp = list(resp)
         except grpc.RpcError as exc:
-            verdict = self._drive(self._core.failed(call, from_rpc_error(exc, self._core.name(call.replica)), follow))
+            verdict = self._drive(self._core.failed(call, self._core.error(exc, call.replica), follow))
             if isinstance(verdict, Call):
                 return self._call(verdict, timeout, follow=False)
             raise verdict from None
@@ -235,4 +236,4 @@ class Client:
             for resp in stream:
                 yield decode_result(resp)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise self._core.error(exc, None) from None

@@ -26,10 +26,11 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, TypeVar
 
+import grpc
 import numpy as np
 
 from tkg.client import routing
-from tkg.client.errors import NotFound, PartialDecodeError, TkgError, Unavailable
+from tkg.client.errors import NotFound, PartialDecodeError, TkgError, Unavailable, from_rpc_error, with_plaintext_hint
 from tkg.client.instances import Instances
 from tkg.client.messages import DecodeInput, DecodeResult, append_chunks, decode_request, decode_result, merge_rows
 from tkg.v1 import decode_attention_pb2 as pb
@@ -93,10 +94,12 @@ def probe_timeout(timeout: float | None) -> float:
 
 
 class Core:
-    """Routing, requests and verdicts for one client over `targets` (replica index = position)."""
+    """Routing, requests and verdicts for one client over `targets` (replica index = position);
+    `plaintext`: the channels are not TLS (a failure that looks like a TLS port says so)."""
 
-    def __init__(self, targets: Sequence[str]) -> None:
+    def __init__(self, targets: Sequence[str], plaintext: bool = False) -> None:
         self.targets = list(targets)
+        self.plaintext = plaintext
         self.router = routing.Router(self.targets)
         self.instances = Instances()
 
@@ -109,6 +112,12 @@ class Core:
     def name(self, replica: int) -> str | None:
         """The replica's target for error messages; None with one target (nothing to tell apart)."""
         return self.targets[replica] if len(self.targets) > 1 else None
+
+    def error(self, exc: grpc.RpcError, replica: int | None) -> TkgError:
+        """The typed error of a failed RPC to replica index `replica` (None: no replica named),
+        with the TLS hint when this client speaks plaintext (`errors.with_plaintext_hint`)."""
+        err = from_rpc_error(exc, None if replica is None else self.name(replica))
+        return with_plaintext_hint(err) if self.plaintext else err
 
     # ---- requests --------------------------------------------------------------------------
 

@@ -113,6 +113,24 @@ def from_rpc_error(exc: grpc.RpcError, replica: str | None = None) -> TkgError:
     return error_for(code or grpc.StatusCode.UNKNOWN, details or "", replica)
 
 
+# What gRPC says when a plaintext channel reaches a TLS port: the server reads a TLS record that is
+# not one and closes the connection, and the client sees only "Socket closed" (or a reset).
+_CLOSED_ON_HELLO = ("Socket closed", "Connection reset")
+PLAINTEXT_HINT = (
+    " (the server may expect TLS: a plaintext connection to a TLS port is closed like this; pass "
+    "tls=True, with root_certificates=<CA PEM> for a private CA, to Client/AsyncClient, or drop "
+    "--insecure from tkg loadtest)"
+)
+
+
+def with_plaintext_hint(err: TkgError) -> TkgError:
+    """`err` with PLAINTEXT_HINT added when it is the UNAVAILABLE a plaintext client gets from a TLS
+    port (the caller knows it used plaintext); otherwise `err` as it is."""
+    if err.code != grpc.StatusCode.UNAVAILABLE or not any(m in err.details for m in _CLOSED_ON_HELLO):
+        return err
+    return type(err)(err.details + PLAINTEXT_HINT, err.replica)
+
+
 class ServerRestarted(NotFound):
     """NOT_FOUND from a replica whose `ServerInfo.instance_id` changed since the sequence was
     created there (or since this client last heard from it): the process restarted and every

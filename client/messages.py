@@ -101,6 +101,11 @@ def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, object]] 
     ]
 
 
+def uses_tls(tls: bool, root_certificates: bytes | None, certificate_chain: bytes | None) -> bool:
+    """Whether `open_channels` opens TLS channels: when asked, or when roots or a client certificate are given."""
+    return tls or root_certificates is not None or certificate_chain is not None
+
+
 def open_channels(
     targets: Sequence[str], *, aio: bool, tls: bool, root_certificates: bytes | None, max_message_bytes: int,
     certificate_chain: bytes | None = None, private_key: bytes | None = None,
@@ -112,7 +117,7 @@ def open_channels(
         raise ValueError("certificate_chain and private_key: only one given; expected both (PEM) or neither")
     api = grpc.aio if aio else grpc
     opts = channel_options(max_message_bytes)
-    if tls or root_certificates is not None or certificate_chain is not None:
+    if uses_tls(tls, root_certificates, certificate_chain):
         creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
         return [api.secure_channel(t, creds, options=opts) for t in targets]
     return [api.insecure_channel(t, options=opts) for t in targets]

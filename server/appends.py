@@ -23,7 +23,7 @@ import numpy as np
 
 from tkg.kernel.kv_store import KVStore
 from tkg.server.block_pool import BlockPool
-from tkg.server.errors import FailedPrecondition, InvalidArgument, OutOfRange, ResourceExhausted
+from tkg.server.errors import FailedPrecondition, InvalidArgument, OutOfRange, pool_full
 from tkg.server.sequences import SequenceTable
 
 # Batches of at most this many sequences take the scalar path of `prepare_append`, `commit` and
@@ -201,10 +201,7 @@ class AppendOps:
             # An upper bound: a block shared by two writers of this batch may need only one copy.
             cow = int((self.pool.refcounts(seqs.tables[slots[rows], cols]) > 1).sum())
         if fresh + cow > self.pool.free_count:
-            raise ResourceExhausted(
-                f"KV cache: the batch needs {fresh + cow} free blocks ({fresh} new, {cow} copy-on-write), "
-                f"{self.pool.free_count} of {self.num_blocks} free; expected at most {self.pool.free_count}"
-            )
+            raise pool_full(fresh + cow, f" ({fresh} new, {cow} copy-on-write)")
         reserved = self.pool.allocate(fresh + cow)
         if reserved.size:
             self._meter(seq_ids[0], int(reserved.size))

@@ -10,10 +10,16 @@ Credentials come from `--auth-token` / `--auth-token-file` / `TKG_AUTH_TOKEN` / 
         token_sha256: 9f86d0...    # hex SHA-256 of the bearer token
         quota: {max_sequences: 1000, max_blocks: 4096, max_pending: 64, max_streams: 16}
       - name: team-b
-        client_subject: "CN=team-b"   # the verified client certificate's subject (mTLS)
+        client_subject: "CN=team-b"   # the verified client certificate's whole subject (mTLS), RFC 4514
       - name: replicas             # a replica identity, not a tenant: what a draining replica presents
         role: peer
         token_sha256: 5e884...
+
+A `client_subject` matches a certificate whose whole subject is that distinguished name, compared
+as parsed RDNs (`tkg.server.subjects`): `CN=team-b` matches only a certificate whose subject is
+exactly `CN=team-b`, never one that merely has that common name. Text that could be read two ways,
+or a subject given twice, is refused at load; so is a subject on a server without
+`--tls-client-ca` (`build_table(mtls=False)`), where no certificate could ever present it.
 
 A `peer` identity may call ImportSequence into the tenant named by the call's `tkg-tenant`
 metadata (a configured tenant; the drain sends it with each sequence), and GetServerInfo, health
@@ -43,6 +49,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from tkg.server import subjects as dn
 from tkg.server.config import ConfigError, read_file
 from tkg.server.errors import Denied, PermissionDenied, Unauthenticated
 
@@ -128,7 +135,7 @@ class AuthTable:
     """Every credential the server accepts. Empty (`enabled` False): no auth."""
 
     tokens: tuple[tuple[bytes, Identity], ...] = ()  # (SHA-256 digest, identity)
-    subjects: tuple[tuple[str, Identity], ...] = ()  # (certificate subject, identity)
+    subjects: tuple[tuple[dn.Name, Identity], ...] = ()  # (certificate subject, parsed; identity)
     tenants: tuple[Tenant, ...] = (Tenant(DEFAULT_TENANT),)
 
     @property
@@ -152,9 +159,17 @@ class AuthTable:
                 found = ident
         return found
 
+    @functools.cached_property
+    def _by_name(self) -> dict[dn.Name, Identity]:
+        return dict(self.subjects)
+
     def by_subject(self, subjects: Sequence[str]) -> Identity | None:
-        for want, ident in self.subjects:
-            if want in subjects:
+        """The identity whose configured subject is, RDN for RDN, one of `subjects` (RFC 4514
+        strings as gRPC reports them); an unparseable report matches nothing."""
+        for text in subjects:
+            name = dn.reported(text)
+            ident = None if name is None else self._by_name.get(name)
+            if ident is not None:
                 return ident
         return None
 
@@ -164,12 +179,16 @@ def build_table(
     read_only_tokens: Sequence[str] = (),
     entries: Sequence[dict[str, Any]] = (),
     defaults: Quota = Quota(),
+    mtls: bool | None = None,
 ) -> AuthTable:
     """The table for the flags' tokens (tenant `default`) plus auth-file `entries` (checked,
-    ConfigError naming `tenants[i].key`). Quotas: file keys over `defaults`."""
+    ConfigError naming `tenants[i].key`). Quotas: file keys over `defaults`. `mtls`: whether the
+    server verifies client certificates (False: a `client_subject` entry is an error, it could
+    never match; None: not known here, not checked)."""
     quotas: dict[str, Quota] = {DEFAULT_TENANT: Quota()}
     parsed = []
-    peers: list[tuple[str, str | None, str | None]] = []  # role peer: (replica name, digest, subject)
+    names: dict[dn.Name, int] = {}  # each subject once: two entries would make the identity a lookup-order accident
+    peers: list[tuple[str, str | None, Any]] = []  # role peer: (replica name, digest, parsed subject)
     for i, raw in enumerate(entries):
         where = f"tenants[{i}]"
         if not isinstance(raw, dict):
@@ -190,8 +209,12 @@ def build_table(
             raise ConfigError(f"{where}: expected exactly one of token_sha256 and client_subject")
         if digest is not None and (not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest)):
             raise ConfigError(f"{where}.token_sha256: expected 64 hex digits (sha256sum of the token)")
-        if subject is not None and (not isinstance(subject, str) or not subject.strip()):
-            raise ConfigError(f"{where}.client_subject: {subject!r}; expected a subject such as 'CN=team-a'")
+        if subject is not None:
+            subject = _subject(subject, f"{where}.client_subject", mtls)
+            if subject in names:
+                raise ConfigError(f"{where}.client_subject: the same subject as tenants[{names[subject]}]'s; "
+                                  "expected each certificate subject in one entry")  # fmt: skip
+            names[subject] = i
         quota = _quota(raw.get("quota"), f"{where}.quota")
         if role == "peer":
             if quota is not None:
@@ -216,7 +239,7 @@ def build_table(
         if digest is not None:
             tokens.append((bytes.fromhex(digest), ident))
         else:
-            subjects.append((subject.strip(), ident))
+            subjects.append((subject, ident))
     for name, _, _ in peers:
         if name in quotas:  # `default` is always a tenant
             raise ConfigError(f"tenants: {name!r} names both a peer and a tenant; expected a replica name "
@@ -227,9 +250,27 @@ def build_table(
         if digest is not None:
             tokens.append((bytes.fromhex(digest), ident))
         else:
-            subjects.append((subject.strip(), ident))
+            subjects.append((subject, ident))
     listed = tuple(t for n, t in tenants.items() if n in used or (n == DEFAULT_TENANT and not used))
     return AuthTable(tuple(tokens), tuple(subjects), listed)
+
+
+def _subject(raw: Any, where: str, mtls: bool | None) -> dn.Name:
+    """A configured `client_subject`, parsed; ConfigError naming `where` when it is not one
+    unambiguous RFC 4514 subject, or when the server checks no client certificates."""
+    example = ("expected an RFC 4514 subject such as 'CN=team-a' or 'CN=team-a,O=Org' "
+               "(openssl x509 -noout -subject -nameopt RFC2253)")
+    if not isinstance(raw, str):
+        raise ConfigError(f"{where}: {raw!r}; {example}")
+    try:
+        name = dn.parse(raw)
+    except dn.SubjectError as exc:
+        raise ConfigError(f"{where}: {raw!r}: {exc}") from None
+    if mtls is False:
+        raise ConfigError(f"{where}: {raw!r} on a server without --tls-client-ca; expected --tls-client-ca "
+                          "(with --tls-cert/--tls-key) so that client certificates are checked, "
+                          "or no client_subject")  # fmt: skip
+    return name
 
 
 def _quota(raw: Any, where: str) -> Quota | None:
@@ -339,14 +380,14 @@ class Authenticator:
 
 
 def peer_subjects(context: Any) -> list[str]:
-    """The verified client certificate's subject and `CN=<common name>` (empty without mTLS)."""
+    """The verified client certificate's subject as gRPC reports it (RFC 4514, escaped; empty
+    without mTLS). Never the common name alone: `"CN=" + common name` is how a certificate whose
+    CN is the text `team-a,O=Org` passed for the subject `CN=team-a,O=Org`."""
     try:
         auth = context.auth_context() or {}
     except Exception:  # no transport security information on this call
         return []
-    out = [v.decode("utf-8", "replace") for v in auth.get("x509_subject", ())]
-    out += ["CN=" + v.decode("utf-8", "replace") for v in auth.get("x509_common_name", ())]
-    return out
+    return [v.decode("utf-8", "replace") for v in auth.get("x509_subject", ())]
 
 
 Behavior = Callable[..., Any]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tkg.server.errors import ResourceExhausted
+from tkg.server.errors import pool_full
 
 
 class BlockPool:
@@ -53,12 +53,10 @@ class BlockPool:
     def allocate(self, n: int) -> np.ndarray:
         """Take `n` free blocks, each with reference count 1; int32 `[n]`.
 
-        Raises ResourceExhausted (nothing taken) when fewer than `n` are free.
+        Raises ResourceExhausted (`pool_full`) (nothing taken) when fewer than `n` are free.
         """
         if n > self._top:
-            raise ResourceExhausted(
-                f"KV cache: {n} free blocks needed, {self._top} of {self.num_blocks} free; expected at most {self._top}"
-            )
+            raise pool_full(n)
         ids = self._stack[self._top - n : self._top][::-1].copy()
         self._top -= n
         self._ref[ids] = 1

@@ -142,7 +142,8 @@ def auth_from_args(args: argparse.Namespace) -> tuple[auth.AuthTable, auth.Quota
     entries = auth.read_auth_file(args.auth_file) if args.auth_file else []
     peer = auth.tokens_from((), args.peer_token_file, env={}, source="--peer-token-file")[0] if args.peer_token_file \
         else (tokens[0] if tokens else None)  # fmt: skip
-    return auth.build_table(tokens, read_only, entries, defaults), defaults, peer
+    mtls = bool(args.tls_client_ca)  # a client_subject without it could never match: refused, not ignored
+    return auth.build_table(tokens, read_only, entries, defaults, mtls=mtls), defaults, peer
 
 
 def _window_list(text: str) -> int | list[int | None]:

@@ -60,3 +60,15 @@ class Unauthenticated(Denied):
 
 class PermissionDenied(Denied):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def pool_full(needed: int, what: str = "") -> ResourceExhausted:
+    """The shared KV block pool cannot hold `needed` more blocks now (`what`: how they split).
+
+    The message never says how many blocks are free: with several tenants that count is the other
+    tenants' usage (docs/security.md), and the refusal already tells the caller that fewer than
+    `needed` are. What a tenant may know of the pool is GetServerInfo.free_blocks."""
+    return ResourceExhausted(
+        f"KV cache: {needed} more blocks needed{what}, more than the shared pool has free now; "
+        "expected a retry once sequences are released"
+    )

@@ -36,7 +36,7 @@ from tkg.server.metrics import Metrics
 from tkg.server.sequences import MAX_SEQUENCE_ID_LEN
 from tkg.server.settings import ServeSettings
 from tkg.server.step import StepEngine
-from tkg.server.tenants import Ledger, inward, outward, scrub
+from tkg.server.tenants import Ledger, inward, outward, scrub, visible_free
 from tkg.server.wire import WireChecks, check_id
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
@@ -156,9 +156,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         free, active = self.cache.free_blocks, len(self.cache)
         if self.per_tenant_info:  # another tenant's usage is not this caller's business
             tenant = auth.current().tenant
-            used, limit = self.ledger.of(tenant), tenant.quota.max_blocks
+            used = self.ledger.of(tenant)
             active = used.sequences
-            free = free if limit is None else max(0, min(free, limit - used.blocks))
+            free = visible_free(tenant, used.blocks, self.cache.num_blocks, free)
         return pb.ServerInfo(
             num_layers=s.num_layers, num_q_heads=s.num_q_heads, num_kv_heads=s.num_kv_heads,
             head_dim=s.head_dim, kv_dtype=self.wire.kv_code, io_dtype=self.wire.io_code, block_len=s.block_len,

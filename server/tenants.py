@@ -15,6 +15,14 @@ quota right after (`check_charged`) and undone by the caller when over. Forks sh
 within a tenant, so a block shared copy-on-write counts once. `recount` recomputes usage from a
 cache snapshot: the invariant the deltas must keep (the tests compare the two).
 
+**What a tenant learns of the shared pool** (`visible_free`). Quotas may overcommit the pool (the
+sum of max_blocks above num_blocks), so the pool's free count is the other tenants' usage. A
+tenant learns its own usage and quota, and of the pool only whether it is full: GetServerInfo's
+`free_blocks` is its quota left (no quota: the pool's size less its own blocks), or 0 while the
+pool has no free block; a refusal for want of blocks says "more than the shared pool has free
+now" with no count (`tkg.server.errors.pool_full`). What is left to learn is what any refusal
+says: that fewer blocks than asked for are free (docs/security.md).
+
 Everything runs on the event loop thread, like the KV cache.
 """
 
@@ -55,6 +63,17 @@ def scrub(exc: ServiceError, tenant: Tenant) -> ServiceError:
         exc.message = exc.message.replace(repr(ns)[1:-1], "")
         exc.args = (exc.message,)
     return exc
+
+
+def visible_free(tenant: Tenant, used_blocks: int, num_blocks: int, pool_free: int) -> int:
+    """GetServerInfo.free_blocks for `tenant` holding `used_blocks` of a pool of `num_blocks` with
+    `pool_free` free: what it may still take by its quota, or 0 when the shared pool is full.
+    Never `min(pool_free, quota left)`: that moved as other tenants allocated."""
+    if pool_free <= 0:
+        return 0
+    limit = tenant.quota.max_blocks
+    cap = num_blocks if limit is None else min(limit, num_blocks)
+    return max(0, cap - used_blocks)
 
 
 @dataclass

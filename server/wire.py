@@ -40,6 +40,18 @@ def check_id(field: str, seq_id: str, index: int | None = None) -> None:
     raise InvalidArgument(f"{field}: contains the control character U+001F; expected an id without it")
 
 
+def _unbounded(field: str, a: np.ndarray) -> str:
+    """Why `a` (a tensor that failed `codec.bounded_bytes`) was refused: NaN or infinity, or the
+    first value at or past the magnitude bound (the refusal path only: numpy is fine here)."""
+    bound = codec.magnitude_bound(a.dtype)
+    if not codec.all_finite(a):
+        return f"{field}: contains NaN or infinity; expected {bound}"
+    flat = a.reshape(-1).astype(np.float32)
+    i = int(np.argmax(np.abs(flat) >= 2.0 ** codec.MAGNITUDE_LOG2[a.dtype]))
+    return (f"{field}: value {float(flat[i]):.3g} at flat index {i} ({a.dtype.name}); expected {bound}: "
+            "larger values overflow in attention")  # fmt: skip
+
+
 class WireChecks:
     """The checks of one server's requests (its spec, batch limit and store's compiled buckets).
 
@@ -81,8 +93,8 @@ class WireChecks:
             a = codec.decode(t, field, dims, data)
         except codec.TensorError as exc:
             raise InvalidArgument(str(exc)) from None
-        if not codec.finite_bytes(data, a.dtype):
-            raise InvalidArgument(f"{field}: contains NaN or infinity; expected finite values")
+        if not codec.bounded_bytes(data, a.dtype):  # every path of q/k/v: Decode, AppendKV, ImportSequence
+            raise InvalidArgument(_unbounded(field, a))
         return a
 
     def kv_tensor(self, t: pb.Tensor, field: str, shape: tuple[int | None, ...], names: str) -> np.ndarray:
@@ -92,10 +104,13 @@ class WireChecks:
     def decode(self, req: pb.DecodeRequest, tenant: Tenant) -> DecodeWork:
         """A Decode request as validated work for the batcher (ids in `tenant`'s namespace)."""
         s = self.spec
-        if len(req.request_id) > _SURE_ID_CHARS and len(req.request_id.encode()) > MAX_SEQUENCE_ID_LEN:
+        rid = req.request_id
+        if len(rid) > _SURE_ID_CHARS and len(rid.encode()) > MAX_SEQUENCE_ID_LEN:
             raise InvalidArgument(
-                f"request_id: {len(req.request_id.encode())} bytes; expected at most {MAX_SEQUENCE_ID_LEN} bytes"
+                f"request_id: {len(rid.encode())} bytes; expected at most {MAX_SEQUENCE_ID_LEN} bytes"
             )
+        if SEP in rid:  # the README's contract, as for sequence ids: logs and ids never carry it
+            raise InvalidArgument("request_id: contains the control character U+001F; expected an id without it")
         self.layer(req.layer)
         B = len(req.sequence_ids)
         if B < 1 or self.max_batch < B:

@@ -209,6 +209,8 @@ def test_tls_with_cacert(capsys: pytest.CaptureFixture, tmp_path) -> None:
         assert json.loads(out)["options"]["tls"] is True
         rc, _, err = run(capsys, "--target", s.target, "--steps", "1")  # system roots: untrusted
         assert rc == 1 and "UNAVAILABLE" in err
+        rc, _, err = run(capsys, "--target", s.target, "--insecure", "--steps", "1")  # plaintext on a TLS port
+        assert rc == 1 and "the server may expect TLS" in err and "drop --insecure" in err, err
     finally:
         s.stop()
 

@@ -154,6 +154,9 @@ def test_ids_and_request_ids_are_capped_and_may_not_hold_the_separator(server: I
     q, k, v = qkv()
     code, details = status_of(lambda: a.Decode(decode_request(0, ["x" * 256], [0], q, k, v, rid="r" * 257)))
     assert code == Code.INVALID_ARGUMENT and details.startswith("request_id: 257 bytes")
+    code, details = status_of(lambda: a.Decode(decode_request(0, ["x" * 256], [0], q, k, v, rid="r\x1f1")))
+    assert code == Code.INVALID_ARGUMENT and details.startswith("request_id: contains the control character U+001F")
+    assert a.GetSequence(pb.GetSequenceRequest(sequence_id="x" * 256)).lengths[0] == 0  # nothing appended
     # A batched Decode names the bad id by its index (the usual id passes without being encoded).
     q2, k2, v2 = (np.concatenate([x, x]) for x in (q, k, v))
     for sid, needle in [*cases, ("", "empty; expected a sequence id")]:

@@ -110,6 +110,52 @@ def _harmless_top_bytes(mask: int) -> bytes:
 _TOP_BYTE = {d.numpy: (d.itemsize, _harmless_top_bytes(d.exponent >> (8 * (d.itemsize - 1)))) for d in dtypes.ALL}
 
 
+# The largest magnitude q, k and v may hold on the wire, per dtype, as a power of two (`|x| < 2**n`).
+# Finite values beyond it overflow inside attention: q = k = 3e38 (float32) make the score q.k
+# infinite and the softmax NaN; float16 values past 65504 / sqrt(2) overflow float16 when fused
+# RoPE rotates them (a rotated pair keeps its norm, so one element may grow by sqrt(2)).
+# - float32, bfloat16 (8 exponent bits): 2**49 (~5.6e14). A score is then below
+#   2 * 2**98 * head_dim (<= 2**7, config.MAX_HEAD_DIM) * softmax_scale = 2**106 * softmax_scale,
+#   far inside float32's 2**128 for any scale below 2**21, and a softmax-weighted sum of values
+#   below 2**49 * max_context.
+# - float16: 2**15 (32768): rotated, below 46341 < 65504; scores are computed in float32.
+# - float8_e4m3 (KV storage only, exported and imported): finite is enough (largest 240).
+MAGNITUDE_LOG2: dict[np.dtype, int] = {dtypes.FLOAT32.numpy: 49, dtypes.BFLOAT16.numpy: 49, dtypes.FLOAT16.numpy: 15}
+
+
+def magnitude_bound(dtype: np.dtype) -> str:
+    """What `bounded_bytes` asks of `dtype`'s values, for messages: `|x| < 2**49 (5.63e+14)`."""
+    n = MAGNITUDE_LOG2.get(np.dtype(dtype))
+    return "finite values" if n is None else f"|x| < 2**{n} ({2.0**n:.3g})"
+
+
+def _bounded_top_bytes(d: dtypes.DType) -> bytes:
+    """Top bytes of a little-endian `d` value that guarantee it finite and below its bound
+    (MAGNITUDE_LOG2). Exact, not a first pass: float32's and bfloat16's top byte holds the sign
+    and the exponent's high 7 bits, and the bound's biased exponent (127 + 49 = 176) is even, so
+    `|x| < 2**49` is exactly `(top byte & 0x7F) < 88`; float16's top byte holds its whole 5-bit
+    exponent (bias 15: `|x| < 2**15` is an exponent below 30), and fp8's byte is the value."""
+    n = MAGNITUDE_LOG2.get(d.numpy)
+    if n is None:
+        return _harmless_top_bytes(d.exponent >> (8 * (d.itemsize - 1)))
+    if d.exponent >> (8 * (d.itemsize - 1)) == 0x7F:  # 8 exponent bits, bias 127
+        assert (127 + n) % 2 == 0, "the top byte holds the exponent without its lowest bit"
+        return bytes(b for b in range(256) if b & 0x7F < (127 + n) >> 1)
+    assert d.exponent == 0x7C00, "float16: 5 exponent bits, bias 15, all in the top byte"
+    return bytes(b for b in range(256) if (b >> 2) & 0x1F < 15 + n)
+
+
+_BOUNDED_TOP = {d.numpy: (d.itemsize, _bounded_top_bytes(d)) for d in dtypes.ALL}
+
+
+def bounded_bytes(data: bytes, dtype: np.dtype) -> bool:
+    """Every little-endian `dtype` value in `data` finite and within its bound (MAGNITUDE_LOG2):
+    what q, k and v must satisfy on the wire. One C loop over the top bytes and one deletion,
+    exact (see `_bounded_top_bytes`): no numpy, no second pass."""
+    size, harmless = _BOUNDED_TOP[dtype]
+    return not data[size - 1 :: size].translate(None, harmless)
+
+
 def finite_bytes(data: bytes, dtype: np.dtype) -> bool:
     """No NaN or infinity among the little-endian `dtype` values in `data` (a tensor's wire bytes).
 

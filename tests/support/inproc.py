@@ -49,9 +49,11 @@ def settings(**kw: Any) -> ServeSettings:
     return ServeSettings(backend="reference", host="127.0.0.1", port=0, metrics_port=None, **kw)
 
 
-def make_pki(client_cn: str = "team-b") -> dict[str, bytes]:
+def make_pki(client_cn: str = "team-b", clients: dict[str, str] | None = None) -> dict[str, bytes]:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (CN=client_cn),
-    all PEM, made here with `cryptography` (no files, no openssl binary)."""
+    all PEM, made here with `cryptography` (no files, no openssl binary). `clients`: more client
+    certificates from the same CA, `{key: RFC 4514 subject}` -> `key_cert`, `key_key` (the subject
+    is parsed by `cryptography`: `CN=team-a,O=Org` is two RDNs, `CN=team-a\\,O=Org` one CN)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -75,12 +77,12 @@ def make_pki(client_cn: str = "team-b") -> dict[str, bytes]:
         .sign(ca_key, hashes.SHA256())
     )  # fmt: skip
 
-    def leaf(cn: str, server: bool) -> tuple[bytes, bytes]:
+    def leaf(cn: str | x509.Name, server: bool) -> tuple[bytes, bytes]:
         import ipaddress
 
         key = ec.generate_private_key(ec.SECP256R1())
         b = (
-            x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+            x509.CertificateBuilder().subject_name(name(cn) if isinstance(cn, str) else cn).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
@@ -101,7 +103,11 @@ def make_pki(client_cn: str = "team-b") -> dict[str, bytes]:
         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
         .sign(other_ca_key, hashes.SHA256())
     )  # fmt: skip
+    more: dict[str, bytes] = {}
+    for key, subject in (clients or {}).items():
+        more[f"{key}_cert"], more[f"{key}_key"] = leaf(x509.Name.from_rfc4514_string(subject), False)
     return {
+        **more,
         "ca": ca.public_bytes(serialization.Encoding.PEM), "server_cert": server_cert, "server_key": server_key,
         "client_cert": client_cert, "client_key": client_key,
         "stranger_cert": stranger.public_bytes(serialization.Encoding.PEM), "stranger_key": pem_key(other_ca_key),
