@@ -67,7 +67,7 @@ class Quota:
     max_sequences: int | None = None  # live sequences
     max_blocks: int | None = None  # KV blocks held (a block shared by forks counts once)
     max_pending: int | None = None  # decode requests queued or running
-    max_streams: int | None = None  # concurrent DecodeStream / AppendKV calls
+    max_streams: int | None = None  # concurrent DecodeStream / AppendKV / ExportSequence / ImportSequence calls
 
     def over(self, base: Quota) -> Quota:
         """This quota with unset keys taken from `base`."""
