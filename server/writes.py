@@ -55,8 +55,12 @@ class Writes:
         the position (contiguous per layer) and max_context, naming this RPC's fields; RoPE runs
         only once the position is known good.
 
-        A chunk above the bound is written off the loop (see the module docstring)."""
-        k, v = self.wire.append_chunk(chunk)
+        A chunk above the bound is checked (its tensors decoded and scanned for NaN/inf: the
+        chunk's own bytes only) and written off the loop (see the module docstring)."""
+        if len(chunk.k.data) + len(chunk.v.data) > self.bound:  # decoding and the finiteness scan, too
+            k, v = await self.engine.off_loop(lambda: self.wire.append_chunk(chunk))
+        else:
+            k, v = self.wire.append_chunk(chunk)
         seq_id, layer, position = inward(tenant, chunk.sequence_id), chunk.layer, chunk.position
         plan = self.cache.prepare_append(layer, [seq_id], [position], k.shape[0], ONE_SEQUENCE)
         try:
