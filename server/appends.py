@@ -84,6 +84,8 @@ class AppendPlan:
     _state: str = "prepared"  # prepared -> held | committed -> (rolled_back); or aborted
     _held: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32), repr=False)  # blocks held until finish
     _block_tables: np.ndarray | None = field(default=None, repr=False)
+    # commit(defer=True): the write it left to `write_deferred` (layer, block ids, offsets, live rows)
+    _deferred: tuple[int, np.ndarray, np.ndarray, np.ndarray | None] | None = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -254,7 +256,9 @@ class AppendOps:
             _reserved=reserved,
         )  # fmt: skip
 
-    def commit(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, *, hold: bool = False) -> None:
+    def commit(
+        self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, *, hold: bool = False, defer: bool = False
+    ) -> None:
         """Write `k_new`, `v_new` `[B, num_kv_heads, S, head_dim]` into the plan's slots, advance
         the lengths at `plan.layer` and set `plan.block_tables`.
 
@@ -264,7 +268,14 @@ class AppendOps:
         `hold=True` (a kernel will read `plan.block_tables`): the plan keeps a reference to every
         block in its tables and its sequences stay in flight at the layer until `finish(plan)` or
         `rollback(plan)` (see the module docstring). Without it the plan is finished at once.
+
+        `defer=True` (with `hold`; a bulk write off the event loop): everything but the store write,
+        which `write_deferred(plan, k, v)` does later, on any one thread, with the values (`k_new`
+        and `v_new` give the shapes only). The plan is held meanwhile, so nothing reads, moves or
+        frees its slots; `finish` after the write, `rollback` if it failed.
         """
+        if defer and not hold:
+            raise ValueError("KVCache.commit: defer=True needs hold=True (the slots stay held until written)")
         self._check_open(plan, "commit")
         expect = (plan.batch_size, self.num_kv_heads, plan.num_tokens, self.head_dim)
         for name, t in (("k", k_new), ("v", v_new)):
@@ -276,7 +287,7 @@ class AppendOps:
         if plan.batch_size <= self.small_batch and not self.pool.shared_count:
             gen = self.seqs.generation
             if all(gen[s] == g for s, g in zip(plan._slots.tolist(), plan._generations.tolist(), strict=True)):
-                self._commit_small(plan, k_new, v_new, hold)
+                self._commit_small(plan, k_new, v_new, hold, defer)
                 return
         seqs, BL, layer, S = self.seqs, self.block_len, plan.layer, plan.num_tokens
         slots, pos, ends = plan._slots, plan.positions, plan.seq_lens.astype(np.int64)
@@ -312,8 +323,10 @@ class AppendOps:
             blk = tables[np.flatnonzero(live)[:, None], tok // BL]
             tables[~live] = 0
         off = tok % BL
-        # [Hkv, B', S, d] values for the [B', S] slots: one store write, no token loop.
-        self.store.write(layer, blk, off, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
+        if defer:
+            plan._deferred = (layer, blk, off, None if all_live else live)
+        else:  # [Hkv, B', S, d] values for the [B', S] slots: one store write, no token loop.
+            self.store.write(layer, blk, off, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
         plan._block_tables = tables
         if hold:
             # Every block the launch may read, once: [B, width] entries past a row's length are
@@ -328,7 +341,7 @@ class AppendOps:
         else:
             plan._state = "committed"
 
-    def _commit_small(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, hold: bool) -> None:
+    def _commit_small(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, hold: bool, defer: bool) -> None:
         """`commit` in scalar Python for a small batch whose sequences are all live while no block
         is shared (so no write needs a copy first): the same tables, lengths, counts and writes."""
         seqs, BL, layer, S = self.seqs, self.block_len, plan.layer, plan.num_tokens
@@ -357,10 +370,11 @@ class AppendOps:
         self.tokens_appended += grown
         B = len(slots)
         tables_out = tables[plan._slots, : max(1, -(-max(ends) // BL))]
-        self.store.write(
-            layer, np.array(blk, dtype=np.int64).reshape(B, S), np.array(off, dtype=np.int64).reshape(B, S),
-            k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3),
-        )  # fmt: skip
+        blocks, offsets = np.array(blk, dtype=np.int64).reshape(B, S), np.array(off, dtype=np.int64).reshape(B, S)
+        if defer:
+            plan._deferred = (layer, blocks, offsets, None)
+        else:
+            self.store.write(layer, blocks, offsets, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
         plan._block_tables = tables_out
         if hold:
             # No block is shared: the rows' used entries are distinct ids (no np.unique needed).
@@ -373,6 +387,19 @@ class AppendOps:
             plan._state = "held"
         else:
             plan._state = "committed"
+
+    def write_deferred(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray) -> None:
+        """The store write `commit(plan, ..., defer=True)` left: `k_new`, `v_new` `[B, num_kv_heads,
+        S, head_dim]` (cast to the cache dtype) into the plan's slots. Touches only the store, at
+        slots the held plan owns (no table, length or count): safe on the kernel worker thread
+        while the loop goes on, as long as the loop neither finishes nor rolls back the plan
+        before this returns (the service awaits it first)."""
+        if plan._deferred is None or plan._state != "held":
+            raise RuntimeError(f"KVCache.write_deferred: expected a held plan of commit(defer=True), got {plan._state}")
+        layer, blk, off, live = plan._deferred
+        if live is not None:
+            k_new, v_new = k_new[live], v_new[live]
+        self.store.write(layer, blk, off, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
 
     def finish(self, plan: AppendPlan) -> None:
         """The launch reading a held plan's blocks is over: drop its block references and clear

@@ -50,6 +50,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from tkg.server import subjects as dn
+from tkg.server.aborts import aborted, unread
 from tkg.server.config import ConfigError, read_file
 from tkg.server.errors import Denied, PermissionDenied, Unauthenticated
 
@@ -73,7 +74,7 @@ class Quota:
     max_sequences: int | None = None  # live sequences
     max_blocks: int | None = None  # KV blocks held (a block shared by forks counts once)
     max_pending: int | None = None  # decode requests queued or running
-    max_streams: int | None = None  # concurrent DecodeStream / AppendKV calls
+    max_streams: int | None = None  # concurrent DecodeStream / AppendKV / ExportSequence / ImportSequence calls
 
     def over(self, base: Quota) -> Quota:
         """This quota with unset keys taken from `base`."""
@@ -404,7 +405,9 @@ class Guard:
     lookup through it) on every call, which cost a lone Decode ~40-60 us on the 2-core build
     machine; a wrapped handler costs one coroutine frame. Without credentials configured (the
     table in force is read per call: a reload may turn auth on) a call only sets `CURRENT` to
-    the table's anonymous identity (tenant `default` with its quota defaults)."""
+    the table's anonymous identity (tenant `default` with its quota defaults). A call ended by
+    `context.abort` (a refusal here, or a handler's error) is returned from with its abort error
+    stripped and its request stream closed (`tkg.server.aborts`), so it keeps no payload alive."""
 
     def __init__(self, authenticator: Authenticator, on_denied: Callable[[str, str], None] | None = None) -> None:
         self.auth = authenticator
@@ -430,7 +433,8 @@ class Guard:
         try:
             return self.auth.authenticate(method, context.invocation_metadata() or (), subjects)
         except Denied as exc:
-            return exc
+            # Kept as a value, not raised on: its traceback (this frame, the context) is not needed.
+            return exc.with_traceback(None)
 
     async def _deny(self, method: str, context: Any, denied: Denied) -> None:
         self.on_denied(method, denied.code.name)
@@ -466,46 +470,60 @@ class Guard:
             inner = handler.unary_unary
 
             async def uu(raw: bytes, context: Any) -> Any:
-                if (denied := admit(context)) is not None:
-                    await deny(method, context, denied)
                 try:
-                    request = deserialize(raw)
-                except (DecodeError, ValueError, TypeError):
-                    await invalid(context)
-                return await inner(request, context)
+                    if (denied := admit(context)) is not None:
+                        await deny(method, context, denied)
+                    try:
+                        request = deserialize(raw)
+                    except (DecodeError, ValueError, TypeError):
+                        await invalid(context)
+                    return await inner(request, context)
+                except grpc.aio.AbortError as exc:
+                    return aborted(exc)
 
             return grpc.unary_unary_rpc_method_handler(uu, None, serialize)
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
             async def su(raws: AsyncIterator[bytes], context: Any) -> Any:
-                if (denied := admit(context)) is not None:
-                    await deny(method, context, denied)
-                return await inner_su(stream_of(raws, context), context)
+                try:
+                    if (denied := admit(context)) is not None:
+                        await deny(method, context, denied)
+                    return await inner_su(stream_of(raws, context), context)
+                except grpc.aio.AbortError as exc:
+                    await unread(raws)
+                    return aborted(exc)
 
             return grpc.stream_unary_rpc_method_handler(su, None, serialize)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
             async def us(raw: bytes, context: Any) -> AsyncIterator[Any]:
-                if (denied := admit(context)) is not None:
-                    await deny(method, context, denied)
                 try:
-                    request = deserialize(raw)
-                except (DecodeError, ValueError, TypeError):
-                    await invalid(context)
-                async for item in _responses(inner_us(request, context)):
-                    yield item
+                    if (denied := admit(context)) is not None:
+                        await deny(method, context, denied)
+                    try:
+                        request = deserialize(raw)
+                    except (DecodeError, ValueError, TypeError):
+                        await invalid(context)
+                    async for item in _responses(inner_us(request, context)):
+                        yield item
+                except grpc.aio.AbortError as exc:
+                    aborted(exc)
 
             return grpc.unary_stream_rpc_method_handler(us, None, serialize)
         inner_ss = handler.stream_stream
 
         async def ss(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
-            if (denied := admit(context)) is not None:
-                await deny(method, context, denied)
-            result = inner_ss(stream_of(raws, context), context)
-            async for item in result if inspect.isasyncgen(result) else _responses(result):
-                yield item
+            try:
+                if (denied := admit(context)) is not None:
+                    await deny(method, context, denied)
+                result = inner_ss(stream_of(raws, context), context)
+                async for item in result if inspect.isasyncgen(result) else _responses(result):
+                    yield item
+            except grpc.aio.AbortError as exc:
+                await unread(raws)
+                aborted(exc)
 
         return grpc.stream_stream_rpc_method_handler(ss, None, serialize)
 

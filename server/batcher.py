@@ -37,6 +37,10 @@ INLINE_KERNEL_BYTES = 256 * 1024
 # ~1 ms at the bandwidth above, so no kernel blocks health checks or other RPCs for longer).
 LONE_INLINE_BYTES = 8 * 2**20
 
+# AppendKV chunks and ImportSequence messages of more K+V than this are written into the cache on
+# the kernel worker thread (`tkg.server.writes`): the same event-loop bound as a lone launch.
+INLINE_WRITE_BYTES = LONE_INLINE_BYTES
+
 # Launches in a row of one request for the same sequences, with nothing else in flight, before
 # that caller counts as alone (its requests skip the batch delay, its kernels run on the loop).
 LONE_STREAK = 8

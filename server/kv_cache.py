@@ -42,7 +42,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -321,6 +321,45 @@ class KVCache(AppendOps):
         for blocks in self.store.read_blocks(layer, ids):  # [Hkv, nb, BL, d] host copies
             out.append(blocks.reshape(self.num_kv_heads, -1, self.head_dim)[:, lo:hi].transpose(1, 0, 2))
         return out[0], out[1]
+
+    # ---- imports: blocks reserved before their sequence exists ----------------------------------
+
+    def reserve(self, owner: str, n: int) -> np.ndarray:
+        """`n` blocks (int32 `[n]`) for a sequence that does not exist yet (ImportSequence), metered
+        under `owner`, the id it will have. RESOURCE_EXHAUSTED (nothing taken) without room.
+        Nothing reads them until `adopt`; the caller returns them with `unreserve` otherwise."""
+        ids = self.pool.allocate(n)
+        if n:
+            self._meter(owner, n)
+        return ids
+
+    def unreserve(self, owner: str, ids: np.ndarray) -> None:
+        """Return blocks `reserve(owner, ...)` took and no sequence adopted."""
+        self.pool.free(ids)
+        if ids.size:
+            self._meter(owner, -int(ids.size))
+
+    def write_reserved(self, ids: np.ndarray, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store `[T, num_kv_heads, head_dim]` tokens at positions `start ..` of `layer` in reserved
+        blocks `ids` (position t goes to block `ids[t // block_len]`). Touches only the store at
+        those blocks, which nothing else names until `adopt`: safe on the kernel worker thread
+        while the loop goes on, provided the loop neither adopts nor unreserves them meanwhile."""
+        t = np.arange(start, start + k.shape[0])
+        blk, off = ids[t // self.block_len][None], (t % self.block_len)[None]
+        self.store.write(layer, blk, off, k.transpose(1, 0, 2)[:, None], v.transpose(1, 0, 2)[:, None])
+
+    def adopt(self, seq_id: str, ids: np.ndarray, lengths: Sequence[int]) -> SequenceState:
+        """Create `seq_id` holding reserved blocks `ids` (in order, written by `write_reserved`)
+        with `lengths[layer]` tokens per layer. ALREADY_EXISTS (nothing changed) if the id is taken."""
+        seqs = self.seqs
+        if len(ids) != _ceil_div(max(lengths, default=0), self.block_len):
+            raise ValueError(f"KVCache.adopt: {len(ids)} blocks for lengths {list(lengths)}")
+        slot = seqs.add(seq_id, self._clock())
+        seqs.tables[slot, : len(ids)] = ids
+        seqs.num_blocks[slot] = len(ids)
+        seqs.lengths[slot] = lengths
+        self.tokens_appended += max(lengths, default=0)
+        return self._state(slot)
 
     # ---- internals ----------------------------------------------------------------------------
 

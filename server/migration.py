@@ -6,9 +6,12 @@ in, whether they are RoPE'd, how many K/V messages follow); then one message per
 `chunk_tokens` tokens of one layer, layers in order, positions contiguous. K/V travel as cached
 (after RoPE when the server fuses it), so an import stores them as they are.
 
-Import validates every message as it arrives (nothing is stored), then installs the sequence in
-one step on the event loop (no await in between): a stream that is cut short, malformed, or does
-not fit leaves nothing behind.
+Import checks the header's declared size against the tenant's quotas and the free blocks and
+reserves those blocks before any K/V arrives; it validates every message as it arrives and
+writes it into the reserved blocks (which no sequence names yet), then installs the sequence in
+one step on the event loop by adopting them: a stream that is cut short, malformed, or does not
+fit leaves nothing behind (the reservation is returned). K/V messages come layer by layer (each
+layer complete before the next), positions contiguous: anything else is INVALID_ARGUMENT.
 
 Drain (`push_all`): a stopping replica sends each resident sequence to the peer that rendezvous
 hashing (`tkg.placement`, the clients' routing) picks among the peers, i.e. where clients routed
@@ -66,32 +69,46 @@ def export_messages(
 
 
 TensorCheck = Callable[[pb.Tensor, str, tuple, str], np.ndarray]
+Write = Callable[[], None]
 
 
 class Importer:
-    """Checks an ImportSequence stream message by message and assembles it in memory.
+    """Checks an ImportSequence stream message by message and writes it into blocks reserved for it.
+
+    The header's declared size is checked (`admit(blocks)`: the tenant's quotas, raising
+    RESOURCE_EXHAUSTED) and the blocks it needs reserved from the pool (charged to the tenant like
+    any other blocks) before any K/V is taken; each K/V message then goes straight into those
+    blocks (`add` returns the write, for the caller to run on the loop or off it), so an import
+    holds no memory beyond the blocks it was allowed and the message in hand. `install` adopts the
+    blocks as the new sequence; until then nothing names them, and `abandon` returns them.
 
     `tensor(t, field, shape, names)` decodes a Tensor and checks dtype, shape and finiteness (the
     service's own check, so import errors read like every other RPC's)."""
 
-    def __init__(self, cache: KVCache, dtype_code: int, fuse_rope: bool, tensor: TensorCheck) -> None:
+    def __init__(
+        self, cache: KVCache, dtype_code: int, fuse_rope: bool, tensor: TensorCheck,
+        admit: Callable[[int], None] = lambda blocks: None,
+    ) -> None:  # fmt: skip
         self.cache = cache
         self.dtype_code = dtype_code
         self.fuse_rope = fuse_rope
         self.tensor = tensor
+        self.admit = admit
         self.header: pb.SequenceHeader | None = None
         self.seq_id = ""
         self.messages = 0
-        self.k: list[np.ndarray] = []
-        self.v: list[np.ndarray] = []
+        self.lengths: list[int] = []
         self.filled: list[int] = []
+        self.blocks: np.ndarray | None = None  # reserved for the sequence; None once adopted or returned
 
-    def add(self, msg: pb.SequenceChunk) -> None:
+    def add(self, msg: pb.SequenceChunk) -> tuple[Write, int] | None:
+        """Check message `msg`; for a K/V message, the write of its tokens into the reserved
+        blocks and its size in bytes (the caller runs it before the next `add` or `install`)."""
         n = self.messages
         self.messages += 1
         if self.header is None:
             self._start(msg)
-            return
+            return None
         if msg.HasField("header"):
             raise InvalidArgument(f"header: set in message {n}; expected it in message 0 only")
         if msg.sequence_id != self.seq_id:
@@ -101,6 +118,11 @@ class Importer:
         layer, L = msg.layer, self.cache.num_layers
         if not 0 <= layer < L:
             raise InvalidArgument(f"layer: {layer} in message {n}; expected 0 <= layer < {L}")
+        # Layers in order: the first layer not yet complete (an empty layer is complete).
+        due = next((i for i, (f, want) in enumerate(zip(self.filled, self.lengths, strict=True)) if f < want), L)
+        if layer != due:
+            expected = f"{due} (layers in order, each complete before the next)" if due < L else "none (all complete)"
+            raise InvalidArgument(f"layer: {layer} in message {n}; expected {expected}")
         if msg.position != self.filled[layer]:
             raise InvalidArgument(
                 f"position: {msg.position} in message {n}; expected {self.filled[layer]} (contiguous runs per layer)"
@@ -109,14 +131,19 @@ class Importer:
         k = self.tensor(msg.k, "k", (None, hkv, d), "[T, num_kv_heads, head_dim]")
         T = k.shape[0]
         v = self.tensor(msg.v, "v", (T, hkv, d), "[T, num_kv_heads, head_dim]")
-        room = len(self.k[layer]) - msg.position
+        room = self.lengths[layer] - msg.position
         if not 1 <= T <= room:
             raise InvalidArgument(
                 f"k.shape[0]: {T} tokens in message {n}; expected 1..{room} (up to header.lengths[{layer}])"
             )
-        self.k[layer][msg.position : msg.position + T] = k
-        self.v[layer][msg.position : msg.position + T] = v
         self.filled[layer] += T
+        blocks, position = self.blocks, msg.position
+        assert blocks is not None  # reserved by the header; returned only when the import ends
+
+        def write() -> None:  # the reserved blocks only: safe off the loop (see KVCache.write_reserved)
+            self.cache.write_reserved(blocks, layer, position, k, v)
+
+        return write, k.nbytes + v.nbytes
 
     def _start(self, msg: pb.SequenceChunk) -> None:
         if not msg.HasField("header"):
@@ -140,38 +167,40 @@ class Importer:
             raise InvalidArgument("sequence_id: empty; expected the exported sequence's id")
         if msg.sequence_id in c:
             raise AlreadyExists(f"sequence_id: {msg.sequence_id!r} is already in use; expected an unused id")
+        need = -(-max(h.lengths, default=0) // c.block_len)
+        self.admit(need)  # the tenant's quotas, before a single block or buffer is taken
+        if need > c.free_blocks:
+            raise ResourceExhausted(
+                f"KV cache: the sequence needs {need} free blocks (header.lengths), {c.free_blocks} of "
+                f"{c.num_blocks} free; expected at most {c.free_blocks}"
+            )
+        self.blocks = c.reserve(msg.sequence_id, need)
         self.header, self.seq_id = h, msg.sequence_id
-        shape = (c.num_kv_heads, c.head_dim)
-        self.k = [np.empty((n, *shape), c.dtype) for n in h.lengths]
-        self.v = [np.empty((n, *shape), c.dtype) for n in h.lengths]
+        self.lengths = list(h.lengths)
         self.filled = [0] * c.num_layers
 
     def install(self) -> SequenceState:
-        """Create the sequence with every layer's tokens, or raise with nothing changed."""
+        """Create the sequence with every layer's tokens, or raise with nothing changed (the
+        reservation stays for `abandon`)."""
         if self.header is None:
             raise InvalidArgument("ImportSequence: empty stream; expected the stream ExportSequence produces")
-        missing = [layer for layer, (f, k) in enumerate(zip(self.filled, self.k, strict=True)) if f != len(k)]
+        missing = [layer for layer, (f, n) in enumerate(zip(self.filled, self.lengths, strict=True)) if f != n]
         if self.messages - 1 != self.header.chunks or missing:
             raise InvalidArgument(
                 f"ImportSequence: stream ended after {self.messages - 1} of header.chunks = {self.header.chunks} "
                 f"K/V messages (layers short: {missing}); expected the whole stream"
             )
-        cache = self.cache
-        need = -(-max(self.header.lengths, default=0) // cache.block_len)
-        if need > cache.free_blocks:
-            raise ResourceExhausted(
-                f"KV cache: the sequence needs {need} free blocks, {cache.free_blocks} of {cache.num_blocks} free; "
-                f"expected at most {cache.free_blocks}"
-            )
-        cache.create(self.seq_id)
-        try:
-            for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-                if len(k):
-                    cache.append(self.seq_id, layer, 0, k, v)
-        except BaseException:
-            cache.release(self.seq_id)
-            raise
-        return cache.get(self.seq_id)
+        assert self.blocks is not None
+        state = self.cache.adopt(self.seq_id, self.blocks, self.lengths)
+        self.blocks = None
+        return state
+
+    def abandon(self) -> None:
+        """The import ended without `install`: its reserved blocks go back (uncharged). Call only
+        once no write of `add` is running."""
+        if self.blocks is not None:
+            self.cache.unreserve(self.seq_id, self.blocks)
+            self.blocks = None
 
 
 @dataclass

@@ -25,7 +25,6 @@ import grpc
 
 from tkg import __version__, codec, status
 from tkg.server import auth, migration
-from tkg.server.appends import ONE_SEQUENCE
 from tkg.server.batcher import Batcher, DecodeWork, LoneCaller
 from tkg.server.config import ModelSpec
 from tkg.server.cores import CorePolicy, tune_gil
@@ -38,6 +37,7 @@ from tkg.server.settings import ServeSettings
 from tkg.server.step import StepEngine
 from tkg.server.tenants import Ledger, inward, outward, scrub, visible_free
 from tkg.server.wire import WireChecks, check_id
+from tkg.server.writes import Writes
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
@@ -89,6 +89,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.batcher = Batcher(
             self.engine.run, spec.max_batch, settings.batch_delay_us * 1e-6, settings.max_pending, lone
         )
+        self.writes = Writes(cache, self.engine, self.holds, ledger, self.wire, settings.inline_write_bytes)
         tune_gil()
         metrics.attach(cache, pending=lambda: self.batcher.pending, running=lambda: self.batcher.running)
 
@@ -286,7 +287,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                             "(one sequence per AppendKV stream)"
                         )
                     await self.holds.settle(inward(tenant, seq_id))
-                    self._append_chunk(chunk, tenant)
+                    await self.writes.append_chunk(chunk, tenant)
                 if seq_id is None:
                     raise InvalidArgument("AppendKV: empty stream; expected at least one chunk")
                 return self._seq_info(self.cache.get(inward(tenant, seq_id)))
@@ -294,22 +295,6 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 self.ledger.close_stream(tenant)
 
         return await self._unary("AppendKV", context, run)
-
-    def _append_chunk(self, chunk: pb.AppendKVRequest, tenant: auth.Tenant) -> None:
-        """One chunk, all-or-nothing; earlier chunks of the stream stay appended. The cache checks
-        the position (contiguous per layer) and max_context, naming this RPC's fields; RoPE runs
-        only once the position is known good."""
-        k, v = self.wire.append_chunk(chunk)
-        seq_id = inward(tenant, chunk.sequence_id)
-        plan = self.cache.prepare_append(chunk.layer, [seq_id], [chunk.position], k.shape[0], ONE_SEQUENCE)
-        try:
-            self.ledger.check_charged(tenant, plan.reserved_blocks)  # the cache's meter charged it
-            k = self.engine.rotate_chunk(k, chunk.position)
-            k, v = self.engine.stored(chunk.layer, k, v)
-        except BaseException:
-            self.cache.abort(plan)
-            raise
-        self.cache.commit(plan, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
 
     async def ExportSequence(self, request: pb.ExportSequenceRequest, context: Any) -> AsyncIterator[pb.SequenceChunk]:
         """The sequence's header and K/V, every layer (see `tkg.server.migration`). Waits for a
@@ -319,8 +304,11 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         tenant = auth.current().tenant
         seq_id = inward(tenant, request.sequence_id)
         self._enter()
+        counted = False
         try:
             self._check_access("ExportSequence")
+            self.ledger.open_stream(tenant)  # one of the tenant's streams (max_streams)
+            counted = True
             check_id("sequence_id", request.sequence_id)
             await self.holds.settle(seq_id)
             self.cache.get(seq_id)  # NOT_FOUND before the stream starts
@@ -341,6 +329,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, f"server: {type(exc).__name__}: {exc}")
         finally:
+            if counted:
+                self.ledger.close_stream(tenant)
             self._leave()
             self.metrics.observe_request("ExportSequence", code.name, time.perf_counter() - t0, tenant.name)
 
@@ -355,15 +345,36 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         """Accepts exactly what ExportSequence streams; all-or-nothing."""
 
         async def run() -> pb.SequenceInfo:
-            tenant = auth.current().tenant
-            importer = migration.Importer(self.cache, self.wire.kv_code, self.spec.fuse_rope, self.wire.kv_tensor)
-            async for msg in request_iterator:
-                if msg.sequence_id:
-                    if importer.header is None:
-                        check_id("sequence_id", msg.sequence_id)
-                    msg.sequence_id = inward(tenant, msg.sequence_id)  # into the caller's namespace
-                importer.add(msg)
-            return self._seq_info(self._add_sequence(tenant, importer.install))
+            ident = auth.current()
+            tenant = ident.tenant
+            # A tenant's own import is one of its streams; a replica's drain (a peer credential) is
+            # bounded by the drain's concurrency instead, so a rolling update never fails on it.
+            counted = not ident.peer
+            if counted:
+                self.ledger.open_stream(tenant)
+
+            def admit(blocks: int) -> None:  # the header's declared size, before anything is taken
+                self.ledger.check_sequence(tenant)
+                self.ledger.check_blocks(tenant, blocks)
+
+            importer = migration.Importer(
+                self.cache, self.wire.kv_code, self.spec.fuse_rope, self.wire.kv_tensor, admit
+            )
+            try:
+                async for msg in request_iterator:
+                    if msg.sequence_id:
+                        if importer.header is None:
+                            check_id("sequence_id", msg.sequence_id)
+                        msg.sequence_id = inward(tenant, msg.sequence_id)  # into the caller's namespace
+                    job = importer.add(msg)
+                    if job is None:
+                        continue
+                    await self.writes.run(*job)  # into blocks only this import names
+                return self._seq_info(self._add_sequence(tenant, importer.install))
+            finally:
+                importer.abandon()  # a reservation not installed goes back
+                if counted:
+                    self.ledger.close_stream(tenant)
 
         return await self._unary("ImportSequence", context, run)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tkg.server import auth as auth_mod
-from tkg.server.batcher import INLINE_KERNEL_BYTES, LONE_INLINE_BYTES
+from tkg.server.batcher import INLINE_KERNEL_BYTES, INLINE_WRITE_BYTES, LONE_INLINE_BYTES
 
 DEFAULT_MAX_MESSAGE = 64 * 2**20
 
@@ -42,6 +42,7 @@ class ServeSettings:
     gateway_metrics: bool = False
     inline_kernel_bytes: int = INLINE_KERNEL_BYTES  # smaller launches run on the event loop thread
     lone_inline_bytes: int = LONE_INLINE_BYTES  # a lone caller's launches up to this much K+V, too
+    inline_write_bytes: int = INLINE_WRITE_BYTES  # larger AppendKV chunks / import messages: written off the loop
     kernel_cores: int = 0  # cores the cpu kernel may use; 0: the CPUs this process may run on
     expiry_period_s: float | None = None  # idle-expiry sweep period; None: idle_ttl_s / 4, in [0.05, 30]
     peers: tuple[str, ...] = ()  # the other replicas, named as clients name them (the routing hash covers the name)

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from tkg.v1 import decode_attention_pb2 as pb
 
 log = logging.getLogger("tkg.server")
 
+T = TypeVar("T")
 Plans = list[tuple[Tenant, AppendPlan]]  # each plan covers the next `plan.batch_size` rows of the batch
 
 
@@ -80,6 +81,23 @@ class StepEngine:
     def close(self) -> None:
         """Wait for a launch still on the worker thread, then stop the thread."""
         self._kernel_thread.shutdown(wait=True)
+
+    # ---- bulk work off the loop ------------------------------------------------------------------
+
+    async def off_loop(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the kernel worker thread (one thread for all store work: a device store needs
+        that; launches and bulk writes also take turns instead of fighting over the cores), awaited
+        on the loop. Returns or raises only once the thread has let go of `fn`, even when the
+        caller is cancelled meanwhile (CancelledError is raised after): `fn` writes into memory
+        the caller reserved, and the caller's undo must not free it under the thread."""
+        job = asyncio.wrap_future(self._kernel_thread.submit(fn))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            while not job.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({job})
+            raise
 
     # ---- the tensors of a step ------------------------------------------------------------------
 

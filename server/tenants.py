@@ -133,6 +133,13 @@ class Ledger:
         if limit is not None and taken > 0 and u.blocks > limit:
             raise self._over(tenant, "max_blocks", u.blocks - taken, taken, limit, "KV blocks")
 
+    def check_blocks(self, tenant: Tenant, adding: int) -> None:
+        """RESOURCE_EXHAUSTED when `adding` more blocks would put `tenant` past max_blocks (asked
+        before taking them: an import's declared size)."""
+        limit, u = tenant.quota.max_blocks, self.of(tenant)
+        if limit is not None and u.blocks + adding > limit:
+            raise self._over(tenant, "max_blocks", u.blocks, adding, limit, "KV blocks")
+
     def drop_sequence(self, seq_id: str) -> None:
         """Cache sequence `seq_id` is gone (released or expired)."""
         u = self.usage.get(tenant_of(seq_id))
