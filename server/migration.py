@@ -30,7 +30,7 @@ import numpy as np
 
 from tkg import codec
 from tkg.placement import pick
-from tkg.server.errors import AlreadyExists, InvalidArgument, OutOfRange, ResourceExhausted
+from tkg.server.errors import AlreadyExists, InvalidArgument, OutOfRange, pool_full
 from tkg.server.kv_cache import KVCache, SequenceState
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
@@ -169,11 +169,8 @@ class Importer:
             raise AlreadyExists(f"sequence_id: {msg.sequence_id!r} is already in use; expected an unused id")
         need = -(-max(h.lengths, default=0) // c.block_len)
         self.admit(need)  # the tenant's quotas, before a single block or buffer is taken
-        if need > c.free_blocks:
-            raise ResourceExhausted(
-                f"KV cache: the sequence needs {need} free blocks (header.lengths), {c.free_blocks} of "
-                f"{c.num_blocks} free; expected at most {c.free_blocks}"
-            )
+        if need > c.free_blocks:  # never the pool's free count: that is other tenants' usage
+            raise pool_full(need, " (header.lengths)")
         self.blocks = c.reserve(msg.sequence_id, need)
         self.header, self.seq_id = h, msg.sequence_id
         self.lengths = list(h.lengths)
