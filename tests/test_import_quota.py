@@ -211,7 +211,7 @@ def test_a_header_past_the_free_blocks_is_refused_when_it_arrives() -> None:
     async def main() -> None:
         auth.CURRENT.set(identity({}))
         code, details = await status(svc.ImportSequence(Parked([header("big", [40, 0], 1)])(), FakeContext()))
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "needs 5 free blocks" in details, details
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "5 more blocks needed" in details, details
         assert svc.cache.free_blocks == 4
 
     run(main)
