@@ -348,6 +348,48 @@ def test_rolling_update_loses_nothing_and_clients_follow_the_moved_sequences() -
             p.stop(signal.SIGKILL)
 
 
+def test_a_shared_peers_list_without_advertise_loses_nothing() -> None:
+    """Three replicas given one `--peers` list naming all three and no `--advertise`, as an
+    operator writing their own manifest would: each recognises its own entry by its instance id,
+    so SIGTERM on one moves every sequence it held to the others (none is pushed to itself, which
+    refuses while draining), and every sequence is then found and decodes as before."""
+    ports = [free_port() for _ in range(3)]
+    targets = [f"127.0.0.1:{p}" for p in ports]
+    procs = [start_server(*GEOMETRY, "--peers", ",".join(targets), "--grace-s", "30", "--port", str(p)) for p in ports]
+    try:
+        c = Client(targets, timeout=30)
+        sids = [c.create_sequence().sequence_id for _ in range(4)]
+        while sum(routing.pick(targets, s) == 0 for s in sids) < 4:
+            sids.append(c.create_sequence().sequence_id)
+        for i, s in enumerate(sids):
+            c.append_kv(s, 0, rand((13, HKV, D), 10 * i), rand((13, HKV, D), 10 * i + 1))
+            c.append_kv(s, 1, rand((5, HKV, D), 10 * i + 2), rand((5, HKV, D), 10 * i + 3))
+        q, k, v = rand((1, HQ, 1, D), 5), rand((1, HKV, 1, D), 6), rand((1, HKV, 1, D), 7)
+
+        def answer(client: Client, sid: str) -> np.ndarray:
+            fork = client.fork(sid).sequence_id  # decoding appends a token: step a fork, keep the sequence
+            out = client.decode(0, [fork], [13], q, k, v).out
+            client.release(fork)
+            return out
+
+        expect = {s: answer(c, s) for s in sids}
+        moving = [s for s in sids if routing.pick(targets, s) == 0]
+        assert procs[0].stop(signal.SIGTERM, timeout=60) == 0
+        out = procs[0].proc.stdout.read()
+        assert f"drain moved {len(moving)} sequences, 0 could not move" in out, out
+        fresh = Client(targets, timeout=30)  # never saw the move: finds them by looking
+        for client in (c, fresh):
+            for s in sids:
+                assert list(client.get_sequence(s).lengths) == [13, 5]
+                np.testing.assert_array_equal(answer(client, s), expect[s])
+        assert all(fresh._replica(s) != 0 for s in moving)
+        c.close()
+        fresh.close()
+    finally:
+        for p in procs:
+            p.stop(signal.SIGKILL)
+
+
 def _answers(client: Client, replica: int) -> bool:
     try:
         client.server_info(replica)
