@@ -447,7 +447,11 @@ class StreamPlan:
             if (yield from self.follow()):
                 return True
             if self.unanswered():  # requests without any answer: lost with the stream
-                self.failure = self.error
+                n = sum(m.result is None for m in self._order)
+                self.failure = self.error or Unavailable(
+                    f"decode_stream: the stream ended with {n} requests unanswered; expected an answer to each",
+                    self.core.name(self.replica),
+                )
                 return False
         elif self.broken is not None:
             self.failure = self.broken
@@ -477,10 +481,10 @@ class StreamPlan:
         if not isinstance(err, NotFound | Unavailable) or not self.follows or self._fruitless >= len(self.core.targets):
             return self._give_up()
         if isinstance(err, NotFound) and not isinstance(err, ServerRestarted):
+            # A restarted replica (rolling update) may have pushed them first: look either way,
+            # as `failed` does; found nowhere, the held NOT_FOUNDs say it restarted.
             current = yield AskInstance(self.replica)
             err = self.core.instances.verdict(err, self.replica, list(self.ids), current)
-            if type(err) is not NotFound:  # the replica restarted: its sequences are gone
-                return self._give_up()
         where = None
         for pause in (0.0, *FOLLOW_PAUSES_S):
             if pause:
@@ -489,14 +493,18 @@ class StreamPlan:
             if where is not None or not isinstance(err, Unavailable):  # after NOT_FOUND nothing is in transit
                 break
         if where is None or len(where) != 1:
-            return self._give_up()
+            return self._give_up(err if isinstance(err, ServerRestarted) else None)
         self.replica = where.pop()
         self._fruitless += 1
         return True
 
-    def _give_up(self) -> bool:
+    def _give_up(self, restarted: ServerRestarted | None = None) -> bool:
+        """No follow: each held error becomes its request's answer (a NOT_FOUND as `restarted`
+        when the replica was found restarted); following stops for the rest of the stream."""
         self.follows = False
         for m in self._order:
             if m.result is None and m.held is not None:
+                if restarted is not None and type(m.held.error) is NotFound:
+                    m.held.error = restarted
                 m.result, m.held = m.held, None
         return False

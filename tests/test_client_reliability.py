@@ -474,6 +474,22 @@ def test_decode_stream_resends_what_a_broken_stream_left_unanswered(make: Make) 
     assert decoded_by(results) == [0, 0, to, to, to] and replicas[to].seqs[sid] == 5
 
 
+def test_decode_stream_follows_through_a_restart_and_says_restarted_when_nothing_moved(make: Make) -> None:
+    """A rolling update: replica 0 drained (the sequence went elsewhere) and came back with a new
+    instance id. The stream's NOT_FOUND there is followed all the same; a sequence that was not
+    moved is answered `ServerRestarted`, as `decode` would raise."""
+    c, replicas = make()
+    sid, lost = id_routing_to(0), id_routing_to(0, "lost")
+    c.create_sequence(sid)
+    c.create_sequence(lost)
+    to = routing.Router(TARGETS).candidates(sid, 0)[0]
+    replicas[to].seqs[sid] = replicas[0].seqs.pop(sid)
+    replicas[0].restart()
+    assert decoded_by(c.decode_stream(stream_of(sid, 0, 2))) == [to, to]
+    (res,) = c.decode_stream(stream_of(lost, 0, 1))
+    assert isinstance(res.error, errors.ServerRestarted) and res.error.new_instance == "r0-start0+"
+
+
 def test_decode_stream_without_anywhere_to_follow_answers_the_error_and_goes_on(
     make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
