@@ -6,22 +6,30 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from tkg.client import routing
-from tkg.client.core import STREAM_RESPONSE_METHODS, Ask, AskInstance, Call, Core, Decision, probe_timeout
+from tkg.client.core import (
+    STREAM_RESPONSE_METHODS,
+    Ask,
+    AskInstance,
+    Call,
+    Core,
+    Decision,
+    Pause,
+    StreamPlan,
+    probe_timeout,
+)
 from tkg.client.errors import TkgError
 from tkg.client.messages import (
     DEFAULT_MAX_MESSAGE,
     DecodeInput,
     DecodeResult,
     auth_metadata,
-    decode_request,
-    decode_result,
     open_channels,
     uses_tls,
 )
@@ -97,6 +105,9 @@ class AsyncClient:
 
     async def _answer(self, ask: Ask) -> Any:
         """As `Client._answer`, awaited."""
+        if isinstance(ask, Pause):  # a drain may still be pushing what a stream follows
+            await asyncio.sleep(ask.seconds)
+            return None
         stub = self._stubs[ask.replica]
         opts = {"timeout": probe_timeout(self.timeout), "metadata": self._metadata}
         try:
@@ -201,43 +212,86 @@ class AsyncClient:
     async def decode_stream(
         self, requests: Iterable[DecodeInput] | AsyncIterable[DecodeInput], timeout: float | None = None
     ) -> AsyncIterator[DecodeResult]:
-        """As `Client.decode_stream`: one stream to the replica holding every request's sequences.
-        With several targets an iterable is read whole first; an async iterable is routed by its
-        first request, and one naming sequences held elsewhere ends the stream (not sent) with
-        ValueError once the earlier requests are answered."""
-        replica, first, wrong = 0, None, []
+        """As `Client.decode_stream`: one stream to the replica holding every request's sequences,
+        following them when a drain moves them. With several targets an iterable is read whole
+        first; an async iterable is routed by its first request, and one naming sequences held
+        elsewhere ends the stream (not sent) with ValueError once the earlier requests are answered."""
+        replica, ahead = 0, []
         source: Any = requests
         if len(self.targets) > 1 and isinstance(requests, AsyncIterable):
             source = aiter(requests)
             first = await anext(source, None)  # routes the stream: later requests cannot be known yet
             replica = self._core.stream_replica([first.sequence_ids] if first is not None else [])
+            source = _prepend(first, source) if first is not None else source
         elif len(self.targets) > 1:
             source = list(requests)  # all of them, to find their replica before sending
             replica = self._core.stream_replica(d.sequence_ids for d in source)
-
-        async def messages() -> AsyncIterator[pb.DecodeRequest]:
-            if first is not None:
-                yield decode_request(first)
-            if not isinstance(source, AsyncIterable):
-                for d in source:
-                    yield decode_request(d)
+            ahead = [s for d in source for s in d.sequence_ids]
+        source = aiter(source) if isinstance(source, AsyncIterable) else iter(source)
+        plan = StreamPlan(self._core, replica, ahead)
+        while True:
+            generation, halt = plan.open(), asyncio.Event()
+            try:
+                call = self._stubs[plan.replica].DecodeStream(
+                    _messages(plan, generation, source, halt), timeout=timeout or self.timeout,
+                    metadata=self._metadata,
+                )  # fmt: skip
+                async for resp in call:
+                    plan.answered(resp)
+                    if plan.stopped:
+                        halt.set()  # the request side ends: the old replica may finish its drain
+                    for result in plan.ready():
+                        yield result
+            except grpc.RpcError as exc:
+                plan.broke(self._core.error(exc, plan.replica))
+            halt.set()
+            again = await self._drive(plan.next_stream())
+            for result in plan.ready():
+                yield result
+            if not again:
+                if plan.pull is not None:
+                    plan.pull.cancel()
+                if plan.failure is not None:
+                    raise plan.failure from None
                 return
-            async for d in source:
-                if first is not None:
-                    try:
-                        self._core.stream_replica([first.sequence_ids, d.sequence_ids])
-                    except ValueError as exc:
-                        wrong.append(exc)  # raised to the caller after the answers to what was sent
-                        return
-                yield decode_request(d)
 
-        try:
-            call = self._stubs[replica].DecodeStream(
-                messages(), timeout=timeout or self.timeout, metadata=self._metadata
-            )
-            async for resp in call:
-                yield decode_result(resp)
-        except grpc.RpcError as exc:
-            raise self._core.error(exc, None) from None
-        if wrong:
-            raise wrong[0]
+
+async def _prepend(first: DecodeInput, rest: AsyncIterator[DecodeInput]) -> AsyncIterator[DecodeInput]:
+    """`first`, then `rest`."""
+    yield first
+    async for d in rest:
+        yield d
+
+
+async def _messages(
+    plan: StreamPlan, generation: int, source: AsyncIterator[DecodeInput] | Iterator[DecodeInput], halt: asyncio.Event
+) -> AsyncIterator[pb.DecodeRequest]:
+    """The request side of the stream of `generation`: messages to resend, then the caller's
+    requests. A plain iterable is read in place (never waits). A read of an async `source` still
+    waiting when the stream stops (`halt`) is kept in `plan.pull` for the next stream, so no
+    request is lost or read twice, and a caller whose next request waits for an answer does not
+    keep the old stream open."""
+    if not isinstance(source, AsyncIterator):
+        while (msg := plan.next_message(generation, lambda: next(source, None))) is not None:
+            yield msg
+        return
+    while plan.sendable(generation):
+        msg = plan.resend()
+        if msg is None:
+            if plan.pull is None:
+                plan.pull = asyncio.ensure_future(anext(source, None))
+            halted = asyncio.ensure_future(halt.wait())
+            try:
+                await asyncio.wait({plan.pull, halted}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                halted.cancel()
+            if not plan.sendable(generation) or not plan.pull.done():
+                return  # the read stays in plan.pull for the next stream
+            d, plan.pull = plan.pull.result(), None
+            if d is None:
+                plan.exhausted = True
+                return
+            msg = plan.admit(d, generation)
+            if msg is None:
+                return
+        yield msg

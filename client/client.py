@@ -13,6 +13,7 @@ Every decision (routing, requests, verdicts on errors, splitting and merging) is
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -21,15 +22,24 @@ import grpc
 import numpy as np
 
 from tkg.client import routing
-from tkg.client.core import STREAM_RESPONSE_METHODS, Ask, AskInstance, Call, Core, Decision, drive, probe_timeout
+from tkg.client.core import (
+    STREAM_RESPONSE_METHODS,
+    Ask,
+    AskInstance,
+    Call,
+    Core,
+    Decision,
+    Pause,
+    StreamPlan,
+    drive,
+    probe_timeout,
+)
 from tkg.client.errors import TkgError
 from tkg.client.messages import (
     DEFAULT_MAX_MESSAGE,
     DecodeInput,
     DecodeResult,
     auth_metadata,
-    decode_request,
-    decode_result,
     open_channels,
     uses_tls,
 )
@@ -119,6 +129,9 @@ class Client:
 
     def _answer(self, ask: Ask) -> Any:
         """A verdict's question, answered with a short blocking RPC (None when it fails)."""
+        if isinstance(ask, Pause):  # a drain may still be pushing what a stream follows
+            time.sleep(ask.seconds)
+            return None
         stub = self._stubs[ask.replica]
         opts = {"timeout": probe_timeout(self.timeout), "metadata": self._metadata}
         try:
@@ -224,16 +237,34 @@ class Client:
     def decode_stream(self, requests: Iterable[DecodeInput], timeout: float | None = None) -> Iterator[DecodeResult]:
         """Pipelined decode on one stream to the replica holding every request's sequences
         (ValueError when they live on several). A failing message yields a result with `error`
-        set; the stream goes on."""
-        replica = 0
+        set; the stream goes on. Sequences moved by a drain are followed (`core.StreamPlan`): the
+        requests not answered yet go, in order, on a stream to their new replica."""
+        replica, ahead = 0, []
         if len(self.targets) > 1:
             requests = list(requests)  # all of them, to find their replica before sending
             replica = self._core.stream_replica(d.sequence_ids for d in requests)
-        try:
-            stream = self._stubs[replica].DecodeStream(
-                (decode_request(d) for d in requests), timeout=timeout or self.timeout, metadata=self._metadata
-            )
-            for resp in stream:
-                yield decode_result(resp)
-        except grpc.RpcError as exc:
-            raise self._core.error(exc, None) from None
+            ahead = [s for d in requests for s in d.sequence_ids]
+        plan = StreamPlan(self._core, replica, ahead)
+        source = iter(requests)
+
+        def messages(generation: int) -> Iterator[pb.DecodeRequest]:
+            while (msg := plan.next_message(generation, lambda: next(source, None))) is not None:
+                yield msg
+
+        while True:
+            generation = plan.open()
+            try:
+                stream = self._stubs[plan.replica].DecodeStream(
+                    messages(generation), timeout=timeout or self.timeout, metadata=self._metadata
+                )
+                for resp in stream:
+                    plan.answered(resp)
+                    yield from plan.ready()
+            except grpc.RpcError as exc:
+                plan.broke(self._core.error(exc, plan.replica))
+            again = self._drive(plan.next_stream())
+            yield from plan.ready()
+            if not again:
+                if plan.failure is not None:
+                    raise plan.failure from None
+                return

@@ -14,6 +14,8 @@ answers; the shells answer with blocking or awaited RPCs (`drive` / `AsyncClient
   concurrently when several) and is sent `{replica: DecodeResponse | TkgError}`; splits the batch
   by replica, re-splits after sequences were found elsewhere, and merges the parts in the caller's
   order (`merge_split`, `PartialDecodeError` when some replica failed).
+- `StreamPlan`: one decode_stream across replicas: what each (re)opened stream sends, which
+  answers are delivered, and `StreamPlan.follow`, where its sequences went after a drain.
 
 Everything here runs without a server; tests/test_client_reliability.py drives it directly and
 through both shells.
@@ -21,7 +23,9 @@ through both shells.
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, TypeVar
@@ -30,7 +34,15 @@ import grpc
 import numpy as np
 
 from tkg.client import routing
-from tkg.client.errors import NotFound, PartialDecodeError, TkgError, Unavailable, from_rpc_error, with_plaintext_hint
+from tkg.client.errors import (
+    NotFound,
+    PartialDecodeError,
+    ServerRestarted,
+    TkgError,
+    Unavailable,
+    from_rpc_error,
+    with_plaintext_hint,
+)
 from tkg.client.instances import Instances
 from tkg.client.messages import DecodeInput, DecodeResult, append_chunks, decode_request, decode_result, merge_rows
 from tkg.v1 import decode_attention_pb2 as pb
@@ -46,6 +58,9 @@ SEQUENCE_METHODS = frozenset(
 STREAM_RESPONSE_METHODS = frozenset({"ExportSequence"})
 # The lookups a verdict makes (GetSequence, GetServerInfo) are error paths: short deadlines.
 PROBE_TIMEOUT_S = 5.0
+# Pauses (s) between looks for a stream's sequences after UNAVAILABLE: a draining replica pushes
+# them only once the stream has ended. ~26 s in all, past a drain's default 20 s grace period.
+FOLLOW_PAUSES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,14 @@ class AskInstance(NamedTuple):
     replica: int
 
 
-Ask = AskInstance | routing.Lookup
+class Pause(NamedTuple):
+    """What a stream's follow asks while a drain may still be pushing: wait `seconds` (answer:
+    anything, ignored)."""
+
+    seconds: float
+
+
+Ask = AskInstance | routing.Lookup | Pause
 # A decision needing answers: yields what it asks, is sent the answers, returns its result.
 Decision = Generator[Ask, Any, T]
 # A decode batch: one Decode call per replica index, and what each returned or raised.
@@ -299,3 +321,207 @@ def merge_split(
     if out is not None:
         out[~ok] = np.nan  # rows of failed sequences hold no answer
     raise PartialDecodeError(DecodeResult(d.request_id, d.layer, out, timing, ok=ok), errors)
+
+
+@dataclass
+class _Message:
+    d: DecodeInput
+    result: DecodeResult | None = None  # its answer to deliver; None: not answered (yet)
+    held: DecodeResult | None = None  # a NOT_FOUND / UNAVAILABLE answer, kept while following
+
+
+class StreamPlan:
+    """One `decode_stream` across replicas, so that it follows sequences moved by a drain the way
+    `decode` does. The shells open a DecodeStream at `replica` (`open`), send `resend()` messages,
+    then `admit(d)` of each new request while they return a message, hand every response to
+    `answered` (or the stream's failure to `broke`), deliver `ready()`, and when the stream has
+    ended with requests unanswered run `follow()`.
+
+    A message answered with NOT_FOUND (its sequences are not there) or UNAVAILABLE (draining, or
+    gone) stops the stream: nothing more is sent on it (a draining server finishes its drain, and
+    pushes its sequences, only once its open streams end); what is still coming is read. `follow`
+    then looks for every sequence of the stream on the other replicas (after UNAVAILABLE, again
+    after `Pause`s while the drain may still be pushing). Found on one other replica, the next
+    stream goes there and the messages not answered yet are sent first, in order; answered ones
+    (results, or errors of any other kind) are never sent again. Answers reach the caller in
+    request order: one that arrived after an unanswered message waits for it. A follow that finds
+    them nowhere, or on several replicas (a stream reaches one), turns the held errors into
+    answers and the stream goes on where it was, without following again.
+
+    Thread use (the sync shell): `resend`/`admit` run on gRPC's request thread while `answered`
+    runs on the caller's. An answer comes only after its message was appended to `_inflight`
+    (before it was sent), the request side only appends, the answer side only pops from the
+    left, and `deque.append`/`popleft` are atomic in CPython; `stopped` is a flag set once by
+    the answer side (a message taken just after it is set is held for the next stream)."""
+
+    def __init__(self, core: Core, replica: int, ahead: Iterable[str] = ()) -> None:
+        self.core = core
+        self.replica = replica
+        self.ids: dict[str, None] = dict.fromkeys(ahead)  # every sequence of the stream (ordered set)
+        self.stopped = False  # send no more on the current stream
+        self.error: TkgError | None = None  # why it stopped (the first move-like error) or broke
+        self.wrong: ValueError | None = None  # a new request names sequences held elsewhere: the end
+        self.follows = len(core.targets) > 1  # False once a follow found nothing
+        self._order: deque[_Message] = deque()  # taken and not delivered, in request order
+        self._inflight: deque[_Message] = deque()  # sent on the current stream, not answered
+        self._unsent: deque[_Message] = deque()  # to send first on the current stream
+        self._fruitless = 0  # follows since an answer last arrived (bounded: no ping-pong)
+        self.generation = 0  # of the current stream (`open`)
+        self.broken: TkgError | None = None  # the current stream failed with this
+        self.exhausted = False  # the caller's requests are all taken (set by the shell)
+        self.failure: BaseException | None = None  # what ends the decode_stream (`next_stream`)
+        self.lock = threading.Lock()  # the sync shell's request threads vs `open`
+        self.pull: Any = None  # the async shell's pending read of the caller's requests (kept across streams)
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    def open(self) -> int:
+        """A stream is being opened at `replica`: what was not answered goes first. Returns the
+        stream's generation, which its request side passes to `sendable`."""
+        with self.lock:
+            self.generation += 1
+            self.stopped, self.error, self.broken = False, None, None
+            self._inflight.clear()
+            self._unsent = deque(m for m in self._order if m.result is None)
+            for m in self._unsent:
+                m.held = None
+            return self.generation
+
+    def sendable(self, generation: int) -> bool:
+        """The stream of `generation` may send more (it is the current one, and not stopping)."""
+        return generation == self.generation and not self.stopped and self.wrong is None
+
+    def resend(self) -> pb.DecodeRequest | None:
+        """The next message of an earlier stream to send again (None: none left)."""
+        if not self._unsent:
+            return None
+        m = self._unsent.popleft()
+        self._inflight.append(m)
+        return decode_request(m.d)
+
+    def admit(self, d: DecodeInput, generation: int) -> pb.DecodeRequest | None:
+        """A new request from the caller, taken by the stream of `generation`: its message, or
+        None when it waits for the next stream (that one is stopping or over) or names sequences
+        held elsewhere (`wrong`, raised by the shell after the answers to what was sent)."""
+        if len(self.core.targets) > 1 and {self.core.replica(s) for s in d.sequence_ids} - {self.replica}:
+            self.wrong = ValueError(
+                "decode_stream: sequences live on several replicas; expected one stream per replica"
+            )
+            return None
+        m = _Message(d)
+        self._order.append(m)
+        self.ids.update(dict.fromkeys(d.sequence_ids))
+        if not self.sendable(generation):
+            self._unsent.append(m)  # after what the current stream still has to resend: in order
+            return None
+        self._inflight.append(m)
+        return decode_request(d)
+
+    def next_message(self, generation: int, pull: Callable[[], DecodeInput | None]) -> pb.DecodeRequest | None:
+        """The sync shell's request side: what the stream of `generation` sends next (a message to
+        resend, else `pull()`'s next request), or None to end its request side. Under `lock`:
+        a request thread of an ended stream may still ask, concurrently with the next stream's."""
+        with self.lock:
+            if not self.sendable(generation):
+                return None
+            msg = self.resend()
+            if msg is None:
+                d = pull()
+                if d is None:
+                    self.exhausted = True
+                    return None
+                msg = self.admit(d, generation)
+            return msg
+
+    # ---- answers ---------------------------------------------------------------------------
+
+    def answered(self, resp: pb.DecodeResponse) -> None:
+        """The answer to the oldest message in flight on this stream."""
+        m = self._inflight.popleft()
+        result = decode_result(resp)
+        if self.follows and isinstance(result.error, NotFound | Unavailable):
+            m.held = result
+            if not self.stopped:
+                self.error, self.stopped = result.error, True
+            return
+        m.result = result
+        self._fruitless = 0
+
+    def broke(self, err: TkgError) -> None:
+        """The stream failed with `err`: what was in flight has no answer."""
+        with self.lock:
+            self._inflight.clear()
+            self.broken = err
+            if self.error is None:
+                self.error = err
+            self.stopped = True
+
+    def next_stream(self) -> Decision[bool]:
+        """After a stream ended: True to open another at `replica` (followed, or where it was for
+        the requests not sent yet); False when the decode_stream is over, with `failure` to raise
+        once `ready()` is delivered (None: it ended well)."""
+        if self.unanswered():
+            if (yield from self.follow()):
+                return True
+            if self.unanswered():  # requests without any answer: lost with the stream
+                n = sum(m.result is None for m in self._order)
+                self.failure = self.error or Unavailable(
+                    f"decode_stream: the stream ended with {n} requests unanswered; expected an answer to each",
+                    self.core.name(self.replica),
+                )
+                return False
+        elif self.broken is not None:
+            self.failure = self.broken
+            return False
+        if self.wrong is not None:
+            self.failure = self.wrong
+            return False
+        return not self.exhausted
+
+    def ready(self) -> list[DecodeResult]:
+        """The answers deliverable now: the answered prefix of the requests, in order."""
+        out: list[DecodeResult] = []
+        while self._order and self._order[0].result is not None:
+            out.append(self._order.popleft().result)  # type: ignore[arg-type]
+        return out
+
+    def unanswered(self) -> bool:
+        return any(m.result is None for m in self._order)
+
+    # ---- following -------------------------------------------------------------------------
+
+    def follow(self) -> Decision[bool]:
+        """The stream ended with requests unanswered: True to open the next stream at `replica`
+        (updated). False: held errors became answers (`ready`); requests with none at all are
+        lost with `error`, which the shell raises."""
+        err = self.error
+        if not isinstance(err, NotFound | Unavailable) or not self.follows or self._fruitless >= len(self.core.targets):
+            return self._give_up()
+        if isinstance(err, NotFound) and not isinstance(err, ServerRestarted):
+            # A restarted replica (rolling update) may have pushed them first: look either way,
+            # as `failed` does; found nowhere, the held NOT_FOUNDs say it restarted.
+            current = yield AskInstance(self.replica)
+            err = self.core.instances.verdict(err, self.replica, list(self.ids), current)
+        where = None
+        for pause in (0.0, *FOLLOW_PAUSES_S):
+            if pause:
+                yield Pause(pause)
+            where = yield from self.core.locate(list(self.ids), self.replica)
+            if where is not None or not isinstance(err, Unavailable):  # after NOT_FOUND nothing is in transit
+                break
+        if where is None or len(where) != 1:
+            return self._give_up(err if isinstance(err, ServerRestarted) else None)
+        self.replica = where.pop()
+        self._fruitless += 1
+        return True
+
+    def _give_up(self, restarted: ServerRestarted | None = None) -> bool:
+        """No follow: each held error becomes its request's answer (a NOT_FOUND as `restarted`
+        when the replica was found restarted); following stops for the rest of the stream."""
+        self.follows = False
+        for m in self._order:
+            if m.result is None and m.held is not None:
+                if restarted is not None and type(m.held.error) is NotFound:
+                    m.held.error = restarted
+                m.result, m.held = m.held, None
+        return False

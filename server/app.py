@@ -8,7 +8,9 @@ and how long), then SERVING. `App.shutdown`: health NOT_SERVING, new calls UNAVA
 expiry stops, in-flight calls finish within the grace period; with `peers`, every resident
 sequence is then pushed to the peer clients will route it to once this replica is gone
 (`tkg.server.migration`), within what is left of the grace period; then stop. What could not
-move is logged by id and counted (`tkg_sequences_migrated_total`).
+move is logged by id and counted (`tkg_sequences_migrated_total`). A `--peers` entry naming this
+replica itself is recognised by its instance id while the instance serves (`tkg.server.peers`) and
+never pushed to, so every replica can share one list without `--advertise`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, WarmUp, create_kv_store
 from tkg.server import auth as auth_mod
-from tkg.server import listeners, migration, tenants
+from tkg.server import listeners, migration, peers, tenants
 from tkg.server.config import ConfigError, ModelSpec
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
@@ -40,6 +42,7 @@ from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 log = logging.getLogger("tkg.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DecodeAttention"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SETTLE_S = 2.0  # at most this (and a quarter of the grace period) asking unknown --peers entries at a drain
 
 
 @dataclass
@@ -58,6 +61,7 @@ class App:
     warmed: WarmUp | None = None
     event_loop: str = "asyncio"  # the package of the loop it runs on: "uvloop" or "asyncio"
     addresses: list[str] = field(default_factory=list)  # where it listens (a TCP port 0 resolved)
+    finder: peers.SelfFinder | None = None  # with --peers: which entries are this replica
     _expirer: asyncio.Task | None = field(default=None, repr=False)
 
     def describe(self) -> str:
@@ -90,6 +94,8 @@ class App:
         calls, push sequences to `peers` until `grace_s` is over), then stop the gRPC server, the
         batcher and the metrics port. Returns the push report (None without peers)."""
         deadline = asyncio.get_running_loop().time() + grace_s
+        if self.finder is not None:  # while still serving: a draining server refuses its own asks too
+            await self.finder.settle(min(SETTLE_S, grace_s / 4))
         await self.health.enter_graceful_shutdown()
         if self._expirer is not None:  # nothing may expire while it is being moved
             self._expirer.cancel()
@@ -106,25 +112,14 @@ class App:
         return report
 
     async def push_to_peers(self, deadline: float) -> migration.PushReport:
-        """Move every resident sequence to its peer (see `tkg.server.migration.push_all`)."""
-        s, cache = self.settings, self.service.cache
-        # Each sequence goes out under its tenant's id with `tkg-tenant` naming the tenant; the peer
-        # honours that for a `peer` credential only (a token, or this replica's certificate under
-        # mTLS). A tenant's own token can only move that tenant's sequences; the rest are refused
-        # and stay in the report's `failed`.
-        token = s.peer_token
-        creds = None
-        if s.tls_cert:
-            mtls = s.tls_client_ca is not None  # peers verify client certificates: present ours
-            creds = grpc.ssl_channel_credentials(
-                s.tls_cert, s.tls_key if mtls else None, s.tls_cert if mtls else None
-            )
+        """Move every resident sequence to its peer (see `tkg.server.migration.push_all`), never
+        to an entry of `--peers` known to be this replica."""
+        cache, link = self.service.cache, peer_link(self.settings)
+        targets = self.finder.others() if self.finder is not None else self.settings.peers
         report = await migration.push_all(
-            cache.sequence_ids(), self.service.export_messages, cache.release, list(s.peers), deadline,
-            metadata=(("authorization", f"Bearer {token}"),) if token else (),
-            channel_options=[("grpc.max_send_message_length", s.max_message_bytes),
-                             ("grpc.max_receive_message_length", s.max_message_bytes)],
-            credentials=creds, owner=lambda seq_id: (tenants.outward(seq_id), tenants.tenant_of(seq_id)),
+            cache.sequence_ids(), self.service.export_messages, cache.release, list(targets), deadline,
+            metadata=link.metadata, channel_options=link.options, credentials=link.credentials,
+            owner=lambda seq_id: (tenants.outward(seq_id), tenants.tenant_of(seq_id)),
         )  # fmt: skip
         self.metrics.migrated.labels("moved").inc(len(report.moved))
         self.metrics.migrated.labels("failed").inc(len(report.failed))
@@ -132,6 +127,21 @@ class App:
             log.warning("drain: sequence %r not moved: %s", seq_id[:64], why)  # ids cut short in logs
         log.info("drain: moved %d sequences to peers, %d could not move", len(report.moved), len(report.failed))
         return report
+
+
+def peer_link(s: ServeSettings) -> peers.PeerLink:
+    """How this replica calls its peers (the drain's pushes and the instance-id asks)."""
+    # Each sequence goes out under its tenant's id with `tkg-tenant` naming the tenant; the peer
+    # honours that for a `peer` credential only (a token, or this replica's certificate under
+    # mTLS). A tenant's own token can only move that tenant's sequences; the rest are refused
+    # and stay in the push report's `failed`.
+    creds = None
+    if s.tls_cert:
+        mtls = s.tls_client_ca is not None  # peers verify client certificates: present ours
+        creds = grpc.ssl_channel_credentials(s.tls_cert, s.tls_key if mtls else None, s.tls_cert if mtls else None)
+    limits = (("grpc.max_send_message_length", s.max_message_bytes),
+              ("grpc.max_receive_message_length", s.max_message_bytes))  # fmt: skip
+    return peers.PeerLink(creds, limits, (("authorization", f"Bearer {s.peer_token}"),) if s.peer_token else ())
 
 
 def loop_runner(kind: str) -> Callable[[Coroutine[Any, Any, int]], int]:
@@ -272,6 +282,9 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
               type(asyncio.get_running_loop()).__module__.split(".")[0], addresses)  # fmt: skip
     period = settings.expiry_period_s or min(max(spec.idle_ttl_s / 4, 0.05), 30.0)
     app._expirer = asyncio.get_running_loop().create_task(_expire_loop(service, period), name="tkg-expiry")
+    if settings.peers:  # SERVING: it can answer its own ask now
+        app.finder = peers.SelfFinder(settings.peers, service.instance_id, peer_link(settings))
+        app.finder.start()
     return app
 
 

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drain time on SIGTERM for in-flight calls and pushing sequences to --peers (default 20)")
     n.add_argument("--peers", default="", help="the replicas, host:port,... exactly as clients name them: "
                    "on SIGTERM each resident sequence moves to the one client routing picks without this replica "
-                   "(this replica's own entry, --advertise, is left out, so every replica can share one list)")
+                   "(this replica's own entry is left out: named by --advertise, or else recognised by its "
+                   "instance id once it answers, so every replica can share one list)")
     n.add_argument("--advertise", default="", help="this replica's name as clients and --peers name it (host:port), "
                    "e.g. $(POD_NAME).tkg-headless.<namespace>.svc.cluster.local:50051 in a StatefulSet")
     n.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",

@@ -224,7 +224,13 @@ async def push_all(
 
     `owner(cache id)` gives the id its tenant's clients use (what routing hashes and the stream
     carries) and the tenant's name, sent as `tkg-tenant` metadata (None: send none) so that a peer
-    credential imports it into that tenant's namespace."""
+    credential imports it into that tenant's namespace.
+
+    `peers` must not name this replica (`tkg.server.peers.SelfFinder` leaves it out): a draining
+    server refuses every call, so a push to itself would fail and the sequence be lost. With no
+    peer left every sequence is reported failed."""
+    if not peers:
+        return PushReport([], {s: "no other replica: --peers names only this one" for s in seq_ids})
     loop = asyncio.get_running_loop()
     channels = {
         p: grpc.aio.secure_channel(p, credentials, options=list(channel_options)) if credentials

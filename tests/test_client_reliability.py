@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tkg import codec
-from tkg.client import AsyncClient, Client, DecodeInput, errors, routing
+from tkg.client import AsyncClient, Client, DecodeInput, core, errors, routing
 from tkg.client.instances import Instances
 from tkg.client.messages import DecodeResult
 from tkg.v1 import decode_attention_pb2 as pb
@@ -45,6 +45,9 @@ class RpcFailure(grpc.RpcError):
 class Replica:
     """One replica in memory: sequence id -> tokens cached (one layer), the process's instance id,
     and every call it received (`calls`: (method, sequence ids)). `down` answers UNAVAILABLE.
+    `draining` answers each DecodeStream message UNAVAILABLE (the stream goes on); `before(method)`
+    runs as each call arrives and `on_stream(i)` before a stream's i-th answer (tests move
+    sequences there, as a drain would).
 
     Decode answers each row with `100 * index + rank` (rank: the row's place in the request), so a
     merged result shows which replica answered each row and in which order."""
@@ -54,6 +57,9 @@ class Replica:
         self.seqs: dict[str, int] = {}
         self.instance = f"r{index}-start0"
         self.down = False
+        self.draining = False
+        self.before: Callable[[str], None] | None = None
+        self.on_stream: Callable[[int], None] | None = None
         self.calls: list[tuple[str, tuple[str, ...]]] = []
 
     def restart(self) -> None:
@@ -66,6 +72,8 @@ class Replica:
         ids = [getattr(m, "sequence_id", "") or getattr(m, "source_id", "") for m in _listed(request)]
         ids += [s for m in _listed(request) for s in getattr(m, "sequence_ids", ())]
         self.calls.append((method, tuple(i for i in ids if i)))
+        if self.before is not None:
+            self.before(method)
         if self.down:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "connection refused")
         return getattr(self, method)(request)
@@ -126,8 +134,12 @@ class Replica:
         return resp
 
     def DecodeStream(self, reqs: list[pb.DecodeRequest]) -> Iterator[pb.DecodeResponse]:
-        for req in reqs:
+        for i, req in enumerate(reqs):
+            if self.on_stream is not None:
+                self.on_stream(i)
             try:
+                if self.draining:
+                    raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "server: draining for shutdown")
                 yield self.Decode(req)
             except RpcFailure as f:  # a message's error is its response; the stream goes on
                 err = pb.Error(code=f.code().value[0], message=f.details())
@@ -383,6 +395,137 @@ def test_decode_stream_goes_to_the_replica_holding_the_sequences(make: Make) -> 
     with pytest.raises(ValueError, match="several replicas"):
         c.decode_stream([DecodeInput(0, [a], [2], *zeros(1)), DecodeInput(0, [elsewhere], [0], *zeros(1))])
     assert [len(r.calls) for r in replicas] == calls  # nothing sent
+
+
+def move_all(src: Replica, dst: Replica) -> None:
+    """What a drain does: every sequence of `src` now lives on `dst`, lengths kept."""
+    dst.seqs.update(src.seqs)
+    src.seqs.clear()
+
+
+def stream_of(sid: str, first: int, n: int) -> list[DecodeInput]:
+    """n consecutive steps of `sid` from position `first`, request ids "0", "1", ..."""
+    return [DecodeInput(0, [sid], [first + i], *zeros(1), request_id=str(i)) for i in range(n)]
+
+
+def decoded_by(results: list[DecodeResult]) -> list[int]:
+    """Which replica answered each result (the fakes answer row 0 with 100 * replica index)."""
+    assert all(r.error is None for r in results), [r.error for r in results]
+    return [int(r.out[0, 0, 0, 0]) // 100 for r in results]
+
+
+def test_decode_stream_follows_a_sequence_moved_mid_stream(make: Make) -> None:
+    """After two answers the sequence moves (NOT_FOUND for the rest): the four messages not
+    answered go, in order, on a stream to its new replica; the answered two are not sent again."""
+    c, replicas = make()
+    sid = id_routing_to(0)
+    c.create_sequence(sid)
+    to = routing.Router(TARGETS).candidates(sid, 0)[0]
+    replicas[0].on_stream = lambda i: move_all(replicas[0], replicas[to]) if i == 2 else None
+    results = c.decode_stream(stream_of(sid, 0, 6))
+    assert [r.request_id for r in results] == [str(i) for i in range(6)]
+    assert decoded_by(results) == [0, 0, to, to, to, to]
+    assert replicas[to].seqs[sid] == 6  # 2 steps taken on 0, 4 here: none twice
+    sent_there = [ids for m, ids in replicas[to].calls if m == "DecodeStream"]
+    assert sent_there == [(sid,) * 4]  # one stream, only the four unanswered messages
+    assert c._replica(sid) == to  # remembered: the next stream goes straight there
+    replicas[0].calls.clear()
+    assert decoded_by(c.decode_stream(stream_of(sid, 6, 2))) == [to, to] and replicas[0].calls == []
+
+
+def test_decode_stream_follows_a_draining_replica_once_its_push_is_done(make: Make) -> None:
+    """A draining replica answers the stream's messages UNAVAILABLE and pushes its sequences only
+    after the stream has ended (and here only after the client has looked once): the client stops
+    sending, looks again after a pause, and sends the unanswered messages where they went."""
+    c, replicas = make()
+    sid = id_routing_to(0)
+    c.create_sequence(sid)
+    to = routing.Router(TARGETS).candidates(sid, 0)[0]
+    replicas[0].on_stream = lambda i: setattr(replicas[0], "draining", True) if i == 3 else None
+    lookups: list[str] = []
+
+    def push_late(method: str) -> None:  # the push lands after the first lookup missed it
+        if method == "GetSequence":
+            lookups.append(method)
+            if len(lookups) == 2:
+                move_all(replicas[0], replicas[to])
+
+    replicas[to].before = push_late
+    results = c.decode_stream(stream_of(sid, 0, 5))
+    assert decoded_by(results) == [0, 0, 0, to, to] and [r.request_id for r in results] == list("01234")
+    assert replicas[to].seqs[sid] == 5 and len(lookups) >= 2
+
+
+def test_decode_stream_resends_what_a_broken_stream_left_unanswered(make: Make) -> None:
+    """The stream itself fails (UNAVAILABLE) after two answers, the sequence found elsewhere:
+    the answered two are delivered once, the other three are sent to where it lives now."""
+    c, replicas = make()
+    sid = id_routing_to(0)
+    c.create_sequence(sid)
+    to = routing.Router(TARGETS).candidates(sid, 0)[0]
+
+    def crash(i: int) -> None:
+        if i == 2:
+            move_all(replicas[0], replicas[to])
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "connection reset")
+
+    replicas[0].on_stream = crash
+    results = c.decode_stream(stream_of(sid, 0, 5))
+    assert decoded_by(results) == [0, 0, to, to, to] and replicas[to].seqs[sid] == 5
+
+
+def test_decode_stream_follows_through_a_restart_and_says_restarted_when_nothing_moved(make: Make) -> None:
+    """A rolling update: replica 0 drained (the sequence went elsewhere) and came back with a new
+    instance id. The stream's NOT_FOUND there is followed all the same; a sequence that was not
+    moved is answered `ServerRestarted`, as `decode` would raise."""
+    c, replicas = make()
+    sid, lost = id_routing_to(0), id_routing_to(0, "lost")
+    c.create_sequence(sid)
+    c.create_sequence(lost)
+    to = routing.Router(TARGETS).candidates(sid, 0)[0]
+    replicas[to].seqs[sid] = replicas[0].seqs.pop(sid)
+    replicas[0].restart()
+    assert decoded_by(c.decode_stream(stream_of(sid, 0, 2))) == [to, to]
+    (res,) = c.decode_stream(stream_of(lost, 0, 1))
+    assert isinstance(res.error, errors.ServerRestarted) and res.error.new_instance == "r0-start0+"
+
+
+def test_decode_stream_without_anywhere_to_follow_answers_the_error_and_goes_on(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message about a sequence found nowhere keeps its NOT_FOUND answer, in its place; the
+    messages around it are answered where they are (nothing re-sent), and a stream that breaks
+    with nowhere to go raises once the answered ones are delivered (after looking again: a drain
+    may still have been pushing; one short pause here)."""
+    monkeypatch.setattr(core, "FOLLOW_PAUSES_S", (0.001,))
+    c, replicas = make()
+    sid, gone = id_routing_to(0), id_routing_to(0, "gone")
+    c.create_sequence(sid)
+    reqs = [DecodeInput(0, [sid], [0], *zeros(1), request_id="0"),
+            DecodeInput(0, [gone], [0], *zeros(1), request_id="1"),
+            DecodeInput(0, [sid], [1], *zeros(1), request_id="2")]  # fmt: skip
+    results = c.decode_stream(reqs)
+    assert [r.request_id for r in results] == ["0", "1", "2"]
+    assert isinstance(results[1].error, errors.NotFound) and results[0].error is None and results[2].error is None
+    assert replicas[0].seqs[sid] == 2 and [m for m, _ in replicas[0].calls].count("DecodeStream") == 1
+
+    def crash_after_one(i: int) -> None:
+        if i == 1:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "connection reset")
+
+    replicas[0].on_stream = crash_after_one
+    got: list[DecodeResult] = []
+    with pytest.raises(errors.Unavailable):
+        if isinstance(c.client, Client):
+            got.extend(c.client.decode_stream(stream_of(sid, 2, 3)))
+        else:
+            c.loop.run_until_complete(_extend(got, c.client.decode_stream(stream_of(sid, 2, 3))))
+    assert decoded_by(got) == [0]
+
+
+async def _extend(out: list[Any], agen: Any) -> None:
+    async for x in agen:
+        out.append(x)
 
 
 def test_async_decode_stream_from_an_async_iterable_follows_its_first_request() -> None:

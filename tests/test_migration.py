@@ -16,9 +16,10 @@ from support.service import Aborted, FakeContext, make_service, reached, settle_
 from support.wait import wait_for
 
 from tkg import codec
-from tkg.client import AsyncClient, Client, errors, routing
+from tkg.client import AsyncClient, Client, DecodeInput, errors, routing
 from tkg.server.service import DecodeAttentionService
 from tkg.v1 import decode_attention_pb2 as pb
+from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
 L, HQ, HKV, D, BL = 2, 4, 2, 16, 8
 
@@ -343,6 +344,121 @@ def test_rolling_update_loses_nothing_and_clients_follow_the_moved_sequences() -
                 fresh.get_sequence(sids[i])
         c.close()
         fresh.close()
+    finally:
+        for p in procs:
+            p.stop(signal.SIGKILL)
+
+
+def test_a_shared_peers_list_without_advertise_loses_nothing() -> None:
+    """Three replicas given one `--peers` list naming all three and no `--advertise`, as an
+    operator writing their own manifest would: each recognises its own entry by its instance id,
+    so SIGTERM on one moves every sequence it held to the others (none is pushed to itself, which
+    refuses while draining), and every sequence is then found and decodes as before."""
+    ports = [free_port() for _ in range(3)]
+    targets = [f"127.0.0.1:{p}" for p in ports]
+    procs = [start_server(*GEOMETRY, "--peers", ",".join(targets), "--grace-s", "30", "--port", str(p)) for p in ports]
+    try:
+        c = Client(targets, timeout=30)
+        sids = [c.create_sequence().sequence_id for _ in range(4)]
+        while sum(routing.pick(targets, s) == 0 for s in sids) < 4:
+            sids.append(c.create_sequence().sequence_id)
+        for i, s in enumerate(sids):
+            c.append_kv(s, 0, rand((13, HKV, D), 10 * i), rand((13, HKV, D), 10 * i + 1))
+            c.append_kv(s, 1, rand((5, HKV, D), 10 * i + 2), rand((5, HKV, D), 10 * i + 3))
+        q, k, v = rand((1, HQ, 1, D), 5), rand((1, HKV, 1, D), 6), rand((1, HKV, 1, D), 7)
+
+        def answer(client: Client, sid: str) -> np.ndarray:
+            fork = client.fork(sid).sequence_id  # decoding appends a token: step a fork, keep the sequence
+            out = client.decode(0, [fork], [13], q, k, v).out
+            client.release(fork)
+            return out
+
+        expect = {s: answer(c, s) for s in sids}
+        moving = [s for s in sids if routing.pick(targets, s) == 0]
+        assert procs[0].stop(signal.SIGTERM, timeout=60) == 0
+        out = procs[0].proc.stdout.read()
+        assert f"drain moved {len(moving)} sequences, 0 could not move" in out, out
+        fresh = Client(targets, timeout=30)  # never saw the move: finds them by looking
+        for client in (c, fresh):
+            for s in sids:
+                assert list(client.get_sequence(s).lengths) == [13, 5]
+                np.testing.assert_array_equal(answer(client, s), expect[s])
+        assert all(fresh._replica(s) != 0 for s in moving)
+        c.close()
+        fresh.close()
+    finally:
+        for p in procs:
+            p.stop(signal.SIGKILL)
+
+
+def test_decode_stream_follows_its_sequence_through_a_real_drain() -> None:
+    """An AsyncClient's decode_stream over three `tkg serve` replicas: three messages answered by
+    replica 0, then SIGTERM; the next messages meet the drain (UNAVAILABLE), the client ends its
+    stream (so the drain can push), finds the sequence where the drain put it and sends, in order,
+    what was not answered. Every answer equals a twin sequence's on an undisturbed replica, and
+    the sequence holds each step once (nothing answered was sent again)."""
+    ports = [free_port() for _ in range(3)]
+    targets = [f"127.0.0.1:{p}" for p in ports]
+    procs = [start_server(*GEOMETRY, "--peers", ",".join(targets), "--grace-s", "30", "--port", str(p)) for p in ports]
+    shapes = ((1, HQ, 1, D), (1, HKV, 1, D), (1, HKV, 1, D))  # q, k, v of one step
+    steps = [tuple(rand(shape, 50 + 3 * i + j) for j, shape in enumerate(shapes)) for i in range(6)]
+
+    def requests(sid: str) -> list[DecodeInput]:
+        return [DecodeInput(0, [sid], [13 + i], *steps[i], request_id=str(i)) for i in range(6)]
+
+    async def until_draining(target: str) -> None:
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = pb_grpc.DecodeAttentionStub(ch)
+            while True:
+                try:
+                    await stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                    return
+                await asyncio.sleep(0.02)
+
+    async def main() -> tuple[list[Any], list[Any], list[int]]:
+        async with AsyncClient(targets, timeout=60) as c:
+            ids = {}
+            while len(ids) < 2:  # `a` on the replica to drain, its twin `b` on one that stays
+                sid = (await c.create_sequence()).sequence_id
+                home = routing.pick(targets, sid)
+                name = "a" if home == 0 else "b"
+                if name not in ids:
+                    ids[name] = sid
+                else:
+                    await c.release(sid)
+            for sid in ids.values():
+                for layer in (0, 1):
+                    await c.append_kv(sid, layer, rand((13, HKV, D), 1 + layer), rand((13, HKV, D), 3 + layer))
+            expect = [r async for r in c.decode_stream(requests(ids["b"]))]
+            three_answered = asyncio.Event()
+
+            async def source() -> Any:
+                for i, d in enumerate(requests(ids["a"])):
+                    if i == 3:
+                        await three_answered.wait()
+                        procs[0].proc.send_signal(signal.SIGTERM)
+                        await until_draining(targets[0])
+                    yield d
+
+            got = []
+            async for r in c.decode_stream(source()):
+                got.append(r)
+                if len(got) == 3:
+                    three_answered.set()
+            info = await c.get_sequence(ids["a"])
+            return expect, got, [c._replica(ids["a"]), *info.lengths]
+
+    try:
+        expect, got, (where, *lengths) = asyncio.run(main())
+        assert [r.request_id for r in got] == [str(i) for i in range(6)]
+        assert all(r.error is None for r in got), [r.error for r in got]
+        for mine, twin in zip(got, expect, strict=True):
+            np.testing.assert_array_equal(mine.out, twin.out)
+        assert where != 0 and lengths == [19, 13]  # six steps, each once
+        assert procs[0].proc.wait(60) == 0
+        assert "0 could not move" in procs[0].proc.stdout.read()
     finally:
         for p in procs:
             p.stop(signal.SIGKILL)

@@ -14,7 +14,7 @@ from support.inproc import InProcServer
 from support.mirror import append_request, decode_request, status_of
 
 from tkg import codec
-from tkg.server import auth, cli
+from tkg.server import auth, cli, tenants
 from tkg.server.config import ConfigError
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
@@ -141,3 +141,38 @@ def test_only_a_peer_credential_may_name_a_tenant(tmp_path: Path) -> None:
 def test_peer_entries_are_checked(entries: list[dict], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         auth.build_table([], [], entries)
+
+
+def test_a_drain_recognises_its_own_peers_entry_and_never_pushes_to_it(tmp_path: Path) -> None:
+    """`--peers` naming this replica too, no `--advertise` (auth on, the peer token asks): its own
+    entry answers with its instance id and is left out, the other entry gets the sequences. A list
+    naming only this replica moves nothing and keeps everything (reported, not lost)."""
+    from support.server_proc import free_port
+
+    peer = serve(tmp_path)
+    token_file = tmp_path / "peer-token"
+    token_file.write_text(PEER + "\n")
+    port = free_port()
+    me = f"127.0.0.1:{port}"
+    draining = serve(tmp_path, "--port", str(port), "--peers", f"{me},{peer.target}", "--peer-token-file",
+                     str(token_file))  # fmt: skip
+    alone = serve(tmp_path, "--port", str(alone_port := free_port()), "--peers", f"127.0.0.1:{alone_port}",
+                  "--peer-token-file", str(token_file))  # fmt: skip
+    try:
+        a = Caller(draining.target, TA)
+        for i in range(6):
+            fill(a, f"s{i}", 3, seed=i)
+        report = draining.run(lambda: draining.app.shutdown(10.0))
+        assert report.failed == {} and len(report.moved) == 6, report
+        assert draining.app.finder.known == {me: True, peer.target: False}
+        pa = Caller(peer.target, TA)
+        assert all(list(pa.GetSequence(pb.GetSequenceRequest(sequence_id=f"s{i}")).lengths) == [3, 3] for i in range(6))
+        fill(Caller(alone.target, TA), "kept", 3, seed=9)
+        lone = alone.run(lambda: alone.app.shutdown(10.0))
+        kept = "team-a" + tenants.SEP + "kept"  # the cache's id of team-a's "kept"
+        assert lone.moved == [] and "--peers names only this one" in lone.failed[kept], lone
+        assert kept in alone.app.service.cache.sequence_ids()  # not released: nothing was lost here
+    finally:
+        for s in (draining, alone):
+            s.loop.call_soon_threadsafe(s.loop.stop)
+        peer.stop()

@@ -10,6 +10,10 @@ from the environment, and everything is read from it when a test runs.
 
     TKG_NKILIB_PATH   the library's `src/nkilib_src` (the directory holding the `nkilib` package)
     TKG_NKILIB_TESTS  optional: its test file, if not at `<TKG_NKILIB_PATH>/../../test/...`
+    TKG_NKILIB_EMU_ALL=1  every case on the two emulators (nki-emu in test_nkilib_parity.py,
+                      nkilib-emu in test_nkilib_emu_suite.py); unset: cases up to EMU_MAX_KEYS
+                      keys per row. `.ci/run` sets it (both whole take ~3 min; docs/testing.md).
+    CI=true           without the library, those suites fail instead of skipping (`no_library`).
 
 Use (tests, benches):
 
@@ -54,6 +58,8 @@ from tkg.kernel.config import AttnTKGConfig
 
 ENV = "TKG_NKILIB_PATH"
 ENV_TESTS = "TKG_NKILIB_TESTS"
+ENV_EMU_ALL = "TKG_NKILIB_EMU_ALL"
+EMU_MAX_KEYS = 4096  # without TKG_NKILIB_EMU_ALL=1: emulator cases up to this Sp (112 of the 214 fast ones)
 _SUITE_REL = "test/integration/nkilib/core/attention/test_attention_tkg.py"
 _LISTS = {"fast": "attention_tkg_fast_configs", "slow": "attention_tkg_slow_configs"}
 P_MAX = 128
@@ -131,6 +137,26 @@ def skip_reason() -> str | None:
     if f is None or not f.is_file():
         return f"the library's test file is not at {f} (set {ENV_TESTS})"
     return None
+
+
+def no_library(reason: str, arity: int = 1) -> list[Any]:
+    """The one parameter set of a suite without the library: skipped with `reason`, or, under
+    CI=true (where `.ci/run` provides the library), a test that fails with it (its first value is
+    None: the test calls `pytest.fail(reason)`)."""
+    import pytest
+
+    values = (None,) * arity
+    if os.environ.get("CI") == "true":
+        return [pytest.param(*values, id="no-library")]
+    return [pytest.param(*values, id="no-library", marks=pytest.mark.skip(reason=reason))]
+
+
+def emu_skip(case: Case) -> str | None:
+    """Why an emulator suite leaves `case` out by default (None: it runs): more keys per row than
+    EMU_MAX_KEYS, unless TKG_NKILIB_EMU_ALL=1."""
+    if os.environ.get(ENV_EMU_ALL) == "1" or case.cfg.curr_sprior <= EMU_MAX_KEYS:
+        return None
+    return f"Sp = {case.cfg.curr_sprior} > {EMU_MAX_KEYS} keys ({ENV_EMU_ALL}=1 runs it, as CI does)"
 
 
 # --------------------------------------------------------------------------- the cases
