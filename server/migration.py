@@ -50,16 +50,17 @@ def export_messages(
 
     The caller keeps the sequence from being truncated or released while it iterates (appends
     past the snapshot are harmless: they write only later positions)."""
-    lengths = cache.get(seq_id).lengths
+    state = cache.get(seq_id)
+    lengths, base = state.lengths, state.base_position
     runs = [(layer, start, min(start + tokens, n)) for layer, n in enumerate(lengths) for start in range(0, n, tokens)]
     header = pb.SequenceHeader(
         lengths=lengths, num_layers=cache.num_layers, num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim,
-        kv_dtype=dtype_code, fuse_rope=fuse_rope, chunks=len(runs), instance_id=instance_id,
+        kv_dtype=dtype_code, fuse_rope=fuse_rope, chunks=len(runs), instance_id=instance_id, base_position=base,
     )  # fmt: skip
     yield pb.SequenceChunk(sequence_id=seq_id, header=header)
     for layer, start, end in runs:
         k, v = cache.read_tokens(seq_id, layer, start, end)
-        msg = pb.SequenceChunk(sequence_id=seq_id, layer=layer, position=start)
+        msg = pb.SequenceChunk(sequence_id=seq_id, layer=layer, position=base + start)  # positions are absolute
         codec.encode(np.ascontiguousarray(k), msg.k)
         codec.encode(np.ascontiguousarray(v), msg.v)
         yield msg
@@ -101,21 +102,24 @@ class Importer:
         layer, L = msg.layer, self.cache.num_layers
         if not 0 <= layer < L:
             raise InvalidArgument(f"layer: {layer} in message {n}; expected 0 <= layer < {L}")
-        if msg.position != self.filled[layer]:
+        base = self.header.base_position  # positions are absolute: base + index
+        if msg.position != base + self.filled[layer]:
             raise InvalidArgument(
-                f"position: {msg.position} in message {n}; expected {self.filled[layer]} (contiguous runs per layer)"
+                f"position: {msg.position} in message {n}; expected {base + self.filled[layer]} "
+                "(contiguous runs per layer from header.base_position)"
             )
         hkv, d = self.cache.num_kv_heads, self.cache.head_dim
         k = self.tensor(msg.k, "k", (None, hkv, d), "[T, num_kv_heads, head_dim]")
         T = k.shape[0]
         v = self.tensor(msg.v, "v", (T, hkv, d), "[T, num_kv_heads, head_dim]")
-        room = len(self.k[layer]) - msg.position
+        at = self.filled[layer]
+        room = len(self.k[layer]) - at
         if not 1 <= T <= room:
             raise InvalidArgument(
                 f"k.shape[0]: {T} tokens in message {n}; expected 1..{room} (up to header.lengths[{layer}])"
             )
-        self.k[layer][msg.position : msg.position + T] = k
-        self.v[layer][msg.position : msg.position + T] = v
+        self.k[layer][at : at + T] = k
+        self.v[layer][at : at + T] = v
         self.filled[layer] += T
 
     def _start(self, msg: pb.SequenceChunk) -> None:
@@ -133,9 +137,14 @@ class Importer:
                 raise InvalidArgument(f"header.{name}: {got}; expected {want} (this server's)")
         if h.chunks < 0:
             raise InvalidArgument(f"header.chunks: {h.chunks}; expected >= 0")
+        if not 0 <= h.base_position < c.max_context:
+            raise OutOfRange(f"header.base_position: {h.base_position}; expected 0..{c.max_context - 1} (max_context)")
         for layer, n in enumerate(h.lengths):
-            if not 0 <= n <= c.max_context:
-                raise OutOfRange(f"header.lengths[{layer}]: {n}; expected 0..{c.max_context} (max_context)")
+            if not 0 <= n <= c.max_context - h.base_position:
+                raise OutOfRange(
+                    f"header.lengths[{layer}]: {n}; expected 0..{c.max_context - h.base_position} "
+                    "(max_context - header.base_position)"
+                )
         if not msg.sequence_id:
             raise InvalidArgument("sequence_id: empty; expected the exported sequence's id")
         if msg.sequence_id in c:
@@ -163,11 +172,12 @@ class Importer:
                 f"KV cache: the sequence needs {need} free blocks, {cache.free_blocks} of {cache.num_blocks} free; "
                 f"expected at most {cache.free_blocks}"
             )
-        cache.create(self.seq_id)
+        base = self.header.base_position
+        cache.create(self.seq_id, base)
         try:
             for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
                 if len(k):
-                    cache.append(self.seq_id, layer, 0, k, v)
+                    cache.append(self.seq_id, layer, base, k, v)
         except BaseException:
             cache.release(self.seq_id)
             raise
