@@ -15,6 +15,11 @@ answers; the shells answer with blocking or awaited RPCs (`drive` / `AsyncClient
   by replica, re-splits after sequences were found elsewhere, and merges the parts in the caller's
   order (`merge_split`, `PartialDecodeError` when some replica failed).
 
+- `Core.segments` (with `segment_tokens`): context parallelism, a sequence split by token ranges
+  over replicas (`tkg.client.segments`, its own module for size: the same kind of decisions, no
+  I/O). Its operations are generators like `Core.decode`: they yield batches of calls and are sent
+  the outcomes.
+
 Everything here runs without a server; tests/test_client_reliability.py drives it directly and
 through both shells.
 """
@@ -32,6 +37,7 @@ from tkg.client import routing
 from tkg.client.errors import NotFound, PartialDecodeError, TkgError, Unavailable
 from tkg.client.instances import Instances
 from tkg.client.messages import DecodeInput, DecodeResult, append_chunks, decode_request, decode_result, merge_rows
+from tkg.client.segments import Segments
 from tkg.v1 import decode_attention_pb2 as pb
 
 T = TypeVar("T")
@@ -95,10 +101,12 @@ def probe_timeout(timeout: float | None) -> float:
 class Core:
     """Routing, requests and verdicts for one client over `targets` (replica index = position)."""
 
-    def __init__(self, targets: Sequence[str]) -> None:
+    def __init__(self, targets: Sequence[str], segment_tokens: int | None = None) -> None:
         self.targets = list(targets)
         self.router = routing.Router(self.targets)
         self.instances = Instances()
+        # Context parallelism: every sequence of this client is split in segments of N tokens.
+        self.segments = None if segment_tokens is None else Segments(self.router, segment_tokens)
 
     # ---- routing ---------------------------------------------------------------------------
 
