@@ -16,6 +16,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("loadtest",): ("tkg.client.loadtest", "drive a running server and report latency/throughput"),
     ("bench", "kernel"): ("tkg.bench.kernel", "kernel speed vs memory bandwidth and torch peers"),
     ("bench", "serve"): ("tkg.bench.serve", "service vs a bare gRPC echo with the same bytes"),
+    ("bench", "segments"): ("tkg.bench.segments", "a context-parallel decode vs its slowest segment alone"),
 }
 
 
