@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -54,6 +55,7 @@ class AsyncClient:
         private_key: bytes | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+        segment_tokens: int | None = None,
     ) -> None:
         self.targets = routing.resolve_targets(target)
         self.timeout = timeout
@@ -64,7 +66,10 @@ class AsyncClient:
             max_message_bytes=max_message_bytes,
         )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
-        self._core = Core(self.targets, plaintext=not uses_tls(tls, root_certificates, certificate_chain))
+        self._core = Core(
+            self.targets, segment_tokens, plaintext=not uses_tls(tls, root_certificates, certificate_chain)
+        )
+        self._segments = self._core.segments  # None unless segment_tokens: then every sequence is segmented
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
@@ -93,6 +98,15 @@ class AsyncClient:
             raise verdict from None
         self._core.answered(call, resp)
         return resp
+
+    async def _run(self, plan: Generator[dict[int, Call], dict[int, Any], T], timeout: float | None) -> T:
+        """As `Client._run`: make each batch a core plan yields, awaited."""
+        try:
+            batch = next(plan)
+            while True:
+                batch = plan.send(await self._decode_batch(batch, timeout))
+        except StopIteration as done:
+            return done.value
 
     async def _drive(self, decision: Decision[T]) -> T:
         """`core.drive` with awaited answers."""
@@ -125,25 +139,37 @@ class AsyncClient:
         return (await self.server_info(replica, timeout)).instance_id
 
     async def create_sequence(self, sequence_id: str | None = None, timeout: float | None = None) -> pb.SequenceInfo:
+        if self._segments is not None:
+            return await self._run(self._segments.create(sequence_id or uuid.uuid4().hex), timeout)
         return await self._call(self._core.create(sequence_id), timeout)
 
     async def get_sequence(self, sequence_id: str, timeout: float | None = None) -> pb.SequenceInfo:
+        if self._segments is not None:
+            return await self._run(self._segments.info(sequence_id), timeout)
         return await self._call(self._core.get(sequence_id), timeout)
 
     async def truncate(self, sequence_id: str, length: int, timeout: float | None = None) -> pb.SequenceInfo:
+        if self._segments is not None:
+            return await self._run(self._segments.truncate(sequence_id, length), timeout)
         return await self._call(self._core.truncate(sequence_id, length), timeout)
 
     async def fork(
         self, source_id: str, sequence_id: str | None = None, timeout: float | None = None
     ) -> pb.SequenceInfo:
         """As `Client.fork` (a given id routing away from the source's replica raises ValueError)."""
+        if self._segments is not None:
+            raise self._segments.fork(source_id)
         return await self._call(self._core.fork(source_id, sequence_id), timeout)
 
     async def release(self, sequence_id: str, timeout: float | None = None) -> int:
+        if self._segments is not None:
+            return await self._run(self._segments.release(sequence_id), timeout)
         return (await self._call(self._core.release(sequence_id), timeout)).freed_blocks
 
     async def export_sequence(self, sequence_id: str, timeout: float | None = None) -> list[pb.SequenceChunk]:
         """As `Client.export_sequence`: the sequence's migration stream, for `import_sequence`."""
+        if self._segments is not None:
+            return await self._run(self._segments.export(sequence_id), timeout)
         return await self._call(self._core.export(sequence_id), timeout)
 
     async def import_sequence(
@@ -153,6 +179,9 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> pb.SequenceInfo:
         """As `Client.import_sequence` (also from an async iterable)."""
+        if self._segments is not None:
+            msgs = [m async for m in messages] if isinstance(messages, AsyncIterable) else list(messages)
+            return await self._run(self._segments.import_(msgs), timeout)
         if isinstance(messages, AsyncIterable):
             it = aiter(messages)
             first = await anext(it, None)
@@ -179,6 +208,8 @@ class AsyncClient:
     ) -> pb.SequenceInfo:
         if position is None:
             position = (await self.get_sequence(sequence_id, timeout)).lengths[layer]
+        if self._segments is not None:
+            return await self._run(self._segments.append(sequence_id, layer, position, k, v, chunk_tokens), timeout)
         return await self._call(self._core.append(sequence_id, layer, position, k, v, chunk_tokens), timeout)
 
     async def decode(
@@ -192,13 +223,8 @@ class AsyncClient:
         request_id: str = "",
         timeout: float | None = None,
     ) -> DecodeResult:
-        step = self._core.decode(DecodeInput(layer, list(sequence_ids), list(positions), q, k, v, request_id))
-        try:
-            batch = next(step)
-            while True:
-                batch = step.send(await self._decode_batch(batch, timeout))
-        except StopIteration as done:
-            return done.value
+        d = DecodeInput(layer, list(sequence_ids), list(positions), q, k, v, request_id)
+        return await self._run(self._core.decode(d) if self._segments is None else self._segments.decode(d), timeout)
 
     async def _decode_batch(self, batch: dict[int, Call], timeout: float | None) -> dict[int, Any]:
         """Each replica's Decode response or `TkgError`, all at once."""
@@ -216,6 +242,8 @@ class AsyncClient:
         following them when a drain moves them. With several targets an iterable is read whole
         first; an async iterable is routed by its first request, and one naming sequences held
         elsewhere ends the stream (not sent) with ValueError once the earlier requests are answered."""
+        if self._segments is not None:
+            raise ValueError("decode_stream: not available with segment_tokens; expected decode() per step")
         replica, ahead = 0, []
         source: Any = requests
         if len(self.targets) > 1 and isinstance(requests, AsyncIterable):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import uuid
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -62,6 +63,8 @@ class Client:
             `--tls-client-ca` (mTLS; implies TLS).
         metadata: extra metadata on every call.
         max_message_bytes: send/receive limit (large tensors need more than gRPC's 4 MiB default).
+        segment_tokens: context parallelism: every sequence is split in segments of about this many
+            tokens over the replicas (`tkg.client.segments`, docs/context-parallel.md); None: off.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class Client:
         private_key: bytes | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+        segment_tokens: int | None = None,
     ) -> None:
         self.targets = routing.resolve_targets(target)
         self.timeout = timeout
@@ -87,7 +91,10 @@ class Client:
         )  # fmt: skip
         self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
         self._pool: ThreadPoolExecutor | None = None
-        self._core = Core(self.targets, plaintext=not uses_tls(tls, root_certificates, certificate_chain))
+        self._core = Core(
+            self.targets, segment_tokens, plaintext=not uses_tls(tls, root_certificates, certificate_chain)
+        )
+        self._segments = self._core.segments  # None unless segment_tokens: then every sequence is segmented
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -124,6 +131,15 @@ class Client:
         self._core.answered(call, resp)
         return resp
 
+    def _run(self, plan: Generator[dict[int, Call], dict[int, Any], T], timeout: float | None) -> T:
+        """Run a core plan (`Core.decode`, `tkg.client.segments`): make each batch it yields."""
+        try:
+            batch = next(plan)
+            while True:
+                batch = plan.send(self._decode_batch(batch, timeout))
+        except StopIteration as done:
+            return done.value
+
     def _drive(self, decision: Decision[T]) -> T:
         return drive(decision, self._answer)
 
@@ -152,26 +168,39 @@ class Client:
 
     def create_sequence(self, sequence_id: str | None = None, timeout: float | None = None) -> pb.SequenceInfo:
         """Create a sequence; with several replicas the id is chosen here so it can be routed."""
+        if self._segments is not None:
+            return self._run(self._segments.create(sequence_id or uuid.uuid4().hex), timeout)
         return self._call(self._core.create(sequence_id), timeout)
 
     def get_sequence(self, sequence_id: str, timeout: float | None = None) -> pb.SequenceInfo:
+        if self._segments is not None:
+            return self._run(self._segments.info(sequence_id), timeout)
         return self._call(self._core.get(sequence_id), timeout)
 
     def truncate(self, sequence_id: str, length: int, timeout: float | None = None) -> pb.SequenceInfo:
+        if self._segments is not None:
+            return self._run(self._segments.truncate(sequence_id, length), timeout)
         return self._call(self._core.truncate(sequence_id, length), timeout)
 
     def fork(self, source_id: str, sequence_id: str | None = None, timeout: float | None = None) -> pb.SequenceInfo:
         """Fork `source_id`; with several replicas the child lives with its source (the id is
-        chosen so that it routes there; a given id routing elsewhere raises ValueError)."""
+        chosen so that it routes there; a given id routing elsewhere raises ValueError). A segmented
+        client refuses (FailedPrecondition)."""
+        if self._segments is not None:
+            raise self._segments.fork(source_id)
         return self._call(self._core.fork(source_id, sequence_id), timeout)
 
     def release(self, sequence_id: str, timeout: float | None = None) -> int:
         """Release a sequence; returns the number of blocks freed."""
+        if self._segments is not None:
+            return self._run(self._segments.release(sequence_id), timeout)
         return self._call(self._core.release(sequence_id), timeout).freed_blocks
 
     def export_sequence(self, sequence_id: str, timeout: float | None = None) -> list[pb.SequenceChunk]:
         """The sequence's migration stream (header, then K/V of every layer); feed it to
         `import_sequence` (of this or another client) to copy the sequence."""
+        if self._segments is not None:
+            return self._run(self._segments.export(sequence_id), timeout)
         return self._call(self._core.export(sequence_id), timeout)
 
     def import_sequence(
@@ -179,6 +208,8 @@ class Client:
     ) -> pb.SequenceInfo:
         """Create a sequence from an `export_sequence` stream, all-or-nothing; by default on the
         replica its id routes to."""
+        if self._segments is not None:
+            return self._run(self._segments.import_(list(messages)), timeout)
         it = iter(messages)
         first = next(it, None)
         return self._call(self._core.import_(first, itertools.chain([first], it), replica), timeout)
@@ -197,6 +228,8 @@ class Client:
         length at `layer`), streamed in chunks of `chunk_tokens`."""
         if position is None:
             position = self.get_sequence(sequence_id, timeout).lengths[layer]
+        if self._segments is not None:
+            return self._run(self._segments.append(sequence_id, layer, position, k, v, chunk_tokens), timeout)
         return self._call(self._core.append(sequence_id, layer, position, k, v, chunk_tokens), timeout)
 
     def decode(
@@ -211,13 +244,8 @@ class Client:
         timeout: float | None = None,
     ) -> DecodeResult:
         """One decode step of one layer: q `[B, Hq, S, d]`, k/v `[B, Hkv, S, d]` -> out `[B, Hq, S, d]`."""
-        step = self._core.decode(DecodeInput(layer, list(sequence_ids), list(positions), q, k, v, request_id))
-        try:
-            batch = next(step)
-            while True:
-                batch = step.send(self._decode_batch(batch, timeout))
-        except StopIteration as done:
-            return done.value
+        d = DecodeInput(layer, list(sequence_ids), list(positions), q, k, v, request_id)
+        return self._run(self._core.decode(d) if self._segments is None else self._segments.decode(d), timeout)
 
     def _decode_batch(self, batch: dict[int, Call], timeout: float | None) -> dict[int, Any]:
         """Each replica's Decode response or `TkgError`; a lone call inline, several at once."""
@@ -239,6 +267,8 @@ class Client:
         (ValueError when they live on several). A failing message yields a result with `error`
         set; the stream goes on. Sequences moved by a drain are followed (`core.StreamPlan`): the
         requests not answered yet go, in order, on a stream to their new replica."""
+        if self._segments is not None:
+            raise ValueError("decode_stream: not available with segment_tokens; expected decode() per step")
         replica, ahead = 0, []
         if len(self.targets) > 1:
             requests = list(requests)  # all of them, to find their replica before sending

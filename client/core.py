@@ -17,6 +17,11 @@ answers; the shells answer with blocking or awaited RPCs (`drive` / `AsyncClient
 - `StreamPlan`: one decode_stream across replicas: what each (re)opened stream sends, which
   answers are delivered, and `StreamPlan.follow`, where its sequences went after a drain.
 
+- `Core.segments` (with `segment_tokens`): context parallelism, a sequence split by token ranges
+  over replicas (`tkg.client.segments`, its own module for size: the same kind of decisions, no
+  I/O). Its operations are generators like `Core.decode`: they yield batches of calls and are sent
+  the outcomes.
+
 Everything here runs without a server; tests/test_client_reliability.py drives it directly and
 through both shells.
 """
@@ -45,6 +50,7 @@ from tkg.client.errors import (
 )
 from tkg.client.instances import Instances
 from tkg.client.messages import DecodeInput, DecodeResult, append_chunks, decode_request, decode_result, merge_rows
+from tkg.client.segments import Segments
 from tkg.v1 import decode_attention_pb2 as pb
 
 T = TypeVar("T")
@@ -119,11 +125,13 @@ class Core:
     """Routing, requests and verdicts for one client over `targets` (replica index = position);
     `plaintext`: the channels are not TLS (a failure that looks like a TLS port says so)."""
 
-    def __init__(self, targets: Sequence[str], plaintext: bool = False) -> None:
+    def __init__(self, targets: Sequence[str], segment_tokens: int | None = None, plaintext: bool = False) -> None:
         self.targets = list(targets)
         self.plaintext = plaintext
         self.router = routing.Router(self.targets)
         self.instances = Instances()
+        # Context parallelism: every sequence of this client is split in segments of N tokens.
+        self.segments = None if segment_tokens is None else Segments(self.router, segment_tokens)
 
     # ---- routing ---------------------------------------------------------------------------
 

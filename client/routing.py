@@ -39,17 +39,28 @@ class Router:
     def __init__(self, targets: Sequence[str]) -> None:
         self.targets = list(targets)
         self._moved: dict[str, int] = {}
+        self._placed: dict[str, int] = {}  # context-parallel segments: placed by their sequence's ranking
+
+    def owner(self, seq_id: str) -> int:
+        """The replica `seq_id` belongs on: where it was placed (`place`), else its rendezvous pick."""
+        where = self._placed.get(seq_id)
+        return pick(self.targets, seq_id) if where is None else where
+
+    def place(self, seq_id: str, replica: int) -> None:
+        """`seq_id` belongs on `replica` rather than on its own pick (a segment, `tkg.client.segments`)."""
+        if len(self.targets) > 1:
+            self._placed[seq_id] = replica
 
     def home(self, seq_id: str) -> int:
         """Index of the replica to call about `seq_id`."""
         if len(self.targets) == 1:
             return 0
         where = self._moved.get(seq_id)
-        return pick(self.targets, seq_id) if where is None else where
+        return self.owner(seq_id) if where is None else where
 
     def group(self, seq_ids: Sequence[str]) -> dict[int, list[int]]:
         """Replica index -> positions in `seq_ids` it holds (in the caller's order)."""
-        if not self._moved:
+        if not self._moved and not self._placed:
             return group(self.targets, seq_ids) if len(self.targets) > 1 else {0: list(range(len(seq_ids)))}
         groups: dict[int, list[int]] = {}
         for pos, sid in enumerate(seq_ids):
@@ -65,13 +76,14 @@ class Router:
 
     def moved(self, seq_id: str, replica: int) -> None:
         """`seq_id` was found on `replica`."""
-        if len(self.targets) > 1 and replica == pick(self.targets, seq_id):
+        if len(self.targets) > 1 and replica == self.owner(seq_id):
             self._moved.pop(seq_id, None)
         elif len(self.targets) > 1:
             self._moved[seq_id] = replica
 
     def forget(self, seq_id: str) -> None:
         self._moved.pop(seq_id, None)
+        self._placed.pop(seq_id, None)
 
     def __len__(self) -> int:
         """How many sequences are remembered away from their owner."""

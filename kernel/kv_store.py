@@ -10,7 +10,9 @@ The server's cache manager (`tkg.server.kv_cache.KVCache`) keeps the bookkeeping
 - `copy_blocks(src, dst)`: whole blocks, every layer (fork copy-on-write);
 - `read_blocks(layer, blocks)`: blocks back to host numpy (tests, sequence export);
 - `decode(layer, q, k_new, v_new, block_tables, seq_lens, ...)`: one decode launch over the
-  resident pools (the S new tokens were written first, so they are ordinary cache entries).
+  resident pools (the S new tokens were written first, so they are ordinary cache entries);
+  `return_lse` / `q_start` (attend-only) make it a partial launch for context parallelism, which
+  only stores whose backend has a partial decoder run (`supports_partial`).
 
 Implementations: `HostKVStore` (numpy pools in host memory; backends `reference`, `cpu`: the cpu
 native kernel reads the pool in place) and `tkg.kernel.backends.nki_store.DeviceKVStore` (pools in
@@ -119,6 +121,11 @@ class KVStore:
         """True when `decode` accepts a `max_threads` option (a host kernel with its own thread pool)."""
         return False
 
+    @property
+    def supports_partial(self) -> bool:
+        """True when `decode` takes `return_lse` and `q_start` (attend-only); device stores do not yet."""
+        return False
+
     def check_step(self, s_active: int, context: int) -> None:
         """Raise StepOutOfBuckets naming the limit when no bucket covers the step."""
         if self.max_s_active is not None and s_active > self.max_s_active:
@@ -175,8 +182,10 @@ class KVStore:
         window: int | None = None,
         sinks: np.ndarray | None = None,
         trusted: bool = False,
+        return_lse: bool = False,
+        q_start: np.ndarray | None = None,
         **options: Any,
-    ) -> np.ndarray:
+    ) -> Any:
         """One decode step of `layer` for B sequences (`tkg.kernel.paged.paged_decode`'s math).
 
         q: `[B, Hq, S, d]` (RoPE applied, not scaled); k_new, v_new: `[B, Hkv, S, d]`, the S tokens
@@ -185,8 +194,12 @@ class KVStore:
         trusted: the tables and lengths come from the cache that built them (`tkg.server.kv_cache`
             keeps every used entry a valid id and every length within its table): the per-step
             range check over the tables is skipped, as FlashInfer's run() trusts what plan() made.
+        return_lse: also return the float32 log-sum-exp `[B, Hq, S]` of each query; out is then float32.
+        q_start: int64 `[B]`, an attend-only launch: nothing new was written, query i of sequence b sits
+            at key index `q_start[b] + i >= seq_lens[b]`, no sink is added (pass `sinks=None`).
         options: the backend's own per-call options (e.g. the cpu kernel's `max_threads`).
-        Returns `[B, Hq, S, d]` in q's dtype.
+        Returns `[B, Hq, S, d]` in q's dtype; partial launches return float32 out and, with
+        `return_lse`, the pair (out, lse). Only stores with `supports_partial` take them.
         """
         raise NotImplementedError
 
@@ -255,17 +268,20 @@ class HostKVStore(KVStore):
         window: int | None = None,
         sinks: np.ndarray | None = None,
         trusted: bool = False,
+        return_lse: bool = False,
+        q_start: np.ndarray | None = None,
         **options: Any,
-    ) -> np.ndarray:
+    ) -> Any:
         from tkg.kernel.paged import check_paged_args, run_paged
 
         out, k_scale, v_scale = options.pop("out", None), options.pop("k_scale", 1.0), options.pop("v_scale", 1.0)
+        lse = np.empty(q.shape[:3], np.float32) if return_lse else None
         args = check_paged_args(
             q, self.k[layer], self.v[layer], block_tables, seq_lens, scale, window, sinks, out, k_scale, v_scale,
-            check_tables=not trusted,
+            check_tables=not trusted, lse=lse, q_start=q_start,
         )  # fmt: skip
         run_paged(self.module, self.backend, args, **options)
-        return args.out
+        return (args.out, lse) if return_lse else args.out
 
     @property
     def module(self) -> backends.KernelBackend:
@@ -273,6 +289,12 @@ class HostKVStore(KVStore):
         if self._module is None:
             self._module = backends.load(self.backend)
         return self._module
+
+    @property
+    def supports_partial(self) -> bool:
+        from tkg.kernel.paged import partial_decoder
+
+        return partial_decoder(self.module) is not None
 
     @property
     def takes_max_threads(self) -> bool:

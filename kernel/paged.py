@@ -10,10 +10,17 @@ per-q-head sink, expressed directly.
 Backends with a native implementation (`cpu`) provide `paged_decode`; every other backend is
 driven through `attention_tkg` once per kv head by `paged_via_attention_tkg`, which makes the
 service's path a test of the seed API too.
+
+Partial calls (context parallelism, design/api.md fourth round): `lse` asks for each query's
+log-sum-exp, and `q_start` makes the call attend-only (no new tokens: query i of sequence b sits
+at key index `q_start[b] + i >= seq_lens[b]` and sees every cached key within the window; no sink).
+A query that sees no key gets out 0 and lse -inf. They run on a backend's `paged_decode_partial`
+(`partial_decoder`); backends without one refuse them (`supports_partial`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +47,19 @@ class PagedArgs:
     out: np.ndarray  # [B, Hq, S, d], io dtype
     k_scale: float = 1.0  # the pools hold value / scale (fp8 caches); the kernel multiplies back
     v_scale: float = 1.0
+    lse: np.ndarray | None = None  # float32 [B, Hq, S] destination: log-sum-exp of each query's logits
+    q_start: np.ndarray | None = None  # int64 [B]: attend-only; key index of each sequence's first query
+
+    @property
+    def partial(self) -> bool:
+        """A context-parallel call (lse asked, or attend-only): `paged_decode_partial` runs it."""
+        return self.lse is not None or self.q_start is not None
+
+    def query_index(self) -> np.ndarray:
+        """int64 `[B, S]`: the key index each query sits at (`seq_lens - S + i`, or `q_start + i`)."""
+        S = self.q.shape[2]
+        first = self.seq_lens.astype(np.int64) - S if self.q_start is None else self.q_start
+        return first[:, None] + np.arange(S, dtype=np.int64)[None, :]
 
     @property
     def num_kv_heads(self) -> int:
@@ -63,11 +83,15 @@ def check_paged_args(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     check_tables: bool = True,
+    lse: np.ndarray | None = None,
+    q_start: np.ndarray | None = None,
 ) -> PagedArgs:
     """Shape/dtype/range checks; ValueError naming the argument and the expected value.
 
     `check_tables=False` skips the range check of the tables' used entries (per step, O(B x
-    max_blocks)): for tables the caller's own bookkeeping built (the service's KV cache)."""
+    max_blocks)): for tables the caller's own bookkeeping built (the service's KV cache).
+    `lse` (float32 `[B, Hq, S]`) and `q_start` (int `[B]`, attend-only) make a partial call, whose
+    `out` may be float32 whatever q's dtype (partial results merge without an extra rounding)."""
     if q.ndim != 4 or q.dtype not in IO_NUMPY:
         raise ValueError(f"paged_decode: q: expected [B, Hq, S, d] float32/float16/bfloat16, got {q.dtype} {q.shape}")
     B, Hq, S, d = q.shape
@@ -91,10 +115,20 @@ def check_paged_args(
         raise ValueError(f"paged_decode: block_tables: expected [{B}, max_blocks], got {block_tables.shape}")
     if seq_lens.shape != (B,):
         raise ValueError(f"paged_decode: seq_lens: expected [{B}], got {seq_lens.shape}")
-    if B and (seq_lens.min() < S or seq_lens.max() > block_tables.shape[1] * BL):
+    least = S if q_start is None else 0  # attend-only: no new tokens, an empty segment is fine
+    if B and (seq_lens.min() < least or seq_lens.max() > block_tables.shape[1] * BL):
         raise ValueError(
-            f"paged_decode: seq_lens: each must lie in [S={S}, {block_tables.shape[1] * BL}], got {seq_lens.tolist()}"
+            f"paged_decode: seq_lens: each must lie in [{least}, {block_tables.shape[1] * BL}], got {seq_lens.tolist()}"
         )
+    if q_start is not None:
+        q_start = np.asarray(q_start, dtype=np.int64)
+        if q_start.shape != (B,) or (B and (q_start < seq_lens).any()):
+            raise ValueError(
+                f"paged_decode: q_start: expected [{B}] key indices at or past seq_lens {seq_lens.tolist()}, "
+                f"got {q_start.tolist()}"
+            )
+        if sinks is not None:
+            raise ValueError("paged_decode: sinks: an attend-only call (q_start) adds no sink; expected None")
     # Only the entries a sequence uses must be valid ids; one vectorised check (this is per step).
     if check_tables:
         nblocks = -(-np.asarray(seq_lens, dtype=np.int64) // BL)
@@ -104,19 +138,22 @@ def check_paged_args(
             b = int(np.argmax(bad.any(axis=1)))
             ids = block_tables[b, : nblocks[b]].tolist()
             raise ValueError(f"paged_decode: block_tables[{b}]: ids must lie in [0, {NB}), got {ids}")
-    if window is not None and window < S:
-        raise ValueError(f"paged_decode: window: {window} must be >= S={S}")
+    if window is not None and window < (S if q_start is None else 1):
+        raise ValueError(f"paged_decode: window: {window} must be >= {S if q_start is None else 1}")
     if sinks is not None:
         sinks = as_f32(sinks).reshape(-1)
         if sinks.shape != (Hq,):
             raise ValueError(f"paged_decode: sinks: expected [{Hq}], got {sinks.shape}")
+    partial = lse is not None or q_start is not None
     if out is None:
-        out = np.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype:
+        out = np.empty(q.shape, np.float32) if partial else np.empty_like(q)
+    elif out.shape != q.shape or not (out.dtype == q.dtype or (partial and out.dtype == np.float32)):
         raise ValueError(f"paged_decode: out: expected {q.shape} {q.dtype}, got {out.dtype} {out.shape}")
+    if lse is not None and (lse.shape != (B, Hq, S) or lse.dtype != np.float32):
+        raise ValueError(f"paged_decode: lse: expected [{B}, {Hq}, {S}] float32, got {lse.dtype} {lse.shape}")
     return PagedArgs(
         q, k_cache, v_cache, np.asarray(block_tables, dtype=np.int32), np.asarray(seq_lens, dtype=np.int32),
-        float(scale), window, sinks, out, float(k_scale), float(v_scale),
+        float(scale), window, sinks, out, float(k_scale), float(v_scale), lse, q_start,
     )  # fmt: skip
 
 
@@ -165,11 +202,30 @@ def run_paged(mod: backends.KernelBackend, backend: str, args: PagedArgs, **back
     """Run checked `args` on backend module `mod` (its `NAME` is `backend`): its own
     `paged_decode`, else through `attention_tkg`. For callers that resolved the backend once
     (a KV store: resolving costs a few us per call, every layer of every step)."""
+    if args.partial:
+        partial = partial_decoder(mod)
+        if partial is None:
+            raise ValueError(f"paged_decode: backend {backend} does not support lse or attend-only calls yet")
+        partial(args)
+        return
     impl = getattr(mod, "paged_decode", None)
     if impl is not None:
         impl(args, **backend_options)
     else:
         paged_via_attention_tkg(args, backend, **backend_options)
+
+
+def partial_decoder(mod: backends.KernelBackend) -> Callable[[PagedArgs], None] | None:
+    """The backend's `paged_decode_partial` (lse, attend-only), or None: it refuses such calls.
+
+    The `cpu` backend's native C kernel computes neither yet (a later round): its partial calls run
+    through its torch implementation, `cpu_torch` (correct, slower)."""
+    impl = getattr(mod, "paged_decode_partial", None)
+    if impl is None and mod.NAME == "cpu":
+        from tkg.kernel.backends import cpu_torch
+
+        impl = cpu_torch.paged_decode_partial
+    return impl
 
 
 def paged_via_attention_tkg(args: PagedArgs, backend: str, *, align: int = 1, **options: object) -> None:

@@ -75,7 +75,7 @@ class AppendPlan:
 
     layer: int
     seq_ids: tuple[str, ...]
-    positions: np.ndarray  # int64 [B], each sequence's length at `layer` before the append
+    positions: np.ndarray  # int64 [B], each sequence's length at `layer` before the append (a count, not absolute)
     num_tokens: int
     seq_lens: np.ndarray  # int32 [B]
     _slots: np.ndarray = field(repr=False)  # int64 [B] SequenceTable slots
@@ -143,7 +143,9 @@ class AppendOps:
     ) -> AppendPlan:
         """Validate an append of `num_tokens` tokens to each sequence at `layer` and reserve blocks.
 
-        `positions[b]` must equal sequence b's current length at `layer`. Raises (nothing changed):
+        `positions[b]` is absolute: it must equal sequence b's base position plus its current length
+        at `layer` (`SequenceTable.base`; the plan keeps lengths, `positions - base`), and
+        `max_context` bounds the absolute end. Raises (nothing changed):
         INVALID_ARGUMENT bad layer/num_tokens/batch or a sequence twice; NOT_FOUND unknown sequence;
         FAILED_PRECONDITION wrong position or an append already in flight at this layer;
         OUT_OF_RANGE past `max_context`; RESOURCE_EXHAUSTED not enough free blocks. Messages name
@@ -175,25 +177,28 @@ class AppendOps:
                         f"{fields.id(b)}: {sid!r} already at {fields.id(first[sid])}; expected distinct ids"
                     )
                 first[sid] = b
+        base = seqs.base[slots]
         lens = seqs.lengths[slots, layer]
-        if (pos != lens).any():
-            b = int(np.flatnonzero(pos != lens)[0])
+        if (pos != base + lens).any():
+            b = int(np.flatnonzero(pos != base + lens)[0])
+            what = f"end at layer {layer} (base position {int(base[b])} + length {int(lens[b])})"
             raise FailedPrecondition(
-                f"{fields.position(b)}: {int(pos[b])} is not sequence {seq_ids[b]!r}'s length at layer {layer}; "
-                f"expected {int(lens[b])}"
+                f"{fields.position(b)}: {int(pos[b])} is not sequence {seq_ids[b]!r}'s "
+                f"{what if base[b] else f'length at layer {layer}'}; expected {int(base[b] + lens[b])}"
             )
         if seqs.pending[slots, layer].any():
             b = int(np.flatnonzero(seqs.pending[slots, layer])[0])
             raise FailedPrecondition(
                 f"{fields.id(b)}: sequence {seq_ids[b]!r} already has an append in flight at layer {layer}"
             )
-        ends = pos + num_tokens
-        if ends.max() > self.max_context:
-            b = int(np.flatnonzero(ends > self.max_context)[0])
+        if (pos + num_tokens).max() > self.max_context:  # absolute: RoPE's table ends there
+            b = int(np.flatnonzero(pos + num_tokens > self.max_context)[0])
             raise OutOfRange(
                 f"{fields.position(b)}: {int(pos[b])} + {num_tokens} tokens exceeds max_context for sequence "
                 f"{seq_ids[b]!r}; expected at most {self.max_context} tokens"
             )
+        pos = pos - base  # from here on lengths: the sequence's own token counts
+        ends = pos + num_tokens
         need, held = -(-ends // BL), seqs.num_blocks[slots]
         fresh = int(np.maximum(need - held, 0).sum())
         cow = 0
@@ -232,14 +237,20 @@ class AppendOps:
             return None
         seqs, BL, limit = self.seqs, self.block_len, self.max_context - num_tokens
         slot_of, lengths, pending, num_blocks = seqs._slot_of, seqs.lengths, seqs.pending, seqs.num_blocks
+        base = seqs.base
         slots: list[int] = []
+        rel: list[int] = []  # lengths before the append (positions are absolute: base + length)
         fresh = 0
         for seq_id, p in zip(seq_ids, pos.tolist(), strict=True):
             slot = slot_of.get(seq_id)
-            if slot is None or lengths[slot, layer] != p or pending[slot, layer] or p > limit:
+            if slot is None or p > limit:
                 return None
-            fresh += max(0, -(-(p + num_tokens) // BL) - int(num_blocks[slot]))
+            r = p - int(base[slot])
+            if lengths[slot, layer] != r or pending[slot, layer]:
+                return None
+            fresh += max(0, -(-(r + num_tokens) // BL) - int(num_blocks[slot]))
             slots.append(slot)
+            rel.append(r)
         if len(set(slots)) < B or fresh > self.pool.free_count:
             return None
         reserved = self.pool.allocate(fresh)
@@ -250,6 +261,7 @@ class AppendOps:
             pending[slot, layer] = True
             seqs.last_used[slot] = now
         slot_ids = np.array(slots, dtype=np.int64)
+        pos = np.array(rel, dtype=np.int64)
         return AppendPlan(
             layer=layer, seq_ids=tuple(seq_ids), positions=pos, num_tokens=num_tokens,
             seq_lens=(pos + num_tokens).astype(np.int32), _slots=slot_ids, _generations=seqs.generation[slot_ids],

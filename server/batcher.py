@@ -55,15 +55,20 @@ class DecodeWork:
     seq_ids: list[str]
     positions: np.ndarray  # int64 [B]
     q: np.ndarray  # [B, Hq, S, d] KV dtype
-    k: np.ndarray  # [B, Hkv, S, d]
-    v: np.ndarray  # [B, Hkv, S, d]
+    k: np.ndarray | None  # [B, Hkv, S, d]; None for attend_only
+    v: np.ndarray | None  # [B, Hkv, S, d]; None for attend_only
     tenant: Any = None  # the caller's `tkg.server.auth.Tenant` (quota accounting)
     arrival: float = field(default_factory=time.perf_counter)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    return_lse: bool = False  # answer (out float32, lse float32 [B, Hq, S])
+    attend_only: bool = False  # no new tokens: nothing appended, positions are the first queries'
+    lse: np.ndarray | None = None  # with return_lse, set by the step with the result: float32 [B, Hq, S]
 
     @property
-    def key(self) -> tuple[int, int]:
-        return (self.layer, self.s_active)
+    def key(self) -> tuple[int, int, bool, bool]:
+        """Requests coalesce into one launch only with equal keys: an attend-only launch appends
+        nothing and reads differently, and an lse launch takes the partial kernel path."""
+        return (self.layer, self.s_active, self.return_lse, self.attend_only)
 
     @property
     def size(self) -> int:

@@ -69,6 +69,7 @@ class SequenceState:
     lengths: tuple[int, ...]  # [num_layers]
     num_blocks: int
     block_ids: tuple[int, ...]  # [num_blocks]
+    base_position: int = 0  # absolute position of the first token (positions are base + length)
 
 
 @dataclass(frozen=True)
@@ -190,9 +191,15 @@ class KVCache(AppendOps):
 
     # ---- sequences ----------------------------------------------------------------------------
 
-    def create(self, seq_id: str | None = None) -> SequenceState:
-        """A new empty sequence; None or "" picks a fresh id. ALREADY_EXISTS if the id is in use."""
-        slot = self.seqs.add(seq_id or self._new_id(), self._clock())
+    def create(self, seq_id: str | None = None, base_position: int = 0) -> SequenceState:
+        """A new empty sequence whose first token will sit at absolute position `base_position`
+        (a context-parallel segment; 0 otherwise). None or "" picks a fresh id. ALREADY_EXISTS if
+        the id is in use; INVALID_ARGUMENT for a base outside [0, max_context)."""
+        if not 0 <= base_position < self.max_context:
+            raise InvalidArgument(
+                f"base_position: {base_position}; expected 0 <= base_position < {self.max_context} (max_context)"
+            )
+        slot = self.seqs.add(seq_id or self._new_id(), self._clock(), base_position)
         return self._state(slot)
 
     def get(self, seq_id: str) -> SequenceState:
@@ -255,6 +262,7 @@ class KVCache(AppendOps):
         self._copy_blocks(seqs.tables[src, shared:held], copies)
         seqs.num_blocks[dst] = held
         seqs.lengths[dst] = seqs.lengths[src]
+        seqs.base[dst] = seqs.base[src]
         seqs.touch([dst], self._clock())  # the source is only read
         return self._state(dst)
 
@@ -294,6 +302,38 @@ class KVCache(AppendOps):
         if not store.reads_new_kv:
             k_new = v_new = None
         return store.decode(layer, q, k_new, v_new, block_tables, seq_lens, trusted=True, **options)  # fmt: skip
+
+    def attend_rows(
+        self, layer: int, seq_ids: list[str], positions: np.ndarray, S: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What an attend-only launch (no new tokens) at `layer` reads: block tables int32 `[B, w]`,
+        lengths int32 `[B]` and each sequence's first query as a key index `positions - base`
+        int64 `[B]`. Marks the sequences used. Raises (nothing changed): NOT_FOUND naming
+        `sequence_ids[b]`; FAILED_PRECONDITION when `positions[b]` is before the sequence's end
+        (`base + length`); OUT_OF_RANGE past max_context.
+
+        The tables are a snapshot of this instant: the launch must run before the loop applies
+        anything else (the step runs attend-only launches inline) or hold the blocks."""
+        seqs = self.seqs
+        slots = seqs.slots("sequence_ids", seq_ids)
+        base, lens = seqs.base[slots], seqs.lengths[slots, layer]
+        pos = np.asarray(positions, dtype=np.int64)
+        if (pos < base + lens).any():
+            b = int(np.flatnonzero(pos < base + lens)[0])
+            raise FailedPrecondition(
+                f"positions[{b}]: {int(pos[b])} is before sequence {seq_ids[b]!r}'s end at layer {layer} "
+                f"(base position {int(base[b])} + length {int(lens[b])}); expected at least {int(base[b] + lens[b])} "
+                "for an attend_only request"
+            )
+        if (pos + S).max() > self.max_context:
+            b = int(np.argmax(pos + S))
+            raise OutOfRange(
+                f"positions[{b}]: {int(pos[b])} + {S} queries exceeds max_context; expected at most {self.max_context}"
+            )
+        width = max(1, _ceil_div(int(lens.max()), self.block_len))
+        tables = seqs.tables[slots, :width]  # fancy index: a copy
+        seqs.touch(slots, self._clock())
+        return tables, lens.astype(np.int32), pos - base
 
     def append(self, seq_id: str, layer: int, position: int, k: np.ndarray, v: np.ndarray) -> SequenceState:
         """Append `[T, num_kv_heads, head_dim]` tokens to one sequence at `layer` (AppendKV)."""
@@ -348,13 +388,14 @@ class KVCache(AppendOps):
         blk, off = ids[t // self.block_len][None], (t % self.block_len)[None]
         self.store.write(layer, blk, off, k.transpose(1, 0, 2)[:, None], v.transpose(1, 0, 2)[:, None])
 
-    def adopt(self, seq_id: str, ids: np.ndarray, lengths: Sequence[int]) -> SequenceState:
+    def adopt(self, seq_id: str, ids: np.ndarray, lengths: Sequence[int], base_position: int = 0) -> SequenceState:
         """Create `seq_id` holding reserved blocks `ids` (in order, written by `write_reserved`)
-        with `lengths[layer]` tokens per layer. ALREADY_EXISTS (nothing changed) if the id is taken."""
+        with `lengths[layer]` tokens per layer, its first token at absolute `base_position`.
+        ALREADY_EXISTS (nothing changed) if the id is taken."""
         seqs = self.seqs
         if len(ids) != _ceil_div(max(lengths, default=0), self.block_len):
             raise ValueError(f"KVCache.adopt: {len(ids)} blocks for lengths {list(lengths)}")
-        slot = seqs.add(seq_id, self._clock())
+        slot = seqs.add(seq_id, self._clock(), base_position)
         seqs.tables[slot, : len(ids)] = ids
         seqs.num_blocks[slot] = len(ids)
         seqs.lengths[slot] = lengths
@@ -392,5 +433,5 @@ class KVCache(AppendOps):
         seqs = self.seqs
         return SequenceState(
             seqs.id_of(slot), tuple(seqs.lengths[slot].tolist()), int(seqs.num_blocks[slot]),
-            tuple(seqs.held(slot).tolist()),
+            tuple(seqs.held(slot).tolist()), int(seqs.base[slot]),
         )  # fmt: skip

@@ -53,16 +53,17 @@ def export_messages(
 
     The caller keeps the sequence from being truncated or released while it iterates (appends
     past the snapshot are harmless: they write only later positions)."""
-    lengths = cache.get(seq_id).lengths
+    state = cache.get(seq_id)
+    lengths, base = state.lengths, state.base_position
     runs = [(layer, start, min(start + tokens, n)) for layer, n in enumerate(lengths) for start in range(0, n, tokens)]
     header = pb.SequenceHeader(
         lengths=lengths, num_layers=cache.num_layers, num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim,
-        kv_dtype=dtype_code, fuse_rope=fuse_rope, chunks=len(runs), instance_id=instance_id,
+        kv_dtype=dtype_code, fuse_rope=fuse_rope, chunks=len(runs), instance_id=instance_id, base_position=base,
     )  # fmt: skip
     yield pb.SequenceChunk(sequence_id=seq_id, header=header)
     for layer, start, end in runs:
         k, v = cache.read_tokens(seq_id, layer, start, end)
-        msg = pb.SequenceChunk(sequence_id=seq_id, layer=layer, position=start)
+        msg = pb.SequenceChunk(sequence_id=seq_id, layer=layer, position=base + start)  # positions are absolute
         codec.encode(np.ascontiguousarray(k), msg.k)
         codec.encode(np.ascontiguousarray(v), msg.v)
         yield msg
@@ -123,21 +124,23 @@ class Importer:
         if layer != due:
             expected = f"{due} (layers in order, each complete before the next)" if due < L else "none (all complete)"
             raise InvalidArgument(f"layer: {layer} in message {n}; expected {expected}")
-        if msg.position != self.filled[layer]:
+        base = self.header.base_position  # positions are absolute: base + index
+        if msg.position != base + self.filled[layer]:
             raise InvalidArgument(
-                f"position: {msg.position} in message {n}; expected {self.filled[layer]} (contiguous runs per layer)"
+                f"position: {msg.position} in message {n}; expected {base + self.filled[layer]} "
+                "(contiguous runs per layer from header.base_position)"
             )
         hkv, d = self.cache.num_kv_heads, self.cache.head_dim
         k = self.tensor(msg.k, "k", (None, hkv, d), "[T, num_kv_heads, head_dim]")
         T = k.shape[0]
         v = self.tensor(msg.v, "v", (T, hkv, d), "[T, num_kv_heads, head_dim]")
-        room = self.lengths[layer] - msg.position
+        room = self.lengths[layer] - self.filled[layer]
         if not 1 <= T <= room:
             raise InvalidArgument(
                 f"k.shape[0]: {T} tokens in message {n}; expected 1..{room} (up to header.lengths[{layer}])"
             )
         self.filled[layer] += T
-        blocks, position = self.blocks, msg.position
+        blocks, position = self.blocks, msg.position - base  # the index within the sequence
         assert blocks is not None  # reserved by the header; returned only when the import ends
 
         def write() -> None:  # the reserved blocks only: safe off the loop (see KVCache.write_reserved)
@@ -160,9 +163,14 @@ class Importer:
                 raise InvalidArgument(f"header.{name}: {got}; expected {want} (this server's)")
         if h.chunks < 0:
             raise InvalidArgument(f"header.chunks: {h.chunks}; expected >= 0")
+        if not 0 <= h.base_position < c.max_context:
+            raise OutOfRange(f"header.base_position: {h.base_position}; expected 0..{c.max_context - 1} (max_context)")
         for layer, n in enumerate(h.lengths):
-            if not 0 <= n <= c.max_context:
-                raise OutOfRange(f"header.lengths[{layer}]: {n}; expected 0..{c.max_context} (max_context)")
+            if not 0 <= n <= c.max_context - h.base_position:
+                raise OutOfRange(
+                    f"header.lengths[{layer}]: {n}; expected 0..{c.max_context - h.base_position} "
+                    "(max_context - header.base_position)"
+                )
         if not msg.sequence_id:
             raise InvalidArgument("sequence_id: empty; expected the exported sequence's id")
         if msg.sequence_id in c:
@@ -188,7 +196,7 @@ class Importer:
                 f"K/V messages (layers short: {missing}); expected the whole stream"
             )
         assert self.blocks is not None
-        state = self.cache.adopt(self.seq_id, self.blocks, self.lengths)
+        state = self.cache.adopt(self.seq_id, self.blocks, self.lengths, self.header.base_position)
         self.blocks = None
         return state
 

@@ -5,6 +5,8 @@ Each live sequence occupies a *slot*: row `slot` of
   past `num_blocks[slot]` are 0, so any prefix of a row is a valid kernel block table),
 - `num_blocks` int64 `[capacity]`: blocks held,
 - `lengths` int64 `[capacity, num_layers]`: tokens cached per layer,
+- `base` int64 `[capacity]`: absolute position of the first cached token (context-parallel
+  segments start past 0; positions are `base + length`, lengths stay counts),
 - `pending` bool `[capacity, num_layers]`: an append prepared but not yet committed at that layer,
 - `last_used` float64 `[capacity]`: clock seconds of the last use,
 - `generation` int64 `[capacity]`: bumped when the slot is freed, so a plan can tell that "its"
@@ -46,6 +48,7 @@ class SequenceTable:
         self.tables = np.zeros((capacity, max_blocks_per_seq), dtype=np.int32)
         self.num_blocks = np.zeros(capacity, dtype=np.int64)
         self.lengths = np.zeros((capacity, num_layers), dtype=np.int64)
+        self.base = np.zeros(capacity, dtype=np.int64)
         self.pending = np.zeros((capacity, num_layers), dtype=bool)
         self.last_used = np.zeros(capacity, dtype=np.float64)
         self.generation = np.zeros(capacity, dtype=np.int64)
@@ -109,12 +112,14 @@ class SequenceTable:
         if self.max_sequences is not None and len(self._slot_of) >= self.max_sequences:
             raise ResourceExhausted(f"sequences: {len(self._slot_of)} live; expected at most {self.max_sequences}")
 
-    def add(self, seq_id: str, now: float) -> int:
-        """A zeroed slot for `seq_id` (checked with `check_new_id` first), most recently used."""
+    def add(self, seq_id: str, now: float, base: int = 0) -> int:
+        """A zeroed slot for `seq_id` (checked with `check_new_id` first) whose first token sits at
+        absolute position `base`, most recently used."""
         self.check_new_id(seq_id)
         if not self._free_slots:
             self._grow()
         slot = self._free_slots.pop()
+        self.base[slot] = base
         self._slot_of[seq_id] = slot
         self._id_of[slot] = seq_id
         self.live[slot] = True
@@ -129,6 +134,7 @@ class SequenceTable:
         self.tables[slot, : self.num_blocks[slot]] = 0
         self.num_blocks[slot] = 0
         self.lengths[slot] = 0
+        self.base[slot] = 0
         self.pending[slot] = False
         self.generation[slot] += 1
         self._free_slots.append(slot)
@@ -151,6 +157,7 @@ class SequenceTable:
             return out
 
         self.tables, self.num_blocks, self.lengths = widen(self.tables), widen(self.num_blocks), widen(self.lengths)
+        self.base = widen(self.base)
         self.pending, self.last_used, self.generation, self.live = (
             widen(self.pending), widen(self.last_used), widen(self.generation), widen(self.live),
         )  # fmt: skip

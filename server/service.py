@@ -149,7 +149,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     def _seq_info(self, state: SequenceState) -> pb.SequenceInfo:
         return pb.SequenceInfo(
             sequence_id=outward(state.seq_id), lengths=state.lengths, num_blocks=state.num_blocks,
-            instance_id=self.instance_id,
+            instance_id=self.instance_id, base_position=state.base_position,
         )  # fmt: skip
 
     def server_info(self) -> pb.ServerInfo:
@@ -208,6 +208,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             self.ledger.leave_pending(work.tenant)
         resp = pb.DecodeResponse(request_id=req.request_id, layer=req.layer, timing=timing)
         codec.encode(out, resp.out)
+        if work.lse is not None:  # return_lse: out is float32 too (the step computed it so)
+            codec.encode(work.lse, resp.lse)
         resp.timing.total_us = int((time.perf_counter() - work.arrival) * 1e6)
         return resp
 
@@ -222,7 +224,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             if request.sequence_id:
                 check_id("sequence_id", request.sequence_id)
             seq_id = inward(tenant, request.sequence_id or uuid.uuid4().hex)
-            return self._seq_info(self._add_sequence(tenant, lambda: self.cache.create(seq_id)))
+            base = request.base_position  # keys at base + i: a context-parallel segment (0: as before)
+            return self._seq_info(self._add_sequence(tenant, lambda: self.cache.create(seq_id, base)))
 
         return await self._unary("CreateSequence", context, run)
 

@@ -13,6 +13,12 @@ A launch on the worker thread holds its plans' blocks from commit to the kernel'
 schedules as its last act; an inline launch needs no hold, since no other code runs meanwhile.
 Which launches run inline is the batcher's scheduling record (`LoneCaller.inline`): the
 event-loop bound is one launch of `lone_inline_bytes` of K+V.
+
+Context parallelism (design/api.md, fourth round): a batch is all attend-only or all appending,
+all return_lse or none (the batcher's key). An lse batch answers out in float32 and its lse
+`[B, Hq, S]` (`DecodeWork.lse`). An attend-only batch appends nothing and has no plan: its launch
+always runs inline, on the loop, reading the tables as they are at that instant (nothing else runs
+meanwhile, so no hold is needed; relied on in `_run_attend_only`).
 """
 
 from __future__ import annotations
@@ -128,6 +134,9 @@ class StepEngine:
         still waiting the real error. `Timing.kernel_us` is the step's span from here to its
         plans' finish (prepare, append, kernel, finish); `attention_us` the kernel call alone."""
         t_start = time.perf_counter()
+        if batch[0].attend_only:
+            self._run_attend_only(batch, t_start)
+            return
         ready, plans = self._prepare(batch, batch[0].s_active)
         if not ready:
             return
@@ -144,6 +153,51 @@ class StepEngine:
                     work.future.set_exception(exc)
         if self.holds.waiters:  # let mutations waiting for this launch apply before the next batch prepares
             await asyncio.sleep(0)
+
+    def _run_attend_only(self, batch: list[DecodeWork], t_start: float) -> None:
+        """An attend-only batch: no new tokens, so nothing to prepare, commit or undo. Each
+        request's sequences are checked alone (only the failing ones get their error); the rest
+        take one launch at their first queries' key indices, never with sinks (a sink counts once,
+        in the segment that appends).
+
+        Runs on the loop start to end (inline): the tables read by `attend_rows` stay valid for the
+        launch because nothing else can run until it returns."""
+        layer, S, spec = batch[0].layer, batch[0].s_active, self.spec
+        ready, rows = [], []
+        for work in batch:
+            try:
+                rows.append(self.cache.attend_rows(layer, work.seq_ids, work.positions, S))
+            except ServiceError as exc:
+                if not work.future.done():
+                    work.future.set_exception(exc)
+                continue
+            ready.append(work)
+        if not ready:
+            return
+        try:
+            q = ready[0].q if len(ready) == 1 else np.concatenate([w.q for w in ready])
+            if self.rope is not None:
+                pos = np.concatenate([w.positions for w in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
+                no_k = np.zeros((q.shape[0], 0, S, q.shape[3]), q.dtype)
+                q, _ = self.rope.rotate_qk(q, no_k, pos)  # the same arithmetic as an appending step's q
+            tables = _stack_tables([t for t, _, _ in rows])
+            lens = np.concatenate([n for _, n, _ in rows])
+            q_start = np.concatenate([f for _, _, f in rows])
+            out, attention_s = _timed(
+                self.cache.decode, layer, q, None, None, tables, lens, scale=spec.softmax_scale,
+                window=spec.window(layer), sinks=None, return_lse=ready[0].return_lse, q_start=q_start,
+                # without return_lse the answer is in the I/O dtype, as any Decode's
+                **({} if ready[0].return_lse else {"out": np.empty(q.shape, q.dtype)}), **self._scale_options(layer),
+            )  # fmt: skip
+        except Exception as exc:
+            if not isinstance(exc, ServiceError):
+                log.exception("attend-only step failed for layer %d, %d requests", layer, len(ready))
+                exc = ServiceError(f"kernel: {type(exc).__name__}: {exc}")
+            for work in ready:
+                if not work.future.done():
+                    work.future.set_exception(exc)
+            return
+        self._deliver(ready, out, lens, attention_s, t_start)
 
     def _prepare(self, batch: list[DecodeWork], S: int) -> tuple[list[DecodeWork], Plans]:
         """Reserve the batch's appends. A batch of one tenant's requests takes one `prepare_append`
@@ -215,6 +269,7 @@ class StepEngine:
                 _timed, cache.decode, layer, q, k, v, tables, lens,
                 scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
                 **self.cores.options(inline), **self._scale_options(layer),
+                **({"return_lse": True} if ready[0].return_lse else {}),
             )  # fmt: skip
             if inline:
                 out, attention_s = kernel()
@@ -269,9 +324,13 @@ class StepEngine:
         self.holds.notify()
 
     def _deliver(
-        self, ready: list[DecodeWork], out: np.ndarray, lens: np.ndarray, attention_s: float, t_start: float
+        self, ready: list[DecodeWork], out: Any, lens: np.ndarray, attention_s: float, t_start: float
     ) -> None:
-        """The step is over (plans finished): metrics, and each caller's rows of `out` with its Timing."""
+        """The step is over (plans finished): metrics, and each caller's rows of `out` with its Timing.
+        `out` is the kernel's `[B, Hq, S, d]`, or (out float32, lse `[B, Hq, S]`) for a return_lse batch."""
+        lse = None
+        if isinstance(out, tuple):
+            out, lse = out
         kernel_s = time.perf_counter() - t_start
         self.metrics.observe_batch(len(lens), kernel_s, [t_start - w.arrival for w in ready])
         kernel_us, attention_us, size = int(kernel_s * 1e6), int(attention_s * 1e6), len(lens)
@@ -282,6 +341,8 @@ class StepEngine:
                 batch_size=size, batch_requests=len(ready),
             )  # fmt: skip
             if not work.future.done():  # a cancelled caller's rows are appended all the same
+                if lse is not None:
+                    work.lse = lse[row : row + work.size]
                 work.future.set_result((out[row : row + work.size], timing))
             row += work.size
 

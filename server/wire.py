@@ -123,12 +123,32 @@ class WireChecks:
         S = q.shape[2]
         if not 1 <= S <= s.max_s_active:
             raise InvalidArgument(f"q.shape[2]: S={S}; expected 1..{s.max_s_active} (max_s_active)")
+        self.partial(req)
         kv_shape = (B, s.num_kv_heads, S, s.head_dim)
-        k = self.tensor(req.k, "k", kv_shape, "[B, num_kv_heads, S, head_dim]")
-        v = self.tensor(req.v, "v", kv_shape, "[B, num_kv_heads, S, head_dim]")
+        if req.attend_only:
+            k = v = None
+        else:
+            k = self.tensor(req.k, "k", kv_shape, "[B, num_kv_heads, S, head_dim]")
+            v = self.tensor(req.v, "v", kv_shape, "[B, num_kv_heads, S, head_dim]")
         self.buckets(S, req.positions)
         ids = [inward(tenant, sid) for sid in req.sequence_ids] if tenant.namespace else list(req.sequence_ids)
-        return DecodeWork(req.layer, S, ids, codec.int64s(req.positions, B), q, k, v, tenant=tenant)
+        return DecodeWork(
+            req.layer, S, ids, codec.int64s(req.positions, B), q, k, v, tenant=tenant,
+            return_lse=req.return_lse, attend_only=req.attend_only,
+        )  # fmt: skip
+
+    def partial(self, req: pb.DecodeRequest) -> None:
+        """The context-parallel flags: supported by the backend's store, and attend_only without k/v."""
+        for name in ("return_lse", "attend_only"):
+            if getattr(req, name) and not self.store.supports_partial:
+                raise InvalidArgument(
+                    f"{name}: the backend {self.store.backend} does not support it yet; expected false "
+                    "(backends reference and cpu support it)"
+                )
+        if req.attend_only:
+            for name in ("k", "v"):
+                if req.HasField(name):
+                    raise InvalidArgument(f"{name}: present in an attend_only request; expected absent (no new tokens)")
 
     def buckets(self, S: int, positions: list[int]) -> None:
         """INVALID_ARGUMENT for a step no compiled shape bucket covers (device backends compile

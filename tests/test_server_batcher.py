@@ -193,3 +193,23 @@ def test_launches_never_overlap_with_a_lone_callers_own_launch() -> None:
         await b.stop()
 
     _run(main)
+
+
+def test_attend_only_and_lse_requests_never_share_a_launch_with_other_modes() -> None:
+    """An attend-only request appends nothing and an lse request takes the partial kernel path:
+    the batcher's key keeps each mode to launches of its own (context parallelism)."""
+
+    async def main() -> None:
+        rec = Recorder()
+        b = Batcher(rec, max_batch=8, delay_s=0.05, max_pending=100)
+        works = [_work(0, ["a"]), _work(0, ["b"]), _work(0, ["c"]), _work(0, ["d"]), _work(0, ["e"])]
+        works[1].attend_only = works[1].return_lse = True
+        works[2].return_lse = True
+        works[3].attend_only = works[3].return_lse = True
+        futures = [b.submit(w) for w in works]
+        b.start()
+        await asyncio.gather(*futures)
+        await b.stop()
+        assert rec.batches == [[["a"], ["e"]], [["b"], ["d"]], [["c"]]]
+
+    _run(main)

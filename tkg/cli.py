@@ -17,6 +17,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "kernel"): ("tkg.bench.kernel", "kernel speed vs memory bandwidth and torch peers"),
     ("bench", "serve"): ("tkg.bench.serve", "service vs a bare gRPC echo with the same bytes"),
     ("bench", "host"): ("tkg.bench.host", "server host time per step vs the device kernel's estimate"),
+    ("bench", "segments"): ("tkg.bench.segments", "a context-parallel decode vs its slowest segment alone"),
 }
 
 

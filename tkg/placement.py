@@ -22,3 +22,11 @@ def pick(replicas: Sequence[str], seq_id: str) -> int:
     if not replicas:
         raise ValueError("replicas: empty; expected at least one target")
     return max(range(len(replicas)), key=lambda i: score(replicas[i], seq_id))
+
+
+def ranking(replicas: Sequence[str], seq_id: str) -> list[int]:
+    """Replica indices by descending score for `seq_id`: `ranking(...)[0] == pick(...)`. The
+    client's context-parallel segments of `seq_id` live on its first, second, ... replica."""
+    if not replicas:
+        raise ValueError("replicas: empty; expected at least one target")
+    return sorted(range(len(replicas)), key=lambda i: score(replicas[i], seq_id), reverse=True)

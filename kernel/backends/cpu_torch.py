@@ -202,12 +202,21 @@ def paged_decode(args: PagedArgs, **_options: object) -> None:
     time slice whenever another process holds a core (per-sequence loops measured 10-20x slower on a
     loaded 2-core machine). Query i of a sequence of length L sits at position t = L - S + i and sees
     keys j <= t (and t - j < window). Options meant for the native kernel (threads) do not apply here.
+
+    Partial calls (`args.partial`, `tkg.kernel.paged`): `args.lse` gets each query's log-sum-exp;
+    attend-only (`args.q_start`) puts query i at `q_start + i` past every cached key. A query that
+    sees no key (attend-only, or an empty sequence) gets out 0 and lse -inf.
     """
     q = _t(args.q)
     B, Hq, S, d = q.shape
     Hkv, BL = args.num_kv_heads, args.block_len
     G = Hq // Hkv
     lens = args.seq_lens.astype(np.int64)
+    if B == 0 or int(lens.max()) == 0:  # only attend-only calls get here with no key at all
+        args.out[...] = 0
+        if args.lse is not None:
+            args.lse[...] = -np.inf
+        return
     nblk = -(-int(lens.max()) // BL)
     Lp = nblk * BL
     ids = np.zeros((B, nblk), dtype=np.int64)  # block 0 past a sequence's end: in range, masked below
@@ -220,17 +229,24 @@ def paged_decode(args: PagedArgs, **_options: object) -> None:
     qf = q.to(torch.float32) * float(args.scale * args.k_scale)  # the pools hold K / k_scale
     qf = qf.view(B, Hkv, G * S, d).transpose(0, 1).reshape(Hkv * B, G * S, d)
     scores = torch.bmm(qf, K.transpose(1, 2)).view(Hkv, B, G, S, Lp)
-    t = torch.from_numpy(lens - S).view(B, 1, 1) + torch.arange(S).view(1, S, 1)  # [B, S, 1]
+    t = torch.from_numpy(args.query_index()).view(B, S, 1)
     j = torch.arange(Lp).view(1, 1, Lp)
     hidden = j > t
+    if args.q_start is not None:  # attend-only: queries sit past the end, padding is not behind them
+        hidden |= j >= torch.from_numpy(lens).view(B, 1, 1)
     if args.window is not None:
         hidden |= (t - j) >= args.window
     scores.masked_fill_(hidden.view(1, B, 1, S, Lp), float("-inf"))
-    row_max = scores.amax(dim=4, keepdim=True)  # the diagonal is always visible: finite
+    row_max = scores.amax(dim=4, keepdim=True)  # normal calls: the diagonal is always visible, finite
     sinks = None
     if args.sinks is not None:
         sinks = torch.from_numpy(as_f32(args.sinks).reshape(Hkv, 1, G, 1, 1).copy())
         row_max = torch.maximum(row_max, sinks)
+    if args.partial:  # a query may see nothing here: shift by 0 instead of -inf (exp(-inf) = 0 stays)
+        seen = torch.isfinite(row_max)
+        row_max = torch.where(seen, row_max, torch.zeros(()))
+        if args.q_start is not None:  # a padded V row no query sees may hold garbage: 0 * NaN is NaN
+            V.masked_fill_(hidden.all(dim=1).repeat(Hkv, 1).unsqueeze(2), 0.0)
     p = torch.exp_(scores.sub_(row_max))
     denom = p.sum(dim=4, keepdim=True)
     if sinks is not None:
@@ -238,4 +254,13 @@ def paged_decode(args: PagedArgs, **_options: object) -> None:
     o = torch.bmm(p.view(Hkv * B, G * S, Lp), V).view(Hkv, B, G, S, d).div_(denom)
     if args.v_scale != 1.0:  # the pools hold V / v_scale
         o.mul_(args.v_scale)
+    if args.partial:
+        o.masked_fill_(~seen, 0.0)  # 0 / 0 where nothing was seen: out 0 by contract
+        if args.lse is not None:
+            lse = torch.where(seen, row_max + torch.log(denom), float("-inf"))  # [Hkv, B, G, S, 1]
+            _write(args.lse, lse.squeeze(4).transpose(0, 1).reshape(B, Hq, S))
     _write(args.out, o.transpose(0, 1).reshape(B, Hq, S, d))
+
+
+# The `cpu` backend's partial calls come here too (`tkg.kernel.paged.partial_decoder`).
+paged_decode_partial = paged_decode

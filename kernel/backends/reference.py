@@ -10,6 +10,7 @@ import numpy as np
 
 from tkg.kernel.arrays import as_f32
 from tkg.kernel.config import AttnTKGConfig
+from tkg.kernel.paged import PagedArgs
 from tkg.kernel.validate import KernelCall
 
 NAME = "reference"
@@ -195,3 +196,50 @@ def run(call: KernelCall) -> None:
         full = {"qk": scores, "qk_max": row_max, "qk_exp": p, "exp_sum": denom}
         for name, dst in call.dbg.items():
             dst[...] = full[name]
+
+
+def paged_decode_partial(args: PagedArgs, **_options: object) -> None:
+    """A partial paged step (`tkg.kernel.paged`: lse and/or attend-only), sequence by sequence, fp32.
+
+    Query i of sequence b sits at key index `t = args.query_index()[b, i]` and sees cached keys
+    `j < seq_lens[b]` with `j <= t` (and `t - j < window`). Logits are `scale * k_scale * q . K`;
+    the row's max and denominator include the sink (never given in attend-only calls). Fills
+    `args.out` `[B, Hq, S, d]` and `args.lse` `[B, Hq, S]` (natural log of the denominator, i.e.
+    max + log(sum)); a query that sees nothing gets out 0 and lse -inf.
+    """
+    q = as_f32(args.q)
+    B, Hq = q.shape[:2]
+    Hkv, BL = args.num_kv_heads, args.block_len
+    G = Hq // Hkv
+    t = args.query_index()  # [B, S]
+    sinks = None if args.sinks is None else as_f32(args.sinks).reshape(Hq, 1)
+    for b in range(B):
+        L = int(args.seq_lens[b])
+        j = np.arange(L)
+        blocks, offs = args.block_tables[b, j // BL].astype(np.int64), j % BL
+        K = as_f32(args.k_cache[:, blocks, offs]) * np.float32(args.k_scale)  # [Hkv, L, d]
+        V = as_f32(args.v_cache[:, blocks, offs]) * np.float32(args.v_scale)
+        K, V = np.repeat(K, G, axis=0), np.repeat(V, G, axis=0)  # [Hq, L, d]: q head h reads kv head h // G
+        logits = np.einsum("hid,hjd->hij", q[b], K) * np.float32(args.scale)  # [Hq, S, L]
+        dist = t[b][:, None] - j[None, :]  # [S, L]
+        vis = dist >= 0
+        if args.window is not None:
+            vis &= dist < args.window
+        logits = np.where(vis[None], logits, np.float32(-np.inf))
+        row_max = logits.max(axis=2, initial=-np.inf)  # [Hq, S]
+        if sinks is not None:
+            row_max = np.maximum(row_max, sinks)
+        seen = np.isfinite(row_max)
+        m = np.where(seen, row_max, np.float32(0))
+        p = np.exp(logits - m[:, :, None])  # 0 where masked
+        denom = p.sum(axis=2)
+        if sinks is not None:
+            denom = denom + np.exp(sinks - m)
+        V = np.where(vis.any(axis=0)[None, :, None], V, np.float32(0))  # a slot no query sees may hold garbage
+        pv = np.einsum("hij,hjd->hid", p, V)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.where(seen[:, :, None], pv / denom[:, :, None], np.float32(0))
+            lse = np.where(seen, m + np.log(denom), np.float32(-np.inf))
+        args.out[b] = out
+        if args.lse is not None:
+            args.lse[b] = lse

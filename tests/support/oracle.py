@@ -293,3 +293,44 @@ def naive_paged_decode(
             V[j] = v_scale * _f(v_cache[:, blk, off])
         out[b] = naive_decode(q[b], K, V, scale, window, sinks)
     return out
+
+
+def naive_partial_decode(
+    q: np.ndarray, K: np.ndarray, V: np.ndarray, scale: float, first_query: int | None = None,
+    window: int | None = None, sinks: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A context-parallel segment's decode (design/api.md, fourth round): out `[Hq, S, d]` and lse
+    `[Hq, S]`, float64.
+
+    q `[Hq, S, d]`, K/V `[T, Hkv, d]` (T may be 0). Query i sits at key index `t = first_query + i`
+    (None: `T - S + i`, the S new tokens being the last keys) and sees keys `j < T`, `j <= t` (and
+    `t - j < window`). lse is the natural log of the softmax denominator over the scaled logits
+    it saw, incl. the sink's term: `log(sum_j exp(logit_j) + exp(sink))`. A query that saw no key
+    and has no sink gets out 0 and lse -inf.
+    """
+    Hq, S, d = q.shape
+    T = K.shape[0]
+    Hkv = K.shape[1] if T else 1
+    G = Hq // Hkv
+    first = T - S if first_query is None else first_query
+    qf, Kf, Vf = _f(q), _f(K), _f(V)
+    out = np.zeros((Hq, S, d))
+    lse = np.full((Hq, S), -math.inf)
+    for h in range(Hq):
+        g = h // G
+        for i in range(S):
+            t = first + i
+            seen = [j for j in range(min(t + 1, T)) if window is None or t - j < window]
+            logits = [float(np.dot(qf[h, i], Kf[j, g])) * scale for j in seen]
+            sink = None if sinks is None else float(np.asarray(sinks).reshape(-1)[h])
+            candidates = logits + ([sink] if sink is not None else [])
+            if not candidates or max(candidates) == -math.inf:
+                continue
+            m = max(candidates)
+            weights = [math.exp(x - m) for x in logits]
+            denom = sum(weights) + (math.exp(sink - m) if sink is not None else 0.0)
+            for w, j in zip(weights, seen, strict=True):
+                out[h, i] += w * Vf[j, g]
+            out[h, i] /= denom
+            lse[h, i] = m + math.log(denom)
+    return out, lse

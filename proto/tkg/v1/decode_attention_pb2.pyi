@@ -109,22 +109,26 @@ class ServerInfo(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_q_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[_Union[DType, str]] = ..., block_len: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., max_s_active: _Optional[int] = ..., max_batch: _Optional[int] = ..., fuse_rope: _Optional[bool] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., max_context: _Optional[int] = ..., softmax_scale: _Optional[float] = ..., sliding_window: _Optional[_Iterable[int]] = ..., has_sinks: _Optional[bool] = ..., max_message_bytes: _Optional[int] = ..., model: _Optional[str] = ..., active_sequences: _Optional[int] = ..., instance_id: _Optional[str] = ..., started_at: _Optional[float] = ..., io_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class SequenceInfo(_message.Message):
-    __slots__ = ("sequence_id", "lengths", "num_blocks", "instance_id")
+    __slots__ = ("sequence_id", "lengths", "num_blocks", "base_position", "instance_id")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BASE_POSITION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     lengths: _containers.RepeatedScalarFieldContainer[int]
     num_blocks: int
+    base_position: int
     instance_id: str
-    def __init__(self, sequence_id: _Optional[str] = ..., lengths: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, sequence_id: _Optional[str] = ..., lengths: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., base_position: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class CreateSequenceRequest(_message.Message):
-    __slots__ = ("sequence_id",)
+    __slots__ = ("sequence_id", "base_position")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_POSITION_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
-    def __init__(self, sequence_id: _Optional[str] = ...) -> None: ...
+    base_position: int
+    def __init__(self, sequence_id: _Optional[str] = ..., base_position: _Optional[int] = ...) -> None: ...
 
 class AppendKVRequest(_message.Message):
     __slots__ = ("sequence_id", "layer", "position", "k", "v")
@@ -141,7 +145,7 @@ class AppendKVRequest(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., layer: _Optional[int] = ..., position: _Optional[int] = ..., k: _Optional[_Union[Tensor, _Mapping]] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "layer", "sequence_ids", "positions", "q", "k", "v")
+    __slots__ = ("request_id", "layer", "sequence_ids", "positions", "q", "k", "v", "return_lse", "attend_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +153,8 @@ class DecodeRequest(_message.Message):
     Q_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     V_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LSE_FIELD_NUMBER: _ClassVar[int]
+    ATTEND_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer: int
     sequence_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -156,21 +162,25 @@ class DecodeRequest(_message.Message):
     q: Tensor
     k: Tensor
     v: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., sequence_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., q: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[_Union[Tensor, _Mapping]] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    return_lse: bool
+    attend_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., sequence_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., q: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[_Union[Tensor, _Mapping]] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ..., return_lse: _Optional[bool] = ..., attend_only: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("request_id", "layer", "out", "timing", "error")
+    __slots__ = ("request_id", "layer", "out", "timing", "error", "lse")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LSE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer: int
     out: Tensor
     timing: Timing
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., out: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    lse: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., out: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class TruncateSequenceRequest(_message.Message):
     __slots__ = ("sequence_id", "length")
@@ -229,7 +239,7 @@ class SequenceChunk(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., header: _Optional[_Union[SequenceHeader, _Mapping]] = ..., layer: _Optional[int] = ..., position: _Optional[int] = ..., k: _Optional[_Union[Tensor, _Mapping]] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SequenceHeader(_message.Message):
-    __slots__ = ("lengths", "num_layers", "num_kv_heads", "head_dim", "kv_dtype", "fuse_rope", "chunks", "instance_id")
+    __slots__ = ("lengths", "num_layers", "num_kv_heads", "head_dim", "kv_dtype", "fuse_rope", "chunks", "instance_id", "base_position")
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +248,7 @@ class SequenceHeader(_message.Message):
     FUSE_ROPE_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_POSITION_FIELD_NUMBER: _ClassVar[int]
     lengths: _containers.RepeatedScalarFieldContainer[int]
     num_layers: int
     num_kv_heads: int
@@ -246,4 +257,5 @@ class SequenceHeader(_message.Message):
     fuse_rope: bool
     chunks: int
     instance_id: str
-    def __init__(self, lengths: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[_Union[DType, str]] = ..., fuse_rope: _Optional[bool] = ..., chunks: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    base_position: int
+    def __init__(self, lengths: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[_Union[DType, str]] = ..., fuse_rope: _Optional[bool] = ..., chunks: _Optional[int] = ..., instance_id: _Optional[str] = ..., base_position: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,285 @@
+"""Context parallelism in the client: one sequence split by token ranges over replicas (no I/O).
+
+The scheme (design/api.md, fourth round; docs/context-parallel.md): with `segment_tokens=N`, the
+caller's sequence `X` is a list of server-side sequences, its *segments*, `"X#0"`, `"X#1"`, ...
+Segment j holds the tokens from its base position `b_j` (`CreateSequenceRequest.base_position`;
+`b_0 = 0`) up to the next segment's base, and lives on the j-th replica of X's rendezvous ranking
+(`tkg.placement.ranking`; distinct replicas while there are fewer segments than replicas). A new
+segment starts where a write begins at or past `b_last + N`, so bases are `j*N` unless an S-token
+decode step overran its tail by up to S-1 tokens (a step's causal triangle is never split).
+
+Writes (AppendKV, Decode's new tokens) go to the segment that holds their position; Decode asks
+the tail with `return_lse` and every earlier segment that any query's window reaches with an
+`attend_only` request, all at once, and merges the answers exactly (`tkg.client.merge`).
+Truncate, release and export act per segment; fork is refused. Errors name the caller's
+sequence, never a segment.
+
+Every operation is a generator in the `Core.decode` style: it yields a `Batch` of calls (keys are
+call numbers) and is sent each one's response or `TkgError`; the shells make the calls,
+concurrently when there are several. A client that does not know a sequence's segments (another
+process made them) finds them by asking `"X#0"`, `"X#1"`, ... until one is not found.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Generator, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from tkg import codec
+from tkg.client import routing
+from tkg.client.errors import FailedPrecondition, NotFound, TkgError
+from tkg.client.merge import merge_states
+from tkg.client.messages import DecodeInput, DecodeResult, Timing, append_chunks
+from tkg.placement import ranking
+from tkg.v1 import decode_attention_pb2 as pb
+
+T = TypeVar("T")
+SEGMENT_SEP = "#"
+Plan = Generator[dict[int, Any], dict[int, Any], T]  # yields calls by number, is sent their outcomes
+
+
+def segment_id(seq_id: str, j: int) -> str:
+    """The server-side id of segment j of `seq_id`."""
+    return f"{seq_id}{SEGMENT_SEP}{j}"
+
+
+def renamed(err: TkgError, seq_id: str) -> TkgError:
+    """`err` about a segment of `seq_id`, naming the sequence instead (same class and replica)."""
+    details = re.sub(re.escape(seq_id + SEGMENT_SEP) + r"\d+", lambda _: seq_id, err.details)
+    return type(err)(details, err.replica)
+
+
+class Segments:
+    """What the client knows of its segmented sequences: each one's segment bases, and the
+    servers' sliding windows (per layer, 0 = full attention), asked once."""
+
+    def __init__(self, router: routing.Router, segment_tokens: int) -> None:
+        if segment_tokens < 1:
+            raise ValueError(f"segment_tokens: {segment_tokens}; expected >= 1")
+        self.router = router
+        self.N = segment_tokens
+        self.bases: dict[str, list[int]] = {}
+        self.windows: list[int] | None = None
+
+    # ---- placement -----------------------------------------------------------------------------
+
+    def place(self, seq_id: str, j: int) -> tuple[str, int]:
+        """Segment j's id and its replica (the j-th of the id's ranking, cycling), recorded with
+        the router so that every call about the segment goes there (until it is found moved)."""
+        sid = segment_id(seq_id, j)
+        order = ranking(self.router.targets, seq_id)
+        self.router.place(sid, order[j % len(order)])
+        return sid, self.router.home(sid)
+
+    def _call(self, seq_id: str, j: int, method: str, request: Any) -> Any:
+        from tkg.client.core import Call  # the core imports this module
+
+        sid, replica = self.place(seq_id, j)
+        return Call(replica, method, request, (sid,))
+
+    @staticmethod
+    def _answers(outcomes: dict[int, Any], seq_id: str) -> dict[int, Any]:
+        """The outcomes, or the first failure raised naming `seq_id`."""
+        for o in outcomes.values():
+            if isinstance(o, TkgError):
+                raise renamed(o, seq_id) from None
+        return outcomes
+
+    # ---- knowledge -----------------------------------------------------------------------------
+
+    def known(self, seq_id: str) -> Plan[list[int]]:
+        """The segment bases of `seq_id`, asking the replicas when this client did not make them."""
+        if seq_id in self.bases:
+            return self.bases[seq_id]
+        bases: list[int] = []
+        while True:
+            j = len(bases)
+            call = self._call(seq_id, j, "GetSequence", pb.GetSequenceRequest(sequence_id=segment_id(seq_id, j)))
+            outcome = (yield {0: call})[0]
+            if isinstance(outcome, NotFound) and bases:
+                break
+            if isinstance(outcome, TkgError):
+                raise renamed(outcome, seq_id) from None
+            bases.append(int(outcome.base_position))
+        self.bases[seq_id] = bases
+        return bases
+
+    def window_of(self, layer: int) -> Plan[int]:
+        """The sliding window of `layer` (0: none), from the first replica's ServerInfo."""
+        if self.windows is None:
+            from tkg.client.core import Call
+
+            info = (yield {0: Call(0, "GetServerInfo", pb.GetServerInfoRequest())})[0]
+            if isinstance(info, TkgError):
+                raise info
+            self.windows = list(info.sliding_window)
+        return self.windows[layer] if layer < len(self.windows) else 0
+
+    def info(self, seq_id: str) -> Plan[pb.SequenceInfo]:
+        """The sequence as one `SequenceInfo`: per layer the end `base + length` of its last
+        non-empty segment, blocks summed, the first segment's instance id."""
+        bases = yield from self.known(seq_id)
+        calls = {
+            j: self._call(seq_id, j, "GetSequence", pb.GetSequenceRequest(sequence_id=segment_id(seq_id, j)))
+            for j in range(len(bases))
+        }
+        infos = self._answers((yield calls), seq_id)
+        lengths = [0] * len(infos[0].lengths)
+        for j in range(len(bases)):
+            for layer, n in enumerate(infos[j].lengths):
+                if n:
+                    lengths[layer] = max(lengths[layer], int(infos[j].base_position) + n)
+        return pb.SequenceInfo(
+            sequence_id=seq_id, lengths=lengths, num_blocks=sum(i.num_blocks for i in infos.values()),
+            instance_id=infos[0].instance_id,
+        )  # fmt: skip
+
+    # ---- sequences -----------------------------------------------------------------------------
+
+    def create(self, seq_id: str) -> Plan[pb.SequenceInfo]:
+        """Segment 0 of a new sequence (base 0); the rest start as tokens arrive."""
+        req = pb.CreateSequenceRequest(sequence_id=segment_id(seq_id, 0))
+        self._answers((yield {0: self._call(seq_id, 0, "CreateSequence", req)}), seq_id)
+        self.bases[seq_id] = [0]
+        return (yield from self.info(seq_id))
+
+    def _segment_for(self, seq_id: str, position: int) -> Plan[tuple[int, int]]:
+        """(segment index, tokens it may take from `position` before the next segment's base;
+        None-like large for the tail) for a write at absolute `position`: a new tail segment is
+        created at `position` when the tail has N tokens before it."""
+        bases = yield from self.known(seq_id)
+        j = max(i for i, b in enumerate(bases) if b <= position)
+        if j == len(bases) - 1 and position - bases[j] >= self.N:
+            j = len(bases)
+            req = pb.CreateSequenceRequest(sequence_id=segment_id(seq_id, j), base_position=position)
+            self._answers((yield {0: self._call(seq_id, j, "CreateSequence", req)}), seq_id)
+            bases.append(position)
+        room = bases[j + 1] - position if j + 1 < len(bases) else bases[j] + self.N - position
+        return j, room
+
+    def append(
+        self, seq_id: str, layer: int, position: int, k: np.ndarray, v: np.ndarray, chunk_tokens: int
+    ) -> Plan[pb.SequenceInfo]:
+        """AppendKV of k, v `[T, Hkv, d]` at absolute `position`, cut at segment boundaries."""
+        done = 0
+        while done < k.shape[0]:
+            j, room = yield from self._segment_for(seq_id, position + done)
+            n = min(max(room, 1), k.shape[0] - done)
+            chunks = list(append_chunks(segment_id(seq_id, j), layer, position + done, k[done : done + n],
+                                        v[done : done + n], chunk_tokens))  # fmt: skip
+            self._answers((yield {0: self._call(seq_id, j, "AppendKV", chunks)}), seq_id)
+            done += n
+        return (yield from self.info(seq_id))
+
+    def truncate(self, seq_id: str, length: int) -> Plan[pb.SequenceInfo]:
+        """Keep the first `length` tokens: the segment holding position `length` is truncated to
+        `length - base`, later ones released (after it, so a refused truncate changes nothing)."""
+        bases = yield from self.known(seq_id)
+        if length < 0:
+            raise ValueError(f"length: {length}; expected >= 0")
+        j = max(i for i, b in enumerate(bases) if b <= length)
+        req = pb.TruncateSequenceRequest(sequence_id=segment_id(seq_id, j), length=length - bases[j])
+        self._answers((yield {0: self._call(seq_id, j, "TruncateSequence", req)}), seq_id)
+        later = {
+            i: self._call(seq_id, i, "ReleaseSequence", pb.ReleaseSequenceRequest(sequence_id=segment_id(seq_id, i)))
+            for i in range(j + 1, len(bases))
+        }
+        if later:
+            self._answers((yield later), seq_id)
+            del bases[j + 1 :]
+        return (yield from self.info(seq_id))
+
+    def release(self, seq_id: str) -> Plan[int]:
+        """Release every segment; the blocks freed in all."""
+        bases = yield from self.known(seq_id)
+        calls = {
+            j: self._call(seq_id, j, "ReleaseSequence", pb.ReleaseSequenceRequest(sequence_id=segment_id(seq_id, j)))
+            for j in range(len(bases))
+        }
+        freed = self._answers((yield calls), seq_id)
+        self.bases.pop(seq_id, None)
+        for j in range(len(bases)):
+            self.router.forget(segment_id(seq_id, j))
+        return sum(int(r.freed_blocks) for r in freed.values())
+
+    def export(self, seq_id: str) -> Plan[list[pb.SequenceChunk]]:
+        """Every segment's export stream, segment after segment (each starts with its header,
+        which carries its base position); `import_` takes the concatenation back."""
+        bases = yield from self.known(seq_id)
+        calls = {
+            j: self._call(seq_id, j, "ExportSequence", pb.ExportSequenceRequest(sequence_id=segment_id(seq_id, j)))
+            for j in range(len(bases))
+        }
+        streams = self._answers((yield calls), seq_id)
+        return [m for j in range(len(bases)) for m in streams[j]]
+
+    def import_(self, messages: Sequence[pb.SequenceChunk]) -> Plan[pb.SequenceInfo]:
+        """Import an `export` of a segmented sequence: each segment on its own replica."""
+        pieces: list[list[pb.SequenceChunk]] = []
+        for m in messages:
+            if m.HasField("header"):
+                pieces.append([])
+            if not pieces:
+                raise ValueError("messages: the first has no header; expected the stream export_sequence returns")
+            pieces[-1].append(m)
+        if not pieces:
+            raise ValueError("messages: empty; expected the stream export_sequence returns")
+        seq_id, _, _ = pieces[0][0].sequence_id.rpartition(SEGMENT_SEP)
+        calls = {j: self._call(seq_id, j, "ImportSequence", piece) for j, piece in enumerate(pieces)}
+        self._answers((yield calls), seq_id)
+        self.bases[seq_id] = [int(p[0].header.base_position) for p in pieces]
+        return (yield from self.info(seq_id))
+
+    @staticmethod
+    def fork(source_id: str) -> TkgError:
+        return FailedPrecondition(
+            f"source_id: {source_id!r} is a segmented sequence (segment_tokens is set); fork of a segmented "
+            "sequence is not supported in this round; expected a client without segment_tokens"
+        )
+
+    # ---- decode --------------------------------------------------------------------------------
+
+    def decode(self, d: DecodeInput) -> Plan[DecodeResult]:
+        """One decode step: per sequence, its new tokens to the segment holding their position
+        (with `return_lse`) and an `attend_only` request to every earlier segment within reach of
+        the window, all in one batch; each row merged exactly, in the caller's order, out in q's
+        dtype. Fails as a whole, naming the first failing sequence."""
+        W = yield from self.window_of(d.layer)
+        calls: dict[int, Any] = {}
+        rows: list[list[int]] = []  # call numbers of each row
+        for b, seq_id in enumerate(d.sequence_ids):
+            p = int(d.positions[b])
+            j, _ = yield from self._segment_for(seq_id, p)
+            bases = self.bases[seq_id]
+            reach = p - W + 1 if W else 0  # the earliest key any query of the step can see
+            mine = []
+            for i in range(j + 1):
+                if i < j and bases[i + 1] <= reach:
+                    continue  # wholly outside every query's window: not asked
+                req = pb.DecodeRequest(
+                    request_id=d.request_id, layer=d.layer, sequence_ids=[segment_id(seq_id, i)], positions=[p],
+                    return_lse=True, attend_only=i != j,
+                )  # fmt: skip
+                codec.encode(np.ascontiguousarray(d.q[b : b + 1]), req.q)
+                if i == j:
+                    codec.encode(np.ascontiguousarray(d.k[b : b + 1]), req.k)
+                    codec.encode(np.ascontiguousarray(d.v[b : b + 1]), req.v)
+                n = len(calls)
+                calls[n] = self._call(seq_id, i, "Decode", req)
+                mine.append(n)
+            rows.append(mine)
+        outcomes = yield calls
+        out = np.empty(d.q.shape, dtype=d.q.dtype)
+        timing = None
+        for b, mine in enumerate(rows):
+            answers = self._answers({n: outcomes[n] for n in mine}, d.sequence_ids[b])
+            outs = [codec.decode(answers[n].out, "out")[0] for n in mine]
+            lses = [codec.decode(answers[n].lse, "lse")[0] for n in mine]
+            out[b] = merge_states(outs, lses)[0].astype(d.q.dtype)
+            for n in mine:
+                if timing is None or answers[n].timing.total_us > timing.total_us:
+                    timing = answers[n].timing  # the slowest segment sets the step's time
+        return DecodeResult(d.request_id, d.layer, out, Timing.from_pb(timing) if timing is not None else None)

@@ -1,0 +1,130 @@
+"""Context parallelism end to end: three `tkg serve` replicas whose pools each hold 2048 tokens per
+layer serve a ~5k-token sequence through `Client(targets, segment_tokens=1800)` and answer what
+one replica large enough for it answers (fp32: max abs error <= 1e-5 of the largest output
+magnitude), with S = 1 and 4, fused RoPE, sinks, a sliding window (1500 on layer 0) reaching back
+across a segment boundary, truncation back across a boundary and forward again (an S = 4 step
+overrunning the tail), a batch mixing a segmented and a single-segment sequence, and the
+asyncio client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support.server_proc import ServerProc, start_server
+
+from tkg.client import AsyncClient, Client, errors
+
+LAYERS, HQ, HKV, D, BL, N = 2, 4, 2, 16, 16, 1800
+PROMPT = 4990
+
+
+def _args(num_blocks: int, sinks: Path) -> tuple[str, ...]:
+    return ("--preset", "tiny", "--num-layers", str(LAYERS), "--num-q-heads", str(HQ), "--num-kv-heads", str(HKV),
+            "--head-dim", str(D), "--block-len", str(BL), "--num-blocks", str(num_blocks), "--max-context", "8192",
+            "--kv-dtype", "float32", "--fuse-rope", "true", "--sliding-window", "1500,none", "--sinks", str(sinks),
+            "--max-s-active", "4", "--backend", "cpu", "--batch-delay-us", "0")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc, list[ServerProc]]]:
+    path = tmp_path_factory.mktemp("cp") / "sinks.npy"
+    np.save(path, np.random.default_rng(9).standard_normal((LAYERS, HQ)).astype(np.float32))
+    big = start_server(*_args(512, path))  # 8192 tokens per layer
+    small = [start_server(*_args(128, path)) for _ in range(3)]  # 2048 tokens per layer each
+    yield big, small
+    for s in (big, *small):
+        assert s.stop() == 0
+
+
+def _rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _same(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.dtype == np.float32 and got.shape == want.shape
+    err = float(np.abs(got - want).max())
+    assert err <= 1e-5 * float(np.abs(want).max()), err
+
+
+def _ingest(clients: list[Client], sid: str, start: int, T: int, rng: np.random.Generator) -> None:
+    for layer in range(LAYERS):
+        k, v = _rand(rng, T, HKV, D), _rand(rng, T, HKV, D)
+        for c in clients:
+            assert c.append_kv(sid, layer, k, v, position=start, chunk_tokens=700).lengths[layer] == start + T
+
+
+def _steps(clients: list[Client], sids: list[str], S: int, n: int, rng: np.random.Generator) -> None:
+    for _ in range(n):
+        for layer in range(LAYERS):
+            pos = [clients[0].get_sequence(s).lengths[layer] for s in sids]
+            B = len(sids)
+            q, k, v = _rand(rng, B, HQ, S, D), _rand(rng, B, HKV, S, D), _rand(rng, B, HKV, S, D)
+            want, got = (c.decode(layer, sids, pos, q, k, v).out for c in clients)
+            _same(got, want)
+
+
+def test_three_small_replicas_serve_what_one_big_one_does(servers: tuple[ServerProc, list[ServerProc]]) -> None:
+    big, small = servers
+    rng = np.random.default_rng(0)
+    with Client(big.target) as one, Client([s.target for s in small], segment_tokens=N) as seg:
+        for c in (one, seg):
+            c.create_sequence("long")
+            c.create_sequence("short")
+        _ingest([one, seg], "long", 0, PROMPT, rng)
+        _ingest([one, seg], "short", 0, 100, rng)
+        bases = seg._segments.bases["long"]
+        assert bases == [0, N, 2 * N]
+        # Each segment on its own replica (the id's ranking), each within its 2048 tokens.
+        homes = {seg._core.router.home(f"long#{j}") for j in range(3)}
+        assert len(homes) == 3
+        info = seg.get_sequence("long")
+        assert list(info.lengths) == [PROMPT] * LAYERS and info.sequence_id == "long"
+        _steps([one, seg], ["long"], 1, 3, rng)
+        _steps([one, seg], ["long", "short"], 4, 2, rng)  # a batch mixing segmented and single-segment
+        # Back across the 3600 boundary (segment 2 released), then forward over it again with S = 4.
+        for c in (one, seg):
+            assert list(c.truncate("long", 3500).lengths) == [3500] * LAYERS
+        assert seg._segments.bases["long"] == [0, N]
+        _ingest([one, seg], "long", 3500, 94, rng)  # the tail now holds 1794 of its 1800
+        # Steps at 3594 and 3598 stay in the tail (it ends at 3602: 1802 tokens, an overrun of
+        # S - 2), the step at 3602 starts a new segment there.
+        _steps([one, seg], ["long"], 4, 3, rng)
+        assert seg._segments.bases["long"] == [0, N, 3602]
+        _steps([one, seg], ["long"], 1, 2, rng)
+        # A fresh client finds the segments on the replicas; errors name the sequence.
+        with Client([s.target for s in small], segment_tokens=N) as other:
+            assert list(other.get_sequence("long").lengths) == [3606 + 2] * LAYERS
+            with pytest.raises(errors.OutOfRange) as err:
+                other.truncate("long", 99999)
+            assert "long#" not in err.value.details and "'long'" in err.value.details
+            with pytest.raises(errors.FailedPrecondition, match="segmented"):
+                other.fork("long")
+        freed = seg.release("long")
+        assert freed > 0 and one.release("long") > 0
+
+
+def test_async_client_merges_alike(servers: tuple[ServerProc, list[ServerProc]]) -> None:
+    big, small = servers
+    rng = np.random.default_rng(1)
+
+    async def main() -> None:
+        async with AsyncClient(big.target) as one, AsyncClient([s.target for s in small], segment_tokens=N) as seg:
+            for c in (one, seg):
+                await c.create_sequence("a")
+            for layer in range(LAYERS):
+                k, v = _rand(rng, 4000, HKV, D), _rand(rng, 4000, HKV, D)
+                for c in (one, seg):
+                    await c.append_kv("a", layer, k, v, position=0, chunk_tokens=1000)
+            for layer in range(LAYERS):
+                q, k, v = _rand(rng, 1, HQ, 4, D), _rand(rng, 1, HKV, 4, D), _rand(rng, 1, HKV, 4, D)
+                want, got = [(await c.decode(layer, ["a"], [4000], q, k, v)).out for c in (one, seg)]
+                _same(got, want)
+            assert len(seg._segments.bases["a"]) == 3
+            await seg.release("a")
+            await one.release("a")
+
+    asyncio.run(main())
