@@ -1,6 +1,6 @@
 """Context parallelism in the client: one sequence split by token ranges over replicas (no I/O).
 
-The scheme (design/api.md, fourth round; docs/context-parallel.md): with `segment_tokens=N`, the
+The scheme (docs/context-parallel.md): with `segment_tokens=N`, the
 caller's sequence `X` is a list of server-side sequences, its *segments*, `"X#0"`, `"X#1"`, ...
 Segment j holds the tokens from its base position `b_j` (`CreateSequenceRequest.base_position`;
 `b_0 = 0`) up to the next segment's base, and lives on the j-th replica of X's rendezvous ranking

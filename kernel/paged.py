@@ -11,7 +11,7 @@ Backends with a native implementation (`cpu`) provide `paged_decode`; every othe
 driven through `attention_tkg` once per kv head by `paged_via_attention_tkg`, which makes the
 service's path a test of the seed API too.
 
-Partial calls (context parallelism, design/api.md fourth round): `lse` asks for each query's
+Partial calls (context parallelism, docs/context-parallel.md): `lse` asks for each query's
 log-sum-exp, and `q_start` makes the call attend-only (no new tokens: query i of sequence b sits
 at key index `q_start[b] + i >= seq_lens[b]` and sees every cached key within the window; no sink).
 A query that sees no key gets out 0 and lse -inf. They run on a backend's `paged_decode_partial`
@@ -115,8 +115,8 @@ def check_paged_args(
         raise ValueError(f"paged_decode: block_tables: expected [{B}, max_blocks], got {block_tables.shape}")
     if seq_lens.shape != (B,):
         raise ValueError(f"paged_decode: seq_lens: expected [{B}], got {seq_lens.shape}")
-    least = S if q_start is None else 0  # attend-only: no new tokens, an empty segment is fine
-    if B and (seq_lens.min() < least or seq_lens.max() > block_tables.shape[1] * BL):
+    least = f"S={S}" if q_start is None else "0"  # attend-only: no new tokens, an empty segment is fine
+    if B and (seq_lens.min() < (S if q_start is None else 0) or seq_lens.max() > block_tables.shape[1] * BL):
         raise ValueError(
             f"paged_decode: seq_lens: each must lie in [{least}, {block_tables.shape[1] * BL}], got {seq_lens.tolist()}"
         )
@@ -139,7 +139,7 @@ def check_paged_args(
             ids = block_tables[b, : nblocks[b]].tolist()
             raise ValueError(f"paged_decode: block_tables[{b}]: ids must lie in [0, {NB}), got {ids}")
     if window is not None and window < (S if q_start is None else 1):
-        raise ValueError(f"paged_decode: window: {window} must be >= {S if q_start is None else 1}")
+        raise ValueError(f"paged_decode: window: {window} must be >= {f'S={S}' if q_start is None else 1}")
     if sinks is not None:
         sinks = as_f32(sinks).reshape(-1)
         if sinks.shape != (Hq,):

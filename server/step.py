@@ -14,7 +14,7 @@ schedules as its last act; an inline launch needs no hold, since no other code r
 Which launches run inline is the batcher's scheduling record (`LoneCaller.inline`): the
 event-loop bound is one launch of `lone_inline_bytes` of K+V.
 
-Context parallelism (design/api.md, fourth round): a batch is all attend-only or all appending,
+Context parallelism (docs/context-parallel.md): a batch is all attend-only or all appending,
 all return_lse or none (the batcher's key). An lse batch answers out in float32 and its lse
 `[B, Hq, S]` (`DecodeWork.lse`). An attend-only batch appends nothing and has no plan: its launch
 always runs inline, on the loop, reading the tables as they are at that instant (nothing else runs

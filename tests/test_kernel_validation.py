@@ -21,6 +21,7 @@ import torch
 
 from tkg.dtypes import BF16, FP8
 from tkg.kernel import AttnTKGConfig, BackendUnavailable, attention_tkg, paged_decode
+from tkg.kernel.paged import check_paged_args
 
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernel"
 
@@ -291,14 +292,21 @@ PAGED_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str, str]] = {
     "sinks": (paged(sinks=np.zeros(2, np.float32)), "sinks", "expected [4], got (2,)"),
     "out-shape": (paged(out=np.zeros((2, 4, 2, 16), np.float32)), "out", "expected (2, 4, 2, 32) float32"),
     "out-dtype": (paged(out=np.zeros((2, 4, 2, 32), np.float16)), "out", "got float16"),
+    "lse-shape": (paged(lse=np.zeros((2, 4), np.float32)), "lse", "expected [2, 4, 2] float32"),
+    "lse-dtype": (paged(lse=np.zeros((2, 4, 2), np.float64)), "lse", "got float64"),
+    "q_start-behind": (paged(q_start=np.array([0, 0])), "q_start", "expected [2] key indices at or past seq_lens"),
 }
 
 
 @pytest.mark.parametrize("case", list(PAGED_CASES))
 def test_paged_decode_rejects(case: str) -> None:
     build, arg, detail = PAGED_CASES[case]
+    kw = build()
     with pytest.raises(ValueError, match=re.escape(f"paged_decode: {arg}: ")) as info:
-        paged_decode(**build(), backend="reference")
+        if "lse" in kw or "q_start" in kw:  # partial calls come through a KV store, which checks with this
+            check_paged_args(**kw)
+        else:
+            paged_decode(**kw, backend="reference")
     assert detail in str(info.value), f"message {str(info.value)!r} does not state {detail!r}"
 
 

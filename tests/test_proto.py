@@ -1,5 +1,5 @@
 """The committed generated protobuf code matches proto/ (stale code fails), and the fourth round's
-context-parallel fields carry the numbers design/api.md fixes."""
+context-parallel fields carry the numbers the contract fixes (docs/context-parallel.md)."""
 
 from __future__ import annotations
 

@@ -299,7 +299,7 @@ def naive_partial_decode(
     q: np.ndarray, K: np.ndarray, V: np.ndarray, scale: float, first_query: int | None = None,
     window: int | None = None, sinks: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A context-parallel segment's decode (design/api.md, fourth round): out `[Hq, S, d]` and lse
+    """A context-parallel segment's decode (docs/context-parallel.md): out `[Hq, S, d]` and lse
     `[Hq, S]`, float64.
 
     q `[Hq, S, d]`, K/V `[T, Hkv, d]` (T may be 0). Query i sits at key index `t = first_query + i`
