@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -471,24 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tkg bench kernel: {exc}", file=sys.stderr)
         return 2
     rep["goals"] = goal_verdicts(rep)
-    return 0 if emit_report(format_report(rep), rep, a.json) else 1
+    from tkg.client.stats import emit  # the one table/JSON writer of the commands
 
-
-def emit_report(text: str, rep: dict[str, Any], json_target: str | None) -> bool:
-    """The table on stdout; with `--json -` the JSON on stdout and the table on stderr, with a
-    path the JSON written there. False (after a one-line error) when the file cannot be written."""
-    if json_target == "-":
-        print(text, file=sys.stderr)
-        print(json.dumps(rep, indent=2))
-        return True
-    print(text)
-    if json_target:
-        try:
-            Path(json_target).write_text(json.dumps(rep, indent=2) + "\n")
-        except OSError as exc:
-            print(f"tkg bench kernel: error: --json: cannot write {json_target!r} ({exc.strerror})", file=sys.stderr)
-            return False
-    return True
+    return 0 if emit("tkg bench kernel", format_report(rep), rep, a.json) else 1
 
 
 if __name__ == "__main__":
