@@ -1,0 +1,186 @@
+"""The native per-step host ops (`tkg.kernel.backends.cpu.native_rope_qk`, `native_scatter`) against
+their numpy definitions, bit for bit, and the numpy fallbacks when the extension is absent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tkg.dtypes import BF16
+from tkg.kernel.backends import cpu
+from tkg.kernel.kv_store import HostKVStore, KVGeometry
+from tkg.server.rope import RopeTable, angles, inv_freqs, rotate
+
+needs_native = pytest.mark.skipif(not cpu.native_rope_available(), reason="native extension not built")
+
+DTYPES = {"fp32": np.dtype(np.float32), "bf16": BF16, "fp16": np.dtype(np.float16)}
+# float32 bit patterns the rotation must carry exactly as numpy does: zeros of both signs, the
+# smallest subnormal, the smallest normal, values that round to bf16/fp16 ties, the largest
+# finite values of each I/O dtype (products near them overflow to inf), infinities and NaNs.
+EDGE_BITS = np.array([
+    0x00000000, 0x80000000, 0x00000001, 0x00800000, 0x3F808000, 0x3F818000, 0x3F800001, 0x477FE000,
+    0x477FF000, 0x7F7F0000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC12345,
+    0x7F800001, 0x38800000, 0x33800000, 0x3F000000,
+], dtype=np.uint32)  # fmt: skip
+
+
+def _bytes_equal(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8))
+
+
+def _bits_equal_but_nan_payloads(got: np.ndarray, want: np.ndarray) -> None:
+    """Bit-identical, except that a NaN may carry another sign or payload: which operand's NaN an
+    IEEE add or multiply returns depends on operand order, and compilers (numpy's loops included)
+    commute those freely. Served values are never NaN (the wire's finiteness check)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    g32, w32 = got.astype(np.float32), want.astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(g32), np.isnan(w32))
+    keep = ~np.isnan(w32)
+    uint = {2: np.uint16, 4: np.uint32}[got.itemsize]
+    np.testing.assert_array_equal(got.view(uint)[keep], want.view(uint)[keep])
+
+
+@st.composite
+def rope_cases(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    d = draw(st.sampled_from([2, 4, 6, 16, 64, 128, 256]))
+    B, hq, hkv, T = (draw(st.integers(1, n)) for n in (4, 5, 3, 3))
+    qd, kd = draw(st.sampled_from(sorted(DTYPES))), draw(st.sampled_from(sorted(DTYPES)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    edge_share = draw(st.sampled_from([0.0, 0.1, 1.0]))
+    rng = np.random.default_rng(seed)
+
+    def values(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4, shape)).astype(np.float32)
+        edges = EDGE_BITS[rng.integers(0, EDGE_BITS.size, shape)].view(np.float32)
+        return np.where(rng.random(shape) < edge_share, edges, x).astype(dtype)
+
+    q, k = values((B, hq, T, d), DTYPES[qd]), values((B, hkv, T, d), DTYPES[kd])
+    top = draw(st.sampled_from([T + 1, 5000, 131_072]))
+    pos = rng.integers(0, top - T + 1, (B, 1)) + np.arange(T)[None, :]
+    return q, k, pos, top
+
+
+@needs_native
+@settings(max_examples=120)
+@given(rope_cases(), st.sampled_from([10000.0, 500000.0]))
+def test_native_rope_qk_is_bit_identical_to_numpy(case: tuple, theta: float) -> None:
+    q, k, pos, top = case
+    table = RopeTable(inv_freqs(q.shape[-1], theta), max_context=max(top, 64), initial=64)
+    assert table.native
+    with np.errstate(all="ignore"):  # edge values overflow and carry NaNs, as they would in numpy
+        got_q, got_k = table.rotate_qk(q, k, pos)
+        want_q, want_k = table.rotate_qk_numpy(q, k, pos)
+    _bits_equal_but_nan_payloads(got_q, want_q)
+    _bits_equal_but_nan_payloads(got_k, want_k)
+
+
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=needs_native)])
+def test_rotate_qk_paths_equal_rotate(native: bool) -> None:
+    """Both paths of `rotate_qk` give `rotate`'s values (the definition, with `angles`)."""
+    inv = inv_freqs(32, 10000.0)
+    rng = np.random.default_rng(1)
+    table = RopeTable(inv, max_context=10_000, initial=64)
+    table.native = native
+    for dtype in DTYPES.values():
+        q = rng.standard_normal((3, 4, 2, 32)).astype(dtype)
+        k = rng.standard_normal((3, 2, 2, 32)).astype(dtype)
+        pos = rng.integers(0, 8000, (3, 1)) + np.arange(2)[None, :]
+        got_q, got_k = table.rotate_qk(q, k, pos)
+        cos, sin = angles(pos, inv)
+        _bytes_equal(got_q, rotate(q, cos, sin))
+        _bytes_equal(got_k, rotate(k, cos, sin))
+
+
+@needs_native
+def test_native_rope_rejects_positions_outside_the_table() -> None:
+    table = RopeTable(inv_freqs(8, 10000.0), max_context=100, initial=64)
+    q, k = np.zeros((1, 1, 1, 8), np.float32), np.zeros((1, 1, 1, 8), np.float32)
+    with pytest.raises(ValueError, match="positions"):
+        cpu.native_rope_qk(q, k, np.array([[64]]), table.cos2, table.sin2)  # table not grown to 65 rows
+    with pytest.raises(ValueError, match="positions"):
+        cpu.native_rope_qk(q, k, np.array([[-1]]), table.cos2, table.sin2)
+
+
+@needs_native
+def test_native_rope_declines_what_it_does_not_cover() -> None:
+    table = RopeTable(inv_freqs(8, 10000.0), max_context=100)
+    table.rotate_qk(np.zeros((1, 1, 1, 8), np.float32), np.zeros((1, 1, 1, 8), np.float32), np.array([[5]]))
+    f64 = np.zeros((1, 1, 1, 8), np.float64)
+    assert cpu.native_rope_qk(f64, f64, np.array([[5]]), table.cos2, table.sin2) is None
+
+
+def test_without_the_extension_rope_and_writes_run_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another platform (no native module): the table takes the numpy path, the store writes."""
+    monkeypatch.setattr(cpu, "_native", None)
+    table = RopeTable(inv_freqs(16, 10000.0), max_context=1000)
+    assert not table.native
+    q = np.ones((2, 2, 1, 16), BF16)
+    assert cpu.native_rope_qk(q, q, np.array([[1], [2]]), table.cos2, table.sin2) is None
+    got_q, _ = table.rotate_qk(q, q, np.array([[1], [2]]))
+    _bytes_equal(got_q, table.rotate_qk_numpy(q, q, np.array([[1], [2]]))[0])
+    pool = np.zeros((2, 4, 4, 16), BF16)
+    assert not cpu.native_scatter(pool, np.array([1]), np.array([2]), np.ones((2, 1, 16), BF16))
+
+
+@st.composite
+def scatter_cases(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    H, NB, BL, d = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.sampled_from([1, 4, 16])), draw(
+        st.sampled_from([1, 8, 128]))
+    dtype = draw(st.sampled_from([np.dtype(np.float32), BF16, np.dtype(np.float16), np.dtype(np.uint8)]))
+    n = draw(st.integers(0, NB * BL))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    slots = rng.permutation(NB * BL)[:n]  # distinct slots
+    two_d = draw(st.booleans()) and n % 2 == 0 and n > 0
+    shape = (2, n // 2) if two_d else (n,)
+    blocks, offsets = (slots // BL).reshape(shape), (slots % BL).reshape(shape)
+    pool = rng.standard_normal((H, NB, BL, d)).astype(dtype)
+    if draw(st.booleans()):  # rows as the cache passes them: a transposed view of [*I, H, d]
+        rows = rng.standard_normal((*shape, H, d)).astype(dtype)
+        rows = np.moveaxis(rows, -2, 0)
+    else:
+        rows = rng.standard_normal((H, *shape, d)).astype(dtype)
+    return pool, blocks, offsets, rows
+
+
+@needs_native
+@settings(max_examples=80)
+@given(scatter_cases())
+def test_native_scatter_equals_numpy_fancy_assignment(case: tuple) -> None:
+    pool, blocks, offsets, rows = case
+    want = pool.copy()
+    want[:, blocks, offsets] = rows
+    assert cpu.native_scatter(pool, blocks, offsets, rows)
+    _bytes_equal(pool, want)
+
+
+@needs_native
+def test_native_scatter_out_of_range_writes_nothing() -> None:
+    pool = np.zeros((2, 3, 4, 8), np.float32)
+    rows = np.ones((2, 2, 8), np.float32)
+    for blocks, offsets in (([0, 3], [0, 0]), ([0, 1], [0, 4]), ([-1, 0], [0, 1])):
+        with pytest.raises(ValueError, match="blocks/offsets"):
+            cpu.native_scatter(pool, np.array(blocks), np.array(offsets), rows)
+        assert not pool.any()
+
+
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=needs_native)])
+def test_host_store_write_both_paths(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`HostKVStore.write` (the commit's scatter) with and without the native module, values cast
+    to the store dtype, rows given as the cache's transposed `[Hkv, B, S, d]` view."""
+    if not native:
+        monkeypatch.setattr(cpu, "_native", None)
+    g = KVGeometry(num_layers=2, num_kv_heads=2, num_blocks=5, block_len=4, head_dim=8, dtype=BF16)
+    store = HostKVStore(g)
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((3, 2, 2, 8)).astype(np.float32)  # [B, Hkv, S, d], float32: cast on write
+    v = rng.standard_normal((3, 2, 2, 8)).astype(BF16)
+    blocks, offsets = np.array([[1, 1], [4, 4], [0, 2]]), np.array([[2, 3], [0, 1], [3, 0]])
+    store.write(1, blocks, offsets, k.transpose(1, 0, 2, 3), v.transpose(1, 0, 2, 3))
+    for b in range(3):
+        for s in range(2):
+            _bytes_equal(store.k[1][:, blocks[b, s], offsets[b, s]], k[b, :, s].astype(BF16))
+            _bytes_equal(store.v[1][:, blocks[b, s], offsets[b, s]], v[b, :, s])
+    assert not store.k[0].any() and not store.v[0].any()
