@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel.backends.cpu import native_rope_available, native_rope_qk
+from tkg.kernel.backends.cpu import host_ops_available, native_rope_qk
 
 
 def base_inv_freqs(head_dim: int, theta: float) -> np.ndarray:
@@ -111,7 +111,7 @@ class RopeTable:
         self.cos2 = np.empty((0, 2 * inv.size), dtype=np.float32)
         self.sin2 = np.empty((0, 2 * inv.size), dtype=np.float32)
         # rotate_qk's native pass when the extension is built (False: always numpy, for tests).
-        self.native = native_rope_available()
+        self.native = host_ops_available()
 
     def _grow(self, need: int) -> None:
         n = max(self._initial, len(self.cos))

@@ -13,7 +13,7 @@ from tkg.kernel.backends import cpu
 from tkg.kernel.kv_store import HostKVStore, KVGeometry
 from tkg.server.rope import RopeTable, angles, inv_freqs, rotate
 
-needs_native = pytest.mark.skipif(not cpu.native_rope_available(), reason="native extension not built")
+needs_native = pytest.mark.skipif(not cpu.host_ops_available(), reason="native extension not built")
 
 DTYPES = {"fp32": np.dtype(np.float32), "bf16": BF16, "fp16": np.dtype(np.float16)}
 # float32 bit patterns the rotation must carry exactly as numpy does: zeros of both signs, the
@@ -184,3 +184,57 @@ def test_host_store_write_both_paths(native: bool, monkeypatch: pytest.MonkeyPat
             _bytes_equal(store.k[1][:, blocks[b, s], offsets[b, s]], k[b, :, s].astype(BF16))
             _bytes_equal(store.v[1][:, blocks[b, s], offsets[b, s]], v[b, :, s])
     assert not store.k[0].any() and not store.v[0].any()
+
+
+def test_every_wire_dtype_has_a_native_bounded_check() -> None:
+    """The (mask, limit) form exists for q/k/v's dtypes and fp8, so no dtype silently stays slow."""
+    from tkg import codec, dtypes
+
+    assert set(codec._BOUNDED_NATIVE) == {d.numpy for d in dtypes.ALL}
+
+
+@st.composite
+def wire_bytes(draw: st.DrawFn) -> tuple[bytes, np.dtype]:
+    from tkg import dtypes
+
+    dtype = draw(st.sampled_from([d.numpy for d in dtypes.ALL]))
+    n = draw(st.sampled_from([0, 1, 3, 1024, 1025, 4095, 4096, 4097, 9000, 70_000]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    # Mostly harmless top bytes (small values), then a few bytes of any value at random places: the
+    # check must find one bad value anywhere (first or last chunk, a trailing partial value).
+    # Overwrites are any byte or one next to the bound (top byte & mask at limit - 1 or limit).
+    from tkg import codec
+
+    _, (mask, limit) = codec._BOUNDED_NATIVE[dtype]
+    edge = [b for b in range(256) if (b & mask) in (limit - 1, limit)]
+    data = bytearray(rng.integers(0, 0x30, n, dtype=np.uint8).tobytes())
+    for _ in range(draw(st.integers(0, 3))):
+        if n:
+            at = int(rng.integers(0, n)) if draw(st.booleans()) else n - 1 - int(rng.integers(0, min(n, 8)))
+            data[at] = draw(st.sampled_from(edge)) if draw(st.booleans()) else int(rng.integers(0, 256))
+    return bytes(data), dtype
+
+
+@needs_native
+@settings(max_examples=200)
+@given(wire_bytes())
+def test_native_bounded_bytes_equals_the_bytes_check(case: tuple[bytes, np.dtype]) -> None:
+    from tkg import codec
+
+    data, dtype = case
+    assert codec._native_top_bytes_below() is not None
+    assert codec.bounded_bytes(data, dtype) == codec.bounded_bytes_python(data, dtype)
+
+
+def test_bounded_bytes_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tkg import codec
+
+    monkeypatch.setattr(cpu, "_native", None)
+    codec._native_top_bytes_below.cache_clear()
+    try:
+        assert codec._native_top_bytes_below() is None
+        good = np.ones(4096, BF16).tobytes()
+        assert codec.bounded_bytes(good, BF16)
+        assert not codec.bounded_bytes(good[:-2] + np.array([np.inf], BF16).tobytes(), BF16)
+    finally:
+        codec._native_top_bytes_below.cache_clear()

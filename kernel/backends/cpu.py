@@ -73,8 +73,9 @@ def read_probe(buf: np.ndarray, threads: int | None = None, pin: bool | None = N
                                   pin=_default_pin() if pin is None else bool(pin)))  # fmt: skip
 
 
-def native_rope_available() -> bool:
-    """True when the native module is built (its host ops: `native_rope_qk`, `native_scatter`)."""
+def host_ops_available() -> bool:
+    """True when the native module is built (its host ops: `native_rope_qk`, `native_scatter`,
+    `native_top_bytes_below`)."""
     return _native is not None
 
 
@@ -107,6 +108,14 @@ def native_rope_qk(
                     batch=B, hq=hq, hkv=k.shape[1], tokens=T, positions=_addr(pos), cos2=_addr(cos2),
                     sin2=_addr(sin2), table_rows=cos2.shape[0])  # fmt: skip
     return q_out, k_out
+
+
+def native_top_bytes_below(data: bytes, itemsize: int, mask: int, limit: int) -> bool:
+    """True when every little-endian value of `itemsize` bytes in `data` (any buffer) has
+    `top byte & mask < limit`: `tkg.codec.bounded_bytes`'s check in one native pass. Only bound
+    when the extension is built (`tkg.codec` looks it up once)."""
+    assert _native is not None
+    return bool(_native.top_bytes_below(data, itemsize, mask, limit))
 
 
 _BULK_WRITE_BYTES = 1 << 20  # a scatter this large releases the GIL (bulk writes run off the loop)

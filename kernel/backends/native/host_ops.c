@@ -6,6 +6,8 @@
  *    the sum, and the sum rounded to the I/O dtype to nearest even. No fused multiply-add may
  *    form here (it would round once instead of three times): contraction is switched off below.
  *  - tkg_scatter_rows: the store's write of new K/V rows into the pools at (block, offset) slots.
+ *  - tkg_top_bytes_below: the wire check of q/k/v (`tkg.codec.bounded_bytes`): every value's top
+ *    byte, masked, below a limit.
  *
  * Compiled for the baseline ISA like the rest of the extension; on x86-64 Linux the hot loops are
  * also cloned for AVX2 and AVX-512 and picked at load time (GCC target_clones, by CPUID).
@@ -143,4 +145,40 @@ int tkg_scatter_rows(const tkg_scatter *w) {
         }
     }
     return 0;
+}
+
+/* Whole values only (a trailing partial value has no top byte), as `data[size - 1 :: size]` takes.
+ * Each value's top byte t (0..255), masked, plus 256 - limit carries into bit 8 exactly when
+ * t & mask >= limit: adds, ands and ors over 16- or 32-bit lanes (vectorised), one test a chunk. */
+#define TOP_BELOW(T, SHIFT)                                                                          \
+    do {                                                                                             \
+        const int64_t chunk = 2048;                                                                  \
+        for (int64_t start = 0; start < n; start += chunk) {                                         \
+            int64_t end = start + chunk < n ? start + chunk : n;                                     \
+            T bad = 0;                                                                               \
+            for (int64_t j = start; j < end; j++) {                                                  \
+                T v;                                                                                 \
+                memcpy(&v, data + j * (int64_t)sizeof(T), sizeof(T));                                \
+                bad |= (T)((T)((v >> SHIFT) & mask) + (T)(256 - limit));                            \
+            }                                                                                        \
+            if (bad & 0x100) return 0;                                                               \
+        }                                                                                            \
+    } while (0)
+
+TKG_CLONES
+int tkg_top_bytes_below(const uint8_t *data, int64_t len, int itemsize, uint8_t mask, uint8_t limit) {
+    int64_t n = len / itemsize;
+    if (itemsize == 2) {
+        TOP_BELOW(uint16_t, 8);
+    } else if (itemsize == 4) {
+        TOP_BELOW(uint32_t, 24);
+    } else if (itemsize == 1) {
+        uint16_t bad = 0;
+        for (int64_t j = 0; j < n; j++) bad |= (uint16_t)((data[j] & mask) + (256 - limit));
+        if (bad & 0x100) return 0;
+    } else {
+        for (int64_t j = 0; j < n; j++)
+            if ((data[j * itemsize + itemsize - 1] & mask) >= limit) return 0;
+    }
+    return 1;
 }

@@ -479,6 +479,22 @@ static PyObject *py_scatter_rows(PyObject *self, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_top_bytes_below(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer buf;
+    int itemsize, mask, limit;
+    if (!PyArg_ParseTuple(args, "y*iii", &buf, &itemsize, &mask, &limit)) return NULL;
+    if (itemsize < 1 || itemsize > 8 || mask < 0 || mask > 255 || limit < 0 || limit > 256) {
+        PyBuffer_Release(&buf);
+        return PyErr_Format(PyExc_ValueError, "itemsize: expected 1..8; mask: 0..255; limit: 0..256");
+    }
+    /* limit 256: every byte passes. */
+    int ok = limit == 256 ? 1 : tkg_top_bytes_below((const uint8_t *)buf.buf, (int64_t)buf.len, itemsize,
+                                                   (uint8_t)mask, (uint8_t)limit);
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
     {"attend", (PyCFunction)(void (*)(void))py_attend, METH_VARARGS | METH_KEYWORDS,
      "attend(**problem) -> (threads_used, first_fully_masked_query_or_-1); see kernel/native/tkg_native.h"},
@@ -488,6 +504,8 @@ static PyMethodDef methods[] = {
     {"pool_size", py_pool_size, METH_NOARGS, "Threads of the persistent pool (including the caller)."},
     {"rope_qk", (PyCFunction)(void (*)(void))py_rope_qk, METH_VARARGS | METH_KEYWORDS,
      "rope_qk(**addresses and shapes): a decode step's RoPE of q and k; see tkg_rope in tkg_native.h."},
+    {"top_bytes_below", py_top_bytes_below, METH_VARARGS,
+     "top_bytes_below(data, itemsize, mask, limit) -> bool: every value's top byte & mask < limit."},
     {"scatter_rows", (PyCFunction)(void (*)(void))py_scatter_rows, METH_VARARGS | METH_KEYWORDS,
      "scatter_rows(**addresses and shapes): new K/V rows into pool slots; see tkg_scatter in tkg_native.h."},
     {NULL, NULL, 0, NULL},

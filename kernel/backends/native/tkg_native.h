@@ -130,4 +130,8 @@ typedef struct {
 /* Returns 0, or -1 (nothing written) when a block or offset is out of range. */
 int tkg_scatter_rows(const tkg_scatter *w);
 
+/* 1 when (data[i] & mask) < limit for every i = itemsize - 1 + j * itemsize < len (every
+ * little-endian value's top byte), else 0. chunk: 4096 bytes, a multiple of every itemsize. */
+int tkg_top_bytes_below(const uint8_t *data, int64_t len, int itemsize, uint8_t mask, uint8_t limit);
+
 #endif
