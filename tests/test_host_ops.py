@@ -238,3 +238,56 @@ def test_bounded_bytes_without_the_extension(monkeypatch: pytest.MonkeyPatch) ->
         assert not codec.bounded_bytes(good[:-2] + np.array([np.inf], BF16).tobytes(), BF16)
     finally:
         codec._native_top_bytes_below.cache_clear()
+
+
+@st.composite
+def pool_ops(draw: st.DrawFn) -> list[tuple[str, int, int]]:
+    """Operations on a 64-block pool: (op, how many, seed); the ids they name are drawn at run time
+    from the blocks in the state the op needs (held ones, or any for a refused double free)."""
+    op = st.sampled_from(["allocate", "incref", "decref", "decref_free", "incref_free"])
+    return draw(st.lists(st.tuples(op, st.integers(0, 40), st.integers(0, 2**16)), max_size=40))
+
+
+@needs_native
+@settings(max_examples=100)
+@given(pool_ops(), st.sampled_from([np.int32, np.int64]))
+def test_block_pool_native_counts_equal_numpy(ops: list[tuple[str, int, int]], id_dtype: type) -> None:
+    """`BlockPool.incref`/`decref` with the native pass (over 16 ids) and with numpy (the module
+    absent) stay in lockstep: counts, shared count, freed counts, the free stack's order, and the
+    refusals (a free block incref'd, a double free) that change nothing."""
+    from tkg.server import block_pool
+
+    native, plain = block_pool.BlockPool(64), block_pool.BlockPool(64)
+
+    def both(method: str, *args: object) -> list[object]:
+        out = []
+        for pool, use_native in ((native, True), (plain, False)):
+            real = block_pool.native_refcount_add
+            block_pool.native_refcount_add = real if use_native else (lambda *_: None)
+            try:
+                out.append(getattr(pool, method)(*args))
+            except (RuntimeError, IndexError) as exc:  # compare the refusals too
+                out.append(type(exc).__name__)
+            finally:
+                block_pool.native_refcount_add = real
+        return out
+
+    for op, n, seed in ops:
+        rng = np.random.default_rng(seed)
+        held = np.flatnonzero(plain.refcounts(np.arange(64)) > 0)
+        free = np.flatnonzero(plain.refcounts(np.arange(64)) == 0)
+        if op == "allocate":
+            got = both("allocate", min(n, plain.free_count))
+            np.testing.assert_array_equal(got[0], got[1])
+            continue
+        pick = held if op in ("incref", "decref") else np.concatenate([held, free[:1]])
+        if not pick.size:
+            continue
+        ids = rng.permutation(pick)[: max(1, min(n, pick.size))].astype(id_dtype)
+        if op.endswith("_free") and free.size:
+            ids[-1] = free[0]  # one free block among them: refused, nothing changes
+        got = both(op.removesuffix("_free"), ids)
+        assert got[0] == got[1]
+        np.testing.assert_array_equal(native.refcounts(np.arange(64)), plain.refcounts(np.arange(64)))
+        assert native.shared_count == plain.shared_count and native.free_count == plain.free_count
+    np.testing.assert_array_equal(native.allocate(native.free_count), plain.allocate(plain.free_count))

@@ -118,6 +118,20 @@ def native_top_bytes_below(data: bytes, itemsize: int, mask: int, limit: int) ->
     return bool(_native.top_bytes_below(data, itemsize, mask, limit))
 
 
+def native_refcount_add(ref: np.ndarray, ids: np.ndarray, delta: int) -> tuple[np.ndarray, int] | None:
+    """`ref[ids] += delta` (+1 or -1) for distinct `ids` (int32/int64 `[n]`), every one held (> 0), in
+    one native pass: ref int32 `[nref]` C-contiguous. Returns (the ids that reached 0, in ids order;
+    how many reached 2 for +1, 1 for -1), or None when the extension is absent or the arrays are
+    of other types. ValueError (a block not held) or IndexError (an id out of range): nothing changed."""
+    if _native is None or ref.dtype != np.int32 or not ref.flags.c_contiguous or ids.ndim != 1:
+        return None
+    if ids.dtype not in (np.int32, np.int64) or not ids.flags.c_contiguous:
+        return None
+    freed = np.empty(ids.size if delta < 0 else 0, np.int32)
+    k, crossed = _native.refcount_add(_addr(ref), ref.size, _addr(ids), ids.itemsize, ids.size, delta, _addr(freed))
+    return freed[:k], int(crossed)
+
+
 _BULK_WRITE_BYTES = 1 << 20  # a scatter this large releases the GIL (bulk writes run off the loop)
 
 

@@ -6,6 +6,7 @@
  *    the sum, and the sum rounded to the I/O dtype to nearest even. No fused multiply-add may
  *    form here (it would round once instead of three times): contraction is switched off below.
  *  - tkg_scatter_rows: the store's write of new K/V rows into the pools at (block, offset) slots.
+ *  - tkg_refcount_add: the block pool's reference counts of a step's held blocks, +1 or -1.
  *  - tkg_top_bytes_below: the wire check of q/k/v (`tkg.codec.bounded_bytes`): every value's top
  *    byte, masked, below a limit.
  *
@@ -181,4 +182,27 @@ int tkg_top_bytes_below(const uint8_t *data, int64_t len, int itemsize, uint8_t 
             if ((data[j * itemsize + itemsize - 1] & mask) >= limit) return 0;
     }
     return 1;
+}
+
+static inline int64_t id_at(const void *ids, int id_size, int64_t i) {
+    return id_size == 4 ? (int64_t)((const int32_t *)ids)[i] : ((const int64_t *)ids)[i];
+}
+
+int64_t tkg_refcount_add(int32_t *ref, int64_t nref, const void *ids, int id_size, int64_t n, int delta,
+                         int32_t *freed, int64_t *crossed) {
+    for (int64_t i = 0; i < n; i++) { /* check everything first: a refusal changes nothing */
+        int64_t id = id_at(ids, id_size, i);
+        if (id < 0 || id >= nref) return -1;
+        if (ref[id] <= 0) return -2;
+    }
+    int64_t nfreed = 0, cross = 0;
+    int32_t mark = delta > 0 ? 2 : 1;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t id = id_at(ids, id_size, i);
+        int32_t left = ref[id] += delta;
+        cross += left == mark;
+        if (left == 0) freed[nfreed++] = (int32_t)id;
+    }
+    *crossed = cross;
+    return nfreed;
 }

@@ -479,6 +479,22 @@ static PyObject *py_scatter_rows(PyObject *self, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_refcount_add(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long ref, ids, freed;
+    long long nref, n;
+    int id_size, delta;
+    if (!PyArg_ParseTuple(args, "KLKiLiK", &ref, &nref, &ids, &id_size, &n, &delta, &freed)) return NULL;
+    if ((id_size != 4 && id_size != 8) || (delta != 1 && delta != -1) || n < 0 || nref < 0)
+        return PyErr_Format(PyExc_ValueError, "id_size: expected 4 or 8; delta: +1 or -1; n, nref: >= 0");
+    int64_t crossed = 0;
+    int64_t k = tkg_refcount_add((int32_t *)(uintptr_t)ref, nref, (const void *)(uintptr_t)ids, id_size, n, delta,
+                                 (int32_t *)(uintptr_t)freed, &crossed);
+    if (k == -1) return PyErr_Format(PyExc_IndexError, "ids: expected every id in [0, %lld)", nref);
+    if (k == -2) return PyErr_Format(PyExc_ValueError, "ids: a block is not held (reference count 0)");
+    return Py_BuildValue("LL", (long long)k, (long long)crossed);
+}
+
 static PyObject *py_top_bytes_below(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer buf;
@@ -504,6 +520,8 @@ static PyMethodDef methods[] = {
     {"pool_size", py_pool_size, METH_NOARGS, "Threads of the persistent pool (including the caller)."},
     {"rope_qk", (PyCFunction)(void (*)(void))py_rope_qk, METH_VARARGS | METH_KEYWORDS,
      "rope_qk(**addresses and shapes): a decode step's RoPE of q and k; see tkg_rope in tkg_native.h."},
+    {"refcount_add", py_refcount_add, METH_VARARGS,
+     "refcount_add(ref, nref, ids, id_size, n, delta, freed) -> (freed count, crossed); see tkg_native.h."},
     {"top_bytes_below", py_top_bytes_below, METH_VARARGS,
      "top_bytes_below(data, itemsize, mask, limit) -> bool: every value's top byte & mask < limit."},
     {"scatter_rows", (PyCFunction)(void (*)(void))py_scatter_rows, METH_VARARGS | METH_KEYWORDS,

@@ -130,6 +130,13 @@ typedef struct {
 /* Returns 0, or -1 (nothing written) when a block or offset is out of range. */
 int tkg_scatter_rows(const tkg_scatter *w);
 
+/* ref[ids[i]] += delta (+1 or -1) for n distinct ids (int32 or int64: id_size 4 or 8), every one
+ * held (ref > 0). Returns -1 (nothing changed) when an id is outside [0, nref), -2 (nothing
+ * changed) when one is not held; else the number of ids whose count reached 0, written to `freed`
+ * (room for n) in ids order, and *crossed = the ids whose count became 2 (delta +1) or 1 (-1). */
+int64_t tkg_refcount_add(int32_t *ref, int64_t nref, const void *ids, int id_size, int64_t n, int delta,
+                         int32_t *freed, int64_t *crossed);
+
 /* 1 when (data[i] & mask) < limit for every i = itemsize - 1 + j * itemsize < len (every
  * little-endian value's top byte), else 0. chunk: 4096 bytes, a multiple of every itemsize. */
 int tkg_top_bytes_below(const uint8_t *data, int64_t len, int itemsize, uint8_t mask, uint8_t limit);
