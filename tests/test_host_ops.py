@@ -291,3 +291,27 @@ def test_block_pool_native_counts_equal_numpy(ops: list[tuple[str, int, int]], i
         np.testing.assert_array_equal(native.refcounts(np.arange(64)), plain.refcounts(np.arange(64)))
         assert native.shared_count == plain.shared_count and native.free_count == plain.free_count
     np.testing.assert_array_equal(native.allocate(native.free_count), plain.allocate(plain.free_count))
+
+
+@pytest.mark.parametrize("lengths", [[8, 8, 8], [8, 5, 8], [3, 8, 6]])
+def test_held_blocks_of_a_batch_are_every_block_its_tables_use(lengths: list[int]) -> None:
+    """A held commit of a batch (above the scalar small-batch path) holds exactly the blocks of each
+    row up to its length, in row order: the rectangle shortcut (equal block counts) and the ragged
+    walk agree, and finish gives every reference back."""
+    from tkg.server.kv_cache import KVCache
+
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, block_len=2, num_blocks=32, max_context=16)
+    cache.small_batch = 0  # the vectorised commit, whatever the batch size
+    ids = [f"s{i}" for i in range(len(lengths))]
+    for sid, n in zip(ids, lengths, strict=True):
+        cache.create(sid)
+        cache.append(sid, 0, 0, np.ones((n - 1, 1, 2), np.float32), np.ones((n - 1, 1, 2), np.float32))
+    plan = cache.prepare_append(0, ids, np.array(lengths) - 1, 1)
+    kv = np.zeros((len(ids), 1, 1, 2), np.float32)
+    cache.commit(plan, kv, kv, hold=True)
+    tables = plan.block_tables
+    want = np.concatenate([tables[b, : -(-n // 2)] for b, n in enumerate(lengths)])
+    np.testing.assert_array_equal(plan._held, want)
+    assert (cache.pool.refcounts(want) == 2).all()
+    cache.finish(plan)
+    assert (cache.pool.refcounts(want) == 1).all()

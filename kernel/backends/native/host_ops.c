@@ -128,6 +128,11 @@ int tkg_rope_qk(const tkg_rope *r) {
     return 0;
 }
 
+/* Rows ahead whose destination lines are prefetched (for writing): the slots of a step are scattered
+ * over pools far larger than the caches, and each store waits for its line from memory (read for
+ * ownership); without prefetches only the few rows the store buffer holds are in flight. */
+#define AHEAD 8
+
 int tkg_scatter_rows(const tkg_scatter *w) {
     size_t row = (size_t)w->d * (size_t)w->itemsize;
     for (int64_t i = 0; i < w->n0 * w->n1; i++) {
@@ -141,6 +146,10 @@ int tkg_scatter_rows(const tkg_scatter *w) {
             for (int64_t i1 = 0; i1 < w->n1; i1++) {
                 int64_t i = i0 * w->n1 + i1;
                 size_t slot = (size_t)(w->blocks[i] * w->bl + w->offsets[i]) * row;
+                if (i + AHEAD < w->n0 * w->n1) { /* slots far ahead: their lines load meanwhile */
+                    const char *next = dst + (size_t)(w->blocks[i + AHEAD] * w->bl + w->offsets[i + AHEAD]) * row;
+                    for (size_t o = 0; o < row; o += 64) __builtin_prefetch(next + o, 1, 3);
+                }
                 memcpy(dst + slot, src + i0 * w->src_strides[1] + i1 * w->src_strides[2], row);
             }
         }
