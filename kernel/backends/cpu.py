@@ -132,7 +132,11 @@ def native_refcount_add(ref: np.ndarray, ids: np.ndarray, delta: int) -> tuple[n
     return freed[:k], int(crossed)
 
 
-_BULK_WRITE_BYTES = 1 << 20  # a scatter this large releases the GIL (bulk writes run off the loop)
+# A scatter this large releases the GIL while it copies, as numpy's fancy assignment does: bulk
+# writes (server/writes.py) run on the kernel worker thread, and the event loop goes on meanwhile.
+# Lock-free assumption: the slots written are ones the loop reserved for this write and holds until
+# it commits or rolls back, so nothing the loop runs meanwhile reads or writes them.
+_BULK_WRITE_BYTES = 1 << 20
 
 
 def native_scatter(pool: np.ndarray, blocks: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> bool:
