@@ -170,8 +170,11 @@ def test_native_scatter_out_of_range_writes_nothing() -> None:
 def test_host_store_write_both_paths(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """`HostKVStore.write` (the commit's scatter) with and without the native module, values cast
     to the store dtype, rows given as the cache's transposed `[Hkv, B, S, d]` view."""
+    from tkg.kernel import kv_store
+
     if not native:
         monkeypatch.setattr(cpu, "_native", None)
+    monkeypatch.setattr(kv_store, "NATIVE_SCATTER_BYTES", 0)  # the native pass whatever the size
     g = KVGeometry(num_layers=2, num_kv_heads=2, num_blocks=5, block_len=4, head_dim=8, dtype=BF16)
     store = HostKVStore(g)
     rng = np.random.default_rng(2)
