@@ -18,6 +18,7 @@ from setuptools.command.build_ext import build_ext
 NATIVE_SOURCES = [
     "kernel/backends/native/module.c",
     "kernel/backends/native/pool.c",
+    "kernel/backends/native/host_ops.c",
     "kernel/backends/native/attn_avx512bf16.c",
     "kernel/backends/native/attn_avx512.c",
     "kernel/backends/native/attn_avx2.c",

@@ -344,8 +344,11 @@ class AppendOps:
             # Every block the launch may read, once: [B, width] entries past a row's length are
             # block 0 padding (read-protected as well, harmlessly: it is a valid id).
             used = -(-plan.seq_lens.astype(np.int64) // BL)
-            rows, cols = _ragged(np.zeros_like(used), np.where(live, used, 0))
-            ids = tables[rows, cols]
+            if all_live and int(used.min()) == width:  # every row uses its whole table: a rectangle,
+                ids = tables.reshape(-1).copy()  # the ragged walk's ids in its order (a copy, not a view)
+            else:
+                rows, cols = _ragged(np.zeros_like(used), np.where(live, used, 0))
+                ids = tables[rows, cols]
             # With no block shared, no id is named twice (each table names its own blocks once).
             plan._held = np.unique(ids).astype(np.int32) if self.pool.shared_count else ids
             self.pool.incref(plan._held)

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from tkg.kernel.backends.cpu import native_refcount_add
 from tkg.server.errors import pool_full
+
+# Below this many ids numpy's calls are as quick as the native call's checks.
+_NATIVE_MIN = 16
 
 
 class BlockPool:
@@ -64,6 +68,14 @@ class BlockPool:
 
     def incref(self, ids: np.ndarray) -> None:
         """One more holder for each of `ids` (distinct, all currently held)."""
+        if ids.size > _NATIVE_MIN:
+            try:
+                done = native_refcount_add(self._ref, ids, +1)
+            except ValueError:
+                raise RuntimeError(f"BlockPool.incref: free block among {ids.tolist()}") from None
+            if done is not None:
+                self._shared += done[1]
+                return
         if ids.size and (self._ref[ids] <= 0).any():
             raise RuntimeError(f"BlockPool.incref: free block among {ids.tolist()}")
         self._ref[ids] += 1
@@ -73,6 +85,16 @@ class BlockPool:
         """One holder fewer for each of `ids` (distinct); returns how many became free."""
         if not ids.size:
             return 0
+        if ids.size > _NATIVE_MIN:  # a step's held blocks: one native pass instead of five numpy ones
+            try:
+                done = native_refcount_add(self._ref, ids, -1)
+            except ValueError:
+                raise RuntimeError(f"BlockPool.decref: double free among {ids.tolist()}") from None
+            if done is not None:
+                freed, became_one = done
+                self._shared -= became_one
+                self._push(freed)
+                return int(freed.size)
         if (self._ref[ids] <= 0).any():
             raise RuntimeError(f"BlockPool.decref: double free among {ids.tolist()}")
         self._ref[ids] -= 1

@@ -6,8 +6,9 @@ over the message's bytes, read-only); encoding copies once (`tobytes`), which pr
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -148,10 +149,50 @@ def _bounded_top_bytes(d: dtypes.DType) -> bytes:
 _BOUNDED_TOP = {d.numpy: (d.itemsize, _bounded_top_bytes(d)) for d in dtypes.ALL}
 
 
+def _mask_limit(allowed: bytes) -> tuple[int, int] | None:
+    """(mask, limit) such that `b & mask < limit` holds exactly for the bytes in `allowed`, or None:
+    the native check's form of a set of top bytes (derived from the set, so the two cannot differ)."""
+    ok = set(allowed)
+    for mask in (0x7F, 0x7C, 0x78):
+        limit = min((b & mask for b in range(256) if b not in ok), default=256)
+        if all((b & mask < limit) == (b in ok) for b in range(256)):
+            return mask, limit
+    return None
+
+
+_BOUNDED_NATIVE = {dt: (size, ml) for dt, (size, top) in _BOUNDED_TOP.items() if (ml := _mask_limit(top))}
+# Below this many bytes the two bytes calls are as quick as the native call's lookup.
+_NATIVE_MIN_BYTES = 1024
+
+
+@functools.cache
+def _native_top_bytes_below() -> Callable[[bytes, int, int, int], bool] | None:
+    """The native extension's check (`tkg.kernel.backends.cpu`), or None where it is not built.
+    Looked up at the first large tensor, so importing the codec does not import the kernel."""
+    try:
+        from tkg.kernel.backends.cpu import host_ops_available, native_top_bytes_below
+    except ImportError:  # a client-only install without the kernel package
+        return None
+    return native_top_bytes_below if host_ops_available() else None
+
+
 def bounded_bytes(data: bytes, dtype: np.dtype) -> bool:
     """Every little-endian `dtype` value in `data` finite and within its bound (MAGNITUDE_LOG2):
-    what q, k and v must satisfy on the wire. One C loop over the top bytes and one deletion,
-    exact (see `_bounded_top_bytes`): no numpy, no second pass."""
+    what q, k and v must satisfy on the wire. Exact (see `_bounded_top_bytes`). Large tensors: one
+    native pass over the top bytes (~40x quicker than the bytes calls: ~6 vs ~220 us for a batch-64
+    bf16 q); small ones, or without the extension, `bounded_bytes_python`."""
+    native = _BOUNDED_NATIVE.get(dtype) if len(data) >= _NATIVE_MIN_BYTES else None
+    if native is not None:
+        check = _native_top_bytes_below()
+        if check is not None:
+            size, (mask, limit) = native
+            return check(data, size, mask, limit)
+    return bounded_bytes_python(data, dtype)
+
+
+def bounded_bytes_python(data: bytes, dtype: np.dtype) -> bool:
+    """`bounded_bytes` without the extension: one C loop over the top bytes and one deletion, no
+    numpy, no second pass."""
     size, harmless = _BOUNDED_TOP[dtype]
     return not data[size - 1 :: size].translate(None, harmless)
 

@@ -73,6 +73,96 @@ def read_probe(buf: np.ndarray, threads: int | None = None, pin: bool | None = N
                                   pin=_default_pin() if pin is None else bool(pin)))  # fmt: skip
 
 
+def host_ops_available() -> bool:
+    """True when the native module is built (its host ops: `native_rope_qk`, `native_scatter`,
+    `native_top_bytes_below`)."""
+    return _native is not None
+
+
+_ROPE_CODES = {np.dtype(np.float32): 0, BF16: 1, np.dtype(np.float16): 2}
+
+
+def native_rope_qk(
+    q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos2: np.ndarray, sin2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A decode step's rotate-half RoPE of q `[B, Hq, T, d]` and k `[B, Hkv, T, d]` at positions
+    `[B, T]` with the `[n, d]` float32 rows cos2 = [cos, cos] and sin2 = [-sin, sin], in one native
+    pass; new arrays in q's and k's dtypes. Bit-identical to `tkg.server.rope.RopeTable.rotate_qk`'s
+    numpy path (float32 products and sum, no FMA, rounded to nearest even). None when the native
+    module is absent or does not cover the call (dtype other than float32/bfloat16/float16, odd or
+    > 256 head dim, mismatched shapes): the caller then runs numpy. ValueError when a position is
+    outside the table."""
+    if _native is None or q.ndim != 4 or k.ndim != 4:
+        return None
+    qc, kc = _ROPE_CODES.get(q.dtype), _ROPE_CODES.get(k.dtype)
+    B, hq, T, d = q.shape
+    if qc is None or kc is None or d % 2 or d > _MAX_D or k.shape[0] != B or k.shape[2:] != (T, d):
+        return None
+    if positions.shape != (B, T) or cos2.shape[1:] != (d,) or sin2.shape != cos2.shape:
+        return None
+    q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)
+    pos = np.ascontiguousarray(positions, dtype=np.int64)
+    cos2, sin2 = _c(cos2, np.float32), _c(sin2, np.float32)
+    q_out, k_out = np.empty(q.shape, q.dtype), np.empty(k.shape, k.dtype)
+    _native.rope_qk(q=_addr(q), k=_addr(k), q_out=_addr(q_out), k_out=_addr(k_out), q_dtype=qc, k_dtype=kc, d=d,
+                    batch=B, hq=hq, hkv=k.shape[1], tokens=T, positions=_addr(pos), cos2=_addr(cos2),
+                    sin2=_addr(sin2), table_rows=cos2.shape[0])  # fmt: skip
+    return q_out, k_out
+
+
+def native_top_bytes_below(data: bytes, itemsize: int, mask: int, limit: int) -> bool:
+    """True when every little-endian value of `itemsize` bytes in `data` (any buffer) has
+    `top byte & mask < limit`: `tkg.codec.bounded_bytes`'s check in one native pass. Only bound
+    when the extension is built (`tkg.codec` looks it up once)."""
+    assert _native is not None
+    return bool(_native.top_bytes_below(data, itemsize, mask, limit))
+
+
+def native_refcount_add(ref: np.ndarray, ids: np.ndarray, delta: int) -> tuple[np.ndarray, int] | None:
+    """`ref[ids] += delta` (+1 or -1) for distinct `ids` (int32/int64 `[n]`), every one held (> 0), in
+    one native pass: ref int32 `[nref]` C-contiguous. Returns (the ids that reached 0, in ids order;
+    how many reached 2 for +1, 1 for -1), or None when the extension is absent or the arrays are
+    of other types. ValueError (a block not held) or IndexError (an id out of range): nothing changed."""
+    if _native is None or ref.dtype != np.int32 or not ref.flags.c_contiguous or ids.ndim != 1:
+        return None
+    if ids.dtype not in (np.int32, np.int64) or not ids.flags.c_contiguous:
+        return None
+    freed = np.empty(ids.size if delta < 0 else 0, np.int32)
+    k, crossed = _native.refcount_add(_addr(ref), ref.size, _addr(ids), ids.itemsize, ids.size, delta, _addr(freed))
+    return freed[:k], int(crossed)
+
+
+# A scatter this large releases the GIL while it copies, as numpy's fancy assignment does: bulk
+# writes (server/writes.py) run on the kernel worker thread, and the event loop goes on meanwhile.
+# Lock-free assumption: the slots written are ones the loop reserved for this write and holds until
+# it commits or rolls back, so nothing the loop runs meanwhile reads or writes them.
+_BULK_WRITE_BYTES = 1 << 20
+
+
+def native_scatter(pool: np.ndarray, blocks: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> bool:
+    """`pool[:, blocks, offsets] = rows` in one native pass: pool `[H, NB, BL, d]` C-contiguous,
+    blocks and offsets int arrays of one shape I (1 or 2 dims), rows `[H, *I, d]` of the pool's dtype
+    (any strides, last axis contiguous). False (nothing written) when the native module is absent
+    or does not cover the call; ValueError (nothing written) when a block or offset is out of range."""
+    if _native is None or rows.dtype != pool.dtype or not pool.flags.c_contiguous or pool.ndim != 4:
+        return False
+    H, NB, BL, d = pool.shape
+    if blocks.shape != offsets.shape or blocks.ndim not in (1, 2) or rows.shape != (H, *blocks.shape, d):
+        return False
+    if not rows.size:
+        return True
+    if d > 1 and rows.strides[-1] != rows.itemsize:  # (a length-1 axis may have any stride)
+        return False
+    r = rows if rows.ndim == 4 else rows[:, :, None]
+    n0, n1 = r.shape[1], r.shape[2]
+    blk, off = _c(blocks, np.int64), _c(offsets, np.int64)
+    _native.scatter_rows(dst=_addr(pool), dst_head_stride=NB * BL * d, num_blocks=NB, bl=BL, src=_addr(r),
+                         src_strides=r.strides[:3], heads=H, n0=n0, n1=n1, d=d, itemsize=pool.itemsize,
+                         blocks=_addr(blk), offsets=_addr(off),
+                         release_gil=rows.nbytes >= _BULK_WRITE_BYTES)  # fmt: skip
+    return True
+
+
 def _native_enabled() -> bool:
     return _native is not None and os.environ.get("TKG_CPU_NATIVE", "1") != "0"
 

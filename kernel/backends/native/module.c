@@ -400,6 +400,117 @@ static PyObject *py_pool_size(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(tkg_pool_size());
 }
 
+/* ---- per-step host work (host_ops.c): addresses in, the Python side keeps the arrays alive ---- */
+
+static PyObject *py_rope_qk(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *names[] = {"q", "k", "q_out", "k_out", "q_dtype", "k_dtype", "d", "batch", "hq", "hkv",
+                            "tokens", "positions", "cos2", "sin2", "table_rows", NULL};
+    unsigned long long q, k, q_out, k_out, positions, cos2, sin2;
+    tkg_rope r;
+    memset(&r, 0, sizeof(r));
+    long long batch, hq, hkv, tokens, table_rows;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKKKiiiLLLLKKKL", names, &q, &k, &q_out, &k_out, &r.q_dtype,
+                                     &r.k_dtype, &r.d, &batch, &hq, &hkv, &tokens, &positions, &cos2, &sin2,
+                                     &table_rows))
+        return NULL;
+    if (r.q_dtype < 0 || r.q_dtype > 2 || r.k_dtype < 0 || r.k_dtype > 2)
+        return PyErr_Format(PyExc_ValueError, "q_dtype/k_dtype: expected 0 (f32), 1 (bf16) or 2 (f16)");
+    if (r.d < 2 || r.d > TKG_MAX_D || r.d % 2)
+        return PyErr_Format(PyExc_ValueError, "d: %d; expected an even number in [2, %d]", r.d, TKG_MAX_D);
+    if (batch < 0 || hq < 0 || hkv < 0 || tokens < 0 || table_rows < 0)
+        return PyErr_Format(PyExc_ValueError, "batch, hq, hkv, tokens, table_rows: expected >= 0");
+    r.q = (const void *)(uintptr_t)q;
+    r.k = (const void *)(uintptr_t)k;
+    r.q_out = (void *)(uintptr_t)q_out;
+    r.k_out = (void *)(uintptr_t)k_out;
+    r.batch = batch;
+    r.hq = hq;
+    r.hkv = hkv;
+    r.tokens = tokens;
+    r.positions = (const int64_t *)(uintptr_t)positions;
+    r.cos2 = (const float *)(uintptr_t)cos2;
+    r.sin2 = (const float *)(uintptr_t)sin2;
+    r.table_rows = table_rows;
+    /* The GIL stays held: a step's rotation is tens of microseconds, less than handing the GIL over. */
+    if (tkg_rope_qk(&r) < 0)
+        return PyErr_Format(PyExc_ValueError, "positions: expected every position in [0, %lld)", table_rows);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_scatter_rows(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *names[] = {"dst", "dst_head_stride", "num_blocks", "bl", "src", "src_strides", "heads", "n0", "n1",
+                            "d", "itemsize", "blocks", "offsets", "release_gil", NULL};
+    unsigned long long dst, src, blocks, offsets;
+    long long hs, nb, bl, s0, s1, s2, heads, n0, n1;
+    int release = 0;
+    tkg_scatter w;
+    memset(&w, 0, sizeof(w));
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KLLLK(LLL)LLLiiKKp", names, &dst, &hs, &nb, &bl, &src, &s0, &s1, &s2,
+                                     &heads, &n0, &n1, &w.d, &w.itemsize, &blocks, &offsets, &release))
+        return NULL;
+    if (w.d < 1 || w.itemsize < 1 || heads < 0 || n0 < 0 || n1 < 0 || nb < 0 || bl < 1)
+        return PyErr_Format(PyExc_ValueError, "d, itemsize, bl: expected >= 1; heads, n0, n1, num_blocks: >= 0");
+    w.dst = (void *)(uintptr_t)dst;
+    w.dst_head_stride = hs;
+    w.num_blocks = nb;
+    w.bl = bl;
+    w.src = (const void *)(uintptr_t)src;
+    w.src_strides[0] = s0;
+    w.src_strides[1] = s1;
+    w.src_strides[2] = s2;
+    w.heads = heads;
+    w.n0 = n0;
+    w.n1 = n1;
+    w.blocks = (const int64_t *)(uintptr_t)blocks;
+    w.offsets = (const int64_t *)(uintptr_t)offsets;
+    int rc;
+    if (release) { /* a bulk write off the event loop: let the loop run meanwhile */
+        Py_BEGIN_ALLOW_THREADS;
+        rc = tkg_scatter_rows(&w);
+        Py_END_ALLOW_THREADS;
+    } else {
+        rc = tkg_scatter_rows(&w);
+    }
+    if (rc < 0)
+        return PyErr_Format(PyExc_ValueError, "blocks/offsets: expected blocks in [0, %lld) and offsets in [0, %lld)",
+                            nb, bl);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_refcount_add(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long ref, ids, freed;
+    long long nref, n;
+    int id_size, delta;
+    if (!PyArg_ParseTuple(args, "KLKiLiK", &ref, &nref, &ids, &id_size, &n, &delta, &freed)) return NULL;
+    if ((id_size != 4 && id_size != 8) || (delta != 1 && delta != -1) || n < 0 || nref < 0)
+        return PyErr_Format(PyExc_ValueError, "id_size: expected 4 or 8; delta: +1 or -1; n, nref: >= 0");
+    int64_t crossed = 0;
+    int64_t k = tkg_refcount_add((int32_t *)(uintptr_t)ref, nref, (const void *)(uintptr_t)ids, id_size, n, delta,
+                                 (int32_t *)(uintptr_t)freed, &crossed);
+    if (k == -1) return PyErr_Format(PyExc_IndexError, "ids: expected every id in [0, %lld)", nref);
+    if (k == -2) return PyErr_Format(PyExc_ValueError, "ids: a block is not held (reference count 0)");
+    return Py_BuildValue("LL", (long long)k, (long long)crossed);
+}
+
+static PyObject *py_top_bytes_below(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer buf;
+    int itemsize, mask, limit;
+    if (!PyArg_ParseTuple(args, "y*iii", &buf, &itemsize, &mask, &limit)) return NULL;
+    if (itemsize < 1 || itemsize > 8 || mask < 0 || mask > 255 || limit < 0 || limit > 256) {
+        PyBuffer_Release(&buf);
+        return PyErr_Format(PyExc_ValueError, "itemsize: expected 1..8; mask: 0..255; limit: 0..256");
+    }
+    /* limit 256: every byte passes. */
+    int ok = limit == 256 ? 1 : tkg_top_bytes_below((const uint8_t *)buf.buf, (int64_t)buf.len, itemsize,
+                                                   (uint8_t)mask, (uint8_t)limit);
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
     {"attend", (PyCFunction)(void (*)(void))py_attend, METH_VARARGS | METH_KEYWORDS,
      "attend(**problem) -> (threads_used, first_fully_masked_query_or_-1); see kernel/native/tkg_native.h"},
@@ -407,6 +518,14 @@ static PyMethodDef methods[] = {
     {"read_probe", (PyCFunction)(void (*)(void))py_read_probe, METH_VARARGS | METH_KEYWORDS,
      "read_probe(buf, nbytes, threads, pin) -> threads used: the kernel's pool reads the buffer once."},
     {"pool_size", py_pool_size, METH_NOARGS, "Threads of the persistent pool (including the caller)."},
+    {"rope_qk", (PyCFunction)(void (*)(void))py_rope_qk, METH_VARARGS | METH_KEYWORDS,
+     "rope_qk(**addresses and shapes): a decode step's RoPE of q and k; see tkg_rope in tkg_native.h."},
+    {"refcount_add", py_refcount_add, METH_VARARGS,
+     "refcount_add(ref, nref, ids, id_size, n, delta, freed) -> (freed count, crossed); see tkg_native.h."},
+    {"top_bytes_below", py_top_bytes_below, METH_VARARGS,
+     "top_bytes_below(data, itemsize, mask, limit) -> bool: every value's top byte & mask < limit."},
+    {"scatter_rows", (PyCFunction)(void (*)(void))py_scatter_rows, METH_VARARGS | METH_KEYWORDS,
+     "scatter_rows(**addresses and shapes): new K/V rows into pool slots; see tkg_scatter in tkg_native.h."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -95,4 +95,50 @@ typedef void (*tkg_job_fn)(void *ctx, int worker);
 int tkg_pool_run(int nthreads, int pin, tkg_job_fn fn, void *ctx);
 int tkg_pool_size(void);
 
+/* ---- per-step host work (host_ops.c) ---- */
+
+/* RoPE of a decode step: q [batch, hq, tokens, d] and k [batch, hkv, tokens, d], C-contiguous, each
+ * TKG_F32, TKG_BF16 or TKG_F16; rows rotated with cos2/sin2 [table_rows, d] float32 at
+ * positions [batch, tokens] into q_out and k_out (same shapes and dtypes; may not alias the inputs). */
+typedef struct {
+    const void *q, *k;
+    void *q_out, *k_out;
+    int q_dtype, k_dtype;
+    int d; /* even, <= TKG_MAX_D */
+    int64_t batch, hq, hkv, tokens;
+    const int64_t *positions;
+    const float *cos2, *sin2;
+    int64_t table_rows;
+} tkg_rope;
+
+/* Returns 0, or -1 when a position is outside [0, table_rows) (rows before it are written). */
+int tkg_rope_qk(const tkg_rope *r);
+
+/* Rows of d elements of `itemsize` bytes: src row (h, i0, i1) (byte strides src_strides) goes to
+ * dst [heads, num_blocks, bl, d] (C-contiguous per head, dst_head_stride elements between heads) at
+ * block blocks[i], row offsets[i] of the block, i = i0 * n1 + i1. */
+typedef struct {
+    void *dst;
+    int64_t dst_head_stride, num_blocks, bl;
+    const void *src;
+    int64_t src_strides[3];
+    int64_t heads, n0, n1;
+    int d, itemsize;
+    const int64_t *blocks, *offsets;
+} tkg_scatter;
+
+/* Returns 0, or -1 (nothing written) when a block or offset is out of range. */
+int tkg_scatter_rows(const tkg_scatter *w);
+
+/* ref[ids[i]] += delta (+1 or -1) for n distinct ids (int32 or int64: id_size 4 or 8), every one
+ * held (ref > 0). Returns -1 (nothing changed) when an id is outside [0, nref), -2 (nothing
+ * changed) when one is not held; else the number of ids whose count reached 0, written to `freed`
+ * (room for n) in ids order, and *crossed = the ids whose count became 2 (delta +1) or 1 (-1). */
+int64_t tkg_refcount_add(int32_t *ref, int64_t nref, const void *ids, int id_size, int64_t n, int delta,
+                         int32_t *freed, int64_t *crossed);
+
+/* 1 when (data[i] & mask) < limit for every i = itemsize - 1 + j * itemsize < len (every
+ * little-endian value's top byte), else 0. chunk: 4096 bytes, a multiple of every itemsize. */
+int tkg_top_bytes_below(const uint8_t *data, int64_t len, int itemsize, uint8_t mask, uint8_t limit);
+
 #endif
