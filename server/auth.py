@@ -457,13 +457,16 @@ class Guard:
                 grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}; expected one"
             )
 
+        async def parse(raw: bytes, context: Any) -> Any:
+            """The request message of `raw`, or the call aborted INVALID_ARGUMENT."""
+            try:
+                return deserialize(raw)
+            except (DecodeError, ValueError, TypeError):
+                await invalid(context)
+
         async def stream_of(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
             async for raw in raws:
-                try:
-                    request = deserialize(raw)
-                except (DecodeError, ValueError, TypeError):
-                    await invalid(context)
-                yield request
+                yield await parse(raw, context)
 
         serialize = handler.response_serializer
         if handler.unary_unary is not None:
@@ -473,11 +476,7 @@ class Guard:
                 try:
                     if (denied := admit(context)) is not None:
                         await deny(method, context, denied)
-                    try:
-                        request = deserialize(raw)
-                    except (DecodeError, ValueError, TypeError):
-                        await invalid(context)
-                    return await inner(request, context)
+                    return await inner(await parse(raw, context), context)
                 except grpc.aio.AbortError as exc:
                     return aborted(exc)
 
@@ -502,11 +501,7 @@ class Guard:
                 try:
                     if (denied := admit(context)) is not None:
                         await deny(method, context, denied)
-                    try:
-                        request = deserialize(raw)
-                    except (DecodeError, ValueError, TypeError):
-                        await invalid(context)
-                    async for item in _responses(inner_us(request, context)):
+                    async for item in _responses(inner_us(await parse(raw, context), context)):
                         yield item
                 except grpc.aio.AbortError as exc:
                     aborted(exc)
