@@ -62,7 +62,7 @@ TENANT_METADATA = "tkg-tenant"  # the tenant a peer's ImportSequence writes into
 SERVICE_PREFIX = "/tkg.v1.DecodeAttention/"
 # Methods of the DecodeAttention service a read-only identity may call. Health and reflection
 # (other services) only read, so any authenticated identity may call them.
-READ_ONLY_METHODS = frozenset({"GetServerInfo", "GetSequence"})
+READ_ONLY_METHODS = frozenset({"GetServerInfo", "GetSequence", "PrefetchSequence"})
 # Methods a `peer` identity (a replica pushing its sequences on drain) may call.
 PEER_METHODS = frozenset({"GetServerInfo", "ImportSequence"})
 

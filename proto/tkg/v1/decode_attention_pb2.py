@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtkg/v1/decode_attention.proto\x12\x06tkg.v1\"C\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.tkg.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x81\x01\n\x06Timing\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x11\n\tkernel_us\x18\x02 \x01(\x03\x12\x10\n\x08total_us\x18\x03 \x01(\x03\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x16\n\x0e\x62\x61tch_requests\x18\x05 \x01(\x05\x12\x14\n\x0c\x61ttention_us\x18\x06 \x01(\x03\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xfd\x03\n\nServerInfo\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x13\n\x0bnum_q_heads\x18\x02 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\x1f\n\x08kv_dtype\x18\x05 \x01(\x0e\x32\r.tkg.v1.DType\x12\x11\n\tblock_len\x18\x06 \x01(\x05\x12\x12\n\nnum_blocks\x18\x07 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\x03\x12\x14\n\x0cmax_s_active\x18\t \x01(\x05\x12\x11\n\tmax_batch\x18\n \x01(\x05\x12\x11\n\tfuse_rope\x18\x0b \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\x12\x0f\n\x07version\x18\r \x01(\t\x12\x13\n\x0bmax_context\x18\x0e \x01(\x03\x12\x15\n\rsoftmax_scale\x18\x0f \x01(\x02\x12\x16\n\x0esliding_window\x18\x10 \x03(\x05\x12\x11\n\thas_sinks\x18\x11 \x01(\x08\x12\x19\n\x11max_message_bytes\x18\x12 \x01(\x03\x12\r\n\x05model\x18\x13 \x01(\t\x12\x18\n\x10\x61\x63tive_sequences\x18\x14 \x01(\x03\x12\x13\n\x0binstance_id\x18\x1e \x01(\t\x12\x12\n\nstarted_at\x18\x1f \x01(\x01\x12\x1f\n\x08io_dtype\x18( \x01(\x0e\x32\r.tkg.v1.DType\"t\n\x0cSequenceInfo\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\x03\x12\x12\n\nnum_blocks\x18\x03 \x01(\x03\x12\x15\n\rbase_position\x18\x05 \x01(\x03\x12\x13\n\x0binstance_id\x18\x1e \x01(\t\"C\n\x15\x43reateSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x15\n\rbase_position\x18\x02 \x01(\x03\"}\n\x0f\x41ppendKVRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x19\n\x01k\x18\x04 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x19\n\x01v\x18\x05 \x01(\x0b\x32\x0e.tkg.v1.Tensor\"\xd5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x14\n\x0csequence_ids\x18\x03 \x03(\t\x12\x11\n\tpositions\x18\x04 \x03(\x03\x12\x19\n\x01q\x18\x05 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x19\n\x01k\x18\x06 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x19\n\x01v\x18\x07 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x12\n\nreturn_lse\x18\x08 \x01(\x08\x12\x13\n\x0b\x61ttend_only\x18\t \x01(\x08\"\xab\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x1b\n\x03out\x18\x03 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x1e\n\x06timing\x18\x04 \x01(\x0b\x32\x0e.tkg.v1.Timing\x12\x1c\n\x05\x65rror\x18\x05 \x01(\x0b\x32\r.tkg.v1.Error\x12\x1b\n\x03lse\x18\x06 \x01(\x0b\x32\x0e.tkg.v1.Tensor\">\n\x17TruncateSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\"=\n\x13\x46orkSequenceRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\t\"-\n\x16ReleaseSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\"/\n\x17ReleaseSequenceResponse\x12\x14\n\x0c\x66reed_blocks\x18\x01 \x01(\x03\")\n\x12GetSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\",\n\x15\x45xportSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\"\xa3\x01\n\rSequenceChunk\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12&\n\x06header\x18\x02 \x01(\x0b\x32\x16.tkg.v1.SequenceHeader\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x10\n\x08position\x18\x04 \x01(\x03\x12\x19\n\x01k\x18\x05 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x19\n\x01v\x18\x06 \x01(\x0b\x32\x0e.tkg.v1.Tensor\"\xcd\x01\n\x0eSequenceHeader\x12\x0f\n\x07lengths\x18\x01 \x03(\x03\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\x1f\n\x08kv_dtype\x18\x05 \x01(\x0e\x32\r.tkg.v1.DType\x12\x11\n\tfuse_rope\x18\x06 \x01(\x08\x12\x0e\n\x06\x63hunks\x18\x07 \x01(\x03\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\x12\x15\n\rbase_position\x18\t \x01(\x03*o\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x15\n\x11\x44TYPE_FLOAT8_E4M3\x10\x04\x32\x82\x06\n\x0f\x44\x65\x63odeAttention\x12\x41\n\rGetServerInfo\x12\x1c.tkg.v1.GetServerInfoRequest\x1a\x12.tkg.v1.ServerInfo\x12\x45\n\x0e\x43reateSequence\x12\x1d.tkg.v1.CreateSequenceRequest\x1a\x14.tkg.v1.SequenceInfo\x12;\n\x08\x41ppendKV\x12\x17.tkg.v1.AppendKVRequest\x1a\x14.tkg.v1.SequenceInfo(\x01\x12\x37\n\x06\x44\x65\x63ode\x12\x15.tkg.v1.DecodeRequest\x1a\x16.tkg.v1.DecodeResponse\x12\x41\n\x0c\x44\x65\x63odeStream\x12\x15.tkg.v1.DecodeRequest\x1a\x16.tkg.v1.DecodeResponse(\x01\x30\x01\x12I\n\x10TruncateSequence\x12\x1f.tkg.v1.TruncateSequenceRequest\x1a\x14.tkg.v1.SequenceInfo\x12\x41\n\x0c\x46orkSequence\x12\x1b.tkg.v1.ForkSequenceRequest\x1a\x14.tkg.v1.SequenceInfo\x12R\n\x0fReleaseSequence\x12\x1e.tkg.v1.ReleaseSequenceRequest\x1a\x1f.tkg.v1.ReleaseSequenceResponse\x12?\n\x0bGetSequence\x12\x1a.tkg.v1.GetSequenceRequest\x1a\x14.tkg.v1.SequenceInfo\x12H\n\x0e\x45xportSequence\x12\x1d.tkg.v1.ExportSequenceRequest\x1a\x15.tkg.v1.SequenceChunk0\x01\x12?\n\x0eImportSequence\x12\x15.tkg.v1.SequenceChunk\x1a\x14.tkg.v1.SequenceInfo(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtkg/v1/decode_attention.proto\x12\x06tkg.v1\"C\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.tkg.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x81\x01\n\x06Timing\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x11\n\tkernel_us\x18\x02 \x01(\x03\x12\x10\n\x08total_us\x18\x03 \x01(\x03\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x16\n\x0e\x62\x61tch_requests\x18\x05 \x01(\x05\x12\x14\n\x0c\x61ttention_us\x18\x06 \x01(\x03\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xfd\x03\n\nServerInfo\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x13\n\x0bnum_q_heads\x18\x02 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\x1f\n\x08kv_dtype\x18\x05 \x01(\x0e\x32\r.tkg.v1.DType\x12\x11\n\tblock_len\x18\x06 \x01(\x05\x12\x12\n\nnum_blocks\x18\x07 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\x03\x12\x14\n\x0cmax_s_active\x18\t \x01(\x05\x12\x11\n\tmax_batch\x18\n \x01(\x05\x12\x11\n\tfuse_rope\x18\x0b \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\x12\x0f\n\x07version\x18\r \x01(\t\x12\x13\n\x0bmax_context\x18\x0e \x01(\x03\x12\x15\n\rsoftmax_scale\x18\x0f \x01(\x02\x12\x16\n\x0esliding_window\x18\x10 \x03(\x05\x12\x11\n\thas_sinks\x18\x11 \x01(\x08\x12\x19\n\x11max_message_bytes\x18\x12 \x01(\x03\x12\r\n\x05model\x18\x13 \x01(\t\x12\x18\n\x10\x61\x63tive_sequences\x18\x14 \x01(\x03\x12\x13\n\x0binstance_id\x18\x1e \x01(\t\x12\x12\n\nstarted_at\x18\x1f \x01(\x01\x12\x1f\n\x08io_dtype\x18( \x01(\x0e\x32\r.tkg.v1.DType\"\x82\x01\n\x0cSequenceInfo\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\x03\x12\x12\n\nnum_blocks\x18\x03 \x01(\x03\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x15\n\rbase_position\x18\x05 \x01(\x03\x12\x13\n\x0binstance_id\x18\x1e \x01(\t\"C\n\x15\x43reateSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x15\n\rbase_position\x18\x02 \x01(\x03\"}\n\x0f\x41ppendKVRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x19\n\x01k\x18\x04 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x19\n\x01v\x18\x05 \x01(\x0b\x32\x0e.tkg.v1.Tensor\"\xd5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x14\n\x0csequence_ids\x18\x03 \x03(\t\x12\x11\n\tpositions\x18\x04 \x03(\x03\x12\x19\n\x01q\x18\x05 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x19\n\x01k\x18\x06 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x19\n\x01v\x18\x07 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x12\n\nreturn_lse\x18\x08 \x01(\x08\x12\x13\n\x0b\x61ttend_only\x18\t \x01(\x08\"\xab\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x1b\n\x03out\x18\x03 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x1e\n\x06timing\x18\x04 \x01(\x0b\x32\x0e.tkg.v1.Timing\x12\x1c\n\x05\x65rror\x18\x05 \x01(\x0b\x32\r.tkg.v1.Error\x12\x1b\n\x03lse\x18\x06 \x01(\x0b\x32\x0e.tkg.v1.Tensor\">\n\x17TruncateSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\"=\n\x13\x46orkSequenceRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\t\"-\n\x16ReleaseSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\"/\n\x17ReleaseSequenceResponse\x12\x14\n\x0c\x66reed_blocks\x18\x01 \x01(\x03\")\n\x12GetSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\".\n\x17PrefetchSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\",\n\x15\x45xportSequenceRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\"\xa3\x01\n\rSequenceChunk\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12&\n\x06header\x18\x02 \x01(\x0b\x32\x16.tkg.v1.SequenceHeader\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x10\n\x08position\x18\x04 \x01(\x03\x12\x19\n\x01k\x18\x05 \x01(\x0b\x32\x0e.tkg.v1.Tensor\x12\x19\n\x01v\x18\x06 \x01(\x0b\x32\x0e.tkg.v1.Tensor\"\xcd\x01\n\x0eSequenceHeader\x12\x0f\n\x07lengths\x18\x01 \x03(\x03\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\x1f\n\x08kv_dtype\x18\x05 \x01(\x0e\x32\r.tkg.v1.DType\x12\x11\n\tfuse_rope\x18\x06 \x01(\x08\x12\x0e\n\x06\x63hunks\x18\x07 \x01(\x03\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\x12\x15\n\rbase_position\x18\t \x01(\x03*o\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x15\n\x11\x44TYPE_FLOAT8_E4M3\x10\x04\x32\xcd\x06\n\x0f\x44\x65\x63odeAttention\x12\x41\n\rGetServerInfo\x12\x1c.tkg.v1.GetServerInfoRequest\x1a\x12.tkg.v1.ServerInfo\x12\x45\n\x0e\x43reateSequence\x12\x1d.tkg.v1.CreateSequenceRequest\x1a\x14.tkg.v1.SequenceInfo\x12;\n\x08\x41ppendKV\x12\x17.tkg.v1.AppendKVRequest\x1a\x14.tkg.v1.SequenceInfo(\x01\x12\x37\n\x06\x44\x65\x63ode\x12\x15.tkg.v1.DecodeRequest\x1a\x16.tkg.v1.DecodeResponse\x12\x41\n\x0c\x44\x65\x63odeStream\x12\x15.tkg.v1.DecodeRequest\x1a\x16.tkg.v1.DecodeResponse(\x01\x30\x01\x12I\n\x10TruncateSequence\x12\x1f.tkg.v1.TruncateSequenceRequest\x1a\x14.tkg.v1.SequenceInfo\x12\x41\n\x0c\x46orkSequence\x12\x1b.tkg.v1.ForkSequenceRequest\x1a\x14.tkg.v1.SequenceInfo\x12R\n\x0fReleaseSequence\x12\x1e.tkg.v1.ReleaseSequenceRequest\x1a\x1f.tkg.v1.ReleaseSequenceResponse\x12?\n\x0bGetSequence\x12\x1a.tkg.v1.GetSequenceRequest\x1a\x14.tkg.v1.SequenceInfo\x12H\n\x0e\x45xportSequence\x12\x1d.tkg.v1.ExportSequenceRequest\x1a\x15.tkg.v1.SequenceChunk0\x01\x12?\n\x0eImportSequence\x12\x15.tkg.v1.SequenceChunk\x1a\x14.tkg.v1.SequenceInfo(\x01\x12I\n\x10PrefetchSequence\x12\x1f.tkg.v1.PrefetchSequenceRequest\x1a\x14.tkg.v1.SequenceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tkg.v1.decode_attention_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2208
-  _globals['_DTYPE']._serialized_end=2319
+  _globals['_DTYPE']._serialized_start=2271
+  _globals['_DTYPE']._serialized_end=2382
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=108
   _globals['_TIMING']._serialized_start=111
@@ -43,32 +43,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVERINFOREQUEST']._serialized_end=304
   _globals['_SERVERINFO']._serialized_start=307
   _globals['_SERVERINFO']._serialized_end=816
-  _globals['_SEQUENCEINFO']._serialized_start=818
-  _globals['_SEQUENCEINFO']._serialized_end=934
-  _globals['_CREATESEQUENCEREQUEST']._serialized_start=936
-  _globals['_CREATESEQUENCEREQUEST']._serialized_end=1003
-  _globals['_APPENDKVREQUEST']._serialized_start=1005
-  _globals['_APPENDKVREQUEST']._serialized_end=1130
-  _globals['_DECODEREQUEST']._serialized_start=1133
-  _globals['_DECODEREQUEST']._serialized_end=1346
-  _globals['_DECODERESPONSE']._serialized_start=1349
-  _globals['_DECODERESPONSE']._serialized_end=1520
-  _globals['_TRUNCATESEQUENCEREQUEST']._serialized_start=1522
-  _globals['_TRUNCATESEQUENCEREQUEST']._serialized_end=1584
-  _globals['_FORKSEQUENCEREQUEST']._serialized_start=1586
-  _globals['_FORKSEQUENCEREQUEST']._serialized_end=1647
-  _globals['_RELEASESEQUENCEREQUEST']._serialized_start=1649
-  _globals['_RELEASESEQUENCEREQUEST']._serialized_end=1694
-  _globals['_RELEASESEQUENCERESPONSE']._serialized_start=1696
-  _globals['_RELEASESEQUENCERESPONSE']._serialized_end=1743
-  _globals['_GETSEQUENCEREQUEST']._serialized_start=1745
-  _globals['_GETSEQUENCEREQUEST']._serialized_end=1786
-  _globals['_EXPORTSEQUENCEREQUEST']._serialized_start=1788
-  _globals['_EXPORTSEQUENCEREQUEST']._serialized_end=1832
-  _globals['_SEQUENCECHUNK']._serialized_start=1835
-  _globals['_SEQUENCECHUNK']._serialized_end=1998
-  _globals['_SEQUENCEHEADER']._serialized_start=2001
-  _globals['_SEQUENCEHEADER']._serialized_end=2206
-  _globals['_DECODEATTENTION']._serialized_start=2322
-  _globals['_DECODEATTENTION']._serialized_end=3092
+  _globals['_SEQUENCEINFO']._serialized_start=819
+  _globals['_SEQUENCEINFO']._serialized_end=949
+  _globals['_CREATESEQUENCEREQUEST']._serialized_start=951
+  _globals['_CREATESEQUENCEREQUEST']._serialized_end=1018
+  _globals['_APPENDKVREQUEST']._serialized_start=1020
+  _globals['_APPENDKVREQUEST']._serialized_end=1145
+  _globals['_DECODEREQUEST']._serialized_start=1148
+  _globals['_DECODEREQUEST']._serialized_end=1361
+  _globals['_DECODERESPONSE']._serialized_start=1364
+  _globals['_DECODERESPONSE']._serialized_end=1535
+  _globals['_TRUNCATESEQUENCEREQUEST']._serialized_start=1537
+  _globals['_TRUNCATESEQUENCEREQUEST']._serialized_end=1599
+  _globals['_FORKSEQUENCEREQUEST']._serialized_start=1601
+  _globals['_FORKSEQUENCEREQUEST']._serialized_end=1662
+  _globals['_RELEASESEQUENCEREQUEST']._serialized_start=1664
+  _globals['_RELEASESEQUENCEREQUEST']._serialized_end=1709
+  _globals['_RELEASESEQUENCERESPONSE']._serialized_start=1711
+  _globals['_RELEASESEQUENCERESPONSE']._serialized_end=1758
+  _globals['_GETSEQUENCEREQUEST']._serialized_start=1760
+  _globals['_GETSEQUENCEREQUEST']._serialized_end=1801
+  _globals['_PREFETCHSEQUENCEREQUEST']._serialized_start=1803
+  _globals['_PREFETCHSEQUENCEREQUEST']._serialized_end=1849
+  _globals['_EXPORTSEQUENCEREQUEST']._serialized_start=1851
+  _globals['_EXPORTSEQUENCEREQUEST']._serialized_end=1895
+  _globals['_SEQUENCECHUNK']._serialized_start=1898
+  _globals['_SEQUENCECHUNK']._serialized_end=2061
+  _globals['_SEQUENCEHEADER']._serialized_start=2064
+  _globals['_SEQUENCEHEADER']._serialized_end=2269
+  _globals['_DECODEATTENTION']._serialized_start=2385
+  _globals['_DECODEATTENTION']._serialized_end=3230
 # @@protoc_insertion_point(module_scope)

@@ -109,18 +109,20 @@ class ServerInfo(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_q_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_dtype: _Optional[_Union[DType, str]] = ..., block_len: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., max_s_active: _Optional[int] = ..., max_batch: _Optional[int] = ..., fuse_rope: _Optional[bool] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., max_context: _Optional[int] = ..., softmax_scale: _Optional[float] = ..., sliding_window: _Optional[_Iterable[int]] = ..., has_sinks: _Optional[bool] = ..., max_message_bytes: _Optional[int] = ..., model: _Optional[str] = ..., active_sequences: _Optional[int] = ..., instance_id: _Optional[str] = ..., started_at: _Optional[float] = ..., io_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class SequenceInfo(_message.Message):
-    __slots__ = ("sequence_id", "lengths", "num_blocks", "base_position", "instance_id")
+    __slots__ = ("sequence_id", "lengths", "num_blocks", "tier", "base_position", "instance_id")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     BASE_POSITION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     lengths: _containers.RepeatedScalarFieldContainer[int]
     num_blocks: int
+    tier: str
     base_position: int
     instance_id: str
-    def __init__(self, sequence_id: _Optional[str] = ..., lengths: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., base_position: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, sequence_id: _Optional[str] = ..., lengths: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., tier: _Optional[str] = ..., base_position: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class CreateSequenceRequest(_message.Message):
     __slots__ = ("sequence_id", "base_position")
@@ -211,6 +213,12 @@ class ReleaseSequenceResponse(_message.Message):
     def __init__(self, freed_blocks: _Optional[int] = ...) -> None: ...
 
 class GetSequenceRequest(_message.Message):
+    __slots__ = ("sequence_id",)
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    def __init__(self, sequence_id: _Optional[str] = ...) -> None: ...
+
+class PrefetchSequenceRequest(_message.Message):
     __slots__ = ("sequence_id",)
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str

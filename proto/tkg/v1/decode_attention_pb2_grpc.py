@@ -89,6 +89,11 @@ class DecodeAttentionStub:
                 request_serializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceChunk.SerializeToString,
                 response_deserializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.FromString,
                 _registered_method=True)
+        self.PrefetchSequence = channel.unary_unary(
+                '/tkg.v1.DecodeAttention/PrefetchSequence',
+                request_serializer=tkg_dot_v1_dot_decode__attention__pb2.PrefetchSequenceRequest.SerializeToString,
+                response_deserializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.FromString,
+                _registered_method=True)
 
 
 class DecodeAttentionServicer:
@@ -160,6 +165,12 @@ class DecodeAttentionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefetchSequence(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeAttentionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +227,11 @@ def add_DecodeAttentionServicer_to_server(servicer, server):
             'ImportSequence': grpc.stream_unary_rpc_method_handler(
                     servicer.ImportSequence,
                     request_deserializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceChunk.FromString,
+                    response_serializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.SerializeToString,
+            ),
+            'PrefetchSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefetchSequence,
+                    request_deserializer=tkg_dot_v1_dot_decode__attention__pb2.PrefetchSequenceRequest.FromString,
                     response_serializer=tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.SerializeToString,
             ),
     }
@@ -515,6 +531,33 @@ class DecodeAttention:
             target,
             '/tkg.v1.DecodeAttention/ImportSequence',
             tkg_dot_v1_dot_decode__attention__pb2.SequenceChunk.SerializeToString,
+            tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefetchSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tkg.v1.DecodeAttention/PrefetchSequence',
+            tkg_dot_v1_dot_decode__attention__pb2.PrefetchSequenceRequest.SerializeToString,
             tkg_dot_v1_dot_decode__attention__pb2.SequenceInfo.FromString,
             options,
             channel_credentials,
