@@ -9,6 +9,8 @@ The server's cache manager (`tkg.server.kv_cache.KVCache`) keeps the bookkeeping
 - `write(layer, blocks, offsets, k, v)`: new tokens at (block, offset) slots;
 - `copy_blocks(src, dst)`: whole blocks, every layer (fork copy-on-write);
 - `read_blocks(layer, blocks)`: blocks back to host numpy (tests, sequence export);
+- `read_sequence(blocks, out)` / `write_sequence(blocks, payload)`: whole blocks of every layer as one
+  run `[num_layers, 2, Hkv, n, block_len, head_dim]` (KV tiers: spill and restore of a sequence);
 - `decode(layer, q, k_new, v_new, block_tables, seq_lens, ...)`: one decode launch over the
   resident pools (the S new tokens were written first, so they are ordinary cache entries);
   `return_lse` / `q_start` (attend-only) make it a partial launch for context parallelism, which
@@ -172,6 +174,30 @@ class KVStore:
         """Host copies of blocks `blocks` (int `[n]`) at `layer`: K, V `[num_kv_heads, n, block_len, head_dim]`."""
         raise NotImplementedError
 
+    def sequence_shape(self, n: int) -> tuple[int, ...]:
+        """The shape of `n` blocks of every layer as one run: `[num_layers, 2, Hkv, n, block_len, d]`."""
+        g = self.geometry
+        return (g.num_layers, 2, g.num_kv_heads, n, g.block_len, g.head_dim)
+
+    def read_sequence(self, blocks: np.ndarray, out: np.ndarray) -> None:
+        """Copy blocks `blocks` (int `[n]`) of every layer, K and V, into `out` (`sequence_shape(n)`,
+        the store dtype). A device store counts it as a device-to-host transfer. Only reads blocks
+        nothing writes meanwhile (the caller's guarantee), so it may run off the event loop."""
+        for layer in range(self.geometry.num_layers):
+            out[layer, 0], out[layer, 1] = self.read_blocks(layer, blocks)
+
+    def write_sequence(self, blocks: np.ndarray, payload: np.ndarray) -> None:
+        """Store `payload` (`sequence_shape(n)`) into blocks `blocks` (int `[n]`, reserved for it:
+        nothing else names them), every slot of every block."""
+        g = self.geometry
+        ids = np.asarray(blocks, dtype=np.int64)
+        slots = np.repeat(ids, g.block_len)
+        offsets = np.tile(np.arange(g.block_len), ids.size)
+        for layer in range(g.num_layers):
+            k = payload[layer, 0].reshape(g.num_kv_heads, ids.size * g.block_len, g.head_dim)
+            v = payload[layer, 1].reshape(g.num_kv_heads, ids.size * g.block_len, g.head_dim)
+            self.write(layer, slots, offsets, k, v)
+
     def decode(
         self,
         layer: int,
@@ -265,6 +291,21 @@ class HostKVStore(KVStore):
         self._check_layer(layer)
         ids = np.asarray(blocks, dtype=np.int64)
         return self.k[layer][:, ids], self.v[layer][:, ids]  # fancy indexing: copies
+
+    def read_sequence(self, blocks: np.ndarray, out: np.ndarray) -> None:
+        ids = np.asarray(blocks, dtype=np.int64)
+        for layer in range(self.geometry.num_layers):
+            for kv, pools in enumerate((self.k, self.v)):
+                np.take(pools[layer], ids, axis=1, out=out[layer, kv])  # straight into the run: one copy
+
+    def write_sequence(self, blocks: np.ndarray, payload: np.ndarray) -> None:
+        ids = np.asarray(blocks, dtype=np.int64)
+        n = ids.size
+        # Fresh pools hand out ascending ids: a contiguous range is a slice (a plain memcpy per head).
+        run = slice(int(ids[0]), int(ids[0]) + n) if n and (np.diff(ids) == 1).all() else ids
+        for layer in range(self.geometry.num_layers):
+            self.k[layer][:, run] = payload[layer, 0]
+            self.v[layer][:, run] = payload[layer, 1]
 
     def decode(
         self,

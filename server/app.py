@@ -7,7 +7,9 @@ specialisation serving can need (device backends: every shape bucket; a log line
 and how long), then SERVING. `App.shutdown`: health NOT_SERVING, new calls UNAVAILABLE, idle
 expiry stops, in-flight calls finish within the grace period; with `peers`, every resident
 sequence is then pushed to the peer clients will route it to once this replica is gone
-(`tkg.server.migration`), within what is left of the grace period; then stop. What could not
+(`tkg.server.migration`), within what is left of the grace period; with `--spill-dir`, every
+sequence still here (no peers, or a peer refused it) is written to the spill directory, which the
+next start on it loads (`tkg.server.tiers`); then stop. What could not
 move is logged by id and counted (`tkg_sequences_migrated_total`). A `--peers` entry naming this
 replica itself is recognised by its instance id while the instance serves (`tkg.server.peers`) and
 never pushed to, so every replica can share one list without `--advertise`.
@@ -18,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,13 +33,14 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, WarmUp, create_kv_store
 from tkg.server import auth as auth_mod
-from tkg.server import listeners, migration, peers, tenants
+from tkg.server import listeners, migration, peers, spill_files, tenants
 from tkg.server.config import ConfigError, ModelSpec
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
 from tkg.server.service import DecodeAttentionService
 from tkg.server.settings import ServeSettings
 from tkg.server.tenants import Ledger
+from tkg.server.tiers import Tiers, spec_fingerprint
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
@@ -105,6 +110,10 @@ class App:
         report = None
         if self.settings.peers:
             report = await self.push_to_peers(deadline)
+        tiers = self.service.tiers
+        if tiers.spill_dir is not None:  # what no peer took outlives the process on disk
+            written, failed = await tiers.persist_all()
+            log.info("drain: wrote %d sequences to %s, %d could not be written", written, tiers.spill_dir, failed)
         await self.server.stop(grace=1.0)
         listeners.remove_sockets(self.addresses)
         await self.service.close()
@@ -188,9 +197,44 @@ def make_cache(spec: ModelSpec, settings: ServeSettings, ledger: Ledger) -> KVCa
     return KVCache(
         num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
         block_len=spec.block_len, num_blocks=spec.num_blocks, max_context=spec.max_context, dtype=spec.kv_dtype,
-        max_sequences=settings.max_sequences or default_max_sequences(spec),
+        max_sequences=settings.max_sequences or default_max_sequences(spec, tier_bytes(settings)),
         store=make_store(spec, settings), meter=ledger.charge,
     )  # fmt: skip
+
+
+def tier_bytes(settings: ServeSettings) -> int:
+    """Bytes of the host and disk tiers (the disk's default bound counted as its free space)."""
+    disk = 0
+    if settings.spill_dir is not None:
+        disk = settings.spill_bytes if settings.spill_bytes is not None else _free_bytes(settings.spill_dir)
+    return settings.host_cache_bytes + disk
+
+
+def _free_bytes(path: str) -> int:
+    p = Path(path)
+    while not p.exists() and p != p.parent:  # the directory may not exist yet: its file system's
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def make_tiers(
+    spec: ModelSpec, settings: ServeSettings, cache: KVCache, ledger: Ledger, wall: Callable[[], float] = time.time
+) -> Tiers:
+    """The host and disk tiers; the spill directory adopted (ConfigError on another model's data)
+    and its sequences loaded into the disk tier, charged to their tenants."""
+    tiers = Tiers(
+        cache, host_bytes=settings.host_cache_bytes, meter=ledger.charge, disk_bytes=settings.spill_bytes,
+        spill_dir=None if settings.spill_dir is None else Path(settings.spill_dir), wall=wall,
+    )  # fmt: skip
+    try:
+        loaded = tiers.open_disk(spec_fingerprint(spec))
+    except (spill_files.SpecMismatch, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+    for seq_id in loaded:
+        ledger.add_sequence(seq_id)
+    if loaded:
+        log.info("spill dir %s: %d sequences loaded into the disk tier", settings.spill_dir, len(loaded))
+    return tiers
 
 
 def warm_up(spec: ModelSpec, cache: KVCache) -> WarmUp:
@@ -205,11 +249,11 @@ def warm_up(spec: ModelSpec, cache: KVCache) -> WarmUp:
     return report
 
 
-def default_max_sequences(spec: ModelSpec) -> int:
+def default_max_sequences(spec: ModelSpec, tier_bytes: int = 0) -> int:
     """The server-wide cap without `--max-sequences`: every sequence holding a block needs one of
-    `num_blocks`, so more live sequences than that (or 1024) are empty ones, each still costing a
-    block-table row of `max_context / block_len` entries."""
-    return max(spec.num_blocks, 1024)
+    `num_blocks` or a block's bytes in a lower tier, so more live sequences than that (or 1024) are
+    empty ones, each still costing a block-table row of `max_context / block_len` entries."""
+    return min(max(spec.num_blocks + tier_bytes // spec.bytes_per_block(), 1024), 2**31 - 1)
 
 
 async def start(spec: ModelSpec, settings: ServeSettings) -> App:
@@ -219,12 +263,13 @@ async def start(spec: ModelSpec, settings: ServeSettings) -> App:
     """
     ledger = Ledger()
     cache = make_cache(spec, settings, ledger)
+    tiers = make_tiers(spec, settings, cache, ledger)
     metrics = Metrics(settings.backend, gateway=settings.gateway_metrics)
     authenticator = auth_mod.Authenticator(settings.auth)
     service = DecodeAttentionService(
         spec, cache, settings, metrics, ledger,
         tenant_count=lambda: max(1, len(authenticator.table.tenants)),  # SIGHUP swaps the table
-        per_tenant_info=settings.auth_file is not None,
+        per_tenant_info=settings.auth_file is not None, tiers=tiers,
     )  # fmt: skip
     options: list[tuple[str, int]] = [
         ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -154,7 +154,7 @@ class AppendOps:
         plan = self._prepare_small(layer, seq_ids, positions, num_tokens)
         if plan is not None:
             return plan
-        seqs, BL = self.seqs, self.block_len
+        seqs = self.seqs
         if not 0 <= layer < self.num_layers:
             raise InvalidArgument(f"layer: expected 0 <= layer < {self.num_layers}, got {layer}")
         if num_tokens < 1:
@@ -199,14 +199,7 @@ class AppendOps:
             )
         pos = pos - base  # from here on lengths: the sequence's own token counts
         ends = pos + num_tokens
-        need, held = -(-ends // BL), seqs.num_blocks[slots]
-        fresh = int(np.maximum(need - held, 0).sum())
-        cow = 0
-        if self.pool.shared_count:  # no fork alive: nothing can need a copy
-            first_blk = pos // BL
-            rows, cols = _ragged(first_blk, np.minimum(need, held) - first_blk)
-            # An upper bound: a block shared by two writers of this batch may need only one copy.
-            cow = int((self.pool.refcounts(seqs.tables[slots[rows], cols]) > 1).sum())
+        fresh, cow = self._blocks_for(slots, pos, num_tokens)
         if fresh + cow > self.pool.free_count:
             raise pool_full(fresh + cow, f" ({fresh} new, {cow} copy-on-write)")
         reserved = self.pool.allocate(fresh + cow)
@@ -219,6 +212,32 @@ class AppendOps:
             seq_lens=ends.astype(np.int32), _slots=slots, _generations=seqs.generation[slots],
             _reserved=reserved,
         )  # fmt: skip
+
+    def _blocks_for(self, slots: np.ndarray, lens: np.ndarray, num_tokens: int) -> tuple[int, int]:
+        """(new blocks, copy-on-write copies) appending `num_tokens` to sequences at `slots` of
+        lengths `lens` (int64 `[B]`, this layer's) takes."""
+        seqs, BL = self.seqs, self.block_len
+        need, held = -(-(lens + num_tokens) // BL), seqs.num_blocks[slots]
+        fresh = int(np.maximum(need - held, 0).sum())
+        cow = 0
+        if self.pool.shared_count:  # no fork alive: nothing can need a copy
+            first_blk = lens // BL
+            rows, cols = _ragged(first_blk, np.minimum(need, held) - first_blk)
+            # An upper bound: a block shared by two writers of this batch may need only one copy.
+            cow = int((self.pool.refcounts(seqs.tables[slots[rows], cols]) > 1).sum())
+        return fresh, cow
+
+    def blocks_needed(self, layer: int, seq_ids: Sequence[str], num_tokens: int) -> int:
+        """The blocks an append of `num_tokens` at `layer` to `seq_ids` would reserve now (KV tiers
+        make that much room first); ids not live and bad arguments count 0 (the append itself then
+        refuses them). Changes nothing."""
+        slot_of = self.seqs._slot_of
+        found = [slot for s in seq_ids if (slot := slot_of.get(s)) is not None]
+        if not found or not 0 <= layer < self.num_layers or num_tokens < 1:
+            return 0
+        slots = np.array(found, dtype=np.int64)
+        fresh, cow = self._blocks_for(slots, self.seqs.lengths[slots, layer], num_tokens)
+        return fresh + cow
 
     def _prepare_small(
         self, layer: int, seq_ids: Sequence[str], positions: Sequence[int] | np.ndarray, num_tokens: int

@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="live sequences server-wide (default: num_blocks, at least 1024)")  # fmt: skip
     n.add_argument("--max-concurrent-streams", type=int,
                    help="concurrent calls per client connection (gRPC's HTTP/2 limit; default: gRPC's)")  # fmt: skip
+    t = p.add_argument_group("KV tiers (docs/tiers.md): sequences past the device pool, and across restarts")
+    t.add_argument("--host-cache-bytes", default="0", metavar="N",
+                   help="host-memory tier for sequences spilled from the device pool (bytes; K/M/G/T suffixes, "
+                   "powers of 1024; default 0 = off)")
+    t.add_argument("--spill-dir", metavar="PATH",
+                   help="disk tier and persistence: spilled sequences live here as checksummed files, and a drain "
+                   "without peers writes every sequence here; a server started on it serves them again")
+    t.add_argument("--spill-bytes", metavar="N",
+                   help="the disk tier's bound (default: the file system's free space less max(1 GiB, 5%%))")
+    t.add_argument("--persist", choices=["on-drain"], default="on-drain",
+                   help="when sequences are written to --spill-dir: on-drain (SIGTERM; spilled ones already are)")
     a = p.add_argument_group("security (tokens must be at least 16 characters)")
     a.add_argument("--auth-token", action="append", default=[],
                    help="bearer token with full access, tenant 'default' (repeatable; prefer --auth-token-file "
@@ -231,6 +242,10 @@ def settings_from_args(
         except neuron_env.NeuronConfigError as exc:
             raise ConfigError(str(exc)) from None
     table, defaults, peer_token = auth_from_args(args)
+    host_bytes = parse_bytes("--host-cache-bytes", args.host_cache_bytes)
+    spill_bytes = None if args.spill_bytes is None else parse_bytes("--spill-bytes", args.spill_bytes)
+    if spill_bytes is not None and not args.spill_dir:
+        raise ConfigError("--spill-bytes: given without --spill-dir; expected a directory for the disk tier")
     return ServeSettings(
         backend=backend, host=args.host, port=args.port, listen=listen, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port or None, max_message_bytes=args.max_message_bytes,
@@ -240,8 +255,25 @@ def settings_from_args(
         inline_kernel_bytes=args.inline_kernel_bytes, kernel_cores=args.kernel_cores, max_sequences=args.max_sequences,
         max_concurrent_streams=args.max_concurrent_streams, peers=peers,
         context_buckets=buckets["--context-buckets"], batch_buckets=buckets["--batch-buckets"],
-        lnc=lnc, backend_note=backend_note,
+        lnc=lnc, backend_note=backend_note, host_cache_bytes=host_bytes, spill_dir=args.spill_dir or None,
+        spill_bytes=spill_bytes, persist=args.persist,
     )  # fmt: skip
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(flag: str, text: str) -> int:
+    """A byte count: an integer, optionally with K, M, G or T (powers of 1024; "KiB"/"KB" alike)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    try:
+        n = int(t[: len(t) - len(unit)] if unit else t) * _UNITS[unit]
+    except ValueError:
+        raise ConfigError(f"{flag}: {text!r}; expected a byte count such as 8589934592 or 8G") from None
+    if n < 0:
+        raise ConfigError(f"{flag}: {text!r}; expected >= 0")
+    return n
 
 
 def _int_list(flag: str, text: str | None) -> tuple[int, ...] | None:

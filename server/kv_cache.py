@@ -173,7 +173,12 @@ class KVCache(AppendOps):
         return len(self.seqs)
 
     def __contains__(self, seq_id: object) -> bool:
+        """`seq_id` is resident (on the device tier)."""
         return seq_id in self.seqs
+
+    def id_in_use(self, seq_id: str) -> bool:
+        """`seq_id` names a live sequence in any tier (`SequenceTable.outside` included)."""
+        return seq_id in self.seqs or seq_id in self.seqs.outside
 
     def sequence_ids(self) -> list[str]:
         """Live sequence ids."""
@@ -265,6 +270,14 @@ class KVCache(AppendOps):
         seqs.base[dst] = seqs.base[src]
         seqs.touch([dst], self._clock())  # the source is only read
         return self._state(dst)
+
+    def fork_cost(self, source_id: str) -> int:
+        """Blocks `fork(source_id)` takes: copies of the blocks not full at every layer (0 if unknown)."""
+        slot = self.seqs._slot_of.get(source_id)
+        if slot is None:
+            return 0
+        held = int(self.seqs.num_blocks[slot])
+        return held - min(int(self.seqs.lengths[slot].min()) // self.block_len, held)
 
     def expire_idle(self, now: float | None, ttl_s: float, busy: Callable[[str], bool] | None = None) -> list[str]:
         """Release sequences unused for more than `ttl_s` seconds at time `now` (the injected
@@ -388,10 +401,13 @@ class KVCache(AppendOps):
         blk, off = ids[t // self.block_len][None], (t % self.block_len)[None]
         self.store.write(layer, blk, off, k.transpose(1, 0, 2)[:, None], v.transpose(1, 0, 2)[:, None])
 
-    def adopt(self, seq_id: str, ids: np.ndarray, lengths: Sequence[int], base_position: int = 0) -> SequenceState:
+    def adopt(
+        self, seq_id: str, ids: np.ndarray, lengths: Sequence[int], base_position: int = 0, count_tokens: bool = True
+    ) -> SequenceState:
         """Create `seq_id` holding reserved blocks `ids` (in order, written by `write_reserved`)
         with `lengths[layer]` tokens per layer, its first token at absolute `base_position`.
-        ALREADY_EXISTS (nothing changed) if the id is taken."""
+        ALREADY_EXISTS (nothing changed) if the id is taken. `count_tokens`: its tokens count as
+        appended (an import; not a restore from a KV tier)."""
         seqs = self.seqs
         if len(ids) != _ceil_div(max(lengths, default=0), self.block_len):
             raise ValueError(f"KVCache.adopt: {len(ids)} blocks for lengths {list(lengths)}")
@@ -399,7 +415,8 @@ class KVCache(AppendOps):
         seqs.tables[slot, : len(ids)] = ids
         seqs.num_blocks[slot] = len(ids)
         seqs.lengths[slot] = lengths
-        self.tokens_appended += max(lengths, default=0)
+        if count_tokens:
+            self.tokens_appended += max(lengths, default=0)
         return self._state(slot)
 
     # ---- internals ----------------------------------------------------------------------------

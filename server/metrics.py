@@ -14,10 +14,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 from prometheus_client import Counter as PromCounter
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tkg.server.kv_cache import EVICT_IDLE_TTL, KVCache
+from tkg.server.tiers import Tiers
 
 # 10 us .. 10 s, roughly x2 per bucket with 1-2.5-5 steps: a loopback decode is ~100 us to ~10 ms.
 LATENCY_BUCKETS = (
@@ -75,6 +76,41 @@ class _StoreCounters(Collector):
         compiled.add_metric([], store.compilations)
         yield transfer
         yield compiled
+
+
+class _TierCollector(Collector):
+    """`tkg_kv_tier_bytes{tier}`, `tkg_kv_tier_sequences{tier}`, `tkg_kv_spills_total{tier}`,
+    `tkg_kv_restores_total{source,result}`, `tkg_kv_persisted_sequences_total{result}`, read from
+    the tiers at scrape time."""
+
+    def __init__(self, tiers: Tiers) -> None:
+        self.tiers = tiers
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        t, cache = self.tiers, self.tiers.cache
+        size = GaugeMetricFamily("tkg_kv_tier_bytes", "KV bytes held per tier", labels=["tier"])
+        count = GaugeMetricFamily("tkg_kv_tier_sequences", "Sequences living in each tier", labels=["tier"])
+        size.add_metric(["device"], cache.used_blocks * t.block_bytes)
+        count.add_metric(["device"], len(cache))
+        for tier in ("host", "disk"):
+            size.add_metric([tier], t.index.bytes[tier])
+            count.add_metric([tier], t.index.count[tier])
+        spills = CounterMetricFamily(
+            "tkg_kv_spills", "Sequences moved down a tier, by the tier moved to", labels=["tier"]
+        )
+        for tier in ("host", "disk"):
+            spills.add_metric([tier], t.counts.spills[tier])
+        restores = CounterMetricFamily(
+            "tkg_kv_restores", "Spilled sequences brought back, by source tier and result", labels=["source", "result"]
+        )
+        for (source, result), n in sorted(dict(t.counts.restores).items()):
+            restores.add_metric([source, result], n)
+        persisted = CounterMetricFamily(
+            "tkg_kv_persisted_sequences", "Sequences written to the spill directory at a drain", labels=["result"]
+        )
+        for result in ("ok", "failed"):
+            persisted.add_metric([result], t.counts.persisted[result])
+        yield from (size, count, spills, restores, persisted)
 
 
 class _Deferred(Collector):
@@ -152,7 +188,7 @@ class Metrics:
             ("tkg_kv_blocks_total", "KV blocks per layer", lambda: cache.num_blocks),
             ("tkg_kv_blocks_used", "KV blocks in use per layer", lambda: cache.used_blocks),
             ("tkg_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1)", lambda: cache.usage_ratio),
-            ("tkg_sequences_active", "Sequences resident in the KV cache", lambda: len(cache)),
+            ("tkg_sequences_active", "Live sequences, every KV tier", lambda: len(cache) + len(cache.seqs.outside)),
             ("tkg_requests_pending", "Decode requests waiting for a batch", pending),
             ("tkg_requests_running", "Decode requests in the running kernel launch", running),
         ]
@@ -167,6 +203,16 @@ class Metrics:
             Gauge(name, doc, registry=r).set_function(read)
         r.register(_CacheCounters(cache))
         r.register(_StoreCounters(cache))
+
+    def attach_tiers(self, tiers: Tiers) -> None:
+        """The KV tiers' gauges and counters (read at scrape) and the restore-time histogram."""
+        r = self.registry
+        self.registry.register(_TierCollector(tiers))
+        restore = Histogram(
+            "tkg_kv_restore_seconds", "Time to bring a spilled sequence back to the device", registry=r,
+            buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        tiers.on_restore = restore.observe
 
     def observe_request(self, method: str, code: str, seconds: float, tenant: str = "default") -> None:
         self._defer((self._apply_request, method, code, seconds, tenant))

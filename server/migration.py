@@ -69,6 +69,11 @@ def export_messages(
         yield msg
 
 
+def header_blocks(header: pb.SequenceHeader, block_len: int) -> int:
+    """Blocks an import of `header` takes (its longest layer's)."""
+    return -(-max(header.lengths, default=0) // block_len)
+
+
 TensorCheck = Callable[[pb.Tensor, str, tuple, str], np.ndarray]
 Write = Callable[[], None]
 
@@ -173,9 +178,9 @@ class Importer:
                 )
         if not msg.sequence_id:
             raise InvalidArgument("sequence_id: empty; expected the exported sequence's id")
-        if msg.sequence_id in c:
+        if c.id_in_use(msg.sequence_id):  # a spilled sequence's id is taken too
             raise AlreadyExists(f"sequence_id: {msg.sequence_id!r} is already in use; expected an unused id")
-        need = -(-max(h.lengths, default=0) // c.block_len)
+        need = header_blocks(h, c.block_len)
         self.admit(need)  # the tenant's quotas, before a single block or buffer is taken
         if need > c.free_blocks:  # never the pool's free count: that is other tenants' usage
             raise pool_full(need, " (header.lengths)")

@@ -23,6 +23,7 @@ never on the append path). Marking a batch used is one array store; idle expiry 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -31,6 +32,22 @@ from tkg.server.errors import AlreadyExists, InvalidArgument, NotFound, Resource
 MAX_SEQUENCE_ID_LEN = 256  # bytes of a caller's id (the service checks it)
 # The cache's own limit: a caller's id plus its tenant's namespace prefix (`tkg.server.tenants`).
 MAX_CACHE_ID_LEN = MAX_SEQUENCE_ID_LEN + 65
+
+
+class Outside(Protocol):
+    """Sequences living outside the table (the KV tiers' index): their ids are taken and they
+    count against `max_sequences`."""
+
+    def __contains__(self, seq_id: object) -> bool: ...
+    def __len__(self) -> int: ...
+
+
+class _Nowhere:
+    def __contains__(self, seq_id: object) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return 0
 
 
 class SequenceTable:
@@ -56,6 +73,7 @@ class SequenceTable:
         self._free_slots = list(range(capacity - 1, -1, -1))  # a stack; slot 0 first
         self._slot_of: dict[str, int] = {}
         self._id_of: list[str | None] = [None] * capacity
+        self.outside: Outside = _Nowhere()  # set by `tkg.server.tiers.Tiers`
 
     @property
     def capacity(self) -> int:
@@ -107,10 +125,11 @@ class SequenceTable:
                 f"sequence_id: expected a string of at most {MAX_CACHE_ID_LEN} characters "
                 f"(an id of up to {MAX_SEQUENCE_ID_LEN} bytes plus its tenant's prefix)"
             )
-        if seq_id in self._slot_of:
+        if seq_id in self._slot_of or seq_id in self.outside:
             raise AlreadyExists(f"sequence_id: {seq_id!r} is already in use; expected an unused id")
-        if self.max_sequences is not None and len(self._slot_of) >= self.max_sequences:
-            raise ResourceExhausted(f"sequences: {len(self._slot_of)} live; expected at most {self.max_sequences}")
+        live = len(self._slot_of) + len(self.outside)
+        if self.max_sequences is not None and live >= self.max_sequences:
+            raise ResourceExhausted(f"sequences: {live} live; expected at most {self.max_sequences} (every KV tier counts)")
 
     def add(self, seq_id: str, now: float, base: int = 0) -> int:
         """A zeroed slot for `seq_id` (checked with `check_new_id` first) whose first token sits at

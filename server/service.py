@@ -5,8 +5,10 @@ to the contract's status codes, and the sequence RPCs' use of the KV cache. Ever
 everything (`tkg.server.wire`) before it changes anything. Decode requests go through the
 `Batcher` (`tkg.server.batcher`, which owns the scheduling policy) to the step engine
 (`tkg.server.step`, which owns the step's plans, the kernel launch and its undo). Mutations of a
-sequence wait for launches and exports holding it (`tkg.server.holds`). Tenant usage is charged by
-the deltas the KV cache reports to the `Ledger` (`tkg.server.tenants`).
+sequence wait for launches and exports holding it (`tkg.server.holds`). Every RPC that reads or
+writes a sequence's KV runs inside `Tiers.using` (`tkg.server.tiers`: a spilled sequence comes
+back first, and nothing spills it meanwhile) and takes device blocks inside `Tiers.room`. Tenant
+usage is charged by the deltas the KV cache reports to the `Ledger` (`tkg.server.tenants`).
 
 Threading: one event loop thread runs every handler and every KV-cache mutation (the cache has no
 locks); only the kernel call of a worker-thread launch runs elsewhere (see `tkg.server.step`).
@@ -30,12 +32,13 @@ from tkg.server.config import ModelSpec
 from tkg.server.cores import CorePolicy, tune_gil
 from tkg.server.errors import InvalidArgument, ServiceError, Unavailable
 from tkg.server.holds import Holds
-from tkg.server.kv_cache import KVCache, SequenceState
+from tkg.server.kv_cache import EVICT_IDLE_TTL, KVCache, SequenceState
 from tkg.server.metrics import Metrics
 from tkg.server.sequences import MAX_SEQUENCE_ID_LEN
 from tkg.server.settings import ServeSettings
 from tkg.server.step import StepEngine
 from tkg.server.tenants import Ledger, inward, outward, scrub, visible_free
+from tkg.server.tiers import Tiers
 from tkg.server.wire import WireChecks, check_id
 from tkg.server.writes import Writes
 from tkg.v1 import decode_attention_pb2 as pb
@@ -61,11 +64,12 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         tenant_count: configured tenants now (each gets an even share of the decode queue); re-read
             per request, so a SIGHUP's new table counts at once.
         per_tenant_info: GetServerInfo counts the caller's tenant only (an auth file is in use).
+        tiers: the host and disk KV tiers over `cache` (None: none, everything lives on the device).
     """
 
     def __init__(
         self, spec: ModelSpec, cache: KVCache, settings: ServeSettings, metrics: Metrics, ledger: Ledger,
-        *, tenant_count: Callable[[], int] = lambda: 1, per_tenant_info: bool = False,
+        *, tenant_count: Callable[[], int] = lambda: 1, per_tenant_info: bool = False, tiers: Tiers | None = None,
     ) -> None:  # fmt: skip
         self.spec = spec
         self.cache = cache
@@ -80,6 +84,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.started_at = time.time()
         self.wire = WireChecks(spec, spec.max_batch, cache.store)
         self.holds = Holds(cache)
+        self.tiers = tiers if tiers is not None else Tiers(cache, meter=ledger.charge)
         self._inflight = 0  # calls between entry and exit, streams included
         self._idle = asyncio.Event()
         self._idle.set()
@@ -89,9 +94,12 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.batcher = Batcher(
             self.engine.run, spec.max_batch, settings.batch_delay_us * 1e-6, settings.max_pending, lone
         )
-        self.writes = Writes(cache, self.engine, self.holds, ledger, self.wire, settings.inline_write_bytes)
+        self.writes = Writes(
+            cache, self.engine, self.holds, ledger, self.wire, settings.inline_write_bytes, self.tiers
+        )  # fmt: skip
         tune_gil()
         metrics.attach(cache, pending=lambda: self.batcher.pending, running=lambda: self.batcher.running)
+        metrics.attach_tiers(self.tiers)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -113,12 +121,18 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     async def close(self) -> None:
         await self.batcher.stop()
         self.engine.close()
+        self.tiers.close()
 
     def expire_idle(self) -> list[str]:
         """Release idle sequences; queued decodes and exports count as activity."""
         queued = self.batcher.queued_sequences()
-        busy = self.holds.busy
-        expired = self.cache.expire_idle(None, self.spec.idle_ttl_s, busy=lambda s: s in queued or busy(s))
+        busy, moving = self.holds.busy, self.tiers.busy
+        expired = self.cache.expire_idle(
+            None, self.spec.idle_ttl_s, busy=lambda s: s in queued or busy(s) or moving(s)
+        )  # fmt: skip
+        spilled = self.tiers.expire(self.spec.idle_ttl_s)  # wall-clock ages: they survive restarts
+        self.cache.evicted[EVICT_IDLE_TTL] += len(spilled)
+        expired += spilled
         for seq_id in expired:  # their blocks were charged back by the cache's meter
             self.ledger.drop_sequence(seq_id)
         if expired:
@@ -146,15 +160,15 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     # ---- info --------------------------------------------------------------------------------
 
-    def _seq_info(self, state: SequenceState) -> pb.SequenceInfo:
+    def _seq_info(self, state: SequenceState, tier: str = "device") -> pb.SequenceInfo:
         return pb.SequenceInfo(
             sequence_id=outward(state.seq_id), lengths=state.lengths, num_blocks=state.num_blocks,
-            instance_id=self.instance_id, base_position=state.base_position,
+            instance_id=self.instance_id, base_position=state.base_position, tier=tier,
         )  # fmt: skip
 
     def server_info(self) -> pb.ServerInfo:
         s = self.spec
-        free, active = self.cache.free_blocks, len(self.cache)
+        free, active = self.cache.free_blocks, len(self.cache) + len(self.tiers.index)
         if self.per_tenant_info:  # another tenant's usage is not this caller's business
             tenant = auth.current().tenant
             used = self.ledger.of(tenant)
@@ -202,8 +216,14 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         tenants = self.tenant_count()
         max_pending = self.settings.max_pending
         self.ledger.enter_pending(work.tenant, max(1, max_pending // tenants) if tenants > 1 else None)
+        tiers = self.tiers
         try:
-            out, timing = await self.batcher.decode(work)  # RESOURCE_EXHAUSTED when the queue is full
+            if tiers.enabled:  # spilled sequences come back; room for the step's new blocks
+                need = 0 if work.attend_only else self.cache.blocks_needed(work.layer, work.seq_ids, work.s_active)
+                async with tiers.using(work.seq_ids), tiers.room(need):
+                    out, timing = await self.batcher.decode(work)
+            else:
+                out, timing = await self.batcher.decode(work)  # RESOURCE_EXHAUSTED when the queue is full
         finally:
             self.ledger.leave_pending(work.tenant)
         resp = pb.DecodeResponse(request_id=req.request_id, layer=req.layer, timing=timing)
@@ -232,17 +252,30 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     async def GetSequence(self, request: pb.GetSequenceRequest, context: Any) -> pb.SequenceInfo:
         def run() -> pb.SequenceInfo:
             check_id("sequence_id", request.sequence_id)
-            return self._seq_info(self.cache.get(inward(auth.current().tenant, request.sequence_id)))
+            return self._seq_info(*self.tiers.state(inward(auth.current().tenant, request.sequence_id)))
 
         return await self._unary("GetSequence", context, run)
+
+    async def PrefetchSequence(self, request: pb.PrefetchSequenceRequest, context: Any) -> pb.SequenceInfo:
+        """Bring a spilled sequence back to the device; answers once it is there (at once when it
+        already is). NOT_FOUND like GetSequence; RESOURCE_EXHAUSTED when no room can be made."""
+
+        async def run() -> pb.SequenceInfo:
+            check_id("sequence_id", request.sequence_id)
+            seq_id = inward(auth.current().tenant, request.sequence_id)
+            async with self.tiers.using([seq_id]):
+                return self._seq_info(self.cache.get(seq_id))
+
+        return await self._unary("PrefetchSequence", context, run)
 
     async def TruncateSequence(self, request: pb.TruncateSequenceRequest, context: Any) -> pb.SequenceInfo:
         async def run() -> pb.SequenceInfo:
             check_id("sequence_id", request.sequence_id)
             seq_id = inward(auth.current().tenant, request.sequence_id)
-            await self.holds.settle(seq_id)
-            self.cache.truncate(seq_id, request.length)
-            return self._seq_info(self.cache.get(seq_id))
+            async with self.tiers.using([seq_id]):
+                await self.holds.settle(seq_id)
+                self.cache.truncate(seq_id, request.length)
+                return self._seq_info(self.cache.get(seq_id))
 
         return await self._unary("TruncateSequence", context, run)
 
@@ -253,10 +286,12 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             if request.sequence_id:
                 check_id("sequence_id", request.sequence_id)
             source = inward(tenant, request.source_id)
-            await self.holds.settle(source)
-            seq_id = inward(tenant, request.sequence_id or uuid.uuid4().hex)
-            # Takes blocks for the copied partial blocks only (full ones are shared).
-            return self._seq_info(self._add_sequence(tenant, lambda: self.cache.fork(source, seq_id)))
+            async with self.tiers.using([source]):
+                await self.holds.settle(source)
+                seq_id = inward(tenant, request.sequence_id or uuid.uuid4().hex)
+                # Takes blocks for the copied partial blocks only (full ones are shared).
+                async with self.tiers.room(self.cache.fork_cost(source)):
+                    return self._seq_info(self._add_sequence(tenant, lambda: self.cache.fork(source, seq_id)))
 
         return await self._unary("ForkSequence", context, run)
 
@@ -264,8 +299,12 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         async def run() -> pb.ReleaseSequenceResponse:
             check_id("sequence_id", request.sequence_id)
             seq_id = inward(auth.current().tenant, request.sequence_id)
-            await self.holds.settle(seq_id)
-            freed = self.cache.release(seq_id)
+            await self.tiers.settle(seq_id)  # a spill or restore under way ends first
+            if self.tiers.drop(seq_id):  # spilled: no device block to free
+                freed = 0
+            else:
+                await self.holds.settle(seq_id)
+                freed = self.cache.release(seq_id)
             self.ledger.drop_sequence(seq_id)
             return pb.ReleaseSequenceResponse(freed_blocks=freed)
 
@@ -289,8 +328,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                             f"sequence_id: {chunk.sequence_id!r}; expected {seq_id!r} "
                             "(one sequence per AppendKV stream)"
                         )
-                    await self.holds.settle(inward(tenant, seq_id))
-                    await self.writes.append_chunk(chunk, tenant)
+                    async with self.tiers.using([inward(tenant, seq_id)]):
+                        await self.holds.settle(inward(tenant, seq_id))
+                        await self.writes.append_chunk(chunk, tenant)
                 if seq_id is None:
                     raise InvalidArgument("AppendKV: empty stream; expected at least one chunk")
                 return self._seq_info(self.cache.get(inward(tenant, seq_id)))
@@ -313,12 +353,13 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             self.ledger.open_stream(tenant)  # one of the tenant's streams (max_streams)
             counted = True
             check_id("sequence_id", request.sequence_id)
-            await self.holds.settle(seq_id)
-            self.cache.get(seq_id)  # NOT_FOUND before the stream starts
-            with self.holds.pinned(seq_id):
-                for msg in self.export_messages(seq_id):
-                    msg.sequence_id = request.sequence_id  # the caller's id, without the tenant prefix
-                    yield msg
+            async with self.tiers.using([seq_id]):
+                await self.holds.settle(seq_id)
+                self.cache.get(seq_id)  # NOT_FOUND before the stream starts
+                with self.holds.pinned(seq_id):
+                    for msg in self.export_messages(seq_id):
+                        msg.sequence_id = request.sequence_id  # the caller's id, without the tenant prefix
+                        yield msg
         except ServiceError as exc:
             code = exc.code
             await context.abort(exc.code, scrub(exc, tenant).message)
@@ -369,7 +410,11 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                         if importer.header is None:
                             check_id("sequence_id", msg.sequence_id)
                         msg.sequence_id = inward(tenant, msg.sequence_id)  # into the caller's namespace
-                    job = importer.add(msg)
+                    if importer.header is None and msg.HasField("header"):  # room for its declared blocks
+                        async with self.tiers.room(migration.header_blocks(msg.header, self.cache.block_len)):
+                            job = importer.add(msg)
+                    else:
+                        job = importer.add(msg)
                     if job is None:
                         continue
                     await self.writes.run(*job)  # into blocks only this import names

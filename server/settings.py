@@ -53,3 +53,9 @@ class ServeSettings:
     # reads NEURON_LOGICAL_NC_CONFIG, `tkg.kernel.backends.neuron_env.lnc_config`). 2: trn2's default.
     lnc: int = 2
     backend_note: str = ""  # for the start line: why `auto` passed over a preferred backend
+    # KV tiers (`tkg.server.tiers`): host-memory bytes (0: none), the disk tier's directory (None:
+    # none; it also persists sequences across restarts) and its bound (None: free space less a margin).
+    host_cache_bytes: int = 0
+    spill_dir: str | None = None
+    spill_bytes: int | None = None
+    persist: str = "on-drain"

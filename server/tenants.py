@@ -140,6 +140,14 @@ class Ledger:
         if limit is not None and u.blocks + adding > limit:
             raise self._over(tenant, "max_blocks", u.blocks, adding, limit, "KV blocks")
 
+    def add_sequence(self, seq_id: str) -> None:
+        """Cache sequence `seq_id` appeared without a request (loaded from a spill directory)."""
+        name = tenant_of(seq_id)
+        u = self.usage.get(name)
+        if u is None:
+            u = self.usage[name] = Usage()
+        u.sequences += 1
+
     def drop_sequence(self, seq_id: str) -> None:
         """Cache sequence `seq_id` is gone (released or expired)."""
         u = self.usage.get(tenant_of(seq_id))

@@ -24,6 +24,7 @@ from tkg.server.holds import Holds
 from tkg.server.kv_cache import KVCache
 from tkg.server.step import StepEngine
 from tkg.server.tenants import Ledger, inward
+from tkg.server.tiers import Tiers
 from tkg.server.wire import WireChecks
 from tkg.v1 import decode_attention_pb2 as pb
 
@@ -37,10 +38,12 @@ class Writes:
     """
 
     def __init__(
-        self, cache: KVCache, engine: StepEngine, holds: Holds, ledger: Ledger, wire: WireChecks, bound: int
+        self, cache: KVCache, engine: StepEngine, holds: Holds, ledger: Ledger, wire: WireChecks, bound: int,
+        tiers: Tiers | None = None,
     ) -> None:  # fmt: skip
         self.cache, self.engine, self.holds, self.ledger, self.wire = cache, engine, holds, ledger, wire
         self.bound = bound
+        self.tiers = tiers if tiers is not None else Tiers(cache)
 
     async def run(self, write: Callable[[], None], size: int) -> None:
         """`write()` of `size` bytes: on the loop up to the bound, else on the worker thread
@@ -62,7 +65,8 @@ class Writes:
         else:
             k, v = self.wire.append_chunk(chunk)
         seq_id, layer, position = inward(tenant, chunk.sequence_id), chunk.layer, chunk.position
-        plan = self.cache.prepare_append(layer, [seq_id], [position], k.shape[0], ONE_SEQUENCE)
+        async with self.tiers.room(self.cache.blocks_needed(layer, [seq_id], k.shape[0])):  # the blocks it takes
+            plan = self.cache.prepare_append(layer, [seq_id], [position], k.shape[0], ONE_SEQUENCE)
         try:
             self.ledger.check_charged(tenant, plan.reserved_blocks)  # the cache's meter charged it
         except BaseException:

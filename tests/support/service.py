@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from tkg.kernel.kv_store import KVStore
-from tkg.server.app import make_store
+from tkg.server.app import make_store, make_tiers
 from tkg.server.config import ModelSpec, build_spec
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
@@ -22,14 +22,15 @@ from tkg.server.tenants import Ledger
 def make_service(
     spec: dict[str, Any] | ModelSpec, *, backend: str = "reference", clock: Callable[[], float] | None = None,
     store: KVStore | None = None, ready: bool = True, tenant_count: Callable[[], int] = lambda: 1,
-    per_tenant_info: bool = False, **settings: Any,
+    per_tenant_info: bool = False, wall: Callable[[], float] = time.time, **settings: Any,
 ) -> DecodeAttentionService:  # fmt: skip
     """A service over a fresh KV cache of `spec` (a raw spec dict or a built one), wired as
     `tkg.server.app.start` wires it (the cache's meter charges the service's ledger), not started.
 
     `settings`: `ServeSettings` fields; unless given, no batch delay (`batch_delay_us=0`).
     `store`: the KV store; None: the backend's own, as the app makes it (`tkg.server.app.make_store`).
-    `ready`: warmed up (RPCs answer) or still warming up (UNAVAILABLE)."""
+    `ready`: warmed up (RPCs answer) or still warming up (UNAVAILABLE).
+    `wall`: the KV tiers' wall clock (with `host_cache_bytes` / `spill_dir` settings)."""
     s = spec if isinstance(spec, ModelSpec) else build_spec(spec)
     opts = ServeSettings(backend=backend, **{"batch_delay_us": 0, **settings})
     ledger = Ledger()
@@ -38,9 +39,11 @@ def make_service(
         num_blocks=s.num_blocks, max_context=s.max_context, dtype=s.kv_dtype, clock=clock or time.monotonic,
         store=store or make_store(s, opts), meter=ledger.charge,
     )  # fmt: skip
+    tiers = make_tiers(s, opts, cache, ledger, wall)
     svc = DecodeAttentionService(
-        s, cache, opts, Metrics(backend), ledger, tenant_count=tenant_count, per_tenant_info=per_tenant_info
-    )
+        s, cache, opts, Metrics(backend), ledger, tenant_count=tenant_count, per_tenant_info=per_tenant_info,
+        tiers=tiers,
+    )  # fmt: skip
     if ready:
         svc.mark_ready()
     return svc

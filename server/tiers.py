@@ -1,0 +1,573 @@
+"""KV tiers: sequences past the device pool live in host memory or on disk, and come back on use.
+
+Tier `device` is the KV cache's own store (`tkg.server.kv_cache`); tier `host` holds whole
+sequences as numpy runs within `host_bytes`; tier `disk` holds them as files in a directory
+(`tkg.server.spill_files`) within `disk_bytes`. A sequence lives whole in one tier. What the
+cache does not hold is in `TierIndex` (the cache's `SequenceTable.outside`: its ids are taken and
+count against `max_sequences`).
+
+**Spill.** `room(n)` makes `n` device blocks available to its caller: while the pool's free
+blocks less the blocks already promised to other callers fall short, the least recently used
+idle resident sequence moves down: to `host` if it fits there, else to `disk` (idle: no append
+in flight and not in `users`, which every RPC touching its KV joins, queued decodes and exports
+included); RESOURCE_EXHAUSTED naming the full tiers when nothing can move. The promise lasts for
+the `async with`: the caller takes its blocks inside it (so two callers never count the same
+free block).
+
+**Restore.** `using(ids)` brings each spilled sequence back (blocks reserved under a promise,
+written off the loop, adopted in one loop step) and keeps all of them from being spilled until
+the block exits; every RPC that reads or writes KV runs inside it. A restore that fails leaves the
+sequence where it was; a corrupted file is dropped (NOT_FOUND, the reason logged).
+
+**Threading.** Bookkeeping (index, promises, the cache) changes on the event loop only, with no
+lock; the bulk copies (device <-> host runs, file reads and writes) run on the tiers' own threads
+(`TIER_THREADS`), never the kernel thread, so a restore never delays a resident sequence's decode.
+A thread only touches blocks no one else names (the spilled sequence's blocks, which nothing may
+use meanwhile: it is in `moving`; or blocks reserved for a restore) and the run it was handed.
+
+**Accounting.** A tenant's `max_blocks` counts its blocks in every tier: a spilled sequence is
+charged its whole block count (sharing with a fork is lost once spilled) through the cache's meter,
+under the sequence's own id (its owner, not the caller whose request caused the spill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from tkg.server import spill_files
+from tkg.server.errors import NotFound, ResourceExhausted
+from tkg.server.kv_cache import KVCache, SequenceState
+
+log = logging.getLogger("tkg.server")
+T = TypeVar("T")
+
+TIERS = ("device", "host", "disk")
+TIER_THREADS = 2  # a restore need not wait behind another sequence's spill write
+DISK_MARGIN = 1 << 30  # --spill-bytes default: the disk's free space less this (or 5%, the larger)
+
+
+@dataclass(eq=False)
+class Spilled:
+    """A sequence held outside the device: its cache state and where its run is."""
+
+    seq_id: str
+    lengths: tuple[int, ...]
+    base_position: int
+    num_blocks: int
+    last_used: float  # wall-clock seconds (time.time()): idle expiry survives restarts
+    tier: str  # "host" or "disk"
+    nbytes: int  # the run's bytes (num_blocks whole blocks, every layer, K and V)
+    payload: np.ndarray | None = None  # host tier: [num_layers, 2, Hkv, num_blocks, block_len, d]
+    path: Path | None = None  # disk tier
+
+
+@dataclass
+class TierCounts:
+    """Counters for metrics (`tkg_kv_spills_total`, `tkg_kv_restores_total`, ...), read at scrape."""
+
+    spills: Counter[str] = field(default_factory=Counter)  # tier moved to
+    restores: Counter[tuple[str, str]] = field(default_factory=Counter)  # (source, result)
+    persisted: Counter[str] = field(default_factory=Counter)  # result
+
+
+class TierIndex:
+    """The sequences outside the device, by cache id, with each tier's bytes (a `SequenceTable.outside`)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, Spilled] = {}
+        self.bytes = {"host": 0, "disk": 0}
+        self.count = {"host": 0, "disk": 0}
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, seq_id: str) -> Spilled | None:
+        return self.records.get(seq_id)
+
+    def add(self, rec: Spilled) -> None:
+        self.records[rec.seq_id] = rec
+        self.bytes[rec.tier] += rec.nbytes
+        self.count[rec.tier] += 1
+
+    def pop(self, seq_id: str) -> Spilled:
+        rec = self.records.pop(seq_id)
+        self.bytes[rec.tier] -= rec.nbytes
+        self.count[rec.tier] -= 1
+        return rec
+
+    def oldest(self, tier: str) -> Iterator[Spilled]:
+        """`tier`'s records, least recently used first."""
+        return iter(sorted((r for r in self.records.values() if r.tier == tier), key=lambda r: r.last_used))
+
+
+def file_name(seq_id: str) -> str:
+    """The disk tier's file for a cache id (ids may hold any character: hashed)."""
+    return hashlib.sha256(seq_id.encode()).hexdigest()[:40] + spill_files.SUFFIX
+
+
+def default_disk_bytes(directory: Path) -> int:
+    """`--spill-bytes` unset: the free space of `directory`'s file system less a margin, plus what
+    spill files there already use."""
+    usage = shutil.disk_usage(directory)
+    held = sum(p.stat().st_size for p in directory.glob("*" + spill_files.SUFFIX))
+    return max(0, usage.free - max(DISK_MARGIN, usage.total // 20)) + held
+
+
+class Tiers:
+    """The host and disk tiers of one cache, and the spills and restores between them.
+
+    Args:
+        cache: the device tier (its `seqs.outside` is set to this index here).
+        host_bytes: the host tier's budget (0: no host tier).
+        spill_dir: the disk tier's directory (None: no disk tier); adopted with `open_disk`.
+        disk_bytes: the disk tier's budget (None: `default_disk_bytes`).
+        meter: the cache's meter (`Ledger.charge`): blocks of spilled sequences stay charged.
+        wall: wall-clock seconds (injectable for tests); the cache's own clock is monotonic.
+    """
+
+    def __init__(
+        self, cache: KVCache, *, host_bytes: int = 0, spill_dir: Path | None = None, disk_bytes: int | None = None,
+        meter: Callable[[str, int], None] = lambda seq_id, delta: None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
+        if host_bytes < 0:
+            raise ValueError(f"host_bytes: expected >= 0, got {host_bytes}")
+        self.cache = cache
+        self.index = TierIndex()
+        cache.seqs.outside = self.index
+        self.host_bytes = host_bytes
+        self.spill_dir = spill_dir
+        self.disk_bytes = 0 if spill_dir is None else disk_bytes
+        self.block_bytes = cache.bytes_per_block(
+            cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.block_len, cache.dtype
+        )  # fmt: skip
+        self._meter = meter
+        self._wall = wall
+        self.counts = TierCounts()
+        self.on_restore: Callable[[float], None] = lambda seconds: None  # the metrics' histogram
+        self.promised = 0  # device blocks promised to callers inside `room` (not yet taken)
+        self._reserved = {"host": 0, "disk": 0}  # tier bytes of spills under way
+        self._freeing = 0  # device blocks spills under way will free
+        self.moving: dict[str, asyncio.Future[None]] = {}  # sequences being spilled or restored
+        self.users: Counter[str] = Counter()  # sequences callers are using (never spilled meanwhile)
+        self._changed: asyncio.Event | None = None
+        self._threads: ThreadPoolExecutor | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.host_bytes > 0 or self.spill_dir is not None
+
+    # ---- where a sequence is ------------------------------------------------------------------
+
+    def tier_of(self, seq_id: str) -> str | None:
+        if seq_id in self.cache:
+            return "device"
+        rec = self.index.get(seq_id)
+        return None if rec is None else rec.tier
+
+    def state(self, seq_id: str) -> tuple[SequenceState, str]:
+        """(state, tier) of a live sequence in any tier; NOT_FOUND like the cache's `get`."""
+        rec = self.index.get(seq_id)
+        if rec is None:
+            return self.cache.get(seq_id), "device"
+        return SequenceState(seq_id, rec.lengths, rec.num_blocks, (), rec.base_position), rec.tier
+
+    def busy(self, seq_id: str) -> bool:
+        """Being moved or used: idle expiry keeps it."""
+        return seq_id in self.moving or seq_id in self.users
+
+    # ---- what callers run inside ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def using(self, seq_ids: Iterable[str]) -> AsyncIterator[None]:
+        """Every one of `seq_ids` that exists is on the device for the enclosed block and is not
+        spilled meanwhile (ids that exist nowhere are left for the caller's own NOT_FOUND)."""
+        ids = list(dict.fromkeys(seq_ids))
+        if not self.enabled:
+            yield
+            return
+        self.users.update(ids)
+        try:
+            for seq_id in ids:
+                await self.resident(seq_id)
+            yield
+        finally:
+            self.users.subtract(ids)
+            for seq_id in ids:
+                if self.users[seq_id] <= 0:
+                    del self.users[seq_id]
+
+    async def resident(self, seq_id: str) -> None:
+        """Wait for a move of `seq_id` under way; restore it when it is spilled."""
+        while True:
+            moving = self.moving.get(seq_id)
+            if moving is not None:
+                await asyncio.shield(moving)
+                continue
+            if seq_id in self.index:
+                await self._restore(seq_id)
+                continue
+            return
+
+    @contextlib.asynccontextmanager
+    async def room(self, need: int) -> AsyncIterator[None]:
+        """`need` device blocks free for the enclosed block (promised to it; see the module docstring)."""
+        if not self.enabled or need <= 0:
+            yield
+            return
+        await self._make_room(need)
+        try:
+            yield
+        finally:
+            self.promised -= need
+            self._notify()
+
+    async def settle(self, seq_id: str) -> None:
+        """Wait until no move of `seq_id` is under way (release and expiry act on a resting sequence)."""
+        while (moving := self.moving.get(seq_id)) is not None:
+            await asyncio.shield(moving)
+
+    # ---- spilling ---------------------------------------------------------------------------
+
+    async def _make_room(self, need: int) -> None:
+        cache = self.cache
+        if need > cache.num_blocks:
+            raise ResourceExhausted(
+                f"device tier: {need} blocks needed, the pool has {cache.num_blocks}; expected at most that"
+            )
+        tried: set[str] = set()  # a spill that failed is not retried by this call
+        while cache.free_blocks - self.promised < need:
+            short = need - (cache.free_blocks - self.promised)
+            if self._freeing < short:
+                victim = self._victim(tried)
+                if victim is not None:
+                    tried.add(victim[0])
+                    self._start_spill(victim)
+                    continue
+                if not self._freeing and not self._restoring():
+                    raise ResourceExhausted(self._full_message(need))
+            await self._wait_change()
+        self.promised += need
+
+    def _restoring(self) -> bool:
+        return any(s in self.index for s in self.moving)
+
+    def _full_message(self, need: int) -> str:
+        host = f"host tier {self.index.bytes['host']} of {self.host_bytes} bytes" if self.host_bytes else "no host tier"
+        disk = (
+            f"disk tier {self.index.bytes['disk']} of {self.disk_bytes} bytes" if self.spill_dir is not None
+            else "no disk tier"
+        )  # fmt: skip
+        return (
+            f"device tier: {need} blocks needed, {max(0, self.cache.free_blocks - self.promised)} free and no idle "
+            f"sequence can move down ({host}, {disk}); expected fewer sequences in use at once or larger tiers"
+        )
+
+    def _victim(self, skip: set[str]) -> tuple[str, str] | None:
+        """(id, destination tier) of the least recently used idle resident sequence that frees a
+        block and fits a lower tier; None when there is none."""
+        seqs = self.cache.seqs
+        live = np.flatnonzero(seqs.live & ~seqs.pending.any(axis=1))
+        for slot in live[np.argsort(seqs.last_used[live], kind="stable")].tolist():
+            seq_id = seqs.id_of(slot)
+            if seq_id in self.users or seq_id in self.moving or seq_id in skip:
+                continue
+            held = seqs.held(slot)
+            if not held.size or not (self.cache.pool.refcounts(held) == 1).any():
+                continue  # frees nothing: every block is shared with a fork that stays
+            dest = self._destination(held.size * self.block_bytes)
+            if dest is not None:
+                return seq_id, dest
+            return None  # the oldest does not fit anywhere: younger ones are no smaller in general
+        return None
+
+    def _destination(self, nbytes: int) -> str | None:
+        for tier, budget in (("host", self.host_bytes), ("disk", self.disk_bytes or 0)):
+            if tier == "disk" and self.spill_dir is None:
+                continue
+            if self.index.bytes[tier] + self._reserved[tier] + nbytes <= budget:
+                return tier
+        return None
+
+    def _start_spill(self, victim: tuple[str, str]) -> None:
+        seq_id, dest = victim
+        slot = self.cache.seqs.slot("sequence_id", seq_id)
+        held = self.cache.seqs.held(slot).copy()
+        freeing = int((self.cache.pool.refcounts(held) == 1).sum())
+        nbytes = held.size * self.block_bytes
+        self.moving[seq_id] = asyncio.get_running_loop().create_future()
+        self._reserved[dest] += nbytes
+        self._freeing += freeing
+        task = asyncio.ensure_future(self._spill(seq_id, dest, held, nbytes, freeing))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged in `_spill`: retrieved here
+
+    async def _spill(self, seq_id: str, dest: str, held: np.ndarray, nbytes: int, freeing: int) -> None:
+        cache = self.cache
+        slot = cache.seqs.slot("sequence_id", seq_id)
+        mono_age = cache._clock() - float(cache.seqs.last_used[slot])
+        state = cache.get(seq_id)
+        rec = Spilled(
+            seq_id, state.lengths, state.base_position, held.size, self._wall() - mono_age, dest, nbytes,
+        )  # fmt: skip
+        try:
+            payload = np.empty(cache.store.sequence_shape(held.size), cache.dtype)
+            await self._off(lambda: cache.store.read_sequence(held, payload))
+            if dest == "disk":
+                rec.path = await self._off(lambda: self._write(rec, payload))
+            else:
+                rec.payload = payload
+            # One loop step from here: the device copy goes, the tier copy comes, charges follow.
+            cache.release(seq_id)
+            self.index.add(rec)
+            self._meter(seq_id, rec.num_blocks)
+            self.counts.spills[dest] += 1
+        except BaseException:
+            log.warning("spill of sequence %r to %s failed; it stays on the device", seq_id[:64], dest, exc_info=True)
+            raise
+        finally:
+            self._reserved[dest] -= nbytes
+            self._freeing -= freeing
+            self._done_moving(seq_id)
+
+    def _write(self, rec: Spilled, payload: np.ndarray) -> Path:
+        assert self.spill_dir is not None
+        path = self.spill_dir / file_name(rec.seq_id)
+        header = spill_files.FileHeader(
+            rec.seq_id, rec.lengths, rec.base_position, rec.last_used, rec.num_blocks, payload.dtype.name,
+            tuple(payload.shape), payload.nbytes,
+        )  # fmt: skip
+        spill_files.write_file(path, header, payload)
+        return path
+
+    # ---- restoring --------------------------------------------------------------------------
+
+    async def _restore(self, seq_id: str) -> None:
+        rec = self.index.records[seq_id]
+        cache = self.cache
+        t0 = time.perf_counter()
+        self.moving[seq_id] = asyncio.get_running_loop().create_future()
+        result = "failed"
+        try:
+            async with self.room(rec.num_blocks):
+                ids = cache.reserve(seq_id, rec.num_blocks)
+            try:
+                payload = rec.payload
+                if payload is None:
+                    assert rec.path is not None
+                    path = rec.path
+                    payload = await self._off(lambda: _read(path))
+                await self._off(lambda: cache.store.write_sequence(ids, payload))
+            except spill_files.CorruptFile as exc:
+                cache.unreserve(seq_id, ids)
+                self._drop(seq_id)
+                result = "corrupt"
+                log.error("sequence %r dropped: %s", seq_id[:64], exc)
+                raise NotFound(
+                    f"sequence_id: {seq_id!r}'s stored KV failed its checksum and was dropped; expected a "
+                    "sequence to re-create"
+                ) from None
+            except BaseException:
+                cache.unreserve(seq_id, ids)
+                raise
+            # One loop step: the tier copy goes, the device copy comes.
+            self.index.pop(seq_id)
+            self._meter(seq_id, -rec.num_blocks)
+            cache.adopt(seq_id, ids, rec.lengths, rec.base_position, count_tokens=False)
+            result = "ok"
+            if rec.path is not None:
+                self._unlink_later(rec.path)
+        finally:
+            self.counts.restores[(rec.tier, result)] += 1
+            if result == "ok":
+                self.on_restore(time.perf_counter() - t0)
+            self._done_moving(seq_id)
+
+    # ---- release and expiry -------------------------------------------------------------------
+
+    def drop(self, seq_id: str) -> bool:
+        """Forget spilled `seq_id` (its blocks uncharged, its file removed); False when it is not spilled."""
+        if seq_id not in self.index:
+            return False
+        self._drop(seq_id)
+        return True
+
+    def _drop(self, seq_id: str) -> None:
+        rec = self.index.pop(seq_id)
+        self._meter(seq_id, -rec.num_blocks)
+        if rec.path is not None:
+            self._unlink_later(rec.path)
+
+    def expire(self, ttl_s: float) -> list[str]:
+        """Drop spilled sequences unused for more than `ttl_s` wall-clock seconds (not moving or in use)."""
+        now = self._wall()
+        gone = [
+            s for s, r in self.index.records.items() if now - r.last_used > ttl_s and not self.busy(s)
+        ]  # fmt: skip
+        for seq_id in gone:
+            self._drop(seq_id)
+        return gone
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def open_disk(self, fingerprint: dict[str, Any]) -> list[str]:
+        """Adopt the spill directory (SpecMismatch on another spec) and load the sequences it holds
+        into the disk tier; returns their ids. Corrupt files and stray temporaries are removed,
+        each with the reason logged; the rest load."""
+        if self.spill_dir is None:
+            return []
+        d = self.spill_dir
+        spill_files.check_spec(d, fingerprint)
+        if self.disk_bytes is None:
+            self.disk_bytes = default_disk_bytes(d)
+        for tmp in d.glob(".*.tmp"):
+            log.warning("spill dir: removing %s (an interrupted write)", tmp.name)
+            tmp.unlink(missing_ok=True)
+        loaded = []
+        want = self.cache.store.sequence_shape(0)
+        for path in sorted(d.glob("*" + spill_files.SUFFIX)):
+            try:
+                h = spill_files.read_header(path)
+                problem = self._unfit(h, want)
+            except spill_files.CorruptFile as exc:
+                problem = str(exc)
+            if problem is not None:
+                log.error("spill dir: %s not loaded: %s", path.name, problem)
+                path.unlink(missing_ok=True)
+                continue
+            rec = Spilled(
+                h.sequence_id, h.lengths, h.base_position, h.num_blocks, h.last_used, "disk",
+                h.num_blocks * self.block_bytes, path=path,
+            )  # fmt: skip
+            self.index.add(rec)
+            self._meter(h.sequence_id, h.num_blocks)
+            loaded.append(h.sequence_id)
+        return loaded
+
+    def _unfit(self, h: spill_files.FileHeader, want: tuple[int, ...]) -> str | None:
+        cache = self.cache
+        shape = (*want[:3], h.num_blocks, *want[4:])
+        if h.shape != shape or h.dtype != cache.dtype.name:
+            return f"payload {h.dtype}{list(h.shape)}; expected {cache.dtype.name}{list(shape)}"
+        if h.sequence_id in self.index or h.sequence_id in cache:
+            return f"sequence {h.sequence_id!r} twice"
+        if h.base_position < 0 or h.base_position + max(h.lengths, default=0) > cache.max_context:
+            return f"sequence ends past max_context {cache.max_context}"
+        if h.num_blocks != -(-max(h.lengths, default=0) // cache.block_len) or len(h.lengths) != cache.num_layers:
+            return f"{h.num_blocks} blocks for lengths {list(h.lengths)}"
+        return None
+
+    async def persist_all(self) -> tuple[int, int]:
+        """Write every sequence of the device and host tiers to the disk tier (a drain with no
+        peer to take them); (written, failed). Nothing moves meanwhile: calls have drained."""
+        if self.spill_dir is None:
+            return 0, 0
+        cache, ok, failed = self.cache, 0, 0
+        for seq_id in [*cache.sequence_ids(), *(r.seq_id for r in self.index.oldest("host"))]:
+            try:
+                await self.settle(seq_id)
+                await self._persist_one(seq_id)
+                ok += 1
+                self.counts.persisted["ok"] += 1
+            except Exception:
+                failed += 1
+                self.counts.persisted["failed"] += 1
+                log.exception("persist: sequence %r not written", seq_id[:64])
+        return ok, failed
+
+    async def _persist_one(self, seq_id: str) -> None:
+        cache = self.cache
+        rec = self.index.get(seq_id)
+        if rec is None:  # on the device
+            slot = cache.seqs.slot("sequence_id", seq_id)
+            held = cache.seqs.held(slot).copy()
+            state = cache.get(seq_id)
+            age = cache._clock() - float(cache.seqs.last_used[slot])
+            rec = Spilled(seq_id, state.lengths, state.base_position, held.size, self._wall() - age, "disk",
+                          held.size * self.block_bytes)  # fmt: skip
+            payload = np.empty(cache.store.sequence_shape(held.size), cache.dtype)
+            await self._off(lambda: cache.store.read_sequence(held, payload))
+            rec.path = await self._off(lambda: self._write(rec, payload))
+            return
+        if rec.tier == "host":
+            assert rec.payload is not None
+            payload = rec.payload
+            path = await self._off(lambda: self._write(rec, payload))
+            self.index.pop(seq_id)
+            rec.tier, rec.payload, rec.path = "disk", None, path
+            self.index.add(rec)
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    async def _off(self, fn: Callable[[], T]) -> T:
+        """`fn()` on a tiers thread; returns only once the thread let go (even when cancelled)."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(TIER_THREADS, thread_name_prefix="tkg-tiers")
+        job = asyncio.wrap_future(self._threads.submit(fn))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            while not job.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({job})
+            raise
+
+    def _unlink_later(self, path: Path) -> None:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(TIER_THREADS, thread_name_prefix="tkg-tiers")
+        self._threads.submit(lambda: path.unlink(missing_ok=True))
+
+    def _done_moving(self, seq_id: str) -> None:
+        fut = self.moving.pop(seq_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def _wait_change(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        await self._changed.wait()
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._threads = None
+
+
+def _read(path: Path) -> np.ndarray:
+    return spill_files.read_payload(path, spill_files.read_header(path))
+
+
+def spec_fingerprint(spec: Any) -> dict[str, Any]:
+    """What the stored bytes of a spill directory mean (`tkg.server.config.ModelSpec`): geometry,
+    KV and I/O dtype, fp8 scales, RoPE, windows, sinks, block length. Any difference refuses it."""
+    sinks = None
+    if spec.sinks is not None:
+        sinks = hashlib.sha256(np.ascontiguousarray(spec.sinks, np.float32).tobytes()).hexdigest()
+    return {
+        "num_layers": spec.num_layers, "num_q_heads": spec.num_q_heads, "num_kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim, "block_len": spec.block_len, "kv_dtype": spec.kv_dtype,
+        "io_dtype": spec.wire_dtype, "k_scale": list(spec.k_scale), "v_scale": list(spec.v_scale),
+        "fuse_rope": spec.fuse_rope, "rope_theta": spec.rope_theta, "rope_scaling": spec.rope_scaling,
+        "sliding_window": list(spec.sliding_window), "sinks_sha256": sinks,
+    }  # fmt: skip
