@@ -40,7 +40,8 @@ from tkg.server.metrics import Metrics
 from tkg.server.service import DecodeAttentionService
 from tkg.server.settings import ServeSettings
 from tkg.server.tenants import Ledger
-from tkg.server.tiers import Tiers, spec_fingerprint
+from tkg.server.tier_index import spec_fingerprint
+from tkg.server.tiers import Tiers
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 

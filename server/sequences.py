@@ -129,7 +129,9 @@ class SequenceTable:
             raise AlreadyExists(f"sequence_id: {seq_id!r} is already in use; expected an unused id")
         live = len(self._slot_of) + len(self.outside)
         if self.max_sequences is not None and live >= self.max_sequences:
-            raise ResourceExhausted(f"sequences: {live} live; expected at most {self.max_sequences} (every KV tier counts)")
+            raise ResourceExhausted(
+                f"sequences: {live} live; expected at most {self.max_sequences} (every KV tier counts)"
+            )
 
     def add(self, seq_id: str, now: float, base: int = 0) -> int:
         """A zeroed slot for `seq_id` (checked with `check_new_id` first) whose first token sits at
