@@ -37,7 +37,7 @@ def make_service(
     cache = KVCache(
         num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, block_len=s.block_len,
         num_blocks=s.num_blocks, max_context=s.max_context, dtype=s.kv_dtype, clock=clock or time.monotonic,
-        store=store or make_store(s, opts), meter=ledger.charge,
+        store=store or make_store(s, opts), meter=ledger.charge, max_sequences=opts.max_sequences,
     )  # fmt: skip
     tiers = make_tiers(s, opts, cache, ledger, wall)
     svc = DecodeAttentionService(
