@@ -227,16 +227,22 @@ class AppendOps:
             cow = int((self.pool.refcounts(seqs.tables[slots[rows], cols]) > 1).sum())
         return fresh, cow
 
-    def blocks_needed(self, layer: int, seq_ids: Sequence[str], num_tokens: int) -> int:
-        """The blocks an append of `num_tokens` at `layer` to `seq_ids` would reserve now (KV tiers
-        make that much room first); ids not live and bad arguments count 0 (the append itself then
-        refuses them). Changes nothing."""
-        slot_of = self.seqs._slot_of
+    def blocks_needed(
+        self, layer: int, seq_ids: Sequence[str], num_tokens: int, positions: Sequence[int] | np.ndarray
+    ) -> int:
+        """The blocks an append of `num_tokens` at `layer` to `seq_ids` at absolute `positions`
+        would reserve now (KV tiers make that much room first). 0 when the append would be refused
+        (an id not live, a position not at its end, bad arguments): it then fails before taking
+        anything, and nothing moves for it. Changes nothing."""
+        slot_of, seqs = self.seqs._slot_of, self.seqs
         found = [slot for s in seq_ids if (slot := slot_of.get(s)) is not None]
-        if not found or not 0 <= layer < self.num_layers or num_tokens < 1:
+        if len(found) != len(seq_ids) or not 0 <= layer < self.num_layers or num_tokens < 1:
             return 0
         slots = np.array(found, dtype=np.int64)
-        fresh, cow = self._blocks_for(slots, self.seqs.lengths[slots, layer], num_tokens)
+        lens = seqs.lengths[slots, layer]
+        if len(positions) != len(found) or (np.asarray(positions) != seqs.base[slots] + lens).any():
+            return 0
+        fresh, cow = self._blocks_for(slots, lens, num_tokens)
         return fresh + cow
 
     def _prepare_small(

@@ -153,7 +153,9 @@ class Importer:
 
         return write, k.nbytes + v.nbytes
 
-    def _start(self, msg: pb.SequenceChunk) -> None:
+    def check_header(self, msg: pb.SequenceChunk) -> int:
+        """Check message 0 (header, ids, the tenant's quotas) without taking anything; returns the
+        blocks the import needs (the service makes that much room before `add` reserves them)."""
         if not msg.HasField("header"):
             raise InvalidArgument("header: missing in message 0; expected the stream ExportSequence produces")
         if msg.HasField("k") or msg.HasField("v"):
@@ -182,6 +184,11 @@ class Importer:
             raise AlreadyExists(f"sequence_id: {msg.sequence_id!r} is already in use; expected an unused id")
         need = header_blocks(h, c.block_len)
         self.admit(need)  # the tenant's quotas, before a single block or buffer is taken
+        return need
+
+    def _start(self, msg: pb.SequenceChunk) -> None:
+        need = self.check_header(msg)
+        h, c = msg.header, self.cache
         if need > c.free_blocks:  # never the pool's free count: that is other tenants' usage
             raise pool_full(need, " (header.lengths)")
         self.blocks = c.reserve(msg.sequence_id, need)

@@ -219,7 +219,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         tiers = self.tiers
         try:
             if tiers.enabled:  # spilled sequences come back; room for the step's new blocks
-                need = 0 if work.attend_only else self.cache.blocks_needed(work.layer, work.seq_ids, work.s_active)
+                need = 0
+                if not work.attend_only:
+                    need = self.cache.blocks_needed(work.layer, work.seq_ids, work.s_active, work.positions)
                 async with tiers.using(work.seq_ids), tiers.room(need):
                     out, timing = await self.batcher.decode(work)
             else:
@@ -410,8 +412,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                         if importer.header is None:
                             check_id("sequence_id", msg.sequence_id)
                         msg.sequence_id = inward(tenant, msg.sequence_id)  # into the caller's namespace
-                    if importer.header is None and msg.HasField("header"):  # room for its declared blocks
-                        async with self.tiers.room(migration.header_blocks(msg.header, self.cache.block_len)):
+                    if importer.header is None and self.tiers.enabled:  # checked, then room for its blocks
+                        async with self.tiers.room(importer.check_header(msg)):
                             job = importer.add(msg)
                     else:
                         job = importer.add(msg)

@@ -145,7 +145,7 @@ class Tiers:
         while True:
             moving = self.moving.get(seq_id)
             if moving is not None:
-                await asyncio.shield(moving)
+                await self._await_move(seq_id, moving)
                 continue
             if seq_id in self.index:
                 await self._restore(seq_id)
@@ -168,7 +168,11 @@ class Tiers:
     async def settle(self, seq_id: str) -> None:
         """Wait until no move of `seq_id` is under way (release and expiry act on a resting sequence)."""
         while (moving := self.moving.get(seq_id)) is not None:
-            await asyncio.shield(moving)
+            await self._await_move(seq_id, moving)
+
+    async def _await_move(self, seq_id: str, moving: asyncio.Future[None]) -> None:
+        """Wait for the move of `seq_id` under way (its own method: race tests observe the wait)."""
+        await asyncio.shield(moving)
 
     # ---- spilling ---------------------------------------------------------------------------
 

@@ -65,7 +65,8 @@ class Writes:
         else:
             k, v = self.wire.append_chunk(chunk)
         seq_id, layer, position = inward(tenant, chunk.sequence_id), chunk.layer, chunk.position
-        async with self.tiers.room(self.cache.blocks_needed(layer, [seq_id], k.shape[0])):  # the blocks it takes
+        need = self.cache.blocks_needed(layer, [seq_id], k.shape[0], [position])  # 0 for a bad position
+        async with self.tiers.room(need):
             plan = self.cache.prepare_append(layer, [seq_id], [position], k.shape[0], ONE_SEQUENCE)
         try:
             self.ledger.check_charged(tenant, plan.reserved_blocks)  # the cache's meter charged it

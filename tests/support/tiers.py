@@ -1,6 +1,6 @@
-"""KV tier test helpers: a small service with tiers, sequence filling, and `GatedSpill`, which parks
-a spill inside its copy (on the tiers' thread) until the test opens the gate, so a racing RPC
-runs while the sequence is half-moved (tests/test_tier_races.py)."""
+"""KV tier test helpers: a small service with tiers, sequence filling, and `Gated`, which parks
+a spill or a restore inside its copy (on the tiers' thread) until the test opens the gate, so a
+racing RPC runs while the sequence is half-moved (tests/test_tier_races.py)."""
 
 from __future__ import annotations
 
@@ -69,32 +69,45 @@ async def tier(svc: DecodeAttentionService, sid: str) -> str:
     return (await rpc(svc, "GetSequence", pb.GetSequenceRequest(sequence_id=sid))).tier
 
 
-class GatedSpill:
-    """Stands in for `HostKVStore.read_sequence` (a spill's copy): signals `started`, then blocks the
-    tiers' thread until `gate` opens, then copies. Restores are not gated."""
+class Gated:
+    """Stands in for a `HostKVStore` method on the tiers' thread (`read_sequence`: a spill's copy;
+    `write_sequence`: a restore's): signals `started`, blocks until `gate` opens, then runs it."""
 
-    def __init__(self) -> None:
-        self.real = HostKVStore.read_sequence
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.real = getattr(HostKVStore, name)
         self.started = threading.Event()
         self.gate = threading.Event()
-        self.calls = 0
 
     def __get__(self, store: HostKVStore, owner: type) -> Any:
         return lambda *args, **kwargs: self(store, *args, **kwargs)
 
-    def __call__(self, store: HostKVStore, blocks: np.ndarray, out: np.ndarray) -> None:
-        self.calls += 1
+    def __call__(self, store: HostKVStore, *args: Any) -> None:
         self.started.set()
         assert self.gate.wait(30), "the test never opened the gate"
-        self.real(store, blocks, out)
+        self.real(store, *args)
 
     async def wait_started(self) -> None:
-        assert await asyncio.get_running_loop().run_in_executor(None, self.started.wait, 30), "no spill started"
+        ok = await asyncio.get_running_loop().run_in_executor(None, self.started.wait, 30)
+        assert ok, f"no {self.name} started"
 
-    def __enter__(self) -> GatedSpill:
-        HostKVStore.read_sequence = self  # type: ignore[assignment,method-assign]
+    def __enter__(self) -> Gated:
+        setattr(HostKVStore, self.name, self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.gate.set()
-        HostKVStore.read_sequence = self.real  # type: ignore[method-assign]
+        setattr(HostKVStore, self.name, self.real)
+
+
+def move_waits(svc: DecodeAttentionService) -> asyncio.Event:
+    """An event set once a call waits for a spill or restore of a sequence it names."""
+    tiers, real = svc.tiers, svc.tiers._await_move
+    waiting = asyncio.Event()
+
+    async def wait(seq_id: str, moving: asyncio.Future[None]) -> None:
+        waiting.set()
+        await real(seq_id, moving)
+
+    tiers._await_move = wait  # type: ignore[method-assign]
+    return waiting
