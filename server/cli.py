@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "entry of the peers' auth files, so every tenant's sequences move (default: the first "
                    "--auth-token: tenant 'default' only; under mTLS this replica's certificate)")  # fmt: skip
     a.add_argument("--read-only-token", action="append", default=[],
-                   help="bearer token for GetServerInfo/GetSequence only (repeatable)")  # fmt: skip
+                   help="bearer token for GetServerInfo/GetSequence/PrefetchSequence only (repeatable)")  # fmt: skip
     a.add_argument("--auth-file", help="tenants, roles, token hashes or client subjects, quotas (YAML/JSON; "
                    "re-read on SIGHUP)")  # fmt: skip
     a.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key the port serves TLS only")
@@ -344,7 +344,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     try:
         app = await app_mod.start(spec, settings)
-    except OSError as exc:
+    except (OSError, ConfigError) as exc:  # a port in use; a spill directory of another spec
         print(f"tkg serve: error: {exc}", file=sys.stderr)
         return 1
     if args is not None:

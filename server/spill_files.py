@@ -221,7 +221,7 @@ def check_spec(directory: Path, fingerprint: dict[str, Any]) -> None:
         have = json.loads(path.read_text())
     except ValueError as exc:
         raise SpecMismatch(f"{path}: unreadable ({exc}); expected the spec file tkg wrote") from None
-    for key in sorted(set(want) | set(have)):
+    for key in [*want, *(k for k in have if k not in want)]:  # the spec's own order: kv_dtype before io_dtype
         if have.get(key) != want.get(key):
             raise SpecMismatch(
                 f"--spill-dir {directory}: field {key!r} is {have.get(key)!r} in the stored data, "
