@@ -39,10 +39,6 @@ OVERLAYS = ("cpu", "trn")
 OVERLAY_IDS = [f"overlay-{o}" for o in OVERLAYS]
 API_MD = ROOT.parent / "shared" / "design" / "api.md"
 
-# `tkg serve` flags the deploy files pass that the server on this branch does not have yet: the KV tiers'
-# (issue #19; the server side lands them in server/cli.py). The flag checks accept these and fail as soon
-# as the server knows one, naming it: then delete it here so it is checked like the rest.
-NOT_IN_SERVER_YET = frozenset({"--spill-dir", "--spill-bytes"})
 # Where the deploy files put the KV spill directory (--spill-dir): a volume of its own.
 SPILL_DIR = "/var/lib/tkg/spill"
 
@@ -236,15 +232,6 @@ def server_parser_flags() -> set[str]:
     from tkg.server.cli import build_parser
 
     return {opt for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
-
-
-def unknown_flags(flags: dict[str, str]) -> set[str]:
-    """The flags of a deploy command line `tkg serve` does not accept (those NOT_IN_SERVER_YET
-    aside); fails when the server knows one of NOT_IN_SERVER_YET, so that list only shrinks."""
-    known = server_parser_flags()
-    landed = NOT_IN_SERVER_YET & known
-    assert not landed, f"tkg serve knows {landed} now: delete them from NOT_IN_SERVER_YET"
-    return set(flags) - known - NOT_IN_SERVER_YET
 
 
 def quantity_bytes(quantity: str) -> int:
@@ -581,7 +568,8 @@ def test_compose_stack_fits_together() -> None:
     grace = float(flags["--grace-s"])
     stop = float(tkg["stop_grace_period"].removesuffix("s"))
     assert stop > grace, f"stop_grace_period {stop}s must exceed the server's --grace-s {grace}s"
-    assert not unknown_flags(flags), f"compose passes flags tkg serve does not know: {unknown_flags(flags)}"
+    known = server_parser_flags()
+    assert set(flags) <= known, f"compose passes flags tkg serve does not know: {set(flags) - known}"
     # KV tiers: the spill directory is a named volume (it outlives the container), the image makes
     # the mount point its user's (so the volume is writable), and --spill-bytes bounds it.
     assert flags["--spill-dir"] == SPILL_DIR and int(flags["--spill-bytes"]) > 0, flags
@@ -905,7 +893,8 @@ def test_k8s_wiring(overlay: str) -> None:
     budget = pod["spec"]["terminationGracePeriodSeconds"]
     assert sleep_s + grace + 5 <= budget <= sleep_s + grace + 30, (sleep_s, grace, budget)
     assert flags["--port"] == "50051" and flags["--metrics-port"] == "9400", flags
-    assert not unknown_flags(flags), f"manifest passes flags tkg serve does not know: {unknown_flags(flags)}"
+    known = server_parser_flags()
+    assert set(flags) <= known, f"manifest passes flags tkg serve does not know: {set(flags) - known}"
 
     # Every mount has its volume: a pod volume or one of the set's claim templates (an overlay's
     # strategic-merge list of claims would replace the base's and leave a mount dangling).
