@@ -148,6 +148,12 @@ class AsyncClient:
             return await self._run(self._segments.info(sequence_id), timeout)
         return await self._call(self._core.get(sequence_id), timeout)
 
+    async def prefetch_sequence(self, sequence_id: str, timeout: float | None = None) -> pb.SequenceInfo:
+        """As `Client.prefetch_sequence`: the sequence's `SequenceInfo` once it is on the device."""
+        if self._segments is not None:
+            return await self._run(self._segments.prefetch(sequence_id), timeout)
+        return await self._call(self._core.prefetch(sequence_id), timeout)
+
     async def truncate(self, sequence_id: str, length: int, timeout: float | None = None) -> pb.SequenceInfo:
         if self._segments is not None:
             return await self._run(self._segments.truncate(sequence_id, length), timeout)

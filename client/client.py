@@ -177,6 +177,15 @@ class Client:
             return self._run(self._segments.info(sequence_id), timeout)
         return self._call(self._core.get(sequence_id), timeout)
 
+    def prefetch_sequence(self, sequence_id: str, timeout: float | None = None) -> pb.SequenceInfo:
+        """Bring a spilled sequence (`SequenceInfo.tier` "host" or "disk") back to the device ahead
+        of its next step; returns its `SequenceInfo` once it is there (tier "device"). A sequence
+        already there answers at once. Followed after a drain like `get_sequence`; with
+        `segment_tokens`, every segment at once (the merged info's tier is the coldest segment's)."""
+        if self._segments is not None:
+            return self._run(self._segments.prefetch(sequence_id), timeout)
+        return self._call(self._core.prefetch(sequence_id), timeout)
+
     def truncate(self, sequence_id: str, length: int, timeout: float | None = None) -> pb.SequenceInfo:
         if self._segments is not None:
             return self._run(self._segments.truncate(sequence_id, length), timeout)

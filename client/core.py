@@ -58,8 +58,11 @@ T = TypeVar("T")
 # RPCs whose NOT_FOUND is about a sequence (and may mean the replica restarted). A failure of one of
 # them about sequences found on one other replica is repeated there.
 SEQUENCE_METHODS = frozenset(
-    {"GetSequence", "AppendKV", "Decode", "TruncateSequence", "ForkSequence", "ReleaseSequence", "ExportSequence"}
-)
+    {
+        "GetSequence", "PrefetchSequence", "AppendKV", "Decode", "TruncateSequence", "ForkSequence",
+        "ReleaseSequence", "ExportSequence",
+    }
+)  # fmt: skip
 # RPCs answered with a stream: the shells collect it whole, so a failure mid-stream is a failed call.
 STREAM_RESPONSE_METHODS = frozenset({"ExportSequence"})
 # The lookups a verdict makes (GetSequence, GetServerInfo) are error paths: short deadlines.
@@ -164,6 +167,13 @@ class Core:
     def get(self, sequence_id: str) -> Call:
         req = pb.GetSequenceRequest(sequence_id=sequence_id)
         return Call(self.replica(sequence_id), "GetSequence", req, (sequence_id,))
+
+    def prefetch(self, sequence_id: str) -> Call:
+        """PrefetchSequence: the server brings a spilled sequence (tier "host" or "disk") back to
+        the device and answers its `SequenceInfo` once it is there. Routed, and followed after a
+        drain moved it, exactly like `get`."""
+        req = pb.PrefetchSequenceRequest(sequence_id=sequence_id)
+        return Call(self.replica(sequence_id), "PrefetchSequence", req, (sequence_id,))
 
     def truncate(self, sequence_id: str, length: int) -> Call:
         req = pb.TruncateSequenceRequest(sequence_id=sequence_id, length=length)

@@ -13,6 +13,9 @@ from tkg.client.errors import TkgError, from_code
 from tkg.v1 import decode_attention_pb2 as pb
 
 DEFAULT_MAX_MESSAGE = 64 * 2**20
+# `SequenceInfo.tier`, warmest first: where a sequence's KV lives now (api.md, KV tiers). A server
+# without tiers leaves the field empty.
+TIERS = ("device", "host", "disk")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,14 @@ class DecodeInput:
     v: np.ndarray
     request_id: str = ""
     extra: dict = field(default_factory=dict)
+
+
+def coldest_tier(tiers: Sequence[str]) -> str:
+    """The tier a use of all of `tiers` waits for (several segments of one sequence): the coldest
+    of them. Empty entries (a server without tiers) are ignored; a name this client does not know
+    counts as colder than "disk" (nothing says it is ready). "" when every entry is empty."""
+    known = [t for t in tiers if t]
+    return max(known, key=lambda t: TIERS.index(t) if t in TIERS else len(TIERS), default="")
 
 
 def decode_request(d: DecodeInput) -> pb.DecodeRequest:

@@ -11,7 +11,7 @@ decode step overran its tail by up to S-1 tokens (a step's causal triangle is ne
 Writes (AppendKV, Decode's new tokens) go to the segment that holds their position; Decode asks
 the tail with `return_lse` and every earlier segment that any query's window reaches with an
 `attend_only` request, all at once, and merges the answers exactly (`tkg.client.merge`).
-Truncate, release and export act per segment; fork is refused. Errors name the caller's
+Truncate, release, export and prefetch act per segment; fork is refused. Errors name the caller's
 sequence, never a segment.
 
 Every operation is a generator in the `Core.decode` style: it yields a `Batch` of calls (keys are
@@ -23,7 +23,7 @@ process made them) finds them by asking `"X#0"`, `"X#1"`, ... until one is not f
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -32,7 +32,7 @@ from tkg import codec
 from tkg.client import routing
 from tkg.client.errors import FailedPrecondition, NotFound, TkgError
 from tkg.client.merge import merge_states
-from tkg.client.messages import DecodeInput, DecodeResult, Timing, append_chunks
+from tkg.client.messages import DecodeInput, DecodeResult, Timing, append_chunks, coldest_tier
 from tkg.placement import ranking
 from tkg.v1 import decode_attention_pb2 as pb
 
@@ -50,6 +50,21 @@ def renamed(err: TkgError, seq_id: str) -> TkgError:
     """`err` about a segment of `seq_id`, naming the sequence instead (same class and replica)."""
     details = re.sub(re.escape(seq_id + SEGMENT_SEP) + r"\d+", lambda _: seq_id, err.details)
     return type(err)(details, err.replica)
+
+
+def merged(seq_id: str, bases: Sequence[int], infos: dict[int, pb.SequenceInfo]) -> pb.SequenceInfo:
+    """Segment j's `infos[j]` (base `bases[j]`) as one `SequenceInfo` of `seq_id`: per layer the
+    end `base + length` of its last non-empty segment, blocks summed, the first segment's
+    instance id, and the coldest segment's tier (`messages.coldest_tier`: what a step waits for)."""
+    lengths = [0] * len(infos[0].lengths)
+    for j in range(len(bases)):
+        for layer, n in enumerate(infos[j].lengths):
+            if n:
+                lengths[layer] = max(lengths[layer], int(infos[j].base_position) + n)
+    return pb.SequenceInfo(
+        sequence_id=seq_id, lengths=lengths, num_blocks=sum(i.num_blocks for i in infos.values()),
+        instance_id=infos[0].instance_id, tier=coldest_tier([i.tier for i in infos.values()]),
+    )  # fmt: skip
 
 
 class Segments:
@@ -119,23 +134,22 @@ class Segments:
         return self.windows[layer] if layer < len(self.windows) else 0
 
     def info(self, seq_id: str) -> Plan[pb.SequenceInfo]:
-        """The sequence as one `SequenceInfo`: per layer the end `base + length` of its last
-        non-empty segment, blocks summed, the first segment's instance id."""
+        """The sequence as one `SequenceInfo` (`merged`), from every segment's GetSequence."""
+        return (yield from self._each_info(seq_id, "GetSequence", pb.GetSequenceRequest))
+
+    def prefetch(self, seq_id: str) -> Plan[pb.SequenceInfo]:
+        """PrefetchSequence of every segment at once (a decode step reads all of them within the
+        window, so all are brought back); the merged `SequenceInfo` once every one is on its
+        replica's device."""
+        return (yield from self._each_info(seq_id, "PrefetchSequence", pb.PrefetchSequenceRequest))
+
+    def _each_info(self, seq_id: str, method: str, request: Callable[..., Any]) -> Plan[pb.SequenceInfo]:
+        """`method` (answered with a `SequenceInfo`) for every segment in one batch, merged."""
         bases = yield from self.known(seq_id)
         calls = {
-            j: self._call(seq_id, j, "GetSequence", pb.GetSequenceRequest(sequence_id=segment_id(seq_id, j)))
-            for j in range(len(bases))
+            j: self._call(seq_id, j, method, request(sequence_id=segment_id(seq_id, j))) for j in range(len(bases))
         }
-        infos = self._answers((yield calls), seq_id)
-        lengths = [0] * len(infos[0].lengths)
-        for j in range(len(bases)):
-            for layer, n in enumerate(infos[j].lengths):
-                if n:
-                    lengths[layer] = max(lengths[layer], int(infos[j].base_position) + n)
-        return pb.SequenceInfo(
-            sequence_id=seq_id, lengths=lengths, num_blocks=sum(i.num_blocks for i in infos.values()),
-            instance_id=infos[0].instance_id,
-        )  # fmt: skip
+        return merged(seq_id, bases, self._answers((yield calls), seq_id))
 
     # ---- sequences -----------------------------------------------------------------------------
 

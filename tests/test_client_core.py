@@ -230,3 +230,15 @@ def test_import_and_append_requests() -> None:
         (1, 5, 2),
         (1, 7, 1),
     ]
+
+
+def test_prefetch_is_routed_and_followed_like_get_sequence() -> None:
+    core = Core(TARGETS)
+    sid = on(0)
+    call = core.prefetch(sid)
+    assert (call.replica, call.method, call.request.sequence_id, call.seq_ids) == (0, "PrefetchSequence", sid, (sid,))
+    first = core.router.candidates(sid, 0)[0]
+    found = {routing.Lookup(first, sid): info(sid, "i1")}
+    verdict, asked = run(core.failed(call, errors.Unavailable("draining", "a:1")), found)
+    assert verdict == call.to(first) and asked == [routing.Lookup(first, sid)]  # UNAVAILABLE: no instance check
+    assert core.prefetch(sid).replica == first  # remembered

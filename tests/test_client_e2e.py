@@ -233,6 +233,45 @@ def test_async_client_fork_export_import_and_stream(fp32_server: ServerProc) -> 
     asyncio.run(run())
 
 
+@pytest.fixture(scope="module")
+def tier_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    """A device pool of 16 blocks (5 sequences of 12 tokens), a small host tier and a spill directory."""
+    spill = tmp_path_factory.mktemp("spill")
+    srv = start_server(*_spec("--kv-dtype", "float32", "--fuse-rope", "true", "--num-blocks", "16",
+                              "--host-cache-bytes", "40000", "--spill-dir", str(spill)))  # fmt: skip
+    yield srv
+    assert srv.stop() == 0
+
+
+def test_prefetch_brings_spilled_sequences_back_intact_with_both_clients(tier_server: ServerProc) -> None:
+    rng = np.random.default_rng(3)
+    model = Model(fuse_rope=True)
+    f32 = np.dtype(np.float32)
+    with Client(tier_server.target) as c:
+        free0 = c.server_info().free_blocks
+        sids = [c.create_sequence().sequence_id for _ in range(6)]
+        for sid in sids:  # the sixth does not fit on the device: the least recently used one moves down
+            _ingest(c, model, sid, 12, rng, f32)
+        tiers = {s: c.get_sequence(s).tier for s in sids}
+        spilled = [s for s in sids if tiers[s] != "device"]
+        assert spilled and {tiers[s] for s in spilled} <= {"host", "disk"}, tiers
+        assert {s: c.get_sequence(s).tier for s in sids} == tiers  # GetSequence reports, never restores
+        info = c.prefetch_sequence(spilled[0])
+        assert (info.sequence_id, info.tier, list(info.lengths)) == (spilled[0], "device", [12] * LAYERS)
+        moved_down = [s for s in sids if s != spilled[0] and c.get_sequence(s).tier != "device"]
+        assert moved_down, "room on the device was made by spilling another sequence"
+
+        async def prefetch_async() -> str:
+            async with AsyncClient(tier_server.target) as ac:
+                return (await ac.prefetch_sequence(moved_down[0])).tier
+
+        assert asyncio.run(prefetch_async()) == "device"
+        _step(c, model, [spilled[0], moved_down[0]], 1, rng, f32)  # their K/V came back exactly
+        for sid in sids:
+            c.release(sid)
+        assert c.server_info().free_blocks == free0
+
+
 def test_errors_are_typed_and_change_nothing(fp32_server: ServerProc) -> None:
     rng = np.random.default_rng(3)
     f32 = np.dtype(np.float32)

@@ -22,6 +22,7 @@ from tkg import codec
 from tkg.client import AsyncClient, Client, DecodeInput, core, errors, routing
 from tkg.client.instances import Instances
 from tkg.client.messages import DecodeResult
+from tkg.placement import ranking
 from tkg.v1 import decode_attention_pb2 as pb
 
 TARGETS = ["replica-a:1", "replica-b:1", "replica-c:1"]
@@ -45,6 +46,8 @@ class RpcFailure(grpc.RpcError):
 class Replica:
     """One replica in memory: sequence id -> tokens cached (one layer), the process's instance id,
     and every call it received (`calls`: (method, sequence ids)). `down` answers UNAVAILABLE.
+    `tiers`: where each sequence's KV is ("device" unless a test spilled it; GetSequence reports
+    it, PrefetchSequence brings it back); `bases`: each sequence's base position.
     `draining` answers each DecodeStream message UNAVAILABLE (the stream goes on); `before(method)`
     runs as each call arrives and `on_stream(i)` before a stream's i-th answer (tests move
     sequences there, as a drain would).
@@ -55,6 +58,8 @@ class Replica:
     def __init__(self, index: int) -> None:
         self.index = index
         self.seqs: dict[str, int] = {}
+        self.tiers: dict[str, str] = {}
+        self.bases: dict[str, int] = {}
         self.instance = f"r{index}-start0"
         self.down = False
         self.draining = False
@@ -83,22 +88,31 @@ class Replica:
             raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"sequence_id: {sid!r} not found")
 
     def _info(self, sid: str) -> pb.SequenceInfo:
-        return pb.SequenceInfo(sequence_id=sid, lengths=[self.seqs[sid]], instance_id=self.instance)
+        return pb.SequenceInfo(
+            sequence_id=sid, lengths=[self.seqs[sid]], instance_id=self.instance,
+            tier=self.tiers.get(sid, "device"), base_position=self.bases.get(sid, 0),
+        )  # fmt: skip
 
-    def _add(self, sid: str, tokens: int) -> pb.SequenceInfo:
+    def _add(self, sid: str, tokens: int, base: int = 0) -> pb.SequenceInfo:
         if sid in self.seqs:
             raise RpcFailure(grpc.StatusCode.ALREADY_EXISTS, f"sequence_id: {sid!r} exists")
         self.seqs[sid] = tokens
+        self.bases[sid] = base
         return self._info(sid)
 
     def GetServerInfo(self, req: pb.GetServerInfoRequest) -> pb.ServerInfo:
         return pb.ServerInfo(instance_id=self.instance)
 
     def CreateSequence(self, req: pb.CreateSequenceRequest) -> pb.SequenceInfo:
-        return self._add(req.sequence_id or f"auto-{self.index}-{len(self.seqs)}", 0)
+        return self._add(req.sequence_id or f"auto-{self.index}-{len(self.seqs)}", 0, req.base_position)
 
     def GetSequence(self, req: pb.GetSequenceRequest) -> pb.SequenceInfo:
         self._need(req.sequence_id)
+        return self._info(req.sequence_id)
+
+    def PrefetchSequence(self, req: pb.PrefetchSequenceRequest) -> pb.SequenceInfo:
+        self._need(req.sequence_id)
+        self.tiers[req.sequence_id] = "device"
         return self._info(req.sequence_id)
 
     def TruncateSequence(self, req: pb.TruncateSequenceRequest) -> pb.SequenceInfo:
@@ -233,19 +247,23 @@ Make = Callable[..., tuple[Blocking, list[Replica]]]
 
 @pytest.fixture(params=["sync", "async"])
 def make(request: pytest.FixtureRequest) -> Iterator[Make]:
-    """`make(targets)`: a client of the parametrized kind over fake replicas, and the replicas."""
+    """`make(targets)`: a client of the parametrized kind over fake replicas, and the replicas
+    (`replicas`: over these instead of new ones, as a second process would be; `segment_tokens`:
+    a segmented client)."""
     loop = asyncio.new_event_loop()
     made: list[Client | AsyncClient] = []
 
-    def build(targets: list[str] = TARGETS) -> tuple[Blocking, list[Replica]]:
-        replicas = [Replica(i) for i in range(len(targets))]
+    def build(
+        targets: list[str] = TARGETS, replicas: list[Replica] | None = None, segment_tokens: int | None = None
+    ) -> tuple[Blocking, list[Replica]]:
+        replicas = replicas or [Replica(i) for i in range(len(targets))]
         if request.param == "sync":
-            client: Client | AsyncClient = Client(targets)
+            client: Client | AsyncClient = Client(targets, segment_tokens=segment_tokens)
             client._stubs = [SyncStub(r) for r in replicas]
         else:
 
             async def create() -> AsyncClient:  # grpc.aio channels belong to a running loop
-                return AsyncClient(targets)
+                return AsyncClient(targets, segment_tokens=segment_tokens)
 
             client = loop.run_until_complete(create())
             client._stubs = [AioStub(r) for r in replicas]
@@ -589,6 +607,77 @@ def test_release_forgets_a_moved_sequence(make: Make) -> None:
     c.truncate(sid, 0)  # followed and remembered
     assert c._replica(sid) == there
     assert c.release(sid) == 1 and c._replica(sid) == 0  # released: routed by its hash again
+
+
+def move(src: Replica, dst: Replica, sid: str, tier: str = "device") -> None:
+    """What a drain does to one sequence: it lives on `dst` now (length and base kept), in `tier` there."""
+    dst.seqs[sid], dst.bases[sid], dst.tiers[sid] = src.seqs.pop(sid), src.bases.pop(sid), tier
+    src.tiers.pop(sid, None)
+
+
+def prefetched(replicas: list[Replica]) -> list[tuple[int, str]]:
+    """(replica, sequence) of every PrefetchSequence call received, in replica order."""
+    return [(r.index, ids[0]) for r in replicas for method, ids in r.calls if method == "PrefetchSequence"]
+
+
+def test_prefetch_brings_a_spilled_sequence_back_and_follows_a_moved_one(make: Make) -> None:
+    c, replicas = make()
+    sid = id_routing_to(0)
+    c.create_sequence(sid)
+    replicas[0].tiers[sid] = "disk"  # spilled while idle
+    assert c.get_sequence(sid).tier == "disk"  # GetSequence reports where it is, does not restore
+    info = c.prefetch_sequence(sid)
+    assert (info.sequence_id, info.tier) == (sid, "device") and replicas[0].tiers[sid] == "device"
+    # A drain pushed it where the clients look first (spilled to host there): followed like GetSequence.
+    drain_to = routing.Router(TARGETS).candidates(sid, 0)[0]
+    move(replicas[0], replicas[drain_to], sid, tier="host")
+    for r in replicas:
+        r.calls.clear()
+    info = c.prefetch_sequence(sid)
+    assert info.tier == "device" and replicas[drain_to].tiers[sid] == "device"
+    assert replicas[0].calls == [("PrefetchSequence", (sid,)), ("GetServerInfo", ())]  # NOT_FOUND, then the verdict
+    assert replicas[drain_to].calls == [("GetSequence", (sid,)), ("PrefetchSequence", (sid,))]  # found, repeated
+    assert c._replica(sid) == drain_to
+    replicas[0].calls.clear()
+    assert c.prefetch_sequence(sid).tier == "device" and replicas[0].calls == []  # straight to where it lives
+    with pytest.raises(errors.NotFound):
+        c.prefetch_sequence("nowhere")
+
+
+def test_segmented_prefetch_brings_every_segment_back_wherever_it_lives(make: Make) -> None:
+    c, replicas = make(segment_tokens=4)
+    c.create_sequence("conv")
+    kv = np.zeros((10, HKV, D), np.float32)
+    c.append_kv("conv", 0, kv, kv, position=0)  # segments conv#0 [0, 4), conv#1 [4, 8), conv#2 [8, 10)
+    homes = {f"conv#{j}": r for j, r in enumerate(ranking(TARGETS, "conv"))}
+    assert all(replicas[r].seqs.get(sid) == (2 if sid == "conv#2" else 4) for sid, r in homes.items())
+    for sid, tier in zip(homes, ("host", "disk", "device"), strict=True):
+        replicas[homes[sid]].tiers[sid] = tier
+    info = c.get_sequence("conv")
+    assert (list(info.lengths), info.tier) == ([10], "disk")  # the coldest segment: what a step waits for
+    # A drain moved conv#1 where clients look for it first: the prefetch follows it there.
+    moved_to = routing.Router(TARGETS).candidates("conv#1", homes["conv#1"])[0]
+    move(replicas[homes["conv#1"]], replicas[moved_to], "conv#1", tier="disk")
+    for r in replicas:
+        r.calls.clear()
+    info = c.prefetch_sequence("conv")
+    assert (info.sequence_id, list(info.lengths), info.tier) == ("conv", [10], "device")
+    where = {"conv#0": homes["conv#0"], "conv#1": moved_to, "conv#2": homes["conv#2"]}
+    assert all(replicas[r].tiers[sid] == "device" for sid, r in where.items())
+    asked = sorted([*((r, sid) for sid, r in where.items()), (homes["conv#1"], "conv#1")])  # + the NOT_FOUND
+    assert sorted(prefetched(replicas)) == asked
+    # Another client (another process) finds the segments first, then prefetches every one.
+    for sid, r in where.items():
+        replicas[r].tiers[sid] = "host"
+    other, _ = make(replicas=replicas, segment_tokens=4)
+    for r in replicas:
+        r.calls.clear()
+    info = other.prefetch_sequence("conv")
+    assert (list(info.lengths), info.tier) == ([10], "device")
+    # Its search for conv#1 (GetSequence) already followed it: each segment asked once, where it lives.
+    assert sorted(prefetched(replicas)) == sorted((r, sid) for sid, r in where.items())
+    with pytest.raises(errors.NotFound, match="'nowhere'"):  # the caller's id, not a segment's
+        other.prefetch_sequence("nowhere")
 
 
 def test_verdict_unit_not_found_is_server_restarted_only_when_the_instance_changed() -> None:

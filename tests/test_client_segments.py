@@ -10,7 +10,7 @@ from tkg import codec
 from tkg.client import routing
 from tkg.client.errors import NotFound, OutOfRange
 from tkg.client.messages import DecodeInput
-from tkg.client.segments import Segments, renamed
+from tkg.client.segments import Segments, merged, renamed
 from tkg.placement import pick, ranking
 from tkg.v1 import decode_attention_pb2 as pb
 
@@ -78,3 +78,17 @@ def test_errors_name_the_sequence_not_the_segment() -> None:
     next(plan)
     with pytest.raises(NotFound, match="no sequence 'x'"):
         plan.send({0: pb.ReleaseSequenceResponse(freed_blocks=1), 1: NotFound("no sequence 'x#1'")})
+
+
+def test_a_segmented_sequence_is_in_its_coldest_segments_tier() -> None:
+    def infos(*tiers: str) -> dict[int, pb.SequenceInfo]:
+        return {j: pb.SequenceInfo(lengths=[4], base_position=4 * j, num_blocks=1, tier=t) for j, t in enumerate(tiers)}
+
+    assert merged("x", [0, 4, 8], infos("device", "disk", "host")).tier == "disk"
+    assert merged("x", [0, 4], infos("host", "device")).tier == "host"
+    assert merged("x", [0, 4], infos("device", "device")).tier == "device"
+    assert merged("x", [0, 4], infos("", "")).tier == ""  # servers without tiers: nothing claimed
+    assert merged("x", [0, 4], infos("", "host")).tier == "host"
+    assert merged("x", [0, 4], infos("disk", "tape")).tier == "tape"  # unknown: not assumed ready
+    info = merged("x", [0, 4, 8], infos("device", "device", "device"))
+    assert (info.sequence_id, list(info.lengths), info.num_blocks) == ("x", [12], 3)

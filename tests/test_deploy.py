@@ -22,13 +22,25 @@ import jsonschema
 import pytest
 import tomllib
 import yaml
-from support.deploy import DEPLOY, METRICS, ROOT, dashboard, dashboard_exprs, dashboard_panels
+from support.deploy import (
+    DASHBOARD_METRICS,
+    DEPLOY,
+    METRICS,
+    ROOT,
+    TIER_METRICS,
+    dashboard,
+    dashboard_exprs,
+    dashboard_panels,
+)
 
 K8S = DEPLOY / "k8s"
 OVERLAYS = ("cpu", "trn")
 # Not the bare overlay names: conftest skips any test with a `trn` keyword (hardware tests).
 OVERLAY_IDS = [f"overlay-{o}" for o in OVERLAYS]
 API_MD = ROOT.parent / "shared" / "design" / "api.md"
+
+# Where the deploy files put the KV spill directory (--spill-dir): a volume of its own.
+SPILL_DIR = "/var/lib/tkg/spill"
 
 # Labels Prometheus itself attaches to every scraped series.
 TARGET_LABELS = frozenset({"instance", "job"})
@@ -157,11 +169,11 @@ def compose_errors(doc: dict[str, Any]) -> list[str]:
 
 def metric_base(series: str) -> str:
     """The api.md metric name behind a series name (histograms expose _bucket/_sum/_count)."""
-    if series in METRICS:
+    if series in DASHBOARD_METRICS:
         return series
     for suffix in ("_bucket", "_sum", "_count"):
         base = series.removesuffix(suffix)
-        if base != series and METRICS.get(base, ("",))[0] == "histogram":
+        if base != series and DASHBOARD_METRICS.get(base, ("",))[0] == "histogram":
             return base
     return series
 
@@ -220,6 +232,21 @@ def server_parser_flags() -> set[str]:
     from tkg.server.cli import build_parser
 
     return {opt for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes storage quantity ("10Gi", "500Mi", "2G", "1024") in bytes."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", quantity)
+    assert m, f"not a storage quantity this test reads: {quantity!r}"
+    scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9,
+             "T": 10**12}  # fmt: skip
+    return int(m.group(1)) * scale[m.group(2)]
+
+
+def spill_owned_by_the_user(dockerfile: Path, path: str) -> bool:
+    """The image creates `path` owned by its uid 10001 (a named volume mounted there takes that)."""
+    runs = [a for i, a in dockerfile_instructions(dockerfile) if i == "RUN"]
+    return any(re.search(rf"install -d -o 10001 -g 10001 [^&]*{re.escape(path)}\b", r) for r in runs)
 
 
 def torch_pin() -> str:
@@ -543,6 +570,12 @@ def test_compose_stack_fits_together() -> None:
     assert stop > grace, f"stop_grace_period {stop}s must exceed the server's --grace-s {grace}s"
     known = server_parser_flags()
     assert set(flags) <= known, f"compose passes flags tkg serve does not know: {set(flags) - known}"
+    # KV tiers: the spill directory is a named volume (it outlives the container), the image makes
+    # the mount point its user's (so the volume is writable), and --spill-bytes bounds it.
+    assert flags["--spill-dir"] == SPILL_DIR and int(flags["--spill-bytes"]) > 0, flags
+    (spill,) = [v for v in tkg["volumes"] if v.split(":")[1] == flags["--spill-dir"]]
+    assert spill.split(":")[0] in doc["volumes"], f"{spill}: expected a named volume declared in compose.yaml"
+    assert spill_owned_by_the_user(DEPLOY / "Dockerfile", SPILL_DIR), "Dockerfile: install -d -o 10001 the spill dir"
     # Prometheus scrapes the port the server exports metrics on, by the compose service name.
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = [
@@ -575,6 +608,12 @@ def test_compose_trn_override() -> None:
     assert volume.split(":")[0] in compose("compose.trn.yaml")["volumes"], "a named (persistent) volume"
     (model,) = [v.split(":")[0] for v in over["volumes"] if v.split(":")[1] == "/etc/tkg/model.yaml"]
     assert (DEPLOY / model).resolve() == TRN_MODEL
+    # Its command replaces the base one: the spill flags must be repeated (the volume merges in by path).
+    base_flags = flag_values(compose("compose.yaml")["services"]["tkg"]["command"])
+    trn_flags = flag_values(over["command"])
+    for flag in ("--spill-dir", "--spill-bytes"):
+        assert trn_flags.get(flag) == base_flags[flag], f"compose.trn.yaml drops or changes {flag}"
+    assert spill_owned_by_the_user(DEPLOY / "Dockerfile.neuron", SPILL_DIR), "Dockerfile.neuron: the spill dir"
     start_s = duration_s(over["healthcheck"]["start_period"])
     assert warm_up_seconds(TRN_MODEL.read_text(), flag_values(over["command"])) <= start_s
     # Its Prometheus config replaces the base one (same mount target) and scrapes the exporter.
@@ -620,12 +659,58 @@ def test_dashboard_uses_only_contract_metrics_and_labels() -> None:
         assert uses, f"panel {title!r}: query reads no tkg metric: {expr}"
         for series, labels in uses:
             base = metric_base(series)
-            assert base in METRICS, f"panel {title!r}: {series} is not a metric the server exports (api.md)"
-            allowed = METRICS[base][1] | TARGET_LABELS | ({"le"} if series.endswith("_bucket") else set())
+            assert base in DASHBOARD_METRICS, f"panel {title!r}: {series} is not a metric the server exports (api.md)"
+            allowed = DASHBOARD_METRICS[base][1] | TARGET_LABELS | ({"le"} if series.endswith("_bucket") else set())
             assert labels <= allowed, f"panel {title!r}: {series} has no label(s) {labels - allowed}"
             used.add(base)
     # Every signal the dashboard promises is on it.
-    assert used == set(METRICS), f"metrics with no panel: {set(METRICS) - used}"
+    assert used == set(DASHBOARD_METRICS), f"metrics with no panel: {set(DASHBOARD_METRICS) - used}"
+
+
+def test_api_md_lists_the_tier_metrics() -> None:
+    if not API_MD.exists():
+        pytest.skip(f"{API_MD} not present (shared/ is laid beside the checkout)")
+    (item,) = re.findall(r"\n- KV tiers:.*?(?=\n- |\n## |\Z)", API_MD.read_text(), re.S)
+    listed = dict(re.findall(r"`(tkg_[a-z_]+)(?:\{([a-z_,]*)\})?`", item))
+    assert set(listed) == set(TIER_METRICS), f"api.md vs support/deploy.py: {set(listed) ^ set(TIER_METRICS)}"
+    for name, labels in listed.items():
+        assert frozenset(filter(None, labels.split(","))) == TIER_METRICS[name][1], name
+
+
+def row_panels(title: str) -> list[dict[str, Any]]:
+    """The panels under the dashboard row `title` (up to the next row)."""
+    panels = dashboard()["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == title)
+    rest = panels[start + 1 :]
+    end = next((i for i, p in enumerate(rest) if p["type"] == "row"), len(rest))
+    return rest[:end]
+
+
+def test_dashboard_kv_tiers_row() -> None:
+    """Per tier: bytes and sequences; spill rate by destination tier, restore rate by source and
+    result, restore latency p50/p99 from the histogram, persisted sequences by result."""
+    exprs = [re.sub(r"\s+", " ", t["expr"]) for p in row_panels("KV tiers") for t in p["targets"]]
+    sel = '{instance=~"$instance"}'
+    rate = "[$__rate_interval]"
+    for want in (
+        f"sum by (tier) (tkg_kv_tier_bytes{sel})",
+        f"sum by (tier) (tkg_kv_tier_sequences{sel})",
+        f"sum by (tier) (rate(tkg_kv_spills_total{sel}{rate}))",
+        f"sum by (source, result) (rate(tkg_kv_restores_total{sel}{rate}))",
+        f"histogram_quantile(0.5, sum by (le) (rate(tkg_kv_restore_seconds_bucket{sel}{rate})))",
+        f"histogram_quantile(0.99, sum by (le) (rate(tkg_kv_restore_seconds_bucket{sel}{rate})))",
+        f"sum by (result) (rate(tkg_kv_persisted_sequences_total{sel}{rate}))",
+    ):
+        assert want in exprs, f"KV tiers row has no query {want}: {exprs}"
+    units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in row_panels("KV tiers")}
+    assert units["KV bytes per tier"] == "bytes" and units["Restore latency p50 / p99"] == "s", units
+    # Laid out inside the row: no panel overlaps another.
+    cells = set()
+    for p in dashboard_panels():
+        g = p["gridPos"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not mine & cells and g["x"] + g["w"] <= 24, f"panel {p['title']!r} overlaps another"
+        cells |= mine
 
 
 def test_dashboard_check_can_fail() -> None:
@@ -810,6 +895,21 @@ def test_k8s_wiring(overlay: str) -> None:
     assert flags["--port"] == "50051" and flags["--metrics-port"] == "9400", flags
     known = server_parser_flags()
     assert set(flags) <= known, f"manifest passes flags tkg serve does not know: {set(flags) - known}"
+
+    # Every mount has its volume: a pod volume or one of the set's claim templates (an overlay's
+    # strategic-merge list of claims would replace the base's and leave a mount dangling).
+    claims = {t["metadata"]["name"]: t for t in sts["spec"].get("volumeClaimTemplates", [])}
+    dangling = {p: n for p, n in mounts.items() if n not in volumes and n not in claims}
+    assert not dangling, f"mounts without a volume or claim: {dangling}"
+    # KV tiers: the spill directory is this replica's own PersistentVolumeClaim (it survives a pod
+    # restart, so what was persisted there is found again), larger than --spill-bytes.
+    assert flags["--spill-dir"] == SPILL_DIR, flags
+    spill = mounts[flags["--spill-dir"]]
+    assert spill in claims and spill not in volumes, f"{SPILL_DIR} must be a volumeClaimTemplates claim, got {spill}"
+    claim = claims[spill]["spec"]
+    assert claim["accessModes"] == ["ReadWriteOnce"], claim
+    assert 0 < int(flags["--spill-bytes"]) < quantity_bytes(claim["resources"]["requests"]["storage"]), (flags, claim)
+    assert pod["spec"]["securityContext"]["fsGroup"] == pod["spec"]["securityContext"]["runAsUser"], "writable claim"
 
     # Drain to peers: the same --peers list on every replica, one entry per replica by its stable
     # headless-Service name; --advertise is this pod's entry, so it leaves itself out.

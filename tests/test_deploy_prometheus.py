@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import yaml
-from support.deploy import DEPLOY, METRICS, ROOT, dashboard_exprs
+from support.deploy import DASHBOARD_METRICS, DEPLOY, ROOT, dashboard_exprs
 from support.server_proc import free_port
 from support.wait import wait_for
 
@@ -189,7 +189,7 @@ def test_exposition_matches_the_contract(stack: Stack) -> None:
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split()
             types[name] = kind
-    for name, (kind, _labels) in METRICS.items():
+    for name, (kind, _labels) in DASHBOARD_METRICS.items():
         # prometheus-client announces a counter by its name without the _total suffix.
         announced = types.get(name) or types.get(name.removesuffix("_total"))
         assert announced == kind, f"/metrics: {name} is {announced!r}, api.md says {kind}"

@@ -1,5 +1,6 @@
 """The deploy folder's facts shared by tests/test_deploy.py and tests/test_deploy_prometheus.py:
-where it is, the metrics contract of docs/operations.md ("Metrics"), and the Grafana dashboard's queries."""
+where it is, the metrics contract of docs/operations.md ("Metrics") and the KV tiers' metrics, and the
+Grafana dashboard's queries."""
 
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "tkg_tokens_appended_total": ("counter", frozenset()),
     "tkg_sequences_evicted_total": ("counter", frozenset({"reason"})),
 }
+# The KV tiers' metrics (api.md, fourth round, the "KV tiers" item; issue #19): name -> (type, labels),
+# read by the dashboard's "KV tiers" row. test_api_md_lists_the_tier_metrics keeps it honest against api.md.
+TIER_METRICS: dict[str, tuple[str, frozenset[str]]] = {
+    "tkg_kv_tier_bytes": ("gauge", frozenset({"tier"})),
+    "tkg_kv_tier_sequences": ("gauge", frozenset({"tier"})),
+    "tkg_kv_spills_total": ("counter", frozenset({"tier"})),
+    "tkg_kv_restores_total": ("counter", frozenset({"source", "result"})),
+    "tkg_kv_restore_seconds": ("histogram", frozenset()),
+    "tkg_kv_persisted_sequences_total": ("counter", frozenset({"result"})),
+}
+# Every metric the dashboard may read.
+DASHBOARD_METRICS = {**METRICS, **TIER_METRICS}
 # What the dashboard's Grafana variables expand to when a query is checked outside Grafana.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$instance": ".*", "$method": ".*"}
 
