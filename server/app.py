@@ -226,6 +226,7 @@ def make_tiers(
     tiers = Tiers(
         cache, host_bytes=settings.host_cache_bytes, meter=ledger.charge, disk_bytes=settings.spill_bytes,
         spill_dir=None if settings.spill_dir is None else Path(settings.spill_dir), wall=wall,
+        write_back=settings.persist == "write-back",
     )  # fmt: skip
     try:
         loaded = tiers.open_disk(spec_fingerprint(spec))

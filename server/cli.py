@@ -121,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "without peers writes every sequence here; a server started on it serves them again")
     t.add_argument("--spill-bytes", metavar="N",
                    help="the disk tier's bound (default: the file system's free space less max(1 GiB, 5%%))")
-    t.add_argument("--persist", choices=["on-drain"], default="on-drain",
-                   help="when sequences are written to --spill-dir: on-drain (SIGTERM; spilled ones already are)")
+    t.add_argument("--persist", choices=["on-drain", "write-back"], default="on-drain",
+                   help="when sequences reach --spill-dir: on-drain (at SIGTERM; spilled ones already are there), "
+                   "or write-back (also every block once full at every layer, in the background: after a kill "
+                   "each sequence comes back up to its last written block)")
     a = p.add_argument_group("security (tokens must be at least 16 characters)")
     a.add_argument("--auth-token", action="append", default=[],
                    help="bearer token with full access, tenant 'default' (repeatable; prefer --auth-token-file "
@@ -246,6 +248,8 @@ def settings_from_args(
     spill_bytes = None if args.spill_bytes is None else parse_bytes("--spill-bytes", args.spill_bytes)
     if spill_bytes is not None and not args.spill_dir:
         raise ConfigError("--spill-bytes: given without --spill-dir; expected a directory for the disk tier")
+    if args.persist == "write-back" and not args.spill_dir:
+        raise ConfigError("--persist write-back: given without --spill-dir; expected a directory to write to")
     return ServeSettings(
         backend=backend, host=args.host, port=args.port, listen=listen, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port or None, max_message_bytes=args.max_message_bytes,

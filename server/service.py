@@ -105,6 +105,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     def start(self) -> None:
         self.batcher.start()
+        self.tiers.start()
 
     def mark_ready(self) -> None:
         """The backend is warmed up: RPCs other than GetServerInfo stop answering UNAVAILABLE."""
@@ -121,7 +122,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     async def close(self) -> None:
         await self.batcher.stop()
         self.engine.close()
-        self.tiers.close()
+        await self.tiers.stop()
 
     def expire_idle(self) -> list[str]:
         """Release idle sequences; queued decodes and exports count as activity."""
@@ -133,6 +134,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         spilled = self.tiers.expire(self.spec.idle_ttl_s)  # wall-clock ages: they survive restarts
         self.cache.evicted[EVICT_IDLE_TTL] += len(spilled)
         expired += spilled
+        for seq_id in expired[: len(expired) - len(spilled)]:
+            self.tiers.released(seq_id)  # a write-back log goes with its sequence
         for seq_id in expired:  # their blocks were charged back by the cache's meter
             self.ledger.drop_sequence(seq_id)
         if expired:
@@ -218,12 +221,13 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.ledger.enter_pending(work.tenant, max(1, max_pending // tenants) if tenants > 1 else None)
         tiers = self.tiers
         try:
-            if tiers.enabled:  # spilled sequences come back; room for the step's new blocks
-                need = 0
-                if not work.attend_only:
-                    need = self.cache.blocks_needed(work.layer, work.seq_ids, work.s_active, work.positions)
-                async with tiers.using(work.seq_ids), tiers.room(need):
-                    out, timing = await self.batcher.decode(work)
+            if tiers.enabled:  # spilled sequences come back, then room for the step's new blocks
+                async with tiers.using(work.seq_ids):
+                    need = 0  # known only once they are back
+                    if not work.attend_only:
+                        need = self.cache.blocks_needed(work.layer, work.seq_ids, work.s_active, work.positions)
+                    async with tiers.room(need):
+                        out, timing = await self.batcher.decode(work)
             else:
                 out, timing = await self.batcher.decode(work)  # RESOURCE_EXHAUSTED when the queue is full
         finally:
@@ -276,7 +280,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             seq_id = inward(auth.current().tenant, request.sequence_id)
             async with self.tiers.using([seq_id]):
                 await self.holds.settle(seq_id)
+                await self.tiers.settle(seq_id)  # a write-back flush of it ends first
                 self.cache.truncate(seq_id, request.length)
+                await self.tiers.truncated(seq_id, request.length)  # persisted before it is acknowledged
                 return self._seq_info(self.cache.get(seq_id))
 
         return await self._unary("TruncateSequence", context, run)
@@ -307,6 +313,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             else:
                 await self.holds.settle(seq_id)
                 freed = self.cache.release(seq_id)
+                self.tiers.released(seq_id)
             self.ledger.drop_sequence(seq_id)
             return pb.ReleaseSequenceResponse(freed_blocks=freed)
 

@@ -227,3 +227,101 @@ def check_spec(directory: Path, fingerprint: dict[str, Any]) -> None:
                 f"--spill-dir {directory}: field {key!r} is {have.get(key)!r} in the stored data, "
                 f"{want.get(key)!r} in this server's spec; expected the same (stored KV would mean something else)"
             )
+
+
+# ---- write-back logs ------------------------------------------------------------------------------
+# `--persist write-back`: a sequence's blocks, full at every layer, appended as they fill to
+# `<id hash>.wb`: a header page like a spill file's (its `shape` is one block's `[num_layers, 2,
+# Hkv, block_len, head_dim]`), then one record per block in order: 16 bytes (block index uint32,
+# crc32 uint32, payload bytes uint64, little-endian) and the block's bytes. A record is whole or it
+# is the torn tail a kill left: reading stops at the first record that is short or fails its crc,
+# and the file is cut back there. Truncation rewrites nothing: the file is cut to the records kept.
+
+LOG_SUFFIX = ".wb"
+LOG_MAGIC = b"TKGWB\x00\x01\x00"
+_RECORD = struct.Struct("<IIQ")
+
+
+def create_log(path: Path, header: FileHeader) -> int:
+    """A new write-back log with `header` and no block (atomically); returns the first record's offset."""
+    raw = header.to_json()
+    offset = payload_offset(len(raw))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(LOG_MAGIC + struct.pack("<II", len(raw), zlib.crc32(raw)) + raw)
+        f.write(b"\0" * (offset - 16 - len(raw)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return offset
+
+
+def append_blocks(path: Path, first: int, blocks: np.ndarray) -> None:
+    """Append blocks `first, first + 1, ...` (`blocks`: `[n, num_layers, 2, Hkv, block_len, d]`) and
+    fsync. The caller knows the file ends with block `first - 1`."""
+    with open(path, "ab") as f:
+        for i, block in enumerate(blocks):
+            data = memoryview(np.ascontiguousarray(block)).cast("B")
+            f.write(_RECORD.pack(first + i, zlib.crc32(data), len(data)))
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def cut_log(path: Path, keep: int) -> None:
+    """Keep the first `keep` records of the log (a truncation, persisted before it is acknowledged)."""
+    with open(path, "r+b") as f:
+        header = _log_header(f, path)
+        block_bytes = int(np.prod(header.shape)) * np.dtype(header.dtype).itemsize
+        f.truncate(_log_offset(f) + keep * (_RECORD.size + block_bytes))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_log(path: Path) -> tuple[FileHeader, np.ndarray]:
+    """The log's header and its whole records as `[n, num_layers, 2, Hkv, block_len, d]`; a torn or
+    corrupted tail is cut off (in the file too) and the reason logged by the caller from the count."""
+    with open(path, "r+b") as f:
+        header = _log_header(f, path)
+        dtype = np.dtype(header.dtype)
+        block_bytes = int(np.prod(header.shape)) * dtype.itemsize
+        start = _log_offset(f)
+        f.seek(start)
+        blocks: list[np.ndarray] = []
+        while True:
+            head = f.read(_RECORD.size)
+            if len(head) < _RECORD.size:
+                break
+            index, crc, n = _RECORD.unpack(head)
+            data = f.read(n)
+            if index != len(blocks) or n != block_bytes or len(data) != n or zlib.crc32(data) != crc:
+                break
+            blocks.append(np.frombuffer(data, dtype).reshape(header.shape))
+        good = start + len(blocks) * (_RECORD.size + block_bytes)
+        if os.fstat(f.fileno()).st_size != good:  # the torn tail a kill left: cut back to the last good block
+            f.truncate(good)
+            f.flush()
+            os.fsync(f.fileno())
+    shape = (0, *header.shape)
+    return header, np.stack(blocks) if blocks else np.empty(shape, dtype)
+
+
+def _log_header(f: Any, path: Path) -> FileHeader:
+    head = f.read(16)
+    if len(head) < 16 or head[:8] != LOG_MAGIC:
+        raise CorruptFile(f"{path.name}: not a tkg write-back log (bad magic)")
+    n, crc = struct.unpack("<II", head[8:16])
+    raw = f.read(n)
+    if len(raw) != n or zlib.crc32(raw) != crc:
+        raise CorruptFile(f"{path.name}: header checksum mismatch (torn or corrupted write)")
+    try:
+        return FileHeader.from_json(raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptFile(f"{path.name}: unreadable header ({exc})") from None
+
+
+def _log_offset(f: Any) -> int:
+    f.seek(8)
+    (n,) = struct.unpack("<I", f.read(4))
+    return payload_offset(n)

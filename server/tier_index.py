@@ -33,7 +33,8 @@ class Spilled:
     tier: str  # "host" or "disk"
     nbytes: int  # the run's bytes (num_blocks whole blocks, every layer, K and V)
     payload: np.ndarray | None = None  # host tier: [num_layers, 2, Hkv, num_blocks, block_len, d]
-    path: Path | None = None  # disk tier
+    path: Path | None = None  # disk tier: a spill file, or a write-back log (`from_log`)
+    from_log: bool = False  # loaded at start from a write-back log (whole blocks only)
 
 
 @dataclass

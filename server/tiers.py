@@ -48,6 +48,7 @@ from tkg.server import spill_files
 from tkg.server.errors import NotFound, ResourceExhausted
 from tkg.server.kv_cache import KVCache, SequenceState
 from tkg.server.tier_index import Spilled, TierCounts, TierIndex, default_disk_bytes, file_name
+from tkg.server.writeback import WriteBack, log_payload
 
 log = logging.getLogger("tkg.server")
 T = TypeVar("T")
@@ -66,12 +67,13 @@ class Tiers:
         disk_bytes: the disk tier's budget (None: `default_disk_bytes`).
         meter: the cache's meter (`Ledger.charge`): blocks of spilled sequences stay charged.
         wall: wall-clock seconds (injectable for tests); the cache's own clock is monotonic.
+        write_back: `--persist write-back` (with `spill_dir`): full blocks go to disk as they fill.
     """
 
     def __init__(
         self, cache: KVCache, *, host_bytes: int = 0, spill_dir: Path | None = None, disk_bytes: int | None = None,
         meter: Callable[[str, int], None] = lambda seq_id, delta: None,
-        wall: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.time, write_back: bool = False,
     ) -> None:  # fmt: skip
         if host_bytes < 0:
             raise ValueError(f"host_bytes: expected >= 0, got {host_bytes}")
@@ -95,6 +97,16 @@ class Tiers:
         self.users: Counter[str] = Counter()  # sequences callers are using (never spilled meanwhile)
         self._changed: asyncio.Event | None = None
         self._threads: ThreadPoolExecutor | None = None
+        self.wb: WriteBack | None = None
+        if write_back and spill_dir is not None:
+            self.wb = WriteBack(
+                cache, spill_dir, self._off, file_name, lambda s: s in self.moving, settled=self._notify
+            )  # fmt: skip
+
+    def start(self) -> None:
+        """Start the write-back flusher (on the running loop), if any."""
+        if self.wb is not None:
+            self.wb.start()
 
     @property
     def enabled(self) -> bool:
@@ -116,8 +128,8 @@ class Tiers:
         return SequenceState(seq_id, rec.lengths, rec.num_blocks, (), rec.base_position), rec.tier
 
     def busy(self, seq_id: str) -> bool:
-        """Being moved or used: idle expiry keeps it."""
-        return seq_id in self.moving or seq_id in self.users
+        """Being moved, used or flushed: idle expiry keeps it."""
+        return seq_id in self.moving or seq_id in self.users or (self.wb is not None and self.wb.busy(seq_id))
 
     # ---- what callers run inside ----------------------------------------------------------------
 
@@ -166,9 +178,23 @@ class Tiers:
             self._notify()
 
     async def settle(self, seq_id: str) -> None:
-        """Wait until no move of `seq_id` is under way (release and expiry act on a resting sequence)."""
-        while (moving := self.moving.get(seq_id)) is not None:
-            await self._await_move(seq_id, moving)
+        """Wait until no move and no write-back flush of `seq_id` is under way (release and
+        truncate act on a resting sequence)."""
+        while (moving := self.moving.get(seq_id)) is not None or (self.wb is not None and self.wb.busy(seq_id)):
+            if moving is not None:
+                await self._await_move(seq_id, moving)
+            elif self.wb is not None:
+                await self.wb.settle(seq_id)
+
+    async def truncated(self, seq_id: str, length: int) -> None:
+        """`seq_id` (resident, settled) was truncated to `length`: persisted before the answer."""
+        if self.wb is not None:
+            await self.wb.truncated(seq_id, length)
+
+    def released(self, seq_id: str) -> None:
+        """Resident `seq_id` was released or expired: its write-back log goes too."""
+        if self.wb is not None:
+            self.wb.forget(seq_id)
 
     async def _await_move(self, seq_id: str, moving: asyncio.Future[None]) -> None:
         """Wait for the move of `seq_id` under way (its own method: race tests observe the wait)."""
@@ -191,13 +217,14 @@ class Tiers:
                     tried.add(victim[0])
                     self._start_spill(victim)
                     continue
-                if not self._freeing and not self._restoring():
+                # Worth waiting for: spills under way (they free blocks) and write-back flushes (their
+                # sequences may spill after). Never for restores: theirs come back in use, and a restore
+                # waiting here for room would wait for itself.
+                flushing = self.wb is not None and bool(self.wb.flushing)
+                if not self._freeing and not flushing:
                     raise ResourceExhausted(self._full_message(need))
             await self._wait_change()
         self.promised += need
-
-    def _restoring(self) -> bool:
-        return any(s in self.index for s in self.moving)
 
     def _full_message(self, need: int) -> str:
         host = f"host tier {self.index.bytes['host']} of {self.host_bytes} bytes" if self.host_bytes else "no host tier"
@@ -217,7 +244,7 @@ class Tiers:
         live = np.flatnonzero(seqs.live & ~seqs.pending.any(axis=1))
         for slot in live[np.argsort(seqs.last_used[live], kind="stable")].tolist():
             seq_id = seqs.id_of(slot)
-            if seq_id in self.users or seq_id in self.moving or seq_id in skip:
+            if seq_id in self.users or seq_id in self.moving or seq_id in skip or self.busy(seq_id):
                 continue
             held = seqs.held(slot)
             if not held.size or not (self.cache.pool.refcounts(held) == 1).any():
@@ -301,8 +328,8 @@ class Tiers:
                 payload = rec.payload
                 if payload is None:
                     assert rec.path is not None
-                    path = rec.path
-                    payload = await self._off(lambda: _read(path))
+                    path, from_log = rec.path, rec.from_log
+                    payload = await self._off(lambda: _read(path, from_log))
                 await self._off(lambda: cache.store.write_sequence(ids, payload))
             except spill_files.CorruptFile as exc:
                 cache.unreserve(seq_id, ids)
@@ -316,13 +343,16 @@ class Tiers:
             except BaseException:
                 cache.unreserve(seq_id, ids)
                 raise
+            # The file goes before the sequence can change (now, not later on a thread): after a
+            # kill, a stale file must not bring back tokens a truncation removed. A write-back log
+            # stays: it is the sequence's own, kept up to date from here.
+            if rec.path is not None and not (rec.from_log and self.wb is not None):
+                rec.path.unlink(missing_ok=True)
             # One loop step: the tier copy goes, the device copy comes.
             self.index.pop(seq_id)
             self._meter(seq_id, -rec.num_blocks)
             cache.adopt(seq_id, ids, rec.lengths, rec.base_position, count_tokens=False)
             result = "ok"
-            if rec.path is not None:
-                self._unlink_later(rec.path)
         finally:
             self.counts.restores[(rec.tier, result)] += 1
             if result == "ok":
@@ -343,6 +373,7 @@ class Tiers:
         self._meter(seq_id, -rec.num_blocks)
         if rec.path is not None:
             self._unlink_later(rec.path)
+        self.released(seq_id)
 
     def expire(self, ttl_s: float) -> list[str]:
         """Drop spilled sequences unused for more than `ttl_s` wall-clock seconds (not moving or in use)."""
@@ -388,7 +419,42 @@ class Tiers:
             self.index.add(rec)
             self._meter(h.sequence_id, h.num_blocks)
             loaded.append(h.sequence_id)
+        for path in sorted(d.glob("*" + spill_files.LOG_SUFFIX)):
+            rec = self._load_log(path, want)
+            if rec is not None:
+                self.index.add(rec)
+                self._meter(rec.seq_id, rec.num_blocks)
+                loaded.append(rec.seq_id)
         return loaded
+
+    def _load_log(self, path: Path, want: tuple[int, ...]) -> Spilled | None:
+        """A write-back log as a disk-tier sequence of its whole blocks (a torn tail cut back), or
+        None: corrupt (removed), or the sequence already came from its spill file (the whole
+        sequence; the log is its prefix)."""
+        try:
+            h, blocks = spill_files.read_log(path)
+        except spill_files.CorruptFile as exc:
+            log.error("spill dir: %s not loaded: %s", path.name, exc)
+            path.unlink(missing_ok=True)
+            return None
+        n = int(blocks.shape[0])
+        if h.shape != (*want[:3], *want[4:]) or h.dtype != self.cache.dtype.name:
+            log.error("spill dir: %s not loaded: blocks %s%s; expected %s", path.name, h.dtype, list(h.shape), want)
+            path.unlink(missing_ok=True)
+            return None
+        if h.sequence_id in self.index:
+            if self.wb is not None:
+                self.wb.flushed[h.sequence_id] = n
+            else:  # nothing keeps it up to date from here: a stale log must not outlive the sequence
+                path.unlink(missing_ok=True)
+            return None
+        if self.wb is not None:
+            self.wb.flushed[h.sequence_id] = n
+        lengths = (n * self.cache.block_len,) * self.cache.num_layers
+        return Spilled(
+            h.sequence_id, lengths, h.base_position, n, path.stat().st_mtime, "disk", n * self.block_bytes,
+            path=path, from_log=True,
+        )  # fmt: skip
 
     def _unfit(self, h: spill_files.FileHeader, want: tuple[int, ...]) -> str | None:
         cache = self.cache
@@ -479,11 +545,19 @@ class Tiers:
             self._changed = asyncio.Event()
         await self._changed.wait()
 
+    async def stop(self) -> None:
+        """Stop the write-back flusher (a flush under way finishes) and the threads."""
+        if self.wb is not None:
+            await self.wb.stop()
+        self.close()
+
     def close(self) -> None:
         if self._threads is not None:
             self._threads.shutdown(wait=True)
             self._threads = None
 
 
-def _read(path: Path) -> np.ndarray:
+def _read(path: Path, from_log: bool = False) -> np.ndarray:
+    if from_log:
+        return log_payload(spill_files.read_log(path)[1])
     return spill_files.read_payload(path, spill_files.read_header(path))

@@ -231,3 +231,23 @@ def test_blocks_of_a_spilled_sequence_stay_charged_to_its_owner(tmp_path: Path) 
         await svc.close()
 
     asyncio.run(main())
+
+
+def test_a_restore_with_no_room_anywhere_is_resource_exhausted_not_a_hang(tmp_path: Path) -> None:
+    """s0 sits in a one-sequence host tier; bringing it back would spill a device sequence, which
+    fits no tier while s0's own bytes still fill the host tier (no disk tier): the answer is
+    RESOURCE_EXHAUSTED at once, s0 stays where it was (a restore never waits on itself)."""
+
+    async def main() -> None:
+        svc = tier_service(None, num_blocks=4, host_blocks=2)
+        svc.start()
+        for i in range(3):
+            await fill(svc, f"s{i}", TOKENS, seed=i)
+        assert [await tier(svc, f"s{i}") for i in range(3)] == ["host", "device", "device"]
+        with pytest.raises(Aborted) as err:
+            await asyncio.wait_for(rpc(svc, "PrefetchSequence", pb.PrefetchSequenceRequest(sequence_id="s0")), 30)
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no disk tier" in err.value.details
+        assert [await tier(svc, f"s{i}") for i in range(3)] == ["host", "device", "device"]
+        await svc.close()
+
+    asyncio.run(main())
