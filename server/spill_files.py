@@ -109,7 +109,8 @@ def aligned_empty(nbytes: int) -> memoryview:
 def write_file(path: Path, header: FileHeader, payload: np.ndarray) -> int:
     """Write `payload` (C-contiguous) and `header` (its crcs filled in here) to `path` atomically;
     returns the file's size in bytes."""
-    data = memoryview(np.ascontiguousarray(payload)).cast("B")
+    # As bytes through a uint8 view: the buffer protocol refuses ml_dtypes' bfloat16 and fp8 ('E', 'V').
+    data = memoryview(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
     crcs = tuple(zlib.crc32(data[a:b]) for a, b in _chunks(len(data)))
     header = FileHeader(**{**header.__dict__, "payload_bytes": len(data), "chunk_crcs": crcs})
     raw = header.to_json()
