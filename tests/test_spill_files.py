@@ -38,3 +38,42 @@ def test_a_flipped_payload_byte_fails_its_chunk_checksum(tmp_path: Path) -> None
     path.write_bytes(bytes(raw))
     with pytest.raises(spill_files.CorruptFile, match="chunk 0 checksum mismatch"):
         spill_files.read_payload(path, spill_files.read_header(path))
+
+
+def test_read_payload_faults_in_each_chunk_on_another_thread_before_reading_into_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh buffer's first-touch page faults are taken off the reading thread, ahead of each read."""
+    import os
+    import threading
+
+    monkeypatch.setattr(spill_files, "CHUNK", spill_files.PAGE)  # 8 chunks of this 30 KiB payload
+    shape = (*SHAPE[:-1], 32)
+    payload = np.random.default_rng(1).standard_normal(shape, np.float32)
+    path = tmp_path / "s.kv"
+    header = spill_files.FileHeader("s", (20, 20), 0, 1.0, 5, payload.dtype.name, shape, payload.nbytes)
+    spill_files.write_file(path, header, payload)
+    h = spill_files.read_header(path)
+    base = spill_files.payload_offset(len(h.to_json()))
+    faulted: list[tuple[int, int]] = []  # buffer ranges, appended once faulted in
+    reads: list[tuple[int, int]] = []
+    real_fault, real_preadv = spill_files._fault_in, os.preadv
+
+    def fault_in(buf: memoryview, start: int, end: int) -> None:
+        assert threading.current_thread().name.startswith("tkg-prefault")
+        real_fault(buf, start, end)
+        faulted.append((start, end))
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        span = (offset - base, offset - base + len(buffers[0]))
+        assert span in faulted, f"read into {span} before it was faulted in (faulted: {faulted})"
+        reads.append(span)
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(spill_files, "_fault_in", fault_in)
+    monkeypatch.setattr(spill_files.os, "preadv", preadv)
+    got = spill_files.read_payload(path, h)
+    np.testing.assert_array_equal(got, payload)
+    whole = spill_files._round_up(payload.nbytes, spill_files.PAGE)
+    assert len(reads) == 8 and reads[0][0] == 0 and reads[-1][1] == whole
+    assert sorted(faulted) == reads  # each chunk faulted in once, and nothing else
