@@ -370,14 +370,9 @@ class Spiller:
     prefetch is in flight and none will start."""
 
     def __init__(self, target: str, ids: tuple[str, str], period_s: float) -> None:
-        import grpc
+        from tkg.client.client import Client
 
-        from tkg.v1 import decode_attention_pb2 as pb
-        from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
-
-        self._pb = pb
-        self._channel = grpc.insecure_channel(target)
-        self._stub = pb_grpc.DecodeAttentionStub(self._channel)
+        self._client = Client(target, timeout=60.0)  # its own channel: not the lone caller's
         self.ids, self.period_s = ids, period_s
         self.on, self.stop = threading.Event(), threading.Event()
         self._busy = threading.Lock()  # held during a prefetch; `on` is checked under it
@@ -399,7 +394,7 @@ class Spiller:
                     continue
                 seq_id = self.ids[k % 2]
                 try:
-                    self._stub.PrefetchSequence(self._pb.PrefetchSequenceRequest(sequence_id=seq_id), timeout=60)
+                    self._client.prefetch_sequence(seq_id)
                     self.done += 1
                 except Exception as exc:  # reported with the figures: a failed prefetch is not a spill
                     self.errors.append(f"{seq_id}: {exc}")
@@ -414,7 +409,7 @@ class Spiller:
         self.pause()
         self.stop.set()
         self._thread.join(10)
-        self._channel.close()
+        self._client.close()
 
 
 def _scrape(port: int) -> dict[str, float]:
