@@ -6,4 +6,6 @@ Tools, not the product: nothing in `tkg.client`, `tkg.server` or `tkg.kernel` im
 - `membw`: the machine's read bandwidth, measured in the same process.
 - `nki`, `nki_peer`: what the NKI kernel (and nki-library's) does at the reference shapes, counted by the emulator.
 - `serve` (`tkg bench serve`): the service against `echo`, a bare gRPC server carrying the same bytes.
+- `tiers` (`tkg bench tiers`): KV tier restores against memcpy and the disk's O_DIRECT read; a lone
+  caller's Decode while another client forces spills.
 """

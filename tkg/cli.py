@@ -18,6 +18,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "serve"): ("tkg.bench.serve", "service vs a bare gRPC echo with the same bytes"),
     ("bench", "host"): ("tkg.bench.host", "server host time per step vs the device kernel's estimate"),
     ("bench", "segments"): ("tkg.bench.segments", "a context-parallel decode vs its slowest segment alone"),
+    ("bench", "tiers"): ("tkg.bench.tiers", "KV tier restores vs memcpy and disk reads; decode under spills"),
 }
 
 
@@ -27,7 +28,7 @@ SERVER_EXTRA_MODULES = frozenset(
     {"torch", "prometheus_client", "grpc_health", "grpc_reflection", "yaml", "uvloop"}
 )
 # Commands that run the kernel or the service: they need the `server` extra.
-NEEDS_SERVER_EXTRA = frozenset({("serve",), ("bench", "kernel"), ("bench", "serve")})
+NEEDS_SERVER_EXTRA = frozenset({("serve",), ("bench", "kernel"), ("bench", "serve"), ("bench", "tiers")})
 
 
 def _usage(prefix: tuple[str, ...] = ()) -> str:
