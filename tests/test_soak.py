@@ -27,6 +27,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -304,16 +305,38 @@ class Worker:
 
 # pytest-timeout's 300 s (pyproject) would kill a longer soak (`TKG_SOAK_S=600`): the bound is the
 # soak's own length plus those 300 s for start-up and the final checks.
+TIER_BLOCKS = 48  # with tiers: a device pool far below what the clients hold, so spills and restores never stop
+
+
+def _spills(metrics_port: int) -> float:
+    """`tkg_kv_spills_total`, summed over tiers, from the server's metrics endpoint."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("tkg_kv_spills_total{"))
+
+
 @pytest.mark.timeout(SOAK_S + 300)
-def test_soak_racing_clients_match_the_numpy_model() -> None:
-    srv = start_server(*ARGS)
+@pytest.mark.parametrize("tiers", [False, True], ids=["device", "tiers"])
+def test_soak_racing_clients_match_the_numpy_model(tiers: bool, tmp_path: Path) -> None:
+    """With `tiers`: a 48-block device pool, a host tier and a disk tier, for two thirds of the
+    soak's time; every rule above holds, and spills happened."""
+    args = ARGS
+    soak_s = SOAK_S
+    if tiers:
+        block = 2 * L * HKV * BL * D * 4
+        args = (*ARGS, "--num-blocks", str(TIER_BLOCKS), "--host-cache-bytes", str(64 * block),
+                "--spill-dir", str(tmp_path / "spill"))  # fmt: skip
+        soak_s = SOAK_S * 2 / 3
+    srv = start_server(*args)
+    blocks = TIER_BLOCKS if tiers else BLOCKS
     try:
         async def main() -> World:
             world = World()
             clients = [AsyncClient(srv.target, timeout=30) for _ in range(CLIENTS)]
             start = (await clients[0].server_info()).free_blocks
-            assert start == BLOCKS
-            stop_at = time.monotonic() + SOAK_S
+            assert start == blocks
+            stop_at = time.monotonic() + soak_s
             workers = [Worker(n, c, world, stop_at) for n, c in enumerate(clients)]
             await asyncio.gather(*(w.run() for w in workers))
             assert not world.bad, world.bad[:5]
@@ -332,7 +355,12 @@ def test_soak_racing_clients_match_the_numpy_model() -> None:
             return world
 
         world = asyncio.run(main())
-        print(f"soak {SOAK_S:.0f}s: {world.checked} outputs checked, codes {world.codes}")
+        print(f"soak {soak_s:.0f}s: {world.checked} outputs checked, codes {world.codes}")
+        if tiers:
+            assert srv.metrics_port is not None
+            spills = _spills(srv.metrics_port)
+            print(f"soak with tiers: {spills:.0f} spills")
+            assert spills > 10
         assert world.checked > 50 and "INTERNAL" not in world.codes and "UNKNOWN" not in world.codes
         assert world.codes.get("CANCELLED", 0) + world.codes.get("DEADLINE_EXCEEDED", 0) > 0
     finally:
