@@ -251,3 +251,36 @@ def test_a_restore_with_no_room_anywhere_is_resource_exhausted_not_a_hang(tmp_pa
         await svc.close()
 
     asyncio.run(main())
+
+
+def test_on_a_device_store_a_spill_is_d2h_and_a_restore_h2d(tmp_path: Path) -> None:
+    """nki-emu: the KV pools live in (emulated) device memory; a spill reads the sequence's run
+    back to the host and a restore writes it, counted by `tkg_device_transfer_bytes_total`."""
+
+    async def main() -> None:
+        svc = tier_service(
+            tmp_path, num_blocks=4, host_blocks=4, backend="nki-emu", spec={"max_batch": 1, "max_context": 16}
+        )  # fmt: skip
+        store = svc.cache.store
+        svc.start()
+        for i in range(2):
+            await fill(svc, f"s{i}", TOKENS, seed=i)
+        run = 2 * svc.tiers.block_bytes  # one sequence: 2 blocks of every layer, K and V
+        before = store.transfer_bytes()
+        await fill(svc, "s2", TOKENS, seed=2)  # s0 spills
+        assert await tier(svc, "s0") == "host"
+        spilled = store.transfer_bytes()
+        assert spilled["d2h"] - before["d2h"] >= run
+        await rpc(svc, "PrefetchSequence", pb.PrefetchSequenceRequest(sequence_id="s0"))
+        restored = store.transfer_bytes()
+        assert restored["h2d"] - spilled["h2d"] >= run
+        got = await svc.decode(decode_batch(["s0"], [TOKENS], seed=3))
+        big = tier_service(None, num_blocks=16)
+        big.start()
+        await fill(big, "s0", TOKENS, seed=0)
+        want = await big.decode(decode_batch(["s0"], [TOKENS], seed=3))
+        np.testing.assert_allclose(_out(got), _out(want), rtol=1e-5, atol=1e-5)
+        await svc.close()
+        await big.close()
+
+    asyncio.run(main())
