@@ -35,16 +35,21 @@ INLINE_KERNEL_BYTES = 256 * 1024
 
 # A lone caller's launch runs on the loop when its kernel is expected to take at most this long
 # (`launch_inline`). What the worker thread buys a lone caller is a loop free for calls nobody is
-# making; what it costs is measured (`tkg bench host`, cpu, 2 shared cores, llama-3-8b geometry):
-# the hand-off there and back plus the hold and finish of the plans, 175-550 us of host time per
-# step at batch 8-64 ctx 1024 (~25-50% of the host time), and on a <= 2 core host the kernel
-# runs on one core instead of two. What running on the loop costs: a call arriving meanwhile waits
-# for the kernel before it is read; a newcomer's Decode would wait for this launch anyway (launches
-# never overlap), so it loses only its validation's overlap; other RPCs (health checks, sequence
-# RPCs) wait up to this long, a tenth of the 1 s timeout of grpc_health_probe and of a Kubernetes
-# probe. On the cpu backend this takes batch 8 and 64 at ctx 1024 (8-80 ms here) onto the loop
-# and leaves batch 64 ctx 4096 on the worker; a device kernel (trn2: 60 us - 1.6 ms on these
-# steps) is always within it.
+# making. What it costs, measured (`tkg bench host` cases, cpu backend, 2 cores shared with other
+# work, load 2-4): the hand-off there and back plus the hold and finish of the plans, 175-550 us
+# of the step's host time at batch 8-64 ctx 1024 (host p50 old -> new rule, interleaved runs:
+# batch 8 ctx 1024 470-660 -> 250-320 us, batch 64 ctx 1024 1740-1970 -> 1060-1150 us, batch 8
+# ctx 4096 1100 -> 470 us), and on a 2-core host the kernel runs on one core instead of two. What
+# running on the loop costs: calls arriving meanwhile wait for the kernel before they are read. A
+# newcomer's Decode would wait for this launch anyway (launches never overlap), so it loses only
+# its validation's overlap; other RPCs (health checks, sequence RPCs) wait up to this long, a
+# tenth of the 1 s timeout of grpc_health_probe and of a Kubernetes probe. Measured kernels: batch
+# 8 ctx 1024 2-18 ms and ctx 4096 11-22 ms (on the loop), batch 64 ctx 1024 23-90 ms (near the
+# bound: on a loaded host some go back to the worker), batch 64 ctx 4096 ~165 ms (the worker); a
+# trn2 kernel on these steps is estimated at 60 us - 1.6 ms. Not for concurrent callers, even on
+# 2 cores: every launch on the loop (`--inline-kernel-bytes 2**40`, `tkg bench serve`) made the
+# mean batch of 64 callers 1.1-1.4 sequences instead of 35-37 (the blocked loop reads one call per
+# pass after each kernel, so batches stop forming) and their tokens/s 580-700 instead of 860-920.
 LONE_STALL_S = 0.1
 
 # A lone caller's launches run on the loop only up to this much K+V besides (an operator's cap on
@@ -52,7 +57,7 @@ LONE_STALL_S = 0.1
 LONE_INLINE_BYTES = 2**40
 
 # AppendKV chunks and ImportSequence messages of more K+V than this are written into the cache on
-# the kernel worker thread (`tkg.server.writes`): under ~1 ms at the bandwidths above.
+# the kernel worker thread (`tkg.server.writes`): a copy of ~1 ms at most on the loop.
 INLINE_WRITE_BYTES = 8 * 2**20
 
 # Launches in a row of one request for the same sequences, with nothing else in flight, before
