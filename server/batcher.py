@@ -165,7 +165,7 @@ class LoneCaller:
         launch alone counts: a lone caller's launches differ little from one to the next, and a
         slow outlier only sends the next launch to the worker thread, which measures again. A
         worker-thread launch runs on one core fewer than an inline one (`cores.kernel_threads`),
-        so its speed errs on the slow side: fewer launches move onto the loop, never more."""
+        so a speed measured there errs on the slow side (keeps launches off the loop)."""
         if kv_bytes > self.inline_kernel_bytes:
             self.seconds_per_byte = seconds / kv_bytes
 

@@ -50,6 +50,19 @@ def test_the_lone_record_keeps_the_last_large_kernels_speed() -> None:
     assert lone.inline(LONE_STALL_S / 2e-6 // 1) and not lone.inline(LONE_STALL_S / 2e-6 + 1)
 
 
+def test_a_windowed_layer_counts_only_the_window_it_reads() -> None:
+    """The speed the decision learns is per byte read: a window layer's launch counts `window`
+    tokens per sequence, a full layer's all of them (else a full layer's launch would be credited
+    with the window layer's speed and kept on the loop far beyond the stall bound)."""
+    spec = {"num_layers": 2, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "block_len": 16,
+            "num_blocks": 16, "kv_dtype": "float32", "max_context": 256, "sliding_window": [64, None]}  # fmt: skip
+    engine = make_service(spec).engine
+    lens = np.array([10, 100, 200], np.int32)
+    token = 2 * 1 * 8 * 4  # K + V, 1 kv head, d=8, float32
+    assert engine._read_bytes(0, lens) == (10 + 64 + 64) * token
+    assert engine._read_bytes(1, lens) == 310 * token
+
+
 HQ, HKV, D, T = 8, 8, 128, 1100  # float32 K+V: 8 KiB per token, 1100 tokens: 8.6 MiB per launch
 
 
