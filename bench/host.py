@@ -6,8 +6,11 @@ RoPE, the append into the pools, the tables, finish and the response, everything
 call) and divides it by the emulator's cost-model estimate of our NKI kernel on the same step
 (trn2, LNC 2; `tkg.kernel.nki_emu.estimate`, counted while executing the kernel's own source on
 this step's shapes). Goal (issue 24, goal 1): <= 1.0 at batch 64 and <= 2.0 at batch 8; batch 1
-is reported. One caller sends one request of B sequences per step to an in-process service (the
-RPC layer's `decode()`, no gRPC: the client and the network are `tkg bench serve`'s subject).
+is reported. The host time depends on where the launch ran (the scheduling policy,
+`tkg.server.batcher.LoneCaller`: on the event loop, or handed to the kernel worker thread and
+back): each row says on how many of its steps the kernel ran on the loop. One caller sends one
+request of B sequences per step to an in-process service (the RPC layer's `decode()`, no gRPC:
+the client and the network are `tkg bench serve`'s subject).
 
     tkg bench host [--cases 1x1024,8x1024,64x1024,1x4096,8x4096,64x4096] [--steps 30] [--json FILE]
 """
@@ -89,8 +92,9 @@ def kernel_estimate_us(case: Case, g: Geometry, lnc: int = 2) -> float:
     return float(nki_emu.estimate(stats, target="trn2", floor_bytes=step.compulsory_bytes()).estimate_s * 1e6)
 
 
-async def host_times(case: Case, g: Geometry, steps: int, warmup: int) -> list[tuple[int, int, int, int]]:
-    """(total, queue, kernel, attention) us of each measured step on an in-process `cpu` service."""
+async def host_times(case: Case, g: Geometry, steps: int, warmup: int) -> list[tuple[int, int, int, int, bool]]:
+    """(total, queue, kernel, attention us, kernel on the event loop) of each measured step on an
+    in-process `cpu` service."""
     from tkg.client.messages import DecodeInput, decode_request
     from tkg.dtypes import BF16
     from tkg.server.app import make_cache
@@ -114,6 +118,14 @@ async def host_times(case: Case, g: Geometry, steps: int, warmup: int) -> list[t
     svc = DecodeAttentionService(spec, make_cache(spec, settings, ledger), settings, Metrics("cpu"), ledger)
     svc.mark_ready()
     svc.start()
+    lone, on_loop = svc.batcher.lone, [False]
+    decide = lone.inline
+
+    def inline(kv_bytes: int) -> bool:  # the policy's answer for the step's launch, unchanged
+        on_loop[0] = decide(kv_bytes)
+        return on_loop[0]
+
+    lone.inline = inline  # type: ignore[method-assign]
     rng = np.random.default_rng(0)
     prompt = rng.standard_normal((T, g.kv_heads, g.head_dim)).astype(BF16)  # the same prompt for all: timing only
     ids = [f"s{b}" for b in range(B)]
@@ -128,7 +140,7 @@ async def host_times(case: Case, g: Geometry, steps: int, warmup: int) -> list[t
             req = decode_request(DecodeInput(0, ids, [T + i] * B, q, kv, kv))
             t = (await svc.decode(req)).timing
             if i >= warmup:
-                out.append((t.total_us, t.queue_us, t.kernel_us, t.attention_us))
+                out.append((t.total_us, t.queue_us, t.kernel_us, t.attention_us, on_loop[0]))
     finally:
         await svc.close()
     return out
@@ -138,11 +150,12 @@ def run(cases: list[Case], g: Geometry, steps: int, warmup: int, lnc: int) -> li
     rows = []
     for case in cases:
         times = asyncio.run(host_times(case, g, steps, warmup))
-        host = [total - queue - attention for total, queue, _, attention in times]
+        host = [total - queue - attention for total, queue, _, attention, _ in times]
         est = kernel_estimate_us(case, g, lnc)
         row = figures(case, host, est)
         row["server_p50_us"] = {k: statistics.median(x[i] for x in times)
                                 for i, k in enumerate(("total", "queue", "kernel", "attention"))}  # fmt: skip
+        row["steps_on_loop"] = [sum(x[4] for x in times), len(times)]  # kernels run on the event loop / steps
         rows.append(row)
     return rows
 
@@ -151,14 +164,16 @@ def format_rows(rows: list[dict[str, Any]], lnc: int) -> str:
     head = (f"tkg bench host: server host time per step (total - queue - attention, cpu backend, in process) / "
             f"our NKI kernel's trn2 LNC {lnc} estimate on the same step (emulator cost model, counted "
             f"while executing the kernel's source; an estimate, not a measurement)")  # fmt: skip
-    lines = [head, "", f"{'case':18s} {'host p50':>10s} {'per seq':>9s} {'kernel est':>11s} {'ratio':>7s}  goal"]
+    lines = [head, "", f"{'case':18s} {'host p50':>10s} {'per seq':>9s} {'kernel est':>11s} {'ratio':>7s} "
+             f"{'on loop':>8s}  goal"]  # fmt: skip
     for r in rows:
         c = r["case"]
         name = f"B={c['batch']} ctx={c['context']}"
+        loop = "{}/{}".format(*r["steps_on_loop"])
         goal = "" if r["goal_max"] is None else f"<= {r['goal_max']:.1f}x {r['verdict']}"
         lines.append(
             f"{name:18s} {r['host_p50_us']:8.0f}us {r['host_per_sequence_us']:7.1f}us "
-            f"{r['estimate_us']:9.1f}us {r['ratio']:6.2f}x  {goal}"
+            f"{r['estimate_us']:9.1f}us {r['ratio']:6.2f}x {loop:>8s}  {goal}"
         )
     return "\n".join(lines)
 

@@ -33,17 +33,54 @@ from tkg.server.errors import ResourceExhausted
 # kernel reaches here that is ~10-25 us, less than a round trip to the worker thread.
 INLINE_KERNEL_BYTES = 256 * 1024
 
-# A lone caller's launches run on the loop only up to this much K+V (the event-loop bound: under
-# ~1 ms at the bandwidth above, so no kernel blocks health checks or other RPCs for longer).
-LONE_INLINE_BYTES = 8 * 2**20
+# A lone caller's launch runs on the loop when its kernel is expected to take at most this long
+# (`launch_inline`). What the worker thread buys a lone caller is a loop free for calls nobody is
+# making. What it costs, measured (`tkg bench host` cases, cpu backend, 2 cores shared with other
+# work, load 2-4): the hand-off there and back plus the hold and finish of the plans, 175-550 us
+# of the step's host time at batch 8-64 ctx 1024 (host p50 old -> new rule, interleaved runs:
+# batch 8 ctx 1024 470-660 -> 250-320 us, batch 64 ctx 1024 1740-1970 -> 1060-1150 us, batch 8
+# ctx 4096 1100 -> 470 us), and on a 2-core host the kernel runs on one core instead of two. What
+# running on the loop costs: calls arriving meanwhile wait for the kernel before they are read. A
+# newcomer's Decode would wait for this launch anyway (launches never overlap), so it loses only
+# its validation's overlap; other RPCs (health checks, sequence RPCs) wait up to this long, a
+# tenth of the 1 s timeout of grpc_health_probe and of a Kubernetes probe. Measured kernels: batch
+# 8 ctx 1024 2-18 ms and ctx 4096 11-22 ms (on the loop), batch 64 ctx 1024 23-90 ms (near the
+# bound: on a loaded host some go back to the worker), batch 64 ctx 4096 ~165 ms (the worker); a
+# trn2 kernel on these steps is estimated at 60 us - 1.6 ms. Not for concurrent callers, even on
+# 2 cores: every launch on the loop (`--inline-kernel-bytes 2**40`, `tkg bench serve`) made the
+# mean batch of 64 callers 1.1-1.4 sequences instead of 35-37 (the blocked loop reads one call per
+# pass after each kernel, so batches stop forming) and their tokens/s 580-700 instead of 860-920.
+LONE_STALL_S = 0.1
+
+# A lone caller's launches run on the loop only up to this much K+V besides (an operator's cap on
+# top of LONE_STALL_S; the default leaves the time bound alone in charge).
+LONE_INLINE_BYTES = 2**40
 
 # AppendKV chunks and ImportSequence messages of more K+V than this are written into the cache on
-# the kernel worker thread (`tkg.server.writes`): the same event-loop bound as a lone launch.
-INLINE_WRITE_BYTES = LONE_INLINE_BYTES
+# the kernel worker thread (`tkg.server.writes`): a copy of ~1 ms at most on the loop.
+INLINE_WRITE_BYTES = 8 * 2**20
 
 # Launches in a row of one request for the same sequences, with nothing else in flight, before
 # that caller counts as alone (its requests skip the batch delay, its kernels run on the loop).
 LONE_STREAK = 8
+
+
+def launch_inline(
+    kv_bytes: int, lone: bool, seconds_per_byte: float | None, inline_kernel_bytes: int, lone_inline_bytes: int,
+    stall_s: float = LONE_STALL_S,
+) -> bool:  # fmt: skip
+    """Run a launch reading `kv_bytes` of K+V on the event loop thread (True) or the worker thread?
+
+    Tiny launches always on the loop (`inline_kernel_bytes`: the hand-off costs more than the
+    kernel). Others only for a `lone` caller (`LoneCaller`: nobody else's calls to overlap with),
+    up to `lone_inline_bytes`, and only when the kernel's expected time, `kv_bytes` times the
+    `seconds_per_byte` measured on recent launches, is within `stall_s` (LONE_STALL_S: how long
+    other calls may wait for the loop); with no measurement yet, on the worker thread."""
+    if kv_bytes <= inline_kernel_bytes:
+        return True
+    if not lone or seconds_per_byte is None or kv_bytes > lone_inline_bytes:
+        return False
+    return kv_bytes * seconds_per_byte <= stall_s
 
 
 @dataclass
@@ -81,27 +118,32 @@ RunBatch = Callable[[list[DecodeWork]], Awaitable[None]]
 class LoneCaller:
     """The one record of "a single caller has the server to itself" (see the module docstring).
 
-    Updated at every launch (`launched`); read by the batcher (skip the delay, run in the caller's
-    task) and by the step engine (`inline`: run the kernel on the loop). "The same sequences":
-    grpc.aio starts one call per loop pass, so a burst of new callers would each look alone, run
-    inline one by one and never batch; a change of sequences restarts the streak instead.
+    Updated at every launch (`launched`) and after every kernel (`kernel_ran`: its measured
+    speed); read by the batcher (skip the delay, run in the caller's task) and by the step engine
+    (`inline`: run the kernel on the loop). "The same sequences": grpc.aio starts one call per loop
+    pass, so a burst of new callers would each look alone, run inline one by one and never batch;
+    a change of sequences restarts the streak instead.
 
     Args:
         calls: calls in flight in the whole service (every RPC, streams included).
         inline_kernel_bytes: launches reading at most this much K+V always run on the loop.
-        lone_inline_bytes: a lone caller's launches run on the loop up to this much K+V.
+        lone_inline_bytes: a lone caller's launches run on the loop up to this much K+V (and
+            `stall_s` of expected kernel time).
+        stall_s: the longest a lone caller's kernel is expected to keep the loop (LONE_STALL_S).
     """
 
     def __init__(
         self, calls: Callable[[], int], inline_kernel_bytes: int = INLINE_KERNEL_BYTES,
-        lone_inline_bytes: int = LONE_INLINE_BYTES,
+        lone_inline_bytes: int = LONE_INLINE_BYTES, stall_s: float = LONE_STALL_S,
     ) -> None:  # fmt: skip
         self._calls = calls
         self.inline_kernel_bytes = inline_kernel_bytes
         self.lone_inline_bytes = lone_inline_bytes
+        self.stall_s = stall_s
         self.ids: list[str] | None = None  # sequence ids of the last launch, when it was one request
         self.streak = 0  # launches in a row of that one request with nothing else in flight
         self.decoding = 0  # decode requests between receipt and reply (`Batcher.decode`)
+        self.seconds_per_byte: float | None = None  # the last kernel's time per K+V byte read (`kernel_ran`)
 
     def launched(self, batch: list[DecodeWork], queued: int) -> None:
         """A launch of `batch` starts, `queued` requests still waiting behind it."""
@@ -116,14 +158,26 @@ class LoneCaller:
         """One caller has been alone for LONE_STREAK launches and nothing else is in flight now."""
         return self.streak > LONE_STREAK and self.decoding <= 1 and self._calls() <= 1
 
+    def kernel_ran(self, kv_bytes: int, seconds: float) -> None:
+        """A kernel read `kv_bytes` of K+V in `seconds` (its own call, measured on its thread).
+        Launches within `inline_kernel_bytes` are not counted: their time is mostly the call's
+        fixed cost, which would make the next large launch look far slower than it is. The last
+        launch alone counts: a lone caller's launches differ little from one to the next, and a
+        slow outlier only sends the next launch to the worker thread, which measures again. A
+        worker-thread launch runs on one core fewer than an inline one (`cores.kernel_threads`),
+        so a speed measured there errs on the slow side (keeps launches off the loop)."""
+        if kv_bytes > self.inline_kernel_bytes:
+            self.seconds_per_byte = seconds / kv_bytes
+
     def inline(self, kv_bytes: int) -> bool:
-        """Run a launch reading `kv_bytes` of K+V on the loop thread? Handing a launch to the
-        worker thread and back costs ~50-100 us of loop time. It buys a loop free to accept the
-        next calls while the kernel runs (grpc.aio accepts one call per loop pass), which is what
-        lets batches form under load; a lone caller gains nothing from it."""
-        if kv_bytes <= self.inline_kernel_bytes:
-            return True
-        return self.streak > LONE_STREAK and kv_bytes <= self.lone_inline_bytes
+        """Run a launch reading `kv_bytes` of K+V on the loop thread (`launch_inline`)? Handing a
+        launch to the worker thread buys a loop free to accept the next calls while the kernel
+        runs (grpc.aio accepts one call per loop pass), which is what lets batches form under
+        load; a lone caller gains nothing from it and pays the hand-offs (LONE_STALL_S)."""
+        lone = self.streak > LONE_STREAK
+        return launch_inline(
+            kv_bytes, lone, self.seconds_per_byte, self.inline_kernel_bytes, self.lone_inline_bytes, self.stall_s
+        )
 
 
 class Batcher:

@@ -11,8 +11,9 @@ Threading (relied on, not locked): everything but the kernel call runs on the ev
 A launch on the worker thread holds its plans' blocks from commit to the kernel's end
 (`KVCache.commit(hold=True)`) and is finished on the loop by `_kernel_done`, which the thread
 schedules as its last act; an inline launch needs no hold, since no other code runs meanwhile.
-Which launches run inline is the batcher's scheduling record (`LoneCaller.inline`): the
-event-loop bound is one launch of `lone_inline_bytes` of K+V.
+Which launches run inline is the batcher's scheduling record (`LoneCaller.inline`), fed the
+speed of every kernel (`_deliver`): the event-loop bound is one lone caller's launch expected to
+take LONE_STALL_S.
 
 Context parallelism (docs/context-parallel.md): a batch is all attend-only or all appending,
 all return_lse or none (the batcher's key). An lse batch answers out in float32 and its lse
@@ -120,6 +121,14 @@ class StepEngine:
         if self.rope is None:
             return k
         return self.rope.rotate_tokens(k, position)
+
+    def _read_bytes(self, layer: int, lens: np.ndarray) -> int:
+        """Bytes of K+V a launch over sequences of `lens` tokens (int32 `[B]`) reads: a sliding
+        window's layer reads its last `window` tokens only (what the scheduling decision weighs,
+        so that a windowed layer's speed is not credited to a full layer's launch)."""
+        window = self.spec.window(layer)
+        tokens = int(lens.sum()) if window is None else int(np.minimum(lens, window).sum())
+        return tokens * self._kv_token_bytes
 
     def _scale_options(self, layer: int) -> dict[str, float]:
         ks, vs = self.spec.scales(layer)
@@ -256,7 +265,7 @@ class StepEngine:
                 q, k = self.rope.rotate_qk(q, k, pos)  # once for the whole batch's q and k
             k, v = self.stored(layer, k, v)
             lens = np.concatenate([p.seq_lens for _, p in plans]) if len(plans) > 1 else plans[0][1].seq_lens
-            inline = self.lone.inline(int(lens.sum()) * self._kv_token_bytes)
+            inline = self.lone.inline(self._read_bytes(layer, lens))
             row = 0
             for _, plan in plans:
                 n = plan.batch_size
@@ -332,6 +341,7 @@ class StepEngine:
         if isinstance(out, tuple):
             out, lse = out
         kernel_s = time.perf_counter() - t_start
+        self.lone.kernel_ran(self._read_bytes(ready[0].layer, lens), attention_s)
         self.metrics.observe_batch(len(lens), kernel_s, [t_start - w.arrival for w in ready])
         kernel_us, attention_us, size = int(kernel_s * 1e6), int(attention_s * 1e6), len(lens)
         row = 0

@@ -2,8 +2,8 @@
 or, above the loop's bound, on the kernel worker thread (issue #21 item 3: one 28 MiB AppendKV held
 the loop ~190 ms, and every other caller's GetServerInfo with it).
 
-The bound (`ServeSettings.inline_write_bytes`, default `INLINE_WRITE_BYTES`) is the one for kernel
-launches: the most K+V a lone launch may read on the loop. Above it the concurrency rule
+The bound (`ServeSettings.inline_write_bytes`, default `INLINE_WRITE_BYTES`): the most K+V one
+write may copy on the loop. Above it the concurrency rule
 (architecture.md, fourth round) holds: the cache's bookkeeping stays on the loop; the loop
 reserves the slots (`prepare_append`) and applies the tables and lengths without the store write
 (`commit(defer=True)`, the plan held, so `Holds.settle` keeps truncate, release, fork and export

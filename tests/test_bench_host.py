@@ -41,3 +41,5 @@ def test_a_tiny_run_writes_rows_whose_ratio_is_host_over_estimate(tmp_path: Path
         assert r["ratio"] == pytest.approx(r["host_p50_us"] / r["estimate_us"])
         s = r["server_p50_us"]
         assert s["total"] >= s["kernel"] >= s["attention"] >= 0
+        assert r["steps_on_loop"] == [2, 2]  # 40 tokens of K+V: within INLINE_KERNEL_BYTES, on the loop
+    assert host.format_rows(doc["rows"], 2).splitlines()[3].split()[-1] == "2/2"
