@@ -218,14 +218,10 @@ def run_paged(mod: backends.KernelBackend, backend: str, args: PagedArgs, **back
 def partial_decoder(mod: backends.KernelBackend) -> Callable[[PagedArgs], None] | None:
     """The backend's `paged_decode_partial` (lse, attend-only), or None: it refuses such calls.
 
-    The `cpu` backend's native C kernel computes neither yet (a later round): its partial calls run
-    through its torch implementation, `cpu_torch` (correct, slower)."""
-    impl = getattr(mod, "paged_decode_partial", None)
-    if impl is None and mod.NAME == "cpu":
-        from tkg.kernel.backends import cpu_torch
-
-        impl = cpu_torch.paged_decode_partial
-    return impl
+    `reference`, `cpu_torch` and `cpu` have one; the `cpu` backend's runs on its native C kernel
+    and falls back to `cpu_torch` only for calls the native kernel does not cover
+    (`cpu.paged_native_ok`: a strided pool, d > 256, TKG_CPU_NATIVE=0, the extension not built)."""
+    return getattr(mod, "paged_decode_partial", None)
 
 
 def paged_via_attention_tkg(args: PagedArgs, backend: str, *, align: int = 1, **options: object) -> None:

@@ -6,7 +6,8 @@ scores each chunk of keys against all q heads of its kv head at once, keeps an o
 in fp32 and runs on a persistent, pinned thread pool with the GIL released. Its ISA variant
 (AVX-512-BF16, AVX-512, AVX2+FMA or the baseline) is picked at run time by CPUID.
 
-Native coverage: `paged_decode` always (pools C-contiguous, d <= 256); `run` (attention_tkg)
+Native coverage: `paged_decode` and `paged_decode_partial` (lse, attend-only: context parallelism)
+always (pools C-contiguous, d <= 256); `run` (attention_tkg)
 over block or flat `tp_k_prior` caches, with position-id masks (`use_pos_id`: ranges, the fast
 path) or pre-generated masks (checked per key), fused RoPE, sinks and sliding windows. A
 transposed flat K and debug tensors go to the torch implementation, which handles every flag.
@@ -265,14 +266,21 @@ def _attend(
     pin: bool | None = None,
     variant: str | None = None,
     nsplit: int | None = None,
+    lse: np.ndarray | None = None,
+    q_start: np.ndarray | None = None,
+    empty_ok: bool = False,
 ) -> int:
-    """One native call. q fp32 `[T, nq, d]`, out `[T, nq, d]` (pool dtype); returns the first fully
-    masked query as `task * nq + r`, or -1. All arrays must be C-contiguous and stay alive."""
+    """One native call. q fp32 `[T, nq, d]`, out `[T, nq, d]` (pool dtype, or float32); returns the
+    first fully masked query as `task * nq + r`, or -1. All arrays must be C-contiguous and stay alive.
+
+    Partial calls: lse float32 `[T, nq]` receives each query's log-sum-exp; q_start int64 `[rows]`
+    (with causal_s, not ranges) puts query i of row b at key index `q_start[b] + i` (attend-only);
+    empty_ok: a query that sees nothing gets out 0 and lse -inf instead of being reported."""
     assert _native is not None
     T, nq, d = q.shape
     for name, a in (("q", q), ("out", out), ("table", table), ("nkeys", nkeys), ("ranges", ranges),
                     ("ka", ka), ("va", va), ("act_mask", act_mask), ("sinks", sinks),
-                    ("prior_mask", prior_mask)):  # fmt: skip
+                    ("prior_mask", prior_mask), ("lse", lse), ("q_start", q_start)):  # fmt: skip
         if a is not None and not a.flags.c_contiguous:
             raise ValueError(f"cpu backend: {name}: must be C-contiguous")
     if threads is None:
@@ -294,7 +302,7 @@ def _attend(
         window=window, ranges=_addr(ranges), act_n=0 if ka is None else ka.shape[1], ka=_addr(ka),
         va=_addr(va), act_mask=_addr(act_mask), sinks=_addr(sinks), out=_addr(out), nsplit=int(nsplit),
         prior_mask=_addr(prior_mask), prior_mask_stride=0 if prior_mask is None else prior_mask.shape[-1],
-        out_scale=float(out_scale),
+        out_scale=float(out_scale), lse=_addr(lse), q_start=_addr(q_start), empty_ok=bool(empty_ok),
     )  # fmt: skip
     return int(err)
 
@@ -364,6 +372,66 @@ def paged_decode(
     )  # fmt: skip
     if out is not args.out:
         args.out[...] = out
+
+
+def paged_decode_partial(
+    args: PagedArgs,
+    *,
+    threads: int | None = None,
+    max_threads: int | None = None,
+    pin: bool | None = None,
+    variant: str | None = None,
+    nsplit: int | None = None,
+    native: bool | None = None,
+    **_options: object,
+) -> None:
+    """A partial paged step (context parallelism, `tkg.kernel.paged`): fill `args.out` `[B, Hq, S, d]`
+    (float32 or q's dtype) and, when given, `args.lse` float32 `[B, Hq, S]` on the native kernel.
+
+    Semantics are the reference's (`reference.paged_decode_partial`): query i of sequence b sits at
+    key index `seq_lens[b] - S + i`, or `q_start[b] + i` in an attend-only call (which sees every
+    cached key within the window and never has a sink); lse is the natural log of the softmax
+    denominator over the scaled logits, sink included; a query that sees nothing gets out 0 and
+    lse -inf. The kernel's split-K merge is the exact log-sum-exp rule, so lse does not depend on
+    nsplit beyond rounding. Options as `paged_decode`; calls the native kernel does not cover
+    (`paged_native_ok`) run on `cpu_torch`.
+    """
+    if native is False or not paged_native_ok(args):
+        if native:
+            raise ValueError("cpu backend: native: the native kernel cannot run this call here")
+        _torch_impl().paged_decode_partial(args)
+        return
+    q = args.q
+    B, Hq, S, d = q.shape
+    Hkv, NB, BL, _ = args.k_cache.shape
+    G = Hq // Hkv
+    if B == 0:
+        return
+    q32 = _ws.get("paged_q", (B * Hkv, G * S, d), np.float32)
+    q32[...] = q.reshape(B * Hkv, G * S, d)
+    sinks = None
+    if args.sinks is not None:  # (check_paged_args refuses sinks in attend-only calls)
+        sinks = _ws.get("paged_sinks", (B * Hkv, G * S), np.float32)
+        sinks.reshape(B, Hkv, G, S)[...] = as_f32(args.sinks).reshape(1, Hkv, G, 1)
+    # Task (b, g) holds queries (h - g*G, i) in order: [B, Hq, S] is already [B*Hkv, G*S].
+    out = args.out if args.out.flags.c_contiguous else np.empty(args.out.shape, dtype=args.out.dtype)
+    lse = None
+    if args.lse is not None:
+        lse = args.lse if args.lse.flags.c_contiguous else np.empty(args.lse.shape, np.float32)
+    q_start = None if args.q_start is None else _c(args.q_start, np.int64)
+    _attend(
+        q=q32, k=args.k_cache, v=args.v_cache, out=out.reshape(B * Hkv, G * S, d), heads_per_row=Hkv,
+        head_stride=NB * BL * d, block_stride=BL * d, bl=BL, table=_c(args.block_tables, np.int32),
+        nkeys=_c(args.seq_lens, np.int32), score_scale=args.scale * args.k_scale, out_scale=args.v_scale,
+        q_bf16_exact=q.dtype == BF16,
+        causal_s=S, window=0 if args.window is None else int(args.window), sinks=sinks,
+        threads=threads, max_threads=max_threads, pin=pin, variant=variant, nsplit=nsplit,
+        lse=None if lse is None else lse.reshape(B * Hkv, G * S), q_start=q_start, empty_ok=True,
+    )  # fmt: skip
+    if out is not args.out:
+        args.out[...] = out
+    if lse is not None and lse is not args.lse:
+        args.lse[...] = lse
 
 
 # --------------------------------------------------------------------------- attention_tkg

@@ -712,10 +712,12 @@ AI void query_ranges(const tkg_problem *p, int task, int nk, int r, int32_t *out
         return;
     }
     int i = r % p->causal_s;
-    int hi = nk - p->causal_s + i + 1;
-    int lo = p->window > 0 && hi - p->window > 0 ? hi - p->window : 0;
-    out4[0] = lo;
-    out4[1] = hi;
+    /* 64-bit: an attend-only position may lie far past the keys (it is clipped below). */
+    int64_t t = p->q_start ? p->q_start[task / p->heads_per_row] + i : (int64_t)nk - p->causal_s + i;
+    int64_t hi = t + 1 < nk ? t + 1 : nk;
+    int64_t lo = p->window > 0 && t + 1 - p->window > 0 ? t + 1 - p->window : 0;
+    out4[0] = (int32_t)(lo < nk ? lo : nk); /* lo >= hi: nothing visible */
+    out4[1] = (int32_t)(hi > 0 ? hi : 0);
     out4[2] = 0;
     out4[3] = 0;
 }

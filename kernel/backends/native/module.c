@@ -114,27 +114,37 @@ static tkg_partial partial_at(float *base, int nq, int dp) {
     return part;
 }
 
-/* Normalise a task's merged state into `out` (the sink joins the max and the denominator). */
+/* Normalise a task's merged state into `out` (the sink joins the max and the denominator) and,
+ * when asked, each query's lse = max + log(denominator) (the max and denominator with the sink). */
 static void finalize(job_t *job, int task, tkg_partial part, float *row_buf) {
     const tkg_problem *p = job->p;
     int nq = p->nq, d = p->d, dp = tkg_padded_d(d);
     for (int r = 0; r < nq; r++) {
+        int64_t at = (int64_t)task * nq + r;
         float m = part.m[r], l = part.l[r];
         float *acc = part.acc + (int64_t)r * dp;
-        float denom = l, scale_acc = 1.0f;
-        float sk = p->sinks ? p->sinks[(int64_t)task * nq + r] : -INFINITY;
+        float denom = l, scale_acc = 1.0f, top = m;
+        float sk = p->sinks ? p->sinks[at] : -INFINITY;
         if (sk > m) { /* the sink joins the max (a -inf sink is no sink) */
             scale_acc = m == -INFINITY ? 0.0f : expf(m - sk);
             denom = l * scale_acc + 1.0f;
+            top = sk;
         } else if (p->sinks && m != -INFINITY) {
             denom = l + expf(sk - m);
+        } else if (m == -INFINITY && p->empty_ok) { /* saw nothing: out 0, lse -inf */
+            memset(row_buf, 0, sizeof(float) * (size_t)d);
+            store_row(p->out, at * d, row_buf, d, p->out_dtype);
+            if (p->lse) p->lse[at] = -INFINITY;
+            continue;
         } else if (m == -INFINITY) {
             /* Keep the smallest (task, query), as the reference reports the first in order. */
-            long long code = (long long)task * nq + r, seen = atomic_load(&job->error);
+            long long code = (long long)at, seen = atomic_load(&job->error);
             while ((seen < 0 || code < seen) && !atomic_compare_exchange_weak(&job->error, &seen, code)) {
             }
             denom = NAN;
         }
+        /* denom >= 1 (the max's own term is exp(0)): a finite log (NaN only for the error above). */
+        if (p->lse) p->lse[at] = top + logf(denom);
         float f = scale_acc / denom * p->out_scale;
         if (p->layout != TKG_LAYOUT_NATURAL) {
             for (int c = 0; c < d; c += 32)
@@ -142,7 +152,7 @@ static void finalize(job_t *job, int task, tkg_partial part, float *row_buf) {
         } else {
             for (int c = 0; c < d; c++) row_buf[c] = acc[c] * f;
         }
-        store_row(p->out, ((int64_t)task * nq + r) * d, row_buf, d, p->out_dtype);
+        store_row(p->out, at * d, row_buf, d, p->out_dtype);
     }
 }
 
@@ -265,19 +275,20 @@ static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
                             "heads_per_row", "q", "score_scale", "q_bf16_exact", "k", "v", "head_stride",
                             "block_stride", "bl", "table", "table_stride", "nkeys", "causal_s", "window",
                             "ranges", "act_n", "ka", "va", "act_mask", "sinks", "out", "nsplit", "prior_mask",
-                            "prior_mask_stride", "out_scale", NULL};
+                            "prior_mask_stride", "out_scale", "lse", "q_start", "empty_ok", NULL};
     tkg_problem p;
     memset(&p, 0, sizeof(p));
     int variant, threads, pin;
     unsigned long long q, k, v, table, nkeys, ranges, ka, va, act_mask, sinks, out, prior_mask = 0;
+    unsigned long long lse = 0, q_start = 0;
     long long head_stride, block_stride, table_stride, prior_mask_stride = 0;
     p.out_scale = 1.0f;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipiiiiiiKfpKKLLiKLKiiKiKKKKKi|KLf", names, &variant, &threads, &pin,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipiiiiiiKfpKKLLiKLKiiKiKKKKKi|KLfKKp", names, &variant, &threads, &pin,
                                      &p.dtype, &p.out_dtype, &p.d, &p.nq, &p.ntasks, &p.heads_per_row, &q,
                                      &p.score_scale, &p.q_bf16_exact, &k, &v, &head_stride, &block_stride, &p.bl,
                                      &table, &table_stride, &nkeys, &p.causal_s, &p.window, &ranges, &p.act_n, &ka,
                                      &va, &act_mask, &sinks, &out, &p.nsplit, &prior_mask,
-                                     &prior_mask_stride, &p.out_scale))
+                                     &prior_mask_stride, &p.out_scale, &lse, &q_start, &p.empty_ok))
         return NULL;
     if (variant < 0 || variant >= NVARIANTS || !variant_supported(variant))
         return PyErr_Format(PyExc_ValueError, "variant: %d is not supported on this CPU", variant);
@@ -290,6 +301,7 @@ static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
                             "expected nq >= 1, ntasks >= 0, heads_per_row >= 1, bl >= 1, nsplit >= 1, "
                             "0 <= act_n <= 16");
     if (!ranges && p.causal_s < 1) return PyErr_Format(PyExc_ValueError, "causal_s: must be >= 1 without ranges");
+    if (ranges && q_start) return PyErr_Format(PyExc_ValueError, "q_start: expected 0 (none) when ranges are given");
     if (p.act_n && (!ka || !va || !act_mask)) return PyErr_Format(PyExc_ValueError, "act_n > 0 needs ka, va, act_mask");
     p.q = (const float *)(uintptr_t)q;
     p.k = (const void *)(uintptr_t)k;
@@ -307,6 +319,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
     p.prior_mask = (const uint8_t *)(uintptr_t)prior_mask;
     p.prior_mask_stride = prior_mask_stride;
     p.out = (void *)(uintptr_t)out;
+    p.lse = (float *)(uintptr_t)lse;
+    p.q_start = (const int64_t *)(uintptr_t)q_start;
     p.layout = TKG_LAYOUT_NATURAL;
     if (p.dtype == TKG_BF16 && p.d % 32 == 0) p.layout = variant == V_AVX512BF16 ? TKG_LAYOUT_UNPACK : TKG_LAYOUT_SPLIT;
     /* fp8 pools take the bf16 product paths (rows decoded to bf16 per chunk) on AVX-512-BF16. */

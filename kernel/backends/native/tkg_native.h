@@ -35,12 +35,15 @@ typedef struct {
     const int32_t *table;  /* [rows, table_stride] physical block ids */
     int64_t table_stride;
     const int32_t *nkeys;  /* [rows] cached keys read from the pools */
-    /* Visibility. ranges == NULL: query r of a task (i = r % causal_s) sees keys
-     * [max(0, hi - window), hi) with hi = nkeys - causal_s + i + 1 (window <= 0: no window).
+    /* Visibility. ranges == NULL: query r of a task (i = r % causal_s) sits at key index
+     * t = nkeys - causal_s + i (q_start == NULL: the causal_s newest keys are its own tokens) or
+     * t = q_start[row] + i (attend-only, t >= nkeys) and sees keys [max(0, t + 1 - window),
+     * min(t + 1, nkeys)) (window <= 0: no window).
      * Else ranges[t, r] = {lo1, hi1, lo2, hi2}: two half-open key intervals. */
     int causal_s;
     int window;
     const int32_t *ranges;
+    const int64_t *q_start;    /* optional [rows] (ranges == NULL only): attend-only positions */
     const uint8_t *prior_mask; /* optional [ntasks, nq, nkeys_max]: also required visible (nonzero) */
     int64_t prior_mask_stride; /* keys per (task, query) row of prior_mask */
     /* Optional extra keys after the pooled ones (attention_tkg's active tokens), fp32. */
@@ -49,6 +52,12 @@ typedef struct {
     const uint8_t *act_mask;  /* [ntasks, nq, act_n], nonzero = visible */
     const float *sinks;       /* [ntasks, nq] or NULL */
     void *out;                /* [ntasks, nq, d] */
+    /* Optional [ntasks, nq] fp32: each query's log-sum-exp, the natural log of its softmax
+     * denominator over the scaled logits, i.e. m + log(l) with the sink's term in both. */
+    float *lse;
+    /* A query that sees no key (and no finite sink) gets out 0 and lse -inf instead of being
+     * reported as an error (partial calls: an empty segment, a window that ends before it). */
+    int empty_ok;
     int nsplit;               /* key splits per task, >= 1 */
     int layout;               /* accumulator column order (TKG_LAYOUT_*), set with the variant */
     int vbmi;                 /* AVX-512-VBMI present (fp8 rows decode by byte-table lookups) */
