@@ -76,6 +76,13 @@ def paged_decode(args: Any, **options: Any) -> None:
     nki_host.paged_folded(args, NAME, **options)
 
 
+def paged_decode_partial(args: Any, *, lnc: int = 1, **options: Any) -> None:
+    """A partial paged step (context parallelism: lse and/or attend-only, `tkg.kernel.paged`) as
+    one emulated launch of our kernel in its partial mode (`nki_host.paged_partial`)."""
+    kernel_module()  # the emulator is installed before the kernel is imported
+    nki_host.paged_partial(args, _launch, _config_cls(), lnc=lnc)
+
+
 def _config_cls() -> type:
     kernel_module()
     from tkg.kernel.nki_tkg.plan import TKGConfig
