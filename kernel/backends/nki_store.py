@@ -8,7 +8,7 @@ decode step uploads q, the new k/v, the folded block table and the positions (an
 launches the kernel over the resident pools (viewed as `[Hkv*(NB+1), BL, d]`, no copy) and
 downloads the output. Masks and sinks are constants per shape / layer, uploaded once.
 
-Shapes are bucketed (`Buckets`): the batch to a batch bucket (padding rows masked), the new tokens
+Shapes are bucketed (`nki_buckets.Buckets`): the batch to a batch bucket (padding rows masked), the new tokens
 per sequence to an s_active bucket (padding queries dropped), the longest sequence to a context
 bucket; writes to the batch x s_active sizes and copies/reads to powers of two, padded into the
 scratch block. Every device operation runs on the store's one device thread and ends at the
@@ -29,90 +29,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from tkg.kernel import decisions
 from tkg.kernel.backends import nki_host
 from tkg.kernel.backends.device_worker import DeviceWorker
-from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, StepOutOfBuckets, WarmUp
-
-
-@dataclass(frozen=True)
-class Buckets:
-    """Compiled step shapes: context (`curr_sprior`) buckets, batch buckets, s_active buckets.
-
-    Contexts are multiples of `align` = lcm(block_len, 128 * lnc) (the NKI kernel's key tiling);
-    a step is rounded up to the smallest bucket of each kind that covers it.
-    """
-
-    contexts: tuple[int, ...]
-    batches: tuple[int, ...]
-    s_actives: tuple[int, ...]
-    align: int = 128
-
-    def __post_init__(self) -> None:
-        for name in ("contexts", "batches", "s_actives"):
-            values = getattr(self, name)
-            if not values or min(values) < 1:
-                raise ValueError(f"Buckets: {name}: {values}; expected positive sizes")
-            object.__setattr__(self, name, tuple(sorted(set(values))))
-        bad = [c for c in self.contexts if c % self.align]
-        if bad:
-            raise ValueError(f"Buckets: contexts: {bad[0]} must be a positive multiple of {self.align}")
-
-    @staticmethod
-    def alignment(block_len: int, lnc: int = 1) -> int:
-        return int(np.lcm(block_len, 128 * lnc))
-
-    @classmethod
-    def default(
-        cls, max_context: int, max_batch: int, max_s_active: int, *, block_len: int, lnc: int = 1,
-        contexts: Sequence[int] | None = None, batches: Sequence[int] | None = None,
-    ) -> Buckets:  # fmt: skip
-        """Powers of two (contexts from 256, aligned) up to the limits, each limit itself the last
-        bucket; `contexts`/`batches` replace the defaults (contexts rounded up to the alignment)."""
-        align = cls.alignment(block_len, lnc)
-        if contexts is None:
-            ctx, c = [], max(256, align)
-            while c < max_context:
-                ctx.append(decisions.round_up(c, align))
-                c *= 2
-            ctx.append(decisions.round_up(max_context, align))
-        else:
-            ctx = [decisions.round_up(int(c), align) for c in contexts]
-        return cls(tuple(ctx), tuple(batches or _powers(max_batch)), tuple(_powers(max_s_active)), align)
-
-    def _pick(self, kind: str, values: tuple[int, ...], n: int, what: str) -> int:
-        for v in values:
-            if v >= n:
-                return v
-        raise StepOutOfBuckets(
-            f"{what}: {n} exceeds the largest compiled {kind} bucket {values[-1]}; expected at most {values[-1]}"
-        )
-
-    def context_for(self, tokens: int) -> int:
-        return self._pick("context", self.contexts, tokens, "context")
-
-    def batch_for(self, batch: int) -> int:
-        return self._pick("batch", self.batches, batch, "batch")
-
-    def s_active_for(self, s: int) -> int:
-        return self._pick("s_active", self.s_actives, s, "s_active")
-
-    def count(self) -> int:
-        return len(self.contexts) * len(self.batches) * len(self.s_actives)
-
-
-def _powers(limit: int) -> list[int]:
-    out, v = [], 1
-    while v < limit:
-        out.append(v)
-        v *= 2
-    out.append(limit)
-    return out
+from tkg.kernel.backends.nki_buckets import Buckets, powers
+from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, WarmUp
 
 
 class Device(Protocol):
@@ -246,7 +170,7 @@ class DeviceKVStore(KVStore):
         self.scratch = g.num_blocks  # the reserved padding block (see the class docstring)
         self._nb = g.num_blocks + 1  # blocks in each device pool
         self.write_sizes = tuple(sorted({b * s for b in buckets.batches for s in buckets.s_actives}))
-        self.block_counts = tuple(_powers(min(MAX_BLOCKS_PER_JOB, -(-buckets.contexts[-1] // g.block_len))))
+        self.block_counts = tuple(powers(min(MAX_BLOCKS_PER_JOB, -(-buckets.contexts[-1] // g.block_len))))
         self.graphs: set[tuple[Any, ...]] = set()
         self._worker = DeviceWorker(device.name)
         self._consts: dict[tuple[Any, ...], Any] = {}  # masks per shape, sinks per value: uploaded once
