@@ -354,13 +354,27 @@ def test_a_device_whose_kernel_has_no_partial_mode_refuses_partial_launches() ->
     from tkg.kernel.backends.nki_device import NeuronDevice
     from tkg.kernel.backends.nki_store import make_store
 
-    dev = NeuronDevice("nki", lambda: dict, device="cpu", kernel=lambda lnc, args: ())
-    assert not dev.partial and NeuronDevice("nki", lambda: dict, device="cpu", partial=True).partial
+    dev = NeuronDevice("nki", lambda: dict, device="cpu", kernel=lambda lnc, args: ())  # a stand-in kernel
+    assert not dev.partial and NeuronDevice("nki", lambda: dict, device="cpu").partial  # ours has the mode
     store = make_store(KVGeometry(1, 2, 8, 16, 32, np.dtype(np.float32)), dev, max_context=256, max_batch=1)
     assert not store.supports_partial
     q = np.zeros((1, HQ, 1, 32), np.float32)
-    with pytest.raises(ValueError, match="has no partial mode; expected return_lse=False, q_start=None"):
+    with pytest.raises(ValueError, match=r"takes no partial launches .*expected return_lse=False, q_start=None"):
         store.decode(0, q, None, None, np.zeros((1, 1), np.int32), np.array([4]), scale=1.0, q_start=np.array([4]))
+    store.close()
+
+
+@needs_emu
+def test_a_store_made_without_partial_launches_warms_up_decodes_only_and_refuses_them() -> None:
+    """`partial=False` (what a NeuronCore's store defaults to: 3x the compiles): one launch kind."""
+    geo = KVGeometry(1, HKV_S, 40, 16, 32, np.dtype(np.float32))
+    store = create_kv_store("nki-emu", geo, max_context=256, max_batch=1, partial=False)
+    assert not store.supports_partial
+    assert store.warm_up({LayerVariant()}, HQ).launches == 1  # batch 1 x s_active 1 x context 256
+    q = np.zeros((1, HQ, 1, 32), np.float32)
+    with pytest.raises(ValueError, match="made with partial=False"):
+        store.decode(0, q, None, None, np.zeros((1, 16), np.int32), np.array([4]), scale=1.0, return_lse=True,
+                     q_start=np.array([4]))  # fmt: skip
     store.close()
 
 

@@ -161,9 +161,9 @@ def _simulate(lnc: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
 def kv_store(geometry: Any, **options: Any) -> Any:
     """The service's KV store: pools on the NeuronCore (torch-neuronx, `NeuronDevice`), allocated
     once; off-device (simulator) host memory standing in for HBM. Options as `nki_store.make_store`
-    (`lnc`: the launches' LNC degree, default `neuron_env.lnc_config()`), and `partial` (default
-    False): on a NeuronCore, serve context-parallel requests (return_lse, attend_only), warming up
-    their specialisations too (3x the compiles); the simulator always has them."""
+    (`lnc`: the launches' LNC degree, default `neuron_env.lnc_config()`; `partial`: serve
+    context-parallel requests, return_lse and attend_only, warming up their specialisations too:
+    default False on a NeuronCore, where that is 3x the compiles, True on the simulator)."""
     from tkg.kernel.backends.nki_store import HbmDevice, make_store
 
     options.setdefault("lnc", neuron_env.lnc_config())
@@ -178,7 +178,6 @@ def kv_store(geometry: Any, **options: Any) -> Any:
             )  # Trn-only
         from tkg.kernel.backends.nki_device import NeuronDevice  # Trn-only
 
-        partial = bool(options.pop("partial", False))  # Trn-only: opt-in, 3x the warm-up compiles
-        return make_store(geometry, NeuronDevice(NAME, _config_cls, partial=partial), **options)  # Trn-only
-    options.pop("partial", None)  # the simulator runs our kernel: partial launches are always there
+        options.setdefault("partial", False)  # Trn-only: opt-in, 3x the warm-up compiles (docs/trainium.md)
+        return make_store(geometry, NeuronDevice(NAME, _config_cls), **options)  # Trn-only
     return make_store(geometry, HbmDevice(NAME, _simulate, _config_cls), **options)

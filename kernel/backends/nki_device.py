@@ -116,7 +116,7 @@ class NeuronDevice:
 
     def __init__(
         self, name: str, config_cls: Callable[[], type], *, device: Any = None, kernel: Kernel | None = None,
-        partial: bool = False,
+        partial: bool | None = None,
     ) -> None:
         import torch
 
@@ -125,11 +125,9 @@ class NeuronDevice:
         self.dev = _xla_device() if device is None else torch.device(device)
         self._lazy = self.dev.type == "xla"
         self._kernel = nki_kernel if kernel is None else kernel
-        # Partial launches (context parallelism: lse, attend-only) are opt-in on a NeuronCore: each
-        # is its own specialisation, so the store's warm-up compiles 3x the buckets (a decode, a
-        # decode with lse, attend-only; docs/trainium.md). True only for a kernel with our partial
-        # mode (the default `nki_kernel` has it; a stand-in `kernel` may not).
-        self.partial = partial
+        # Whether the kernel has our partial mode (lse, attend-only): ours does; a stand-in
+        # `kernel` only when it says so. Whether the store uses it is the store's `partial`.
+        self.partial = kernel is None if partial is None else partial
         self._config_cls = config_cls
         self._lock = threading.Lock()  # the counters are read from other threads (metrics)
         self.h2d = 0

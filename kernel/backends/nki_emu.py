@@ -93,7 +93,7 @@ def _config_cls() -> type:
 def kv_store(geometry: Any, **options: Any) -> Any:
     """The service's KV store: pools are emulator HBM arrays, allocated once; steps pass them as
     they are (`tkg.kernel.backends.nki_store`). Options: `max_context`, `max_batch`, `max_s_active`,
-    `context_buckets`, `batch_buckets`, `lnc`."""
+    `context_buckets`, `batch_buckets`, `lnc`, `partial` (default True: serve lse / attend-only)."""
     from tkg.kernel.backends.nki_store import HbmDevice, make_store
 
     kernel_module()  # the emulator is installed before the kernel is imported

@@ -52,7 +52,7 @@ class Device(Protocol):
     name: str
     h2d: int
     d2h: int
-    partial: bool  # its kernel takes our partial flags (return_lse, attend_only: lse out, no active tokens)
+    partial: bool  # its kernel has our partial mode (return_lse, attend_only: lse out, no active tokens)
 
     def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any: ...
     def upload(self, a: np.ndarray) -> Any: ...
@@ -155,7 +155,9 @@ class DeviceKVStore(KVStore):
     `graphs` (device thread only; read it after `sync()`): the (operation, shape) keys run so far.
     """
 
-    def __init__(self, geometry: KVGeometry, device: Device, buckets: Buckets, *, lnc: int = 1) -> None:
+    def __init__(
+        self, geometry: KVGeometry, device: Device, buckets: Buckets, *, lnc: int = 1, partial: bool = True
+    ) -> None:
         super().__init__(geometry)
         if any(c % Buckets.alignment(geometry.block_len, lnc) for c in buckets.contexts):
             raise ValueError(
@@ -166,6 +168,7 @@ class DeviceKVStore(KVStore):
         self.device = device
         self.buckets = buckets
         self.lnc = lnc
+        self.partial = partial and bool(getattr(device, "partial", False))  # see `supports_partial`
         g = geometry
         self.scratch = g.num_blocks  # the reserved padding block (see the class docstring)
         self._nb = g.num_blocks + 1  # blocks in each device pool
@@ -210,8 +213,9 @@ class DeviceKVStore(KVStore):
 
     @property
     def supports_partial(self) -> bool:
-        """lse and attend-only launches: when the device's kernel has our partial mode."""
-        return bool(getattr(self.device, "partial", False))
+        """lse and attend-only launches: asked for (`partial`, the default but for a NeuronCore's
+        store: 3x the warm-up compiles) and the device's kernel has our partial mode."""
+        return self.partial
 
     def transfer_bytes(self) -> dict[str, int]:
         return {"h2d": self.device.h2d, "d2h": self.device.d2h}
@@ -343,8 +347,8 @@ class DeviceKVStore(KVStore):
         attend = q_start is not None
         if (return_lse or attend) and not self.supports_partial:
             raise ValueError(
-                f"DeviceKVStore.decode: return_lse, q_start: the {self.device.name} device's kernel has no partial "
-                "mode; expected return_lse=False, q_start=None"
+                f"DeviceKVStore.decode: return_lse, q_start: this {self.device.name} store takes no partial launches "
+                "(made with partial=False, or its kernel has no partial mode); expected return_lse=False, q_start=None"
             )
         if attend and sinks is not None:
             raise ValueError("DeviceKVStore.decode: sinks: an attend-only launch (q_start) adds no sink; expected None")
@@ -487,10 +491,12 @@ def make_store(
     context_buckets: Sequence[int] | None = None,
     batch_buckets: Sequence[int] | None = None,
     lnc: int = 1,
+    partial: bool = True,
 ) -> DeviceKVStore:
-    """A `DeviceKVStore` on `device` with default buckets for the limits (or the given ones)."""
+    """A `DeviceKVStore` on `device` with default buckets for the limits (or the given ones);
+    `partial`: serve (and warm up) lse and attend-only launches when the device's kernel can."""
     buckets = Buckets.default(
         max_context, max_batch, max_s_active, block_len=geometry.block_len, lnc=lnc,
         contexts=context_buckets, batches=batch_buckets,
     )  # fmt: skip
-    return DeviceKVStore(geometry, device, buckets, lnc=lnc)
+    return DeviceKVStore(geometry, device, buckets, lnc=lnc, partial=partial)
