@@ -138,11 +138,12 @@ def test_bf16_queries_and_bf16_or_fp8_caches(kv: str, attend: bool) -> None:
 @pytest.mark.parametrize("attend", [False, True])
 def test_lnc2_rows_split_and_keys_split(attend: bool) -> None:
     """LNC 2: four rows (2 sequences x 2 kv heads) split by rows; one kv head and a context of
-    256 keys split the keys across the cores (merged with sendrecv), where one attend-only query
-    sees nothing on either core and must come out 0 / -inf, not 0 * inf."""
+    256 keys split the keys across the cores (merged with sendrecv; the sink in the lse once),
+    where one attend-only query sees nothing on either core and must come out 0 / -inf, not 0 * inf."""
     rng = np.random.default_rng(4)
     lens = [40, 150]
-    kw: dict[str, Any] = {"q_start": np.array([41, 200]), "window": 50} if attend else {"window": 100}
+    sinks = rng.standard_normal(HQ).astype(np.float32)  # counted once, on the first core
+    kw: dict[str, Any] = {"q_start": np.array([41, 200]), "window": 50} if attend else {"window": 100, "sinks": sinks}
     for hkv in (2, 1):
         c = _case(rng, lens, hkv, "f32")
         q = rng.standard_normal((len(lens) if hkv == 2 else 1, HQ, 2, D)).astype(np.float32)
