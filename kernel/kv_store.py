@@ -128,7 +128,8 @@ class KVStore:
 
     @property
     def supports_partial(self) -> bool:
-        """True when `decode` takes `return_lse` and `q_start` (attend-only); device stores do not yet."""
+        """True when `decode` takes `return_lse` and `q_start` (attend-only); device stores: when their
+        device's kernel has our partial mode (`nki_store.DeviceKVStore.supports_partial`)."""
         return False
 
     def check_step(self, s_active: int, context: int) -> None:

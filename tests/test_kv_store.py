@@ -178,7 +178,8 @@ def test_a_steady_decode_loop_moves_only_the_step_inputs_and_compiles_nothing() 
     store = svc.cache.store
     assert store.lnc == 2 and store.buckets.align == 256  # LNC 2: contexts tile 128 keys x 2 cores
     assert store.buckets.contexts == (256, 512, 1024, 2048) and store.buckets.batches == (1,)
-    assert report.launches == report.compiled == store.compilations == 4
+    # 4 contexts x 3 launch kinds (decode, decode with lse, attend-only: `nki_store.launch_kinds`)
+    assert report.launches == report.compiled == store.compilations == 12
     launched: list[int] = []  # the LNC of every launch while serving
     device_launch = store.device.launch
     store.device.launch = lambda lnc, args: (launched.append(lnc), device_launch(lnc, args))[1]
@@ -210,13 +211,13 @@ def test_a_steady_decode_loop_moves_only_the_step_inputs_and_compiles_nothing() 
         assert moved <= 2 * q_kv + tables[c] + positions, (c, moved)
     assert per_step[256] - tables[256] == per_step[2048] - tables[2048]
     assert launched and set(launched) == {2}, launched
-    assert store.compilations == 4  # nothing built after warm-up ...
+    assert store.compilations == 12  # nothing built after warm-up ...
     assert device_counters()["specialisations"] == built  # ... and the emulator launched no new signature
     sample = svc.metrics.registry.get_sample_value
     for direction in ("h2d", "d2h"):
         value = sample("tkg_device_transfer_bytes_total", {"direction": direction})
         assert value == store.transfer_bytes()[direction] > 0
-    assert sample("tkg_kernel_compilations_total") == 4
+    assert sample("tkg_kernel_compilations_total") == 12
 
 
 def test_host_backends_report_zero_transfers_and_compilations() -> None:
@@ -321,8 +322,9 @@ def test_serve_nki_emu_warms_every_bucket_answers_like_the_reference_and_refuses
         "--batch-buckets", "2,3", env={"NEURON_LOGICAL_NC_CONFIG": "", "NEURON_PLATFORM_TARGET_OVERRIDE": ""},
     )  # fmt: skip
     try:
-        # contexts (256,) x batches (2, 3) x s_active (1, 2): 4 launches, 4 specialisations
-        assert " warm_up=4 launches/4 compiled in " in srv.line, srv.line
+        # contexts (256,) x batches (2, 3) x s_active (1, 2) x 3 launch kinds (decode, decode with
+        # lse, attend-only: `nki_store.launch_kinds`): 12 launches, 12 specialisations
+        assert " warm_up=12 launches/12 compiled in " in srv.line, srv.line
         assert "backend=nki-emu lnc=2 " in srv.line, srv.line
         assert srv.backend == "nki-emu"
         rng = np.random.default_rng(4)
@@ -345,7 +347,7 @@ def test_serve_nki_emu_warms_every_bucket_answers_like_the_reference_and_refuses
                                r"compiled context bucket 256 \(backend nki-emu"):  # fmt: skip
                 c.decode(0, sids[:1], [256], *(rand(rng, (1, h, 1, 32), dt) for h in (4, 2, 2)))
             after = scrape(srv.metrics_port)
-        assert before["tkg_kernel_compilations_total"] == after["tkg_kernel_compilations_total"] == 4
+        assert before["tkg_kernel_compilations_total"] == after["tkg_kernel_compilations_total"] == 12
         h2d = 'tkg_device_transfer_bytes_total{direction="h2d"}'
         assert after[h2d] > before[h2d] > 0 and after['tkg_device_transfer_bytes_total{direction="d2h"}'] > 0
     finally:

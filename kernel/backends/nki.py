@@ -136,6 +136,15 @@ def paged_decode(args: Any, *, lnc: int = 1, **options: Any) -> None:
     nki_host.paged_folded(args, NAME, lnc=lnc, **options)
 
 
+def paged_decode_partial(args: Any, *, lnc: int = 1, **options: Any) -> None:
+    """A partial paged step (context parallelism: lse and/or attend-only, `tkg.kernel.paged`) as
+    one launch of our kernel in its partial mode (`nki_host.paged_partial`)."""
+    reason = available()
+    if reason is not None:
+        raise BackendUnavailable(f"backend 'nki' is not available: {reason}")
+    nki_host.paged_partial(args, _launch, _config_cls(), lnc=lnc)
+
+
 def _config_cls() -> type:
     from tkg.kernel.nki_tkg.plan import TKGConfig
 
@@ -152,7 +161,9 @@ def _simulate(lnc: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
 def kv_store(geometry: Any, **options: Any) -> Any:
     """The service's KV store: pools on the NeuronCore (torch-neuronx, `NeuronDevice`), allocated
     once; off-device (simulator) host memory standing in for HBM. Options as `nki_store.make_store`
-    (`lnc`: the launches' LNC degree, default `neuron_env.lnc_config()`)."""
+    (`lnc`: the launches' LNC degree, default `neuron_env.lnc_config()`; `partial`: serve
+    context-parallel requests, return_lse and attend_only, warming up their specialisations too:
+    default False on a NeuronCore, where that is 3x the compiles, True on the simulator)."""
     from tkg.kernel.backends.nki_store import HbmDevice, make_store
 
     options.setdefault("lnc", neuron_env.lnc_config())
@@ -167,5 +178,6 @@ def kv_store(geometry: Any, **options: Any) -> Any:
             )  # Trn-only
         from tkg.kernel.backends.nki_device import NeuronDevice  # Trn-only
 
+        options.setdefault("partial", False)  # Trn-only: opt-in, 3x the warm-up compiles (docs/trainium.md)
         return make_store(geometry, NeuronDevice(NAME, _config_cls), **options)  # Trn-only
     return make_store(geometry, HbmDevice(NAME, _simulate, _config_cls), **options)

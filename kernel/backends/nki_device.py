@@ -100,7 +100,8 @@ def nki_kernel(lnc: int, args: tuple[Any, ...]) -> Any:
     from tkg.kernel.nki_tkg.wrapper import attention_tkg_kernel
 
     tensors, rest = args[:5], args[5:]  # q, k_active, v_active, k_prior, v_prior: fp8 may be any of them
-    return attention_tkg_kernel[lnc](*(kernel_view(t) for t in tensors), *rest)
+    views = (None if t is None else kernel_view(t) for t in tensors)  # k/v_active: None when attend-only
+    return attention_tkg_kernel[lnc](*views, *rest)
 
 
 def _xla_device() -> Any:
@@ -114,7 +115,8 @@ class NeuronDevice:
     args)` launches (default: the NKI kernel). Called on the store's device thread only."""
 
     def __init__(
-        self, name: str, config_cls: Callable[[], type], *, device: Any = None, kernel: Kernel | None = None
+        self, name: str, config_cls: Callable[[], type], *, device: Any = None, kernel: Kernel | None = None,
+        partial: bool | None = None,
     ) -> None:
         import torch
 
@@ -123,6 +125,9 @@ class NeuronDevice:
         self.dev = _xla_device() if device is None else torch.device(device)
         self._lazy = self.dev.type == "xla"
         self._kernel = nki_kernel if kernel is None else kernel
+        # Whether the kernel has our partial mode (lse, attend-only): ours does; a stand-in
+        # `kernel` only when it says so. Whether the store uses it is the store's `partial`.
+        self.partial = kernel is None if partial is None else partial
         self._config_cls = config_cls
         self._lock = threading.Lock()  # the counters are read from other threads (metrics)
         self.h2d = 0
@@ -171,5 +176,5 @@ class NeuronDevice:
 
             torch_xla.sync()
 
-    def kernel_config(self, cfg: Any) -> Any:
-        return nki_host.kernel_config(cfg, self._config_cls())
+    def kernel_config(self, cfg: Any, *, return_lse: bool = False, attend_only: bool = False) -> Any:
+        return nki_host.kernel_config(cfg, self._config_cls(), return_lse=return_lse, attend_only=attend_only)

@@ -76,6 +76,13 @@ def paged_decode(args: Any, **options: Any) -> None:
     nki_host.paged_folded(args, NAME, **options)
 
 
+def paged_decode_partial(args: Any, *, lnc: int = 1, **options: Any) -> None:
+    """A partial paged step (context parallelism: lse and/or attend-only, `tkg.kernel.paged`) as
+    one emulated launch of our kernel in its partial mode (`nki_host.paged_partial`)."""
+    kernel_module()  # the emulator is installed before the kernel is imported
+    nki_host.paged_partial(args, _launch, _config_cls(), lnc=lnc)
+
+
 def _config_cls() -> type:
     kernel_module()
     from tkg.kernel.nki_tkg.plan import TKGConfig
@@ -86,7 +93,7 @@ def _config_cls() -> type:
 def kv_store(geometry: Any, **options: Any) -> Any:
     """The service's KV store: pools are emulator HBM arrays, allocated once; steps pass them as
     they are (`tkg.kernel.backends.nki_store`). Options: `max_context`, `max_batch`, `max_s_active`,
-    `context_buckets`, `batch_buckets`, `lnc`."""
+    `context_buckets`, `batch_buckets`, `lnc`, `partial` (default True: serve lse / attend-only)."""
     from tkg.kernel.backends.nki_store import HbmDevice, make_store
 
     kernel_module()  # the emulator is installed before the kernel is imported

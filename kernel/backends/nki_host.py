@@ -74,15 +74,18 @@ def check_nki_limits(call: KernelCall, lnc: int) -> None:
             )
 
 
-def kernel_config(cfg: AttnTKGConfig, config_cls: type) -> Any:
-    """Our AttnTKGConfig as the kernel's `nl.NKIObject` config (`TKGConfig`), field by field."""
+def kernel_config(cfg: AttnTKGConfig, config_cls: type, *, return_lse: bool = False, attend_only: bool = False) -> Any:
+    """Our AttnTKGConfig as the kernel's `nl.NKIObject` config (`TKGConfig`), field by field, plus
+    our kernel's partial-launch flags (`partial_kind`) when set: AttnTKGConfig has no such fields,
+    nor has nki-library's config class (`nkilib*` backends, which never set them)."""
+    partial = {"return_lse": bool(return_lse), "attend_only": bool(attend_only)} if (return_lse or attend_only) else {}
     return config_cls(
         bs=int(cfg.bs), q_head=int(cfg.q_head), s_active=int(cfg.s_active), curr_sprior=int(cfg.curr_sprior),
         full_sprior=int(cfg.full_sprior), d_head=int(cfg.d_head), block_len=int(cfg.block_len),
         tp_k_prior=bool(cfg.tp_k_prior), strided_mm1=bool(cfg.strided_mm1), use_pos_id=bool(cfg.use_pos_id),
         fuse_rope=bool(cfg.fuse_rope), use_gpsimd_sb2sb=bool(cfg.use_gpsimd_sb2sb), qk_in_sb=bool(cfg.qk_in_sb),
         k_out_in_sb=bool(cfg.k_out_in_sb), out_in_sb=bool(cfg.out_in_sb),
-        enable_fa_s_prior_tiling=bool(cfg.enable_fa_s_prior_tiling),
+        enable_fa_s_prior_tiling=bool(cfg.enable_fa_s_prior_tiling), **partial,
     )  # fmt: skip
 
 
@@ -185,6 +188,88 @@ def paged_folded(args: Any, backend: str, *, lnc: int = 1, align: int | None = N
         out[...] = np.asarray(out, np.float32) * np.float32(args.v_scale)
 
 
+def partial_kind(return_lse: bool, attend_only: bool) -> tuple[bool, bool]:
+    """The kernel's (return_lse, attend_only) flags for a step: an attend-only step always computes
+    lse (and so fp32 out), whether or not the caller asked for it: one specialisation per shape
+    serves both answers (the caller's out is cast, its lse dropped). Three kinds in all: a plain
+    decode (False, False), a decode with lse (True, False), attend-only (True, True)."""
+    if attend_only:
+        return (True, True)
+    return (bool(return_lse), False)
+
+
+def query_windows(
+    cached: np.ndarray, first: np.ndarray, s_active: int, window: int | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The generated mask's inputs for rows of `cached[r]` cached keys whose query i sits at key
+    index `first[r] + i` (int `[R]` each): positions float32 `[R, S]` (every query's window end:
+    the cached length; the keys at or past it are the active ones, or nothing when attend-only)
+    and, with a window W, starts float32 `[R, S]`: `first + i - W + 1` floored at 0 and capped at
+    the end. The cap is what makes an attend-only query past its window see nothing (start ==
+    end: an empty window; start > end would mean a wrap-around window to the kernel). A decode's
+    queries (first = cached, W >= S) never reach the cap."""
+    i = np.arange(s_active, dtype=np.int64)[None, :]
+    ends = np.repeat(np.asarray(cached, np.int64)[:, None], s_active, axis=1)
+    starts = None
+    if window is not None:
+        starts = np.minimum(np.maximum(np.asarray(first, np.int64)[:, None] + i - window + 1, 0), ends)
+        starts = starts.astype(np.float32)
+    return ends.astype(np.float32), starts
+
+
+def paged_partial(args: Any, launch: Launcher, config_cls: type, *, lnc: int = 1, align: int | None = None) -> None:
+    """A partial paged step (`tkg.kernel.paged.PagedArgs` with lse and/or q_start) on our NKI kernel
+    over host pools: one folded launch (one per kv head when the kv groups' sinks differ, as in
+    `paged_folded`) through `launch(lnc, args)`; fills `args.out` and `args.lse`. The kernel is
+    launched directly: the seed API (`attention_tkg`) has no lse output and no attend-only mode."""
+    if lnc not in (1, 2):
+        raise ValueError(f"paged_decode: lnc: {lnc!r} must be 1 or 2 (NeuronCores per logical core)")
+    q, out = args.q, args.out
+    B, Hq, S, d = q.shape
+    Hkv, NB, BL = args.num_kv_heads, args.k_cache.shape[1], args.block_len
+    G = Hq // Hkv
+    if q.dtype == np.float32 and args.k_cache.dtype == FP8:
+        raise ValueError(
+            "paged_decode: q: float32 queries with a float8_e4m3 cache: the PE does not multiply fp8 by fp32 "
+            "operands on the NKI backends; use bfloat16 or float16 I/O"
+        )
+    align = P_MAX * lnc if align is None else align
+    lens = args.seq_lens.astype(np.int64)
+    sp = decisions.round_up(max(int(lens.max()), 1), int(np.lcm(BL, align)))
+    k_new = v_new = None
+    if args.q_start is None:  # the S newest cache entries of each sequence are its new tokens
+        new_pos = (lens - S)[:, None] + np.arange(S)[None, :]  # [B, S]
+        new_blk = np.take_along_axis(args.block_tables.astype(np.int64), new_pos // BL, axis=1)
+        k_new = args.k_cache[:, new_blk, new_pos % BL].transpose(1, 0, 2, 3)  # [B, Hkv, S, d]
+        v_new = args.v_cache[:, new_blk, new_pos % BL].transpose(1, 0, 2, 3)
+    groups: list[Any] = [range(Hkv)]
+    sinks = None
+    if args.sinks is not None:
+        sinks = args.sinks.reshape(Hkv, G)
+        if not np.all(sinks == sinks[:1]):
+            groups = [[h] for h in range(Hkv)]
+    pool_k = np.ascontiguousarray(args.k_cache).reshape(Hkv * NB, BL, d)
+    pool_v = np.ascontiguousarray(args.v_cache).reshape(Hkv * NB, BL, d)
+    for heads in groups:
+        st = fold_inputs(
+            q, k_new, v_new, args.block_tables, lens, scale=args.scale * args.k_scale, window=args.window,
+            heads=heads, num_blocks=NB, block_len=BL, context=sp, batch=B, s_active=S,
+            return_lse=args.lse is not None, q_start=args.q_start, num_kv_heads=Hkv,
+        )  # fmt: skip
+        sink = None if sinks is None else np.ascontiguousarray(sinks[heads[0]].reshape(G, 1), np.float32)
+        kcfg = kernel_config(st.cfg, config_cls, return_lse=st.return_lse, attend_only=st.attend_only)
+        res = launch(lnc, (
+            st.q, st.k_active, st.v_active, pool_k, pool_v, st.mask, None, st.positions, st.starts, sink, st.table,
+            kcfg, False,
+        ))  # fmt: skip
+        res = res if isinstance(res, tuple) else (res,)
+        st.unfold(res[0], out)
+        if args.lse is not None:
+            st.unfold_lse(res[1], args.lse)
+    if args.v_scale != 1.0:  # the pools hold V / v_scale
+        out[...] = np.asarray(out, np.float32) * np.float32(args.v_scale)
+
+
 @dataclass
 class FoldedStep:
     """The host-side inputs of one folded launch (everything but the pools), padded to its bucket.
@@ -196,9 +281,9 @@ class FoldedStep:
     """
 
     q: np.ndarray  # [d, rows*G*Sb] io dtype, scaled
-    k_active: np.ndarray  # [d, rows*Sb]
-    v_active: np.ndarray  # [rows, 1, Sb, d]
-    mask: np.ndarray  # uint8 [Sb, rows, G, Sb]
+    k_active: np.ndarray | None  # [d, rows*Sb]; None when attend-only
+    v_active: np.ndarray | None  # [rows, 1, Sb, d]; None when attend-only
+    mask: np.ndarray | None  # uint8 [Sb, rows, G, Sb]; None when attend-only
     positions: np.ndarray  # float32 [rows, Sb]
     starts: np.ndarray | None  # float32 [rows, Sb] (sliding window)
     table: np.ndarray  # uint32 [rows, context/BL], ids in the folded pool [Hkv*NB, BL, d]
@@ -206,6 +291,8 @@ class FoldedStep:
     heads: np.ndarray  # int [H] kv heads in the rows
     real_batch: int
     real_s: int
+    return_lse: bool = False  # the kernel's flags (`partial_kind`)
+    attend_only: bool = False
 
     def unfold(self, res: np.ndarray, out: np.ndarray) -> None:
         """Kernel output `[rows, G, d, Sb]` into `out[b, g*G + h, s, :]` for the real rows/columns."""
@@ -219,11 +306,22 @@ class FoldedStep:
             o = out.reshape(B, Hkv, G, S, d)
             o[:, self.heads] = r
 
+    def unfold_lse(self, res: np.ndarray, lse: np.ndarray) -> None:
+        """Kernel lse `[rows, G, Sb]` into `lse[b, g*G + h, s]` (`[B, Hq, S]`, contiguous) for the real rows/columns."""
+        B, S, H = self.real_batch, self.real_s, self.heads.size
+        G, Sb = self.cfg.q_head, self.cfg.s_active
+        r = np.asarray(res).reshape(-1, H, G, Sb)[:B, :, :, :S]  # [B, H, G, S]
+        Hkv = lse.shape[1] // G
+        if Hkv == H:
+            lse[...] = r.reshape(lse.shape)
+        else:
+            lse.reshape(B, Hkv, G, S)[:, self.heads] = r
+
 
 def fold_inputs(
     q: np.ndarray,
-    k_new: np.ndarray,
-    v_new: np.ndarray,
+    k_new: np.ndarray | None,
+    v_new: np.ndarray | None,
     block_tables: np.ndarray,
     seq_lens: np.ndarray,
     *,
@@ -235,6 +333,9 @@ def fold_inputs(
     context: int,
     batch: int,
     s_active: int,
+    return_lse: bool = False,
+    q_start: np.ndarray | None = None,
+    num_kv_heads: int | None = None,
 ) -> FoldedStep:
     """Inputs of one launch for kv heads `heads` of a decode step, padded to (batch, context, s_active).
 
@@ -242,17 +343,25 @@ def fold_inputs(
     block_tables int `[B, >= used blocks]`, seq_lens `[B]` (incl. the new tokens); `context` a
     multiple of the block length covering max(seq_lens). The pool is head-major `[Hkv, NB, BL, d]`,
     so `[Hkv*NB, BL, d]` is the same memory and row (b, g) reads its blocks at `table[b] + g*NB`.
+    Partial steps (`partial_kind`): `return_lse`; `q_start` int `[B]` makes it attend-only (k_new,
+    v_new None: nothing new, seq_lens are the cached keys, query i sits at key index `q_start[b] + i`;
+    `num_kv_heads` then gives the pool's kv heads).
     """
+    lse, attend = partial_kind(return_lse, q_start is not None)
     B, Hq, S, d = q.shape
-    Hkv = k_new.shape[1]
+    Hkv = k_new.shape[1] if k_new is not None else num_kv_heads
+    if Hkv is None:
+        raise ValueError("fold_inputs: num_kv_heads: expected the pool's kv heads for an attend-only step (no k_new)")
     G = Hq // Hkv
     hs = np.asarray(list(heads), dtype=np.int64)
     H, Bb, Sb = hs.size, batch, s_active
     BL = block_len
     rows = Bb * H
     lens = np.asarray(seq_lens, dtype=np.int64)
-    cached = np.zeros(Bb, dtype=np.int64)
-    cached[:B] = lens - S
+    cached = np.zeros(Bb, dtype=np.int64)  # keys before the first query (padding rows: none)
+    first = np.zeros(Bb, dtype=np.int64)  # each row's first query as a key index
+    cached[:B] = lens if attend else lens - S
+    first[:B] = np.asarray(q_start, np.int64) if attend else lens - S
     nblk = context // BL
     table = np.zeros((Bb, nblk), dtype=np.int64)  # padding entries: block 0 (in range, masked)
     used = np.arange(nblk)[None, :] < (-(-lens // BL))[:, None]  # [B, nblk]
@@ -261,26 +370,25 @@ def fold_inputs(
     folded = (table[:, None, :] + (hs * num_blocks)[None, :, None]).reshape(rows, nblk).astype(np.uint32)
     qs = np.zeros((Bb, Hq, Sb, d), dtype=q.dtype)
     qs[:B, :, :S] = (np.asarray(q, dtype=np.float32) * np.float32(scale)).astype(q.dtype)
-    kn = np.zeros((Bb, Hkv, Sb, d), dtype=k_new.dtype)  # the cache's dtype (fp8 stays fp8)
-    vn = np.zeros((Bb, Hkv, Sb, d), dtype=v_new.dtype)
-    kn[:B, :, :S] = k_new
-    vn[:B, :, :S] = v_new
     q_sb = qs.reshape(Bb, Hkv, G, Sb, d)[:, hs].transpose(4, 0, 1, 2, 3).reshape(d, rows * G * Sb)
-    k_sb = kn[:, hs].transpose(3, 0, 1, 2).reshape(d, rows * Sb)
-    v_act = vn[:, hs].reshape(rows, 1, Sb, d)
-    # Row b*H + j. Every query's window ends at the cached length (its earlier new tokens are the
-    # active ones, masked causally); its start is its own position - W + 1, never past that end
-    # since W >= S, so no window wraps.
-    new_pos = np.repeat(cached[:, None] + np.arange(Sb)[None, :], H, axis=0)
-    pos = np.repeat(np.repeat(cached[:, None], Sb, axis=1), H, axis=0).astype(np.float32)
-    starts = None if window is None else np.maximum(new_pos - window + 1, 0).astype(np.float32)
+    k_sb = v_act = mask = None
+    if not attend:
+        kn = np.zeros((Bb, Hkv, Sb, d), dtype=k_new.dtype)  # the cache's dtype (fp8 stays fp8)
+        vn = np.zeros((Bb, Hkv, Sb, d), dtype=v_new.dtype)
+        kn[:B, :, :S] = k_new
+        vn[:B, :, :S] = v_new
+        k_sb = np.ascontiguousarray(kn[:, hs].transpose(3, 0, 1, 2).reshape(d, rows * Sb))
+        v_act = np.ascontiguousarray(vn[:, hs].reshape(rows, 1, Sb, d))
+        mask = causal_mask(Sb, rows, G)
+    # Row b*H + j. Every query's window ends at the cached length (a decode's earlier new tokens
+    # are the active ones, masked causally; an attend-only query sees cached keys only).
+    pos, starts = query_windows(np.repeat(cached, H), np.repeat(first, H), Sb, window)
     cfg = AttnTKGConfig(
         bs=rows, q_head=G, s_active=Sb, curr_sprior=context, full_sprior=context, d_head=d, block_len=BL,
         tp_k_prior=True, strided_mm1=False, use_pos_id=True, qk_in_sb=True,
     )  # fmt: skip
     return FoldedStep(
-        np.ascontiguousarray(q_sb), np.ascontiguousarray(k_sb), np.ascontiguousarray(v_act), causal_mask(Sb, rows, G),
-        pos, starts, folded, cfg, hs, B, S,
+        np.ascontiguousarray(q_sb), k_sb, v_act, mask, pos, starts, folded, cfg, hs, B, S, lse, attend,
     )  # fmt: skip
 
 

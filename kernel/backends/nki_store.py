@@ -8,7 +8,7 @@ decode step uploads q, the new k/v, the folded block table and the positions (an
 launches the kernel over the resident pools (viewed as `[Hkv*(NB+1), BL, d]`, no copy) and
 downloads the output. Masks and sinks are constants per shape / layer, uploaded once.
 
-Shapes are bucketed (`Buckets`): the batch to a batch bucket (padding rows masked), the new tokens
+Shapes are bucketed (`nki_buckets.Buckets`): the batch to a batch bucket (padding rows masked), the new tokens
 per sequence to an s_active bucket (padding queries dropped), the longest sequence to a context
 bucket; writes to the batch x s_active sizes and copies/reads to powers of two, padded into the
 scratch block. Every device operation runs on the store's one device thread and ends at the
@@ -16,6 +16,11 @@ device's barrier (`torch_xla.sync()` on a lazy-tensor device), so the pools are 
 and the graphs are a fixed set. `warm_up` runs every write, copy and read size and launches every
 (variant, batch, context, s_active) combination at start, so nothing is built while serving;
 `decode` refuses a step outside the buckets (`StepOutOfBuckets`) instead of compiling it.
+
+Partial launches (context parallelism, docs/context-parallel.md): `decode(..., return_lse=True)`
+and attend-only `decode(..., q_start=...)` run our kernel's partial mode (`nki_host.partial_kind`:
+a decode with lse, or attend-only, each its own specialisation per shape), so warm-up launches
+those kinds too, for every shape, when the device's kernel has that mode (`Device.partial`).
 docs/trainium-store.md says why, and what `make test-xla` proves of it on torch-xla's CPU runtime.
 """
 
@@ -24,90 +29,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from tkg.kernel import decisions
 from tkg.kernel.backends import nki_host
 from tkg.kernel.backends.device_worker import DeviceWorker
-from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, StepOutOfBuckets, WarmUp
-
-
-@dataclass(frozen=True)
-class Buckets:
-    """Compiled step shapes: context (`curr_sprior`) buckets, batch buckets, s_active buckets.
-
-    Contexts are multiples of `align` = lcm(block_len, 128 * lnc) (the NKI kernel's key tiling);
-    a step is rounded up to the smallest bucket of each kind that covers it.
-    """
-
-    contexts: tuple[int, ...]
-    batches: tuple[int, ...]
-    s_actives: tuple[int, ...]
-    align: int = 128
-
-    def __post_init__(self) -> None:
-        for name in ("contexts", "batches", "s_actives"):
-            values = getattr(self, name)
-            if not values or min(values) < 1:
-                raise ValueError(f"Buckets: {name}: {values}; expected positive sizes")
-            object.__setattr__(self, name, tuple(sorted(set(values))))
-        bad = [c for c in self.contexts if c % self.align]
-        if bad:
-            raise ValueError(f"Buckets: contexts: {bad[0]} must be a positive multiple of {self.align}")
-
-    @staticmethod
-    def alignment(block_len: int, lnc: int = 1) -> int:
-        return int(np.lcm(block_len, 128 * lnc))
-
-    @classmethod
-    def default(
-        cls, max_context: int, max_batch: int, max_s_active: int, *, block_len: int, lnc: int = 1,
-        contexts: Sequence[int] | None = None, batches: Sequence[int] | None = None,
-    ) -> Buckets:  # fmt: skip
-        """Powers of two (contexts from 256, aligned) up to the limits, each limit itself the last
-        bucket; `contexts`/`batches` replace the defaults (contexts rounded up to the alignment)."""
-        align = cls.alignment(block_len, lnc)
-        if contexts is None:
-            ctx, c = [], max(256, align)
-            while c < max_context:
-                ctx.append(decisions.round_up(c, align))
-                c *= 2
-            ctx.append(decisions.round_up(max_context, align))
-        else:
-            ctx = [decisions.round_up(int(c), align) for c in contexts]
-        return cls(tuple(ctx), tuple(batches or _powers(max_batch)), tuple(_powers(max_s_active)), align)
-
-    def _pick(self, kind: str, values: tuple[int, ...], n: int, what: str) -> int:
-        for v in values:
-            if v >= n:
-                return v
-        raise StepOutOfBuckets(
-            f"{what}: {n} exceeds the largest compiled {kind} bucket {values[-1]}; expected at most {values[-1]}"
-        )
-
-    def context_for(self, tokens: int) -> int:
-        return self._pick("context", self.contexts, tokens, "context")
-
-    def batch_for(self, batch: int) -> int:
-        return self._pick("batch", self.batches, batch, "batch")
-
-    def s_active_for(self, s: int) -> int:
-        return self._pick("s_active", self.s_actives, s, "s_active")
-
-    def count(self) -> int:
-        return len(self.contexts) * len(self.batches) * len(self.s_actives)
-
-
-def _powers(limit: int) -> list[int]:
-    out, v = [], 1
-    while v < limit:
-        out.append(v)
-        v *= 2
-    out.append(limit)
-    return out
+from tkg.kernel.backends.nki_buckets import Buckets, powers
+from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, WarmUp
 
 
 class Device(Protocol):
@@ -123,6 +52,7 @@ class Device(Protocol):
     name: str
     h2d: int
     d2h: int
+    partial: bool  # its kernel has our partial mode (return_lse, attend_only: lse out, no active tokens)
 
     def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any: ...
     def upload(self, a: np.ndarray) -> Any: ...
@@ -133,7 +63,7 @@ class Device(Protocol):
     def fold(self, pool: Any) -> Any: ...
     def launch(self, lnc: int, args: tuple[Any, ...]) -> tuple[Any, ...]: ...
     def barrier(self) -> None: ...
-    def kernel_config(self, cfg: Any) -> Any: ...
+    def kernel_config(self, cfg: Any, *, return_lse: bool = False, attend_only: bool = False) -> Any: ...
 
 
 class HbmDevice:
@@ -154,6 +84,7 @@ class HbmDevice:
         self._lock = threading.Lock()
         self.h2d = 0
         self.d2h = 0
+        self.partial = True  # our kernel, emulated or simulated
 
     def _count(self, h2d: int = 0, d2h: int = 0) -> None:
         with self._lock:
@@ -196,8 +127,8 @@ class HbmDevice:
     def barrier(self) -> None:
         """Nothing pending: the emulator's operations already ran."""
 
-    def kernel_config(self, cfg: Any) -> Any:
-        return nki_host.kernel_config(cfg, self._config_cls())
+    def kernel_config(self, cfg: Any, *, return_lse: bool = False, attend_only: bool = False) -> Any:
+        return nki_host.kernel_config(cfg, self._config_cls(), return_lse=return_lse, attend_only=attend_only)
 
 
 MAX_BLOCKS_PER_JOB = 64  # copies and reads go in chunks of at most this many blocks (warm-up reads each size)
@@ -224,7 +155,9 @@ class DeviceKVStore(KVStore):
     `graphs` (device thread only; read it after `sync()`): the (operation, shape) keys run so far.
     """
 
-    def __init__(self, geometry: KVGeometry, device: Device, buckets: Buckets, *, lnc: int = 1) -> None:
+    def __init__(
+        self, geometry: KVGeometry, device: Device, buckets: Buckets, *, lnc: int = 1, partial: bool = True
+    ) -> None:
         super().__init__(geometry)
         if any(c % Buckets.alignment(geometry.block_len, lnc) for c in buckets.contexts):
             raise ValueError(
@@ -235,11 +168,12 @@ class DeviceKVStore(KVStore):
         self.device = device
         self.buckets = buckets
         self.lnc = lnc
+        self.partial = partial and bool(getattr(device, "partial", False))  # see `supports_partial`
         g = geometry
         self.scratch = g.num_blocks  # the reserved padding block (see the class docstring)
         self._nb = g.num_blocks + 1  # blocks in each device pool
         self.write_sizes = tuple(sorted({b * s for b in buckets.batches for s in buckets.s_actives}))
-        self.block_counts = tuple(_powers(min(MAX_BLOCKS_PER_JOB, -(-buckets.contexts[-1] // g.block_len))))
+        self.block_counts = tuple(powers(min(MAX_BLOCKS_PER_JOB, -(-buckets.contexts[-1] // g.block_len))))
         self.graphs: set[tuple[Any, ...]] = set()
         self._worker = DeviceWorker(device.name)
         self._consts: dict[tuple[Any, ...], Any] = {}  # masks per shape, sinks per value: uploaded once
@@ -276,6 +210,12 @@ class DeviceKVStore(KVStore):
     @property
     def reads_new_kv(self) -> bool:
         return True
+
+    @property
+    def supports_partial(self) -> bool:
+        """lse and attend-only launches: asked for (`partial`, the default but for a NeuronCore's
+        store: 3x the warm-up compiles) and the device's kernel has our partial mode."""
+        return self.partial
 
     def transfer_bytes(self) -> dict[str, int]:
         return {"h2d": self.device.h2d, "d2h": self.device.d2h}
@@ -370,11 +310,15 @@ class DeviceKVStore(KVStore):
             x = self._consts[key] = self.device.upload(make())
         return x
 
-    def _config(self, cfg: Any) -> Any:
+    def _config(self, st: nki_host.FoldedStep) -> Any:
+        cfg = st.cfg
         key = (cfg.bs, cfg.q_head, cfg.s_active, cfg.curr_sprior, cfg.d_head, cfg.block_len)
+        key = (*key, st.return_lse, st.attend_only)
         kcfg = self._configs.get(key)
         if kcfg is None:
-            kcfg = self._configs[key] = self.device.kernel_config(cfg)
+            kcfg = self._configs[key] = self.device.kernel_config(
+                cfg, return_lse=st.return_lse, attend_only=st.attend_only
+            )
         return kcfg
 
     def decode(
@@ -392,28 +336,47 @@ class DeviceKVStore(KVStore):
         k_scale: float = 1.0,
         v_scale: float = 1.0,
         trusted: bool = False,
-    ) -> np.ndarray:
+        return_lse: bool = False,
+        q_start: np.ndarray | None = None,
+        out: np.ndarray | None = None,
+    ) -> Any:
         """(k_scale, v_scale: the pools hold value / scale: the logits' scale takes k_scale, the
-        output v_scale. `trusted` changes nothing here: the device step checks only its buckets.)"""
-        if k_new is None or v_new is None:
+        output v_scale. `trusted` changes nothing here: the device step checks only its buckets.
+        return_lse, q_start: `KVStore.decode`'s partial launches (`supports_partial`); `out`: the
+        destination `[B, Hq, S, d]` (default: q's dtype, float32 for a partial launch).)"""
+        attend = q_start is not None
+        if (return_lse or attend) and not self.supports_partial:
+            raise ValueError(
+                f"DeviceKVStore.decode: return_lse, q_start: this {self.device.name} store takes no partial launches "
+                "(made with partial=False, or its kernel has no partial mode); expected return_lse=False, q_start=None"
+            )
+        if attend and sinks is not None:
+            raise ValueError("DeviceKVStore.decode: sinks: an attend-only launch (q_start) adds no sink; expected None")
+        if not attend and (k_new is None or v_new is None):
             raise ValueError("DeviceKVStore.decode: k_new, v_new: expected [B, Hkv, S, d] arrays, got None")
         B, S = q.shape[0], q.shape[2]
         lens = np.asarray(seq_lens, dtype=np.int64)
-        self.check_step(S, int(lens.max()))
-        out = np.empty_like(q)
+        self.check_step(S, int(lens.max()))  # attend-only: the cached keys are the whole context
+        if out is None:
+            out = np.empty(q.shape, np.float32) if (return_lse or attend) else np.empty_like(q)
+        lse = np.empty(q.shape[:3], np.float32) if return_lse else None
+        starts = None if q_start is None else np.asarray(q_start, np.int64)
         step = self.buckets.batches[-1]
         for b0 in range(0, B, step):  # more sequences than the largest batch bucket: several launches
             sl = slice(b0, min(B, b0 + step))
             self._decode_chunk(
-                layer, q[sl], k_new[sl], v_new[sl], block_tables[sl], lens[sl], out[sl], scale * k_scale, window, sinks
-            )
+                layer, q[sl], None if attend else k_new[sl], None if attend else v_new[sl], block_tables[sl],
+                lens[sl], out[sl], scale * k_scale, window, sinks, None if lse is None else lse[sl],
+                None if starts is None else starts[sl],
+            )  # fmt: skip
         if v_scale != 1.0:
             out[...] = np.asarray(out, np.float32) * np.float32(v_scale)
-        return out
+        return (out, lse) if return_lse else out
 
     def _decode_chunk(
-        self, layer: int, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, tables: np.ndarray,
+        self, layer: int, q: np.ndarray, k_new: np.ndarray | None, v_new: np.ndarray | None, tables: np.ndarray,
         lens: np.ndarray, out: np.ndarray, scale: float, window: int | None, sinks: np.ndarray | None,
+        lse: np.ndarray | None, q_start: np.ndarray | None,
     ) -> None:  # fmt: skip
         g = self.geometry
         B, Hq, S = q.shape[:3]
@@ -427,38 +390,49 @@ class DeviceKVStore(KVStore):
         for heads in groups:
             st = nki_host.fold_inputs(
                 q, k_new, v_new, tables, lens, scale=scale, window=window, heads=heads, num_blocks=self._nb,
-                block_len=g.block_len, context=ctx, batch=Bb, s_active=Sb,
+                block_len=g.block_len, context=ctx, batch=Bb, s_active=Sb, return_lse=lse is not None,
+                q_start=q_start, num_kv_heads=Hkv,
             )  # fmt: skip
             sg = None
             if sinks is not None:
                 sg = np.asarray(sinks, dtype=np.float32).reshape(Hkv, G)[heads[0]].reshape(G, 1)
-            key = (Bb, ctx, Sb, st.cfg.bs, window is not None, sinks is not None, st.k_active.dtype.name)
+            kv_dt = np.dtype(g.dtype).name if st.k_active is None else st.k_active.dtype.name
+            key = (Bb, ctx, Sb, st.cfg.bs, window is not None, sinks is not None, kv_dt, st.return_lse, st.attend_only)
             res = self._worker.call(lambda st=st, sg=sg, key=key: self._launch_job(layer, st, sg, key))
-            st.unfold(res, out)
+            st.unfold(res[0], out)
+            if lse is not None:
+                st.unfold_lse(res[1], lse)
 
-    def _launch_job(self, layer: int, st: nki_host.FoldedStep, sink: np.ndarray | None, key: tuple[Any, ...]) -> Any:
-        """Upload the step's inputs, launch over the resident pools, barrier, download the output."""
+    def _launch_job(
+        self, layer: int, st: nki_host.FoldedStep, sink: np.ndarray | None, key: tuple[Any, ...]
+    ) -> tuple[np.ndarray, ...]:
+        """Upload the step's inputs, launch over the resident pools, barrier, download the output
+        (and the lse of a launch with `st.return_lse`). An attend-only step has no k/v/mask to send."""
         dev = self.device
         Sb, rows, G = st.cfg.s_active, st.cfg.bs, st.cfg.q_head
-        mask = self._const(("mask", Sb, rows, G), lambda: st.mask)
+        mask = None if st.mask is None else self._const(("mask", Sb, rows, G), lambda: st.mask)
         sk = None if sink is None else self._const(("sink", sink.tobytes()), lambda: sink)
         starts = None if st.starts is None else dev.upload(st.starts)
+        ka = None if st.k_active is None else dev.upload(st.k_active)
+        va = None if st.v_active is None else dev.upload(st.v_active)
         args = (
-            dev.upload(st.q), dev.upload(st.k_active), dev.upload(st.v_active), dev.fold(self.k[layer]),
-            dev.fold(self.v[layer]), mask, None, dev.upload(st.positions), starts, sk, dev.upload(st.table),
-            self._config(st.cfg), False,
+            dev.upload(st.q), ka, va, dev.fold(self.k[layer]), dev.fold(self.v[layer]), mask, None,
+            dev.upload(st.positions), starts, sk, dev.upload(st.table), self._config(st), False,
         )  # fmt: skip
         if key not in self._seen:
             self._seen.add(key)
             self.compilations += 1
-        res = dev.launch(self.lnc, args)[0]
+        res = dev.launch(self.lnc, args)
         dev.barrier()
         self.graphs.add(("decode", *key))
-        return dev.download(res)
+        if st.return_lse:  # results: out, lse (no k_out: RoPE is not fused in the store's launches)
+            return dev.download(res[0]), dev.download(res[1])
+        return (dev.download(res[0]),)
 
     def warm_up(self, variants: set[LayerVariant], num_q_heads: int, s_active: int = 1) -> WarmUp:
         """Run every shape serving can need once: each write bucket, each copy/read block count (all
-        on the scratch block), and a launch per (variant, batch, context, s_active) over block 0."""
+        on the scratch block), and a launch per (launch kind, batch, context, s_active) over block 0
+        (`launch_kinds`: the variants' decodes, and their partial launches when supported)."""
         t0 = time.perf_counter()
         before, launches = self.compilations, 0
         g, bk = self.geometry, self.buckets
@@ -471,8 +445,8 @@ class DeviceKVStore(KVStore):
             ids = np.full(n, self.scratch, np.int32)
             self.copy_blocks(ids, ids)
             self.read_blocks(0, ids)
-        for variant in sorted(variants, key=lambda x: (x.window, x.sinks)):
-            sinks = np.zeros(num_q_heads, np.float32) if variant.sinks else None
+        for window, has_sinks, kind in launch_kinds(variants, self.supports_partial):
+            sinks = np.zeros(num_q_heads, np.float32) if has_sinks else None
             for B in bk.batches:
                 for S in bk.s_actives:
                     q = np.zeros((B, num_q_heads, S, g.head_dim), io)
@@ -480,12 +454,31 @@ class DeviceKVStore(KVStore):
                     for ctx in bk.contexts:
                         tables = np.zeros((B, ctx // g.block_len), np.int32)
                         lens = np.full(B, ctx, np.int32)
-                        self.decode(
-                            0, q, kv, kv, tables, lens, scale=1.0, window=ctx if variant.window else None, sinks=sinks
-                        )
+                        w = ctx if window else None
+                        if kind == "attend":  # queries right past the ctx cached keys
+                            starts = lens.astype(np.int64)
+                            self.decode(0, q, None, None, tables, lens, scale=1.0, window=w, q_start=starts)
+                        else:
+                            lse = kind == "lse"
+                            self.decode(0, q, kv, kv, tables, lens, scale=1.0, window=w, sinks=sinks, return_lse=lse)
                         launches += 1
         self.sync()
         return WarmUp(launches, self.compilations - before, time.perf_counter() - t0)
+
+
+def launch_kinds(variants: set[LayerVariant], partial: bool) -> list[tuple[bool, bool, str]]:
+    """(window, sinks, kind) of every launch family serving can need, each once: every layer
+    variant's plain "decode"; with partial launches also its "lse" decode (return_lse) and its
+    "attend" launch (attend-only, lse or not: one kind, `nki_host.partial_kind`), which never has
+    sinks (the sink counts in the appending segment only). Each family is warmed up over every
+    (batch, s_active, context) bucket."""
+    kinds: dict[tuple[bool, bool, str], None] = {}
+    for v in sorted(variants, key=lambda x: (x.window, x.sinks)):
+        kinds[(v.window, v.sinks, "decode")] = None
+        if partial:
+            kinds[(v.window, v.sinks, "lse")] = None
+            kinds[(v.window, False, "attend")] = None
+    return list(kinds)
 
 
 def make_store(
@@ -498,10 +491,12 @@ def make_store(
     context_buckets: Sequence[int] | None = None,
     batch_buckets: Sequence[int] | None = None,
     lnc: int = 1,
+    partial: bool = True,
 ) -> DeviceKVStore:
-    """A `DeviceKVStore` on `device` with default buckets for the limits (or the given ones)."""
+    """A `DeviceKVStore` on `device` with default buckets for the limits (or the given ones);
+    `partial`: serve (and warm up) lse and attend-only launches when the device's kernel can."""
     buckets = Buckets.default(
         max_context, max_batch, max_s_active, block_len=geometry.block_len, lnc=lnc,
         contexts=context_buckets, batches=batch_buckets,
     )  # fmt: skip
-    return DeviceKVStore(geometry, device, buckets, lnc=lnc)
+    return DeviceKVStore(geometry, device, buckets, lnc=lnc, partial=partial)

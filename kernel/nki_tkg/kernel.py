@@ -17,8 +17,13 @@ Work of one core (see `plan.py` for the split between the two cores of an LNC2 l
             per batch row: V (DMA, indirect for paged), active v, MM2 V^T P accumulated in
                 PSUM over key tiles, o = o*corr + PV
         sequence-sharded: merge the two cores' (m, l, o) with sendrecv
+        with return_lse: lse = m + ln(l) per query (-inf where nothing was seen) to HBM
         normalise by 1/l and store (HBM `[B, H, d, S]` or SBUF `[d, B*H*S]`)
     batch-sharded with the output in SBUF: swap halves so both cores hold all of it
+
+Partial calls (context parallelism, docs/context-parallel.md): `return_lse` adds the lse output
+and makes out fp32; `attend_only` inserts no active tokens (the queries attend to cached keys
+only, as the generated mask says). Both allow a query that sees nothing: out 0, lse -inf.
 
 DBG_TENSORS (optional, fp32 HBM, natural order like the host backends, `validate.debug_shapes`):
 qk `[B, H, Sp, S]` (masked scores, -inf where masked), qk_max and exp_sum `[B, H, 1, S]` (final
@@ -45,7 +50,15 @@ from tkg.kernel.nki_tkg.plan import P_MAX, TilePlan, active_runs, make_plan
 from tkg.kernel.nki_tkg.psum import KT_BANKS, MM1_BANKS, MM2_BANKS, PSUM_BANK_BYTES, STAT_BANKS, PsumRing
 from tkg.kernel.nki_tkg.rope import fused_rope
 from tkg.kernel.nki_tkg.sbuf import dtype_bytes
-from tkg.kernel.nki_tkg.softmax import SoftmaxState, exchange_engine, init_state, merge_cores, softmax_tile
+from tkg.kernel.nki_tkg.softmax import (
+    SoftmaxState,
+    exchange_engine,
+    init_state,
+    merge_cores,
+    reciprocal_of_sum,
+    softmax_tile,
+    store_lse,
+)
 
 
 class Consts(nl.NKIObject):
@@ -159,10 +172,10 @@ def flash_tile(pl: TilePlan, cfg, st: SoftmaxState, q_sb, ka_sb, v_active, k_pri
     d = pl.d
     bt = st.bt
     kdt = io
-    if k_prior.dtype == ka_sb.dtype:
+    if ka_sb == None or k_prior.dtype == ka_sb.dtype:  # attend-only: no active keys, the cache's dtype
         kdt = k_prior.dtype
     vdt = io
-    if v_prior.dtype == v_active.dtype:
+    if v_active == None or v_prior.dtype == v_active.dtype:
         vdt = v_prior.dtype
     first = fi == 0
     runs = active_runs(pl, fa_start, nk)
@@ -281,7 +294,7 @@ def store_output(pl: TilePlan, cfg, st: SoftmaxState, out, gb0: int, normalised:
     sbm.open_scope()
     recip = st.part[0:d, :]
     if not normalised:
-        nisa.reciprocal(recip, st.l_run[0:d, :])
+        reciprocal_of_sum(recip, st.l_run[0:d, :], pl.partial)
     if cfg.out_in_sb:
         dst = out[:, gb0 * hs : gb0 * hs + n]
         if normalised:
@@ -325,8 +338,8 @@ def store_rows(pl: TilePlan, res, out, gb0: int, bt: int, ring: PsumRing, sbm):
 
 def attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, inv_freqs=None,
                   rope_pos_ids=None, sink=None, active_blocks_table=None, k_out=None, DBG_TENSORS=None,
-                  start_pos_ids=None):  # fmt: skip
-    """Decode attention for one kv head; returns `(out, k_out)`.
+                  start_pos_ids=None, lse=None):  # fmt: skip
+    """Decode attention for one kv head; returns `(out, k_out)` (and fills `lse` when given).
 
     Args (layouts of docs/design/kernel.md; B, H, S, d, Sp from `cfg`):
         q: SBUF `[d, B*H*S]` (`cfg.qk_in_sb`) or HBM `[B, H, S, d]` (only with `cfg.fuse_rope`).
@@ -343,6 +356,14 @@ def attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, 
         k_out: SBUF `[d, B*S]` (`cfg.k_out_in_sb`) or HBM `[B, 1, d, S]`, with fuse_rope.
         DBG_TENSORS: None or a tuple of 4 fp32 HBM tensors (qk, qk_max, qk_exp, exp_sum).
         start_pos_ids: HBM `[B, S]` fp32 sliding-window starts, or None.
+        lse: HBM `[B, H, S]` fp32 with `cfg.return_lse` (else None): each query's log-sum-exp
+            (`softmax.store_lse`); `out` is then fp32 while P stays in q's dtype for MM2.
+
+    Attend-only (`cfg.attend_only`, context parallelism): no active tokens. k_active, v_active and
+    mask are None; every query sees only cached keys, through the generated mask: row b's
+    `rope_pos_ids[b, :]` all hold its cached length L (no key at or past L is seen) and
+    `start_pos_ids[b, i]` its window start, clamped to at most L (an empty window, never a wrap).
+    A query that sees nothing gets out 0 and lse -inf.
     """
     pl = make_plan(cfg, nl.num_programs(0), nl.program_id(0))
     if not pl.works:
@@ -355,6 +376,15 @@ def attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, 
     else:
         q_sb = q
         ka_sb = k_active
+    io = out.dtype  # P's dtype for MM2
+    if cfg.return_lse:
+        io = q_sb.dtype  # out is fp32 for an exact merge of partial results; MM2 keeps q's dtype
+    # ---- attend-only (context parallelism): no active tokens ------------------------------------
+    # `make_plan` gives no core the active slots (`core_holds_active`), so no flash tile inserts
+    # k_active / v_active / the active mask: the cache's keys stay in every slot and the mask
+    # generated from the positions (`Positions`) alone decides what each query sees.
+    if cfg.attend_only:
+        ka_sb = None
     pos = None
     if cfg.use_pos_id:
         pos = Positions(pl, rope_pos_ids, start_pos_ids, consts, rings.stat, sbm)
@@ -370,7 +400,7 @@ def attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, 
         for fi in range(pl.n_fa):
             flash_tile(
                 pl, cfg, st, q_sb, ka_sb, v_active, k_prior, v_prior, mask, active_blocks_table, pos,
-                DBG_TENSORS, gb0, fi, has_l_init, consts, rings, sbm, out.dtype,
+                DBG_TENSORS, gb0, fi, has_l_init, consts, rings, sbm, io,
             )  # fmt: skip
         merged = pl.n_sp > 1
         if merged:
@@ -380,6 +410,9 @@ def attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, 
             off = gb0 * pl.HS
             nisa.dma_copy(DBG_TENSORS[1].ap([[n, 1], [1, n]], offset=off), st.m_run[0:1, :])
             nisa.dma_copy(DBG_TENSORS[3].ap([[n, 1], [1, n]], offset=off), st.l_run[0:1, :])
+        # ---- lse (context parallelism): m + ln(l) of the final (merged) statistics ----------------
+        if lse != None and pl.sp_id == 0:
+            store_lse(pl, st, lse, gb0, sbm)
         if cfg.out_in_sb or pl.sp_id == 0:
             store_output(pl, cfg, st, out, gb0, merged, rings.kt, sbm)
         sbm.close_scope()

@@ -50,6 +50,9 @@ class TKGConfig(nl.NKIObject):
     k_out_in_sb: bool = False
     out_in_sb: bool = False
     enable_fa_s_prior_tiling: bool = True
+    # Context parallelism (docs/context-parallel.md), our kernel only (not in AttnTKGConfig):
+    return_lse: bool = False  # also write lse [B, H, S] fp32; out is then fp32 (P keeps q's dtype)
+    attend_only: bool = False  # no active tokens: k_active/v_active/mask unused, generated mask only
 
 
 def mask_order_len(cfg: TKGConfig, n_prgs: int) -> int:
@@ -92,7 +95,8 @@ class TilePlan(nl.NKIObject):
     sp_id: int = 0  # this core's index along the key split
     sp_core: int = 128  # keys of this core
     k0: int = 0  # first natural key of this core
-    holds_active: bool = True  # the active tokens are among this core's keys
+    holds_active: bool = True  # the active tokens are among this core's keys (never when attend-only)
+    partial: bool = False  # return_lse or attend_only: a query may see no key (lse -inf, out 0)
     layout: str = "contig"
     block_len: int = 0
     factor: int = 1  # block split factor (block KV)
@@ -141,7 +145,13 @@ def make_plan(cfg: TKGConfig, n_prgs: int, prg_id: int) -> TilePlan:
     )
     pl.sp_core = pl.Sp // pl.n_sp
     pl.k0 = pl.sp_id * pl.sp_core
-    pl.holds_active = pl.sp_id == pl.n_sp - 1
+    pl.holds_active = core_holds_active(pl.sp_id, pl.n_sp, cfg.attend_only)
+    pl.partial = cfg.return_lse or cfg.attend_only
+    if cfg.attend_only:
+        assert cfg.use_pos_id and not cfg.fuse_rope, (
+            "attention_tkg: attend_only: needs use_pos_id=True (the mask is generated from positions) and "
+            "fuse_rope=False (no active tokens to rotate)"
+        )
 
     pl.block_len = cfg.block_len
     pl.fold_keys = 0
@@ -174,6 +184,13 @@ def make_plan(cfg: TKGConfig, n_prgs: int, prg_id: int) -> TilePlan:
     pl.bt = batch_tile(pl.bs_core, pl.HS, sizes[0])
     pl.mm1_group = mm1_group_tiles(pl.HS)
     return pl
+
+
+def core_holds_active(sp_id: int, n_sp: int, attend_only: bool) -> bool:
+    """Whether this core's keys include the S active tokens (the natural keys `[Sp-S, Sp)`): the
+    last core along the key split, and nobody in an attend-only call, which has no active tokens
+    (every query then attends only to cached keys, through the generated mask)."""
+    return sp_id == n_sp - 1 and not attend_only
 
 
 def key_slot(pl: TilePlan, nk: int, lk: int) -> tuple:

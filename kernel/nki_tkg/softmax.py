@@ -16,6 +16,11 @@ Per flash tile, with running max m, running sum l and unnormalised output o:
 The sink joins as the initial value of m (so it is in every max) and as l = 1 on one core only
 (so `exp(sink - max)` is in the denominator exactly once). Without a sink m starts at -3e38, a
 finite stand-in for -inf so `exp(m - m_new)` never computes `inf - inf`.
+
+Partial calls (context parallelism: `return_lse`, `attend_only`) may hold a query that saw no key
+and no sink: its p are all 0, so l = 0 and o = 0 (m stays -3e38). Its output must be 0 and its lse
+-inf, so 1/l is taken of max(l, 2^-64) (`reciprocal_of_sum`) and `store_lse` writes -inf where l = 0.
+Elsewhere l >= 1 (the maximal logit or the sink contributes exp(0)), so the floor changes nothing.
 """
 
 import nki.isa as nisa
@@ -26,6 +31,7 @@ from tkg.kernel.nki_tkg.psum import PsumRing
 from tkg.kernel.nki_tkg.rules import PSUM_FMAX
 
 NEG_BIG = -3.0e38
+L_FLOOR = 2.0**-64  # the least sum 1/l and ln(l) are taken of: the lower end of nl.log's valid range
 
 
 class SoftmaxState(nl.NKIObject):
@@ -119,6 +125,42 @@ def softmax_tile(pl: TilePlan, st: SoftmaxState, scores, p_io, n_kt: int, first:
     nisa.tensor_copy(st.m_run, st.m_new)
 
 
+def reciprocal_of_sum(dst, l_sum, guard: bool):
+    """dst = 1 / l_sum; with `guard` (partial calls) 1 / max(l_sum, 2^-64), so a query that saw
+    nothing (l = 0, o = 0) gets o/l = 0 rather than 0 * inf."""
+    if guard:
+        nisa.tensor_scalar(dst, l_sum, op0=nl.maximum, operand0=L_FLOOR)
+        nisa.reciprocal(dst, dst)
+    else:
+        nisa.reciprocal(dst, l_sum)
+
+
+def store_lse(pl: TilePlan, st: SoftmaxState, lse, gb0: int, sbm):
+    """The log-sum-exp of the batch tile's queries -> HBM `lse` `[B, H, S]` fp32, rows gb0 ..
+
+    lse = m + ln(l): the natural log of each query's softmax denominator over its scaled logits,
+    with the running max m (the sink's logit included in it) and the sum l (the sink's term
+    included on the core that counted it, `init_state`); after `merge_cores` m and l are both
+    cores' M and L. -inf where the query saw no key and no sink (l = 0). Reads partition 0 of the
+    row-broadcast statistics (every partition holds the same row); columns are (row, head, s),
+    the natural order of `[B, H, S]`.
+    """
+    n = st.n
+    sbm.open_scope()
+    seen = sbm.alloc((1, n), nl.uint8, "lse_seen")
+    val = sbm.alloc((1, n), nl.float32, "lse_val")
+    res = sbm.alloc((1, n), nl.float32, "lse")
+    l_row = st.l_run[0:1, :]
+    nisa.tensor_scalar(seen, l_row, op0=nl.greater, operand0=0.0)
+    nisa.tensor_scalar(val, l_row, op0=nl.maximum, operand0=L_FLOOR)  # within ln's valid range
+    nisa.activation(val, op=nl.log, data=val)
+    nisa.tensor_tensor(val, val, st.m_run[0:1, :], op=nl.add)
+    nisa.memset(res, value=float("-inf"))
+    nisa.tensor_copy_predicated(res, val, seen)
+    nisa.dma_copy(lse.ap([[n, 1], [1, n]], offset=gb0 * pl.HS), res, dge_mode=nisa.dge_mode.none)
+    sbm.close_scope()
+
+
 def exchange_engine(cfg, bytes_per_partition: int):
     """sendrecv transport: the GpSimd SBUF-to-SBUF DMA when asked for and within its 1 KiB/partition
     limit (`use_gpsimd_sb2sb`), else the shared DMA rings."""
@@ -161,7 +203,7 @@ def merge_cores(pl: TilePlan, cfg, st: SoftmaxState, keep_sum: bool, sbm):
     nisa.tensor_copy(m_own, big)
     # o_own * c_own / L, swapped with the partner's, summed.
     recip = st.part[0:d, :]
-    nisa.reciprocal(recip, l_own)
+    reciprocal_of_sum(recip, l_own, pl.partial)
     nisa.tensor_tensor(st.o_run, st.o_run, c_own, op=nl.multiply)
     nisa.tensor_tensor(st.o_run, st.o_run, recip, op=nl.multiply)
     o_oth = sbm.alloc((d, n), nl.float32, "o_other")

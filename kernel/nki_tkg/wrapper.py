@@ -9,9 +9,11 @@ and k_active `[d, B*S]`): q, k_active, v_active, k_prior, v_prior, mask, inv_fre
 start_pos_ids, sink, active_blocks_table (None where unused), cfg (`TKGConfig`), dbg (bool).
 
 Returns a tuple of shared-HBM tensors: out (`[d, B*H*S]` with `cfg.out_in_sb`, else
-`[B, H, d, S]`), then k_out when `cfg.fuse_rope` (`[d, B*S]` with `cfg.k_out_in_sb`, else
-`[B, 1, d, S]`), then with `dbg` the four fp32 debug tensors qk `[B, H, Sp, S]`, qk_max
-`[B, H, 1, S]`, qk_exp `[B, H, Sp, S]`, exp_sum `[B, H, 1, S]`.
+`[B, H, d, S]`; fp32 with `cfg.return_lse`, else q's dtype, bf16 for fp8 q), then k_out when
+`cfg.fuse_rope` (`[d, B*S]` with `cfg.k_out_in_sb`, else `[B, 1, d, S]`), then with
+`cfg.return_lse` lse `[B, H, S]` fp32, then with `dbg` the four fp32 debug tensors qk
+`[B, H, Sp, S]`, qk_max `[B, H, 1, S]`, qk_exp `[B, H, Sp, S]`, exp_sum `[B, H, 1, S]`.
+With `cfg.attend_only` k_active, v_active and mask are None (no active tokens).
 """
 
 import nki
@@ -38,10 +40,16 @@ def attention_tkg_kernel(q, k_active, v_active, k_prior, v_prior, mask, inv_freq
     sbm = SbufManager(0, nl.tile_size.total_available_sbuf_size - SBUF_COMPILER_RESERVE, "sbm")
     sbm.open_scope()
 
+    out_dt = io
+    if cfg.return_lse:
+        out_dt = nl.float32  # partial results merge without another rounding
     if cfg.out_in_sb:
-        out = sbm.alloc((d, B * H * S), io, "out")
+        out = sbm.alloc((d, B * H * S), out_dt, "out")
     else:
-        out = nl.ndarray((B, H, d, S), dtype=io, buffer=nl.shared_hbm, name="out")
+        out = nl.ndarray((B, H, d, S), dtype=out_dt, buffer=nl.shared_hbm, name="out")
+    lse = None
+    if cfg.return_lse:
+        lse = nl.ndarray((B, H, S), dtype=nl.float32, buffer=nl.shared_hbm, name="lse")
     k_out = None
     if cfg.fuse_rope:
         if cfg.k_out_in_sb:
@@ -52,9 +60,10 @@ def attention_tkg_kernel(q, k_active, v_active, k_prior, v_prior, mask, inv_freq
     ka_in = k_active
     if cfg.qk_in_sb:
         q_in = sbm.alloc((d, B * H * S), io, "q")
-        ka_in = sbm.alloc((d, B * S), io, "k_active")
         nisa.dma_copy(q_in, q, dge_mode=nisa.dge_mode.none)
-        nisa.dma_copy(ka_in, k_active, dge_mode=nisa.dge_mode.none)
+        if k_active != None:  # None: attend-only
+            ka_in = sbm.alloc((d, B * S), io, "k_active")
+            nisa.dma_copy(ka_in, k_active, dge_mode=nisa.dge_mode.none)
     dbg_t = None
     if dbg:
         sp = cfg.curr_sprior
@@ -67,12 +76,12 @@ def attention_tkg_kernel(q, k_active, v_active, k_prior, v_prior, mask, inv_freq
 
     out, k_out = attention_tkg(
         q_in, ka_in, v_active, k_prior, v_prior, mask, out, cfg, sbm, inv_freqs, rope_pos_ids, sink,
-        active_blocks_table, k_out, dbg_t, start_pos_ids,
+        active_blocks_table, k_out, dbg_t, start_pos_ids, lse,
     )  # fmt: skip
 
     results = (out,)
     if cfg.out_in_sb:
-        out_hbm = nl.ndarray((d, B * H * S), dtype=io, buffer=nl.shared_hbm, name="out_hbm")
+        out_hbm = nl.ndarray((d, B * H * S), dtype=out_dt, buffer=nl.shared_hbm, name="out_hbm")
         if first_core:
             nisa.dma_copy(out_hbm, out, dge_mode=nisa.dge_mode.none)
         results = (out_hbm,)
@@ -84,6 +93,8 @@ def attention_tkg_kernel(q, k_active, v_active, k_prior, v_prior, mask, inv_freq
             results = results + (k_hbm,)
         else:
             results = results + (k_out,)
+    if cfg.return_lse:
+        results = results + (lse,)
     if dbg:
         results = results + dbg_t
     sbm.close_scope()
