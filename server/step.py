@@ -45,6 +45,7 @@ from tkg.server.errors import ServiceError
 from tkg.server.holds import Holds
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
+from tkg.server.offload import run_on
 from tkg.server.rope import RopeTable
 from tkg.server.tenants import Ledger
 from tkg.v1 import decode_attention_pb2 as pb
@@ -97,14 +98,7 @@ class StepEngine:
         on the loop. Returns or raises only once the thread has let go of `fn`, even when the
         caller is cancelled meanwhile (CancelledError is raised after): `fn` writes into memory
         the caller reserved, and the caller's undo must not free it under the thread."""
-        job = asyncio.wrap_future(self._kernel_thread.submit(fn))
-        try:
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            while not job.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({job})
-            raise
+        return await run_on(self._kernel_thread, fn)
 
     # ---- the tensors of a step ------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ import numpy as np
 from tkg.server import spill_files
 from tkg.server.errors import NotFound, ResourceExhausted
 from tkg.server.kv_cache import KVCache, SequenceState
+from tkg.server.offload import run_on
 from tkg.server.tier_index import Spilled, TierCounts, TierIndex, default_disk_bytes, file_name
 from tkg.server.writeback import WriteBack, log_payload
 
@@ -513,21 +514,15 @@ class Tiers:
 
     async def _off(self, fn: Callable[[], T]) -> T:
         """`fn()` on a tiers thread; returns only once the thread let go (even when cancelled)."""
-        if self._threads is None:
-            self._threads = ThreadPoolExecutor(TIER_THREADS, thread_name_prefix="tkg-tiers")
-        job = asyncio.wrap_future(self._threads.submit(fn))
-        try:
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            while not job.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({job})
-            raise
+        return await run_on(self._pool(), fn)
 
     def _unlink_later(self, path: Path) -> None:
+        self._pool().submit(lambda: path.unlink(missing_ok=True))
+
+    def _pool(self) -> ThreadPoolExecutor:
         if self._threads is None:
             self._threads = ThreadPoolExecutor(TIER_THREADS, thread_name_prefix="tkg-tiers")
-        self._threads.submit(lambda: path.unlink(missing_ok=True))
+        return self._threads
 
     def _done_moving(self, seq_id: str) -> None:
         fut = self.moving.pop(seq_id, None)

@@ -142,8 +142,8 @@ class WireChecks:
         for name in ("return_lse", "attend_only"):
             if getattr(req, name) and not self.store.supports_partial:
                 raise InvalidArgument(
-                    f"{name}: the backend {self.store.backend} does not support it yet; expected false "
-                    "(backends reference and cpu support it)"
+                    f"{name}: the backend {self.store.backend} does not support it; expected false "
+                    "(backends reference, cpu and nki-emu support it; nki when its store is made with partial=True)"
                 )
         if req.attend_only:
             for name in ("k", "v"):
