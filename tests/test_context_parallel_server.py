@@ -152,7 +152,7 @@ def test_backends_without_partial_support_refuse_naming_the_field(tmp_path: Path
             with pytest.raises(Aborted) as err:
                 await _decode(svc, req)
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-            assert err.value.details.startswith(f"{flag}: the backend reference does not support it yet")
+            assert err.value.details.startswith(f"{flag}: the backend reference does not support it;")
 
     asyncio.run(body())
 

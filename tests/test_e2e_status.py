@@ -244,6 +244,8 @@ def test_tokens_and_tls(secure: tuple[ServerProc, bytes]) -> None:
         assert ro.server_info().num_q_heads == HQ
         with pytest.raises(errors.NotFound):  # allowed to ask; the sequence just does not exist
             ro.get_sequence("absent")
+        with pytest.raises(errors.NotFound):  # PrefetchSequence too (KV tiers): a read-only method
+            ro.prefetch_sequence("absent")
         for call in (lambda: ro.create_sequence("x"), lambda: ro.decode(0, ["x"], [0], q, k, v)):
             with pytest.raises(errors.PermissionDenied, match="read-only") as info:
                 call()

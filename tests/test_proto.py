@@ -28,11 +28,14 @@ def test_committed_generated_code_is_not_stale(tmp_path: Path) -> None:
         (pb.CreateSequenceRequest, "base_position", 2),
         (pb.SequenceInfo, "base_position", 5),
         (pb.SequenceHeader, "base_position", 9),
+        (pb.SequenceInfo, "tier", 4),  # KV tiers
+        (pb.PrefetchSequenceRequest, "sequence_id", 1),
     ],
 )
 def test_context_parallel_field_numbers(message: type, field: str, number: int) -> None:
     assert message.DESCRIPTOR.fields_by_name[field].number == number
 
 
-def test_tier_number_is_left_free() -> None:
-    assert 4 not in pb.SequenceInfo.DESCRIPTOR.fields_by_number
+def test_prefetch_sequence_is_an_rpc_of_the_service() -> None:
+    method = pb.DESCRIPTOR.services_by_name["DecodeAttention"].methods_by_name["PrefetchSequence"]
+    assert (method.input_type.name, method.output_type.name) == ("PrefetchSequenceRequest", "SequenceInfo")
