@@ -124,10 +124,19 @@ class App:
     async def push_to_peers(self, deadline: float) -> migration.PushReport:
         """Move every resident sequence to its peer (see `tkg.server.migration.push_all`), never
         to an entry of `--peers` known to be this replica."""
-        cache, link = self.service.cache, peer_link(self.settings)
+        cache, tiers, link = self.service.cache, self.service.tiers, peer_link(self.settings)
         targets = self.finder.others() if self.finder is not None else self.settings.peers
+
+        def release(seq_id: str) -> None:  # moved: gone from whichever tier held it
+            if not tiers.drop(seq_id):
+                cache.release(seq_id)
+                tiers.released(seq_id)
+
+        # The device and host tiers go to peers; the disk tier stays on disk (with --spill-dir the
+        # next start on it serves it again, under the same name: a StatefulSet's replica).
+        seq_ids = [*cache.sequence_ids(), *tiers.host_ids()]
         report = await migration.push_all(
-            cache.sequence_ids(), self.service.export_messages, cache.release, list(targets), deadline,
+            seq_ids, self.service.export_messages, release, list(targets), deadline,
             metadata=link.metadata, channel_options=link.options, credentials=link.credentials,
             owner=lambda seq_id: (tenants.outward(seq_id), tenants.tenant_of(seq_id)),
         )  # fmt: skip

@@ -46,14 +46,23 @@ def chunk_tokens(cache: KVCache, max_message_bytes: int) -> int:
     return max(1, min(CHUNK_BYTES, max_message_bytes // 4) // per_token)
 
 
+Source = tuple[SequenceState, Callable[[int, int, int], tuple[np.ndarray, np.ndarray]]]
+
+
 def export_messages(
-    cache: KVCache, seq_id: str, dtype_code: int, fuse_rope: bool, instance_id: str, tokens: int
+    cache: KVCache, seq_id: str, dtype_code: int, fuse_rope: bool, instance_id: str, tokens: int,
+    source: Source | None = None,
 ) -> Iterator[pb.SequenceChunk]:
     """The stream for `seq_id`: the header at once (lengths snapshot), K/V read lazily per message.
 
-    The caller keeps the sequence from being truncated or released while it iterates (appends
-    past the snapshot are harmless: they write only later positions)."""
-    state = cache.get(seq_id)
+    `source`: (state, read(layer, start, end) -> k, v) of a sequence outside the cache (a KV tier's
+    host run, `Tiers.host_source`); None: the cache's own. The caller keeps the sequence from being
+    truncated or released while it iterates (appends past the snapshot are harmless: they write
+    only later positions)."""
+    if source is None:
+        state = cache.get(seq_id)
+        source = state, lambda layer, start, end: cache.read_tokens(seq_id, layer, start, end)
+    state, read = source
     lengths, base = state.lengths, state.base_position
     runs = [(layer, start, min(start + tokens, n)) for layer, n in enumerate(lengths) for start in range(0, n, tokens)]
     header = pb.SequenceHeader(
@@ -62,7 +71,7 @@ def export_messages(
     )  # fmt: skip
     yield pb.SequenceChunk(sequence_id=seq_id, header=header)
     for layer, start, end in runs:
-        k, v = cache.read_tokens(seq_id, layer, start, end)
+        k, v = read(layer, start, end)
         msg = pb.SequenceChunk(sequence_id=seq_id, layer=layer, position=base + start)  # positions are absolute
         codec.encode(np.ascontiguousarray(k), msg.k)
         codec.encode(np.ascontiguousarray(v), msg.v)

@@ -391,8 +391,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         """The ExportSequence stream of cache sequence `seq_id` (also what a drain pushes)."""
         tokens = migration.chunk_tokens(self.cache, self.settings.max_message_bytes)
         return migration.export_messages(
-            self.cache, seq_id, self.wire.kv_code, self.spec.fuse_rope, self.instance_id, tokens
-        )
+            self.cache, seq_id, self.wire.kv_code, self.spec.fuse_rope, self.instance_id, tokens,
+            self.tiers.host_source(seq_id),  # a drain pushes host-tier sequences without restoring them
+        )  # fmt: skip
 
     async def ImportSequence(self, request_iterator: AsyncIterator[pb.SequenceChunk], context: Any) -> pb.SequenceInfo:
         """Accepts exactly what ExportSequence streams; all-or-nothing."""

@@ -128,6 +128,24 @@ class Tiers:
             return self.cache.get(seq_id), "device"
         return SequenceState(seq_id, rec.lengths, rec.num_blocks, (), rec.base_position), rec.tier
 
+    def host_ids(self) -> list[str]:
+        """The host tier's sequences (a drain pushes them to peers like resident ones)."""
+        return [r.seq_id for r in self.index.oldest("host")]
+
+    def host_source(self, seq_id: str) -> tuple[SequenceState, Callable[[int, int, int], Any]] | None:
+        """(state, read(layer, start, end) -> k, v `[T, Hkv, d]`) of a host-tier sequence, read
+        from its run without restoring it (`tkg.server.migration.export_messages`); None otherwise."""
+        rec = self.index.get(seq_id)
+        if rec is None or rec.payload is None:
+            return None
+        run, c = rec.payload, self.cache
+
+        def read(layer: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+            k, v = (run[layer, i].reshape(c.num_kv_heads, -1, c.head_dim)[:, start:end] for i in (0, 1))
+            return k.transpose(1, 0, 2).copy(), v.transpose(1, 0, 2).copy()
+
+        return self.state(seq_id)[0], read
+
     def busy(self, seq_id: str) -> bool:
         """Being moved, used or flushed: idle expiry keeps it."""
         return seq_id in self.moving or seq_id in self.users or (self.wb is not None and self.wb.busy(seq_id))

@@ -176,3 +176,38 @@ def test_a_drain_recognises_its_own_peers_entry_and_never_pushes_to_it(tmp_path:
         for s in (draining, alone):
             s.loop.call_soon_threadsafe(s.loop.stop)
         peer.stop()
+
+
+def test_a_drain_moves_the_host_tier_too(tmp_path: Path) -> None:
+    """Sequences spilled to the host tier go to the peer like resident ones (read from their host
+    runs, not restored first); the peer holds every one, byte for byte."""
+    from support.inproc import TINY
+
+    from tkg.server.config import build_spec
+
+    peer = serve(tmp_path)
+    token_file = tmp_path / "peer-token"
+    token_file.write_text(PEER + "\n")
+    path = tmp_path / "auth.json"
+    args = cli.build_parser().parse_args(
+        ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--auth-file", str(path), "--peers", peer.target,
+         "--peer-token-file", str(token_file), "--host-cache-bytes", str(16 * 2 * 2 * HKV * 4 * D * 4)]
+    )  # fmt: skip
+    draining = InProcServer(cli.settings_from_args(args, "reference"), build_spec({**TINY, "num_blocks": 6}))
+    try:
+        a = Caller(draining.target, TA)
+        for i in range(5):  # 2 blocks each: the 6-block pool holds 3, the host tier the rest
+            fill(a, f"s{i}", 7, seed=i)
+        tiers = {a.GetSequence(pb.GetSequenceRequest(sequence_id=f"s{i}")).tier for i in range(5)}
+        assert tiers == {"device", "host"}
+        want = {f"s{i}": [m.SerializeToString() for m in list(a.ExportSequence(pb.ExportSequenceRequest(
+            sequence_id=f"s{i}")))[1:]] for i in range(5)}  # fmt: skip
+        report = draining.run(lambda: draining.app.shutdown(10.0))
+        assert report.failed == {} and len(report.moved) == 5, report
+        pa = Caller(peer.target, TA)
+        for sid, kv in want.items():
+            stream = list(pa.ExportSequence(pb.ExportSequenceRequest(sequence_id=sid)))
+            assert [m.SerializeToString() for m in stream[1:]] == kv, sid
+    finally:
+        draining.loop.call_soon_threadsafe(draining.loop.stop)
+        peer.stop()
