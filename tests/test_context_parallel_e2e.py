@@ -9,14 +9,14 @@ asyncio client."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from support.server_proc import ServerProc, start_server
 
-from tkg.client import AsyncClient, Client, errors
+from tkg.client import AsyncClient, Client, DecodeInput, errors
 
 LAYERS, HQ, HKV, D, BL, N = 2, 4, 2, 16, 16, 1800
 PROMPT = 4990
@@ -126,5 +126,96 @@ def test_async_client_merges_alike(servers: tuple[ServerProc, list[ServerProc]])
             assert len(seg._segments.bases["a"]) == 3
             await seg.release("a")
             await one.release("a")
+
+    asyncio.run(main())
+
+
+def _stream_steps(sids: list[str], starts: list[int], S: int, n: int, rng: np.random.Generator) -> list[DecodeInput]:
+    """n steps of S tokens over both layers for `sids` from positions `starts` (request ids "i/layer")."""
+    B, out = len(sids), []
+    for i in range(n):
+        for layer in range(LAYERS):
+            q, k, v = _rand(rng, B, HQ, S, D), _rand(rng, B, HKV, S, D), _rand(rng, B, HKV, S, D)
+            out.append(DecodeInput(layer, sids, [p + S * i for p in starts], q, k, v, request_id=f"{i}/{layer}"))
+    return out
+
+
+def _counting(client: Client | AsyncClient) -> list[list[tuple[int, bool, int]]]:
+    """Record each Decode batch `client` makes: (replica, attend_only, rows) per call."""
+    batches: list[list[tuple[int, bool, int]]] = []
+    inner = client._decode_batch
+
+    def batch(calls: dict, timeout: float | None) -> object:
+        if all(c.method == "Decode" for c in calls.values()):
+            batches.append([(c.replica, c.request.attend_only, len(c.request.sequence_ids)) for c in calls.values()])
+        return inner(calls, timeout)
+
+    client._decode_batch = batch  # type: ignore[method-assign]
+    return batches
+
+
+def test_decode_stream_answers_what_decode_does(servers: tuple[ServerProc, list[ServerProc]]) -> None:
+    """A segmented decode_stream over a batch of a 3-segment and a 1-segment sequence, S = 4,
+    crossing into a new tail segment mid-stream, with a stale request among them: answers in
+    request order, each equal to decode()'s for the same step (replayed after truncating back)
+    and to one big replica's; the stale one answers an error naming the sequence and the stream
+    goes on. Each step makes at most two Decodes per replica (tails, attend-only rows)."""
+    big, small = servers
+    rng = np.random.default_rng(3)
+    sids, prompts = ["st", "st2"], [3590, 300]
+    with Client(big.target) as one, Client([s.target for s in small], segment_tokens=N) as seg:
+        for c in (one, seg):
+            for sid in sids:
+                c.create_sequence(sid)
+        for sid, T in zip(sids, prompts, strict=True):
+            _ingest([one, seg], sid, 0, T, rng)
+        reqs = _stream_steps(sids, prompts, 4, 4, rng)  # st: 3590 .. 3606, a new segment at 3602
+        stale = DecodeInput(1, ["st"], [3590], *(x[:1] for x in (reqs[0].q, reqs[0].k, reqs[0].v)), request_id="stale")
+        batches = _counting(seg)
+        got = list(seg.decode_stream([*reqs[:3], stale, *reqs[3:]]))
+        assert [r.request_id for r in got] == ["0/0", "0/1", "1/0", "stale", "1/1", "2/0", "2/1", "3/0", "3/1"]
+        err = got.pop(3).error
+        assert isinstance(err, errors.FailedPrecondition) and "'st'" in err.details and "st#" not in err.details
+        assert seg._segments.bases["st"] == [0, N, 3602]
+        for r, d in zip(got, reqs, strict=True):
+            assert r.error is None
+            _same(r.out, one.decode(d.layer, d.sequence_ids, d.positions, d.q, d.k, d.v).out)
+        # At most two Decodes per replica per step, each carrying every row of its kind there.
+        assert all(len(b) == len({(r, a) for r, a, _ in b}) <= 2 * len(small) for b in batches)
+        assert max(sum(n for _, _, n in b) for b in batches) == 4  # st's 3 segments + st2's 1
+        for sid, T in zip(sids, prompts, strict=True):
+            seg.truncate(sid, T)
+        for r, d in zip(got, reqs, strict=True):
+            np.testing.assert_array_equal(r.out, seg.decode(d.layer, d.sequence_ids, d.positions, d.q, d.k, d.v).out)
+        for c in (one, seg):
+            for sid in sids:
+                c.release(sid)
+
+
+def test_async_decode_stream_from_an_async_source(servers: tuple[ServerProc, list[ServerProc]]) -> None:
+    big, small = servers
+    rng = np.random.default_rng(4)
+
+    async def main() -> None:
+        async with AsyncClient(big.target) as one, AsyncClient([s.target for s in small], segment_tokens=N) as seg:
+            for c in (one, seg):
+                await c.create_sequence("as")
+            for layer in range(LAYERS):
+                k, v = _rand(rng, 3596, HKV, D), _rand(rng, 3596, HKV, D)
+                for c in (one, seg):
+                    await c.append_kv("as", layer, k, v, position=0, chunk_tokens=1000)
+            reqs = _stream_steps(["as"], [3596], 4, 3, rng)  # a new segment at 3600
+
+            async def source() -> AsyncIterator[DecodeInput]:
+                for d in reqs:
+                    yield d
+
+            got = [r async for r in seg.decode_stream(source())]
+            assert [r.request_id for r in got] == [d.request_id for d in reqs]
+            assert seg._segments.bases["as"] == [0, N, 2 * N]
+            for r, d in zip(got, reqs, strict=True):
+                _same(r.out, (await one.decode(d.layer, d.sequence_ids, d.positions, d.q, d.k, d.v)).out)
+            await seg.release("as")
+            await one.release("as")
 
     asyncio.run(main())
