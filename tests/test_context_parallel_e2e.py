@@ -9,23 +9,28 @@ asyncio client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support.server_proc import ServerProc, start_server
+from support.server_proc import ServerProc, free_port, start_server
+from support.strategies import assert_close
 
 from tkg.client import AsyncClient, Client, DecodeInput, errors
+from tkg.dtypes import BF16
+from tkg.placement import ranking
 
 LAYERS, HQ, HKV, D, BL, N = 2, 4, 2, 16, 16, 1800
 PROMPT = 4990
 
 
-def _args(num_blocks: int, sinks: Path) -> tuple[str, ...]:
+def _args(num_blocks: int, sinks: Path, kv_dtype: str = "float32") -> tuple[str, ...]:
     return ("--preset", "tiny", "--num-layers", str(LAYERS), "--num-q-heads", str(HQ), "--num-kv-heads", str(HKV),
             "--head-dim", str(D), "--block-len", str(BL), "--num-blocks", str(num_blocks), "--max-context", "8192",
-            "--kv-dtype", "float32", "--fuse-rope", "true", "--sliding-window", "1500,none", "--sinks", str(sinks),
+            "--kv-dtype", kv_dtype, "--fuse-rope", "true", "--sliding-window", "1500,none", "--sinks", str(sinks),
             "--max-s-active", "4", "--backend", "cpu", "--batch-delay-us", "0")  # fmt: skip
 
 
@@ -219,3 +224,98 @@ def test_async_decode_stream_from_an_async_source(servers: tuple[ServerProc, lis
             await one.release("as")
 
     asyncio.run(main())
+
+
+def test_bf16_io_merges_within_the_kernel_tolerance(tmp_path: Path) -> None:
+    """bf16 K/V and I/O (q, k, v and out in bf16; the segments answer float32 out and lse): the
+    segmented answer is within the kernel tests' cross-backend bf16 tolerance of one big replica's
+    (`support.strategies.assert_close`, rtol 2e-2 as tests/test_kernel_properties.py's RTOL_PAGED),
+    with the window reaching back across a boundary, sinks and S = 1 and 4."""
+    path = tmp_path / "sinks.npy"
+    np.save(path, np.random.default_rng(5).standard_normal((LAYERS, HQ)).astype(np.float32))
+    big = start_server(*_args(512, path, "bfloat16"))
+    small = [start_server(*_args(128, path, "bfloat16")) for _ in range(3)]
+    rng = np.random.default_rng(6)
+
+    def bf16(*shape: int) -> np.ndarray:
+        return _rand(rng, *shape).astype(BF16)
+
+    try:
+        with Client(big.target) as one, Client([s.target for s in small], segment_tokens=N) as seg:
+            for c in (one, seg):
+                c.create_sequence("b")
+            for layer in range(LAYERS):
+                k, v = bf16(PROMPT, HKV, D), bf16(PROMPT, HKV, D)
+                for c in (one, seg):
+                    c.append_kv("b", layer, k, v, position=0, chunk_tokens=1000)
+            assert seg._segments.bases["b"] == [0, N, 2 * N]
+            for S in (1, 4, 1):
+                for layer in range(LAYERS):
+                    pos = [one.get_sequence("b").lengths[layer]]
+                    q, k, v = bf16(1, HQ, S, D), bf16(1, HKV, S, D), bf16(1, HKV, S, D)
+                    want, got = (c.decode(layer, ["b"], pos, q, k, v).out for c in (one, seg))
+                    assert got.dtype == BF16 and want.dtype == BF16
+                    assert_close(got.astype(np.float64), want.astype(np.float64), 2e-2, "segmented bf16 out")
+    finally:
+        for s in (big, *small):
+            s.stop()
+
+
+# tests/test_migration.py's geometry (reference backend): 512 tokens per layer per replica.
+DRAIN_GEOMETRY = ("--backend", "reference", "--num-layers", "2", "--num-q-heads", str(HQ), "--num-kv-heads",
+                  str(HKV), "--head-dim", str(D), "--block-len", "8", "--num-blocks", "64", "--max-context", "1024",
+                  "--kv-dtype", "float32", "--fuse-rope", "true")  # fmt: skip
+
+
+def test_a_drained_segment_keeps_its_base_and_the_next_decode_is_unsplit(tmp_path: Path) -> None:
+    """Three replicas with `--peers` naming all three hold a 3-segment sequence (bases 0, 100,
+    200); the one holding the tail (base 200) drains on SIGTERM: the segment lands on a peer with
+    its base position, and both the client that placed it and a fresh one (which never saw the
+    segments) decode the next steps, the tail's appends at absolute positions on the peer, to what
+    one unsplit replica answers."""
+    ports = [free_port() for _ in range(3)]
+    targets = [f"127.0.0.1:{p}" for p in ports]
+    procs = [start_server(*DRAIN_GEOMETRY, "--peers", ",".join(targets), "--grace-s", "30", "--port", str(p))
+             for p in ports]  # fmt: skip
+    big = start_server(*DRAIN_GEOMETRY)
+    rng = np.random.default_rng(7)
+    T, n = 250, 100
+
+    def step(clients: list[Client], S: int) -> None:
+        for layer in range(2):
+            pos = [clients[0].get_sequence("doc").lengths[layer]]
+            q, k, v = _rand(rng, 1, HQ, S, D), _rand(rng, 1, HKV, S, D), _rand(rng, 1, HKV, S, D)
+            want, *got = (c.decode(layer, ["doc"], pos, q, k, v).out for c in clients)
+            for g in got:
+                _same(g, want)
+
+    try:
+        with Client(big.target) as one, Client(targets, segment_tokens=n) as seg:
+            for c in (one, seg):
+                c.create_sequence("doc")
+            for layer in range(2):
+                k, v = _rand(rng, T, HKV, D), _rand(rng, T, HKV, D)
+                for c in (one, seg):
+                    c.append_kv("doc", layer, k, v, position=0, chunk_tokens=64)
+            step([one, seg], 1)
+            assert seg._segments.bases["doc"] == [0, n, 2 * n]
+            tail = ranking(targets, "doc")[2]
+            assert procs[tail].stop(signal.SIGTERM, timeout=60) == 0
+            out = procs[tail].proc.stdout.read()
+            assert "drain moved 1 sequences, 0 could not move" in out, out
+            found = {}
+            for i in set(range(3)) - {tail}:
+                with Client(targets[i]) as raw, contextlib.suppress(errors.NotFound):
+                    found[i] = raw.get_sequence("doc#2")
+            ((peer, info),) = found.items()
+            assert info.base_position == 2 * n and list(info.lengths) == [T + 1 - 2 * n] * 2
+            step([one, seg], 4)  # the placing client meets UNAVAILABLE at the tail's old replica and follows
+            assert seg._core.router.home("doc#2") == peer
+            with Client(targets, segment_tokens=n) as fresh:  # finds the segments by asking, the moved one too
+                assert list(fresh.get_sequence("doc").lengths) == [T + 5] * 2
+                step([one, fresh], 1)
+                assert fresh._segments.bases["doc"] == [0, n, 2 * n]
+            step([one, seg], 1)
+    finally:
+        for pr in (*procs, big):
+            pr.stop(signal.SIGKILL)
