@@ -10,7 +10,9 @@ decode step overran its tail by up to S-1 tokens (a step's causal triangle is ne
 
 Writes (AppendKV, Decode's new tokens) go to the segment that holds their position; Decode asks
 the tail with `return_lse` and every earlier segment that any query's window reaches with an
-`attend_only` request, all at once, and merges the answers exactly (`tkg.client.merge`).
+`attend_only` request, all at once, grouped per replica (at most two Decodes per replica: its
+tail rows, its attend-only rows), and merges the answers exactly (`tkg.client.merge`).
+`decode_stream` runs `streamed`, one step after another.
 Truncate, release, export and prefetch act per segment; fork is refused. Errors name the caller's
 sequence, never a segment.
 
@@ -135,11 +137,16 @@ class Segments:
         return bases
 
     def window_of(self, layer: int) -> Plan[int]:
-        """The sliding window of `layer` (0: none), from the first replica's ServerInfo."""
+        """The sliding window of `layer` (0: none), from the ServerInfo of the first replica that
+        answers (every replica serves the same spec): one that is down or draining (UNAVAILABLE,
+        e.g. replica 0 drained its segments to the others) must not stop the others' decodes."""
         if self.windows is None:
             from tkg.client.core import Call
 
-            info = (yield {0: Call(0, "GetServerInfo", pb.GetServerInfoRequest())})[0]
+            for r in range(len(self.router.targets)):
+                info = (yield {0: Call(r, "GetServerInfo", pb.GetServerInfoRequest())})[0]
+                if not isinstance(info, Unavailable):
+                    break
             if isinstance(info, TkgError):
                 raise info
             self.windows = list(info.sliding_window)

@@ -11,7 +11,7 @@ import pytest
 from tkg import codec
 from tkg.client import routing
 from tkg.client.core import Call
-from tkg.client.errors import NotFound, OutOfRange
+from tkg.client.errors import NotFound, OutOfRange, PermissionDenied, Unavailable
 from tkg.client.merge import merge_states
 from tkg.client.messages import DecodeInput
 from tkg.client.segments import Segments, merged, renamed
@@ -205,3 +205,22 @@ def test_a_streamed_step_answers_its_failure_instead_of_raising() -> None:
         plan.send(outcomes)
     res = done.value.value
     assert res.out is None and type(res.error) is OutOfRange and res.error.details == "sequence 'x' refused"
+
+
+def test_the_windows_are_asked_of_the_next_replica_when_one_is_down() -> None:
+    """Replica 0 drained (UNAVAILABLE): the layers' windows come from replica 1's ServerInfo,
+    and the step goes on; any other refusal is raised."""
+    s = _segments([0, 1800], [0, 0])
+    s.windows = None
+    plan = s.decode(_step(0, 2000))
+    ask = next(plan)
+    assert [(c.replica, c.method) for c in ask.values()] == [(0, "GetServerInfo")]
+    ask = plan.send({0: Unavailable("draining", "a:1")})
+    assert [(c.replica, c.method) for c in ask.values()] == [(1, "GetServerInfo")]
+    batch = plan.send({0: pb.ServerInfo(sliding_window=[0, 0])})
+    assert s.windows == [0, 0] and {c.method for c in batch.values()} == {"Decode"}
+    s.windows = None
+    plan = s.decode(_step(0, 2000))
+    next(plan)
+    with pytest.raises(PermissionDenied):
+        plan.send({0: PermissionDenied("no", "a:1")})

@@ -110,6 +110,7 @@ def test_three_small_replicas_serve_what_one_big_one_does(servers: tuple[ServerP
                 other.fork("long")
         freed = seg.release("long")
         assert freed > 0 and one.release("long") > 0
+        seg.release("short"), one.release("short")  # the pools are shared with the tests below
 
 
 def test_async_client_merges_alike(servers: tuple[ServerProc, list[ServerProc]]) -> None:
@@ -167,7 +168,8 @@ def test_decode_stream_answers_what_decode_does(servers: tuple[ServerProc, list[
     goes on. Each step makes at most two Decodes per replica (tails, attend-only rows)."""
     big, small = servers
     rng = np.random.default_rng(3)
-    sids, prompts = ["st", "st2"], [3590, 300]
+    # st2 fits next to a full segment of st on whichever replica its id ranks first (128 blocks each).
+    sids, prompts = ["st", "st2"], [3590, 40]
     with Client(big.target) as one, Client([s.target for s in small], segment_tokens=N) as seg:
         for c in (one, seg):
             for sid in sids:
@@ -272,9 +274,11 @@ def test_a_drained_segment_keeps_its_base_and_the_next_decode_is_unsplit(tmp_pat
     200); the one holding the tail (base 200) drains on SIGTERM: the segment lands on a peer with
     its base position, and both the client that placed it and a fresh one (which never saw the
     segments) decode the next steps, the tail's appends at absolute positions on the peer, to what
-    one unsplit replica answers."""
+    one unsplit replica answers. The drained replica is replica 0, the one a client asked for the
+    layers' windows (the fresh client must ask another)."""
     ports = [free_port() for _ in range(3)]
     targets = [f"127.0.0.1:{p}" for p in ports]
+    doc = next(f"doc{i}" for i in range(100) if ranking(targets, f"doc{i}")[2] == 0)  # its tail on replica 0
     procs = [start_server(*DRAIN_GEOMETRY, "--peers", ",".join(targets), "--grace-s", "30", "--port", str(p))
              for p in ports]  # fmt: skip
     big = start_server(*DRAIN_GEOMETRY)
@@ -283,38 +287,37 @@ def test_a_drained_segment_keeps_its_base_and_the_next_decode_is_unsplit(tmp_pat
 
     def step(clients: list[Client], S: int) -> None:
         for layer in range(2):
-            pos = [clients[0].get_sequence("doc").lengths[layer]]
+            pos = [clients[0].get_sequence(doc).lengths[layer]]
             q, k, v = _rand(rng, 1, HQ, S, D), _rand(rng, 1, HKV, S, D), _rand(rng, 1, HKV, S, D)
-            want, *got = (c.decode(layer, ["doc"], pos, q, k, v).out for c in clients)
+            want, *got = (c.decode(layer, [doc], pos, q, k, v).out for c in clients)
             for g in got:
                 _same(g, want)
 
     try:
         with Client(big.target) as one, Client(targets, segment_tokens=n) as seg:
             for c in (one, seg):
-                c.create_sequence("doc")
+                c.create_sequence(doc)
             for layer in range(2):
                 k, v = _rand(rng, T, HKV, D), _rand(rng, T, HKV, D)
                 for c in (one, seg):
-                    c.append_kv("doc", layer, k, v, position=0, chunk_tokens=64)
+                    c.append_kv(doc, layer, k, v, position=0, chunk_tokens=64)
             step([one, seg], 1)
-            assert seg._segments.bases["doc"] == [0, n, 2 * n]
-            tail = ranking(targets, "doc")[2]
-            assert procs[tail].stop(signal.SIGTERM, timeout=60) == 0
-            out = procs[tail].proc.stdout.read()
+            assert seg._segments.bases[doc] == [0, n, 2 * n]
+            assert procs[0].stop(signal.SIGTERM, timeout=60) == 0  # the tail's replica drains
+            out = procs[0].proc.stdout.read()
             assert "drain moved 1 sequences, 0 could not move" in out, out
             found = {}
-            for i in set(range(3)) - {tail}:
+            for i in (1, 2):
                 with Client(targets[i]) as raw, contextlib.suppress(errors.NotFound):
-                    found[i] = raw.get_sequence("doc#2")
+                    found[i] = raw.get_sequence(f"{doc}#2")
             ((peer, info),) = found.items()
             assert info.base_position == 2 * n and list(info.lengths) == [T + 1 - 2 * n] * 2
             step([one, seg], 4)  # the placing client meets UNAVAILABLE at the tail's old replica and follows
-            assert seg._core.router.home("doc#2") == peer
+            assert seg._core.router.home(f"{doc}#2") == peer
             with Client(targets, segment_tokens=n) as fresh:  # finds the segments by asking, the moved one too
-                assert list(fresh.get_sequence("doc").lengths) == [T + 5] * 2
+                assert list(fresh.get_sequence(doc).lengths) == [T + 5] * 2
                 step([one, fresh], 1)
-                assert fresh._segments.bases["doc"] == [0, n, 2 * n]
+                assert fresh._segments.bases[doc] == [0, n, 2 * n]
             step([one, seg], 1)
     finally:
         for pr in (*procs, big):
