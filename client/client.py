@@ -262,9 +262,9 @@ class Client:
         if len(batch) == 1:
             return {r: self._outcome(call, timeout) for r, call in batch.items()}
         if self._pool is None:
-            # Two per replica: a segmented step asks a replica for its tails and its attend-only rows at once.
-            workers = min(32, 2 * len(self.targets))
-            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tkg-client")
+            # One per replica, also for segmented steps (up to two calls per replica): 6 threads for 3
+            # replicas measured no faster at B = 8, 16 and ~0.7 ms slower at B = 1 (3 calls) than 3.
+            self._pool = ThreadPoolExecutor(max_workers=min(32, len(self.targets)), thread_name_prefix="tkg-client")
         futures = {r: self._pool.submit(self._outcome, call, timeout) for r, call in batch.items()}
         return {r: fut.result() for r, fut in futures.items()}
 
