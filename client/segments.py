@@ -63,7 +63,17 @@ def renamed(err: TkgError, *seq_ids: str) -> TkgError:
     details = err.details
     for seq_id in sorted(seq_ids, key=len, reverse=True):
         details = re.sub(re.escape(seq_id + SEGMENT_SEP) + r"\d+", lambda _, s=seq_id: s, details)
-    return type(err)(details, err.replica)
+    return with_details(err, details)
+
+
+def with_details(err: TkgError, details: str) -> TkgError:
+    """A copy of `err` saying `details`: same class, replica and any attributes of its own (a
+    `ServerRestarted`'s instance ids: its constructor takes more than details and replica, so
+    neither it nor `copy.copy`, which calls it with `args`, can make the copy)."""
+    out = type(err).__new__(type(err))
+    out.__dict__.update(vars(err), details=details)
+    out.args = (out._text(),)
+    return out
 
 
 def merged(seq_id: str, bases: Sequence[int], infos: dict[int, pb.SequenceInfo]) -> pb.SequenceInfo:
@@ -386,4 +396,4 @@ class Segments:
             r = int(m.group(2))
             return f"{m.group(1)}[{rows[r]}]" if r < len(rows) else m.group(0)
 
-        return type(err)(re.sub(r"\b(sequence_ids|positions)\[(\d+)\]", index, err.details), err.replica)
+        return with_details(err, re.sub(r"\b(sequence_ids|positions)\[(\d+)\]", index, err.details))

@@ -11,7 +11,7 @@ import pytest
 from tkg import codec
 from tkg.client import routing
 from tkg.client.core import Call
-from tkg.client.errors import NotFound, OutOfRange, PermissionDenied, Unavailable
+from tkg.client.errors import NotFound, OutOfRange, PermissionDenied, ServerRestarted, Unavailable
 from tkg.client.merge import merge_states
 from tkg.client.messages import DecodeInput
 from tkg.client.segments import Segments, merged, renamed
@@ -77,6 +77,10 @@ def test_errors_name_the_sequence_not_the_segment() -> None:
     err = renamed(OutOfRange("length: 9 is past sequence 'x#12''s length 3; x#2 too", "b:2"), "x")
     assert type(err) is OutOfRange and err.details == "length: 9 is past sequence 'x''s length 3; x too"
     assert err.replica == "b:2"
+    restarted = renamed(ServerRestarted("no sequence 'x#1'", "b:2", "i-old", "i-new"), "x")
+    assert type(restarted) is ServerRestarted and (restarted.old_instance, restarted.new_instance) == ("i-old", "i-new")
+    assert restarted.details == "no sequence 'x' (server restarted: instance i-old is now i-new)"
+    assert str(restarted) == f"NOT_FOUND [replica b:2]: {restarted.details}"
     s = _segments([0, 1800], [0, 0])
     plan = s.release("x")
     next(plan)
