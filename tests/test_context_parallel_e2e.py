@@ -146,7 +146,7 @@ def _stream_steps(sids: list[str], starts: list[int], S: int, n: int, rng: np.ra
     return out
 
 
-def _counting(client: Client | AsyncClient) -> list[list[tuple[int, bool, int]]]:
+def _counting(client: Client) -> list[list[tuple[int, bool, int]]]:
     """Record each Decode batch `client` makes: (replica, attend_only, rows) per call."""
     batches: list[list[tuple[int, bool, int]]] = []
     inner = client._decode_batch
