@@ -247,9 +247,16 @@ class AsyncClient:
         """As `Client.decode_stream`: one stream to the replica holding every request's sequences,
         following them when a drain moves them. With several targets an iterable is read whole
         first; an async iterable is routed by its first request, and one naming sequences held
-        elsewhere ends the stream (not sent) with ValueError once the earlier requests are answered."""
+        elsewhere ends the stream (not sent) with ValueError once the earlier requests are answered.
+        With `segment_tokens`, as `Client.decode_stream`: one segmented step after another."""
         if self._segments is not None:
-            raise ValueError("decode_stream: not available with segment_tokens; expected decode() per step")
+            if isinstance(requests, AsyncIterable):
+                async for d in requests:
+                    yield await self._run(self._segments.streamed(d), timeout)
+            else:
+                for d in requests:
+                    yield await self._run(self._segments.streamed(d), timeout)
+            return
         replica, ahead = 0, []
         source: Any = requests
         if len(self.targets) > 1 and isinstance(requests, AsyncIterable):

@@ -257,10 +257,13 @@ class Client:
         return self._run(self._core.decode(d) if self._segments is None else self._segments.decode(d), timeout)
 
     def _decode_batch(self, batch: dict[int, Call], timeout: float | None) -> dict[int, Any]:
-        """Each replica's Decode response or `TkgError`; a lone call inline, several at once."""
+        """Each call's response or `TkgError` (keys: replica indices of `Core.decode`, call numbers
+        of `tkg.client.segments`); a lone call inline, several at once."""
         if len(batch) == 1:
             return {r: self._outcome(call, timeout) for r, call in batch.items()}
         if self._pool is None:
+            # One per replica, also for segmented steps (up to two calls per replica): 6 threads for 3
+            # replicas measured no faster at B = 8, 16 and ~0.7 ms slower at B = 1 (3 calls) than 3.
             self._pool = ThreadPoolExecutor(max_workers=min(32, len(self.targets)), thread_name_prefix="tkg-client")
         futures = {r: self._pool.submit(self._outcome, call, timeout) for r, call in batch.items()}
         return {r: fut.result() for r, fut in futures.items()}
@@ -275,9 +278,17 @@ class Client:
         """Pipelined decode on one stream to the replica holding every request's sequences
         (ValueError when they live on several). A failing message yields a result with `error`
         set; the stream goes on. Sequences moved by a drain are followed (`core.StreamPlan`): the
-        requests not answered yet go, in order, on a stream to their new replica."""
+        requests not answered yet go, in order, on a stream to their new replica.
+
+        With `segment_tokens` each request is one segmented step (`segments.Segments.streamed`:
+        the same calls and merge as `decode`, grouped per replica, followed like `decode`), made
+        after the previous one was answered: results equal `decode`'s, in order, a failure naming
+        the sequence; no request is in flight ahead of another's answer (a step's latency each),
+        and `timeout` bounds each step's calls rather than the whole stream."""
         if self._segments is not None:
-            raise ValueError("decode_stream: not available with segment_tokens; expected decode() per step")
+            for d in requests:
+                yield self._run(self._segments.streamed(d), timeout)
+            return
         replica, ahead = 0, []
         if len(self.targets) > 1:
             requests = list(requests)  # all of them, to find their replica before sending

@@ -10,7 +10,9 @@ decode step overran its tail by up to S-1 tokens (a step's causal triangle is ne
 
 Writes (AppendKV, Decode's new tokens) go to the segment that holds their position; Decode asks
 the tail with `return_lse` and every earlier segment that any query's window reaches with an
-`attend_only` request, all at once, and merges the answers exactly (`tkg.client.merge`).
+`attend_only` request, all at once, grouped per replica (at most two Decodes per replica: its
+tail rows, its attend-only rows), and merges the answers exactly (`tkg.client.merge`).
+`decode_stream` runs `streamed`, one step after another.
 Truncate, release, export and prefetch act per segment; fork is refused. Errors name the caller's
 sequence, never a segment.
 
@@ -24,13 +26,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
 from tkg import codec
 from tkg.client import routing
-from tkg.client.errors import FailedPrecondition, NotFound, TkgError
+from tkg.client.errors import FailedPrecondition, NotFound, TkgError, Unavailable
 from tkg.client.merge import merge_states
 from tkg.client.messages import DecodeInput, DecodeResult, Timing, append_chunks, coldest_tier
 from tkg.placement import ranking
@@ -41,15 +43,37 @@ SEGMENT_SEP = "#"
 Plan = Generator[dict[int, Any], dict[int, Any], T]  # yields calls by number, is sent their outcomes
 
 
+class Part(NamedTuple):
+    """What a decode step asks of one segment: for the caller's `row`, segment `segment`, as the
+    tail's normal request (`tail`: its new k/v appended) or an attend-only one."""
+
+    row: int
+    segment: int
+    tail: bool
+
+
 def segment_id(seq_id: str, j: int) -> str:
     """The server-side id of segment j of `seq_id`."""
     return f"{seq_id}{SEGMENT_SEP}{j}"
 
 
-def renamed(err: TkgError, seq_id: str) -> TkgError:
-    """`err` about a segment of `seq_id`, naming the sequence instead (same class and replica)."""
-    details = re.sub(re.escape(seq_id + SEGMENT_SEP) + r"\d+", lambda _: seq_id, err.details)
-    return type(err)(details, err.replica)
+def renamed(err: TkgError, *seq_ids: str) -> TkgError:
+    """`err` about segments of `seq_ids`, naming the sequences instead (same class and replica).
+    Longer ids first, so that an id ending in another (`"ax"`, `"x"`) is renamed whole."""
+    details = err.details
+    for seq_id in sorted(seq_ids, key=len, reverse=True):
+        details = re.sub(re.escape(seq_id + SEGMENT_SEP) + r"\d+", lambda _, s=seq_id: s, details)
+    return with_details(err, details)
+
+
+def with_details(err: TkgError, details: str) -> TkgError:
+    """A copy of `err` saying `details`: same class, replica and any attributes of its own (a
+    `ServerRestarted`'s instance ids: its constructor takes more than details and replica, so
+    neither it nor `copy.copy`, which calls it with `args`, can make the copy)."""
+    out = type(err).__new__(type(err))
+    out.__dict__.update(vars(err), details=details)
+    out.args = (out._text(),)
+    return out
 
 
 def merged(seq_id: str, bases: Sequence[int], infos: dict[int, pb.SequenceInfo]) -> pb.SequenceInfo:
@@ -123,11 +147,16 @@ class Segments:
         return bases
 
     def window_of(self, layer: int) -> Plan[int]:
-        """The sliding window of `layer` (0: none), from the first replica's ServerInfo."""
+        """The sliding window of `layer` (0: none), from the ServerInfo of the first replica that
+        answers (every replica serves the same spec): one that is down or draining (UNAVAILABLE,
+        e.g. replica 0 drained its segments to the others) must not stop the others' decodes."""
         if self.windows is None:
             from tkg.client.core import Call
 
-            info = (yield {0: Call(0, "GetServerInfo", pb.GetServerInfoRequest())})[0]
+            for r in range(len(self.router.targets)):
+                info = (yield {0: Call(r, "GetServerInfo", pb.GetServerInfoRequest())})[0]
+                if not isinstance(info, Unavailable):
+                    break
             if isinstance(info, TkgError):
                 raise info
             self.windows = list(info.sliding_window)
@@ -259,41 +288,112 @@ class Segments:
     def decode(self, d: DecodeInput) -> Plan[DecodeResult]:
         """One decode step: per sequence, its new tokens to the segment holding their position
         (with `return_lse`) and an `attend_only` request to every earlier segment within reach of
-        the window, all in one batch; each row merged exactly, in the caller's order, out in q's
-        dtype. Fails as a whole, naming the first failing sequence."""
+        the window. The requests are grouped per replica (`_grouped`: at most two Decodes per
+        replica, its tails' and its attend-only rows'), all in one batch; each row merged exactly,
+        in the caller's order, out in q's dtype. Fails as a whole, naming the first failing sequence."""
         W = yield from self.window_of(d.layer)
-        calls: dict[int, Any] = {}
-        rows: list[list[int]] = []  # call numbers of each row
+        parts: list[Part] = []
         for b, seq_id in enumerate(d.sequence_ids):
             p = int(d.positions[b])
             j, _ = yield from self._segment_for(seq_id, p)
             bases = self.bases[seq_id]
             reach = p - W + 1 if W else 0  # the earliest key any query of the step can see
-            mine = []
             for i in range(j + 1):
                 if i < j and bases[i + 1] <= reach:
                     continue  # wholly outside every query's window: not asked
-                req = pb.DecodeRequest(
-                    request_id=d.request_id, layer=d.layer, sequence_ids=[segment_id(seq_id, i)], positions=[p],
-                    return_lse=True, attend_only=i != j,
-                )  # fmt: skip
-                codec.encode(np.ascontiguousarray(d.q[b : b + 1]), req.q)
-                if i == j:
-                    codec.encode(np.ascontiguousarray(d.k[b : b + 1]), req.k)
-                    codec.encode(np.ascontiguousarray(d.v[b : b + 1]), req.v)
-                n = len(calls)
-                calls[n] = self._call(seq_id, i, "Decode", req)
-                mine.append(n)
-            rows.append(mine)
-        outcomes = yield calls
+                parts.append(Part(b, i, i == j))
+        answers: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # part -> (out [Hq, S, d], lse [Hq, S])
+        errors: dict[int, TkgError] = {}  # caller's row -> why it failed
+        timing: pb.Timing | None = None
+        todo = list(range(len(parts)))
+        for attempt in range(2):
+            groups = self._grouped(d, parts, todo)
+            outcomes = yield {n: call for n, (call, _) in enumerate(groups)}
+            todo = []
+            for n, (call, mine) in enumerate(groups):
+                o = outcomes[n]
+                if isinstance(o, TkgError):
+                    # A drain moved its segments elsewhere (the verdict on the call found them, on
+                    # several replicas): ask again, grouped by where they are now (once). A failed
+                    # Decode appended nothing, so its tail rows may be sent again.
+                    if attempt == 0 and isinstance(o, NotFound | Unavailable) and self._moved_away(call):
+                        todo.extend(mine)
+                        continue
+                    b = self._blamed(o, d, [parts[m].row for m in mine])
+                    errors.setdefault(b, self._named(o, d, [parts[m].row for m in mine]))
+                    continue
+                outs = codec.decode(o.out, "out")
+                lses = codec.decode(o.lse, "lse")
+                for r, m in enumerate(mine):
+                    answers[m] = (outs[r], lses[r])
+                if timing is None or o.timing.total_us > timing.total_us:
+                    timing = o.timing  # the slowest call sets the step's time
+            if not todo:
+                break
+        if errors:
+            raise errors[min(errors)]
         out = np.empty(d.q.shape, dtype=d.q.dtype)
-        timing = None
-        for b, mine in enumerate(rows):
-            answers = self._answers({n: outcomes[n] for n in mine}, d.sequence_ids[b])
-            outs = [codec.decode(answers[n].out, "out")[0] for n in mine]
-            lses = [codec.decode(answers[n].lse, "lse")[0] for n in mine]
-            out[b] = merge_states(outs, lses)[0].astype(d.q.dtype)
-            for n in mine:
-                if timing is None or answers[n].timing.total_us > timing.total_us:
-                    timing = answers[n].timing  # the slowest segment sets the step's time
+        for b in range(len(d.sequence_ids)):
+            mine = [m for m, part in enumerate(parts) if part.row == b]  # in segment order
+            out[b] = merge_states([answers[m][0] for m in mine], [answers[m][1] for m in mine])[0].astype(d.q.dtype)
         return DecodeResult(d.request_id, d.layer, out, Timing.from_pb(timing) if timing is not None else None)
+
+    def streamed(self, d: DecodeInput) -> Plan[DecodeResult]:
+        """One request of a segmented `decode_stream`: `decode(d)`, a failure as the result's
+        `error` (naming the sequence) instead of raised, so that the stream goes on."""
+        try:
+            return (yield from self.decode(d))
+        except TkgError as err:
+            return DecodeResult(d.request_id, d.layer, None, None, err)
+
+    def _grouped(self, d: DecodeInput, parts: Sequence[Part], todo: Sequence[int]) -> list[tuple[Any, list[int]]]:
+        """The Decode calls asking `parts[m]` for every m in `todo`: one per (replica, tail or
+        attend-only), since `return_lse`/`attend_only` are per request and a segment's replica is
+        where the router says it is now. Each call with its parts, rows in `todo`'s order (the
+        caller's)."""
+        from tkg.client.core import Call  # the core imports this module
+
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for m in todo:
+            part = parts[m]
+            _, replica = self.place(d.sequence_ids[part.row], part.segment)
+            groups.setdefault((replica, part.tail), []).append(m)
+        calls = []
+        for (replica, tail), mine in groups.items():
+            rows = np.asarray([parts[m].row for m in mine])
+            ids = [segment_id(d.sequence_ids[parts[m].row], parts[m].segment) for m in mine]
+            req = pb.DecodeRequest(
+                request_id=d.request_id, layer=d.layer, sequence_ids=ids,
+                positions=[int(d.positions[b]) for b in rows], return_lse=True, attend_only=not tail,
+            )  # fmt: skip
+            codec.encode(np.ascontiguousarray(d.q[rows]), req.q)
+            if tail:  # attend-only requests carry no k/v: they append nothing
+                codec.encode(np.ascontiguousarray(d.k[rows]), req.k)
+                codec.encode(np.ascontiguousarray(d.v[rows]), req.v)
+            calls.append((Call(replica, "Decode", req, tuple(ids)), mine))
+        return calls
+
+    def _moved_away(self, call: Any) -> bool:
+        """Every segment `call` asked is now known on a replica other than the one that failed."""
+        return all(self.router.home(s) != call.replica for s in call.seq_ids)
+
+    @staticmethod
+    def _blamed(err: TkgError, d: DecodeInput, rows: Sequence[int]) -> int:
+        """The caller's row a failed grouped call's `err` is about: the first of `rows` whose
+        segment the message names (the server names the sequence it refused), else the first."""
+        for b in rows:
+            if re.search(re.escape(d.sequence_ids[b] + SEGMENT_SEP) + r"\d+", err.details):
+                return b
+        return rows[0]
+
+    @staticmethod
+    def _named(err: TkgError, d: DecodeInput, rows: Sequence[int]) -> TkgError:
+        """`err` of a grouped call whose request rows were the caller's `rows`: naming the caller's
+        sequences instead of segments, and the caller's indices in `sequence_ids[i]`/`positions[i]`."""
+        err = renamed(err, *{d.sequence_ids[b]: None for b in rows})
+
+        def index(m: re.Match[str]) -> str:
+            r = int(m.group(2))
+            return f"{m.group(1)}[{rows[r]}]" if r < len(rows) else m.group(0)
+
+        return with_details(err, re.sub(r"\b(sequence_ids|positions)\[(\d+)\]", index, err.details))
