@@ -8,7 +8,8 @@ count against `max_sequences`).
 
 **Spill.** `room(n)` makes `n` device blocks available to its caller: while the pool's free
 blocks less the blocks already promised to other callers fall short, the least recently used
-idle resident sequence moves down: to `host` if it fits there, else to `disk` (idle: no append
+idle resident sequence moves down: to `host` if it fits there (when the host is full, its records
+used before the victim move on to `disk` first: `_demotions`), else to `disk` (idle: no append
 in flight and not in `users`, which every RPC touching its KV joins, queued decodes and exports
 included); RESOURCE_EXHAUSTED naming the full tiers when nothing can move. The promise lasts for
 the `async with`: the caller takes its blocks inside it (so two callers never count the same
@@ -94,6 +95,7 @@ class Tiers:
         self.promised = 0  # device blocks promised to callers inside `room` (not yet taken)
         self._reserved = {"host": 0, "disk": 0}  # tier bytes of spills under way
         self._freeing = 0  # device blocks spills under way will free
+        self._leaving_host = 0  # host bytes of records being demoted to disk
         self.moving: dict[str, asyncio.Future[None]] = {}  # sequences being spilled or restored
         self.users: Counter[str] = Counter()  # sequences callers are using (never spilled meanwhile)
         self._changed: asyncio.Event | None = None
@@ -256,9 +258,9 @@ class Tiers:
             f"sequence can move down ({host}, {disk}); expected fewer sequences in use at once or larger tiers"
         )
 
-    def _victim(self, skip: set[str]) -> tuple[str, str] | None:
-        """(id, destination tier) of the least recently used idle resident sequence that frees a
-        block and fits a lower tier; None when there is none."""
+    def _victim(self, skip: set[str]) -> tuple[str, str, list[Spilled]] | None:
+        """(id, destination tier, host records to demote first) of the least recently used idle
+        resident sequence that frees a block and fits a lower tier; None when there is none."""
         seqs = self.cache.seqs
         live = np.flatnonzero(seqs.live & ~seqs.pending.any(axis=1))
         for slot in live[np.argsort(seqs.last_used[live], kind="stable")].tolist():
@@ -268,22 +270,52 @@ class Tiers:
             held = seqs.held(slot)
             if not held.size or not (self.cache.pool.refcounts(held) == 1).any():
                 continue  # frees nothing: every block is shared with a fork that stays
-            dest = self._destination(held.size * self.block_bytes)
+            nbytes = held.size * self.block_bytes
+            demote = self._demotions(nbytes, self._wall() - (self.cache._clock() - float(seqs.last_used[slot])))
+            if demote:
+                return seq_id, "host", demote
+            dest = self._destination(nbytes)
             if dest is not None:
-                return seq_id, dest
+                return seq_id, dest, []
             return None  # the oldest does not fit anywhere: younger ones are no smaller in general
         return None
+
+    def _demotions(self, nbytes: int, last_used: float) -> list[Spilled]:
+        """Host records used before `last_used` (oldest first) whose move to disk makes room for
+        `nbytes` on the host tier, when the host is full and the disk can take them: recency then
+        orders the tiers (device, host, disk) instead of the host keeping older sequences than a
+        newer one sent to disk. [] when the victim fits the host as it is, or this cannot work."""
+        if not self.host_bytes or self.spill_dir is None or nbytes > self.host_bytes:
+            return []
+        over = self.index.bytes["host"] - self._leaving_host + self._reserved["host"] + nbytes - self.host_bytes
+        if over <= 0:
+            return []
+        picked, freed = [], 0
+        for rec in self.index.oldest("host"):
+            if freed >= over or rec.last_used >= last_used:
+                break
+            if rec.seq_id in self.moving or rec.payload is None:
+                continue
+            picked.append(rec)
+            freed += rec.nbytes
+        disk_free = (self.disk_bytes or 0) - self.index.bytes["disk"] - self._reserved["disk"]
+        return picked if freed >= over and freed <= disk_free else []
 
     def _destination(self, nbytes: int) -> str | None:
         for tier, budget in (("host", self.host_bytes), ("disk", self.disk_bytes or 0)):
             if tier == "disk" and self.spill_dir is None:
                 continue
-            if self.index.bytes[tier] + self._reserved[tier] + nbytes <= budget:
+            leaving = self._leaving_host if tier == "host" else 0
+            if self.index.bytes[tier] - leaving + self._reserved[tier] + nbytes <= budget:
                 return tier
         return None
 
-    def _start_spill(self, victim: tuple[str, str]) -> None:
-        seq_id, dest = victim
+    def _start_spill(self, victim: tuple[str, str, list[Spilled]]) -> None:
+        seq_id, dest, demote = victim
+        for rec in demote:  # moving: a restore of one waits; its host bytes count as leaving
+            self.moving[rec.seq_id] = asyncio.get_running_loop().create_future()
+            self._reserved["disk"] += rec.nbytes
+            self._leaving_host += rec.nbytes
         slot = self.cache.seqs.slot("sequence_id", seq_id)
         held = self.cache.seqs.held(slot).copy()
         freeing = int((self.cache.pool.refcounts(held) == 1).sum())
@@ -291,11 +323,25 @@ class Tiers:
         self.moving[seq_id] = asyncio.get_running_loop().create_future()
         self._reserved[dest] += nbytes
         self._freeing += freeing
-        task = asyncio.ensure_future(self._spill(seq_id, dest, held, nbytes, freeing))
+        task = asyncio.ensure_future(self._spill(seq_id, dest, held, nbytes, freeing, demote))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged in `_spill`: retrieved here
 
-    async def _spill(self, seq_id: str, dest: str, held: np.ndarray, nbytes: int, freeing: int) -> None:
+    async def _spill(
+        self, seq_id: str, dest: str, held: np.ndarray, nbytes: int, freeing: int, demote: list[Spilled]
+    ) -> None:
         cache = self.cache
+        for i, old in enumerate(demote):  # first the host's older sequences go to disk: the budget holds
+            try:
+                await self._demote(old)
+            except BaseException:  # the victim stays; the demotions not yet begun are called off
+                for rest in demote[i + 1 :]:
+                    self._reserved["disk"] -= rest.nbytes
+                    self._leaving_host -= rest.nbytes
+                    self._done_moving(rest.seq_id)
+                self._reserved[dest] -= nbytes
+                self._freeing -= freeing
+                self._done_moving(seq_id)
+                raise
         slot = cache.seqs.slot("sequence_id", seq_id)
         mono_age = cache._clock() - float(cache.seqs.last_used[slot])
         state = cache.get(seq_id)
@@ -321,6 +367,24 @@ class Tiers:
             self._reserved[dest] -= nbytes
             self._freeing -= freeing
             self._done_moving(seq_id)
+
+    async def _demote(self, rec: Spilled) -> None:
+        """Move host record `rec` (marked moving by `_start_spill`) to the disk tier."""
+        try:
+            payload = rec.payload
+            assert payload is not None
+            path = await self._off(lambda: self._write(rec, payload))
+            self.index.pop(rec.seq_id)  # one loop step: host bytes go, disk bytes come
+            rec.tier, rec.payload, rec.path = "disk", None, path
+            self.index.add(rec)
+            self.counts.spills["disk"] += 1
+        except BaseException:
+            log.warning("demotion of sequence %r to disk failed; it stays on the host", rec.seq_id[:64], exc_info=True)
+            raise
+        finally:
+            self._reserved["disk"] -= rec.nbytes
+            self._leaving_host -= rec.nbytes
+            self._done_moving(rec.seq_id)
 
     def _write(self, rec: Spilled, payload: np.ndarray) -> Path:
         assert self.spill_dir is not None

@@ -88,12 +88,14 @@ def test_get_sequence_reports_the_tier_without_restoring_and_prefetch_restores(t
         for i in range(3):  # 2 blocks each: the third pushes the first down
             await fill(svc, f"s{i}", TOKENS, seed=i)
         assert [await tier(svc, f"s{i}") for i in range(3)] == ["host", "device", "device"]
-        await fill(svc, "s3", TOKENS, seed=3)  # host is full (2 blocks): s1 goes to disk
-        assert [await tier(svc, f"s{i}") for i in range(4)] == ["host", "disk", "device", "device"]
-        info = await rpc(svc, "GetSequence", pb.GetSequenceRequest(sequence_id="s1"))
+        # The host holds one sequence: the older s0 moves on to disk and s1 takes its place (the
+        # tiers stay in recency order: device, host, disk).
+        await fill(svc, "s3", TOKENS, seed=3)
+        assert [await tier(svc, f"s{i}") for i in range(4)] == ["disk", "host", "device", "device"]
+        info = await rpc(svc, "GetSequence", pb.GetSequenceRequest(sequence_id="s0"))
         assert (list(info.lengths), info.num_blocks) == ([TOKENS, TOKENS], 2)
-        assert await tier(svc, "s1") == "disk"  # a read: nothing moved
-        info = await rpc(svc, "PrefetchSequence", pb.PrefetchSequenceRequest(sequence_id="s1"))
+        assert await tier(svc, "s0") == "disk"  # a read: nothing moved
+        info = await rpc(svc, "PrefetchSequence", pb.PrefetchSequenceRequest(sequence_id="s0"))
         assert info.tier == "device" and list(info.lengths) == [TOKENS, TOKENS]
         assert await tier(svc, "s2") in ("host", "disk")  # the least recently used resident one made room
         with pytest.raises(Aborted) as err:
@@ -135,7 +137,7 @@ def test_truncate_fork_and_export_restore_first_and_match_a_large_pool(tmp_path:
             s.start()
             for i in range(4):
                 await fill(s, f"s{i}", 7, seed=i)
-        assert await tier(svc, "s0") == "host" and await tier(svc, "s1") == "disk"
+        assert await tier(svc, "s0") == "disk" and await tier(svc, "s1") == "host"
         for s in (svc, big):
             info = await rpc(s, "TruncateSequence", pb.TruncateSequenceRequest(sequence_id="s0", length=3))
             assert list(info.lengths) == [3, 3]
@@ -189,7 +191,7 @@ def test_idle_expiry_reaches_every_tier_on_wall_clock_time(tmp_path: Path) -> No
             await fill(svc, f"s{i}", TOKENS, seed=i)
             clock.t += 1.0
             wall.t += 1.0
-        assert [await tier(svc, f"s{i}") for i in range(4)] == ["host", "disk", "device", "device"]
+        assert [await tier(svc, f"s{i}") for i in range(4)] == ["disk", "host", "device", "device"]
         ttl = SPEC["idle_ttl_s"]
         clock.t += ttl - 2.5  # s0 and s1 (used at t, t+1) are now older than the TTL, s2 and s3 not
         wall.t += ttl - 2.5
