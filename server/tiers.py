@@ -45,11 +45,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from tkg.server import spill_files
+from tkg.server import spill_files, tier_disk
 from tkg.server.errors import NotFound, ResourceExhausted
 from tkg.server.kv_cache import KVCache, SequenceState
 from tkg.server.offload import run_on
-from tkg.server.tier_index import Spilled, TierCounts, TierIndex, default_disk_bytes, file_name
+from tkg.server.tier_index import Spilled, TierCounts, TierIndex, file_name
 from tkg.server.writeback import WriteBack, log_payload
 
 log = logging.getLogger("tkg.server")
@@ -88,8 +88,8 @@ class Tiers:
         self.block_bytes = cache.bytes_per_block(
             cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.block_len, cache.dtype
         )  # fmt: skip
-        self._meter = meter
-        self._wall = wall
+        self.meter = meter
+        self.wall = wall
         self.counts = TierCounts()
         self.on_restore: Callable[[float], None] = lambda seconds: None  # the metrics' histogram
         self.promised = 0  # device blocks promised to callers inside `room` (not yet taken)
@@ -103,7 +103,7 @@ class Tiers:
         self.wb: WriteBack | None = None
         if write_back and spill_dir is not None:
             self.wb = WriteBack(
-                cache, spill_dir, self._off, file_name, lambda s: s in self.moving, settled=self._notify
+                cache, spill_dir, self.off, file_name, lambda s: s in self.moving, settled=self._notify
             )  # fmt: skip
 
     def start(self) -> None:
@@ -271,7 +271,7 @@ class Tiers:
             if not held.size or not (self.cache.pool.refcounts(held) == 1).any():
                 continue  # frees nothing: every block is shared with a fork that stays
             nbytes = held.size * self.block_bytes
-            demote = self._demotions(nbytes, self._wall() - (self.cache._clock() - float(seqs.last_used[slot])))
+            demote = self._demotions(nbytes, self.wall() - (self.cache._clock() - float(seqs.last_used[slot])))
             if demote:
                 return seq_id, "host", demote
             dest = self._destination(nbytes)
@@ -346,19 +346,19 @@ class Tiers:
         mono_age = cache._clock() - float(cache.seqs.last_used[slot])
         state = cache.get(seq_id)
         rec = Spilled(
-            seq_id, state.lengths, state.base_position, held.size, self._wall() - mono_age, dest, nbytes,
+            seq_id, state.lengths, state.base_position, held.size, self.wall() - mono_age, dest, nbytes,
         )  # fmt: skip
         try:
             payload = np.empty(cache.store.sequence_shape(held.size), cache.dtype)
-            await self._off(lambda: cache.store.read_sequence(held, payload))
+            await self.off(lambda: cache.store.read_sequence(held, payload))
             if dest == "disk":
-                rec.path = await self._off(lambda: self._write(rec, payload))
+                rec.path = await self.off(lambda: self.write_run(rec, payload))
             else:
                 rec.payload = payload
             # One loop step from here: the device copy goes, the tier copy comes, charges follow.
             cache.release(seq_id)
             self.index.add(rec)
-            self._meter(seq_id, rec.num_blocks)
+            self.meter(seq_id, rec.num_blocks)
             self.counts.spills[dest] += 1
         except BaseException:
             log.warning("spill of sequence %r to %s failed; it stays on the device", seq_id[:64], dest, exc_info=True)
@@ -373,7 +373,7 @@ class Tiers:
         try:
             payload = rec.payload
             assert payload is not None
-            path = await self._off(lambda: self._write(rec, payload))
+            path = await self.off(lambda: self.write_run(rec, payload))
             self.index.pop(rec.seq_id)  # one loop step: host bytes go, disk bytes come
             rec.tier, rec.payload, rec.path = "disk", None, path
             self.index.add(rec)
@@ -386,7 +386,7 @@ class Tiers:
             self._leaving_host -= rec.nbytes
             self._done_moving(rec.seq_id)
 
-    def _write(self, rec: Spilled, payload: np.ndarray) -> Path:
+    def write_run(self, rec: Spilled, payload: np.ndarray) -> Path:
         assert self.spill_dir is not None
         path = self.spill_dir / file_name(rec.seq_id)
         header = spill_files.FileHeader(
@@ -412,8 +412,8 @@ class Tiers:
                 if payload is None:
                     assert rec.path is not None
                     path, from_log = rec.path, rec.from_log
-                    payload = await self._off(lambda: _read(path, from_log))
-                await self._off(lambda: cache.store.write_sequence(ids, payload))
+                    payload = await self.off(lambda: _read(path, from_log))
+                await self.off(lambda: cache.store.write_sequence(ids, payload))
             except spill_files.CorruptFile as exc:
                 cache.unreserve(seq_id, ids)
                 self._drop(seq_id)
@@ -433,7 +433,7 @@ class Tiers:
                 rec.path.unlink(missing_ok=True)
             # One loop step: the tier copy goes, the device copy comes.
             self.index.pop(seq_id)
-            self._meter(seq_id, -rec.num_blocks)
+            self.meter(seq_id, -rec.num_blocks)
             cache.adopt(seq_id, ids, rec.lengths, rec.base_position, count_tokens=False)
             result = "ok"
         finally:
@@ -453,14 +453,14 @@ class Tiers:
 
     def _drop(self, seq_id: str) -> None:
         rec = self.index.pop(seq_id)
-        self._meter(seq_id, -rec.num_blocks)
+        self.meter(seq_id, -rec.num_blocks)
         if rec.path is not None:
             self._unlink_later(rec.path)
         self.released(seq_id)
 
     def expire(self, ttl_s: float) -> list[str]:
         """Drop spilled sequences unused for more than `ttl_s` wall-clock seconds (not moving or in use)."""
-        now = self._wall()
+        now = self.wall()
         gone = [
             s for s, r in self.index.records.items() if now - r.last_used > ttl_s and not self.busy(s)
         ]  # fmt: skip
@@ -468,133 +468,19 @@ class Tiers:
             self._drop(seq_id)
         return gone
 
-    # ---- persistence -------------------------------------------------------------------------
+    # ---- persistence (`tkg.server.tier_disk`) ----------------------------------------------------
 
     def open_disk(self, fingerprint: dict[str, Any]) -> list[str]:
-        """Adopt the spill directory (SpecMismatch on another spec) and load the sequences it holds
-        into the disk tier; returns their ids. Corrupt files and stray temporaries are removed,
-        each with the reason logged; the rest load."""
-        if self.spill_dir is None:
-            return []
-        d = self.spill_dir
-        spill_files.check_spec(d, fingerprint)
-        if self.disk_bytes is None:
-            self.disk_bytes = default_disk_bytes(d)
-        for tmp in d.glob(".*.tmp"):
-            log.warning("spill dir: removing %s (an interrupted write)", tmp.name)
-            tmp.unlink(missing_ok=True)
-        loaded = []
-        want = self.cache.store.sequence_shape(0)
-        for path in sorted(d.glob("*" + spill_files.SUFFIX)):
-            try:
-                h = spill_files.read_header(path)
-                problem = self._unfit(h, want)
-            except spill_files.CorruptFile as exc:
-                problem = str(exc)
-            if problem is not None:
-                log.error("spill dir: %s not loaded: %s", path.name, problem)
-                path.unlink(missing_ok=True)
-                continue
-            rec = Spilled(
-                h.sequence_id, h.lengths, h.base_position, h.num_blocks, h.last_used, "disk",
-                h.num_blocks * self.block_bytes, path=path,
-            )  # fmt: skip
-            self.index.add(rec)
-            self._meter(h.sequence_id, h.num_blocks)
-            loaded.append(h.sequence_id)
-        for path in sorted(d.glob("*" + spill_files.LOG_SUFFIX)):
-            rec = self._load_log(path, want)
-            if rec is not None:
-                self.index.add(rec)
-                self._meter(rec.seq_id, rec.num_blocks)
-                loaded.append(rec.seq_id)
-        return loaded
-
-    def _load_log(self, path: Path, want: tuple[int, ...]) -> Spilled | None:
-        """A write-back log as a disk-tier sequence of its whole blocks (a torn tail cut back), or
-        None: corrupt (removed), or the sequence already came from its spill file (the whole
-        sequence; the log is its prefix)."""
-        try:
-            h, blocks = spill_files.read_log(path)
-        except spill_files.CorruptFile as exc:
-            log.error("spill dir: %s not loaded: %s", path.name, exc)
-            path.unlink(missing_ok=True)
-            return None
-        n = int(blocks.shape[0])
-        if h.shape != (*want[:3], *want[4:]) or h.dtype != self.cache.dtype.name:
-            log.error("spill dir: %s not loaded: blocks %s%s; expected %s", path.name, h.dtype, list(h.shape), want)
-            path.unlink(missing_ok=True)
-            return None
-        if h.sequence_id in self.index:
-            if self.wb is not None:
-                self.wb.flushed[h.sequence_id] = n
-            else:  # nothing keeps it up to date from here: a stale log must not outlive the sequence
-                path.unlink(missing_ok=True)
-            return None
-        if self.wb is not None:
-            self.wb.flushed[h.sequence_id] = n
-        lengths = (n * self.cache.block_len,) * self.cache.num_layers
-        return Spilled(
-            h.sequence_id, lengths, h.base_position, n, path.stat().st_mtime, "disk", n * self.block_bytes,
-            path=path, from_log=True,
-        )  # fmt: skip
-
-    def _unfit(self, h: spill_files.FileHeader, want: tuple[int, ...]) -> str | None:
-        cache = self.cache
-        shape = (*want[:3], h.num_blocks, *want[4:])
-        if h.shape != shape or h.dtype != cache.dtype.name:
-            return f"payload {h.dtype}{list(h.shape)}; expected {cache.dtype.name}{list(shape)}"
-        if h.sequence_id in self.index or h.sequence_id in cache:
-            return f"sequence {h.sequence_id!r} twice"
-        if h.base_position < 0 or h.base_position + max(h.lengths, default=0) > cache.max_context:
-            return f"sequence ends past max_context {cache.max_context}"
-        if h.num_blocks != -(-max(h.lengths, default=0) // cache.block_len) or len(h.lengths) != cache.num_layers:
-            return f"{h.num_blocks} blocks for lengths {list(h.lengths)}"
-        return None
+        """Adopt the spill directory and load what it holds into the disk tier (`tier_disk.open_disk`)."""
+        return tier_disk.open_disk(self, fingerprint)
 
     async def persist_all(self) -> tuple[int, int]:
-        """Write every sequence of the device and host tiers to the disk tier (a drain with no
-        peer to take them); (written, failed). Nothing moves meanwhile: calls have drained."""
-        if self.spill_dir is None:
-            return 0, 0
-        cache, ok, failed = self.cache, 0, 0
-        for seq_id in [*cache.sequence_ids(), *(r.seq_id for r in self.index.oldest("host"))]:
-            try:
-                await self.settle(seq_id)
-                await self._persist_one(seq_id)
-                ok += 1
-                self.counts.persisted["ok"] += 1
-            except Exception:
-                failed += 1
-                self.counts.persisted["failed"] += 1
-                log.exception("persist: sequence %r not written", seq_id[:64])
-        return ok, failed
-
-    async def _persist_one(self, seq_id: str) -> None:
-        cache = self.cache
-        rec = self.index.get(seq_id)
-        if rec is None:  # on the device
-            slot = cache.seqs.slot("sequence_id", seq_id)
-            held = cache.seqs.held(slot).copy()
-            state = cache.get(seq_id)
-            age = cache._clock() - float(cache.seqs.last_used[slot])
-            rec = Spilled(seq_id, state.lengths, state.base_position, held.size, self._wall() - age, "disk",
-                          held.size * self.block_bytes)  # fmt: skip
-            payload = np.empty(cache.store.sequence_shape(held.size), cache.dtype)
-            await self._off(lambda: cache.store.read_sequence(held, payload))
-            rec.path = await self._off(lambda: self._write(rec, payload))
-            return
-        if rec.tier == "host":
-            assert rec.payload is not None
-            payload = rec.payload
-            path = await self._off(lambda: self._write(rec, payload))
-            self.index.pop(seq_id)
-            rec.tier, rec.payload, rec.path = "disk", None, path
-            self.index.add(rec)
+        """Write every device- and host-tier sequence to disk at a drain (`tier_disk.persist_all`)."""
+        return await tier_disk.persist_all(self)
 
     # ---- plumbing ----------------------------------------------------------------------------
 
-    async def _off(self, fn: Callable[[], T]) -> T:
+    async def off(self, fn: Callable[[], T]) -> T:
         """`fn()` on a tiers thread; returns only once the thread let go (even when cancelled)."""
         return await run_on(self._pool(), fn)
 
