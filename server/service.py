@@ -17,6 +17,7 @@ locks); only the kernel call of a worker-thread launch runs elsewhere (see `tkg.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -25,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from tkg import __version__, codec, status
+from tkg import __version__, codec
 from tkg.server import auth, migration
 from tkg.server.batcher import Batcher, DecodeWork, LoneCaller
 from tkg.server.config import ModelSpec
@@ -34,9 +35,9 @@ from tkg.server.errors import InvalidArgument, ServiceError, Unavailable
 from tkg.server.holds import Holds
 from tkg.server.kv_cache import EVICT_IDLE_TTL, KVCache, SequenceState
 from tkg.server.metrics import Metrics
-from tkg.server.sequences import MAX_SEQUENCE_ID_LEN
 from tkg.server.settings import ServeSettings
 from tkg.server.step import StepEngine
+from tkg.server.streams import DecodeStreams
 from tkg.server.tenants import Ledger, inward, outward, scrub, visible_free
 from tkg.server.tiers import Tiers
 from tkg.server.wire import WireChecks, check_id
@@ -45,11 +46,6 @@ from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tkg.server")
-
-# DecodeStream messages read ahead of the one being answered: past it the stream is not read
-# (gRPC flow control then holds the sender), so an unread stream holds at most this many requests.
-STREAM_WINDOW = 8
-LOG_ID_CHARS = 64  # ids and request ids are cut to this in logs
 
 
 class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
@@ -94,6 +90,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         self.batcher = Batcher(
             self.engine.run, spec.max_batch, settings.batch_delay_us * 1e-6, settings.max_pending, lone
         )
+        self.streams = DecodeStreams(self)
         self.writes = Writes(
             cache, self.engine, self.holds, ledger, self.wire, settings.inline_write_bytes, self.tiers
         )  # fmt: skip
@@ -144,7 +141,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     # ---- guards ----------------------------------------------------------------------------
 
-    def _check_access(self, method: str) -> None:
+    def check_access(self, method: str) -> None:
         """Credentials were checked by `tkg.server.auth.Guard` before the request was
         parsed; here: draining and warming up."""
         if self.draining:
@@ -152,11 +149,11 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         if not self.ready and method != "GetServerInfo":
             raise Unavailable("server: warming up the kernel backend; expected a retry in a moment")
 
-    def _enter(self) -> None:
+    def enter(self) -> None:
         self._inflight += 1
         self._idle.clear()
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         self._inflight -= 1
         if self._inflight == 0:
             self._idle.set()
@@ -211,9 +208,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     async def decode(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         """One Decode request of the calling tenant (`auth.current()`): validate, queue, answer.
         What the Decode RPC runs inside its guard; in-process callers (tests, benchmarks) use it too."""
-        return await self._decode_work(req, self.wire.decode(req, auth.current().tenant))
+        return await self.decode_work(req, self.wire.decode(req, auth.current().tenant))
 
-    async def _decode_work(self, req: pb.DecodeRequest, work: DecodeWork) -> pb.DecodeResponse:
+    async def decode_work(self, req: pb.DecodeRequest, work: DecodeWork) -> pb.DecodeResponse:
         """Queue a validated request and build its response."""
         # The tenant's share of the queue first, then the server-wide cap (in the batcher).
         tenants = self.tenant_count()
@@ -355,10 +352,10 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         code = grpc.StatusCode.OK
         tenant = auth.current().tenant
         seq_id = inward(tenant, request.sequence_id)
-        self._enter()
+        self.enter()
         counted = False
         try:
-            self._check_access("ExportSequence")
+            self.check_access("ExportSequence")
             self.ledger.open_stream(tenant)  # one of the tenant's streams (max_streams)
             counted = True
             check_id("sequence_id", request.sequence_id)
@@ -384,7 +381,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         finally:
             if counted:
                 self.ledger.close_stream(tenant)
-            self._leave()
+            self.leave()
             self.metrics.observe_request("ExportSequence", code.name, time.perf_counter() - t0, tenant.name)
 
     def export_messages(self, seq_id: str) -> Iterator[pb.SequenceChunk]:
@@ -439,106 +436,19 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     async def DecodeStream(
         self, request_iterator: AsyncIterator[pb.DecodeRequest], context: Any
     ) -> AsyncIterator[pb.DecodeResponse]:
-        """Pipelined decode: every message is validated and queued as it arrives; responses come
-        back in request order; a failing message gets an `error` response and the stream goes on.
-
-        At most STREAM_WINDOW messages are read ahead of the reply being sent: a caller that does
-        not read its replies stops the server reading its requests (gRPC flow control then holds
-        the sender). When the stream ends, work still queued for it is cancelled."""
-        t0 = time.perf_counter()
-        code = grpc.StatusCode.OK
-        tenant = auth.current().tenant
-        try:
-            self._check_access("DecodeStream")
-            self.ledger.open_stream(tenant)
-        except ServiceError as exc:
-            self.metrics.observe_request("DecodeStream", exc.code.name, time.perf_counter() - t0, tenant.name)
-            await context.abort(exc.code, exc.message)
-        self._enter()
-        # What was read but not yet answered, in request order, then the end marker: a task per
-        # message still queued or running, or its response when it was answered as it was read.
-        results: asyncio.Queue[asyncio.Task | pb.DecodeResponse | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
-
-        async def read() -> None:
-            try:
-                async for req in request_iterator:
-                    t0, work = self._stream_begin(req)
-                    if type(work) is not DecodeWork:  # invalid: answered now, no task
-                        await results.put(work)
-                    elif results.empty() and self.batcher.runs_alone():
-                        # Nothing else in flight and a lone caller: its launch runs on the loop
-                        # whether in a task or here (`Batcher.decode`, `LoneCaller.inline`); here it
-                        # costs no task and no extra loop pass per message.
-                        await results.put(await self._stream_one(req, t0, work))
-                    else:
-                        task = asyncio.ensure_future(self._stream_one(req, t0, work))
-                        try:
-                            await results.put(task)  # waits while the window is full: no more reading
-                        except asyncio.CancelledError:
-                            task.cancel()
-                            raise
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the caller's half of the stream broke: answer what was read
-                log.debug("DecodeStream: reading the requests failed", exc_info=True)
-            await results.put(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (item := await results.get()) is not None:
-                yield item if type(item) is pb.DecodeResponse else await item
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            reader.cancel()
-            while not results.empty():  # the stream ended with work still queued: drop it
-                item = results.get_nowait()
-                if isinstance(item, asyncio.Future):
-                    item.cancel()
-            self.ledger.close_stream(tenant)
-            self._leave()
-            self.metrics.observe_request("DecodeStream", code.name, time.perf_counter() - t0, tenant.name)
-
-    def _stream_begin(self, req: pb.DecodeRequest) -> tuple[float, DecodeWork | pb.DecodeResponse]:
-        """(arrival time, the validated work) of a stream message, or its error response."""
-        t0 = time.perf_counter()
-        try:
-            if self.draining:
-                raise Unavailable("server: draining for shutdown; expected a retry on another replica")
-            return t0, self.wire.decode(req, auth.current().tenant)
-        except Exception as exc:
-            return t0, self._stream_failed(req, t0, exc)
-
-    async def _stream_one(self, req: pb.DecodeRequest, t0: float, work: DecodeWork) -> pb.DecodeResponse:
-        try:
-            resp = await self._decode_work(req, work)
-        except Exception as exc:
-            return self._stream_failed(req, t0, exc)
-        self.metrics.observe_request("DecodeStream.message", "OK", time.perf_counter() - t0, work.tenant.name)
-        return resp
-
-    def _stream_failed(self, req: pb.DecodeRequest, t0: float, exc: Exception) -> pb.DecodeResponse:
-        """The error response of a failed stream message (the stream goes on), counted by code."""
-        if isinstance(exc, ServiceError):
-            code = exc.code
-            resp = _error_response(req, code, scrub(exc, auth.current().tenant).message)
-        else:  # a server bug fails this message, not the stream
-            log.error("DecodeStream message %r failed", req.request_id[:LOG_ID_CHARS], exc_info=exc)
-            code = grpc.StatusCode.INTERNAL
-            resp = _error_response(req, code, f"server: {type(exc).__name__}: {exc}")
-        self.metrics.observe_request(
-            "DecodeStream.message", code.name, time.perf_counter() - t0, auth.current().tenant.name
-        )
-        return resp
+        """Pipelined decode (`tkg.server.streams`): every message validated and queued as it
+        arrives, answered in request order; a failing message gets an `error` response."""
+        async with contextlib.aclosing(self.streams.serve(request_iterator, context)) as replies:
+            async for reply in replies:
+                yield reply
 
     async def _unary(self, method: str, context: Any, run: Callable[[], Any]) -> Any:
         """Guard, run, map ServiceError to its status code, record the duration by code."""
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
-        self._enter()
+        self.enter()
         try:
-            self._check_access(method)
+            self.check_access(method)
             result = run()
             if isinstance(result, Awaitable):
                 result = await result
@@ -556,11 +466,5 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, f"server: {type(exc).__name__}: {exc}")
         finally:
-            self._leave()
+            self.leave()
             self.metrics.observe_request(method, code.name, time.perf_counter() - t0, auth.current().tenant.name)
-
-
-def _error_response(req: pb.DecodeRequest, code: grpc.StatusCode, message: str) -> pb.DecodeResponse:
-    error = pb.Error(code=status.number(code), message=message)
-    request_id = req.request_id if len(req.request_id) <= MAX_SEQUENCE_ID_LEN else req.request_id[:MAX_SEQUENCE_ID_LEN]
-    return pb.DecodeResponse(request_id=request_id, layer=req.layer, error=error)

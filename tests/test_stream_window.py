@@ -17,7 +17,8 @@ from support.service import FakeContext, make_service
 
 from tkg.server.auth import ANONYMOUS
 from tkg.server.batcher import LONE_STREAK
-from tkg.server.service import STREAM_WINDOW, DecodeAttentionService
+from tkg.server.service import DecodeAttentionService
+from tkg.server.streams import STREAM_WINDOW
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
@@ -105,13 +106,13 @@ def test_lone_inline_queued_and_invalid_messages_keep_request_order() -> None:
     q = np.ones((1, 2, 1, 8), np.float32)
     k = np.ones((1, 1, 1, 8), np.float32)
     ran_in: dict[str, asyncio.Task] = {}
-    stream_one = svc._stream_one
+    stream_one = svc.streams.one
 
     async def spy(req: pb.DecodeRequest, t0: float, work: object) -> pb.DecodeResponse:
         ran_in[req.request_id] = asyncio.current_task()
         return await stream_one(req, t0, work)
 
-    svc._stream_one = spy  # type: ignore[method-assign]
+    svc.streams.one = spy  # type: ignore[method-assign]
 
     async def main() -> tuple[list[pb.DecodeResponse], int]:
         svc.start()
