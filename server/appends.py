@@ -48,6 +48,9 @@ class Fields:
         return f"{self.positions}[{b}]" if self.indexed else self.positions
 
 
+# `commit`'s writer: (layer, blocks, offsets int [B', S], live bool [B] or None) -> None.
+Writer = Callable[[int, np.ndarray, np.ndarray, "np.ndarray | None"], None]
+
 BATCH = Fields()  # Decode: sequence_ids[b], positions[b]
 ONE_SEQUENCE = Fields("sequence_id", "position", indexed=False)  # AppendKV: one sequence per call
 
@@ -294,7 +297,8 @@ class AppendOps:
         )  # fmt: skip
 
     def commit(
-        self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, *, hold: bool = False, defer: bool = False
+        self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, *, hold: bool = False, defer: bool = False,
+        writer: Writer | None = None,
     ) -> None:
         """Write `k_new`, `v_new` `[B, num_kv_heads, S, head_dim]` into the plan's slots, advance
         the lengths at `plan.layer` and set `plan.block_tables`.
@@ -310,7 +314,15 @@ class AppendOps:
         which `write_deferred(plan, k, v)` does later, on any one thread, with the values (`k_new`
         and `v_new` give the shapes only). The plan is held meanwhile, so nothing reads, moves or
         frees its slots; `finish` after the write, `rollback` if it failed.
+
+        `writer` (not with `defer`): writes instead of the store's `write`, called last (the plan is
+        then committed or held, so a writer that raises leaves a plan the caller `undo`es) with
+        (layer, blocks, offsets int `[B', S]`, live): the slots of the rows to write, `live` None when
+        every row is written, else the bool `[B]` mask of the rows still live (`k_new`, `v_new` then
+        give the shapes only). The step's fused RoPE + store pass (`tkg.server.rope.RopeTable.rotate_into`).
         """
+        if defer and writer is not None:
+            raise ValueError("KVCache.commit: defer=True and a writer exclude each other")
         if defer and not hold:
             raise ValueError("KVCache.commit: defer=True needs hold=True (the slots stay held until written)")
         self._check_open(plan, "commit")
@@ -324,7 +336,7 @@ class AppendOps:
         if plan.batch_size <= self.small_batch and not self.pool.shared_count:
             gen = self.seqs.generation
             if all(gen[s] == g for s, g in zip(plan._slots.tolist(), plan._generations.tolist(), strict=True)):
-                self._commit_small(plan, k_new, v_new, hold, defer)
+                self._commit_small(plan, k_new, v_new, hold, defer, writer)
                 return
         seqs, BL, layer, S = self.seqs, self.block_len, plan.layer, plan.num_tokens
         slots, pos, ends = plan._slots, plan.positions, plan.seq_lens.astype(np.int64)
@@ -362,7 +374,7 @@ class AppendOps:
         off = tok % BL
         if defer:
             plan._deferred = (layer, blk, off, None if all_live else live)
-        else:  # [Hkv, B', S, d] values for the [B', S] slots: one store write, no token loop.
+        elif writer is None:  # [Hkv, B', S, d] values for the [B', S] slots: one store write, no token loop.
             self.store.write(layer, blk, off, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
         plan._block_tables = tables
         if hold:
@@ -380,8 +392,12 @@ class AppendOps:
             plan._state = "held"
         else:
             plan._state = "committed"
+        if writer is not None:  # last: the plan is committed, so a writer that raises leaves it to `undo`
+            writer(layer, blk, off, None if all_live else live)
 
-    def _commit_small(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, hold: bool, defer: bool) -> None:
+    def _commit_small(
+        self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, hold: bool, defer: bool, writer: Writer | None
+    ) -> None:
         """`commit` in scalar Python for a small batch whose sequences are all live while no block
         is shared (so no write needs a copy first): the same tables, lengths, counts and writes."""
         seqs, BL, layer, S = self.seqs, self.block_len, plan.layer, plan.num_tokens
@@ -413,7 +429,7 @@ class AppendOps:
         blocks, offsets = np.array(blk, dtype=np.int64).reshape(B, S), np.array(off, dtype=np.int64).reshape(B, S)
         if defer:
             plan._deferred = (layer, blocks, offsets, None)
-        else:
+        elif writer is None:
             self.store.write(layer, blocks, offsets, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
         plan._block_tables = tables_out
         if hold:
@@ -427,6 +443,8 @@ class AppendOps:
             plan._state = "held"
         else:
             plan._state = "committed"
+        if writer is not None:  # last, as in `commit`
+            writer(layer, blocks, offsets, None)
 
     def write_deferred(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray) -> None:
         """The store write `commit(plan, ..., defer=True)` left: `k_new`, `v_new` `[B, num_kv_heads,

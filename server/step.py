@@ -84,6 +84,13 @@ class StepEngine:
         # One worker: the kernel uses every core itself; two launches at once would only fight.
         self._kernel_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tkg-kernel")
         self._fp8 = spec.kv_numpy_dtype == FP8
+        # RoPE of q and k in the commit's store write (`_commit_rotated`): a store with that pass
+        # (`HostKVStore.write_rope`) that does not read the new k with the step (it is never
+        # materialised rotated), and no fp8 conversion between the rotation and the store.
+        store = cache.store
+        self._rope_in_write = (
+            self.rope is not None and not self._fp8 and not store.reads_new_kv and hasattr(store, "write_rope")
+        )
         self._kv_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * spec.kv_numpy_dtype.itemsize  # K + V
 
     def close(self) -> None:
@@ -254,19 +261,24 @@ class StepEngine:
                 q, k, v = ready[0].q, ready[0].k, ready[0].v
             else:
                 q, k, v = (np.concatenate([getattr(w, x) for w in ready]) for x in "qkv")
-            if self.rope is not None:
-                pos = np.concatenate([w.positions for w in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
-                q, k = self.rope.rotate_qk(q, k, pos)  # once for the whole batch's q and k
-            k, v = self.stored(layer, k, v)
             lens = np.concatenate([p.seq_lens for _, p in plans]) if len(plans) > 1 else plans[0][1].seq_lens
             inline = self.lone.inline(self._read_bytes(layer, lens))
-            row = 0
-            for _, plan in plans:
-                n = plan.batch_size
-                # A launch on the worker thread holds the blocks it reads while the loop goes on;
-                # an inline one runs before the loop can apply anything else: no hold needed.
-                cache.commit(plan, k[row : row + n], v[row : row + n], hold=not inline)
-                row += n
+            # A launch on the worker thread holds the blocks it reads while the loop goes on; an
+            # inline one runs before the loop can apply anything else: no hold needed.
+            fused = self._rope_in_write and len(plans) == 1
+            if self.rope is not None:
+                pos = np.concatenate([w.positions for w in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
+                if fused:  # RoPE of q and k and the store write in one pass
+                    q = self._commit_rotated(plans[0][1], q, k, v, pos, not inline)
+                else:
+                    q, k = self.rope.rotate_qk(q, k, pos)  # once for the whole batch's q and k
+            if not fused:
+                k, v = self.stored(layer, k, v)
+                row = 0
+                for _, plan in plans:
+                    n = plan.batch_size
+                    cache.commit(plan, k[row : row + n], v[row : row + n], hold=not inline)
+                    row += n
             tables = _stack_tables([p.block_tables for _, p in plans])
             kernel = functools.partial(
                 _timed, cache.decode, layer, q, k, v, tables, lens,
@@ -291,6 +303,29 @@ class StepEngine:
             self._deliver(ready, out, lens, attention_s, t_start)
             return
         await done  # cancelled: `_kernel_done` undoes the step once the thread has let go
+
+    def _commit_rotated(
+        self, plan: AppendPlan, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, hold: bool
+    ) -> np.ndarray:
+        """Commit `plan` (the whole batch) with RoPE of q and k done in its store write
+        (`RopeTable.rotate_into`: one native pass writes the rotated k straight into its slots);
+        returns the rotated q. k and v are stored as they come (no fp8 cache: `stored` is the
+        identity), and the store does not read them with the step (`_rope_in_write`): the launch
+        gets the unrotated k, which it ignores. The same bits as `rotate_qk`, then `stored` and `commit`."""
+        assert self.rope is not None
+        rope, store, rotated = self.rope, self.cache.store, []
+
+        def write(layer: int, blocks: np.ndarray, offsets: np.ndarray, live: np.ndarray | None) -> None:
+            if live is None:
+                rotated.append(rope.rotate_into(store, layer, blocks, offsets, q, k, v, pos))
+                return
+            # Sequences released since prepare (not within one step: kept general): rotate all, write the live.
+            q_rot, k_rot = rope.rotate_qk(q, k, pos)
+            rotated.append(q_rot)
+            store.write(layer, blocks, offsets, k_rot[live].transpose(1, 0, 2, 3), v[live].transpose(1, 0, 2, 3))
+
+        self.cache.commit(plan, k, v, hold=hold, writer=write)
+        return rotated[0]
 
     def _kernel_done(
         self, job: Future, ready: list[DecodeWork], plans: Plans, lens: np.ndarray, t_start: float,

@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from support.fakes import FakeClock
 
 from tkg.dtypes import BF16
+from tkg.server.appends import Writer
 from tkg.server.block_pool import BlockPool
 from tkg.server.errors import (
     AlreadyExists,
@@ -912,6 +913,49 @@ def _plan_state(plan) -> tuple:
     return (plan.state, plan.seq_lens.tolist(), plan._reserved.tolist(), sorted(plan._held.tolist()), tables)
 
 
+def _store_writer(cache: KVCache, k: np.ndarray, v: np.ndarray) -> Writer:
+    """A `commit` writer that stores `k`, `v` `[B, Hkv, S, d]` at the slots it is given, as the
+    store's own write would (the live rows only)."""
+
+    def write(layer: int, blocks: np.ndarray, offsets: np.ndarray, live: np.ndarray | None) -> None:
+        kk, vv = (k, v) if live is None else (k[live], v[live])
+        cache.store.write(layer, blocks, offsets, kk.transpose(1, 0, 2, 3), vv.transpose(1, 0, 2, 3))
+
+    return write
+
+
+@pytest.mark.parametrize("small_batch", [8, 0])
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_commit_whose_writer_fails_is_undone_whole(small_batch: int, hold: bool) -> None:
+    """`commit`'s writer runs last, on a plan already committed (or held): when it raises, `undo`
+    rolls the append back and the cache is as before the prepare (either path; the clock stands still)."""
+    cache = make(clock=FakeClock())
+    cache.small_batch = small_batch
+    for sid in ("a", "b"):
+        cache.create(sid)
+        fill(cache, sid, 4)  # a full block: the append takes a new one
+    before = (_cache_state(cache), cache.free_blocks)
+    plan = cache.prepare_append(0, ["a", "b"], [4, 4], 1)
+    k = np.stack([tokens(4, 1).transpose(1, 0, 2)] * 2)
+
+    def failing(layer: int, blocks: np.ndarray, offsets: np.ndarray, live: np.ndarray | None) -> None:
+        assert plan.state == ("held" if hold else "committed") and live is None
+        assert blocks.tolist() == [[int(plan.block_tables[0, 1])], [int(plan.block_tables[1, 1])]]
+        assert offsets.tolist() == [[0], [0]]
+        raise RuntimeError("the write failed")
+
+    with pytest.raises(RuntimeError, match="the write failed"):
+        cache.commit(plan, k, k, hold=hold, writer=failing)
+    cache.undo(plan)
+    assert plan.state == "rolled_back"
+    assert (_cache_state(cache), cache.free_blocks) == before
+    other = cache.prepare_append(0, ["a"], [4], 1)
+    with pytest.raises(ValueError, match="exclude"):
+        cache.commit(other, k[:1], k[:1], hold=True, defer=True, writer=failing)
+    cache.abort(other)
+    check_invariants(cache)
+
+
 class FastVsGeneralMachine(RuleBasedStateMachine):
     """Two caches fed the same random operations: one may take the scalar fast path
     (`small_batch` 8), the other never does (0). Every result, error, plan, table, length,
@@ -957,8 +1001,8 @@ class FastVsGeneralMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.ids())
     @rule(data=st.data(), layer=st.integers(0, L - 1), n=st.integers(1, 3), off=st.sampled_from([0, 0, 0, 1, -1]),
-          then=st.sampled_from(["commit", "hold", "keep open"]))  # fmt: skip
-    def prepare(self, data: st.DataObject, layer: int, n: int, off: int, then: str) -> None:
+          then=st.sampled_from(["commit", "hold", "keep open"]), writer=st.booleans())  # fmt: skip
+    def prepare(self, data: st.DataObject, layer: int, n: int, off: int, then: str, writer: bool) -> None:
         self.clock.t += 1
         sids = data.draw(st.lists(st.sampled_from(self.ids()), min_size=1, max_size=4))  # duplicates too
         pos = [self.caches[0].get(s).lengths[layer] for s in sids]
@@ -967,24 +1011,31 @@ class FastVsGeneralMachine(RuleBasedStateMachine):
         if plans is not None:
             self.open.append(plans)
             if then != "keep open":
-                self.commit(len(self.open) - 1, then == "hold")
+                self.commit(len(self.open) - 1, then == "hold", writer)
 
-    def commit(self, i: int, hold: bool) -> None:
+    def commit(self, i: int, hold: bool, writer: bool = False) -> None:
+        """Both caches commit; with `writer` the first one writes through `commit`'s writer (the
+        step's fused RoPE + store path) while the second writes itself: the same slots and bytes."""
         plans = self.open[i]
         B, n = plans[0].batch_size, plans[0].num_tokens
         self.counter += B * n
         k = tokens(self.counter, B * n, HKV, 2).reshape(B, n, HKV, 2).transpose(0, 2, 1, 3)
-        self.both_plans("commit", plans, k, -k, hold=hold)
+        if writer:
+            a = _outcome(self.caches[0].commit, plans[0], k, -k, hold=hold, writer=_store_writer(self.caches[0], k, -k))
+            b = _outcome(self.caches[1].commit, plans[1], k, -k, hold=hold)
+            assert a == b and _plan_state(plans[0]) == _plan_state(plans[1])
+        else:
+            self.both_plans("commit", plans, k, -k, hold=hold)
         if not hold:
             del self.open[i]
 
     @precondition(lambda self: self.open)
-    @rule(data=st.data(), how=st.sampled_from(["commit", "hold", "finish", "rollback", "abort"]))
-    def end_or_advance(self, data: st.DataObject, how: str) -> None:
+    @rule(data=st.data(), how=st.sampled_from(["commit", "hold", "finish", "rollback", "abort"]), writer=st.booleans())
+    def end_or_advance(self, data: st.DataObject, how: str, writer: bool) -> None:
         i = data.draw(st.integers(0, len(self.open) - 1))
         plans, state = self.open[i], self.open[i][0].state
         if state == "prepared" and how in ("commit", "hold"):
-            self.commit(i, how == "hold")
+            self.commit(i, how == "hold", writer)
         elif state == "prepared":
             self.both_plans("abort", plans)
             del self.open[i]

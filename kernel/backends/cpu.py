@@ -75,8 +75,8 @@ def read_probe(buf: np.ndarray, threads: int | None = None, pin: bool | None = N
 
 
 def host_ops_available() -> bool:
-    """True when the native module is built (its host ops: `native_rope_qk`, `native_scatter`,
-    `native_top_bytes_below`)."""
+    """True when the native module is built (its host ops: `native_rope_qk`, `native_rope_store`,
+    `native_scatter`, `native_top_bytes_below`)."""
     return _native is not None
 
 
@@ -109,6 +109,47 @@ def native_rope_qk(
                     batch=B, hq=hq, hkv=k.shape[1], tokens=T, positions=_addr(pos), cos2=_addr(cos2),
                     sin2=_addr(sin2), table_rows=cos2.shape[0])  # fmt: skip
     return q_out, k_out
+
+
+def native_rope_store(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, cos2: np.ndarray, sin2: np.ndarray,
+    k_pool: np.ndarray, v_pool: np.ndarray, blocks: np.ndarray, offsets: np.ndarray,
+) -> np.ndarray | None:
+    """`native_rope_qk` of q `[B, Hq, T, d]` and k `[B, Hkv, T, d]` with the rotated k and v
+    `[B, Hkv, T, d]` stored straight into pools `[Hkv, NB, BL, d]` at slots (blocks, offsets)
+    (int `[B, T]`, distinct), in one native pass: k is never materialised rotated, and the next
+    sequence's slot lines are prefetched while this one's rows are rotated. Returns the rotated q,
+    bit-identical to `native_rope_qk`'s (and the pools get what `native_scatter` of its k and v would
+    write). None (nothing written) when the module is absent or the call is not covered: dtypes
+    other than float32/bfloat16/float16, k, v and the pools not all of one dtype, pools not
+    C-contiguous, odd or > 256 head dim, mismatched shapes. ValueError (nothing written) for a
+    position outside the table or a slot outside the pools."""  # fmt: skip
+    if _native is None or q.ndim != 4 or k.ndim != 4:
+        return None
+    qc, kc = _ROPE_CODES.get(q.dtype), _ROPE_CODES.get(k.dtype)
+    B, hq, T, d = q.shape
+    if qc is None or kc is None or d % 2 or d > _MAX_D or k.shape[0] != B or k.shape[2:] != (T, d):
+        return None
+    if v.shape != k.shape or v.dtype != k.dtype or k_pool.dtype != k.dtype or v_pool.dtype != k.dtype:
+        return None
+    if k_pool.ndim != 4 or k_pool.shape != v_pool.shape or k_pool.shape[0] != k.shape[1] or k_pool.shape[3] != d:
+        return None
+    if not (k_pool.flags.c_contiguous and v_pool.flags.c_contiguous):
+        return None
+    if positions.shape != (B, T) or blocks.shape != (B, T) or offsets.shape != (B, T):
+        return None
+    if cos2.shape[1:] != (d,) or sin2.shape != cos2.shape:
+        return None
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
+    pos, blk, off = _c(positions, np.int64), _c(blocks, np.int64), _c(offsets, np.int64)
+    cos2, sin2 = _c(cos2, np.float32), _c(sin2, np.float32)
+    q_out = np.empty(q.shape, q.dtype)
+    _native.rope_store(q=_addr(q), k=_addr(k), v=_addr(v), q_out=_addr(q_out), q_dtype=qc, k_dtype=kc, d=d,
+                       batch=B, hq=hq, hkv=k.shape[1], tokens=T, positions=_addr(pos), cos2=_addr(cos2),
+                       sin2=_addr(sin2), table_rows=cos2.shape[0], k_pool=_addr(k_pool), v_pool=_addr(v_pool),
+                       num_blocks=k_pool.shape[1], bl=k_pool.shape[2], blocks=_addr(blk),
+                       offsets=_addr(off))  # fmt: skip
+    return q_out
 
 
 def native_top_bytes_below(data: bytes, itemsize: int, mask: int, limit: int) -> bool:

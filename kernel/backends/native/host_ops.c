@@ -6,6 +6,9 @@
  *    the sum, and the sum rounded to the I/O dtype to nearest even. No fused multiply-add may
  *    form here (it would round once instead of three times): contraction is switched off below.
  *  - tkg_scatter_rows: the store's write of new K/V rows into the pools at (block, offset) slots.
+ *  - tkg_rope_store: both of the above for a decode step in one pass: q rotated into q_out, k rotated
+ *    straight into its pool slots (no rotated copy of k in between), v copied into its slots, with
+ *    the next sequence's slot lines prefetched while this one's rows are rotated.
  *  - tkg_refcount_add: the block pool's reference counts of a step's held blocks, +1 or -1.
  *  - tkg_top_bytes_below: the wire check of q/k/v (`tkg.codec.bounded_bytes`): every value's top
  *    byte, masked, below a limit.
@@ -122,6 +125,61 @@ int tkg_rope_qk(const tkg_rope *r) {
                 load_row((const char *)(is_q ? r->q : r->k) + row, dtype, d, x);
                 rotate_row(x, c, s, half, y);
                 store_row((char *)(is_q ? r->q_out : r->k_out) + row, dtype, d, y);
+            }
+        }
+    }
+    return 0;
+}
+
+/* Prefetch (for writing) every line of sequence b's K and V slots: they sit in pools far larger
+ * than the caches, and each store would otherwise wait for its line from memory. */
+static inline void prefetch_slots(const tkg_rope *r, const tkg_kv_dst *w, int64_t b, size_t row) {
+    size_t head = (size_t)(w->num_blocks * w->bl) * row;
+    for (int64_t t = 0; t < r->tokens; t++) {
+        size_t slot = (size_t)(w->blocks[b * r->tokens + t] * w->bl + w->offsets[b * r->tokens + t]) * row;
+        for (int64_t h = 0; h < r->hkv; h++) {
+            const char *kd = (const char *)w->k_pool + (size_t)h * head + slot;
+            const char *vd = (const char *)w->v_pool + (size_t)h * head + slot;
+            for (size_t o = 0; o < row; o += 64) {
+                __builtin_prefetch(kd + o, 1, 3);
+                __builtin_prefetch(vd + o, 1, 3);
+            }
+        }
+    }
+}
+
+TKG_CLONES
+int tkg_rope_store(const tkg_rope *r, const tkg_kv_dst *w) {
+    int d = r->d, half = d / 2;
+    int64_t n = r->batch * r->tokens;
+    for (int64_t i = 0; i < n; i++) { /* check everything first: a refusal writes nothing */
+        if (r->positions[i] < 0 || r->positions[i] >= r->table_rows) return -1;
+        if (w->blocks[i] < 0 || w->blocks[i] >= w->num_blocks || w->offsets[i] < 0 || w->offsets[i] >= w->bl)
+            return -2;
+    }
+    float x[TKG_MAX_D], y[TKG_MAX_D];
+    size_t qrow = (size_t)d * (size_t)item_size(r->q_dtype), krow = (size_t)d * (size_t)item_size(r->k_dtype);
+    size_t head = (size_t)(w->num_blocks * w->bl) * krow; /* bytes between a pool's heads */
+    if (r->batch > 0) prefetch_slots(r, w, 0, krow);
+    for (int64_t b = 0; b < r->batch; b++) {
+        /* The next sequence's slot lines load while this one's 2 * heads rows are computed. */
+        if (b + 1 < r->batch) prefetch_slots(r, w, b + 1, krow);
+        for (int64_t t = 0; t < r->tokens; t++) {
+            int64_t p = r->positions[b * r->tokens + t];
+            const float *c = r->cos2 + p * d, *s = r->sin2 + p * d;
+            size_t slot = (size_t)(w->blocks[b * r->tokens + t] * w->bl + w->offsets[b * r->tokens + t]) * krow;
+            for (int64_t h = 0; h < r->hq; h++) {
+                size_t at = (size_t)((b * r->hq + h) * r->tokens + t) * qrow;
+                load_row((const char *)r->q + at, r->q_dtype, d, x);
+                rotate_row(x, c, s, half, y);
+                store_row((char *)r->q_out + at, r->q_dtype, d, y);
+            }
+            for (int64_t h = 0; h < r->hkv; h++) {
+                size_t at = (size_t)((b * r->hkv + h) * r->tokens + t) * krow;
+                load_row((const char *)r->k + at, r->k_dtype, d, x);
+                rotate_row(x, c, s, half, y);
+                store_row((char *)w->k_pool + (size_t)h * head + slot, r->k_dtype, d, y);
+                memcpy((char *)w->v_pool + (size_t)h * head + slot, (const char *)w->v + at, krow);
             }
         }
     }

@@ -123,6 +123,22 @@ typedef struct {
 /* Returns 0, or -1 when a position is outside [0, table_rows) (rows before it are written). */
 int tkg_rope_qk(const tkg_rope *r);
 
+/* Where tkg_rope_store puts a step's k and v: v [batch, hkv, tokens, d] C-contiguous in k's dtype;
+ * k_pool, v_pool [hkv, num_blocks, bl, d] C-contiguous in k's dtype; token t of sequence b goes to
+ * block blocks[b * tokens + t], row offsets[b * tokens + t] of the block (distinct slots). */
+typedef struct {
+    void *k_pool, *v_pool;
+    const void *v;
+    int64_t num_blocks, bl;
+    const int64_t *blocks, *offsets;
+} tkg_kv_dst;
+
+/* tkg_rope_qk's rotation of q into q_out (r->k_out unused) and of k straight into its pool slots,
+ * v copied into its slots, bit for bit what tkg_rope_qk then tkg_scatter_rows write. Returns 0; -1
+ * (nothing written) when a position is outside [0, table_rows); -2 (nothing written) when a block
+ * or offset is out of range. */
+int tkg_rope_store(const tkg_rope *r, const tkg_kv_dst *w);
+
 /* Rows of d elements of `itemsize` bytes: src row (h, i0, i1) (byte strides src_strides) goes to
  * dst [heads, num_blocks, bl, d] (C-contiguous per head, dst_head_stride elements between heads) at
  * block blocks[i], row offsets[i] of the block, i = i0 * n1 + i1. */
