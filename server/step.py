@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from tkg import codec
 from tkg.dtypes import FP8, to_fp8
 from tkg.server.appends import AppendPlan
 from tkg.server.auth import Tenant
@@ -280,11 +281,16 @@ class StepEngine:
                     cache.commit(plan, k[row : row + n], v[row : row + n], hold=not inline)
                     row += n
             tables = _stack_tables([p.block_tables for _, p in plans])
+            if ready[0].return_lse:
+                extra: dict[str, Any] = {"return_lse": True}
+            elif len(ready) == 1:  # the answer is all of out: encoded without a copy (`codec.output_array`)
+                extra = {"out": codec.output_array(q.shape, q.dtype)}
+            else:
+                extra = {}
             kernel = functools.partial(
                 _timed, cache.decode, layer, q, k, v, tables, lens,
                 scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
-                **self.cores.options(inline), **self._scale_options(layer),
-                **({"return_lse": True} if ready[0].return_lse else {}),
+                **self.cores.options(inline), **self._scale_options(layer), **extra,
             )  # fmt: skip
             if inline:
                 out, attention_s = kernel()

@@ -1,7 +1,8 @@
 """The step's host passes on the `cpu` backend: RoPE of q and k done in the commit's store write
-(`StepEngine._commit_rotated`, `HostKVStore.write_rope`) answers and stores exactly what the
-unfused passes (`rotate_qk`, then `commit`'s store write) do, on the scalar and the general append
-path, launched on the event loop or held on the worker thread, and with a window layer."""
+(`StepEngine._commit_rotated`, `HostKVStore.write_rope`) and answers encoded from the kernel's
+`codec.output_array` answer and store exactly what the unfused passes (`rotate_qk`, then
+`commit`'s store write; `tobytes`) do, on the scalar and the general append path, launched on the
+event loop or held on the worker thread, and with a window layer."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from support.service import make_service
 
+from tkg import codec
 from tkg.client.messages import DecodeInput, decode_request
 from tkg.dtypes import BF16
 from tkg.kernel.backends import cpu
@@ -34,6 +36,7 @@ async def _run(fused: bool, inline: bool, batches: list[int], monkeypatch: pytes
     assert engine._rope_in_write  # a bf16 host store with the native pass: fused unless switched off
     engine._rope_in_write = fused
     monkeypatch.setattr(engine.lone, "inline", lambda kv_bytes: inline)
+    monkeypatch.setattr(codec, "OUTPUT_MIN_BYTES", 0 if fused else 1 << 40)  # every answer, or none, in place
     svc.start()
     rng = np.random.default_rng(7)
     ids = [f"s{i}" for i in range(max(batches))]
@@ -65,10 +68,14 @@ def test_rope_in_the_store_write_is_bit_identical_to_rope_then_write(
         return real(self, *args)
 
     monkeypatch.setattr(HostKVStore, "write_rope", counted)
+    whole, real_whole = [], codec._whole_bytes
+    monkeypatch.setattr(codec, "_whole_bytes", lambda a: whole.append(real_whole(a) is not None) or real_whole(a))
     fused, svc_f = asyncio.run(_run(True, inline, batches, monkeypatch))
     assert len(calls) == 2 * len(batches)  # every step took the fused pass
+    assert whole == [True] * 2 * len(batches)  # and every answer went out without tobytes
     unfused, svc_u = asyncio.run(_run(False, inline, batches, monkeypatch))
     assert len(calls) == 2 * len(batches)  # and none of the unfused run's
+    assert whole[2 * len(batches) :] == [False] * 2 * len(batches)  # all through tobytes
     assert fused == unfused
     for a, b in zip([*svc_f.cache.store.k, *svc_f.cache.store.v], [*svc_u.cache.store.k, *svc_u.cache.store.v],
                     strict=True):  # fmt: skip
