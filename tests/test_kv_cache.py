@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from support.fakes import FakeClock
 
 from tkg.dtypes import BF16
+from tkg.kernel.backends import cpu
 from tkg.server.appends import Writer
 from tkg.server.block_pool import BlockPool
 from tkg.server.errors import (
@@ -957,8 +958,9 @@ def test_a_commit_whose_writer_fails_is_undone_whole(small_batch: int, hold: boo
 
 
 class FastVsGeneralMachine(RuleBasedStateMachine):
-    """Two caches fed the same random operations: one may take the scalar fast path
-    (`small_batch` 8), the other never does (0). Every result, error, plan, table, length,
+    """Three caches fed the same random operations: the first may take the native fast path
+    (`native_appends`, where the module is built), the second the scalar one (`small_batch` 8),
+    the third never a fast path (0). Every result, error, plan, table, length,
     reference count, free-stack order and stored byte must agree. Plans stay open (prepared, or
     held as while a kernel reads them) while other operations run: appends at the same or the
     other layer, forks, truncates, releases and slot reuse, so both paths meet pending
@@ -971,25 +973,30 @@ class FastVsGeneralMachine(RuleBasedStateMachine):
         self.caches = [
             KVCache(num_layers=L, num_kv_heads=HKV, head_dim=2, block_len=block_len, num_blocks=num_blocks,
                     max_context=14, clock=self.clock)
-            for _ in range(2)
+            for _ in range(3)
         ]  # fmt: skip
-        self.caches[1].small_batch = 0
+        self.caches[0].native_appends = cpu.host_ops_available()
+        self.caches[1].native_appends = False
+        self.caches[2].small_batch = 0
         self.open: list[tuple] = []  # the two caches' plans of each prepared or held append
         self.counter = 0
         for sid in IDS[:2]:  # most rules need a sequence
             self.both("create", sid)
 
     def both(self, op: str, *args: object) -> object:
-        a, b = (_outcome(getattr(c, op), *args) for c in self.caches)
-        if a[0] == "ok" and op == "prepare_append":
-            assert _plan_state(a[1]) == _plan_state(b[1])
-        else:
-            assert a == b
-        return (a[1], b[1]) if a[0] == "ok" else None
+        """`op` on every cache: the same outcome (for a prepare, the same plan)."""
+        a, *rest = (_outcome(getattr(c, op), *args) for c in self.caches)
+        for b in rest:
+            if a[0] == "ok" and op == "prepare_append":
+                assert b[0] == "ok" and _plan_state(a[1]) == _plan_state(b[1])
+            else:
+                assert a == b
+        return tuple(x[1] for x in (a, *rest)) if a[0] == "ok" else None
 
     def both_plans(self, op: str, plans: tuple, *args: object, **kwargs: object) -> None:
-        a, b = (_outcome(getattr(c, op), p, *args, **kwargs) for c, p in zip(self.caches, plans, strict=True))
-        assert a == b and _plan_state(plans[0]) == _plan_state(plans[1])
+        a, *rest = (_outcome(getattr(c, op), p, *args, **kwargs) for c, p in zip(self.caches, plans, strict=True))
+        for b, plan in zip(rest, plans[1:], strict=True):
+            assert a == b and _plan_state(plans[0]) == _plan_state(plan)
 
     def ids(self) -> list[str]:
         return self.caches[0].sequence_ids()
@@ -1020,10 +1027,14 @@ class FastVsGeneralMachine(RuleBasedStateMachine):
         B, n = plans[0].batch_size, plans[0].num_tokens
         self.counter += B * n
         k = tokens(self.counter, B * n, HKV, 2).reshape(B, n, HKV, 2).transpose(0, 2, 1, 3)
-        if writer:
-            a = _outcome(self.caches[0].commit, plans[0], k, -k, hold=hold, writer=_store_writer(self.caches[0], k, -k))
-            b = _outcome(self.caches[1].commit, plans[1], k, -k, hold=hold)
-            assert a == b and _plan_state(plans[0]) == _plan_state(plans[1])
+        if writer:  # the fast paths write through the writer, the general path itself
+            got = [
+                _outcome(c.commit, p, k, -k, hold=hold, **({} if c is self.caches[-1] else
+                                                            {"writer": _store_writer(c, k, -k)}))
+                for c, p in zip(self.caches, plans, strict=True)
+            ]  # fmt: skip
+            for b, plan in zip(got[1:], plans[1:], strict=True):
+                assert got[0] == b and _plan_state(plans[0]) == _plan_state(plan)
         else:
             self.both_plans("commit", plans, k, -k, hold=hold)
         if not hold:
@@ -1064,10 +1075,11 @@ class FastVsGeneralMachine(RuleBasedStateMachine):
     def same_state(self) -> None:
         if not hasattr(self, "caches"):
             return
-        a, b = self.caches
-        assert _cache_state(a) == _cache_state(b)
-        for x, y in zip([*a.store.k, *a.store.v], [*b.store.k, *b.store.v], strict=True):
-            np.testing.assert_array_equal(x, y)
+        a, *rest = self.caches
+        for b in rest:
+            assert _cache_state(a) == _cache_state(b)
+            for x, y in zip([*a.store.k, *a.store.v], [*b.store.k, *b.store.v], strict=True):
+                np.testing.assert_array_equal(x, y)
 
     def teardown(self) -> None:
         if not hasattr(self, "caches"):

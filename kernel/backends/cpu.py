@@ -174,6 +174,54 @@ def native_refcount_add(ref: np.ndarray, ids: np.ndarray, delta: int) -> tuple[n
     return freed[:k], int(crossed)
 
 
+def native_append_prepare(
+    slots: np.ndarray, positions: np.ndarray, base: np.ndarray, lengths: np.ndarray, pending: np.ndarray,
+    num_blocks: np.ndarray, last_used: np.ndarray, layer: int, num_tokens: int, max_context: int, block_len: int,
+    free_count: int, now: float,
+) -> tuple[int, np.ndarray] | None:
+    """The common decode append's prepare over a sequence table's rows (`tkg.server.appends`), one
+    native pass: `batch` distinct `slots` (int64 `[B]`) at absolute `positions` (int64 `[B]`), each
+    at its length at `layer` (`positions - base`), none `pending` there, within `max_context`, the
+    new blocks within `free_count`. Returns (new blocks, lengths before int64 `[B]`) with pending set
+    and `last_used` = now; None (nothing changed) when anything is otherwise or the module is absent.
+    The rows: lengths and pending `[capacity, layers]` int64 and bool, base and num_blocks int64
+    and last_used float64 `[capacity]`, all C-contiguous (ValueError otherwise)."""  # fmt: skip
+    if _native is None:
+        return None
+    rel = np.empty(slots.shape[0], np.int64)
+    fresh = _native.append_prepare(slots, positions, base, lengths, pending, num_blocks, last_used, rel, layer,
+                                   lengths.shape[1], num_tokens, max_context, block_len, free_count, now)  # fmt: skip
+    return None if fresh < 0 else (fresh, rel)
+
+
+def native_append_commit(
+    slots: np.ndarray, generations: np.ndarray, ends: np.ndarray, tables: np.ndarray, num_blocks: np.ndarray,
+    lengths: np.ndarray, pending: np.ndarray, generation: np.ndarray, reserved: np.ndarray, layer: int,
+    num_tokens: int, block_len: int, hold: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int, int] | None:
+    """The common decode append's commit over a sequence table's rows (`tkg.server.appends`), one
+    native pass, for a plan whose `slots` (int64 `[B]`) all still have their `generations`: new
+    blocks from `reserved` (int32, in order) at the tables' ends, lengths after `ends` (int32 `[B]`)
+    set at `layer`, pending cleared unless `hold`. Returns (blocks, offsets int64 `[B, num_tokens]`
+    of the written slots, the tables int32 `[B, width]`, with `hold` the blocks each row uses row by
+    row (int32) else None, reserved blocks used, tokens added to the rows' longest layers); None
+    (nothing changed) when a slot was released since or the module is absent."""  # fmt: skip
+    if _native is None:
+        return None
+    B = slots.shape[0]
+    width = max(1, -(-int(ends.max()) // block_len))
+    blocks, offsets = np.empty((B, num_tokens), np.int64), np.empty((B, num_tokens), np.int64)
+    tables_out = np.empty((B, width), np.int32)
+    held = np.empty(B * width if hold else 0, np.int32)
+    got = _native.append_commit(slots, generations, ends, tables, num_blocks, lengths, pending, generation, reserved,
+                                blocks, offsets, tables_out, held, layer, lengths.shape[1], num_tokens, block_len,
+                                int(hold), tables.shape[1], width)  # fmt: skip
+    if got is None:
+        return None
+    used, grown, nheld = got
+    return blocks, offsets, tables_out, (held[:nheld] if hold else None), used, grown
+
+
 # A scatter this large releases the GIL while it copies, as numpy's fancy assignment does: bulk
 # writes (server/writes.py) run on the kernel worker thread, and the event loop goes on meanwhile.
 # Lock-free assumption: the slots written are ones the loop reserved for this write and holds until

@@ -10,6 +10,9 @@
  *    straight into its pool slots (no rotated copy of k in between), v copied into its slots, with
  *    the next sequence's slot lines prefetched while this one's rows are rotated.
  *  - tkg_refcount_add: the block pool's reference counts of a step's held blocks, +1 or -1.
+ *  - tkg_append_prepare, tkg_append_commit: the KV cache's two-phase append of a common decode step
+ *    (`tkg.server.appends`: no block shared, every sequence live) over its sequence table's rows,
+ *    in one pass each instead of ~25 numpy calls on arrays of a few dozen entries.
  *  - tkg_top_bytes_below: the wire check of q/k/v (`tkg.codec.bounded_bytes`): every value's top
  *    byte, masked, below a limit.
  *
@@ -272,4 +275,62 @@ int64_t tkg_refcount_add(int32_t *ref, int64_t nref, const void *ids, int id_siz
     }
     *crossed = cross;
     return nfreed;
+}
+
+int64_t tkg_append_prepare(const tkg_prepare *p) {
+    int64_t L = p->num_layers, n = p->num_tokens, fresh = 0;
+    for (int64_t b = 0; b < p->batch; b++) { /* check everything first: a refusal changes nothing */
+        int64_t slot = p->slots[b], pos = p->positions[b];
+        if (slot < 0 || slot >= p->capacity || pos > p->max_context - n) return -1;
+        int64_t rel = pos - p->base[slot];
+        if (p->lengths[slot * L + p->layer] != rel || p->pending[slot * L + p->layer]) return -1;
+        int64_t need = (rel + n + p->bl - 1) / p->bl - p->num_blocks[slot];
+        fresh += need > 0 ? need : 0;
+        p->rel[b] = rel;
+    }
+    if (fresh > p->free_count) return -1;
+    for (int64_t b = 0; b < p->batch; b++) {
+        p->pending[p->slots[b] * L + p->layer] = 1;
+        p->last_used[p->slots[b]] = p->now;
+    }
+    return fresh;
+}
+
+int tkg_append_commit(tkg_commit *c) {
+    int64_t L = c->num_layers, S = c->num_tokens, bl = c->bl, mb = c->max_blocks, want = 0;
+    if (c->width < 1 || c->width > mb) return -1;
+    for (int64_t b = 0; b < c->batch; b++) { /* check everything first: a refusal changes nothing */
+        int64_t slot = c->slots[b], end = c->ends[b];
+        if (slot < 0 || slot >= c->capacity || c->generation_now[slot] != c->generations[b]) return -1;
+        int64_t need = (end + bl - 1) / bl;
+        if (end < S || need > c->width) return -1;
+        want += need > c->num_blocks[slot] ? need - c->num_blocks[slot] : 0;
+    }
+    if (want > c->nreserved) return -1;
+    int64_t used = 0, grown = 0, nheld = 0;
+    for (int64_t b = 0; b < c->batch; b++) {
+        int64_t slot = c->slots[b], end = c->ends[b], need = (end + bl - 1) / bl, held = c->num_blocks[slot];
+        int32_t *row = c->tables + slot * mb;
+        if (need > held) { /* new blocks at the table's end (none when another layer grew it first) */
+            for (int64_t j = held; j < need; j++) row[j] = c->reserved[used++];
+            c->num_blocks[slot] = need;
+        }
+        int64_t *len = c->lengths + slot * L, top = len[0];
+        for (int64_t l = 1; l < L; l++) top = len[l] > top ? len[l] : top;
+        grown += end > top ? end - top : 0;
+        len[c->layer] = end;
+        if (!c->hold) c->pending[slot * L + c->layer] = 0;
+        for (int64_t i = 0; i < S; i++) {
+            int64_t t = end - S + i;
+            c->blocks[b * S + i] = row[t / bl];
+            c->offsets[b * S + i] = t % bl;
+        }
+        memcpy(c->tables_out + b * c->width, row, sizeof(int32_t) * (size_t)c->width);
+        if (c->hold)
+            for (int64_t j = 0; j < need; j++) c->held[nheld++] = row[j];
+    }
+    c->used = used;
+    c->grown = grown;
+    c->nheld = nheld;
+    return 0;
 }

@@ -155,6 +155,49 @@ typedef struct {
 /* Returns 0, or -1 (nothing written) when a block or offset is out of range. */
 int tkg_scatter_rows(const tkg_scatter *w);
 
+/* The KV cache's sequence rows (`tkg.server.sequences.SequenceTable`, C-contiguous): lengths and
+ * pending [capacity, num_layers] (int64, bool bytes), base, num_blocks, generation [capacity]
+ * int64, last_used [capacity] double, tables [capacity, max_blocks] int32. */
+
+/* A prepare of num_tokens at `layer` for `batch` distinct slots at absolute positions: every slot at
+ * its length there (positions - base), none in flight, within max_context, new blocks within
+ * free_count. Returns the new blocks it needs, with rel[b] = positions[b] - base (lengths before),
+ * pending set and last_used = now; or -1 (nothing changed) when anything is otherwise. */
+typedef struct {
+    const int64_t *slots, *positions;
+    int64_t batch, layer, num_layers, num_tokens, max_context, bl, free_count, capacity;
+    const int64_t *base, *lengths, *num_blocks;
+    uint8_t *pending;
+    double *last_used, now;
+    int64_t *rel;
+} tkg_prepare;
+int64_t tkg_append_prepare(const tkg_prepare *p);
+
+/* A commit of a prepared plan of `batch` slots (their generations at prepare), lengths after `ends`:
+ * new blocks taken from reserved (in order) at the tables' ends, lengths at `layer` set (grown: the
+ * tokens added to each row's longest layer), pending cleared unless `hold`; out: the written slots
+ * blocks/offsets [batch, num_tokens] int64, tables_out [batch, width] int32, and with `hold` the
+ * blocks each row uses, row by row, in held (room batch * width; nheld of them). Returns 0, or -1
+ * (nothing changed) when a slot was released since (generation moved), width is out of range or
+ * reserved is short. */
+typedef struct {
+    const int64_t *slots, *generations;
+    const int32_t *ends; /* int32, as the plan keeps them */
+    int64_t batch, layer, num_layers, num_tokens, bl, hold, max_blocks, capacity;
+    int32_t *tables;
+    int64_t *num_blocks, *lengths;
+    uint8_t *pending;
+    const int64_t *generation_now;
+    const int32_t *reserved;
+    int64_t nreserved;
+    int64_t *blocks, *offsets;
+    int32_t *tables_out;
+    int64_t width;
+    int32_t *held;
+    int64_t used, grown, nheld;
+} tkg_commit;
+int tkg_append_commit(tkg_commit *c);
+
 /* ref[ids[i]] += delta (+1 or -1) for n distinct ids (int32 or int64: id_size 4 or 8), every one
  * held (ref > 0). Returns -1 (nothing changed) when an id is outside [0, nref), -2 (nothing
  * changed) when one is not held; else the number of ids whose count reached 0, written to `freed`
