@@ -144,11 +144,10 @@ def native_rope_store(
     pos, blk, off = _c(positions, np.int64), _c(blocks, np.int64), _c(offsets, np.int64)
     cos2, sin2 = _c(cos2, np.float32), _c(sin2, np.float32)
     q_out = np.empty(q.shape, q.dtype)
-    _native.rope_store(q=_addr(q), k=_addr(k), v=_addr(v), q_out=_addr(q_out), q_dtype=qc, k_dtype=kc, d=d,
-                       batch=B, hq=hq, hkv=k.shape[1], tokens=T, positions=_addr(pos), cos2=_addr(cos2),
-                       sin2=_addr(sin2), table_rows=cos2.shape[0], k_pool=_addr(k_pool), v_pool=_addr(v_pool),
-                       num_blocks=k_pool.shape[1], bl=k_pool.shape[2], blocks=_addr(blk),
-                       offsets=_addr(off))  # fmt: skip
+    # Arrays go as buffers (the module reads and checks their sizes): reading eleven addresses here
+    # costs more than a small step's whole pass.
+    _native.rope_store(q, k, v, q_out, pos, cos2, sin2, k_pool, v_pool, blk, off, qc, kc, d, B, hq, k.shape[1], T,
+                       cos2.shape[0], k_pool.shape[1], k_pool.shape[2])  # fmt: skip
     return q_out
 
 

@@ -452,55 +452,6 @@ static PyObject *py_rope_qk(PyObject *self, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_rope_store(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *names[] = {"q", "k", "v", "q_out", "q_dtype", "k_dtype", "d", "batch", "hq", "hkv", "tokens",
-                            "positions", "cos2", "sin2", "table_rows", "k_pool", "v_pool", "num_blocks", "bl",
-                            "blocks", "offsets", NULL};
-    unsigned long long q, k, v, q_out, positions, cos2, sin2, k_pool, v_pool, blocks, offsets;
-    tkg_rope r;
-    tkg_kv_dst w;
-    memset(&r, 0, sizeof(r));
-    memset(&w, 0, sizeof(w));
-    long long batch, hq, hkv, tokens, table_rows, nb, bl;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKKKiiiLLLLKKKLKKLLKK", names, &q, &k, &v, &q_out, &r.q_dtype,
-                                     &r.k_dtype, &r.d, &batch, &hq, &hkv, &tokens, &positions, &cos2, &sin2,
-                                     &table_rows, &k_pool, &v_pool, &nb, &bl, &blocks, &offsets))
-        return NULL;
-    if (r.q_dtype < 0 || r.q_dtype > 2 || r.k_dtype < 0 || r.k_dtype > 2)
-        return PyErr_Format(PyExc_ValueError, "q_dtype/k_dtype: expected 0 (f32), 1 (bf16) or 2 (f16)");
-    if (r.d < 2 || r.d > TKG_MAX_D || r.d % 2)
-        return PyErr_Format(PyExc_ValueError, "d: %d; expected an even number in [2, %d]", r.d, TKG_MAX_D);
-    if (batch < 0 || hq < 0 || hkv < 0 || tokens < 0 || table_rows < 0 || nb < 0 || bl < 1)
-        return PyErr_Format(PyExc_ValueError, "batch, hq, hkv, tokens, table_rows, num_blocks: expected >= 0; bl >= 1");
-    r.q = (const void *)(uintptr_t)q;
-    r.k = (const void *)(uintptr_t)k;
-    r.q_out = (void *)(uintptr_t)q_out;
-    r.batch = batch;
-    r.hq = hq;
-    r.hkv = hkv;
-    r.tokens = tokens;
-    r.positions = (const int64_t *)(uintptr_t)positions;
-    r.cos2 = (const float *)(uintptr_t)cos2;
-    r.sin2 = (const float *)(uintptr_t)sin2;
-    r.table_rows = table_rows;
-    w.k_pool = (void *)(uintptr_t)k_pool;
-    w.v_pool = (void *)(uintptr_t)v_pool;
-    w.v = (const void *)(uintptr_t)v;
-    w.num_blocks = nb;
-    w.bl = bl;
-    w.blocks = (const int64_t *)(uintptr_t)blocks;
-    w.offsets = (const int64_t *)(uintptr_t)offsets;
-    /* The GIL stays held, as for rope_qk: a step's pass is tens of microseconds. */
-    int rc = tkg_rope_store(&r, &w);
-    if (rc == -1)
-        return PyErr_Format(PyExc_ValueError, "positions: expected every position in [0, %lld)", table_rows);
-    if (rc < 0)
-        return PyErr_Format(PyExc_ValueError, "blocks/offsets: expected blocks in [0, %lld) and offsets in [0, %lld)",
-                            nb, bl);
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_scatter_rows(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *names[] = {"dst", "dst_head_stride", "num_blocks", "bl", "src", "src_strides", "heads", "n0", "n1",
@@ -656,6 +607,58 @@ done:
     return out;
 }
 
+static PyObject *py_rope_store(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *q, *k, *v, *q_out, *positions, *cos2, *sin2, *k_pool, *v_pool, *blocks, *offsets;
+    tkg_rope r;
+    tkg_kv_dst w;
+    memset(&r, 0, sizeof(r));
+    memset(&w, 0, sizeof(w));
+    long long batch, hq, hkv, tokens, table_rows, nb, bl;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOiiiLLLLLLL", &q, &k, &v, &q_out, &positions, &cos2, &sin2, &k_pool,
+                          &v_pool, &blocks, &offsets, &r.q_dtype, &r.k_dtype, &r.d, &batch, &hq, &hkv, &tokens,
+                          &table_rows, &nb, &bl))
+        return NULL;
+    if (r.q_dtype < 0 || r.q_dtype > 2 || r.k_dtype < 0 || r.k_dtype > 2)
+        return PyErr_Format(PyExc_ValueError, "q_dtype/k_dtype: expected 0 (f32), 1 (bf16) or 2 (f16)");
+    if (r.d < 2 || r.d > TKG_MAX_D || r.d % 2)
+        return PyErr_Format(PyExc_ValueError, "d: %d; expected an even number in [2, %d]", r.d, TKG_MAX_D);
+    if (batch < 0 || hq < 0 || hkv < 0 || tokens < 0 || table_rows < 0 || nb < 0 || bl < 1)
+        return PyErr_Format(PyExc_ValueError, "batch, hq, hkv, tokens, table_rows, num_blocks: expected >= 0; bl >= 1");
+    Py_ssize_t qs = r.q_dtype == 0 ? 4 : 2, ks = r.k_dtype == 0 ? 4 : 2, n = batch * tokens;
+    tkg_views vw = {.n = 0};
+    PyObject *out = NULL;
+    if (!(r.q = view_of(&vw, q, qs, batch * hq * tokens * r.d, 0, "q")) ||
+        !(r.k = view_of(&vw, k, ks, batch * hkv * tokens * r.d, 0, "k")) ||
+        !(w.v = view_of(&vw, v, ks, batch * hkv * tokens * r.d, 0, "v")) ||
+        !(r.q_out = view_of(&vw, q_out, qs, batch * hq * tokens * r.d, 1, "q_out")) ||
+        !(r.positions = view_of(&vw, positions, 8, n, 0, "positions")) ||
+        !(r.cos2 = view_of(&vw, cos2, 4, table_rows * r.d, 0, "cos2")) ||
+        !(r.sin2 = view_of(&vw, sin2, 4, table_rows * r.d, 0, "sin2")) ||
+        !(w.k_pool = view_of(&vw, k_pool, ks, hkv * nb * bl * r.d, 1, "k_pool")) ||
+        !(w.v_pool = view_of(&vw, v_pool, ks, hkv * nb * bl * r.d, 1, "v_pool")) ||
+        !(w.blocks = view_of(&vw, blocks, 8, n, 0, "blocks")) || !(w.offsets = view_of(&vw, offsets, 8, n, 0, "offsets")))
+        goto done;
+    r.batch = batch;
+    r.hq = hq;
+    r.hkv = hkv;
+    r.tokens = tokens;
+    r.table_rows = table_rows;
+    w.num_blocks = nb;
+    w.bl = bl;
+    /* The GIL stays held, as for rope_qk: a step's pass is tens of microseconds. */
+    int rc = tkg_rope_store(&r, &w);
+    if (rc == -1)
+        PyErr_Format(PyExc_ValueError, "positions: expected every position in [0, %lld)", table_rows);
+    else if (rc < 0)
+        PyErr_Format(PyExc_ValueError, "blocks/offsets: expected blocks in [0, %lld) and offsets in [0, %lld)", nb, bl);
+    else
+        out = Py_NewRef(Py_None);
+done:
+    release_views(&vw);
+    return out;
+}
+
 static PyObject *py_refcount_add(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long ref, ids, freed;
@@ -701,9 +704,10 @@ static PyMethodDef methods[] = {
      "refcount_add(ref, nref, ids, id_size, n, delta, freed) -> (freed count, crossed); see tkg_native.h."},
     {"top_bytes_below", py_top_bytes_below, METH_VARARGS,
      "top_bytes_below(data, itemsize, mask, limit) -> bool: every value's top byte & mask < limit."},
-    {"rope_store", (PyCFunction)(void (*)(void))py_rope_store, METH_VARARGS | METH_KEYWORDS,
-     "rope_store(**addresses and shapes): a step's RoPE of q and k with k and v into their pool slots; see "
-     "tkg_rope_store in tkg_native.h."},
+    {"rope_store", py_rope_store, METH_VARARGS,
+     "rope_store(q, k, v, q_out, positions, cos2, sin2, k_pool, v_pool, blocks, offsets, q_dtype, k_dtype, d, batch, "
+     "hq, hkv, tokens, table_rows, num_blocks, bl): a step's RoPE of q and k with k and v into their pool slots "
+     "(arrays as buffers); see tkg_rope_store in tkg_native.h."},
     {"append_prepare", py_append_prepare, METH_VARARGS,
      "append_prepare(slots, positions, base, lengths, pending, num_blocks, last_used, rel, layer, num_layers, "
      "num_tokens, max_context, bl, free_count, now) -> new blocks, or -1; see tkg_prepare in tkg_native.h."},
