@@ -208,7 +208,7 @@ class StepEngine:
                 if not work.future.done():
                     work.future.set_exception(exc)
             return
-        self._deliver(ready, out, lens, attention_s, t_start)
+        self._deliver(ready, out, len(lens), self._read_bytes(layer, lens), attention_s, t_start)
 
     def _prepare(self, batch: list[DecodeWork], S: int) -> tuple[list[DecodeWork], Plans]:
         """Reserve the batch's appends. A batch of one tenant's requests takes one `prepare_append`
@@ -263,12 +263,16 @@ class StepEngine:
             else:
                 q, k, v = (np.concatenate([getattr(w, x) for w in ready]) for x in "qkv")
             lens = np.concatenate([p.seq_lens for _, p in plans]) if len(plans) > 1 else plans[0][1].seq_lens
-            inline = self.lone.inline(self._read_bytes(layer, lens))
+            kv_bytes = self._read_bytes(layer, lens)
+            inline = self.lone.inline(kv_bytes)
             # A launch on the worker thread holds the blocks it reads while the loop goes on; an
             # inline one runs before the loop can apply anything else: no hold needed.
             fused = self._rope_in_write and len(plans) == 1
             if self.rope is not None:
-                pos = np.concatenate([w.positions for w in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
+                if len(ready) == 1 and S == 1:  # [B, 1]: a view, no numpy call on a small array
+                    pos = ready[0].positions[:, None]
+                else:
+                    pos = np.concatenate([w.positions for w in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
                 if fused:  # RoPE of q and k and the store write in one pass
                     q = self._commit_rotated(plans[0][1], q, k, v, pos, not inline)
                 else:
@@ -298,7 +302,7 @@ class StepEngine:
                 loop = asyncio.get_running_loop()
                 job = self._kernel_thread.submit(kernel)
                 done = loop.create_future()
-                step = (ready, plans, lens, t_start, done)
+                step = (ready, plans, len(lens), kv_bytes, t_start, done)
                 job.add_done_callback(lambda job: _call_on(loop, self._kernel_done, job, *step))
         except BaseException:
             self._undo(plans)
@@ -306,7 +310,7 @@ class StepEngine:
         if done is None:
             if self.holds.waiters:  # nobody waits on the event otherwise: no need to replace it
                 self.holds.notify()
-            self._deliver(ready, out, lens, attention_s, t_start)
+            self._deliver(ready, out, len(lens), kv_bytes, attention_s, t_start)
             return
         await done  # cancelled: `_kernel_done` undoes the step once the thread has let go
 
@@ -334,7 +338,7 @@ class StepEngine:
         return rotated[0]
 
     def _kernel_done(
-        self, job: Future, ready: list[DecodeWork], plans: Plans, lens: np.ndarray, t_start: float,
+        self, job: Future, ready: list[DecodeWork], plans: Plans, size: int, kv_bytes: int, t_start: float,
         done: asyncio.Future,
     ) -> None:  # fmt: skip
         """On the loop, as soon as the worker thread's kernel is over: finish the plans and answer
@@ -353,7 +357,7 @@ class StepEngine:
             return
         try:
             self.holds.notify()
-            self._deliver(ready, out, lens, attention_s, t_start)
+            self._deliver(ready, out, size, kv_bytes, attention_s, t_start)
         except BaseException as exc:  # a bug here must still end the step (`run` reports it)
             if not done.done():
                 done.set_exception(exc)
@@ -368,17 +372,18 @@ class StepEngine:
         self.holds.notify()
 
     def _deliver(
-        self, ready: list[DecodeWork], out: Any, lens: np.ndarray, attention_s: float, t_start: float
+        self, ready: list[DecodeWork], out: Any, size: int, kv_bytes: int, attention_s: float, t_start: float
     ) -> None:
         """The step is over (plans finished): metrics, and each caller's rows of `out` with its Timing.
-        `out` is the kernel's `[B, Hq, S, d]`, or (out float32, lse `[B, Hq, S]`) for a return_lse batch."""
+        `out` is the kernel's `[B, Hq, S, d]`, or (out float32, lse `[B, Hq, S]`) for a return_lse batch;
+        `size` its B sequences, which read `kv_bytes` of K+V (`_read_bytes`)."""
         lse = None
         if isinstance(out, tuple):
             out, lse = out
         kernel_s = time.perf_counter() - t_start
-        self.lone.kernel_ran(self._read_bytes(ready[0].layer, lens), attention_s)
-        self.metrics.observe_batch(len(lens), kernel_s, [t_start - w.arrival for w in ready])
-        kernel_us, attention_us, size = int(kernel_s * 1e6), int(attention_s * 1e6), len(lens)
+        self.lone.kernel_ran(kv_bytes, attention_s)
+        self.metrics.observe_batch(size, kernel_s, [t_start - w.arrival for w in ready])
+        kernel_us, attention_us = int(kernel_s * 1e6), int(attention_s * 1e6)
         row = 0
         for work in ready:
             timing = pb.Timing(
