@@ -110,19 +110,20 @@ class FastAppends:
         except KeyError:
             return None
         got = native_append_prepare(
-            slots, pos, seqs.base, seqs.lengths, seqs.pending, seqs.num_blocks, seqs.last_used, layer, num_tokens,
-            self.max_context, self.block_len, self.pool.free_count, self._clock(),
+            slots, pos, seqs.base, seqs.lengths, seqs.pending, seqs.num_blocks, seqs.last_used, seqs.generation,
+            layer, num_tokens, self.max_context, self.block_len, self.pool.free_count, self._clock(),
         )  # fmt: skip
         if got is None:
             return None
-        fresh, rel = got
-        reserved = self.pool.allocate(fresh)  # within free_count: checked by the pass
-        if fresh:
+        fresh, rel, ends, gens = got
+        if fresh:  # within free_count: checked by the pass
+            reserved = self.pool.allocate(fresh)
             self._meter(seq_ids[0], fresh)
+        else:  # most steps: no numpy calls on empty arrays
+            reserved = np.zeros(0, np.int32)
         return AppendPlan(
-            layer=layer, seq_ids=tuple(seq_ids), positions=rel, num_tokens=num_tokens,
-            seq_lens=(rel + num_tokens).astype(np.int32), _slots=slots, _generations=seqs.generation[slots],
-            _reserved=reserved,
+            layer=layer, seq_ids=tuple(seq_ids), positions=rel, num_tokens=num_tokens, seq_lens=ends, _slots=slots,
+            _generations=gens, _reserved=reserved,
         )  # fmt: skip
 
     def _commit_small(

@@ -287,28 +287,29 @@ def test_native_append_passes_refuse_rows_of_other_types_and_change_nothing() ->
     short is a ValueError naming it, before anything changes. (Their results against the general
     numpy path: tests/test_kv_cache.py's FastVsGeneralMachine, which runs all three paths in lockstep.)"""
     cap, L = 4, 2
-    base, num_blocks = np.zeros(cap, np.int64), np.zeros(cap, np.int64)
+    base, num_blocks, gen = np.zeros(cap, np.int64), np.zeros(cap, np.int64), np.array([0, 3, 7, 1], np.int64)
     lengths, pending, last_used = np.zeros((cap, L), np.int64), np.zeros((cap, L), bool), np.zeros(cap)
     slots, pos = np.array([0, 2], np.int64), np.array([0, 0], np.int64)
     with pytest.raises(ValueError, match="lengths"):
-        cpu.native_append_prepare(slots, pos, base, lengths.astype(np.int32), pending, num_blocks, last_used, 0, 1, 8,
-                                  4, 10, 1.0)  # fmt: skip
+        cpu.native_append_prepare(slots, pos, base, lengths.astype(np.int32), pending, num_blocks, last_used, gen, 0,
+                                  1, 8, 4, 10, 1.0)  # fmt: skip
     with pytest.raises(ValueError, match="last_used"):
-        cpu.native_append_prepare(slots, pos, base, lengths, pending, num_blocks, last_used[:1], 0, 1, 8, 4, 10, 1.0)
+        cpu.native_append_prepare(slots, pos, base, lengths, pending, num_blocks, last_used[:1], gen, 0, 1, 8, 4, 10,
+                                  1.0)  # fmt: skip
     assert not pending.any() and not last_used.any()
-    assert cpu.native_append_prepare(slots, pos, base, lengths, pending, num_blocks, last_used, 0, 1, 8, 4, 1,
+    assert cpu.native_append_prepare(slots, pos, base, lengths, pending, num_blocks, last_used, gen, 0, 1, 8, 4, 1,
                                      1.0) is None  # two new blocks, one free  # fmt: skip
     assert not pending.any() and not last_used.any()
-    rows = (base, lengths, pending, num_blocks, last_used)
-    fresh, rel = cpu.native_append_prepare(slots, pos, *rows, 0, 1, 8, 4, 2, 1.0)
+    rows = (base, lengths, pending, num_blocks, last_used, gen)
+    fresh, rel, ends, gens = cpu.native_append_prepare(slots, pos, *rows, 0, 1, 8, 4, 2, 1.0)
     assert fresh == 2 and rel.tolist() == [0, 0] and pending[:, 0].tolist() == [True, False, True, False]
-    tables, gen = np.zeros((cap, 2), np.int32), np.zeros(cap, np.int64)
-    ends = np.array([1, 1], np.int32)
+    assert ends.dtype == np.int32 and ends.tolist() == [1, 1] and gens.tolist() == [0, 7]
+    tables = np.zeros((cap, 2), np.int32)
     with pytest.raises(ValueError, match="reserved"):
-        cpu.native_append_commit(slots, gen[slots], ends, tables, num_blocks, lengths, pending, gen,
+        cpu.native_append_commit(slots, gens, ends, tables, num_blocks, lengths, pending, gen,
                                  np.array([5, 6], np.int64), 0, 1, 4, False)  # fmt: skip
     gen[2] += 1  # slot 2 released since prepare: the general path's business
-    assert cpu.native_append_commit(slots, np.zeros(2, np.int64), ends, tables, num_blocks, lengths, pending, gen,
+    assert cpu.native_append_commit(slots, gens, ends, tables, num_blocks, lengths, pending, gen,
                                     np.array([5, 6], np.int32), 0, 1, 4, False) is None  # fmt: skip
     assert not tables.any() and not num_blocks.any() and not lengths.any() and pending[:, 0].sum() == 2
 

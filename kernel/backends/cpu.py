@@ -175,22 +175,25 @@ def native_refcount_add(ref: np.ndarray, ids: np.ndarray, delta: int) -> tuple[n
 
 def native_append_prepare(
     slots: np.ndarray, positions: np.ndarray, base: np.ndarray, lengths: np.ndarray, pending: np.ndarray,
-    num_blocks: np.ndarray, last_used: np.ndarray, layer: int, num_tokens: int, max_context: int, block_len: int,
-    free_count: int, now: float,
-) -> tuple[int, np.ndarray] | None:
+    num_blocks: np.ndarray, last_used: np.ndarray, generation: np.ndarray, layer: int, num_tokens: int,
+    max_context: int, block_len: int, free_count: int, now: float,
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | None:
     """The common decode append's prepare over a sequence table's rows (`tkg.server.appends`), one
     native pass: `batch` distinct `slots` (int64 `[B]`) at absolute `positions` (int64 `[B]`), each
     at its length at `layer` (`positions - base`), none `pending` there, within `max_context`, the
-    new blocks within `free_count`. Returns (new blocks, lengths before int64 `[B]`) with pending set
-    and `last_used` = now; None (nothing changed) when anything is otherwise or the module is absent.
-    The rows: lengths and pending `[capacity, layers]` int64 and bool, base and num_blocks int64
-    and last_used float64 `[capacity]`, all C-contiguous (ValueError otherwise)."""  # fmt: skip
+    new blocks within `free_count`. Returns (new blocks, lengths before int64 `[B]`, lengths after
+    int32 `[B]`, the slots' generations int64 `[B]`) with pending set and `last_used` = now; None
+    (nothing changed) when anything is otherwise or the module is absent. The rows: lengths and
+    pending `[capacity, layers]` int64 and bool, base, num_blocks and generation int64 and
+    last_used float64 `[capacity]`, all C-contiguous (ValueError otherwise)."""  # fmt: skip
     if _native is None:
         return None
-    rel = np.empty(slots.shape[0], np.int64)
-    fresh = _native.append_prepare(slots, positions, base, lengths, pending, num_blocks, last_used, rel, layer,
-                                   lengths.shape[1], num_tokens, max_context, block_len, free_count, now)  # fmt: skip
-    return None if fresh < 0 else (fresh, rel)
+    B = slots.shape[0]
+    rel, ends, gens = np.empty(B, np.int64), np.empty(B, np.int32), np.empty(B, np.int64)
+    fresh = _native.append_prepare(slots, positions, base, lengths, pending, num_blocks, last_used, generation, rel,
+                                   ends, gens, layer, lengths.shape[1], num_tokens, max_context, block_len, free_count,
+                                   now)  # fmt: skip
+    return None if fresh < 0 else (fresh, rel, ends, gens)
 
 
 def native_append_commit(

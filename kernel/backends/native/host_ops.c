@@ -287,6 +287,8 @@ int64_t tkg_append_prepare(const tkg_prepare *p) {
         int64_t need = (rel + n + p->bl - 1) / p->bl - p->num_blocks[slot];
         fresh += need > 0 ? need : 0;
         p->rel[b] = rel;
+        p->ends[b] = (int32_t)(rel + n);
+        p->generations[b] = p->generation[slot];
     }
     if (fresh > p->free_count) return -1;
     for (int64_t b = 0; b < p->batch; b++) {

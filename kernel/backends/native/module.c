@@ -521,12 +521,13 @@ static void *view_of(tkg_views *v, PyObject *o, Py_ssize_t itemsize, Py_ssize_t 
 
 static PyObject *py_append_prepare(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *slots, *positions, *base, *lengths, *pending, *num_blocks, *last_used, *rel;
+    PyObject *slots, *positions, *base, *lengths, *pending, *num_blocks, *last_used, *generation, *rel, *ends, *gens;
     tkg_prepare p;
     memset(&p, 0, sizeof(p));
     long long layer, num_layers, num_tokens, max_context, bl, free_count;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOLLLLLLd", &slots, &positions, &base, &lengths, &pending, &num_blocks,
-                          &last_used, &rel, &layer, &num_layers, &num_tokens, &max_context, &bl, &free_count, &p.now))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOLLLLLLd", &slots, &positions, &base, &lengths, &pending, &num_blocks,
+                          &last_used, &generation, &rel, &ends, &gens, &layer, &num_layers, &num_tokens, &max_context,
+                          &bl, &free_count, &p.now))
         return NULL;
     if (num_layers < 1 || layer < 0 || layer >= num_layers || num_tokens < 1 || bl < 1)
         return PyErr_Format(PyExc_ValueError, "layer in [0, num_layers), num_tokens and bl: expected >= 1");
@@ -547,7 +548,9 @@ static PyObject *py_append_prepare(PyObject *self, PyObject *args) {
         !(p.lengths = view_of(&v, lengths, 8, cap * num_layers, 0, "lengths")) ||
         !(p.pending = view_of(&v, pending, 1, cap * num_layers, 1, "pending")) ||
         !(p.num_blocks = view_of(&v, num_blocks, 8, cap, 0, "num_blocks")) ||
-        !(p.last_used = view_of(&v, last_used, 8, cap, 1, "last_used")) || !(p.rel = view_of(&v, rel, 8, B, 1, "rel")))
+        !(p.last_used = view_of(&v, last_used, 8, cap, 1, "last_used")) ||
+        !(p.generation = view_of(&v, generation, 8, cap, 0, "generation")) || !(p.rel = view_of(&v, rel, 8, B, 1, "rel")) ||
+        !(p.ends = view_of(&v, ends, 4, B, 1, "ends")) || !(p.generations = view_of(&v, gens, 8, B, 1, "generations")))
         goto done;
     out = PyLong_FromLongLong(tkg_append_prepare(&p));
 done:
@@ -709,8 +712,9 @@ static PyMethodDef methods[] = {
      "hq, hkv, tokens, table_rows, num_blocks, bl): a step's RoPE of q and k with k and v into their pool slots "
      "(arrays as buffers); see tkg_rope_store in tkg_native.h."},
     {"append_prepare", py_append_prepare, METH_VARARGS,
-     "append_prepare(slots, positions, base, lengths, pending, num_blocks, last_used, rel, layer, num_layers, "
-     "num_tokens, max_context, bl, free_count, now) -> new blocks, or -1; see tkg_prepare in tkg_native.h."},
+     "append_prepare(slots, positions, base, lengths, pending, num_blocks, last_used, generation, rel, ends, "
+     "generations, layer, num_layers, num_tokens, max_context, bl, free_count, now) -> new blocks, or -1; see "
+     "tkg_prepare in tkg_native.h."},
     {"append_commit", py_append_commit, METH_VARARGS,
      "append_commit(slots, generations, ends, tables, num_blocks, lengths, pending, generation, reserved, blocks, "
      "offsets, tables_out, held, layer, num_layers, num_tokens, bl, hold, max_blocks, width) -> (used, grown, "

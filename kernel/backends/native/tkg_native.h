@@ -162,14 +162,16 @@ int tkg_scatter_rows(const tkg_scatter *w);
 /* A prepare of num_tokens at `layer` for `batch` distinct slots at absolute positions: every slot at
  * its length there (positions - base), none in flight, within max_context, new blocks within
  * free_count. Returns the new blocks it needs, with rel[b] = positions[b] - base (lengths before),
- * pending set and last_used = now; or -1 (nothing changed) when anything is otherwise. */
+ * ends[b] = rel[b] + num_tokens, generations[b] = generation[slots[b]], pending set and last_used =
+ * now; or -1 (nothing changed) when anything is otherwise. */
 typedef struct {
     const int64_t *slots, *positions;
     int64_t batch, layer, num_layers, num_tokens, max_context, bl, free_count, capacity;
-    const int64_t *base, *lengths, *num_blocks;
+    const int64_t *base, *lengths, *num_blocks, *generation;
     uint8_t *pending;
     double *last_used, now;
-    int64_t *rel;
+    int64_t *rel, *generations; /* out [batch]: lengths before, the slots' generations */
+    int32_t *ends;              /* out [batch]: lengths after (rel + num_tokens) */
 } tkg_prepare;
 int64_t tkg_append_prepare(const tkg_prepare *p);
 
