@@ -70,9 +70,14 @@ def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
 # step after the kernel: 64 KiB, batch 8, ~2 us quicker; 512 KiB, batch 64, ~45 us slower).
 OUTPUT_MIN_BYTES = 128 << 10
 
-_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype = ctypes.py_object
-_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+# Our own prototype of PyBytes_FromStringAndSize (not `ctypes.pythonapi`'s shared function object,
+# whose restype/argtypes other code may set); None off CPython, where answers take `tobytes`.
+try:
+    _new_bytes = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
+        ("PyBytes_FromStringAndSize", ctypes.pythonapi)
+    )
+except (AttributeError, OSError):
+    _new_bytes = None
 
 
 class _BytesMemory:
@@ -98,7 +103,7 @@ def output_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     Small arrays are plain `np.empty` (a copy costs less than the holder there)."""
     dt = np.dtype(dtype)
     n = dt.itemsize * math.prod(shape)
-    if n < OUTPUT_MIN_BYTES:
+    if n < OUTPUT_MIN_BYTES or _new_bytes is None:
         return np.empty(shape, dt)
     return np.asarray(_BytesMemory(n)).view(dt).reshape(shape)
 
