@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from tkg.kernel import backends
-from tkg.kernel.backends.cpu import native_scatter
+from tkg.kernel.backends.cpu import native_rope_store, native_scatter
 
 NATIVE_SCATTER_BYTES = 64 << 10  # per tensor: HostKVStore.write's native pass from here (measured crossover)
 
@@ -280,6 +280,18 @@ class HostKVStore(KVStore):
                 rows = rows.astype(pool.dtype)
             if rows.nbytes < NATIVE_SCATTER_BYTES or not native_scatter(pool, blocks, offsets, rows):
                 pool[:, blocks, offsets] = rows
+
+    def write_rope(
+        self, layer: int, blocks: np.ndarray, offsets: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+        positions: np.ndarray, cos2: np.ndarray, sin2: np.ndarray,
+    ) -> np.ndarray | None:
+        """`write` of a decode step's k and v `[B, Hkv, T, d]` at slots (blocks, offsets) (int `[B, T]`)
+        with k RoPE'd on the way in, and q `[B, Hq, T, d]` RoPE'd alike (positions `[B, T]`, cos2 and
+        sin2 rows as `tkg.server.rope.RopeTable`'s): one native pass
+        (`tkg.kernel.backends.cpu.native_rope_store`) that never materialises the rotated k. Returns
+        the rotated q; None, with nothing written, when the pass does not cover the call (no native
+        module; k, v or the pools of different dtypes): the caller then rotates and `write`s."""  # fmt: skip
+        return native_rope_store(q, k, v, positions, cos2, sin2, self.k[layer], self.v[layer], blocks, offsets)
 
     def copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
         if not len(src):

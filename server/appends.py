@@ -8,8 +8,9 @@ a committed plan at its layer; `finish` ends a hold (a kernel read the plan's bl
 whichever of abort/rollback the plan's state calls for. A plan's life:
 prepared -> held (commit(hold=True)) -> committed (finish) -> [rolled_back]; prepared -> aborted.
 
-Small batches with no shared block take scalar fast paths (`_prepare_small`, `_commit_small`)
-that give the same tables, lengths, counts and writes as the general path.
+The common step (no shared block, every sequence live) takes a fast path that gives the same
+tables, lengths, counts and writes as the general path (`tkg.server.fast_appends`: one native
+pass each for prepare and commit, or scalar Python for small batches without the module).
 
 Threading: the event loop thread only, like the rest of the cache (see `tkg.server.kv_cache`).
 """
@@ -17,13 +18,15 @@ Threading: the event loop thread only, like the rest of the cache (see `tkg.serv
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from tkg.kernel.kv_store import KVStore
+from tkg.server.append_plan import AppendPlan, Writer
 from tkg.server.block_pool import BlockPool
 from tkg.server.errors import FailedPrecondition, InvalidArgument, OutOfRange, pool_full
+from tkg.server.fast_appends import FastAppends
 from tkg.server.sequences import SequenceTable
 
 # Batches of at most this many sequences take the scalar path of `prepare_append`, `commit` and
@@ -64,61 +67,13 @@ def _ragged(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
     return rows, starts[rows] + within
 
 
-@dataclass(eq=False)
-class AppendPlan:
-    """A validated, reserved append of `num_tokens` tokens at `layer` for a batch of sequences.
-
-    `seq_lens` (int32 `[B]`, lengths after the append) is known at prepare; `block_tables` (int32
-    `[B, max_blocks]`, `max_blocks = ceil(max(seq_lens) / block_len)`, copy-on-write applied) is
-    set by `KVCache.commit`. Pass both to `KVCache.decode` at `layer`.
-    """
-
-    layer: int
-    seq_ids: tuple[str, ...]
-    positions: np.ndarray  # int64 [B], each sequence's length at `layer` before the append (a count, not absolute)
-    num_tokens: int
-    seq_lens: np.ndarray  # int32 [B]
-    _slots: np.ndarray = field(repr=False)  # int64 [B] SequenceTable slots
-    _generations: np.ndarray = field(repr=False)  # int64 [B] slot generations at prepare
-    _reserved: np.ndarray = field(repr=False)  # int32 block ids taken from the pool
-    _state: str = "prepared"  # prepared -> held | committed -> (rolled_back); or aborted
-    _held: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32), repr=False)  # blocks held until finish
-    _block_tables: np.ndarray | None = field(default=None, repr=False)
-    # commit(defer=True): the write it left to `write_deferred` (layer, block ids, offsets, live rows)
-    _deferred: tuple[int, np.ndarray, np.ndarray, np.ndarray | None] | None = field(default=None, repr=False)
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.seq_ids)
-
-    @property
-    def owner(self) -> str:
-        """The sequence id its block changes are metered under (see the module docstring)."""
-        return self.seq_ids[0]
-
-    @property
-    def reserved_blocks(self) -> int:
-        return int(self._reserved.size)
-
-    @property
-    def state(self) -> str:
-        """`prepared`, `held` (committed, a kernel reads it), `committed`, `aborted` or `rolled_back`."""
-        return self._state
-
-    @property
-    def block_tables(self) -> np.ndarray:
-        if self._block_tables is None:
-            raise RuntimeError(f"AppendPlan.block_tables: available after commit (plan is {self._state})")
-        return self._block_tables
-
-
-
-class AppendOps:
+class AppendOps(FastAppends):
     """The two-phase append of `KVCache` (its base class: the methods below are the cache's own).
 
     Relies on the cache's attributes: `seqs` (`SequenceTable`), `pool` (`BlockPool`), `store`
     (`KVStore`), `block_len`, `num_layers`, `num_kv_heads`, `head_dim`, `max_context`,
-    `small_batch`, `tokens_appended`, `_clock`, `_meter`, `_copy_blocks`.
+    `small_batch`, `tokens_appended`, `_clock`, `_meter`, `_copy_blocks`; its fast paths are
+    `FastAppends`'.
     """
 
     seqs: SequenceTable
@@ -245,56 +200,9 @@ class AppendOps:
         fresh, cow = self._blocks_for(slots, lens, num_tokens)
         return fresh + cow
 
-    def _prepare_small(
-        self, layer: int, seq_ids: Sequence[str], positions: Sequence[int] | np.ndarray, num_tokens: int
-    ) -> AppendPlan | None:
-        """`prepare_append` of the common step in scalar Python: at most SMALL_BATCH distinct live
-        sequences at their lengths, none in flight at `layer`, within max_context, room in the
-        pool, and no shared block anywhere (so nothing needs a copy-on-write reservation). None,
-        with nothing changed, for anything else: the general path then decides (and raises)."""
-        B = len(seq_ids)
-        if not 0 < B <= self.small_batch or self.pool.shared_count or num_tokens < 1:
-            return None
-        if not 0 <= layer < self.num_layers:
-            return None
-        pos = np.asarray(positions, dtype=np.int64)
-        if pos.shape != (B,):
-            return None
-        seqs, BL, limit = self.seqs, self.block_len, self.max_context - num_tokens
-        slot_of, lengths, pending, num_blocks = seqs._slot_of, seqs.lengths, seqs.pending, seqs.num_blocks
-        base = seqs.base
-        slots: list[int] = []
-        rel: list[int] = []  # lengths before the append (positions are absolute: base + length)
-        fresh = 0
-        for seq_id, p in zip(seq_ids, pos.tolist(), strict=True):
-            slot = slot_of.get(seq_id)
-            if slot is None or p > limit:
-                return None
-            r = p - int(base[slot])
-            if lengths[slot, layer] != r or pending[slot, layer]:
-                return None
-            fresh += max(0, -(-(r + num_tokens) // BL) - int(num_blocks[slot]))
-            slots.append(slot)
-            rel.append(r)
-        if len(set(slots)) < B or fresh > self.pool.free_count:
-            return None
-        reserved = self.pool.allocate(fresh)
-        if fresh:
-            self._meter(seq_ids[0], fresh)
-        now = self._clock()
-        for slot in slots:
-            pending[slot, layer] = True
-            seqs.last_used[slot] = now
-        slot_ids = np.array(slots, dtype=np.int64)
-        pos = np.array(rel, dtype=np.int64)
-        return AppendPlan(
-            layer=layer, seq_ids=tuple(seq_ids), positions=pos, num_tokens=num_tokens,
-            seq_lens=(pos + num_tokens).astype(np.int32), _slots=slot_ids, _generations=seqs.generation[slot_ids],
-            _reserved=reserved,
-        )  # fmt: skip
-
     def commit(
-        self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, *, hold: bool = False, defer: bool = False
+        self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, *, hold: bool = False, defer: bool = False,
+        writer: Writer | None = None,
     ) -> None:
         """Write `k_new`, `v_new` `[B, num_kv_heads, S, head_dim]` into the plan's slots, advance
         the lengths at `plan.layer` and set `plan.block_tables`.
@@ -310,7 +218,15 @@ class AppendOps:
         which `write_deferred(plan, k, v)` does later, on any one thread, with the values (`k_new`
         and `v_new` give the shapes only). The plan is held meanwhile, so nothing reads, moves or
         frees its slots; `finish` after the write, `rollback` if it failed.
+
+        `writer` (not with `defer`): writes instead of the store's `write`, called last (the plan is
+        then committed or held, so a writer that raises leaves a plan the caller `undo`es) with
+        (layer, blocks, offsets int `[B', S]`, live): the slots of the rows to write, `live` None when
+        every row is written, else the bool `[B]` mask of the rows still live (`k_new`, `v_new` then
+        give the shapes only). The step's fused RoPE + store pass (`tkg.server.rope.RopeTable.rotate_into`).
         """
+        if defer and writer is not None:
+            raise ValueError("KVCache.commit: defer=True and a writer exclude each other")
         if defer and not hold:
             raise ValueError("KVCache.commit: defer=True needs hold=True (the slots stay held until written)")
         self._check_open(plan, "commit")
@@ -321,11 +237,15 @@ class AppendOps:
                 raise InvalidArgument(
                     f"{name}: expected shape [B, num_kv_heads, S, head_dim] = {list(expect)}, got {list(t.shape)}"
                 )
-        if plan.batch_size <= self.small_batch and not self.pool.shared_count:
-            gen = self.seqs.generation
-            if all(gen[s] == g for s, g in zip(plan._slots.tolist(), plan._generations.tolist(), strict=True)):
-                self._commit_small(plan, k_new, v_new, hold, defer)
-                return
+        if self.small_batch and not self.pool.shared_count:
+            if self.native_appends:
+                if self._commit_native(plan, k_new, v_new, hold, defer, writer):
+                    return
+            elif plan.batch_size <= self.small_batch:
+                gen = self.seqs.generation
+                if all(gen[s] == g for s, g in zip(plan._slots.tolist(), plan._generations.tolist(), strict=True)):
+                    self._commit_small(plan, k_new, v_new, hold, defer, writer)
+                    return
         seqs, BL, layer, S = self.seqs, self.block_len, plan.layer, plan.num_tokens
         slots, pos, ends = plan._slots, plan.positions, plan.seq_lens.astype(np.int64)
         live = seqs.generation[slots] == plan._generations
@@ -362,7 +282,7 @@ class AppendOps:
         off = tok % BL
         if defer:
             plan._deferred = (layer, blk, off, None if all_live else live)
-        else:  # [Hkv, B', S, d] values for the [B', S] slots: one store write, no token loop.
+        elif writer is None:  # [Hkv, B', S, d] values for the [B', S] slots: one store write, no token loop.
             self.store.write(layer, blk, off, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
         plan._block_tables = tables
         if hold:
@@ -380,53 +300,8 @@ class AppendOps:
             plan._state = "held"
         else:
             plan._state = "committed"
-
-    def _commit_small(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, hold: bool, defer: bool) -> None:
-        """`commit` in scalar Python for a small batch whose sequences are all live while no block
-        is shared (so no write needs a copy first): the same tables, lengths, counts and writes."""
-        seqs, BL, layer, S = self.seqs, self.block_len, plan.layer, plan.num_tokens
-        tables, num_blocks, lengths, pending = seqs.tables, seqs.num_blocks, seqs.lengths, seqs.pending
-        reserved, used, grown = plan._reserved, 0, 0
-        slots, ends = plan._slots.tolist(), plan.seq_lens.tolist()
-        blk: list[int] = []
-        off: list[int] = []
-        for slot, end in zip(slots, ends, strict=True):
-            need, held = -(-end // BL), int(num_blocks[slot])
-            if need > held:  # new blocks at the table's end (none when another layer grew it first)
-                tables[slot, held:need] = reserved[used : used + need - held]
-                used += need - held
-                num_blocks[slot] = need
-            row = lengths[slot]
-            grown += max(0, end - max(row.tolist()))
-            row[layer] = end
-            if not hold:
-                pending[slot, layer] = False
-            for t in range(end - S, end):
-                blk.append(int(tables[slot, t // BL]))
-                off.append(t % BL)
-        if used < reserved.size:
-            self.pool.free(reserved[used:])
-            self._meter(plan.owner, used - int(reserved.size))
-        self.tokens_appended += grown
-        B = len(slots)
-        tables_out = tables[plan._slots, : max(1, -(-max(ends) // BL))]
-        blocks, offsets = np.array(blk, dtype=np.int64).reshape(B, S), np.array(off, dtype=np.int64).reshape(B, S)
-        if defer:
-            plan._deferred = (layer, blocks, offsets, None)
-        else:
-            self.store.write(layer, blocks, offsets, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
-        plan._block_tables = tables_out
-        if hold:
-            # No block is shared: the rows' used entries are distinct ids (no np.unique needed).
-            counts = -(-plan.seq_lens.astype(np.int64) // BL)
-            if B == 1:
-                plan._held = tables_out[0, : counts[0]].copy()
-            else:
-                plan._held = tables_out[np.arange(tables_out.shape[1])[None, :] < counts[:, None]]
-            self.pool.incref(plan._held)
-            plan._state = "held"
-        else:
-            plan._state = "committed"
+        if writer is not None:  # last: the plan is committed, so a writer that raises leaves it to `undo`
+            writer(layer, blk, off, None if all_live else live)
 
     def write_deferred(self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray) -> None:
         """The store write `commit(plan, ..., defer=True)` left: `k_new`, `v_new` `[B, num_kv_heads,

@@ -158,6 +158,27 @@ class RopeTable:
                 return out
         return self.rotate_qk_numpy(q, k, pos)
 
+    def rotate_into(
+        self, store: Any, layer: int, blocks: np.ndarray, offsets: np.ndarray, q: np.ndarray, k: np.ndarray,
+        v: np.ndarray, positions: np.ndarray,
+    ) -> np.ndarray:
+        """`rotate_qk` of q `[B, Hq, T, d]` and k `[B, Hkv, T, d]` at absolute positions `[B, T]`,
+        with the rotated k and v `[B, Hkv, T, d]` written to `store` (a `tkg.kernel.kv_store.KVStore`)
+        at `layer`'s slots (blocks, offsets) (int `[B, T]`). Returns the rotated q. One native pass
+        when `self.native` and the store has one (`HostKVStore.write_rope`: the rotated k goes
+        straight into its slots); else `rotate_qk` and `store.write`. The same bits either way."""  # fmt: skip
+        pos = np.asarray(positions)
+        if int(pos.max()) + 1 > len(self.cos):
+            self._grow(int(pos.max()) + 1)
+        write_rope = getattr(store, "write_rope", None) if self.native else None
+        if write_rope is not None:
+            q_rot = write_rope(layer, blocks, offsets, q, k, v, pos, self.cos2, self.sin2)
+            if q_rot is not None:
+                return q_rot
+        q_rot, k_rot = self.rotate_qk(q, k, pos)
+        store.write(layer, blocks, offsets, k_rot.transpose(1, 0, 2, 3), np.asarray(v).transpose(1, 0, 2, 3))
+        return q_rot
+
     def rotate_qk_numpy(self, q: np.ndarray, k: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`rotate_qk` in numpy (no native module, or a call it does not cover); positions within
         the table (`rotate_qk` grows it first)."""

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from tkg import codec
 from tkg.dtypes import FP8, to_fp8
 from tkg.server.appends import AppendPlan
 from tkg.server.auth import Tenant
@@ -84,6 +85,13 @@ class StepEngine:
         # One worker: the kernel uses every core itself; two launches at once would only fight.
         self._kernel_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tkg-kernel")
         self._fp8 = spec.kv_numpy_dtype == FP8
+        # RoPE of q and k in the commit's store write (`_commit_rotated`): a store with that pass
+        # (`HostKVStore.write_rope`) that does not read the new k with the step (it is never
+        # materialised rotated), and no fp8 conversion between the rotation and the store.
+        store = cache.store
+        self._rope_in_write = (
+            self.rope is not None and not self._fp8 and not store.reads_new_kv and hasattr(store, "write_rope")
+        )
         self._kv_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * spec.kv_numpy_dtype.itemsize  # K + V
 
     def close(self) -> None:
@@ -200,7 +208,7 @@ class StepEngine:
                 if not work.future.done():
                     work.future.set_exception(exc)
             return
-        self._deliver(ready, out, lens, attention_s, t_start)
+        self._deliver(ready, out, len(lens), self._read_bytes(layer, lens), attention_s, t_start)
 
     def _prepare(self, batch: list[DecodeWork], S: int) -> tuple[list[DecodeWork], Plans]:
         """Reserve the batch's appends. A batch of one tenant's requests takes one `prepare_append`
@@ -254,25 +262,39 @@ class StepEngine:
                 q, k, v = ready[0].q, ready[0].k, ready[0].v
             else:
                 q, k, v = (np.concatenate([getattr(w, x) for w in ready]) for x in "qkv")
-            if self.rope is not None:
-                pos = np.concatenate([w.positions for w in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
-                q, k = self.rope.rotate_qk(q, k, pos)  # once for the whole batch's q and k
-            k, v = self.stored(layer, k, v)
             lens = np.concatenate([p.seq_lens for _, p in plans]) if len(plans) > 1 else plans[0][1].seq_lens
-            inline = self.lone.inline(self._read_bytes(layer, lens))
-            row = 0
-            for _, plan in plans:
-                n = plan.batch_size
-                # A launch on the worker thread holds the blocks it reads while the loop goes on;
-                # an inline one runs before the loop can apply anything else: no hold needed.
-                cache.commit(plan, k[row : row + n], v[row : row + n], hold=not inline)
-                row += n
+            kv_bytes = self._read_bytes(layer, lens)
+            inline = self.lone.inline(kv_bytes)
+            # A launch on the worker thread holds the blocks it reads while the loop goes on; an
+            # inline one runs before the loop can apply anything else: no hold needed.
+            fused = self._rope_in_write and len(plans) == 1
+            if self.rope is not None:
+                if len(ready) == 1 and S == 1:  # [B, 1]: a view, no numpy call on a small array
+                    pos = ready[0].positions[:, None]
+                else:
+                    pos = np.concatenate([w.positions for w in ready])[:, None] + np.arange(S)[None, :]  # [B, S]
+                if fused:  # RoPE of q and k and the store write in one pass
+                    q = self._commit_rotated(plans[0][1], q, k, v, pos, not inline)
+                else:
+                    q, k = self.rope.rotate_qk(q, k, pos)  # once for the whole batch's q and k
+            if not fused:
+                k, v = self.stored(layer, k, v)
+                row = 0
+                for _, plan in plans:
+                    n = plan.batch_size
+                    cache.commit(plan, k[row : row + n], v[row : row + n], hold=not inline)
+                    row += n
             tables = _stack_tables([p.block_tables for _, p in plans])
+            if ready[0].return_lse:
+                extra: dict[str, Any] = {"return_lse": True}
+            elif len(ready) == 1:  # the answer is all of out: encoded without a copy (`codec.output_array`)
+                extra = {"out": codec.output_array(q.shape, q.dtype)}
+            else:
+                extra = {}
             kernel = functools.partial(
                 _timed, cache.decode, layer, q, k, v, tables, lens,
                 scale=spec.softmax_scale, window=spec.window(layer), sinks=spec.layer_sinks(layer),
-                **self.cores.options(inline), **self._scale_options(layer),
-                **({"return_lse": True} if ready[0].return_lse else {}),
+                **self.cores.options(inline), **self._scale_options(layer), **extra,
             )  # fmt: skip
             if inline:
                 out, attention_s = kernel()
@@ -280,7 +302,7 @@ class StepEngine:
                 loop = asyncio.get_running_loop()
                 job = self._kernel_thread.submit(kernel)
                 done = loop.create_future()
-                step = (ready, plans, lens, t_start, done)
+                step = (ready, plans, len(lens), kv_bytes, t_start, done)
                 job.add_done_callback(lambda job: _call_on(loop, self._kernel_done, job, *step))
         except BaseException:
             self._undo(plans)
@@ -288,12 +310,35 @@ class StepEngine:
         if done is None:
             if self.holds.waiters:  # nobody waits on the event otherwise: no need to replace it
                 self.holds.notify()
-            self._deliver(ready, out, lens, attention_s, t_start)
+            self._deliver(ready, out, len(lens), kv_bytes, attention_s, t_start)
             return
         await done  # cancelled: `_kernel_done` undoes the step once the thread has let go
 
+    def _commit_rotated(
+        self, plan: AppendPlan, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, hold: bool
+    ) -> np.ndarray:
+        """Commit `plan` (the whole batch) with RoPE of q and k done in its store write
+        (`RopeTable.rotate_into`: one native pass writes the rotated k straight into its slots);
+        returns the rotated q. k and v are stored as they come (no fp8 cache: `stored` is the
+        identity), and the store does not read them with the step (`_rope_in_write`): the launch
+        gets the unrotated k, which it ignores. The same bits as `rotate_qk`, then `stored` and `commit`."""
+        assert self.rope is not None
+        rope, store, rotated = self.rope, self.cache.store, []
+
+        def write(layer: int, blocks: np.ndarray, offsets: np.ndarray, live: np.ndarray | None) -> None:
+            if live is None:
+                rotated.append(rope.rotate_into(store, layer, blocks, offsets, q, k, v, pos))
+                return
+            # Sequences released since prepare (not within one step: kept general): rotate all, write the live.
+            q_rot, k_rot = rope.rotate_qk(q, k, pos)
+            rotated.append(q_rot)
+            store.write(layer, blocks, offsets, k_rot[live].transpose(1, 0, 2, 3), v[live].transpose(1, 0, 2, 3))
+
+        self.cache.commit(plan, k, v, hold=hold, writer=write)
+        return rotated[0]
+
     def _kernel_done(
-        self, job: Future, ready: list[DecodeWork], plans: Plans, lens: np.ndarray, t_start: float,
+        self, job: Future, ready: list[DecodeWork], plans: Plans, size: int, kv_bytes: int, t_start: float,
         done: asyncio.Future,
     ) -> None:  # fmt: skip
         """On the loop, as soon as the worker thread's kernel is over: finish the plans and answer
@@ -312,7 +357,7 @@ class StepEngine:
             return
         try:
             self.holds.notify()
-            self._deliver(ready, out, lens, attention_s, t_start)
+            self._deliver(ready, out, size, kv_bytes, attention_s, t_start)
         except BaseException as exc:  # a bug here must still end the step (`run` reports it)
             if not done.done():
                 done.set_exception(exc)
@@ -327,17 +372,18 @@ class StepEngine:
         self.holds.notify()
 
     def _deliver(
-        self, ready: list[DecodeWork], out: Any, lens: np.ndarray, attention_s: float, t_start: float
+        self, ready: list[DecodeWork], out: Any, size: int, kv_bytes: int, attention_s: float, t_start: float
     ) -> None:
         """The step is over (plans finished): metrics, and each caller's rows of `out` with its Timing.
-        `out` is the kernel's `[B, Hq, S, d]`, or (out float32, lse `[B, Hq, S]`) for a return_lse batch."""
+        `out` is the kernel's `[B, Hq, S, d]`, or (out float32, lse `[B, Hq, S]`) for a return_lse batch;
+        `size` its B sequences, which read `kv_bytes` of K+V (`_read_bytes`)."""
         lse = None
         if isinstance(out, tuple):
             out, lse = out
         kernel_s = time.perf_counter() - t_start
-        self.lone.kernel_ran(self._read_bytes(ready[0].layer, lens), attention_s)
-        self.metrics.observe_batch(len(lens), kernel_s, [t_start - w.arrival for w in ready])
-        kernel_us, attention_us, size = int(kernel_s * 1e6), int(attention_s * 1e6), len(lens)
+        self.lone.kernel_ran(kv_bytes, attention_s)
+        self.metrics.observe_batch(size, kernel_s, [t_start - w.arrival for w in ready])
+        kernel_us, attention_us = int(kernel_s * 1e6), int(attention_s * 1e6)
         row = 0
         for work in ready:
             timing = pb.Timing(

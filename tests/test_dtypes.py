@@ -68,6 +68,32 @@ def test_the_codec_carries_every_dtype_of_the_registry() -> None:
         codec.encode(np.zeros(2))
 
 
+def test_an_output_array_encodes_without_a_copy_and_as_tobytes_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`codec.output_array`: the answer's memory is a bytes object, which `encode` of all of it hands
+    to the message unchanged (no `tobytes`); the message is what `tobytes` gives. A view of part of
+    it, or of all of it out of order, and small arrays take `tobytes`."""
+    monkeypatch.setattr(codec, "OUTPUT_MIN_BYTES", 64)
+    for d in dtypes.ALL:
+        a = codec.output_array((3, 4, 1, 8), d.numpy)
+        assert a.dtype == d.numpy and a.flags.writeable and a.flags.c_contiguous
+        a[...] = np.arange(a.size, dtype=np.float32).reshape(a.shape).astype(d.numpy)
+        for view in (a, a[0:3], a.reshape(12, 8)):
+            t = codec.encode(view)
+            assert t.data == a.tobytes() and tuple(t.shape) == view.shape and t.dtype == d.code
+            whole = codec._whole_bytes(view)  # the holder's own bytes object, which encode hands on
+            assert whole is not None and whole is codec._whole_bytes(a)
+        for part in (a[1:], a[:, :2], a[::-1]):  # not all of it, or not in order: copied
+            assert codec._whole_bytes(part) is None
+            np.testing.assert_array_equal(codec.decode(codec.encode(part)).view(np.uint8), part.view(np.uint8))
+    small = codec.output_array((2, 3), np.float32)  # 24 bytes < 64: a plain array
+    assert small.base is None and codec._whole_bytes(small) is None
+    # encode sends the holder's bytes object itself: its contents, not a copy taken earlier
+    a = codec.output_array((16,), np.float32)
+    a[...] = 1.0
+    monkeypatch.setattr(codec, "_whole_bytes", lambda x: b"\x07" * x.nbytes)
+    assert codec.encode(a).data == b"\x07" * 64
+
+
 def test_config_and_hf_tables_come_from_the_registry() -> None:
     from tkg.server import hf_config
     from tkg.server.config import ConfigError, build_spec

@@ -1,5 +1,5 @@
-"""The native per-step host ops (`tkg.kernel.backends.cpu.native_rope_qk`, `native_scatter`) against
-their numpy definitions, bit for bit, and the numpy fallbacks when the extension is absent."""
+"""The native per-step host ops (`tkg.kernel.backends.cpu.native_rope_qk`, `native_rope_store`,
+`native_scatter`) against their numpy definitions, bit for bit, and the numpy fallbacks when the extension is absent."""
 
 from __future__ import annotations
 
@@ -187,6 +187,131 @@ def test_host_store_write_both_paths(native: bool, monkeypatch: pytest.MonkeyPat
             _bytes_equal(store.k[1][:, blocks[b, s], offsets[b, s]], k[b, :, s].astype(BF16))
             _bytes_equal(store.v[1][:, blocks[b, s], offsets[b, s]], v[b, :, s])
     assert not store.k[0].any() and not store.v[0].any()
+
+
+@st.composite
+def rope_store_cases(draw: st.DrawFn) -> tuple:
+    """A step's q, k, v, positions and distinct (block, offset) slots in pools of k's dtype."""
+    q, k, pos, top = draw(rope_cases())
+    B, hkv, T, d = k.shape
+    NB, BL = draw(st.integers(1, 5)), draw(st.sampled_from([1, 4, 16]))
+    NB = max(NB, -(-B * T // BL))  # room for B * T distinct slots
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    slots = rng.permutation(NB * BL)[: B * T].reshape(B, T)
+    v = rng.standard_normal(k.shape).astype(k.dtype)
+    pool = rng.standard_normal((2, hkv, NB, BL, d)).astype(k.dtype)  # K and V pools, old values everywhere
+    return q, k, v, pos, top, pool, slots // BL, slots % BL
+
+
+@needs_native
+@settings(max_examples=120)
+@given(rope_store_cases())
+def test_native_rope_store_equals_rope_then_scatter(case: tuple) -> None:
+    """The fused pass = `rotate_qk_numpy` of q and k, then numpy's fancy assignment of the rotated k
+    and of v into their slots (bit for bit, NaN payloads aside as for `native_rope_qk`); other
+    slots untouched."""
+    q, k, v, pos, top, pool, blocks, offsets = case
+    table = RopeTable(inv_freqs(q.shape[-1], 10000.0), max_context=max(top, 64), initial=64)
+    table.rotate_qk(q[:, :0], k[:, :0], pos)  # grows the table to cover pos
+    with np.errstate(all="ignore"):
+        want_q, want_k = table.rotate_qk_numpy(q, k, pos)
+        want_kp, want_vp = pool[0].copy(), pool[1].copy()
+        want_kp[:, blocks, offsets] = want_k.transpose(1, 0, 2, 3)
+        want_vp[:, blocks, offsets] = v.transpose(1, 0, 2, 3)
+        kp, vp = pool[0].copy(), pool[1].copy()
+        got_q = cpu.native_rope_store(q, k, v, pos, table.cos2, table.sin2, kp, vp, blocks, offsets)
+    assert got_q is not None
+    _bits_equal_but_nan_payloads(got_q, want_q)
+    _bits_equal_but_nan_payloads(kp, want_kp)
+    _bytes_equal(vp, want_vp)
+
+
+@needs_native
+def test_native_rope_store_refusals_write_nothing() -> None:
+    """A position outside the table or a slot outside the pools: ValueError, no pool byte changed;
+    dtypes it does not cover: None, nothing written."""
+    table = RopeTable(inv_freqs(8, 10000.0), max_context=100, initial=64)
+    table.rotate_qk(np.zeros((1, 1, 1, 8), BF16), np.zeros((1, 1, 1, 8), BF16), np.array([[5]]))
+    q, k = np.ones((2, 2, 1, 8), BF16), np.ones((2, 1, 1, 8), BF16)
+    kp, vp = np.zeros((1, 3, 4, 8), BF16), np.zeros((1, 3, 4, 8), BF16)
+    ok_blocks, ok_offsets = np.array([[0], [1]]), np.array([[0], [3]])
+    cases = [
+        ("positions", np.array([[5], [64]]), ok_blocks, ok_offsets),  # the table has 64 rows
+        ("positions", np.array([[-1], [5]]), ok_blocks, ok_offsets),
+        ("blocks/offsets", np.array([[5], [6]]), np.array([[0], [3]]), ok_offsets),
+        ("blocks/offsets", np.array([[5], [6]]), ok_blocks, np.array([[0], [4]])),
+        ("blocks/offsets", np.array([[5], [6]]), np.array([[-1], [0]]), ok_offsets),
+    ]  # fmt: skip
+    for what, pos, blocks, offsets in cases:
+        with pytest.raises(ValueError, match=what):
+            cpu.native_rope_store(q, k, k, pos, table.cos2, table.sin2, kp, vp, blocks, offsets)
+        assert not kp.any() and not vp.any()
+    pos = np.array([[5], [6]])
+    f32_pool = np.zeros((1, 3, 4, 8), np.float32)  # k bf16, pools float32: the caller casts instead
+    f32 = (f32_pool, f32_pool, ok_blocks, ok_offsets)
+    assert cpu.native_rope_store(q, k, k, pos, table.cos2, table.sin2, *f32) is None
+    assert cpu.native_rope_store(q, k, k.astype(np.float16), pos, table.cos2, table.sin2, kp, vp, ok_blocks,
+                                 ok_offsets) is None  # fmt: skip
+    assert not f32_pool.any() and not kp.any() and not vp.any()
+
+
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=needs_native)])
+def test_rotate_into_both_paths_equal_rotate_then_write(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`RopeTable.rotate_into` (the step's commit write): the fused pass, or without the extension
+    `rotate_qk` and `HostKVStore.write`, store what `rotate` then `write` store and return `rotate`'s
+    q; a float32 store (k cast on the way in) takes the unfused path with the same result."""
+    if not native:
+        monkeypatch.setattr(cpu, "_native", None)
+    inv = inv_freqs(16, 10000.0)
+    rng = np.random.default_rng(3)
+    for dtype in (BF16, np.dtype(np.float32)):
+        g = KVGeometry(num_layers=2, num_kv_heads=2, num_blocks=6, block_len=4, head_dim=16, dtype=dtype)
+        got, want = HostKVStore(g), HostKVStore(g)
+        table = RopeTable(inv, max_context=5000, initial=64)
+        assert table.native == native
+        q = rng.standard_normal((3, 4, 2, 16)).astype(BF16)
+        k, v = (rng.standard_normal((3, 2, 2, 16)).astype(BF16) for _ in range(2))
+        pos = rng.integers(0, 4000, (3, 1)) + np.arange(2)[None, :]
+        blocks, offsets = np.array([[1, 1], [5, 5], [0, 2]]), np.array([[2, 3], [0, 1], [3, 0]])
+        q_rot = table.rotate_into(got, 1, blocks, offsets, q, k, v, pos)
+        cos, sin = angles(pos, inv)
+        want.write(1, blocks, offsets, rotate(k, cos, sin).transpose(1, 0, 2, 3), v.transpose(1, 0, 2, 3))
+        _bytes_equal(q_rot, rotate(q, cos, sin))
+        for a, b in zip([*got.k, *got.v], [*want.k, *want.v], strict=True):
+            _bytes_equal(a, b)
+
+
+@needs_native
+def test_native_append_passes_refuse_rows_of_other_types_and_change_nothing() -> None:
+    """The append passes read the sequence table's rows as buffers: a row of another dtype or too
+    short is a ValueError naming it, before anything changes. (Their results against the general
+    numpy path: tests/test_kv_cache.py's FastVsGeneralMachine, which runs all three paths in lockstep.)"""
+    cap, L = 4, 2
+    base, num_blocks, gen = np.zeros(cap, np.int64), np.zeros(cap, np.int64), np.array([0, 3, 7, 1], np.int64)
+    lengths, pending, last_used = np.zeros((cap, L), np.int64), np.zeros((cap, L), bool), np.zeros(cap)
+    slots, pos = np.array([0, 2], np.int64), np.array([0, 0], np.int64)
+    with pytest.raises(ValueError, match="lengths"):
+        cpu.native_append_prepare(slots, pos, base, lengths.astype(np.int32), pending, num_blocks, last_used, gen, 0,
+                                  1, 8, 4, 10, 1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="last_used"):
+        cpu.native_append_prepare(slots, pos, base, lengths, pending, num_blocks, last_used[:1], gen, 0, 1, 8, 4, 10,
+                                  1.0)  # fmt: skip
+    assert not pending.any() and not last_used.any()
+    assert cpu.native_append_prepare(slots, pos, base, lengths, pending, num_blocks, last_used, gen, 0, 1, 8, 4, 1,
+                                     1.0) is None  # two new blocks, one free  # fmt: skip
+    assert not pending.any() and not last_used.any()
+    rows = (base, lengths, pending, num_blocks, last_used, gen)
+    fresh, rel, ends, gens = cpu.native_append_prepare(slots, pos, *rows, 0, 1, 8, 4, 2, 1.0)
+    assert fresh == 2 and rel.tolist() == [0, 0] and pending[:, 0].tolist() == [True, False, True, False]
+    assert ends.dtype == np.int32 and ends.tolist() == [1, 1] and gens.tolist() == [0, 7]
+    tables = np.zeros((cap, 2), np.int32)
+    with pytest.raises(ValueError, match="reserved"):
+        cpu.native_append_commit(slots, gens, ends, tables, num_blocks, lengths, pending, gen,
+                                 np.array([5, 6], np.int64), 0, 1, 4, False)  # fmt: skip
+    gen[2] += 1  # slot 2 released since prepare: the general path's business
+    assert cpu.native_append_commit(slots, gens, ends, tables, num_blocks, lengths, pending, gen,
+                                    np.array([5, 6], np.int32), 0, 1, 4, False) is None  # fmt: skip
+    assert not tables.any() and not num_blocks.any() and not lengths.any() and pending[:, 0].sum() == 2
 
 
 def test_every_wire_dtype_has_a_native_bounded_check() -> None:

@@ -15,6 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from support.fakes import FakeClock
 
 from tkg.dtypes import BF16
+from tkg.kernel.backends import cpu
+from tkg.server.appends import Writer
 from tkg.server.block_pool import BlockPool
 from tkg.server.errors import (
     AlreadyExists,
@@ -912,9 +914,53 @@ def _plan_state(plan) -> tuple:
     return (plan.state, plan.seq_lens.tolist(), plan._reserved.tolist(), sorted(plan._held.tolist()), tables)
 
 
+def _store_writer(cache: KVCache, k: np.ndarray, v: np.ndarray) -> Writer:
+    """A `commit` writer that stores `k`, `v` `[B, Hkv, S, d]` at the slots it is given, as the
+    store's own write would (the live rows only)."""
+
+    def write(layer: int, blocks: np.ndarray, offsets: np.ndarray, live: np.ndarray | None) -> None:
+        kk, vv = (k, v) if live is None else (k[live], v[live])
+        cache.store.write(layer, blocks, offsets, kk.transpose(1, 0, 2, 3), vv.transpose(1, 0, 2, 3))
+
+    return write
+
+
+@pytest.mark.parametrize("small_batch", [8, 0])
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_commit_whose_writer_fails_is_undone_whole(small_batch: int, hold: bool) -> None:
+    """`commit`'s writer runs last, on a plan already committed (or held): when it raises, `undo`
+    rolls the append back and the cache is as before the prepare (either path; the clock stands still)."""
+    cache = make(clock=FakeClock())
+    cache.small_batch = small_batch
+    for sid in ("a", "b"):
+        cache.create(sid)
+        fill(cache, sid, 4)  # a full block: the append takes a new one
+    before = (_cache_state(cache), cache.free_blocks)
+    plan = cache.prepare_append(0, ["a", "b"], [4, 4], 1)
+    k = np.stack([tokens(4, 1).transpose(1, 0, 2)] * 2)
+
+    def failing(layer: int, blocks: np.ndarray, offsets: np.ndarray, live: np.ndarray | None) -> None:
+        assert plan.state == ("held" if hold else "committed") and live is None
+        assert blocks.tolist() == [[int(plan.block_tables[0, 1])], [int(plan.block_tables[1, 1])]]
+        assert offsets.tolist() == [[0], [0]]
+        raise RuntimeError("the write failed")
+
+    with pytest.raises(RuntimeError, match="the write failed"):
+        cache.commit(plan, k, k, hold=hold, writer=failing)
+    cache.undo(plan)
+    assert plan.state == "rolled_back"
+    assert (_cache_state(cache), cache.free_blocks) == before
+    other = cache.prepare_append(0, ["a"], [4], 1)
+    with pytest.raises(ValueError, match="exclude"):
+        cache.commit(other, k[:1], k[:1], hold=True, defer=True, writer=failing)
+    cache.abort(other)
+    check_invariants(cache)
+
+
 class FastVsGeneralMachine(RuleBasedStateMachine):
-    """Two caches fed the same random operations: one may take the scalar fast path
-    (`small_batch` 8), the other never does (0). Every result, error, plan, table, length,
+    """Three caches fed the same random operations: the first may take the native fast path
+    (`native_appends`, where the module is built), the second the scalar one (`small_batch` 8),
+    the third never a fast path (0). Every result, error, plan, table, length,
     reference count, free-stack order and stored byte must agree. Plans stay open (prepared, or
     held as while a kernel reads them) while other operations run: appends at the same or the
     other layer, forks, truncates, releases and slot reuse, so both paths meet pending
@@ -927,25 +973,30 @@ class FastVsGeneralMachine(RuleBasedStateMachine):
         self.caches = [
             KVCache(num_layers=L, num_kv_heads=HKV, head_dim=2, block_len=block_len, num_blocks=num_blocks,
                     max_context=14, clock=self.clock)
-            for _ in range(2)
+            for _ in range(3)
         ]  # fmt: skip
-        self.caches[1].small_batch = 0
+        self.caches[0].native_appends = cpu.host_ops_available()
+        self.caches[1].native_appends = False
+        self.caches[2].small_batch = 0
         self.open: list[tuple] = []  # the two caches' plans of each prepared or held append
         self.counter = 0
         for sid in IDS[:2]:  # most rules need a sequence
             self.both("create", sid)
 
     def both(self, op: str, *args: object) -> object:
-        a, b = (_outcome(getattr(c, op), *args) for c in self.caches)
-        if a[0] == "ok" and op == "prepare_append":
-            assert _plan_state(a[1]) == _plan_state(b[1])
-        else:
-            assert a == b
-        return (a[1], b[1]) if a[0] == "ok" else None
+        """`op` on every cache: the same outcome (for a prepare, the same plan)."""
+        a, *rest = (_outcome(getattr(c, op), *args) for c in self.caches)
+        for b in rest:
+            if a[0] == "ok" and op == "prepare_append":
+                assert b[0] == "ok" and _plan_state(a[1]) == _plan_state(b[1])
+            else:
+                assert a == b
+        return tuple(x[1] for x in (a, *rest)) if a[0] == "ok" else None
 
     def both_plans(self, op: str, plans: tuple, *args: object, **kwargs: object) -> None:
-        a, b = (_outcome(getattr(c, op), p, *args, **kwargs) for c, p in zip(self.caches, plans, strict=True))
-        assert a == b and _plan_state(plans[0]) == _plan_state(plans[1])
+        a, *rest = (_outcome(getattr(c, op), p, *args, **kwargs) for c, p in zip(self.caches, plans, strict=True))
+        for b, plan in zip(rest, plans[1:], strict=True):
+            assert a == b and _plan_state(plans[0]) == _plan_state(plan)
 
     def ids(self) -> list[str]:
         return self.caches[0].sequence_ids()
@@ -957,8 +1008,8 @@ class FastVsGeneralMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.ids())
     @rule(data=st.data(), layer=st.integers(0, L - 1), n=st.integers(1, 3), off=st.sampled_from([0, 0, 0, 1, -1]),
-          then=st.sampled_from(["commit", "hold", "keep open"]))  # fmt: skip
-    def prepare(self, data: st.DataObject, layer: int, n: int, off: int, then: str) -> None:
+          then=st.sampled_from(["commit", "hold", "keep open"]), writer=st.booleans())  # fmt: skip
+    def prepare(self, data: st.DataObject, layer: int, n: int, off: int, then: str, writer: bool) -> None:
         self.clock.t += 1
         sids = data.draw(st.lists(st.sampled_from(self.ids()), min_size=1, max_size=4))  # duplicates too
         pos = [self.caches[0].get(s).lengths[layer] for s in sids]
@@ -967,24 +1018,35 @@ class FastVsGeneralMachine(RuleBasedStateMachine):
         if plans is not None:
             self.open.append(plans)
             if then != "keep open":
-                self.commit(len(self.open) - 1, then == "hold")
+                self.commit(len(self.open) - 1, then == "hold", writer)
 
-    def commit(self, i: int, hold: bool) -> None:
+    def commit(self, i: int, hold: bool, writer: bool = False) -> None:
+        """Both caches commit; with `writer` the first one writes through `commit`'s writer (the
+        step's fused RoPE + store path) while the second writes itself: the same slots and bytes."""
         plans = self.open[i]
         B, n = plans[0].batch_size, plans[0].num_tokens
         self.counter += B * n
         k = tokens(self.counter, B * n, HKV, 2).reshape(B, n, HKV, 2).transpose(0, 2, 1, 3)
-        self.both_plans("commit", plans, k, -k, hold=hold)
+        if writer:  # the fast paths write through the writer, the general path itself
+            got = [
+                _outcome(c.commit, p, k, -k, hold=hold, **({} if c is self.caches[-1] else
+                                                            {"writer": _store_writer(c, k, -k)}))
+                for c, p in zip(self.caches, plans, strict=True)
+            ]  # fmt: skip
+            for b, plan in zip(got[1:], plans[1:], strict=True):
+                assert got[0] == b and _plan_state(plans[0]) == _plan_state(plan)
+        else:
+            self.both_plans("commit", plans, k, -k, hold=hold)
         if not hold:
             del self.open[i]
 
     @precondition(lambda self: self.open)
-    @rule(data=st.data(), how=st.sampled_from(["commit", "hold", "finish", "rollback", "abort"]))
-    def end_or_advance(self, data: st.DataObject, how: str) -> None:
+    @rule(data=st.data(), how=st.sampled_from(["commit", "hold", "finish", "rollback", "abort"]), writer=st.booleans())
+    def end_or_advance(self, data: st.DataObject, how: str, writer: bool) -> None:
         i = data.draw(st.integers(0, len(self.open) - 1))
         plans, state = self.open[i], self.open[i][0].state
         if state == "prepared" and how in ("commit", "hold"):
-            self.commit(i, how == "hold")
+            self.commit(i, how == "hold", writer)
         elif state == "prepared":
             self.both_plans("abort", plans)
             del self.open[i]
@@ -1013,10 +1075,11 @@ class FastVsGeneralMachine(RuleBasedStateMachine):
     def same_state(self) -> None:
         if not hasattr(self, "caches"):
             return
-        a, b = self.caches
-        assert _cache_state(a) == _cache_state(b)
-        for x, y in zip([*a.store.k, *a.store.v], [*b.store.k, *b.store.v], strict=True):
-            np.testing.assert_array_equal(x, y)
+        a, *rest = self.caches
+        for b in rest:
+            assert _cache_state(a) == _cache_state(b)
+            for x, y in zip([*a.store.k, *a.store.v], [*b.store.k, *b.store.v], strict=True):
+                np.testing.assert_array_equal(x, y)
 
     def teardown(self) -> None:
         if not hasattr(self, "caches"):

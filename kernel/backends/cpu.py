@@ -75,8 +75,8 @@ def read_probe(buf: np.ndarray, threads: int | None = None, pin: bool | None = N
 
 
 def host_ops_available() -> bool:
-    """True when the native module is built (its host ops: `native_rope_qk`, `native_scatter`,
-    `native_top_bytes_below`)."""
+    """True when the native module is built (its host ops: `native_rope_qk`, `native_rope_store`,
+    `native_scatter`, `native_top_bytes_below`)."""
     return _native is not None
 
 
@@ -111,6 +111,46 @@ def native_rope_qk(
     return q_out, k_out
 
 
+def native_rope_store(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, cos2: np.ndarray, sin2: np.ndarray,
+    k_pool: np.ndarray, v_pool: np.ndarray, blocks: np.ndarray, offsets: np.ndarray,
+) -> np.ndarray | None:
+    """`native_rope_qk` of q `[B, Hq, T, d]` and k `[B, Hkv, T, d]` with the rotated k and v
+    `[B, Hkv, T, d]` stored straight into pools `[Hkv, NB, BL, d]` at slots (blocks, offsets)
+    (int `[B, T]`, distinct), in one native pass: k is never materialised rotated, and the next
+    sequence's slot lines are prefetched while this one's rows are rotated. Returns the rotated q,
+    bit-identical to `native_rope_qk`'s (and the pools get what `native_scatter` of its k and v would
+    write). None (nothing written) when the module is absent or the call is not covered: dtypes
+    other than float32/bfloat16/float16, k, v and the pools not all of one dtype, pools not
+    C-contiguous, odd or > 256 head dim, mismatched shapes. ValueError (nothing written) for a
+    position outside the table or a slot outside the pools."""  # fmt: skip
+    if _native is None or q.ndim != 4 or k.ndim != 4:
+        return None
+    qc, kc = _ROPE_CODES.get(q.dtype), _ROPE_CODES.get(k.dtype)
+    B, hq, T, d = q.shape
+    if qc is None or kc is None or d % 2 or d > _MAX_D or k.shape[0] != B or k.shape[2:] != (T, d):
+        return None
+    if v.shape != k.shape or v.dtype != k.dtype or k_pool.dtype != k.dtype or v_pool.dtype != k.dtype:
+        return None
+    if k_pool.ndim != 4 or k_pool.shape != v_pool.shape or k_pool.shape[0] != k.shape[1] or k_pool.shape[3] != d:
+        return None
+    if not (k_pool.flags.c_contiguous and v_pool.flags.c_contiguous):
+        return None
+    if positions.shape != (B, T) or blocks.shape != (B, T) or offsets.shape != (B, T):
+        return None
+    if cos2.shape[1:] != (d,) or sin2.shape != cos2.shape:
+        return None
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
+    pos, blk, off = _c(positions, np.int64), _c(blocks, np.int64), _c(offsets, np.int64)
+    cos2, sin2 = _c(cos2, np.float32), _c(sin2, np.float32)
+    q_out = np.empty(q.shape, q.dtype)
+    # Arrays go as buffers (the module reads and checks their sizes): reading eleven addresses here
+    # costs more than a small step's whole pass.
+    _native.rope_store(q, k, v, q_out, pos, cos2, sin2, k_pool, v_pool, blk, off, qc, kc, d, B, hq, k.shape[1], T,
+                       cos2.shape[0], k_pool.shape[1], k_pool.shape[2])  # fmt: skip
+    return q_out
+
+
 def native_top_bytes_below(data: bytes, itemsize: int, mask: int, limit: int) -> bool:
     """True when every little-endian value of `itemsize` bytes in `data` (any buffer) has
     `top byte & mask < limit`: `tkg.codec.bounded_bytes`'s check in one native pass. Only bound
@@ -131,6 +171,57 @@ def native_refcount_add(ref: np.ndarray, ids: np.ndarray, delta: int) -> tuple[n
     freed = np.empty(ids.size if delta < 0 else 0, np.int32)
     k, crossed = _native.refcount_add(_addr(ref), ref.size, _addr(ids), ids.itemsize, ids.size, delta, _addr(freed))
     return freed[:k], int(crossed)
+
+
+def native_append_prepare(
+    slots: np.ndarray, positions: np.ndarray, base: np.ndarray, lengths: np.ndarray, pending: np.ndarray,
+    num_blocks: np.ndarray, last_used: np.ndarray, generation: np.ndarray, layer: int, num_tokens: int,
+    max_context: int, block_len: int, free_count: int, now: float,
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The common decode append's prepare over a sequence table's rows (`tkg.server.appends`), one
+    native pass: `batch` distinct `slots` (int64 `[B]`) at absolute `positions` (int64 `[B]`), each
+    at its length at `layer` (`positions - base`), none `pending` there, within `max_context`, the
+    new blocks within `free_count`. Returns (new blocks, lengths before int64 `[B]`, lengths after
+    int32 `[B]`, the slots' generations int64 `[B]`) with pending set and `last_used` = now; None
+    (nothing changed) when anything is otherwise or the module is absent. The rows: lengths and
+    pending `[capacity, layers]` int64 and bool, base, num_blocks and generation int64 and
+    last_used float64 `[capacity]`, all C-contiguous (ValueError otherwise)."""  # fmt: skip
+    if _native is None:
+        return None
+    B = slots.shape[0]
+    rel, ends, gens = np.empty(B, np.int64), np.empty(B, np.int32), np.empty(B, np.int64)
+    fresh = _native.append_prepare(slots, positions, base, lengths, pending, num_blocks, last_used, generation, rel,
+                                   ends, gens, layer, lengths.shape[1], num_tokens, max_context, block_len, free_count,
+                                   now)  # fmt: skip
+    return None if fresh < 0 else (fresh, rel, ends, gens)
+
+
+def native_append_commit(
+    slots: np.ndarray, generations: np.ndarray, ends: np.ndarray, tables: np.ndarray, num_blocks: np.ndarray,
+    lengths: np.ndarray, pending: np.ndarray, generation: np.ndarray, reserved: np.ndarray, layer: int,
+    num_tokens: int, block_len: int, hold: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int, int] | None:
+    """The common decode append's commit over a sequence table's rows (`tkg.server.appends`), one
+    native pass, for a plan whose `slots` (int64 `[B]`) all still have their `generations`: new
+    blocks from `reserved` (int32, in order) at the tables' ends, lengths after `ends` (int32 `[B]`)
+    set at `layer`, pending cleared unless `hold`. Returns (blocks, offsets int64 `[B, num_tokens]`
+    of the written slots, the tables int32 `[B, width]`, with `hold` the blocks each row uses row by
+    row (int32) else None, reserved blocks used, tokens added to the rows' longest layers); None
+    (nothing changed) when a slot was released since or the module is absent."""  # fmt: skip
+    if _native is None:
+        return None
+    B = slots.shape[0]
+    width = max(1, -(-int(ends.max()) // block_len))
+    blocks, offsets = np.empty((B, num_tokens), np.int64), np.empty((B, num_tokens), np.int64)
+    tables_out = np.empty((B, width), np.int32)
+    held = np.empty(B * width if hold else 0, np.int32)
+    got = _native.append_commit(slots, generations, ends, tables, num_blocks, lengths, pending, generation, reserved,
+                                blocks, offsets, tables_out, held, layer, lengths.shape[1], num_tokens, block_len,
+                                int(hold), tables.shape[1], width)  # fmt: skip
+    if got is None:
+        return None
+    used, grown, nheld = got
+    return blocks, offsets, tables_out, (held[:nheld] if hold else None), used, grown
 
 
 # A scatter this large releases the GIL while it copies, as numpy's fancy assignment does: bulk

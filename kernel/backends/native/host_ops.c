@@ -6,7 +6,13 @@
  *    the sum, and the sum rounded to the I/O dtype to nearest even. No fused multiply-add may
  *    form here (it would round once instead of three times): contraction is switched off below.
  *  - tkg_scatter_rows: the store's write of new K/V rows into the pools at (block, offset) slots.
+ *  - tkg_rope_store: both of the above for a decode step in one pass: q rotated into q_out, k rotated
+ *    straight into its pool slots (no rotated copy of k in between), v copied into its slots, with
+ *    the next sequence's slot lines prefetched while this one's rows are rotated.
  *  - tkg_refcount_add: the block pool's reference counts of a step's held blocks, +1 or -1.
+ *  - tkg_append_prepare, tkg_append_commit: the KV cache's two-phase append of a common decode step
+ *    (`tkg.server.appends`: no block shared, every sequence live) over its sequence table's rows,
+ *    in one pass each instead of ~25 numpy calls on arrays of a few dozen entries.
  *  - tkg_top_bytes_below: the wire check of q/k/v (`tkg.codec.bounded_bytes`): every value's top
  *    byte, masked, below a limit.
  *
@@ -128,6 +134,61 @@ int tkg_rope_qk(const tkg_rope *r) {
     return 0;
 }
 
+/* Prefetch (for writing) every line of sequence b's K and V slots: they sit in pools far larger
+ * than the caches, and each store would otherwise wait for its line from memory. */
+static inline void prefetch_slots(const tkg_rope *r, const tkg_kv_dst *w, int64_t b, size_t row) {
+    size_t head = (size_t)(w->num_blocks * w->bl) * row;
+    for (int64_t t = 0; t < r->tokens; t++) {
+        size_t slot = (size_t)(w->blocks[b * r->tokens + t] * w->bl + w->offsets[b * r->tokens + t]) * row;
+        for (int64_t h = 0; h < r->hkv; h++) {
+            const char *kd = (const char *)w->k_pool + (size_t)h * head + slot;
+            const char *vd = (const char *)w->v_pool + (size_t)h * head + slot;
+            for (size_t o = 0; o < row; o += 64) {
+                __builtin_prefetch(kd + o, 1, 3);
+                __builtin_prefetch(vd + o, 1, 3);
+            }
+        }
+    }
+}
+
+TKG_CLONES
+int tkg_rope_store(const tkg_rope *r, const tkg_kv_dst *w) {
+    int d = r->d, half = d / 2;
+    int64_t n = r->batch * r->tokens;
+    for (int64_t i = 0; i < n; i++) { /* check everything first: a refusal writes nothing */
+        if (r->positions[i] < 0 || r->positions[i] >= r->table_rows) return -1;
+        if (w->blocks[i] < 0 || w->blocks[i] >= w->num_blocks || w->offsets[i] < 0 || w->offsets[i] >= w->bl)
+            return -2;
+    }
+    float x[TKG_MAX_D], y[TKG_MAX_D];
+    size_t qrow = (size_t)d * (size_t)item_size(r->q_dtype), krow = (size_t)d * (size_t)item_size(r->k_dtype);
+    size_t head = (size_t)(w->num_blocks * w->bl) * krow; /* bytes between a pool's heads */
+    if (r->batch > 0) prefetch_slots(r, w, 0, krow);
+    for (int64_t b = 0; b < r->batch; b++) {
+        /* The next sequence's slot lines load while this one's 2 * heads rows are computed. */
+        if (b + 1 < r->batch) prefetch_slots(r, w, b + 1, krow);
+        for (int64_t t = 0; t < r->tokens; t++) {
+            int64_t p = r->positions[b * r->tokens + t];
+            const float *c = r->cos2 + p * d, *s = r->sin2 + p * d;
+            size_t slot = (size_t)(w->blocks[b * r->tokens + t] * w->bl + w->offsets[b * r->tokens + t]) * krow;
+            for (int64_t h = 0; h < r->hq; h++) {
+                size_t at = (size_t)((b * r->hq + h) * r->tokens + t) * qrow;
+                load_row((const char *)r->q + at, r->q_dtype, d, x);
+                rotate_row(x, c, s, half, y);
+                store_row((char *)r->q_out + at, r->q_dtype, d, y);
+            }
+            for (int64_t h = 0; h < r->hkv; h++) {
+                size_t at = (size_t)((b * r->hkv + h) * r->tokens + t) * krow;
+                load_row((const char *)r->k + at, r->k_dtype, d, x);
+                rotate_row(x, c, s, half, y);
+                store_row((char *)w->k_pool + (size_t)h * head + slot, r->k_dtype, d, y);
+                memcpy((char *)w->v_pool + (size_t)h * head + slot, (const char *)w->v + at, krow);
+            }
+        }
+    }
+    return 0;
+}
+
 /* Rows ahead whose destination lines are prefetched (for writing): the slots of a step are scattered
  * over pools far larger than the caches, and each store waits for its line from memory (read for
  * ownership); without prefetches only the few rows the store buffer holds are in flight. */
@@ -214,4 +275,64 @@ int64_t tkg_refcount_add(int32_t *ref, int64_t nref, const void *ids, int id_siz
     }
     *crossed = cross;
     return nfreed;
+}
+
+int64_t tkg_append_prepare(const tkg_prepare *p) {
+    int64_t L = p->num_layers, n = p->num_tokens, fresh = 0;
+    for (int64_t b = 0; b < p->batch; b++) { /* check everything first: a refusal changes nothing */
+        int64_t slot = p->slots[b], pos = p->positions[b];
+        if (slot < 0 || slot >= p->capacity || pos > p->max_context - n) return -1;
+        int64_t rel = pos - p->base[slot];
+        if (p->lengths[slot * L + p->layer] != rel || p->pending[slot * L + p->layer]) return -1;
+        int64_t need = (rel + n + p->bl - 1) / p->bl - p->num_blocks[slot];
+        fresh += need > 0 ? need : 0;
+        p->rel[b] = rel;
+        p->ends[b] = (int32_t)(rel + n);
+        p->generations[b] = p->generation[slot];
+    }
+    if (fresh > p->free_count) return -1;
+    for (int64_t b = 0; b < p->batch; b++) {
+        p->pending[p->slots[b] * L + p->layer] = 1;
+        p->last_used[p->slots[b]] = p->now;
+    }
+    return fresh;
+}
+
+int tkg_append_commit(tkg_commit *c) {
+    int64_t L = c->num_layers, S = c->num_tokens, bl = c->bl, mb = c->max_blocks, want = 0;
+    if (c->width < 1 || c->width > mb) return -1;
+    for (int64_t b = 0; b < c->batch; b++) { /* check everything first: a refusal changes nothing */
+        int64_t slot = c->slots[b], end = c->ends[b];
+        if (slot < 0 || slot >= c->capacity || c->generation_now[slot] != c->generations[b]) return -1;
+        int64_t need = (end + bl - 1) / bl;
+        if (end < S || need > c->width) return -1;
+        want += need > c->num_blocks[slot] ? need - c->num_blocks[slot] : 0;
+    }
+    if (want > c->nreserved) return -1;
+    int64_t used = 0, grown = 0, nheld = 0;
+    for (int64_t b = 0; b < c->batch; b++) {
+        int64_t slot = c->slots[b], end = c->ends[b], need = (end + bl - 1) / bl, held = c->num_blocks[slot];
+        int32_t *row = c->tables + slot * mb;
+        if (need > held) { /* new blocks at the table's end (none when another layer grew it first) */
+            for (int64_t j = held; j < need; j++) row[j] = c->reserved[used++];
+            c->num_blocks[slot] = need;
+        }
+        int64_t *len = c->lengths + slot * L, top = len[0];
+        for (int64_t l = 1; l < L; l++) top = len[l] > top ? len[l] : top;
+        grown += end > top ? end - top : 0;
+        len[c->layer] = end;
+        if (!c->hold) c->pending[slot * L + c->layer] = 0;
+        for (int64_t i = 0; i < S; i++) {
+            int64_t t = end - S + i;
+            c->blocks[b * S + i] = row[t / bl];
+            c->offsets[b * S + i] = t % bl;
+        }
+        memcpy(c->tables_out + b * c->width, row, sizeof(int32_t) * (size_t)c->width);
+        if (c->hold)
+            for (int64_t j = 0; j < need; j++) c->held[nheld++] = row[j];
+    }
+    c->used = used;
+    c->grown = grown;
+    c->nheld = nheld;
+    return 0;
 }

@@ -493,6 +493,175 @@ static PyObject *py_scatter_rows(PyObject *self, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+/* The append ops' arrays come as numpy arrays (buffers), not addresses: a dozen of them per call,
+ * and reading each one's address in Python costs more than the whole pass. */
+typedef struct {
+    Py_buffer views[16];
+    int n;
+} tkg_views;
+
+static void release_views(tkg_views *v) {
+    for (int i = 0; i < v->n; i++) PyBuffer_Release(&v->views[i]);
+    v->n = 0;
+}
+
+/* The memory of `o`, C-contiguous, of at least `count` items of `itemsize` bytes (writable when
+ * asked); NULL with ValueError naming `name` otherwise. Released by release_views. */
+static void *view_of(tkg_views *v, PyObject *o, Py_ssize_t itemsize, Py_ssize_t count, int writable, const char *name) {
+    Py_buffer *view = &v->views[v->n];
+    if (PyObject_GetBuffer(o, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return NULL;
+    v->n++;
+    if (view->itemsize != itemsize || view->len < count * itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes, got %zd bytes of %zd-byte items", name,
+                     count, itemsize, view->len, view->itemsize);
+        return NULL;
+    }
+    return view->buf;
+}
+
+static PyObject *py_append_prepare(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *slots, *positions, *base, *lengths, *pending, *num_blocks, *last_used, *generation, *rel, *ends, *gens;
+    tkg_prepare p;
+    memset(&p, 0, sizeof(p));
+    long long layer, num_layers, num_tokens, max_context, bl, free_count;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOLLLLLLd", &slots, &positions, &base, &lengths, &pending, &num_blocks,
+                          &last_used, &generation, &rel, &ends, &gens, &layer, &num_layers, &num_tokens, &max_context,
+                          &bl, &free_count, &p.now))
+        return NULL;
+    if (num_layers < 1 || layer < 0 || layer >= num_layers || num_tokens < 1 || bl < 1)
+        return PyErr_Format(PyExc_ValueError, "layer in [0, num_layers), num_tokens and bl: expected >= 1");
+    tkg_views v = {.n = 0};
+    PyObject *out = NULL;
+    Py_ssize_t B = PyObject_Length(slots), cap = PyObject_Length(base);
+    if (B < 0 || cap < 0) goto done;
+    p.batch = B;
+    p.capacity = cap;
+    p.layer = layer;
+    p.num_layers = num_layers;
+    p.num_tokens = num_tokens;
+    p.max_context = max_context;
+    p.bl = bl;
+    p.free_count = free_count;
+    if (!(p.slots = view_of(&v, slots, 8, B, 0, "slots")) || !(p.positions = view_of(&v, positions, 8, B, 0, "positions")) ||
+        !(p.base = view_of(&v, base, 8, cap, 0, "base")) ||
+        !(p.lengths = view_of(&v, lengths, 8, cap * num_layers, 0, "lengths")) ||
+        !(p.pending = view_of(&v, pending, 1, cap * num_layers, 1, "pending")) ||
+        !(p.num_blocks = view_of(&v, num_blocks, 8, cap, 0, "num_blocks")) ||
+        !(p.last_used = view_of(&v, last_used, 8, cap, 1, "last_used")) ||
+        !(p.generation = view_of(&v, generation, 8, cap, 0, "generation")) || !(p.rel = view_of(&v, rel, 8, B, 1, "rel")) ||
+        !(p.ends = view_of(&v, ends, 4, B, 1, "ends")) || !(p.generations = view_of(&v, gens, 8, B, 1, "generations")))
+        goto done;
+    out = PyLong_FromLongLong(tkg_append_prepare(&p));
+done:
+    release_views(&v);
+    return out;
+}
+
+static PyObject *py_append_commit(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *slots, *generations, *ends, *tables, *num_blocks, *lengths, *pending, *gen_now, *reserved, *blocks,
+        *offsets, *tables_out, *held;
+    tkg_commit c;
+    memset(&c, 0, sizeof(c));
+    long long layer, num_layers, num_tokens, bl, hold, max_blocks, width;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOLLLLLLL", &slots, &generations, &ends, &tables, &num_blocks, &lengths,
+                          &pending, &gen_now, &reserved, &blocks, &offsets, &tables_out, &held, &layer, &num_layers,
+                          &num_tokens, &bl, &hold, &max_blocks, &width))
+        return NULL;
+    if (num_layers < 1 || layer < 0 || layer >= num_layers || num_tokens < 1 || bl < 1 || max_blocks < 1 || width < 1)
+        return PyErr_Format(PyExc_ValueError,
+                            "layer in [0, num_layers), num_tokens, bl, max_blocks and width: expected >= 1");
+    tkg_views v = {.n = 0};
+    PyObject *out = NULL;
+    Py_ssize_t B = PyObject_Length(slots), cap = PyObject_Length(num_blocks), nres = PyObject_Length(reserved);
+    if (B < 0 || cap < 0 || nres < 0) goto done;
+    c.batch = B;
+    c.capacity = cap;
+    c.nreserved = nres;
+    c.layer = layer;
+    c.num_layers = num_layers;
+    c.num_tokens = num_tokens;
+    c.bl = bl;
+    c.hold = hold;
+    c.max_blocks = max_blocks;
+    c.width = width;
+    if (!(c.slots = view_of(&v, slots, 8, B, 0, "slots")) ||
+        !(c.generations = view_of(&v, generations, 8, B, 0, "generations")) ||
+        !(c.ends = view_of(&v, ends, 4, B, 0, "ends")) ||
+        !(c.tables = view_of(&v, tables, 4, cap * max_blocks, 1, "tables")) ||
+        !(c.num_blocks = view_of(&v, num_blocks, 8, cap, 1, "num_blocks")) ||
+        !(c.lengths = view_of(&v, lengths, 8, cap * num_layers, 1, "lengths")) ||
+        !(c.pending = view_of(&v, pending, 1, cap * num_layers, 1, "pending")) ||
+        !(c.generation_now = view_of(&v, gen_now, 8, cap, 0, "generation")) ||
+        !(c.reserved = view_of(&v, reserved, 4, nres, 0, "reserved")) ||
+        !(c.blocks = view_of(&v, blocks, 8, B * num_tokens, 1, "blocks")) ||
+        !(c.offsets = view_of(&v, offsets, 8, B * num_tokens, 1, "offsets")) ||
+        !(c.tables_out = view_of(&v, tables_out, 4, B * width, 1, "tables_out")) ||
+        !(c.held = view_of(&v, held, 4, hold ? B * width : 0, 1, "held")))
+        goto done;
+    if (tkg_append_commit(&c) < 0) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    out = Py_BuildValue("LLL", (long long)c.used, (long long)c.grown, (long long)c.nheld);
+done:
+    release_views(&v);
+    return out;
+}
+
+static PyObject *py_rope_store(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *q, *k, *v, *q_out, *positions, *cos2, *sin2, *k_pool, *v_pool, *blocks, *offsets;
+    tkg_rope r;
+    tkg_kv_dst w;
+    memset(&r, 0, sizeof(r));
+    memset(&w, 0, sizeof(w));
+    long long batch, hq, hkv, tokens, table_rows, nb, bl;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOiiiLLLLLLL", &q, &k, &v, &q_out, &positions, &cos2, &sin2, &k_pool,
+                          &v_pool, &blocks, &offsets, &r.q_dtype, &r.k_dtype, &r.d, &batch, &hq, &hkv, &tokens,
+                          &table_rows, &nb, &bl))
+        return NULL;
+    if (r.q_dtype < 0 || r.q_dtype > 2 || r.k_dtype < 0 || r.k_dtype > 2)
+        return PyErr_Format(PyExc_ValueError, "q_dtype/k_dtype: expected 0 (f32), 1 (bf16) or 2 (f16)");
+    if (r.d < 2 || r.d > TKG_MAX_D || r.d % 2)
+        return PyErr_Format(PyExc_ValueError, "d: %d; expected an even number in [2, %d]", r.d, TKG_MAX_D);
+    if (batch < 0 || hq < 0 || hkv < 0 || tokens < 0 || table_rows < 0 || nb < 0 || bl < 1)
+        return PyErr_Format(PyExc_ValueError, "batch, hq, hkv, tokens, table_rows, num_blocks: expected >= 0; bl >= 1");
+    Py_ssize_t qs = r.q_dtype == 0 ? 4 : 2, ks = r.k_dtype == 0 ? 4 : 2, n = batch * tokens;
+    tkg_views vw = {.n = 0};
+    PyObject *out = NULL;
+    if (!(r.q = view_of(&vw, q, qs, batch * hq * tokens * r.d, 0, "q")) ||
+        !(r.k = view_of(&vw, k, ks, batch * hkv * tokens * r.d, 0, "k")) ||
+        !(w.v = view_of(&vw, v, ks, batch * hkv * tokens * r.d, 0, "v")) ||
+        !(r.q_out = view_of(&vw, q_out, qs, batch * hq * tokens * r.d, 1, "q_out")) ||
+        !(r.positions = view_of(&vw, positions, 8, n, 0, "positions")) ||
+        !(r.cos2 = view_of(&vw, cos2, 4, table_rows * r.d, 0, "cos2")) ||
+        !(r.sin2 = view_of(&vw, sin2, 4, table_rows * r.d, 0, "sin2")) ||
+        !(w.k_pool = view_of(&vw, k_pool, ks, hkv * nb * bl * r.d, 1, "k_pool")) ||
+        !(w.v_pool = view_of(&vw, v_pool, ks, hkv * nb * bl * r.d, 1, "v_pool")) ||
+        !(w.blocks = view_of(&vw, blocks, 8, n, 0, "blocks")) || !(w.offsets = view_of(&vw, offsets, 8, n, 0, "offsets")))
+        goto done;
+    r.batch = batch;
+    r.hq = hq;
+    r.hkv = hkv;
+    r.tokens = tokens;
+    r.table_rows = table_rows;
+    w.num_blocks = nb;
+    w.bl = bl;
+    /* The GIL stays held, as for rope_qk: a step's pass is tens of microseconds. */
+    int rc = tkg_rope_store(&r, &w);
+    if (rc == -1)
+        PyErr_Format(PyExc_ValueError, "positions: expected every position in [0, %lld)", table_rows);
+    else if (rc < 0)
+        PyErr_Format(PyExc_ValueError, "blocks/offsets: expected blocks in [0, %lld) and offsets in [0, %lld)", nb, bl);
+    else
+        out = Py_NewRef(Py_None);
+done:
+    release_views(&vw);
+    return out;
+}
+
 static PyObject *py_refcount_add(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long ref, ids, freed;
@@ -538,6 +707,18 @@ static PyMethodDef methods[] = {
      "refcount_add(ref, nref, ids, id_size, n, delta, freed) -> (freed count, crossed); see tkg_native.h."},
     {"top_bytes_below", py_top_bytes_below, METH_VARARGS,
      "top_bytes_below(data, itemsize, mask, limit) -> bool: every value's top byte & mask < limit."},
+    {"rope_store", py_rope_store, METH_VARARGS,
+     "rope_store(q, k, v, q_out, positions, cos2, sin2, k_pool, v_pool, blocks, offsets, q_dtype, k_dtype, d, batch, "
+     "hq, hkv, tokens, table_rows, num_blocks, bl): a step's RoPE of q and k with k and v into their pool slots "
+     "(arrays as buffers); see tkg_rope_store in tkg_native.h."},
+    {"append_prepare", py_append_prepare, METH_VARARGS,
+     "append_prepare(slots, positions, base, lengths, pending, num_blocks, last_used, generation, rel, ends, "
+     "generations, layer, num_layers, num_tokens, max_context, bl, free_count, now) -> new blocks, or -1; see "
+     "tkg_prepare in tkg_native.h."},
+    {"append_commit", py_append_commit, METH_VARARGS,
+     "append_commit(slots, generations, ends, tables, num_blocks, lengths, pending, generation, reserved, blocks, "
+     "offsets, tables_out, held, layer, num_layers, num_tokens, bl, hold, max_blocks, width) -> (used, grown, "
+     "nheld), or None; see tkg_commit in tkg_native.h."},
     {"scatter_rows", (PyCFunction)(void (*)(void))py_scatter_rows, METH_VARARGS | METH_KEYWORDS,
      "scatter_rows(**addresses and shapes): new K/V rows into pool slots; see tkg_scatter in tkg_native.h."},
     {NULL, NULL, 0, NULL},

@@ -123,6 +123,22 @@ typedef struct {
 /* Returns 0, or -1 when a position is outside [0, table_rows) (rows before it are written). */
 int tkg_rope_qk(const tkg_rope *r);
 
+/* Where tkg_rope_store puts a step's k and v: v [batch, hkv, tokens, d] C-contiguous in k's dtype;
+ * k_pool, v_pool [hkv, num_blocks, bl, d] C-contiguous in k's dtype; token t of sequence b goes to
+ * block blocks[b * tokens + t], row offsets[b * tokens + t] of the block (distinct slots). */
+typedef struct {
+    void *k_pool, *v_pool;
+    const void *v;
+    int64_t num_blocks, bl;
+    const int64_t *blocks, *offsets;
+} tkg_kv_dst;
+
+/* tkg_rope_qk's rotation of q into q_out (r->k_out unused) and of k straight into its pool slots,
+ * v copied into its slots, bit for bit what tkg_rope_qk then tkg_scatter_rows write. Returns 0; -1
+ * (nothing written) when a position is outside [0, table_rows); -2 (nothing written) when a block
+ * or offset is out of range. */
+int tkg_rope_store(const tkg_rope *r, const tkg_kv_dst *w);
+
 /* Rows of d elements of `itemsize` bytes: src row (h, i0, i1) (byte strides src_strides) goes to
  * dst [heads, num_blocks, bl, d] (C-contiguous per head, dst_head_stride elements between heads) at
  * block blocks[i], row offsets[i] of the block, i = i0 * n1 + i1. */
@@ -138,6 +154,51 @@ typedef struct {
 
 /* Returns 0, or -1 (nothing written) when a block or offset is out of range. */
 int tkg_scatter_rows(const tkg_scatter *w);
+
+/* The KV cache's sequence rows (`tkg.server.sequences.SequenceTable`, C-contiguous): lengths and
+ * pending [capacity, num_layers] (int64, bool bytes), base, num_blocks, generation [capacity]
+ * int64, last_used [capacity] double, tables [capacity, max_blocks] int32. */
+
+/* A prepare of num_tokens at `layer` for `batch` distinct slots at absolute positions: every slot at
+ * its length there (positions - base), none in flight, within max_context, new blocks within
+ * free_count. Returns the new blocks it needs, with rel[b] = positions[b] - base (lengths before),
+ * ends[b] = rel[b] + num_tokens, generations[b] = generation[slots[b]], pending set and last_used =
+ * now; or -1 (nothing changed) when anything is otherwise. */
+typedef struct {
+    const int64_t *slots, *positions;
+    int64_t batch, layer, num_layers, num_tokens, max_context, bl, free_count, capacity;
+    const int64_t *base, *lengths, *num_blocks, *generation;
+    uint8_t *pending;
+    double *last_used, now;
+    int64_t *rel, *generations; /* out [batch]: lengths before, the slots' generations */
+    int32_t *ends;              /* out [batch]: lengths after (rel + num_tokens) */
+} tkg_prepare;
+int64_t tkg_append_prepare(const tkg_prepare *p);
+
+/* A commit of a prepared plan of `batch` slots (their generations at prepare), lengths after `ends`:
+ * new blocks taken from reserved (in order) at the tables' ends, lengths at `layer` set (grown: the
+ * tokens added to each row's longest layer), pending cleared unless `hold`; out: the written slots
+ * blocks/offsets [batch, num_tokens] int64, tables_out [batch, width] int32, and with `hold` the
+ * blocks each row uses, row by row, in held (room batch * width; nheld of them). Returns 0, or -1
+ * (nothing changed) when a slot was released since (generation moved), width is out of range or
+ * reserved is short. */
+typedef struct {
+    const int64_t *slots, *generations;
+    const int32_t *ends; /* int32, as the plan keeps them */
+    int64_t batch, layer, num_layers, num_tokens, bl, hold, max_blocks, capacity;
+    int32_t *tables;
+    int64_t *num_blocks, *lengths;
+    uint8_t *pending;
+    const int64_t *generation_now;
+    const int32_t *reserved;
+    int64_t nreserved;
+    int64_t *blocks, *offsets;
+    int32_t *tables_out;
+    int64_t width;
+    int32_t *held;
+    int64_t used, grown, nheld;
+} tkg_commit;
+int tkg_append_commit(tkg_commit *c);
 
 /* ref[ids[i]] += delta (+1 or -1) for n distinct ids (int32 or int64: id_size 4 or 8), every one
  * held (ref > 0). Returns -1 (nothing changed) when an id is outside [0, nref), -2 (nothing
