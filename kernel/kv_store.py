@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from tkg.kernel import backends
-from tkg.kernel.backends.cpu import native_rope_store, native_scatter
+from tkg.kernel.backends.host_ops import native_rope_store, native_scatter
 
 NATIVE_SCATTER_BYTES = 64 << 10  # per tensor: HostKVStore.write's native pass from here (measured crossover)
 
@@ -288,7 +288,7 @@ class HostKVStore(KVStore):
         """`write` of a decode step's k and v `[B, Hkv, T, d]` at slots (blocks, offsets) (int `[B, T]`)
         with k RoPE'd on the way in, and q `[B, Hq, T, d]` RoPE'd alike (positions `[B, T]`, cos2 and
         sin2 rows as `tkg.server.rope.RopeTable`'s): one native pass
-        (`tkg.kernel.backends.cpu.native_rope_store`) that never materialises the rotated k. Returns
+        (`tkg.kernel.backends.host_ops.native_rope_store`) that never materialises the rotated k. Returns
         the rotated q; None, with nothing written, when the pass does not cover the call (no native
         module; k, v or the pools of different dtypes): the caller then rotates and `write`s."""  # fmt: skip
         return native_rope_store(q, k, v, positions, cos2, sin2, self.k[layer], self.v[layer], blocks, offsets)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tkg.kernel.backends.cpu import native_refcount_add
+from tkg.kernel.backends.host_ops import native_refcount_add
 from tkg.server.errors import pool_full
 
 # Below this many ids numpy's calls are as quick as the native call's checks.

@@ -2,7 +2,7 @@
 step: no block shared anywhere and every sequence live. They give the same plans, tables, lengths,
 counts, free-stack order and writes as the general path (tests/test_kv_cache.py runs the three in
 lockstep), with far fewer calls: one native pass each for prepare and commit
-(`tkg.kernel.backends.cpu.native_append_prepare` / `native_append_commit`, any batch size), or
+(`tkg.kernel.backends.host_ops.native_append_prepare` / `native_append_commit`, any batch size), or
 without the native module, for batches up to `small_batch`, scalar Python over numpy scalars
 (`_prepare_small`, `_commit_small`). Each returns None / False, with nothing changed, for anything
 else, and the general path then decides (and raises).
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tkg.kernel.backends.cpu import host_ops_available, native_append_commit, native_append_prepare
+from tkg.kernel.backends.host_ops import host_ops_available, native_append_commit, native_append_prepare
 from tkg.kernel.kv_store import KVStore
 from tkg.server.append_plan import AppendPlan, Writer
 from tkg.server.block_pool import BlockPool

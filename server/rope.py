@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tkg.kernel.backends.cpu import host_ops_available, native_rope_qk
+from tkg.kernel.backends.host_ops import host_ops_available, native_rope_qk
 
 
 def base_inv_freqs(head_dim: int, theta: float) -> np.ndarray:
@@ -144,7 +144,7 @@ class RopeTable:
         `lookup`: each half is the same two float32 products summed (x1 cos + (-x2 sin) == x1 cos -
         x2 sin), rounded once to the I/O dtype.
 
-        One native pass (`tkg.kernel.backends.cpu.native_rope_qk`: no float32 copies of the batch;
+        One native pass (`tkg.kernel.backends.host_ops.native_rope_qk`: no float32 copies of the batch;
         83 vs 677 us for batch 64 of 32 + 8 heads, d=128, bf16, on the build machine) when the
         extension is built and `self.native`; else `rotate_qk_numpy`, the same operations in 7 numpy
         calls. The two agree bit for bit except for which NaN a NaN input yields (operand order of

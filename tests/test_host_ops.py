@@ -1,4 +1,4 @@
-"""The native per-step host ops (`tkg.kernel.backends.cpu.native_rope_qk`, `native_rope_store`,
+"""The native per-step host ops (`tkg.kernel.backends.host_ops.native_rope_qk`, `native_rope_store`,
 `native_scatter`) against their numpy definitions, bit for bit, and the numpy fallbacks when the extension is absent."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tkg.dtypes import BF16
-from tkg.kernel.backends import cpu
+from tkg.kernel.backends import host_ops
 from tkg.kernel.kv_store import HostKVStore, KVGeometry
 from tkg.server.rope import RopeTable, angles, inv_freqs, rotate
 
-needs_native = pytest.mark.skipif(not cpu.host_ops_available(), reason="native extension not built")
+needs_native = pytest.mark.skipif(not host_ops.host_ops_available(), reason="native extension not built")
 
 DTYPES = {"fp32": np.dtype(np.float32), "bf16": BF16, "fp16": np.dtype(np.float16)}
 # float32 bit patterns the rotation must carry exactly as numpy does: zeros of both signs, the
@@ -99,9 +99,9 @@ def test_native_rope_rejects_positions_outside_the_table() -> None:
     table = RopeTable(inv_freqs(8, 10000.0), max_context=100, initial=64)
     q, k = np.zeros((1, 1, 1, 8), np.float32), np.zeros((1, 1, 1, 8), np.float32)
     with pytest.raises(ValueError, match="positions"):
-        cpu.native_rope_qk(q, k, np.array([[64]]), table.cos2, table.sin2)  # table not grown to 65 rows
+        host_ops.native_rope_qk(q, k, np.array([[64]]), table.cos2, table.sin2)  # table not grown to 65 rows
     with pytest.raises(ValueError, match="positions"):
-        cpu.native_rope_qk(q, k, np.array([[-1]]), table.cos2, table.sin2)
+        host_ops.native_rope_qk(q, k, np.array([[-1]]), table.cos2, table.sin2)
 
 
 @needs_native
@@ -109,20 +109,20 @@ def test_native_rope_declines_what_it_does_not_cover() -> None:
     table = RopeTable(inv_freqs(8, 10000.0), max_context=100)
     table.rotate_qk(np.zeros((1, 1, 1, 8), np.float32), np.zeros((1, 1, 1, 8), np.float32), np.array([[5]]))
     f64 = np.zeros((1, 1, 1, 8), np.float64)
-    assert cpu.native_rope_qk(f64, f64, np.array([[5]]), table.cos2, table.sin2) is None
+    assert host_ops.native_rope_qk(f64, f64, np.array([[5]]), table.cos2, table.sin2) is None
 
 
 def test_without_the_extension_rope_and_writes_run_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Another platform (no native module): the table takes the numpy path, the store writes."""
-    monkeypatch.setattr(cpu, "_native", None)
+    monkeypatch.setattr(host_ops, "_native", None)
     table = RopeTable(inv_freqs(16, 10000.0), max_context=1000)
     assert not table.native
     q = np.ones((2, 2, 1, 16), BF16)
-    assert cpu.native_rope_qk(q, q, np.array([[1], [2]]), table.cos2, table.sin2) is None
+    assert host_ops.native_rope_qk(q, q, np.array([[1], [2]]), table.cos2, table.sin2) is None
     got_q, _ = table.rotate_qk(q, q, np.array([[1], [2]]))
     _bytes_equal(got_q, table.rotate_qk_numpy(q, q, np.array([[1], [2]]))[0])
     pool = np.zeros((2, 4, 4, 16), BF16)
-    assert not cpu.native_scatter(pool, np.array([1]), np.array([2]), np.ones((2, 1, 16), BF16))
+    assert not host_ops.native_scatter(pool, np.array([1]), np.array([2]), np.ones((2, 1, 16), BF16))
 
 
 @st.composite
@@ -152,7 +152,7 @@ def test_native_scatter_equals_numpy_fancy_assignment(case: tuple) -> None:
     pool, blocks, offsets, rows = case
     want = pool.copy()
     want[:, blocks, offsets] = rows
-    assert cpu.native_scatter(pool, blocks, offsets, rows)
+    assert host_ops.native_scatter(pool, blocks, offsets, rows)
     _bytes_equal(pool, want)
 
 
@@ -162,7 +162,7 @@ def test_native_scatter_out_of_range_writes_nothing() -> None:
     rows = np.ones((2, 2, 8), np.float32)
     for blocks, offsets in (([0, 3], [0, 0]), ([0, 1], [0, 4]), ([-1, 0], [0, 1])):
         with pytest.raises(ValueError, match="blocks/offsets"):
-            cpu.native_scatter(pool, np.array(blocks), np.array(offsets), rows)
+            host_ops.native_scatter(pool, np.array(blocks), np.array(offsets), rows)
         assert not pool.any()
 
 
@@ -173,7 +173,7 @@ def test_host_store_write_both_paths(native: bool, monkeypatch: pytest.MonkeyPat
     from tkg.kernel import kv_store
 
     if not native:
-        monkeypatch.setattr(cpu, "_native", None)
+        monkeypatch.setattr(host_ops, "_native", None)
     monkeypatch.setattr(kv_store, "NATIVE_SCATTER_BYTES", 0)  # the native pass whatever the size
     g = KVGeometry(num_layers=2, num_kv_heads=2, num_blocks=5, block_len=4, head_dim=8, dtype=BF16)
     store = HostKVStore(g)
@@ -219,7 +219,7 @@ def test_native_rope_store_equals_rope_then_scatter(case: tuple) -> None:
         want_kp[:, blocks, offsets] = want_k.transpose(1, 0, 2, 3)
         want_vp[:, blocks, offsets] = v.transpose(1, 0, 2, 3)
         kp, vp = pool[0].copy(), pool[1].copy()
-        got_q = cpu.native_rope_store(q, k, v, pos, table.cos2, table.sin2, kp, vp, blocks, offsets)
+        got_q = host_ops.native_rope_store(q, k, v, pos, table.cos2, table.sin2, kp, vp, blocks, offsets)
     assert got_q is not None
     _bits_equal_but_nan_payloads(got_q, want_q)
     _bits_equal_but_nan_payloads(kp, want_kp)
@@ -244,13 +244,13 @@ def test_native_rope_store_refusals_write_nothing() -> None:
     ]  # fmt: skip
     for what, pos, blocks, offsets in cases:
         with pytest.raises(ValueError, match=what):
-            cpu.native_rope_store(q, k, k, pos, table.cos2, table.sin2, kp, vp, blocks, offsets)
+            host_ops.native_rope_store(q, k, k, pos, table.cos2, table.sin2, kp, vp, blocks, offsets)
         assert not kp.any() and not vp.any()
     pos = np.array([[5], [6]])
     f32_pool = np.zeros((1, 3, 4, 8), np.float32)  # k bf16, pools float32: the caller casts instead
     f32 = (f32_pool, f32_pool, ok_blocks, ok_offsets)
-    assert cpu.native_rope_store(q, k, k, pos, table.cos2, table.sin2, *f32) is None
-    assert cpu.native_rope_store(q, k, k.astype(np.float16), pos, table.cos2, table.sin2, kp, vp, ok_blocks,
+    assert host_ops.native_rope_store(q, k, k, pos, table.cos2, table.sin2, *f32) is None
+    assert host_ops.native_rope_store(q, k, k.astype(np.float16), pos, table.cos2, table.sin2, kp, vp, ok_blocks,
                                  ok_offsets) is None  # fmt: skip
     assert not f32_pool.any() and not kp.any() and not vp.any()
 
@@ -261,7 +261,7 @@ def test_rotate_into_both_paths_equal_rotate_then_write(native: bool, monkeypatc
     `rotate_qk` and `HostKVStore.write`, store what `rotate` then `write` store and return `rotate`'s
     q; a float32 store (k cast on the way in) takes the unfused path with the same result."""
     if not native:
-        monkeypatch.setattr(cpu, "_native", None)
+        monkeypatch.setattr(host_ops, "_native", None)
     inv = inv_freqs(16, 10000.0)
     rng = np.random.default_rng(3)
     for dtype in (BF16, np.dtype(np.float32)):
@@ -290,26 +290,25 @@ def test_native_append_passes_refuse_rows_of_other_types_and_change_nothing() ->
     base, num_blocks, gen = np.zeros(cap, np.int64), np.zeros(cap, np.int64), np.array([0, 3, 7, 1], np.int64)
     lengths, pending, last_used = np.zeros((cap, L), np.int64), np.zeros((cap, L), bool), np.zeros(cap)
     slots, pos = np.array([0, 2], np.int64), np.array([0, 0], np.int64)
+    prepare = host_ops.native_append_prepare
     with pytest.raises(ValueError, match="lengths"):
-        cpu.native_append_prepare(slots, pos, base, lengths.astype(np.int32), pending, num_blocks, last_used, gen, 0,
-                                  1, 8, 4, 10, 1.0)  # fmt: skip
+        prepare(slots, pos, base, lengths.astype(np.int32), pending, num_blocks, last_used, gen, 0, 1, 8, 4, 10, 1.0)
     with pytest.raises(ValueError, match="last_used"):
-        cpu.native_append_prepare(slots, pos, base, lengths, pending, num_blocks, last_used[:1], gen, 0, 1, 8, 4, 10,
-                                  1.0)  # fmt: skip
+        prepare(slots, pos, base, lengths, pending, num_blocks, last_used[:1], gen, 0, 1, 8, 4, 10, 1.0)
     assert not pending.any() and not last_used.any()
-    assert cpu.native_append_prepare(slots, pos, base, lengths, pending, num_blocks, last_used, gen, 0, 1, 8, 4, 1,
+    assert host_ops.native_append_prepare(slots, pos, base, lengths, pending, num_blocks, last_used, gen, 0, 1, 8, 4, 1,
                                      1.0) is None  # two new blocks, one free  # fmt: skip
     assert not pending.any() and not last_used.any()
     rows = (base, lengths, pending, num_blocks, last_used, gen)
-    fresh, rel, ends, gens = cpu.native_append_prepare(slots, pos, *rows, 0, 1, 8, 4, 2, 1.0)
+    fresh, rel, ends, gens = host_ops.native_append_prepare(slots, pos, *rows, 0, 1, 8, 4, 2, 1.0)
     assert fresh == 2 and rel.tolist() == [0, 0] and pending[:, 0].tolist() == [True, False, True, False]
     assert ends.dtype == np.int32 and ends.tolist() == [1, 1] and gens.tolist() == [0, 7]
     tables = np.zeros((cap, 2), np.int32)
     with pytest.raises(ValueError, match="reserved"):
-        cpu.native_append_commit(slots, gens, ends, tables, num_blocks, lengths, pending, gen,
+        host_ops.native_append_commit(slots, gens, ends, tables, num_blocks, lengths, pending, gen,
                                  np.array([5, 6], np.int64), 0, 1, 4, False)  # fmt: skip
     gen[2] += 1  # slot 2 released since prepare: the general path's business
-    assert cpu.native_append_commit(slots, gens, ends, tables, num_blocks, lengths, pending, gen,
+    assert host_ops.native_append_commit(slots, gens, ends, tables, num_blocks, lengths, pending, gen,
                                     np.array([5, 6], np.int32), 0, 1, 4, False) is None  # fmt: skip
     assert not tables.any() and not num_blocks.any() and not lengths.any() and pending[:, 0].sum() == 2
 
@@ -357,7 +356,7 @@ def test_native_bounded_bytes_equals_the_bytes_check(case: tuple[bytes, np.dtype
 def test_bounded_bytes_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
     from tkg import codec
 
-    monkeypatch.setattr(cpu, "_native", None)
+    monkeypatch.setattr(host_ops, "_native", None)
     codec._native_top_bytes_below.cache_clear()
     try:
         assert codec._native_top_bytes_below() is None

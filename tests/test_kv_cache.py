@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from support.fakes import FakeClock
 
 from tkg.dtypes import BF16
-from tkg.kernel.backends import cpu
+from tkg.kernel.backends import host_ops
 from tkg.server.appends import Writer
 from tkg.server.block_pool import BlockPool
 from tkg.server.errors import (
@@ -975,7 +975,7 @@ class FastVsGeneralMachine(RuleBasedStateMachine):
                     max_context=14, clock=self.clock)
             for _ in range(3)
         ]  # fmt: skip
-        self.caches[0].native_appends = cpu.host_ops_available()
+        self.caches[0].native_appends = host_ops.host_ops_available()
         self.caches[1].native_appends = False
         self.caches[2].small_batch = 0
         self.open: list[tuple] = []  # the two caches' plans of each prepared or held append

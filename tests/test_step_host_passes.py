@@ -16,10 +16,10 @@ from support.service import make_service
 from tkg import codec
 from tkg.client.messages import DecodeInput, decode_request
 from tkg.dtypes import BF16
-from tkg.kernel.backends import cpu
+from tkg.kernel.backends import host_ops
 from tkg.kernel.kv_store import HostKVStore
 
-pytestmark = pytest.mark.skipif(not cpu.host_ops_available(), reason="native extension not built")
+pytestmark = pytest.mark.skipif(not host_ops.host_ops_available(), reason="native extension not built")
 
 SPEC = {
     "num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 16, "block_len": 4, "num_blocks": 96,

@@ -222,7 +222,7 @@ def _native_top_bytes_below() -> Callable[[bytes, int, int, int], bool] | None:
     """The native extension's check (`tkg.kernel.backends.cpu`), or None where it is not built.
     Looked up at the first large tensor, so importing the codec does not import the kernel."""
     try:
-        from tkg.kernel.backends.cpu import host_ops_available, native_top_bytes_below
+        from tkg.kernel.backends.host_ops import host_ops_available, native_top_bytes_below
     except ImportError:  # a client-only install without the kernel package
         return None
     return native_top_bytes_below if host_ops_available() else None
