@@ -48,6 +48,18 @@ def host_ops_available() -> bool:
 _ROPE_CODES = {np.dtype(np.float32): 0, BF16: 1, np.dtype(np.float16): 2}
 
 
+def _rope_codes(q: np.ndarray, k: np.ndarray) -> tuple[int, int] | None:
+    """The dtype codes of q `[B, Hq, T, d]` and k `[B, Hkv, T, d]` for the native RoPE passes, or
+    None when the module is absent or the pair is not covered (dtype, odd or too wide d, shapes)."""
+    if _native is None or q.ndim != 4 or k.ndim != 4:
+        return None
+    qc, kc = _ROPE_CODES.get(q.dtype), _ROPE_CODES.get(k.dtype)
+    B, _, T, d = q.shape
+    if qc is None or kc is None or d % 2 or d > _MAX_D or k.shape[0] != B or k.shape[2:] != (T, d):
+        return None
+    return qc, kc
+
+
 def native_rope_qk(
     q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos2: np.ndarray, sin2: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -58,12 +70,11 @@ def native_rope_qk(
     module is absent or does not cover the call (dtype other than float32/bfloat16/float16, odd or
     > 256 head dim, mismatched shapes): the caller then runs numpy. ValueError when a position is
     outside the table."""
-    if _native is None or q.ndim != 4 or k.ndim != 4:
+    codes = _rope_codes(q, k)
+    if codes is None:
         return None
-    qc, kc = _ROPE_CODES.get(q.dtype), _ROPE_CODES.get(k.dtype)
+    qc, kc = codes
     B, hq, T, d = q.shape
-    if qc is None or kc is None or d % 2 or d > _MAX_D or k.shape[0] != B or k.shape[2:] != (T, d):
-        return None
     if positions.shape != (B, T) or cos2.shape[1:] != (d,) or sin2.shape != cos2.shape:
         return None
     q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)
@@ -89,12 +100,11 @@ def native_rope_store(
     other than float32/bfloat16/float16, k, v and the pools not all of one dtype, pools not
     C-contiguous, odd or > 256 head dim, mismatched shapes. ValueError (nothing written) for a
     position outside the table or a slot outside the pools."""  # fmt: skip
-    if _native is None or q.ndim != 4 or k.ndim != 4:
+    codes = _rope_codes(q, k)
+    if codes is None:
         return None
-    qc, kc = _ROPE_CODES.get(q.dtype), _ROPE_CODES.get(k.dtype)
+    qc, kc = codes
     B, hq, T, d = q.shape
-    if qc is None or kc is None or d % 2 or d > _MAX_D or k.shape[0] != B or k.shape[2:] != (T, d):
-        return None
     if v.shape != k.shape or v.dtype != k.dtype or k_pool.dtype != k.dtype or v_pool.dtype != k.dtype:
         return None
     if k_pool.ndim != 4 or k_pool.shape != v_pool.shape or k_pool.shape[0] != k.shape[1] or k_pool.shape[3] != d:
