@@ -26,7 +26,8 @@ from typing import Any
 import grpc
 
 from tkg import __version__, codec, status
-from tkg.server import auth, migration
+from tkg.server import identity as auth  # `auth.current()`: the caller, as the guard set it
+from tkg.server import migration
 from tkg.server.batcher import Batcher, DecodeWork, LoneCaller
 from tkg.server.config import ModelSpec
 from tkg.server.cores import CorePolicy, tune_gil
