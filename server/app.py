@@ -35,6 +35,7 @@ from tkg.kernel.kv_store import KVGeometry, KVStore, LayerVariant, WarmUp, creat
 from tkg.server import auth as auth_mod
 from tkg.server import listeners, migration, peers, spill_files, tenants
 from tkg.server.config import ConfigError, ModelSpec
+from tkg.server.credentials import AuthTable
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
 from tkg.server.service import DecodeAttentionService
@@ -81,7 +82,7 @@ class App:
             f"max_batch={self.spec.max_batch}{self._warm_up_text()} loop={self.event_loop} | {self.spec.summary()}"
         )
 
-    def reload_auth(self, table: auth_mod.AuthTable) -> None:
+    def reload_auth(self, table: AuthTable) -> None:
         """Put a new credential table in force (SIGHUP); calls already admitted keep theirs."""
         self.authenticator.table = table  # the service's tenant_count reads it per request
 

@@ -94,7 +94,7 @@ class DecodeWork:
     q: np.ndarray  # [B, Hq, S, d] KV dtype
     k: np.ndarray | None  # [B, Hkv, S, d]; None for attend_only
     v: np.ndarray | None  # [B, Hkv, S, d]; None for attend_only
-    tenant: Any = None  # the caller's `tkg.server.auth.Tenant` (quota accounting)
+    tenant: Any = None  # the caller's `tkg.server.identity.Tenant` (quota accounting)
     arrival: float = field(default_factory=time.perf_counter)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     return_lse: bool = False  # answer (out float32, lse float32 [B, Hq, S])

@@ -28,9 +28,10 @@ from typing import Any
 
 from tkg.kernel.backends import BackendUnavailable, auto_skipped, names, neuron_env, require_serving, resolve
 from tkg.server import app as app_mod
-from tkg.server import auth, listeners
+from tkg.server import credentials, listeners
 from tkg.server.batcher import INLINE_KERNEL_BYTES
 from tkg.server.config import ConfigError, ModelSpec, load_spec
+from tkg.server.identity import QUOTA_KEYS, Quota
 from tkg.server.presets import DEFAULT_PRESET, PRESETS
 from tkg.server.settings import DEFAULT_MAX_MESSAGE, ServeSettings
 
@@ -141,23 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tls-key", help="PEM private key")
     a.add_argument("--tls-client-ca", help="PEM roots: require and verify client certificates (mTLS)")
     q = p.add_argument_group("per-tenant quota defaults (the auth file overrides them per tenant; 0 = none)")
-    for key in auth.QUOTA_KEYS:
+    for key in QUOTA_KEYS:
         q.add_argument(f"--quota-{key.replace('_', '-')}", dest=f"quota_{key}", type=int, default=0,
                        metavar="N", help=f"{key} per tenant")  # fmt: skip
     return p
 
 
-def auth_from_args(args: argparse.Namespace) -> tuple[auth.AuthTable, auth.Quota, str | None]:
+def auth_from_args(args: argparse.Namespace) -> tuple[credentials.AuthTable, Quota, str | None]:
     """The credential table, the quota defaults and the token a drain presents to --peers (the
     --peer-token-file's, else the first full-access token) from the security flags and the auth file."""
-    defaults = auth.Quota(**{k: getattr(args, f"quota_{k}") or None for k in auth.QUOTA_KEYS})
-    tokens = auth.tokens_from(args.auth_token, args.auth_token_file)
-    read_only = [auth.check_token(t, "--read-only-token") for t in args.read_only_token]
-    entries = auth.read_auth_file(args.auth_file) if args.auth_file else []
-    peer = auth.tokens_from((), args.peer_token_file, env={}, source="--peer-token-file")[0] if args.peer_token_file \
-        else (tokens[0] if tokens else None)  # fmt: skip
+    defaults = Quota(**{k: getattr(args, f"quota_{k}") or None for k in QUOTA_KEYS})
+    tokens = credentials.tokens_from(args.auth_token, args.auth_token_file)
+    read_only = [credentials.check_token(t, "--read-only-token") for t in args.read_only_token]
+    entries = credentials.read_auth_file(args.auth_file) if args.auth_file else []
+    peer = credentials.tokens_from((), args.peer_token_file, env={}, source="--peer-token-file")[0] \
+        if args.peer_token_file else (tokens[0] if tokens else None)  # fmt: skip
     mtls = bool(args.tls_client_ca)  # a client_subject without it could never match: refused, not ignored
-    return auth.build_table(tokens, read_only, entries, defaults, mtls=mtls), defaults, peer
+    return credentials.build_table(tokens, read_only, entries, defaults, mtls=mtls), defaults, peer
 
 
 def _window_list(text: str) -> int | list[int | None]:
@@ -204,7 +205,7 @@ def settings_from_args(
         ("--max-message-bytes", args.max_message_bytes, 4096, 2**31 - 1),
         ("--batch-delay-us", args.batch_delay_us, 0, 10**7), ("--max-pending", args.max_pending, 1, 10**7),
         ("--inline-kernel-bytes", args.inline_kernel_bytes, 0, 2**40), ("--kernel-cores", args.kernel_cores, 0, 4096),
-        *((f"--quota-{k.replace('_', '-')}", getattr(args, f"quota_{k}"), 0, 2**40) for k in auth.QUOTA_KEYS),
+        *((f"--quota-{k.replace('_', '-')}", getattr(args, f"quota_{k}"), 0, 2**40) for k in QUOTA_KEYS),
         *(() if args.max_sequences is None else (("--max-sequences", args.max_sequences, 1, 2**31 - 1),)),
         *(() if args.max_concurrent_streams is None else
           (("--max-concurrent-streams", args.max_concurrent_streams, 1, 2**31 - 1),)),

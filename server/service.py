@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from tkg import __version__, codec
-from tkg.server import auth, migration
+from tkg.server import identity, migration
 from tkg.server.batcher import Batcher, DecodeWork, LoneCaller
 from tkg.server.config import ModelSpec
 from tkg.server.cores import CorePolicy, tune_gil
@@ -170,7 +170,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         s = self.spec
         free, active = self.cache.free_blocks, len(self.cache) + len(self.tiers.index)
         if self.per_tenant_info:  # another tenant's usage is not this caller's business
-            tenant = auth.current().tenant
+            tenant = identity.current().tenant
             used = self.ledger.of(tenant)
             active = used.sequences
             free = visible_free(tenant, used.blocks, self.cache.num_blocks, free)
@@ -188,7 +188,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     # ---- sequences and quotas ----------------------------------------------------------------
 
-    def _add_sequence(self, tenant: auth.Tenant, make: Callable[[], SequenceState]) -> SequenceState:
+    def _add_sequence(self, tenant: identity.Tenant, make: Callable[[], SequenceState]) -> SequenceState:
         """A new sequence of `tenant` made by `make` (create, fork, import) within its quotas: the
         sequence count is checked first, the blocks it took (charged by the cache's meter) after;
         past max_blocks the sequence is released again (nothing changed) and RESOURCE_EXHAUSTED raised."""
@@ -206,9 +206,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     # ---- Decode ------------------------------------------------------------------------------
 
     async def decode(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
-        """One Decode request of the calling tenant (`auth.current()`): validate, queue, answer.
+        """One Decode request of the calling tenant (`identity.current()`): validate, queue, answer.
         What the Decode RPC runs inside its guard; in-process callers (tests, benchmarks) use it too."""
-        return await self.decode_work(req, self.wire.decode(req, auth.current().tenant))
+        return await self.decode_work(req, self.wire.decode(req, identity.current().tenant))
 
     async def decode_work(self, req: pb.DecodeRequest, work: DecodeWork) -> pb.DecodeResponse:
         """Queue a validated request and build its response."""
@@ -243,7 +243,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     async def CreateSequence(self, request: pb.CreateSequenceRequest, context: Any) -> pb.SequenceInfo:
         def run() -> pb.SequenceInfo:
-            tenant = auth.current().tenant
+            tenant = identity.current().tenant
             if request.sequence_id:
                 check_id("sequence_id", request.sequence_id)
             seq_id = inward(tenant, request.sequence_id or uuid.uuid4().hex)
@@ -255,7 +255,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     async def GetSequence(self, request: pb.GetSequenceRequest, context: Any) -> pb.SequenceInfo:
         def run() -> pb.SequenceInfo:
             check_id("sequence_id", request.sequence_id)
-            return self._seq_info(*self.tiers.state(inward(auth.current().tenant, request.sequence_id)))
+            return self._seq_info(*self.tiers.state(inward(identity.current().tenant, request.sequence_id)))
 
         return await self._unary("GetSequence", context, run)
 
@@ -265,7 +265,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
         async def run() -> pb.SequenceInfo:
             check_id("sequence_id", request.sequence_id)
-            seq_id = inward(auth.current().tenant, request.sequence_id)
+            seq_id = inward(identity.current().tenant, request.sequence_id)
             async with self.tiers.using([seq_id]):
                 return self._seq_info(self.cache.get(seq_id))
 
@@ -274,7 +274,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     async def TruncateSequence(self, request: pb.TruncateSequenceRequest, context: Any) -> pb.SequenceInfo:
         async def run() -> pb.SequenceInfo:
             check_id("sequence_id", request.sequence_id)
-            seq_id = inward(auth.current().tenant, request.sequence_id)
+            seq_id = inward(identity.current().tenant, request.sequence_id)
             async with self.tiers.using([seq_id]):
                 await self.holds.settle(seq_id)
                 await self.tiers.settle(seq_id)  # a write-back flush of it ends first
@@ -286,7 +286,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     async def ForkSequence(self, request: pb.ForkSequenceRequest, context: Any) -> pb.SequenceInfo:
         async def run() -> pb.SequenceInfo:
-            tenant = auth.current().tenant
+            tenant = identity.current().tenant
             check_id("source_id", request.source_id)
             if request.sequence_id:
                 check_id("sequence_id", request.sequence_id)
@@ -303,7 +303,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
     async def ReleaseSequence(self, request: pb.ReleaseSequenceRequest, context: Any) -> pb.ReleaseSequenceResponse:
         async def run() -> pb.ReleaseSequenceResponse:
             check_id("sequence_id", request.sequence_id)
-            seq_id = inward(auth.current().tenant, request.sequence_id)
+            seq_id = inward(identity.current().tenant, request.sequence_id)
             await self.tiers.settle(seq_id)  # a spill or restore under way ends first
             if self.tiers.drop(seq_id):  # spilled: no device block to free
                 freed = 0
@@ -321,7 +321,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     async def AppendKV(self, request_iterator: AsyncIterator[pb.AppendKVRequest], context: Any) -> pb.SequenceInfo:
         async def run() -> pb.SequenceInfo:
-            tenant = auth.current().tenant
+            tenant = identity.current().tenant
             self.ledger.open_stream(tenant)
             try:
                 seq_id = None
@@ -350,7 +350,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         launch holding it; truncate/release/fork of it wait until the stream is done."""
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
-        tenant = auth.current().tenant
+        tenant = identity.current().tenant
         seq_id = inward(tenant, request.sequence_id)
         self.enter()
         counted = False
@@ -396,7 +396,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         """Accepts exactly what ExportSequence streams; all-or-nothing."""
 
         async def run() -> pb.SequenceInfo:
-            ident = auth.current()
+            ident = identity.current()
             tenant = ident.tenant
             # A tenant's own import is one of its streams; a replica's drain (a peer credential) is
             # bounded by the drain's concurrency instead, so a rolling update never fails on it.
@@ -455,7 +455,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             return result
         except ServiceError as exc:
             code = exc.code
-            await context.abort(exc.code, scrub(exc, auth.current().tenant).message)
+            await context.abort(exc.code, scrub(exc, identity.current().tenant).message)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -467,4 +467,4 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
             await context.abort(code, f"server: {type(exc).__name__}: {exc}")
         finally:
             self.leave()
-            self.metrics.observe_request(method, code.name, time.perf_counter() - t0, auth.current().tenant.name)
+            self.metrics.observe_request(method, code.name, time.perf_counter() - t0, identity.current().tenant.name)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tkg.server import auth as auth_mod
 from tkg.server.batcher import INLINE_KERNEL_BYTES, INLINE_WRITE_BYTES, LONE_INLINE_BYTES
+from tkg.server.credentials import AuthTable
+from tkg.server.identity import Quota
 
 DEFAULT_MAX_MESSAGE = 64 * 2**20
 
@@ -28,9 +29,9 @@ class ServeSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     batch_delay_us: int = 100
     max_pending: int = 1024
-    auth: auth_mod.AuthTable = field(default_factory=auth_mod.AuthTable)  # tokens, subjects, tenants, quotas
+    auth: AuthTable = field(default_factory=AuthTable)  # tokens, subjects, tenants, quotas
     auth_file: str | None = None  # re-read on SIGHUP (`App.reload_auth`)
-    quota_defaults: auth_mod.Quota = field(default_factory=auth_mod.Quota)  # for tenants the file gives none
+    quota_defaults: Quota = field(default_factory=Quota)  # for tenants the file gives none
     # Sent when pushing to --peers: a `peer` credential (--peer-token-file; every tenant's sequences
     # move), else the first full-access token of tenant `default` (only its sequences can move).
     peer_token: str | None = None

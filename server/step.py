@@ -38,12 +38,12 @@ import numpy as np
 from tkg import codec
 from tkg.dtypes import FP8, to_fp8
 from tkg.server.appends import AppendPlan
-from tkg.server.auth import Tenant
 from tkg.server.batcher import DecodeWork, LoneCaller
 from tkg.server.config import ModelSpec
 from tkg.server.cores import CorePolicy
 from tkg.server.errors import ServiceError
 from tkg.server.holds import Holds
+from tkg.server.identity import Tenant
 from tkg.server.kv_cache import KVCache
 from tkg.server.metrics import Metrics
 from tkg.server.offload import run_on

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from tkg import status
-from tkg.server import auth
+from tkg.server import identity
 from tkg.server.batcher import DecodeWork
 from tkg.server.errors import ServiceError, Unavailable
 from tkg.server.sequences import MAX_SEQUENCE_ID_LEN
@@ -58,7 +58,7 @@ class DecodeStreams:
         svc = self.service
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
-        tenant = auth.current().tenant
+        tenant = identity.current().tenant
         try:
             svc.check_access("DecodeStream")
             svc.ledger.open_stream(tenant)
@@ -118,7 +118,7 @@ class DecodeStreams:
         try:
             if svc.draining:
                 raise Unavailable("server: draining for shutdown; expected a retry on another replica")
-            return t0, svc.wire.decode(req, auth.current().tenant)
+            return t0, svc.wire.decode(req, identity.current().tenant)
         except Exception as exc:
             return t0, self.failed(req, t0, exc)
 
@@ -136,13 +136,13 @@ class DecodeStreams:
         svc = self.service
         if isinstance(exc, ServiceError):
             code = exc.code
-            resp = _error_response(req, code, scrub(exc, auth.current().tenant).message)
+            resp = _error_response(req, code, scrub(exc, identity.current().tenant).message)
         else:  # a server bug fails this message, not the stream
             log.error("DecodeStream message %r failed", req.request_id[:LOG_ID_CHARS], exc_info=exc)
             code = grpc.StatusCode.INTERNAL
             resp = _error_response(req, code, f"server: {type(exc).__name__}: {exc}")
         svc.metrics.observe_request(
-            "DecodeStream.message", code.name, time.perf_counter() - t0, auth.current().tenant.name
+            "DecodeStream.message", code.name, time.perf_counter() - t0, identity.current().tenant.name
         )
         return resp
 

@@ -1,7 +1,7 @@
 """Tenant namespaces and per-tenant usage against quotas.
 
 **Namespaces.** A tenant's sequence ids live in the KV cache as `namespace + id`
-(`tkg.server.auth.namespace_of`: "" for `default`, `name + "\\x1f"` otherwise). Every id a caller
+(`tkg.server.identity.namespace_of`: "" for `default`, `name + "\\x1f"` otherwise). Every id a caller
 sends is prefixed with its own namespace before the cache sees it, so another tenant's sequence is
 simply absent (NOT_FOUND, the same message as a never-created id) on every RPC, fork sources
 included, and two tenants may use the same id. Ids going back out (SequenceInfo, error messages)
@@ -32,8 +32,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tkg.server.auth import DEFAULT_TENANT, Tenant
 from tkg.server.errors import ResourceExhausted, ServiceError
+from tkg.server.identity import DEFAULT_TENANT, Tenant
 
 SEP = "\x1f"
 

@@ -13,10 +13,10 @@ import numpy as np
 
 from tkg import codec, dtypes
 from tkg.kernel.kv_store import KVStore, StepOutOfBuckets
-from tkg.server.auth import Tenant
 from tkg.server.batcher import DecodeWork
 from tkg.server.config import ModelSpec
 from tkg.server.errors import InvalidArgument
+from tkg.server.identity import Tenant
 from tkg.server.sequences import MAX_SEQUENCE_ID_LEN
 from tkg.server.tenants import SEP, inward
 from tkg.v1 import decode_attention_pb2 as pb

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tkg.server.appends import ONE_SEQUENCE
-from tkg.server.auth import Tenant
 from tkg.server.holds import Holds
+from tkg.server.identity import Tenant
 from tkg.server.kv_cache import KVCache
 from tkg.server.step import StepEngine
 from tkg.server.tenants import Ledger, inward

@@ -11,8 +11,9 @@ import grpc
 import pytest
 from support.inproc import InProcServer
 
-from tkg.server import auth, cli
+from tkg.server import cli, credentials
 from tkg.server import subjects as dn
+from tkg.server.config import ConfigError
 
 Code = grpc.StatusCode
 
@@ -63,10 +64,10 @@ def test_the_auth_file_refuses_ambiguous_subjects_naming_the_entry() -> None:
         ([{"name": "team-a", "client_subject": 7}], "tenants[0].client_subject: 7; expected an RFC 4514 subject"),
     ]  # fmt: skip
     for entries, needle in cases:
-        with pytest.raises(auth.ConfigError) as err:
-            auth.build_table([], [], entries)
+        with pytest.raises(ConfigError) as err:
+            credentials.build_table([], [], entries)
         assert needle in str(err.value), err.value
-    table = auth.build_table([], [], [ok], mtls=True)
+    table = credentials.build_table([], [], [ok], mtls=True)
     assert table.by_subject(["CN=team-a,O=Org"]).tenant.name == "team-a"
     assert table.by_subject(["CN=team-a\\,O=Org"]) is None  # the crafted certificate's report
     assert table.by_subject(["CN=team-a"]) is None and table.by_subject(["O=Org,CN=team-a"]) is None
@@ -89,10 +90,10 @@ def test_a_reload_adding_a_client_subject_without_tls_client_ca_keeps_the_old_cr
     path = tmp_path / "auth.json"
     path.write_text(json.dumps({"tenants": [{"name": "team-a", "token_sha256": "0" * 64}]}))
     args = cli.build_parser().parse_args(["--auth-file", str(path)])
-    swapped: list[auth.AuthTable] = []
+    swapped: list[credentials.AuthTable] = []
 
     class App:
-        def reload_auth(self, table: auth.AuthTable) -> None:
+        def reload_auth(self, table: credentials.AuthTable) -> None:
             swapped.append(table)
 
     cli.reload_auth(App(), args)  # type: ignore[arg-type]
@@ -120,7 +121,7 @@ def test_a_crafted_common_name_is_not_the_subject_it_spells() -> None:
     entries = [{"name": "team-a", "client_subject": "CN=team-a,O=Org"},
                {"name": "team-b", "client_subject": "CN=team-b"},
                {"name": "team-c", "client_subject": "CN=équipe,O=Org"}]  # fmt: skip
-    table = auth.build_table([], [], entries, mtls=True)
+    table = credentials.build_table([], [], entries, mtls=True)
     s = InProcServer(settings(tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"],
                               auth=table, auth_file="auth.json"))  # fmt: skip
 

@@ -16,7 +16,8 @@ import pytest
 from support.service import Aborted, FakeContext, make_service
 
 from tkg import codec
-from tkg.server import auth
+from tkg.server import credentials
+from tkg.server.identity import CURRENT, Identity, current
 from tkg.server.service import DecodeAttentionService
 from tkg.server.tenants import inward
 from tkg.v1 import decode_attention_pb2 as pb
@@ -31,10 +32,10 @@ def service(num_blocks: int = 64, max_context: int = 512) -> DecodeAttentionServ
     return make_service(raw, max_pending=8, max_message_bytes=2**22)
 
 
-def identity(quota: dict[str, int], peer: bool = False) -> auth.Identity:
+def identity(quota: dict[str, int], peer: bool = False) -> Identity:
     entry = {"name": "team", "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "quota": quota}
-    tenant = auth.build_table([], [], [entry]).tokens[0][1].tenant
-    return auth.Identity(tenant, peer=peer)
+    tenant = credentials.build_table([], [], [entry]).tokens[0][1].tenant
+    return Identity(tenant, peer=peer)
 
 
 def header(sid: str, lengths: list[int], chunks: int) -> pb.SequenceChunk:
@@ -92,7 +93,7 @@ def test_an_open_import_counts_toward_max_streams(other: str) -> None:
     svc = service()
 
     async def main() -> None:
-        auth.CURRENT.set(identity({"max_streams": 1}))
+        CURRENT.set(identity({"max_streams": 1}))
         await svc.CreateSequence(pb.CreateSequenceRequest(sequence_id="s"), FakeContext())
         parked = Parked([header("imp", [0, 0], 0)])
         first = asyncio.ensure_future(svc.ImportSequence(parked(), FakeContext()))
@@ -120,7 +121,7 @@ def test_an_open_import_counts_toward_max_streams(other: str) -> None:
         assert (await first).sequence_id == "imp"
         if other != "ImportSequence":  # (a parked import would never end: the others complete)
             assert (await status(calls[other]()))[0] == grpc.StatusCode.OK
-        assert svc.ledger.of(auth.current().tenant).streams == 0
+        assert svc.ledger.of(current().tenant).streams == 0
 
     run(main)
 
@@ -129,7 +130,7 @@ def test_an_open_export_counts_toward_max_streams() -> None:
     svc = service()
 
     async def main() -> None:
-        auth.CURRENT.set(identity({"max_streams": 1}))
+        CURRENT.set(identity({"max_streams": 1}))
         await svc.CreateSequence(pb.CreateSequenceRequest(sequence_id="s"), FakeContext())
         stream = svc.ExportSequence(pb.ExportSequenceRequest(sequence_id="s"), FakeContext())
         await stream.__anext__()  # the header: the export is open
@@ -137,7 +138,7 @@ def test_an_open_export_counts_toward_max_streams() -> None:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_streams" in details, details
         async for _ in stream:
             pass
-        assert svc.ledger.of(auth.current().tenant).streams == 0
+        assert svc.ledger.of(current().tenant).streams == 0
 
     run(main)
 
@@ -148,11 +149,11 @@ def test_a_peer_drain_import_is_not_counted_toward_the_tenant_streams() -> None:
 
     async def main() -> None:
         tenant_ident = identity({"max_streams": 1})
-        auth.CURRENT.set(tenant_ident)
+        CURRENT.set(tenant_ident)
         parked = Parked([header("mine", [0, 0], 0)])
         first = asyncio.ensure_future(svc.ImportSequence(parked(), FakeContext()))
         await asyncio.wait_for(parked.sent.wait(), 10)
-        auth.CURRENT.set(auth.Identity(tenant_ident.tenant, peer=True))
+        CURRENT.set(Identity(tenant_ident.tenant, peer=True))
         msgs = [header("moved", [3, 3], 2), kv_message("moved", 0, 0, 3), kv_message("moved", 1, 0, 3)]
         info = await svc.ImportSequence(Parked(msgs, park=False)(), FakeContext())
         assert info.lengths == [3, 3]
@@ -171,13 +172,13 @@ def test_a_header_past_max_blocks_is_refused_when_it_arrives() -> None:
     svc = service()
 
     async def main() -> None:
-        auth.CURRENT.set(identity({"max_blocks": 4}))
+        CURRENT.set(identity({"max_blocks": 4}))
         parked = Parked([header("big", [40, 40], 2)])  # 5 blocks of 8 tokens
         code, details = await asyncio.wait_for(status(svc.ImportSequence(parked(), FakeContext())), 10)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
         assert "quota max_blocks of tenant 'team'" in details and "5 more requested" in details, details
         assert not parked.go.is_set()
-        assert svc.cache.free_blocks == 64 and svc.ledger.of(auth.current().tenant).blocks == 0
+        assert svc.cache.free_blocks == 64 and svc.ledger.of(current().tenant).blocks == 0
 
     run(main)
 
@@ -190,7 +191,7 @@ def test_concurrent_imports_share_the_quota_they_reserved() -> None:
 
     async def main() -> None:
         ident = identity({"max_blocks": 4})
-        auth.CURRENT.set(ident)
+        CURRENT.set(ident)
         msgs = [kv_message("a", 0, 0, 24), kv_message("a", 1, 0, 24)]
         parked = Parked([header("a", [24, 24], 2)], msgs)
         first = asyncio.ensure_future(svc.ImportSequence(parked(), FakeContext()))
@@ -209,7 +210,7 @@ def test_a_header_past_the_free_blocks_is_refused_when_it_arrives() -> None:
     svc = service(num_blocks=4)
 
     async def main() -> None:
-        auth.CURRENT.set(identity({}))
+        CURRENT.set(identity({}))
         code, details = await status(svc.ImportSequence(Parked([header("big", [40, 0], 1)])(), FakeContext()))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "5 more blocks needed" in details, details
         assert svc.cache.free_blocks == 4
@@ -223,7 +224,7 @@ def test_an_import_holds_no_buffer_for_its_declared_lengths() -> None:
     svc = service(num_blocks=1024, max_context=4096)
 
     async def main() -> None:
-        auth.CURRENT.set(identity({}))
+        CURRENT.set(identity({}))
         parked = Parked([header("big", [4096, 4096], 2)])
         tracemalloc.start()
         try:
@@ -240,7 +241,7 @@ def test_an_import_holds_no_buffer_for_its_declared_lengths() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert svc.cache.free_blocks == 1024 and svc.ledger.of(auth.current().tenant).blocks == 0
+        assert svc.cache.free_blocks == 1024 and svc.ledger.of(current().tenant).blocks == 0
 
     run(main)
 
@@ -255,7 +256,7 @@ def test_kv_layers_out_of_order_are_invalid_argument(order: list[int]) -> None:
     svc = service()
 
     async def main() -> None:
-        auth.CURRENT.set(identity({}))
+        CURRENT.set(identity({}))
         if order == [1, 0]:
             msgs = [header("x", [8, 8], 2), kv_message("x", 1, 0, 8), kv_message("x", 0, 0, 8)]
             want = "layer: 1 in message 1; expected 0"
@@ -265,7 +266,7 @@ def test_kv_layers_out_of_order_are_invalid_argument(order: list[int]) -> None:
             want = "layer: 1 in message 2; expected 0"
         code, details = await status(svc.ImportSequence(Parked(msgs)(), FakeContext()))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and want in details, details
-        assert "x" not in svc.cache and inward(auth.current().tenant, "x") not in svc.cache
-        assert svc.cache.free_blocks == 64 and svc.ledger.of(auth.current().tenant).blocks == 0
+        assert "x" not in svc.cache and inward(current().tenant, "x") not in svc.cache
+        assert svc.cache.free_blocks == 64 and svc.ledger.of(current().tenant).blocks == 0
 
     run(main)

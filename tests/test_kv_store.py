@@ -235,9 +235,9 @@ def test_host_backends_report_zero_transfers_and_compilations() -> None:
 @needs_emu
 def test_a_step_past_the_compiled_context_buckets_is_invalid_argument_and_changes_nothing() -> None:
     from tkg.server.app import ServeSettings, make_store
-    from tkg.server.auth import ANONYMOUS
     from tkg.server.config import build_spec
     from tkg.server.errors import InvalidArgument
+    from tkg.server.identity import ANONYMOUS
 
     spec = build_spec({
         "num_layers": 1, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "kv_dtype": "bfloat16",

@@ -23,7 +23,7 @@ from support.inproc import InProcServer, settings
 from support.wait import wait_for
 
 from tkg import codec
-from tkg.server import auth
+from tkg.server import credentials
 from tkg.server.config import build_spec
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
@@ -38,7 +38,7 @@ N = 12  # calls per loop: the old code kept N payloads (24 MiB), far past the bo
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[InProcServer]:
-    table = auth.build_table(full_tokens=[TOKEN])
+    table = credentials.build_table(full_tokens=[TOKEN])
     srv = InProcServer(settings(auth=table), build_spec(dict(SPEC)))
     try:
         yield srv

@@ -14,7 +14,7 @@ from support.inproc import InProcServer
 from support.mirror import append_request, decode_request, status_of
 
 from tkg import codec
-from tkg.server import auth, cli, tenants
+from tkg.server import cli, credentials, tenants
 from tkg.server.config import ConfigError
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
@@ -140,7 +140,7 @@ def test_only_a_peer_credential_may_name_a_tenant(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_peer_entries_are_checked(entries: list[dict], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
-        auth.build_table([], [], entries)
+        credentials.build_table([], [], entries)
 
 
 def test_a_drain_recognises_its_own_peers_entry_and_never_pushes_to_it(tmp_path: Path) -> None:

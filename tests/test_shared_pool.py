@@ -12,7 +12,7 @@ import pytest
 from support.inproc import TINY, InProcServer, settings
 
 from tkg.client import Client, errors
-from tkg.server import auth
+from tkg.server import credentials, identity
 from tkg.server.tenants import visible_free
 
 TA, TB = "team-a-token-0123456789", "team-b-token-0123456789"
@@ -25,10 +25,10 @@ def kv(T: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_visible_free_is_the_quota_left_or_zero_when_the_pool_is_full() -> None:
-    quota = auth.Tenant("t", auth.Quota(max_blocks=40))
+    quota = identity.Tenant("t", identity.Quota(max_blocks=40))
     assert [visible_free(quota, 10, 64, free) for free in (64, 30, 1, 0)] == [30, 30, 30, 0]
     assert visible_free(quota, 45, 64, 5) == 0  # past its quota (a shrunk quota after a reload)
-    unlimited = auth.Tenant("u")
+    unlimited = identity.Tenant("u")
     assert [visible_free(unlimited, 10, 64, free) for free in (54, 20, 0)] == [54, 54, 0]
 
 
@@ -38,7 +38,7 @@ def test_another_tenants_allocations_do_not_move_my_free_blocks() -> None:
                 "quota": {"max_blocks": 48}},
                {"name": "team-b", "token_sha256": hashlib.sha256(TB.encode()).hexdigest(),
                 "quota": {"max_blocks": 40}}]  # fmt: skip
-    s = InProcServer(settings(auth=auth.build_table([], [], entries), auth_file="auth.json"))
+    s = InProcServer(settings(auth=credentials.build_table([], [], entries), auth_file="auth.json"))
     try:
         with Client(s.target, token=TA, timeout=20) as a, Client(s.target, token=TB, timeout=20) as b:
             assert b.server_info().free_blocks == 40 and a.server_info().free_blocks == 48

@@ -15,8 +15,8 @@ from support.mirror import decode_request
 from support.server_proc import start_server
 from support.service import FakeContext, make_service
 
-from tkg.server.auth import ANONYMOUS
 from tkg.server.batcher import LONE_STREAK
+from tkg.server.identity import ANONYMOUS
 from tkg.server.service import DecodeAttentionService
 from tkg.server.streams import STREAM_WINDOW
 from tkg.v1 import decode_attention_pb2 as pb

@@ -17,7 +17,8 @@ from support.inproc import InProcServer
 from support.mirror import append_request, decode_request, status_of
 from support.wait import wait_for
 
-from tkg.server import auth, cli
+from tkg.server import cli, credentials, identity
+from tkg.server.config import ConfigError
 from tkg.v1 import decode_attention_pb2 as pb
 from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
@@ -348,15 +349,15 @@ def test_metrics_count_requests_per_tenant_never_ids_or_tokens(server: InProcSer
 
 
 def test_constant_time_lookup_compares_every_digest(monkeypatch: pytest.MonkeyPatch) -> None:
-    table = auth.build_table([TDEF], [], ENTRIES)
+    table = credentials.build_table([TDEF], [], ENTRIES)
     seen = []
-    real = auth.hmac.compare_digest
+    real = credentials.hmac.compare_digest
 
     def spy(x: bytes, y: bytes) -> bool:
         seen.append(y)
         return real(x, y)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    monkeypatch.setattr(credentials.hmac, "compare_digest", spy)
     assert table.by_token(TDEF).tenant.name == "default"  # the first entry matches...
     assert len(seen) == len(table.tokens) == 4  # ...and every other digest is compared all the same
     seen.clear()
@@ -409,7 +410,7 @@ def test_token_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     f = tmp_path / "tokens"
     f.write_text(f"{TA}\n\n{TB}\n")
     monkeypatch.setenv("TKG_AUTH_TOKEN", TDEF)
-    tokens = auth.tokens_from([], str(f))
+    tokens = credentials.tokens_from([], str(f))
     assert tokens == [TA, TB, TDEF]
 
 
@@ -425,8 +426,8 @@ def test_token_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ],
 )
 def test_auth_file_errors_name_the_entry(entry: dict, needle: str) -> None:
-    with pytest.raises(auth.ConfigError) as err:
-        auth.build_table([], [], [entry])
+    with pytest.raises(ConfigError) as err:
+        credentials.build_table([], [], [entry])
     assert needle in str(err.value)
 
 
@@ -438,7 +439,7 @@ def test_mtls_handshakes_and_tenant_from_the_certificate_subject(tmp_path: Path)
 
     pki = make_pki("team-b")
     entries = [{"name": "team-b", "client_subject": "CN=team-b"}, {"name": "team-a", "token_sha256": sha(TA)}]
-    table = auth.build_table([], [], entries)
+    table = credentials.build_table([], [], entries)
     tls = dict(tls_cert=pki["server_cert"], tls_key=pki["server_key"])
     # TLS only: the client verifies the server against the test CA.
     s = InProcServer(settings(**tls, auth=table, auth_file="auth.json"))
@@ -499,7 +500,7 @@ def test_idle_expiry_gives_the_quota_back() -> None:
     svc = make_service({"num_layers": 1, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 8, "num_blocks": 8,
                         "block_len": 4, "kv_dtype": "float32", "idle_ttl_s": 10.0, "max_batch": 4},
                        clock=lambda: now[0], max_pending=4, max_message_bytes=2**20)  # fmt: skip
-    table = auth.build_table([], [], [{"name": "t", "token_sha256": sha(TA), "quota": {"max_sequences": 1}}])
+    table = credentials.build_table([], [], [{"name": "t", "token_sha256": sha(TA), "quota": {"max_sequences": 1}}])
     ident = table.tokens[0][1]
 
     class Ctx:
@@ -507,7 +508,7 @@ def test_idle_expiry_gives_the_quota_back() -> None:
             raise AssertionError(details)
 
     async def main() -> list[str]:
-        auth.CURRENT.set(ident)
+        identity.CURRENT.set(ident)
         await svc.CreateSequence(pb.CreateSequenceRequest(sequence_id="old"), Ctx())
         k, v = kv(6)
 
@@ -539,7 +540,7 @@ def test_ledger_matches_the_cache_after_every_kind_of_step() -> None:
                         "block_len": 4, "kv_dtype": "float32", "max_context": 32, "max_batch": 4},
                        max_pending=8, max_message_bytes=2**20)  # fmt: skip
     cache = svc.cache
-    table = auth.build_table([], [], [{"name": "a", "token_sha256": sha(TA)},
+    table = credentials.build_table([], [], [{"name": "a", "token_sha256": sha(TA)},
                                       {"name": "b", "token_sha256": sha(TB), "quota": {"max_blocks": 12}}])  # fmt: skip
     idents = [ident for _, ident in table.tokens]
     rng = np.random.default_rng(7)
@@ -554,7 +555,7 @@ def test_ledger_matches_the_cache_after_every_kind_of_step() -> None:
         ctx = FakeContext()
         for step in range(160):
             ident = idents[int(rng.integers(2))]
-            auth.CURRENT.set(ident)
+            identity.CURRENT.set(ident)
             mine = ids[ident.tenant.name]
             op = rng.choice(["create", "append", "decode", "fail", "fork", "truncate", "release"])
             sid = mine[int(rng.integers(len(mine)))] if mine else "none"
@@ -605,7 +606,7 @@ def test_ledger_matches_the_cache_after_every_kind_of_step() -> None:
     asyncio.run(main())
 
 
-def tenants_inward(ident: auth.Identity, sid: str) -> str:
+def tenants_inward(ident: identity.Identity, sid: str) -> str:
     from tkg.server.tenants import inward
 
     return inward(ident.tenant, sid)
@@ -631,8 +632,8 @@ def test_a_server_started_without_auth_checks_credentials_once_a_reload_adds_the
     tenant, its quota defaults in force, counted under its name), on after a reload, off again."""
     from support.inproc import settings
 
-    defaults = auth.Quota(max_sequences=1)
-    s = InProcServer(settings(auth=auth.build_table(defaults=defaults), quota_defaults=defaults))
+    defaults = identity.Quota(max_sequences=1)
+    s = InProcServer(settings(auth=credentials.build_table(defaults=defaults), quota_defaults=defaults))
     try:
         anon = Caller(s.target, None)
         anon.CreateSequence(pb.CreateSequenceRequest(sequence_id="x"))
@@ -641,11 +642,11 @@ def test_a_server_started_without_auth_checks_credentials_once_a_reload_adds_the
         reg = s.app.metrics.registry
         labels = {"tenant": "default", "method": "CreateSequence", "code": "OK"}
         assert reg.get_sample_value("tkg_tenant_requests_total", labels) == 1
-        s.app.reload_auth(auth.build_table([TDEF], defaults=defaults))
+        s.app.reload_auth(credentials.build_table([TDEF], defaults=defaults))
         code, details = status_of(lambda: anon.GetSequence(pb.GetSequenceRequest(sequence_id="x")))
         assert code == Code.UNAUTHENTICATED and "missing" in details
         assert Caller(s.target, TDEF).GetSequence(pb.GetSequenceRequest(sequence_id="x")).sequence_id == "x"
-        s.app.reload_auth(auth.build_table(defaults=defaults))
+        s.app.reload_auth(credentials.build_table(defaults=defaults))
         assert anon.GetSequence(pb.GetSequenceRequest(sequence_id="x")).sequence_id == "x"
     finally:
         s.stop()

@@ -15,7 +15,7 @@ from support.service import Aborted
 from support.tiers import SPEC, decode_batch, fill, tier, tier_service
 
 from tkg import codec
-from tkg.server import auth
+from tkg.server import identity
 from tkg.server.tenants import inward
 from tkg.v1 import decode_attention_pb2 as pb
 
@@ -68,7 +68,7 @@ def test_twenty_times_the_device_pool_decodes_like_one_large_pool(tmp_path: Path
         for i in range(n):  # lengths kept through every move; the one layer decoded grew by one
             info = await rpc(svc, "GetSequence", pb.GetSequenceRequest(sequence_id=f"s{i}"))
             assert list(info.lengths) == [TOKENS + 1, TOKENS]
-        usage = svc.ledger.of(auth.ANONYMOUS.tenant)
+        usage = svc.ledger.of(identity.ANONYMOUS.tenant)
         assert (usage.sequences, usage.blocks) == (n, 2 * n)
         for i in range(n):
             await rpc(svc, "ReleaseSequence", pb.ReleaseSequenceRequest(sequence_id=f"s{i}"))
@@ -197,7 +197,7 @@ def test_idle_expiry_reaches_every_tier_on_wall_clock_time(tmp_path: Path) -> No
         wall.t += ttl - 2.5
         assert sorted(svc.expire_idle()) == ["s0", "s1"]
         assert svc.cache.evicted["idle_ttl"] == 2 and len(svc.tiers.index) == 0
-        usage = svc.ledger.of(auth.ANONYMOUS.tenant)
+        usage = svc.ledger.of(identity.ANONYMOUS.tenant)
         assert (usage.sequences, usage.blocks) == (2, 4)
         await svc.close()
 
@@ -207,14 +207,14 @@ def test_idle_expiry_reaches_every_tier_on_wall_clock_time(tmp_path: Path) -> No
 def test_blocks_of_a_spilled_sequence_stay_charged_to_its_owner(tmp_path: Path) -> None:
     """Tenant a's sequence is spilled to make room for tenant b: a keeps its charge (every tier
     counts against max_blocks), b is charged only its own blocks; b cannot see a's spilled id."""
-    alice, bob = auth.Tenant("alice", auth.Quota(max_blocks=4)), auth.Tenant("bob", auth.Quota())
+    alice, bob = identity.Tenant("alice", identity.Quota(max_blocks=4)), identity.Tenant("bob", identity.Quota())
 
-    async def as_tenant(tenant: auth.Tenant, coro_fn) -> object:  # type: ignore[no-untyped-def]
-        token = auth.CURRENT.set(auth.Identity(tenant))
+    async def as_tenant(tenant: identity.Tenant, coro_fn) -> object:  # type: ignore[no-untyped-def]
+        token = identity.CURRENT.set(identity.Identity(tenant))
         try:
             return await coro_fn()
         finally:
-            auth.CURRENT.reset(token)
+            identity.CURRENT.reset(token)
 
     async def main() -> None:
         svc = tier_service(tmp_path, num_blocks=4, host_blocks=2)
