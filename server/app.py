@@ -79,7 +79,8 @@ class App:
             f"metrics_port={'off' if self.metrics_port is None else self.metrics_port} "
             f"tls={'on' if s.tls_cert else 'off'}{'+mtls' if s.tls_client_ca else ''} "
             f"auth={'on' if table.enabled else 'off'} tenants={len(table.tenants)} "
-            f"max_batch={self.spec.max_batch}{self._warm_up_text()} loop={self.event_loop} | {self.spec.summary()}"
+            f"max_batch={self.spec.max_batch}{self._warm_up_text()}{self._tiers_text()} loop={self.event_loop} | "
+            f"{self.spec.summary()}"
         )
 
     def reload_auth(self, table: AuthTable) -> None:
@@ -91,6 +92,20 @@ class App:
         lnc = getattr(self.service.cache.store, "lnc", None)
         note = f" ({self.settings.backend_note})" if self.settings.backend_note else ""
         return ("" if lnc is None else f" lnc={lnc}") + note
+
+    def _tiers_text(self) -> str:
+        """` tiers=host:8.0GiB,disk:/spill(100.0GiB),persist=write-back,loaded=12` when KV tiers are on."""
+        t = self.service.tiers
+        if not t.enabled:
+            return ""
+        parts = []
+        if t.host_bytes:
+            parts.append(f"host:{t.host_bytes / 2**30:.1f}GiB")
+        if t.spill_dir is not None:
+            parts.append(f"disk:{t.spill_dir}({(t.disk_bytes or 0) / 2**30:.1f}GiB)")
+            parts.append(f"persist={self.settings.persist}")
+            parts.append(f"loaded={len(t.index)}")
+        return " tiers=" + ",".join(parts)
 
     def _warm_up_text(self) -> str:
         w = self.warmed

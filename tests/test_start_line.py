@@ -4,6 +4,7 @@ off, and a taken port named with its flag."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 from support.server_proc import free_port, start_server
@@ -32,6 +33,21 @@ def test_start_line_says_metrics_off_and_lists_windows() -> None:
         assert server.ready["metrics_port"] is None  # the ready file keeps JSON null for scripts
     finally:
         assert server.stop() == 0
+
+
+def test_start_line_says_where_the_kv_tiers_are(tmp_path: Path) -> None:
+    server = start_server("--metrics-port", "0", "--host-cache-bytes", "1G", "--spill-dir", str(tmp_path / "spill"),
+                          "--spill-bytes", "2G", "--persist", "write-back")  # fmt: skip
+    try:
+        want = f"tiers=host:1.0GiB,disk:{tmp_path / 'spill'}(2.0GiB),persist=write-back,loaded=0 "
+        assert want in server.line, server.line
+    finally:
+        assert server.stop() == 0
+    plain = start_server("--metrics-port", "0")
+    try:
+        assert "tiers=" not in plain.line, plain.line
+    finally:
+        assert plain.stop() == 0
 
 
 def test_taken_metrics_port_names_the_port_and_the_flag() -> None:
