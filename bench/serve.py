@@ -22,6 +22,12 @@ the ratios, not the absolute numbers), and the goals (docs/performance.md):
               tokens/s ratio concurrent/batched (goal >= 0.6x). Echo peers with the same bytes.
   streaming   one caller, one sequence: `DecodeStream` ping-pong on one connection vs unary
               `Decode` calls; requests/s ratio stream/unary (goal >= 1.3x). Echo peers likewise.
+  outside     (issue 24 goal 2, row "2b") one caller, the sync thin client (`tkg.client.Client`),
+              Decode of B sequences at each `--outside-batches` (default 8 and 64): p50 over calls of
+              (wall time - the response's `Timing.total_us`), i.e. both gRPC stacks, the network and
+              the client's encoding and decoding, vs the p50 of the echo (aio server, sync channel as
+              the client's) carrying the same B-row request bytes and a real response of B rows
+              (goal <= 1.3x).
 
 The goals are reported, never asserted. Echo and service blocks alternate (`--rounds`), so slow
 drift of the machine affects both peers alike. `--json FILE|-` writes every figure.
@@ -64,7 +70,8 @@ PROG = "tkg bench serve"
 DECODE_METHOD = "/tkg.v1.DecodeAttention/Decode"
 MAX_MESSAGE = 256 * 2**20
 # Goal ratios: overhead and kernel are upper bounds (service / peer), batching and streaming lower bounds.
-GOALS = {"overhead_p50": 1.3, "kernel_lone": 1.3, "kernel_load": 1.5, "batching": 0.6, "streaming": 1.3}
+GOALS = {"overhead_p50": 1.3, "kernel_lone": 1.3, "kernel_load": 1.5, "batching": 0.6, "streaming": 1.3,
+         "outside_p50": 1.3}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens of the lone caller's sequence, one latency block each (default 256,1024)")
     g.add_argument("--sequences", type=int, default=64, help="sequences in the batching scenario (default 64)")
     g.add_argument("--block-len", type=int, default=16)
+    g.add_argument("--outside-batches", default="8,64", type=_contexts, metavar="B,B",
+                   help="goal 2b: batch sizes of the lone caller's Decode timed outside the server (default 8,64; "
+                        "at most --sequences)")
     r = p.add_argument_group("run")
     r.add_argument("--backend", default="auto", help="server kernel backend (default auto)")
     r.add_argument("--steps", type=int, default=300,
@@ -372,6 +382,23 @@ class Bench:
             out.append(time.perf_counter() - t)
         return out
 
+    def service_outside(self, batch: int, n: int) -> tuple[list[float], list[int]]:
+        """`n` back-to-back Decode calls of the first `batch` sequences by the sync thin client
+        (`Client.decode`: its encoding and decoding included): each call's wall seconds and its
+        response's `Timing.total_us` (the server's share, arrival to the answer encoded)."""
+        ids, wall, total, end = self.ids[:batch], [], [], self._deadline()
+        q, k, v = self.qB[:batch], self.kB[:batch], self.vB[:batch]
+        for _ in range(n):
+            if time.perf_counter() > end:
+                break
+            t = time.perf_counter()
+            res = self.client.decode(0, ids, [self.lengths[s] for s in ids], q, k, v)
+            wall.append(time.perf_counter() - t)
+            total.append(res.timing.total_us)
+            for s in ids:
+                self.lengths[s] += 1
+        return wall, total
+
     def echo_stream_rps(self, payload: bytes, n: int) -> float:
         inbox: queue.Queue[bytes | None] = queue.Queue()
         results = self.echo_stream(iter(inbox.get, None))
@@ -573,6 +600,12 @@ class Bench:
         reqB, respB = self.capture_bytes(self.ids, self.qB, self.kB, self.vB)
         self.register_echo(req1, resp1)
         self.register_echo(reqB, respB)
+        # Goal 2b: each batch's real request and response bytes for the echo (registered by request
+        # length; a batch of `--sequences` is reqB/respB again).
+        outside_bytes = {b: self.capture_bytes(self.ids[:b], self.qB[:b], self.kB[:b], self.vB[:b])
+                         for b in a.outside_batches}  # fmt: skip
+        for req, resp in outside_bytes.values():
+            self.register_echo(req, resp)
         self.reset()
 
         ctxs = a.latency_contexts
@@ -589,6 +622,9 @@ class Bench:
         load_seen: list[tuple[int, int, int, int]] = []
         transport: dict[str, list[float]] | None = None if self.uds_client is None else {"tcp": [], "uds": []}
         lone_cap = self.cores if self.backend == "cpu" else None  # an inline launch: every core
+        # Goal 2b per batch: (wall seconds, total_us) of each service call, the echo's seconds.
+        outside: dict[int, dict[str, list[float]]] = {b: {"wall": [], "total_us": [], "echo": []}
+                                                      for b in a.outside_batches}  # fmt: skip
         for _ in range(a.rounds):
             self.echo_unary_lat(req1, a.warmup)
             e = self.echo_unary_lat(req1, a.steps)
@@ -610,6 +646,15 @@ class Bench:
                     self.service_unary(a.warmup, ctxs[0], record=False, client=client)
                     transport[name] += self.service_unary(a.steps, ctxs[0], record=False, client=client)
             self.reset()
+            for b in a.outside_batches:  # echo then service, each round, as the latency blocks
+                req = outside_bytes[b][0]
+                self.echo_unary_lat(req, a.warmup)
+                outside[b]["echo"] += self.echo_unary_lat(req, a.steps)
+                self.service_outside(b, a.warmup)
+                wall, total = self.service_outside(b, a.steps)
+                outside[b]["wall"] += wall
+                outside[b]["total_us"] += total
+                self.reset()
             ec, eb, es = asyncio.run(self.echo_batching(req1, reqB, a.batch_rounds))
             sc, sb, ss, means = asyncio.run(self.service_batching(a.batch_rounds))
             self.reset()
@@ -625,8 +670,10 @@ class Bench:
         load = self.load_alone(load_seen, a.context + max(1, a.warmup // 10) + a.batch_rounds // 2)
         sizes = {"request_1": len(req1), "response_1": len(resp1), f"request_{a.sequences}": len(reqB),
                  f"response_{a.sequences}": len(respB)}  # fmt: skip
+        for b, (req, resp) in outside_bytes.items():
+            sizes.update({f"request_{b}": len(req), f"response_{b}": len(resp)})
         return report(self.args, self.info, self.backend, self.cores, self.load_callers, self.server_us, echo_lat,
-                      lat, alone, load, rps, bat, batch_means, sizes, transport)  # fmt: skip
+                      lat, alone, load, rps, bat, batch_means, sizes, transport, outside)  # fmt: skip
 
 
 def report(
@@ -634,10 +681,12 @@ def report(
     server_us: dict[int, list[tuple[int, int, int, int]]], echo_lat: list[float], lat: dict[int, list[float]],
     alone: dict[int, list[float]], load: dict[str, Any], rps: dict[str, list[float]], bat: dict[str, list[float]],
     batch_means: list[dict[str, float]], sizes: dict[str, int], transport: dict[str, list[float]] | None = None,
+    outside: dict[int, dict[str, list[float]]] | None = None,
 ) -> dict[str, Any]:
     """The JSON report from a run's raw figures (latencies and alone times in seconds; `server_us`:
     each lone call's (queue, kernel, attention, total) us; `load`: `load_summary`'s; `rps` and `bat`:
-    per round), with the ratios and the goals' verdicts. Pure arithmetic: tests feed it known figures."""
+    per round; `outside`: batch -> {"wall": seconds, "total_us": us, "echo": seconds}, per call), with
+    the ratios and the goals' verdicts. Pure arithmetic: tests feed it known figures."""
     med = lambda xs: float(np.median(xs))  # noqa: E731
     le = _lat_summary(echo_lat)
     contexts: dict[str, Any] = {}
@@ -702,10 +751,32 @@ def report(
     goals["kernel_load"] = load["ratio"] <= GOALS["kernel_load"]
     goals["batching"] = results["batching"]["ratio"] >= GOALS["batching"]
     goals["streaming"] = results["streaming"]["ratio"] >= GOALS["streaming"]
+    results["outside"] = {str(b): outside_summary(o["wall"], o["total_us"], o["echo"])
+                          for b, o in (outside or {}).items()}  # fmt: skip
+    for b, o in results["outside"].items():
+        goals[f"outside_b{b}"] = o["ratio"] <= GOALS["outside_p50"]
     results["goals_met"] = goals
     if transport is not None:
         results["transport"] = transport_summary(transport["tcp"], transport["uds"], a.latency_contexts[0])
     return results
+
+
+def outside_summary(wall: list[float], total_us: list[float], echo_s: list[float]) -> dict[str, Any]:
+    """Goal 2b for one batch: the time a Decode spends outside the server, each call's wall seconds
+    minus its response's `Timing.total_us` (paired by index), p50 and p99 in us, against the p50
+    and p99 of the echo's calls (seconds) carrying the same bytes; `ratio`: the p50s'. Pure arithmetic."""
+    if len(wall) != len(total_us):
+        raise ValueError(f"total_us: {len(total_us)} figures; expected one per call ({len(wall)})")
+    out = np.sort(np.asarray(wall, dtype=np.float64) * 1e6 - np.asarray(total_us, dtype=np.float64))
+    e = _lat_summary(echo_s)
+    p50 = percentile(out, 50)
+    return {
+        "n": len(out), "outside_p50_us": p50, "outside_p99_us": percentile(out, 99),
+        "wall_p50_us": percentile(np.sort(np.asarray(wall)), 50) * 1e6,
+        "server_total_p50_us": percentile(np.sort(np.asarray(total_us, dtype=np.float64)), 50),
+        "echo_p50_us": e["p50_us"], "echo_p99_us": e["p99_us"], "echo_n": e["n"],
+        "ratio": p50 / e["p50_us"], "goal_ratio_max": GOALS["outside_p50"],
+    }  # fmt: skip
 
 
 def transport_summary(tcp: list[float], uds: list[float], context: int) -> dict[str, Any]:
@@ -744,6 +815,12 @@ def render(r: dict[str, Any]) -> str:
          f"{K['attention_ratio']:.2f}x", ""),
         ("   kernel_us vs alone on every core", "", f"{K['alone_all_cores_us']:.0f} us",
          f"{K['ratio_all_cores']:.2f}x", ""),
+    ]  # fmt: skip
+    for b, o in r["outside"].items():  # issue 24 goal 2: vs the echo of the same bytes
+        rows.append((f"2b. outside the server p50, batch {b} (wall - total_us)", f"{o['outside_p50_us']:.0f} us",
+                     f"{o['echo_p50_us']:.0f} us (echo)", f"{o['ratio']:.2f}x",
+                     f"<= {GOALS['outside_p50']}x {ok(f'outside_b{b}')}"))  # fmt: skip
+    rows += [
         (f"3. batching: {n} callers / 1 x {n} (tokens/s)", f"{B['service_concurrent_tokens_s']:.0f}",
          f"{B['service_batched_tokens_s']:.0f}", f"{B['ratio']:.2f}x", f">= {GOALS['batching']}x {ok('batching')}"),
         ("4. streaming: DecodeStream / unary (req/s)", f"{S['service_stream_rps']:.0f}",
@@ -820,6 +897,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"--max-block-s: {args.max_block_s}; expected > 0"
     if args.context < 0 or args.warmup < 0:
         return "--context/--warmup: negative; expected >= 0"
+    if max(args.outside_batches) > args.sequences:
+        return f"--outside-batches: {max(args.outside_batches)}; expected at most --sequences ({args.sequences})"
     if args.q_heads % args.kv_heads:
         return f"--q-heads: {args.q_heads}; expected a multiple of --kv-heads ({args.kv_heads})"
     return None

@@ -17,7 +17,8 @@ from tkg.v1 import decode_attention_pb2 as pb
 
 TINY = ["--q-heads", "4", "--kv-heads", "2", "--head-dim", "32", "--context", "24", "--sequences", "3",
         "--latency-contexts", "24,5", "--load-callers", "2", "--kernel-reps", "3",
-        "--steps", "6", "--batch-rounds", "2", "--warmup", "2", "--rounds", "1"]  # fmt: skip
+        "--steps", "6", "--batch-rounds", "2", "--warmup", "2", "--rounds", "1",
+        "--outside-batches", "2,3"]  # fmt: skip
 
 
 def test_echo_answers_registered_bytes_unary_and_stream() -> None:
@@ -49,7 +50,13 @@ def _paths(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): kind}
 
 
-KNOWN_SIZES = {"request_1": 10, "response_1": 20, "request_3": 30, "response_3": 40}
+KNOWN_SIZES = {"request_1": 10, "response_1": 20, "request_3": 30, "response_3": 40, "request_2": 25,
+               "response_2": 35}  # fmt: skip
+# Goal 2b's calls: wall seconds, the server's total_us, the echo's seconds (batches 2 and 3).
+KNOWN_OUTSIDE = {
+    2: {"wall": [1000e-6, 1400e-6, 1100e-6], "total_us": [700, 900, 700], "echo": [300e-6, 250e-6, 400e-6]},
+    3: {"wall": [3000e-6, 3900e-6, 3100e-6], "total_us": [1200, 1900, 1000], "echo": [2000e-6, 1500e-6, 1800e-6]},
+}
 
 
 def _known_report() -> dict[str, Any]:
@@ -73,7 +80,7 @@ def _known_report() -> dict[str, Any]:
         bat={"service_concurrent": [600, 800], "service_batched": [1000], "service_pipelined": [1200],
              "echo_concurrent": [900], "echo_batched": [1800], "echo_pipelined": [2000]},
         batch_means=[{"concurrent": 2.0, "batched": 3.0}, {"concurrent": 3.0, "batched": 3.0}],
-        sizes=KNOWN_SIZES,
+        sizes=KNOWN_SIZES, outside=KNOWN_OUTSIDE,
     )  # fmt: skip
 
 
@@ -106,10 +113,16 @@ def test_report_arithmetic_and_verdicts_on_known_figures() -> None:
     assert (B["service_concurrent_tokens_s"], B["ratio"]) == pytest.approx((700, 0.7))
     assert (B["mean_batch_size_concurrent"], B["mean_batch_size_batched"]) == pytest.approx((2.5, 3.0))
     assert (S["service_unary_rps"], S["ratio"], S["echo_ratio"], S["context"]) == pytest.approx((1000, 1.5, 1.5, 24))
-    # Upper goals (overhead, kernel) met at or below 1.3 / 1.5; lower goals (batching, streaming) at or above.
+    # Goal 2b: wall - total_us per call (paired): batch 2: 300, 500, 400 us -> p50 400 against the echo's
+    # 300 us (1.33x: missed); batch 3: 1800, 2000, 2100 -> 2000 against 1800 (1.11x: met).
+    O2, O3 = r["outside"]["2"], r["outside"]["3"]
+    assert (O2["outside_p50_us"], O2["echo_p50_us"], O2["ratio"]) == pytest.approx((400, 300, 4 / 3))
+    assert (O3["outside_p50_us"], O3["echo_p50_us"], O3["ratio"]) == pytest.approx((2000, 1800, 2000 / 1800))
+    assert (O3["outside_p99_us"], O3["wall_p50_us"], O3["server_total_p50_us"]) == pytest.approx((2100, 3100, 1200))
+    # Upper goals (overhead, kernel, outside) met at or below 1.3 / 1.5; lower goals (batching, streaming) at or above.
     assert r["goals_met"] == {"overhead_ctx5": False, "kernel_lone_ctx5": False, "overhead_ctx24": True,
                               "kernel_lone_ctx24": True, "kernel_load": False, "batching": True,
-                              "streaming": True}  # fmt: skip
+                              "streaming": True, "outside_b2": False, "outside_b3": True}  # fmt: skip
     assert r["config"]["bytes"] == KNOWN_SIZES and r["config"]["backend"] == "cpu"
 
 
@@ -150,8 +163,14 @@ def test_bench_runs_and_reports_every_field(tmp_path, capsys: pytest.CaptureFixt
                 "2. kernel inside (kernel_us) / alone, lone caller, ctx 24",
                 "2. kernel inside (kernel_us) / alone, 2 callers", "of it the attention call (attention_us)",
                 "3. batching: 3 callers / 1 x 3", "4. streaming",
-                "latency p50 / p99, ctx 24", "1 caller, 3 seqs pipelined on 1 stream"):  # fmt: skip
+                "latency p50 / p99, ctx 24", "1 caller, 3 seqs pipelined on 1 stream",
+                "2b. outside the server p50, batch 2", "2b. outside the server p50, batch 3"):  # fmt: skip
         assert row in table
+    # Goal 2b: every call measured, its server share inside its wall time, the echo carried a batch's bytes.
+    assert b["request_3"] > b["request_2"] > b["request_1"] and b["response_3"] > b["response_2"]
+    for o in r["outside"].values():
+        assert o["n"] == o["echo_n"] == 6 and 0 < o["server_total_p50_us"] < o["wall_p50_us"]
+        assert o["outside_p50_us"] > 0 and o["ratio"] == pytest.approx(o["outside_p50_us"] / o["echo_p50_us"])
 
 
 def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -164,6 +183,8 @@ def test_bad_flags_exit_2(capsys: pytest.CaptureFixture) -> None:
     assert bench_serve.main(["--q-heads", "6", "--kv-heads", "4"]) == 2
     assert "--q-heads: 6; expected a multiple of --kv-heads (4)" in capsys.readouterr().err
     assert bench_serve.main(["--steps", "0"]) == 2
+    assert bench_serve.main(["--sequences", "16"]) == 2  # the default --outside-batches 8,64
+    assert "--outside-batches: 64; expected at most --sequences (16)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_serve.main(["--latency-contexts", "256,x"])
     assert "argument --latency-contexts: '256,x'; expected comma-separated integers" in capsys.readouterr().err
@@ -173,6 +194,16 @@ def test_server_that_cannot_start_is_a_clear_error(capsys: pytest.CaptureFixture
     assert bench_serve.main([*TINY, "--backend", "no-such-backend"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("tkg bench serve: error: tkg serve did not start") and "no-such-backend" in err
+
+
+def test_outside_summary_pairs_each_call_with_its_own_total_us() -> None:
+    # Paired: 100, 1900, 500 us -> p50 500, p99 1900 (the p50 of the differences, not the difference of
+    # the p50s: 1500 - 900 = 600); the echo's p50 200 us.
+    o = bench_serve.outside_summary([1000e-6, 2000e-6, 1500e-6], [900, 100, 1000], [200e-6, 100e-6, 300e-6])
+    assert (o["outside_p50_us"], o["outside_p99_us"], o["echo_p50_us"]) == pytest.approx((500, 1900, 200))
+    assert (o["ratio"], o["n"], o["goal_ratio_max"]) == pytest.approx((2.5, 3, 1.3))
+    with pytest.raises(ValueError, match="total_us: 2 figures; expected one per call"):
+        bench_serve.outside_summary([1e-3, 2e-3, 3e-3], [1, 2], [1e-3])
 
 
 def test_transport_summary_on_known_calls() -> None:
