@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens of the lone caller's sequence, one latency block each (default 256,1024)")
     g.add_argument("--sequences", type=int, default=64, help="sequences in the batching scenario (default 64)")
     g.add_argument("--block-len", type=int, default=16)
-    g.add_argument("--outside-batches", default="8,64", type=_contexts, metavar="B,B",
-                   help="goal 2b: batch sizes of the lone caller's Decode timed outside the server (default 8,64; "
-                        "at most --sequences)")
+    g.add_argument("--outside-batches", default=None, type=_contexts, metavar="B,B",
+                   help="goal 2b: batch sizes of the lone caller's Decode timed outside the server (at most "
+                        "--sequences; default 8,64, each capped at --sequences)")
     r = p.add_argument_group("run")
     r.add_argument("--backend", default="auto", help="server kernel backend (default auto)")
     r.add_argument("--steps", type=int, default=300,
@@ -880,6 +880,9 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+DEFAULT_OUTSIDE = (8, 64)
+
+
 def _growth(args: argparse.Namespace) -> int:
     """Tokens a sequence may gain before the next reset."""
     steps_seq0 = args.warmup * 2 + args.steps * 2 + 4  # a latency sequence: unary + stream of one round
@@ -922,9 +925,18 @@ def server_command(args: argparse.Namespace, uds: Path | None = None) -> list[st
     ]  # fmt: skip
 
 
+def outside_batches(given: tuple[int, ...] | None, sequences: int) -> tuple[int, ...]:
+    """Goal 2b's batch sizes: those given, or 8 and 64 capped at `sequences` (a small run keeps its
+    other flags valid without naming this one)."""
+    if given is not None:
+        return given
+    return tuple(sorted({min(b, sequences) for b in DEFAULT_OUTSIDE}))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.outside_batches = outside_batches(args.outside_batches, args.sequences)
     problem = _check(args)
     if problem:
         print(f"{PROG}: error: {problem}", file=sys.stderr)

@@ -183,7 +183,7 @@ def test_bad_flags_exit_2(capsys: pytest.CaptureFixture) -> None:
     assert bench_serve.main(["--q-heads", "6", "--kv-heads", "4"]) == 2
     assert "--q-heads: 6; expected a multiple of --kv-heads (4)" in capsys.readouterr().err
     assert bench_serve.main(["--steps", "0"]) == 2
-    assert bench_serve.main(["--sequences", "16"]) == 2  # the default --outside-batches 8,64
+    assert bench_serve.main(["--sequences", "16", "--outside-batches", "8,64"]) == 2  # given: checked
     assert "--outside-batches: 64; expected at most --sequences (16)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_serve.main(["--latency-contexts", "256,x"])
@@ -222,3 +222,12 @@ def test_transport_uds_reports_the_lone_caller_over_a_unix_socket_against_tcp(
     assert T["context"] == first and T["tcp"]["n"] == T["uds"]["n"] == 6
     assert T["ratio_p50"] == pytest.approx(T["uds"]["p50_us"] / T["tcp"]["p50_us"])
     assert f"lone Decode p50 over a Unix socket / TCP, ctx {first}" in capsys.readouterr().out
+
+
+def test_outside_batches_default_to_8_and_64_capped_at_the_sequences() -> None:
+    from tkg.bench.serve import outside_batches
+
+    assert outside_batches(None, 64) == (8, 64)
+    assert outside_batches(None, 3) == (3,)  # a small run (docs/loadtest.md's) needs no flag for it
+    assert outside_batches(None, 20) == (8, 20)
+    assert outside_batches((2, 3), 3) == (2, 3)  # given: kept, and checked against --sequences
