@@ -48,11 +48,14 @@ def _kv(stream: list) -> list[bytes]:
     return [m.SerializeToString() for m in stream[1:]]
 
 
-def test_sigterm_without_peers_writes_every_sequence_and_a_restart_serves_them(tmp_path: Path) -> None:
+def test_sigterm_without_peers_writes_every_sequence_and_a_restart_serves_them(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     spill = tmp_path / "spill"
     # 16 blocks, 2 per sequence, a host tier of 4 sequences: some live on each tier at the SIGTERM
     flags = ("--spill-dir", str(spill), "--host-cache-bytes", str(4 * 2 * 2 * 2 * 2 * 4 * 16 * 4))
     first = start_server(*GEOMETRY, *flags, "--num-blocks", "6")
+    request.addfinalizer(lambda s=first: s.stop(signal.SIGKILL))  # idempotent: no leak on failure
     with Client(first.target) as c:
         _fill(c)
         tiers = {c.get_sequence(f"s{i}").tier for i in range(N_SEQ)}
@@ -62,6 +65,7 @@ def test_sigterm_without_peers_writes_every_sequence_and_a_restart_serves_them(t
     assert first.stop(signal.SIGTERM) == 0
     assert len(list(spill.glob("*.kv"))) == N_SEQ
     second = start_server(*GEOMETRY, *flags, "--num-blocks", "6")
+    request.addfinalizer(lambda s=second: s.stop(signal.SIGKILL))  # idempotent: no leak on failure
     try:
         with Client(second.target) as c:
             assert c.server_info().instance_id != old_instance
@@ -70,6 +74,7 @@ def test_sigterm_without_peers_writes_every_sequence_and_a_restart_serves_them(t
             assert {s: _kv(m) for s, m in _exports(c).items()} == {s: _kv(m) for s, m in want.items()}
             got = _step(c, ["s0", "s3", "s5"], seed=11)
         fresh = start_server(*GEOMETRY, "--num-blocks", "64")
+        request.addfinalizer(lambda s=fresh: s.stop(signal.SIGKILL))  # idempotent: no leak on failure
         try:
             with Client(fresh.target) as c:  # the same K/V that never left a process: the same numbers
                 for sid in ("s0", "s3", "s5"):
@@ -84,12 +89,13 @@ def test_sigterm_without_peers_writes_every_sequence_and_a_restart_serves_them(t
 @pytest.mark.parametrize(("flag", "value", "field"), [("--block-len", "8", "block_len"), ("--kv-dtype", "bfloat16",
                                                         "kv_dtype")])  # fmt: skip
 def test_a_spill_dir_of_another_spec_is_refused_naming_the_field(
-    tmp_path: Path, flag: str, value: str, field: str
+    request: pytest.FixtureRequest, tmp_path: Path, flag: str, value: str, field: str
 ) -> None:
     spill = tmp_path / "spill"
     spill_files.check_spec(spill, {"probe": 1})  # the directory exists and has a spec
     spill.joinpath(spill_files.SPEC_FILE).unlink()
     first = start_server(*GEOMETRY, "--spill-dir", str(spill))
+    request.addfinalizer(lambda s=first: s.stop(signal.SIGKILL))  # idempotent: no leak on failure
     first.stop()
     with pytest.raises(RuntimeError) as err:
         start_server(*GEOMETRY, flag, value, "--spill-dir", str(spill), timeout=30)
@@ -97,10 +103,11 @@ def test_a_spill_dir_of_another_spec_is_refused_naming_the_field(
     assert f"field '{field}'" in text and "--spill-dir" in text
 
 
-def test_a_corrupted_file_costs_only_its_own_sequence(tmp_path: Path) -> None:
+def test_a_corrupted_file_costs_only_its_own_sequence(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     spill = tmp_path / "spill"
     flags = ("--spill-dir", str(spill))
     first = start_server(*GEOMETRY, *flags)
+    request.addfinalizer(lambda s=first: s.stop(signal.SIGKILL))  # idempotent: no leak on failure
     with Client(first.target) as c:
         _fill(c)
         want = _exports(c)
@@ -113,6 +120,7 @@ def test_a_corrupted_file_costs_only_its_own_sequence(tmp_path: Path) -> None:
     header = files["s2"]  # a torn header: found at start, the file not loaded
     header.write_bytes(header.read_bytes()[:20])
     second = start_server(*GEOMETRY, *flags)
+    request.addfinalizer(lambda s=second: s.stop(signal.SIGKILL))  # idempotent: no leak on failure
     try:
         with Client(second.target) as c:
             with pytest.raises(NotFound, match="checksum"):

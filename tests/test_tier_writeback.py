@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from support.oracle import naive_decode
 from support.server_proc import start_server
 from support.wait import wait_for
@@ -76,13 +77,16 @@ def _check_comes_back(client: Client, mirror: Mirror, sid: str, rng: np.random.G
     return n
 
 
-def test_sigkill_under_load_comes_back_at_the_last_written_block(tmp_path: Path) -> None:
+def test_sigkill_under_load_comes_back_at_the_last_written_block(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     spill = tmp_path / "spill"
     # 12 device blocks for 6 sequences growing past 2 blocks each: spills to disk happen under load too
     flags = (*GEOMETRY, "--num-blocks", "12", "--spill-dir", str(spill), "--persist", "write-back")
     sids = [f"s{i}" for i in range(6)]
     mirror = Mirror(sids)
     server = start_server(*flags)
+    request.addfinalizer(lambda s=server: s.stop(signal.SIGKILL))  # idempotent: no leak on failure
     stop = threading.Event()
     rng = np.random.default_rng(5)
     with Client(server.target) as c:
@@ -124,6 +128,7 @@ def test_sigkill_under_load_comes_back_at_the_last_written_block(tmp_path: Path)
             stop.set()
             worker.join(30)
     second = start_server(*flags)
+    request.addfinalizer(lambda s=second: s.stop(signal.SIGKILL))  # idempotent: no leak on failure
     try:
         with Client(second.target) as c:
             back = {s: _check_comes_back(c, mirror, s, np.random.default_rng(9)) for s in sids}
@@ -132,12 +137,13 @@ def test_sigkill_under_load_comes_back_at_the_last_written_block(tmp_path: Path)
         second.stop()
 
 
-def test_a_truncation_is_persisted_before_it_is_acknowledged(tmp_path: Path) -> None:
+def test_a_truncation_is_persisted_before_it_is_acknowledged(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     spill = tmp_path / "spill"
     flags = (*GEOMETRY, "--num-blocks", "16", "--spill-dir", str(spill), "--persist", "write-back")
     mirror = Mirror(["a"])
     rng = np.random.default_rng(2)
     server = start_server(*flags)
+    request.addfinalizer(lambda s=server: s.stop(signal.SIGKILL))  # idempotent: no leak on failure
     with Client(server.target) as c:
         c.create_sequence("a")
         for layer in range(2):
@@ -153,6 +159,7 @@ def test_a_truncation_is_persisted_before_it_is_acknowledged(tmp_path: Path) -> 
         server.stop(signal.SIGKILL)
     mirror.cut("a", 5)
     second = start_server(*flags)
+    request.addfinalizer(lambda s=second: s.stop(signal.SIGKILL))  # idempotent: no leak on failure
     try:
         with Client(second.target) as c:
             assert _check_comes_back(c, mirror, "a", rng) == BL  # never the 12 tokens rolled back
