@@ -237,34 +237,7 @@ def paged_decode(
     runs small steps on one thread), pin (workers to CPUs), variant (ISA name), nsplit (key splits
     per task; default adapts to few long sequences), native (False: torch).
     """
-    if native is False or not paged_native_ok(args):
-        if native:
-            raise ValueError("cpu backend: native: the native kernel cannot run this call here")
-        _torch_impl().paged_decode(args)
-        return
-    q = args.q
-    B, Hq, S, d = q.shape
-    Hkv, NB, BL, _ = args.k_cache.shape
-    G = Hq // Hkv
-    if B == 0:
-        return
-    q32 = _ws.get("paged_q", (B * Hkv, G * S, d), np.float32)
-    q32[...] = q.reshape(B * Hkv, G * S, d)
-    sinks = None
-    if args.sinks is not None:
-        sinks = _ws.get("paged_sinks", (B * Hkv, G * S), np.float32)
-        sinks.reshape(B, Hkv, G, S)[...] = as_f32(args.sinks).reshape(1, Hkv, G, 1)
-    out = args.out if args.out.flags.c_contiguous else np.empty(args.out.shape, dtype=args.out.dtype)
-    _attend(
-        q=q32, k=args.k_cache, v=args.v_cache, out=out.reshape(B * Hkv, G * S, d), heads_per_row=Hkv,
-        head_stride=NB * BL * d, block_stride=BL * d, bl=BL, table=_c(args.block_tables, np.int32),
-        nkeys=_c(args.seq_lens, np.int32), score_scale=args.scale * args.k_scale, out_scale=args.v_scale,
-        q_bf16_exact=q.dtype == BF16,
-        causal_s=S, window=0 if args.window is None else int(args.window), sinks=sinks,
-        threads=threads, max_threads=max_threads, pin=pin, variant=variant, nsplit=nsplit,
-    )  # fmt: skip
-    if out is not args.out:
-        args.out[...] = out
+    _paged(args, False, threads, max_threads, pin, variant, nsplit, native)
 
 
 def paged_decode_partial(
@@ -289,10 +262,20 @@ def paged_decode_partial(
     nsplit beyond rounding. Options as `paged_decode`; calls the native kernel does not cover
     (`paged_native_ok`) run on `cpu_torch`.
     """
+    _paged(args, True, threads, max_threads, pin, variant, nsplit, native)
+
+
+def _paged(
+    args: PagedArgs, partial: bool, threads: int | None, max_threads: int | None, pin: bool | None,
+    variant: str | None, nsplit: int | None, native: bool | None,
+) -> None:
+    """`paged_decode` (partial False) or `paged_decode_partial` (True: `args.lse`, `args.q_start`,
+    empty queries answered 0 / -inf) on the native kernel, or on torch where it does not cover the call."""
     if native is False or not paged_native_ok(args):
         if native:
             raise ValueError("cpu backend: native: the native kernel cannot run this call here")
-        _torch_impl().paged_decode_partial(args)
+        torch_impl = _torch_impl()
+        (torch_impl.paged_decode_partial if partial else torch_impl.paged_decode)(args)
         return
     q = args.q
     B, Hq, S, d = q.shape
@@ -309,9 +292,9 @@ def paged_decode_partial(
     # Task (b, g) holds queries (h - g*G, i) in order: [B, Hq, S] is already [B*Hkv, G*S].
     out = args.out if args.out.flags.c_contiguous else np.empty(args.out.shape, dtype=args.out.dtype)
     lse = None
-    if args.lse is not None:
+    if partial and args.lse is not None:
         lse = args.lse if args.lse.flags.c_contiguous else np.empty(args.lse.shape, np.float32)
-    q_start = None if args.q_start is None else _c(args.q_start, np.int64)
+    q_start = None if not partial or args.q_start is None else _c(args.q_start, np.int64)
     _attend(
         q=q32, k=args.k_cache, v=args.v_cache, out=out.reshape(B * Hkv, G * S, d), heads_per_row=Hkv,
         head_stride=NB * BL * d, block_stride=BL * d, bl=BL, table=_c(args.block_tables, np.int32),
@@ -319,7 +302,7 @@ def paged_decode_partial(
         q_bf16_exact=q.dtype == BF16,
         causal_s=S, window=0 if args.window is None else int(args.window), sinks=sinks,
         threads=threads, max_threads=max_threads, pin=pin, variant=variant, nsplit=nsplit,
-        lse=None if lse is None else lse.reshape(B * Hkv, G * S), q_start=q_start, empty_ok=True,
+        lse=None if lse is None else lse.reshape(B * Hkv, G * S), q_start=q_start, empty_ok=partial,
     )  # fmt: skip
     if out is not args.out:
         args.out[...] = out
