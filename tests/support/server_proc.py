@@ -59,11 +59,22 @@ class ServerProc:
                 shutil.rmtree(self._dir, ignore_errors=True)
 
 
+_HANDED_OUT: set[int] = set()  # every port free_port has returned in this process
+
+
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (for servers that cannot bind port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port that was free a moment ago (for servers that cannot bind port 0), never one
+    this process was handed before. The kernel may give a just-closed port to the next bind(0): a test
+    that picks three replicas' ports first and then starts them (each start picks a metrics port) would
+    otherwise see one replica's metrics take another's port (CI saw exactly that: "Address already in
+    use" on a pre-picked port)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def read_ready_file(path: Path) -> dict[str, Any] | None:
