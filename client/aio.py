@@ -32,10 +32,10 @@ from tkg.client.messages import (
     DecodeResult,
     auth_metadata,
     open_channels,
+    stub,
     uses_tls,
 )
 from tkg.v1 import decode_attention_pb2 as pb
-from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
@@ -65,7 +65,7 @@ class AsyncClient:
             certificate_chain=certificate_chain, private_key=private_key,
             max_message_bytes=max_message_bytes,
         )  # fmt: skip
-        self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
+        self._stubs = [stub(c) for c in self._channels]
         self._core = Core(
             self.targets, segment_tokens, plaintext=not uses_tls(tls, root_certificates, certificate_chain)
         )
@@ -306,7 +306,7 @@ async def _prepend(first: DecodeInput, rest: AsyncIterator[DecodeInput]) -> Asyn
 
 async def _messages(
     plan: StreamPlan, generation: int, source: AsyncIterator[DecodeInput] | Iterator[DecodeInput], halt: asyncio.Event
-) -> AsyncIterator[pb.DecodeRequest]:
+) -> AsyncIterator[bytes]:
     """The request side of the stream of `generation`: messages to resend, then the caller's
     requests. A plain iterable is read in place (never waits). A read of an async `source` still
     waiting when the stream stops (`halt`) is kept in `plan.pull` for the next stream, so no

@@ -42,10 +42,10 @@ from tkg.client.messages import (
     DecodeResult,
     auth_metadata,
     open_channels,
+    stub,
     uses_tls,
 )
 from tkg.v1 import decode_attention_pb2 as pb
-from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
@@ -89,7 +89,7 @@ class Client:
             certificate_chain=certificate_chain, private_key=private_key,
             max_message_bytes=max_message_bytes,
         )  # fmt: skip
-        self._stubs = [pb_grpc.DecodeAttentionStub(c) for c in self._channels]
+        self._stubs = [stub(c) for c in self._channels]
         self._pool: ThreadPoolExecutor | None = None
         self._core = Core(
             self.targets, segment_tokens, plaintext=not uses_tls(tls, root_certificates, certificate_chain)
@@ -297,7 +297,7 @@ class Client:
         plan = StreamPlan(self._core, replica, ahead)
         source = iter(requests)
 
-        def messages(generation: int) -> Iterator[pb.DecodeRequest]:
+        def messages(generation: int) -> Iterator[bytes]:
             while (msg := plan.next_message(generation, lambda: next(source, None))) is not None:
                 yield msg
 

@@ -49,8 +49,9 @@ from tkg.client.errors import (
     with_plaintext_hint,
 )
 from tkg.client.instances import Instances
-from tkg.client.messages import DecodeInput, DecodeResult, append_chunks, decode_request, decode_result, merge_rows
+from tkg.client.messages import DecodeInput, DecodeResult, append_chunks, decode_result, merge_rows, request_bytes
 from tkg.client.segments import Segments
+from tkg.protowire import DecodeAnswer
 from tkg.v1 import decode_attention_pb2 as pb
 
 T = TypeVar("T")
@@ -106,7 +107,7 @@ Ask = AskInstance | routing.Lookup | Pause
 Decision = Generator[Ask, Any, T]
 # A decode batch: one Decode call per replica index, and what each returned or raised.
 Batch = dict[int, Call]
-Outcomes = dict[int, "pb.DecodeResponse | TkgError"]
+Outcomes = dict[int, "DecodeAnswer | TkgError"]
 
 
 def drive(decision: Decision[T], answer: Callable[[Ask], Any]) -> T:
@@ -220,7 +221,7 @@ class Core:
         return Call(self.replica(sequence_id), "AppendKV", chunks, (sequence_id,))
 
     def decode_call(self, replica: int, d: DecodeInput) -> Call:
-        return Call(replica, "Decode", decode_request(d), tuple(d.sequence_ids))
+        return Call(replica, "Decode", request_bytes(d), tuple(d.sequence_ids))
 
     # ---- answers ---------------------------------------------------------------------------
 
@@ -409,15 +410,15 @@ class StreamPlan:
         """The stream of `generation` may send more (it is the current one, and not stopping)."""
         return generation == self.generation and not self.stopped and self.wrong is None
 
-    def resend(self) -> pb.DecodeRequest | None:
+    def resend(self) -> bytes | None:
         """The next message of an earlier stream to send again (None: none left)."""
         if not self._unsent:
             return None
         m = self._unsent.popleft()
         self._inflight.append(m)
-        return decode_request(m.d)
+        return request_bytes(m.d)
 
-    def admit(self, d: DecodeInput, generation: int) -> pb.DecodeRequest | None:
+    def admit(self, d: DecodeInput, generation: int) -> bytes | None:
         """A new request from the caller, taken by the stream of `generation`: its message, or
         None when it waits for the next stream (that one is stopping or over) or names sequences
         held elsewhere (`wrong`, raised by the shell after the answers to what was sent)."""
@@ -433,9 +434,9 @@ class StreamPlan:
             self._unsent.append(m)  # after what the current stream still has to resend: in order
             return None
         self._inflight.append(m)
-        return decode_request(d)
+        return request_bytes(d)
 
-    def next_message(self, generation: int, pull: Callable[[], DecodeInput | None]) -> pb.DecodeRequest | None:
+    def next_message(self, generation: int, pull: Callable[[], DecodeInput | None]) -> bytes | None:
         """The sync shell's request side: what the stream of `generation` sends next (a message to
         resend, else `pull()`'s next request), or None to end its request side. Under `lock`:
         a request thread of an ended stream may still ask, concurrently with the next stream's."""
@@ -453,7 +454,7 @@ class StreamPlan:
 
     # ---- answers ---------------------------------------------------------------------------
 
-    def answered(self, resp: pb.DecodeResponse) -> None:
+    def answered(self, resp: DecodeAnswer) -> None:
         """The answer to the oldest message in flight on this stream."""
         m = self._inflight.popleft()
         result = decode_result(resp)

@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from tkg import codec
+from tkg import codec, protowire
 from tkg.client.errors import TkgError, from_code
 from tkg.v1 import decode_attention_pb2 as pb
+from tkg.v1 import decode_attention_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE = 64 * 2**20
 # `SequenceInfo.tier`, warmest first: where a sequence's KV lives now (api.md, KV tiers). A server
 # without tiers leaves the field empty.
 TIERS = ("device", "host", "disk")
+DECODE_METHOD = "/tkg.v1.DecodeAttention/Decode"
+DECODE_STREAM_METHOD = "/tkg.v1.DecodeAttention/DecodeStream"
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,31 @@ def decode_request(d: DecodeInput) -> pb.DecodeRequest:
     return req
 
 
-def decode_result(resp: pb.DecodeResponse) -> DecodeResult:
-    if resp.HasField("error") and resp.error.code != 0:
+def request_bytes(d: DecodeInput) -> bytes:
+    """`decode_request(d)`'s wire bytes, each tensor copied once (`tkg.protowire`): what the clients send."""
+    return protowire.decode_request_bytes(d.layer, d.sequence_ids, d.positions, d.q, d.k, d.v, d.request_id)
+
+
+def stub(channel: grpc.Channel | grpc.aio.Channel) -> pb_grpc.DecodeAttentionStub:
+    """The generated stub over `channel` (sync or aio), with Decode and DecodeStream sending
+    `request_bytes` as they are and answering `protowire.DecodeAnswer`s (tensors not copied)."""
+    s = pb_grpc.DecodeAttentionStub(channel)
+    s.Decode = channel.unary_unary(
+        DECODE_METHOD, request_serializer=protowire.serialize, response_deserializer=protowire.parse_decode_response
+    )
+    s.DecodeStream = channel.stream_stream(
+        DECODE_STREAM_METHOD, request_serializer=protowire.serialize,
+        response_deserializer=protowire.parse_decode_response,
+    )  # fmt: skip
+    return s
+
+
+def decode_result(resp: protowire.DecodeAnswer) -> DecodeResult:
+    if resp.error is not None and resp.error.code != 0:
         return DecodeResult(resp.request_id, resp.layer, None, None, from_code(resp.error.code, resp.error.message))
-    return DecodeResult(resp.request_id, resp.layer, codec.decode(resp.out, "out"), Timing.from_pb(resp.timing))
+    if resp.out is None:
+        raise codec.TensorError("out: absent from the response; expected a tensor")
+    return DecodeResult(resp.request_id, resp.layer, resp.out, Timing.from_pb(resp.timing))
 
 
 def append_chunks(

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
-from tkg import codec
+from tkg import codec, protowire
 from tkg.client import routing
 from tkg.client.errors import FailedPrecondition, NotFound, TkgError, Unavailable
 from tkg.client.merge import merge_states
@@ -322,8 +322,9 @@ class Segments:
                     b = self._blamed(o, d, [parts[m].row for m in mine])
                     errors.setdefault(b, self._named(o, d, [parts[m].row for m in mine]))
                     continue
-                outs = codec.decode(o.out, "out")
-                lses = codec.decode(o.lse, "lse")
+                outs, lses = o.out, o.lse
+                if outs is None or lses is None:
+                    raise codec.TensorError("out, lse: absent from a return_lse response; expected both")
                 for r, m in enumerate(mine):
                     answers[m] = (outs[r], lses[r])
                 if timing is None or o.timing.total_us > timing.total_us:
@@ -362,14 +363,12 @@ class Segments:
         for (replica, tail), mine in groups.items():
             rows = np.asarray([parts[m].row for m in mine])
             ids = [segment_id(d.sequence_ids[parts[m].row], parts[m].segment) for m in mine]
-            req = pb.DecodeRequest(
-                request_id=d.request_id, layer=d.layer, sequence_ids=ids,
-                positions=[int(d.positions[b]) for b in rows], return_lse=True, attend_only=not tail,
+            # Attend-only requests carry no k/v: they append nothing.
+            req = protowire.decode_request_bytes(
+                d.layer, ids, [int(d.positions[b]) for b in rows], d.q[rows],
+                d.k[rows] if tail else None, d.v[rows] if tail else None,
+                d.request_id, return_lse=True, attend_only=not tail,
             )  # fmt: skip
-            codec.encode(np.ascontiguousarray(d.q[rows]), req.q)
-            if tail:  # attend-only requests carry no k/v: they append nothing
-                codec.encode(np.ascontiguousarray(d.k[rows]), req.k)
-                codec.encode(np.ascontiguousarray(d.v[rows]), req.v)
             calls.append((Call(replica, "Decode", req, tuple(ids)), mine))
         return calls
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import grpc
 
-from tkg import __version__, codec
+from tkg import __version__, codec, protowire
+from tkg.protowire import DecodeRequestView
 from tkg.server import identity, migration
 from tkg.server.batcher import Batcher, DecodeWork, LoneCaller
 from tkg.server.config import ModelSpec
@@ -205,13 +206,17 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     # ---- Decode ------------------------------------------------------------------------------
 
-    async def decode(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
+    async def decode(self, req: pb.DecodeRequest | DecodeRequestView, wire: bool = False) -> Any:
         """One Decode request of the calling tenant (`identity.current()`): validate, queue, answer.
-        What the Decode RPC runs inside its guard; in-process callers (tests, benchmarks) use it too."""
-        return await self.decode_work(req, self.wire.decode(req, identity.current().tenant))
+        What the Decode RPC runs inside its guard (`wire`: the answer as its wire bytes, out copied
+        once); in-process callers (tests, benchmarks) use it too and get the message."""
+        return await self.decode_work(req, self.wire.decode(req, identity.current().tenant), wire)
 
-    async def decode_work(self, req: pb.DecodeRequest, work: DecodeWork) -> pb.DecodeResponse:
-        """Queue a validated request and build its response."""
+    async def decode_work(
+        self, req: pb.DecodeRequest | DecodeRequestView, work: DecodeWork, wire: bool = False
+    ) -> Any:
+        """Queue a validated request and build its response: the message, or with `wire` its
+        bytes (`protowire.decode_response_bytes`; `total_us` then stops before out is copied in)."""
         # The tenant's share of the queue first, then the server-wide cap (in the batcher).
         tenants = self.tenant_count()
         max_pending = self.settings.max_pending
@@ -229,6 +234,9 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
                 out, timing = await self.batcher.decode(work)  # RESOURCE_EXHAUSTED when the queue is full
         finally:
             self.ledger.leave_pending(work.tenant)
+        if wire:
+            timing.total_us = int((time.perf_counter() - work.arrival) * 1e6)
+            return protowire.decode_response_bytes(req.request_id, req.layer, out, timing, work.lse)
         resp = pb.DecodeResponse(request_id=req.request_id, layer=req.layer, timing=timing)
         codec.encode(out, resp.out)
         if work.lse is not None:  # return_lse: out is float32 too (the step computed it so)
@@ -316,8 +324,8 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
         return await self._unary("ReleaseSequence", context, run)
 
-    async def Decode(self, request: pb.DecodeRequest, context: Any) -> pb.DecodeResponse:
-        return await self._unary("Decode", context, lambda: self.decode(request))
+    async def Decode(self, request: DecodeRequestView, context: Any) -> bytes:
+        return await self._unary("Decode", context, lambda: self.decode(request, wire=True))
 
     async def AppendKV(self, request_iterator: AsyncIterator[pb.AppendKVRequest], context: Any) -> pb.SequenceInfo:
         async def run() -> pb.SequenceInfo:

@@ -13,6 +13,7 @@ import numpy as np
 
 from tkg import codec, dtypes
 from tkg.kernel.kv_store import KVStore, StepOutOfBuckets
+from tkg.protowire import DecodeRequestView, tensor_bytes
 from tkg.server.batcher import DecodeWork
 from tkg.server.config import ModelSpec
 from tkg.server.errors import InvalidArgument
@@ -73,10 +74,17 @@ class WireChecks:
             raise InvalidArgument(f"layer: {layer}; expected 0 <= layer < {self.spec.num_layers}")
 
     def tensor(
-        self, t: pb.Tensor, field: str, shape: tuple[int | None, ...], names: str, code: int | None = None
+        self,
+        t: pb.Tensor,
+        field: str,
+        shape: tuple[int | None, ...],
+        names: str,
+        code: int | None = None,
+        data: bytes | memoryview | None = None,
     ) -> np.ndarray:
         """Check dtype (the I/O dtype, or `code`), rank and known dims on the message's Python
-        ints, then decode (byte length checked in Python ints too) and check finiteness."""
+        ints, then decode (byte length checked in Python ints too) and check finiteness.
+        `data`: `t`'s data when read apart from it (`protowire.tensor_bytes`), else `t.data`."""
         code = self.io_code if code is None else code
         if t.dtype != code:
             what = "KV dtype" if code == self.kv_code else "I/O dtype"
@@ -88,7 +96,8 @@ class WireChecks:
         if len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims, strict=True)):
             want = [("?" if e is None else e) for e in shape]
             raise InvalidArgument(f"{field}.shape: {list(dims)}; expected {names} = {want}")
-        data = t.data  # one copy out of the message, shared by the array and the finiteness check
+        if data is None:
+            data = t.data  # one copy out of the message, shared by the array and the finiteness check
         try:
             a = codec.decode(t, field, dims, data)
         except codec.TensorError as exc:
@@ -101,8 +110,9 @@ class WireChecks:
         """A tensor travelling as the cache stores it (exported K/V: the KV dtype)."""
         return self.tensor(t, field, shape, names, self.kv_code)
 
-    def decode(self, req: pb.DecodeRequest, tenant: Tenant) -> DecodeWork:
-        """A Decode request as validated work for the batcher (ids in `tenant`'s namespace)."""
+    def decode(self, req: pb.DecodeRequest | DecodeRequestView, tenant: Tenant) -> DecodeWork:
+        """A Decode request as validated work for the batcher (ids in `tenant`'s namespace): a
+        message (in-process callers) or the RPCs' view of the wire bytes (q/k/v not copied)."""
         s = self.spec
         rid = req.request_id
         if len(rid) > _SURE_ID_CHARS and len(rid.encode()) > MAX_SEQUENCE_ID_LEN:
@@ -119,7 +129,8 @@ class WireChecks:
             raise InvalidArgument(f"positions: {len(req.positions)} entries; expected {B} (one per sequence_ids)")
         for b, sid in enumerate(req.sequence_ids):
             check_id("sequence_ids", sid, b)
-        q = self.tensor(req.q, "q", (B, s.num_q_heads, None, s.head_dim), "[B, num_q_heads, S, head_dim]")
+        q_names = "[B, num_q_heads, S, head_dim]"
+        q = self.tensor(req.q, "q", (B, s.num_q_heads, None, s.head_dim), q_names, data=tensor_bytes(req, "q"))
         S = q.shape[2]
         if not 1 <= S <= s.max_s_active:
             raise InvalidArgument(f"q.shape[2]: S={S}; expected 1..{s.max_s_active} (max_s_active)")
@@ -128,8 +139,9 @@ class WireChecks:
         if req.attend_only:
             k = v = None
         else:
-            k = self.tensor(req.k, "k", kv_shape, "[B, num_kv_heads, S, head_dim]")
-            v = self.tensor(req.v, "v", kv_shape, "[B, num_kv_heads, S, head_dim]")
+            names = "[B, num_kv_heads, S, head_dim]"
+            k = self.tensor(req.k, "k", kv_shape, names, data=tensor_bytes(req, "k"))
+            v = self.tensor(req.v, "v", kv_shape, names, data=tensor_bytes(req, "v"))
         self.buckets(S, req.positions)
         ids = [inward(tenant, sid) for sid in req.sequence_ids] if tenant.namespace else list(req.sequence_ids)
         return DecodeWork(
@@ -137,7 +149,7 @@ class WireChecks:
             return_lse=req.return_lse, attend_only=req.attend_only,
         )  # fmt: skip
 
-    def partial(self, req: pb.DecodeRequest) -> None:
+    def partial(self, req: pb.DecodeRequest | DecodeRequestView) -> None:
         """The context-parallel flags: supported by the backend's store, and attend_only without k/v."""
         for name in ("return_lse", "attend_only"):
             if getattr(req, name) and not self.store.supports_partial:

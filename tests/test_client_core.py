@@ -9,8 +9,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from support.fakes import sent
 
-from tkg import codec
+from tkg import codec, protowire
 from tkg.client import DecodeInput, errors, routing
 from tkg.client.core import AskInstance, Call, Core, drive, merge_split, probe_timeout
 from tkg.client.messages import DecodeResult, Timing
@@ -101,11 +102,11 @@ def test_sequences_found_on_several_replicas_are_not_followed_by_one_call() -> N
     assert (core.replica(a), core.replica(b)) == (ra, rb)  # but both finds are remembered
 
 
-def response(replica: int, n: int, total_us: int) -> pb.DecodeResponse:
+def response(replica: int, n: int, total_us: int) -> protowire.DecodeAnswer:
     out = np.full((n, 1, 1, 2), 10.0 * replica, np.float32) + np.arange(n, dtype=np.float32)[:, None, None, None]
     resp = pb.DecodeResponse(timing=pb.Timing(total_us=total_us))
     codec.encode(out, resp.out)
-    return resp
+    return protowire.answer_of(resp)
 
 
 def decode_input(sids: list[str]) -> DecodeInput:
@@ -118,7 +119,7 @@ def test_decode_one_replica_is_one_call_and_its_error_is_raised_as_is() -> None:
     sids = [on(1, "p"), on(1, "q")]
     step = core.decode(decode_input(sids))
     batch = next(step)
-    assert list(batch) == [1] and batch[1].method == "Decode" and list(batch[1].request.sequence_ids) == sids
+    assert list(batch) == [1] and batch[1].method == "Decode" and list(sent(batch[1].request).sequence_ids) == sids
     with pytest.raises(StopIteration) as done:
         step.send({1: response(1, 2, 5)})
     assert done.value.value.out[:, 0, 0, 0].tolist() == [10.0, 11.0]
@@ -135,12 +136,12 @@ def test_decode_splits_by_replica_and_merges_in_the_callers_order() -> None:
     sids = [on(2, "a"), on(0, "b"), on(2, "c"), on(1, "d")]
     step = core.decode(decode_input(sids))
     batch = next(step)
-    assert {r: list(c.request.sequence_ids) for r, c in batch.items()} == {
+    assert {r: list(sent(c.request).sequence_ids) for r, c in batch.items()} == {
         2: [sids[0], sids[2]],
         0: [sids[1]],
         1: [sids[3]],
     }
-    assert all(list(c.request.positions) == [7] * len(c.seq_ids) for c in batch.values())
+    assert all(list(sent(c.request).positions) == [7] * len(c.seq_ids) for c in batch.values())
     with pytest.raises(StopIteration) as done:
         step.send({2: response(2, 2, 30), 0: response(0, 1, 10), 1: response(1, 1, 20)})
     res = done.value.value
@@ -156,7 +157,7 @@ def test_decode_of_sequences_moved_to_several_replicas_is_split_after_the_lone_c
     core.router.moved(a, 1)  # what the lone call's verdict found
     core.router.moved(b, 2)
     batch = step.send({0: errors.NotFound("gone")})
-    assert {r: list(c.request.sequence_ids) for r, c in batch.items()} == {1: [a], 2: [b]}
+    assert {r: list(sent(c.request).sequence_ids) for r, c in batch.items()} == {1: [a], 2: [b]}
     with pytest.raises(errors.PartialDecodeError) as partial:
         step.send({1: response(1, 1, 3), 2: errors.Unavailable("down", "c:1")})
     assert partial.value.result.ok.tolist() == [True, False] and list(partial.value.errors) == [b]

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tkg import codec
+from tkg import codec, protowire
 from tkg.client import AsyncClient, Client, DecodeInput, core, errors, routing
 from tkg.client.instances import Instances
 from tkg.client.messages import DecodeResult
@@ -72,8 +72,17 @@ class Replica:
         self.instance += "+"
 
     def handle(self, method: str, request: Any) -> Any:
+        """`method` on `request` as the client's stub hands it over: Decode and DecodeStream
+        requests as wire bytes, their answers parsed as the client's stub parses them."""
         if isinstance(request, Iterator):  # a client stream
             request = list(request)
+        if method in ("Decode", "DecodeStream"):
+            request = [_message(r) for r in request] if isinstance(request, list) else _message(request)
+            answer = self._handle(method, request)
+            return protowire.answer_of(answer) if method == "Decode" else map(protowire.answer_of, answer)
+        return self._handle(method, request)
+
+    def _handle(self, method: str, request: Any) -> Any:
         ids = [getattr(m, "sequence_id", "") or getattr(m, "source_id", "") for m in _listed(request)]
         ids += [s for m in _listed(request) for s in getattr(m, "sequence_ids", ())]
         self.calls.append((method, tuple(i for i in ids if i)))
@@ -178,6 +187,10 @@ def _listed(request: Any) -> list[Any]:
 
 
 STREAM_RESPONSES = ("ExportSequence", "DecodeStream")
+
+
+def _message(raw: bytes | pb.DecodeRequest) -> pb.DecodeRequest:
+    return raw if isinstance(raw, pb.DecodeRequest) else pb.DecodeRequest.FromString(raw)
 
 
 class SyncStub:

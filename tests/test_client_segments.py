@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from support.fakes import sent
 
-from tkg import codec
+from tkg import codec, protowire
 from tkg.client import routing
 from tkg.client.core import Call
 from tkg.client.errors import NotFound, OutOfRange, PermissionDenied, ServerRestarted, Unavailable
@@ -37,7 +38,7 @@ def _step(layer: int, p: int) -> DecodeInput:
 def test_a_step_asks_only_segments_its_window_reaches(layer: int, asked: list[int]) -> None:
     s = _segments([0, 1800, 3600], [1500, 0])
     batch = next(s.decode(_step(layer, 4990)))
-    reqs = [c.request for c in batch.values()]
+    reqs = [sent(c.request) for c in batch.values()]
     assert [r.sequence_ids[0] for r in reqs] == [f"x#{j}" for j in asked]
     assert [r.attend_only for r in reqs] == [True] * (len(asked) - 1) + [False]
     assert all(r.return_lse and r.positions == [4990] for r in reqs)
@@ -59,7 +60,7 @@ def test_a_full_tail_starts_a_segment_where_the_write_begins() -> None:
     assert call.method == "CreateSequence" and call.request.base_position == 1803
     assert call.request.sequence_id == "x#1" and call.replica == ranking(TARGETS, "x")[1]
     batch = plan.send({0: pb.SequenceInfo(sequence_id="x#1", base_position=1803)})
-    assert s.bases["x"] == [0, 1803] and [c.request.sequence_ids[0] for c in batch.values()] == ["x#0", "x#1"]
+    assert s.bases["x"] == [0, 1803] and [sent(c.request).sequence_ids[0] for c in batch.values()] == ["x#0", "x#1"]
     # Answers merge: segment 0 saw nothing (lse -inf), segment 1 answers 1s with lse 0.
     out = np.ones((1, 2, 1, 4), np.float32)
     answers = {}
@@ -67,7 +68,7 @@ def test_a_full_tail_starts_a_segment_where_the_write_begins() -> None:
         r = pb.DecodeResponse()
         codec.encode(out * (n + 1), r.out)
         codec.encode(np.full((1, 2, 1), lse, np.float32), r.lse)
-        answers[n] = r
+        answers[n] = protowire.answer_of(r)
     with pytest.raises(StopIteration) as done:
         plan.send(answers)
     np.testing.assert_array_equal(done.value.value.out, out * 2)
@@ -108,10 +109,10 @@ def _batch_step(n: int, p: int) -> DecodeInput:
     return DecodeInput(0, [f"s{b}" for b in range(n)], [p] * n, q, q[:, :1], q[:, :1])
 
 
-def _answer(call: Call, state: Callable[[str, int], tuple[np.ndarray, np.ndarray]]) -> pb.DecodeResponse:
+def _answer(call: Call, state: Callable[[str, int], tuple[np.ndarray, np.ndarray]]) -> protowire.DecodeAnswer:
     """A Decode response to `call`: row r's out and lse from `state(sequence id, segment index)`."""
     outs, lses = [], []
-    for sid in call.request.sequence_ids:
+    for sid in sent(call.request).sequence_ids:
         seq, _, j = sid.rpartition("#")
         o, lse = state(seq, int(j))
         outs.append(o)
@@ -119,7 +120,7 @@ def _answer(call: Call, state: Callable[[str, int], tuple[np.ndarray, np.ndarray
     r = pb.DecodeResponse()
     codec.encode(np.stack(outs), r.out)
     codec.encode(np.stack(lses), r.lse)
-    return r
+    return protowire.answer_of(r)
 
 
 def _state(seq: str, j: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,17 +139,17 @@ def test_a_batch_asks_each_replica_at_most_twice() -> None:
         s.bases[f"s{b}"] = [0, 1800, 3600]
     plan = s.decode(_batch_step(4, 4990))
     batch = next(plan)
-    kinds = [(c.replica, c.request.attend_only) for c in batch.values()]
+    kinds = [(c.replica, sent(c.request).attend_only) for c in batch.values()]
     assert len(kinds) == len(set(kinds)) <= 6 and all(c.method == "Decode" for c in batch.values())
-    asked = sorted(sid for c in batch.values() for sid in c.request.sequence_ids)
+    asked = sorted(sid for c in batch.values() for sid in sent(c.request).sequence_ids)
     assert asked == sorted(f"s{b}#{j}" for b in range(4) for j in range(3))
     for c in batch.values():
-        for sid in c.request.sequence_ids:  # each segment asked where it lives, tails with their k/v
+        for sid in sent(c.request).sequence_ids:  # each segment asked where it lives, tails with their k/v
             seq, _, j = sid.rpartition("#")
-            assert c.replica == ranking(TARGETS, seq)[int(j)] and c.request.attend_only == (j != "2")
-        assert c.request.HasField("k") != c.request.attend_only and c.request.return_lse
-        rows = [int(sid[1]) for sid in c.request.sequence_ids]
-        np.testing.assert_array_equal(codec.decode(c.request.q)[:, 0, 0, 0], rows)  # q rows follow the ids
+            assert c.replica == ranking(TARGETS, seq)[int(j)] and sent(c.request).attend_only == (j != "2")
+        assert sent(c.request).HasField("k") != sent(c.request).attend_only and sent(c.request).return_lse
+        rows = [int(sid[1]) for sid in sent(c.request).sequence_ids]
+        np.testing.assert_array_equal(codec.decode(sent(c.request).q)[:, 0, 0, 0], rows)  # q rows follow the ids
     with pytest.raises(StopIteration) as done:
         plan.send({n: _answer(c, _state) for n, c in batch.items()})
     for b in range(4):
@@ -164,8 +165,9 @@ def test_a_grouped_failure_names_the_callers_sequence_and_index() -> None:
     plan = s.decode(_batch_step(3, 2000))
     batch = next(plan)
     # The tails' call on one replica refuses the row of s2 (whichever index it has in that call).
-    n, call = next((n, c) for n, c in batch.items() if not c.request.attend_only and "s2#1" in c.request.sequence_ids)
-    r = list(call.request.sequence_ids).index("s2#1")
+    reqs = {n: sent(c.request) for n, c in batch.items()}
+    n, call = next((n, batch[n]) for n, m in reqs.items() if not m.attend_only and "s2#1" in m.sequence_ids)
+    r = list(sent(call.request).sequence_ids).index("s2#1")
     err = OutOfRange(f"positions[{r}]: 2000 is before sequence 's2#1''s end at layer 0", "b:2")
     outcomes = {m: err if m == n else _answer(c, _state) for m, c in batch.items()}
     with pytest.raises(OutOfRange) as raised:
@@ -182,15 +184,16 @@ def test_segments_moved_to_several_replicas_are_asked_again_where_they_are() -> 
         s.bases[f"s{b}"] = [0, 1800, 3600]
     plan = s.decode(_batch_step(3, 4000))
     batch = next(plan)
-    n, call = max(batch.items(), key=lambda nc: len(nc[1].request.sequence_ids))
-    assert len(call.request.sequence_ids) >= 2
+    n, call = max(batch.items(), key=lambda nc: len(sent(nc[1].request).sequence_ids))
+    assert len(sent(call.request).sequence_ids) >= 2
     others = [r for r in range(3) if r != call.replica]
-    for i, sid in enumerate(call.request.sequence_ids):  # where the verdict's lookups found them
+    for i, sid in enumerate(sent(call.request).sequence_ids):  # where the verdict's lookups found them
         s.router.moved(sid, others[i % 2])
     outcomes = {m: NotFound("gone", TARGETS[c.replica]) if m == n else _answer(c, _state) for m, c in batch.items()}
     again = plan.send(outcomes)
-    assert sorted(sid for c in again.values() for sid in c.request.sequence_ids) == sorted(call.request.sequence_ids)
-    assert all(c.replica != call.replica and c.request.attend_only == call.request.attend_only for c in again.values())
+    asked = sent(call.request)
+    assert sorted(sid for c in again.values() for sid in sent(c.request).sequence_ids) == sorted(asked.sequence_ids)
+    assert all(c.replica != call.replica and sent(c.request).attend_only == asked.attend_only for c in again.values())
     with pytest.raises(StopIteration) as done:
         plan.send({m: _answer(c, _state) for m, c in again.items()})
     for b in range(3):
@@ -202,7 +205,7 @@ def test_a_streamed_step_answers_its_failure_instead_of_raising() -> None:
     s = _segments([0, 1800], [0, 0])
     plan = s.streamed(_step(0, 2000))
     batch = next(plan)
-    n = next(n for n, c in batch.items() if not c.request.attend_only)
+    n = next(n for n, c in batch.items() if not sent(c.request).attend_only)
     ok = _answer(batch[1 - n], lambda seq, j: (np.zeros((2, 1, 4), np.float32), np.zeros((2, 1), np.float32)))
     outcomes = {n: OutOfRange("sequence 'x#1' refused", "b:2"), 1 - n: ok}
     with pytest.raises(StopIteration) as done:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.fakes import sent
 from support.server_proc import ServerProc, free_port, start_server
 from support.strategies import assert_close
 
@@ -153,7 +154,8 @@ def _counting(client: Client) -> list[list[tuple[int, bool, int]]]:
 
     def batch(calls: dict, timeout: float | None) -> object:
         if all(c.method == "Decode" for c in calls.values()):
-            batches.append([(c.replica, c.request.attend_only, len(c.request.sequence_ids)) for c in calls.values()])
+            asked = [(c.replica, sent(c.request)) for c in calls.values()]
+            batches.append([(r, m.attend_only, len(m.sequence_ids)) for r, m in asked])
         return inner(calls, timeout)
 
     client._decode_batch = batch  # type: ignore[method-assign]

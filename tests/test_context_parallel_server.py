@@ -45,14 +45,14 @@ def _t(a: np.ndarray) -> pb.Tensor:
 
 
 async def _decode(svc: DecodeAttentionService, req: pb.DecodeRequest) -> pb.DecodeResponse:
-    return await svc.Decode(req, FakeContext())
+    return pb.DecodeResponse.FromString(await svc.Decode(req, FakeContext()))
 
 
 async def _dec(svc: DecodeAttentionService, sid: str, position: int, q: np.ndarray, **kw: Any) -> pb.DecodeResponse:
     """Decode of one sequence; `k`, `v` arrays when given, other fields as keywords."""
     tensors = {name: _t(kw.pop(name)) for name in ("k", "v") if name in kw}
     req = pb.DecodeRequest(sequence_ids=[sid], positions=[position], q=_t(q), **tensors, **kw)
-    return await svc.Decode(req, FakeContext())
+    return pb.DecodeResponse.FromString(await svc.Decode(req, FakeContext()))
 
 
 class Segmented:

@@ -418,7 +418,7 @@ def test_service_on_nki_emu_serves_segments_that_merge_to_the_unsplit_sequence(t
                 pos = (await svc.GetSequence(pb.GetSequenceRequest(sequence_id="whole"), ctx)).lengths[layer]
                 whole = pb.DecodeRequest(layer=layer, sequence_ids=["whole"], positions=[pos], q=_t(q), k=_t(k),
                                          v=_t(v))  # fmt: skip
-                want = codec.decode((await svc.Decode(whole, ctx)).out)
+                want = codec.decode(pb.DecodeResponse.FromString(await svc.Decode(whole, ctx)).out)
                 if layer == 0 and pos - bases[-1] >= N:  # the tail is full: a new segment starts here
                     bases.append(pos)
                     await svc.CreateSequence(
@@ -432,7 +432,7 @@ def test_service_on_nki_emu_serves_segments_that_merge_to_the_unsplit_sequence(t
                     if tail:
                         req.k.CopyFrom(_t(k))
                         req.v.CopyFrom(_t(v))
-                    resp = await svc.Decode(req, ctx)
+                    resp = pb.DecodeResponse.FromString(await svc.Decode(req, ctx))
                     outs.append(codec.decode(resp.out))
                     lses.append(codec.decode(resp.lse))
                     assert outs[-1].dtype == np.float32 and lses[-1].shape == (1, HQ, S)

@@ -14,7 +14,7 @@ import pytest
 from support.mirror import append_request, decode_request
 from support.service import Aborted, FakeContext, make_service
 
-from tkg import codec, dtypes
+from tkg import codec, dtypes, protowire
 from tkg.v1 import decode_attention_pb2 as pb
 
 HQ, HKV, D = 4, 2, 128  # head_dim at its maximum (config.MAX_HEAD_DIM): the largest scores
@@ -73,7 +73,9 @@ def test_fp8_kv_is_bounded_by_being_finite() -> None:
 
 
 async def _decode(svc: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarray:
-    r = await svc.Decode(decode_request(0, ["s"], [pos], q, k, v), FakeContext())
+    # As the RPC reads it: q/k/v as views of the request's bytes (the bound check reads those).
+    raw = decode_request(0, ["s"], [pos], q, k, v).SerializeToString()
+    r = pb.DecodeResponse.FromString(await svc.Decode(protowire.parse_decode_request(raw), FakeContext()))
     return codec.decode(r.out).astype(np.float32)
 
 

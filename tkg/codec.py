@@ -119,7 +119,10 @@ def _whole_bytes(a: np.ndarray) -> bytes | None:
 
 
 def decode(
-    t: pb.Tensor, field: str = "tensor", shape: tuple[int, ...] | None = None, data: bytes | None = None
+    t: pb.Tensor,
+    field: str = "tensor",
+    shape: tuple[int, ...] | None = None,
+    data: bytes | memoryview | None = None,
 ) -> np.ndarray:
     """A read-only numpy view of `t`'s bytes; TensorError naming `field` when malformed.
     `shape`, `data`: `tuple(t.shape)` and `t.data` when the caller has read them already.
@@ -228,7 +231,7 @@ def _native_top_bytes_below() -> Callable[[bytes, int, int, int], bool] | None:
     return native_top_bytes_below if host_ops_available() else None
 
 
-def bounded_bytes(data: bytes, dtype: np.dtype) -> bool:
+def bounded_bytes(data: bytes | memoryview, dtype: np.dtype) -> bool:
     """Every little-endian `dtype` value in `data` finite and within its bound (MAGNITUDE_LOG2):
     what q, k and v must satisfy on the wire. Exact (see `_bounded_top_bytes`). Large tensors: one
     native pass over the top bytes (~40x quicker than the bytes calls: ~6 vs ~220 us for a batch-64
@@ -242,11 +245,12 @@ def bounded_bytes(data: bytes, dtype: np.dtype) -> bool:
     return bounded_bytes_python(data, dtype)
 
 
-def bounded_bytes_python(data: bytes, dtype: np.dtype) -> bool:
+def bounded_bytes_python(data: bytes | memoryview, dtype: np.dtype) -> bool:
     """`bounded_bytes` without the extension: one C loop over the top bytes and one deletion, no
     numpy, no second pass."""
     size, harmless = _BOUNDED_TOP[dtype]
-    return not data[size - 1 :: size].translate(None, harmless)
+    top = data[size - 1 :: size]
+    return not (top if type(top) is bytes else bytes(top)).translate(None, harmless)
 
 
 def all_finite(*arrays: np.ndarray) -> bool:

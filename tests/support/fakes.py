@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FakeClock:
     """A monotonic clock that moves only when a test sets `t` (idle expiry without waiting)."""
@@ -11,3 +13,11 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.t
+
+
+def sent(request: Any) -> Any:
+    """A client call's request as a message: a Decode request travels as wire bytes
+    (`tkg.protowire`), every other request as its message."""
+    from tkg.v1 import decode_attention_pb2 as pb
+
+    return pb.DecodeRequest.FromString(request) if isinstance(request, bytes) else request
