@@ -443,9 +443,10 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
     async def DecodeStream(
         self, request_iterator: AsyncIterator[pb.DecodeRequest], context: Any
-    ) -> AsyncIterator[pb.DecodeResponse]:
+    ) -> AsyncIterator[bytes | pb.DecodeResponse]:
         """Pipelined decode (`tkg.server.streams`): every message validated and queued as it
-        arrives, answered in request order; a failing message gets an `error` response."""
+        arrives, answered in request order (an answer's wire bytes); a failing message gets an
+        `error` response (a message)."""
         async with contextlib.aclosing(self.streams.serve(request_iterator, context)) as replies:
             async for reply in replies:
                 yield reply

@@ -48,7 +48,7 @@ class DecodeStreams:
 
     async def serve(
         self, request_iterator: AsyncIterator[pb.DecodeRequest], context: Any
-    ) -> AsyncIterator[pb.DecodeResponse]:
+    ) -> AsyncIterator[bytes | pb.DecodeResponse]:
         """Pipelined decode: every message is validated and queued as it arrives; responses come
         back in request order; a failing message gets an `error` response and the stream goes on.
 
@@ -68,7 +68,8 @@ class DecodeStreams:
         svc.enter()
         # What was read but not yet answered, in request order, then the end marker: a task per
         # message still queued or running, or its response when it was answered as it was read.
-        results: asyncio.Queue[asyncio.Task | pb.DecodeResponse | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+        # An answer is its wire bytes (`protowire`), an error answer its message.
+        results: asyncio.Queue[asyncio.Task | bytes | pb.DecodeResponse | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
         async def read() -> None:
             try:
@@ -97,7 +98,7 @@ class DecodeStreams:
         reader = asyncio.ensure_future(read())
         try:
             while (item := await results.get()) is not None:
-                yield item if type(item) is pb.DecodeResponse else await item
+                yield await item if isinstance(item, asyncio.Future) else item
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -122,10 +123,10 @@ class DecodeStreams:
         except Exception as exc:
             return t0, self.failed(req, t0, exc)
 
-    async def one(self, req: pb.DecodeRequest, t0: float, work: DecodeWork) -> pb.DecodeResponse:
+    async def one(self, req: pb.DecodeRequest, t0: float, work: DecodeWork) -> bytes | pb.DecodeResponse:
         svc = self.service
         try:
-            resp = await svc.decode_work(req, work)
+            resp = await svc.decode_work(req, work, wire=True)
         except Exception as exc:
             return self.failed(req, t0, exc)
         svc.metrics.observe_request("DecodeStream.message", "OK", time.perf_counter() - t0, work.tenant.name)

@@ -5,9 +5,13 @@ fields out of order; malformed responses are refused with the field named."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import ml_dtypes
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +21,21 @@ from tkg.v1 import decode_attention_pb2 as pb
 
 DTYPES = [np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)]
 INT64 = st.integers(-(2**63), 2**63 - 1)
+
+
+@contextlib.contextmanager
+def views_from(n: int) -> Iterator[None]:
+    """`protowire.VIEW_MIN_BYTES` set to `n`: 0 takes the view paths for any size, a huge value
+    protobuf's own (the examples here are small: both paths run on each)."""
+    old = protowire.VIEW_MIN_BYTES
+    protowire.VIEW_MIN_BYTES = n
+    try:
+        yield
+    finally:
+        protowire.VIEW_MIN_BYTES = old
+
+
+BOTH_PATHS = (0, 1 << 62)
 
 
 @st.composite
@@ -59,11 +78,13 @@ def _expected(d: DecodeInput, return_lse: bool, attend_only: bool) -> bytes:
 @given(requests())
 def test_request_bytes_are_protobufs_own(drawn: tuple[DecodeInput, bool, bool]) -> None:
     d, return_lse, attend_only = drawn
-    got = protowire.decode_request_bytes(
-        d.layer, d.sequence_ids, d.positions, d.q, None if attend_only else d.k, None if attend_only else d.v,
-        d.request_id, return_lse=return_lse, attend_only=attend_only,
-    )  # fmt: skip
-    assert got == _expected(d, return_lse, attend_only)
+    for n in BOTH_PATHS:
+        with views_from(n):
+            got = protowire.decode_request_bytes(
+                d.layer, d.sequence_ids, d.positions, d.q, None if attend_only else d.k,
+                None if attend_only else d.v, d.request_id, return_lse=return_lse, attend_only=attend_only,
+            )  # fmt: skip
+        assert got == _expected(d, return_lse, attend_only)
 
 
 @given(INT64)
@@ -116,7 +137,9 @@ def test_a_parsed_response_reads_what_protobuf_reads(
     raw = b"".join(fields[order[i] + 1].SerializeToString() for i in range(6))
     for t in unknown:
         raw += protowire.varint((100 + t) << 3 | t) + extras[t][1:]
-    _same(protowire.parse_decode_response(raw), resp)
+    for n in BOTH_PATHS:
+        with views_from(n):
+            _same(protowire.parse_decode_response(raw), resp)
     known = pb.DecodeResponse.FromString(raw)  # the bytes mean to protobuf what `resp` does
     known.DiscardUnknownFields()
     assert known == resp
@@ -127,19 +150,23 @@ def test_a_truncated_response_is_refused() -> None:
     codec.encode(np.ones((2, 3), np.float32), resp.out)
     raw = resp.SerializeToString()
     for cut in (len(raw) - 1, 4):
-        with pytest.raises(codec.TensorError, match=r"runs past the message's end|truncated"):
+        with views_from(0), pytest.raises(codec.TensorError, match=r"runs past the message's end"):
+            protowire.parse_decode_response(raw[:cut])
+        with pytest.raises(DecodeError):  # protobuf's own parse, below VIEW_MIN_BYTES
             protowire.parse_decode_response(raw[:cut])
 
 
 def test_a_response_tensor_of_the_wrong_size_names_its_field() -> None:
     resp = pb.DecodeResponse()
     resp.lse.CopyFrom(pb.Tensor(dtype=codec.dtype_from_numpy(np.dtype(np.float32)), shape=[2, 2], data=bytes(12)))
-    with pytest.raises(codec.TensorError, match=r"lse.data: 12 bytes, expected 16"):
-        protowire.parse_decode_response(resp.SerializeToString())
-    resp = pb.DecodeResponse()
-    resp.out.CopyFrom(pb.Tensor(dtype=999, shape=[1]))
-    with pytest.raises(codec.TensorError, match=r"out.dtype: unsupported dtype 999"):
-        protowire.parse_decode_response(resp.SerializeToString())
+    bad = pb.DecodeResponse()
+    bad.out.CopyFrom(pb.Tensor(dtype=999, shape=[1]))
+    for n in BOTH_PATHS:
+        with views_from(n):
+            with pytest.raises(codec.TensorError, match=r"lse.data: 12 bytes, expected 16"):
+                protowire.parse_decode_response(resp.SerializeToString())
+            with pytest.raises(codec.TensorError, match=r"out.dtype: unsupported dtype 999"):
+                protowire.parse_decode_response(bad.SerializeToString())
 
 
 def test_the_stub_serializer_passes_bytes_and_serializes_messages() -> None:
@@ -160,7 +187,10 @@ def test_a_parsed_request_reads_what_protobuf_reads(drawn: tuple[DecodeInput, bo
         extra = pb.DecodeRequest()
         codec.encode(np.arange(3, dtype=np.float32), getattr(extra, name))
         raw += extra.SerializeToString()
-    view = protowire.parse_decode_request(raw)
+    with views_from(0):
+        view = protowire.parse_decode_request(raw)
+    with views_from(1 << 62):
+        assert protowire.parse_decode_request(raw) == pb.DecodeRequest.FromString(raw)
     want = pb.DecodeRequest.FromString(raw)
     for name in ("q", "k", "v"):
         got = protowire.tensor_bytes(view, name)
@@ -168,7 +198,7 @@ def test_a_parsed_request_reads_what_protobuf_reads(drawn: tuple[DecodeInput, bo
         assert protowire.tensor_bytes(want, name) == getattr(want, name).data
         if want.HasField(name):  # (clearing an absent one would make it present)
             getattr(want, name).ClearField("data")
-    assert view.message == want
+    assert isinstance(view, protowire.DecodeRequestView) and view.message == want
     assert view.sequence_ids == want.sequence_ids and view.HasField("k") == want.HasField("k")
 
 
@@ -181,5 +211,22 @@ def test_response_bytes_are_protobufs_own(resp: pb.DecodeResponse) -> None:
     resp.timing.SetInParent()  # always present in an answer
     out = codec.decode(resp.out)
     lse = codec.decode(resp.lse) if resp.HasField("lse") else None
-    got = protowire.decode_response_bytes(resp.request_id, resp.layer, out, resp.timing, lse)
-    assert got == resp.SerializeToString()
+    for n in BOTH_PATHS:
+        with views_from(n):
+            got = protowire.decode_response_bytes(resp.request_id, resp.layer, out, resp.timing, lse)
+        assert got == resp.SerializeToString()
+
+
+@pytest.mark.parametrize("n", [16, 4096], ids=["python-check", "native-check"])
+def test_the_bound_check_reads_a_view_as_it_reads_bytes(n: int) -> None:
+    """q/k/v reach `codec.bounded_bytes` as views of a request's bytes: both of its paths (small
+    tensors in Python, large ones native) must answer for a view what they answer for bytes."""
+    rng = np.random.default_rng(n)
+    for dt in DTYPES:
+        ok = rng.standard_normal(n).astype(dt)
+        bad = ok.copy()
+        bad[n // 2] = np.inf
+        for a, want in ((ok, True), (bad, False)):
+            raw = b"xx" + a.tobytes()
+            view = memoryview(raw)[2:]
+            assert codec.bounded_bytes(view, dt) is want and codec.bounded_bytes(bytes(view), dt) is want

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from support.fakes import replied
 from support.mirror import decode_request
 from support.server_proc import start_server
 from support.service import FakeContext, make_service
@@ -41,11 +42,11 @@ def test_an_unread_stream_stops_being_read_after_the_window() -> None:
     async def main() -> tuple[int, list[pb.DecodeResponse]]:
         svc.start()
         replies = svc.DecodeStream(requests(), FakeContext())
-        first = await replies.__anext__()
+        first = replied(await replies.__anext__())
         for _ in range(500):  # loop passes, not time: every ready task gets to run
             await asyncio.sleep(0)
         seen = pulled
-        rest = [r async for r in replies]
+        rest = [replied(r) async for r in replies]
         await svc.close()
         return seen, [first, *rest]
 
@@ -129,7 +130,7 @@ def test_lone_inline_queued_and_invalid_messages_keep_request_order() -> None:
         for i in range(LONE_STREAK + 4):  # ping-pong until the server sees a lone caller
             inbox.put_nowait(decode_request(0, ["a"], [pos], q, k, k, rid=f"p{i}"))
             pos += 1
-            r = await replies.__anext__()
+            r = replied(await replies.__anext__())
             assert r.request_id == f"p{i}" and not r.HasField("error"), r
         late = [ran_in[f"p{i}"] for i in range(LONE_STREAK + 2, LONE_STREAK + 4)]
         assert late[0] is late[1] and late[0] is not asyncio.current_task()  # the reader's own task
@@ -143,7 +144,7 @@ def test_lone_inline_queued_and_invalid_messages_keep_request_order() -> None:
         ]
         for r in burst:
             inbox.put_nowait(r)
-        got = [await replies.__anext__() for _ in burst]
+        got = [replied(await replies.__anext__()) for _ in burst]
         assert ran_in["x0"] is late[0] and len({id(ran_in[r]) for r in ("x1", "x2", "x3")}) == 3
         # The caller goes away with finished replies unread (a task's and an invalid message's).
         inbox.put_nowait(decode_request(0, ["a"], [pos + 3], q, k, k, rid="unread"))

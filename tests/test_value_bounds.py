@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from support.fakes import replied
 from support.mirror import append_request, decode_request
 from support.service import Aborted, FakeContext, make_service
 
@@ -133,7 +134,7 @@ def test_every_path_refuses_values_past_the_bound_naming_the_field(d: dtypes.DTy
                 # The stream answers that message with the same error and goes on.
                 reqs = [decode_request(0, ["s"], [pos], args["q"], args["k"], args["v"], rid="bad"),
                         decode_request(0, ["s"], [pos], q, kv, kv, rid="good")]  # fmt: skip
-                replies = [r async for r in svc.DecodeStream(_aiter(reqs), ctx)]
+                replies = [replied(r) async for r in svc.DecodeStream(_aiter(reqs), ctx)]
                 assert replies[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
                 assert bound in replies[0].error.message and replies[1].HasField("out")
                 pos += 1

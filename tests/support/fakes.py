@@ -21,3 +21,11 @@ def sent(request: Any) -> Any:
     from tkg.v1 import decode_attention_pb2 as pb
 
     return pb.DecodeRequest.FromString(request) if isinstance(request, bytes) else request
+
+
+def replied(answer: Any) -> Any:
+    """A Decode or DecodeStream answer of the service as a message: a success travels as its wire
+    bytes (`tkg.protowire`), an error answer as its message."""
+    from tkg.v1 import decode_attention_pb2 as pb
+
+    return pb.DecodeResponse.FromString(answer) if isinstance(answer, bytes) else answer
