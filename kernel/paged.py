@@ -206,7 +206,7 @@ def run_paged(mod: backends.KernelBackend, backend: str, args: PagedArgs, **back
         partial = partial_decoder(mod)
         if partial is None:
             raise ValueError(f"paged_decode: backend {backend} does not support lse or attend-only calls yet")
-        partial(args)
+        partial(args, **backend_options)  # the store's options too (the cpu backend's thread cap)
         return
     impl = getattr(mod, "paged_decode", None)
     if impl is not None:
@@ -215,7 +215,7 @@ def run_paged(mod: backends.KernelBackend, backend: str, args: PagedArgs, **back
         paged_via_attention_tkg(args, backend, **backend_options)
 
 
-def partial_decoder(mod: backends.KernelBackend) -> Callable[[PagedArgs], None] | None:
+def partial_decoder(mod: backends.KernelBackend) -> Callable[..., None] | None:
     """The backend's `paged_decode_partial` (lse, attend-only), or None: it refuses such calls.
 
     `reference`, `cpu_torch` and `cpu` have one; the `cpu` backend's runs on its native C kernel

@@ -132,6 +132,24 @@ def test_backends_without_a_partial_decoder_refuse() -> None:
         run_paged(fake, "fake", args)
 
 
+def test_a_partial_call_gets_the_stores_backend_options() -> None:
+    """The store's options (the cpu backend's `max_threads`, the server's cap on a launch) reach a
+    partial call as they reach a whole one: a partial step must not take every core."""
+    got: dict[str, dict[str, object]] = {}
+    fake = type("Fake", (), {
+        "NAME": "fake",
+        "paged_decode": staticmethod(lambda args, **opts: got.update(whole=opts)),
+        "paged_decode_partial": staticmethod(lambda args, **opts: got.update(partial=opts)),
+    })()  # fmt: skip
+    c = _case(np.random.default_rng(0), [8], False)
+    q = np.zeros((1, HQ, 1, D), np.float32)
+    partial = check_paged_args(q, c["K"], c["V"], c["tables"], np.array([8]), 1.0, q_start=np.array([8]))
+    whole = check_paged_args(q, c["K"], c["V"], c["tables"], np.array([8]), 1.0)
+    run_paged(fake, "fake", partial, max_threads=1)
+    run_paged(fake, "fake", whole, max_threads=1)
+    assert got == {"partial": {"max_threads": 1}, "whole": {"max_threads": 1}}
+
+
 def test_store_reports_and_returns_partials() -> None:
     g = KVGeometry(1, HKV, 4, BL, D, np.dtype(np.float32))
     store = HostKVStore(g, "reference")
