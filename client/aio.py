@@ -13,13 +13,11 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from tkg.client import routing
 from tkg.client.core import (
     STREAM_RESPONSE_METHODS,
     Ask,
     AskInstance,
     Call,
-    Core,
     Decision,
     Pause,
     StreamPlan,
@@ -27,49 +25,19 @@ from tkg.client.core import (
 )
 from tkg.client.errors import TkgError
 from tkg.client.messages import (
-    DEFAULT_MAX_MESSAGE,
     DecodeInput,
     DecodeResult,
-    auth_metadata,
-    open_channels,
-    stub,
-    uses_tls,
 )
+from tkg.client.shell import Shell
 from tkg.v1 import decode_attention_pb2 as pb
 
 T = TypeVar("T")
 
 
-class AsyncClient:
+class AsyncClient(Shell):
     """Asynchronous client; create inside a running event loop. Arguments as `Client`."""
 
-    def __init__(
-        self,
-        target: str | Sequence[str] = "localhost:50051",
-        *,
-        timeout: float | None = 30.0,
-        token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
-        segment_tokens: int | None = None,
-    ) -> None:
-        self.targets = routing.resolve_targets(target)
-        self.timeout = timeout
-        self._metadata = auth_metadata(metadata, token)
-        self._channels = open_channels(
-            self.targets, aio=True, tls=tls, root_certificates=root_certificates,
-            certificate_chain=certificate_chain, private_key=private_key,
-            max_message_bytes=max_message_bytes,
-        )  # fmt: skip
-        self._stubs = [stub(c) for c in self._channels]
-        self._core = Core(
-            self.targets, segment_tokens, plaintext=not uses_tls(tls, root_certificates, certificate_chain)
-        )
-        self._segments = self._core.segments  # None unless segment_tokens: then every sequence is segmented
+    AIO = True
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
@@ -79,9 +47,6 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def _replica(self, seq_id: str) -> int:
-        return self._core.replica(seq_id)
 
     async def _call(self, call: Call, timeout: float | None = None, follow: bool = True) -> Any:
         """As `Client._call`: make `call`, or on failure what `Core.failed` decides."""

@@ -22,13 +22,11 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from tkg.client import routing
 from tkg.client.core import (
     STREAM_RESPONSE_METHODS,
     Ask,
     AskInstance,
     Call,
-    Core,
     Decision,
     Pause,
     StreamPlan,
@@ -37,20 +35,16 @@ from tkg.client.core import (
 )
 from tkg.client.errors import TkgError
 from tkg.client.messages import (
-    DEFAULT_MAX_MESSAGE,
     DecodeInput,
     DecodeResult,
-    auth_metadata,
-    open_channels,
-    stub,
-    uses_tls,
 )
+from tkg.client.shell import Shell
 from tkg.v1 import decode_attention_pb2 as pb
 
 T = TypeVar("T")
 
 
-class Client:
+class Client(Shell):
     """Synchronous client. Every method raises a `TkgError` subclass on failure.
 
     Args:
@@ -67,34 +61,7 @@ class Client:
             tokens over the replicas (`tkg.client.segments`, docs/context-parallel.md); None: off.
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str] = "localhost:50051",
-        *,
-        timeout: float | None = 30.0,
-        token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
-        segment_tokens: int | None = None,
-    ) -> None:
-        self.targets = routing.resolve_targets(target)
-        self.timeout = timeout
-        self._metadata = auth_metadata(metadata, token)
-        self._channels = open_channels(
-            self.targets, aio=False, tls=tls, root_certificates=root_certificates,
-            certificate_chain=certificate_chain, private_key=private_key,
-            max_message_bytes=max_message_bytes,
-        )  # fmt: skip
-        self._stubs = [stub(c) for c in self._channels]
-        self._pool: ThreadPoolExecutor | None = None
-        self._core = Core(
-            self.targets, segment_tokens, plaintext=not uses_tls(tls, root_certificates, certificate_chain)
-        )
-        self._segments = self._core.segments  # None unless segment_tokens: then every sequence is segmented
+    _pool: ThreadPoolExecutor | None = None  # made at the first split decode
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -109,9 +76,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _replica(self, seq_id: str) -> int:
-        return self._core.replica(seq_id)
 
     def _call(self, call: Call, timeout: float | None = None, follow: bool = True) -> Any:
         """Make `call`; on failure make what `Core.failed` decides instead (the same call where
