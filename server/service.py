@@ -324,7 +324,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
 
         return await self._unary("ReleaseSequence", context, run)
 
-    async def Decode(self, request: DecodeRequestView, context: Any) -> bytes:
+    async def Decode(self, request: pb.DecodeRequest | DecodeRequestView, context: Any) -> bytes:
         return await self._unary("Decode", context, lambda: self.decode(request, wire=True))
 
     async def AppendKV(self, request_iterator: AsyncIterator[pb.AppendKVRequest], context: Any) -> pb.SequenceInfo:
