@@ -72,14 +72,8 @@ def coldest_tier(tiers: Sequence[str]) -> str:
 
 
 def decode_request(d: DecodeInput) -> pb.DecodeRequest:
-    req = pb.DecodeRequest(
-        request_id=d.request_id, layer=d.layer, sequence_ids=list(d.sequence_ids),
-        positions=[int(p) for p in d.positions],
-    )  # fmt: skip
-    codec.encode(d.q, req.q)
-    codec.encode(d.k, req.k)
-    codec.encode(d.v, req.v)
-    return req
+    """`d` as a DecodeRequest message (tests and benchmarks; the clients send `request_bytes`)."""
+    return protowire.decode_request_message(d.layer, d.sequence_ids, d.positions, d.q, d.k, d.v, d.request_id)
 
 
 def request_bytes(d: DecodeInput) -> bytes:

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from tkg import __version__, codec, protowire
+from tkg import __version__, protowire
 from tkg.protowire import DecodeRequestView
 from tkg.server import identity, migration
 from tkg.server.batcher import Batcher, DecodeWork, LoneCaller
@@ -237,10 +237,7 @@ class DecodeAttentionService(pb_grpc.DecodeAttentionServicer):
         if wire:
             timing.total_us = int((time.perf_counter() - work.arrival) * 1e6)
             return protowire.decode_response_bytes(req.request_id, req.layer, out, timing, work.lse)
-        resp = pb.DecodeResponse(request_id=req.request_id, layer=req.layer, timing=timing)
-        codec.encode(out, resp.out)
-        if work.lse is not None:  # return_lse: out is float32 too (the step computed it so)
-            codec.encode(work.lse, resp.lse)
+        resp = protowire.decode_response_message(req.request_id, req.layer, out, timing, work.lse)
         resp.timing.total_us = int((time.perf_counter() - work.arrival) * 1e6)
         return resp
 

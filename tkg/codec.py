@@ -48,14 +48,21 @@ def dtype_from_numpy(dtype: np.dtype) -> int:
         raise TensorError(f"unsupported numpy dtype {dt}; expected one of {dtypes.names()}") from None
 
 
-def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
-    """`array` as a Tensor (one copy into the message's bytes; none before it for an `output_array`)."""
+def wire_array(array: np.ndarray) -> tuple[int, np.ndarray]:
+    """(the Tensor dtype code, `array` in little-endian byte order): what a Tensor of `array` holds
+    (`encode`, and `tkg.protowire`'s one-copy messages)."""
     a = np.asarray(array)
     code = _FROM_NUMPY.get(a.dtype)  # native-order dtypes hit here (the per-request path)
     if code is None:
         code = dtype_from_numpy(a.dtype)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
+    return code, a
+
+
+def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
+    """`array` as a Tensor (one copy into the message's bytes; none before it for an `output_array`)."""
+    code, a = wire_array(array)
     t = pb.Tensor() if out is None else out
     t.dtype = code
     if t.shape:

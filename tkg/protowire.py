@@ -50,20 +50,11 @@ def _key(number: int, wire_type: int) -> bytes:
 _DATA_KEY = _key(3, 2)  # Tensor.data
 
 
-def _raw_view(array: np.ndarray) -> tuple[int, np.ndarray]:
-    """(dtype code, C-contiguous little-endian bytes of `array` as uint8) for a Tensor."""
-    a = np.asarray(array)
-    code = codec.dtype_from_numpy(a.dtype)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    a = np.ascontiguousarray(a)  # a copy only for a strided array (a row subset is one already)
-    return code, a.reshape(-1).view(np.uint8)
-
-
 def tensor_field(number: int, array: np.ndarray) -> list[bytes | np.ndarray]:
     """The parts of a Tensor field `number` holding `array`: to be joined with the message's
     other parts. The data part is `array`'s own memory (copied once, by the join)."""
-    code, data = _raw_view(array)
+    code, a = codec.wire_array(array)
+    data = np.ascontiguousarray(a).reshape(-1).view(np.uint8)  # a copy only for a strided array
     head = pb.Tensor(dtype=code, shape=array.shape).SerializeToString()
     parts: list[bytes | np.ndarray] = [head]
     size = len(head)
@@ -72,6 +63,29 @@ def tensor_field(number: int, array: np.ndarray) -> list[bytes | np.ndarray]:
         parts += [data_head, data]
         size += len(data_head) + data.size
     return [_key(number, 2) + varint(size), *parts]
+
+
+def decode_request_message(
+    layer: int,
+    sequence_ids: Sequence[str],
+    positions: Sequence[int],
+    q: np.ndarray | None,
+    k: np.ndarray | None,
+    v: np.ndarray | None,
+    request_id: str = "",
+    return_lse: bool = False,
+    attend_only: bool = False,
+) -> pb.DecodeRequest:
+    """The DecodeRequest message (through protobuf's class: each tensor copied by `codec.encode`);
+    a tensor None is left out."""
+    req = pb.DecodeRequest(
+        request_id=request_id, layer=layer, sequence_ids=sequence_ids, positions=[int(p) for p in positions],
+        return_lse=return_lse, attend_only=attend_only,
+    )  # fmt: skip
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a is not None:
+            codec.encode(a, getattr(req, name))
+    return req
 
 
 def decode_request_bytes(
@@ -87,17 +101,10 @@ def decode_request_bytes(
 ) -> bytes:
     """A DecodeRequest's wire bytes; `k`, `v` None: the fields are left out (attend-only)."""
     if q.nbytes + (0 if k is None else k.nbytes) + (0 if v is None else v.nbytes) < VIEW_MIN_BYTES:
-        req = pb.DecodeRequest(
-            request_id=request_id, layer=layer, sequence_ids=sequence_ids, positions=[int(p) for p in positions],
-            return_lse=return_lse, attend_only=attend_only,
-        )  # fmt: skip
-        for name, a in (("q", q), ("k", k), ("v", v)):
-            if a is not None:
-                codec.encode(a, getattr(req, name))
-        return req.SerializeToString()
-    head = pb.DecodeRequest(
-        request_id=request_id, layer=layer, sequence_ids=sequence_ids, positions=[int(p) for p in positions]
-    ).SerializeToString()
+        return decode_request_message(
+            layer, sequence_ids, positions, q, k, v, request_id, return_lse, attend_only
+        ).SerializeToString()
+    head = decode_request_message(layer, sequence_ids, positions, None, None, None, request_id).SerializeToString()
     parts: list[bytes | np.ndarray] = [head, *tensor_field(5, q)]
     if k is not None:
         parts += tensor_field(6, k)
@@ -280,17 +287,24 @@ def parse_decode_response(raw: bytes) -> DecodeAnswer:
     )  # fmt: skip
 
 
+def decode_response_message(
+    request_id: str, layer: int, out: np.ndarray, timing: pb.Timing, lse: np.ndarray | None = None
+) -> pb.DecodeResponse:
+    """The DecodeResponse message (through protobuf's class; `out` and `lse` copied by `codec.encode`)."""
+    resp = pb.DecodeResponse(request_id=request_id, layer=layer, timing=timing)
+    codec.encode(out, resp.out)
+    if lse is not None:  # return_lse: out is float32 too
+        codec.encode(lse, resp.lse)
+    return resp
+
+
 def decode_response_bytes(
     request_id: str, layer: int, out: np.ndarray, timing: pb.Timing, lse: np.ndarray | None = None
 ) -> bytes:
     """A DecodeResponse's wire bytes, `out` and `lse` copied once (the server's Decode answer):
     exactly `SerializeToString()` of the message with those fields."""
     if out.nbytes + (0 if lse is None else lse.nbytes) < VIEW_MIN_BYTES:
-        resp = pb.DecodeResponse(request_id=request_id, layer=layer, timing=timing)
-        codec.encode(out, resp.out)
-        if lse is not None:
-            codec.encode(lse, resp.lse)
-        return resp.SerializeToString()
+        return decode_response_message(request_id, layer, out, timing, lse).SerializeToString()
     parts: list[bytes | np.ndarray] = [pb.DecodeResponse(request_id=request_id, layer=layer).SerializeToString()]
     parts += tensor_field(3, out)
     t = timing.SerializeToString()
