@@ -17,17 +17,14 @@ Threading: the event loop thread only, like the rest of the cache (see `tkg.serv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from tkg.kernel.kv_store import KVStore
 from tkg.server.append_plan import AppendPlan, Writer
-from tkg.server.block_pool import BlockPool
 from tkg.server.errors import FailedPrecondition, InvalidArgument, OutOfRange, pool_full
 from tkg.server.fast_appends import FastAppends
-from tkg.server.sequences import SequenceTable
 
 # Batches of at most this many sequences take the scalar path of `prepare_append`, `commit` and
 # `finish` when no block is shared (the common decode step): plain Python over numpy scalars
@@ -76,18 +73,9 @@ class AppendOps(FastAppends):
     `FastAppends`'.
     """
 
-    seqs: SequenceTable
-    pool: BlockPool
-    store: KVStore
-    block_len: int
-    num_layers: int
+    # Besides those `FastAppends` declares:
     num_kv_heads: int
     head_dim: int
-    max_context: int
-    small_batch: int
-    tokens_appended: int
-    _clock: Callable[[], float]
-    _meter: Callable[[str, int], None]
 
     def _copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
         raise NotImplementedError

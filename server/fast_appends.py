@@ -151,26 +151,39 @@ class FastAppends:
             for t in range(end - S, end):
                 blk.append(int(tables[slot, t // BL]))
                 off.append(t % BL)
-        if used < reserved.size:
-            self.pool.free(reserved[used:])
-            self._meter(plan.owner, used - int(reserved.size))
-        self.tokens_appended += grown
         B = len(slots)
         tables_out = tables[plan._slots, : max(1, -(-max(ends) // BL))]
         blocks, offsets = np.array(blk, dtype=np.int64).reshape(B, S), np.array(off, dtype=np.int64).reshape(B, S)
-        if defer:
-            plan._deferred = (layer, blocks, offsets, None)
-        elif writer is None:
-            self.store.write(layer, blocks, offsets, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
-        plan._block_tables = tables_out
+        held_ids = None
         if hold:
             # No block is shared: the rows' used entries are distinct ids (no np.unique needed).
             counts = -(-plan.seq_lens.astype(np.int64) // BL)
             if B == 1:
-                plan._held = tables_out[0, : counts[0]].copy()
+                held_ids = tables_out[0, : counts[0]].copy()
             else:
-                plan._held = tables_out[np.arange(tables_out.shape[1])[None, :] < counts[:, None]]
-            self.pool.incref(plan._held)
+                held_ids = tables_out[np.arange(tables_out.shape[1])[None, :] < counts[:, None]]
+        self._committed(plan, k_new, v_new, defer, writer, blocks, offsets, tables_out, held_ids, used, grown)
+
+    def _committed(
+        self, plan: AppendPlan, k_new: np.ndarray, v_new: np.ndarray, defer: bool, writer: Writer | None,
+        blocks: np.ndarray, offsets: np.ndarray, tables: np.ndarray, held: np.ndarray | None, used: int, grown: int,
+    ) -> None:  # fmt: skip
+        """What both fast commits do once the rows changed: the reserved blocks not `used` go back,
+        `grown` tokens are counted, the new k/v are written (or deferred, or left to `writer`) at
+        (blocks, offsets) `[B, S]`, and the plan gets its `tables` and, held, its `held` blocks."""
+        reserved, layer = plan._reserved, plan.layer
+        if used < reserved.size:
+            self.pool.free(reserved[used:])
+            self._meter(plan.owner, used - int(reserved.size))
+        self.tokens_appended += grown
+        if defer:
+            plan._deferred = (layer, blocks, offsets, None)
+        elif writer is None:
+            self.store.write(layer, blocks, offsets, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
+        plan._block_tables = tables
+        if held is not None:  # no block is shared: the rows' used entries are distinct ids
+            plan._held = held
+            self.pool.incref(held)
             plan._state = "held"
         else:
             plan._state = "committed"
@@ -191,22 +204,5 @@ class FastAppends:
         if got is None:
             return False
         blocks, offsets, tables, held, used, grown = got
-        reserved = plan._reserved
-        if used < reserved.size:
-            self.pool.free(reserved[used:])
-            self._meter(plan.owner, used - int(reserved.size))
-        self.tokens_appended += grown
-        if defer:
-            plan._deferred = (layer, blocks, offsets, None)
-        elif writer is None:
-            self.store.write(layer, blocks, offsets, k_new.transpose(1, 0, 2, 3), v_new.transpose(1, 0, 2, 3))
-        plan._block_tables = tables
-        if held is not None:  # no block is shared: the rows' used entries are distinct ids
-            plan._held = held
-            self.pool.incref(held)
-            plan._state = "held"
-        else:
-            plan._state = "committed"
-        if writer is not None:  # last, as in `commit`
-            writer(layer, blocks, offsets, None)
+        self._committed(plan, k_new, v_new, defer, writer, blocks, offsets, tables, held, used, grown)
         return True
