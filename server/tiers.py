@@ -335,9 +335,7 @@ class Tiers:
                 await self._demote(old)
             except BaseException:  # the victim stays; the demotions not yet begun are called off
                 for rest in demote[i + 1 :]:
-                    self._reserved["disk"] -= rest.nbytes
-                    self._leaving_host -= rest.nbytes
-                    self._done_moving(rest.seq_id)
+                    self._demotion_over(rest)
                 self._reserved[dest] -= nbytes
                 self._freeing -= freeing
                 self._done_moving(seq_id)
@@ -382,9 +380,14 @@ class Tiers:
             log.warning("demotion of sequence %r to disk failed; it stays on the host", rec.seq_id[:64], exc_info=True)
             raise
         finally:
-            self._reserved["disk"] -= rec.nbytes
-            self._leaving_host -= rec.nbytes
-            self._done_moving(rec.seq_id)
+            self._demotion_over(rec)
+
+    def _demotion_over(self, rec: Spilled) -> None:
+        """Undo `_start_spill`'s marks of demotion `rec`, done or called off: its disk reservation,
+        its host bytes counted as leaving, its moving future."""
+        self._reserved["disk"] -= rec.nbytes
+        self._leaving_host -= rec.nbytes
+        self._done_moving(rec.seq_id)
 
     def write_run(self, rec: Spilled, payload: np.ndarray) -> Path:
         assert self.spill_dir is not None
