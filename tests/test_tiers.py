@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -284,5 +285,35 @@ def test_on_a_device_store_a_spill_is_d2h_and_a_restore_h2d(tmp_path: Path) -> N
         np.testing.assert_allclose(_out(got), _out(want), rtol=1e-5, atol=1e-5)
         await svc.close()
         await big.close()
+
+    asyncio.run(main())
+
+
+def test_a_failed_demotion_calls_off_the_rest_and_leaves_nothing_reserved(tmp_path: Path) -> None:
+    """The host is full of two older sequences when a third must move there: both are to go to disk
+    first. The first one's disk write fails: the demotion not yet begun is called off, every mark
+    (disk reservation, host bytes leaving, moving) is undone, and the room is made on the next try:
+    both end on disk and the request is served."""
+
+    async def main() -> None:
+        svc = tier_service(tmp_path, num_blocks=4, host_blocks=2)
+        svc.start()
+        for i, tokens in enumerate((4, 4, 5, 5)):  # 1, 1, 2, 2 blocks: s0 and s1 end on the host
+            await fill(svc, f"s{i}", tokens, seed=i)
+        assert [await tier(svc, f"s{i}") for i in range(4)] == ["host", "host", "device", "device"]
+        tiers, real, written = svc.tiers, svc.tiers.write_run, []
+
+        def fails_once(rec: Any, payload: np.ndarray) -> Path:
+            written.append(rec.seq_id)
+            if len(written) == 1:
+                raise OSError("disk full (test)")
+            return real(rec, payload)
+
+        tiers.write_run = fails_once  # type: ignore[method-assign]
+        await fill(svc, "s4", TOKENS, seed=4)  # s2 must go to the host: s0 then s1 to disk first
+        assert written == ["s0", "s0", "s1"]  # s1's first demotion was called off, not run
+        assert [await tier(svc, s) for s in ("s0", "s1", "s4")] == ["disk", "disk", "device"]
+        assert tiers._reserved == {"host": 0, "disk": 0} and tiers._leaving_host == 0 and not tiers.moving
+        await svc.close()
 
     asyncio.run(main())
