@@ -19,6 +19,7 @@ NATIVE_SOURCES = [
     "kernel/backends/native/module.c",
     "kernel/backends/native/pool.c",
     "kernel/backends/native/host_ops.c",
+    "kernel/backends/native/attn_amx.c",
     "kernel/backends/native/attn_avx512bf16.c",
     "kernel/backends/native/attn_avx512.c",
     "kernel/backends/native/attn_avx2.c",

@@ -12,6 +12,9 @@
 #if USE_DPBF16
 #include <immintrin.h>
 #endif
+#ifndef USE_AMX
+#define USE_AMX 0
+#endif
 
 #include "tkg_native.h"
 
@@ -583,6 +586,91 @@ AI void fast_pv64(float *acc, int dp, const uint32_t *pp, const float *alpha, co
         for (int c = 0; c < 4; c++) _mm512_store_ps(acc + (int64_t)r * dp + col + 16 * c, a[r][c]);
 }
 
+/* Walks an item's keys block by block, yielding each key's byte offset in the pools (no division
+ * per key). */
+typedef struct {
+    const int32_t *tab;
+    int64_t block_bytes, row_bytes;
+    int bl, blk, off;
+} key_walk;
+
+AI key_walk walk_from(const tkg_problem *p, const int32_t *tab, int key, int row_bytes) {
+    key_walk w = {tab, p->block_stride * (row_bytes / p->d), row_bytes, p->bl, key / p->bl, key % p->bl};
+    return w;
+}
+
+AI void walk_rows(key_walk *w, int64_t *dst, int count) {
+    for (int j = 0; j < count; j++) {
+        dst[j] = (int64_t)w->tab[w->blk] * w->block_bytes + (int64_t)w->off * w->row_bytes;
+        if (++w->off == w->bl) {
+            w->off = 0;
+            w->blk++;
+        }
+    }
+}
+
+/* Two distances: the chunk PF_FAR ahead into L2 (prefetcht2; an L1 prefetch holds one of the
+ * core's few L1 miss buffers for a whole DRAM latency, which capped one core near 12 GB/s), and
+ * the next chunk into L1 while the current one is computed (the callers). +10-30% from DRAM,
+ * measured A/B against the next-chunk prefetch alone (1 and 2 threads). */
+AI void prefetch_far(const tkg_problem *p, const char *kbase, const char *vbase, const int32_t *tab, int row_bytes,
+                     int c0, int klo, int khi) {
+    enum { PF_FAR = 4, CH = TKG_CHUNK };
+    int fa = c0 == klo ? c0 + CH : c0 + PF_FAR * CH; /* the first chunk: all up to the far one */
+    int fb = c0 + (PF_FAR + 1) * CH < khi ? c0 + (PF_FAR + 1) * CH : khi;
+    prefetch_keys(kbase, vbase, tab, p->block_stride * (row_bytes / p->d), p->bl, row_bytes, fa, fb);
+}
+
+/* vis[r]: the keys of chunk [c0, c0 + n) query r sees, as bits; returns their union. */
+AI uint32_t chunk_visibility(const int32_t *rg, int nq, int c0, int n, uint32_t *vis) {
+    uint32_t seen = 0;
+    for (int r = 0; r < nq; r++) {
+        const int32_t *g = rg + 4 * r;
+        uint32_t m = bit_range(g[0] - c0, g[1] - c0) | bit_range(g[2] - c0, g[3] - c0);
+        m &= n == 32 ? 0xffffffffu : (1u << n) - 1u;
+        vis[r] = m;
+        seen |= m;
+    }
+    return seen;
+}
+
+/* Scaled scores of one query: x[g] holds keys 16g..16g+15 of the chunk (ng groups hold keys);
+ * keys the query does not see score -inf. */
+AI void store_scores(float *sr, const __m512 x[2], int ng, uint32_t vis, float scale) {
+    for (int g = 0; g < 2; g++) {
+        __mmask16 mk = (__mmask16)(vis >> (16 * g));
+        __m512 y = g < ng ? _mm512_mul_ps(x[g], _mm512_set1_ps(scale)) : _mm512_setzero_ps();
+        _mm512_store_ps(sr + 16 * g, _mm512_mask_blend_ps(mk, _mm512_set1_ps(-INFINITY), y));
+    }
+}
+
+/* The online softmax step of a chunk: each query's 32 scores in s become its bf16 weights (in
+ * place, 64 bytes: the P rows of the P.V product), m and l move to the new running max, and
+ * alpha[r] is the factor its accumulator must be rescaled by first. */
+AI void chunk_softmax(tkg_partial part, float *s, const uint32_t *vis, int nq, float *alpha) {
+    enum { CH = TKG_CHUNK };
+    for (int r = 0; r < nq; r++) {
+        float *sr = s + r * CH;
+        alpha[r] = 1.0f;
+        vf s0 = *(vf *)sr, s1 = *(vf *)(sr + 16);
+        float cm = vis[r] ? hmax(vmax(s0, s1)) : -INFINITY;
+        if (cm == -INFINITY) { /* nothing visible: zero weights */
+            memset(sr, 0, sizeof(float) * CH / 2);
+            continue;
+        }
+        float m_old = part.m[r];
+        if (cm > m_old) {
+            alpha[r] = m_old == -INFINITY ? 0.0f : expf(m_old - cm);
+            part.m[r] = cm;
+            part.l[r] *= alpha[r];
+        }
+        vf mv = splat(part.m[r]);
+        vf p0 = vexp(s0 - mv), p1 = vexp(s1 - mv);
+        part.l[r] += hsum(p0 + p1);
+        _mm512_store_si512(sr, (__m512i)_mm512_cvtne2ps_pbh((__m512)p1, (__m512)p0));
+    }
+}
+
 /* The chunk loop of an item over keys [klo, khi) on the fast path (see above). qb: [nq][dp] bf16
  * queries; rg: [nq][4] visible ranges; s: [nq][TKG_CHUNK] scratch; dec: 2 * TKG_CHUNK * D bf16
  * (fp8 pools: the chunk's decoded K rows, then V rows). */
@@ -593,45 +681,20 @@ AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, co
     uint32_t *qp = (uint32_t *)(qb + (int64_t)nq * D);
     for (int r0 = 0; r0 < nq; r0 += 4) pack_q4(qp + (int64_t)r0 * D / 2, qb, D, r0, nq, D);
     static const uint16_t zero_row[TKG_MAX_D] __attribute__((aligned(64))) = {0};
-    const int dp = D, fp8 = FP8, esz = fp8 ? 1 : 2, row_bytes = D * esz, bl = p->bl;
-    const vf sc = splat(p->score_scale);
+    const int dp = D, fp8 = FP8, row_bytes = D * (fp8 ? 1 : 2);
     int64_t cur[CH], nxt[CH];
-    int walk_blk = klo / bl, walk_off = klo % bl;
-#define FWALK(dst, count)                                                                        \
-    for (int j_ = 0; j_ < (count); j_++) {                                                       \
-        (dst)[j_] = ((int64_t)tab[walk_blk] * p->block_stride + (int64_t)walk_off * D) * esz;    \
-        if (++walk_off == bl) {                                                                  \
-            walk_off = 0;                                                                        \
-            walk_blk++;                                                                          \
-        }                                                                                        \
-    }
-    if (klo < khi) FWALK(cur, (khi - klo < CH ? khi - klo : CH));
+    key_walk walk = walk_from(p, tab, klo, row_bytes);
+    if (klo < khi) walk_rows(&walk, cur, (khi - klo < CH ? khi - klo : CH));
     for (int c0 = klo; c0 < khi; c0 += CH) {
         const int n = khi - c0 < CH ? khi - c0 : CH;
         const int nn = khi - (c0 + CH) < CH ? khi - (c0 + CH) : CH;
-        if (nn > 0) FWALK(nxt, nn);
-        {
-            /* Two distances: the chunk PF_FAR ahead into L2 here (prefetcht2; an L1 prefetch holds
-             * one of the core's few L1 miss buffers for a whole DRAM latency, which capped one core
-             * near 12 GB/s), the next chunk into L1 during P.V below. +10-30% from DRAM, measured
-             * A/B against the next-chunk prefetch alone (1 and 2 threads). */
-            enum { PF_FAR = 4 };
-            int fa = c0 == klo ? c0 + CH : c0 + PF_FAR * CH; /* the first chunk: all up to the far one */
-            int fb = c0 + (PF_FAR + 1) * CH < khi ? c0 + (PF_FAR + 1) * CH : khi;
-            prefetch_keys(kbase, vbase, tab, p->block_stride * esz, bl, row_bytes, fa, fb);
-        }
+        if (nn > 0) walk_rows(&walk, nxt, nn);
+        prefetch_far(p, kbase, vbase, tab, row_bytes, c0, klo, khi);
         /* The next chunk's rows are prefetched a row pair per V pair of the first P.V pass (a
          * steady trickle: a burst of a whole chunk stalls on the miss buffers), the rest after. */
         int pf_done = 0;
-        uint32_t seen = 0;
         uint32_t vis[4 * 64];
-        for (int r = 0; r < nq; r++) {
-            const int32_t *g = rg + 4 * r;
-            uint32_t m = bit_range(g[0] - c0, g[1] - c0) | bit_range(g[2] - c0, g[3] - c0);
-            m &= n == 32 ? 0xffffffffu : (1u << n) - 1u;
-            vis[r] = m;
-            seen |= m;
-        }
+        const uint32_t seen = chunk_visibility(rg, nq, c0, n, vis);
         if (seen) {
             const uint16_t *kr[CH], *vr[CH];
             for (int j = 0; j < CH; j++) {
@@ -651,38 +714,15 @@ AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, co
             const int ng = (n + 15) / 16;
             for (int r0 = 0; r0 < nq; r0 += 4) {
                 const int qg = nq - r0 < 4 ? nq - r0 : 4;
-                for (int g = 0; g < 2; g++) {
-                    __m512 x[4];
-                    if (g < ng) fast_dots16x4(x, qp + (int64_t)r0 * D / 2, kr + 16 * g, D);
-                    for (int i = 0; i < qg; i++) {
-                        __mmask16 mk = (__mmask16)(vis[r0 + i] >> (16 * g));
-                        __m512 y = g < ng ? _mm512_mul_ps(x[i], (__m512)sc) : _mm512_setzero_ps();
-                        _mm512_store_ps(s + (r0 + i) * CH + 16 * g, _mm512_mask_blend_ps(mk, _mm512_set1_ps(-INFINITY), y));
-                    }
+                __m512 x[2][4];
+                for (int g = 0; g < ng; g++) fast_dots16x4(x[g], qp + (int64_t)r0 * D / 2, kr + 16 * g, D);
+                for (int i = 0; i < qg; i++) {
+                    __m512 xi[2] = {x[0][i], ng > 1 ? x[1][i] : _mm512_setzero_ps()};
+                    store_scores(s + (r0 + i) * CH, xi, ng, vis[r0 + i], p->score_scale);
                 }
             }
-            /* Softmax weights (bf16 pairs in place of each query's scores) and rescale factors. */
             float alpha[4 * 64];
-            for (int r = 0; r < nq; r++) {
-                float *sr = s + r * CH;
-                alpha[r] = 1.0f;
-                vf s0 = *(vf *)sr, s1 = *(vf *)(sr + 16);
-                float cm = vis[r] ? hmax(vmax(s0, s1)) : -INFINITY;
-                if (cm == -INFINITY) { /* nothing visible: zero weights */
-                    memset(sr, 0, sizeof(float) * CH / 2);
-                    continue;
-                }
-                float m_old = part.m[r];
-                if (cm > m_old) {
-                    alpha[r] = m_old == -INFINITY ? 0.0f : expf(m_old - cm);
-                    part.m[r] = cm;
-                    part.l[r] *= alpha[r];
-                }
-                vf mv = splat(part.m[r]);
-                vf p0 = vexp(s0 - mv), p1 = vexp(s1 - mv);
-                part.l[r] += hsum(p0 + p1);
-                _mm512_store_si512(sr, (__m512i)_mm512_cvtne2ps_pbh((__m512)p1, (__m512)p0));
-            }
+            chunk_softmax(part, s, vis, nq, alpha);
             const int npairs = (n + 1) / 2;
             for (int r0 = 0; r0 < nq; r0 += 4) {
                 const int qg = nq - r0 < 4 ? nq - r0 : 4;
@@ -701,8 +741,226 @@ AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, co
         prefetch_rows(kbase, vbase, nxt, pf_done, nn, row_bytes);
         memcpy(cur, nxt, sizeof(cur));
     }
-#undef FWALK
 }
+
+#if USE_AMX
+/* ---- The AMX path (AMX-BF16; the fast path's conditions, and nq <= 16 or a multiple of 16) ----
+ * Why: on the cores this was built on one vdpbf16ps (32 multiply-adds) issues about every 2.7
+ * cycles, which held the AVX-512 path near 4.7 G K/V elements/s per core for bf16 and fp8 alike
+ * (fp8 halves the bytes, not the products). One tdpbf16ps does up to 16 x 16 x 32 of them:
+ * measured 5.2 ns for M=16 keys x N=4 queries x K=32 and 2.9 ns for M=4 queries x N=16 columns
+ * x K=32, against 0.95 ns per vdpbf16ps (tiles 20-30x the multiply-adds per second).
+ * Per chunk of 32 keys and group of up to 16 queries:
+ *   scores  C[16 keys][nqg] += K[16 keys][32 d] . Q^T[32 d][nqg], D/32 steps per 16 keys: K rows
+ *           load straight from the pool (16 contiguous rows of a block) or from a gathered copy;
+ *           Q^T is pair-interleaved once per item. The 16 x nqg result is transposed into s by
+ *           gathers, then masked and scaled as on the fast path.
+ *   softmax as on the fast path (chunk_softmax): bf16 weights in s, rows of 64 bytes.
+ *   P.V     acc[nqg][16 cols] += P[nqg][32 keys] . V[32 keys][16 cols], D/16 tiles: V's key pairs
+ *           interleaved into a scratch (the UNPACK column order of the accumulators), and acc
+ *           loaded into a tile and stored back (rescaled by alpha first when the max moved).
+ * Tiles: 0, 1 scores of key groups 0 and 1; 2, 5 K of groups 0 and 1 (5 then holds V); 3 Q^T;
+ * 4 P; 6, 7 accumulators (two, so that one tile's store overlaps the other's product).
+ * A tile load waits for every earlier store to its lines to reach the cache (no forwarding), so
+ * each chunk writes its scratch (decoded rows, V pairs) before it computes anything, and the
+ * writes of one step are read a step later where the order allows. */
+typedef struct __attribute__((packed)) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+AI void amx_configure(int nqg) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    const uint8_t rows[8] = {16, 16, 16, 16, (uint8_t)nqg, 16, (uint8_t)nqg, (uint8_t)nqg};
+    const uint16_t cols[8] = {(uint16_t)(4 * nqg), (uint16_t)(4 * nqg), 64, (uint16_t)(4 * nqg), 64, 64, 64, 64};
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = rows[t];
+        c.colsb[t] = cols[t];
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Q^T of queries r0..r0+nqg-1 for the score tiles: qt[c][i][q] = (q[32c + 2i], q[32c + 2i + 1])
+ * of query r0 + q, as one 32-bit pair (c < D/32, i < 16). */
+AI void amx_pack_qt(uint32_t *qt, const uint16_t *qb, int D, int r0, int nqg) {
+    for (int c = 0; c < D / 32; c++)
+        for (int i = 0; i < 16; i++)
+            for (int q = 0; q < nqg; q++) {
+                const uint16_t *x = qb + (int64_t)(r0 + q) * D + 32 * c + 2 * i;
+                qt[(c * 16 + i) * nqg + q] = (uint32_t)x[0] | (uint32_t)x[1] << 16;
+            }
+}
+
+/* The 16 K rows of key group g as one tile source: straight from the pool when they are
+ * contiguous (a block's rows), else copied into kg ([16][D] bf16; rows past n read zeros).
+ * Returns the rows' base; *stride gets their distance in bytes. */
+AI const uint16_t *amx_key_rows(const uint16_t *const *kr, int g, int n, int D, uint16_t *kg, int *stride) {
+    const uint16_t *r0 = kr[16 * g];
+    int contiguous = 16 * g + 16 <= n;
+    for (int t = 1; t < 16 && contiguous; t++) contiguous = kr[16 * g + t] == r0 + (int64_t)t * D;
+    *stride = 2 * D;
+    if (contiguous) return r0;
+    for (int t = 0; t < 16; t++) memcpy(kg + (int64_t)t * D, kr[16 * g + t], 2 * (size_t)D);
+    return kg;
+}
+
+/* V's 16 key pairs of the chunk, pair-interleaved into vp ([D/16][16 pairs][32] bf16: tile j holds
+ * accumulator columns 16j..16j+15 in the UNPACK order). vr[j]: row j (a zero row when unseen). */
+AI void amx_v_pairs(uint16_t *vp, const uint16_t *const *vr, int D) {
+    for (int t = 0; t < 16; t++) {
+        const uint16_t *x = vr[2 * t], *y = vr[2 * t + 1];
+        for (int cb = 0; cb < D / 32; cb++) {
+            __m512i a = _mm512_loadu_si512(x + 32 * cb), b = _mm512_loadu_si512(y + 32 * cb);
+            _mm512_store_si512(vp + ((int64_t)(2 * cb) * 16 + t) * 32, _mm512_unpacklo_epi16(a, b));
+            _mm512_store_si512(vp + ((int64_t)(2 * cb + 1) * 16 + t) * 32, _mm512_unpackhi_epi16(a, b));
+        }
+    }
+}
+
+/* amx_v_pairs for fp8 pools: each V row pair decoded (the VBMI tables of fp8_row_to_bf16_vbmi)
+ * straight into its interleaved words, with no bf16 copy of the rows in between. Rows past n or
+ * unseen (bit j of seen clear) read zeros. */
+AI void amx_v_pairs_fp8(uint16_t *vp, const char *vbase, const int64_t *rows, int n, uint32_t seen, int D) {
+    const __m512i hi0 = _mm512_load_si512(FP8_BF16_HI), hi1 = _mm512_load_si512(FP8_BF16_HI + 64);
+    const __m512i lo0 = _mm512_load_si512(FP8_BF16_LO), lo1 = _mm512_load_si512(FP8_BF16_LO + 64);
+    const __m512i order = _mm512_load_si512(FP8_VBMI_ORDER), m80 = _mm512_set1_epi8((char)0x80);
+    for (int t = 0; t < 16; t++) {
+        __m512i w[2][TKG_MAX_D / 32];
+        for (int u = 0; u < 2; u++) {
+            const int j = 2 * t + u;
+            const int on = j < n && (seen >> j & 1u);
+            for (int c = 0; c < D; c += 64) {
+                if (!on) {
+                    w[u][c / 32] = w[u][c / 32 + 1] = _mm512_setzero_si512();
+                    continue;
+                }
+                __m512i x = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(vbase + rows[j] + c));
+                __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, x, hi1), x, m80, 0xF8);
+                __m512i lo = _mm512_permutex2var_epi8(lo0, x, lo1);
+                w[u][c / 32] = _mm512_unpacklo_epi8(lo, hi);
+                w[u][c / 32 + 1] = _mm512_unpackhi_epi8(lo, hi);
+            }
+        }
+        for (int cb = 0; cb < D / 32; cb++) {
+            _mm512_store_si512(vp + ((int64_t)(2 * cb) * 16 + t) * 32, _mm512_unpacklo_epi16(w[0][cb], w[1][cb]));
+            _mm512_store_si512(vp + ((int64_t)(2 * cb + 1) * 16 + t) * 32, _mm512_unpackhi_epi16(w[0][cb], w[1][cb]));
+        }
+    }
+}
+
+/* Scores of queries r0..r0+nqg-1 against the chunk's ng key groups, into s (scaled, masked). */
+AI void amx_scores(const tkg_problem *p, float *s, const uint32_t *vis, const uint32_t *qt, const uint16_t *const *kr,
+                   int n, int ng, int D, int r0, int nqg, uint16_t *kg, float *sc) {
+    enum { CH = TKG_CHUNK };
+    int st0, st1 = 0;
+    const uint16_t *k0 = amx_key_rows(kr, 0, n, D, kg, &st0);
+    const uint16_t *k1 = ng > 1 ? amx_key_rows(kr, 1, n, D, kg + 16 * D, &st1) : NULL;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int c = 0; c < D / 32; c++) {
+        _tile_loadd(3, qt + (int64_t)c * 16 * nqg, 4 * nqg);
+        _tile_loadd(2, k0 + 32 * c, st0);
+        _tile_dpbf16ps(0, 2, 3);
+        if (k1) {
+            _tile_loadd(5, k1 + 32 * c, st1);
+            _tile_dpbf16ps(1, 5, 3);
+        }
+    }
+    _tile_stored(0, sc, 64);
+    if (k1) _tile_stored(1, sc + 256, 64);
+    /* sc[16g + key][q] (rows of 16 floats) to s[q][key]: column q of each group by a gather. */
+    const __m512i rows = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+    for (int q = 0; q < nqg; q++) {
+        __m512 x[2];
+        x[0] = _mm512_i32gather_ps(rows, sc + q, 4);
+        x[1] = k1 ? _mm512_i32gather_ps(rows, sc + 256 + q, 4) : _mm512_setzero_ps();
+        store_scores(s + (r0 + q) * CH, x, ng, vis[r0 + q], p->score_scale);
+    }
+}
+
+/* acc rows r0..r0+nqg-1 (row stride dp floats) rescaled by alpha, then += P . V over the chunk. */
+AI void amx_pv(float *acc, int dp, const float *s, const float *alpha, const uint16_t *vp, int D, int r0, int nqg) {
+    enum { CH = TKG_CHUNK };
+    for (int q = 0; q < nqg; q++)
+        if (alpha[r0 + q] != 1.0f) {
+            float *a = acc + (int64_t)(r0 + q) * dp;
+            const __m512 f = _mm512_set1_ps(alpha[r0 + q]);
+            for (int c = 0; c < D; c += 16) _mm512_store_ps(a + c, _mm512_mul_ps(_mm512_load_ps(a + c), f));
+        }
+    _tile_loadd(4, s + r0 * CH, CH * 4);
+    for (int j = 0; j < D / 16; j += 2) {
+        float *a = acc + (int64_t)r0 * dp + 16 * j;
+        _tile_loadd(6, a, dp * 4);
+        _tile_loadd(5, vp + (int64_t)j * 16 * 32, 64);
+        _tile_dpbf16ps(6, 4, 5);
+        _tile_loadd(7, a + 16, dp * 4);
+        _tile_loadd(5, vp + (int64_t)(j + 1) * 16 * 32, 64);
+        _tile_dpbf16ps(7, 4, 5);
+        _tile_stored(6, a, dp * 4);
+        _tile_stored(7, a + 16, dp * 4);
+    }
+}
+
+/* The chunk loop of an item over keys [klo, khi) on the AMX path (see above); arguments as
+ * fast_range's, plus scratch: tmp of 64 * D bf16 (V pairs, gathered K rows), sc of 512 floats. */
+AI void amx_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, const uint16_t *qb, int nq, int klo,
+                  int khi, const char *kbase, const char *vbase, const int32_t *tab, float *s, uint16_t *dec,
+                  uint16_t *tmp, float *sc, int D, int FP8) {
+    enum { CH = TKG_CHUNK };
+    static const uint16_t zero_row[TKG_MAX_D] __attribute__((aligned(64))) = {0};
+    const int nqg = nq < 16 ? nq : 16, fp8 = FP8, row_bytes = D * (fp8 ? 1 : 2);
+    uint32_t *qt = (uint32_t *)(qb + (int64_t)nq * D); /* [nq / nqg][D/32][16][nqg] */
+    for (int r0 = 0; r0 < nq; r0 += 16) amx_pack_qt(qt + (int64_t)r0 * D / 2, qb, D, r0, nqg);
+    uint16_t *vp = tmp;                            /* [D/16][16][32] */
+    uint16_t *kg = vp + (int64_t)D / 16 * 16 * 32; /* [2][16][D] */
+    amx_configure(nqg);
+    int64_t cur[CH], nxt[CH];
+    key_walk walk = walk_from(p, tab, klo, row_bytes);
+    if (klo < khi) walk_rows(&walk, cur, (khi - klo < CH ? khi - klo : CH));
+    for (int c0 = klo; c0 < khi; c0 += CH) {
+        const int n = khi - c0 < CH ? khi - c0 : CH;
+        const int nn = khi - (c0 + CH) < CH ? khi - (c0 + CH) : CH;
+        if (nn > 0) walk_rows(&walk, nxt, nn);
+        prefetch_far(p, kbase, vbase, tab, row_bytes, c0, klo, khi);
+        uint32_t vis[4 * 64];
+        const uint32_t seen = chunk_visibility(rg, nq, c0, n, vis);
+        if (seen) {
+            /* K rows of unseen keys may be read (their scores are masked); V rows never are
+             * (0 * NaN is NaN): those read zeros. Scratch first, products after (see above). */
+            const uint16_t *kr[CH], *vr[CH];
+            for (int j = 0; j < CH; j++) {
+                int on = j < n && (seen >> j & 1u);
+                if (fp8) {
+                    if (on) fp8_to_bf16(p, dec + (int64_t)j * D, (const uint8_t *)(kbase + cur[j]), D);
+                    kr[j] = on ? dec + (int64_t)j * D : zero_row;
+                } else {
+                    kr[j] = j < n ? (const uint16_t *)(kbase + cur[j]) : zero_row;
+                }
+            }
+            if (fp8) amx_v_pairs_fp8(vp, vbase, cur, n, seen, D);
+            else {
+                for (int j = 0; j < CH; j++)
+                    vr[j] = j < n && (seen >> j & 1u) ? (const uint16_t *)(vbase + cur[j]) : zero_row;
+                amx_v_pairs(vp, vr, D);
+            }
+            const int ng = (n + 15) / 16;
+            for (int r0 = 0; r0 < nq; r0 += 16)
+                amx_scores(p, s, vis, qt + (int64_t)r0 * D / 2, kr, n, ng, D, r0, nqg, kg, sc);
+            float alpha[4 * 64];
+            chunk_softmax(part, s, vis, nq, alpha);
+            prefetch_rows(kbase, vbase, nxt, 0, nn, row_bytes);
+            for (int r0 = 0; r0 < nq; r0 += 16) amx_pv(part.acc, D, s, alpha, vp, D, r0, nqg);
+        } else {
+            prefetch_rows(kbase, vbase, nxt, 0, nn, row_bytes);
+        }
+        memcpy(cur, nxt, sizeof(cur));
+    }
+    _tile_release();
+}
+#endif
 #endif
 
 /* Visible key ranges of query r of task t, and whether key interval [a, b) is wholly visible. */
@@ -819,10 +1077,23 @@ void FN(tkg_item)(const tkg_problem *p, int item, tkg_partial part, float *ws) {
     if (use_bf && bf_pv && !p->prior_mask && nq <= 256 && (d == 128 || d == 64) &&
         (p->dtype == TKG_BF16 || (fp8 && p->vbmi))) {
         /* compile-time head dim and element size: the row loops unroll */
-        if (d == 128 && fp8) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 128, 1);
-        else if (d == 128) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 128, 0);
-        else if (fp8) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 64, 1);
-        else fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 64, 0);
+#if USE_AMX
+        if (nq <= 16 || nq % 16 == 0) {
+            uint16_t *tmp = (uint16_t *)vb;
+            float *sc = s + (int64_t)nq * CH;
+            if (d == 128 && fp8) amx_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, tmp, sc, 128, 1);
+            else if (d == 128) amx_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, tmp, sc, 128, 0);
+            else if (fp8) amx_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, tmp, sc, 64, 1);
+            else amx_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, tmp, sc, 64, 0);
+            klo = khi;
+        }
+#endif
+        if (klo < khi) {
+            if (d == 128 && fp8) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 128, 1);
+            else if (d == 128) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 128, 0);
+            else if (fp8) fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 64, 1);
+            else fast_range(p, part, rg, qb, nq, klo, khi, kbase, vbase, tab, s, kb16, 64, 0);
+        }
         klo = khi; /* the chunk loop below has nothing left */
     }
 #endif

@@ -13,15 +13,40 @@
 
 #include "tkg_native.h"
 
-enum { V_AVX512BF16 = 0, V_AVX512 = 1, V_AVX2 = 2, V_GENERIC = 3, NVARIANTS = 4 };
-static const char *VARIANT_NAMES[NVARIANTS] = {"avx512bf16", "avx512", "avx2", "generic"};
-static const tkg_item_fn VARIANT_FNS[NVARIANTS] = {tkg_item_avx512bf16, tkg_item_avx512, tkg_item_avx2,
+enum { V_AMX = 0, V_AVX512BF16 = 1, V_AVX512 = 2, V_AVX2 = 3, V_GENERIC = 4, NVARIANTS = 5 };
+static const char *VARIANT_NAMES[NVARIANTS] = {"amx", "avx512bf16", "avx512", "avx2", "generic"};
+static const tkg_item_fn VARIANT_FNS[NVARIANTS] = {tkg_item_amx, tkg_item_avx512bf16, tkg_item_avx512, tkg_item_avx2,
                                                    tkg_item_generic};
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* AMX needs the CPU's AMX-TILE and AMX-BF16 (CPUID.(7,0):EDX bits 24 and 22) and, on Linux, the
+ * kernel's leave for this process to use tile data (arch_prctl ARCH_REQ_XCOMP_PERM, asked once;
+ * it covers every thread of the process). Without the leave a tile instruction faults, so the
+ * variant is only offered once the request succeeded. */
+static int amx_usable(void) {
+    static int state = -1; /* -1: not asked yet; set once under the GIL (module calls hold it) */
+    if (state >= 0) return state;
+    unsigned a, b, c, d;
+    state = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1u) || !(d >> 22 & 1u)) return state;
+#ifdef SYS_arch_prctl
+    enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+    state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#endif
+    return state;
+}
+#endif
 
 static int variant_supported(int v) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     switch (v) {
+    case V_AMX:
+        return variant_supported(V_AVX512BF16) && __builtin_cpu_supports("avx512vbmi") && amx_usable();
     case V_AVX512BF16:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -47,7 +72,7 @@ int64_t tkg_ws_floats(const tkg_problem *p) {
     int64_t dp = tkg_padded_d(p->d), nq = p->nq;
     int64_t nq4 = (nq + 3) / 4 * 4; /* bf16 queries: nq plain rows, then nq4 rows packed in groups of 4 */
     int64_t scratch = (nq * 4 + 15) / 16 * 16 + nq * dp + (nq4 * dp + 15) / 16 * 16 + 2 * TKG_CHUNK * dp +
-                      nq * TKG_CHUNK;
+                      nq * TKG_CHUNK + 512; /* 512: the AMX path's score tiles */
     int64_t partial = 2 * ((nq + 15) / 16 * 16) + nq * dp; /* m, l, acc of an unsplit item */
     return scratch + partial + 64;
 }
@@ -322,11 +347,12 @@ static PyObject *py_attend(PyObject *self, PyObject *args, PyObject *kw) {
     p.lse = (float *)(uintptr_t)lse;
     p.q_start = (const int64_t *)(uintptr_t)q_start;
     p.layout = TKG_LAYOUT_NATURAL;
-    if (p.dtype == TKG_BF16 && p.d % 32 == 0) p.layout = variant == V_AVX512BF16 ? TKG_LAYOUT_UNPACK : TKG_LAYOUT_SPLIT;
+    const int bf16_products = variant == V_AVX512BF16 || variant == V_AMX;
+    if (p.dtype == TKG_BF16 && p.d % 32 == 0) p.layout = bf16_products ? TKG_LAYOUT_UNPACK : TKG_LAYOUT_SPLIT;
     /* fp8 pools take the bf16 product paths (rows decoded to bf16 per chunk) on AVX-512-BF16. */
-    if (p.dtype == TKG_FP8 && p.d % 32 == 0 && variant == V_AVX512BF16) p.layout = TKG_LAYOUT_UNPACK;
+    if (p.dtype == TKG_FP8 && p.d % 32 == 0 && bf16_products) p.layout = TKG_LAYOUT_UNPACK;
 #if defined(__x86_64__) || defined(__i386__)
-    p.vbmi = variant == V_AVX512BF16 && __builtin_cpu_supports("avx512vbmi");
+    p.vbmi = bf16_products && __builtin_cpu_supports("avx512vbmi");
 #endif
     long long error = -1;
     int used = 0;

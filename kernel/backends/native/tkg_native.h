@@ -94,6 +94,7 @@ static inline int tkg_layout_column(int layout, int i) {
 }
 int tkg_padded_d(int d);
 
+void tkg_item_amx(const tkg_problem *p, int item, tkg_partial part, float *ws);
 void tkg_item_avx512bf16(const tkg_problem *p, int item, tkg_partial part, float *ws);
 void tkg_item_avx512(const tkg_problem *p, int item, tkg_partial part, float *ws);
 void tkg_item_avx2(const tkg_problem *p, int item, tkg_partial part, float *ws);
