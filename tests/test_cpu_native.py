@@ -330,6 +330,13 @@ def _poison_unseen(k, v, tables, lens, S: int, window: int | None, BL: int) -> N
         ("bf16", 128, 32, 5, 2, 33, [250, 2, 77]),  # 10 queries: groups of 4, 4, 2
         ("fp8", 128, 16, 4, 1, None, [1, 33, 160]),
         ("fp8", 64, 128, 2, 3, 50, [260, 3, 90]),
+        # the amx variant's shapes: 16 queries fill a tile; 32 take two groups; 18 fall back to
+        # the AVX-512 path; blocks of 8 put a 16-key group across two blocks (a gathered copy)
+        ("bf16", 128, 16, 4, 4, None, [40, 16, 300]),
+        ("bf16", 128, 16, 8, 4, 70, [200, 33, 5]),
+        ("bf16", 64, 16, 6, 3, None, [77, 130]),
+        ("bf16", 128, 8, 4, 1, None, [100, 7, 64]),
+        ("fp8", 128, 16, 4, 4, 20, [90, 4, 48]),
     ],
 )
 def test_fast_path_shapes_match_oracle(variant, dtype, d, BL, G, S, window, lens) -> None:

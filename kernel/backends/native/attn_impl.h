@@ -118,21 +118,39 @@ static const uint8_t FP8_VBMI_ORDER[64] __attribute__((aligned(64))) = {
     24, 25, 26, 27, 28, 29, 30, 31, 56, 57, 58, 59, 60, 61, 62, 63,
 };
 
-__attribute__((target("avx512f,avx512bw,avx512vbmi"))) static void fp8_row_to_bf16_vbmi(uint16_t *dst,
-                                                                                      const uint8_t *src, int d) {
-    const __m512i hi0 = _mm512_load_si512(FP8_BF16_HI), hi1 = _mm512_load_si512(FP8_BF16_HI + 64);
-    const __m512i lo0 = _mm512_load_si512(FP8_BF16_LO), lo1 = _mm512_load_si512(FP8_BF16_LO + 64);
-    const __m512i order = _mm512_load_si512(FP8_VBMI_ORDER);
-    const __m512i m80 = _mm512_set1_epi8((char)0x80);
+/* The byte tables of the VBMI decode, loaded once per row (or per chunk on the AMX path). */
+typedef struct {
+    __m512i hi0, hi1, lo0, lo1, order, m80;
+} fp8_tables;
+
+#define FP8_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
+
+FP8_VBMI AI fp8_tables fp8_load_tables(void) {
+    fp8_tables t = {_mm512_load_si512(FP8_BF16_HI), _mm512_load_si512(FP8_BF16_HI + 64),
+                    _mm512_load_si512(FP8_BF16_LO), _mm512_load_si512(FP8_BF16_LO + 64),
+                    _mm512_load_si512(FP8_VBMI_ORDER), _mm512_set1_epi8((char)0x80)};
+    return t;
+}
+
+/* 64 fp8 values at src to bf16 bits: out[0] their first 32, out[1] the rest. */
+FP8_VBMI AI void fp8x64_to_bf16(const fp8_tables *t, const void *src, __m512i out[2]) {
+    __m512i x = _mm512_permutexvar_epi8(t->order, _mm512_loadu_si512(src));
+    /* vpermi2b indexes 128 bytes by bits 0-6: the sign bit needs no masking. The sign goes back
+     * in with one vpternlogd (table | (x & 0x80)). */
+    __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t->hi0, x, t->hi1), x, t->m80, 0xF8);
+    __m512i lo = _mm512_permutex2var_epi8(t->lo0, x, t->lo1);
+    out[0] = _mm512_unpacklo_epi8(lo, hi);
+    out[1] = _mm512_unpackhi_epi8(lo, hi);
+}
+
+FP8_VBMI static void fp8_row_to_bf16_vbmi(uint16_t *dst, const uint8_t *src, int d) {
+    const fp8_tables t = fp8_load_tables();
     int c = 0;
     for (; c + 64 <= d; c += 64) {
-        __m512i x = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(src + c));
-        /* vpermi2b indexes 128 bytes by bits 0-6: the sign bit needs no masking. The sign goes back
-         * in with one vpternlogd (table | (x & 0x80)). */
-        __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, x, hi1), x, m80, 0xF8);
-        __m512i lo = _mm512_permutex2var_epi8(lo0, x, lo1);
-        _mm512_storeu_si512(dst + c, _mm512_unpacklo_epi8(lo, hi));
-        _mm512_storeu_si512(dst + c + 32, _mm512_unpackhi_epi8(lo, hi));
+        __m512i w[2];
+        fp8x64_to_bf16(&t, src + c, w);
+        _mm512_storeu_si512(dst + c, w[0]);
+        _mm512_storeu_si512(dst + c + 32, w[1]);
     }
     if (c < d) fp8_row_to_bf16(dst + c, src + c, d - c); /* a last 32 */
 }
@@ -820,28 +838,18 @@ AI void amx_v_pairs(uint16_t *vp, const uint16_t *const *vr, int D) {
     }
 }
 
-/* amx_v_pairs for fp8 pools: each V row pair decoded (the VBMI tables of fp8_row_to_bf16_vbmi)
- * straight into its interleaved words, with no bf16 copy of the rows in between. Rows past n or
- * unseen (bit j of seen clear) read zeros. */
+/* amx_v_pairs for fp8 pools: each V row pair decoded straight into its interleaved words, with
+ * no bf16 copy of the rows in between. Rows past n or unseen (bit j of seen clear) read zeros. */
 AI void amx_v_pairs_fp8(uint16_t *vp, const char *vbase, const int64_t *rows, int n, uint32_t seen, int D) {
-    const __m512i hi0 = _mm512_load_si512(FP8_BF16_HI), hi1 = _mm512_load_si512(FP8_BF16_HI + 64);
-    const __m512i lo0 = _mm512_load_si512(FP8_BF16_LO), lo1 = _mm512_load_si512(FP8_BF16_LO + 64);
-    const __m512i order = _mm512_load_si512(FP8_VBMI_ORDER), m80 = _mm512_set1_epi8((char)0x80);
+    const fp8_tables tb = fp8_load_tables();
     for (int t = 0; t < 16; t++) {
         __m512i w[2][TKG_MAX_D / 32];
         for (int u = 0; u < 2; u++) {
             const int j = 2 * t + u;
             const int on = j < n && (seen >> j & 1u);
             for (int c = 0; c < D; c += 64) {
-                if (!on) {
-                    w[u][c / 32] = w[u][c / 32 + 1] = _mm512_setzero_si512();
-                    continue;
-                }
-                __m512i x = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(vbase + rows[j] + c));
-                __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, x, hi1), x, m80, 0xF8);
-                __m512i lo = _mm512_permutex2var_epi8(lo0, x, lo1);
-                w[u][c / 32] = _mm512_unpacklo_epi8(lo, hi);
-                w[u][c / 32 + 1] = _mm512_unpackhi_epi8(lo, hi);
+                if (on) fp8x64_to_bf16(&tb, vbase + rows[j] + c, &w[u][c / 32]);
+                else w[u][c / 32] = w[u][c / 32 + 1] = _mm512_setzero_si512();
             }
         }
         for (int cb = 0; cb < D / 32; cb++) {
@@ -851,10 +859,22 @@ AI void amx_v_pairs_fp8(uint16_t *vp, const char *vbase, const int64_t *rows, in
     }
 }
 
-/* Scores of queries r0..r0+nqg-1 against the chunk's ng key groups, into s (scaled, masked). */
-AI void amx_scores(const tkg_problem *p, float *s, const uint32_t *vis, const uint32_t *qt, const uint16_t *const *kr,
-                   int n, int ng, int D, int r0, int nqg, uint16_t *kg, float *sc) {
-    enum { CH = TKG_CHUNK };
+/* The first n K rows of a chunk (fp8) decoded into dst ([n][D] bf16), tables loaded once. */
+AI void amx_k_rows_fp8(uint16_t *dst, const char *kbase, const int64_t *rows, int n, int D) {
+    const fp8_tables tb = fp8_load_tables();
+    for (int j = 0; j < n; j++)
+        for (int c = 0; c < D; c += 64) {
+            __m512i w[2];
+            fp8x64_to_bf16(&tb, kbase + rows[j] + c, w);
+            _mm512_store_si512(dst + (int64_t)j * D + c, w[0]);
+            _mm512_store_si512(dst + (int64_t)j * D + c + 32, w[1]);
+        }
+}
+
+/* Scores of queries r0..r0+nqg-1 against the chunk's ng key groups, in two halves so that other
+ * work runs while the tiles compute: amx_scores_issue starts the products (tiles 0 and 1),
+ * amx_scores_finish stores them and moves them into s (scaled, masked). */
+AI void amx_scores_issue(const uint32_t *qt, const uint16_t *const *kr, int n, int ng, int D, int nqg, uint16_t *kg) {
     int st0, st1 = 0;
     const uint16_t *k0 = amx_key_rows(kr, 0, n, D, kg, &st0);
     const uint16_t *k1 = ng > 1 ? amx_key_rows(kr, 1, n, D, kg + 16 * D, &st1) : NULL;
@@ -869,14 +889,18 @@ AI void amx_scores(const tkg_problem *p, float *s, const uint32_t *vis, const ui
             _tile_dpbf16ps(1, 5, 3);
         }
     }
+}
+
+AI void amx_scores_finish(const tkg_problem *p, float *s, const uint32_t *vis, int ng, int r0, int nqg, float *sc) {
+    enum { CH = TKG_CHUNK };
     _tile_stored(0, sc, 64);
-    if (k1) _tile_stored(1, sc + 256, 64);
+    if (ng > 1) _tile_stored(1, sc + 256, 64);
     /* sc[16g + key][q] (rows of 16 floats) to s[q][key]: column q of each group by a gather. */
     const __m512i rows = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
     for (int q = 0; q < nqg; q++) {
         __m512 x[2];
         x[0] = _mm512_i32gather_ps(rows, sc + q, 4);
-        x[1] = k1 ? _mm512_i32gather_ps(rows, sc + 256 + q, 4) : _mm512_setzero_ps();
+        x[1] = ng > 1 ? _mm512_i32gather_ps(rows, sc + 256 + q, 4) : _mm512_setzero_ps();
         store_scores(s + (r0 + q) * CH, x, ng, vis[r0 + q], p->score_scale);
     }
 }
@@ -905,7 +929,9 @@ AI void amx_pv(float *acc, int dp, const float *s, const float *alpha, const uin
 }
 
 /* The chunk loop of an item over keys [klo, khi) on the AMX path (see above); arguments as
- * fast_range's, plus scratch: tmp of 64 * D bf16 (V pairs, gathered K rows), sc of 512 floats. */
+ * fast_range's, plus scratch: tmp of 64 * D bf16 (V pairs, gathered K rows), sc of 512 floats.
+ * fp8 pools: the chunk's K rows are decoded into dec (all of them, seen or not: valid pool rows
+ * whose scores are masked), its V rows straight into their pairs. */
 AI void amx_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, const uint16_t *qb, int nq, int klo,
                   int khi, const char *kbase, const char *vbase, const int32_t *tab, float *s, uint16_t *dec,
                   uint16_t *tmp, float *sc, int D, int FP8) {
@@ -929,33 +955,29 @@ AI void amx_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, con
         const uint32_t seen = chunk_visibility(rg, nq, c0, n, vis);
         if (seen) {
             /* K rows of unseen keys may be read (their scores are masked); V rows never are
-             * (0 * NaN is NaN): those read zeros. Scratch first, products after (see above). */
+             * (0 * NaN is NaN): those read zeros. */
             const uint16_t *kr[CH], *vr[CH];
-            for (int j = 0; j < CH; j++) {
-                int on = j < n && (seen >> j & 1u);
-                if (fp8) {
-                    if (on) fp8_to_bf16(p, dec + (int64_t)j * D, (const uint8_t *)(kbase + cur[j]), D);
-                    kr[j] = on ? dec + (int64_t)j * D : zero_row;
-                } else {
-                    kr[j] = j < n ? (const uint16_t *)(kbase + cur[j]) : zero_row;
-                }
-            }
-            if (fp8) amx_v_pairs_fp8(vp, vbase, cur, n, seen, D);
-            else {
-                for (int j = 0; j < CH; j++)
-                    vr[j] = j < n && (seen >> j & 1u) ? (const uint16_t *)(vbase + cur[j]) : zero_row;
-                amx_v_pairs(vp, vr, D);
-            }
+            if (fp8) amx_k_rows_fp8(dec, kbase, cur, n, D);
+            for (int j = 0; j < CH; j++)
+                kr[j] = fp8 ? dec + (int64_t)j * D : j < n ? (const uint16_t *)(kbase + cur[j]) : zero_row;
             const int ng = (n + 15) / 16;
-            for (int r0 = 0; r0 < nq; r0 += 16)
-                amx_scores(p, s, vis, qt + (int64_t)r0 * D / 2, kr, n, ng, D, r0, nqg, kg, sc);
+            for (int r0 = 0; r0 < nq; r0 += 16) {
+                amx_scores_issue(qt + (int64_t)r0 * D / 2, kr, n, ng, D, nqg, kg);
+                if (r0 == 0) { /* V's pairs while the first group's tiles compute */
+                    if (fp8) amx_v_pairs_fp8(vp, vbase, cur, n, seen, D);
+                    else {
+                        for (int j = 0; j < CH; j++)
+                            vr[j] = j < n && (seen >> j & 1u) ? (const uint16_t *)(vbase + cur[j]) : zero_row;
+                        amx_v_pairs(vp, vr, D);
+                    }
+                }
+                amx_scores_finish(p, s, vis, ng, r0, nqg, sc);
+            }
             float alpha[4 * 64];
             chunk_softmax(part, s, vis, nq, alpha);
-            prefetch_rows(kbase, vbase, nxt, 0, nn, row_bytes);
             for (int r0 = 0; r0 < nq; r0 += 16) amx_pv(part.acc, D, s, alpha, vp, D, r0, nqg);
-        } else {
-            prefetch_rows(kbase, vbase, nxt, 0, nn, row_bytes);
         }
+        prefetch_rows(kbase, vbase, nxt, 0, nn, row_bytes);
         memcpy(cur, nxt, sizeof(cur));
     }
     _tile_release();
