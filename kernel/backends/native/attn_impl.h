@@ -639,6 +639,37 @@ AI void prefetch_far(const tkg_problem *p, const char *kbase, const char *vbase,
     prefetch_keys(kbase, vbase, tab, p->block_stride * (row_bytes / p->d), p->bl, row_bytes, fa, fb);
 }
 
+/* The chunks of an item's keys [klo, khi): for chunk c0, n keys at byte offsets cur, and the next
+ * chunk's nn keys at nxt (walked ahead so that they can be prefetched). */
+typedef struct {
+    key_walk walk;
+    int klo, khi, c0, n, nn;
+    int64_t cur[TKG_CHUNK], nxt[TKG_CHUNK];
+} key_chunks;
+
+AI void chunks_begin(key_chunks *it, const tkg_problem *p, const int32_t *tab, int klo, int khi, int row_bytes) {
+    it->walk = walk_from(p, tab, klo, row_bytes);
+    it->klo = klo;
+    it->khi = khi;
+    it->c0 = klo;
+    if (klo < khi) walk_rows(&it->walk, it->cur, khi - klo < TKG_CHUNK ? khi - klo : TKG_CHUNK);
+}
+
+/* Enters chunk c0: its sizes, the next chunk's offsets, and the far prefetch. */
+AI void chunk_enter(key_chunks *it, const tkg_problem *p, const char *kbase, const char *vbase, const int32_t *tab,
+                    int row_bytes) {
+    enum { CH = TKG_CHUNK };
+    it->n = it->khi - it->c0 < CH ? it->khi - it->c0 : CH;
+    it->nn = it->khi - (it->c0 + CH) < CH ? it->khi - (it->c0 + CH) : CH;
+    if (it->nn > 0) walk_rows(&it->walk, it->nxt, it->nn);
+    prefetch_far(p, kbase, vbase, tab, row_bytes, it->c0, it->klo, it->khi);
+}
+
+AI void chunk_leave(key_chunks *it) {
+    memcpy(it->cur, it->nxt, sizeof(it->cur));
+    it->c0 += TKG_CHUNK;
+}
+
 /* vis[r]: the keys of chunk [c0, c0 + n) query r sees, as bits; returns their union. */
 AI uint32_t chunk_visibility(const int32_t *rg, int nq, int c0, int n, uint32_t *vis) {
     uint32_t seen = 0;
@@ -700,14 +731,11 @@ AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, co
     for (int r0 = 0; r0 < nq; r0 += 4) pack_q4(qp + (int64_t)r0 * D / 2, qb, D, r0, nq, D);
     static const uint16_t zero_row[TKG_MAX_D] __attribute__((aligned(64))) = {0};
     const int dp = D, fp8 = FP8, row_bytes = D * (fp8 ? 1 : 2);
-    int64_t cur[CH], nxt[CH];
-    key_walk walk = walk_from(p, tab, klo, row_bytes);
-    if (klo < khi) walk_rows(&walk, cur, (khi - klo < CH ? khi - klo : CH));
-    for (int c0 = klo; c0 < khi; c0 += CH) {
-        const int n = khi - c0 < CH ? khi - c0 : CH;
-        const int nn = khi - (c0 + CH) < CH ? khi - (c0 + CH) : CH;
-        if (nn > 0) walk_rows(&walk, nxt, nn);
-        prefetch_far(p, kbase, vbase, tab, row_bytes, c0, klo, khi);
+    key_chunks it;
+    for (chunks_begin(&it, p, tab, klo, khi, row_bytes); it.c0 < khi; chunk_leave(&it)) {
+        chunk_enter(&it, p, kbase, vbase, tab, row_bytes);
+        const int c0 = it.c0, n = it.n, nn = it.nn;
+        const int64_t *cur = it.cur, *nxt = it.nxt;
         /* The next chunk's rows are prefetched a row pair per V pair of the first P.V pass (a
          * steady trickle: a burst of a whole chunk stalls on the miss buffers), the rest after. */
         int pf_done = 0;
@@ -757,7 +785,6 @@ AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, co
             }
         }
         prefetch_rows(kbase, vbase, nxt, pf_done, nn, row_bytes);
-        memcpy(cur, nxt, sizeof(cur));
     }
 }
 
@@ -943,14 +970,11 @@ AI void amx_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, con
     uint16_t *vp = tmp;                            /* [D/16][16][32] */
     uint16_t *kg = vp + (int64_t)D / 16 * 16 * 32; /* [2][16][D] */
     amx_configure(nqg);
-    int64_t cur[CH], nxt[CH];
-    key_walk walk = walk_from(p, tab, klo, row_bytes);
-    if (klo < khi) walk_rows(&walk, cur, (khi - klo < CH ? khi - klo : CH));
-    for (int c0 = klo; c0 < khi; c0 += CH) {
-        const int n = khi - c0 < CH ? khi - c0 : CH;
-        const int nn = khi - (c0 + CH) < CH ? khi - (c0 + CH) : CH;
-        if (nn > 0) walk_rows(&walk, nxt, nn);
-        prefetch_far(p, kbase, vbase, tab, row_bytes, c0, klo, khi);
+    key_chunks it;
+    for (chunks_begin(&it, p, tab, klo, khi, row_bytes); it.c0 < khi; chunk_leave(&it)) {
+        chunk_enter(&it, p, kbase, vbase, tab, row_bytes);
+        const int c0 = it.c0, n = it.n, nn = it.nn;
+        const int64_t *cur = it.cur, *nxt = it.nxt;
         uint32_t vis[4 * 64];
         const uint32_t seen = chunk_visibility(rg, nq, c0, n, vis);
         if (seen) {
@@ -978,7 +1002,6 @@ AI void amx_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, con
             for (int r0 = 0; r0 < nq; r0 += 16) amx_pv(part.acc, D, s, alpha, vp, D, r0, nqg);
         }
         prefetch_rows(kbase, vbase, nxt, 0, nn, row_bytes);
-        memcpy(cur, nxt, sizeof(cur));
     }
     _tile_release();
 }
