@@ -15,9 +15,9 @@
 
 /* Best first: the first supported one is the default. amx comes after avx512bf16: its tiles do
  * the multiply-adds 20-30x faster, but with the cache cold (pools far larger than the caches, as
- * in service) its chunks wait on memory longer than the AVX-512 path's, whose prefetches trickle
- * in between its products; `tkg bench kernel --variants amx` measured it 0-15% slower there on
- * bf16 and fp8 alike (docs/kernel.md). Ask for it by name (TKG_CPU_VARIANT=amx). */
+ * in service) its chunks wait on memory and on its scratch stores, which the AVX-512 path keeps in
+ * registers; in one `tkg bench kernel` run it was 10-15% slower with blocks of 16 and 1-7% faster
+ * with blocks of 128 (docs/kernel.md). Ask for it by name (TKG_CPU_VARIANT=amx). */
 enum { V_AVX512BF16 = 0, V_AMX = 1, V_AVX512 = 2, V_AVX2 = 3, V_GENERIC = 4, NVARIANTS = 5 };
 static const char *VARIANT_NAMES[NVARIANTS] = {"avx512bf16", "amx", "avx512", "avx2", "generic"};
 static const tkg_item_fn VARIANT_FNS[NVARIANTS] = {tkg_item_avx512bf16, tkg_item_amx, tkg_item_avx512, tkg_item_avx2,
