@@ -854,8 +854,9 @@ AI const uint16_t *amx_key_rows(const uint16_t *const *kr, int g, int n, int D, 
 
 /* V's 16 key pairs of the chunk, pair-interleaved into vp ([D/16][16 pairs][32] bf16: tile j holds
  * accumulator columns 16j..16j+15 in the UNPACK order). vr[j]: row j (a zero row when unseen). */
-AI void amx_v_pairs(uint16_t *vp, const uint16_t *const *vr, int D) {
+AI void amx_v_pairs(uint16_t *vp, const uint16_t *const *vr, int D, pf_t pf) {
     for (int t = 0; t < 16; t++) {
+        if (2 * t < pf.n) prefetch_rows(pf.kbase, pf.vbase, pf.rows, 2 * t, 2 * t + 2 < pf.n ? 2 * t + 2 : pf.n, pf.row_bytes);
         const uint16_t *x = vr[2 * t], *y = vr[2 * t + 1];
         for (int cb = 0; cb < D / 32; cb++) {
             __m512i a = _mm512_loadu_si512(x + 32 * cb), b = _mm512_loadu_si512(y + 32 * cb);
@@ -867,9 +868,10 @@ AI void amx_v_pairs(uint16_t *vp, const uint16_t *const *vr, int D) {
 
 /* amx_v_pairs for fp8 pools: each V row pair decoded straight into its interleaved words, with
  * no bf16 copy of the rows in between. Rows past n or unseen (bit j of seen clear) read zeros. */
-AI void amx_v_pairs_fp8(uint16_t *vp, const char *vbase, const int64_t *rows, int n, uint32_t seen, int D) {
+AI void amx_v_pairs_fp8(uint16_t *vp, const char *vbase, const int64_t *rows, int n, uint32_t seen, int D, pf_t pf) {
     const fp8_tables tb = fp8_load_tables();
     for (int t = 0; t < 16; t++) {
+        if (2 * t < pf.n) prefetch_rows(pf.kbase, pf.vbase, pf.rows, 2 * t, 2 * t + 2 < pf.n ? 2 * t + 2 : pf.n, pf.row_bytes);
         __m512i w[2][TKG_MAX_D / 32];
         for (int u = 0; u < 2; u++) {
             const int j = 2 * t + u;
@@ -985,14 +987,17 @@ AI void amx_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, con
             for (int j = 0; j < CH; j++)
                 kr[j] = fp8 ? dec + (int64_t)j * D : j < n ? (const uint16_t *)(kbase + cur[j]) : zero_row;
             const int ng = (n + 15) / 16;
+            /* The next chunk's rows are prefetched into L1 a row pair per V pair (a trickle, as
+             * on the fast path: a burst of a whole chunk stalls on the miss buffers). */
+            const pf_t pf = {kbase, vbase, nxt, nn, row_bytes};
             for (int r0 = 0; r0 < nq; r0 += 16) {
                 amx_scores_issue(qt + (int64_t)r0 * D / 2, kr, n, ng, D, nqg, kg);
                 if (r0 == 0) { /* V's pairs while the first group's tiles compute */
-                    if (fp8) amx_v_pairs_fp8(vp, vbase, cur, n, seen, D);
+                    if (fp8) amx_v_pairs_fp8(vp, vbase, cur, n, seen, D, pf);
                     else {
                         for (int j = 0; j < CH; j++)
                             vr[j] = j < n && (seen >> j & 1u) ? (const uint16_t *)(vbase + cur[j]) : zero_row;
-                        amx_v_pairs(vp, vr, D);
+                        amx_v_pairs(vp, vr, D, pf);
                     }
                 }
                 amx_scores_finish(p, s, vis, ng, r0, nqg, sc);
@@ -1000,8 +1005,9 @@ AI void amx_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, con
             float alpha[4 * 64];
             chunk_softmax(part, s, vis, nq, alpha);
             for (int r0 = 0; r0 < nq; r0 += 16) amx_pv(part.acc, D, s, alpha, vp, D, r0, nqg);
+        } else {
+            prefetch_rows(kbase, vbase, nxt, 0, nn, row_bytes);
         }
-        prefetch_rows(kbase, vbase, nxt, 0, nn, row_bytes);
     }
     _tile_release();
 }
