@@ -13,15 +13,15 @@
 
 #include "tkg_native.h"
 
-/* Best first: the first supported one is the default. amx comes second: with the cache cold (as
- * in service) it matched or beat avx512bf16 on every reference case while the machine's memory
- * was quiet (bf16 0.76-0.87 of the read probe against 0.73-0.81, fp8 15-19% faster), but fell
- * 10-30% behind on bf16 while other tenants held the memory (its tile loads of K wait whole where
- * the AVX-512 loads overlap), in alternating runs of the same build (docs/kernel.md). The default
- * is the path that holds up on a shared host; TKG_CPU_VARIANT=amx asks for the other. */
-enum { V_AVX512BF16 = 0, V_AMX = 1, V_AVX512 = 2, V_AVX2 = 3, V_GENERIC = 4, NVARIANTS = 5 };
-static const char *VARIANT_NAMES[NVARIANTS] = {"avx512bf16", "amx", "avx512", "avx2", "generic"};
-static const tkg_item_fn VARIANT_FNS[NVARIANTS] = {tkg_item_avx512bf16, tkg_item_amx, tkg_item_avx512, tkg_item_avx2,
+/* Best first: the first supported one is the default. amx leads: in three `tkg bench kernel
+ * --dtype fp8 --variants amx` runs (cache cold, both variants timed call by call in the same run)
+ * it won 23 of 24 case pairs against avx512bf16 and tied the last, bf16 by up to 13% and fp8 by
+ * 16-35%. One caveat measured
+ * outside the bench: while other tenants held the memory (13 GB/s), bf16 ran 15-30% behind in
+ * alternating processes (docs/kernel.md). TKG_CPU_VARIANT=avx512bf16 asks for the other. */
+enum { V_AMX = 0, V_AVX512BF16 = 1, V_AVX512 = 2, V_AVX2 = 3, V_GENERIC = 4, NVARIANTS = 5 };
+static const char *VARIANT_NAMES[NVARIANTS] = {"amx", "avx512bf16", "avx512", "avx2", "generic"};
+static const tkg_item_fn VARIANT_FNS[NVARIANTS] = {tkg_item_amx, tkg_item_avx512bf16, tkg_item_avx512, tkg_item_avx2,
                                                    tkg_item_generic};
 
 #if defined(__x86_64__) || defined(__i386__)
