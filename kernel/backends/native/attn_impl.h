@@ -143,15 +143,21 @@ FP8_VBMI AI void fp8x64_to_bf16(const fp8_tables *t, const void *src, __m512i ou
     out[1] = _mm512_unpackhi_epi8(lo, hi);
 }
 
-FP8_VBMI static void fp8_row_to_bf16_vbmi(uint16_t *dst, const uint8_t *src, int d) {
-    const fp8_tables t = fp8_load_tables();
+/* The first d / 64 * 64 values of an fp8 row to bf16 bits; returns how many that is. */
+FP8_VBMI AI int fp8_row_to_bf16_tables(const fp8_tables *t, uint16_t *dst, const uint8_t *src, int d) {
     int c = 0;
     for (; c + 64 <= d; c += 64) {
         __m512i w[2];
-        fp8x64_to_bf16(&t, src + c, w);
+        fp8x64_to_bf16(t, src + c, w);
         _mm512_storeu_si512(dst + c, w[0]);
         _mm512_storeu_si512(dst + c + 32, w[1]);
     }
+    return c;
+}
+
+FP8_VBMI static void fp8_row_to_bf16_vbmi(uint16_t *dst, const uint8_t *src, int d) {
+    const fp8_tables t = fp8_load_tables();
+    int c = fp8_row_to_bf16_tables(&t, dst, src, d);
     if (c < d) fp8_row_to_bf16(dst + c, src + c, d - c); /* a last 32 */
 }
 #endif
@@ -567,6 +573,11 @@ AI void prefetch_rows(const char *kbase, const char *vbase, const int64_t *rows,
         }
 }
 
+/* The trickle of pf's rows: rows 2t and 2t + 1 (those below pf.n), one pair per V pair consumed. */
+AI void prefetch_pair(pf_t pf, int t) {
+    if (2 * t < pf.n) prefetch_rows(pf.kbase, pf.vbase, pf.rows, 2 * t, 2 * t + 2 < pf.n ? 2 * t + 2 : pf.n, pf.row_bytes);
+}
+
 /* Prefetch the K and V rows of keys [a, b) into L2 (block by block: a block's rows are contiguous). */
 AI void prefetch_keys(const char *kbase, const char *vbase, const int32_t *tab, int64_t block_bytes, int bl,
                       int row_bytes, int a, int b) {
@@ -589,7 +600,7 @@ AI void fast_pv64(float *acc, int dp, const uint32_t *pp, const float *alpha, co
         for (int c = 0; c < 4; c++)
             a[r][c] = _mm512_mul_ps(_mm512_load_ps(acc + (int64_t)r * dp + col + 16 * c), _mm512_set1_ps(alpha[r]));
     for (int t = 0; t < npairs; t++) {
-        if (2 * t < pf.n) prefetch_rows(pf.kbase, pf.vbase, pf.rows, 2 * t, 2 * t + 2 < pf.n ? 2 * t + 2 : pf.n, pf.row_bytes);
+        prefetch_pair(pf, t);
         const uint16_t *x = vr[2 * t] + col, *y = vr[2 * t + 1] + col;
         __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 32);
         __m512i y0 = _mm512_loadu_si512(y), y1 = _mm512_loadu_si512(y + 32);
@@ -790,8 +801,8 @@ AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, co
 
 #if USE_AMX
 /* ---- The AMX path (AMX-BF16; the fast path's conditions, and nq <= 16 or a multiple of 16) ----
- * Why: on the cores this was built on one vdpbf16ps (32 multiply-adds) issues about every 2.7
- * cycles, which held the AVX-512 path near 4.7 G K/V elements/s per core for bf16 and fp8 alike
+ * Why: on the cores this was built on one vdpbf16ps (32 multiply-adds) issues about every 0.95
+ * ns, which held the AVX-512 path near 4.7 G K/V elements/s per core for bf16 and fp8 alike
  * (fp8 halves the bytes, not the products). One tdpbf16ps does up to 16 x 16 x 32 of them:
  * measured 5.2 ns for M=16 keys x N=4 queries x K=32 and 2.9 ns for M=4 queries x N=16 columns
  * x K=32, against 0.95 ns per vdpbf16ps (tiles 20-30x the multiply-adds per second).
@@ -806,9 +817,9 @@ AI void fast_range(const tkg_problem *p, tkg_partial part, const int32_t *rg, co
  *           loaded into a tile and stored back (rescaled by alpha first when the max moved).
  * Tiles: 0, 1 scores of key groups 0 and 1; 2, 5 K of groups 0 and 1 (5 then holds V); 3 Q^T;
  * 4 P; 6, 7 accumulators (two, so that one tile's store overlaps the other's product).
- * A tile load waits for every earlier store to its lines to reach the cache (no forwarding), so
- * each chunk writes its scratch (decoded rows, V pairs) before it computes anything, and the
- * writes of one step are read a step later where the order allows. */
+ * A tile load waits for every earlier store to its lines to reach the cache (no forwarding): the
+ * scratch a chunk writes (decoded K rows, V pairs, weights, accumulators) costs stalls. The V pairs
+ * are built while the score tiles compute; deeper reordering measured slower (docs/kernel.md). */
 typedef struct __attribute__((packed)) {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -852,17 +863,21 @@ AI const uint16_t *amx_key_rows(const uint16_t *const *kr, int g, int n, int D, 
     return kg;
 }
 
-/* V's 16 key pairs of the chunk, pair-interleaved into vp ([D/16][16 pairs][32] bf16: tile j holds
- * accumulator columns 16j..16j+15 in the UNPACK order). vr[j]: row j (a zero row when unseen). */
+/* Pair t of V's key pairs, columns 32cb..32cb+31 (a: the pair's first row, b: its second), into vp
+ * ([D/16][16 pairs][32] bf16: tile j holds accumulator columns 16j..16j+15 in the UNPACK order). */
+AI void amx_store_pair(uint16_t *vp, int t, int cb, __m512i a, __m512i b) {
+    _mm512_store_si512(vp + ((int64_t)(2 * cb) * 16 + t) * 32, _mm512_unpacklo_epi16(a, b));
+    _mm512_store_si512(vp + ((int64_t)(2 * cb + 1) * 16 + t) * 32, _mm512_unpackhi_epi16(a, b));
+}
+
+/* V's 16 key pairs of the chunk, pair-interleaved into vp (amx_store_pair). vr[j]: row j (a zero
+ * row when unseen). */
 AI void amx_v_pairs(uint16_t *vp, const uint16_t *const *vr, int D, pf_t pf) {
     for (int t = 0; t < 16; t++) {
-        if (2 * t < pf.n) prefetch_rows(pf.kbase, pf.vbase, pf.rows, 2 * t, 2 * t + 2 < pf.n ? 2 * t + 2 : pf.n, pf.row_bytes);
+        prefetch_pair(pf, t);
         const uint16_t *x = vr[2 * t], *y = vr[2 * t + 1];
-        for (int cb = 0; cb < D / 32; cb++) {
-            __m512i a = _mm512_loadu_si512(x + 32 * cb), b = _mm512_loadu_si512(y + 32 * cb);
-            _mm512_store_si512(vp + ((int64_t)(2 * cb) * 16 + t) * 32, _mm512_unpacklo_epi16(a, b));
-            _mm512_store_si512(vp + ((int64_t)(2 * cb + 1) * 16 + t) * 32, _mm512_unpackhi_epi16(a, b));
-        }
+        for (int cb = 0; cb < D / 32; cb++)
+            amx_store_pair(vp, t, cb, _mm512_loadu_si512(x + 32 * cb), _mm512_loadu_si512(y + 32 * cb));
     }
 }
 
@@ -871,7 +886,7 @@ AI void amx_v_pairs(uint16_t *vp, const uint16_t *const *vr, int D, pf_t pf) {
 AI void amx_v_pairs_fp8(uint16_t *vp, const char *vbase, const int64_t *rows, int n, uint32_t seen, int D, pf_t pf) {
     const fp8_tables tb = fp8_load_tables();
     for (int t = 0; t < 16; t++) {
-        if (2 * t < pf.n) prefetch_rows(pf.kbase, pf.vbase, pf.rows, 2 * t, 2 * t + 2 < pf.n ? 2 * t + 2 : pf.n, pf.row_bytes);
+        prefetch_pair(pf, t);
         __m512i w[2][TKG_MAX_D / 32];
         for (int u = 0; u < 2; u++) {
             const int j = 2 * t + u;
@@ -881,23 +896,15 @@ AI void amx_v_pairs_fp8(uint16_t *vp, const char *vbase, const int64_t *rows, in
                 else w[u][c / 32] = w[u][c / 32 + 1] = _mm512_setzero_si512();
             }
         }
-        for (int cb = 0; cb < D / 32; cb++) {
-            _mm512_store_si512(vp + ((int64_t)(2 * cb) * 16 + t) * 32, _mm512_unpacklo_epi16(w[0][cb], w[1][cb]));
-            _mm512_store_si512(vp + ((int64_t)(2 * cb + 1) * 16 + t) * 32, _mm512_unpackhi_epi16(w[0][cb], w[1][cb]));
-        }
+        for (int cb = 0; cb < D / 32; cb++) amx_store_pair(vp, t, cb, w[0][cb], w[1][cb]);
     }
 }
 
-/* The first n K rows of a chunk (fp8) decoded into dst ([n][D] bf16), tables loaded once. */
+/* The first n K rows of a chunk (fp8; D a multiple of 64) decoded into dst ([n][D] bf16), the
+ * tables loaded once. */
 AI void amx_k_rows_fp8(uint16_t *dst, const char *kbase, const int64_t *rows, int n, int D) {
     const fp8_tables tb = fp8_load_tables();
-    for (int j = 0; j < n; j++)
-        for (int c = 0; c < D; c += 64) {
-            __m512i w[2];
-            fp8x64_to_bf16(&tb, kbase + rows[j] + c, w);
-            _mm512_store_si512(dst + (int64_t)j * D + c, w[0]);
-            _mm512_store_si512(dst + (int64_t)j * D + c + 32, w[1]);
-        }
+    for (int j = 0; j < n; j++) fp8_row_to_bf16_tables(&tb, dst + (int64_t)j * D, (const uint8_t *)(kbase + rows[j]), D);
 }
 
 /* Scores of queries r0..r0+nqg-1 against the chunk's ng key groups, in two halves so that other

@@ -16,9 +16,9 @@
 /* Best first: the first supported one is the default. amx leads: in three `tkg bench kernel
  * --dtype fp8 --variants amx` runs (cache cold, both variants timed call by call in the same run)
  * it won 23 of 24 case pairs against avx512bf16 and tied the last, bf16 by up to 13% and fp8 by
- * 16-35%. One caveat measured
- * outside the bench: while other tenants held the memory (13 GB/s), bf16 ran 15-30% behind in
- * alternating processes (docs/kernel.md). TKG_CPU_VARIANT=avx512bf16 asks for the other. */
+ * 16-35%. One caveat measured outside the bench: while other tenants held the memory (13 GB/s),
+ * bf16 ran 15-30% behind in alternating processes (docs/kernel.md). TKG_CPU_VARIANT=avx512bf16
+ * asks for the other. */
 enum { V_AMX = 0, V_AVX512BF16 = 1, V_AVX512 = 2, V_AVX2 = 3, V_GENERIC = 4, NVARIANTS = 5 };
 static const char *VARIANT_NAMES[NVARIANTS] = {"amx", "avx512bf16", "avx512", "avx2", "generic"};
 static const tkg_item_fn VARIANT_FNS[NVARIANTS] = {tkg_item_amx, tkg_item_avx512bf16, tkg_item_avx512, tkg_item_avx2,
